@@ -1,0 +1,1 @@
+"""The DeepSeek-V4 network in plain PyTorch: config presets, modules, weights, tokenizer."""

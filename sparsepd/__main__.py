@@ -1,0 +1,5 @@
+import sys
+
+from sparsepd.cli import main
+
+sys.exit(main())
