@@ -1,0 +1,113 @@
+"""The KV compressor of CSA/HCA layers and of the indexer (dsv4-spec.md "Compressor").
+
+Entry e pools block e (positions e·ratio … e·ratio+ratio−1) with a per-channel softmax gate over the
+window; with overlap (ratio 4) the window is 2·ratio rows: the previous block's first d channels, then
+this block's last d channels (padding before position 0). Then RMSNorm, RoPE at position e·ratio, and
+the quantization the consumer of the entry sees (FP8 on the nope dims for the main KV; Hadamard rotation
+and the indexer's quantization for indexer keys). Entry e is committed when position e·ratio+ratio−1 is
+processed; positions not yet pooled live in the request's ring (`CompressorRing`, row p % state_size).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from sparsepd.model.numerics import (
+    apply_rope,
+    fp4_round_trip,
+    fp8_round_trip,
+    hadamard_rotate,
+    linear,
+    rms_norm,
+    rope_cos_sin,
+    softmax,
+)
+from sparsepd.model.state import CompressorRing
+from torch import nn
+
+Output = Literal["main", "indexer"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, head_dim: int, rope_dim: int, ratio: int, eps: float, output: Output,
+                 quantize: str, act_dtype: torch.dtype):
+        super().__init__()
+        self.ratio, self.head_dim, self.rope_dim = ratio, head_dim, rope_dim
+        self.overlap = ratio == 4
+        self.coff = 2 if self.overlap else 1
+        self.state_size = self.coff * ratio
+        self.output, self.quantize, self.act_dtype = output, quantize, act_dtype
+        width = self.coff * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width), requires_grad=False)  # [ratio, coff*d] fp32
+        self.wkv = nn.Linear(dim, width, bias=False, dtype=torch.float32).requires_grad_(False)
+        self.wgate = nn.Linear(dim, width, bias=False, dtype=torch.float32).requires_grad_(False)
+        self.norm = RMSNorm(head_dim, eps, act_dtype)
+
+    def forward(self, x: torch.Tensor, start: int, ring: CompressorRing, freqs: torch.Tensor) -> torch.Tensor:
+        """Project x `[n, dim]` (positions start…start+n−1), commit the entries whose block ends in this
+        chunk and advance the ring. Returns the new entries `[m, head_dim]` (m ≥ 0) in entry order."""
+        n, ratio, size = x.shape[0], self.ratio, self.state_size
+        device = x.device
+        positions = torch.arange(start, start + n, device=device)
+        kv = linear(x.float(), self.wkv.weight)  # [n, coff*d]
+        score = linear(x.float(), self.wgate.weight) + self.ape[positions % ratio]
+        # Rows for positions start−size … start+n−1: the ring's older positions, then this chunk.
+        old = torch.arange(start - size, start, device=device)
+        old_kv = torch.where((old >= 0)[:, None], ring.kv[old % size], 0.0)
+        old_score = torch.where((old >= 0)[:, None], ring.score[old % size], float("-inf"))
+        all_kv, all_score = torch.cat([old_kv, kv]), torch.cat([old_score, score])
+
+        ends = positions[(positions + 1) % ratio == 0]  # positions that commit an entry
+        entries = torch.div(ends + 1, ratio, rounding_mode="floor") - 1  # [m]
+        pooled = self._pool(all_kv, all_score, entries * ratio - (start - size))
+
+        ring.kv[positions[-size:] % size] = kv[-size:]
+        ring.score[positions[-size:] % size] = score[-size:]
+        return self._finish(pooled, entries * ratio, freqs)
+
+    def _pool(self, kv: torch.Tensor, score: torch.Tensor, block_start: torch.Tensor) -> torch.Tensor:
+        """Softmax-gated pooling; block_start `[m]` = row of each entry's first own position."""
+        ratio, d = self.ratio, self.head_dim
+        own = block_start[:, None] + torch.arange(ratio, device=kv.device)  # [m, ratio]
+        if self.overlap:
+            prev = own - ratio
+            win_kv = torch.cat([kv[prev][..., :d], kv[own][..., d:]], dim=1)  # [m, 2*ratio, d]
+            win_score = torch.cat([score[prev][..., :d], score[own][..., d:]], dim=1)
+        else:
+            win_kv, win_score = kv[own], score[own]  # [m, ratio, d]
+        return (win_kv * softmax(win_score, dim=1)).sum(dim=1)  # [m, d] fp32
+
+    def _finish(self, pooled: torch.Tensor, rope_pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        y = self.norm(pooled.to(self.act_dtype))
+        cos, sin = rope_cos_sin(rope_pos, freqs)
+        y = apply_rope(y, cos, sin)
+        if self.output == "main":
+            if self.quantize == "fp8":
+                y = torch.cat([fp8_round_trip(y[:, : -self.rope_dim], 64), y[:, -self.rope_dim:]], dim=-1)
+            return y
+        y = hadamard_rotate(y.float())
+        return quantize_index_rows(y, self.quantize)
+
+
+def quantize_index_rows(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The indexer's quantization round trip on rows of 128 values (queries per head, and keys), fp32 out.
+
+    fp8: one power-of-two scale per row (the serving FP8 cache format); fp4: e2m1 in blocks of 32 (the
+    published reference's simulation); none: unchanged.
+    """
+    if mode == "fp8":
+        return fp8_round_trip(x.float(), x.shape[-1], ue8m0=True)
+    if mode == "fp4":
+        return fp4_round_trip(x.float(), 32)
+    return x.float()

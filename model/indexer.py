@@ -1,0 +1,59 @@
+"""The lightning indexer of CSA layers (dsv4-spec.md "Indexer").
+
+Queries `q = wq_b · qr` `[Hi, 128]` with RoPE on the last rope dims, a Hadamard rotation and the indexer's
+quantization; head weights `w = weights_proj · x · 128^−0.5 · Hi^−0.5`; keys from the indexer's own ratio-4
+compressor. Score of entry e for a token: `Σ_h relu(q_h · k_e) · w_h` over the entries it may see
+(e < (p+1) // ratio); the top-k positions, sorted by descending score (ties: lower position first).
+"""
+
+from __future__ import annotations
+
+import torch
+from sparsepd.model.compressor import Compressor, quantize_index_rows
+from sparsepd.model.config import ModelConfig
+from sparsepd.model.numerics import apply_rope, hadamard_rotate, linear
+from sparsepd.model.state import LayerState
+from torch import nn
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, act_dtype: torch.dtype):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk, self.ratio = (
+            cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio)
+        self.quantize = cfg.indexer_quant
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False,
+                              dtype=act_dtype).requires_grad_(False)
+        self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False, dtype=act_dtype).requires_grad_(False)
+        self.compressor = Compressor(cfg.dim, self.head_dim, cfg.rope_dim, ratio, cfg.norm_eps, "indexer",
+                                     cfg.indexer_quant, act_dtype)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                freqs: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """Top-k entry positions `[n, topk]` int64 (−1 where fewer are visible) for the chunk x `[n, dim]`."""
+        n = x.shape[0]
+        q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, Hi, 128]
+        q = apply_rope(q, cos, sin)
+        q = quantize_index_rows(hadamard_rotate(q.float()), self.quantize)
+        new_keys = self.compressor(x, start, state.indexer, freqs)
+        state.index_keys = torch.cat([state.index_keys, new_keys])
+        keys = state.index_keys  # [E, 128] fp32
+        weights = linear(x, self.weights_proj.weight).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        # Elementwise product and a fixed-length sum: a token's scores do not depend on the batch.
+        dots = (q[:, :, None, :] * keys[None, None, :, :]).sum(-1)  # [n, Hi, E]
+        scores = (dots.relu() * weights[:, :, None]).sum(1)  # [n, E]
+        positions = torch.arange(start, start + n, device=x.device)
+        visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")  # [n]
+        return topk_visible(scores, visible, self.topk)
+
+
+def topk_visible(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k best scores among the first visible[t] entries of each row, −1 padded `[T, k]`."""
+    n_entries = scores.shape[1]
+    entry = torch.arange(n_entries, device=scores.device)
+    masked = torch.where(entry[None, :] < visible[:, None], scores, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.where(entry[: order.shape[1]][None, :] < visible[:, None], order, -1)
+    if order.shape[1] < k:
+        order = torch.cat([order, order.new_full((order.shape[0], k - order.shape[1]), -1)], dim=1)
+    return order

@@ -1,0 +1,64 @@
+"""Tokenizers: byte-level with BOS/EOS for the embedded presets, `tokenizer.json` (HF tokenizers) for
+checkpoints that carry one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from sparsepd.model.config import ModelConfig
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; `bos_id` and `eos_id` are the specials; other ids decode to nothing."""
+
+    def __init__(self, vocab_size: int, bos_id: int, eos_id: int):
+        if vocab_size < 256 or bos_id < 256 or eos_id < 256:
+            raise ValueError(f"a byte tokenizer needs vocab_size ≥ 258 and specials ≥ 256, got "
+                             f"vocab_size={vocab_size} bos_id={bos_id} eos_id={eos_id}")
+        self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizer.json` loaded through the `tokenizers` package."""
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError as exc:  # optional dependency: only checkpoints with a tokenizer.json need it
+            raise RuntimeError(f"{path} needs the 'tokenizers' package: pip install tokenizers") from exc
+        self._tok = _HF.from_file(str(path))
+        self.vocab_size, self.bos_id, self.eos_id = cfg.vocab_size, cfg.bos_id, cfg.eos_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(cfg: ModelConfig, checkpoint: str | Path | None = None) -> Tokenizer:
+    if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").exists():
+        return HFTokenizer(Path(checkpoint) / "tokenizer.json", cfg)
+    return ByteTokenizer(cfg.vocab_size, cfg.bos_id, cfg.eos_id)

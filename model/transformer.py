@@ -1,0 +1,106 @@
+"""The DeepSeek-V4 network: embedding, blocks (mHC around attention and MoE), hyper-head, norm, head.
+
+The network is stateless; a request's state (`RequestState`) is an argument that `forward` reads and
+advances. `prefill(tokens)` starts a fresh state, `decode(token, state)` adds one token, and any split of a
+prompt into chunks fed to `forward` leaves the same state as one prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from sparsepd.model.attention import Attention
+from sparsepd.model.compressor import RMSNorm
+from sparsepd.model.config import ModelConfig
+from sparsepd.model.hyper import hc_head, hc_post, hc_pre
+from sparsepd.model.moe import MoE
+from sparsepd.model.numerics import linear
+from sparsepd.model.state import LayerState, RequestState
+from torch import nn
+
+
+def _hc_params(module: nn.Module, prefix: str, hc: int, dim: int, n_scale: int, mix: int) -> None:
+    module.register_parameter(f"{prefix}_fn", nn.Parameter(torch.zeros(mix, hc * dim), requires_grad=False))
+    module.register_parameter(f"{prefix}_base", nn.Parameter(torch.zeros(mix), requires_grad=False))
+    module.register_parameter(f"{prefix}_scale", nn.Parameter(torch.ones(n_scale), requires_grad=False))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        dtype = getattr(torch, cfg.dtype)
+        self.cfg = cfg
+        self.attn = Attention(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        mix = (2 + cfg.hc_mult) * cfg.hc_mult
+        _hc_params(self, "hc_attn", cfg.hc_mult, cfg.dim, 3, mix)
+        _hc_params(self, "hc_ffn", cfg.hc_mult, cfg.dim, 3, mix)
+
+    def forward(self, h: torch.Tensor, start: int, token_ids: torch.Tensor, state: LayerState) -> torch.Tensor:
+        cfg = self.cfg
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, cfg.hc_sinkhorn_iters,
+                               cfg.hc_eps, cfg.norm_eps)
+        h = hc_post(self.attn(self.attn_norm(x), start, state), h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, cfg.hc_sinkhorn_iters,
+                               cfg.hc_eps, cfg.norm_eps)
+        return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dtype = getattr(torch, cfg.dtype)
+        self.cfg = cfg
+        self.embed = Embedding(cfg.vocab_size, cfg.dim, dtype)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=torch.float32).requires_grad_(False)
+        _hc_params(self, "hc_head", cfg.hc_mult, cfg.dim, 1, cfg.hc_mult)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, state: RequestState, return_hidden: bool = False):
+        """Logits `[n, vocab]` fp32 for token_ids `[n]` at positions state.position…; advances the state."""
+        n, cfg = token_ids.shape[0], self.cfg
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if state.position + n > cfg.max_seq_len:
+            raise ValueError(f"position {state.position} + {n} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got min {int(token_ids.min())} "
+                             f"max {int(token_ids.max())}")
+        h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
+        hidden = [] if return_hidden else None
+        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+            h = layer(h, state.position, token_ids, layer_state)
+            if hidden is not None:
+                hidden.append(h)
+        state.position += n
+        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps, cfg.norm_eps)
+        logits = linear(self.norm(x).float(), self.head.weight)
+        return (logits, hidden) if return_hidden else logits
+
+    def new_state(self) -> RequestState:
+        return RequestState.fresh(self.cfg, self.device)
+
+    def prefill(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, RequestState]:
+        state = self.new_state()
+        return self.forward(token_ids, state), state
+
+    def decode(self, token_id: int, state: RequestState) -> torch.Tensor:
+        """Logits `[vocab]` of the next token after token_id."""
+        ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
+        return self.forward(ids, state)[0]

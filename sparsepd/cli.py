@@ -1,0 +1,86 @@
+"""The `sparsepd` command: one console script, one subcommand per role (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from sparsepd import __version__
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text in one process with the reference model",
+        description="Run single-process generation: prefill the prompt, decode, print the text, tokens/s and "
+                    "the per-request state size. Weights are random from --seed unless --checkpoint is given.")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, bench, v4-flash, v4-pro (default: tiny)")
+    p.add_argument("--prompt", default="The quick brown fox", help="prompt text (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min probability relative to the best (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and weight seed (default: %(default)s)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--checkpoint", default=None, help="directory of safetensors weights (default: random init)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsepd.engine.generate import generate
+    from sparsepd.engine.sampling import SamplingParams
+    from sparsepd.model.config import get_preset
+    from sparsepd.model.tokenizer import load_tokenizer
+    from sparsepd.model.weights import build_model, read_config
+
+    cfg = (read_config(args.checkpoint) if args.checkpoint else None) or get_preset(args.preset)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    params = SamplingParams.checked(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}) on {args.device} ...", file=sys.stderr)
+    model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
+    tokenizer = load_tokenizer(cfg, args.checkpoint)
+    prompt_ids = tokenizer.encode(args.prompt)
+    result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
+    print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
+    print(f"output: {tokenizer.decode(result.output_ids)!r}")
+    print(f"tokens: {result.output_ids}")
+    print(f"finish: {result.finish_reason}; prefill {result.prefill_s * 1e3:.1f} ms "
+          f"({len(prompt_ids) / max(result.prefill_s, 1e-9):.1f} tokens/s); decode "
+          f"{result.decode_tokens_per_s:.1f} tokens/s; state {result.state_bytes} bytes per request "
+          f"at {len(prompt_ids) + len(result.output_ids) - 1} tokens")
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsepd", description="Prefill/decode disaggregated serving for DeepSeek-V4-style models.")
+    parser.add_argument("--version", action="version", version=f"sparsepd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
