@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         if state.position + n > cfg.max_seq_len:
             raise ValueError(f"position {state.position} + {n} tokens exceeds max_seq_len={cfg.max_seq_len}")
         if int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got min {int(token_ids.min())} "
+            raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), got min {int(token_ids.min())} "
                              f"max {int(token_ids.max())}")
         h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
         hidden = [] if return_hidden else None
