@@ -104,3 +104,17 @@ class RequestState:
         if self.position != other.position:
             diff.insert(0, f"position {self.position} != {other.position}")
         return diff
+
+
+def state_bytes(cfg: ModelConfig, length: int) -> int:
+    """Bytes of a request's state after `length` tokens (the formula in the README)."""
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += cfg.window * cfg.head_dim * s
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            total += 2 * coff * ratio * coff * cfg.head_dim * 4 + (length // ratio) * cfg.head_dim * s
+        if ratio == 4:
+            total += 2 * 8 * 2 * cfg.index_head_dim * 4 + (length // 4) * cfg.index_head_dim * 4
+    return total

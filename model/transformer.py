@@ -80,8 +80,8 @@ class Transformer(nn.Module):
         if state.position + n > cfg.max_seq_len:
             raise ValueError(f"position {state.position} + {n} tokens exceeds max_seq_len={cfg.max_seq_len}")
         if int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), got min {int(token_ids.min())} "
-                             f"max {int(token_ids.max())}")
+            raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), "
+                             f"got min {int(token_ids.min())} max {int(token_ids.max())}")
         h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
         hidden = [] if return_hidden else None
         for layer, layer_state in zip(self.layers, state.layers, strict=True):

@@ -84,3 +84,11 @@ def test_forward_refuses_bad_input(model):
         model.forward(torch.tensor([0, 260]), model.new_state())
     with pytest.raises(ValueError, match="max_seq_len"):
         model.forward(torch.zeros(1025, dtype=torch.long), model.new_state())
+
+
+@pytest.mark.parametrize("length", [1, 17, 100])
+def test_state_bytes_formula(model, length):
+    from sparsepd.model.state import state_bytes
+
+    _, state = model.prefill(prompt(length, seed=1))
+    assert state.num_bytes() == state_bytes(model.cfg, length)
