@@ -1,23 +1,30 @@
 """DeepSeek-V4 attention: low-rank Q, one shared MQA latent (K = V), sliding window + compressed keys,
 sparse attention with a per-head sink, inverse RoPE, grouped low-rank output (dsv4-spec.md "Attention").
 
-For a chunk of n tokens at positions s…s+n−1 the keys live in one table
-`[window ring (as before this chunk) | this chunk's kv | committed compressed entries]` and each token
-gets an index row: its window positions, then its compressed entries (all visible ones for HCA, the
-indexer's top-k for CSA), −1 padded to a width fixed per layer so that a token's arithmetic does not
-depend on the chunk it was processed in.
+The layer computes queries and the new KV latents; where keys live is the business of an
+`AttentionCache`: `model/request_cache.py` keeps one request's state for the reference forward, the
+engine keeps paged pools for ragged batches. The cache commits compressed entries, picks each token's
+keys (its window, then all visible entries for HCA or the indexer's top-k for CSA) and runs the sparse
+attention with the sink.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
-from sparsepd.kernels.sparse_attention import sparse_attn
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
 from sparsepd.model.numerics import apply_rope, fp8_round_trip, linear, rope_cos_sin, rope_freqs
-from sparsepd.model.state import LayerState
 from torch import nn
+
+
+class AttentionCache(Protocol):
+    def attend(self, attn: Attention, layer_id: int, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor,
+               kv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Store kv, commit compressed entries, select keys, return the sparse attention output `[n, H, D]`."""
+        ...
 
 
 class Attention(nn.Module):
@@ -52,52 +59,27 @@ class Attention(nn.Module):
             n_compressed = 0
         self.index_width = cfg.window + n_compressed
 
-    def forward(self, x: torch.Tensor, start: int, state: LayerState) -> torch.Tensor:
-        n, win = x.shape[0], self.window
-        positions = torch.arange(start, start + n, device=x.device)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache, layer_id: int) -> torch.Tensor:
+        """Attention output `[n, dim]` for x `[n, dim]` at `positions`; `cache` owns the keys (see AttentionCache)."""
         cos, sin = rope_cos_sin(positions, self.freqs)
+        qr, q = self.project_q(x, cos, sin)
+        kv = self.project_kv(x, cos, sin)
+        o = cache.attend(self, layer_id, x, qr, q, kv, positions, cos, sin)  # [n, H, D]
+        return self._output(apply_rope(o, cos, sin, inverse=True))
+
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qr `[n, q_lora_rank]`, q `[n, H, D]`): low-rank path, per-head RMS (no weight), RoPE."""
         qr = self.q_norm(linear(x, self.wq_a.weight))
         q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, H, D]
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.norm_eps)).to(q.dtype)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)  # [n, D]
+        return qr, apply_rope(q, cos, sin)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The shared latent `[n, D]`: RMSNorm, RoPE, FP8 round trip on the nope dims."""
+        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)
         if self.cfg.quantize_kv:
             kv = torch.cat([fp8_round_trip(kv[:, : -self.rope_dim], 64), kv[:, -self.rope_dim:]], dim=-1)
-
-        # Key table and index rows (see the module docstring).
-        window_idx = self._window_indices(positions, start, n)  # [n, win]
-        parts, index_rows = [state.swa, kv], [window_idx]
-        if self.ratio:
-            compressed_idx = self._compressed_indices(x, qr, start, positions, cos, sin, state)
-            parts.append(state.kv_compressed)
-            index_rows.append(torch.where(compressed_idx >= 0, compressed_idx + win + n, -1))
-        table = torch.cat(parts)
-        indices = torch.cat(index_rows, dim=1)
-        pad = self.index_width - indices.shape[1]
-        indices = torch.cat([indices, indices.new_full((n, pad), -1)], dim=1).to(torch.int32)
-
-        o, _ = sparse_attn(q, table, indices, self.attn_sink, self.cfg.softmax_scale)  # [n, H, D]
-        last = positions[-win:]
-        state.swa[last % win] = kv[-win:]
-        o = apply_rope(o, cos, sin, inverse=True)
-        return self._output(o)
-
-    def _window_indices(self, positions: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        """Row of each token's window keys (its own and the previous window−1 positions) in the table."""
-        win = self.window
-        keys = positions[:, None] - (win - 1) + torch.arange(win, device=positions.device)  # [n, win]
-        rows = torch.where(keys >= start, win + keys - start, keys % win)  # new rows, else ring slot
-        return torch.where(keys >= 0, rows, -1)
-
-    def _compressed_indices(self, x, qr, start, positions, cos, sin, state: LayerState) -> torch.Tensor:
-        """Entry positions each token attends to: indexer top-k (CSA) or every visible entry (HCA)."""
-        new = self.compressor(x, start, state.compressor, self.freqs)
-        state.kv_compressed = torch.cat([state.kv_compressed, new])
-        if self.indexer is not None:
-            return self.indexer(x, qr, start, cos, sin, self.freqs, state)
-        entries = torch.arange(state.kv_compressed.shape[0], device=x.device)
-        visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")
-        return torch.where(entries[None, :] < visible[:, None], entries[None, :], -1)
+        return kv
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output: group g of o `[H·D/G]` times its own `[o_lora_rank, H·D/G]` slice of wo_a."""

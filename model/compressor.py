@@ -60,8 +60,8 @@ class Compressor(nn.Module):
         n, ratio, size = x.shape[0], self.ratio, self.state_size
         device = x.device
         positions = torch.arange(start, start + n, device=device)
-        kv = linear(x.float(), self.wkv.weight)  # [n, coff*d]
-        score = linear(x.float(), self.wgate.weight) + self.ape[positions % ratio]
+        kv, score = self.project(x)
+        score = score + self.ape[positions % ratio]
         # Rows for positions start−size … start+n−1: the ring's older positions, then this chunk.
         old = torch.arange(start - size, start, device=device)
         old_kv = torch.where((old >= 0)[:, None], ring.kv[old % size], 0.0)
@@ -75,6 +75,10 @@ class Compressor(nn.Module):
         ring.kv[positions[-size:] % size] = kv[-size:]
         ring.score[positions[-size:] % size] = score[-size:]
         return self._finish(pooled, entries * ratio, freqs)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rows (kv, score) `[n, coff*d]` fp32; the positional bias `ape` is not yet added."""
+        return linear(x.float(), self.wkv.weight), linear(x.float(), self.wgate.weight)
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, block_start: torch.Tensor) -> torch.Tensor:
         """Softmax-gated pooling; block_start `[m]` = row of each entry's first own position."""

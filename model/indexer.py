@@ -12,7 +12,6 @@ import torch
 from sparsepd.model.compressor import Compressor, quantize_index_rows
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.numerics import apply_rope, hadamard_rotate, linear
-from sparsepd.model.state import LayerState
 from torch import nn
 
 
@@ -28,23 +27,18 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg.dim, self.head_dim, cfg.rope_dim, ratio, cfg.norm_eps, "indexer",
                                      cfg.indexer_quant, act_dtype)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                freqs: torch.Tensor, state: LayerState) -> torch.Tensor:
-        """Top-k entry positions `[n, topk]` int64 (−1 where fewer are visible) for the chunk x `[n, dim]`."""
-        n = x.shape[0]
+    def rotated_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries `[n, Hi, 128]` fp32 after RoPE and the Hadamard rotation, before quantization."""
         q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, Hi, 128]
-        q = apply_rope(q, cos, sin)
-        q = quantize_index_rows(hadamard_rotate(q.float()), self.quantize)
-        new_keys = self.compressor(x, start, state.indexer, freqs)
-        state.index_keys = torch.cat([state.index_keys, new_keys])
-        keys = state.index_keys  # [E, 128] fp32
-        weights = linear(x, self.weights_proj.weight).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-        # Elementwise product and a fixed-length sum: a token's scores do not depend on the batch.
-        dots = (q[:, :, None, :] * keys[None, None, :, :]).sum(-1)  # [n, Hi, E]
-        scores = (dots.relu() * weights[:, :, None]).sum(1)  # [n, E]
-        positions = torch.arange(start, start + n, device=x.device)
-        visible = torch.div(positions + 1, self.ratio, rounding_mode="floor")  # [n]
-        return topk_visible(scores, visible, self.topk)
+        return hadamard_rotate(apply_rope(q, cos, sin).float())
+
+    def project_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries after the indexer's quantization round trip `[n, Hi, 128]` fp32."""
+        return quantize_index_rows(self.rotated_q(qr, cos, sin), self.quantize)
+
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head score weights `[n, Hi]` fp32 (weights_proj · x · 128^−0.5 · Hi^−0.5)."""
+        return linear(x, self.weights_proj.weight).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
 
 
 def topk_visible(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:

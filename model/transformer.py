@@ -8,13 +8,14 @@ prompt into chunks fed to `forward` leaves the same state as one prefill.
 from __future__ import annotations
 
 import torch
-from sparsepd.model.attention import Attention
+from sparsepd.model.attention import Attention, AttentionCache
 from sparsepd.model.compressor import RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.hyper import hc_head, hc_post, hc_pre
 from sparsepd.model.moe import MoE
 from sparsepd.model.numerics import linear
-from sparsepd.model.state import LayerState, RequestState
+from sparsepd.model.request_cache import RequestCache
+from sparsepd.model.state import RequestState
 from torch import nn
 
 
@@ -37,11 +38,12 @@ class Block(nn.Module):
         _hc_params(self, "hc_attn", cfg.hc_mult, cfg.dim, 3, mix)
         _hc_params(self, "hc_ffn", cfg.hc_mult, cfg.dim, 3, mix)
 
-    def forward(self, h: torch.Tensor, start: int, token_ids: torch.Tensor, state: LayerState) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: AttentionCache,
+                layer_id: int) -> torch.Tensor:
         cfg = self.cfg
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, cfg.hc_sinkhorn_iters,
                                cfg.hc_eps, cfg.norm_eps)
-        h = hc_post(self.attn(self.attn_norm(x), start, state), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x), positions, cache, layer_id), h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, cfg.hc_sinkhorn_iters,
                                cfg.hc_eps, cfg.norm_eps)
         return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
@@ -79,16 +81,28 @@ class Transformer(nn.Module):
             raise ValueError("forward needs at least one token")
         if state.position + n > cfg.max_seq_len:
             raise ValueError(f"position {state.position} + {n} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        positions = torch.arange(state.position, state.position + n, device=token_ids.device)
+        out = self.forward_batch(token_ids, positions, RequestCache(state), return_hidden=return_hidden)
+        state.position += n
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache,
+                      logit_rows: torch.Tensor | None = None, return_hidden: bool = False):
+        """Logits `[rows, vocab]` fp32 for a flat batch of tokens at `positions` whose keys `cache` keeps;
+        only the rows in `logit_rows` (all when None) go through the head."""
+        cfg = self.cfg
         if int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), "
                              f"got min {int(token_ids.min())} max {int(token_ids.max())}")
         h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
         hidden = [] if return_hidden else None
-        for layer, layer_state in zip(self.layers, state.layers, strict=True):
-            h = layer(h, state.position, token_ids, layer_state)
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, positions, token_ids, cache, layer_id)
             if hidden is not None:
                 hidden.append(h)
-        state.position += n
+        if logit_rows is not None:
+            h = h[logit_rows]
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps, cfg.norm_eps)
         logits = linear(self.norm(x).float(), self.head.weight)
         return (logits, hidden) if return_hidden else logits

@@ -10,16 +10,21 @@ from sparsepd.model.indexer import topk_visible
 def test_indexer_drops_entries_and_changes_the_result():
     sparse = tiny_model(seed=2)
     ids = prompt(100, seed=11)
-    selected = {}
+    from sparsepd.model import request_cache
 
-    def record(module, args, output):
-        selected.setdefault(id(module), []).append(output)
+    calls = []
+    real = request_cache.topk_visible
 
-    for layer in sparse.layers:
-        if layer.attn.indexer is not None:
-            layer.attn.indexer.register_forward_hook(record)
-    sparse_logits, state = sparse.prefill(ids)
-    top = next(iter(selected.values()))[0]  # [100, topk] of the first CSA layer
+    def spy(scores, visible, k):
+        calls.append(real(scores, visible, k))
+        return calls[-1]
+
+    request_cache.topk_visible = spy
+    try:
+        sparse_logits, state = sparse.prefill(ids)
+    finally:
+        request_cache.topk_visible = real
+    top = calls[0]  # [100, topk] of the first CSA layer
     assert top.shape == (100, 4)
     last = top[-1]
     assert (last >= 0).all() and len(set(last.tolist())) == 4
@@ -47,8 +52,8 @@ def _attention_contributes_nothing(model):
         attn = layer.attn
         original = attn.forward
 
-        def zero(x, start, state, _orig=original):
-            return torch.zeros_like(_orig(x, start, state))
+        def zero(x, positions, cache, layer_id, _orig=original):
+            return torch.zeros_like(_orig(x, positions, cache, layer_id))
 
         attn.forward = zero
 
@@ -72,7 +77,7 @@ def test_minus_infinite_sink_is_plain_softmax():
     attn = model.layers[0].attn
     attn.attn_sink.fill_(float("-inf"))
     captured = {}
-    from sparsepd.model import attention as attention_module
+    from sparsepd.model import request_cache as attention_module
 
     real = attention_module.sparse_attn
 
