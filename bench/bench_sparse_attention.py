@@ -1,0 +1,243 @@
+"""Benchmark of kernels/sparse_attention.py on the GPU: time vs the floor measured in the same run.
+
+Floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), with bytes = each gathered kv row once per
+token + q and out once, FLOPs = 4·T·H·K·D, the copy bandwidth from a large device-to-device copy and the
+matmul rate from a large torch.matmul, both measured here. Kernel times are medians of CUDA-event timings
+of a CUDA graph that replays one call per rotated input set (enough sets to touch 2× the L2, so every
+gather comes from DRAM as in decode), divided by the number of sets; the graph is how decode runs. The
+reference is timed with triton.testing.do_bench (median). Indices: K distinct random rows per token from
+a pool of 8× the L2. `--sweep` also times launch variants and reports the best.
+
+    python3 bench/bench_sparse_attention.py [--sweep] [--budget-s 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import triton
+import triton.language as tl
+from sparsepd.kernels.sparse_attention import (
+    SparseAttnConfig,
+    _sparse_attn_fwd,
+    default_config,
+    sparse_attn,
+    sparse_attn_ref,
+)
+
+D = 512
+DECODE = [(T, H, K) for K in (1152, 640) for H in (16, 64, 128) for T in (1, 8, 32, 64, 128, 256)]
+PREFILL = [(T, 64, K) for K in (1152, 640) for T in (2048, 8192)]
+
+
+def median_ms(fn, reps=20) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_ms_per_call(calls, reps=20) -> float:
+    """Median time of one call, from a CUDA graph that runs each of `calls` once."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return median_ms(graph.replay, reps) / len(calls)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting read + write."""
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * (1 << 30) / (triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+
+
+def matmul_rate(n=8192) -> float:
+    """FLOP/s of an n×n×n bf16 torch.matmul on random data."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    return 2 * n**3 / (triton.testing.do_bench(lambda: torch.matmul(a, b, out=c), return_mode="median") * 1e-3)
+
+
+@triton.jit
+def _gather_one_row(idx_ptr, kv_ptr, out_ptr, D: tl.constexpr):
+    row = tl.load(idx_ptr)
+    tl.store(out_ptr + tl.arange(0, D), tl.load(kv_ptr + row.to(tl.int64) * D + tl.arange(0, D)))
+
+
+def launch_floor_us(pool) -> float:
+    """One tiny launch that reads an index and then the row it names: the least any T = 1 call costs."""
+    idx = torch.randint(0, pool.shape[0], (128, 1), device="cuda", dtype=torch.int32)
+    out = torch.empty(D, device="cuda", dtype=pool.dtype)
+    calls = [lambda i=i: _gather_one_row[(1,)](idx[i], pool, out, D=D) for i in range(128)]
+    return graph_ms_per_call(calls) * 1e3
+
+
+def random_rows(n_tokens, K, R, device) -> torch.Tensor:
+    """[n_tokens, K] int32: K distinct random rows per token."""
+    out = torch.empty(n_tokens, K, dtype=torch.int32, device=device)
+    step = max(1, (1 << 27) // R)
+    for t0 in range(0, n_tokens, step):
+        n = min(step, n_tokens - t0)
+        out[t0:t0 + n] = torch.rand(n, R, device=device).topk(K, dim=1).indices.to(torch.int32)
+    return out
+
+
+def make_sets(T, H, K, pool, l2_bytes, shared_keys=1):
+    """Input sets to rotate: enough that one pass touches 2× the L2."""
+    per_call = T * K * D * 2 + 2 * T * H * D * 2
+    n_sets = max(1, min(128, math.ceil(2 * l2_bytes / per_call)))
+    idx = random_rows(n_sets * T // shared_keys, K, pool.shape[0], "cuda")
+    idx = idx.repeat_interleave(shared_keys, dim=0).view(n_sets, T, K)
+    q = torch.randn(n_sets, T, H, D, device="cuda", dtype=pool.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(n_sets, T, H, device="cuda", dtype=torch.float32)
+    sink = torch.randn(H, device="cuda")
+    return [(q[i], idx[i], sink, out[i], lse[i]) for i in range(n_sets)]
+
+
+def check(sets, pool, config, ref) -> None:
+    """A config that breaks the result is not timed: rel. error of one call vs the fp32 reference."""
+    q, idx, sink, _, _ = sets[0]
+    out, lse = sparse_attn(q, pool, idx, sink, D ** -0.5, config=config)
+    err = ((out.float() - ref[0].float()).norm() / ref[0].float().norm()).item()
+    err_lse = ((lse - ref[1]).norm() / ref[1].norm()).item()
+    if not (err <= 1e-2 and err_lse <= 1e-3):
+        raise AssertionError(f"config {config} is wrong: rel err out {err:.2e} lse {err_lse:.2e}")
+
+
+def time_config(sets, pool, config) -> float:
+    calls = [lambda s=s: sparse_attn(s[0], pool, s[1], s[2], D ** -0.5, s[3], s[4], config=config) for s in sets]
+    return graph_ms_per_call(calls) * 1e3
+
+
+def variants(T, H, K, num_sms):
+    """Launch variants for the sweep: head blocking, key block, warps, stages, split count."""
+    shapes = {64: [(32, 8, 3), (16, 8, 4), (32, 8, 2)], 32: [(32, 8, 3), (32, 4, 3)], 16: [(32, 4, 4), (32, 4, 3)]}
+    out = []
+    for bh, combos in shapes.items():
+        if bh > max(16, triton.next_power_of_2(H)):
+            continue
+        programs = T * triton.cdiv(H, bh)
+        splits = sorted({1, *(min(triton.cdiv(f * num_sms, programs), max(1, K // 64)) for f in (1, 2))})
+        out += [SparseAttnConfig(bh, bn, s, w, st) for bn, w, st in combos for s in splits]
+    return out
+
+
+def floor_us(T, H, K, bw, rate) -> tuple[float, str]:
+    num_bytes = T * K * D * 2 + 2 * T * H * D * 2
+    flops = 4 * T * H * K * D
+    t_bytes, t_flops = num_bytes / bw * 1e6, flops / rate * 1e6
+    return (t_bytes, "bytes") if t_bytes >= t_flops else (t_flops, "flops")
+
+
+def run_case(kind, T, H, K, pool, ctx, shared_keys=1):
+    sets = make_sets(T, H, K, pool, ctx["l2"], shared_keys)
+    q, idx, sink, _, _ = sets[0]
+    ref = sparse_attn_ref(q, pool, idx, sink, D ** -0.5)
+    t_ref = triton.testing.do_bench(lambda: sparse_attn_ref(q, pool, idx, sink, D ** -0.5),
+                                    return_mode="median") * 1e3
+    default = default_config(T, H, K, D, ctx["sms"])
+    check(sets, pool, default, ref)
+    t_default = time_config(sets, pool, default)
+    best, t_best = default, t_default
+    if ctx["sweep"] and time.monotonic() < ctx["deadline"]:
+        for config in variants(T, H, K, ctx["sms"]):
+            try:
+                check(sets, pool, config, ref)
+                t = time_config(sets, pool, config)
+            except (triton.runtime.errors.OutOfResources, AssertionError) as err:
+                print(f"  skip {config}: {str(err)[:120]}")
+                continue
+            ctx["log"].append(f"{kind} T={T} H={H} K={K} {fmt_cfg(config)}: {t:.2f} us")
+            if t < t_best:
+                best, t_best = config, t
+    fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"])
+    row = dict(kind=kind, T=T, H=H, K=K, t=t_default, floor=fl, bound=bound, ref=t_ref, best=t_best,
+               best_cfg=best, default_cfg=default)
+    print_table([row], ctx["rate"], header=not ctx["printed"])
+    ctx["printed"] = True
+    return row
+
+
+def fmt_cfg(c: SparseAttnConfig) -> str:
+    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}"
+
+
+def print_table(rows, rate, header=True):
+    if header:
+        print("\n| case | T | H | K | time µs | floor µs (bound) | % of floor | TFLOP/s | % of mm rate "
+          "| ref µs | × ref | config | best variant µs (config) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
+        print(f"| {r['kind']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {r['floor']:.2f} ({r['bound']}) "
+              f"| {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} | {100 * tflops * 1e12 / rate:.0f}% "
+              f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
+              f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |")
+
+
+def print_resources():
+    """The compiler's report for every compiled variant of the main kernel."""
+    print("\nresources of _sparse_attn_fwd variants (regs/thread, spills, shared bytes):")
+    names = _sparse_attn_fwd.arg_names
+    for cache in _sparse_attn_fwd.device_caches.values():
+        for kernel in cache[0].values():
+            try:
+                consts = {}
+                for k, v in getattr(kernel.src, "constants", {}).items():
+                    name = names[k[0]] if isinstance(k, tuple) else str(k)
+                    if name in ("BLOCK_H", "BLOCK_N", "SPLIT", "D"):
+                        consts[name] = v
+                meta = kernel.metadata
+                print(f"  {consts} warps={meta.num_warps} stages={meta.num_stages}: regs={kernel.n_regs} "
+                      f"spills={kernel.n_spills} shared={meta.shared}")
+            except Exception as err:  # the report is best effort; never lose the timings to it
+                print(f"  (no report: {err})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch variants")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    bw, rate = copy_bandwidth(), matmul_rate()
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    pool = torch.randn(8 * props.L2_cache_size // (2 * D), D, device="cuda", dtype=torch.bfloat16)  # [R, D]
+    print(f"pool {pool.shape[0]} rows ({pool.numel() * 2 >> 20} MiB); one-row launch floor "
+          f"{launch_floor_us(pool):.2f} µs per call in a graph")
+    ctx = dict(l2=props.L2_cache_size, sms=props.multi_processor_count, bw=bw, rate=rate, sweep=args.sweep,
+               deadline=time.monotonic() + args.budget_s, log=[], printed=False)
+    rows = []
+    for T, H, K in DECODE:
+        rows.append(run_case("decode", T, H, K, pool, ctx))
+        print(f"decode T={T} H={H} K={K}: {rows[-1]['t']:.2f} us, best {rows[-1]['best']:.2f}", flush=True)
+    for T, H, K in PREFILL:
+        rows.append(run_case("prefill", T, H, K, pool, ctx))
+        print(f"prefill T={T} H={H} K={K}: {rows[-1]['t']:.2f} us", flush=True)
+    rows.append(run_case("prefill, keys shared by 64 tokens", 8192, 64, 1152, pool, ctx, shared_keys=64))
+    print("\nvariants:\n" + "\n".join(ctx["log"]))
+    print_resources()
+    print_table(rows, rate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""Sparse MQA attention with a per-head attention sink (decode and prefill), and its LSE merge.
+
+For token t, head h and the valid keys j of `indices[t]` (row ids into `kv`; K = V, one shared head):
+
+    s_j      = scale · q[t, h] · kv[j]
+    out[t,h] = Σ_j e^{s_j} kv[j] / (Σ_j e^{s_j} + e^{attn_sink[h]})
+    lse[t,h] = log Σ_j e^{s_j}            (the sink not included; −inf when no key is valid, and then out = 0)
+
+(dsv4-spec.md, "Attention layer", step 5.) An index < 0 is padding, anywhere in a row; a repeated index
+counts as many times as it appears. Indices ≥ R are a caller error: the reference raises, the Triton
+kernel skips them rather than read out of bounds.
+
+`merge_attn` combines two results of `sparse_attn` over disjoint key sets (each computed with the same
+sink) into the result over their union, the sink counted once:
+
+    out = (out_a (Z_a + S) + out_b (Z_b + S)) / (Z_a + Z_b + S),  Z = e^{lse}, S = e^{attn_sink},
+    lse = log(Z_a + Z_b).
+
+Kernel: one program per (token, block of BLOCK_H heads, key split). It holds the q tile [BLOCK_H, D],
+gathers BLOCK_N rows of `kv` per step (the loads are pipelined, num_stages deep) and runs an online
+softmax in the exp2 domain with fp32 accumulators; every gathered row serves all heads of the block
+(MQA), so with BLOCK_H = H each row is read once per token. When T · H/BLOCK_H programs cannot fill
+the GPU (small decode batches), the keys are split across programs that write fp32 partials
+normalised by their own sum, and a second kernel merges them by LSE and applies the sink once.
+
+Supported: q/kv in bf16, fp16 or fp32 (same dtype), 16 ≤ D ≤ 512 on Triton (any D in the reference),
+any H (blocks are masked), any K. bf16 dots are not supported by the Triton interpreter: CPU tests use
+fp16/fp32. Portability: plain Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering
+needs it, also when H = 16); the fp32 path asks for IEEE dots (tf32 would cost ~3e-4 of accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from sparsepd.kernels.device import Backend, pick_backend
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_TRITON_D = 512
+
+
+@dataclass(frozen=True, slots=True)
+class SparseAttnConfig:
+    """Launch parameters of the Triton path (the default comes from `default_config`)."""
+
+    block_h: int  # heads per program; ≥ 16 (tl.dot tile rows, AMD MFMA)
+    block_n: int  # keys gathered per loop step; ≥ 16
+    num_splits: int  # key splits per (token, head block); > 1 adds the merge kernel
+    num_warps: int
+    num_stages: int
+
+
+def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnConfig:
+    """The launch table: heads blocked by up to 64 (fp32 acc [64, 512] = 128 regs/thread at 8 warps),
+    keys split only when T · H/block_h programs leave SMs idle.
+
+    Register/shared use at D = 512 (ptxas for sm_90): h64/n32/w8/st3: 255 regs, 16 B spill, 160 KiB;
+    h16/n32/w4/st4: 194 regs, 113 KiB. MI355X has 160 KiB of LDS: there h64 drops to 2 stages.
+    """
+    block_h = 16 if H <= 16 else 32 if H <= 32 else 64
+    num_warps = 4 if block_h == 16 else 8
+    num_stages = {16: 4, 32: 3, 64: 3}[block_h]
+    if torch.version.hip and block_h == 64:
+        num_stages = 2
+    programs = T * triton.cdiv(H, block_h)
+    num_splits = 1
+    if programs < num_sms:
+        num_splits = max(1, min(triton.cdiv(num_sms, programs), triton.cdiv(K, 64)))
+    return SparseAttnConfig(block_h, 32, num_splits, num_warps, num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _sparse_attn_fwd(
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    H, R, K, keys_per_split, num_splits,
+    stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
+    scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < H
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    k_begin = sp * keys_per_split
+    k_end = tl.minimum(k_begin + keys_per_split, K)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of s·log2(e)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    idx_row = idx_ptr + t * stride_it
+    offs_n = k_begin + tl.arange(0, BLOCK_N)
+    idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_end, other=-1)
+    for start in range(k_begin, k_end, BLOCK_N):
+        # The next step's indices load one step ahead in registers, so the pipeliner sees the row
+        # gather as a direct load and keeps num_stages - 1 gathers in flight (an index load feeding
+        # it in the same step would halve that depth).
+        idx = idx_next
+        offs_n = start + BLOCK_N + tl.arange(0, BLOCK_N)
+        idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_end, other=-1)
+        valid = (idx >= 0) & (idx < R)
+        rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * stride_kvr + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(rows), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(rows))
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # [BLOCK_H, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(rows.dtype), rows, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(rows.dtype), rows)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    empty = l_i == 0.0  # l ≥ 1 as soon as one key is valid
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+    if SPLIT:
+        # fp32 partial normalised by its own sum; the merge kernel applies the sink once.
+        row = (t * H + offs_h) * num_splits + sp
+        tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                 mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(part_lse_ptr + row, lse2, mask=mask_h)
+    else:
+        sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
+        top = tl.maximum(m_i, sink2)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        a = tl.exp2(m_i - top)
+        den = l_i * a + tl.exp2(sink2 - top)
+        w = tl.where(den == 0.0, 0.0, a / tl.where(den == 0.0, 1.0, den))
+        o = acc * w[:, None]
+        tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(lse_ptr + t * H + offs_h, lse2 * LN2, mask=mask_h)
+
+
+@triton.jit
+def _merge_splits(
+    part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr,
+    H, num_splits, stride_ot, stride_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    base = (t * H + h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    lse_s = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    sink2 = tl.load(sink_ptr + h) * LOG2E
+    top = tl.maximum(mx, sink2)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.sum(tl.exp2(lse_s - top), 0) + tl.exp2(sink2 - top)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(part_lse_ptr + base + s) - top)
+        acc += w * tl.load(part_o_ptr + (base + s) * D + offs_d, mask=mask_d, other=0.0)
+    o = tl.where(den == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den))
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+    total = tl.sum(tl.exp2(lse_s - mx_safe), 0)
+    lse2 = mx_safe + tl.log2(tl.where(total == 0.0, 1.0, total))
+    tl.store(lse_ptr + t * H + h, tl.where(mx == float("-inf"), float("-inf"), lse2 * LN2))
+
+
+@triton.jit
+def _merge_attn_kernel(
+    oa_ptr, la_ptr, ob_ptr, lb_ptr, sink_ptr, out_ptr, lse_ptr,
+    H, stride_at, stride_ah, stride_bt, stride_bh, stride_ot, stride_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < H
+    mask = mask_h[:, None] & (offs_d < D)[None, :]
+    la = tl.load(la_ptr + t * H + offs_h, mask=mask_h, other=float("-inf"))
+    lb = tl.load(lb_ptr + t * H + offs_h, mask=mask_h, other=float("-inf"))
+    sink = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0)
+    top = tl.maximum(tl.maximum(la, lb), sink)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    za = tl.exp(la - top)
+    zb = tl.exp(lb - top)
+    zs = tl.exp(sink - top)
+    den = za + zb + zs
+    inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+    oa = tl.load(oa_ptr + t * stride_at + offs_h[:, None] * stride_ah + offs_d[None, :], mask=mask, other=0.0)
+    ob = tl.load(ob_ptr + t * stride_bt + offs_h[:, None] * stride_bh + offs_d[None, :], mask=mask, other=0.0)
+    o = oa.to(tl.float32) * ((za + zs) * inv)[:, None] + ob.to(tl.float32) * ((zb + zs) * inv)[:, None]
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask)
+    mx = tl.maximum(la, lb)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.exp(la - mx_safe) + tl.exp(lb - mx_safe)
+    lse = mx_safe + tl.log(tl.where(total == 0.0, 1.0, total))
+    tl.store(lse_ptr + t * H + offs_h, tl.where(mx == float("-inf"), float("-inf"), lse), mask=mask_h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks shared by the wrappers and the references
+
+
+def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtypes) -> None:
+    for name, x, dim in (("q", q, 3), ("kv", kv, 2), ("indices", indices, 2), ("attn_sink", attn_sink, 1)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
+    T, H, D = q.shape
+    if kv.shape[1] != D:
+        raise ValueError(f"kv must be [R, {D}] to match q {tuple(q.shape)}, got {tuple(kv.shape)}")
+    if indices.shape[0] != T:
+        raise ValueError(f"indices must be [{T}, K] to match q {tuple(q.shape)}, got {tuple(indices.shape)}")
+    if attn_sink.shape[0] != H:
+        raise ValueError(f"attn_sink must be [{H}] to match q {tuple(q.shape)}, got {tuple(attn_sink.shape)}")
+    if q.dtype not in allowed_dtypes or kv.dtype != q.dtype:
+        raise TypeError(f"q and kv must share a dtype among {allowed_dtypes}, got {q.dtype} and {kv.dtype}")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    if not attn_sink.dtype.is_floating_point:
+        raise TypeError(f"attn_sink must be float32, got {attn_sink.dtype}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    devices = {x.device for x in (q, kv, indices, attn_sink)}
+    if len(devices) != 1:
+        raise ValueError(f"q, kv, indices and attn_sink must be on one device, got {sorted(map(str, devices))}")
+    _check_out("out", out, (T, H, D), q.dtype, q.device)
+    _check_out("lse", lse, (T, H), _lse_dtype(q.dtype), q.device)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse is fp32, except fp64 for the fp64 reference computations of the tests."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_out(name, x, shape, dtype, device) -> None:
+    if x is None:
+        return
+    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device:
+        raise ValueError(f"{name} must be {list(shape)} {dtype} on {device}, "
+                         f"got {list(x.shape)} {x.dtype} on {x.device}")
+
+
+def _check_triton_layout(q, kv, indices, attn_sink, out, lse) -> None:
+    D = q.shape[2]
+    if not 16 <= D <= _MAX_TRITON_D:
+        raise ValueError(f"the Triton path supports 16 <= D <= {_MAX_TRITON_D}, got D={D}")
+    if attn_sink.dtype != torch.float32:
+        raise TypeError(f"attn_sink must be float32, got {attn_sink.dtype}")
+    for name, x in (("q", q), ("kv", kv), ("indices", indices), ("out", out)):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {x.stride()}")
+    for name, x in (("attn_sink", attn_sink), ("lse", lse)):
+        if x is not None and not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {x.stride()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sparse_attn
+
+
+def sparse_attn(
+    q: torch.Tensor,  # [T, H, D]
+    kv: torch.Tensor,  # [R, D]
+    indices: torch.Tensor,  # [T, K] int32, < 0 = padding
+    attn_sink: torch.Tensor,  # [H] fp32
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, H, D], q.dtype
+    lse: torch.Tensor | None = None,  # [T, H] fp32
+    *,
+    backend: Backend = "auto",
+    config: SparseAttnConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MQA attention with a sink (module docstring). Returns (out [T, H, D] q.dtype, lse [T, H] fp32)."""
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES)
+    if pick_backend(backend, q, kv, indices, attn_sink) == "reference":
+        return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse)
+    _check_triton_layout(q, kv, indices, attn_sink, out, lse)
+    T, H, D = q.shape
+    R, K = kv.shape[0], indices.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device) if lse is None else lse
+    if T == 0:
+        return out, lse
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        config = default_config(T, H, K, D, num_sms)
+    _check_config(config)
+    keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), config.num_splits), config.block_n) * config.block_n
+    num_splits = triton.cdiv(max(K, 1), keys_per_split)
+    split = num_splits > 1
+    part_o = part_lse = lse
+    if split:
+        part_o = torch.empty((T, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    grid = (T, triton.cdiv(H, config.block_h), num_splits)
+    _sparse_attn_fwd[grid](
+        q, kv, indices, attn_sink, out, lse, part_o, part_lse,
+        H, R, K, keys_per_split, num_splits,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+        float(scale) * _LOG2E,
+        D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+        SPLIT=split, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split:
+        _merge_splits[(T, H)](
+            part_o, part_lse, attn_sink, out, lse, H, num_splits, out.stride(0), out.stride(1),
+            D=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out, lse
+
+
+def _check_config(config: SparseAttnConfig) -> None:
+    for name in ("block_h", "block_n"):
+        v = getattr(config, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
+    if config.num_splits < 1 or config.num_warps < 1 or config.num_stages < 1:
+        raise ValueError(f"config.num_splits, num_warps and num_stages must be >= 1, got {config}")
+
+
+def sparse_attn_ref(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    attn_sink: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: gather, masked softmax with the sink, in fp32 (fp64 for fp64 inputs)."""
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES + (torch.float64,))
+    T, H, D = q.shape
+    R, K = kv.shape[0], indices.shape[1]
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if K and T and int(indices.max()) >= R:
+            raise ValueError(f"indices must be < R={R} (or < 0 for padding), got max {int(indices.max())}")
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o_all = torch.empty((T, H, D), dtype=ct, device=q.device)
+    lse_all = torch.empty((T, H), dtype=ct, device=q.device)
+    sink = attn_sink.to(ct)[None, :, None]  # [1, H, 1]
+    chunk = max(1, (1 << 26) // max(1, K * D))  # gathered rows per chunk ≤ 64M elements
+    for t0 in range(0, T, chunk):
+        idx = indices[t0:t0 + chunk].long()
+        valid = (idx >= 0)[:, None, :]  # [t, 1, K]
+        rows = kv[idx.clamp(min=0)].to(ct)  # [t, K, D]
+        s = torch.einsum("thd,tkd->thk", q[t0:t0 + chunk].to(ct), rows) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        s_max = s.amax(-1, keepdim=True) if K else s.new_full((*s.shape[:2], 1), float("-inf"))
+        top = torch.maximum(s_max, sink)
+        top = top.masked_fill(top == float("-inf"), 0.0)
+        e = torch.exp(s - top)
+        den = e.sum(-1, keepdim=True) + torch.exp(sink - top)
+        o = torch.einsum("thk,tkd->thd", e, rows) / den
+        o_all[t0:t0 + chunk] = torch.where(den == 0, 0.0, o)
+        m = s_max.masked_fill(s_max == float("-inf"), 0.0)
+        lse_all[t0:t0 + chunk] = (m + torch.exp(s - m).sum(-1, keepdim=True).log()).squeeze(-1)
+    out = o_all.to(q.dtype) if out is None else out.copy_(o_all)
+    lse = lse_all.to(_lse_dtype(q.dtype)) if lse is None else lse.copy_(lse_all)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# merge_attn
+
+
+def _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse) -> None:
+    for name, x, dim in (("out_a", out_a, 3), ("lse_a", lse_a, 2), ("out_b", out_b, 3), ("lse_b", lse_b, 2),
+                         ("attn_sink", attn_sink, 1)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
+    T, H, D = out_a.shape
+    for name, x, shape in (("out_b", out_b, (T, H, D)), ("lse_a", lse_a, (T, H)), ("lse_b", lse_b, (T, H)),
+                           ("attn_sink", attn_sink, (H,))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} to match out_a, got {list(x.shape)}")
+    if out_b.dtype != out_a.dtype or not out_a.dtype.is_floating_point:
+        raise TypeError(f"out_a and out_b must share a float dtype, got {out_a.dtype} and {out_b.dtype}")
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b), ("attn_sink", attn_sink)):
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be float32, got {x.dtype}")
+    devices = {x.device for x in (out_a, lse_a, out_b, lse_b, attn_sink)}
+    if len(devices) != 1:
+        raise ValueError(f"merge_attn inputs must be on one device, got {sorted(map(str, devices))}")
+    _check_out("out", out, (T, H, D), out_a.dtype, out_a.device)
+    _check_out("lse", lse, (T, H), _lse_dtype(out_a.dtype), out_a.device)
+
+
+def merge_attn(
+    out_a: torch.Tensor,  # [T, H, D], from sparse_attn over key set A
+    lse_a: torch.Tensor,  # [T, H] fp32
+    out_b: torch.Tensor,  # [T, H, D], over key set B (disjoint from A), same sink
+    lse_b: torch.Tensor,  # [T, H] fp32
+    attn_sink: torch.Tensor,  # [H] fp32
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two sink-included partial results into the result over A ∪ B (sink counted once)."""
+    _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
+    if pick_backend(backend, out_a, lse_a, out_b, lse_b, attn_sink) == "reference":
+        return merge_attn_ref(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
+    T, H, D = out_a.shape
+    for name, x in (("out_a", out_a), ("out_b", out_b), ("out", out)):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {x.stride()}")
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b), ("attn_sink", attn_sink), ("lse", lse)):
+        if x is not None and (x.dtype != torch.float32 or not x.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous float32, got {x.dtype} strides {x.stride()}")
+    out = torch.empty_like(out_a) if out is None else out
+    lse = torch.empty_like(lse_a) if lse is None else lse
+    if T == 0:
+        return out, lse
+    block_d = triton.next_power_of_2(D)
+    block_h = max(1, min(16, 4096 // block_d))
+    _merge_attn_kernel[(T, triton.cdiv(H, block_h))](
+        out_a, lse_a, out_b, lse_b, attn_sink, out, lse,
+        H, out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1),
+        D=D, BLOCK_D=block_d, BLOCK_H=block_h, num_warps=4,
+    )
+    return out, lse
+
+
+def merge_attn_ref(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    attn_sink: torch.Tensor,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch merge in fp32 (fp64 for fp64 inputs)."""
+    _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
+    ct = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    la, lb, sink = lse_a.to(ct), lse_b.to(ct), attn_sink.to(ct)[None, :]
+    top = torch.maximum(torch.maximum(la, lb), sink)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    za, zb, zs = torch.exp(la - top), torch.exp(lb - top), torch.exp(sink - top)
+    den = za + zb + zs
+    o = (out_a.to(ct) * (za + zs)[..., None] + out_b.to(ct) * (zb + zs)[..., None]) / den[..., None]
+    o = torch.where(den[..., None] == 0, 0.0, o)
+    merged = torch.logaddexp(la, lb)
+    out = o.to(out_a.dtype) if out is None else out.copy_(o)
+    lse = merged.to(_lse_dtype(out_a.dtype)) if lse is None else lse.copy_(merged)
+    return out, lse

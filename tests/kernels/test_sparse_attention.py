@@ -1,0 +1,290 @@
+"""kernels/sparse_attention.py: the Triton kernels against an fp64 reference.
+
+On CPU the kernels run in the Triton interpreter at small shapes with fp16/fp32 inputs (the interpreter
+has no bf16 dot); with SPARSEPD_TEST_GPU=1 the same tests also run bf16 at the model's real shapes.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+from sparsepd.kernels.sparse_attention import (
+    SparseAttnConfig,
+    default_config,
+    merge_attn,
+    merge_attn_ref,
+    sparse_attn,
+    sparse_attn_ref,
+)
+
+ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
+
+# Relative error bounds vs fp64 (norm-wise over the tensor); per (token, head) row the out bound is 5×.
+OUT_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+LSE_TOL = {torch.bfloat16: 1e-3, torch.float16: 1e-5, torch.float32: 1e-6}
+
+
+def make_inputs(seed, T, H, D, K, dtype, device, pad_frac=0.3, dup=False):
+    """q, kv, indices, attn_sink with padding anywhere, one all-padding row and one single-key row."""
+    g = torch.Generator().manual_seed(seed)
+    R = 2 * K + 13
+    q = (2.0 * torch.randn(T, H, D, generator=g)).to(dtype)
+    kv = torch.randn(R, D, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(R, generator=g)[:K] for _ in range(T)]).to(torch.int32)  # [T, K]
+    idx[torch.rand(T, K, generator=g) < pad_frac] = -1
+    if dup and K >= 4:
+        idx[:, 1] = idx[:, 3].clamp(min=0)  # a repeated row counts twice
+    if T >= 2:
+        idx[0] = -1
+        idx[1] = -1
+        idx[1, torch.randint(0, K, (1,), generator=g)] = 7
+    idx[-1, 0] = R - 1  # at least one valid key somewhere
+    sink = 2.0 * torch.randn(H, generator=g)
+    sink[0] = 8.0  # a sink that dominates its head
+    if H > 1:
+        sink[1] = float("-inf")  # a head without a sink: plain softmax
+    return q.to(device), kv.to(device), idx.to(device), sink.to(device)
+
+
+def fp64_reference(q, kv, idx, sink, scale):
+    return sparse_attn_ref(q.cpu().double(), kv.cpu().double(), idx.cpu(), sink.cpu().double(), scale)
+
+
+def assert_close(out, lse, ref_out, ref_lse, dtype, ctx):
+    out, lse = out.cpu().double(), lse.cpu().double()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"NaN in the result ({ctx})"
+    assert torch.isfinite(out).all(), f"inf in out ({ctx})"
+    empty = torch.isneginf(ref_lse)
+    bad = (torch.isneginf(lse) != empty).nonzero().tolist()
+    assert not bad, f"lse is -inf exactly where no key is valid; wrong at [t, h] {bad[:5]} ({ctx})"
+    assert (out[empty] == 0).all(), f"rows without keys must be 0 ({ctx})"
+    rel_out = ((out - ref_out).norm() / ref_out.norm()).item()
+    assert rel_out <= OUT_TOL[dtype], f"out rel err {rel_out:.2e} > {OUT_TOL[dtype]:.0e} ({ctx})"
+    row_err = (out - ref_out).norm(dim=-1) / ref_out.norm(dim=-1).clamp(min=1e-30)
+    row_err[empty] = 0
+    worst = divmod(int(row_err.argmax()), row_err.shape[1])
+    assert row_err.max() <= 5 * OUT_TOL[dtype], f"row rel err {row_err.max():.2e} at [t, h]={worst} ({ctx})"
+    fin = ~empty
+    rel_lse = ((lse[fin] - ref_lse[fin]).norm() / ref_lse[fin].norm()).item()
+    assert rel_lse <= LSE_TOL[dtype], f"lse rel err {rel_lse:.2e} > {LSE_TOL[dtype]:.0e} ({ctx})"
+
+
+def poisoned(q, H):
+    T, _, D = q.shape
+    out = torch.full((T, H, D), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((T, H), float("nan"), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+# (T, H, D, K, dtype, config or None for the default table)
+CPU_CASES = [
+    (3, 16, 64, 40, torch.float16, None),
+    (2, 20, 48, 33, torch.float32, None),  # H not a multiple of the block, D not a power of two
+    (2, 16, 512, 24, torch.float16, None),  # the model's head_dim
+    (3, 20, 64, 70, torch.float16, SparseAttnConfig(16, 16, 3, 4, 2)),  # split keys, merged by LSE
+    (4, 33, 32, 50, torch.float32, SparseAttnConfig(32, 16, 2, 4, 2)),
+    (1, 16, 32, 1, torch.float32, None),  # K = 1
+]
+GPU_CASES = [
+    (1, 16, 512, 1152, torch.bfloat16, None),
+    (1, 64, 512, 1152, torch.bfloat16, None),
+    (1, 128, 512, 640, torch.bfloat16, None),
+    (37, 64, 512, 1152, torch.bfloat16, None),
+    (64, 128, 512, 1152, torch.bfloat16, None),
+    (200, 16, 512, 1152, torch.bfloat16, None),
+    (300, 64, 512, 640, torch.bfloat16, None),
+    (5, 20, 512, 300, torch.bfloat16, None),
+    (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 32, 1, 4, 4)),
+    (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(32, 32, 5, 8, 3)),
+    (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 16, 7, 8, 4)),
+    (33, 128, 512, 1152, torch.float16, None),
+    (7, 64, 512, 300, torch.float32, SparseAttnConfig(16, 16, 1, 4, 2)),
+]
+CASES = CPU_CASES + (GPU_CASES if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_sparse_attn_matches_fp64(device, case):
+    T, H, D, K, dtype, config = CASES[case]
+    seed = 1000 + case
+    q, kv, idx, sink = make_inputs(seed, T, H, D, K, dtype, device, dup=case % 2 == 1)
+    scale = D ** -0.5
+    out, lse = poisoned(q, H)
+    res = sparse_attn(q, kv, idx, sink, scale, out, lse, backend="triton", config=config)
+    assert res[0] is out and res[1] is lse
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, scale)
+    assert_close(out, lse, ref_out, ref_lse, dtype, f"seed={seed} T={T} H={H} D={D} K={K} {dtype} {config}")
+
+
+def test_sparse_attn_strided_q_and_out(device):
+    T, H, D, K = 3, 20, 64, 37
+    q, kv, idx, sink = make_inputs(7, T, H, D, K, torch.float16, device)
+    q_wide = torch.randn(T, H, 2 * D, device=device).to(q.dtype)
+    q_wide[..., D:] = q
+    out_wide = torch.full((T, H, 3 * D), float("nan"), dtype=q.dtype, device=device)
+    out, lse = sparse_attn(q_wide[..., D:], kv, idx, sink, 0.1, out_wide[..., D:2 * D], backend="triton")
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, 0.1)
+    assert_close(out, lse, ref_out, ref_lse, q.dtype, "strided")
+    assert torch.isnan(out_wide[..., :D]).all() and torch.isnan(out_wide[..., 2 * D:]).all()
+
+
+def test_sparse_attn_no_valid_key_anywhere(device):
+    q, kv, idx, sink = make_inputs(3, 2, 16, 32, 20, torch.float32, device)
+    idx.fill_(-1)
+    out, lse = poisoned(q, 16)
+    for config in (None, SparseAttnConfig(16, 16, 2, 4, 2)):
+        sparse_attn(q, kv, idx, sink, 0.2, out, lse, backend="triton", config=config)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_triton_skips_indices_past_the_pool(device):
+    q, kv, idx, sink = make_inputs(4, 3, 16, 32, 24, torch.float32, device)
+    bad = idx.clone()
+    bad[:, ::5] = kv.shape[0] + 3
+    out, lse = sparse_attn(q, kv, bad, sink, 0.2, backend="triton")
+    ref_out, ref_lse = fp64_reference(q, kv, torch.where(bad >= kv.shape[0], -1, bad), sink, 0.2)
+    assert_close(out, lse, ref_out, ref_lse, torch.float32, "indices >= R")
+    with pytest.raises(ValueError, match="indices must be < R"):
+        sparse_attn_ref(q, kv, bad, sink, 0.2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_merge_attn_equals_one_shot(device, backend):
+    T, H, D, K = (33, 64, 512, 1152) if ON_GPU else (4, 20, 64, 40)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    q, kv, idx, sink = make_inputs(11, T, H, D, K, dtype, device)
+    g = torch.Generator().manual_seed(12)
+    in_a = (torch.rand(T, K, generator=g) < 0.4).to(device)
+    in_a[2] = True  # token 2: every key in A, B empty
+    idx_a, idx_b = torch.where(in_a, idx, -1), torch.where(in_a, -1, idx)
+    out_a, lse_a = sparse_attn(q, kv, idx_a, sink, D ** -0.5, backend="triton")
+    out_b, lse_b = sparse_attn(q, kv, idx_b, sink, D ** -0.5, backend="triton")
+    out, lse = poisoned(q, H)
+    merge_attn(out_a, lse_a, out_b, lse_b, sink, out, lse, backend=backend)
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, D ** -0.5)
+    assert_close(out, lse, ref_out, ref_lse, dtype, f"merge {backend}")
+
+
+def test_merge_attn_triton_matches_reference_on_fp32(device):
+    g = torch.Generator().manual_seed(5)
+    T, H, D = 5, 19, 40
+    out_a, out_b = torch.randn(2, T, H, D, generator=g).to(device).unbind(0)
+    lse_a, lse_b = (3 * torch.randn(2, T, H, generator=g)).to(device).unbind(0)
+    lse_a[0], lse_b[0:2] = float("-inf"), float("-inf")
+    out_a[0], out_b[0:2] = 0, 0
+    sink = torch.randn(H, generator=g).to(device)
+    sink[3] = float("-inf")
+    out, lse = merge_attn(out_a, lse_a, out_b, lse_b, sink, backend="triton")
+    ref_out, ref_lse = merge_attn_ref(out_a.double(), lse_a.double(), out_b.double(), lse_b.double(), sink.double())
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert ((out.double() - ref_out).norm() / ref_out.norm()) < 1e-6
+    fin = ~torch.isneginf(ref_lse)
+    assert torch.equal(~torch.isneginf(lse), fin)
+    assert ((lse.double() - ref_lse)[fin].norm() / ref_lse[fin].norm()) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference itself, dispatch and input checks (CPU only: they test no kernel)
+
+
+def loop_reference(q, kv, idx, sink, scale):
+    """The formula written out one (token, head) at a time, in fp64."""
+    T, H, D = q.shape
+    out = torch.zeros(T, H, D, dtype=torch.float64)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float64)
+    for t in range(T):
+        keys = [int(j) for j in idx[t] if j >= 0]
+        for h in range(H):
+            if not keys:
+                continue
+            s = torch.stack([scale * q[t, h].double() @ kv[j].double() for j in keys])
+            num = sum(math.exp(s[i]) * kv[j].double() for i, j in enumerate(keys))
+            out[t, h] = num / (torch.exp(s).sum() + math.exp(sink[h]))
+            lse[t, h] = torch.logsumexp(s, 0)
+    return out, lse
+
+
+def test_reference_matches_the_formula():
+    q, kv, idx, sink = make_inputs(21, 4, 3, 8, 6, torch.float64, "cpu", dup=True)
+    sink[1] = -1.5  # math.exp(-inf) is fine, but keep one finite sink per head for this check
+    out, lse = sparse_attn_ref(q, kv, idx, sink, 0.4)
+    want_out, want_lse = loop_reference(q, kv, idx, sink, 0.4)
+    assert torch.allclose(out, want_out, rtol=1e-12, atol=1e-14)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    fin = ~torch.isneginf(lse)
+    assert torch.allclose(lse[fin], want_lse[fin], rtol=1e-12)
+
+
+def test_reference_float32_in_float32_out():
+    q, kv, idx, sink = make_inputs(22, 5, 4, 32, 30, torch.float32, "cpu")
+    out, lse = sparse_attn_ref(q, kv, idx, sink, 0.2)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, 0.2)
+    assert_close(out, lse, ref_out, ref_lse, torch.float32, "reference fp32")
+    empty_out, empty_lse = sparse_attn_ref(q, kv, idx[:, :0], sink, 0.2)  # K = 0
+    assert (empty_out == 0).all() and torch.isneginf(empty_lse).all()
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    q, kv, idx, sink = make_inputs(23, 3, 4, 16, 10, torch.float32, "cpu")
+    got = sparse_attn(q, kv, idx, sink, 0.3)
+    want = sparse_attn_ref(q, kv, idx, sink, 0.3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_default_config_splits_only_small_batches():
+    assert default_config(1, 64, 1152, 512, 132).num_splits > 1
+    assert default_config(256, 64, 1152, 512, 132).num_splits == 1
+    for T in (1, 8, 256):
+        for H in (16, 64, 128):
+            assert default_config(T, H, 1152, 512, 132).block_h >= 16
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda a: a.update(q=a["q"][0]), "q must have 3 dims"),
+        (lambda a: a.update(kv=a["kv"][:, :8]), "kv must be"),
+        (lambda a: a.update(indices=a["indices"].long()), "indices must be int32"),
+        (lambda a: a.update(indices=a["indices"][:1]), "indices must be"),
+        (lambda a: a.update(attn_sink=a["attn_sink"][:2]), "attn_sink must be"),
+        (lambda a: a.update(kv=a["kv"].half()), "q and kv must share a dtype"),
+        (lambda a: a.update(scale=float("nan")), "scale must be a finite float"),
+        (lambda a: a.update(out=torch.empty(1)), "out must be"),
+        (lambda a: a.update(q=a["q"].double(), kv=a["kv"].double()), "q and kv must share a dtype"),
+    ],
+)
+def test_bad_inputs_are_rejected(change, error):
+    q, kv, idx, sink = make_inputs(24, 2, 4, 16, 10, torch.float32, "cpu")
+    args = dict(q=q, kv=kv, indices=idx, attn_sink=sink, scale=0.25)
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=error):
+        sparse_attn(**args, backend="reference")
+
+
+def test_triton_path_rejects_unsupported_layouts():
+    q, kv, idx, sink = make_inputs(25, 2, 4, 16, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        sparse_attn(q, kv.t().contiguous().t(), idx, sink, 0.25, backend="triton")
+    with pytest.raises(ValueError, match="16 <= D <= 512"):
+        sparse_attn(q[..., :8].contiguous(), kv[:, :8].contiguous(), idx, sink, 0.25, backend="triton")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        sparse_attn(q, kv, idx, sink, 0.25, backend="triton", config=SparseAttnConfig(8, 16, 1, 4, 2))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_sparse_attn_replays_in_a_cuda_graph(device):
+    T, H, D, K = 4, 64, 512, 1152
+    q, kv, idx, sink = make_inputs(31, T, H, D, K, torch.bfloat16, device)
+    out, lse = sparse_attn(q, kv, idx, sink, D ** -0.5)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = sparse_attn(q, kv, idx, sink, D ** -0.5)
+    q2, kv2, idx2, _ = make_inputs(32, T, H, D, K, torch.bfloat16, device)
+    q.copy_(q2), kv.copy_(kv2), idx.copy_(idx2)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, D ** -0.5)
+    assert_close(g_out, g_lse, ref_out, ref_lse, torch.bfloat16, "graph replay")
