@@ -10,7 +10,7 @@ depend on the chunk it was processed in (batch invariance, see model/numerics.py
 from __future__ import annotations
 
 import torch
-from sparsepd.kernels.sparse_attention import sparse_attn
+from sparsepd.kernels.sparse_attention import sparse_attn, sparse_attn_ref
 from sparsepd.model.attention import Attention
 from sparsepd.model.indexer import topk_visible
 from sparsepd.model.state import LayerState, RequestState
@@ -32,7 +32,12 @@ class RequestCache:
         indices = torch.cat(index_rows, dim=1)
         pad = attn.index_width - indices.shape[1]
         indices = torch.cat([indices, indices.new_full((n, pad), -1)], dim=1).to(torch.int32)
-        o, _ = sparse_attn(q, table, indices, attn.attn_sink, attn.cfg.softmax_scale)  # [n, H, D]
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            # float64 on the CPU: vectorized and scalar exp differ in the last bit (model/numerics.py).
+            o, _ = sparse_attn_ref(q.double(), table.double(), indices, attn.attn_sink, attn.cfg.softmax_scale)
+            o = o.float()
+        else:
+            o, _ = sparse_attn(q, table, indices, attn.attn_sink, attn.cfg.softmax_scale)  # [n, H, D]
         layer.swa[positions[-win:] % win] = kv[-win:]
         return o
 

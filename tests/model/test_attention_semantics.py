@@ -79,7 +79,7 @@ def test_minus_infinite_sink_is_plain_softmax():
     captured = {}
     from sparsepd.model import request_cache as attention_module
 
-    real = attention_module.sparse_attn
+    real = attention_module.sparse_attn_ref
 
     def spy(q, kv, indices, sink, scale):
         out = real(q, kv, indices, sink, scale)
@@ -87,11 +87,11 @@ def test_minus_infinite_sink_is_plain_softmax():
             captured.update(q=q, kv=kv, indices=indices, out=out[0], scale=scale)
         return out
 
-    attention_module.sparse_attn = spy
+    attention_module.sparse_attn_ref = spy
     try:
         model.prefill(prompt(30, seed=9))
     finally:
-        attention_module.sparse_attn = real
+        attention_module.sparse_attn_ref = real
     q, kv, idx = captured["q"].double(), captured["kv"].double(), captured["indices"].long()
     rows = kv[idx.clamp(min=0)]  # [T, K, D]
     s = torch.einsum("thd,tkd->thk", q, rows) * captured["scale"]
