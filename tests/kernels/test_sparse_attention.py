@@ -48,11 +48,11 @@ def make_inputs(seed, T, H, D, K, dtype, device, pad_frac=0.3, dup=False):
 
 
 def fp64_reference(q, kv, idx, sink, scale):
-    return sparse_attn_ref(q.cpu().double(), kv.cpu().double(), idx.cpu(), sink.cpu().double(), scale)
+    return sparse_attn_ref(q.double(), kv.double(), idx, sink.double(), scale)
 
 
 def assert_close(out, lse, ref_out, ref_lse, dtype, ctx):
-    out, lse = out.cpu().double(), lse.cpu().double()
+    out, lse, ref_out, ref_lse = out.cpu().double(), lse.cpu().double(), ref_out.cpu(), ref_lse.cpu()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"NaN in the result ({ctx})"
     assert torch.isfinite(out).all(), f"inf in out ({ctx})"
     empty = torch.isneginf(ref_lse)
@@ -136,6 +136,21 @@ def test_sparse_attn_no_valid_key_anywhere(device):
     for config in (None, SparseAttnConfig(16, 16, 2, 4, 2)):
         sparse_attn(q, kv, idx, sink, 0.2, out, lse, backend="triton", config=config)
         assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_sparse_attn_padding_at_the_ends(device, splits):
+    """Leading and trailing padding: whole splits without a key, a last key at the very end."""
+    T, H, D, K = 4, 16, 32, 96
+    q, kv, idx, sink = make_inputs(8, T, H, D, K, torch.float32, device, pad_frac=0.0)
+    idx[0, 5:] = -1  # keys only at the start: later splits are empty
+    idx[1, :-1] = -1  # one key, the last one
+    idx[2, :40] = -1  # keys only at the end
+    idx[3, 30:70] = -1  # a hole in the middle
+    out, lse = poisoned(q, H)
+    sparse_attn(q, kv, idx, sink, 0.2, out, lse, backend="triton", config=SparseAttnConfig(16, 16, splits, 4, 2))
+    ref_out, ref_lse = fp64_reference(q, kv, idx, sink, 0.2)
+    assert_close(out, lse, ref_out, ref_lse, torch.float32, f"padding at the ends, {splits} splits")
 
 
 def test_triton_skips_indices_past_the_pool(device):
@@ -270,7 +285,7 @@ def test_triton_path_rejects_unsupported_layouts():
         sparse_attn(q, kv.t().contiguous().t(), idx, sink, 0.25, backend="triton")
     with pytest.raises(ValueError, match="16 <= D <= 512"):
         sparse_attn(q[..., :8].contiguous(), kv[:, :8].contiguous(), idx, sink, 0.25, backend="triton")
-    with pytest.raises(ValueError, match="power of two >= 16"):
+    with pytest.raises(ValueError, match="power of two in"):
         sparse_attn(q, kv, idx, sink, 0.25, backend="triton", config=SparseAttnConfig(8, 16, 1, 4, 2))
 
 
