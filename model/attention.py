@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
+
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
 from sparsepd.model.numerics import apply_rope, fp8_round_trip, linear, rope_cos_sin, rope_freqs
-from torch import nn
 
 
 class AttentionCache(Protocol):

@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
+
+from sparsepd.kernels.indexer import dequantize_rows_fp8, quantize_rows_fp8
 from sparsepd.model.numerics import (
     apply_rope,
     fp4_round_trip,
@@ -24,7 +27,6 @@ from sparsepd.model.numerics import (
     softmax,
 )
 from sparsepd.model.state import CompressorRing
-from torch import nn
 
 Output = Literal["main", "indexer"]
 
@@ -111,7 +113,7 @@ def quantize_index_rows(x: torch.Tensor, mode: str) -> torch.Tensor:
     published reference's simulation); none: unchanged.
     """
     if mode == "fp8":
-        return fp8_round_trip(x.float(), x.shape[-1], ue8m0=True)
+        return dequantize_rows_fp8(*quantize_rows_fp8(x.float(), "ue8m0"))
     if mode == "fp4":
         return fp4_round_trip(x.float(), 32)
     return x.float()

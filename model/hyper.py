@@ -9,6 +9,7 @@ Sinkhorn (columns, then rows and columns alternately, `iters` normalisations in 
 from __future__ import annotations
 
 import torch
+
 from sparsepd.model.numerics import linear, sigmoid, softmax
 
 

@@ -9,10 +9,11 @@ compressor. Score of entry e for a token: `Σ_h relu(q_h · k_e) · w_h` over th
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from sparsepd.model.compressor import Compressor, quantize_index_rows
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.numerics import apply_rope, hadamard_rotate, linear
-from torch import nn
 
 
 class Indexer(nn.Module):
@@ -39,15 +40,3 @@ class Indexer(nn.Module):
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head score weights `[n, Hi]` fp32 (weights_proj · x · 128^−0.5 · Hi^−0.5)."""
         return linear(x, self.weights_proj.weight).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
-
-
-def topk_visible(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the k best scores among the first visible[t] entries of each row, −1 padded `[T, k]`."""
-    n_entries = scores.shape[1]
-    entry = torch.arange(n_entries, device=scores.device)
-    masked = torch.where(entry[None, :] < visible[:, None], scores, float("-inf"))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
-    order = torch.where(entry[: order.shape[1]][None, :] < visible[:, None], order, -1)
-    if order.shape[1] < k:
-        order = torch.cat([order, order.new_full((order.shape[0], k - order.shape[1]), -1)], dim=1)
-    return order

@@ -9,9 +9,10 @@ limit; one shared expert is always added.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.numerics import linear, silu, softplus
-from torch import nn
 
 
 class Expert(nn.Module):

@@ -10,9 +10,10 @@ depend on the chunk it was processed in (batch invariance, see model/numerics.py
 from __future__ import annotations
 
 import torch
+
 from sparsepd.kernels.sparse_attention import sparse_attn, sparse_attn_ref
+from sparsepd.kernels.topk import topk_visible
 from sparsepd.model.attention import Attention
-from sparsepd.model.indexer import topk_visible
 from sparsepd.model.state import LayerState, RequestState
 
 
@@ -56,7 +57,7 @@ class RequestCache:
         # Elementwise product and a fixed-length sum: a token's scores do not depend on the batch.
         dots = (q[:, :, None, :] * layer.index_keys[None, None, :, :]).sum(-1)  # [n, Hi, E]
         scores = (dots.relu() * indexer.head_weights(x)[:, :, None]).sum(1)  # [n, E]
-        return topk_visible(scores, visible, indexer.topk)
+        return topk_visible(scores, visible.to(torch.int32), indexer.topk).long()
 
 
 def window_indices(positions: torch.Tensor, start: int, win: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from sparsepd.model.config import ModelConfig
 
 

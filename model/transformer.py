@@ -8,6 +8,8 @@ prompt into chunks fed to `forward` leaves the same state as one prefill.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from sparsepd.model.attention import Attention, AttentionCache
 from sparsepd.model.compressor import RMSNorm
 from sparsepd.model.config import ModelConfig
@@ -16,7 +18,6 @@ from sparsepd.model.moe import MoE
 from sparsepd.model.numerics import linear
 from sparsepd.model.request_cache import RequestCache
 from sparsepd.model.state import RequestState
-from torch import nn
 
 
 def _hc_params(module: nn.Module, prefix: str, hc: int, dim: int, n_scale: int, mix: int) -> None:

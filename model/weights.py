@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.transformer import Transformer
 

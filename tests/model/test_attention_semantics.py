@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from helpers import prompt, tiny_model
-from sparsepd.model.indexer import topk_visible
+
+from sparsepd.kernels.topk import topk_visible
 
 
 def test_indexer_drops_entries_and_changes_the_result():
@@ -40,7 +41,7 @@ def test_topk_visible_matches_brute_force():
     gen = torch.Generator().manual_seed(5)
     scores = torch.randn(7, 30, generator=gen)
     visible = torch.tensor([0, 1, 3, 4, 5, 17, 30])
-    got = topk_visible(scores, visible, 4)
+    got = topk_visible(scores, visible.to(torch.int32), 4)
     for t in range(7):
         v = int(visible[t])
         want = sorted(range(v), key=lambda e: -float(scores[t, e]))[:4]

@@ -1,4 +1,5 @@
 import pytest
+
 from sparsepd.model.config import PRESETS, get_preset
 from sparsepd.model.tokenizer import ByteTokenizer
 
