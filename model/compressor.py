@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sparsepd.kernels.indexer import dequantize_rows_fp8, quantize_rows_fp8
+from sparsepd.kernels.indexer import ROW_BYTES as INDEX_ROW_BYTES
+from sparsepd.kernels.indexer import dequantize_rows_fp8, indexer_cache_write, quantize_rows_fp8
 from sparsepd.model.numerics import (
     apply_rope,
     fp4_round_trip,
@@ -103,7 +104,17 @@ class Compressor(nn.Module):
                 y = torch.cat([fp8_round_trip(y[:, : -self.rope_dim], 64), y[:, -self.rope_dim:]], dim=-1)
             return y
         y = hadamard_rotate(y.float())
+        if self.quantize == "fp8":
+            return index_cache_rows(y)
         return quantize_index_rows(y, self.quantize)
+
+
+def index_cache_rows(keys: torch.Tensor) -> torch.Tensor:
+    """Indexer keys `[m, 128]` as FP8 cache rows `[m, 144]` uint8 (kernels/indexer.py's format)."""
+    rows = torch.zeros(1, keys.shape[0], INDEX_ROW_BYTES, dtype=torch.uint8, device=keys.device)
+    slots = torch.arange(keys.shape[0], dtype=torch.int64, device=keys.device)
+    indexer_cache_write(rows, keys, slots, "ue8m0")
+    return rows[0]
 
 
 def quantize_index_rows(x: torch.Tensor, mode: str) -> torch.Tensor:

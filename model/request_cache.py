@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsepd.kernels.indexer import indexer_topk, quantize_rows_fp8
 from sparsepd.kernels.sparse_attention import sparse_attn, sparse_attn_ref
 from sparsepd.kernels.topk import topk_visible
 from sparsepd.model.attention import Attention
@@ -52,12 +53,22 @@ class RequestCache:
             entries = torch.arange(layer.kv_compressed.shape[0], device=x.device)
             return torch.where(entries[None, :] < visible[:, None], entries[None, :], -1)
         indexer = attn.indexer
-        q = indexer.project_q(qr, cos, sin)  # [n, Hi, 128]
         layer.index_keys = torch.cat([layer.index_keys, indexer.compressor(x, start, layer.indexer, attn.freqs)])
-        # Elementwise product and a fixed-length sum: a token's scores do not depend on the batch.
+        weights, visible = indexer.head_weights(x), visible.to(torch.int32)
+        if indexer.quantize == "fp8":  # the serving path: FP8 cache rows scored by the indexer kernels
+            n_entries = layer.index_keys.shape[0]
+            if n_entries == 0:
+                return torch.full((x.shape[0], indexer.topk), -1, dtype=torch.int64, device=x.device)
+            q8, q_scale = quantize_rows_fp8(indexer.rotated_q(qr, cos, sin), "ue8m0")  # [n, Hi, 128], [n, Hi]
+            page_table = torch.zeros(1, 1, dtype=torch.int32, device=x.device)
+            seq_ids = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+            return indexer_topk(q8, q_scale, weights, layer.index_keys[None], page_table, seq_ids, visible,
+                                indexer.topk).long()
+        # The reference's simulations (fp4, none) in plain PyTorch; a fixed-length sum keeps it batch-invariant.
+        q = indexer.project_q(qr, cos, sin)  # [n, Hi, 128]
         dots = (q[:, :, None, :] * layer.index_keys[None, None, :, :]).sum(-1)  # [n, Hi, E]
-        scores = (dots.relu() * indexer.head_weights(x)[:, :, None]).sum(1)  # [n, E]
-        return topk_visible(scores, visible.to(torch.int32), indexer.topk).long()
+        scores = (dots.relu() * weights[:, :, None]).sum(1)  # [n, E]
+        return topk_visible(scores, visible, indexer.topk).long()
 
 
 def window_indices(positions: torch.Tensor, start: int, win: int) -> torch.Tensor:

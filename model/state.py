@@ -5,8 +5,9 @@ Per layer (dsv4-spec.md; DESIGN.md §4 gives the paged form the engine uses):
 - compressor rings `kv`/`score` `[state_size, coff·d]` fp32, position p at row p % state_size
   (state_size = 2·ratio with overlap, ratio without), score already carrying the positional bias;
 - `kv_compressed` `[entries, head_dim]`: committed compressed KV (CSA and HCA layers);
-- for CSA layers the indexer's own compressor rings and `index_keys` `[entries, 128]` fp32, the committed
-  indexer keys after their quantization round trip (exact FP8 values times power-of-two scales).
+- for CSA layers the indexer's own compressor rings and `index_keys`, the committed indexer keys: FP8
+  cache rows `[entries, 144]` uint8 (kernels/indexer.py's format, the default), or `[entries, 128]` fp32
+  after the reference's FP4 simulation or no quantization.
 
 `RequestState.tensors()` names every tensor, so states can be enumerated, copied, compared and shipped.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.kernels.indexer import ROW_BYTES as INDEX_ROW_BYTES
 from sparsepd.model.config import ModelConfig
 
 
@@ -41,7 +43,7 @@ class LayerState:
     compressor: CompressorRing | None = None
     kv_compressed: torch.Tensor | None = None  # [entries, head_dim]
     indexer: CompressorRing | None = None
-    index_keys: torch.Tensor | None = None  # [entries, index_head_dim] fp32
+    index_keys: torch.Tensor | None = None  # [entries, 144] uint8 FP8 rows, or [entries, 128] fp32
 
 
 @dataclass
@@ -61,7 +63,9 @@ class RequestState:
                 layer.kv_compressed = torch.zeros(0, cfg.head_dim, dtype=dtype, device=device)
             if ratio == 4:
                 layer.indexer = CompressorRing.fresh(ratio, cfg.index_head_dim, device)
-                layer.index_keys = torch.zeros(0, cfg.index_head_dim, dtype=torch.float32, device=device)
+                layer.index_keys = (torch.zeros(0, INDEX_ROW_BYTES, dtype=torch.uint8, device=device)
+                                    if cfg.indexer_quant == "fp8" else
+                                    torch.zeros(0, cfg.index_head_dim, dtype=torch.float32, device=device))
             layers.append(layer)
         return RequestState(position=0, layers=layers)
 
@@ -117,5 +121,6 @@ def state_bytes(cfg: ModelConfig, length: int) -> int:
             coff = 2 if ratio == 4 else 1
             total += 2 * coff * ratio * coff * cfg.head_dim * 4 + (length // ratio) * cfg.head_dim * s
         if ratio == 4:
-            total += 2 * 8 * 2 * cfg.index_head_dim * 4 + (length // 4) * cfg.index_head_dim * 4
+            key_bytes = INDEX_ROW_BYTES if cfg.indexer_quant == "fp8" else cfg.index_head_dim * 4
+            total += 2 * 8 * 2 * cfg.index_head_dim * 4 + (length // 4) * key_bytes
     return total

@@ -14,17 +14,17 @@ def test_indexer_drops_entries_and_changes_the_result():
     from sparsepd.model import request_cache
 
     calls = []
-    real = request_cache.topk_visible
+    real = request_cache.indexer_topk
 
-    def spy(scores, visible, k):
-        calls.append(real(scores, visible, k))
+    def spy(*args):
+        calls.append(real(*args))
         return calls[-1]
 
-    request_cache.topk_visible = spy
+    request_cache.indexer_topk = spy
     try:
         sparse_logits, state = sparse.prefill(ids)
     finally:
-        request_cache.topk_visible = real
+        request_cache.indexer_topk = real
     top = calls[0]  # [100, topk] of the first CSA layer
     assert top.shape == (100, 4)
     last = top[-1]
@@ -99,3 +99,17 @@ def test_minus_infinite_sink_is_plain_softmax():
     s = s.masked_fill((idx < 0)[:, None, :], float("-inf"))
     want = torch.einsum("thk,tkd->thd", s.softmax(-1), rows)
     assert torch.allclose(captured["out"].double(), want, atol=1e-5)
+
+
+def test_reference_fp4_indexer_simulation_runs_and_differs():
+    """indexer_quant="fp4" reproduces the published reference's simulation instead of the FP8 cache."""
+    ids = prompt(60, seed=8)
+    fp8_logits, _ = tiny_model(seed=2).prefill(ids)
+    fp4 = tiny_model(seed=2, indexer_quant="fp4")
+    fp4_logits, state = fp4.prefill(ids)
+    assert state.layers[1].index_keys.dtype == torch.float32 and torch.isfinite(fp4_logits).all()
+    incremental = fp4.prefill(ids[:40])[1]
+    for t in ids[40:].tolist():
+        fp4.decode(t, incremental)
+    assert incremental.differences(state) == []
+    assert not torch.equal(fp8_logits, fp4_logits)
