@@ -21,6 +21,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+
 from sparsepd.kernels.sparse_attention import (
     SparseAttnConfig,
     _sparse_attn_fwd,
@@ -127,16 +128,17 @@ def time_config(sets, pool, config) -> float:
 
 
 def variants(T, H, K, num_sms):
-    """Launch variants for the sweep: head blocking, key block, warps, stages, split count."""
-    shapes = {64: [(32, 8, 3), (32, 8, 2), (64, 8, 2)], 32: [(32, 4, 3), (32, 8, 3)],
-              16: [(32, 4, 3), (32, 4, 4), (64, 4, 3)]}
+    """Launch variants for the sweep: head blocking, key block, warps, stages, skip_empty, split count."""
+    shapes = {64: [(32, 8, 3, True), (32, 8, 4, True), (32, 8, 3, False), (64, 8, 2, True), (64, 8, 2, False)],
+              32: [(32, 4, 3, False), (32, 8, 3, True)],
+              16: [(32, 4, 3, False), (32, 4, 4, False), (64, 4, 3, False)]}
     out = []
     for bh, combos in shapes.items():
         if bh > max(16, triton.next_power_of_2(H)):
             continue
         programs = T * triton.cdiv(H, bh)
         splits = [s for s in (1, 2, 4, 8, 16, K // 32) if s == 1 or (programs * s <= 3 * num_sms and s <= K // 32)]
-        out += [SparseAttnConfig(bh, bn, s, w, st) for bn, w, st in combos for s in sorted(set(splits))]
+        out += [SparseAttnConfig(bh, bn, s, w, st, skip) for bn, w, st, skip in combos for s in sorted(set(splits))]
     return out
 
 
@@ -157,7 +159,7 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1):
     check(sets, pool, default, ref)
     t_default = time_config(sets, pool, default)
     best, t_best = default, t_default
-    if ctx["sweep"] and K == 1152:
+    if ctx["sweep"]:
         for config in variants(T, H, K, ctx["sms"]):
             if time.monotonic() > ctx["deadline"]:
                 break
@@ -179,7 +181,8 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1):
 
 
 def fmt_cfg(c: SparseAttnConfig) -> str:
-    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}"
+    skip = "/skip" if c.skip_empty else ""
+    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}"
 
 
 def print_table(rows, rate, header=True):
@@ -214,11 +217,26 @@ def print_resources():
                 print(f"  (no report: {err})")
 
 
+def profile(T, H, K, configs) -> None:
+    """One call per config on fresh inputs, for a profiler to capture (e.g. ncu -k regex:_sparse_attn_fwd)."""
+    props = torch.cuda.get_device_properties(0)
+    pool = torch.randn(8 * props.L2_cache_size // (2 * D), D, device="cuda", dtype=torch.bfloat16)
+    q, idx, sink, out, lse = make_sets(T, H, K, pool, 0)[0]
+    for config in configs:
+        sparse_attn(q, pool, idx, sink, D ** -0.5, out, lse, config=config)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch variants")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
+    parser.add_argument("--profile", type=int, nargs=3, metavar=("T", "H", "K"),
+                        help="only run the 64-head configs once each at this shape (for a profiler)")
     args = parser.parse_args()
+    if args.profile:
+        profile(*args.profile, [SparseAttnConfig(64, 32, 1, 8, 3, True), SparseAttnConfig(64, 32, 1, 8, 3, False)])
+        return
     props = torch.cuda.get_device_properties(0)
     bw, rate = copy_bandwidth(), matmul_rate()
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; "

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from sparsepd.kernels.device import Backend, pick_backend
 
 _LOG2E = 1.4426950408889634
@@ -55,6 +56,7 @@ class SparseAttnConfig:
     num_splits: int  # key splits per (token, head block); > 1 adds the merge kernel
     num_warps: int
     num_stages: int
+    skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
 
 
 def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnConfig:
@@ -73,11 +75,18 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnCo
     num_splits = 1
     if programs < num_sms:
         num_splits = max(1, min(triton.cdiv(num_sms, programs), triton.cdiv(K, 64)))
-    return SparseAttnConfig(block_h, 32, num_splits, num_warps, num_stages)
+    return SparseAttnConfig(block_h, 32, num_splits, num_warps, num_stages, skip_empty=block_h == 64)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
+
+
+@triton.jit
+def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
+    """exp2 weights of one key block (cast for the PV dot), the rescale of the old sums, the row sums."""
+    p = tl.exp2(s - m_use[:, None])
+    return tl.exp2(m_i - m_use), p.to(dtype), tl.sum(p, 1)
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
@@ -87,7 +96,7 @@ def _sparse_attn_fwd(
     stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    IDX_SEG: tl.constexpr, IEEE_DOT: tl.constexpr,
+    IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -130,15 +139,25 @@ def _sparse_attn_fwd(
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # [BLOCK_H, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(rows.dtype), rows, input_precision="ieee")
+        if SKIP_EMPTY:
+            # A block without a valid key skips the exponentials. Being a data-dependent branch, it
+            # also hides from Triton that S feeds the second dot, so S is laid over both warpgroups
+            # ([4, 2] warps) instead of being computed twice ([8, 1]: 64 rows cannot fill 2 × 64).
+            if tl.max(valid.to(tl.int32), 0) > 0:
+                alpha, p, l_blk = _block_softmax(s, m_i, m_use, rows.dtype)
+            else:
+                alpha = tl.full([BLOCK_H], 1.0, tl.float32)
+                p = tl.zeros([BLOCK_H, BLOCK_N], rows.dtype)
+                l_blk = tl.zeros([BLOCK_H], tl.float32)
         else:
-            pv = tl.dot(p.to(rows.dtype), rows)
-        acc = acc * alpha[:, None] + pv
+            alpha, p, l_blk = _block_softmax(s, m_i, m_use, rows.dtype)
+        l_i = l_i * alpha + l_blk
         m_i = m_new
+        if IEEE_DOT:
+            pv = tl.dot(p, rows, input_precision="ieee")
+        else:
+            pv = tl.dot(p, rows)
+        acc = acc * alpha[:, None] + pv
 
     empty = l_i == 0.0  # l ≥ 1 as soon as one key is valid
     l_safe = tl.where(empty, 1.0, l_i)
@@ -338,7 +357,8 @@ def sparse_attn(
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
         D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, IEEE_DOT=q.dtype == torch.float32,
+        IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
+        IEEE_DOT=q.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

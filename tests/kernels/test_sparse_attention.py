@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+
 from sparsepd.kernels.sparse_attention import (
     SparseAttnConfig,
     default_config,
@@ -85,6 +86,7 @@ CPU_CASES = [
     (3, 20, 64, 70, torch.float16, SparseAttnConfig(16, 16, 3, 4, 2)),  # split keys, merged by LSE
     (4, 33, 32, 50, torch.float32, SparseAttnConfig(32, 16, 2, 4, 2)),
     (1, 16, 32, 1, torch.float32, None),  # K = 1
+    (3, 20, 64, 70, torch.float16, SparseAttnConfig(16, 32, 2, 4, 2, skip_empty=False)),
 ]
 GPU_CASES = [
     (1, 16, 512, 1152, torch.bfloat16, None),
@@ -98,6 +100,12 @@ GPU_CASES = [
     (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 32, 1, 4, 4)),
     (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(32, 32, 5, 8, 3)),
     (9, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 16, 7, 8, 4)),
+    (40, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 32, 1, 8, 3, skip_empty=False)),
+    (40, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 32, 2, 8, 4, skip_empty=True)),
+    (17, 128, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 64, 1, 8, 2, skip_empty=True)),
+    (17, 128, 512, 1152, torch.bfloat16, SparseAttnConfig(64, 64, 3, 8, 2, skip_empty=False)),
+    (17, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 64, 1, 4, 3, skip_empty=False)),
+    (17, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(32, 32, 2, 8, 3, skip_empty=True)),
     (33, 128, 512, 1152, torch.float16, None),
     (7, 64, 512, 300, torch.float32, SparseAttnConfig(16, 16, 1, 4, 2)),
 ]
@@ -138,8 +146,8 @@ def test_sparse_attn_no_valid_key_anywhere(device):
         assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_sparse_attn_padding_at_the_ends(device, splits):
+@pytest.mark.parametrize("splits, skip_empty", [(1, True), (4, True), (4, False)])
+def test_sparse_attn_padding_at_the_ends(device, splits, skip_empty):
     """Leading and trailing padding: whole splits without a key, a last key at the very end."""
     T, H, D, K = 4, 16, 32, 96
     q, kv, idx, sink = make_inputs(8, T, H, D, K, torch.float32, device, pad_frac=0.0)
@@ -148,7 +156,8 @@ def test_sparse_attn_padding_at_the_ends(device, splits):
     idx[2, :40] = -1  # keys only at the end
     idx[3, 30:70] = -1  # a hole in the middle
     out, lse = poisoned(q, H)
-    sparse_attn(q, kv, idx, sink, 0.2, out, lse, backend="triton", config=SparseAttnConfig(16, 16, splits, 4, 2))
+    config = SparseAttnConfig(16, 16, splits, 4, 2, skip_empty)
+    sparse_attn(q, kv, idx, sink, 0.2, out, lse, backend="triton", config=config)
     ref_out, ref_lse = fp64_reference(q, kv, idx, sink, 0.2)
     assert_close(out, lse, ref_out, ref_lse, torch.float32, f"padding at the ends, {splits} splits")
 
@@ -279,8 +288,8 @@ def test_bad_inputs_are_rejected(change, error):
         sparse_attn(**args, backend="reference")
 
 
-def test_triton_path_rejects_unsupported_layouts():
-    q, kv, idx, sink = make_inputs(25, 2, 4, 16, 10, torch.float32, "cpu")
+def test_triton_path_rejects_unsupported_layouts(device):
+    q, kv, idx, sink = make_inputs(25, 2, 4, 16, 10, torch.float32, device)
     with pytest.raises(ValueError, match="contiguous in its last dim"):
         sparse_attn(q, kv.t().contiguous().t(), idx, sink, 0.25, backend="triton")
     with pytest.raises(ValueError, match="16 <= D <= 512"):
