@@ -121,8 +121,8 @@ def _quantize_rows(
 @triton.jit
 def _score_kernel(
     q_ptr, q_scale_ptr, w_ptr, cache_ptr, cache_f32_ptr, page_table_ptr, seq_ids_ptr, visible_ptr, scores_ptr,
-    H, n_entries, entries_per_prog, pt_stride,
-    ROWS_PER_PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+    H, n_entries, entries_per_prog, pt_stride, rows_per_page,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
     FNUZ: tl.constexpr, DOT_FP8: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -148,8 +148,8 @@ def _score_kernel(
         for e0 in range(e_begin, vis_end, BLOCK_E):
             e = e0 + offs_e
             m = e < vis_end
-            page = tl.load(page_row + e // ROWS_PER_PAGE, mask=m, other=0)
-            row = page.to(tl.int64) * ROWS_PER_PAGE + e % ROWS_PER_PAGE
+            page = tl.load(page_row + e // rows_per_page, mask=m, other=0)
+            row = page.to(tl.int64) * rows_per_page + e % rows_per_page
             kb = tl.load(cache_ptr + row[:, None] * 144 + offs_d[None, :], mask=m[:, None], other=0)
             k_scale = tl.load(cache_f32_ptr + row * 36 + 32, mask=m, other=0.0)
             kb = kb.to(tl.float8e4b8, bitcast=True) if FNUZ else kb.to(tl.float8e4nv, bitcast=True)
@@ -442,8 +442,8 @@ def indexer_scores(
     per_prog = max(config.block_e, triton.cdiv(triton.cdiv(E, chunks), config.block_e) * config.block_e)
     _score_kernel[(triton.cdiv(E, per_prog), T)](
         q.view(torch.uint8), q_scale, weights, cache, cache.view(torch.float32), page_table, seq_ids, visible,
-        scores, H, E, per_prog, page_table.stride(0),
-        ROWS_PER_PAGE=R, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_E=config.block_e,
+        scores, H, E, per_prog, page_table.stride(0), R,  # R at run time: any page size, one compile
+        BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_E=config.block_e,
         FNUZ=q.dtype == torch.float8_e4m3fnuz, DOT_FP8=_fp8_dot_supported(q.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
