@@ -10,23 +10,27 @@ For token t, head h and the valid keys j of `indices[t]` (row ids into `kv`; K =
 counts as many times as it appears. Indices ≥ R are a caller error: the reference raises, the Triton
 kernel skips them rather than read out of bounds.
 
-`merge_attn` combines two results of `sparse_attn` over disjoint key sets (each computed with the same
-sink) into the result over their union, the sink counted once:
-
-    out = (out_a (Z_a + S) + out_b (Z_b + S)) / (Z_a + Z_b + S),  Z = e^{lse}, S = e^{attn_sink},
-    lse = log(Z_a + Z_b).
+`merge_attn` (kernels/attn_merge.py, re-exported here) combines two results of `sparse_attn` over
+disjoint key sets into the result over their union, the sink counted once.
 
 Kernel: one program per (token, block of BLOCK_H heads, key split). It holds the q tile [BLOCK_H, D],
-gathers BLOCK_N rows of `kv` per step (the loads are pipelined, num_stages deep) and runs an online
-softmax in the exp2 domain with fp32 accumulators; every gathered row serves all heads of the block
-(MQA), so with BLOCK_H = H each row is read once per token. When T · H/BLOCK_H programs cannot fill
-the GPU (small decode batches), the keys are split across programs that write fp32 partials
-normalised by their own sum, and a second kernel merges them by LSE and applies the sink once.
+gathers BLOCK_N rows of `kv` per step (cp.async, num_stages deep) and runs an online softmax in the exp2
+domain with fp32 accumulators; every gathered row serves all heads of the block (MQA). When the
+programs cannot fill the GPU (small decode batches), the keys are split across programs that write
+fp32 partials normalised by their own sum, and a second kernel merges them by LSE and applies the sink
+once. `default_config` is the launch table (measured on H100, bench/RESULTS.md).
 
-Supported: q/kv in bf16, fp16 or fp32 (same dtype), 16 ≤ D ≤ 512 on Triton (any D in the reference),
-any H (blocks are masked), any K. bf16 dots are not supported by the Triton interpreter: CPU tests use
-fp16/fp32. Portability: plain Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering
-needs it, also when H = 16); the fp32 path asks for IEEE dots (tf32 would cost ~3e-4 of accuracy).
+Supported: q/kv in bf16, fp16 or fp32 (same dtype); on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
+reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
+bf16 dots are not supported by the Triton interpreter: CPU tests use fp16/fp32. Portability: plain
+Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering needs it, also when H = 16);
+the fp32 path asks for IEEE dots (tf32 would cost ~3e-4 of accuracy); on ROCm the 64-head tile drops
+to 2 stages (MI355X has 160 KiB of LDS).
+
+Known limits (H100): large decode batches reach ~65% of the byte floor at H = 64 and ~37% at H = 128:
+one 8-warp CTA per SM (245 regs/thread), whose 32-key step is a serial chain (S wgmma, softmax, P
+through shared memory, PV wgmma) of ~2.3 µs. T = 1 costs ~9-12 µs: two launches and two dependent
+DRAM round trips (indices, then rows), against a byte floor under 0.5 µs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_attn_ref
 from sparsepd.kernels.device import Backend, pick_backend
+
+__all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -60,22 +67,27 @@ class SparseAttnConfig:
 
 
 def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnConfig:
-    """The launch table: heads blocked by up to 64 (fp32 acc [64, 512] = 128 regs/thread at 8 warps),
-    keys split only when T · H/block_h programs leave SMs idle.
+    """The launch table, set from a sweep of ~1000 variants on H100 (bench/RESULTS.md): within 1.13×
+    of the best variant at every benchmarked decode and prefill shape, and equal to it at most.
 
-    Register/shared use at D = 512 (ptxas for sm_90): h64/n32/w8/st3: 255 regs, 16 B spill, 160 KiB;
-    h16/n32/w4/st4: 194 regs, 113 KiB. MI355X has 160 KiB of LDS: there h64 drops to 2 stages.
+    - 16-head blocks while T · H/16 programs fit in one wave (small decode batches: each row is then
+      read H/16 times, all but once from L2), else 64-head blocks (each row read once per 64 heads; fp32
+      acc [64, 512] = 128 regs/thread at 8 warps, so one CTA per SM).
+    - Keys split to fill the SMs: num_sms // programs splits, or all the way down to 32-key splits
+      when that is at most twice as many (T = 1).
+    - 64-key steps for an unsplit 16-head launch of one wave (more bytes in flight per CTA), else 32.
+    Registers/shared memory per CTA at D = 512 (H100): h16/n32/st3 190 regs, 83 KiB (two CTAs per SM);
+    h16/n64/st3 254, 150 KiB; h64/n32/st3 245, 172 KiB. MI355X (160 KiB of LDS): h64 uses 2 stages.
     """
-    block_h = 16 if H <= 16 else 32 if H <= 32 else 64
-    num_warps = 4 if block_h == 16 else 8
-    num_stages = {16: 4, 32: 3, 64: 3}[block_h]
-    if torch.version.hip and block_h == 64:
-        num_stages = 2
+    block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(64, triton.next_power_of_2(H))
     programs = T * triton.cdiv(H, block_h)
-    num_splits = 1
-    if programs < num_sms:
-        num_splits = max(1, min(triton.cdiv(num_sms, programs), triton.cdiv(K, 64)))
-    return SparseAttnConfig(block_h, 32, num_splits, num_warps, num_stages, skip_empty=block_h == 64)
+    most_splits = triton.cdiv(K, 32)
+    target = max(1, num_sms // programs)
+    num_splits = most_splits if 2 * target >= most_splits else target
+    block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
+    num_stages = 2 if torch.version.hip and block_h == 64 else 3
+    return SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
+                            num_stages=num_stages, skip_empty=block_h == 64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,39 +227,6 @@ def _merge_splits(
     tl.store(lse_ptr + t * H + h, tl.where(mx == float("-inf"), float("-inf"), lse2 * LN2), mask=dc == 0)
 
 
-@triton.jit
-def _merge_attn_kernel(
-    oa_ptr, la_ptr, ob_ptr, lb_ptr, sink_ptr, out_ptr, lse_ptr,
-    H, stride_at, stride_ah, stride_bt, stride_bh, stride_ot, stride_oh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < H
-    mask = mask_h[:, None] & (offs_d < D)[None, :]
-    la = tl.load(la_ptr + t * H + offs_h, mask=mask_h, other=float("-inf"))
-    lb = tl.load(lb_ptr + t * H + offs_h, mask=mask_h, other=float("-inf"))
-    sink = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0)
-    top = tl.maximum(tl.maximum(la, lb), sink)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    za = tl.exp(la - top)
-    zb = tl.exp(lb - top)
-    zs = tl.exp(sink - top)
-    den = za + zb + zs
-    inv = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
-    oa = tl.load(oa_ptr + t * stride_at + offs_h[:, None] * stride_ah + offs_d[None, :], mask=mask, other=0.0)
-    ob = tl.load(ob_ptr + t * stride_bt + offs_h[:, None] * stride_bh + offs_d[None, :], mask=mask, other=0.0)
-    o = oa.to(tl.float32) * ((za + zs) * inv)[:, None] + ob.to(tl.float32) * ((zb + zs) * inv)[:, None]
-    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=mask)
-    mx = tl.maximum(la, lb)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.exp(la - mx_safe) + tl.exp(lb - mx_safe)
-    lse = mx_safe + tl.log(tl.where(total == 0.0, 1.0, total))
-    tl.store(lse_ptr + t * H + offs_h, tl.where(mx == float("-inf"), float("-inf"), lse), mask=mask_h)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Checks shared by the wrappers and the references
 
@@ -276,21 +255,8 @@ def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtype
     devices = {x.device for x in (q, kv, indices, attn_sink)}
     if len(devices) != 1:
         raise ValueError(f"q, kv, indices and attn_sink must be on one device, got {sorted(map(str, devices))}")
-    _check_out("out", out, (T, H, D), q.dtype, q.device)
-    _check_out("lse", lse, (T, H), _lse_dtype(q.dtype), q.device)
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """lse is fp32, except fp64 for the fp64 reference computations of the tests."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_out(name, x, shape, dtype, device) -> None:
-    if x is None:
-        return
-    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device:
-        raise ValueError(f"{name} must be {list(shape)} {dtype} on {device}, "
-                         f"got {list(x.shape)} {x.dtype} on {x.device}")
+    check_out("out", out, (T, H, D), q.dtype, q.device)
+    check_out("lse", lse, (T, H), lse_dtype(q.dtype), q.device)
 
 
 def _check_triton_layout(q, kv, indices, attn_sink, out, lse) -> None:
@@ -416,94 +382,5 @@ def sparse_attn_ref(
         m = s_max.masked_fill(s_max == float("-inf"), 0.0)
         lse_all[t0:t0 + chunk] = (m + torch.exp(s - m).sum(-1, keepdim=True).log()).squeeze(-1)
     out = o_all.to(q.dtype) if out is None else out.copy_(o_all)
-    lse = lse_all.to(_lse_dtype(q.dtype)) if lse is None else lse.copy_(lse_all)
-    return out, lse
-
-
-# ----------------------------------------------------------------------------------------------------
-# merge_attn
-
-
-def _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse) -> None:
-    for name, x, dim in (("out_a", out_a, 3), ("lse_a", lse_a, 2), ("out_b", out_b, 3), ("lse_b", lse_b, 2),
-                         ("attn_sink", attn_sink, 1)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != dim:
-            raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
-    T, H, D = out_a.shape
-    for name, x, shape in (("out_b", out_b, (T, H, D)), ("lse_a", lse_a, (T, H)), ("lse_b", lse_b, (T, H)),
-                           ("attn_sink", attn_sink, (H,))):
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)} to match out_a, got {list(x.shape)}")
-    if out_b.dtype != out_a.dtype or not out_a.dtype.is_floating_point:
-        raise TypeError(f"out_a and out_b must share a float dtype, got {out_a.dtype} and {out_b.dtype}")
-    for name, x in (("lse_a", lse_a), ("lse_b", lse_b), ("attn_sink", attn_sink)):
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be float32, got {x.dtype}")
-    devices = {x.device for x in (out_a, lse_a, out_b, lse_b, attn_sink)}
-    if len(devices) != 1:
-        raise ValueError(f"merge_attn inputs must be on one device, got {sorted(map(str, devices))}")
-    _check_out("out", out, (T, H, D), out_a.dtype, out_a.device)
-    _check_out("lse", lse, (T, H), _lse_dtype(out_a.dtype), out_a.device)
-
-
-def merge_attn(
-    out_a: torch.Tensor,  # [T, H, D], from sparse_attn over key set A
-    lse_a: torch.Tensor,  # [T, H] fp32
-    out_b: torch.Tensor,  # [T, H, D], over key set B (disjoint from A), same sink
-    lse_b: torch.Tensor,  # [T, H] fp32
-    attn_sink: torch.Tensor,  # [H] fp32
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    *,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two sink-included partial results into the result over A ∪ B (sink counted once)."""
-    _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
-    if pick_backend(backend, out_a, lse_a, out_b, lse_b, attn_sink) == "reference":
-        return merge_attn_ref(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
-    T, H, D = out_a.shape
-    for name, x in (("out_a", out_a), ("out_b", out_b), ("out", out)):
-        if x is not None and x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim, got strides {x.stride()}")
-    for name, x in (("lse_a", lse_a), ("lse_b", lse_b), ("attn_sink", attn_sink), ("lse", lse)):
-        if x is not None and (x.dtype != torch.float32 or not x.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous float32, got {x.dtype} strides {x.stride()}")
-    out = torch.empty_like(out_a) if out is None else out
-    lse = torch.empty_like(lse_a) if lse is None else lse
-    if T == 0:
-        return out, lse
-    block_d = triton.next_power_of_2(D)
-    block_h = max(1, min(16, 4096 // block_d))
-    _merge_attn_kernel[(T, triton.cdiv(H, block_h))](
-        out_a, lse_a, out_b, lse_b, attn_sink, out, lse,
-        H, out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1),
-        D=D, BLOCK_D=block_d, BLOCK_H=block_h, num_warps=4,
-    )
-    return out, lse
-
-
-def merge_attn_ref(
-    out_a: torch.Tensor,
-    lse_a: torch.Tensor,
-    out_b: torch.Tensor,
-    lse_b: torch.Tensor,
-    attn_sink: torch.Tensor,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch merge in fp32 (fp64 for fp64 inputs)."""
-    _check_merge_inputs(out_a, lse_a, out_b, lse_b, attn_sink, out, lse)
-    ct = torch.float64 if out_a.dtype == torch.float64 else torch.float32
-    la, lb, sink = lse_a.to(ct), lse_b.to(ct), attn_sink.to(ct)[None, :]
-    top = torch.maximum(torch.maximum(la, lb), sink)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    za, zb, zs = torch.exp(la - top), torch.exp(lb - top), torch.exp(sink - top)
-    den = za + zb + zs
-    o = (out_a.to(ct) * (za + zs)[..., None] + out_b.to(ct) * (zb + zs)[..., None]) / den[..., None]
-    o = torch.where(den[..., None] == 0, 0.0, o)
-    merged = torch.logaddexp(la, lb)
-    out = o.to(out_a.dtype) if out is None else out.copy_(o)
-    lse = merged.to(_lse_dtype(out_a.dtype)) if lse is None else lse.copy_(merged)
+    lse = lse_all.to(lse_dtype(q.dtype)) if lse is None else lse.copy_(lse_all)
     return out, lse
