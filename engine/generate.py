@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, finish_reason
 from sparsepd.model.transformer import Transformer
 

@@ -60,10 +60,14 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, start: int, ring: CompressorRing, freqs: torch.Tensor) -> torch.Tensor:
         """Project x `[n, dim]` (positions start…start+n−1), commit the entries whose block ends in this
         chunk and advance the ring. Returns the new entries `[m, head_dim]` (m ≥ 0) in entry order."""
-        n, ratio, size = x.shape[0], self.ratio, self.state_size
-        device = x.device
+        return self.commit(*self.project(x), start, ring, freqs)
+
+    def commit(self, kv: torch.Tensor, score: torch.Tensor, start: int, ring: CompressorRing,
+               freqs: torch.Tensor) -> torch.Tensor:
+        """`forward` from projected rows (kv, score) `[n, coff*d]` of positions start…start+n−1."""
+        n, ratio, size = kv.shape[0], self.ratio, self.state_size
+        device = kv.device
         positions = torch.arange(start, start + n, device=device)
-        kv, score = self.project(x)
         score = score + self.ape[positions % ratio]
         # Rows for positions start−size … start+n−1: the ring's older positions, then this chunk.
         old = torch.arange(start - size, start, device=device)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from sparsepd.engine.sampling import Sampler, SamplingParams, filter_probs, finish_reason
 
 

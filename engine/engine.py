@@ -1,0 +1,57 @@
+"""The colocated engine: one process holding the model, the pools, the runner and the scheduler.
+
+`Engine.generate(prompts, params)` runs requests to completion with continuous batching and chunked
+prefill; `submit`/`step`/`abort` drive it incrementally. The prefill and decode workers use the same parts
+(pools, runner, scheduler, state export/import) split across two processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
+from sparsepd.engine.request import Request, StepOutput
+from sparsepd.engine.runner import Runner
+from sparsepd.engine.sampling import Sampler, SamplingParams
+from sparsepd.engine.scheduler import Scheduler
+from sparsepd.model.transformer import Transformer
+
+
+class Engine:
+    def __init__(self, model: Transformer, pool_config: PoolConfig | None = None):
+        pool_config = pool_config or PoolConfig(num_pages=256)
+        self.model = model
+        self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
+        self.scheduler = Scheduler(Runner(model, self.pools))
+        self._ids = itertools.count()
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
+                       Sampler(params, self.model.cfg.vocab_size))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        request = self.make_request(prompt_ids, params, request_id)
+        self.scheduler.add(request)
+        return request
+
+    def step(self) -> list[StepOutput]:
+        return self.scheduler.step()
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run every prompt to completion; requests come back in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        requests = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        self.scheduler.run_to_completion()
+        return requests
+
+    def is_idle_and_empty(self) -> bool:
+        """No request holds anything: every page and slot is free."""
+        return (not self.scheduler.has_work and self.pools.pages.num_used == 0 and self.pools.slots.num_used == 0)

@@ -1,0 +1,77 @@
+"""The engine's `AttentionCache`: keys of a ragged batch in the paged pools, through the kernels.
+
+Per layer and forward: the new KV latents go to the scratch rows; compressed layers run the fused
+compressor over the batch's compress plan (entries straight into the paged cache) and then the ring
+writes; CSA layers also compress indexer keys into the FP8 indexer cache and pick each token's top-k with
+`indexer_topk`; HCA layers take every visible entry. Sparse attention then reads window rows and
+compressed rows from the layer's one buffer, and the SWA rings take each request's last `window` latents.
+Everything index-like comes from the `ForwardBatch` built once per forward; a layer does no host work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsepd.engine.batch import ForwardBatch, RatioMeta
+from sparsepd.engine.pools import KVPools
+from sparsepd.kernels.indexer import indexer_topk, quantize_rows_fp8
+from sparsepd.kernels.sparse_attention import sparse_attn
+from sparsepd.model.attention import Attention
+from sparsepd.model.compressor import Compressor
+from sparsepd.model.state import CompressorRing
+
+
+class PagedCache:
+    def __init__(self, batch: ForwardBatch, pools: KVPools):
+        self.batch, self.pools = batch, pools
+
+    def attend(self, attn: Attention, layer_id: int, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor,
+               kv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, pools = self.batch, self.pools
+        buf = pools.kv[layer_id]
+        buf[: batch.num_tokens] = kv  # scratch rows
+        index_rows = [batch.window_rows]
+        if attn.ratio:
+            meta = batch.ratios[attn.ratio]
+            rings = pools.rings[layer_id]
+            self._compress(attn.compressor, x, meta, rings, pools.compressed_view(layer_id), attn, fp8_rows=False)
+            if attn.indexer is None:
+                index_rows.append(meta.hca_rows)
+            else:
+                index_rows.append(self._select(attn, layer_id, x, qr, cos, sin, meta))
+        indices = torch.cat(index_rows, dim=1)
+        o, _ = sparse_attn(q, buf, indices, attn.attn_sink, attn.cfg.softmax_scale)
+        buf[batch.swa_dst] = kv[batch.swa_src]
+        return o
+
+    def _compress(self, compressor: Compressor, x: torch.Tensor, meta: RatioMeta, rings, cache: torch.Tensor,
+                  attn: Attention, fp8_rows: bool) -> None:
+        """Commit this forward's entries into the paged cache and advance each request's rings.
+
+        One request at a time through the model's compressor (the reference path)."""
+        kv_rows, score_rows = compressor.project(x)
+        flat = cache.view(-1, cache.shape[-1])  # [num_pages * rows_per_page, row]
+        rpp, ratio = meta.rows_per_page, compressor.ratio
+        for b, chunk in enumerate(self.batch.chunks):
+            lo, hi = int(self.batch.cu_seqlens[b]), int(self.batch.cu_seqlens[b + 1])
+            ring = CompressorRing(rings[0][chunk.slot], rings[1][chunk.slot])
+            entries = compressor.commit(kv_rows[lo:hi], score_rows[lo:hi], chunk.start, ring, attn.freqs)
+            if entries.shape[0]:
+                first = (chunk.start + ratio) // ratio - 1  # first entry committed by this chunk
+                e = torch.arange(first, first + entries.shape[0])
+                pages = torch.tensor(chunk.page_table, dtype=torch.int64)[e // rpp]
+                flat[(pages * rpp + e % rpp).to(flat.device)] = entries.to(flat.dtype)
+
+    def _select(self, attn: Attention, layer_id: int, x, qr, cos, sin, meta: RatioMeta) -> torch.Tensor:
+        """Rows of each token's top-k compressed entries (CSA), −1 padded."""
+        indexer, pools, batch = attn.indexer, self.pools, self.batch
+        cache = pools.index_cache[layer_id]
+        self._compress(indexer.compressor, x, meta, pools.index_rings[layer_id], cache, attn, fp8_rows=True)
+        q = indexer.rotated_q(qr, cos, sin)  # [T, Hi, 128] fp32
+        q8, q_scale = quantize_rows_fp8(q, "ue8m0")  # [T, Hi, 128] fp8, [T, Hi]
+        top = indexer_topk(q8, q_scale, indexer.head_weights(x), cache,
+                           batch.page_table, batch.seq_ids, meta.visible, indexer.topk)  # [T, k] entry positions
+        rpp = meta.rows_per_page
+        pages = batch.page_table[batch.seq_ids.long()].gather(1, torch.clamp(top, min=0).long() // rpp)
+        rows = pools.geometry.compressed_base + pages.long() * rpp + torch.clamp(top, min=0).long() % rpp
+        return torch.where(top >= 0, rows, -1).to(torch.int32)

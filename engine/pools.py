@@ -1,0 +1,193 @@
+"""Memory pools of one worker (DESIGN.md §4): paged compressed caches, per-request slots, allocators.
+
+A page holds `page_size` original tokens (the lcm of the compress ratios): per CSA layer `page_size/4`
+compressed KV rows and as many indexer rows, per HCA layer `page_size/ratio` rows. One page table per
+request serves every layer. A slot holds a request's sliding-window rings and compressor rings.
+
+Per layer, attention reads one unified row buffer `kv[layer]` `[rows, head_dim]`:
+
+    [ scratch: max_batch_tokens | SWA rings: num_slots·window | compressed rows: num_pages·page_size/ratio ]
+
+The scratch rows hold the current forward's new KV latents, so a prefill chunk longer than the window
+still sees every key; sparse attention addresses all three regions by row index. The first two regions
+have the same size in every layer, so one set of row indices (built once per forward) serves all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparsepd.model.config import ModelConfig
+
+INDEX_ROW_BYTES = 144  # 128 FP8 values + fp32 scale + padding (kernels/indexer.py)
+
+
+class OutOfCapacity(RuntimeError):
+    """A request does not fit the pools now (or ever): the service answers RESOURCE_EXHAUSTED."""
+
+
+class PoolConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_slots: int = Field(16, ge=1, description="requests that can hold state at once")
+    max_batch_tokens: int = Field(512, ge=1, description="tokens of one forward (scratch rows)")
+    num_pages: int | None = Field(None, ge=1, description="pages; when None, sized from kv_memory_bytes")
+    kv_memory_bytes: int | None = Field(None, ge=1, description="budget for pages + slots + scratch")
+    gpu_memory_fraction: float = Field(0.5, gt=0.0, le=0.95, description="of free GPU memory, when no budget")
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Every size of the pools, derived from the model config and the pool config."""
+
+    num_slots: int
+    num_pages: int
+    page_size: int
+    window: int
+    max_batch_tokens: int
+    ratios: tuple[int, ...]  # per layer
+
+    def rows_per_page(self, ratio: int) -> int:
+        return self.page_size // ratio if ratio else 0
+
+    @property
+    def ring_base(self) -> int:
+        return self.max_batch_tokens
+
+    @property
+    def compressed_base(self) -> int:
+        return self.max_batch_tokens + self.num_slots * self.window
+
+    def layer_rows(self, ratio: int) -> int:
+        return self.compressed_base + self.num_pages * self.rows_per_page(ratio)
+
+
+def bytes_per_page(cfg: ModelConfig) -> int:
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    total = 0
+    for ratio in cfg.compress_ratios:
+        if ratio:
+            total += cfg.page_size // ratio * cfg.head_dim * s
+        if ratio == 4:
+            total += cfg.page_size // 4 * INDEX_ROW_BYTES
+    return total
+
+
+def bytes_per_slot(cfg: ModelConfig) -> int:
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += cfg.window * cfg.head_dim * s
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            total += 2 * coff * ratio * coff * cfg.head_dim * 4
+        if ratio == 4:
+            total += 2 * 8 * 2 * cfg.index_head_dim * 4
+    return total
+
+
+def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> PoolGeometry:
+    """Choose the page count: given, or what the memory budget leaves after slots and scratch."""
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    fixed = pool.num_slots * bytes_per_slot(cfg) + cfg.n_layers * pool.max_batch_tokens * cfg.head_dim * s
+    num_pages = pool.num_pages
+    if num_pages is None:
+        budget = pool.kv_memory_bytes
+        if budget is None:
+            if device.type != "cuda":
+                raise ValueError("on the CPU give num_pages or kv_memory_bytes (no free-memory query)")
+            budget = int(torch.cuda.mem_get_info(device)[0] * pool.gpu_memory_fraction)
+        num_pages = (budget - fixed) // max(bytes_per_page(cfg), 1)
+        if num_pages < 1:
+            raise ValueError(f"a memory budget of {budget} bytes leaves no page: slots and scratch need {fixed}, "
+                             f"a page {bytes_per_page(cfg)}")
+    return PoolGeometry(pool.num_slots, int(num_pages), cfg.page_size, cfg.window, pool.max_batch_tokens,
+                        cfg.compress_ratios)
+
+
+class IdAllocator:
+    """Free-list allocator of integer ids (pages or slots) with used/free counters."""
+
+    def __init__(self, capacity: int, what: str):
+        self.capacity, self.what = capacity, what
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.capacity:
+            raise OutOfCapacity(f"needs {n} {self.what}, the pool has {self.capacity} in all")
+        if n > len(self._free):
+            raise OutOfCapacity(f"needs {n} {self.what}, {len(self._free)} of {self.capacity} are free")
+        ids = [self._free.pop() for _ in range(n)]
+        self._used.update(ids)
+        return ids
+
+    def free(self, ids: list[int]) -> None:
+        bad = [i for i in ids if i not in self._used]
+        if bad:
+            raise ValueError(f"freeing {self.what} {bad} that are not allocated (double free?)")
+        self._used.difference_update(ids)
+        self._free.extend(reversed(ids))
+
+
+class KVPools:
+    """The tensors of DESIGN.md §4 for every layer, allocated once."""
+
+    def __init__(self, cfg: ModelConfig, geometry: PoolGeometry, device: torch.device | str):
+        self.cfg, self.geometry, self.device = cfg, geometry, torch.device(device)
+        dtype = getattr(torch, cfg.dtype)
+        g = geometry
+        self.kv = [torch.zeros(g.layer_rows(r), cfg.head_dim, dtype=dtype, device=self.device) for r in g.ratios]
+        self.index_cache = [
+            torch.zeros(g.num_pages, g.rows_per_page(4), INDEX_ROW_BYTES, dtype=torch.uint8, device=self.device)
+            if r == 4 else None for r in g.ratios]
+        self.rings = [self._rings(r, cfg.head_dim) if r else None for r in g.ratios]
+        self.index_rings = [self._rings(4, cfg.index_head_dim) if r == 4 else None for r in g.ratios]
+        self.pages = IdAllocator(g.num_pages, "pages")
+        self.slots = IdAllocator(g.num_slots, "slots")
+
+    def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        coff = 2 if ratio == 4 else 1
+        shape = (self.geometry.num_slots, coff * ratio, coff * d)
+        return (torch.zeros(shape, dtype=torch.float32, device=self.device),
+                torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device))
+
+    def compressed_view(self, layer_id: int) -> torch.Tensor:
+        """The compressed rows of a CSA/HCA layer as pages `[num_pages, rows_per_page, head_dim]`."""
+        g, ratio = self.geometry, self.geometry.ratios[layer_id]
+        base, rpp = g.compressed_base, g.rows_per_page(ratio)
+        return self.kv[layer_id][base: base + g.num_pages * rpp].view(g.num_pages, rpp, -1)
+
+    def swa_view(self, layer_id: int) -> torch.Tensor:
+        """The sliding-window rings `[num_slots, window, head_dim]`."""
+        g = self.geometry
+        return self.kv[layer_id][g.ring_base: g.compressed_base].view(g.num_slots, g.window, -1)
+
+    def reset_slot(self, slot: int) -> None:
+        """A fresh slot: compressor rings back to kv 0 / score −inf (SWA rows are never read unwritten)."""
+        for rings in (*self.rings, *self.index_rings):
+            if rings is not None:
+                rings[0][slot].zero_()
+                rings[1][slot].fill_(float("-inf"))
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.geometry.page_size)
+
+    def num_bytes(self) -> int:
+        tensors = [*self.kv, *[t for t in self.index_cache if t is not None]]
+        tensors += [t for r in (*self.rings, *self.index_rings) if r is not None for t in r]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,27 @@
+"""The forward-batch runner: one forward of the model over a ragged batch of prefill chunks and decode
+tokens, keys kept in the paged pools. Returns the logits of each request's last token in the batch."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsepd.engine.batch import RequestChunk, build_batch
+from sparsepd.engine.paged_cache import PagedCache
+from sparsepd.engine.pools import KVPools
+from sparsepd.engine.request import Request
+from sparsepd.model.transformer import Transformer
+
+
+class Runner:
+    def __init__(self, model: Transformer, pools: KVPools):
+        if model.cfg != pools.cfg:
+            raise ValueError("the pools were built for another model config")
+        self.model, self.pools = model, pools
+
+    @torch.inference_mode()
+    def forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward."""
+        chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
+        batch = build_batch(chunks, self.pools.geometry, self.pools.device)
+        cache = PagedCache(batch, self.pools)
+        return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows)

@@ -1,0 +1,130 @@
+"""The single-process scheduler: waiting queue, admission by free pages and slots, chunked prefill under a
+token budget, continuous-batching decode, stop conditions, finish and free.
+
+One `step()` is receive → schedule → run → postprocess, as in nano-vllm: admit what fits, give every
+decoding request one token and the rest of the budget to prefill chunks (oldest first), run one forward,
+sample the requests whose known tokens are all computed, and free the finished ones. This is also the
+colocated serving mode that the disaggregated service is compared against.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sparsepd.engine.pools import OutOfCapacity
+from sparsepd.engine.request import Request, StepOutput
+from sparsepd.engine.runner import Runner
+from sparsepd.engine.sampling import finish_reason
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, max_batch_tokens: int | None = None):
+        self.runner, self.pools = runner, runner.pools
+        self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
+        if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
+            raise ValueError(f"max_batch_tokens={self.max_batch_tokens} exceeds the pools' scratch rows "
+                             f"{runner.pools.geometry.max_batch_tokens}")
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # --- receive ---------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request; raise OutOfCapacity if it could never fit, ValueError if it is malformed."""
+        cfg = self.runner.model.cfg
+        if not request.prompt_ids:
+            raise ValueError(f"request {request.request_id}: empty prompt")
+        if request.max_len > cfg.max_seq_len:
+            raise ValueError(f"request {request.request_id}: prompt {len(request.prompt_ids)} + max_new_tokens "
+                             f"{request.params.max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}")
+        if self.pools.pages_for(request.max_len) > self.pools.pages.capacity:
+            raise OutOfCapacity(f"request {request.request_id} needs {self.pools.pages_for(request.max_len)} pages, "
+                                f"the pool has {self.pools.pages.capacity}")
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request wherever it is and free what it holds; False if unknown or already finished."""
+        for r in list(self.waiting):
+            if r.request_id == request_id:
+                self.waiting.remove(r)
+                return True
+        for r in self.running:
+            if r.request_id == request_id:
+                self._release(r)
+                self.running.remove(r)
+                return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- schedule, run, postprocess ---------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        self._admit()
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.forward([(r, tokens) for r, tokens in scheduled])
+        return self._postprocess(scheduled, logits)
+
+    def _admit(self) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            pages = self.pools.pages_for(request.max_len)
+            if not (self.pools.slots.can_allocate(1) and self.pools.pages.can_allocate(pages)):
+                return
+            self.waiting.popleft()
+            self.admit(request)
+
+    def admit(self, request: Request) -> None:
+        """Give a request a slot and pages for all its tokens and make it run (raises OutOfCapacity)."""
+        slot = self.pools.slots.allocate(1)[0]
+        try:
+            request.pages = self.pools.pages.allocate(self.pools.pages_for(request.max_len))
+        except OutOfCapacity:
+            self.pools.slots.free([slot])
+            raise
+        request.slot = slot
+        self.pools.reset_slot(slot)
+        self.running.append(request)
+
+    def _schedule(self) -> list[tuple[Request, list[int]]]:
+        budget = self.max_batch_tokens
+        decoding = [r for r in self.running if not r.prefilling]
+        out = [(r, r.next_tokens(1)) for r in decoding[:budget]]
+        budget -= len(out)
+        for r in self.running:
+            if r.prefilling and budget > 0:
+                tokens = r.next_tokens(budget)
+                out.append((r, tokens))
+                budget -= len(tokens)
+        return out
+
+    def _postprocess(self, scheduled: list[tuple[Request, list[int]]], logits) -> list[StepOutput]:
+        eos = self.runner.model.cfg.eos_id
+        outputs = []
+        for (request, tokens), row in zip(scheduled, logits, strict=True):
+            request.num_computed += len(tokens)
+            if request.num_computed < request.num_known:
+                continue  # a prefill chunk that is not the last one
+            token = request.sampler.sample(row)
+            request.output_ids.append(token)
+            request.finish_reason = finish_reason(token, len(request.output_ids), request.params, eos)
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason))
+            if request.finish_reason is not None:
+                self._release(request)
+        self.running = [r for r in self.running if r.finish_reason is None]
+        return outputs
+
+    def _release(self, request: Request) -> None:
+        if request.slot is not None:
+            self.pools.slots.free([request.slot])
+            request.slot = None
+        if request.pages:
+            self.pools.pages.free(request.pages)
+            request.pages = []
+
+    def run_to_completion(self) -> None:
+        while self.has_work:
+            if not self.step() and not self.running and self.waiting:
+                raise OutOfCapacity("waiting requests cannot be admitted into empty pools")

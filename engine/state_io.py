@@ -1,0 +1,121 @@
+"""A request's complete state out of one engine's pools and into another's (what prefill ships to decode).
+
+Exported per layer: the SWA ring `[window, D]`; for compressed layers the committed pages of the main
+cache `[n_pages, rows_per_page, D]` and the compressor rings `[state_size, coff·D]` (kv, score); for CSA
+layers also the indexer cache pages `[n_pages, rows_per_page, 144]` and the indexer's rings. n_pages =
+⌈position / page_size⌉ (the last page may be partial; uncommitted rows travel too and are never read).
+Plus the position, the tokens generated so far and the sampler's state. Contiguous host tensors (pinned
+when the pools are on a GPU) with a descriptor; nothing here knows about zmq.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from sparsepd.engine.pools import KVPools
+from sparsepd.engine.request import Request
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class StateDescriptor(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    position: int
+    num_pages: int
+    output_ids: tuple[int, ...]
+    sampler_state: bytes
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(_numel(t.shape) * torch.empty(0, dtype=getattr(torch, t.dtype)).element_size() for t in self.tensors)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _views(pools: KVPools, slot: int, pages: list[int]) -> dict[str, tuple[torch.Tensor, object]]:
+    """name → (pool tensor, index) for every piece of a request's state; pool[index] is the piece."""
+    page_ids = torch.tensor(pages, dtype=torch.int64, device=pools.device)
+    out: dict[str, tuple[torch.Tensor, object]] = {}
+    for i, ratio in enumerate(pools.geometry.ratios):
+        out[f"layers.{i}.swa"] = (pools.swa_view(i), slot)
+        if ratio:
+            out[f"layers.{i}.kv_compressed"] = (pools.compressed_view(i), page_ids)
+            out[f"layers.{i}.compressor.kv"] = (pools.rings[i][0], slot)
+            out[f"layers.{i}.compressor.score"] = (pools.rings[i][1], slot)
+        if ratio == 4:
+            out[f"layers.{i}.index_cache"] = (pools.index_cache[i], page_ids)
+            out[f"layers.{i}.indexer.kv"] = (pools.index_rings[i][0], slot)
+            out[f"layers.{i}.indexer.score"] = (pools.index_rings[i][1], slot)
+    return out
+
+
+def export_state(pools: KVPools, request: Request) -> tuple[StateDescriptor, dict[str, torch.Tensor]]:
+    """Copy a request's state out of the pools into contiguous host tensors."""
+    if request.slot is None:
+        raise ValueError(f"request {request.request_id} holds no state (no slot)")
+    num_pages = pools.pages_for(request.num_computed)
+    views = _views(pools, request.slot, request.pages[:num_pages])
+    pin = pools.device.type == "cuda"
+    tensors = {}
+    for name, (pool, index) in views.items():
+        piece = pool[index]
+        host = torch.empty(piece.shape, dtype=piece.dtype, pin_memory=pin)
+        host.copy_(piece, non_blocking=pin)
+        tensors[name] = host
+    if pin:
+        torch.cuda.synchronize(pools.device)
+    specs = tuple(TensorSpec(name=n, dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape))
+                  for n, t in tensors.items())
+    descriptor = StateDescriptor(position=request.num_computed, num_pages=num_pages,
+                                 output_ids=tuple(request.output_ids), sampler_state=request.sampler.get_state(),
+                                 tensors=specs)
+    return descriptor, tensors
+
+
+def expected_specs(pools: KVPools, num_pages: int) -> tuple[TensorSpec, ...]:
+    """The tensors an import of a state with num_pages committed pages must carry, in order."""
+    views = _views(pools, 0, list(range(num_pages)))
+    return tuple(TensorSpec(name=n, dtype=str(p.dtype).removeprefix("torch."),
+                            shape=tuple(p[0].shape) if not isinstance(i, torch.Tensor) else (num_pages, *p.shape[1:]))
+                 for n, (p, i) in views.items())
+
+
+def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a shipped state into the request's reserved slot and pages; raise ValueError on any mismatch."""
+    if request.slot is None or not request.pages:
+        raise ValueError(f"request {request.request_id} has no reserved slot and pages")
+    if descriptor.num_pages > len(request.pages):
+        raise ValueError(f"state has {descriptor.num_pages} pages, the reservation {len(request.pages)}")
+    if descriptor.num_pages != pools.pages_for(descriptor.position):
+        raise ValueError(f"state at position {descriptor.position} must carry {pools.pages_for(descriptor.position)} "
+                         f"pages, not {descriptor.num_pages}")
+    want = expected_specs(pools, descriptor.num_pages)
+    if descriptor.tensors != want:
+        raise ValueError("state tensors do not match this engine: "
+                         f"{sorted({t.name for t in want} ^ {t.name for t in descriptor.tensors}) or 'shape/dtype'}")
+    for spec in want:
+        got = tensors.get(spec.name)
+        if got is None or tuple(got.shape) != spec.shape or str(got.dtype).removeprefix("torch.") != spec.dtype:
+            raise ValueError(f"tensor {spec.name}: expected {spec.dtype} {spec.shape}, got "
+                             f"{None if got is None else (got.dtype, tuple(got.shape))}")
+    views = _views(pools, request.slot, request.pages[: descriptor.num_pages])
+    for name, (pool, index) in views.items():
+        pool[index] = tensors[name].to(pool.device, non_blocking=True)
+    request.num_computed = descriptor.position
+    request.output_ids = list(descriptor.output_ids)
+    request.sampler.set_state(descriptor.sampler_state)
