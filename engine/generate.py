@@ -1,8 +1,5 @@
-"""Single-process generation with the reference model: prefill the prompt, then decode token by token.
-
-The simplest correct path, used by `sparsepd generate` and as the baseline that every faster path must
-reproduce token for token.
-"""
+"""Single-process generation of one prompt: with the plain reference model (prefill, then decode token by
+token: the baseline every faster path must reproduce token for token), or through the paged engine."""
 
 from __future__ import annotations
 
@@ -60,3 +57,25 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
             on_token(token)
         reason = finish_reason(token, len(out), params, cfg.eos_id)
     return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes())
+
+
+def generate_with_engine(model: Transformer, prompt_ids: list[int], params: SamplingParams,
+                         max_batch_tokens: int | None = None) -> Generation:
+    """The same through the engine (pools, scheduler, chunked prefill of max_batch_tokens per step)."""
+    from sparsepd.engine.engine import Engine
+    from sparsepd.engine.pools import PoolConfig
+    from sparsepd.engine.state_io import shipped_bytes
+
+    budget = max_batch_tokens or len(prompt_ids)
+    pages = -(-(len(prompt_ids) + params.max_new_tokens) // model.cfg.page_size)
+    engine = Engine(model, PoolConfig(num_slots=1, max_batch_tokens=budget, num_pages=pages))
+    request = engine.submit(prompt_ids, params)
+    t0 = time.perf_counter()
+    while not request.output_ids:
+        engine.step()
+    t1 = time.perf_counter()
+    while request.finish_reason is None:
+        engine.step()
+    position = len(prompt_ids) + len(request.output_ids) - 1
+    return Generation(prompt_ids, request.output_ids, request.finish_reason, t1 - t0, time.perf_counter() - t1,
+                      shipped_bytes(model.cfg, position))

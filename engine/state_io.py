@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from sparsepd.engine.pools import KVPools
+from sparsepd.engine.pools import INDEX_ROW_BYTES, KVPools
 from sparsepd.engine.request import Request
 
 
@@ -119,3 +119,18 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
     request.num_computed = descriptor.position
     request.output_ids = list(descriptor.output_ids)
     request.sampler.set_state(descriptor.sampler_state)
+
+
+def shipped_bytes(cfg, position: int) -> int:
+    """Bytes of a request's exported state at `position` (the README's formula; tests check it)."""
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    pages = -(-position // cfg.page_size)
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += cfg.window * cfg.head_dim * s
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            total += 2 * coff * ratio * coff * cfg.head_dim * 4 + pages * (cfg.page_size // ratio) * cfg.head_dim * s
+        if ratio == 4:
+            total += 2 * 8 * 2 * cfg.index_head_dim * 4 + pages * (cfg.page_size // 4) * INDEX_ROW_BYTES
+    return total

@@ -26,13 +26,15 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="directory of safetensors weights (default: random init)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--reference", action="store_true",
+                   help="run the plain reference loop (one request, no pools) instead of the paged engine")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from sparsepd.engine.generate import generate
+    from sparsepd.engine.generate import generate, generate_with_engine
     from sparsepd.engine.sampling import SamplingParams
     from sparsepd.model.config import get_preset
     from sparsepd.model.tokenizer import load_tokenizer
@@ -49,7 +51,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(cfg, args.checkpoint)
     prompt_ids = tokenizer.encode(args.prompt)
-    result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
+    if args.reference:
+        result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
+    else:
+        result = generate_with_engine(model, prompt_ids, params, args.prefill_chunk)
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
     print(f"output: {tokenizer.decode(result.output_ids)!r}")
     print(f"tokens: {result.output_ids}")

@@ -10,7 +10,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import OutOfCapacity, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.engine.state_io import export_state, import_state
+from sparsepd.engine.state_io import export_state, import_state, shipped_bytes
 from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
 
@@ -71,7 +71,7 @@ def test_export_import_continues_identically(model, reference):
         source.step()
     descriptor, tensors = export_state(source.pools, request)
     cfg = model.cfg
-    assert descriptor.num_bytes == _state_bytes_formula(cfg, descriptor.position)
+    assert descriptor.num_bytes == shipped_bytes(cfg, descriptor.position)
     moved = target.make_request(prompts[7], params)
     target.scheduler.admit(moved)
     import_state(target.pools, moved, descriptor, tensors)
@@ -79,20 +79,6 @@ def test_export_import_continues_identically(model, reference):
     target.scheduler.run_to_completion()
     assert moved.output_ids == want[7]
     assert source.is_idle_and_empty() and target.is_idle_and_empty()
-
-
-def _state_bytes_formula(cfg, position: int) -> int:
-    """README: bytes shipped per request by the engine (pages as stored, rings, SWA)."""
-    s, pages = 4, -(-position // cfg.page_size)
-    total = 0
-    for r in cfg.compress_ratios:
-        total += cfg.window * cfg.head_dim * s
-        if r:
-            coff = 2 if r == 4 else 1
-            total += 2 * coff * r * coff * cfg.head_dim * 4 + pages * (cfg.page_size // r) * cfg.head_dim * s
-        if r == 4:
-            total += 2 * 8 * 2 * 128 * 4 + pages * (cfg.page_size // 4) * 144
-    return total
 
 
 def test_admission_waits_for_pages_and_refuses_the_impossible(model, reference):
