@@ -31,12 +31,28 @@ def _incremental(model, ids: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def test_tiny_fp32_incremental_equals_whole_on_gpu():
-    model = build_model(get_preset("tiny"), seed=0, device="cuda")
+    """Without the discontinuous steps (FP8 rounding of the KV, a top-k that drops entries) the GPU path is
+    continuous, so decode reproduces prefill to fp32 accuracy although cuBLAS picks other kernels for 1 row."""
+    model = build_model(get_preset("tiny", quantize_kv=False, index_topk=256), seed=0, device="cuda")
     for length in (5, 33, 70):
         ids = _prompt(length + 18, seed=length).cuda()
         whole, _ = model.prefill(ids)
         diff = (_incremental(model, ids, length) - whole[length - 1: -1]).abs().max().item()
         assert diff < 1e-3, (length, diff)
+
+
+def test_tiny_serving_config_on_gpu_mostly_agrees():
+    """With FP8 KV and a top-4 indexer, a last-bit difference can flip a rounding or a selection; the greedy
+    choice still agrees on almost every row (on the CPU, where the reference is batch-invariant, all agree)."""
+    model = build_model(get_preset("tiny"), seed=0, device="cuda")
+    agree = total = 0
+    for length in (5, 33, 70, 100):
+        ids = _prompt(length + 18, seed=length).cuda()
+        whole, _ = model.prefill(ids)
+        inc = _incremental(model, ids, length)
+        agree += int((inc.argmax(-1) == whole[length - 1: -1].argmax(-1)).sum())
+        total += inc.shape[0]
+    assert agree >= 0.9 * total, (agree, total)
 
 
 def test_bench_bf16_incremental_close_to_whole_on_gpu():
@@ -50,7 +66,7 @@ def test_bench_bf16_incremental_close_to_whole_on_gpu():
 
 
 def test_engine_matches_reference_on_gpu():
-    model = build_model(get_preset("tiny"), seed=0, device="cuda")
+    model = build_model(get_preset("tiny", quantize_kv=False, index_topk=256), seed=0, device="cuda")
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = [_prompt(n, seed=n).tolist() for n in (1, 5, 17, 33, 70, 130)]
     want = [generate(model, p, params).output_ids for p in prompts]
