@@ -31,12 +31,19 @@ import torch
 import triton
 
 from sparsepd.kernels.indexer import ScoreConfig, indexer_cache_write, indexer_scores, quantize_rows_fp8
-from sparsepd.kernels.topk import topk_visible
+from sparsepd.kernels.topk import TopkConfig, topk_visible
 
 HI, R, ROW = 64, 32, 144
 KS = (512, 1024, 2048)
 DECODE = [(B, ctx) for ctx in (8192, 32768, 131072) for B in (1, 32, 128)]
 PREFILL_T, PREFILL_CTX = 4096, 32768
+SCORE_SWEEP = [ScoreConfig(64, 4, 3), ScoreConfig(32, 4, 3), ScoreConfig(64, 4, 5), ScoreConfig(64, 2, 3),
+               ScoreConfig(64, 4, 3, programs_per_sm=8), ScoreConfig(64, 4, 3, programs_per_sm=2),
+               ScoreConfig(128, 4, 3)]
+PREFILL_SWEEP = [ScoreConfig(64, 4, 3), ScoreConfig(64, 4, 3, tokens=2), ScoreConfig(64, 4, 3, tokens=4),
+                 ScoreConfig(64, 8, 3, tokens=4), ScoreConfig(128, 8, 3, tokens=4), ScoreConfig(64, 8, 3, tokens=8)]
+TOPK_SWEEP = [TopkConfig(), TopkConfig(keys_per_thread=64), TopkConfig(keys_per_thread=16), TopkConfig(narrow=2048),
+              TopkConfig(narrow=512), TopkConfig(max_interp=0), TopkConfig(narrow=16384)]
 
 
 def median_ms(fn, reps=15) -> float:
@@ -165,12 +172,11 @@ def decode_case(B, ctx, bw, rate, l2_bytes, sweep):
                                  for s, sc in zip(sets, scores, strict=True)])
     sweep_rows = []
     if sweep:
-        for cfg in (ScoreConfig(64, 4, 3), ScoreConfig(64, 4, 4), ScoreConfig(128, 4, 4), ScoreConfig(128, 8, 3),
-                    ScoreConfig(256, 8, 3), ScoreConfig(128, 4, 2)):
+        for cfg in SCORE_SWEEP:
             t = graph_us_per_call([lambda s=s, sc=sc, c=cfg: indexer_scores(*s[:3], cache, s[3], seq, vis, out=sc,
                                                                               config=c)
                                    for s, sc in zip(sets, scores, strict=True)])
-            sweep_rows.append((cfg, t))
+            sweep_rows.append((f"scoring {cfg}", t))
     err = score_error(*sets[0][:3], cache, sets[0][3], seq, vis) if (B, ctx) == (32, 32768) else None
     n_topk_sets = max(n_sets, min(64, math.ceil(2 * l2_bytes / (B * E * 4))))  # top-k alone reads 4 B an entry
     topk_scores = [scores[i % n_sets].clone() for i in range(n_topk_sets)]
@@ -187,6 +193,12 @@ def decode_case(B, ctx, bw, rate, l2_bytes, sweep):
                 [lambda s=s, sc=sc, o=o, od=order, k=k: topk_visible(
                     indexer_scores(*s[:3], cache, s[3], seq, vis, out=sc), vis, k, order=od, out=o)
                  for s, sc, o in zip(sets, scores, outs, strict=False)])
+        if sweep and k == 1024:
+            for cfg in TOPK_SWEEP:
+                t = graph_us_per_call([lambda sc=sc, o=o, c=cfg: topk_visible(sc, vis, 1024, order="position", out=o,
+                                                                               config=c)
+                                       for sc, o in zip(topk_scores, outs, strict=True)])
+                sweep_rows.append((f"top-k (position) {cfg}", t))
         t_ref = bench_us(lambda k=k: reference(*sets[0][:3], cache, sets[0][3], seq, vis, k))
         nbytes = B * E * ROW + B * HI * (128 + 8) + B * E * 4 + B * k * 4
         flops = 2 * B * HI * 128 * E
@@ -198,7 +210,7 @@ def decode_case(B, ctx, bw, rate, l2_bytes, sweep):
     return rows, sweep_rows, err
 
 
-def prefill_case(bw, rate):
+def prefill_case(bw, rate, sweep):
     T, E = PREFILL_T, PREFILL_CTX // 4
     cache, pt = make_pool(1, E, seed=7)
     q8, qs, w = make_queries(T, seed=8)
@@ -207,6 +219,15 @@ def prefill_case(bw, rate):
     seq = torch.zeros(T, device="cuda", dtype=torch.int32)
     sc = torch.empty((T, E), device="cuda")
     t_score = bench_us(lambda: indexer_scores(q8, qs, w, cache, pt, seq, vis, out=sc))
+    sweep_rows = []
+    if sweep:
+        for cfg in PREFILL_SWEEP:
+            t = bench_us(lambda c=cfg: indexer_scores(q8, qs, w, cache, pt, seq, vis, out=sc, config=c))
+            sweep_rows.append((f"prefill scoring {cfg}", t))
+        for cfg in TOPK_SWEEP:
+            out = torch.empty((T, 1024), device="cuda", dtype=torch.int32)
+            t = bench_us(lambda c=cfg, out=out: topk_visible(sc, vis, 1024, order="position", out=out, config=c))
+            sweep_rows.append((f"prefill top-k (position) {cfg}", t))
     rows = []
     n_vis = int(vis.long().sum())
     for k in KS:
@@ -223,7 +244,7 @@ def prefill_case(bw, rate):
         rows.append(dict(case="prefill", ctx=PREFILL_CTX, T=T, E=E, k=k, ours=t_all["score"],
                          ours_pos=t_all["position"], score=t_score, topk=t_topk["score"],
                          topk_pos=t_topk["position"], floor=floor, topk_floor=topk_floor, ref=t_ref))
-    return rows
+    return rows, sweep_rows
 
 
 def table(rows) -> str:
@@ -244,7 +265,7 @@ def table(rows) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new cases after this")
-    parser.add_argument("--sweep", action="store_true", help="also time scoring launch variants at 32K context")
+    parser.add_argument("--sweep", action="store_true", help="also time launch variants (32K context, prefill)")
     parser.add_argument("--out", default=None, help="also write the table here")
     args = parser.parse_args()
     t0 = time.time()
@@ -269,13 +290,17 @@ def main() -> None:
             print(f"decode B={B} ctx={ctx} k={r['k']}: ours {r['ours']:.1f}/{r['ours_pos']:.1f} µs "
                   f"(score {r['score']:.1f}, top-k {r['topk']:.1f}/{r['topk_pos']:.1f}), floor {r['floor']:.1f}, "
                   f"top-k floor {r['topk_floor']:.1f}, reference {r['ref']:.0f} µs", flush=True)
-        for cfg, t in sweep_rows:
-            sweeps.append(f"B={B} ctx={ctx}: {cfg} -> scoring {t:.1f} µs")
+        for name, t in sweep_rows:
+            sweeps.append(f"B={B} ctx={ctx}: {name} -> {t:.1f} µs")
             print(sweeps[-1], flush=True)
         if err is not None:
             print(f"score error vs fp64 (B=32, 32K): max {err:.2e} of Σ_h|term| (test bound 2e-3)")
     if time.time() - t0 <= args.budget_s:
-        for r in prefill_case(bw, rate):
+        prefill_rows, sweep_rows = prefill_case(bw, rate, args.sweep)
+        for name, t in sweep_rows:
+            sweeps.append(f"prefill: {name} -> {t:.1f} µs")
+            print(sweeps[-1], flush=True)
+        for r in prefill_rows:
             rows.append(r)
             print(f"prefill k={r['k']}: ours {r['ours']:.0f}/{r['ours_pos']:.0f} µs (score {r['score']:.0f}, "
                   f"top-k {r['topk']:.0f}/{r['topk_pos']:.0f}), floor {r['floor']:.0f}, reference {r['ref']:.0f}",

@@ -15,6 +15,7 @@ import torch
 from sparsepd.kernels.device import fp8_e4m3_dtype
 from sparsepd.kernels.indexer import (
     ROW_BYTES,
+    ScoreConfig,
     dequantize_rows_fp8,
     fp8_max,
     indexer_cache_read,
@@ -267,23 +268,27 @@ CPU_CASES = [  # T, H, rows_per_page, requests, visible (0, 1, < k, = k, > k, ac
     (6, 4, 8, 2, [0, 1, 5, 16, 40, 37], 16),
     (5, 16, 4, 3, [17, 3, 33, 0, 30], 8),
     (4, 20, 16, 1, [100, 64, 99, 2], 40),
+    (9, 4, 8, 1, [50, 50, 51, 51, 51, 51, 52, 52, 52], 12),  # a prefill chunk: groups of 4 share the keys
 ]
+# default; several tokens a program (shared groups, mixed groups fall back to one token a program)
+CPU_CONFIGS = [None, ScoreConfig(block_e=16, num_warps=4, num_stages=2, tokens=4, programs_per_sm=2)]
 
 
+@pytest.mark.parametrize("config", CPU_CONFIGS)
 @pytest.mark.parametrize("case", range(len(CPU_CASES)))
-def test_scores_and_selection_vs_fp64(case, device):
+def test_scores_and_selection_vs_fp64(case, config, device):
     T, H, R, n_req, visible, k = CPU_CASES[case]
     args = make_case(case, T, H, R, n_req, visible, device)
-    ctx = f"case {CPU_CASES[case]}"
+    ctx = f"case {CPU_CASES[case]} {config}"
     out = torch.full((T, args[4].shape[1] * R), float("nan"), device=device)
-    scores = indexer_scores(*args, out=out, backend="triton")
+    scores = indexer_scores(*args, out=out, backend="triton", config=config)
     assert scores is out
     ref64, mag = fp64_scores(*args)
     assert_scores_close(scores, ref64, mag, score_tol(device), ctx)
     assert_scores_close(indexer_scores_ref(*[a.cpu() for a in args]), ref64, mag, 1e-7, ctx + " reference")
     for order in ("score", "position"):
         idx = torch.full((T, k), -5, dtype=torch.int32, device=device)
-        got = indexer_topk(*args, k, order=order, out=idx, backend="triton")
+        got = indexer_topk(*args, k, order=order, out=idx, backend="triton", score_config=config)
         assert got is idx
         assert_selection(idx, ref64, mag, args[6].cpu(), k, score_tol(device), order, ctx + f" {order}")
         ref_idx = indexer_topk_ref(*[a.cpu() for a in args], k, order=order)
@@ -335,29 +340,32 @@ def test_bad_index_inputs_raise():
 # device: real shapes
 
 
-GPU_CASES = [  # T, requests, visible range, pages width (entries = pages · 32), k
-    (8, 8, (1500, 8192), 256, 512),  # decode, 32K context
-    (8, 8, (0, 8192), 256, 2048),
-    (4, 4, (20000, 32768), 1024, 1024),  # 128K context: the top-k's candidate rounds
-    (256, 1, (1800, 2048), 64, 2048),  # prefill chunk: many tokens, one request
+GPU_CASES = [  # T, requests, visible range, pages width (entries = pages · 32), k, scoring config
+    (8, 8, (1500, 8192), 256, 512, None),  # decode, 32K context
+    (8, 8, (0, 8192), 256, 2048, None),
+    (4, 4, (20000, 32768), 1024, 1024, None),  # 128K context: the top-k's candidate rounds
+    (256, 1, (1800, 2048), 64, 2048, None),  # prefill chunk: many tokens, one request
+    (254, 1, (1800, 2048), 64, 512, ScoreConfig(64, 8, 3, tokens=4)),  # ... 4 tokens a program
+    (66, 3, (100, 2048), 64, 512, ScoreConfig(64, 8, 3, tokens=4)),  # ... groups mixing requests
 ]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real shapes on the GPU")
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
 def test_real_shapes_vs_fp64(case, device):
-    T, n_req, (lo, hi), width, k = GPU_CASES[case]
+    T, n_req, (lo, hi), width, k, config = GPU_CASES[case]
     g = torch.Generator().manual_seed(100 + case)
     visible = torch.randint(lo, hi + 1, (T,), generator=g).tolist()
     visible[0] = hi
     args = make_case(100 + case, T, 64, 32, n_req, visible, device)
     assert args[4].shape[1] == width
     ctx = f"gpu case {GPU_CASES[case]}"
-    scores = indexer_scores(*args, out=torch.full((T, width * 32), float("nan"), device=device))
+    scores = indexer_scores(*args, out=torch.full((T, width * 32), float("nan"), device=device), config=config)
     ref64, mag = fp64_scores(*args)
     assert_scores_close(scores, ref64, mag, SCORE_TOL_FP8_MMA, ctx)
     for order in ("score", "position"):
-        idx = indexer_topk(*args, k, order=order, out=torch.full((T, k), -5, dtype=torch.int32, device=device))
+        idx = indexer_topk(*args, k, order=order, out=torch.full((T, k), -5, dtype=torch.int32, device=device),
+                           score_config=config)
         assert_selection(idx, ref64, mag, args[6].cpu(), k, SCORE_TOL_FP8_MMA, order, ctx + f" {order}")
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from sparsepd.kernels.topk import topk_visible, topk_visible_ref
+from sparsepd.kernels.topk import TopkConfig, topk_visible, topk_visible_ref
 
 ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
 POISON = -7
@@ -38,12 +38,13 @@ def make_visible(seed, T, E, k):
     return v.to(torch.int32)
 
 
-def run_and_compare(seed, T, E, k, order, device, ties=False, infs=False):
+def run_and_compare(seed, T, E, k, order, device, ties=False, infs=False, config=None):
     scores = make_scores(seed, T, E, ties, infs)
     visible = make_visible(seed, T, E, k)
     ref = topk_visible_ref(scores, visible, k, order=order)
     out = torch.full((T, k), POISON, dtype=torch.int32, device=device)
-    res = topk_visible(scores.to(device), visible.to(device), k, order=order, out=out, backend="triton")
+    res = topk_visible(scores.to(device), visible.to(device), k, order=order, out=out, backend="triton",
+                       config=config)
     assert res is out
     got = res.cpu()
     bad = (got != ref).nonzero()
@@ -58,6 +59,14 @@ def run_and_compare(seed, T, E, k, order, device, ties=False, infs=False):
 @pytest.mark.parametrize("T, E, k", [(7, 1, 1), (9, 100, 16), (8, 300, 7), (7, 64, 100), (8, 2**10 + 17, 33)])
 def test_matches_reference(T, E, k, order, device):
     run_and_compare(T * 1000 + E + k, T, E, k, order, device)
+
+
+@pytest.mark.parametrize("config", [TopkConfig(narrow=16), TopkConfig(narrow=64, max_interp=0),
+                                    TopkConfig(keys_per_thread=8, max_interp=40)])
+def test_search_variants(config, device):
+    """The narrowed search (few keys gathered), pure bisection, long regula falsi: the same exact result."""
+    for seed, ties in ((21, False), (22, True)):
+        run_and_compare(seed, 8, 700, 50, "position", device, ties=ties, config=config)
 
 
 @pytest.mark.parametrize("order", ["score", "position"])
