@@ -12,9 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"sparsepd": "sparsepd", "sparsepd.kernels": "kernels", "sparsepd.model": "model",
-            "sparsepd.engine": "engine"}
+            "sparsepd.engine": "engine", "sparsepd.proto": "proto", "sparsepd.prefill_worker": "prefill_worker",
+            "sparsepd.decode_worker": "decode_worker"}
 # What each package may import from the project (besides itself and sparsepd's root).
-ALLOWED = {"kernels": set(), "model": {"kernels"}, "engine": {"kernels", "model"}}
+WORKER = {"kernels", "model", "engine", "proto"}
+ALLOWED = {"kernels": set(), "model": {"kernels"}, "engine": {"kernels", "model"}, "proto": set(),
+           "prefill_worker": WORKER, "decode_worker": WORKER}
 
 
 def test_every_subpackage_resolves_to_its_folder():
@@ -36,7 +39,7 @@ def test_imports_point_one_way(package):
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             for name in names:
                 parts = name.split(".")
-                if parts[0] in {"kernels", "model", "engine"}:
+                if parts[0] in set(PACKAGES.values()) - {"sparsepd"}:
                     pytest.fail(f"{path}: bare import {name!r}; use sparsepd.{name}")
                 if parts[0] == "sparsepd" and len(parts) > 1 and parts[1] in PACKAGES.values():
                     target = parts[1]

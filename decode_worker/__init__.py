@@ -1,0 +1,1 @@
+"""The decode worker process: reservations, state admission, continuous-batching decode, token streams."""

@@ -1,0 +1,1 @@
+"""The prefill worker process: ragged prefill batches, the first token, the state push to a decode worker."""
