@@ -10,11 +10,9 @@ order="position": the same set in ascending position (no sort: cheaper, and what
 
 Kernel: scores become order-preserving int32 keys (the float's bits, all but the sign flipped for negative
 values). One program per (row, segment of ≤ 16384 positions) holds its segment in registers and
-1. finds the k-th largest key, keeping count(key ≥ lo) ≥ k > count(key ≥ hi) and stopping as soon as
-   count(key ≥ lo) == k: guesses by regula falsi on the count in score space (Illinois variant), bisection
-   on the key as the fallback; each count is one reduction over the segment, so once ≤ `narrow` keys lie
-   in [lo, hi) those are gathered into a short row and the search goes on there (Gaussian-like scores,
-   8192 keys: ~4 steps on the segment and ~6 on the gathered keys, vs ~17 for plain bisection);
+1. finds the k-th largest key by binary search on the key, keeping count(key ≥ lo) ≥ k > count(key ≥ hi)
+   and stopping as soon as count(key ≥ lo) == k (continuous data: ~log2(n) + a few steps, never more than
+   32); each step is one count over the segment, ~1000 cycles at 8192 keys on H100;
 2. compacts the selection in position order: one packed cumsum gives every selected element its output slot
    (all keys above the threshold, then the first `need` keys equal to it);
 3. for order="score" sorts the k (key, position) pairs as one 64-bit composite with tl.sort.
@@ -46,12 +44,6 @@ _MAX_TRITON_K = 4096
 
 
 @triton.jit
-def _key_to_score(key):
-    """The order-preserving map below is its own inverse: key → the float's bits → the float."""
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _score_to_key(x):
     """float → int32 key ordered as the floats: negative values get all but the sign bit flipped."""
     bits = x.to(tl.int32, bitcast=True)
@@ -59,39 +51,10 @@ def _score_to_key(x):
 
 
 @triton.jit
-def _search(keys, base, lo, hi, c_lo, c_hi, f_lo, f_hi, last, step, k, cap, MAX_INTERP: tl.constexpr):
-    """Narrow (lo, hi) with count(key >= x) = base + Σ keys >= x until c_lo == k, hi == lo + 1, or at most
-    `cap` keys remain in [lo, hi). Guesses: regula falsi on the count in score space (Illinois: the side kept
-    twice gets half its weight) for MAX_INTERP steps, bisection on the key after that or whenever a guess is
-    not strictly inside (lo, hi); every step shrinks (lo, hi), so at most MAX_INTERP + 32 steps."""
-    while (c_lo > k) & (hi - lo > 1) & (c_lo - c_hi > cap):
-        v_lo = _key_to_score(lo.to(tl.int32)).to(tl.float64)
-        v_hi = _key_to_score(hi.to(tl.int32)).to(tl.float64)
-        guess_v = (v_lo * f_hi - v_hi * f_lo) / (f_hi - f_lo)
-        guess = _score_to_key(guess_v.to(tl.float32)).to(tl.int64)
-        finite = (guess_v == guess_v) & (guess_v < float("inf")) & (guess_v > float("-inf"))
-        interp = finite & (guess > lo) & (guess < hi) & (step < MAX_INTERP)
-        mid = tl.where(interp, guess, lo + (hi - lo) // 2)
-        c = base + tl.sum((keys >= mid.to(tl.int32)).to(tl.int32))
-        up = c >= k
-        f_c = (c - k).to(tl.float64) + 0.5
-        f_hi = tl.where(up & (last == 1), f_hi * 0.5, tl.where(up, f_hi, f_c))
-        f_lo = tl.where(~up & (last == 2), f_lo * 0.5, tl.where(up, f_c, f_lo))
-        lo = tl.where(up, mid, lo)
-        c_lo = tl.where(up, c, c_lo)
-        hi = tl.where(up, hi, mid)
-        c_hi = tl.where(up, c_hi, c)
-        last = tl.where(up, 1, 2)
-        step += 1
-    return lo, hi, c_lo, c_hi, f_lo, f_hi, last, step
-
-
-@triton.jit
 def _select_kernel(
-    src_ptr, src_idx_ptr, visible_ptr, out_key_ptr, out_idx_ptr, tmp_key_ptr, tmp_idx_ptr, narrow_ptr,
+    src_ptr, src_idx_ptr, visible_ptr, out_key_ptr, out_idx_ptr, tmp_key_ptr, tmp_idx_ptr,
     row_len, src_stride, out_stride, k,
-    SEG: tl.constexpr, K_PAD: tl.constexpr, NARROW: tl.constexpr, FROM_SCORES: tl.constexpr,
-    FINAL: tl.constexpr, SORT: tl.constexpr, MAX_INTERP: tl.constexpr,
+    SEG: tl.constexpr, K_PAD: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr, SORT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -108,31 +71,23 @@ def _select_kernel(
         idx = tl.load(src_idx_ptr + row * src_stride + pos, mask=valid, other=-1)
     n_valid = tl.sum(valid.to(tl.int32))
 
-    # The k-th largest key: keep count(key >= lo) = c_lo >= k > c_hi = count(key >= hi); done when
-    # c_lo == k (the keys >= lo are the answer) or hi == lo + 1 (lo is the k-th key, ties included).
-    lo = tl.min(tl.where(valid, key, 2147483647)).to(tl.int64)
-    hi = tl.max(key).to(tl.int64) + 1
+    # Binary search for the k-th largest key, keeping count(key >= lo) = c_lo >= k > c_hi = count(key >= hi);
+    # done when c_lo == k (the keys >= lo are the answer) or hi == lo + 1 (lo is the k-th key, ties included).
+    # Each step is one count over the segment. (Regula falsi on the count in score space, and gathering the
+    # keys left in [lo, hi) into a short row, halved the steps but not the time on H100: see bench/RESULTS.md.)
+    lo = tl.full([], _KEY_NONE + 1, tl.int64)
+    hi = tl.full([], 2**31, tl.int64)
     c_lo = n_valid
     c_hi = n_valid * 0
-    f_lo = (c_lo - k).to(tl.float64) + 0.5
-    f_hi = (c_hi - k).to(tl.float64) + 0.5
-    last = n_valid * 0  # 1: lo moved last, 2: hi moved last
-    step = n_valid * 0
-    # on the whole segment until at most NARROW keys lie in [lo, hi) ...
-    lo, hi, c_lo, c_hi, f_lo, f_hi, last, step = _search(
-        key, 0, lo, hi, c_lo, c_hi, f_lo, f_hi, last, step, k, NARROW if NARROW < SEG else 0, MAX_INTERP)
+    while (c_lo > k) & (hi - lo > 1):
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
+        up = c >= k
+        lo = tl.where(up, mid, lo)
+        c_lo = tl.where(up, c, c_lo)
+        hi = tl.where(up, hi, mid)
+        c_hi = tl.where(up, c_hi, c)
     key64 = key.to(tl.int64)
-    if NARROW < SEG:
-        if (c_lo > k) & (hi - lo > 1):  # ... then on those keys alone, gathered through a scratch row
-            inside = (key64 >= lo) & (key64 < hi)
-            at = tl.cumsum(inside.to(tl.int32), 0) - 1
-            narrow_row = narrow_ptr + (row * tl.num_programs(0) + seg) * NARROW
-            tl.store(narrow_row + at, key, mask=inside)
-            tl.debug_barrier()
-            jn = tl.arange(0, NARROW)
-            few = tl.load(narrow_row + jn, mask=jn < c_lo - c_hi, other=_KEY_NONE, cache_modifier=".cg")
-            lo, hi, c_lo, c_hi, f_lo, f_hi, last, step = _search(
-                few, c_hi, lo, hi, c_lo, c_hi, f_lo, f_hi, last, step, k, 0, MAX_INTERP)
     exact = c_lo <= k  # keys >= lo are exactly the min(k, n_valid) to take
     g = tl.where(exact, lo, hi)  # every key >= g is taken ...
     need = tl.where(exact, 0, k - c_hi)  # ... then the first `need` keys == lo, by position
@@ -177,11 +132,16 @@ def _select_kernel(
 
 @dataclass(frozen=True, slots=True)
 class TopkConfig:
-    """Launch parameters of `_select_kernel`."""
+    """Launch parameters of `_select_kernel` (None: `default_topk_config`)."""
 
-    keys_per_thread: int = 32  # a segment's keys a thread holds: sets num_warps (4 … 16)
-    narrow: int = 1024  # search on the whole segment until ≤ this many keys remain in (lo, hi), then on those
-    max_interp: int = 12  # regula-falsi steps before plain bisection
+    keys_per_thread: int  # a segment's keys a thread holds: sets num_warps (4 … 16)
+
+
+def default_topk_config(n_programs: int, num_sms: int) -> TopkConfig:
+    """Few rows (decode): 32 keys a thread (8 warps for 8192 keys): 18.8 µs vs 27.7 µs with 64 keys a thread
+    (4 warps), B = 32 rows of 8192 on H100. Many rows (prefill): 64 keys a thread, more programs an SM:
+    448 µs vs 497 µs for 4096 rows of 8192."""
+    return TopkConfig(64 if n_programs >= 2 * num_sms else 32)
 
 
 def _warps(seg: int, config: TopkConfig) -> int:
@@ -239,9 +199,8 @@ def topk_visible(
     out = torch.empty((T, k), dtype=torch.int32, device=scores.device) if out is None else out
     if T == 0:
         return out
-    config = TopkConfig() if config is None else config
-    if config.narrow < 16 or config.narrow & (config.narrow - 1) or config.keys_per_thread < 1:
-        raise ValueError(f"config.narrow must be a power of two >= 16 and keys_per_thread >= 1, got {config}")
+    if config is not None and config.keys_per_thread < 1:
+        raise ValueError(f"config.keys_per_thread must be >= 1, got {config}")
     k_pad = max(16, triton.next_power_of_2(k))
     src, src_idx, row_len, from_scores = scores, scores, E, True
     while triton.next_power_of_2(max(row_len, 1)) > _MAX_SEG:  # candidate rounds: each keeps k per segment
@@ -259,19 +218,19 @@ def topk_visible(
 
 
 def _launch_select(src, src_idx, visible, out_key, out_idx, row_len, k, seg, n_seg, k_pad, from_scores, final,
-                   sort, config: TopkConfig) -> None:
+                   sort, config: TopkConfig | None) -> None:
     T = src.shape[0]
-    narrow = config.narrow if seg > config.narrow else seg
-    scratch = torch.empty((T * n_seg, narrow if narrow < seg else 1), dtype=torch.int32, device=src.device)
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(src.device).multi_processor_count if src.is_cuda else 1
+        config = default_topk_config(T * n_seg, num_sms)
     tmp_key = tmp_idx = out_idx
     if sort:
         tmp_key = torch.empty((T, k_pad), dtype=torch.int32, device=src.device)
         tmp_idx = torch.empty((T, k_pad), dtype=torch.int32, device=src.device)
     _select_kernel[(n_seg, T)](
-        src, src_idx, visible, out_key, out_idx, tmp_key, tmp_idx, scratch,
+        src, src_idx, visible, out_key, out_idx, tmp_key, tmp_idx,
         row_len, src.stride(0), out_idx.stride(0), k,
-        SEG=seg, K_PAD=k_pad, NARROW=narrow, FROM_SCORES=from_scores, FINAL=final, SORT=sort,
-        MAX_INTERP=config.max_interp, num_warps=_warps(seg, config),
+        SEG=seg, K_PAD=k_pad, FROM_SCORES=from_scores, FINAL=final, SORT=sort, num_warps=_warps(seg, config),
     )
 
 
