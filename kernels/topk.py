@@ -12,7 +12,7 @@ Kernel: scores become order-preserving int32 keys (the float's bits, all but the
 values). One program per (row, segment of ≤ 16384 positions) holds its segment in registers and
 1. finds the k-th largest key by binary search on the key, keeping count(key ≥ lo) ≥ k > count(key ≥ hi)
    and stopping as soon as count(key ≥ lo) == k (continuous data: ~log2(n) + a few steps, never more than
-   32); each step is one count over the segment, ~1000 cycles at 8192 keys on H100;
+   32); each step is one count over the segment, ≈ 0.6 µs at 8192 keys on H100;
 2. compacts the selection in position order: one packed cumsum gives every selected element its output slot
    (all keys above the threshold, then the first `need` keys equal to it);
 3. for order="score" sorts the k (key, position) pairs as one 64-bit composite with tl.sort.
