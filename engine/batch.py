@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsepd.engine.pools import PoolGeometry
+from sparsepd.kernels.compress_plan import CompressPlan, RowPlan, build_compress_plan, build_write_plan
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class RatioMeta:
     ratio: int
     rows_per_page: int
     visible: torch.Tensor  # [T] int32: committed entries token t may see, (p+1)//ratio
+    plan: CompressPlan  # commit rows and ring-write rows, shared by every compressor of this ratio
     hca_rows: torch.Tensor | None = None  # [T, max_visible] int32 rows of every visible entry (HCA), −1 padded
 
 
@@ -47,8 +49,7 @@ class ForwardBatch:
     slots: torch.Tensor  # [B] int64
     page_table: torch.Tensor  # [B, max_pages] int32 (0-padded past a request's pages)
     window_rows: torch.Tensor  # [T, window] int32 rows in every layer's buffer, −1 before position 0
-    swa_src: torch.Tensor  # [W] token rows whose KV goes to the SWA rings
-    swa_dst: torch.Tensor  # [W] ring rows they go to
+    swa_plan: RowPlan  # each request's last `window` tokens → its SWA ring at position % window
     last_rows: torch.Tensor  # [B] row of each request's last token in this forward
     ratios: dict[int, RatioMeta] = field(default_factory=dict)
     chunks: list[RequestChunk] = field(default_factory=list)  # the host-side description
@@ -81,16 +82,11 @@ def build_batch(chunks: list[RequestChunk], geometry: PoolGeometry, device: torc
     window_rows = torch.where(keys >= starts[seq][:, None], scratch_rows, ring_rows)
     window_rows = torch.where(keys >= 0, window_rows, -1)
 
-    ends = starts + n
-    to_ring = positions >= (ends[seq] - win)
-    swa_src = torch.nonzero(to_ring).flatten()
-    swa_dst = geometry.ring_base + slots[seq][swa_src] * win + positions[swa_src] % win
-
     batch = ForwardBatch(
         token_ids=torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=device),
         positions=positions.to(device), seq_ids=seq.to(torch.int32).to(device), cu_seqlens=cu.to(device),
         starts=starts.to(device), num_new=n.to(device), slots=slots.to(device), page_table=page_table.to(device),
-        window_rows=window_rows.to(torch.int32).to(device), swa_src=swa_src.to(device), swa_dst=swa_dst.to(device),
+        window_rows=window_rows.to(torch.int32).to(device), swa_plan=build_write_plan(starts, n, win, device=device),
         last_rows=(cu[1:] - 1).to(device), chunks=chunks)
     for ratio in sorted({r for r in geometry.ratios if r}):
         batch.ratios[ratio] = _ratio_meta(ratio, geometry, positions, seq, page_table, starts, n, device)
@@ -101,7 +97,8 @@ def _ratio_meta(ratio: int, g: PoolGeometry, positions: torch.Tensor, seq: torch
                 starts: torch.Tensor, n: torch.Tensor, device: torch.device) -> RatioMeta:
     rpp = g.rows_per_page(ratio)
     visible = torch.div(positions + 1, ratio, rounding_mode="floor")
-    meta = RatioMeta(ratio, rpp, visible.to(torch.int32).to(device))
+    plan = build_compress_plan(starts, n, ratio, ratio == 4, device=device)
+    meta = RatioMeta(ratio, rpp, visible.to(torch.int32).to(device), plan)
     if ratio != 4:
         width = max(int(visible.max()), 1)
         entries = torch.arange(width)

@@ -10,20 +10,23 @@ Everything index-like comes from the `ForwardBatch` built once per forward; a la
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sparsepd.engine.batch import ForwardBatch, RatioMeta
 from sparsepd.engine.pools import KVPools
+from sparsepd.kernels.compressor import compress_indexer, compress_main
 from sparsepd.kernels.indexer import indexer_topk, quantize_rows_fp8
 from sparsepd.kernels.sparse_attention import sparse_attn
+from sparsepd.kernels.state_update import compressor_state_write, swa_ring_write
 from sparsepd.model.attention import Attention
 from sparsepd.model.compressor import Compressor
-from sparsepd.model.state import CompressorRing
 
 
 class PagedCache:
-    def __init__(self, batch: ForwardBatch, pools: KVPools):
-        self.batch, self.pools = batch, pools
+    def __init__(self, batch: ForwardBatch, pools: KVPools, rope: Callable[[torch.Tensor], tuple]):
+        self.batch, self.pools, self.rope = batch, pools, rope
 
     def attend(self, attn: Attention, layer_id: int, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor,
                kv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -41,26 +44,22 @@ class PagedCache:
                 index_rows.append(self._select(attn, layer_id, x, qr, cos, sin, meta))
         indices = torch.cat(index_rows, dim=1)
         o, _ = sparse_attn(q, buf, indices, attn.attn_sink, attn.cfg.softmax_scale)
-        buf[batch.swa_dst] = kv[batch.swa_src]
+        swa_ring_write(kv, pools.swa_view(layer_id), batch.slots, batch.swa_plan)
         return o
 
     def _compress(self, compressor: Compressor, x: torch.Tensor, meta: RatioMeta, rings, cache: torch.Tensor,
                   attn: Attention, fp8_rows: bool) -> None:
-        """Commit this forward's entries into the paged cache and advance each request's rings.
-
-        One request at a time through the model's compressor (the reference path)."""
+        """Commit this forward's entries into the paged cache, then advance the rings (one launch each)."""
         kv_rows, score_rows = compressor.project(x)
-        flat = cache.view(-1, cache.shape[-1])  # [num_pages * rows_per_page, row]
-        rpp, ratio = meta.rows_per_page, compressor.ratio
-        for b, chunk in enumerate(self.batch.chunks):
-            lo, hi = int(self.batch.cu_seqlens[b]), int(self.batch.cu_seqlens[b + 1])
-            ring = CompressorRing(rings[0][chunk.slot], rings[1][chunk.slot])
-            entries = compressor.commit(kv_rows[lo:hi], score_rows[lo:hi], chunk.start, ring, attn.freqs)
-            if entries.shape[0]:
-                first = (chunk.start + ratio) // ratio - 1  # first entry committed by this chunk
-                e = torch.arange(first, first + entries.shape[0])
-                pages = torch.tensor(chunk.page_table, dtype=torch.int64)[e // rpp]
-                flat[(pages * rpp + e % rpp).to(flat.device)] = entries.to(flat.dtype)
+        cos, sin = self.rope(attn.freqs)
+        args = (kv_rows, score_rows, compressor.ape, rings[0], rings[1], self.batch.slots, meta.plan,
+                compressor.norm.weight, cos, sin, cache, self.batch.page_table)
+        if fp8_rows:
+            compress_indexer(*args, eps=compressor.norm.eps, act_dtype=compressor.act_dtype)
+        else:
+            compress_main(*args, eps=compressor.norm.eps, act_dtype=compressor.act_dtype,
+                          fp8_nope=compressor.quantize == "fp8")
+        compressor_state_write(kv_rows, score_rows, compressor.ape, rings[0], rings[1], self.batch.slots, meta.plan)
 
     def _select(self, attn: Attention, layer_id: int, x, qr, cos, sin, meta: RatioMeta) -> torch.Tensor:
         """Rows of each token's top-k compressed entries (CSA), −1 padded."""
@@ -70,7 +69,8 @@ class PagedCache:
         q = indexer.rotated_q(qr, cos, sin)  # [T, Hi, 128] fp32
         q8, q_scale = quantize_rows_fp8(q, "ue8m0")  # [T, Hi, 128] fp8, [T, Hi]
         top = indexer_topk(q8, q_scale, indexer.head_weights(x), cache,
-                           batch.page_table, batch.seq_ids, meta.visible, indexer.topk)  # [T, k] entry positions
+                           batch.page_table, batch.seq_ids, meta.visible, indexer.topk,
+                           order="position")  # [T, k] entry positions; attention needs the set only
         rpp = meta.rows_per_page
         pages = batch.page_table[batch.seq_ids.long()].gather(1, torch.clamp(top, min=0).long() // rpp)
         rows = pools.geometry.compressed_base + pages.long() * rpp + torch.clamp(top, min=0).long() % rpp

@@ -9,6 +9,7 @@ from sparsepd.engine.batch import RequestChunk, build_batch
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools
 from sparsepd.engine.request import Request
+from sparsepd.model.numerics import rope_cos_sin
 from sparsepd.model.transformer import Transformer
 
 
@@ -17,11 +18,20 @@ class Runner:
         if model.cfg != pools.cfg:
             raise ValueError("the pools were built for another model config")
         self.model, self.pools = model, pools
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(freqs) → cos, sin tables
+
+    def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
+        key = id(freqs)
+        if key not in self._rope:
+            positions = torch.arange(self.model.cfg.max_seq_len, device=self.pools.device)
+            self._rope[key] = rope_cos_sin(positions, freqs)
+        return self._rope[key]
 
     @torch.inference_mode()
     def forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward."""
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
-        cache = PagedCache(batch, self.pools)
+        cache = PagedCache(batch, self.pools, self.rope_tables)
         return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows)

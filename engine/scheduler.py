@@ -78,6 +78,11 @@ class Scheduler:
 
     def admit(self, request: Request) -> None:
         """Give a request a slot and pages for all its tokens and make it run (raises OutOfCapacity)."""
+        self.reserve(request)
+        self.running.append(request)
+
+    def reserve(self, request: Request) -> None:
+        """A slot and pages for all of a request's tokens, without running it (raises OutOfCapacity)."""
         slot = self.pools.slots.allocate(1)[0]
         try:
             request.pages = self.pools.pages.allocate(self.pools.pages_for(request.max_len))
@@ -86,7 +91,14 @@ class Scheduler:
             raise
         request.slot = slot
         self.pools.reset_slot(slot)
+
+    def activate(self, request: Request) -> None:
+        """Run a reserved request whose state has been imported (the decode worker's admission)."""
         self.running.append(request)
+
+    def release(self, request: Request) -> None:
+        """Free a request's slot and pages (a reservation that never ran, or any request)."""
+        self._release(request)
 
     def _schedule(self) -> list[tuple[Request, list[int]]]:
         budget = self.max_batch_tokens
