@@ -32,11 +32,12 @@ act_dtype bf16/fp16/fp32; main cache bf16/fp16/fp32, indexer cache uint8 (d = 12
 Rows whose page is outside page_table's width or the cache are skipped; positions must lie in the tables
 (e·ratio < max_pos: not checked on the device, to keep the launch free of host syncs).
 
-Kernel: BLOCK_M plan rows a program, the window BLOCK_W rows at a time with an online softmax per channel
-(one pass over the projected rows), then norm, RoPE (pairs split in registers), and the FP8 round trip or
-the Hadamard product (a tl.dot against ±1 in act_dtype: exact products, fp32 sums; BLOCK_M = 16 for it,
-the smallest MFMA tile on AMD) and the row quantization, all before the one store. The e4m3 rounding is
-integer arithmetic on the fp32 bits: exact on every platform and in the interpreter.
+Kernel: BLOCK_M plan rows a program (1 by default), the window BLOCK_W rows at a time with an online softmax
+per channel (one pass over the projected rows), then norm, RoPE (pairs split in registers), and the FP8
+round trip, or the Hadamard product as an in-register fast Walsh–Hadamard transform (7 butterfly stages,
+fp32 sums) and the row quantization, all before the one store. No tl.dot, so no MFMA tile-size limits on
+AMD. The e4m3 rounding is integer arithmetic on the fp32 bits: exact on every platform and in the
+interpreter.
 
 References (`*_ref`, also the CPU path): the model's arithmetic (softmax in fp64 rounded to fp32, products
 and window sums in fp32, fp32 norm and RoPE, the Hadamard product as an fp32 GEMM of at least 32 rows);
@@ -73,10 +74,11 @@ class CompressConfig:
 
 
 def default_config(d: int, window: int, indexer: bool) -> CompressConfig:
-    """The launch table: whole CSA windows in one step; HCA windows 8 rows a step; indexer rows 16 a program."""
-    if indexer:
-        return CompressConfig(16, 2, 8)
-    return CompressConfig(1, min(window, 8), 8 if d >= 256 else 4)
+    """The launch table: one entry a program; warps tile the channels (4 values a thread, so the window
+    reduction stays in registers: warps across window rows cost up to 3× in the H100 sweep); the CSA window
+    in one step, HCA windows 16 rows a step (more loads in flight)."""
+    warps = max(1, triton.next_power_of_2(d) // 128)
+    return CompressConfig(1, min(window, 16), warps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +129,15 @@ def _pow2_scale(amax, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr):
         sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)
         scale = sb.to(tl.float32, bitcast=True)
     return scale
+
+
+@triton.jit
+def _hadamard_stage(z, BLOCK_M: tl.constexpr, A: tl.constexpr, BK: tl.constexpr):
+    """One butterfly stage over bit log2(BK) of the 128 channels: index i = a·2·BK + t·BK + c pairs t = 0, 1."""
+    t = tl.permute(tl.reshape(z, [BLOCK_M, A, 2, BK]), (0, 1, 3, 2))  # [M, A, BK, 2]
+    u, v = tl.split(t)
+    t = tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2))
+    return tl.reshape(t, [BLOCK_M, 2 * A * BK])
 
 
 @triton.jit
@@ -210,17 +221,15 @@ def _compress_kernel(
     dst = page.to(tl.int64) * rows_per_page + ent % rows_per_page
 
     if INDEXER:
-        # z = y · H: Sylvester signs (−1)^popcount(i & k) in act_dtype (exact ±1), products exact, fp32 sums
-        hi = tl.arange(0, BLOCK_D)
-        par = hi[:, None] & hi[None, :]
-        par = par ^ (par >> 4)
-        par = par ^ (par >> 2)
-        par = par ^ (par >> 1)
-        h = tl.where((par & 1) == 1, -1.0, 1.0).to(ACT)
-        if ACT == tl.float32:
-            z = tl.dot(y, h, input_precision="ieee")
-        else:
-            z = tl.dot(y.to(ACT), h)
+        # z = y · H_128 by the fast Walsh–Hadamard transform: 7 butterfly stages (a, b) → (a + b, a − b) on
+        # index pairs differing in one bit, in registers (fp32 sums; no tl.dot, so no MFMA tile limits)
+        z = _hadamard_stage(y, BLOCK_M, 64, 1)
+        z = _hadamard_stage(z, BLOCK_M, 32, 2)
+        z = _hadamard_stage(z, BLOCK_M, 16, 4)
+        z = _hadamard_stage(z, BLOCK_M, 8, 8)
+        z = _hadamard_stage(z, BLOCK_M, 4, 16)
+        z = _hadamard_stage(z, BLOCK_M, 2, 32)
+        z = _hadamard_stage(z, BLOCK_M, 1, 64)
         z = z * 0.08838834764831845  # 128^-0.5
         scale = _pow2_scale(tl.max(tl.abs(z), axis=1), FP8_MAX, UE8M0)
         v = tl.math.div_rn(z, scale[:, None])

@@ -19,7 +19,7 @@ API (`backend` as in kernels/device.py):
         kv [N, D] and swa_ring [num_slots, window, D] of one dtype, plan: a RowPlan built with size = window
     compressor_state_write_ref, swa_ring_write_ref: same signatures, plain PyTorch.
 
-Kernel: one launch copies BLOCK_R plan rows a program; for the compressor rings a second grid axis picks
+Kernel: one launch copies one plan row a program; for the compressor rings a second grid axis picks
 kv (0) or score (1, plus the bias), so both rings take one launch.
 """
 
@@ -32,7 +32,7 @@ import triton.language as tl
 from sparsepd.kernels.compress_plan import CompressPlan, RowPlan
 from sparsepd.kernels.device import Backend, pick_backend
 
-BLOCK_R = 4
+BLOCK_R = 1  # one row a program: decode batches have one row a request (more programs in flight)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ import torch
 
 from sparsepd.kernels.compress_plan import build_compress_plan
 from sparsepd.kernels.compressor import (
+    CompressConfig,
     compress_indexer,
     compress_indexer_ref,
     compress_main,
@@ -145,11 +146,11 @@ def dequant(cache_flat):
     return vals * scale[:, None], scale, cache_flat[:, 132:]
 
 
-def check_main(case, plan, act_dtype, cache_dtype, fp8, device, ctx):
+def check_main(case, plan, act_dtype, cache_dtype, fp8, device, ctx, config=None):
     d = case.d
     cache = torch.full((case.num_pages, case.rows_per_page, d), float("nan"), dtype=cache_dtype, device=device)
     ref = cache.clone()
-    run(case, compress_main, cache, plan, act_dtype=act_dtype, fp8_nope=fp8, backend="triton")
+    run(case, compress_main, cache, plan, act_dtype=act_dtype, fp8_nope=fp8, backend="triton", config=config)
     run(case, compress_main_ref, ref, plan, act_dtype=act_dtype, fp8_nope=fp8)
     flat, ideal = oracle(case, indexer=False)
     got_f, ref_f = cache.view(-1, d), ref.view(-1, d)
@@ -158,10 +159,10 @@ def check_main(case, plan, act_dtype, cache_dtype, fp8, device, ctx):
         assert_rows_close(got_f[flat.to(device)], ref_f[flat.to(device)], ideal, ctx, quantized=fp8)
 
 
-def check_indexer(case, plan, act_dtype, device, ctx):
+def check_indexer(case, plan, act_dtype, device, ctx, config=None):
     cache = torch.full((case.num_pages, case.rows_per_page, ROW_BYTES), 255, dtype=torch.uint8, device=device)
     ref = cache.clone()
-    run(case, compress_indexer, cache, plan, act_dtype=act_dtype, backend="triton")
+    run(case, compress_indexer, cache, plan, act_dtype=act_dtype, backend="triton", config=config)
     run(case, compress_indexer_ref, ref, plan, act_dtype=act_dtype)
     flat, ideal = oracle(case, indexer=True)
     got_f, ref_f = cache.view(-1, ROW_BYTES), ref.view(-1, ROW_BYTES)
@@ -201,6 +202,17 @@ def test_indexer_vs_reference_and_fp64(batch, device):
     case = make_case(12, starts, num_new, 4, True, 128, 64, device)
     plan = build_compress_plan(starts, num_new, 4, True, device=device)
     check_indexer(case, plan, torch.float32, device, f"indexer batch={batch}")
+
+
+@pytest.mark.parametrize("config", [CompressConfig(2, 2, 1), CompressConfig(4, 4, 2)])
+def test_other_launch_configs(config, device):
+    """Several plan rows a program, and windows over several steps (the online softmax across steps)."""
+    starts, num_new = BATCHES[1]
+    case = make_case(15, starts, num_new, 4, True, 96, 32, device)
+    plan = build_compress_plan(starts, num_new, 4, True, device=device)
+    check_main(case, plan, torch.float32, torch.float32, True, device, f"main {config}", config=config)
+    case = make_case(16, starts, num_new, 4, True, 128, 64, device)
+    check_indexer(case, plan, torch.float32, device, f"indexer {config}", config=config)
 
 
 def test_fixed_capacity_and_missing_pages_are_skipped(device):
