@@ -1,0 +1,60 @@
+"""What a process that runs the model needs to know: the model, its weights, the device, the pools.
+
+One frozen pydantic model, validated at the edge (the CLI) and trusted inside; each worker's own config
+holds one of these. `add_engine_args` / `engine_config_from_args` keep the flags the same everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparsepd.engine.pools import PoolConfig
+from sparsepd.model.config import ModelConfig, get_preset
+from sparsepd.model.transformer import Transformer
+from sparsepd.model.weights import build_model, read_config
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: str = "tiny"
+    checkpoint: str | None = None
+    seed: int = Field(0, ge=0, description="random-weight seed (every process of a deployment must agree)")
+    device: str = "cpu"
+    pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
+
+    def resolve_model_config(self) -> ModelConfig:
+        return (read_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
+
+    def build_model(self) -> Transformer:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available")
+        return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and memory")
+    g.add_argument("--preset", default="tiny", help="model preset: tiny, bench, v4-flash, v4-pro (default: tiny)")
+    g.add_argument("--checkpoint", default=None, help="directory of safetensors weights (default: random init)")
+    g.add_argument("--seed", type=int, default=0, help="random-weight seed; all workers must agree (default: 0)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--num-slots", type=int, default=32, help="requests holding state at once (default: 32)")
+    g.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per forward (default: 512)")
+    g.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages (page = 128 tokens on real presets); default: from --kv-memory")
+    g.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch")
+    g.add_argument("--gpu-memory-fraction", type=float, default=0.5,
+                   help="of free GPU memory when neither --num-pages nor --kv-memory is given (default: 0.5)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    num_pages = args.num_pages
+    if num_pages is None and args.kv_memory is None and not args.device.startswith("cuda"):
+        num_pages = 512
+    pools = PoolConfig(num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens, num_pages=num_pages,
+                       kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
+    return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
+                        pools=pools)

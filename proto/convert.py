@@ -1,0 +1,24 @@
+"""Conversions between worker-control messages and plain values (no engine types: proto depends on nothing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparsepd.proto import worker_pb2
+
+
+def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for the engine's SamplingParams.checked (which validates them)."""
+    return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, min_p=msg.min_p,
+                seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
+                stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+
+
+def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
+    msg = worker_pb2.SamplingParams(
+        temperature=values.get("temperature", 0.0), top_k=values.get("top_k", -1), top_p=values.get("top_p", 1.0),
+        min_p=values.get("min_p", 0.0), max_new_tokens=values.get("max_new_tokens", 16),
+        stop_token_ids=list(values.get("stop_token_ids", ())), ignore_eos=values.get("ignore_eos", False))
+    if values.get("seed") is not None:
+        msg.seed = values["seed"]
+    return msg
