@@ -52,7 +52,7 @@ KINDS = {  # name: (ratio, overlap, d, indexer)
 SWEEP = {
     "CSA main": [CompressConfig(1, 8, 4), CompressConfig(1, 8, 2), CompressConfig(1, 4, 4), CompressConfig(1, 8, 8),
                  CompressConfig(2, 8, 4)],
-    "HCA main": [CompressConfig(1, 16, 4), CompressConfig(1, 8, 4), CompressConfig(1, 8, 2), CompressConfig(1, 16, 2),
+    "HCA main": [CompressConfig(1, 8, 4), CompressConfig(1, 16, 4), CompressConfig(1, 8, 2), CompressConfig(1, 16, 2),
                  CompressConfig(1, 32, 4), CompressConfig(1, 4, 4)],
     "indexer": [CompressConfig(1, 8, 1), CompressConfig(1, 8, 2), CompressConfig(1, 4, 1), CompressConfig(2, 8, 2),
                 CompressConfig(1, 8, 4), CompressConfig(4, 8, 4)],

@@ -53,6 +53,7 @@ class Case:
 
 def make_case(seed, starts, num_new, ratio, overlap, d, rope, device, rows_per_page=4, num_slots=8) -> Case:
     g = torch.Generator().manual_seed(seed)
+    num_slots = max(num_slots, len(starts))
     coff = 2 if overlap else 1
     width, W = coff * d, coff * ratio
     ape = 0.5 * torch.randn(ratio, width, generator=g)
@@ -330,8 +331,9 @@ def test_prefill_then_decode_equals_one_prefill(ratio, overlap, d, rope, output,
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("ratio,overlap", [(4, True), (128, False)])
 def test_real_shapes_main(ratio, overlap, fp8, device):
-    starts = [0, 0, 1000] + [int(p) for p in torch.randint(0, 5000, (61,), generator=torch.Generator().manual_seed(1))]
-    num_new = [1024, 517, 300] + [1] * 61
+    # prefills (one continuing at 1000), decodes at random positions and three that commit an HCA entry
+    decodes = torch.randint(0, 1200, (58,), generator=torch.Generator().manual_seed(1)).tolist() + [127, 255, 1023]
+    starts, num_new = [0, 0, 1000] + decodes, [1024, 517, 300] + [1] * 61
     case = make_case(30, starts, num_new, ratio, overlap, 512, 64, device, rows_per_page=128 // ratio * 4)
     plan = build_compress_plan(starts, num_new, ratio, overlap, device=device)
     check_main(case, plan, torch.bfloat16, torch.bfloat16, fp8, device, f"gpu ratio={ratio} fp8={fp8}")
