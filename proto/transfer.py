@@ -1,0 +1,430 @@
+"""P→D state transfer frames (DESIGN.md §3): one versioned msgpack header, then the tensors' raw bytes.
+
+A transfer is one zmq multipart message from a prefill worker's DEALER to a decode worker's ROUTER:
+
+    frame 0        TransferHeader.encode(): msgpack map (version, ids, fingerprint, position, tokens,
+                   sampler state, frame_bytes, and per tensor: name, dtype, shape, nbytes, num_frames, crc32)
+    frames 1..N    every tensor in header order, its bytes cut into max(1, ⌈nbytes / frame_bytes⌉) frames
+                   of frame_bytes bytes each (the last one holds the rest)
+
+answered by one frame, Ack.encode() (transfer id, ok, reason). Destinations (pages, slot) never travel:
+the receiver writes into the reservation its ticket names, so a sender cannot address memory it was not
+given. `decode` checks every field's type, range and size before building a model and raises
+TransferError(reason) naming the field, the value and what was expected; it never calls cls(**untrusted).
+
+This module depends on nothing of the project (the router imports proto/): engine types enter through
+duck typing (`from_descriptor`) or as an argument (`to_descriptor(StateDescriptor)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = 1
+FAULT_ENV = "SPARSEPD_TRANSFER_FAULT"
+
+# Bytes per element of every dtype that may cross; anything else is rejected.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1, "int32": 4,
+               "int64": 8, "float8_e4m3fn": 1, "float8_e4m3fnuz": 1}
+
+DEFAULT_FRAME_BYTES = 8 << 20
+MIN_FRAME_BYTES = 256
+MAX_FRAME_BYTES = 1 << 30
+MAX_HEADER_BYTES = 4 << 20
+MAX_TENSORS = 4096  # a V4 state has ~7 per layer, ~430 for 61 layers
+MAX_DIMS = 8
+MAX_DIM = 1 << 40
+MAX_STATE_BYTES = 1 << 36  # per transfer (and so per tensor)
+MAX_FRAMES = 1 << 20
+MAX_OUTPUT_IDS = 4096
+MAX_TOKEN_ID = 1 << 31
+MAX_POSITION = 1 << 31
+MAX_SAMPLER_STATE_BYTES = 1 << 16
+MAX_ID_CHARS = 256
+MAX_REASON_CHARS = 2048
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,256}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
+
+
+class TransferError(RuntimeError):
+    """A transfer failed or a frame was rejected; `reason` says which field, value and expectation."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransferTimeout(TransferError):
+    """No ack came in time: the endpoint is unreachable, the receiver slow, or a message or ack was lost."""
+
+
+def num_frames_for(nbytes: int, frame_bytes: int) -> int:
+    """Frames of one tensor of nbytes bytes: at least one (an empty tensor travels as an empty frame)."""
+    return max(1, -(-nbytes // frame_bytes))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class TensorHeader(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=_NAME.pattern)
+    dtype: Literal[tuple(DTYPE_BYTES)]  # type: ignore[valid-type]
+    shape: tuple[int, ...] = Field(max_length=MAX_DIMS)
+    nbytes: int = Field(ge=0, le=MAX_STATE_BYTES)
+    num_frames: int = Field(ge=1, le=MAX_FRAMES)
+    crc32: int | None = Field(None, ge=0, lt=1 << 32, description="zlib.crc32 of the bytes, when checksummed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TensorHeader:
+        if any(not 0 <= d < MAX_DIM for d in self.shape):
+            raise ValueError(f"tensor {self.name}: shape {self.shape} has a dimension outside [0, 2**40)")
+        if self.nbytes != _numel(self.shape) * DTYPE_BYTES[self.dtype]:
+            raise ValueError(f"tensor {self.name}: nbytes={self.nbytes}, but {self.dtype} {self.shape} holds "
+                             f"{_numel(self.shape) * DTYPE_BYTES[self.dtype]}")
+        return self
+
+
+class TransferHeader(BaseModel):
+    """Frame 0 of a transfer; `tensors` lists the payload frames in order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = PROTOCOL_VERSION
+    transfer_id: str = Field(pattern=_ID.pattern)
+    request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    fingerprint: str = Field(pattern=_FINGERPRINT.pattern)
+    position: int = Field(ge=0, le=MAX_POSITION, description="tokens whose KV the state holds")
+    num_pages: int = Field(ge=0, le=MAX_POSITION)
+    output_ids: tuple[int, ...] = Field(max_length=MAX_OUTPUT_IDS, description="tokens sampled so far")
+    sampler_state: bytes = Field(max_length=MAX_SAMPLER_STATE_BYTES)
+    frame_bytes: int = Field(DEFAULT_FRAME_BYTES, ge=MIN_FRAME_BYTES, le=MAX_FRAME_BYTES)
+    tensors: tuple[TensorHeader, ...] = Field(max_length=MAX_TENSORS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransferHeader:
+        if self.version != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {self.version} is not supported; this side speaks {PROTOCOL_VERSION}")
+        if not request_id_ok(self.request_id):
+            raise ValueError(f"request_id {self.request_id!r} has control characters")
+        if any(not 0 <= t < MAX_TOKEN_ID for t in self.output_ids):
+            raise ValueError(f"output_ids {list(self.output_ids)} hold a token outside [0, 2**31)")
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        for t in self.tensors:
+            if t.num_frames != num_frames_for(t.nbytes, self.frame_bytes):
+                raise ValueError(f"tensor {t.name}: num_frames={t.num_frames}, but {t.nbytes} bytes in frames of "
+                                 f"{self.frame_bytes} make {num_frames_for(t.nbytes, self.frame_bytes)}")
+        if self.num_bytes > MAX_STATE_BYTES:
+            raise ValueError(f"the state holds {self.num_bytes} bytes, more than the limit {MAX_STATE_BYTES}")
+        if self.num_frames > MAX_FRAMES:
+            raise ValueError(f"the state needs {self.num_frames} frames, more than the limit {MAX_FRAMES}")
+        return self
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def num_frames(self) -> int:
+        """Payload frames (frame 0, the header, not counted)."""
+        return sum(t.num_frames for t in self.tensors)
+
+    # --- to and from the engine's state descriptor ---------------------------------------------------
+    @classmethod
+    def from_descriptor(cls, descriptor: Any, *, transfer_id: str, request_id: str, fingerprint: str,
+                        frame_bytes: int = DEFAULT_FRAME_BYTES) -> TransferHeader:
+        """The header for an exported state (engine.state_io.StateDescriptor or anything with its fields)."""
+        tensors = tuple(_tensor_header(spec.name, spec.dtype, tuple(spec.shape), frame_bytes)
+                        for spec in descriptor.tensors)
+        return cls(transfer_id=transfer_id, request_id=request_id, fingerprint=fingerprint,
+                   position=descriptor.position, num_pages=descriptor.num_pages,
+                   output_ids=tuple(descriptor.output_ids), sampler_state=bytes(descriptor.sampler_state),
+                   frame_bytes=frame_bytes, tensors=tensors)
+
+    def to_descriptor(self, descriptor_type: type[BaseModel]) -> Any:
+        """The state descriptor this header carries, as `descriptor_type` (engine.state_io.StateDescriptor)."""
+        return descriptor_type.model_validate({
+            "position": self.position, "num_pages": self.num_pages, "output_ids": self.output_ids,
+            "sampler_state": self.sampler_state,
+            "tensors": tuple({"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in self.tensors)})
+
+    def specs(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """(name, dtype, shape) of every tensor, in order: what a reservation is compared with."""
+        return tuple((t.name, t.dtype, t.shape) for t in self.tensors)
+
+    def reframed(self, frame_bytes: int) -> TransferHeader:
+        """The same header with tensors cut into frames of frame_bytes (checksums kept)."""
+        tensors = tuple(t.model_copy(update={"num_frames": num_frames_for(t.nbytes, frame_bytes)})
+                        for t in self.tensors)
+        return self.model_validate({**dict(self), "frame_bytes": frame_bytes, "tensors": tensors})
+
+    def with_checksums(self, crcs: list[int | None]) -> TransferHeader:
+        tensors = tuple(t.model_copy(update={"crc32": c}) for t, c in zip(self.tensors, crcs, strict=True))
+        return self.model_validate({**dict(self), "tensors": tensors})
+
+    # --- the wire ------------------------------------------------------------------------------------
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "version": self.version, "transfer_id": self.transfer_id, "request_id": self.request_id,
+            "fingerprint": self.fingerprint, "position": self.position, "num_pages": self.num_pages,
+            "output_ids": list(self.output_ids), "sampler_state": self.sampler_state,
+            "frame_bytes": self.frame_bytes,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes,
+                         "num_frames": t.num_frames, "crc32": t.crc32} for t in self.tensors]},
+            use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> TransferHeader:
+        """Parse and validate frame 0; raise TransferError naming the first bad field."""
+        raw = _unpack(data, MAX_HEADER_BYTES, "transfer header")
+        _check_keys(raw, _HEADER_KEYS, "transfer header")
+        version = _int(raw["version"], "version", 0, 1 << 31)
+        if version != PROTOCOL_VERSION:
+            raise TransferError(f"protocol version {version} is not supported; this side speaks {PROTOCOL_VERSION}")
+        transfer_id = _str(raw["transfer_id"], "transfer_id", _ID)
+        request_id = _str(raw["request_id"], "request_id", None)
+        fingerprint = _str(raw["fingerprint"], "fingerprint", _FINGERPRINT)
+        position = _int(raw["position"], "position", 0, MAX_POSITION)
+        num_pages = _int(raw["num_pages"], "num_pages", 0, MAX_POSITION)
+        output_ids = _list(raw["output_ids"], "output_ids", MAX_OUTPUT_IDS)
+        for i, t in enumerate(output_ids):
+            _int(t, f"output_ids[{i}]", 0, MAX_TOKEN_ID - 1)
+        sampler_state = raw["sampler_state"]
+        if type(sampler_state) is not bytes or len(sampler_state) > MAX_SAMPLER_STATE_BYTES:
+            raise TransferError(f"sampler_state: expected at most {MAX_SAMPLER_STATE_BYTES} bytes, got "
+                                f"{_describe(sampler_state)}")
+        frame_bytes = _int(raw["frame_bytes"], "frame_bytes", MIN_FRAME_BYTES, MAX_FRAME_BYTES)
+        tensors = tuple(_decode_tensor(t, i, frame_bytes)
+                        for i, t in enumerate(_list(raw["tensors"], "tensors", MAX_TENSORS)))
+        try:
+            return cls(version=version, transfer_id=transfer_id, request_id=request_id, fingerprint=fingerprint,
+                       position=position, num_pages=num_pages, output_ids=tuple(output_ids),
+                       sampler_state=sampler_state, frame_bytes=frame_bytes, tensors=tensors)
+        except ValueError as exc:  # pydantic's ValidationError: cross-field checks (repeats, totals)
+            raise TransferError(f"transfer header: {_first_error(exc)}") from None
+
+
+class Ack(BaseModel):
+    """The receiver's answer to one transfer; transfer_id is "" when the header was unreadable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transfer_id: str = Field(max_length=MAX_ID_CHARS)
+    ok: bool
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
+
+    @classmethod
+    def reject(cls, transfer_id: str, reason: str) -> Ack:
+        return cls(transfer_id=transfer_id, ok=False, reason=reason[:MAX_REASON_CHARS])
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"transfer_id": self.transfer_id, "ok": self.ok, "reason": self.reason},
+                             use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> Ack:
+        raw = _unpack(data, 4 * MAX_REASON_CHARS + 1024, "ack")
+        _check_keys(raw, {"transfer_id", "ok", "reason"}, "ack")
+        transfer_id = _str(raw["transfer_id"], "ack transfer_id", _ID, allow_empty=True)
+        if type(raw["ok"]) is not bool:
+            raise TransferError(f"ack ok: expected a bool, got {_describe(raw['ok'])}")
+        reason = raw["reason"]
+        if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
+            raise TransferError(f"ack reason: expected a string of at most {MAX_REASON_CHARS} characters, got "
+                                f"{_describe(reason)}")
+        return cls(transfer_id=transfer_id, ok=raw["ok"], reason=reason)
+
+
+def peek_transfer_id(data: bytes | memoryview) -> str:
+    """The transfer id of a header that failed validation, when it can be read at all (else "")."""
+    try:
+        raw = _unpack(data, MAX_HEADER_BYTES, "transfer header")
+        value = raw.get("transfer_id")
+        return value if type(value) is str and _ID.fullmatch(value) else ""
+    except TransferError:
+        return ""
+
+
+def request_id_ok(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
+def transfer_id_ok(value: str) -> bool:
+    return bool(_ID.fullmatch(value))
+
+
+def model_fingerprint(cfg: BaseModel | Mapping[str, Any], extra: str = "") -> str:
+    """sha256 (16 hex digits) of the model config as canonical JSON, plus `extra` (e.g. a weights id).
+
+    Two workers agree when they run the same architecture, numerics and serving geometry; the config does
+    not name the weights, so pass a checkpoint or seed id as `extra` when that must match too.
+    """
+    values = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    text = json.dumps(values, sort_keys=True, separators=(",", ":")) + "\0" + extra
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- fault injection ---------------------------------------------------------------------------------
+SENDER_FAULTS = ("drop", "delay", "truncate", "corrupt")
+RECEIVER_FAULTS = ("drop_ack", "delay_ack")
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """A deliberate transfer fault, for tests and drills (off unless given or set in SPARSEPD_TRANSFER_FAULT).
+
+    Sender kinds: drop (never send), delay (send delay_s late), truncate (cut the last payload frame in
+    half), corrupt (flip one byte of the first non-empty payload frame; only checksums catch it).
+    Receiver kinds: drop_ack (accept, never answer), delay_ack (answer delay_s late). `limit` bounds the
+    transfers affected (None = all). Text form: KIND, KIND:SECONDS, optionally @LIMIT (`delay:0.5@3`).
+    """
+
+    kind: Literal["drop", "delay", "truncate", "corrupt", "drop_ack", "delay_ack"]
+    delay_s: float = 0.0
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SENDER_FAULTS + RECEIVER_FAULTS:
+            raise ValueError(f"fault kind {self.kind!r}: expected one of {SENDER_FAULTS + RECEIVER_FAULTS}")
+        if not 0.0 <= self.delay_s <= 3600.0:
+            raise ValueError(f"fault delay_s={self.delay_s}: expected seconds in [0, 3600]")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"fault limit={self.limit}: expected ≥ 0 or None")
+
+    @property
+    def on_sender(self) -> bool:
+        return self.kind in SENDER_FAULTS
+
+    @classmethod
+    def parse(cls, text: str) -> FaultPlan:
+        m = re.fullmatch(r"([a-z_]+)(?::([0-9.]+))?(?:@([0-9]+))?", text.strip())
+        if m is None:
+            raise ValueError(f"fault {text!r}: expected KIND[:SECONDS][@LIMIT] with KIND one of "
+                             f"{SENDER_FAULTS + RECEIVER_FAULTS}")
+        kind, seconds, limit = m.groups()
+        if (seconds is not None) != (kind in ("delay", "delay_ack")):
+            raise ValueError(f"fault {text!r}: delay and delay_ack take :SECONDS, the other kinds none")
+        return cls(kind, float(seconds or 0.0), int(limit) if limit is not None else None)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> FaultPlan | None:
+        text = env.get(FAULT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            return cls.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{FAULT_ENV}: {exc}") from None
+
+
+# --- validation of untrusted maps ----------------------------------------------------------------------
+_HEADER_KEYS = {"version", "transfer_id", "request_id", "fingerprint", "position", "num_pages", "output_ids",
+                "sampler_state", "frame_bytes", "tensors"}
+_TENSOR_KEYS = {"name", "dtype", "shape", "nbytes", "num_frames", "crc32"}
+
+
+def _unpack(data: bytes | memoryview, limit: int, what: str) -> dict:
+    if len(data) > limit:
+        raise TransferError(f"{what}: {len(data)} bytes, more than the limit {limit}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on bad input
+        raise TransferError(f"{what}: malformed msgpack ({type(exc).__name__}: {exc})") from None
+    if type(raw) is not dict:
+        raise TransferError(f"{what}: expected a msgpack map, got {_describe(raw)}")
+    return raw
+
+
+def _check_keys(raw: dict, want: set[str], what: str) -> None:
+    if set(raw) != want:
+        missing, extra = sorted(want - set(raw)), sorted(set(raw) - want, key=str)
+        raise TransferError(f"{what}: missing fields {missing}, unexpected fields {extra}")
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
+
+
+def _int(value: object, label: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise TransferError(f"{label}: expected an int in [{lo}, {hi}], got {_describe(value)}")
+    return value
+
+
+def _str(value: object, label: str, pattern: re.Pattern | None, allow_empty: bool = False) -> str:
+    ok = type(value) is str and ((allow_empty and value == "") or bool(
+        pattern.fullmatch(value) if pattern is not None else request_id_ok(value)))
+    if not ok:
+        want = f"matching {pattern.pattern}" if pattern is not None else f"of 1 to {MAX_ID_CHARS} printable characters"
+        raise TransferError(f"{label}: expected a string {want}, got {_describe(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _list(value: object, label: str, limit: int) -> list:
+    if type(value) is not list or len(value) > limit:
+        raise TransferError(f"{label}: expected a list of at most {limit} items, got {_describe(value)}")
+    return value
+
+
+def _decode_tensor(raw: object, i: int, frame_bytes: int) -> TensorHeader:
+    where = f"tensors[{i}]"
+    if type(raw) is not dict:
+        raise TransferError(f"{where}: expected a map, got {_describe(raw)}")
+    _check_keys(raw, _TENSOR_KEYS, where)
+    name = _str(raw["name"], f"{where} name", _NAME)
+    where = f"tensor {name}"
+    dtype = raw["dtype"]
+    if type(dtype) is not str or dtype not in DTYPE_BYTES:
+        raise TransferError(f"{where} dtype: expected one of {sorted(DTYPE_BYTES)}, got {_describe(dtype)}")
+    shape = raw["shape"]
+    if type(shape) is not list or len(shape) > MAX_DIMS or any(type(d) is not int or not 0 <= d < MAX_DIM
+                                                               for d in shape):
+        raise TransferError(f"{where} shape: expected at most {MAX_DIMS} ints in [0, 2**40), got {_describe(shape)}")
+    nbytes = _int(raw["nbytes"], f"{where} nbytes", 0, MAX_STATE_BYTES)
+    if nbytes != _numel(tuple(shape)) * DTYPE_BYTES[dtype]:
+        raise TransferError(f"{where} nbytes: {dtype} {tuple(shape)} holds "
+                            f"{_numel(tuple(shape)) * DTYPE_BYTES[dtype]} bytes, the header says {nbytes}")
+    num_frames = _int(raw["num_frames"], f"{where} num_frames", 1, MAX_FRAMES)
+    if num_frames != num_frames_for(nbytes, frame_bytes):
+        raise TransferError(f"{where} num_frames: {nbytes} bytes in frames of {frame_bytes} make "
+                            f"{num_frames_for(nbytes, frame_bytes)}, the header says {num_frames}")
+    crc = raw["crc32"]
+    if crc is not None:
+        crc = _int(crc, f"{where} crc32", 0, (1 << 32) - 1)
+    return TensorHeader(name=name, dtype=dtype, shape=tuple(shape), nbytes=nbytes, num_frames=num_frames, crc32=crc)
+
+
+def _tensor_header(name: str, dtype: str, shape: tuple[int, ...], frame_bytes: int) -> TensorHeader:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"tensor {name}: dtype {dtype!r} cannot be shipped; allowed: {sorted(DTYPE_BYTES)}")
+    nbytes = _numel(shape) * DTYPE_BYTES[dtype]
+    return TensorHeader(name=name, dtype=dtype, shape=shape, nbytes=nbytes,
+                        num_frames=num_frames_for(nbytes, frame_bytes))
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    e = errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    return f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}"
