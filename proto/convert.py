@@ -8,8 +8,9 @@ from sparsepd.proto import worker_pb2
 
 
 def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
-    """Keyword arguments for the engine's SamplingParams.checked (which validates them)."""
-    return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, min_p=msg.min_p,
+    """Keyword arguments for the engine's SamplingParams.checked (which validates them). A proto3 zero
+    means "not set": top_p 0 is 1.0 (off), top_k 0 is off."""
+    return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0, min_p=msg.min_p,
                 seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
                 stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
 

@@ -65,7 +65,23 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser]
+def _worker_parser(name: str, module: str, help_text: str) -> Callable[[argparse._SubParsersAction], None]:
+    def add(sub: argparse._SubParsersAction) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(run=lambda args: __import__("asyncio").run(mod.serve(args)))
+
+    return add
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _generate_parser,
+    _worker_parser("prefill-worker", "sparsepd.prefill_worker.main", "run one prefill worker process"),
+    _worker_parser("decode-worker", "sparsepd.decode_worker.main", "run one decode worker process"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

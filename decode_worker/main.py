@@ -1,0 +1,70 @@
+"""`sparsepd decode-worker`: one decode process (control server + state receiver + decode loop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+
+import grpc
+
+from sparsepd.decode_worker.service import DecodeService
+from sparsepd.decode_worker.transfer_receiver import TransferReceiver
+from sparsepd.decode_worker.worker import DecodeWorker
+from sparsepd.engine.config import add_engine_args, engine_config_from_args
+from sparsepd.engine.engine import Engine
+from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.proto import worker_pb2_grpc
+from sparsepd.proto.transfer import model_fingerprint
+
+log = logging.getLogger("sparsepd.decode")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="control server address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="control server port; 0 = any free port (default: 0)")
+    p.add_argument("--zmq-endpoint", default="tcp://127.0.0.1:0",
+                   help="where prefill workers push states: tcp://HOST:PORT (0 = any) or ipc://PATH "
+                        "(default: %(default)s)")
+    p.add_argument("--reservation-ttl", type=float, default=30.0,
+                   help="seconds a reservation waits for its state before its pages are freed (default: 30)")
+    p.add_argument("--log-level", default="INFO")
+    add_engine_args(p)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    setup_logging("decode", args.log_level)
+    cfg = engine_config_from_args(args)
+    model = cfg.build_model()
+    engine = Engine(model, cfg.pools)
+    fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
+    worker = DecodeWorker(engine, default_ttl_s=args.reservation_ttl)
+    receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected)
+    worker.cancel_transfer = receiver.cancel
+    worker.expect_transfer = receiver.expect
+    worker.transfer_stats = lambda: {k: v for k, v in receiver.stats.items() if isinstance(v, int)}
+    loop_thread = threading.Thread(target=worker.run, name="decode-loop", daemon=True)
+    loop_thread.start()
+    server = grpc.aio.server()
+    service = DecodeService(worker, receiver.endpoint, fingerprint)
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    stop = stop_on_signals(asyncio.get_running_loop())
+    print_ready("decode", grpc=f"{args.host}:{port}", zmq=receiver.endpoint, fingerprint=fingerprint,
+                pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
+    await stop.wait()
+    log.info("stopping: no new reservations, closing")
+    service.serving = False
+    await server.stop(grace=2.0)
+    worker.stop_event.set()
+    loop_thread.join(timeout=5)
+    receiver.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsepd decode-worker", description=__doc__)
+    add_arguments(p)
+    return asyncio.run(serve(p.parse_args(argv)))

@@ -1,0 +1,79 @@
+"""The decode worker's control server (grpc.aio): thin — validate, convert, hand to `DecodeWorker`, stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from sparsepd.decode_worker.worker import DecodeWorker, TokenUpdate
+from sparsepd.engine.pools import OutOfCapacity
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.proto.convert import sampling_to_dict
+
+log = logging.getLogger("sparsepd.decode")
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker: DecodeWorker, endpoint: str, fingerprint: str):
+        self.worker, self.endpoint, self.fingerprint = worker, endpoint, fingerprint
+        self.serving = True
+
+    async def Reserve(self, request, context):
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        if request.prompt_len < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_len must be ≥ 1, got {request.prompt_len}")
+        if not self.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode worker is shutting down")
+        try:
+            params = SamplingParams.checked(**sampling_to_dict(request.sampling))
+            loop = asyncio.get_running_loop()
+            res = await loop.run_in_executor(None, self.worker.reserve, request.request_id, request.prompt_len,
+                                             params, request.ttl_s)
+        except OutOfCapacity as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ticket = worker_pb2.Ticket(transfer_id=res.transfer_id, endpoint=self.endpoint, page_ids=res.request.pages,
+                                   slot=res.request.slot, expires_at_unix_s=res.expires_at,
+                                   fingerprint=self.fingerprint)
+        return worker_pb2.ReserveResponse(ticket=ticket)
+
+    async def Release(self, request, context):
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self.worker.release, request.request_id)
+        return worker_pb2.ReleaseResponse(found=found)
+
+    async def StreamTokens(self, request, context):
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+
+        def listener(step: int, batch: list[TokenUpdate]) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, (step, batch))
+
+        self.worker.listeners.append(listener)
+        try:
+            while True:
+                step, batch = await updates.get()
+                yield worker_pb2.StepBatch(step=step, events=[
+                    worker_pb2.TokenEvent(request_id=u.request_id, token_ids=list(u.token_ids),
+                                          finish_reason=u.finish_reason, error=u.error) for u in batch])
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.worker.listeners.remove(listener)
+
+    async def Health(self, request, context):
+        return worker_pb2.HealthResponse(serving=self.serving, role="decode")
+
+    async def Stats(self, request, context):
+        s = self.worker.stats()
+        c = s["counters"]
+        return worker_pb2.StatsResponse(
+            role="decode", num_pages=s["num_pages"], free_pages=s["free_pages"], num_slots=s["num_slots"],
+            free_slots=s["free_slots"], running=s["running"], waiting=s["waiting"],
+            transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
+            rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0))

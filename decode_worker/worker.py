@@ -1,0 +1,182 @@
+"""The decode worker's state and loop: reservations, shipped states admitted into the running batch,
+continuous-batching decode, one token message per step.
+
+Threads: the gRPC server (asyncio) calls `reserve`/`release`; the transfer receiver's thread calls
+`on_state`; the loop thread owns the engine. Everything that touches the engine goes through `inbox` or
+holds `lock`, so the GPU work happens on the loop thread only and a transfer never blocks a step (only
+the pool copy of an arrived state runs on the loop, between steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparsepd.engine.engine import Engine
+from sparsepd.engine.pools import OutOfCapacity
+from sparsepd.engine.request import Request
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
+
+log = logging.getLogger("sparsepd.decode")
+
+
+@dataclass
+class Reservation:
+    request: Request
+    transfer_id: str
+    expires_at: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class TokenUpdate:
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "" while running
+    error: str = ""
+
+
+class DecodeWorker:
+    def __init__(self, engine: Engine, default_ttl_s: float = 30.0):
+        self.engine = engine
+        self.default_ttl_s = default_ttl_s
+        self.lock = threading.Lock()
+        self.reservations: dict[str, Reservation] = {}  # request id → reservation awaiting its state
+        self.by_transfer: dict[str, str] = {}  # transfer id → request id
+        self.inbox: queue.Queue = queue.Queue()
+        self.stop_event = threading.Event()
+        self.listeners: list[Callable[[int, list[TokenUpdate]], None]] = []
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.cancel_transfer: Callable[[str], object] = lambda transfer_id: None
+        self.expect_transfer: Callable[..., object] = lambda *args, **kwargs: None
+        self.transfer_stats: Callable[[], dict] = dict
+        self.step_count = 0
+
+    # --- called from the control server -----------------------------------------------------------
+    def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
+        """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity)."""
+        with self.lock:
+            if request_id in self.reservations or any(r.request_id == request_id for r in self.engine.scheduler.running):
+                raise ValueError(f"request id {request_id!r} is already reserved or running on this worker")
+            request = self.engine.make_request([0] * prompt_len, params, request_id)
+            if request.max_len > self.engine.model.cfg.max_seq_len:
+                raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {params.max_new_tokens} exceeds "
+                                 f"max_seq_len={self.engine.model.cfg.max_seq_len}")
+            self.engine.scheduler.reserve(request)
+            res = Reservation(request, uuid.uuid4().hex, time.time() + (ttl_s or self.default_ttl_s))
+            self.reservations[request_id] = res
+            self.by_transfer[res.transfer_id] = request_id
+            self.expect_transfer(res.transfer_id, request_id, deadline_s=res.expires_at - time.time(),
+                                 max_pages=len(request.pages))
+            return res
+
+    def release(self, request_id: str) -> bool:
+        """Abort a request wherever it is here (reserved or decoding); False if unknown."""
+        with self.lock:
+            res = self.reservations.pop(request_id, None)
+            if res is not None:
+                self.by_transfer.pop(res.transfer_id, None)
+                self.engine.scheduler.release(res.request)
+                self.cancel_transfer(res.transfer_id)
+                return True
+        self.inbox.put(("abort", request_id))
+        return any(r.request_id == request_id for r in list(self.engine.scheduler.running))
+
+    def expected(self, transfer_id: str, num_pages: int):
+        return expected_specs(self.engine.pools, num_pages)
+
+    # --- called from the transfer receiver's thread -------------------------------------------------
+    def on_state(self, transfer_id: str, descriptor: StateDescriptor, tensors: dict[str, torch.Tensor]) -> None:
+        self.inbox.put(("state", transfer_id, descriptor, tensors))
+
+    # --- the loop thread --------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self._drain(block=not self.engine.scheduler.running)
+            self._expire()
+            if self.engine.scheduler.running:
+                with self.lock:
+                    outputs = self.engine.step()
+                self.step_count += 1
+                updates = [TokenUpdate(o.request_id, (o.token,), o.finish_reason or "") for o in outputs]
+                self.counters["tokens_generated"] += len(outputs)
+                self._publish(updates)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "abort":
+            with self.lock:
+                found = self.engine.scheduler.abort(item[1])
+            if found:
+                self._publish([TokenUpdate(item[1], (), "abort")])
+            return
+        _, transfer_id, descriptor, tensors = item
+        with self.lock:
+            request_id = self.by_transfer.pop(transfer_id, None)
+            res = self.reservations.pop(request_id, None) if request_id else None
+            if res is None:  # released or expired while in flight
+                self.counters["late_states"] += 1
+                return
+            try:
+                import_state(self.engine.pools, res.request, descriptor, tensors)
+            except ValueError as exc:
+                self.rejected[f"import: {exc}"[:80]] += 1
+                self.engine.scheduler.release(res.request)
+                self._publish([TokenUpdate(res.request.request_id, (), "error", str(exc))])
+                return
+            self.engine.scheduler.activate(res.request)
+            self.counters["transfers_ok"] += 1
+
+    def _expire(self) -> None:
+        now = time.time()
+        with self.lock:
+            expired = [r for r in self.reservations.values() if r.expires_at < now]
+            for res in expired:
+                del self.reservations[res.request.request_id]
+                self.by_transfer.pop(res.transfer_id, None)
+                self.engine.scheduler.release(res.request)
+                self.cancel_transfer(res.transfer_id)
+                self.counters["reservations_expired"] += 1
+                log.warning("reservation of %s expired without a state; pages released", res.request.request_id)
+        for res in expired:
+            self._publish([TokenUpdate(res.request.request_id, (), "error", "reservation expired: no state arrived")])
+
+    def _publish(self, updates: list[TokenUpdate]) -> None:
+        if updates:
+            for listener in list(self.listeners):
+                listener(self.step_count, updates)
+
+    def stats(self) -> dict:
+        pools = self.engine.pools
+        with self.lock:
+            return dict(num_pages=pools.pages.capacity, free_pages=pools.pages.num_free,
+                        num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
+                        running=len(self.engine.scheduler.running), waiting=len(self.reservations),
+                        counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
+
+    def is_empty(self) -> bool:
+        pools = self.engine.pools
+        return pools.pages.num_used == 0 and pools.slots.num_used == 0
+
+
+__all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate"]

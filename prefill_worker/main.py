@@ -1,0 +1,60 @@
+"""`sparsepd prefill-worker`: one prefill process (control server + engine + state sender)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from sparsepd.engine.config import add_engine_args, engine_config_from_args
+from sparsepd.engine.engine import Engine
+from sparsepd.prefill_worker.service import PrefillService
+from sparsepd.prefill_worker.transfer_sender import TransferSender
+from sparsepd.prefill_worker.worker import PrefillWorker
+from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.proto import worker_pb2_grpc
+from sparsepd.proto.transfer import model_fingerprint
+
+log = logging.getLogger("sparsepd.prefill")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="control server address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="control server port; 0 = any free port (default: 0)")
+    p.add_argument("--transfer-timeout", type=float, default=10.0,
+                   help="seconds to wait for a decode worker's ack before failing the request (default: 10)")
+    p.add_argument("--log-level", default="INFO")
+    add_engine_args(p)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    setup_logging("prefill", args.log_level)
+    cfg = engine_config_from_args(args)
+    model = cfg.build_model()
+    engine = Engine(model, cfg.pools)
+    fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
+    sender = TransferSender(ack_timeout_s=args.transfer_timeout)
+    worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout)
+    service = PrefillService(worker)
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    stop = stop_on_signals(asyncio.get_running_loop())
+    print_ready("prefill", grpc=f"{args.host}:{port}", fingerprint=fingerprint,
+                pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
+    await stop.wait()
+    log.info("stopping: finishing the batch in flight")
+    service.serving = False
+    await server.stop(grace=5.0)
+    service.executor.shutdown(wait=True)
+    sender.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsepd prefill-worker", description=__doc__)
+    add_arguments(p)
+    return asyncio.run(serve(p.parse_args(argv)))

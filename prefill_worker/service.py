@@ -1,0 +1,61 @@
+"""The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.prefill_worker.worker import PrefillJob, PrefillWorker
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.proto.convert import sampling_to_dict
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, worker: PrefillWorker):
+        self.worker = worker
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-gpu")
+        self.serving = True
+
+    async def Prefill(self, request, context):
+        if not self.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker is shutting down")
+        jobs = []
+        for i, r in enumerate(request.requests):
+            where = f"requests[{i}] ({r.request_id or 'no id'})"
+            if not r.request_id or not r.input_ids:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: request_id and input_ids are required")
+            if not r.HasField("ticket") or not r.ticket.transfer_id or not r.ticket.endpoint:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: a ticket with transfer_id and "
+                                                                      "endpoint is required")
+            try:
+                params = SamplingParams.checked(**sampling_to_dict(r.sampling))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}")
+            jobs.append(PrefillJob(r.request_id, list(r.input_ids), params, r.ticket.transfer_id, r.ticket.endpoint,
+                                   r.ticket.fingerprint))
+        if len({j.request_id for j in jobs}) != len(jobs):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
+        return worker_pb2.PrefillResponse(results=[
+            worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
+                                     finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
+                                     prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms) for o in outcomes])
+
+    async def Release(self, request, context):
+        return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
+
+    async def Health(self, request, context):
+        return worker_pb2.HealthResponse(serving=self.serving, role="prefill")
+
+    async def Stats(self, request, context):
+        pools, c = self.worker.engine.pools, self.worker.counters
+        return worker_pb2.StatsResponse(
+            role="prefill", num_pages=pools.pages.capacity, free_pages=pools.pages.num_free,
+            num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
+            running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
+            transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
+            transfer_bytes=c["transfer_bytes"])
