@@ -65,7 +65,8 @@ class DecodeWorker:
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
         """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity)."""
         with self.lock:
-            if request_id in self.reservations or any(r.request_id == request_id for r in self.engine.scheduler.running):
+            running = {r.request_id for r in self.engine.scheduler.running}
+            if request_id in self.reservations or request_id in running:
                 raise ValueError(f"request id {request_id!r} is already reserved or running on this worker")
             request = self.engine.make_request([0] * prompt_len, params, request_id)
             if request.max_len > self.engine.model.cfg.max_seq_len:

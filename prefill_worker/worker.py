@@ -70,7 +70,8 @@ class PrefillWorker:
         self.cancelled.add(request_id)
         return True
 
-    def _submit(self, jobs: list[PrefillJob], outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
+    def _submit(self, jobs: list[PrefillJob],
+                outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
         requests = {}
         for job in jobs:
             if job.fingerprint != self.fingerprint:
