@@ -33,6 +33,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _via_f64(fn, x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:  # GPU elementwise code has no vectorized/scalar split: fp32 is batch-invariant there
+        return fn(x.float())
     return fn(x.double()).to(torch.float32)
 
 
