@@ -1,0 +1,1 @@
+"""The router: the public gRPC API (SGLang scheduler service), batching, dispatch, transfer coordination."""
