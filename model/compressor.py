@@ -15,8 +15,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sparsepd.kernels.compress_plan import build_compress_plan
+from sparsepd.kernels.compressor import compress_indexer, compress_main
 from sparsepd.kernels.indexer import ROW_BYTES as INDEX_ROW_BYTES
 from sparsepd.kernels.indexer import dequantize_rows_fp8, indexer_cache_write, quantize_rows_fp8
+from sparsepd.kernels.state_update import compressor_state_write
 from sparsepd.model.numerics import (
     apply_rope,
     fp4_round_trip,
@@ -65,6 +68,8 @@ class Compressor(nn.Module):
     def commit(self, kv: torch.Tensor, score: torch.Tensor, start: int, ring: CompressorRing,
                freqs: torch.Tensor) -> torch.Tensor:
         """`forward` from projected rows (kv, score) `[n, coff*d]` of positions start…start+n−1."""
+        if kv.is_cuda:
+            return self._commit_with_kernels(kv, score, start, ring, freqs)
         n, ratio, size = kv.shape[0], self.ratio, self.state_size
         device = kv.device
         positions = torch.arange(start, start + n, device=device)
@@ -86,6 +91,32 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token rows (kv, score) `[n, coff*d]` fp32; the positional bias `ape` is not yet added."""
         return linear(x.float(), self.wkv.weight), linear(x.float(), self.wgate.weight)
+
+    def _commit_with_kernels(self, kv: torch.Tensor, score: torch.Tensor, start: int, ring: CompressorRing,
+                             freqs: torch.Tensor) -> torch.Tensor:
+        """The same through the fused compressor and ring-write kernels: this request as a batch of one,
+        its ring as slot 0, the new entries as pages of one row (page_table maps entry e to row e − first)."""
+        n, ratio, device = kv.shape[0], self.ratio, kv.device
+        first, end = (start + ratio) // ratio - 1, (start + n) // ratio  # entries first … end−1 commit now
+        plan = build_compress_plan([start], [n], ratio, self.overlap, device=device)
+        cos, sin = rope_cos_sin(torch.arange(max(start + n, 1), device=device), freqs)
+        page_table = (torch.arange(max(end, 1), device=device, dtype=torch.int32) - first)[None]
+        kv_state, score_state = ring.kv[None], ring.score[None]  # [1, state_size, coff*d] views
+        slot = torch.zeros(1, dtype=torch.int64, device=device)
+        m = max(end - first, 0)
+        args = (kv.contiguous(), score.contiguous(), self.ape, kv_state, score_state, slot, plan, self.norm.weight,
+                cos, sin)
+        if self.output == "main":
+            out = torch.empty(m, 1, self.head_dim, dtype=self.act_dtype, device=device)
+            compress_main(*args, out, page_table, eps=self.norm.eps, act_dtype=self.act_dtype,
+                          fp8_nope=self.quantize == "fp8")
+        elif self.quantize == "fp8":
+            out = torch.zeros(m, 1, INDEX_ROW_BYTES, dtype=torch.uint8, device=device)
+            compress_indexer(*args, out, page_table, eps=self.norm.eps, act_dtype=self.act_dtype)
+        else:
+            raise ValueError(f"the indexer's {self.quantize!r} simulation has no GPU kernel; use indexer_quant='fp8'")
+        compressor_state_write(*args[:7])
+        return out[:, 0]
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, block_start: torch.Tensor) -> torch.Tensor:
         """Softmax-gated pooling; block_start `[m]` = row of each entry's first own position."""
