@@ -18,7 +18,8 @@ def test_kernel_wiring_equals_reference(ratio, d, output):
         for p in comp.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == d else 0.0))
     freqs = rope_freqs(32, 160000.0, 0, 1.0, 32, 1)
-    ring_a, ring_b = CompressorRing.fresh(ratio, d, torch.device("cpu")), CompressorRing.fresh(ratio, d, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    ring_a, ring_b = CompressorRing.fresh(ratio, d, cpu), CompressorRing.fresh(ratio, d, cpu)
     start = 0
     for n in (3, 1, ratio * 2 + 1, 1, 1, 5 * ratio - 2, 1):
         kv, score = comp.project(torch.randn(n, 32))
