@@ -115,11 +115,12 @@ class Scheduler:
     def _postprocess(self, scheduled: list[tuple[Request, list[int]]], logits) -> list[StepOutput]:
         eos = self.runner.model.cfg.eos_id
         outputs = []
-        for (request, tokens), row in zip(scheduled, logits, strict=True):
+        greedy = logits.argmax(-1).tolist() if any(r.params.greedy for r, _ in scheduled) else []  # one sync
+        for i, ((request, tokens), row) in enumerate(zip(scheduled, logits, strict=True)):
             request.num_computed += len(tokens)
             if request.num_computed < request.num_known:
                 continue  # a prefill chunk that is not the last one
-            token = request.sampler.sample(row)
+            token = greedy[i] if request.params.greedy else request.sampler.sample(row)
             request.output_ids.append(token)
             request.finish_reason = finish_reason(token, len(request.output_ids), request.params, eos)
             outputs.append(StepOutput(request.request_id, token, request.finish_reason))
