@@ -11,11 +11,19 @@ from sparsepd import __version__
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate text in one process with the reference model",
-        description="Run single-process generation: prefill the prompt, decode, print the text, tokens/s and "
-                    "the per-request state size. Weights are random from --seed unless --checkpoint is given.")
+        "generate", help="generate text: a client of a running router, or in one process with --local",
+        description="With TEXT: a client of a running router (`sparsepd serve`): fetches its tokenizer, streams the "
+                    "text to the terminal. With --local (or --prompt): single-process generation with the reference "
+                    "model, printing the text, tokens/s and the per-request state size; weights are random from "
+                    "--seed unless --checkpoint is given.")
+    p.add_argument("text", nargs="?", default=None, help="the prompt; sends it to the router unless --local")
+    p.add_argument("--router", default="127.0.0.1:30000", help="the router's gRPC address (default: %(default)s)")
+    p.add_argument("--local", action="store_true", help="run the model in this process instead of asking a router")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (router mode; repeat for several)")
+    p.add_argument("--timeout", type=float, default=600.0, help="router mode: seconds before giving up (default: 600)")
     p.add_argument("--preset", default="tiny", help="model preset: tiny, bench, v4-flash, v4-pro (default: tiny)")
-    p.add_argument("--prompt", default="The quick brown fox", help="prompt text (default: %(default)r)")
+    p.add_argument("--prompt", default="The quick brown fox",
+                   help="prompt text for single-process generation (implies --local; default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
@@ -32,6 +40,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    if args.text is not None and not args.local:
+        from sparsepd.router.client import run
+
+        return run(args)
+    if args.text is not None:
+        args.prompt = args.text
     import torch
 
     from sparsepd.engine.generate import generate, generate_with_engine
@@ -81,6 +95,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _generate_parser,
     _worker_parser("prefill-worker", "sparsepd.prefill_worker.main", "run one prefill worker process"),
     _worker_parser("decode-worker", "sparsepd.decode_worker.main", "run one decode worker process"),
+    _worker_parser("router", "sparsepd.router.main", "run the public gRPC router in front of given workers"),
+    _worker_parser("serve", "sparsepd.router.serve", "start the router with prefill and decode workers"),
 ]
 
 

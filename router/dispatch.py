@@ -1,0 +1,357 @@
+"""Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
+
+    admit (bounded queue) → batch (token budget, short wait) → pick P (fewest queued tokens)
+    → per request pick D (most free pages) and Reserve there → Prefill(batch with tickets) on P
+    → first token from P → the rest from D's token stream → end → release what is still held
+
+Every flow ends exactly once (`_end`): finished, aborted, failed or cancelled. Ending releases the
+decode reservation (unless the decode worker ended the request itself) and cancels a prefill in
+flight, so pages and slots go back on both workers whatever happened. A flow whose Reserve finds no
+room anywhere goes back to the head of the queue until a request ends or a poll sees free pages; it
+fails with RESOURCE_EXHAUSTED only when no request of ours holds pages (it can never fit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+import grpc
+
+from sparsepd.proto import worker_pb2
+from sparsepd.router.flow import Flow, Outcome
+from sparsepd.router.params import RequestSpec
+from sparsepd.router.text import StopStrings
+from sparsepd.router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger("sparsepd.router")
+
+
+class Refused(Exception):
+    """A request the router will not take now (a gRPC status and a message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, tokenizer=None, metrics=None, max_queue: int = 256,
+                 batch_tokens: int = 2048, batch_wait_s: float = 0.005, reserve_ttl_s: float = 60.0,
+                 prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2):
+        self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
+        self.max_queue, self.batch_tokens, self.batch_wait_s = max_queue, batch_tokens, batch_wait_s
+        self.reserve_ttl_s, self.prefill_timeout_s = reserve_ttl_s, prefill_timeout_s
+        self.batches_per_prefill = batches_per_prefill
+        self.flows: dict[str, Flow] = {}
+        self.queue: deque[Flow] = deque()
+        self.wake = asyncio.Event()  # queue changed, a flow ended, or a worker freed up
+        self.tasks: set[asyncio.Task] = set()
+        self.draining = False
+        self.blocked = False  # a Reserve found no room: wait for a request to end or a poll before retrying
+
+    # --- the public side ------------------------------------------------------------------------
+    def submit(self, spec: RequestSpec) -> Flow:
+        if self.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
+        if spec.request_id in self.flows:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {spec.request_id!r} is already in flight")
+        for role, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode)):
+            if not any(w.alive for w in workers):
+                errors = "; ".join(f"{w.address}: {w.last_error or 'not reachable yet'}" for w in workers)
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"no {role} worker is alive ({errors})")
+        if len(self.queue) >= self.max_queue:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the admission queue is full ({len(self.queue)} of {self.max_queue} requests waiting); "
+                          "retry later")
+        stopper = StopStrings(self.tokenizer, list(spec.stop)) if self.tokenizer is not None else None
+        flow = Flow(spec, stopper)
+        self.flows[spec.request_id] = flow
+        self.queue.append(flow)
+        self.wake.set()
+        if self.metrics:
+            self.metrics.admitted(len(spec.input_ids))
+        return flow
+
+    def abort(self, request_id: str) -> bool:
+        flow = self.flows.get(request_id)
+        if flow is None:
+            return False
+        self._end(flow, Outcome("abort"))
+        return True
+
+    def cancel(self, flow: Flow) -> None:
+        """The client went away (cancelled, deadline, disconnect)."""
+        if not flow.ended:
+            log.info("%s: cancelled by the client", flow.request_id)
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.CANCELLED, message="cancelled by the client"))
+
+    def abort_all(self, message: str) -> None:
+        for flow in list(self.flows.values()):
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=message))
+
+    # --- loops ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn(self._batcher())
+        self._spawn(self._poll_loop())
+        for w in self.pool.decode:
+            self._spawn(self._consume(w))
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("router task failed", exc_info=task.exception())
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.pool.poll_s)
+            await self.pool.poll_once()
+            self.wake.set()
+
+    async def _batcher(self) -> None:
+        while True:
+            if self.blocked:
+                self.blocked = False
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            prefill = self.pool.pick_prefill()
+            if not self.queue or prefill is None or prefill.inflight >= self.batches_per_prefill:
+                if self.queue and not any(w.alive for w in self.pool.prefill):
+                    for flow in list(self.queue):
+                        self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+                                                message="no prefill worker is alive"))
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            batch = await self._form_batch()
+            if batch:
+                prefill.inflight += 1
+                prefill.queued_tokens += sum(len(f.spec.input_ids) for f in batch)
+                self._spawn(self._run_batch(prefill, batch))
+
+    async def _form_batch(self) -> list[Flow]:
+        """Take queued flows up to the token budget, waiting at most batch_wait_s for more to arrive."""
+        batch, tokens = [], 0
+        deadline = time.monotonic() + self.batch_wait_s
+        while True:
+            while self.queue and (not batch or tokens + len(self.queue[0].spec.input_ids) <= self.batch_tokens):
+                flow = self.queue.popleft()
+                batch.append(flow)
+                tokens += len(flow.spec.input_ids)
+            left = deadline - time.monotonic()
+            if tokens >= self.batch_tokens or left <= 0 or (self.queue and batch):
+                return batch
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), left)
+            except TimeoutError:
+                return batch
+
+    # --- one batch ----------------------------------------------------------------------------------
+    async def _run_batch(self, prefill: WorkerHandle, batch: list[Flow]) -> None:
+        tokens = sum(len(f.spec.input_ids) for f in batch)
+        try:
+            tickets = await asyncio.gather(*(self._reserve(f) for f in batch))
+            sent = [(f, t) for f, t in zip(batch, tickets, strict=True) if t is not None and not f.ended]
+            if sent:
+                await self._prefill(prefill, sent)
+        finally:
+            prefill.inflight -= 1
+            prefill.queued_tokens -= tokens
+            self.wake.set()
+
+    async def _reserve(self, flow: Flow) -> worker_pb2.Ticket | None:
+        spec, last = flow.spec, ""
+        request = worker_pb2.ReserveRequest(request_id=spec.request_id, prompt_len=len(spec.input_ids),
+                                            sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
+        for worker in self.pool.decode_order():
+            if flow.ended:
+                return None
+            try:
+                reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
+            except grpc.aio.AioRpcError as exc:
+                last = f"{worker.address}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    continue
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._end(flow, Outcome("abort", code=exc.code(), message=f"decode worker {last}"))
+                    return None
+                worker.mark_dead(f"Reserve: {exc.code().name}: {exc.details()}")
+                continue
+            flow.decode, flow.reserved = worker, True
+            worker.reserved_pages += len(reply.ticket.page_ids)
+            if flow.ended:  # aborted while reserving: give the pages back now
+                self._release(flow)
+                return None
+            return reply.ticket
+        if flow.ended:
+            return None
+        if not any(w.alive for w in self.pool.decode):
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message="no decode worker is alive"))
+        elif any(f.reserved for f in self.flows.values()):
+            self.queue.appendleft(flow)  # room comes back when another request ends
+            self.blocked = True
+        else:
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    message=f"no decode worker can hold this request ({last})"))
+        return None
+
+    async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, worker_pb2.Ticket]]) -> None:
+        now = time.monotonic()
+        for flow, _ in sent:
+            flow.prefill, flow.prefill_inflight = prefill, True
+            flow.queue_ms = (now - flow.admitted_at) * 1e3
+        batch = worker_pb2.PrefillBatch(requests=[
+            worker_pb2.PrefillRequest(request_id=f.request_id, input_ids=f.spec.input_ids, sampling=f.spec.sampling,
+                                      ticket=t) for f, t in sent])
+        try:
+            response = await prefill.stub.Prefill(batch, timeout=self.prefill_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                prefill.mark_dead(f"Prefill: {exc.code().name}: {exc.details()}")
+            for flow, _ in sent:
+                flow.prefill_inflight = False
+                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+                                        message=f"prefill worker {prefill.address} failed: {exc.details()}"))
+            return
+        flows = {f.request_id: f for f, _ in sent}
+        for result in response.results:
+            flow = flows.get(result.request_id)
+            if flow is not None:
+                self._on_prefill_result(prefill, flow, result)
+
+    def _on_prefill_result(self, prefill: WorkerHandle, flow: Flow, r: worker_pb2.PrefillResult) -> None:
+        flow.prefill_inflight = False
+        if flow.ended:
+            return
+        if not r.ok:
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL,
+                                    message=f"prefill worker {prefill.address}: {r.error}"))
+            return
+        flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
+        if r.transfer_bytes:
+            prefill.transfers += 1
+            prefill.transfer_bytes += r.transfer_bytes
+            prefill.transfer_ms += r.transfer_ms
+            if self.metrics:
+                self.metrics.transfer(r.transfer_bytes, r.transfer_ms / 1e3)
+        flow.first_known = True
+        flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
+        if self.metrics:
+            self.metrics.first_token(flow.ttft_ms / 1e3)
+        self._deliver(flow, [r.first_token], r.finish_reason)
+        for event in flow.early:
+            self._apply_decode_event(flow, event)
+        flow.early.clear()
+
+    # --- the decode workers' token streams ------------------------------------------------------------
+    async def _consume(self, worker: WorkerHandle) -> None:
+        while True:
+            if not worker.alive:
+                self.pool.changed.clear()
+                await self.pool.changed.wait()
+                continue
+            call = worker.stub.StreamTokens(worker_pb2.StreamRequest())
+            try:
+                async for step in call:
+                    for event in step.events:
+                        self._on_decode_event(worker, event)
+                why = "its token stream ended"
+            except grpc.aio.AioRpcError as exc:
+                why = f"its token stream failed: {exc.code().name}: {exc.details()}"
+            worker.mark_dead(why)
+            for flow in [f for f in self.flows.values() if f.decode is worker and f.reserved]:
+                flow.decode_done = True  # its pages went with the worker
+                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+                                        message=f"decode worker {worker.address} went away: {why}"))
+
+    def _on_decode_event(self, worker: WorkerHandle, event: worker_pb2.TokenEvent) -> None:
+        flow = self.flows.get(event.request_id)
+        if flow is None or flow.decode is not worker or flow.ended:
+            return
+        if not flow.first_known:
+            flow.early.append(event)
+            return
+        self._apply_decode_event(flow, event)
+
+    def _apply_decode_event(self, flow: Flow, event: worker_pb2.TokenEvent) -> None:
+        if flow.ended:
+            return
+        reason = event.finish_reason
+        if reason in ("stop", "length", "abort", "error"):
+            flow.decode_done = True
+        if reason == "error":
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL,
+                                    message=f"decode worker {flow.decode.address}: {event.error}"))
+        elif reason == "abort":
+            self._end(flow, Outcome("abort"))
+        else:
+            self._deliver(flow, list(event.token_ids), reason)
+
+    # --- tokens and the end -----------------------------------------------------------------------------
+    def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str) -> None:
+        new, outcome = [], None
+        for token in token_ids:
+            flow.output_ids.append(token)
+            new.append(token)
+            outcome = flow.check_stop(token)
+            if outcome is not None:
+                break
+        if outcome is None and worker_finish:
+            outcome = flow.worker_outcome(worker_finish)
+        now = time.monotonic()
+        flow.first_token_at = flow.first_token_at or now
+        flow.last_token_at = now
+        if new:
+            flow.events.put_nowait(("tokens", new))
+            if self.metrics:
+                self.metrics.generated(len(new))
+        if outcome is not None:
+            self._end(flow, outcome)
+
+    def _end(self, flow: Flow, outcome: Outcome) -> None:
+        if flow.ended:
+            return
+        flow.ended, flow.outcome = True, outcome
+        self.flows.pop(flow.request_id, None)
+        try:
+            self.queue.remove(flow)
+        except ValueError:
+            pass
+        flow.events.put_nowait(("end", outcome))
+        if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
+            log.warning("%s: %s: %s", flow.request_id, outcome.code.name, outcome.message)
+        self._release(flow)
+        if self.metrics:
+            self.metrics.ended(flow)
+        self.wake.set()
+
+    def _release(self, flow: Flow) -> None:
+        """Give back what the flow still holds: the decode reservation, a prefill in flight."""
+        if flow.reserved and not flow.decode_done and flow.decode is not None:
+            flow.decode_done = True
+            self._spawn(self._release_on(flow.decode, flow.request_id))
+        if flow.prefill_inflight and flow.prefill is not None:
+            self._spawn(self._release_on(flow.prefill, flow.request_id))
+
+    async def _release_on(self, worker: WorkerHandle, request_id: str) -> None:
+        try:
+            await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
+                                      timeout=self.pool.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("%s: Release on %s worker %s failed: %s", request_id, worker.role, worker.address,
+                        exc.details())

@@ -1,0 +1,83 @@
+"""One request in flight through the router: where it is, what it produced, and how it ended.
+
+The dispatcher writes a flow's events (`("tokens", [ids])` as tokens arrive, then exactly one
+`("end", Outcome)`); the public Generate stream reads them. `check_stop` is the router's own stop rule
+per new token: stop strings (over the incrementally decoded text), and — when the request has
+`min_new_tokens` — stop tokens and EOS, which the decode worker then does not watch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from sparsepd.router.params import RequestSpec
+from sparsepd.router.text import StopStrings
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: str  # "stop", "length" or "abort" (ignored when `code` is set)
+    matched_token_id: int | None = None
+    matched_stop_str: str | None = None
+    code: grpc.StatusCode | None = None  # the request failed with this status
+    message: str = ""
+
+
+@dataclass(eq=False)
+class Flow:
+    spec: RequestSpec
+    stopper: StopStrings | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    admitted_at: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    prefill: object = None  # WorkerHandle
+    decode: object = None  # WorkerHandle
+    reserved: bool = False  # pages and a slot held on `decode`
+    prefill_inflight: bool = False
+    first_known: bool = False  # the prefill worker's first token has been delivered
+    early: list = field(default_factory=list)  # decode events that came before the first token
+    decode_done: bool = False  # the decode worker ended the request itself (nothing to release there)
+    ended: bool = False
+    outcome: Outcome | None = None
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    transfer_ms: float = 0.0
+    ttft_ms: float = 0.0
+    transfer_bytes: int = 0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    def check_stop(self, token: int) -> Outcome | None:
+        """Whether `token`, just appended to output_ids, ends the request (the router's rules)."""
+        spec, n = self.spec, len(self.output_ids)
+        matched = self.stopper.push(token) if self.stopper is not None else None
+        if n < spec.min_new_tokens:  # SGLang checks nothing before min_new_tokens
+            if matched is not None:
+                self.stopper.forget()
+            return None
+        if matched is not None:
+            return Outcome("stop", matched_stop_str=matched)
+        if spec.router_stops and (token in spec.stop_token_ids or token == spec.eos_id):
+            return Outcome("stop", matched_token_id=token)
+        if n >= spec.max_new_tokens:
+            return Outcome("length")
+        return None
+
+    def worker_outcome(self, finish_reason: str) -> Outcome:
+        """The outcome a worker's finish reason ("stop" or "length") means for the last token."""
+        last = self.output_ids[-1] if self.output_ids else None
+        if finish_reason == "stop" and last is not None:
+            return Outcome("stop", matched_token_id=last)
+        return Outcome(finish_reason)
+
+    def output_text(self) -> str | None:
+        """The text of the output (trimmed at a matched stop string unless no_stop_trim), if it was decoded."""
+        return self.stopper.output_text(self.spec.no_stop_trim) if self.stopper is not None else None

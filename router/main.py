@@ -1,0 +1,147 @@
+"""`sparsepd router`: the public gRPC front end (SGLang's scheduler service) in front of prefill and decode
+workers given by address. Serves grpc.health.v1 and server reflection beside it, and Prometheus metrics
+on an HTTP port. Prints `READY {...}` with its endpoints when the workers answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc
+from sparsepd.router.dispatch import Dispatcher
+from sparsepd.router.metrics import RouterMetrics
+from sparsepd.router.model_card import card_for
+from sparsepd.router.service import SchedulerService
+from sparsepd.router.workers import WorkerPool
+
+log = logging.getLogger("sparsepd.router")
+SERVICE = sglang_scheduler_pb2.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address of the public gRPC server (default: %(default)s)")
+    p.add_argument("--port", type=int, default=30000, help="public gRPC port; 0 = any free port (default: %(default)s)")
+    p.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT",
+                   help="a prefill worker's control address (repeat for several)")
+    p.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
+                   help="a decode worker's control address (repeat for several)")
+    add_model_arguments(p)
+    add_dispatch_arguments(p)
+    p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=30090,
+                   help="Prometheus endpoint port; 0 = any free port, -1 = off (default: %(default)s)")
+    p.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="seconds to wait for every worker to answer at start (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", help="model preset the workers run: tiny, bench, v4-flash, v4-pro "
+                                                    "(default: tiny)")
+    g.add_argument("--checkpoint", default=None, help="the workers' checkpoint directory (its config.json and "
+                                                      "tokenizer files describe the model)")
+    g.add_argument("--served-model-name", default=None, help="model name reported to clients (default: from the "
+                                                             "preset or checkpoint)")
+
+
+def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dispatch")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    g.add_argument("--batch-tokens", type=int, default=2048,
+                   help="prompt tokens per prefill batch (default: %(default)s)")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests (default: %(default)s)")
+    g.add_argument("--max-new-tokens-limit", type=int, default=None,
+                   help="largest max_new_tokens a request may ask for (default: the context length)")
+    g.add_argument("--reserve-ttl", type=float, default=60.0,
+                   help="seconds a decode reservation waits for its state (default: %(default)s)")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    setup_logging("router", args.log_level)
+    card = card_for(args.preset, args.checkpoint, args.served_model_name)
+    pool = WorkerPool(args.prefill, args.decode)
+    metrics = RouterMetrics()
+    dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
+                            batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
+                            reserve_ttl_s=args.reserve_ttl)
+    metrics.watch(dispatcher)
+    await pool.start()
+    deadline = time.monotonic() + args.worker_timeout
+    while not all(w.alive for w in pool.all):
+        if time.monotonic() > deadline:
+            down = [f"{w.role} {w.address}: {w.last_error}" for w in pool.all if not w.alive]
+            log.error("workers did not answer within %.0f s: %s", args.worker_timeout, "; ".join(down))
+            await pool.close()
+            return 1
+        await asyncio.sleep(0.2)
+        await pool.poll_once()
+    server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list)}
+    service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
+                                      ("grpc.max_receive_message_length", 64 << 20)])
+    sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    dispatcher.start()
+    metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port >= 0 else None
+    health_task = asyncio.create_task(_track_health(service, health))
+    stop = stop_on_signals(asyncio.get_running_loop())
+    endpoints = {"grpc": f"{args.host}:{port}", "model": card.served_model_name}
+    if metrics_port is not None:
+        endpoints["metrics"] = f"http://{args.metrics_host}:{metrics_port}/metrics"
+    print_ready("router", **endpoints)
+    await stop.wait()
+    health_task.cancel()
+    await _shutdown(service, dispatcher, health, server, grace_s=5.0)
+    metrics.close()
+    await pool.close()
+    return 0
+
+
+async def _track_health(service: SchedulerService, health) -> None:
+    """Keep grpc.health.v1 in step with the workers: SERVING while a prefill and a decode worker are alive."""
+    last = None
+    while True:
+        healthy, _ = service.health()
+        if healthy != last:
+            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            await health.set("", status)
+            await health.set(SERVICE, status)
+            last = healthy
+        await asyncio.sleep(0.2)
+
+
+async def _shutdown(service, dispatcher: Dispatcher, health, server, grace_s: float) -> None:
+    """Stop taking requests, let those in flight finish for a while, abort the rest (freeing their pages)."""
+    log.info("stopping: no new requests; %d in flight", len(dispatcher.flows))
+    dispatcher.draining = True
+    await health.enter_graceful_shutdown()
+    deadline = time.monotonic() + grace_s
+    while dispatcher.flows and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    dispatcher.abort_all("the router is shutting down")
+    await asyncio.sleep(0.2)  # let the releases go out
+    await server.stop(grace=1.0)
+    await dispatcher.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsepd router", description=__doc__)
+    add_arguments(p)
+    return asyncio.run(serve(p.parse_args(argv)))

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the router (prometheus_client, on its own registry and HTTP port).
+
+Counted as requests go: requests by how they ended, prompt and generated tokens, time to first token,
+time per output token, P→D transfer bytes and time. Read at scrape time: the admission queue, requests
+in flight, and per worker the pages in use and free, running and waiting requests, liveness.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class RouterMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r, ns = self.registry, "sparsepd_router"
+        self.requests = Counter("requests", "Requests that ended, by finish reason or error status", ["outcome"],
+                                namespace=ns, registry=r)
+        self.admitted_requests = Counter("admitted_requests", "Requests admitted into the queue", namespace=ns,
+                                         registry=r)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests", namespace=ns, registry=r)
+        self.generated_tokens = Counter("generated_tokens", "Tokens streamed to clients", namespace=ns, registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "Admission to the first token", namespace=ns,
+                              registry=r, buckets=LATENCY_BUCKETS_S)
+        self.tpot = Histogram("time_per_output_token_seconds", "Mean time between a request's later tokens",
+                              namespace=ns, registry=r, buckets=TPOT_BUCKETS_S)
+        self.transfer_bytes = Counter("transfer_bytes", "Prefill→decode state bytes", namespace=ns, registry=r)
+        self.transfer_seconds = Histogram("transfer_seconds", "Prefill→decode state push time per request",
+                                          namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.server = None
+
+    def watch(self, dispatcher) -> None:
+        """Report the dispatcher's queue and workers at every scrape."""
+        self.registry.register(_LiveCollector(dispatcher))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (/metrics); return its port."""
+        self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self.server.server_port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    # --- hooks the dispatcher calls ---------------------------------------------------------------
+    def admitted(self, prompt_tokens: int) -> None:
+        self.admitted_requests.inc()
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def generated(self, n: int) -> None:
+        self.generated_tokens.inc(n)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def transfer(self, num_bytes: int, seconds: float) -> None:
+        self.transfer_bytes.inc(num_bytes)
+        self.transfer_seconds.observe(seconds)
+
+    def ended(self, flow) -> None:
+        o = flow.outcome
+        self.requests.labels(o.code.name.lower() if o.code is not None else o.finish_reason).inc()
+        n = len(flow.output_ids)
+        if n > 1 and flow.last_token_at > flow.first_token_at:
+            self.tpot.observe((flow.last_token_at - flow.first_token_at) / (n - 1))
+
+
+class _LiveCollector(Collector):
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+
+    def collect(self):
+        d = self.dispatcher
+        queue = GaugeMetricFamily("sparsepd_router_queue_length", "Requests admitted and waiting for prefill")
+        queue.add_metric([], len(d.queue))
+        inflight = GaugeMetricFamily("sparsepd_router_requests_in_flight", "Requests admitted and not ended")
+        inflight.add_metric([], len(d.flows))
+        labels = ["worker", "role"]
+        pages_used = GaugeMetricFamily("sparsepd_worker_pages_in_use", "KV pages in use", labels=labels)
+        pages_free = GaugeMetricFamily("sparsepd_worker_pages_free", "KV pages free", labels=labels)
+        running = GaugeMetricFamily("sparsepd_worker_running_requests", "Requests running", labels=labels)
+        waiting = GaugeMetricFamily("sparsepd_worker_waiting_requests", "Requests waiting", labels=labels)
+        alive = GaugeMetricFamily("sparsepd_worker_alive", "1 when the last poll succeeded", labels=labels)
+        for w in d.pool.all:
+            key, s = [w.address, w.role], w.stats
+            pages_used.add_metric(key, s.num_pages - s.free_pages)
+            pages_free.add_metric(key, s.free_pages)
+            running.add_metric(key, s.running)
+            waiting.add_metric(key, s.waiting)
+            alive.add_metric(key, 1 if w.alive else 0)
+        yield from (queue, inflight, pages_used, pages_free, running, waiting, alive)

@@ -1,0 +1,138 @@
+"""A public `GenerateRequest` checked and turned into what the router runs: the input ids, the sampling
+parameters for the workers, and the stop conditions the router watches itself.
+
+Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
+is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
+length"; n 0 is 1). A bad request raises `InvalidRequest` naming the field, the value and what is
+allowed; features the workers do not have (n > 1, grammars, penalties, logit bias, log-probabilities,
+multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import worker_pb2
+from sparsepd.router.model_card import ModelCard
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (→ INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    request_id: str
+    input_ids: list[int]
+    sampling: worker_pb2.SamplingParams  # what the workers enforce
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    eos_id: int | None = None  # None when ignore_eos
+    no_stop_trim: bool = False
+    stream: bool = False
+
+    @property
+    def router_stops(self) -> bool:
+        """Whether the router, not the decode worker, decides when a stop token ends the request."""
+        return self.min_new_tokens > 0
+
+
+def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
+                   max_new_tokens_limit: int | None = None) -> RequestSpec:
+    _refuse_unsupported(req)
+    ids = _input_ids(req, card, tokenizer)
+    sp = req.sampling_params
+    room = card.max_context_length - len(ids)
+    limit = room if max_new_tokens_limit is None else min(room, max_new_tokens_limit)
+    if sp.HasField("max_new_tokens"):
+        max_new = sp.max_new_tokens
+        if not 1 <= max_new <= limit:
+            raise InvalidRequest(
+                f"sampling_params.max_new_tokens={max_new} is out of range: allowed 1..{limit} (the input has "
+                f"{len(ids)} tokens, the context length is {card.max_context_length}"
+                + (f", the server's limit is {max_new_tokens_limit})" if max_new_tokens_limit else ")"))
+    else:
+        max_new = limit
+    _check_range("temperature", sp.temperature, lambda v: v >= 0, "≥ 0 (0 = greedy)")
+    _check_range("top_p", sp.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_range("min_p", sp.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
+    if sp.top_k < -1:
+        raise InvalidRequest(f"sampling_params.top_k={sp.top_k} is out of range: allowed -1 or 0 (off) or ≥ 1")
+    bad_stop = [t for t in sp.stop_token_ids if t >= card.vocab_size]
+    if bad_stop:
+        raise InvalidRequest(f"sampling_params.stop_token_ids contains {bad_stop}: token ids must be < vocab_size "
+                             f"{card.vocab_size}")
+    if sp.min_new_tokens > max_new:
+        raise InvalidRequest(f"sampling_params.min_new_tokens={sp.min_new_tokens} exceeds max_new_tokens={max_new}")
+    if sp.stop and tokenizer is None:
+        raise InvalidRequest("sampling_params.stop needs a tokenizer and this model has none; use stop_token_ids")
+    rid = req.request_id or f"req-{uuid.uuid4().hex}"
+    stop_ids = frozenset(sp.stop_token_ids)
+    eos = None if sp.ignore_eos else card.eos_id
+    router_stops = sp.min_new_tokens > 0
+    sampling = worker_pb2.SamplingParams(
+        temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, max_new_tokens=max_new,
+        # Before min_new_tokens the router must see stop tokens go by, so the worker keeps generating.
+        stop_token_ids=[] if router_stops else sorted(stop_ids), ignore_eos=sp.ignore_eos or router_stops)
+    if sp.HasField("seed"):
+        sampling.seed = sp.seed
+    return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
+                       eos, sp.no_stop_trim, req.stream)
+
+
+def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
+    ids = list(req.tokenized.input_ids)
+    if not ids and req.tokenized.original_text:
+        if tokenizer is None:
+            raise InvalidRequest("tokenized.input_ids is empty and this model has no tokenizer to encode "
+                                 "tokenized.original_text; send token ids")
+        ids = tokenizer.encode(req.tokenized.original_text, add_special_tokens=True).ids
+    if not ids:
+        raise InvalidRequest("the input is empty: tokenized.input_ids (or tokenized.original_text) must hold at "
+                             "least one token")
+    if len(ids) >= card.max_context_length:
+        raise InvalidRequest(f"the input has {len(ids)} tokens; the context length is {card.max_context_length}, "
+                             f"so at most {card.max_context_length - 1} input tokens leave room for one new token")
+    bad = next((i for i, t in enumerate(ids) if t >= card.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"tokenized.input_ids[{bad}]={ids[bad]} is not a token id: "
+                             f"allowed 0..{card.vocab_size - 1}")
+    return ids
+
+
+def _check_range(name: str, value: float, ok, allowed: str) -> None:
+    if math.isnan(value) or not ok(value):
+        raise InvalidRequest(f"sampling_params.{name}={value:g} is out of range: allowed {allowed}")
+
+
+def _refuse_unsupported(req: pb.GenerateRequest) -> None:
+    sp = req.sampling_params
+    checks = [
+        (sp.n > 1, f"sampling_params.n={sp.n}: only n = 1 is supported (send n separate requests)"),
+        (sp.WhichOneof("constraint") is not None,
+         f"sampling_params.{sp.WhichOneof('constraint')}: constrained decoding (regex, JSON schema, grammar, "
+         "structural tag) is not supported"),
+        (sp.frequency_penalty != 0, f"sampling_params.frequency_penalty={sp.frequency_penalty:g}: penalties are not "
+                                    "supported (allowed: 0)"),
+        (sp.presence_penalty != 0, f"sampling_params.presence_penalty={sp.presence_penalty:g}: penalties are not "
+                                   "supported (allowed: 0)"),
+        (sp.repetition_penalty not in (0.0, 1.0), f"sampling_params.repetition_penalty={sp.repetition_penalty:g}: "
+                                                  "penalties are not supported (allowed: 1, or 0 for unset)"),
+        (bool(sp.logit_bias), "sampling_params.logit_bias is not supported"),
+        (req.return_logprob or req.top_logprobs_num > 0 or len(req.token_ids_logprob) > 0,
+         f"return_logprob={req.return_logprob} top_logprobs_num={req.top_logprobs_num}: log-probabilities are "
+         "not supported yet"),
+        (req.return_hidden_states, "return_hidden_states is not supported"),
+        (req.HasField("mm_inputs"), "mm_inputs: multimodal input is not supported (the model is text-only)"),
+        (len(req.input_embeds) > 0, "input_embeds: input embeddings are not supported; send token ids"),
+        (bool(req.custom_logit_processor), "custom_logit_processor is not supported"),
+        (bool(req.lora_id), f"lora_id={req.lora_id!r}: LoRA adapters are not supported"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise InvalidRequest(message)

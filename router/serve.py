@@ -1,0 +1,240 @@
+"""`sparsepd serve`: the whole deployment on one host in one command — M decode workers, N prefill
+workers and the router (the same commands a multi-host deployment runs by hand), optionally the SGLang
+model gateway in front for OpenAI-compatible HTTP. Waits until every process is ready, prints where to
+connect, and stops everything on Ctrl-C/SIGTERM. A process that dies is reported (which one, its exit
+code, its last log lines) and everything else is stopped: nothing is restarted behind your back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from sparsepd.launch import Child, LaunchError, start, stop
+from sparsepd.process import print_ready, stop_on_signals
+from sparsepd.router.main import add_dispatch_arguments, add_model_arguments
+
+HTTP_INSTALL = "pip install 'sparsepd[http]'"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address of the router's gRPC server (default: %(default)s)")
+    p.add_argument("--port", type=int, default=30000, help="the router's gRPC port; 0 = any (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (default: %(default)s)")
+    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers (default: %(default)s)")
+    p.add_argument("--devices", default="auto",
+                   help="comma-separated devices handed to the workers in turn (decode first), e.g. cuda:0,cuda:1; "
+                        "auto = every CUDA device, or cpu when there is none (default: %(default)s)")
+    add_model_arguments(p)
+    w = p.add_argument_group("workers (passed to every worker; defaults are the workers')")
+    w.add_argument("--seed", type=int, default=None, help="random-weight seed")
+    w.add_argument("--num-slots", type=int, default=None, help="requests holding state at once, per worker")
+    w.add_argument("--num-pages", type=int, default=None, help="KV pages per worker")
+    w.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward")
+    w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
+    add_dispatch_arguments(p)
+    p.add_argument("--metrics-port", type=int, default=30090,
+                   help="the router's Prometheus port; 0 = any, -1 = off (default: %(default)s)")
+    h = p.add_argument_group("OpenAI-compatible HTTP (the SGLang model gateway)")
+    h.add_argument("--http-port", type=int, default=None,
+                   help=f"also start `smg` on 127.0.0.1:PORT in front of the router (needs: {HTTP_INSTALL})")
+    h.add_argument("--http-metrics-port", type=int, default=0,
+                   help="the gateway's Prometheus port on 127.0.0.1; 0 = any free port (default: 0)")
+    p.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds each process may take to become ready (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    if args.prefill < 1 or args.decode < 1:
+        raise ValueError(f"--prefill and --decode must be ≥ 1, got {args.prefill} and {args.decode}")
+    if args.http_port is not None and gateway_command() is None:
+        print(f"error: --http-port needs the SGLang model gateway (smg), which is not installed: {HTTP_INSTALL}",
+              file=sys.stderr)
+        return 2
+    stop_event = stop_on_signals(asyncio.get_running_loop())
+    children: list[Child] = []
+    try:
+        endpoints = _start_all(args, children, stop_event)
+    except LaunchError as exc:
+        _say(f"error: {exc}")
+        _stop_all(children)
+        return 1
+    if stop_event.is_set():
+        _stop_all(children)
+        return 0
+    print_ready("serve", **endpoints)
+    _say(f"ready: gRPC (SGLang scheduler API) at {endpoints['grpc']}")
+    _say(f"  try:  sparsepd generate \"Hello\" --router {endpoints['grpc']}")
+    if "http" in endpoints:
+        _say(f"  OpenAI base URL: {endpoints['http']}/v1")
+        _say(f"  try:  curl {endpoints['http']}/v1/completions -H 'Content-Type: application/json' "
+             f"-d '{{\"model\": \"{endpoints['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+    if "metrics" in endpoints:
+        _say(f"  metrics: {endpoints['metrics']}")
+    _say("Ctrl-C stops everything")
+    code = await _watch(children, stop_event)
+    _stop_all(children)
+    return code
+
+
+def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyncio.Event) -> dict:
+    devices = _devices(args.devices, args.prefill + args.decode)
+    common = _worker_flags(args)
+    decode, prefill = [], []
+    for i in range(args.decode):
+        _say(f"starting decode worker {i + 1}/{args.decode} on {devices[i]} ...")
+        child = start(f"decode-{i}", ["decode-worker", *common, "--device", devices[i]], args.start_timeout)
+        children.append(child)
+        decode.append(child.ready["grpc"])
+        if stop_event.is_set():
+            return {}
+    for i in range(args.prefill):
+        device = devices[args.decode + i]
+        _say(f"starting prefill worker {i + 1}/{args.prefill} on {device} ...")
+        child = start(f"prefill-{i}", ["prefill-worker", *common, "--device", device], args.start_timeout)
+        children.append(child)
+        prefill.append(child.ready["grpc"])
+        if stop_event.is_set():
+            return {}
+    _say("starting the router ...")
+    router_args = ["router", "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
+                   "--preset", args.preset, "--max-queue", str(args.max_queue),
+                   "--batch-tokens", str(args.batch_tokens),
+                   "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
+                   "--log-level", args.log_level]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
+                        ("--max-new-tokens-limit", args.max_new_tokens_limit)):
+        if value is not None:
+            router_args += [flag, str(value)]
+    for addr in prefill:
+        router_args += ["--prefill", addr]
+    for addr in decode:
+        router_args += ["--decode", addr]
+    router = start("router", router_args, args.start_timeout)
+    children.append(router)
+    endpoints = {"grpc": router.ready["grpc"], "model": router.ready["model"], "prefill": prefill, "decode": decode}
+    if "metrics" in router.ready:
+        endpoints["metrics"] = router.ready["metrics"]
+    if args.http_port is not None and not stop_event.is_set():
+        _say(f"starting the HTTP gateway (smg) on 127.0.0.1:{args.http_port} ...")
+        gateway = start_gateway(router.ready["grpc"], args.http_port, args.http_metrics_port, args.start_timeout)
+        children.append(gateway)
+        endpoints["http"] = f"http://127.0.0.1:{gateway.ready['port']}"
+        endpoints["http_metrics"] = f"http://127.0.0.1:{gateway.ready['metrics_port']}/metrics"
+    return endpoints
+
+
+def _worker_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--preset", args.preset, "--log-level", args.log_level]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),
+                        ("--num-pages", args.num_pages), ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--kv-memory", args.kv_memory)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _devices(spec: str, n: int) -> list[str]:
+    if spec == "auto":
+        import torch
+
+        found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        names = found or ["cpu"]
+    else:
+        names = [d.strip() for d in spec.split(",") if d.strip()]
+        if not names:
+            raise ValueError(f"--devices {spec!r} names no device")
+    return [names[i % len(names)] for i in range(n)]
+
+
+async def _watch(children: list[Child], stop_event: asyncio.Event) -> int:
+    while not stop_event.is_set():
+        for child in children:
+            if not child.alive():
+                tail = "\n".join(list(child.log_tail)[-15:])
+                _say(f"error: {child.name} (pid {child.pid}) exited with code {child.proc.returncode}; stopping "
+                     f"everything. Its last lines:\n{tail}")
+                return 1
+        try:
+            await asyncio.wait_for(stop_event.wait(), 0.5)
+        except TimeoutError:
+            pass
+    _say("stopping ...")
+    return 0
+
+
+def _stop_all(children: list[Child]) -> None:
+    for child in reversed(children):  # gateway, router, then the workers
+        code = stop(child)
+        _say(f"stopped {child.name} (exit code {code})")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --- the SGLang model gateway ----------------------------------------------------------------------------
+def gateway_command() -> str | None:
+    """The `smg` executable of this environment, or None when the gateway is not installed."""
+    if importlib.util.find_spec("smg") is None:
+        return None
+    beside = Path(sys.executable).parent / "smg"
+    return str(beside) if beside.exists() else shutil.which("smg")
+
+
+def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s: float = 120.0) -> Child:
+    """Start `smg launch` in front of the router, bound to 127.0.0.1, and wait until it serves the model."""
+    exe = gateway_command()
+    if exe is None:
+        raise LaunchError(f"the SGLang model gateway (smg) is not installed: {HTTP_INSTALL}")
+    port = port or _free_port()
+    metrics_port = metrics_port or _free_port()
+    cmd = [exe, "launch", "--worker-urls", f"grpc://{router_grpc}", "--backend", "sglang", "--host", "127.0.0.1",
+           "--port", str(port), "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    child = Child("gateway", proc, ready={"port": port, "metrics_port": metrics_port})
+
+    def pump() -> None:
+        for line in proc.stdout:
+            child.log_tail.append(line.rstrip())
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not _gateway_ready(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(child)
+            reason = f"exited with code {proc.returncode}" if proc.returncode is not None else "timed out"
+            tail = "\n".join(list(child.log_tail)[-15:])
+            raise LaunchError(f"gateway {reason} before it was ready; last lines:\n{tail}")
+        time.sleep(0.2)
+    return child
+
+
+def _gateway_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+            return r.status == 200 and b'"id"' in r.read()
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsepd serve", description=__doc__)
+    add_arguments(p)
+    return asyncio.run(serve(p.parse_args(argv)))

@@ -1,0 +1,215 @@
+"""The public gRPC service (SGLang's `SglangScheduler`, DESIGN.md §3), thin: validate, convert, submit,
+stream. Dispatch and the workers are behind `Dispatcher`; this file only speaks the public messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import time
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sparsepd import __version__
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
+from sparsepd.proto import smg_common_pb2 as common
+from sparsepd.router.dispatch import Dispatcher, Refused
+from sparsepd.router.flow import Flow, Outcome
+from sparsepd.router.model_card import ModelCard
+from sparsepd.router.params import InvalidRequest, parse_generate
+
+log = logging.getLogger("sparsepd.router")
+
+TOKENIZER_CHUNK_BYTES = 256 * 1024
+SECTIONS = ("core", "memory", "spec", "lora", "disagg", "queues", "all")
+
+
+class SchedulerService(pb_grpc.SglangSchedulerServicer):
+    def __init__(self, dispatcher: Dispatcher, card: ModelCard, server_args: dict,
+                 max_new_tokens_limit: int | None = None):
+        self.dispatcher, self.card, self.server_args = dispatcher, card, server_args
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.started_at = time.time()
+        self.last_request_at = 0.0
+
+    # --- Generate -------------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        self.last_request_at = time.time()
+        try:
+            spec = parse_generate(request, self.card, self.dispatcher.tokenizer, self.max_new_tokens_limit)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            flow = self.dispatcher.submit(spec)
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
+        try:
+            async for response in self._stream(flow):
+                yield response
+        except asyncio.CancelledError:
+            self.dispatcher.cancel(flow)
+            raise
+        except Exception:  # noqa: BLE001 - a bug here fails this request only
+            log.exception("%s: Generate failed", flow.request_id)
+            self.dispatcher.cancel(flow)
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {flow.request_id}: internal error in the router")
+        finally:
+            self.dispatcher.cancel(flow)  # no-op once the flow has ended
+        if flow.outcome is not None and flow.outcome.code is not None:
+            await context.abort(flow.outcome.code, flow.outcome.message)
+
+    async def _stream(self, flow: Flow):
+        spec, prompt, sent = flow.spec, len(flow.spec.input_ids), 0
+        while True:
+            kind, payload = await flow.events.get()
+            new = []
+            while kind == "tokens":  # coalesce what is already queued into one chunk
+                new.extend(payload)
+                if flow.events.empty():
+                    break
+                kind, payload = flow.events.get_nowait()
+            sent += len(new)
+            if new and spec.stream:
+                yield pb.GenerateResponse(request_id=spec.request_id, chunk=pb.GenerateStreamChunk(
+                    token_ids=new, prompt_tokens=prompt, completion_tokens=sent))
+            if kind == "end":
+                if payload.code is None:
+                    yield self._complete(flow, payload)
+                return
+
+    def _complete(self, flow: Flow, outcome: Outcome) -> pb.GenerateResponse:
+        done = pb.GenerateComplete(
+            output_ids=flow.output_ids, finish_reason=outcome.finish_reason, prompt_tokens=len(flow.spec.input_ids),
+            completion_tokens=len(flow.output_ids), queue_ms=flow.queue_ms, prefill_ms=flow.prefill_ms,
+            transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes)
+        if outcome.matched_token_id is not None:
+            done.matched_token_id = outcome.matched_token_id
+        elif outcome.matched_stop_str is not None:
+            done.matched_stop_str = outcome.matched_stop_str
+        text = flow.output_text()
+        if text is not None:
+            done.output_text = text
+        return pb.GenerateResponse(request_id=flow.request_id, complete=done)
+
+    # --- management -------------------------------------------------------------------------------------
+    async def Abort(self, request, context):
+        found = self.dispatcher.abort(request.request_id)
+        return pb.AbortResponse(success=found, message=f"request {request.request_id!r} "
+                                                       f"{'aborted' if found else 'is not in flight'}")
+
+    async def HealthCheck(self, request, context):
+        healthy, message = self.health()
+        return pb.HealthCheckResponse(healthy=healthy, message=message)
+
+    def health(self) -> tuple[bool, str]:
+        if self.dispatcher.draining:
+            return False, "the router is shutting down"
+        pool = self.dispatcher.pool
+        roles = (("prefill", pool.prefill), ("decode", pool.decode))
+        dead = [role for role, ws in roles if not any(w.alive for w in ws)]
+        if dead:
+            return False, f"no {' and no '.join(dead)} worker is alive"
+        return True, f"{sum(w.alive for w in pool.prefill)} prefill and {sum(w.alive for w in pool.decode)} decode " \
+                     "workers alive"
+
+    async def GetModelInfo(self, request, context):
+        c = self.card
+        return pb.GetModelInfoResponse(
+            model_path=c.model_path, tokenizer_path=c.model_path if c.has_tokenizer else "", is_generation=True,
+            served_model_name=c.served_model_name, max_context_length=c.max_context_length,
+            vocab_size=c.vocab_size, supports_vision=False, model_type=_config(c).get("model_type", ""),
+            eos_token_ids=[c.eos_id], pad_token_id=c.eos_id, bos_token_id=c.bos_id,
+            max_req_input_len=c.max_context_length - 1, architectures=_config(c).get("architectures", []),
+            weight_version="default")
+
+    async def GetServerInfo(self, request, context):
+        d = self.dispatcher
+        decode_tokens = sum(w.stats.num_pages for w in d.pool.decode) * self.card.page_size
+        scheduler_info = Struct()
+        scheduler_info.update({
+            "workers": [w.describe() for w in d.pool.all], "queue_length": len(d.queue),
+            "max_queue": d.max_queue, "in_flight": len(d.flows), "page_size": self.card.page_size,
+            "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
+        server_args = Struct()
+        server_args.update(self.server_args)
+        start = Timestamp()
+        start.FromSeconds(int(self.started_at))
+        return pb.GetServerInfoResponse(
+            server_args=server_args, scheduler_info=scheduler_info, active_requests=len(d.flows), is_paused=False,
+            last_receive_timestamp=self.last_request_at, uptime_seconds=time.time() - self.started_at,
+            sglang_version=f"sparsepd-{__version__}", server_type="grpc", start_time=start,
+            max_total_num_tokens=decode_tokens)
+
+    async def GetLoads(self, request, context):
+        bad = [s for s in request.include if s not in SECTIONS]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"include={bad}: allowed sections {list(SECTIONS)}")
+        include = set(request.include) or {"all"}
+        await self.dispatcher.pool.poll_once()  # fresh numbers, not the last poll's
+        workers = self.dispatcher.pool.all
+        if request.HasField("dp_rank"):
+            if not 0 <= request.dp_rank < len(workers):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"dp_rank={request.dp_rank}: allowed 0..{len(workers) - 1} (one per worker)")
+            workers = [workers[request.dp_rank]]
+        loads = [self._load(w, include) for w in workers]
+        n = max(len(loads), 1)
+        return pb.GetLoadsResponse(
+            timestamp=datetime.datetime.now(datetime.UTC).isoformat(), version=f"sparsepd-{__version__}",
+            dp_rank_count=len(self.dispatcher.pool.all), loads=loads, aggregate=pb.AggregateMetrics(
+                total_running_reqs=sum(x.num_running_reqs for x in loads),
+                total_waiting_reqs=sum(x.num_waiting_reqs for x in loads),
+                total_reqs=sum(x.num_total_reqs for x in loads),
+                avg_token_usage=sum(x.token_usage for x in loads) / n,
+                avg_utilization=sum(x.utilization for x in loads) / n))
+
+    def _load(self, w, include: set[str]) -> pb.SchedulerLoad:
+        s, page = w.stats, self.card.page_size
+        used = (s.num_pages - s.free_pages) * page
+        load = pb.SchedulerLoad(
+            dp_rank=w.index, num_running_reqs=s.running, num_waiting_reqs=s.waiting,
+            num_total_reqs=s.running + s.waiting, num_used_tokens=used, max_total_num_tokens=s.num_pages * page,
+            token_usage=used / max(s.num_pages * page, 1), utilization=used / max(s.num_pages * page, 1),
+            max_running_requests=s.num_slots, num_waiting_uncached_tokens=w.queued_tokens,
+            worker_address=w.address, num_pages=s.num_pages, free_pages=s.free_pages, num_slots=s.num_slots,
+            free_slots=s.free_slots, alive=w.alive)
+        if include & {"memory", "all"}:
+            load.memory.token_capacity = s.num_pages * page
+        if include & {"queues", "all"}:
+            load.queues.waiting = s.waiting
+        if include & {"disagg", "all"}:
+            dis = load.disaggregation
+            dis.mode = w.role
+            if w.role == "prefill":
+                dis.prefill_inflight_queue_reqs = w.inflight
+                if w.transfer_ms > 0:
+                    dis.kv_transfer_speed_gb_s = w.transfer_bytes / (w.transfer_ms / 1e3) / 1e9
+                    dis.kv_transfer_latency_ms = w.transfer_ms / w.transfers
+            else:
+                dis.decode_prealloc_queue_reqs = s.waiting
+        return load
+
+    async def GetTokenizer(self, request, context):
+        if not self.card.has_tokenizer:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"model {self.card.served_model_name!r} has no tokenizer.json; send token ids")
+        data = self.card.tokenizer_zip()
+        digest = hashlib.sha256(data).hexdigest()
+        for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
+            last = start + TOKENIZER_CHUNK_BYTES >= len(data)
+            yield common.GetTokenizerChunk(data=data[start:start + TOKENIZER_CHUNK_BYTES],
+                                           sha256=digest if last else "")
+
+
+def _config(card: ModelCard) -> dict:
+    import json
+
+    try:
+        return json.loads(card.files.get("config.json", b"{}"))
+    except ValueError:
+        return {}

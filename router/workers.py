@@ -1,0 +1,115 @@
+"""The router's view of its workers: one gRPC channel each, liveness from Health/Stats polls, and the
+load numbers dispatch chooses by (queued prefill tokens; free pages, running requests).
+
+A worker is dead after a failed poll or a failed call, and alive again after a good poll; the router
+restarts nothing itself, it only stops sending work to a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("sparsepd.router")
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    role: str  # "prefill" or "decode"
+    address: str
+    index: int
+    channel: grpc.aio.Channel | None = None
+    stub: object = None
+    alive: bool = False
+    stats: worker_pb2.StatsResponse = field(default_factory=worker_pb2.StatsResponse)
+    stats_at: float = 0.0
+    queued_tokens: int = 0  # prefill: prompt tokens sent and not yet answered
+    inflight: int = 0  # prefill: requests in batches sent and not yet answered
+    reserved_pages: int = 0  # decode: pages reserved since the last Stats (the poll resets it)
+    transfer_bytes: int = 0  # prefill: states pushed (as its results report)
+    transfer_ms: float = 0.0
+    transfers: int = 0
+    last_error: str = ""
+
+    def connect(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.address)
+        stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
+        self.stub = stub_cls(self.channel)
+
+    @property
+    def free_pages(self) -> int:
+        return max(0, self.stats.free_pages - self.reserved_pages)
+
+    def mark_dead(self, why: str) -> None:
+        if self.alive:
+            log.warning("%s worker %s is unreachable: %s", self.role, self.address, why)
+        self.alive, self.last_error = False, why
+
+    def describe(self) -> dict:
+        s = self.stats
+        return {"role": self.role, "address": self.address, "alive": self.alive, "running": s.running,
+                "waiting": s.waiting, "num_pages": s.num_pages, "free_pages": s.free_pages,
+                "num_slots": s.num_slots, "free_slots": s.free_slots, "queued_tokens": self.queued_tokens,
+                "last_error": self.last_error}
+
+
+class WorkerPool:
+    def __init__(self, prefill: list[str], decode: list[str], poll_s: float = 0.5, rpc_timeout_s: float = 2.0):
+        if not prefill or not decode:
+            raise ValueError(f"the router needs at least one prefill and one decode worker, got prefill={prefill} "
+                             f"decode={decode}")
+        self.prefill = [WorkerHandle("prefill", a, i) for i, a in enumerate(prefill)]
+        self.decode = [WorkerHandle("decode", a, len(prefill) + i) for i, a in enumerate(decode)]
+        self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
+        self.changed = asyncio.Event()  # set after every poll round (dispatch retries waiting work then)
+
+    @property
+    def all(self) -> list[WorkerHandle]:
+        return [*self.prefill, *self.decode]
+
+    async def start(self) -> None:
+        for w in self.all:
+            w.connect()
+        await self.poll_once()
+
+    async def close(self) -> None:
+        for w in self.all:
+            if w.channel is not None:
+                await w.channel.close()
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(w) for w in self.all))
+        self.changed.set()
+
+    async def _poll(self, w: WorkerHandle) -> None:
+        try:
+            health = await w.stub.Health(worker_pb2.HealthRequest(), timeout=self.rpc_timeout_s)
+            stats = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            w.mark_dead(f"{exc.code().name}: {exc.details()}")
+            return
+        if health.role != w.role:
+            w.mark_dead(f"it says it is a {health.role!r} worker, configured as {w.role!r}")
+            return
+        if not health.serving:
+            w.mark_dead("not serving (shutting down)")
+            return
+        if not w.alive:
+            log.info("%s worker %s is serving", w.role, w.address)
+        w.alive, w.stats, w.stats_at, w.reserved_pages, w.last_error = True, stats, time.monotonic(), 0, ""
+
+    def pick_prefill(self) -> WorkerHandle | None:
+        """The live prefill worker with the fewest queued tokens."""
+        live = [w for w in self.prefill if w.alive]
+        return min(live, key=lambda w: (w.queued_tokens, w.index)) if live else None
+
+    def decode_order(self) -> list[WorkerHandle]:
+        """Live decode workers, most free pages first, then fewest running."""
+        live = [w for w in self.decode if w.alive]
+        return sorted(live, key=lambda w: (-w.free_pages, w.stats.running, w.index))

@@ -1,0 +1,69 @@
+"""Helpers for the router tests: start a router, build requests, read streams, wait for free pools."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from sparsepd.launch import start
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+WORKER_ARGS = ["--preset", "tiny", "--num-slots", "16", "--max-batch-tokens", "256", "--num-pages", "192"]
+
+
+def start_router(prefill: str, decode: str, *extra: str):
+    return start("router", ["router", "--port", "0", "--metrics-port", "0", "--prefill", prefill, "--decode", decode,
+                            *extra])
+
+
+def generate_request(ids: list[int], max_new_tokens: int | None = 8, stream: bool = False, request_id: str = "",
+                     **sampling) -> pb.GenerateRequest:
+    params = dict(temperature=0.0, top_p=1.0, top_k=-1, ignore_eos=True, **sampling)
+    sp = pb.SamplingParams(**params)
+    if max_new_tokens is not None:
+        sp.max_new_tokens = max_new_tokens
+    return pb.GenerateRequest(request_id=request_id, tokenized=pb.TokenizedInput(input_ids=ids), sampling_params=sp,
+                              stream=stream)
+
+
+async def collect(stub, request, timeout: float = 60.0) -> tuple[list[pb.GenerateStreamChunk], pb.GenerateComplete]:
+    """Every chunk and the one complete of a Generate call (asserts the complete is last and alone)."""
+    chunks, completes = [], []
+    async for response in stub.Generate(request, timeout=timeout):
+        assert not completes, "a response came after the complete"
+        assert response.WhichOneof("response") in ("chunk", "complete")
+        (chunks if response.HasField("chunk") else completes).append(getattr(response, response.WhichOneof("response")))
+    assert len(completes) == 1, completes
+    return chunks, completes[0]
+
+
+async def wait_all_free(stub, timeout: float = 10.0) -> pb.GetLoadsResponse:
+    """Poll GetLoads until every worker's pages and slots are free and nothing is in flight in the router."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = await stub.GetLoads(pb.GetLoadsRequest(include=["all"]))
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        busy = [(x.worker_address, x.num_pages - x.free_pages, x.num_slots - x.free_slots, x.num_running_reqs,
+                 x.num_waiting_reqs) for x in loads.loads
+                if (x.free_pages, x.free_slots, x.num_running_reqs, x.num_waiting_reqs)
+                != (x.num_pages, x.num_slots, 0, 0)]
+        in_flight = info.scheduler_info["in_flight"]
+        if not busy and in_flight == 0:
+            return loads
+        assert time.monotonic() < deadline, f"still held after {timeout} s: {busy}, router in flight {in_flight}"
+        await asyncio.sleep(0.1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+def stub_of(ch: grpc.aio.Channel) -> pb_grpc.SglangSchedulerStub:
+    return pb_grpc.SglangSchedulerStub(ch)

@@ -1,0 +1,102 @@
+"""The router's pieces without processes: the model card agrees with the model's presets and tokenizer,
+the shipped tokenizer files are what the generator writes, incremental text and stop strings, and the
+request conversion (SGLang's semantics of proto3 zeros)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sparsepd.model.config import PRESETS as MODEL_PRESETS
+from sparsepd.model.tokenizer import ByteTokenizer
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.router.model_card import MODELS_DIR, PRESETS, card_for, write_byte_level_files
+from sparsepd.router.params import InvalidRequest, parse_generate
+from sparsepd.router.text import IncrementalText, StopStrings
+
+
+def test_preset_table_equals_the_models_presets():
+    assert set(PRESETS) == set(MODEL_PRESETS)
+    for name, info in PRESETS.items():
+        cfg = MODEL_PRESETS[name]
+        assert (info.vocab_size, info.max_seq_len, info.bos_id, info.eos_id, info.page_size) == (
+            cfg.vocab_size, cfg.max_seq_len, cfg.bos_id, cfg.eos_id, cfg.page_size), name
+
+
+def test_shipped_tiny_tokenizer_files_are_what_the_generator_writes(tmp_path):
+    write_byte_level_files(tmp_path, "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (tmp_path / name).read_bytes() == (MODELS_DIR / "tiny" / name).read_bytes(), f"{name} is stale"
+
+
+def test_tiny_tokenizer_equals_the_models_byte_tokenizer():
+    card = card_for("tiny")
+    hf, ours = card.load_tokenizer(), ByteTokenizer(card.vocab_size, card.bos_id, card.eos_id)
+    rng = random.Random(0)
+    texts = ["", "Hello, world", "héllo wörld", "日本語のテキスト", "emoji 🙂 tab\t newline\n", "\x00\x7f~"]
+    texts += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(1, 40))) for _ in range(20)]
+    for text in texts:
+        assert hf.encode(text).ids == ours.encode(text), text
+        assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, add_bos=False), text
+    for _ in range(50):
+        ids = [rng.randrange(card.vocab_size) for _ in range(rng.randrange(1, 30))]
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids), ids
+
+
+def test_zip_is_deterministic():
+    assert card_for("tiny").tokenizer_zip() == card_for("tiny").tokenizer_zip()
+
+
+def test_incremental_text_holds_back_split_characters():
+    tok = card_for("tiny").load_tokenizer()
+    text = "aé日🙂z"
+    detok = IncrementalText(tok)
+    pieces = [detok.push(b) for b in text.encode()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert pieces[1] == "" and pieces[2] == "é"  # é is two bytes: nothing until the second
+
+
+@pytest.mark.parametrize("stops,output,matched,trimmed", [
+    (["lo w"], "hello world", "lo w", "hel"),
+    (["xyz", "o"], "hello world", "o", "hell"),
+    (["ld", "wor"], "hello world", "wor", "hello "),
+    (["日本"], "ab日本cd", "日本", "ab"),
+    (["zzz"], "hello", None, "hello"),
+])
+def test_stop_strings_match_across_tokens(stops, output, matched, trimmed):
+    tok = card_for("tiny").load_tokenizer()
+    stopper = StopStrings(tok, stops)
+    seen = None
+    for i, b in enumerate(output.encode()):
+        seen = stopper.push(b)
+        if seen is not None:
+            assert output.encode()[:i + 1].decode(errors="ignore").endswith(seen)
+            break
+    assert seen == matched
+    assert stopper.output_text(no_stop_trim=False) == trimmed
+
+
+def _request(**sampling) -> pb.GenerateRequest:
+    sp = pb.SamplingParams(temperature=0.0, top_p=1.0, top_k=-1)
+    for k, v in sampling.items():
+        setattr(sp, k, v) if not isinstance(v, list) else getattr(sp, k).extend(v)
+    return pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=[256, 1, 2]), sampling_params=sp)
+
+
+def test_conversion_follows_sglangs_semantics():
+    card = card_for("tiny")
+    spec = parse_generate(_request(), card)
+    assert spec.max_new_tokens == card.max_context_length - 3  # absent = up to the context length
+    assert spec.sampling.max_new_tokens == spec.max_new_tokens and spec.sampling.top_k == -1
+    assert spec.request_id.startswith("req-") and not spec.sampling.HasField("seed")
+    spec = parse_generate(_request(max_new_tokens=5, seed=7, stop_token_ids=[9], top_k=0), card)
+    assert (spec.max_new_tokens, spec.sampling.seed, list(spec.sampling.stop_token_ids)) == (5, 7, [9])
+    held = parse_generate(_request(max_new_tokens=5, stop_token_ids=[9], min_new_tokens=2), card)
+    assert held.router_stops and held.sampling.ignore_eos and not held.sampling.stop_token_ids
+    with pytest.raises(InvalidRequest, match="max_new_tokens=5 is out of range: allowed 1..4"):
+        parse_generate(_request(max_new_tokens=5), card, max_new_tokens_limit=4)
+    with pytest.raises(InvalidRequest, match="min_new_tokens=6 exceeds max_new_tokens=5"):
+        parse_generate(_request(max_new_tokens=5, min_new_tokens=6), card)
+    with pytest.raises(InvalidRequest, match="temperature=nan"):
+        parse_generate(_request(temperature=float("nan")), card)
