@@ -1,0 +1,84 @@
+"""Overload and lost workers through the public API: a full admission queue answers RESOURCE_EXHAUSTED; a
+killed decode worker fails its requests in flight and new ones with UNAVAILABLE, turns the health checks
+to NOT_SERVING, and the prefill worker's pages still come back. Every request ends exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from router_helpers import WORKER_ARGS, channel, collect, generate_request, run, start_router, stub_of  # noqa: E402
+
+from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
+
+
+async def _outcome(stub, request) -> str:
+    try:
+        _, done = await collect(stub, request)
+        return done.finish_reason
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+
+
+def test_full_admission_queue_is_resource_exhausted(deployment):
+    router = start_router(deployment["prefill"], deployment["decode"], "--max-queue", "1", "--batch-tokens", "4")
+    try:
+        async def main():
+            async with channel(router.ready["grpc"]) as ch:
+                stub = stub_of(ch)
+                outcomes = await asyncio.gather(*[_outcome(stub, generate_request([256, *f"queue {i:02d}".encode()], 4))
+                                                  for i in range(24)])
+                loads = await stub.GetLoads(pb.GetLoadsRequest())
+                return outcomes, loads
+
+        outcomes, loads = run(main())
+    finally:
+        stop(router)
+    refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED")]
+    assert refused and all("admission queue is full" in o for o in refused), outcomes
+    assert all(o == "length" for o in outcomes if o not in refused), outcomes
+    assert all(x.free_pages == x.num_pages for x in loads.loads)
+
+
+def test_killed_decode_worker_fails_requests_with_unavailable_and_frees_prefill(deployment):
+    decode = start("decode-doomed", ["decode-worker", *WORKER_ARGS])
+    router = start_router(deployment["prefill"], decode.ready["grpc"])
+    try:
+        async def main():
+            async with channel(router.ready["grpc"]) as ch:
+                stub = stub_of(ch)
+                call = stub.Generate(generate_request([256, *b"doomed"], 500, stream=True))
+                first = await call.read()
+                stop(decode)  # SIGTERM mid-stream: its token stream ends
+                rest = []
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    while (response := await call.read()) != grpc.aio.EOF:
+                        rest.append(response)
+                deadline = time.monotonic() + 10
+                while (await stub.HealthCheck(pb.HealthCheckRequest())).healthy:
+                    assert time.monotonic() < deadline, "still healthy without a decode worker"
+                    await asyncio.sleep(0.1)
+                std = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+                with pytest.raises(grpc.aio.AioRpcError) as new:
+                    await collect(stub, generate_request([256, 1, 2], 4))
+                loads = await stub.GetLoads(pb.GetLoadsRequest())
+                return first, rest, err.value, std, new.value, loads
+
+        first, rest, err, std, new, loads = run(main())
+    finally:
+        stop(router)
+        stop(decode)
+    assert first.HasField("chunk") and all(r.HasField("chunk") for r in rest)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "decode worker" in err.details()
+    assert std.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert new.code() == grpc.StatusCode.UNAVAILABLE and "no decode worker is alive" in new.details()
+    prefill = next(x for x in loads.loads if x.disaggregation.mode == "prefill")
+    assert prefill.alive and prefill.free_pages == prefill.num_pages and prefill.free_slots == prefill.num_slots

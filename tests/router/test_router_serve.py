@@ -1,0 +1,106 @@
+"""`sparsepd serve` as a newcomer runs it: the whole deployment in one command, then `sparsepd generate "..."`
+as its client, and OpenAI-compatible HTTP through the real SGLang model gateway (`--http-port`): the
+texts equal the single-process engine's greedy text for the same token ids. SIGTERM stops everything
+with exit code 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from sparsepd.engine.generate import generate_with_engine
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.launch import start, stop
+from sparsepd.model.config import get_preset
+from sparsepd.model.tokenizer import ByteTokenizer
+from sparsepd.model.weights import build_model
+from sparsepd.router import serve as serve_module
+from sparsepd.router.model_card import card_for
+from sparsepd.router.text import IncrementalText
+
+SERVE_ARGS = ["serve", "--port", "0", "--metrics-port", "0", "--num-slots", "8", "--num-pages", "128"]
+
+
+@pytest.fixture(scope="module")
+def served():
+    pytest.importorskip("smg", reason="the gateway test needs the http extra: pip install 'sparsepd[http]'")
+    child = start("serve", [*SERVE_ARGS, "--http-port", "0"], timeout_s=240)
+    try:
+        yield child
+    finally:
+        code = stop(child, timeout_s=30)
+        assert code == 0, "\n".join(child.log_tail)
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    model = build_model(get_preset("tiny"), seed=0)
+    tok = ByteTokenizer(260, 256, 257)
+
+    def text_of(ids: list[int], max_new: int) -> tuple[list[int], str]:
+        out = generate_with_engine(model, ids, SamplingParams(max_new_tokens=max_new, ignore_eos=True)).output_ids
+        return out, tok.decode(out)
+
+    return text_of
+
+
+def _post(url: str, body: dict) -> bytes:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.status == 200
+        return r.read()
+
+
+def test_generate_is_a_client_of_the_served_router(served, greedy):
+    out = subprocess.run([sys.executable, "-m", "sparsepd", "generate", "Hello", "--router", served.ready["grpc"],
+                          "--max-new-tokens", "8", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ids, text = greedy([256, *b"Hello"], 8)
+    assert out.stdout == text + "\n"
+    assert f"tokens: {ids}" in out.stderr and "finish: length" in out.stderr
+
+
+def test_openai_completions_through_the_gateway(served, greedy):
+    prompt = "Hello there"
+    ids, _ = greedy(list(prompt.encode()), 12)  # the gateway encodes a completion prompt without BOS
+    native = json.loads(_post(served.ready["http"] + "/generate", {
+        "model": served.ready["model"], "input_ids": list(prompt.encode()),
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}))
+    assert native[0]["output_ids"] == ids  # token for token, through the gateway
+    reply = json.loads(_post(served.ready["http"] + "/v1/completions", {
+        "model": served.ready["model"], "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}))
+    assert reply["usage"]["prompt_tokens"] == len(prompt.encode()) and reply["usage"]["completion_tokens"] == 12
+    # The random-weight model emits arbitrary bytes; the gateway's text is what an incremental decoder emits
+    # (a tail that never completes a UTF-8 character is dropped).
+    detok = IncrementalText(card_for("tiny").load_tokenizer())
+    assert reply["choices"][0]["text"] == "".join(detok.push(t) for t in ids)
+    assert reply["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_streaming_chat_through_the_gateway(served, greedy):
+    body = {"model": served.ready["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    events = [json.loads(line[len(b"data: "):]) for line in _post(served.ready["http"] + "/v1/chat/completions",
+                                                                   body).splitlines()
+              if line.startswith(b"data: ") and line != b"data: [DONE]"]
+    streamed = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    card = card_for("tiny")
+    prompt = card.load_tokenizer().encode("<|begin_of_text|><|user|>Hi\n<|assistant|>", add_special_tokens=False).ids
+    usage = next(e["usage"] for e in events if e.get("usage"))
+    assert usage["prompt_tokens"] == len(prompt) and usage["completion_tokens"] == 10
+    _, text = greedy(prompt, 10)
+    assert streamed == text
+
+
+def test_http_port_without_the_gateway_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(serve_module, "gateway_command", lambda: None)
+    parser = argparse.ArgumentParser()
+    serve_module.add_arguments(parser)
+    code = asyncio.run(serve_module.serve(parser.parse_args(["--http-port", "8000"])))
+    assert code == 2 and "pip install 'sparsepd[http]'" in capsys.readouterr().err
