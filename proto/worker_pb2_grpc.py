@@ -468,3 +468,78 @@ class DecodeWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerRegistryStub:
+    """Served by the router beside the public API.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/sparsepd.worker.WorkerRegistry/Register',
+                request_serializer=sparsepd_dot_proto_dot_worker__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=sparsepd_dot_proto_dot_worker__pb2.RegisterResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerRegistryServicer:
+    """Served by the router beside the public API.
+    """
+
+    def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerRegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=sparsepd_dot_proto_dot_worker__pb2.RegisterRequest.FromString,
+                    response_serializer=sparsepd_dot_proto_dot_worker__pb2.RegisterResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sparsepd.worker.WorkerRegistry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sparsepd.worker.WorkerRegistry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerRegistry:
+    """Served by the router beside the public API.
+    """
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sparsepd.worker.WorkerRegistry/Register',
+            sparsepd_dot_proto_dot_worker__pb2.RegisterRequest.SerializeToString,
+            sparsepd_dot_proto_dot_worker__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
