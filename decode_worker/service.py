@@ -11,7 +11,7 @@ from sparsepd.decode_worker.worker import DecodeWorker, TokenUpdate
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import sampling_to_dict
+from sparsepd.proto.convert import sampling_to_dict, top_logprobs
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -58,9 +58,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             while True:
                 step, batch = await updates.get()
-                yield worker_pb2.StepBatch(step=step, events=[
-                    worker_pb2.TokenEvent(request_id=u.request_id, token_ids=list(u.token_ids),
-                                          finish_reason=u.finish_reason, error=u.error) for u in batch])
+                yield worker_pb2.StepBatch(step=step, events=[_event(u) for u in batch])
         except asyncio.CancelledError:
             raise
         finally:
@@ -77,3 +75,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             free_slots=s["free_slots"], running=s["running"], waiting=s["waiting"],
             transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
             rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0))
+
+
+def _event(u: TokenUpdate) -> worker_pb2.TokenEvent:
+    event = worker_pb2.TokenEvent(request_id=u.request_id, token_ids=list(u.token_ids), finish_reason=u.finish_reason,
+                                  error=u.error)
+    if u.logprobs:
+        event.logprobs.extend(x.logprob for x in u.logprobs)
+        event.top_logprobs.extend(top_logprobs(x.top_ids, x.top_logprobs) for x in u.logprobs)
+    return event

@@ -23,7 +23,7 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
-from sparsepd.engine.sampling import SamplingParams
+from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
 
 log = logging.getLogger("sparsepd.decode")
@@ -42,6 +42,7 @@ class TokenUpdate:
     token_ids: tuple[int, ...]
     finish_reason: str  # "" while running
     error: str = ""
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
 
 
 class DecodeWorker:
@@ -108,7 +109,8 @@ class DecodeWorker:
                 with self.lock:
                     outputs = self.engine.step()
                 self.step_count += 1
-                updates = [TokenUpdate(o.request_id, (o.token,), o.finish_reason or "") for o in outputs]
+                updates = [TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
+                                       logprobs=(o.logprobs,) if o.logprobs is not None else ()) for o in outputs]
                 self.counters["tokens_generated"] += len(outputs)
                 self._publish(updates)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, finish_reason
+from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs, finish_reason, token_logprobs
 from sparsepd.model.transformer import Transformer
 
 
@@ -21,6 +21,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     state_bytes: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when params ask for them
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -44,19 +45,28 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     chunk = prefill_chunk or len(prompt_ids)
     for begin in range(0, len(prompt_ids), chunk):
         logits = model.forward(ids[begin: begin + chunk], state)
-    token = sampler.sample(logits[-1])
+    out: list[int] = []
+    logprobs: list[TokenLogprobs] = []
+
+    def pick(row: torch.Tensor) -> int:
+        token = sampler.sample(row, params.banned(len(out), cfg.eos_id))
+        if params.wants_logprobs:
+            logprobs.append(token_logprobs(row, token, params.top_logprobs))
+        return token
+
+    token = pick(logits[-1])
     t1 = time.perf_counter()
-    out = [token]
+    out.append(token)
     if on_token:
         on_token(token)
     reason = finish_reason(token, 1, params, cfg.eos_id)
     while reason is None:
-        token = sampler.sample(model.decode(token, state))
+        token = pick(model.decode(token, state))
         out.append(token)
         if on_token:
             on_token(token)
         reason = finish_reason(token, len(out), params, cfg.eos_id)
-    return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes())
+    return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes(), logprobs)
 
 
 def generate_with_engine(model: Transformer, prompt_ids: list[int], params: SamplingParams,
@@ -78,4 +88,4 @@ def generate_with_engine(model: Transformer, prompt_ids: list[int], params: Samp
         engine.step()
     position = len(prompt_ids) + len(request.output_ids) - 1
     return Generation(prompt_ids, request.output_ids, request.finish_reason, t1 - t0, time.perf_counter() - t1,
-                      shipped_bytes(model.cfg, position))
+                      shipped_bytes(model.cfg, position), request.output_logprobs)

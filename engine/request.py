@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams
+from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the pools (= the position of the next token to feed)
     finish_reason: FinishReason | None = None
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked for
 
     @property
     def max_len(self) -> int:
@@ -45,3 +46,4 @@ class StepOutput:
     request_id: str
     token: int
     finish_reason: FinishReason | None
+    logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities

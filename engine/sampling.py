@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, stop conditions.
+"""Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, min_new_tokens, stop conditions,
+log-probabilities.
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
 the allowed range). `Sampler` owns a request's random generator, seeded from the request's seed, so the
@@ -7,12 +8,14 @@ same seed gives the same tokens; its state is a byte string that can be shipped 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 FinishReason = Literal["stop", "length"]
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingParams(BaseModel):
@@ -26,6 +29,9 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(16, ge=1)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_new_tokens: int = Field(0, ge=0)
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -48,6 +54,16 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    def banned(self, n_generated: int, eos_id: int) -> list[int]:
+        """Token ids that may not be drawn after n_generated tokens (min_new_tokens not reached yet)."""
+        if n_generated >= self.min_new_tokens:
+            return []
+        return sorted({*self.stop_token_ids, *([] if self.ignore_eos else [eos_id])})
+
 
 class Sampler:
     """Draws one request's tokens; deterministic for a given seed (or greedy)."""
@@ -60,10 +76,13 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """One token from logits `[vocab]`."""
+    def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = ()) -> int:
+        """One token from logits `[vocab]`, never one of `banned`."""
         p = self.params
         logits = logits.float().cpu()
+        if banned:
+            logits = logits.clone()
+            logits[list(banned)] = float("-inf")
         if p.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / p.temperature, dim=-1)
@@ -91,6 +110,25 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
     if min_p > 0.0:
         probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
     return probs / probs.sum()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the position's most likely tokens with theirs."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
+    """Log-softmax of one position's raw logits `[vocab]`: `token`'s value and the top_n best (ties: lower id)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    value = float(logp[token])
+    if top_n <= 0:
+        return TokenLogprobs(value)
+    top = torch.topk(logp, min(top_n, logp.shape[-1]))
+    return TokenLogprobs(value, tuple(top.indices.tolist()), tuple(float(v) for v in top.values.tolist()))
 
 
 def finish_reason(token: int, n_generated: int, params: SamplingParams, eos_id: int) -> FinishReason | None:

@@ -14,7 +14,7 @@ from collections import deque
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
-from sparsepd.engine.sampling import finish_reason
+from sparsepd.engine.sampling import finish_reason, token_logprobs
 
 
 class Scheduler:
@@ -120,10 +120,15 @@ class Scheduler:
             request.num_computed += len(tokens)
             if request.num_computed < request.num_known:
                 continue  # a prefill chunk that is not the last one
-            token = greedy[i] if request.params.greedy else request.sampler.sample(row)
+            params = request.params
+            banned = params.banned(len(request.output_ids), eos)
+            token = greedy[i] if params.greedy and not banned else request.sampler.sample(row, banned)
+            logprobs = token_logprobs(row, token, params.top_logprobs) if params.wants_logprobs else None
             request.output_ids.append(token)
-            request.finish_reason = finish_reason(token, len(request.output_ids), request.params, eos)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason))
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs)
+            request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, logprobs))
             if request.finish_reason is not None:
                 self._release(request)
         self.running = [r for r in self.running if r.finish_reason is None]

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.prefill_worker.worker import PrefillJob, PrefillWorker
+from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import sampling_to_dict
+from sparsepd.proto.convert import sampling_to_dict, top_logprobs
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -40,10 +40,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
-        return worker_pb2.PrefillResponse(results=[
-            worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
-                                     finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
-                                     prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms) for o in outcomes])
+        return worker_pb2.PrefillResponse(results=[_result(o) for o in outcomes])
 
     async def Release(self, request, context):
         return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
@@ -59,3 +56,13 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
             transfer_bytes=c["transfer_bytes"])
+
+
+def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
+    result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
+                                      finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
+                                      prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms)
+    if o.logprobs is not None:
+        result.first_logprob = o.logprobs.logprob
+        result.first_top_logprobs.CopyFrom(top_logprobs(o.logprobs.top_ids, o.logprobs.top_logprobs))
+    return result

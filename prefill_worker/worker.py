@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
-from sparsepd.engine.sampling import SamplingParams
+from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import export_state
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader
@@ -46,6 +46,7 @@ class PrefillOutcome:
     transfer_bytes: int = 0
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
+    logprobs: TokenLogprobs | None = None  # the first token's, when asked for
 
 
 class PrefillWorker:
@@ -104,6 +105,7 @@ class PrefillWorker:
                 del waiting[rid]
                 out = outcomes[rid]
                 out.first_token, out.finish_reason = request.output_ids[0], request.finish_reason or ""
+                out.logprobs = request.output_logprobs[0] if request.output_logprobs else None
                 out.prefill_ms = (time.perf_counter() - started) * 1e3
                 if request.finish_reason is not None:  # done at the first token: nothing to ship
                     out.ok = True

@@ -12,14 +12,21 @@ def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
     means "not set": top_p 0 is 1.0 (off), top_k 0 is off."""
     return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0, min_p=msg.min_p,
                 seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
-                stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+                stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
+                logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
 
 
 def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
     msg = worker_pb2.SamplingParams(
         temperature=values.get("temperature", 0.0), top_k=values.get("top_k", -1), top_p=values.get("top_p", 1.0),
         min_p=values.get("min_p", 0.0), max_new_tokens=values.get("max_new_tokens", 16),
-        stop_token_ids=list(values.get("stop_token_ids", ())), ignore_eos=values.get("ignore_eos", False))
+        stop_token_ids=list(values.get("stop_token_ids", ())), ignore_eos=values.get("ignore_eos", False),
+        min_new_tokens=values.get("min_new_tokens", 0), logprobs=values.get("logprobs", False),
+        top_logprobs=values.get("top_logprobs", 0))
     if values.get("seed") is not None:
         msg.seed = values["seed"]
     return msg
+
+
+def top_logprobs(token_ids, logprobs) -> worker_pb2.TopLogprobs:
+    return worker_pb2.TopLogprobs(token_ids=list(token_ids), logprobs=list(logprobs))

@@ -21,7 +21,7 @@ from collections import deque
 import grpc
 
 from sparsepd.proto import worker_pb2
-from sparsepd.router.flow import Flow, Outcome
+from sparsepd.router.flow import Flow, Outcome, TokenLogprob
 from sparsepd.router.params import RequestSpec
 from sparsepd.router.text import StopStrings
 from sparsepd.router.workers import WorkerHandle, WorkerPool
@@ -250,10 +250,10 @@ class Dispatcher:
             if self.metrics:
                 self.metrics.transfer(r.transfer_bytes, r.transfer_ms / 1e3)
         flow.first_known = True
-        flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
-        if self.metrics:
-            self.metrics.first_token(flow.ttft_ms / 1e3)
-        self._deliver(flow, [r.first_token], r.finish_reason)
+        if not r.first_token_in_stream:  # a colocated worker sends its first token on the token stream
+            logprobs = [TokenLogprob(r.first_logprob, tuple(r.first_top_logprobs.token_ids),
+                                     tuple(r.first_top_logprobs.logprobs))] if flow.spec.logprobs else None
+            self._deliver(flow, [r.first_token], r.finish_reason, logprobs)
         for event in flow.early:
             self._apply_decode_event(flow, event)
         flow.early.clear()
@@ -300,13 +300,26 @@ class Dispatcher:
         elif reason == "abort":
             self._end(flow, Outcome("abort"))
         else:
-            self._deliver(flow, list(event.token_ids), reason)
+            logprobs = [TokenLogprob(lp, tuple(top.token_ids), tuple(top.logprobs))
+                        for lp, top in zip(event.logprobs, event.top_logprobs, strict=False)] or None
+            self._deliver(flow, list(event.token_ids), reason, logprobs if flow.spec.logprobs else None)
 
     # --- tokens and the end -----------------------------------------------------------------------------
-    def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str) -> None:
+    def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str,
+                 logprobs: list[TokenLogprob] | None = None) -> None:
+        if logprobs is not None and len(logprobs) != len(token_ids):
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=(
+                f"worker sent {len(logprobs)} log-probabilities for {len(token_ids)} tokens")))
+            return
+        if token_ids and not flow.output_ids:
+            flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
+            if self.metrics:
+                self.metrics.first_token(flow.ttft_ms / 1e3)
         new, outcome = [], None
-        for token in token_ids:
+        for i, token in enumerate(token_ids):
             flow.output_ids.append(token)
+            if logprobs is not None:
+                flow.logprobs.append(logprobs[i])
             new.append(token)
             outcome = flow.check_stop(token)
             if outcome is not None:

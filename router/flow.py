@@ -2,8 +2,8 @@
 
 The dispatcher writes a flow's events (`("tokens", [ids])` as tokens arrive, then exactly one
 `("end", Outcome)`); the public Generate stream reads them. `check_stop` is the router's own stop rule
-per new token: stop strings (over the incrementally decoded text), and — when the request has
-`min_new_tokens` — stop tokens and EOS, which the decode worker then does not watch itself.
+per new token: stop strings (over the incrementally decoded text; none before `min_new_tokens`) and
+max_new_tokens. Stop token ids and EOS are the workers' (they mask them until `min_new_tokens`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,13 @@ class Outcome:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
 @dataclass(eq=False)
 class Flow:
     spec: RequestSpec
@@ -34,6 +41,7 @@ class Flow:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted_at: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when spec.logprobs
     prefill: object = None  # WorkerHandle
     decode: object = None  # WorkerHandle
     reserved: bool = False  # pages and a slot held on `decode`
@@ -65,8 +73,6 @@ class Flow:
             return None
         if matched is not None:
             return Outcome("stop", matched_stop_str=matched)
-        if spec.router_stops and (token in spec.stop_token_ids or token == spec.eos_id):
-            return Outcome("stop", matched_token_id=token)
         if n >= spec.max_new_tokens:
             return Outcome("length")
         return None

@@ -4,8 +4,10 @@ parameters for the workers, and the stop conditions the router watches itself.
 Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
 length"; n 0 is 1). A bad request raises `InvalidRequest` naming the field, the value and what is
-allowed; features the workers do not have (n > 1, grammars, penalties, logit bias, log-probabilities,
+allowed; features the workers do not have (n > 1, grammars, penalties, logit bias, input log-probabilities,
 multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
+Output log-probabilities (`return_logprob`, `top_logprobs_num` ≤ 20) are the log-softmax of the model's raw
+logits; `logprob_start_len` 0 or -1 means "output only" (proto3 cannot tell 0 from unset).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
+
+MAX_TOP_LOGPROBS = 20
 
 
 class InvalidRequest(ValueError):
@@ -35,11 +39,8 @@ class RequestSpec:
     eos_id: int | None = None  # None when ignore_eos
     no_stop_trim: bool = False
     stream: bool = False
-
-    @property
-    def router_stops(self) -> bool:
-        """Whether the router, not the decode worker, decides when a stop token ends the request."""
-        return self.min_new_tokens > 0
+    logprobs: bool = False  # report each output token's log-probability
+    top_logprobs: int = 0  # and this many most likely tokens per position
 
 
 def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
@@ -74,15 +75,14 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
     rid = req.request_id or f"req-{uuid.uuid4().hex}"
     stop_ids = frozenset(sp.stop_token_ids)
     eos = None if sp.ignore_eos else card.eos_id
-    router_stops = sp.min_new_tokens > 0
     sampling = worker_pb2.SamplingParams(
         temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, max_new_tokens=max_new,
-        # Before min_new_tokens the router must see stop tokens go by, so the worker keeps generating.
-        stop_token_ids=[] if router_stops else sorted(stop_ids), ignore_eos=sp.ignore_eos or router_stops)
+        stop_token_ids=sorted(stop_ids), ignore_eos=sp.ignore_eos, min_new_tokens=sp.min_new_tokens,
+        logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0)
     if sp.HasField("seed"):
         sampling.seed = sp.seed
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
-                       eos, sp.no_stop_trim, req.stream)
+                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs)
 
 
 def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
@@ -124,9 +124,15 @@ def _refuse_unsupported(req: pb.GenerateRequest) -> None:
         (sp.repetition_penalty not in (0.0, 1.0), f"sampling_params.repetition_penalty={sp.repetition_penalty:g}: "
                                                   "penalties are not supported (allowed: 1, or 0 for unset)"),
         (bool(sp.logit_bias), "sampling_params.logit_bias is not supported"),
-        (req.return_logprob or req.top_logprobs_num > 0 or len(req.token_ids_logprob) > 0,
-         f"return_logprob={req.return_logprob} top_logprobs_num={req.top_logprobs_num}: log-probabilities are "
-         "not supported yet"),
+        (req.top_logprobs_num < 0 or req.top_logprobs_num > MAX_TOP_LOGPROBS,
+         f"top_logprobs_num={req.top_logprobs_num} is out of range: allowed 0..{MAX_TOP_LOGPROBS}"),
+        (req.top_logprobs_num > 0 and not req.return_logprob,
+         f"top_logprobs_num={req.top_logprobs_num} needs return_logprob=true"),
+        (req.return_logprob and req.logprob_start_len > 0,
+         f"logprob_start_len={req.logprob_start_len}: input (prompt) log-probabilities are not supported; "
+         "allowed -1 or 0 (output tokens only)"),
+        (len(req.token_ids_logprob) > 0, "token_ids_logprob: log-probabilities of chosen token ids are not "
+                                         "supported (use top_logprobs_num)"),
         (req.return_hidden_states, "return_hidden_states is not supported"),
         (req.HasField("mm_inputs"), "mm_inputs: multimodal input is not supported (the model is text-only)"),
         (len(req.input_embeds) > 0, "input_embeds: input embeddings are not supported; send token ids"),

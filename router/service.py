@@ -73,10 +73,12 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                 if flow.events.empty():
                     break
                 kind, payload = flow.events.get_nowait()
-            sent += len(new)
             if new and spec.stream:
-                yield pb.GenerateResponse(request_id=spec.request_id, chunk=pb.GenerateStreamChunk(
-                    token_ids=new, prompt_tokens=prompt, completion_tokens=sent))
+                chunk = pb.GenerateStreamChunk(token_ids=new, prompt_tokens=prompt, completion_tokens=sent + len(new))
+                if spec.logprobs:
+                    chunk.output_logprobs.CopyFrom(_output_logprobs(flow, sent, sent + len(new)))
+                yield pb.GenerateResponse(request_id=spec.request_id, chunk=chunk)
+            sent += len(new)
             if kind == "end":
                 if payload.code is None:
                     yield self._complete(flow, payload)
@@ -87,6 +89,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             output_ids=flow.output_ids, finish_reason=outcome.finish_reason, prompt_tokens=len(flow.spec.input_ids),
             completion_tokens=len(flow.output_ids), queue_ms=flow.queue_ms, prefill_ms=flow.prefill_ms,
             transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes)
+        if flow.spec.logprobs:
+            done.output_logprobs.CopyFrom(_output_logprobs(flow, 0, len(flow.output_ids)))
         if outcome.matched_token_id is not None:
             done.matched_token_id = outcome.matched_token_id
         elif outcome.matched_stop_str is not None:
@@ -204,6 +208,15 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             last = start + TOKENIZER_CHUNK_BYTES >= len(data)
             yield common.GetTokenizerChunk(data=data[start:start + TOKENIZER_CHUNK_BYTES],
                                            sha256=digest if last else "")
+
+
+def _output_logprobs(flow: Flow, start: int, end: int) -> pb.OutputLogProbs:
+    """The log-probabilities of output tokens [start, end) (top ones only when the request asked for them)."""
+    lps = flow.logprobs[start:end]
+    out = pb.OutputLogProbs(token_logprobs=[x.logprob for x in lps], token_ids=flow.output_ids[start:end])
+    if flow.spec.top_logprobs > 0:
+        out.top_logprobs.extend(pb.TopLogProbs(values=x.top_logprobs, token_ids=x.top_ids) for x in lps)
+    return out
 
 
 def _config(card: ModelCard) -> dict:

@@ -103,3 +103,30 @@ def test_abort_frees_everything(model, reference):
         engine.abort(r.request_id)
     assert not engine.abort("no-such-request")
     assert engine.is_idle_and_empty()
+
+
+def test_min_new_tokens_masks_eos_and_stop_tokens(model, reference):
+    prompts, want = reference
+    stop = want[5][1]  # greedy's second token: without the mask the request would stop there
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=6, stop_token_ids=(stop,), ignore_eos=True)
+    ref = generate(model, prompts[5], params)
+    assert stop not in ref.output_ids[:6]
+    assert ref.output_ids[:2] != want[5][:2]  # the mask changed the path
+    engine = _engine(model)
+    got = engine.generate([prompts[5], prompts[2]], [params, GREEDY])
+    assert got[0].output_ids == ref.output_ids and got[1].output_ids == want[2]
+    assert engine.is_idle_and_empty()
+
+
+def test_logprobs_equal_the_reference(model, reference):
+    prompts, want = reference
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True, top_logprobs=3)
+    ref = generate(model, prompts[7], params)
+    assert ref.output_ids == want[7] and len(ref.logprobs) == 12
+    engine = _engine(model, max_batch_tokens=16)
+    got = engine.generate([prompts[7], prompts[1]], [params, GREEDY])
+    assert got[0].output_ids == want[7] and got[1].output_logprobs == []
+    for a, b, token in zip(got[0].output_logprobs, ref.logprobs, want[7], strict=True):
+        assert a.top_ids == b.top_ids and a.top_ids[0] == token  # greedy: the best is the chosen one
+        assert abs(a.logprob - b.logprob) < 1e-5 and a.logprob == a.top_logprobs[0]
+        assert max(abs(x - y) for x, y in zip(a.top_logprobs, b.top_logprobs, strict=True)) < 1e-5

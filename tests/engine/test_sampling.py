@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparsepd.engine.sampling import Sampler, SamplingParams, filter_probs, finish_reason
+from sparsepd.engine.sampling import Sampler, SamplingParams, filter_probs, finish_reason, token_logprobs
 
 
 def _logits(seed: int) -> torch.Tensor:
@@ -64,3 +64,38 @@ def test_finish_reason():
     assert finish_reason(9, 1, p, eos_id=9) == "stop"
     assert finish_reason(9, 1, SamplingParams(ignore_eos=True), eos_id=9) is None
     assert finish_reason(5, 3, p, eos_id=9) == "length"
+
+
+def test_banned_tokens_are_never_drawn():
+    logits = _logits(5)
+    best = int(torch.argmax(logits))
+    greedy = Sampler(SamplingParams(), 300)
+    assert greedy.sample(logits) == best
+    second = int(torch.topk(logits, 2).indices[1])
+    assert greedy.sample(logits, [best]) == second
+    hot = Sampler(SamplingParams(temperature=5.0, seed=1), 300)
+    banned = torch.topk(logits, 20).indices.tolist()
+    assert not set(hot.sample(logits, banned) for _ in range(200)) & set(banned)
+    assert torch.isfinite(logits).all()  # the caller's logits are not modified
+
+
+def test_banned_follows_min_new_tokens():
+    params = SamplingParams(min_new_tokens=3, stop_token_ids=(7, 5))
+    assert params.banned(0, eos_id=1) == [1, 5, 7]
+    assert params.banned(2, eos_id=1) == [1, 5, 7]
+    assert params.banned(3, eos_id=1) == []
+    assert SamplingParams(min_new_tokens=3, ignore_eos=True).banned(0, eos_id=1) == []
+
+
+def test_token_logprobs_are_the_log_softmax():
+    logits = _logits(9)
+    want = torch.log_softmax(logits.double(), -1)
+    got = token_logprobs(logits, 17, top_n=4)
+    assert abs(got.logprob - float(want[17])) < 1e-5
+    order = torch.argsort(want, descending=True)[:4].tolist()
+    assert list(got.top_ids) == order
+    assert all(abs(v - float(want[i])) < 1e-5 for i, v in zip(got.top_ids, got.top_logprobs, strict=True))
+    assert list(got.top_logprobs) == sorted(got.top_logprobs, reverse=True)
+    assert token_logprobs(logits, 17, top_n=0).top_ids == ()
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams.checked(top_logprobs=21)

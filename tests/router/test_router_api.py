@@ -116,7 +116,11 @@ BAD_REQUESTS = [
     ("n > 1", _bad("n", sampling_params__n=2), "n=2"),
     ("a grammar", _bad("g", sampling_params__regex="[a-z]+"), "constrained decoding"),
     ("a penalty", _bad("f", sampling_params__frequency_penalty=0.5), "frequency_penalty=0.5"),
-    ("log-probabilities", _bad("l", return_logprob=True), "log-probabilities"),
+    ("input log-probabilities", _bad("l", return_logprob=True, logprob_start_len=3), "logprob_start_len=3"),
+    ("too many top log-probabilities", _bad("l2", return_logprob=True, top_logprobs_num=21),
+     "top_logprobs_num=21 is out of range"),
+    ("top log-probabilities without return_logprob", _bad("l3", top_logprobs_num=2), "needs return_logprob"),
+    ("log-probabilities of chosen ids", _bad("l4", return_logprob=True, token_ids_logprob=[3]), "token_ids_logprob"),
     ("multimodal input", _bad("mm", mm_inputs__image_urls=["http://x/y.png"]), "multimodal"),
     ("input embeddings", _bad("emb", input_embeds=[0.5, 0.25]), "embeddings"),
 ]
@@ -224,13 +228,41 @@ def test_stop_token_ids_and_min_new_tokens(deployment, model):
     _, done = run(main())
     assert list(done.output_ids) == out[:first + 1] and done.finish_reason == "stop"
     assert done.matched_token_id == stop_token
-    min_new = first + 2  # the stop token may not end the request before min_new_tokens tokens
-    later = next((i for i in range(min_new - 1, len(out)) if out[i] == stop_token), None)
+    # Until min_new_tokens the workers mask the stop token (and EOS): the output follows another path, the
+    # single-process engine's under the same parameters.
+    min_new = first + 2
+    params = SamplingParams(max_new_tokens=40, min_new_tokens=min_new, stop_token_ids=(stop_token,), ignore_eos=True)
+    want = generate_with_engine(model, ids, params)
+    assert stop_token not in want.output_ids[:min_new]
     _, held = run(main(min_new_tokens=min_new))
-    if later is None:
-        assert list(held.output_ids) == out and held.finish_reason == "length"
-    else:
-        assert list(held.output_ids) == out[:later + 1] and held.matched_token_id == stop_token
+    assert list(held.output_ids) == want.output_ids and held.finish_reason == want.finish_reason
+    if want.finish_reason == "stop":
+        assert held.matched_token_id == want.output_ids[-1]
+
+
+def test_logprobs_equal_the_single_process_engine(deployment, model):
+    ids = [256, *b"log probabilities"]
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=True, top_logprobs=3)
+    want = generate_with_engine(model, ids, params)
+
+    async def main(stream: bool):
+        async with channel(deployment["router"]) as ch:
+            request = generate_request(ids, 9, stream=stream)
+            request.return_logprob, request.top_logprobs_num = True, 3
+            return await collect(stub_of(ch), request)
+
+    for stream in (True, False):
+        chunks, done = run(main(stream))
+        lps = done.output_logprobs
+        assert list(done.output_ids) == want.output_ids == list(lps.token_ids)
+        assert len(lps.token_logprobs) == len(lps.top_logprobs) == 9
+        for got_lp, got_top, ref in zip(lps.token_logprobs, lps.top_logprobs, want.logprobs, strict=True):
+            assert abs(got_lp - ref.logprob) < 1e-5 and list(got_top.token_ids) == list(ref.top_ids)
+            assert max(abs(a - b) for a, b in zip(got_top.values, ref.top_logprobs, strict=True)) < 1e-5
+        if stream:  # the chunks carry the same values, token for token
+            streamed = [v for c in chunks for v in c.output_logprobs.token_logprobs]
+            assert streamed == list(lps.token_logprobs)
+            assert all(len(c.output_logprobs.token_ids) == len(c.token_ids) for c in chunks)
 
 
 def test_health_reflection_model_info_and_tokenizer(deployment):

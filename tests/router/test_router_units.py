@@ -93,7 +93,8 @@ def test_conversion_follows_sglangs_semantics():
     spec = parse_generate(_request(max_new_tokens=5, seed=7, stop_token_ids=[9], top_k=0), card)
     assert (spec.max_new_tokens, spec.sampling.seed, list(spec.sampling.stop_token_ids)) == (5, 7, [9])
     held = parse_generate(_request(max_new_tokens=5, stop_token_ids=[9], min_new_tokens=2), card)
-    assert held.router_stops and held.sampling.ignore_eos and not held.sampling.stop_token_ids
+    assert held.sampling.min_new_tokens == 2 and list(held.sampling.stop_token_ids) == [9]
+    assert not held.sampling.ignore_eos and not held.sampling.logprobs  # the workers mask EOS and stops
     with pytest.raises(InvalidRequest, match="max_new_tokens=5 is out of range: allowed 1..4"):
         parse_generate(_request(max_new_tokens=5), card, max_new_tokens_limit=4)
     with pytest.raises(InvalidRequest, match="min_new_tokens=6 exceeds max_new_tokens=5"):
