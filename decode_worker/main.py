@@ -1,4 +1,6 @@
-"""`sparsepd decode-worker`: one decode process (control server + state receiver + decode loop)."""
+"""`sparsepd decode-worker`: one decode process (control server + state receiver + decode loop). With
+--colocated it also serves the prefill control API and prefills in its own engine (no transfer): the
+single-engine baseline behind the same router. With --router it registers itself there."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import threading
 
 import grpc
 
+from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
-from sparsepd.proto import worker_pb2_grpc
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.transfer import model_fingerprint
+from sparsepd.registration import add_registration_args, advertised_address, register_forever
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -29,8 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--reservation-ttl", type=float, default=30.0,
                    help="seconds a reservation waits for its state before its pages are freed (default: 30)")
+    p.add_argument("--colocated", action="store_true",
+                   help="also take prefill batches and run them in this engine (prefill and decode in one process)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
+    add_registration_args(p)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -47,15 +54,26 @@ async def serve(args: argparse.Namespace) -> int:
     loop_thread = threading.Thread(target=worker.run, name="decode-loop", daemon=True)
     loop_thread.start()
     server = grpc.aio.server()
-    service = DecodeService(worker, receiver.endpoint, fingerprint)
+    role = ROLE if args.colocated else "decode"
+    service = DecodeService(worker, receiver.endpoint, fingerprint, role=role)
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
+    if args.colocated:
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(ColocatedPrefillService(worker, service), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
-    print_ready("decode", grpc=f"{args.host}:{port}", zmq=receiver.endpoint, fingerprint=fingerprint,
+    address, registration = args.advertise or f"{args.host}:{port}", None
+    if args.router:
+        address = advertised_address(args, port)
+        registration = asyncio.create_task(register_forever(args.router, worker_pb2.RegisterRequest(
+            role=role, address=address, fingerprint=fingerprint, num_pages=engine.pools.pages.capacity,
+            num_slots=engine.pools.slots.capacity, endpoint=receiver.endpoint), log))
+    print_ready(role, grpc=address, zmq=receiver.endpoint, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()
     log.info("stopping: no new reservations, closing")
+    if registration is not None:
+        registration.cancel()
     service.serving = False
     await server.stop(grace=2.0)
     worker.stop_event.set()

@@ -17,8 +17,8 @@ log = logging.getLogger("sparsepd.decode")
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker: DecodeWorker, endpoint: str, fingerprint: str):
-        self.worker, self.endpoint, self.fingerprint = worker, endpoint, fingerprint
+    def __init__(self, worker: DecodeWorker, endpoint: str, fingerprint: str, role: str = "decode"):
+        self.worker, self.endpoint, self.fingerprint, self.role = worker, endpoint, fingerprint, role
         self.serving = True
 
     async def Reserve(self, request, context):
@@ -65,13 +65,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.worker.listeners.remove(listener)
 
     async def Health(self, request, context):
-        return worker_pb2.HealthResponse(serving=self.serving, role="decode")
+        return worker_pb2.HealthResponse(serving=self.serving, role=self.role)
 
     async def Stats(self, request, context):
         s = self.worker.stats()
         c = s["counters"]
         return worker_pb2.StatsResponse(
-            role="decode", num_pages=s["num_pages"], free_pages=s["free_pages"], num_slots=s["num_slots"],
+            role=self.role, num_pages=s["num_pages"], free_pages=s["free_pages"], num_slots=s["num_slots"],
             free_slots=s["free_slots"], running=s["running"], waiting=s["waiting"],
             transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
             rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0))

@@ -93,6 +93,25 @@ class DecodeWorker:
         self.inbox.put(("abort", request_id))
         return any(r.request_id == request_id for r in list(self.engine.scheduler.running))
 
+    def start_local(self, request_id: str, transfer_id: str, input_ids: list[int]) -> None:
+        """Colocated mode: run a reserved request's prefill here, in the decode loop's batches (chunked under
+        the token budget beside the decoding requests), instead of receiving its state. Raises ValueError."""
+        vocab = self.engine.model.cfg.vocab_size
+        with self.lock:
+            res = self.reservations.get(request_id)
+            if res is None or res.transfer_id != transfer_id:
+                raise ValueError(f"request {request_id!r} has no reservation with this ticket here")
+            if len(input_ids) != len(res.request.prompt_ids):
+                raise ValueError(f"request {request_id!r}: {len(input_ids)} input ids, the reservation was for "
+                                 f"{len(res.request.prompt_ids)}")
+            if any(not 0 <= t < vocab for t in input_ids):
+                raise ValueError(f"request {request_id!r}: input token ids must lie in [0, {vocab})")
+            del self.reservations[request_id]
+            self.by_transfer.pop(transfer_id, None)
+            self.cancel_transfer(transfer_id)
+            res.request.prompt_ids = list(input_ids)
+            self.inbox.put(("local", res.request))  # under the lock: a Release after this queues behind it
+
     def expected(self, transfer_id: str, num_pages: int):
         return expected_specs(self.engine.pools, num_pages)
 
@@ -127,6 +146,11 @@ class DecodeWorker:
                 return
 
     def _handle(self, item: tuple) -> None:
+        if item[0] == "local":
+            with self.lock:
+                self.engine.scheduler.activate(item[1])
+            self.counters["local_prefills"] += 1
+            return
         if item[0] == "abort":
             with self.lock:
                 found = self.engine.scheduler.abort(item[1])

@@ -1,4 +1,5 @@
-"""`sparsepd prefill-worker`: one prefill process (control server + engine + state sender)."""
+"""`sparsepd prefill-worker`: one prefill process (control server + engine + state sender). With --router
+it registers itself there."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
-from sparsepd.proto import worker_pb2_grpc
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.transfer import model_fingerprint
+from sparsepd.registration import add_registration_args, advertised_address, register_forever
 
 log = logging.getLogger("sparsepd.prefill")
 
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for a decode worker's ack before failing the request (default: 10)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
+    add_registration_args(p)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -43,10 +46,18 @@ async def serve(args: argparse.Namespace) -> int:
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
-    print_ready("prefill", grpc=f"{args.host}:{port}", fingerprint=fingerprint,
+    address, registration = args.advertise or f"{args.host}:{port}", None
+    if args.router:
+        address = advertised_address(args, port)
+        registration = asyncio.create_task(register_forever(args.router, worker_pb2.RegisterRequest(
+            role="prefill", address=address, fingerprint=fingerprint, num_pages=engine.pools.pages.capacity,
+            num_slots=engine.pools.slots.capacity), log))
+    print_ready("prefill", grpc=address, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()
     log.info("stopping: finishing the batch in flight")
+    if registration is not None:
+        registration.cancel()
     service.serving = False
     await server.stop(grace=5.0)
     service.executor.shutdown(wait=True)

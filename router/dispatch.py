@@ -98,6 +98,12 @@ class Dispatcher:
         self._spawn(self._poll_loop())
         for w in self.pool.decode:
             self._spawn(self._consume(w))
+        self.pool.on_added.append(self._worker_added)
+
+    def _worker_added(self, worker: WorkerHandle) -> None:
+        if worker.role == "decode":
+            self._spawn(self._consume(worker))
+        self.wake.set()
 
     async def stop(self) -> None:
         for task in list(self.tasks):
@@ -165,7 +171,8 @@ class Dispatcher:
     async def _run_batch(self, prefill: WorkerHandle, batch: list[Flow]) -> None:
         tokens = sum(len(f.spec.input_ids) for f in batch)
         try:
-            tickets = await asyncio.gather(*(self._reserve(f) for f in batch))
+            only = [prefill.pair] if prefill.pair is not None else None  # colocated: reserve on itself
+            tickets = await asyncio.gather(*(self._reserve(f, only) for f in batch))
             sent = [(f, t) for f, t in zip(batch, tickets, strict=True) if t is not None and not f.ended]
             if sent:
                 await self._prefill(prefill, sent)
@@ -174,11 +181,12 @@ class Dispatcher:
             prefill.queued_tokens -= tokens
             self.wake.set()
 
-    async def _reserve(self, flow: Flow) -> worker_pb2.Ticket | None:
+    async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None) -> worker_pb2.Ticket | None:
         spec, last = flow.spec, ""
         request = worker_pb2.ReserveRequest(request_id=spec.request_id, prompt_len=len(spec.input_ids),
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
-        for worker in self.pool.decode_order():
+        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order()
+        for worker in candidates:
             if flow.ended:
                 return None
             try:

@@ -1,6 +1,8 @@
 """`sparsepd router`: the public gRPC front end (SGLang's scheduler service) in front of prefill and decode
-workers given by address. Serves grpc.health.v1 and server reflection beside it, and Prometheus metrics
-on an HTTP port. Prints `READY {...}` with its endpoints when the workers answer.
+workers, given by address or registering themselves (workers started with `--router HOST:PORT`). Serves
+grpc.health.v1, server reflection and the workers' registry beside it, and Prometheus metrics on an HTTP
+port. Prints `READY {...}` with its endpoints once the workers given by address answer (at once when none
+is given: the workers register when they are up).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
-from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc
+from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
 from sparsepd.router.metrics import RouterMetrics
 from sparsepd.router.model_card import card_for
+from sparsepd.router.registry import RegistryService
 from sparsepd.router.service import SchedulerService
-from sparsepd.router.workers import WorkerPool
+from sparsepd.router.workers import HEARTBEAT_S, WorkerPool
 
 log = logging.getLogger("sparsepd.router")
 SERVICE = sglang_scheduler_pb2.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -34,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a prefill worker's control address (repeat for several)")
     p.add_argument("--decode", action="append", default=[], metavar="HOST:PORT",
                    help="a decode worker's control address (repeat for several)")
+    p.add_argument("--colocated", action="append", default=[], metavar="HOST:PORT",
+                   help="a colocated worker's address (`decode-worker --colocated`: prefill and decode in one "
+                        "engine; repeat for several)")
+    p.add_argument("--heartbeat", type=float, default=HEARTBEAT_S,
+                   help="seconds between a registered worker's Register calls (default: %(default)s)")
     add_model_arguments(p)
     add_dispatch_arguments(p)
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address (default: %(default)s)")
@@ -71,7 +79,9 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("router", args.log_level)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    pool = WorkerPool(args.prefill, args.decode)
+    pool = WorkerPool(args.prefill, args.decode, args.colocated)
+    if not pool.all:
+        log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
     metrics = RouterMetrics()
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
@@ -92,6 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.max_receive_message_length", 64 << 20)])
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(service, server)
+    worker_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryService(pool, args.heartbeat), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

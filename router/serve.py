@@ -29,8 +29,12 @@ HTTP_INSTALL = "pip install 'sparsepd[http]'"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address of the router's gRPC server (default: %(default)s)")
     p.add_argument("--port", type=int, default=30000, help="the router's gRPC port; 0 = any (default: %(default)s)")
-    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (default: %(default)s)")
-    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill workers (default: 1)")
+    p.add_argument("--decode", type=int, default=1, metavar="M",
+                   help="decode workers, or colocated workers with --colocated (default: %(default)s)")
+    p.add_argument("--colocated", action="store_true",
+                   help="no disaggregation: M workers that each prefill and decode in one engine, behind the same "
+                        "router and API (the baseline PD is compared with)")
     p.add_argument("--devices", default="auto",
                    help="comma-separated devices handed to the workers in turn (decode first), e.g. cuda:0,cuda:1; "
                         "auto = every CUDA device, or cpu when there is none (default: %(default)s)")
@@ -55,7 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    if args.prefill < 1 or args.decode < 1:
+    if args.colocated and args.prefill is not None:
+        raise ValueError("--colocated runs no prefill workers: drop --prefill (--decode M sets the worker count)")
+    args.prefill = 0 if args.colocated else (1 if args.prefill is None else args.prefill)
+    if args.decode < 1 or (args.prefill < 1 and not args.colocated):
         raise ValueError(f"--prefill and --decode must be ≥ 1, got {args.prefill} and {args.decode}")
     if args.http_port is not None and gateway_command() is None:
         print(f"error: --http-port needs the SGLang model gateway (smg), which is not installed: {HTTP_INSTALL}",
@@ -91,9 +98,11 @@ def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyn
     devices = _devices(args.devices, args.prefill + args.decode)
     common = _worker_flags(args)
     decode, prefill = [], []
+    kind = "colocated" if args.colocated else "decode"
     for i in range(args.decode):
-        _say(f"starting decode worker {i + 1}/{args.decode} on {devices[i]} ...")
-        child = start(f"decode-{i}", ["decode-worker", *common, "--device", devices[i]], args.start_timeout)
+        _say(f"starting {kind} worker {i + 1}/{args.decode} on {devices[i]} ...")
+        extra = ["--colocated"] if args.colocated else []
+        child = start(f"{kind}-{i}", ["decode-worker", *common, *extra, "--device", devices[i]], args.start_timeout)
         children.append(child)
         decode.append(child.ready["grpc"])
         if stop_event.is_set():
@@ -119,10 +128,10 @@ def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyn
     for addr in prefill:
         router_args += ["--prefill", addr]
     for addr in decode:
-        router_args += ["--decode", addr]
+        router_args += [f"--{kind}", addr]
     router = start("router", router_args, args.start_timeout)
     children.append(router)
-    endpoints = {"grpc": router.ready["grpc"], "model": router.ready["model"], "prefill": prefill, "decode": decode}
+    endpoints = {"grpc": router.ready["grpc"], "model": router.ready["model"], "prefill": prefill, kind: decode}
     if "metrics" in router.ready:
         endpoints["metrics"] = router.ready["metrics"]
     if args.http_port is not None and not stop_event.is_set():

@@ -1,8 +1,12 @@
 """The router's view of its workers: one gRPC channel each, liveness from Health/Stats polls, and the
 load numbers dispatch chooses by (queued prefill tokens; free pages, running requests).
 
-A worker is dead after a failed poll or a failed call, and alive again after a good poll; the router
-restarts nothing itself, it only stops sending work to a dead worker.
+Workers come from the command line (`--prefill`, `--decode`, `--colocated` addresses) or register
+themselves (`WorkerRegistry.Register`, repeated every heartbeat). A colocated worker is one process that
+serves both roles: it appears as a prefill handle and a decode handle paired with each other, and a batch
+sent to its prefill handle reserves on its own decode handle. A worker is dead after a failed poll or a
+failed call, and alive again after a good poll; the router restarts nothing itself, it only stops sending
+work to a dead worker.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ from sparsepd.proto import worker_pb2, worker_pb2_grpc
 log = logging.getLogger("sparsepd.router")
 
 
+ROLES = ("prefill", "decode", "colocated")
+HEARTBEAT_S = 5.0
+
+
 @dataclass(eq=False)
 class WorkerHandle:
-    role: str  # "prefill" or "decode"
+    role: str  # "prefill" or "decode": which control API the router calls on it
     address: str
     index: int
+    kind: str = ""  # what its Health says it is: the role, or "colocated"
+    pair: WorkerHandle | None = None  # a colocated worker's other handle
     channel: grpc.aio.Channel | None = None
     stub: object = None
     alive: bool = False
@@ -36,6 +46,9 @@ class WorkerHandle:
     transfer_ms: float = 0.0
     transfers: int = 0
     last_error: str = ""
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.role
 
     def connect(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.address)
@@ -53,27 +66,73 @@ class WorkerHandle:
 
     def describe(self) -> dict:
         s = self.stats
-        return {"role": self.role, "address": self.address, "alive": self.alive, "running": s.running,
+        return {"role": self.role, "kind": self.kind, "address": self.address, "alive": self.alive,
+                "running": s.running,
                 "waiting": s.waiting, "num_pages": s.num_pages, "free_pages": s.free_pages,
                 "num_slots": s.num_slots, "free_slots": s.free_slots, "queued_tokens": self.queued_tokens,
                 "last_error": self.last_error}
 
 
 class WorkerPool:
-    def __init__(self, prefill: list[str], decode: list[str], poll_s: float = 0.5, rpc_timeout_s: float = 2.0):
-        if not prefill or not decode:
-            raise ValueError(f"the router needs at least one prefill and one decode worker, got prefill={prefill} "
-                             f"decode={decode}")
-        self.prefill = [WorkerHandle("prefill", a, i) for i, a in enumerate(prefill)]
-        self.decode = [WorkerHandle("decode", a, len(prefill) + i) for i, a in enumerate(decode)]
+    def __init__(self, prefill: list[str], decode: list[str], colocated: list[str] | None = None,
+                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0):
+        self.prefill: list[WorkerHandle] = []
+        self.decode: list[WorkerHandle] = []
         self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
         self.changed = asyncio.Event()  # set after every poll round (dispatch retries waiting work then)
+        self.on_added: list = []  # callbacks(handle) for workers that join after start (registration)
+        self.fingerprint = ""  # of the first registered worker; later ones must match
+        self.started = False
+        for role, addresses in (("prefill", prefill), ("decode", decode), ("colocated", colocated or [])):
+            for address in addresses:
+                self._add(role, address)
 
     @property
     def all(self) -> list[WorkerHandle]:
         return [*self.prefill, *self.decode]
 
+    def find(self, kind: str, address: str) -> list[WorkerHandle]:
+        return [w for w in self.all if w.kind == kind and w.address == address]
+
+    def _add(self, kind: str, address: str) -> list[WorkerHandle]:
+        index = len(self.all)
+        if kind == "colocated":
+            p, d = WorkerHandle("prefill", address, index, kind), WorkerHandle("decode", address, index + 1, kind)
+            p.pair, d.pair = d, p
+            added = [p, d]
+        else:
+            added = [WorkerHandle(kind, address, index)]
+        for w in added:
+            (self.prefill if w.role == "prefill" else self.decode).append(w)
+            if self.started:
+                w.connect()
+        return added
+
+    async def register(self, request: worker_pb2.RegisterRequest) -> tuple[bool, str]:
+        """A worker announces itself: add it (or poll it now if known); refuse bad or mismatched ones."""
+        if request.role not in ROLES:
+            return False, f"role {request.role!r} is not one of {list(ROLES)}"
+        host, _, port = request.address.rpartition(":")
+        if not host or not port.isdigit():
+            return False, f"address {request.address!r} is not HOST:PORT"
+        if request.fingerprint and self.fingerprint and request.fingerprint != self.fingerprint:
+            return False, (f"its model fingerprint {request.fingerprint} differs from the deployment's "
+                           f"{self.fingerprint}: every worker must run the same preset, checkpoint and seed")
+        self.fingerprint = self.fingerprint or request.fingerprint
+        handles = self.find(request.role, request.address)
+        if not handles:
+            handles = self._add(request.role, request.address)
+            log.info("%s worker %s registered", request.role, request.address)
+            for w in handles:
+                for callback in self.on_added:
+                    callback(w)
+        await asyncio.gather(*(self._poll(w) for w in handles))
+        self.changed.set()
+        alive = all(w.alive for w in handles)
+        return True, "registered" if alive else f"registered, but not reachable yet: {handles[0].last_error}"
+
     async def start(self) -> None:
+        self.started = True
         for w in self.all:
             w.connect()
         await self.poll_once()
@@ -94,8 +153,8 @@ class WorkerPool:
         except grpc.aio.AioRpcError as exc:
             w.mark_dead(f"{exc.code().name}: {exc.details()}")
             return
-        if health.role != w.role:
-            w.mark_dead(f"it says it is a {health.role!r} worker, configured as {w.role!r}")
+        if health.role != w.kind:
+            w.mark_dead(f"it says it is a {health.role!r} worker, configured as {w.kind!r}")
             return
         if not health.serving:
             w.mark_dead("not serving (shutting down)")

@@ -41,14 +41,15 @@ async def collect(stub, request, timeout: float = 60.0) -> tuple[list[pb.Generat
 
 
 async def wait_all_free(stub, timeout: float = 10.0) -> pb.GetLoadsResponse:
-    """Poll GetLoads until every worker's pages and slots are free and nothing is in flight in the router."""
+    """Poll GetLoads until every live worker's pages and slots are free and nothing is in flight in the router
+    (a dead worker's pages went with it; its numbers are its last poll's)."""
     deadline = time.monotonic() + timeout
     while True:
         loads = await stub.GetLoads(pb.GetLoadsRequest(include=["all"]))
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
         busy = [(x.worker_address, x.num_pages - x.free_pages, x.num_slots - x.free_slots, x.num_running_reqs,
                  x.num_waiting_reqs) for x in loads.loads
-                if (x.free_pages, x.free_slots, x.num_running_reqs, x.num_waiting_reqs)
+                if x.alive and (x.free_pages, x.free_slots, x.num_running_reqs, x.num_waiting_reqs)
                 != (x.num_pages, x.num_slots, 0, 0)]
         in_flight = info.scheduler_info["in_flight"]
         if not busy and in_flight == 0:

@@ -1,0 +1,53 @@
+"""Colocated mode (`sparsepd decode-worker --colocated`): the decode worker also serves the prefill
+control API, and runs each prompt in its own engine, chunked prefill beside the running decodes — the
+single-engine serving that disaggregation is compared against, behind the same router and public API.
+
+The router reserves on this worker as on any decode worker and sends the batch here with the tickets it
+issued; nothing crosses zmq. `Prefill` answers as soon as the requests are queued
+(`first_token_in_stream`): the first token arrives on the token stream like every other.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from sparsepd.decode_worker.service import DecodeService
+from sparsepd.decode_worker.worker import DecodeWorker
+from sparsepd.proto import worker_pb2, worker_pb2_grpc
+
+ROLE = "colocated"
+
+
+class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, worker: DecodeWorker, decode: DecodeService):
+        self.worker, self.decode = worker, decode
+
+    async def Prefill(self, request, context):
+        if not self.decode.serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+        results = []
+        for i, r in enumerate(request.requests):
+            if not r.request_id or not r.input_ids or not r.ticket.transfer_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"requests[{i}]: request_id, input_ids and a ticket are required")
+            if r.ticket.endpoint != self.decode.endpoint:
+                results.append(worker_pb2.PrefillResult(
+                    request_id=r.request_id, error=f"the ticket names {r.ticket.endpoint!r}; a colocated worker only "
+                                                   "runs requests it reserved itself"))
+                continue
+            try:
+                self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids))
+            except ValueError as exc:
+                results.append(worker_pb2.PrefillResult(request_id=r.request_id, error=str(exc)))
+                continue
+            results.append(worker_pb2.PrefillResult(request_id=r.request_id, ok=True, first_token_in_stream=True))
+        return worker_pb2.PrefillResponse(results=results)
+
+    async def Release(self, request, context):
+        return await self.decode.Release(request, context)
+
+    async def Health(self, request, context):
+        return await self.decode.Health(request, context)
+
+    async def Stats(self, request, context):
+        return await self.decode.Stats(request, context)
