@@ -17,6 +17,7 @@ from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
+from sparsepd.faults import Faults
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.transfer import model_fingerprint
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a reservation waits for its state before its pages are freed (default: 30)")
     p.add_argument("--colocated", action="store_true",
                    help="also take prefill batches and run them in this engine (prefill and decode in one process)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds the running requests may take to finish before they are aborted "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_registration_args(p)
@@ -46,7 +50,7 @@ async def serve(args: argparse.Namespace) -> int:
     model = cfg.build_model()
     engine = Engine(model, cfg.pools)
     fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
-    worker = DecodeWorker(engine, default_ttl_s=args.reservation_ttl)
+    worker = DecodeWorker(engine, default_ttl_s=args.reservation_ttl, faults=Faults.from_env())
     receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected)
     worker.cancel_transfer = receiver.cancel
     worker.expect_transfer = receiver.expect
@@ -71,15 +75,29 @@ async def serve(args: argparse.Namespace) -> int:
     print_ready(role, grpc=address, zmq=receiver.endpoint, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()
-    log.info("stopping: no new reservations, closing")
     if registration is not None:
         registration.cancel()
-    service.serving = False
+    service.serving = False  # Reserve answers UNAVAILABLE, Health says not serving: the router sends no more
+    await drain(worker, args.drain_timeout)
     await server.stop(grace=2.0)
     worker.stop_event.set()
     loop_thread.join(timeout=5)
     receiver.close()
     return 0
+
+
+async def drain(worker: DecodeWorker, timeout_s: float) -> None:
+    """Let the requests here finish for up to timeout_s, then abort the rest (their streams get "abort")."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    if worker.busy():
+        log.info("stopping: no new requests; draining for up to %.0f s", timeout_s)
+    while worker.busy() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    aborted = worker.release_all()
+    if aborted:
+        log.warning("stopping: aborted %d requests still running after the drain", aborted)
+        await asyncio.sleep(0.3)  # let the abort events reach the router
+    log.info("stopped taking work; closing")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
+from sparsepd.faults import Faults
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -46,8 +47,9 @@ class TokenUpdate:
 
 
 class DecodeWorker:
-    def __init__(self, engine: Engine, default_ttl_s: float = 30.0):
+    def __init__(self, engine: Engine, default_ttl_s: float = 30.0, faults: Faults | None = None):
         self.engine = engine
+        self.faults = faults or Faults()
         self.default_ttl_s = default_ttl_s
         self.lock = threading.Lock()
         self.reservations: dict[str, Reservation] = {}  # request id → reservation awaiting its state
@@ -112,6 +114,19 @@ class DecodeWorker:
             res.request.prompt_ids = list(input_ids)
             self.inbox.put(("local", res.request))  # under the lock: a Release after this queues behind it
 
+    def busy(self) -> bool:
+        """Whether any request is reserved, waiting to be admitted, or decoding here."""
+        with self.lock:
+            return bool(self.reservations or self.engine.scheduler.running or not self.inbox.empty())
+
+    def release_all(self) -> int:
+        """Abort every request here (shutdown past the drain deadline); returns how many."""
+        with self.lock:
+            ids = [*self.reservations, *(r.request_id for r in self.engine.scheduler.running)]
+        for request_id in ids:
+            self.release(request_id)
+        return len(ids)
+
     def expected(self, transfer_id: str, num_pages: int):
         return expected_specs(self.engine.pools, num_pages)
 
@@ -125,6 +140,7 @@ class DecodeWorker:
             self._drain(block=not self.engine.scheduler.running)
             self._expire()
             if self.engine.scheduler.running:
+                self.faults.hit("decode.step")
                 with self.lock:
                     outputs = self.engine.step()
                 self.step_count += 1
@@ -158,6 +174,7 @@ class DecodeWorker:
                 self._publish([TokenUpdate(item[1], (), "abort")])
             return
         _, transfer_id, descriptor, tensors = item
+        self.faults.hit("decode.admit")
         with self.lock:
             request_id = self.by_transfer.pop(transfer_id, None)
             res = self.reservations.pop(request_id, None) if request_id else None

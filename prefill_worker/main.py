@@ -11,6 +11,7 @@ import grpc
 
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
+from sparsepd.faults import Faults
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="control server port; 0 = any free port (default: 0)")
     p.add_argument("--transfer-timeout", type=float, default=10.0,
                    help="seconds to wait for a decode worker's ack before failing the request (default: 10)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds the batch in flight may take to finish (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_registration_args(p)
@@ -39,7 +42,8 @@ async def serve(args: argparse.Namespace) -> int:
     engine = Engine(model, cfg.pools)
     fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
     sender = TransferSender(ack_timeout_s=args.transfer_timeout)
-    worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout)
+    worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,
+                           faults=Faults.from_env())
     service = PrefillService(worker)
     server = grpc.aio.server()
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
@@ -59,7 +63,7 @@ async def serve(args: argparse.Namespace) -> int:
     if registration is not None:
         registration.cancel()
     service.serving = False
-    await server.stop(grace=5.0)
+    await server.stop(grace=args.drain_timeout)
     service.executor.shutdown(wait=True)
     sender.close()
     return 0

@@ -20,6 +20,7 @@ from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import export_state
+from sparsepd.faults import Faults
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader
 
@@ -50,8 +51,10 @@ class PrefillOutcome:
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, sender: TransferSender, fingerprint: str, transfer_timeout_s: float = 10.0):
+    def __init__(self, engine: Engine, sender: TransferSender, fingerprint: str, transfer_timeout_s: float = 10.0,
+                 faults: Faults | None = None):
         self.engine, self.sender, self.fingerprint = engine, sender, fingerprint
+        self.faults = faults or Faults()
         self.transfer_timeout_s = transfer_timeout_s
         self.lock = threading.Lock()  # one batch on the engine at a time
         self.counters: Counter[str] = Counter()
@@ -98,6 +101,7 @@ class PrefillWorker:
                 del waiting[rid]
             if not waiting:
                 break
+            self.faults.hit("prefill.step")
             self.engine.step()
             for rid, (request, job) in list(waiting.items()):
                 if not request.output_ids:
@@ -111,6 +115,7 @@ class PrefillWorker:
                     out.ok = True
                     continue
                 descriptor, tensors = export_state(self.engine.pools, request)
+                self.faults.hit("prefill.push")
                 self.engine.abort(rid)  # pages free now; the host copy travels
                 header = TransferHeader.from_descriptor(descriptor, transfer_id=job.transfer_id,
                                                         request_id=rid, fingerprint=self.fingerprint)

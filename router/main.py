@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Prometheus endpoint port; 0 = any free port, -1 = off (default: %(default)s)")
     p.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds to wait for every worker to answer at start (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds the requests in flight may take to finish before they are aborted "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -119,7 +122,7 @@ async def serve(args: argparse.Namespace) -> int:
     print_ready("router", **endpoints)
     await stop.wait()
     health_task.cancel()
-    await _shutdown(service, dispatcher, health, server, grace_s=5.0)
+    await _shutdown(service, dispatcher, health, server, grace_s=args.drain_timeout)
     metrics.close()
     await pool.close()
     return 0

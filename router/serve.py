@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gateway's Prometheus port on 127.0.0.1; 0 = any free port (default: 0)")
     p.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds each process may take to become ready (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM: seconds the requests in flight may take to finish before they are "
+                        "aborted; then every process stops (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -90,7 +93,7 @@ async def serve(args: argparse.Namespace) -> int:
         _say(f"  metrics: {endpoints['metrics']}")
     _say("Ctrl-C stops everything")
     code = await _watch(children, stop_event)
-    _stop_all(children)
+    _stop_all(children, args.drain_timeout)
     return code
 
 
@@ -120,7 +123,7 @@ def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyn
                    "--preset", args.preset, "--max-queue", str(args.max_queue),
                    "--batch-tokens", str(args.batch_tokens),
                    "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
-                   "--log-level", args.log_level]
+                   "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
     for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
                         ("--max-new-tokens-limit", args.max_new_tokens_limit)):
         if value is not None:
@@ -144,7 +147,7 @@ def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyn
 
 
 def _worker_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--preset", args.preset, "--log-level", args.log_level]
+    flags = ["--preset", args.preset, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),
                         ("--num-pages", args.num_pages), ("--max-batch-tokens", args.max_batch_tokens),
                         ("--kv-memory", args.kv_memory)):
@@ -182,9 +185,9 @@ async def _watch(children: list[Child], stop_event: asyncio.Event) -> int:
     return 0
 
 
-def _stop_all(children: list[Child]) -> None:
-    for child in reversed(children):  # gateway, router, then the workers
-        code = stop(child)
+def _stop_all(children: list[Child], drain_s: float = 0.0) -> None:
+    for child in reversed(children):  # gateway, router (drains), then the workers (nothing left in flight)
+        code = stop(child, timeout_s=drain_s + 15.0)
         _say(f"stopped {child.name} (exit code {code})")
 
 
