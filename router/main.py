@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
+from sparsepd.router.malformed import MalformedRequestInterceptor
 from sparsepd.router.metrics import RouterMetrics
 from sparsepd.router.model_card import card_for
 from sparsepd.router.registry import RegistryService
@@ -27,6 +28,7 @@ from sparsepd.router.service import SchedulerService
 from sparsepd.router.workers import HEARTBEAT_S, WorkerPool
 
 log = logging.getLogger("sparsepd.router")
+MAX_REQUEST_BYTES = 64 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
 SERVICE = sglang_scheduler_pb2.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 
 
@@ -102,8 +104,9 @@ async def serve(args: argparse.Namespace) -> int:
         await pool.poll_once()
     server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list)}
     service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
-                                      ("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()],
+                             options=[("grpc.max_send_message_length", 64 << 20),
+                                      ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(service, server)
     worker_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryService(pool, args.heartbeat), server)
     health = health_aio.HealthServicer()

@@ -21,6 +21,7 @@ from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
 
 
 class InvalidRequest(ValueError):
@@ -70,6 +71,10 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
                              f"{card.vocab_size}")
     if sp.min_new_tokens > max_new:
         raise InvalidRequest(f"sampling_params.min_new_tokens={sp.min_new_tokens} exceeds max_new_tokens={max_new}")
+    if len(sp.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in sp.stop):
+        raise InvalidRequest(f"sampling_params.stop has {len(sp.stop)} strings of up to "
+                             f"{max(map(len, sp.stop))} characters: allowed at most {MAX_STOP_STRINGS} strings of "
+                             f"at most {MAX_STOP_CHARS} characters")
     if sp.stop and tokenizer is None:
         raise InvalidRequest("sampling_params.stop needs a tokenizer and this model has none; use stop_token_ids")
     rid = req.request_id or f"req-{uuid.uuid4().hex}"
