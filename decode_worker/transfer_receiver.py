@@ -213,7 +213,8 @@ class TransferReceiver:
         except TransferError as exc:
             tid = header.transfer_id if header is not None else (peek_transfer_id(parts[0].buffer) if parts else "")
             self.stats["rejected"] += 1
-            log.warning("transfer %r rejected: %s", tid, exc.reason)
+            log.warning("transfer %r rejected: %s", tid, exc.reason,
+                        extra={"request_id": header.request_id if header is not None else ""})
             self._reply(identity, Ack.reject(tid, exc.reason))
             return
         tid = header.transfer_id
@@ -312,8 +313,8 @@ class TransferReceiver:
             self._notify_expired(tid, request_id)
 
     def _notify_expired(self, transfer_id: str, request_id: str) -> None:
-        log.warning("transfer %s of request %s: the reservation expired before its state arrived",
-                    transfer_id, request_id)
+        log.warning("transfer %s: the reservation expired before its state arrived", transfer_id,
+                    extra={"request_id": request_id})
         if self.on_expire is not None:
             try:
                 self.on_expire(transfer_id, request_id)

@@ -201,7 +201,8 @@ class DecodeWorker:
                 self.engine.scheduler.release(res.request)
                 self.cancel_transfer(res.transfer_id)
                 self.counters["reservations_expired"] += 1
-                log.warning("reservation of %s expired without a state; pages released", res.request.request_id)
+                log.warning("reservation expired without a state; pages released",
+                            extra={"request_id": res.request.request_id})
         for res in expired:
             self._publish([TokenUpdate(res.request.request_id, (), "error", "reservation expired: no state arrived")])
 

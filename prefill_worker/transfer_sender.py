@@ -311,7 +311,7 @@ class TransferSender:
         peer = self._peers.get(job.endpoint)
         if peer is not None:
             _discard(peer.sent, tid)
-        log.warning("%s", error.reason)
+        log.warning("%s", error.reason, extra={"request_id": job.header.request_id})
         _settle(job.future, error=error)
 
     def _drop_peer(self, endpoint: str, poller: zmq.Poller) -> None:

@@ -85,7 +85,7 @@ class Dispatcher:
     def cancel(self, flow: Flow) -> None:
         """The client went away (cancelled, deadline, disconnect)."""
         if not flow.ended:
-            log.info("%s: cancelled by the client", flow.request_id)
+            log.info("cancelled by the client", extra={"request_id": flow.request_id})
             self._end(flow, Outcome("abort", code=grpc.StatusCode.CANCELLED, message="cancelled by the client"))
 
     def abort_all(self, message: str) -> None:
@@ -355,7 +355,7 @@ class Dispatcher:
             pass
         flow.events.put_nowait(("end", outcome))
         if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
-            log.warning("%s: %s: %s", flow.request_id, outcome.code.name, outcome.message)
+            log.warning("%s: %s", outcome.code.name, outcome.message, extra={"request_id": flow.request_id})
         self._release(flow)
         if self.metrics:
             self.metrics.ended(flow)
@@ -374,5 +374,5 @@ class Dispatcher:
             await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
                                       timeout=self.pool.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            log.warning("%s: Release on %s worker %s failed: %s", request_id, worker.role, worker.address,
-                        exc.details())
+            log.warning("Release on %s worker %s failed: %s", worker.role, worker.address,
+                        exc.details(), extra={"request_id": request_id})

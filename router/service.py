@@ -55,7 +55,7 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             self.dispatcher.cancel(flow)
             raise
         except Exception:  # noqa: BLE001 - a bug here fails this request only
-            log.exception("%s: Generate failed", flow.request_id)
+            log.exception("Generate failed", extra={"request_id": flow.request_id})
             self.dispatcher.cancel(flow)
             await context.abort(grpc.StatusCode.INTERNAL, f"request {flow.request_id}: internal error in the router")
         finally:

@@ -43,3 +43,24 @@ def test_help_on_everything():
     assert top.returncode == 0 and "generate" in top.stdout
     sub = _run("generate", "--help")
     assert sub.returncode == 0 and "--max-new-tokens" in sub.stdout
+
+
+def test_log_lines_about_a_request_end_with_its_id(capsys):
+    import logging
+
+    from sparsepd.process import request_logger, setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        setup_logging("router", "INFO")
+        log = logging.getLogger("sparsepd.test")
+        log.warning("first: %s", "plain")
+        log.warning("second", extra={"request_id": "req-7"})
+        request_logger(log, "req-8").info("third")
+    finally:
+        root.handlers[:] = saved
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].endswith("router WARNING sparsepd.test: first: plain")
+    assert lines[1].endswith("second request_id=req-7") and lines[2].endswith("third request_id=req-8")
