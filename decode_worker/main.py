@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zmq-endpoint", default="tcp://127.0.0.1:0",
                    help="where prefill workers push states: tcp://HOST:PORT (0 = any) or ipc://PATH "
                         "(default: %(default)s)")
+    p.add_argument("--zmq-advertise", default=None, metavar="ENDPOINT",
+                   help="the endpoint prefill workers should push to, when it differs from the bound one (required "
+                        "when --zmq-endpoint binds 0.0.0.0), e.g. tcp://dhost:5601")
     p.add_argument("--reservation-ttl", type=float, default=30.0,
                    help="seconds a reservation waits for its state before its pages are freed (default: 30)")
     p.add_argument("--colocated", action="store_true",
@@ -59,7 +62,12 @@ async def serve(args: argparse.Namespace) -> int:
     loop_thread.start()
     server = grpc.aio.server()
     role = ROLE if args.colocated else "decode"
-    service = DecodeService(worker, receiver.endpoint, fingerprint, role=role)
+    endpoint = args.zmq_advertise or receiver.endpoint
+    if "//0.0.0.0:" in endpoint or "//*:" in endpoint:
+        receiver.close()
+        raise ValueError(f"the transfer receiver listens on {endpoint}: give --zmq-advertise, the endpoint prefill "
+                         "workers can reach")
+    service = DecodeService(worker, endpoint, fingerprint, role=role)
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
     if args.colocated:
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(ColocatedPrefillService(worker, service), server)
@@ -71,8 +79,8 @@ async def serve(args: argparse.Namespace) -> int:
         address = advertised_address(args, port)
         registration = asyncio.create_task(register_forever(args.router, worker_pb2.RegisterRequest(
             role=role, address=address, fingerprint=fingerprint, num_pages=engine.pools.pages.capacity,
-            num_slots=engine.pools.slots.capacity, endpoint=receiver.endpoint), log))
-    print_ready(role, grpc=address, zmq=receiver.endpoint, fingerprint=fingerprint,
+            num_slots=engine.pools.slots.capacity, endpoint=endpoint), log))
+    print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()
     if registration is not None:
