@@ -91,12 +91,26 @@ def _worker_parser(name: str, module: str, help_text: str) -> Callable[[argparse
     return add
 
 
+def _tool_parser(name: str, module: str, help_text: str) -> Callable[[argparse._SubParsersAction], None]:
+    """A subcommand whose module has `add_arguments(p)` and a synchronous `run(args) -> int`."""
+    def add(sub: argparse._SubParsersAction) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+
+    return add
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _generate_parser,
     _worker_parser("prefill-worker", "sparsepd.prefill_worker.main", "run one prefill worker process"),
     _worker_parser("decode-worker", "sparsepd.decode_worker.main", "run one decode worker process"),
     _worker_parser("router", "sparsepd.router.main", "run the public gRPC router in front of given workers"),
     _worker_parser("serve", "sparsepd.router.serve", "start the router with prefill and decode workers"),
+    _tool_parser("loadtest", "sparsepd.loadtest.main", "load-test a router: a concurrency sweep, JSONL results, plots"),
 ]
 
 

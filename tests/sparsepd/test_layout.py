@@ -13,11 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"sparsepd": "sparsepd", "sparsepd.kernels": "kernels", "sparsepd.model": "model",
             "sparsepd.engine": "engine", "sparsepd.proto": "proto", "sparsepd.prefill_worker": "prefill_worker",
-            "sparsepd.decode_worker": "decode_worker", "sparsepd.router": "router"}
+            "sparsepd.decode_worker": "decode_worker", "sparsepd.router": "router",
+            "sparsepd.loadtest": "loadtest"}
 # What each package may import from the project (besides itself and sparsepd's root).
 WORKER = {"kernels", "model", "engine", "proto"}
 ALLOWED = {"kernels": set(), "model": {"kernels"}, "engine": {"kernels", "model"}, "proto": set(),
-           "prefill_worker": WORKER, "decode_worker": WORKER, "router": {"proto"}}
+           "prefill_worker": WORKER, "decode_worker": WORKER, "router": {"proto"},
+           "loadtest": {"proto"}}
 
 
 def test_every_subpackage_resolves_to_its_folder():

@@ -1,0 +1,135 @@
+"""What a load test leaves behind: a table row per point on stdout, and one JSONL record per point (when,
+which commit, which device and preset, the config and every metric) appended to the results file."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from sparsepd.loadtest.config import LoadTestConfig
+
+SCHEMA_VERSION = 1
+REPO = Path(__file__).resolve().parents[1]
+
+# (header, width, value from a point's metrics)
+COLUMNS = [
+    ("conc", 5, lambda c, m: "inf" if c is None else str(c)),
+    ("sent", 5, lambda c, m: str(m["sent"])),
+    ("ok", 5, lambda c, m: str(m["completed"])),
+    ("err", 4, lambda c, m: str(sum(m["errors"].values()))),
+    ("cut", 4, lambda c, m: str(m["cut"])),
+    ("req/s", 8, lambda c, m: f"{m['request_throughput']:.2f}"),
+    ("in tok/s", 10, lambda c, m: f"{m['input_throughput']:.0f}"),
+    ("out tok/s", 10, lambda c, m: f"{m['output_throughput']:.1f}"),
+    ("TTFT p50", 9, lambda c, m: _ms(m["ttft_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _ms(m["ttft_ms"]["p99"])),
+    ("TPOT p50", 9, lambda c, m: _ms(m["tpot_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _ms(m["tpot_ms"]["p99"])),
+    ("ITL p50", 8, lambda c, m: _ms(m["itl_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _ms(m["itl_ms"]["p99"])),
+    ("E2E p50", 9, lambda c, m: _ms(m["e2e_ms"]["p50"])),
+    ("p99", 9, lambda c, m: _ms(m["e2e_ms"]["p99"])),
+    ("goodput", 8, lambda c, m: "-" if m["goodput"] is None else f"{m['goodput']:.2f}"),
+    ("xfer KB", 8, lambda c, m: _kb(m["router"]["transfer_bytes_mean"])),
+    ("xfer ms", 8, lambda c, m: _ms(m["router"]["transfer_ms"]["p50"])),
+]
+UNITS = "latencies in ms (p50 and p99); goodput in req/s meeting the SLOs; xfer = the router's P→D state " \
+        "transfer per request (mean KB, p50 ms)"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _kb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e3:.0f}"
+
+
+def table_header() -> str:
+    return "  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
+
+
+def table_row(concurrency: int | None, metrics: dict) -> str:
+    return "  ".join(f"{value(concurrency, metrics):>{width}}" for _, width, value in COLUMNS)
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, whether tracked files differ from it); SPARSEPD_GIT_COMMIT overrides where there is no .git."""
+    if os.environ.get("SPARSEPD_GIT_COMMIT"):
+        return os.environ["SPARSEPD_GIT_COMMIT"], None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    if head.returncode != 0:
+        return None, None
+    return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+
+
+def host_device() -> str:
+    """This host's GPU names (nvidia-smi), or "cpu" where there is none; the load test runs beside the server
+    when it launches it, so this is the server's device then."""
+    if os.environ.get("SPARSEPD_DEVICE_NAME"):
+        return os.environ["SPARSEPD_DEVICE_NAME"]
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=20)
+            names = sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+            if out.returncode == 0 and names:
+                return ", ".join(names)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "cpu"
+
+
+def point_record(cfg: LoadTestConfig, run: dict, concurrency: int | None, num_prompts: int, metrics: dict) -> dict:
+    """One JSONL line. `run` holds what is the same for every point of the invocation (see `run_facts`)."""
+    config = {
+        "concurrency": concurrency, "request_rate": None if math.isinf(cfg.request_rate) else cfg.request_rate,
+        "num_prompts": num_prompts, "input_len": [cfg.input_len.low, cfg.input_len.high],
+        "output_len": [cfg.output_len.low, cfg.output_len.high], "dataset": cfg.dataset, "seed": cfg.seed,
+        "temperature": cfg.temperature, "max_seconds": cfg.max_seconds, "drain_seconds": cfg.drain_seconds,
+        "request_timeout_s": cfg.request_timeout_s, "warmup_requests": cfg.warmup_requests,
+        "slo_ttft_ms": cfg.slo_ttft_ms, "slo_tpot_ms": cfg.slo_tpot_ms,
+    }
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {"schema": SCHEMA_VERSION, "timestamp": now, **run, "config": config, "metrics": metrics}
+
+
+def run_facts(cfg: LoadTestConfig, run_id: str, address: str, preset: str | None, model: str,
+              workers: dict[str, int]) -> dict:
+    commit, dirty = git_commit()
+    return {"run_id": run_id, "label": cfg.label, "git_commit": commit, "git_dirty": dirty,
+            "device": host_device(), "preset": preset, "model": model,
+            "server": {"address": address, "workers": workers, "launched": cfg.launch,
+                       "serve_args": list(cfg.serve_args) if cfg.launch else None}}
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"results file {path!r} does not exist")
+    records = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
+    return records

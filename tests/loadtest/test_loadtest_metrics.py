@@ -1,0 +1,174 @@
+"""Load-test arithmetic on synthetic timestamps, checked against hand-computed values: TTFT, ITL, TPOT (none
+for 1-token outputs), E2E, percentiles by linear interpolation, throughput, goodput under SLOs, errors
+by status; and the seeded workload, arrivals, CLI validation, table and plot series."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sparsepd.loadtest.config import LengthRange, parse_sweep
+from sparsepd.loadtest.metrics import CUT, RequestRecord, summarize
+from sparsepd.loadtest.plot import series
+from sparsepd.loadtest.report import table_header, table_row
+from sparsepd.loadtest.workload import ModelFacts, arrival_offsets_s, file_prompts, random_prompts
+
+approx = lambda x: pytest.approx(x, rel=1e-9, abs=1e-6)
+
+
+def _ok(start, chunks, tokens, end, inputs, transfer_bytes=0, transfer_ms=0.0):
+    return RequestRecord(start_s=start, end_s=end, chunk_times_s=chunks, chunk_tokens=tokens, input_tokens=inputs,
+                         output_tokens=sum(tokens), finish_reason="length", queue_ms=1.0, prefill_ms=2.0,
+                         transfer_ms=transfer_ms, server_ttft_ms=5.0, transfer_bytes=transfer_bytes)
+
+
+def _records():
+    a = _ok(10.0, [10.1, 10.3, 10.6], [1, 1, 1], 10.6, 10, 1000, 1.0)  # TTFT 100, ITL 200 300, TPOT 250, E2E 600
+    b = _ok(11.0, [11.2, 11.55], [1, 3], 11.55, 20, 2000, 2.0)  # TTFT 200, ITL 350 (one gap), TPOT 350/3, E2E 550
+    c = _ok(12.0, [12.4], [1], 12.45, 30, 3000, 3.0)  # TTFT 400, no ITL, no TPOT (1 token), E2E 450
+    failed = [RequestRecord(start_s=13.0, end_s=13.01, status=s, error="x")
+              for s in ("RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")]
+    cut = RequestRecord(start_s=14.0, end_s=14.5, chunk_times_s=[14.1], chunk_tokens=[1], status=CUT)
+    return [a, b, c, *failed, cut]
+
+
+def test_latencies_and_hand_computed_percentiles():
+    m = summarize(_records(), duration_s=4.0)
+    # TTFT [100, 200, 400]: p90 at rank 0.9·2 = 1.8 → 200 + 0.8·200; p99 at 1.98
+    assert m["ttft_ms"] == {"mean": approx(700 / 3), "p50": approx(200), "p90": approx(360), "p99": approx(396)}
+    # ITL: every chunk gap [200, 300, 350] (b's 3-token chunk is one gap); p99 at rank 1.98 → 300 + 0.98·50
+    assert m["itl_ms"] == {"mean": approx(850 / 3), "p50": approx(300), "p90": approx(340), "p99": approx(349)}
+    # TPOT [250, 350/3] only: c generated one token
+    lo, hi = 350 / 3, 250.0
+    assert m["tpot_ms"] == {"mean": approx((lo + hi) / 2), "p50": approx((lo + hi) / 2),
+                            "p90": approx(lo + 0.9 * (hi - lo)), "p99": approx(lo + 0.99 * (hi - lo))}
+    assert m["e2e_ms"] == {"mean": approx(1600 / 3), "p50": approx(550), "p90": approx(590), "p99": approx(599)}
+
+
+def test_throughput_errors_cut_and_router_numbers():
+    m = summarize(_records(), duration_s=4.0, not_sent=2)
+    assert (m["sent"], m["completed"], m["cut"], m["not_sent"]) == (7, 3, 1, 2)
+    assert m["errors"] == {"DEADLINE_EXCEEDED": 1, "RESOURCE_EXHAUSTED": 2}
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (60, 8)
+    assert m["request_throughput"] == approx(0.75) and m["input_throughput"] == approx(15.0)
+    assert m["output_throughput"] == approx(2.0) and m["total_token_throughput"] == approx(17.0)
+    assert m["mean_concurrency"] == approx(1.6 / 4)
+    assert m["tokens_per_chunk"] == approx(8 / 6)
+    assert m["goodput"] is None and m["good_requests"] is None
+    router = m["router"]
+    assert router["transfer_bytes_mean"] == approx(2000) and router["transfer_bytes_total"] == 6000
+    assert router["transfer_gb_per_s"] == approx(6000 / 0.006 / 1e9)
+    assert router["transfer_ms"]["p50"] == approx(2.0) and router["queue_ms"]["mean"] == approx(1.0)
+    json.dumps(m, allow_nan=False)
+
+
+@pytest.mark.parametrize("ttft, tpot, good", [(250, None, 2), (None, 200, 2), (250, 200, 1), (50, None, 0),
+                                              (None, 100, 1)])
+def test_goodput_counts_requests_meeting_every_slo(ttft, tpot, good):
+    # TTFT 100, 200, 400; TPOT 250, 116.7, none (a 1-token output meets any TPOT SLO)
+    m = summarize(_records(), duration_s=4.0, slo_ttft_ms=ttft, slo_tpot_ms=tpot)
+    assert m["good_requests"] == good and m["goodput"] == approx(good / 4.0)
+    assert m["slo"] == {"ttft_ms": ttft, "tpot_ms": tpot}
+
+
+def test_one_token_outputs_have_no_tpot():
+    records = [_ok(0.0, [0.05], [1], 0.06, 4), _ok(1.0, [1.2], [1], 1.2, 4)]
+    assert records[1].tpot_s is None and records[1].itls_s == []
+    m = summarize(records, duration_s=2.0, slo_tpot_ms=1.0)
+    assert m["tpot_ms"] == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert m["itl_ms"]["p99"] is None and m["ttft_ms"]["p50"] == approx(125)
+    assert m["good_requests"] == 2
+
+
+def test_nothing_completed_gives_empty_stats_and_zero_throughput():
+    m = summarize([RequestRecord(start_s=0.0, end_s=0.1, status="UNAVAILABLE")], duration_s=0.1)
+    assert m["completed"] == 0 and m["errors"] == {"UNAVAILABLE": 1} and m["request_throughput"] == 0
+    assert m["ttft_ms"]["mean"] is None and m["router"]["transfer_gb_per_s"] is None
+    json.dumps(m, allow_nan=False)
+    assert len(table_row(4, m)) == len(table_header()) and table_row(4, m).split()[:5] == ["4", "1", "0", "1", "0"]
+
+
+def test_single_value_percentiles_and_table_row():
+    m = summarize([_ok(0.0, [0.01, 0.03], [1, 1], 0.03, 8, 4096, 0.5)], duration_s=0.5, slo_ttft_ms=100)
+    assert m["ttft_ms"] == {"mean": approx(10), "p50": approx(10), "p90": approx(10), "p99": approx(10)}
+    row = table_row(None, m).split()
+    assert row[:5] == ["inf", "1", "1", "0", "0"] and row[-3:] == ["2.00", "4", "0.5"]
+
+
+MODEL = ModelFacts(vocab_size=260, max_context_length=1024, special_ids=frozenset({256, 257}))
+
+
+def test_random_prompts_are_seeded_in_range_and_avoid_special_ids():
+    a = random_prompts(50, LengthRange(low=3, high=40), LengthRange(low=2, high=5), MODEL, seed=7)
+    b = random_prompts(50, LengthRange(low=3, high=40), LengthRange(low=2, high=5), MODEL, seed=7)
+    c = random_prompts(50, LengthRange(low=3, high=40), LengthRange(low=2, high=5), MODEL, seed=8)
+    assert a == b and a != c
+    assert {p.input_len for p in a} <= set(range(3, 41)) and len({p.input_len for p in a}) > 10
+    assert {p.output_len for p in a} == {2, 3, 4, 5}
+    ids = {i for p in a for i in p.input_ids}
+    assert ids <= set(range(260)) - {256, 257} and len(ids) > 200
+    fixed = random_prompts(5, LengthRange(low=16, high=16), LengthRange(low=8, high=8), MODEL, seed=0)
+    assert {(p.input_len, p.output_len) for p in fixed} == {(16, 8)}
+    with pytest.raises(ValueError, match="context length is 1024"):
+        random_prompts(1, LengthRange(low=1000, high=1000), LengthRange(low=25, high=25), MODEL, seed=0)
+
+
+def test_dataset_prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"input_ids": [1, 2, 3], "output_len": 4}\n\n{"prompt": "Hello"}\n')
+    prompts = file_prompts(str(path), 3, LengthRange(low=9, high=9), seed=0)
+    assert [(p.input_ids, p.text, p.output_len) for p in prompts] == [
+        ((1, 2, 3), None, 4), (None, "Hello", 9), ((1, 2, 3), None, 4)]
+    path.write_text('{"input_ids": [1]}\n{"text": 3}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected an object"):
+        file_prompts(str(path), 1, LengthRange(low=9, high=9), seed=0)
+
+
+def test_arrivals_poisson_seeded_or_all_at_once():
+    assert arrival_offsets_s(5, math.inf, seed=0, point=0).tolist() == [0.0] * 5
+    a = arrival_offsets_s(20000, 4.0, seed=1, point=0)
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    assert np.array_equal(a, arrival_offsets_s(20000, 4.0, seed=1, point=0))
+    assert not np.array_equal(a, arrival_offsets_s(20000, 4.0, seed=1, point=1))
+    gaps = np.diff(a)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.03) and gaps.std() == pytest.approx(0.25, rel=0.03)
+
+
+def test_length_and_sweep_parsing():
+    assert LengthRange.parse("256", "--x") == LengthRange(low=256, high=256)
+    assert LengthRange.parse("2048-8192", "--x") == LengthRange(low=2048, high=8192)
+    for bad, why in (("0", "≥ 1"), ("8-2", "upper end"), ("a", "expected N or LOW-HIGH"), ("1-2-3", "LOW-HIGH")):
+        with pytest.raises(ValueError, match=why):
+            LengthRange.parse(bad, "--input-len")
+    assert parse_sweep("1,2,4,256") == (1, 2, 4, 256)
+    for bad in ("", "0,1", "1,x"):
+        with pytest.raises(ValueError, match="--sweep"):
+            parse_sweep(bad)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--label", "a", "--label", "b"], "--label given 2 times"),
+    (["--sweep", "1,2", "--max-concurrency", "4"], "not both"),
+    (["--router", "localhost"], "HOST:PORT"),
+    (["--serve-args", "--preset tiny"], "only used with --launch"),
+    (["--request-rate", "0"], "request_rate"),
+])
+def test_bad_options_are_refused_by_name(argv, why):
+    from sparsepd.cli import build_parser
+    from sparsepd.loadtest.main import config_from_args
+
+    with pytest.raises(ValueError, match=why):
+        config_from_args(build_parser().parse_args(["loadtest", *argv]))
+
+
+def test_plot_series_take_each_labels_latest_run():
+    def rec(label, run_id, ts, c):
+        return {"label": label, "run_id": run_id, "timestamp": ts, "config": {"concurrency": c, "num_prompts": 16}}
+
+    records = [rec("pd", "old", "2026-01-01T00:00:00", 1), rec("pd", "new", "2026-01-02T00:00:00", 4),
+               rec("pd", "new", "2026-01-02T00:00:01", 2), rec("colocated", "x", "2026-01-01T00:00:00", 1)]
+    out = series(records)
+    assert list(out) == ["colocated", "pd"]
+    assert [r["config"]["concurrency"] for r in out["pd"]] == [2, 4]
+    assert list(series(records, ["colocated"])) == ["colocated"]
