@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU load-test sweep of the `bench` preset on one GPU: prefill/decode disaggregated (1 prefill + 1 decode
-# worker sharing the GPU) against colocated (one worker that prefills and decodes in one engine), each a
+# GPU load-test sweep of the `bench` preset: prefill/decode disaggregated (1 prefill + 1 decode worker, sharing
+# one GPU or a GPU each: PD_DEVICES) against colocated (workers that prefill and decode in one engine, one per
+# device in COLOCATED_DEVICES: the same GPU count), each a
 # `sparsepd loadtest --launch` concurrency sweep with random 2K-8K-token prompts and 256 output tokens.
 # Writes one JSONL record per point, labelled "pd" and "colocated", to $OUT/loadtest_bench.jsonl and the
 # terminal tables to $OUT/loadtest_sweep.log. No plots here (the GPU image has no matplotlib); draw them
@@ -25,6 +26,8 @@ NUM_PROMPTS=${NUM_PROMPTS:-}          # per point; empty = the tool's default, m
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-4} # before the first point (Triton compiles on first use)
 SEED=${SEED:-0}
 DEVICE=${DEVICE:-cuda:0}
+PD_DEVICES=${PD_DEVICES:-$DEVICE,$DEVICE}        # decode worker first, then prefill (cuda:0,cuda:1 = a GPU each)
+COLOCATED_DEVICES=${COLOCATED_DEVICES:-$DEVICE}  # one colocated worker per device listed
 SERVE_COMMON=${SERVE_COMMON:-"--preset bench --num-slots 128 --max-batch-tokens 8192"}
 CONFIGS=${CONFIGS:-"pd colocated"}
 RESULTS=${RESULTS:-$OUT/loadtest_bench.jsonl}
@@ -45,8 +48,9 @@ extra=()
 status=0
 for config in $CONFIGS; do
   case $config in
-    pd) serve="$SERVE_COMMON --prefill 1 --decode 1 --devices $DEVICE,$DEVICE" ;;
-    colocated) serve="$SERVE_COMMON --colocated --decode 1 --devices $DEVICE" ;;
+    pd) serve="$SERVE_COMMON --prefill 1 --decode 1 --devices $PD_DEVICES" ;;
+    colocated) n=$(tr ',' '\n' <<<"$COLOCATED_DEVICES" | grep -c .)
+               serve="$SERVE_COMMON --colocated --decode $n --devices $COLOCATED_DEVICES" ;;
     *) echo "error: unknown configuration '$config' in CONFIGS (pd, colocated)" >&2; exit 2 ;;
   esac
   echo "=== $config: sparsepd serve $serve ($(date -u +%FT%TZ))" | tee -a "$LOG"
