@@ -32,6 +32,9 @@ class EngineConfig(BaseModel):
     def build_model(self) -> Transformer:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available")
+        if self.device.startswith("cuda"):
+            # Triton launches on the current device, whatever the tensors' device: make it this process's one.
+            torch.cuda.set_device(torch.device(self.device))
         return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device)
 
 
