@@ -33,7 +33,8 @@ class EngineConfig(BaseModel):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available")
         if self.device.startswith("cuda"):
-            # Triton launches on the current device, whatever the tensors' device: make it this process's one.
+            # Triton launches on the current device, whatever the tensors' device: make it this process's one
+            # (for this thread; the runner does the same for the threads that step the engine).
             torch.cuda.set_device(torch.device(self.device))
         return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device)
 

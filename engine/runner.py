@@ -31,6 +31,13 @@ class Runner:
     @torch.inference_mode()
     def forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward."""
+        device = torch.device(self.pools.device)
+        if device.type == "cuda":  # Triton launches on the calling thread's current device: make it the pools'
+            with torch.cuda.device(device):
+                return self._forward(work)
+        return self._forward(work)
+
+    def _forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
         cache = PagedCache(batch, self.pools, self.rope_tables)
