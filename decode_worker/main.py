@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the endpoint prefill workers should push to, when it differs from the bound one (required "
                         "when --zmq-endpoint binds 0.0.0.0), e.g. tcp://dhost:5601")
     p.add_argument("--reservation-ttl", type=float, default=30.0,
-                   help="seconds a reservation waits for its state before its pages are freed (default: 30)")
+                   help="seconds a reservation waits for its state before its pages are freed, at most (a router's "
+                        "shorter --reserve-ttl wins) (default: 30)")
     p.add_argument("--colocated", action="store_true",
                    help="also take prefill batches and run them in this engine (prefill and decode in one process)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -53,7 +54,7 @@ async def serve(args: argparse.Namespace) -> int:
     model = cfg.build_model()
     engine = Engine(model, cfg.pools)
     fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
-    worker = DecodeWorker(engine, default_ttl_s=args.reservation_ttl, faults=Faults.from_env())
+    worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
     receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected)
     worker.cancel_transfer = receiver.cancel
     worker.expect_transfer = receiver.expect

@@ -47,10 +47,10 @@ class TokenUpdate:
 
 
 class DecodeWorker:
-    def __init__(self, engine: Engine, default_ttl_s: float = 30.0, faults: Faults | None = None):
+    def __init__(self, engine: Engine, max_ttl_s: float = 30.0, faults: Faults | None = None):
         self.engine = engine
         self.faults = faults or Faults()
-        self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s
         self.lock = threading.Lock()
         self.reservations: dict[str, Reservation] = {}  # request id → reservation awaiting its state
         self.by_transfer: dict[str, str] = {}  # transfer id → request id
@@ -66,7 +66,10 @@ class DecodeWorker:
 
     # --- called from the control server -----------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
-        """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity)."""
+        """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity).
+
+        The reservation waits for its state ttl_s seconds (0 = unset), at most this worker's own TTL: the
+        worker decides how long its pages may sit idle, whatever a router asks."""
         with self.lock:
             running = {r.request_id for r in self.engine.scheduler.running}
             if request_id in self.reservations or request_id in running:
@@ -76,7 +79,8 @@ class DecodeWorker:
                 raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {params.max_new_tokens} exceeds "
                                  f"max_seq_len={self.engine.model.cfg.max_seq_len}")
             self.engine.scheduler.reserve(request)
-            res = Reservation(request, uuid.uuid4().hex, time.time() + (ttl_s or self.default_ttl_s))
+            ttl_s = min(ttl_s, self.max_ttl_s) if ttl_s > 0 else self.max_ttl_s
+            res = Reservation(request, uuid.uuid4().hex, time.time() + ttl_s)
             self.reservations[request_id] = res
             self.by_transfer[res.transfer_id] = request_id
             self.expect_transfer(res.transfer_id, request_id, deadline_s=res.expires_at - time.time(),

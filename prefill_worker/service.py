@@ -38,6 +38,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                    r.ticket.fingerprint))
         if len({j.request_id for j in jobs}) != len(jobs):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
+        self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
         return worker_pb2.PrefillResponse(results=[_result(o) for o in outcomes])

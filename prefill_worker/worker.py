@@ -58,21 +58,39 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.lock = threading.Lock()  # one batch on the engine at a time
         self.counters: Counter[str] = Counter()
-        self.cancelled: set[str] = set()
+        self.ids_lock = threading.Lock()
+        self.open: set[str] = set()  # request ids of the batches received and not yet answered
+        self.cancelled: set[str] = set()  # those of them the router released
+
+    def open_batch(self, jobs: list[PrefillJob]) -> None:
+        """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
+        with self.ids_lock:
+            self.open.update(j.request_id for j in jobs)
 
     def run_batch(self, jobs: list[PrefillJob]) -> list[PrefillOutcome]:
         """Prefill every job, push each state, return one outcome per job (in order)."""
-        with self.lock:
-            outcomes = {j.request_id: PrefillOutcome(j.request_id, ok=False) for j in jobs}
-            requests = self._submit(jobs, outcomes)
-            pending = self._prefill(requests, outcomes)
-        self._await_transfers(pending, outcomes)
+        self.open_batch(jobs)
+        try:
+            with self.lock:
+                outcomes = {j.request_id: PrefillOutcome(j.request_id, ok=False) for j in jobs}
+                requests = self._submit(jobs, outcomes)
+                pending = self._prefill(requests, outcomes)
+            self._await_transfers(pending, outcomes)
+        finally:  # a Release that comes later finds nothing: no id outlives its batch (ids may be reused)
+            ids = {j.request_id for j in jobs}
+            with self.ids_lock:
+                self.open -= ids
+                self.cancelled -= ids
         return [outcomes[j.request_id] for j in jobs]
 
     def release(self, request_id: str) -> bool:
-        """Abort a request being prefilled here (its pages are freed at the next step boundary)."""
-        self.cancelled.add(request_id)
-        return True
+        """Abort a request of a batch here before its state leaves (at the next step boundary, or once its
+        step is done); False when no batch here holds it."""
+        with self.ids_lock:
+            if request_id not in self.open:
+                return False
+            self.cancelled.add(request_id)
+            return True
 
     def _submit(self, jobs: list[PrefillJob],
                 outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
@@ -108,6 +126,10 @@ class PrefillWorker:
                     continue
                 del waiting[rid]
                 out = outcomes[rid]
+                if rid in self.cancelled:  # released during the step: its reservation is gone, ship nothing
+                    self.engine.abort(rid)
+                    out.error = "aborted"
+                    continue
                 out.first_token, out.finish_reason = request.output_ids[0], request.finish_reason or ""
                 out.logprobs = request.output_logprobs[0] if request.output_logprobs else None
                 out.prefill_ms = (time.perf_counter() - started) * 1e3
@@ -121,7 +143,6 @@ class PrefillWorker:
                                                         request_id=rid, fingerprint=self.fingerprint)
                 out.transfer_bytes = descriptor.num_bytes
                 pending.append((rid, self.sender.send(job.endpoint, header, tensors), time.perf_counter()))
-        self.cancelled.difference_update(requests)
         return pending
 
     def _await_transfers(self, pending, outcomes) -> None:

@@ -78,7 +78,8 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens a request may ask for (default: the context length)")
     g.add_argument("--reserve-ttl", type=float, default=60.0,
-                   help="seconds a decode reservation waits for its state (default: %(default)s)")
+                   help="seconds a decode reservation waits for its state; a decode worker's shorter "
+                        "--reservation-ttl wins (default: %(default)s)")
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,122 @@
+"""Workers that die with work in flight, through the public API (real processes on 127.0.0.1):
+
+- a decode worker killed mid-stream: its request ends UNAVAILABLE naming it, the request on the other decode
+  worker finishes with the reference tokens, new requests go to the survivor, the router stays up, and the
+  prefill worker and the surviving decode worker are back to full pools;
+- a prefill worker that crashes with a batch in flight (SPARSEPD_FAULTS prefill.step=crash, then another at
+  prefill.push=crash): every request of the batch ends UNAVAILABLE naming that worker, once, not retried
+  elsewhere; the decode worker's reservations are released; a later request is served by the healthy
+  prefill worker with the reference tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rel_helpers import (  # noqa: E402
+    Fleet,
+    channel,
+    generate_request,
+    outcome_of,
+    reference,
+    router_outcomes,
+    run,
+    stub_of,
+    wait_all_free,
+    wait_worker_free,
+    worker_stats,
+)
+
+from sparsepd.faults import CRASH_EXIT_CODE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    fleet = Fleet()
+    try:
+        fleet.workers(prefill=("prefill", None, []), decode_a=("decode", None, []), decode_b=("decode", None, []),
+                      crash_step=("prefill", {"SPARSEPD_FAULTS": "prefill.step=crash"}, []),
+                      crash_push=("prefill", {"SPARSEPD_FAULTS": "prefill.push=crash"}, []))
+        yield fleet
+    finally:
+        fleet.stop_all()
+
+
+def test_killed_decode_worker_mid_stream(fleet):
+    prefill, decodes = fleet["prefill"], [fleet["decode_a"], fleet["decode_b"]]
+    router = fleet.routers(router_dd=([prefill], decodes, []))["router_dd"]
+    long_prompt, short_prompt, later_prompt = [256, *b"doomed"], [256, *b"survivor"], [256, *b"later"]
+
+    async def main():
+        async with channel(router.ready["grpc"]) as ch:
+            stub = stub_of(ch)
+            doomed = stub.Generate(generate_request(long_prompt, 300, stream=True, request_id="dd-doomed"), timeout=60)
+            assert (await doomed.read()).HasField("chunk")
+            survivor = asyncio.ensure_future(outcome_of(stub, generate_request(short_prompt, 40, stream=True,
+                                                                               request_id="dd-survivor")))
+            running = {}
+            while sorted(running.values()) != [1, 1]:  # one request on each decode worker (most free pages first)
+                await asyncio.sleep(0.05)
+                running = {d.name: (await worker_stats(d)).running for d in decodes}
+            stats = {d.name: await worker_stats(d) for d in decodes}
+            victim = max(decodes, key=lambda d: stats[d.name].num_pages - stats[d.name].free_pages)  # the 300-token one
+            os.kill(victim.pid, signal.SIGKILL)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while (await doomed.read()) != grpc.aio.EOF:
+                    pass
+            survived = await survivor
+            later = await outcome_of(stub, generate_request(later_prompt, 8, request_id="dd-later"))
+            loads = await wait_all_free(stub, timeout=20)
+            return victim, err.value, survived, later, loads
+
+    victim, err, survived, later, loads = run(main())
+    assert router.alive()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and victim.ready["grpc"] in err.details(), err
+    assert survived == ("length", "", reference(short_prompt, 40))
+    assert later == ("length", "", reference(later_prompt, 8))
+    alive = {x.worker_address: x.alive for x in loads.loads}
+    survivor = next(d for d in decodes if d is not victim)
+    assert alive == {prefill.ready["grpc"]: True, victim.ready["grpc"]: False, survivor.ready["grpc"]: True}
+    assert router_outcomes(router) == {"unavailable": 1, "length": 2}
+    run(wait_worker_free(prefill))
+    run(wait_worker_free(survivor))
+
+
+@pytest.mark.parametrize("point", ["step", "push"])
+def test_prefill_worker_crashing_with_a_batch_in_flight(fleet, point):
+    crashing, healthy = fleet[f"crash_{point}"], fleet["prefill"]
+    decode = next(c for c in fleet.children if c.name.startswith("decode_") and c.alive())
+    # The crashing worker is listed first: with nothing queued the router picks it. A long batch wait puts
+    # the three requests in one batch.
+    name = f"router_{point}"
+    router = fleet.routers(**{name: ([crashing, healthy], [decode], ["--batch-wait-ms", "300"])})[name]
+    prompts = [[256, *f"crash {point} {i}".encode()] for i in range(3)]
+    later_prompt = [256, *b"after the crash"]
+
+    async def main():
+        async with channel(router.ready["grpc"]) as ch:
+            stub = stub_of(ch)
+            outcomes = await asyncio.gather(*(outcome_of(stub, generate_request(p, 8, request_id=f"{point}-{i}"))
+                                              for i, p in enumerate(prompts)))
+            freed = await wait_worker_free(decode)  # the reservations of the lost batch
+            later = await outcome_of(stub, generate_request(later_prompt, 8, request_id=f"{point}-later"))
+            await wait_all_free(stub, timeout=20)
+            return outcomes, freed, later
+
+    healthy_before = run(worker_stats(healthy)).transfers_ok
+    outcomes, freed, later = run(main())
+    assert crashing.proc.wait(10) == CRASH_EXIT_CODE
+    for code, details, ids in outcomes:
+        assert (code, ids) == ("UNAVAILABLE", []) and f"prefill worker {crashing.ready['grpc']}" in details, outcomes
+    assert freed.free_pages == freed.num_pages and freed.free_slots == freed.num_slots
+    assert later == ("length", "", reference(later_prompt, 8))
+    assert run(worker_stats(healthy)).transfers_ok == healthy_before + 1  # the failed ones were not retried there
+    assert router_outcomes(router) == {"unavailable": 3, "length": 1}
