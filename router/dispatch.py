@@ -246,8 +246,8 @@ class Dispatcher:
         flow.prefill_inflight = False
         if flow.ended:
             return
-        if not r.ok:
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL,
+        if not r.ok:  # a failed transfer or a worker-side refusal: transient, a retry may well succeed
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
                                     message=f"prefill worker {prefill.address}: {r.error}"))
             return
         flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
@@ -302,8 +302,8 @@ class Dispatcher:
         reason = event.finish_reason
         if reason in ("stop", "length", "abort", "error"):
             flow.decode_done = True
-        if reason == "error":
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL,
+        if reason == "error":  # the state could not be admitted, or never came: transient as above
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
                                     message=f"decode worker {flow.decode.address}: {event.error}"))
         elif reason == "abort":
             self._end(flow, Outcome("abort"))

@@ -96,7 +96,7 @@ def test_transfer_fault_ends_the_request_and_frees_both_sides(fleet, case):
             return faulty, later
 
     (code, details, ids), later = run(main())
-    assert (code, ids) == ("INTERNAL", []), (code, details)
+    assert (code, ids) == ("UNAVAILABLE", []), (code, details)
     assert f"prefill worker {prefill.ready['grpc']}" in details and all(f in details for f in fragments), details
     if recovers:
         assert later == ("length", "", reference(later_prompt, 6))
