@@ -100,7 +100,7 @@ def test_transfer_fault_ends_the_request_and_frees_both_sides(fleet, case):
     assert f"prefill worker {prefill.ready['grpc']}" in details and all(f in details for f in fragments), details
     if recovers:
         assert later == ("length", "", reference(later_prompt, 6))
-    assert router_outcomes(router) == ({"internal": 1, "length": 1} if recovers else {"internal": 1})
+    assert router_outcomes(router) == ({"unavailable": 1, "length": 1} if recovers else {"unavailable": 1})
     for worker in (prefill, decode):  # asked directly too: free == total, not more (no double free)
         stats = run(wait_worker_free(worker))
         assert (stats.free_pages, stats.free_slots) == (stats.num_pages, stats.num_slots)
