@@ -16,9 +16,9 @@ from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
-from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.proto import worker_pb2_grpc
 from sparsepd.proto.transfer import model_fingerprint
-from sparsepd.registration import add_registration_args, advertised_address, register_forever
+from sparsepd.registration import add_registration_args, start_registration
 
 log = logging.getLogger("sparsepd.prefill")
 
@@ -50,12 +50,8 @@ async def serve(args: argparse.Namespace) -> int:
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
-    address, registration = args.advertise or f"{args.host}:{port}", None
-    if args.router:
-        address = advertised_address(args, port)
-        registration = asyncio.create_task(register_forever(args.router, worker_pb2.RegisterRequest(
-            role="prefill", address=address, fingerprint=fingerprint, num_pages=engine.pools.pages.capacity,
-            num_slots=engine.pools.slots.capacity), log))
+    address, registration = start_registration(args, port, log, "prefill", fingerprint,
+                                               engine.pools.pages.capacity, engine.pools.slots.capacity)
     print_ready("prefill", grpc=address, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()

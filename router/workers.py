@@ -126,8 +126,10 @@ class WorkerPool:
             for w in handles:
                 for callback in self.on_added:
                     callback(w)
-        await asyncio.gather(*(self._poll(w) for w in handles))
-        self.changed.set()
+        stale = [w for w in handles if not w.alive]  # a live one's heartbeat needs nothing: the poll loop has it
+        if stale:
+            await asyncio.gather(*(self._poll(w) for w in stale))
+            self.changed.set()
         alive = all(w.alive for w in handles)
         return True, "registered" if alive else f"registered, but not reachable yet: {handles[0].last_error}"
 

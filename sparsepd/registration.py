@@ -25,6 +25,18 @@ def add_registration_args(p: argparse.ArgumentParser) -> None:
                         "when --host is 0.0.0.0)")
 
 
+def start_registration(args: argparse.Namespace, port: int, log: logging.Logger, role: str, fingerprint: str,
+                       num_pages: int, num_slots: int, endpoint: str = "") -> tuple[str, asyncio.Task | None]:
+    """The worker's control address as others should dial it, and with --router the task that keeps it
+    registered (cancel it at shutdown)."""
+    if not args.router:
+        return args.advertise or f"{args.host}:{port}", None
+    address = advertised_address(args, port)
+    request = worker_pb2.RegisterRequest(role=role, address=address, fingerprint=fingerprint, num_pages=num_pages,
+                                         num_slots=num_slots, endpoint=endpoint)
+    return address, asyncio.create_task(register_forever(args.router, request, log))
+
+
 def advertised_address(args: argparse.Namespace, port: int) -> str:
     if args.advertise:
         return args.advertise
