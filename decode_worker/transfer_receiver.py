@@ -134,12 +134,12 @@ class TransferReceiver:
             self._tickets[transfer_id] = _Ticket(request_id, specs, time.monotonic() + deadline_s, max_pages)
             os.write(self._wake_w, b"e")  # the thread recomputes its next expiry
 
-    def cancel(self, transfer_id: str) -> bool:
-        """Close a ticket (its reservation was released); False if it was not open."""
+    def cancel(self, transfer_id: str, why: str = "the reservation was cancelled") -> bool:
+        """Close a ticket (its reservation was released or expired); False if it was not open."""
         with self._lock:
             found = self._tickets.pop(transfer_id, None) is not None
             if found:
-                self._close(transfer_id, "the reservation was cancelled")
+                self._close(transfer_id, why)
                 self.stats["cancelled"] += 1
         return found
 

@@ -59,7 +59,7 @@ class DecodeWorker:
         self.listeners: list[Callable[[int, list[TokenUpdate]], None]] = []
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
-        self.cancel_transfer: Callable[[str], object] = lambda transfer_id: None
+        self.cancel_transfer: Callable[..., object] = lambda transfer_id, why="": None
         self.expect_transfer: Callable[..., object] = lambda *args, **kwargs: None
         self.transfer_stats: Callable[[], dict] = dict
         self.step_count = 0
@@ -203,7 +203,7 @@ class DecodeWorker:
                 del self.reservations[res.request.request_id]
                 self.by_transfer.pop(res.transfer_id, None)
                 self.engine.scheduler.release(res.request)
-                self.cancel_transfer(res.transfer_id)
+                self.cancel_transfer(res.transfer_id, "the reservation expired")
                 self.counters["reservations_expired"] += 1
                 log.warning("reservation expired without a state; pages released",
                             extra={"request_id": res.request.request_id})
