@@ -5,6 +5,12 @@ A forward is a ragged batch: request b contributes n_b new tokens at positions s
 tensors on the device: token→request map, positions, page tables, each token's window rows in the
 unified per-layer buffer (engine/pools.py), each compress ratio's plans and visible-entry counts, the
 HCA rows, and where the SWA rings are written. No layer does host work or syncs.
+
+The fields are first built on the host (`host_fields`, a name → CPU tensor table). An eager forward moves
+them to the device as they are; a CUDA-graph decode step builds them padded to a fixed `BatchShape` (the
+graph's batch bucket and page-table width) and copies them into the graph's static buffers at once
+(engine/graphs.py). Padding is inert: padded tokens see no keys (window rows −1, nothing visible), their
+plan rows are −1 (kernels skip them), so they write nothing that a real request reads.
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ class RequestChunk:
     page_table: list[int]
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """The fixed shape of a padded decode batch (one CUDA graph): tokens = requests = `batch`."""
+
+    batch: int
+    pages: int  # page-table width
+
+
 @dataclass
 class RatioMeta:
     """What every layer of one compress ratio shares."""
@@ -43,9 +57,6 @@ class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     seq_ids: torch.Tensor  # [T] int32
-    cu_seqlens: torch.Tensor  # [B+1] int64
-    starts: torch.Tensor  # [B] int64
-    num_new: torch.Tensor  # [B] int64
     slots: torch.Tensor  # [B] int64
     page_table: torch.Tensor  # [B, max_pages] int32 (0-padded past a request's pages)
     window_rows: torch.Tensor  # [T, window] int32 rows in every layer's buffer, −1 before position 0
@@ -59,20 +70,34 @@ class ForwardBatch:
         return int(self.token_ids.shape[0])
 
 
-def build_batch(chunks: list[RequestChunk], geometry: PoolGeometry, device: torch.device) -> ForwardBatch:
-    if not chunks:
-        raise ValueError("a forward needs at least one request")
+def check_chunks(chunks: list[RequestChunk], geometry: PoolGeometry, vocab_size: int) -> None:
+    """Host-side checks of a forward's input (so the forward itself never syncs to check)."""
+    if sum(len(c.token_ids) for c in chunks) > geometry.max_batch_tokens:
+        raise ValueError(f"{sum(len(c.token_ids) for c in chunks)} tokens exceed "
+                         f"max_batch_tokens={geometry.max_batch_tokens}")
+    for c in chunks:
+        if c.token_ids and (min(c.token_ids) < 0 or max(c.token_ids) >= vocab_size):
+            raise ValueError(f"token ids must lie in the vocabulary [0, {vocab_size}), got min {min(c.token_ids)} "
+                             f"max {max(c.token_ids)}")
+
+
+def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
+                shape: BatchShape | None = None) -> dict[str, torch.Tensor]:
+    """Every field of a forward as CPU tensors; padded to `shape` when given (decode chunks only)."""
     n = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64)
-    if int(n.sum()) > geometry.max_batch_tokens:
-        raise ValueError(f"{int(n.sum())} tokens exceed max_batch_tokens={geometry.max_batch_tokens}")
+    if shape is not None and (len(chunks) > shape.batch or bool((n != 1).any())):
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} one-token chunks")
     starts = torch.tensor([c.start for c in chunks], dtype=torch.int64)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), n.cumsum(0)])
+    num_tokens = int(cu[-1])
     seq = torch.repeat_interleave(torch.arange(len(chunks)), n)
-    positions = starts[seq] + torch.arange(int(cu[-1])) - cu[seq]
+    positions = starts[seq] + torch.arange(num_tokens) - cu[seq]
     slots = torch.tensor([c.slot for c in chunks], dtype=torch.int64)
-    max_pages = max(len(c.page_table) for c in chunks)
-    page_table = torch.zeros(len(chunks), max(max_pages, 1), dtype=torch.int32)
+    width = max([len(c.page_table) for c in chunks] + [1]) if shape is None else shape.pages
+    page_table = torch.zeros(len(chunks), width, dtype=torch.int32)
     for b, c in enumerate(chunks):
+        if len(c.page_table) > width:
+            raise ValueError(f"request with {len(c.page_table)} pages does not fit a {width}-page batch")
         page_table[b, : len(c.page_table)] = torch.tensor(c.page_table, dtype=torch.int32)
 
     win = geometry.window
@@ -82,27 +107,71 @@ def build_batch(chunks: list[RequestChunk], geometry: PoolGeometry, device: torc
     window_rows = torch.where(keys >= starts[seq][:, None], scratch_rows, ring_rows)
     window_rows = torch.where(keys >= 0, window_rows, -1)
 
-    batch = ForwardBatch(
-        token_ids=torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=device),
-        positions=positions.to(device), seq_ids=seq.to(torch.int32).to(device), cu_seqlens=cu.to(device),
-        starts=starts.to(device), num_new=n.to(device), slots=slots.to(device), page_table=page_table.to(device),
-        window_rows=window_rows.to(torch.int32).to(device), swa_plan=build_write_plan(starts, n, win, device=device),
-        last_rows=(cu[1:] - 1).to(device), chunks=chunks)
+    capacity = None if shape is None else shape.batch
+    swa = build_write_plan(starts, n, win, capacity=capacity)
+    f = {"token_ids": torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64),
+         "positions": positions, "seq_ids": seq.to(torch.int32), "slots": slots, "page_table": page_table,
+         "window_rows": window_rows.to(torch.int32), "swa_rows": swa.rows, "swa_cu": swa.cu,
+         "last_rows": cu[1:] - 1}
     for ratio in sorted({r for r in geometry.ratios if r}):
-        batch.ratios[ratio] = _ratio_meta(ratio, geometry, positions, seq, page_table, starts, n, device)
+        rpp = geometry.rows_per_page(ratio)
+        visible = torch.div(positions + 1, ratio, rounding_mode="floor")
+        plan = build_compress_plan(starts, n, ratio, ratio == 4, capacity=capacity, write_capacity=capacity)
+        f[f"r{ratio}.visible"] = visible.to(torch.int32)
+        f[f"r{ratio}.commit_rows"], f[f"r{ratio}.commit_cu"] = plan.commit.rows, plan.commit.cu
+        f[f"r{ratio}.write_rows"], f[f"r{ratio}.write_cu"] = plan.write.rows, plan.write.cu
+        if ratio != 4:
+            hca_width = max(int(visible.max()) if num_tokens else 1, 1) if shape is None else width * rpp
+            entries = torch.arange(hca_width)
+            pages = page_table[seq][:, torch.clamp(entries // rpp, max=page_table.shape[1] - 1)].to(torch.int64)
+            rows = geometry.compressed_base + pages * rpp + entries % rpp
+            f[f"r{ratio}.hca_rows"] = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32)
+    return f if shape is None else _pad(f, len(chunks), shape)
+
+
+def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, torch.Tensor]:
+    """Pad per-token and per-request fields from `real` to shape.batch rows with inert values."""
+    extra = shape.batch - real
+    fill = {"window_rows": -1, "hca_rows": -1, "visible": 0}
+    out = {}
+    for name, t in f.items():
+        key = name.split(".")[-1]
+        if key.endswith("_cu"):
+            out[name] = torch.cat([t, t[-1:].expand(extra)])  # padded requests own no plan rows
+        elif key.endswith("_rows") and key != "window_rows" and key != "hca_rows" and key != "last_rows":
+            out[name] = t  # plans already have shape.batch rows (−1 past the real ones)
+        elif key == "last_rows":
+            out[name] = torch.arange(shape.batch, dtype=torch.int64)
+        else:
+            pad = t.new_full((extra, *t.shape[1:]), fill.get(key, 0))
+            out[name] = torch.cat([t, pad])
+    return out
+
+
+def assemble(f: dict[str, torch.Tensor], geometry: PoolGeometry, chunks: list[RequestChunk]) -> ForwardBatch:
+    """The ForwardBatch whose tensors are the given fields (already on the device)."""
+    def row_plan(rows: torch.Tensor, cu: torch.Tensor) -> RowPlan:
+        return RowPlan(rows, cu, torch.empty(0, dtype=torch.int32), -1)  # host copies unused by the forward
+
+    batch = ForwardBatch(token_ids=f["token_ids"], positions=f["positions"], seq_ids=f["seq_ids"], slots=f["slots"],
+                         page_table=f["page_table"], window_rows=f["window_rows"],
+                         swa_plan=row_plan(f["swa_rows"], f["swa_cu"]), last_rows=f["last_rows"], chunks=chunks)
+    for ratio in sorted({r for r in geometry.ratios if r}):
+        p = f"r{ratio}."
+        plan = CompressPlan(ratio, ratio == 4, (2 if ratio == 4 else 1) * ratio,
+                            row_plan(f[p + "commit_rows"], f[p + "commit_cu"]),
+                            row_plan(f[p + "write_rows"], f[p + "write_cu"]))
+        batch.ratios[ratio] = RatioMeta(ratio, geometry.rows_per_page(ratio), f[p + "visible"], plan,
+                                        f.get(p + "hca_rows"))
     return batch
 
 
-def _ratio_meta(ratio: int, g: PoolGeometry, positions: torch.Tensor, seq: torch.Tensor, page_table: torch.Tensor,
-                starts: torch.Tensor, n: torch.Tensor, device: torch.device) -> RatioMeta:
-    rpp = g.rows_per_page(ratio)
-    visible = torch.div(positions + 1, ratio, rounding_mode="floor")
-    plan = build_compress_plan(starts, n, ratio, ratio == 4, device=device)
-    meta = RatioMeta(ratio, rpp, visible.to(torch.int32).to(device), plan)
-    if ratio != 4:
-        width = max(int(visible.max()), 1)
-        entries = torch.arange(width)
-        pages = page_table[seq][:, torch.clamp(entries // rpp, max=page_table.shape[1] - 1)].to(torch.int64)
-        rows = g.compressed_base + pages * rpp + entries % rpp
-        meta.hca_rows = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32).to(device)
-    return meta
+def build_batch(chunks: list[RequestChunk], geometry: PoolGeometry, device: torch.device) -> ForwardBatch:
+    """An eager forward's batch: the host fields moved to `device`."""
+    if not chunks:
+        raise ValueError("a forward needs at least one request")
+    if sum(len(c.token_ids) for c in chunks) > geometry.max_batch_tokens:
+        raise ValueError(f"{sum(len(c.token_ids) for c in chunks)} tokens exceed "
+                         f"max_batch_tokens={geometry.max_batch_tokens}")
+    fields = {k: v.to(device, non_blocking=True) for k, v in host_fields(chunks, geometry).items()}
+    return assemble(fields, geometry, chunks)

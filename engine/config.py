@@ -25,6 +25,8 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, ge=0, description="random-weight seed (every process of a deployment must agree)")
     device: str = "cpu"
     pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
+    cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
+    graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
 
     def resolve_model_config(self) -> ModelConfig:
         return (read_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
@@ -52,6 +54,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch")
     g.add_argument("--gpu-memory-fraction", type=float, default=0.5,
                    help="of free GPU memory when neither --num-pages nor --kv-memory is given (default: 0.5)")
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (debugging; GPU only)")
+    g.add_argument("--graph-max-context", type=int, default=8192,
+                   help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
+                        "are captured on first use (default: 8192)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -61,4 +68,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     pools = PoolConfig(num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens, num_pages=num_pages,
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
-                        pools=pools)
+                        pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context)

@@ -20,11 +20,18 @@ from sparsepd.model.transformer import Transformer
 
 
 class Engine:
-    def __init__(self, model: Transformer, pool_config: PoolConfig | None = None):
+    def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False):
+        """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py)."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
-        self.scheduler = Scheduler(Runner(model, self.pools))
+        self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
+        self.scheduler = Scheduler(self.runner)
+        self._ids = itertools.count()
+
+    def capture_graphs(self, max_context: int) -> None:
+        """Capture the decode graphs for contexts up to max_context tokens now (no-op without graphs)."""
+        self.runner.capture_graphs(max_context)
         self._ids = itertools.count()
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:

@@ -83,10 +83,22 @@ def rope_freqs(rope_dim: int, theta: float, original_seq_len: int, factor: float
     return freqs
 
 
+@lru_cache(maxsize=64)
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant table (an lru-cached frequency or Hadamard tensor) copied to `device` once: later calls
+    cost no host-to-device copy, so a forward on the GPU neither syncs nor breaks CUDA-graph capture."""
+    return table.to(device)
+
+
 def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[len(positions), rope_dim/2]` fp32 at these absolute positions (angles in fp64)."""
-    angles = positions.to(torch.float64).cpu()[:, None] * freqs[None, :]
-    return angles.cos().float().to(positions.device), angles.sin().float().to(positions.device)
+    """cos, sin `[len(positions), rope_dim/2]` fp32 at these absolute positions (angles in fp64).
+
+    On the GPU the angles are computed there (fp64, no host round trip); on the CPU as always."""
+    if positions.is_cuda:
+        angles = positions.to(torch.float64)[:, None] * _on_device(freqs, positions.device)[None, :]
+        return angles.cos().float(), angles.sin().float()
+    angles = positions.to(torch.float64)[:, None] * freqs[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -159,5 +171,7 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """x · H (the indexer's rotation over the last dim), computed in fp32, returned in x's dtype."""
-    h = hadamard_matrix(x.shape[-1]).to(x.device)
-    return linear(x.float(), h.T.contiguous()).to(x.dtype)
+    h = hadamard_matrix(x.shape[-1])
+    # H is symmetric (Sylvester), so H^T is H itself: the device copy is made once per device.
+    h_t = _on_device(h, x.device) if x.is_cuda else h.T.contiguous()
+    return linear(x.float(), h_t).to(x.dtype)

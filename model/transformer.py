@@ -50,6 +50,15 @@ class Block(nn.Module):
         return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
 
 
+def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits `[n, vocab]` = x · weight^T. A bf16 head on the GPU is read once in bf16 and accumulated in
+    fp32 (cuBLAS with an fp32 output); on the CPU, or for an fp32 head, the product is computed in fp32."""
+    if x.is_cuda and weight.dtype != torch.float32:
+        return torch.mm(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.t(),
+                        out_dtype=torch.float32).reshape(*x.shape[:-1], weight.shape[0])
+    return linear(x.float(), weight.float())
+
+
 class Embedding(nn.Module):
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype):
         super().__init__()
@@ -67,7 +76,8 @@ class Transformer(nn.Module):
         self.embed = Embedding(cfg.vocab_size, cfg.dim, dtype)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=torch.float32).requires_grad_(False)
+        # The head in the model's dtype, as the checkpoint stores it; logits accumulate and come out in fp32.
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype).requires_grad_(False)
         _hc_params(self, "hc_head", cfg.hc_mult, cfg.dim, 1, cfg.hc_mult)
 
     @property
@@ -89,11 +99,12 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache,
-                      logit_rows: torch.Tensor | None = None, return_hidden: bool = False):
+                      logit_rows: torch.Tensor | None = None, return_hidden: bool = False, ids_checked: bool = False):
         """Logits `[rows, vocab]` fp32 for a flat batch of tokens at `positions` whose keys `cache` keeps;
-        only the rows in `logit_rows` (all when None) go through the head."""
+        only the rows in `logit_rows` (all when None) go through the head. `ids_checked`: the caller has
+        checked the ids on the host (the engine does), so the forward skips its own check (a host sync)."""
         cfg = self.cfg
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size:
+        if not ids_checked and (int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), "
                              f"got min {int(token_ids.min())} max {int(token_ids.max())}")
         h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
@@ -105,7 +116,7 @@ class Transformer(nn.Module):
         if logit_rows is not None:
             h = h[logit_rows]
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps, cfg.norm_eps)
-        logits = linear(self.norm(x).float(), self.head.weight)
+        logits = head_logits(self.norm(x), self.head.weight)
         return (logits, hidden) if return_hidden else logits
 
     def new_state(self) -> RequestState:

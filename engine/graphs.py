@@ -1,0 +1,179 @@
+"""CUDA-graph decode: the whole decode forward captured once per (batch bucket, page width), replayed each step.
+
+A decode step of B requests is padded up to the smallest bucket ≥ B (engine/batch.py `BatchShape`; padding
+is inert) and to a page-table width that is a power of two (so a graph serves a range of context lengths
+and short contexts do not pay for the longest one). Its metadata is built on the host into one pinned
+buffer and copied to the device with one asynchronous copy (`StaticFields`); the graph reads it from
+there. Graphs share one memory pool, so their activations occupy the memory of the largest.
+
+Capture happens at start for every bucket at the page widths `capture_all` is given (the time and graph
+memory are logged); a shape met later is captured on first use (logged too). Anything a graph does not
+hold (prefill chunks, more requests than the largest bucket, wider page tables than the pools allow) runs
+eagerly, as does everything when graphs are off (`--no-cuda-graph`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparsepd.engine.batch import BatchShape, RequestChunk, assemble, host_fields
+from sparsepd.engine.paged_cache import PagedCache
+from sparsepd.engine.pools import KVPools
+from sparsepd.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+MIN_PAGE_WIDTH = 8
+_ALIGN = 16
+
+
+def buckets_for(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets up to `max_batch` (the slots), plus max_batch itself when it falls between two."""
+    kept = tuple(b for b in buckets if b <= max_batch)
+    return kept if kept and kept[-1] == max_batch else kept + (max_batch,)
+
+
+def page_width_for(pages: int, max_pages: int) -> int:
+    """The power of two ≥ pages (at least MIN_PAGE_WIDTH), capped at max_pages."""
+    width = MIN_PAGE_WIDTH
+    while width < pages:
+        width *= 2
+    return min(width, max_pages)
+
+
+class StaticFields:
+    """Fixed-shape batch fields in one device buffer, loaded from a pinned host buffer with one copy.
+
+    Two host buffers alternate, so the host can fill step N+1's while step N's copy is still queued; before
+    refilling a buffer the host waits for the event recorded after its last copy (normally long done)."""
+
+    def __init__(self, template: dict[str, torch.Tensor], device: torch.device):
+        self.layout: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, t in template.items():
+            self.layout[name] = (offset, t.dtype, tuple(t.shape))
+            offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        self.num_bytes = max(offset, _ALIGN)
+        pinned = device.type == "cuda"
+        self.device_buffer = torch.zeros(self.num_bytes, dtype=torch.uint8, device=device)
+        self._host = [torch.zeros(self.num_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._next = 0
+        self.fields = self._views(self.device_buffer)
+        self._host_fields = [self._views(h) for h in self._host]
+
+    def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (offset, dtype, shape) in self.layout.items():
+            size = dtype.itemsize
+            numel = 1
+            for s in shape:
+                numel *= s
+            out[name] = buffer[offset: offset + numel * size].view(dtype).view(shape)
+        return out
+
+    def load(self, fields: dict[str, torch.Tensor]) -> None:
+        """Copy `fields` (CPU tensors of the template's shapes) into the device buffer: one H2D copy."""
+        i = self._next
+        self._next ^= 1
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        host = self._host_fields[i]
+        for name, t in fields.items():
+            host[name].copy_(t)
+        self.device_buffer.copy_(self._host[i], non_blocking=True)
+        if self.device_buffer.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[i] = event
+
+
+@dataclass
+class DecodeGraph:
+    shape: BatchShape
+    static: StaticFields
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [shape.batch, vocab] fp32, written by every replay
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one engine and the choice of graph for a step."""
+
+    def __init__(self, model: Transformer, pools: KVPools, rope: Callable, buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        if pools.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the pools are on {pools.device}")
+        g = pools.geometry
+        self.model, self.pools, self.rope = model, pools, rope
+        self.buckets = buckets_for(min(g.num_slots, g.max_batch_tokens), buckets)
+        self.max_pages = min(g.num_pages, -(-model.cfg.max_seq_len // g.page_size))
+        self._graphs: dict[BatchShape, DecodeGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.capture_s = 0.0
+
+    def shape_for(self, chunks: list[RequestChunk]) -> BatchShape | None:
+        """The graph shape for this step, or None when it must run eagerly."""
+        if not chunks or len(chunks) > self.buckets[-1] or any(len(c.token_ids) != 1 for c in chunks):
+            return None
+        pages = max(len(c.page_table) for c in chunks)
+        if pages > self.max_pages:
+            return None
+        batch = next(b for b in self.buckets if b >= len(chunks))
+        return BatchShape(batch, page_width_for(pages, self.max_pages))
+
+    def run(self, chunks: list[RequestChunk], shape: BatchShape) -> torch.Tensor:
+        """Logits `[len(chunks), vocab]` (a view of the graph's output, valid until its next replay)."""
+        graph = self._graphs.get(shape)
+        if graph is None:
+            log.info("capturing the decode graph for %s on first use", shape)
+            graph = self.capture(shape)
+        graph.static.load(host_fields(chunks, self.pools.geometry, shape))
+        graph.graph.replay()
+        return graph.logits[: len(chunks)]
+
+    def capture_all(self, max_context: int) -> None:
+        """Capture every bucket at every page width up to `max_context` tokens; log time and memory."""
+        widths = sorted({page_width_for(p, self.max_pages)
+                         for p in range(1, -(-max_context // self.pools.geometry.page_size) + 1)})
+        before, t0 = torch.cuda.memory_reserved(self.pools.device), time.perf_counter()
+        for width in reversed(widths):  # largest first: the smaller graphs reuse its pool memory
+            for batch in reversed(self.buckets):
+                self.capture(BatchShape(batch, width))
+        log.info("captured %d decode graphs (buckets %s, page widths %s) in %.1f s, %.1f MiB of graph memory",
+                 len(self._graphs), list(self.buckets), widths, time.perf_counter() - t0,
+                 (torch.cuda.memory_reserved(self.pools.device) - before) / 2**20)
+
+    def capture(self, shape: BatchShape) -> DecodeGraph:
+        t0 = time.perf_counter()
+        fields = host_fields([], self.pools.geometry, shape)  # all padding: writes nothing a request reads
+        static = StaticFields(fields, self.pools.device)
+        static.load(fields)
+        batch = assemble(static.fields, self.pools.geometry, [])
+        cache = PagedCache(batch, self.pools, self.rope)
+
+        def forward() -> torch.Tensor:
+            return self.model.forward_batch(batch.token_ids, batch.positions, cache, ids_checked=True)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: compile the kernels, fill the lazily built tables
+            forward()
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = forward()
+        torch.cuda.synchronize()
+        self._graphs[shape] = captured = DecodeGraph(shape, static, graph, logits)
+        self.capture_s += time.perf_counter() - t0
+        log.debug("captured the decode graph %s in %.2f s", shape, time.perf_counter() - t0)
+        return captured
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
