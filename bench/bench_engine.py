@@ -1,8 +1,14 @@
-"""Engine benchmark on one GPU (`bench` preset): decode tokens/s at several batch sizes with 4K-token
-contexts, prefill tokens/s at 8K, each decode step split into metadata, model and sampling time, and the
-state bytes per request next to what a dense-MLA model holds. Prints a markdown table.
+"""Engine benchmark on one GPU (`bench` preset): a decode step at several batch sizes with 4K-token contexts
+against its memory floor, and an 8K-token prefill against the bf16 matmul rate, both ceilings measured in
+the same run. Prints markdown tables.
 
-    python3 -P bench/bench_engine.py [--batches 1,16,64,128] [--context 4096] [--steps 16]
+Per batch: the step's wall time (engine.step(), synchronized), the GPU time of its forward alone (the
+captured graph replayed back to back, or the eager forward timed with events), the floor = (bytes of the
+weights the step reads once + the state rows it reads and writes) / the measured copy bandwidth, the step
+over the floor, the host share (the part of the step not covered by GPU work: (wall − GPU) / wall), and the
+launches a step makes (kernel and graph launches counted by the profiler).
+
+    python3 -P bench/bench_engine.py [--batches 1,8,32,64,128,256] [--context 4096] [--steps 20] [--eager]
 """
 
 from __future__ import annotations
@@ -12,50 +18,80 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from sparsepd.engine import batch as batch_module
-from sparsepd.engine import scheduler as scheduler_module
+from sparsepd.engine.batch import RequestChunk
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.pools import PoolConfig
+from sparsepd.engine.pools import INDEX_ROW_BYTES, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.engine.state_io import shipped_bytes
-from sparsepd.model.config import get_preset
+from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.weights import build_model
 
+_LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
-class StepClock:
-    """Wall time of build_batch (metadata) and of the scheduler's postprocess (sampling), per step."""
 
-    def __init__(self):
-        self.metadata: list[float] = []
-        self.sampling: list[float] = []
-        self._build = batch_module.build_batch
-        self._post = scheduler_module.Scheduler._postprocess
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted), median of 20."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(22):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[2:])
 
-    def install(self) -> None:
-        clock = self
 
-        def build(*a, **k):
-            t = time.perf_counter()
-            out = clock._build(*a, **k)
-            torch.cuda.synchronize()
-            clock.metadata.append(time.perf_counter() - t)
-            return out
+def matmul_rate() -> float:
+    """FLOP/s of a bf16 8192³ matmul, median of 20."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for _ in range(22):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192**3 / statistics.median(times[2:])
 
-        def post(self_, *a, **k):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = clock._post(self_, *a, **k)
-            clock.sampling.append(time.perf_counter() - t)
-            return out
 
-        import sparsepd.engine.runner as runner_module
-        runner_module.build_batch = build
-        scheduler_module.Scheduler._postprocess = post
+def weight_bytes(model, batch: int) -> tuple[int, int]:
+    """(bytes of the weights a decode step of `batch` tokens reads once, expert bytes among them): every
+    dense weight, the embedding rows of the batch, and per MoE layer the experts the batch is expected to
+    touch, E·(1 − (1 − k/E)^batch) of E (uniform routing)."""
+    cfg: ModelConfig = model.cfg
+    total = experts = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if name == "embed.weight":
+            total += batch * p.shape[1] * p.element_size()
+        elif ".ffn.experts." in name:
+            e, k = cfg.n_routed_experts, cfg.n_activated_experts
+            touched = e * (1 - (1 - k / e) ** batch) / e
+            experts += int(size * touched)
+        elif "tid2eid" not in name:
+            total += size
+    return total + experts, experts
 
-    def reset(self) -> None:
-        self.metadata.clear()
-        self.sampling.clear()
+
+def state_bytes(cfg: ModelConfig, context: int) -> int:
+    """Bytes of pool rows one request's decode token reads and writes in one step."""
+    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    row = cfg.head_dim * s
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += cfg.window * row + row  # window rows read, the new row written to the ring
+        if ratio == 4:
+            total += min(cfg.index_topk, context // 4) * row  # selected compressed rows
+            total += context // 4 * INDEX_ROW_BYTES  # the indexer scores every visible entry
+        elif ratio:
+            total += context // ratio * row
+    return total
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -63,16 +99,44 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (length,), generator=gen).tolist() for _ in range(n)]
 
 
-def decode_point(model, batch: int, context: int, steps: int, clock: StepClock) -> dict:
+def gpu_forward_ms(engine: Engine, work) -> float:
+    """Median GPU time of the step's forward alone: graph replays (or eager forwards) back to back."""
+    runner = engine.runner
+    graph = None
+    if runner.graphs is not None:
+        chunks = [RequestChunk(r.slot, r.num_computed, t, r.pages) for r, t in work]
+        runner.forward(work)  # loads this step's fields into the graph's buffers
+        graph = runner.graphs.get(runner.graphs.shape_for(chunks)).graph
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(5):
+            graph.replay() if graph is not None else runner.forward(work)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 5)
+    return statistics.median(times[2:])
+
+
+def launches_per_step(engine: Engine, steps: int = 3) -> float:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.key in _LAUNCH_NAMES) / steps
+
+
+def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, bandwidth: float) -> dict:
     cfg = model.cfg
-    pages = batch * (-(-(context + steps + 4) // cfg.page_size))
-    engine = Engine(model, PoolConfig(num_slots=batch, max_batch_tokens=8192, num_pages=pages))
-    params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
+    pages = batch * (-(-(context + steps + 16) // cfg.page_size))
+    engine = Engine(model, PoolConfig(num_slots=batch, max_batch_tokens=8192, num_pages=pages), cuda_graph=cuda_graph)
+    params = SamplingParams(max_new_tokens=steps + 12, ignore_eos=True)
     reqs = [engine.submit(p, params) for p in prompts(batch, context, cfg.vocab_size, seed=batch)]
     while any(r.prefilling or not r.output_ids for r in reqs):
         engine.step()
-    engine.step()  # one decode step to warm up
-    clock.reset()
+    for _ in range(2):  # warm up (captures this shape's graph)
+        engine.step()
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
@@ -80,13 +144,36 @@ def decode_point(model, batch: int, context: int, steps: int, clock: StepClock) 
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    step = statistics.median(times)
-    meta, samp = statistics.median(clock.metadata), statistics.median(clock.sampling)
+    step_ms = statistics.median(times) * 1e3
+    gpu_ms = gpu_forward_ms(engine, [(r, r.next_tokens(1)) for r in reqs])
+    launches = launches_per_step(engine)
     for r in reqs:
         engine.abort(r.request_id)
     assert engine.is_idle_and_empty()
-    return dict(batch=batch, step_ms=step * 1e3, tok_s=batch / step, meta_ms=meta * 1e3, sample_ms=samp * 1e3,
-                model_ms=(step - meta - samp) * 1e3)
+    w, experts = weight_bytes(model, batch)
+    floor_bytes = w + batch * state_bytes(cfg, context)
+    floor_ms = floor_bytes / bandwidth * 1e3
+    return dict(batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms, floor_ms=floor_ms,
+                floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms, launches=launches)
+
+
+def prefill_flops(cfg: ModelConfig, model, length: int) -> float:
+    """Matmul FLOPs of a prefill of `length` tokens: 2 · active weights · tokens + the attention products."""
+    active = 0
+    for name, p in model.named_parameters():
+        if name == "embed.weight" or "tid2eid" in name:
+            continue
+        if ".ffn.experts." in name:
+            active += p.numel() * cfg.n_activated_experts / cfg.n_routed_experts
+        else:
+            active += p.numel()
+    attn = 0
+    for ratio in cfg.compress_ratios:
+        keys = cfg.window + (cfg.index_topk if ratio == 4 else (length // ratio // 2 if ratio else 0))
+        attn += 4 * cfg.n_heads * cfg.head_dim * keys * length
+        if ratio == 4:
+            attn += 2 * cfg.index_n_heads * cfg.index_head_dim * (length // 4 // 2) * length
+    return 2 * active * length + attn
 
 
 def prefill_point(model, length: int) -> dict:
@@ -94,7 +181,7 @@ def prefill_point(model, length: int) -> dict:
     engine = Engine(model, PoolConfig(num_slots=1, max_batch_tokens=length, num_pages=-(-length // cfg.page_size) + 1))
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     times = []
-    for seed in range(3):
+    for seed in range(4):
         req = engine.submit(prompts(1, length, cfg.vocab_size, seed)[0], params)
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -102,39 +189,40 @@ def prefill_point(model, length: int) -> dict:
             engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return dict(length=length, ms=statistics.median(times[1:]) * 1e3, tok_s=length / statistics.median(times[1:]))
+    ms = statistics.median(times[1:]) * 1e3
+    return dict(length=length, ms=ms, tok_s=length / ms * 1e3, flops=prefill_flops(cfg, model, length))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batches", default="1,16,64,128")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=8192)
+    ap.add_argument("--eager", action="store_true", help="also run every batch without CUDA graphs")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("bench")
     t = time.perf_counter()
     model = build_model(cfg, seed=0, device="cuda")
-    print(f"# bench preset on {torch.cuda.get_device_name()}, built in {time.perf_counter() - t:.1f} s", flush=True)
-    clock = StepClock()
-    clock.install()
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    print(f"# bench preset on {torch.cuda.get_device_name()}, built in {time.perf_counter() - t:.1f} s; "
+          f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     pre = prefill_point(model, args.prefill)
-    print(f"prefill {pre['length']} tokens: {pre['ms']:.1f} ms = {pre['tok_s']:.0f} tokens/s", flush=True)
-    print("\n| batch | step ms | decode tokens/s | metadata ms | model ms | sampling ms | host share |")
-    print("|---|---|---|---|---|---|---|")
+    achieved = pre["flops"] / (pre["ms"] / 1e3)
+    print(f"prefill {pre['length']} tokens: {pre['ms']:.1f} ms = {pre['tok_s']:.0f} tokens/s, "
+          f"{achieved / 1e12:.0f} TFLOP/s = {achieved / rate:.0%} of the bf16 matmul rate", flush=True)
+    print(f"\ndecode at {args.context}-token contexts\n")
+    print("| mode | batch | step ms | decode tokens/s | GPU ms | floor ms (GB) | step / floor | host share | "
+          "launches / step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    modes = [("graph", True)] + ([("eager", False)] if args.eager else [])
     for b in (int(x) for x in args.batches.split(",")):
-        r = decode_point(model, b, args.context, args.steps, clock)
-        host = (r["meta_ms"] + r["sample_ms"]) / r["step_ms"]
-        print(f"| {b} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['meta_ms']:.2f} | {r['model_ms']:.2f} | "
-              f"{r['sample_ms']:.2f} | {host:.0%} |", flush=True)
-    print("\n| preset | context | state bytes per request | dense-MLA bytes (layers·L·576·2) | ratio |")
-    print("|---|---|---|---|---|")
-    for name in ("bench", "v4-flash"):
-        c = get_preset(name)
-        for length in (4096, 32768):
-            ours, mla = shipped_bytes(c, length), c.n_layers * length * 576 * 2
-            print(f"| {name} | {length} | {ours:,} | {mla:,} | {ours / mla:.3f} |")
+        for mode, graphs in modes:
+            r = decode_point(model, b, args.context, args.steps, graphs, bandwidth)
+            print(f"| {mode} | {b} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['gpu_ms']:.2f} | "
+                  f"{r['floor_ms']:.2f} ({r['floor_gb']:.2f}) | {r['step_ms'] / r['floor_ms']:.1f}× | "
+                  f"{r['host']:.0%} | {r['launches']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

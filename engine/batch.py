@@ -75,8 +75,8 @@ def check_chunks(chunks: list[RequestChunk], geometry: PoolGeometry, vocab_size:
     if sum(len(c.token_ids) for c in chunks) > geometry.max_batch_tokens:
         raise ValueError(f"{sum(len(c.token_ids) for c in chunks)} tokens exceed "
                          f"max_batch_tokens={geometry.max_batch_tokens}")
-    for c in chunks:
-        if c.token_ids and (min(c.token_ids) < 0 or max(c.token_ids) >= vocab_size):
+    for c in chunks:  # −1 is PENDING (engine/request.py): a token the runner takes from the device
+        if c.token_ids and (min(c.token_ids) < -1 or max(c.token_ids) >= vocab_size):
             raise ValueError(f"token ids must lie in the vocabulary [0, {vocab_size}), got min {min(c.token_ids)} "
                              f"max {max(c.token_ids)}")
 

@@ -27,6 +27,7 @@ class EngineConfig(BaseModel):
     pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
     graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
+    overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
 
     def resolve_model_config(self) -> ModelConfig:
         return (read_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
@@ -56,6 +57,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="of free GPU memory when neither --num-pages nor --kv-memory is given (default: 0.5)")
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (debugging; GPU only)")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="read each step's tokens before launching the next (no host/device overlap; debugging)")
     g.add_argument("--graph-max-context", type=int, default=8192,
                    help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
                         "are captured on first use (default: 8192)")
@@ -68,4 +71,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     pools = PoolConfig(num_slots=args.num_slots, max_batch_tokens=args.max_batch_tokens, num_pages=num_pages,
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
-                        pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context)
+                        pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context,
+                        overlap=args.overlap)

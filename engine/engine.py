@@ -20,13 +20,15 @@ from sparsepd.model.transformer import Transformer
 
 
 class Engine:
-    def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False):
-        """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py)."""
+    def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
+                 overlap: bool = False):
+        """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
+        overlap: launch each step before reading the previous step's tokens (engine/scheduler.py)."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
-        self.scheduler = Scheduler(self.runner)
+        self.scheduler = Scheduler(self.runner, overlap=overlap)
         self._ids = itertools.count()
 
     def capture_graphs(self, max_context: int) -> None:

@@ -126,13 +126,17 @@ class DecodeGraphs:
         batch = next(b for b in self.buckets if b >= len(chunks))
         return BatchShape(batch, page_width_for(pages, self.max_pages))
 
-    def run(self, chunks: list[RequestChunk], shape: BatchShape) -> torch.Tensor:
-        """Logits `[len(chunks), vocab]` (a view of the graph's output, valid until its next replay)."""
+    def run(self, chunks: list[RequestChunk], shape: BatchShape,
+            before_replay: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Logits `[len(chunks), vocab]` (a view of the graph's output, valid until its next replay).
+        `before_replay(token_ids)` may rewrite the loaded input tokens on the device first."""
         graph = self._graphs.get(shape)
         if graph is None:
             log.info("capturing the decode graph for %s on first use", shape)
             graph = self.capture(shape)
         graph.static.load(host_fields(chunks, self.pools.geometry, shape))
+        if before_replay is not None:
+            before_replay(graph.static.fields["token_ids"])
         graph.graph.replay()
         return graph.logits[: len(chunks)]
 
@@ -173,6 +177,10 @@ class DecodeGraphs:
         self.capture_s += time.perf_counter() - t0
         log.debug("captured the decode graph %s in %.2f s", shape, time.perf_counter() - t0)
         return captured
+
+    def get(self, shape: BatchShape) -> DecodeGraph | None:
+        """The captured graph of this shape, if any."""
+        return self._graphs.get(shape)
 
     @property
     def num_graphs(self) -> int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs
 
+PENDING = -1  # a token id the host does not know yet: the runner takes it from the device (engine/draw.py)
+
 
 @dataclass
 class Request:
@@ -19,6 +21,7 @@ class Request:
     num_computed: int = 0  # tokens whose KV is in the pools (= the position of the next token to feed)
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked for
+    num_pending: int = 0  # tokens sampled on the GPU whose values the host has not read yet (overlap)
 
     @property
     def max_len(self) -> int:

@@ -9,7 +9,7 @@ from sparsepd.engine.batch import RequestChunk, build_batch, check_chunks
 from sparsepd.engine.graphs import DecodeGraphs
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools
-from sparsepd.engine.request import Request
+from sparsepd.engine.request import PENDING, Request
 from sparsepd.model.numerics import rope_cos_sin
 from sparsepd.model.transformer import Transformer
 
@@ -21,6 +21,9 @@ class Runner:
         self.model, self.pools = model, pools
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(freqs) → cos, sin tables
         self.graphs = DecodeGraphs(model, pools, self.rope_tables) if cuda_graph else None
+        # Each slot's last sampled token on the device: a PENDING input token is read from here, so a step
+        # can be launched before the host has read the previous step's tokens (engine/draw.py).
+        self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -47,13 +50,37 @@ class Runner:
             with torch.cuda.device(self.pools.device):
                 self.graphs.capture_all(max_context)
 
+    def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
+        self.slot_tokens.index_copy_(0, _to_device(slots, self.pools.device), tokens)
+
     def _forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
         shape = self.graphs.shape_for(chunks) if self.graphs is not None else None
         if shape is not None:
-            return self.graphs.run(chunks, shape)
+            return self.graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
+        self._fill_pending(batch.token_ids, chunks)
         cache = PagedCache(batch, self.pools, self.rope_tables)
         return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows,
                                         ids_checked=True)
+
+    def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
+        """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""
+        rows, slots, row = [], [], 0
+        for c in chunks:
+            rows += [row + j for j, t in enumerate(c.token_ids) if t == PENDING]
+            slots += [c.slot for t in c.token_ids if t == PENDING]
+            row += len(c.token_ids)
+        if rows:
+            index = _to_device([rows, slots], self.pools.device)  # [2, n]
+            token_ids.index_copy_(0, index[0], self.slot_tokens[index[1]])
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Small host ints to the device without a sync (from pinned memory on CUDA)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

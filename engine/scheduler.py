@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections import deque
 
+import torch
+
+from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import Request, StepOutput
+from sparsepd.engine.request import PENDING, Request, StepOutput
 from sparsepd.engine.runner import Runner
-from sparsepd.engine.sampling import finish_reason, token_logprobs
+from sparsepd.engine.sampling import finish_reason
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, max_batch_tokens: int | None = None):
+    def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False):
         self.runner, self.pools = runner, runner.pools
         self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
         if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
@@ -26,6 +29,8 @@ class Scheduler:
                              f"{runner.pools.geometry.max_batch_tokens}")
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.overlap = overlap
+        self._in_flight: InFlightStep | None = None  # launched, not yet read (overlap only)
 
     # --- receive ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -60,12 +65,16 @@ class Scheduler:
 
     # --- schedule, run, postprocess ---------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One step. With overlap, this step's forward and sampling are launched before the previous step's
+        results are read (they are usually ready by then), so the host work of a step hides behind the GPU;
+        the outputs returned are the previous step's."""
         self._admit()
         scheduled = self._schedule()
-        if not scheduled:
-            return []
-        logits = self.runner.forward([(r, tokens) for r, tokens in scheduled])
-        return self._postprocess(scheduled, logits)
+        launched = self._launch(scheduled) if scheduled else None
+        if not self.overlap:
+            return self._postprocess(launched) if launched is not None else []
+        previous, self._in_flight = self._in_flight, launched
+        return self._postprocess(previous) if previous is not None else []
 
     def _admit(self) -> None:
         while self.waiting:
@@ -101,10 +110,20 @@ class Scheduler:
         self._release(request)
 
     def _schedule(self) -> list[tuple[Request, list[int]]]:
+        """Every decoding request one token (PENDING when it is the one still being sampled on the GPU), then
+        prefill chunks (oldest first) with the rest of the budget. A request whose next token is its last
+        (max_new_tokens, counting the one in flight) is not scheduled: it finishes when that one is read."""
         budget = self.max_batch_tokens
-        decoding = [r for r in self.running if not r.prefilling]
-        out = [(r, r.next_tokens(1)) for r in decoding[:budget]]
-        budget -= len(out)
+        out = []
+        for r in self.running:
+            if budget == 0:
+                break
+            if r.prefilling or r.finish_reason is not None:
+                continue
+            if len(r.output_ids) + r.num_pending >= r.params.max_new_tokens:
+                continue
+            out.append((r, [PENDING] if r.num_pending else r.next_tokens(1)))
+            budget -= 1
         for r in self.running:
             if r.prefilling and budget > 0:
                 tokens = r.next_tokens(budget)
@@ -112,23 +131,45 @@ class Scheduler:
                 budget -= len(tokens)
         return out
 
-    def _postprocess(self, scheduled: list[tuple[Request, list[int]]], logits) -> list[StepOutput]:
+    def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
+        """Run the forward and sample on the device; start the copy of the sampled tokens to the host."""
+        logits = self.runner.forward(scheduled)
+        rows, sampling = [], []
+        for i, (request, tokens) in enumerate(scheduled):
+            request.num_computed += len(tokens)
+            if request.num_computed >= request.num_known + request.num_pending:
+                rows.append(i)
+                sampling.append(request)
+        if not sampling:
+            return InFlightStep(scheduled, [], None)
+        if len(rows) < logits.shape[0]:
+            logits = logits[torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)]
+        eos = self.runner.model.cfg.eos_id
+        table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
+        drawn = draw(logits, table, self.runner.pools.device)
+        self.runner.remember_tokens([r.slot for r in sampling], drawn.tokens)
+        for r in sampling:
+            r.num_pending += 1
+        return InFlightStep(scheduled, sampling, drawn.to_host())
+
+    def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
+        if not step.sampled:
+            return []
         eos = self.runner.model.cfg.eos_id
         outputs = []
-        greedy = logits.argmax(-1).tolist() if any(r.params.greedy for r, _ in scheduled) else []  # one sync
-        for i, ((request, tokens), row) in enumerate(zip(scheduled, logits, strict=True)):
-            request.num_computed += len(tokens)
-            if request.num_computed < request.num_known:
-                continue  # a prefill chunk that is not the last one
-            params = request.params
-            banned = params.banned(len(request.output_ids), eos)
-            token = greedy[i] if params.greedy and not banned else request.sampler.sample(row, banned)
-            logprobs = token_logprobs(row, token, params.top_logprobs) if params.wants_logprobs else None
+        tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
+        for i, request in enumerate(step.sampled):
+            request.num_pending -= 1
+            if request.finish_reason is not None or request.slot is None:
+                continue  # finished or aborted while this step ran: its token is dropped
+            params, token = request.params, tokens[i]
+            request.sampler.advance()
             request.output_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs)
+            lp = logprobs[i] if logprobs is not None else None
+            if lp is not None:
+                request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason, logprobs))
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp))
             if request.finish_reason is not None:
                 self._release(request)
         self.running = [r for r in self.running if r.finish_reason is None]

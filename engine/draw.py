@@ -1,0 +1,98 @@
+"""Drawing a step's tokens on the device and reading them on the host once.
+
+`draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
+a plain argmax when every row is greedy with nothing banned and no log-probabilities wanted), and
+`Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
+log-probabilities) into pinned host memory. `HostDraw.result()` waits for that copy: the one host sync of
+a step, which with the scheduler's overlap happens after the next step is already queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsepd.engine.sampling import SamplingParams, Sampler, TokenLogprobs, sampling_tensors
+from sparsepd.kernels.sampling import sample_batch
+
+
+@dataclass
+class HostDraw:
+    tokens: torch.Tensor  # [B] int64, pinned on CUDA
+    floats: torch.Tensor | None  # [B, 1 + N] logprob, top logprobs
+    top_ids: torch.Tensor | None  # [B, N]
+    event: torch.cuda.Event | None
+
+    def result(self) -> tuple[list[int], list[TokenLogprobs] | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        tokens = self.tokens.tolist()
+        if self.floats is None:
+            return tokens, None
+        floats, ids = self.floats.tolist(), self.top_ids.tolist()
+        return tokens, [TokenLogprobs(f[0], tuple(i), tuple(f[1:])) for f, i in zip(floats, ids, strict=True)]
+
+
+@dataclass
+class Drawn:
+    tokens: torch.Tensor  # [B] int64 on the device
+    logprobs: torch.Tensor | None  # [B] fp32
+    top_ids: torch.Tensor | None  # [B, N] int64
+    top_logprobs: torch.Tensor | None  # [B, N] fp32
+    wants_logprobs: list[bool]
+    top_n: list[int]
+
+    def to_host(self) -> HostDraw:
+        cuda = self.tokens.is_cuda
+        tokens = torch.empty(self.tokens.shape, dtype=torch.int64, pin_memory=cuda)
+        tokens.copy_(self.tokens, non_blocking=True)
+        floats = ids = None
+        if any(self.wants_logprobs):
+            f = torch.cat([self.logprobs[:, None], self.top_logprobs], dim=1)
+            floats = torch.empty(f.shape, dtype=f.dtype, pin_memory=cuda)
+            floats.copy_(f, non_blocking=True)
+            ids = torch.empty(self.top_ids.shape, dtype=torch.int64, pin_memory=cuda)
+            ids.copy_(self.top_ids, non_blocking=True)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        host = HostDraw(tokens, floats, ids, event)
+        if floats is not None:
+            host = _PerRowLogprobs(host, self.wants_logprobs, self.top_n)
+        return host
+
+
+class _PerRowLogprobs(HostDraw):
+    """Log-probabilities only for the rows that asked, each with its own top-N."""
+
+    def __init__(self, inner: HostDraw, wants: list[bool], top_n: list[int]):
+        super().__init__(inner.tokens, inner.floats, inner.top_ids, inner.event)
+        self.wants, self.top_n = wants, top_n
+
+    def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        tokens, lps = super().result()
+        return tokens, [TokenLogprobs(lp.logprob, lp.top_ids[:n], lp.top_logprobs[:n]) if want else None
+                        for lp, want, n in zip(lps, self.wants, self.top_n, strict=True)]
+
+
+@dataclass
+class InFlightStep:
+    """A launched step: what it ran, which requests sample in it (in row order), their tokens on the way."""
+
+    scheduled: list
+    sampled: list
+    host: HostDraw | None
+
+
+def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, int]],
+         device: torch.device) -> Drawn:
+    """Sample one token per row of logits `[B, V]` fp32; rows: (params, sampler, tokens drawn, eos id)."""
+    wants = [p.wants_logprobs for p, *_ in rows]
+    top_n = [p.top_logprobs for p, *_ in rows]
+    plain = not any(wants) and all(p.greedy and not p.banned(n, eos) for p, _, n, eos in rows)
+    if plain:  # the common greedy case: one argmax kernel
+        return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
+    out = sample_batch(logits, sampling_tensors(rows, device))
+    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n)
