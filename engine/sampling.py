@@ -2,20 +2,29 @@
 log-probabilities.
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
-the allowed range). `Sampler` owns a request's random generator, seeded from the request's seed, so the
-same seed gives the same tokens; its state is a byte string that can be shipped and restored.
+the allowed range). The draw itself is `kernels/sampling.py` (batched, on the device, counter-based random
+stream): `Sampler` draws one request's tokens with it on the CPU and holds the request's seed and how many
+tokens it drew (a 16-byte state that can be shipped and restored); `sampling_tensors` builds the batched
+path's inputs. The same seed gives the same tokens on either path, whatever the batch.
 """
 
 from __future__ import annotations
 
+import secrets
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sparsepd.kernels.sampling import MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, filter_probs, sample_batch
+
+__all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
+           "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
+
 FinishReason = Literal["stop", "length"]
-MAX_TOP_LOGPROBS = 20
 
 
 class SamplingParams(BaseModel):
@@ -66,50 +75,75 @@ class SamplingParams(BaseModel):
 
 
 class Sampler:
-    """Draws one request's tokens; deterministic for a given seed (or greedy)."""
+    """Draws one request's tokens: the k-th token (k = 0, 1, …) comes from the random stream of (seed, k).
+
+    The state is (seed, tokens drawn so far), shipped as 16 bytes. One definition of a draw: `sample` is a
+    one-row `kernels.sampling.sample_batch`, so the batched path (counter = output length) gives the same
+    tokens for the same seed and logits.
+    """
+
+    STATE_BYTES = 16  # seed, tokens drawn: little-endian uint64 each
 
     def __init__(self, params: SamplingParams, vocab_size: int):
         bad = [t for t in params.stop_token_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"stop token ids {bad} are outside the vocabulary [0, {vocab_size})")
         self.params = params
-        self.generator = torch.Generator()
-        self.generator.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.num_drawn = 0
 
     def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = ()) -> int:
-        """One token from logits `[vocab]`, never one of `banned`."""
-        p = self.params
-        logits = logits.float().cpu()
-        if banned:
-            logits = logits.clone()
-            logits[list(banned)] = float("-inf")
-        if p.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        probs = filter_probs(probs, p.top_k, p.top_p, p.min_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        """One token from logits `[vocab]`, never one of `banned` (on the CPU)."""
+        row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
+        params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
+        params.want_top_logprobs = 0
+        token = int(sample_batch(row, params).tokens[0])
+        self.num_drawn += 1
+        return token
+
+    def advance(self, num_tokens: int = 1) -> None:
+        """Count tokens drawn for this request by the batched path, so that the shipped state is current."""
+        self.num_drawn += num_tokens
 
     def get_state(self) -> bytes:
-        return bytes(self.generator.get_state().numpy().tobytes())
+        return struct.pack("<QQ", self.seed, self.num_drawn)
 
     def set_state(self, state: bytes) -> None:
-        self.generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        if not isinstance(state, bytes | bytearray) or len(state) != self.STATE_BYTES:
+            got = f"{len(state)} bytes" if isinstance(state, bytes | bytearray) else type(state).__name__
+            raise ValueError(f"sampler state: expected {self.STATE_BYTES} bytes (seed, tokens drawn), got {got}")
+        seed, num_drawn = struct.unpack("<QQ", state)
+        if seed >= 2**63 or num_drawn >= 2**63:
+            raise ValueError(f"sampler state: seed {seed} and tokens drawn {num_drawn} must be < 2**63")
+        self.seed, self.num_drawn = seed, num_drawn
 
 
-def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Zero the tokens outside top-k, outside the top-p nucleus, and below min_p · max; renormalise."""
-    if top_k > 0:
-        kth = torch.topk(probs, min(top_k, probs.shape[-1])).values[-1]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of the tokens ranked above
-        keep_sorted = before < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
-    if min_p > 0.0:
-        probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
-    return probs / probs.sum()
+def sampling_tensors(rows: Sequence[tuple[SamplingParams, Sampler, int, int]],
+                     device: torch.device | str) -> SamplingTensors:
+    """`sample_batch`'s inputs for rows of (params, sampler, n_generated, eos_id).
+
+    counter = n_generated; banned = params.banned(n_generated, eos_id); N = the most top_logprobs any row
+    wants; the host-side promises (all greedy, top-k/top-p used) from the params. Built on the host as one
+    float and one int tensor, each copied once (pinned, non-blocking on CUDA).
+    """
+    return _sampling_tensors([(p, s.seed, n, p.banned(n, eos)) for p, s, n, eos in rows], torch.device(device))
+
+
+def _sampling_tensors(rows: list[tuple[SamplingParams, int, int, list[int]]], device: torch.device) -> SamplingTensors:
+    """From rows of (params, seed, counter, banned ids)."""
+    B, width = len(rows), max([1, *(len(banned) for *_, banned in rows)])
+    floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p, *_ in rows], dtype=torch.float32)
+    ints = torch.tensor([[p.top_k, seed, counter, *banned, *[-1] * (width - len(banned))]
+                         for p, seed, counter, banned in rows], dtype=torch.int64)
+    floats, ints = floats.reshape(B, 3), ints.reshape(B, 3 + width)  # [B, 3], [B, 3 + M]
+    if device.type == "cuda":
+        floats = floats.pin_memory().to(device, non_blocking=True)
+        ints = ints.pin_memory().to(device, non_blocking=True)
+    return SamplingTensors(temperature=floats[:, 0], top_k=ints[:, 0].to(torch.int32), top_p=floats[:, 1],
+                           min_p=floats[:, 2], seed=ints[:, 1], counter=ints[:, 2], ban_ids=ints[:, 3:],
+                           want_top_logprobs=max([0, *(p.top_logprobs for p, *_ in rows)]),
+                           all_greedy=all(p.greedy for p, *_ in rows),
+                           uses_top_k_or_p=any(not p.greedy and (p.top_k > 1 or p.top_p < 1.0) for p, *_ in rows))
 
 
 @dataclass(frozen=True)
