@@ -28,10 +28,11 @@ Kernels (hc_pre and hc_head: two launches; hc_post: one):
                 weighted collapse of its dim block; the first dim block writes post and comb.
   _post_kernel  grid (tokens, dim blocks): y = post·f + comb^T·x for one dim block.
 
-Measured on an H200 (dim 4096, hc 4, bf16 x, CUDA-graph replay; the torch reference on the GPU in brackets):
-hc_pre 8.6 µs (205) at n=1, 20 µs (332) at n=256, 383 µs (2308) at n=8192 with the IEEE GEMM of an earlier
-version (bf16x6 brings the GEMM from 277 to 163 µs); hc_post 1.8 µs (14), 5.5 µs (124), 190 µs (3635) with
-4 warps (one warp: 157 µs; the copy floor is 140 µs).
+Measured on an H200 (dim 4096, hc 4, bf16 x, CUDA-graph replay; the same call through the torch reference
+on the GPU in brackets; floor = bytes moved at 4.3 TB/s):
+    n=1:    hc_pre 9.3 µs (211), hc_post 1.9 µs (14),  hc_head 6.0 µs (28)     floor 0.4 µs
+    n=256:  hc_pre 16 µs (334),  hc_post 5.4 µs (126), hc_head 11 µs (104)     floor 4.8 µs
+    n=8192: hc_pre 256 µs (2334), hc_post 160 µs (3694), hc_head 216 µs (2073) floor 141 µs
 
 The reference (`*_ref`) is the model's CPU path, bit for bit as before it moved here: the GEMM pads small
 inputs to MIN_ROWS rows and sigmoid/softmax go through float64 on the CPU (batch invariance, see
