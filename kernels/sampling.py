@@ -30,8 +30,12 @@ the rest is PyTorch vectorized over the batch (one stable sort per row serves to
 Limits: w has 32 bits, so E ∈ [1.2e-10, 22.9]: a kept token whose p is below ~1e-10 of the winning p/E
 cannot win (a bias below V·1e-10 of probability mass). Results on CPU and GPU are equal except where two
 candidates' p/E lie within rounding of each other (softmax, cumsum and log differ in the last bits).
-A row whose every token is banned, or with NaN logits, gives an unspecified token. Cost (H200, 129,280
-tokens, eager): see the measurements in the commit; the full-row sort dominates once the stream is fused.
+A row whose every token is banned, or with NaN logits, gives an unspecified token.
+
+Cost (H200, V = 129,280, mixed parameters, 2026-11-30): B = 1: 261 µs in a CUDA graph (1.2 ms eager, launch
+bound); B = 64: 1.6 ms; B = 256: 5.0 ms, of which the stable sort is 2.4 ms and the rest of the top-k/top-p
+mask 1.3 ms, the random stream 0.13 ms. The host-side promises cut B = 256 to 0.72 ms (all greedy) and
+1.5 ms (no top-k/top-p, no sort). A sort-free top-k/top-p (threshold search as in kernels/topk.py) is next.
 """
 
 from __future__ import annotations
