@@ -1,0 +1,313 @@
+"""kernels/moe.py: the sync-free dispatch and the grouped expert GEMMs against an fp64 reference.
+
+On CPU the kernels run in the Triton interpreter at small shapes with fp32/fp16 inputs (the interpreter has
+no bf16 dot); with SPARSEPD_TEST_GPU=1 the GPU tests run bf16 at the `bench` preset's MoE shapes, and the
+MoE module's forward is captured in a CUDA graph and replayed.
+"""
+
+import os
+
+import pytest
+import torch
+
+from sparsepd.kernels.moe import MoEConfig, build_dispatch, build_dispatch_ref, dispatch_capacity, moe, moe_ref
+from sparsepd.model import moe as moe_module
+from sparsepd.model.config import get_preset
+from sparsepd.model.moe import Gate, MoE
+
+ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
+needs_gpu = pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available(),
+                               reason="needs a CUDA device and SPARSEPD_TEST_GPU=1")
+
+# Relative error bounds vs fp64 (max abs error over max |y|), on top of "no worse than 2× the reference's own
+# error in the same dtype".
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+SMALL = dict(E=8, k=2, dim=64, inter=48)  # the `tiny` preset's MoE
+CONFIGS = [MoEConfig(16, 32, 32), MoEConfig(32, 16, 64, num_warps=2)]  # masked n and k tails at dim 64, inter 48
+
+
+def make_weights(seed, E, dim, inter, dtype, device, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * inter, dim, generator=g) * (scale / dim**0.5)
+    w2 = torch.randn(E, dim, inter, generator=g) / inter**0.5
+    return w13.to(device, dtype), w2.to(device, dtype)
+
+
+def make_routing(seed, T, cfg, routing, device):
+    """x and the `Gate`'s (weights, indices): hash layer (indices from tid2eid) or biased top-k."""
+    g = torch.Generator().manual_seed(seed)
+    gate = Gate(cfg, layer_id=0 if routing == "hash" else cfg.n_hash_layers, dtype=torch.float32)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) / cfg.dim**0.5)
+        if routing == "hash":
+            gate.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)
+                               .argsort(-1)[:, : cfg.n_activated_experts])
+        else:
+            gate.bias.copy_(torch.randn(cfg.n_routed_experts, generator=g))
+    x = torch.randn(T, cfg.dim, generator=g)
+    token_ids = torch.randint(0, cfg.vocab_size, (T,), generator=g)
+    gate = gate.to(device)
+    weights, indices = gate(x.to(device), token_ids.to(device))
+    return x.to(device), weights, indices
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_fp64(got, x, weights, indices, w13, w2, limit, what):
+    """got (fp32 [T, dim]) vs moe_ref in fp64; the bound is relative to moe_ref's own error in x's dtype."""
+    truth = moe_ref(x.double(), weights.double(), indices, w13.double(), w2.double(), limit)
+    same_dtype = moe_ref(x, weights, indices, w13, w2, limit)
+    err, ref_err = rel_err(got, truth), rel_err(same_dtype, truth)
+    assert torch.isfinite(got).all(), f"{what}: non-finite output at {(~torch.isfinite(got)).nonzero()[:5].tolist()}"
+    worst = (got.double() - truth).abs().flatten().argmax().item()
+    assert err <= 2 * ref_err + 1e-6 and err <= TOL[x.dtype], (
+        f"{what}: relative error {err:.3g} (reference in {x.dtype}: {ref_err:.3g}); worst [t, d] = "
+        f"{divmod(worst, got.shape[1])}: got {got.flatten()[worst].item()}, want {truth.flatten()[worst].item()}")
+    return truth
+
+
+def run_poisoned(x, weights, indices, w13, w2, limit, config=None):
+    """The Triton path with a NaN-poisoned per-pair buffer: every (token, slot) row must be written."""
+    T, k = indices.shape
+    out = torch.full((T, k, x.shape[1]), float("nan"), dtype=torch.float32, device=x.device)
+    y = moe(x, weights, indices, w13, w2, limit, out=out, backend="triton", config=config)
+    missing = (~torch.isfinite(out)).any(-1).nonzero()
+    assert missing.numel() == 0, f"(token, slot) rows left unwritten: {missing[:8].tolist()}"
+    return y, out
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+def check_dispatch(plan, indices, E):
+    T, k = indices.shape
+    block_m = plan.block_m
+    capacity = dispatch_capacity(T * k, E, block_m)
+    assert plan.sorted_pairs.shape == (capacity,) and plan.sorted_pairs.dtype == torch.int32
+    assert plan.block_expert.shape == (capacity // block_m,) and plan.block_expert.dtype == torch.int32
+    pairs, blocks = plan.sorted_pairs.cpu(), plan.block_expert.cpu()
+    flat = indices.reshape(-1).cpu().long()
+    real = pairs[pairs >= 0].long()
+    assert torch.equal(real.sort().values, torch.arange(T * k)), "every (token, slot) pair exactly once"
+    row_expert = blocks.repeat_interleave(block_m)
+    assert torch.equal(flat[real], row_expert[pairs >= 0].long()), "a row sits in a block of another expert"
+    counts = torch.bincount(flat, minlength=E)
+    n_blocks = int(((counts + block_m - 1) // block_m).sum())
+    assert (blocks[:n_blocks] >= 0).all() and (blocks[n_blocks:] == -1).all()
+    assert (pairs[n_blocks * block_m:] == -1).all(), "rows past the last group must be padding"
+    assert torch.equal(blocks[:n_blocks], blocks[:n_blocks].sort().values), "groups in expert order"
+    for e in flat.unique().tolist():
+        group = pairs[row_expert == e]
+        n = int(counts[e])
+        assert (group[:n] >= 0).all() and (group[n:] == -1).all(), f"expert {e}: padding before its rows"
+        assert torch.equal(group[:n], group[:n].sort().values), f"expert {e}: not in token order"
+    return plan
+
+
+def make_indices(seed, T, k, E):
+    """Three routings: distinct experts per token, every token on experts 0..k-1 (groups longer than a block),
+    and clustered ids (repeats within a token, empty experts)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"spread": torch.rand(T, E, generator=g).argsort(-1)[:, :k],
+            "skewed": torch.arange(k).repeat(T, 1),
+            "clustered": torch.randint(0, max(1, E // 4), (T, k), generator=g)}
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("T, k, E", [(1, 1, 8), (3, 2, 8), (17, 2, 8), (2**6 + 17, 6, 16), (300, 6, 256)])
+def test_dispatch_ref_pairs_once_and_shapes_fixed(T, k, E, block_m):
+    routings = make_indices(T * 100 + k * 10 + E, T, k, E)
+    shapes = {tuple(check_dispatch(build_dispatch_ref(idx, E, block_m), idx, E).sorted_pairs.shape)
+              for idx in (*routings.values(), routings["spread"].to(torch.int32))}
+    assert shapes == {(dispatch_capacity(T * k, E, block_m),)}
+
+
+@pytest.mark.parametrize("max_chunk", [16, 2048])  # many chunks (a counting launch first), or one
+@pytest.mark.parametrize("T, k, E, block_m", [(1, 1, 8, 16), (3, 2, 8, 16), (17, 2, 8, 64), (21, 6, 16, 16),
+                                              (5, 6, 256, 32)])
+def test_dispatch_triton_equals_ref(T, k, E, block_m, max_chunk, device):
+    for name, idx in make_indices(T * 100 + k * 10 + E, T, k, E).items():
+        idx = idx.to(device)
+        if name == "clustered":
+            idx = idx.to(torch.int32).t().contiguous().t()  # int32, strided: read in place
+        want = build_dispatch_ref(idx, E, block_m)
+        got = check_dispatch(build_dispatch(idx, E, block_m, backend="triton", max_chunk=max_chunk), idx, E)
+        for field in ("sorted_pairs", "block_expert"):
+            a, b = getattr(got, field).cpu(), getattr(want, field).cpu()
+            bad = (a != b).nonzero().flatten()
+            assert bad.numel() == 0, f"{name} T={T} k={k} E={E} bm={block_m}: {field} differs at {bad[:8].tolist()}"
+
+
+def test_dispatch_needs_no_values():
+    """Built from shapes alone (meta tensors hold no data): nothing reads a value on the host."""
+    plan = build_dispatch_ref(torch.empty(37, 6, dtype=torch.int64, device="meta"), 16, 16)
+    assert plan.sorted_pairs.shape == (dispatch_capacity(37 * 6, 16, 16),)
+    assert plan.block_expert.shape == (dispatch_capacity(37 * 6, 16, 16) // 16,)
+
+
+# --- grouped GEMMs in the interpreter --------------------------------------------------------------
+@pytest.mark.parametrize("routing", ["topk", "hash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_matches_reference(T, dtype, routing, device):
+    cfg = get_preset("tiny")
+    seed = T * 10 + (routing == "hash")
+    x, weights, indices = make_routing(seed, T, cfg, routing, device)
+    w13, w2 = make_weights(seed, SMALL["E"], SMALL["dim"], SMALL["inter"], dtype, device)
+    x = x.to(dtype)
+    y, out = run_poisoned(x, weights, indices, w13, w2, cfg.swiglu_limit, config=CONFIGS[T % 2])
+    check_against_fp64(y, x, weights, indices, w13, w2, cfg.swiglu_limit, f"seed={seed} T={T} {dtype} {routing}")
+    for j in range(indices.shape[1]):  # each slot's output at its own (token, slot) row
+        check_against_fp64(out[:, j], x, weights[:, j:j + 1], indices[:, j:j + 1], w13, w2, cfg.swiglu_limit,
+                           f"seed={seed} T={T} {dtype} {routing} slot {j}")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_experts_with_more_rows_than_a_block(config, device):
+    """All 40 tokens on experts 3 and 5: each group spans several blocks, the last one partly padding."""
+    T, E, k = 40, SMALL["E"], SMALL["k"]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, SMALL["dim"], generator=g).to(device)
+    indices = torch.tensor([[3, 5]] * T, device=device)
+    weights = torch.rand(T, k, generator=g).to(device)
+    w13, w2 = make_weights(7, E, SMALL["dim"], SMALL["inter"], torch.float32, device)
+    y, _ = run_poisoned(x, weights, indices, w13, w2, 10.0, config=config)
+    check_against_fp64(y, x, weights, indices, w13, w2, 10.0, f"skewed {config}")
+
+
+@pytest.mark.parametrize("limit", [10.0, 0.0])
+def test_swiglu_clamp(limit, device):
+    """Weights 20× larger push most gate/up values past the limit: the clamp must bite, and match."""
+    T, cfg = 17, get_preset("tiny")
+    x, weights, indices = make_routing(3, T, cfg, "topk", device)
+    w13, w2 = make_weights(3, SMALL["E"], SMALL["dim"], SMALL["inter"], torch.float32, device, scale=20.0)
+    inter = SMALL["inter"]
+    pre = torch.einsum("td,tjnd->tjn", x.double(), w13[indices].double())  # [T, k, 2·inter]
+    assert (pre[..., inter:].abs() > 10.0).float().mean() > 0.5 and (pre[..., :inter] > 10.0).any()
+    clamped = moe_ref(x.double(), weights.double(), indices, w13.double(), w2.double(), 10.0)
+    free = moe_ref(x.double(), weights.double(), indices, w13.double(), w2.double(), 0.0)
+    assert rel_err(clamped, free) > 0.1, "the clamp does not change the result: the test would not see it"
+    y, _ = run_poisoned(x, weights, indices, w13, w2, limit, config=CONFIGS[0])
+    truth = check_against_fp64(y, x, weights, indices, w13, w2, limit, f"limit={limit}")
+    assert torch.equal(truth, clamped if limit > 0 else free)
+
+
+@pytest.mark.parametrize("limit", [10.0, 0.0])
+def test_nan_input_is_not_hidden(limit, device):
+    """A NaN in x reaches that token's output, through the clamp too (a masked or clamped row would hide it)."""
+    T, cfg = 3, get_preset("tiny")
+    x, weights, indices = make_routing(5, T, cfg, "topk", device)
+    w13, w2 = make_weights(5, SMALL["E"], SMALL["dim"], SMALL["inter"], torch.float32, device)
+    x[1, 7] = float("nan")
+    y = moe(x, weights, indices, w13, w2, limit, backend="triton", config=CONFIGS[0])
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_bad_inputs_are_refused():
+    x = torch.zeros(3, 64)
+    w13, w2 = make_weights(0, 8, 64, 48, torch.float32, "cpu")
+    idx, wts = torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="w2 must be"):
+        moe(x, wts, idx, w13, w2[:, :, :40], 10.0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        moe(x.half(), wts, idx, w13, w2, 10.0)
+    with pytest.raises(ValueError, match="out must be"):
+        moe(x, wts, idx, w13, w2, 10.0, out=torch.zeros(3, 2, 63))
+    with pytest.raises(ValueError, match="power of two"):
+        moe(x, wts, idx, w13, w2, 10.0, backend="triton", config=MoEConfig(16, 24, 32))
+
+
+# --- the module --------------------------------------------------------------------------------
+def fill_moe(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("tid2eid"):
+                p.copy_(torch.rand(p.shape[0], module.gate.weight.shape[0], generator=g).argsort(-1)[:, : p.shape[1]])
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return module
+
+
+def test_module_stacks_weights_once_as_views(monkeypatch, device):
+    """The Triton branch of MoE.forward (forced on the CPU): the stacked weights become the parameters' storage
+    (state_dict and in-place loads still work), and the result matches the per-expert loop."""
+    cfg = get_preset("tiny")
+    module = fill_moe(MoE(cfg, layer_id=1), seed=1).to(device)
+    x = torch.randn(17, cfg.dim, generator=torch.Generator().manual_seed(2)).to(device)
+    token_ids = torch.arange(17, device=device)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    monkeypatch.setenv("SPARSEPD_FORCE_REFERENCE", "1")
+    want = module(x, token_ids)
+    assert module._stacked is None, "the loop path must not stack"
+    monkeypatch.setattr(moe_module, "pick_backend", lambda *_: "triton")
+    got = module(x, token_ids)
+    w13, w2 = module._stacked
+    assert module.stacked_weights()[0] is w13, "built once"
+    after = module.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert module.experts[2].w3.weight.data_ptr() == w13[2, cfg.moe_inter_dim:].data_ptr()
+    assert module.experts[7].w2.weight.data_ptr() == w2[7].data_ptr()
+    assert rel_err(got, want) < TOL[torch.float32], rel_err(got, want)
+    module.load_state_dict({**before, "experts.4.w1.weight": torch.ones_like(before["experts.4.w1.weight"])})
+    assert (w13[4, : cfg.moe_inter_dim] == 1).all(), "an in-place load reaches the stacked copy"
+
+
+def test_cpu_forward_unchanged_by_stacking():
+    """The CPU path is the per-expert loop, bit for bit, also once the parameters are views."""
+    cfg = get_preset("tiny")
+    module = fill_moe(MoE(cfg, layer_id=0), seed=3)
+    x = torch.randn(9, cfg.dim, generator=torch.Generator().manual_seed(4))
+    token_ids = torch.arange(9) * 13
+    want = module(x, token_ids)
+    module.stacked_weights()
+    assert torch.equal(module(x, token_ids), want)
+
+
+# --- GPU: the bench preset's shapes, and a CUDA graph ----------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("routing", ["topk", "hash"])
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_bench_shapes_bf16_on_gpu(T, routing):
+    cfg = get_preset("bench")
+    seed = T + (routing == "hash")
+    x, weights, indices = make_routing(seed, T, cfg, routing, "cuda")
+    w13, w2 = make_weights(seed, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, torch.bfloat16, "cuda",
+                           scale=8.0)  # the clamp bites on some values
+    x = x.to(torch.bfloat16)
+    y, _ = run_poisoned(x, weights, indices, w13, w2, cfg.swiglu_limit)
+    check_against_fp64(y, x, weights, indices, w13, w2, cfg.swiglu_limit, f"seed={seed} T={T} {routing}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("layer_id", [0, 1])  # hash routing, biased top-k
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_module_cuda_graph_replay_equals_eager(T, layer_id):
+    with torch.inference_mode():
+        graph_replay_equals_eager(T, layer_id)
+
+
+def graph_replay_equals_eager(T, layer_id):
+    cfg = get_preset("bench")
+    module = fill_moe(MoE(cfg, layer_id), seed=layer_id).to("cuda")
+    g = torch.Generator().manual_seed(T)
+    inputs = [(torch.randn(T, cfg.dim, generator=g).to("cuda", torch.bfloat16),
+               torch.randint(0, cfg.vocab_size, (T,), generator=g).cuda()) for _ in range(2)]
+    eager = [module(x, ids) for x, ids in inputs]  # the first call stacks the weights
+    static_x, static_ids = inputs[0][0].clone(), inputs[0][1].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        module(static_x, static_ids)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = module(static_x, static_ids)
+    for (x, ids), want in zip(inputs, eager, strict=True):
+        static_x.copy_(x)
+        static_ids.copy_(ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, want), f"T={T} layer {layer_id}: {rel_err(static_out, want):.3g}"
