@@ -52,7 +52,7 @@ class Runner:
 
     def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
-        self.slot_tokens.index_copy_(0, _to_device(slots, self.pools.device), tokens)
+        self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
 
     def _forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
@@ -74,11 +74,11 @@ class Runner:
             slots += [c.slot for t in c.token_ids if t == PENDING]
             row += len(c.token_ids)
         if rows:
-            index = _to_device([rows, slots], self.pools.device)  # [2, n]
+            index = to_device([rows, slots], self.pools.device)  # [2, n]
             token_ids.index_copy_(0, index[0], self.slot_tokens[index[1]])
 
 
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
+def to_device(values: list, device: torch.device) -> torch.Tensor:
     """Small host ints to the device without a sync (from pinned memory on CUDA)."""
     t = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":

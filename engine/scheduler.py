@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections import deque
 
-import torch
-
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PENDING, Request, StepOutput
-from sparsepd.engine.runner import Runner
+from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
 
 
@@ -143,7 +141,7 @@ class Scheduler:
         if not sampling:
             return InFlightStep(scheduled, [], None)
         if len(rows) < logits.shape[0]:
-            logits = logits[torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)]
+            logits = logits[to_device(rows, logits.device)]
         eos = self.runner.model.cfg.eos_id
         table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
         drawn = draw(logits, table, self.runner.pools.device)

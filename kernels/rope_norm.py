@@ -28,6 +28,9 @@ rounding boundary). fp-fusion is off so that a·c − b·s rounds each product a
 The e4m3 rounding and the power-of-two scale are kernels/compressor.py's (integer arithmetic on the fp32
 bits: the same on NVIDIA, AMD and the interpreter); the round trip models training, so it is e4m3fn
 (max 448) on every platform.
+
+Status: tested in the Triton interpreter only; model/attention.py does not call it yet. It is wired in once
+its GPU tests (tests/kernels/test_rope_norm.py with SPARSEPD_TEST_GPU=1) have passed on a device.
 """
 
 from __future__ import annotations

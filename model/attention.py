@@ -15,8 +15,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from sparsepd.kernels.device import pick_backend
-from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
@@ -68,26 +66,18 @@ class Attention(nn.Module):
         qr, q = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)
         o = cache.attend(self, layer_id, x, qr, q, kv, positions, cos, sin)  # [n, H, D]
-        if pick_backend("auto", o) == "triton":  # one launch instead of apply_rope's ~10 (kernels/rope_norm.py)
-            return self._output(rms_rope(o, cos, sin, weight=None, eps=None, inverse=True, backend="triton"))
         return self._output(apply_rope(o, cos, sin, inverse=True))
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(qr `[n, q_lora_rank]`, q `[n, H, D]`): low-rank path, per-head RMS (no weight), RoPE."""
         qr = self.q_norm(linear(x, self.wq_a.weight))
         q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, H, D]
-        if pick_backend("auto", q) == "triton":  # norm and RoPE in one launch (kernels/rope_norm.py)
-            return qr, rms_rope(q, cos, sin, weight=None, eps=self.cfg.norm_eps, backend="triton")
         q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.norm_eps)).to(q.dtype)
         return qr, apply_rope(q, cos, sin)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared latent `[n, D]`: RMSNorm, RoPE, FP8 round trip on the nope dims."""
-        kv = linear(x, self.wkv.weight)  # [n, D]
-        if pick_backend("auto", kv) == "triton":  # norm, RoPE and FP8 in one launch (kernels/rope_norm.py)
-            return rms_rope(kv, cos, sin, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
-                            fp8_block=64 if self.cfg.quantize_kv else 0, backend="triton")
-        kv = apply_rope(self.kv_norm(kv), cos, sin)
+        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)
         if self.cfg.quantize_kv:
             kv = torch.cat([fp8_round_trip(kv[:, : -self.rope_dim], 64), kv[:, -self.rope_dim:]], dim=-1)
         return kv
