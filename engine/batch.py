@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sparsepd.engine.pools import PoolGeometry
@@ -127,6 +128,67 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
             rows = geometry.compressed_base + pages * rpp + entries % rpp
             f[f"r{ratio}.hca_rows"] = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32)
     return f if shape is None else _pad(f, len(chunks), shape)
+
+
+def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape: BatchShape,
+                       out: dict[str, np.ndarray]) -> None:
+    """`host_fields(chunks, geometry, shape)` for one-token chunks, written in place into `out` (numpy views of
+    the graph's pinned buffer, engine/graphs.py): the same values, in closed form with a few numpy operations,
+    because each small torch op on the host costs microseconds and a decode step's host work is on the
+    critical path (tests/engine/test_graphs.py checks both builders agree)."""
+    B, Bp, win, P = len(chunks), shape.batch, geometry.window, shape.pages
+    if B > Bp:
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} one-token chunks")
+    pos = np.fromiter((c.start for c in chunks), dtype=np.int64, count=B)
+    slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=B)
+    for name in ("token_ids", "positions", "seq_ids", "slots", "page_table"):
+        out[name][B:] = 0
+    out["token_ids"][:B] = [c.token_ids[0] for c in chunks]
+    out["positions"][:B] = pos
+    out["seq_ids"][:B] = np.arange(B)
+    out["slots"][:B] = slots
+    out["last_rows"][:] = np.arange(Bp)
+    table = out["page_table"]
+    table[:B] = 0
+    for b, c in enumerate(chunks):
+        if len(c.page_table) > P:
+            raise ValueError(f"request with {len(c.page_table)} pages does not fit a {P}-page batch")
+        table[b, : len(c.page_table)] = c.page_table
+    keys = pos[:, None] - (win - 1) + np.arange(win)  # [B, win]; only the last key is this step's token
+    rows = geometry.ring_base + slots[:, None] * win + keys % win
+    rows[:, -1] = np.arange(B)  # scratch row b
+    out["window_rows"][:B] = np.where(keys >= 0, rows, -1)
+    out["window_rows"][B:] = -1
+    arange = np.arange(B)
+    _plan_rows(out["swa_rows"], out["swa_cu"], arange, np.stack([arange, arange, pos, pos % win], 1), B, Bp)
+    for ratio in sorted({r for r in geometry.ratios if r}):
+        p, size = f"r{ratio}.", (2 if ratio == 4 else 1) * ratio
+        visible = (pos + 1) // ratio
+        out[p + "visible"][:B], out[p + "visible"][B:] = visible, 0
+        commits = np.flatnonzero((pos + 1) % ratio == 0)
+        cpos = pos[commits]
+        _plan_rows(out[p + "commit_rows"], out[p + "commit_cu"], commits,
+                   np.stack([commits, commits, cpos, np.minimum(cpos, size - 1)], 1), B, Bp)
+        _plan_rows(out[p + "write_rows"], out[p + "write_cu"], arange,
+                   np.stack([arange, arange, pos, pos % size], 1), B, Bp)
+        if ratio != 4:
+            rpp = geometry.rows_per_page(ratio)
+            entries = np.arange(P * rpp)
+            hca = geometry.compressed_base + table[:B, entries // rpp].astype(np.int64) * rpp + entries % rpp
+            out[p + "hca_rows"][:B] = np.where(entries[None, :] < visible[:, None], hca, -1)
+            out[p + "hca_rows"][B:] = -1
+
+
+def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray, rows: np.ndarray, B: int,
+               Bp: int) -> None:
+    """A plan of `rows` (one per owner request, owners ascending), −1 past them; cu over B requests, padded."""
+    n = rows.shape[0]
+    rows_out[:n] = rows
+    rows_out[n:] = -1
+    counts = np.bincount(owners, minlength=B)
+    cu_out[0] = 0
+    cu_out[1: B + 1] = np.cumsum(counts)
+    cu_out[B + 1:] = n
 
 
 def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, torch.Tensor]:

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from sparsepd.engine.batch import BatchShape, RequestChunk, assemble, host_fields
+from sparsepd.engine.batch import BatchShape, RequestChunk, assemble, decode_fields_into, host_fields
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools
 from sparsepd.model.transformer import Transformer
@@ -66,7 +67,7 @@ class StaticFields:
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._next = 0
         self.fields = self._views(self.device_buffer)
-        self._host_fields = [self._views(h) for h in self._host]
+        self._numpy = [{k: v.numpy() for k, v in self._views(h).items()} for h in self._host]
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -80,13 +81,18 @@ class StaticFields:
 
     def load(self, fields: dict[str, torch.Tensor]) -> None:
         """Copy `fields` (CPU tensors of the template's shapes) into the device buffer: one H2D copy."""
+        def copy(views: dict[str, np.ndarray]) -> None:
+            for name, t in fields.items():
+                views[name][...] = t.numpy()
+        self.fill(copy)
+
+    def fill(self, write: Callable[[dict[str, np.ndarray]], None]) -> None:
+        """`write` fills numpy views of a host buffer in place; then one H2D copy to the device buffer."""
         i = self._next
         self._next ^= 1
         if self._events[i] is not None:
             self._events[i].synchronize()
-        host = self._host_fields[i]
-        for name, t in fields.items():
-            host[name].copy_(t)
+        write(self._numpy[i])
         self.device_buffer.copy_(self._host[i], non_blocking=True)
         if self.device_buffer.is_cuda:
             event = torch.cuda.Event()
@@ -134,7 +140,7 @@ class DecodeGraphs:
         if graph is None:
             log.info("capturing the decode graph for %s on first use", shape)
             graph = self.capture(shape)
-        graph.static.load(host_fields(chunks, self.pools.geometry, shape))
+        graph.static.fill(lambda views: decode_fields_into(chunks, self.pools.geometry, shape, views))
         if before_replay is not None:
             before_replay(graph.static.fields["token_ids"])
         graph.graph.replay()

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from sparsepd.engine.batch import BatchShape, RequestChunk, assemble, build_batch, host_fields
+from sparsepd.engine.batch import BatchShape, RequestChunk, assemble, build_batch, decode_fields_into, host_fields
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.graphs import StaticFields, buckets_for, page_width_for
 from sparsepd.engine.paged_cache import PagedCache
-from sparsepd.engine.pools import PoolConfig
+from sparsepd.engine.pools import PoolConfig, plan_geometry
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
@@ -73,6 +74,29 @@ def test_static_fields_carry_every_field_in_one_buffer():
     static.load(changed)  # the other host buffer: the views still see the device buffer
     for name, t in changed.items():
         assert torch.equal(static.fields[name], t), name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bench"])
+def test_numpy_decode_fields_equal_the_torch_builder(preset):
+    """The graph path's closed-form numpy builder writes exactly host_fields' padded decode fields, for
+    random decode batches: positions on and off every compress boundary, ragged page tables, any slots."""
+    cfg = get_preset(preset)
+    geometry = plan_geometry(cfg, PoolConfig(num_slots=40, max_batch_tokens=64, num_pages=300), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(17)
+    for trial in range(12):
+        B = int(torch.randint(1, 33, (1,), generator=gen))
+        shape = BatchShape(batch=B + int(torch.randint(0, 8, (1,), generator=gen)), pages=16)
+        slots = torch.randperm(40, generator=gen)[:B].tolist()
+        chunks = []
+        for b in range(B):
+            pos = int(torch.randint(0, 16 * cfg.page_size - 1, (1,), generator=gen)) if trial % 3 else b * 3
+            pages = torch.randint(0, 300, (pos // cfg.page_size + 1,), generator=gen).tolist()
+            chunks.append(RequestChunk(slots[b], pos, [int(torch.randint(0, 256, (1,), generator=gen))], pages))
+        want = host_fields(chunks, geometry, shape)
+        out = {k: np.full(tuple(v.shape), 12345, dtype=v.numpy().dtype) for k, v in want.items()}  # poisoned
+        decode_fields_into(chunks, geometry, shape, out)
+        for name, t in want.items():
+            assert np.array_equal(out[name], t.numpy()), (preset, trial, name)
 
 
 def test_padded_decode_batch_equals_the_unpadded_one():
