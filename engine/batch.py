@@ -91,7 +91,7 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
     starts = torch.tensor([c.start for c in chunks], dtype=torch.int64)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), n.cumsum(0)])
     num_tokens = int(cu[-1])
-    seq = torch.repeat_interleave(torch.arange(len(chunks)), n)
+    seq = torch.from_numpy(np.repeat(np.arange(len(chunks)), n.numpy()))  # (torch's CPU repeat_interleave is slow)
     positions = starts[seq] + torch.arange(num_tokens) - cu[seq]
     slots = torch.tensor([c.slot for c in chunks], dtype=torch.int64)
     width = max([len(c.page_table) for c in chunks] + [1]) if shape is None else shape.pages

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FIELDS = 4  # int32 fields a plan row: 16 bytes
@@ -103,7 +104,8 @@ def _finish(rows: torch.Tensor, counts: torch.Tensor, capacity: int | None, devi
 
 def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(request of each row, index of the row within its request) for per-request row counts."""
-    b = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    # numpy's repeat: torch.repeat_interleave on CPU tensors took ~12 ms a call on a busy 2-core host
+    b = torch.from_numpy(np.repeat(np.arange(counts.numel()), counts.numpy()))
     first = torch.cumsum(counts, 0) - counts
     return b, torch.arange(int(counts.sum())) - first[b]
 
