@@ -12,9 +12,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsepd.engine.pools import PoolConfig
+from sparsepd.model.checkpoint_config import read_checkpoint_config
 from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.transformer import Transformer
-from sparsepd.model.weights import build_model, read_config
+from sparsepd.model.weights import build_model
 
 
 class EngineConfig(BaseModel):
@@ -30,7 +31,9 @@ class EngineConfig(BaseModel):
     overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
 
     def resolve_model_config(self) -> ModelConfig:
-        return (read_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
+        """The checkpoint's own config.json (ours or the published DeepSeek-V4 form) when it has one: no
+        preset needed; the preset otherwise (random weights, or a weights directory without a config.json)."""
+        return (read_checkpoint_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
 
     def build_model(self) -> Transformer:
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -4,22 +4,30 @@ Random init keeps activations O(1) through every layer (tests assert it): projec
 1/sqrt(fan_in), the hyper-connection mixes start near "average the copies in, write the output once",
 and output projections are shrunk by 1/sqrt(2·n_layers) so the residual stream does not grow with depth.
 
-Checkpoints: a directory of `*.safetensors` files (one or sharded) whose names are the official ones
-(`layers.{i}.attn.wq_a.weight`, ...). FP8 e4m3 weights with a `.scale` beside them (128×128 blocks) and
-FP4 e2m1 expert weights (int8, two values per byte, low nibble first, 1×32 blocks) are dequantized on
-load. Multi-token-prediction tensors (`mtp.*`) are optional for serving and skipped. Anything else that
-is missing, extra or mis-shaped is refused with its name.
+Checkpoints: a directory of safetensors shards (listed by `model.safetensors.index.json` when there is
+one, else every `*.safetensors` file) whose names are the official ones (`layers.{i}.attn.wq_a.weight`, ...),
+with a `config.json` in either form `checkpoint_config.py` reads. FP8 e4m3 weights (a `.scale` beside them,
+one per 128×128 tile, partial tiles at the edges) and FP4 e2m1 weights (int8, two values a byte, low nibble
+first, one scale per 32 inputs) are dequantized on load into the model's dtype; scales are
+float8_e8m0fnu (powers of two) or float32. Multi-token-prediction tensors (`mtp.*`) are not served and
+skipped. Anything else that is missing, extra, mis-shaped, of the wrong dtype or without its scale is
+refused with its name before any data is read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from sparsepd.model.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.transformer import Transformer
 
@@ -85,6 +93,36 @@ def _hc_base(mix: int, hc: int) -> torch.Tensor:
 
 
 # --- safetensors --------------------------------------------------------------------------------
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_PLAIN = (torch.float32, torch.bfloat16, torch.float16)
+_QUANTIZED = {torch.float8_e4m3fn: "fp8", torch.int8: "fp4", torch.uint8: "fp4"}
+_SCALES = (torch.float8_e8m0fnu, torch.float32)
+_TABLES = (torch.int32, torch.int64)
+_ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class _Header:
+    """One stored tensor as its shard's header describes it (no data read)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # safetensors' own name when torch has no such dtype
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one parameter is read: plainly, or dequantized with the scale tensor `scale`."""
+
+    name: str
+    kind: Literal["plain", "fp8", "fp4"]
+    scale: str | None = None
+
+
 def save_checkpoint(model: Transformer, directory: str | Path) -> Path:
     """Write `model.safetensors` (official names, the model's dtypes) and `config.json` (our preset)."""
     directory = Path(directory)
@@ -96,66 +134,152 @@ def save_checkpoint(model: Transformer, directory: str | Path) -> Path:
 
 
 def read_config(directory: str | Path) -> ModelConfig | None:
-    """The ModelConfig saved beside a checkpoint by `save_checkpoint`, if there is one."""
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return ModelConfig(**data["sparsepd"]) if "sparsepd" in data else None
+    """The ModelConfig of a checkpoint's config.json, ours or the published form; None when it has none."""
+    return read_checkpoint_config(directory)
 
 
 def load_checkpoint(model: Transformer, directory: str | Path) -> Transformer:
-    """Load every parameter of `model` from the safetensors files in `directory` (see module docstring)."""
+    """Load every parameter of `model` from the safetensors shards in `directory` (see module docstring).
+
+    Everything is checked from the shards' headers before any data is read; then one shard at a time is
+    opened and its tensors are read, dequantized and copied into the parameters one by one, so the host
+    holds one checkpoint tensor at a time (besides the model itself).
+    """
     directory = Path(directory)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {directory}")
-    raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        raw.update(load_file(str(f)))
-    expected = model.state_dict()
-    used: set[str] = set()
-    loaded: dict[str, torch.Tensor] = {}
-    for name, target in expected.items():
-        if name not in raw:
-            raise CheckpointError(f"checkpoint {directory} lacks tensor {name!r} (shape {tuple(target.shape)})")
-        value = _dequantize(name, raw, used)
-        if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        loaded[name] = value.to(target.dtype)
-        used.add(name)
-    extra = sorted(k for k in raw if k not in used and not k.startswith("mtp."))
+    headers = _read_headers(directory)
+    fmt = read_weight_format(directory)
+    params = model.state_dict()
+    plans = [_plan(name, tuple(p.shape), p.dtype, headers, fmt, directory) for name, p in params.items()]
+    used = {p.name for p in plans} | {p.scale for p in plans if p.scale}
+    extra = sorted(k for k in headers if k not in used and not k.startswith("mtp."))
     if extra:
         raise CheckpointError(f"checkpoint {directory} has {len(extra)} unexpected tensors, e.g. {extra[:5]}")
-    model.load_state_dict(loaded, strict=True)
+    by_file: dict[Path, list[_Plan]] = {}
+    for plan in plans:
+        by_file.setdefault(headers[plan.name].file, []).append(plan)
+    with torch.no_grad():
+        for file in sorted(by_file):
+            with safe_open(str(file), framework="pt") as shard:
+                for plan in by_file[file]:
+                    value = _read(plan, shard, file, headers, fmt)
+                    if plan.name.endswith(".tid2eid"):
+                        _check_table(plan.name, value, model.cfg.n_routed_experts)
+                    params[plan.name].copy_(value)  # into the parameter's storage and dtype
     return model
 
 
-def _dequantize(name: str, raw: dict[str, torch.Tensor], used: set[str]) -> torch.Tensor:
-    value = raw[name]
-    scale_name = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
-    if scale_name is None or scale_name not in raw:
-        if value.dtype in (torch.float8_e4m3fn, torch.int8):
-            raise CheckpointError(f"quantized tensor {name!r} ({value.dtype}) has no {scale_name!r} beside it")
+def _read_headers(directory: Path) -> dict[str, _Header]:
+    """Every tensor's shard, shape and dtype: the shards the index names, or every *.safetensors file."""
+    index = directory / INDEX_FILE
+    weight_map = _read_index(index) if index.is_file() else None
+    if weight_map is not None:
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name!r}, which is not in {directory}")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files (and no {INDEX_FILE}) in {directory}")
+    headers: dict[str, _Header] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as shard:
+            for name in shard.keys():
+                if weight_map is not None and weight_map.get(name) != f.name:
+                    continue  # the index is the authority on where a tensor lives
+                if name in headers:
+                    raise CheckpointError(f"tensor {name!r} is in both {headers[name].file.name} and {f.name}")
+                sl = shard.get_slice(name)
+                headers[name] = _Header(f, tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    for name, file in (weight_map or {}).items():
+        if name not in headers:
+            raise CheckpointError(f"{index} maps tensor {name!r} to {file}, which lacks it")
+    return headers
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors index (a JSON object with a weight_map): {exc}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
+def _plan(name: str, shape: tuple[int, ...], dtype: torch.dtype, headers: dict[str, _Header], fmt: WeightFormat,
+          directory: Path) -> _Plan:
+    """Check one parameter's stored tensor (and scale) against the model; say how to read it."""
+    if name not in headers:
+        raise CheckpointError(f"checkpoint {directory} lacks tensor {name!r} (shape {shape})")
+    head = headers[name]
+    scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
+    scale_head = headers.get(scale) if scale else None
+    if not dtype.is_floating_point:  # the hash-routing table
+        if head.dtype not in _TABLES:
+            raise CheckpointError(f"tensor {name!r} has dtype {head.dtype}, expected int32 or int64")
+        return _checked_shape(_Plan(name, "plain"), head.shape, shape)
+    expert_kind = fmt.expert_dtype if _ROUTED_EXPERT.search(name) else None
+    kind = _QUANTIZED.get(head.dtype)
+    if head.dtype in _PLAIN and expert_kind is None:
+        if scale_head is not None:
+            raise CheckpointError(f"tensor {name!r} is {head.dtype} but has a scale {scale!r} beside it "
+                                  "(only FP8 and packed FP4 weights have one)")
+        return _checked_shape(_Plan(name, "plain"), head.shape, shape)
+    if kind is None or (expert_kind is not None and kind != expert_kind):
+        want = (f"{expert_kind} as config.json's expert_dtype says" if expert_kind
+                else "bfloat16, float32 or float16, or FP8 e4m3 / packed FP4 (int8) with a .scale")
+        raise CheckpointError(f"tensor {name!r} has dtype {head.dtype}, expected {want}")
+    if len(shape) != 2:
+        raise CheckpointError(f"tensor {name!r} is quantized ({head.dtype}) but the parameter has shape {shape}: "
+                              "only 2-D projection weights are stored quantized")
+    if scale_head is None:
+        raise CheckpointError(f"quantized tensor {name!r} ({head.dtype}) has no {scale!r} beside it")
+    if scale_head.dtype not in _SCALES:
+        raise CheckpointError(f"scale {scale!r} has dtype {scale_head.dtype}, expected float8_e8m0fnu or float32")
+    rows, cols = shape
+    stored = shape if kind == "fp8" else (rows, cols // 2 if cols % 2 == 0 else -1)
+    plan = _checked_shape(_Plan(name, kind, scale), head.shape, stored)
+    block_rows, block_cols = fmt.fp8_block if kind == "fp8" else (1, fmt.fp4_block)
+    grid = (math.ceil(rows / block_rows), math.ceil(cols / block_cols))
+    if scale_head.shape != grid:
+        raise CheckpointError(f"scale {scale!r} has shape {scale_head.shape}, expected {grid}: one scale per "
+                              f"{block_rows}×{block_cols} block of the {rows}×{cols} weight {name!r}")
+    return plan
+
+
+def _checked_shape(plan: _Plan, stored: tuple[int, ...], expected: tuple[int, ...]) -> _Plan:
+    if stored != expected:
+        packed = " (packed FP4: two values a byte)" if plan.kind == "fp4" else ""
+        raise CheckpointError(f"tensor {plan.name!r} has shape {stored}, expected {expected}{packed}")
+    return plan
+
+
+def _read(plan: _Plan, shard, file: Path, headers: dict[str, _Header], fmt: WeightFormat) -> torch.Tensor:
+    """The tensor of `plan`, dequantized to fp32 when it is stored quantized (its scale may sit in another shard)."""
+    def get(name: str) -> torch.Tensor:
+        if headers[name].file == file:
+            return shard.get_tensor(name)
+        with safe_open(str(headers[name].file), framework="pt") as other:
+            return other.get_tensor(name)
+
+    value = get(plan.name)
+    if plan.kind == "plain":
         return value
-    used.add(scale_name)
-    scale = raw[scale_name].float()
-    if value.dtype == torch.float8_e4m3fn:
-        return _dequant_blocks(name, value.float(), scale)
-    if value.dtype in (torch.int8, torch.uint8):
-        return _dequant_blocks(name, _unpack_fp4(value), scale)
-    raise CheckpointError(f"tensor {name!r} has a scale but dtype {value.dtype} (expected FP8 or packed FP4)")
+    scale = get(plan.scale).float()  # e8m0 → fp32 is exact
+    if plan.kind == "fp8":
+        w, (block_rows, block_cols) = value.float(), fmt.fp8_block
+    else:
+        w, (block_rows, block_cols) = _unpack_fp4(value), (1, fmt.fp4_block)
+    rows, cols = w.shape
+    full = scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
+    return w * full  # exact: a power-of-two scale times an FP8/FP4 value fits bf16 and fp32
 
 
-def _dequant_blocks(name: str, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """w `[out, in]` times its block scale `[ceil(out/bo), ceil(in/bi)]`, block sizes inferred."""
-    out_dim, in_dim = w.shape
-    rows, cols = scale.shape
-    block_out, block_in = math.ceil(out_dim / rows), math.ceil(in_dim / cols)
-    if math.ceil(out_dim / block_out) != rows or math.ceil(in_dim / block_in) != cols:
-        raise CheckpointError(f"scale of {name!r} has shape {tuple(scale.shape)}, not a block grid of {tuple(w.shape)}")
-    full = scale.repeat_interleave(block_out, 0)[:out_dim].repeat_interleave(block_in, 1)[:, :in_dim]
-    return w * full
+def _check_table(name: str, table: torch.Tensor, n_experts: int) -> None:
+    low, high = int(table.min()), int(table.max())
+    if low < 0 or high >= n_experts:
+        raise CheckpointError(f"tensor {name!r} holds expert ids in [{low}, {high}], expected [0, {n_experts})")
 
 
 def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:

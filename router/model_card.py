@@ -56,7 +56,9 @@ class ModelCard:
     bos_id: int
     eos_id: int
     page_size: int
-    files: dict[str, bytes] = field(default_factory=dict)  # tokenizer.json, tokenizer_config.json, config.json
+    # tokenizer.json, tokenizer_config.json (its chat_template), config.json, and chat_template.jinja when the
+    # checkpoint keeps its template in a file of its own (transformers' newer layout)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -124,7 +126,7 @@ def _card_from_directory(directory: Path, served_model_name: str | None) -> Mode
 
 
 def _read_files(directory: Path) -> dict[str, bytes]:
-    names = ("tokenizer.json", "tokenizer_config.json", "config.json")
+    names = ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja")
     return {n: (directory / n).read_bytes() for n in names if (directory / n).is_file()}
 
 
