@@ -1,7 +1,8 @@
 """Drawing a step's tokens on the device and reading them on the host once.
 
 `draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
-a plain argmax when every row is greedy with nothing banned and no log-probabilities wanted), and
+a plain argmax when every row is greedy with nothing banned, no penalty or bias and no log-probabilities
+wanted; penalties read each row's token history from its slot, engine/penalties.py), and
 `Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
 log-probabilities) into pinned host memory. `HostDraw.result()` waits for that copy: the one host sync of
 a step, which with the scheduler's overlap happens after the next step is already queued.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import SamplingParams, Sampler, TokenLogprobs, sampling_tensors
 from sparsepd.kernels.sampling import sample_batch
 
@@ -91,8 +93,11 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
     """Sample one token per row of logits `[B, V]` fp32; rows: (params, sampler, tokens drawn, eos id)."""
     wants = [p.wants_logprobs for p, *_ in rows]
     top_n = [p.top_logprobs for p, *_ in rows]
-    plain = not any(wants) and all(p.greedy and not p.banned(n, eos) for p, _, n, eos in rows)
+    plain = not any(wants) and all(p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
     if plain:  # the common greedy case: one argmax kernel
         return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
-    out = sample_batch(logits, sampling_tensors(rows, device))
+    params = sampling_tensors(rows, device)
+    if any(p.penalized for p, *_ in rows):
+        params.penalties = penalty_tensors(rows, device)
+    out = sample_batch(logits, params)
     return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n)

@@ -48,8 +48,8 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     out: list[int] = []
     logprobs: list[TokenLogprobs] = []
 
-    def pick(row: torch.Tensor) -> int:
-        token = sampler.sample(row, params.banned(len(out), cfg.eos_id))
+    def pick(row: torch.Tensor) -> int:  # penalties and bias from the history on the host; logprobs from row
+        token = sampler.sample(params.penalize(row, prompt_ids, out), params.banned(len(out), cfg.eos_id))
         if params.wants_logprobs:
             logprobs.append(token_logprobs(row, token, params.top_logprobs))
         return token

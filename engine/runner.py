@@ -8,6 +8,7 @@ import torch
 from sparsepd.engine.batch import RequestChunk, build_batch, check_chunks
 from sparsepd.engine.graphs import DecodeGraphs
 from sparsepd.engine.paged_cache import PagedCache
+from sparsepd.engine.penalties import SlotHistory
 from sparsepd.engine.pools import KVPools
 from sparsepd.engine.request import PENDING, Request
 from sparsepd.model.numerics import rope_cos_sin
@@ -24,6 +25,8 @@ class Runner:
         # Each slot's last sampled token on the device: a PENDING input token is read from here, so a step
         # can be launched before the host has read the previous step's tokens (engine/draw.py).
         self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
+        # Each slot's token counts for the penalties, kept beside slot_tokens (engine/penalties.py).
+        self.history = SlotHistory(pools.geometry.num_slots, model.cfg.vocab_size, pools.device)
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -53,8 +56,10 @@ class Runner:
     def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
         self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
+        self.history.record(slots, tokens)
 
     def _forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        self.history.bind([r for r, _ in work])
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
         shape = self.graphs.shape_for(chunks) if self.graphs is not None else None

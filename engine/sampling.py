@@ -1,8 +1,9 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, min_new_tokens, stop conditions,
-log-probabilities.
+log-probabilities, frequency/presence/repetition penalties and a logit bias.
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
-the allowed range). The draw itself is `kernels/sampling.py` (batched, on the device, counter-based random
+the allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
+`apply_penalties`); the engine keeps each slot's token counts on the device (engine/penalties.py). The draw itself is `kernels/sampling.py` (batched, on the device, counter-based random
 stream): `Sampler` draws one request's tokens with it on the CPU and holds the request's seed and how many
 tokens it drew (a 16-byte state that can be shipped and restored); `sampling_tensors` builds the batched
 path's inputs. The same seed gives the same tokens on either path, whatever the batch.
@@ -19,12 +20,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparsepd.kernels.sampling import MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, filter_probs, sample_batch
+from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, apply_penalties_row,
+                                       filter_probs, sample_batch)
 
 __all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
            "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
 
 FinishReason = Literal["stop", "length"]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 
 
 class SamplingParams(BaseModel):
@@ -41,6 +44,21 @@ class SamplingParams(BaseModel):
     min_new_tokens: int = Field(0, ge=0)
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="1 = off")
+    logit_bias: tuple[tuple[int, float], ...] = Field((), description="(token id, bias) pairs, ids distinct")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        ids = [i for i, _ in v]
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"logit_bias token ids must be distinct and ≥ 0, got {ids}")
+        bad = [(i, b) for i, b in v if not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS]  # NaN fails too
+        if bad:
+            raise ValueError(f"logit_bias values must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad}")
+        return v
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -62,6 +80,23 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether the draw depends on the tokens seen so far (a frequency, presence or repetition penalty)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before the draw (a penalty or a logit bias)."""
+        return self.uses_history or bool(self.logit_bias)
+
+    def penalize(self, logits: torch.Tensor, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> torch.Tensor:
+        """One row's logits `[V]` with this request's penalties and bias, from its history (on the host)."""
+        if not self.penalized:
+            return logits
+        return apply_penalties_row(logits, list(prompt_ids), list(output_ids), self.frequency_penalty,
+                                   self.presence_penalty, self.repetition_penalty, dict(self.logit_bias))
 
     @property
     def wants_logprobs(self) -> bool:
@@ -88,12 +123,21 @@ class Sampler:
         bad = [t for t in params.stop_token_ids if t >= vocab_size]
         if bad:
             raise ValueError(f"stop token ids {bad} are outside the vocabulary [0, {vocab_size})")
+        bad = [i for i, _ in params.logit_bias if i >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary [0, {vocab_size})")
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.num_drawn = 0
+        # Where the engine keeps this request's token history on the device (engine/penalties.py binds it).
+        self.history: tuple[object, int] | None = None  # (SlotHistory, slot)
+        # The prompt's distinct ids for the repetition penalty when the request's prompt_ids are placeholders
+        # (a state shipped to a decode worker carries them; engine/state_io.py).
+        self.prompt_id_set: tuple[int, ...] | None = None
 
     def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = ()) -> int:
-        """One token from logits `[vocab]`, never one of `banned` (on the CPU)."""
+        """One token from logits `[vocab]`, never one of `banned` (on the CPU). Penalties and bias are the
+        caller's: pass `params.penalize(logits, …)`."""
         row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
         params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
         params.want_top_logprobs = 0

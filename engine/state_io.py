@@ -4,7 +4,9 @@ Exported per layer: the SWA ring `[window, D]`; for compressed layers the commit
 cache `[n_pages, rows_per_page, D]` and the compressor rings `[state_size, coff·D]` (kv, score); for CSA
 layers also the indexer cache pages `[n_pages, rows_per_page, 144]` and the indexer's rings. n_pages =
 ⌈position / page_size⌉ (the last page may be partial; uncommitted rows travel too and are never read).
-Plus the position, the tokens generated so far and the sampler's state. Contiguous host tensors (pinned
+Plus the position, the tokens generated so far and the sampler's state (16 bytes, followed by the prompt's
+distinct ids as a ⌈V/8⌉-byte bitmap when the request has a repetition penalty: the decode worker holds no
+prompt, and the penalty needs its ids; engine/penalties.py). Contiguous host tensors (pinned
 when the pools are on a GPU) with a descriptor; nothing here knows about zmq.
 """
 
@@ -13,8 +15,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from sparsepd.engine.penalties import decode_prompt_ids, encode_prompt_ids
 from sparsepd.engine.pools import INDEX_ROW_BYTES, KVPools
 from sparsepd.engine.request import Request
+from sparsepd.engine.sampling import Sampler
 
 
 class TensorSpec(BaseModel):
@@ -80,9 +84,11 @@ def export_state(pools: KVPools, request: Request) -> tuple[StateDescriptor, dic
         torch.cuda.synchronize(pools.device)
     specs = tuple(TensorSpec(name=n, dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape))
                   for n, t in tensors.items())
+    sampler_state = request.sampler.get_state()
+    if request.params.repetition_penalty != 1.0:
+        sampler_state += encode_prompt_ids(request.prompt_ids, pools.cfg.vocab_size)
     descriptor = StateDescriptor(position=request.num_computed, num_pages=num_pages,
-                                 output_ids=tuple(request.output_ids), sampler_state=request.sampler.get_state(),
-                                 tensors=specs)
+                                 output_ids=tuple(request.output_ids), sampler_state=sampler_state, tensors=specs)
     return descriptor, tensors
 
 
@@ -104,6 +110,11 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
     if descriptor.num_pages != pools.pages_for(descriptor.position):
         raise ValueError(f"state at position {descriptor.position} must carry {pools.pages_for(descriptor.position)} "
                          f"pages, not {descriptor.num_pages}")
+    state, prompt_bitmap = descriptor.sampler_state[:Sampler.STATE_BYTES], descriptor.sampler_state[Sampler.STATE_BYTES:]
+    if bool(prompt_bitmap) != (request.params.repetition_penalty != 1.0):
+        raise ValueError(f"sampler state of {len(descriptor.sampler_state)} bytes: the prompt's ids come with it "
+                         "exactly when the request has a repetition penalty")
+    prompt_id_set = decode_prompt_ids(prompt_bitmap, pools.cfg.vocab_size) if prompt_bitmap else None
     want = expected_specs(pools, descriptor.num_pages)
     if descriptor.tensors != want:
         raise ValueError("state tensors do not match this engine: "
@@ -118,7 +129,8 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
         pool[index] = tensors[name].to(pool.device, non_blocking=True)
     request.num_computed = descriptor.position
     request.output_ids = list(descriptor.output_ids)
-    request.sampler.set_state(descriptor.sampler_state)
+    request.sampler.set_state(state)
+    request.sampler.prompt_id_set = prompt_id_set
 
 
 def shipped_bytes(cfg, position: int) -> int:

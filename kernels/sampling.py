@@ -2,7 +2,9 @@
 
 For row b with raw logits z [V] (fp32), banned ids ban_ids[b] (−1 padded) and its parameters:
 
-    z'    = z with z'[banned] = −inf
+    z⁺    = z + bias − frequency·count − presence·[count > 0]      (`apply_penalties`, rows that use them)
+    z⁺    = z⁺ / repetition if z⁺ > 0 else z⁺ · repetition  where the id is in the prompt or count > 0
+    z'    = z⁺ with z'[banned] = −inf
     greedy (temperature == 0 or top_k == 1):   token = argmax z'                  (first index on ties)
     else:  p = softmax(z' / temperature);  keep = top-k ∩ top-p ∩ min-p of p      (`filter_probs`)
            token = argmax_{i ∈ keep} p_i / E_i,   E_i = −log(1 − w_i),   w_i = (h(seed, counter, i) + ½) / 2³²
@@ -17,6 +19,11 @@ themselves two chains of lowbias32 over the seed's and the counter's 32-bit halv
 computes it in uint32 (wrapping by definition); the PyTorch reference on int64 tensors holding 32-bit
 values, where every product stays below 2⁶³ and right shifts see non-negative values only: no signed
 overflow, the same bits on every device (a test checks both against Python integers).
+
+Penalties follow SGLang (the version that had all four): count = the id's occurrences among the row's
+GENERATED tokens; logit_bias, then the additive frequency/presence penalties, then the multiplicative
+repetition penalty (HF/CTRL form) over prompt + generated ids, all before the ban and the temperature.
+The engine keeps count and the prompt mask per slot on the device (engine/penalties.py).
 
 Also returned, from the RAW logits (before the ban, temperature and filters): logprobs[b] =
 log_softmax(z)[token] and the N best ids of log_softmax(z) with their values (ties: lower id first,
@@ -65,10 +72,25 @@ class SamplingTensors:
     counter: torch.Tensor  # [B] int64: index of the token being drawn
     ban_ids: torch.Tensor  # [B, M] int64, −1 padded
     want_top_logprobs: int = 0  # N, the most any row wants (≤ MAX_TOP_LOGPROBS)
+    penalties: PenaltyTensors | None = None  # None: no row uses penalties or a logit bias
     # Host-side promises that skip work (static per CUDA graph): every row is greedy (argmax only); no
     # sampled row uses top-k > 1 or top-p < 1 (no sort). The defaults promise nothing.
     all_greedy: bool = False
     uses_top_k_or_p: bool = True
+
+
+@dataclass(slots=True)
+class PenaltyTensors:
+    """Per-row penalties and logit bias on the logits' device; a row without them has 0, 0, 1 and no bias
+    (which leaves its logits bit for bit). counts/prompt_mask are None when no row uses a penalty."""
+
+    frequency: torch.Tensor  # [B] fp32
+    presence: torch.Tensor  # [B] fp32
+    repetition: torch.Tensor  # [B] fp32, 1 = off
+    bias_ids: torch.Tensor  # [B, K] int64, −1 padded
+    bias_values: torch.Tensor  # [B, K] fp32
+    counts: torch.Tensor | None = None  # [B, V] int32: occurrences of each id among the generated tokens
+    prompt_mask: torch.Tensor | None = None  # [B, V] bool: the id is in the prompt
 
 
 @dataclass(slots=True)
@@ -197,6 +219,39 @@ def _keep_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return keep & (probs >= min_p[:, None] * sorted_p[:, :1])  # both filters keep the max
 
 
+# --- penalties and logit bias --------------------------------------------------------------------
+def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
+    """The module doc's z⁺ for every row at once (a new tensor; vectorized, no host sync)."""
+    B, V = logits.shape
+    idx = torch.where((pen.bias_ids >= 0) & (pen.bias_ids < V), pen.bias_ids, V)
+    bias = torch.zeros((B, V + 1), dtype=torch.float32, device=logits.device)
+    z = logits + bias.scatter_add_(1, idx, pen.bias_values)[:, :V]
+    if pen.counts is None:
+        return z
+    generated = pen.counts > 0
+    z = z - pen.frequency[:, None] * pen.counts - pen.presence[:, None] * generated
+    rep = pen.repetition[:, None]
+    return torch.where(generated | pen.prompt_mask, torch.where(z > 0, z / rep, z * rep), z)
+
+
+def apply_penalties_row(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int], frequency: float,
+                        presence: float, repetition: float, bias: dict[int, float]) -> torch.Tensor:
+    """The same for one row `[V]` fp32 from its token history, id by id (the reference; fp32 scalars, so the
+    arithmetic is the batched one's, operation for operation)."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    z = logits.float().clone()
+    for i, b in bias.items():
+        z[i] = z[i] + f32(b)
+    counts: dict[int, int] = {}
+    for t in output_ids:
+        counts[t] = counts.get(t, 0) + 1
+    for t, n in counts.items():
+        z[t] = (z[t] - f32(frequency) * n) - f32(presence)
+    for t in {*prompt_ids, *output_ids}:
+        z[t] = z[t] / f32(repetition) if z[t] > 0 else z[t] * f32(repetition)
+    return z
+
+
 # --- the batched sampler --------------------------------------------------------------------------
 def _check(logits: torch.Tensor, params: SamplingTensors, out: SampleOutput | None) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype != torch.float32:
@@ -219,6 +274,8 @@ def _check(logits: torch.Tensor, params: SamplingTensors, out: SampleOutput | No
             or ban.device != logits.device):
         raise ValueError(f"params.ban_ids: expected int64 [{B}, M] on {logits.device}, got "
                          f"{getattr(ban, 'dtype', type(ban))} {list(getattr(ban, 'shape', ()))}")
+    if params.penalties is not None:
+        _check_penalties(params.penalties, B, V, logits.device)
     n = params.want_top_logprobs
     if not isinstance(n, int) or not 0 <= n <= min(MAX_TOP_LOGPROBS, V):
         raise ValueError(f"params.want_top_logprobs: expected an int in [0, {min(MAX_TOP_LOGPROBS, V)}], got {n!r}")
@@ -230,6 +287,23 @@ def _check(logits: torch.Tensor, params: SamplingTensors, out: SampleOutput | No
             if tuple(t.shape) != shape or t.dtype != dtype or t.device != logits.device:
                 raise ValueError(f"out.{name}: expected {dtype} {list(shape)} on {logits.device}, got "
                                  f"{t.dtype} {list(t.shape)} on {t.device}")
+
+
+def _check_penalties(pen: PenaltyTensors, B: int, V: int, device: torch.device) -> None:
+    K = pen.bias_ids.shape[-1] if isinstance(pen.bias_ids, torch.Tensor) else -1
+    want = {"frequency": (torch.float32, (B,)), "presence": (torch.float32, (B,)),
+            "repetition": (torch.float32, (B,)), "bias_ids": (torch.int64, (B, K)),
+            "bias_values": (torch.float32, (B, K))}
+    if (pen.counts is None) != (pen.prompt_mask is None):
+        raise ValueError("params.penalties: counts and prompt_mask must be given together")
+    if pen.counts is not None:
+        want |= {"counts": (torch.int32, (B, V)), "prompt_mask": (torch.bool, (B, V))}
+    for name, (dtype, shape) in want.items():
+        t = getattr(pen, name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+            raise ValueError(f"params.penalties.{name}: expected {dtype} {list(shape)} on {device}, got "
+                             f"{getattr(t, 'dtype', type(t))} {list(getattr(t, 'shape', ()))} "
+                             f"on {getattr(t, 'device', None)}")
 
 
 def _banned(logits: torch.Tensor, ban_ids: torch.Tensor) -> torch.Tensor:
@@ -267,7 +341,8 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
     """Draw one token per row of `logits` [B, V] fp32 (module doc); no host synchronization."""
     _check(logits, params, out)
     B, V = logits.shape
-    masked = _banned(logits, params.ban_ids)
+    penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
+    masked = _banned(penalized, params.ban_ids)
     if params.all_greedy:
         return _finish(logits, masked.argmax(1), params.want_top_logprobs, out, backend)
     greedy = (params.temperature == 0.0) | (params.top_k == 1)  # [B]
@@ -288,8 +363,9 @@ def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
     _check(logits, params, out)
     B, V = logits.shape
     tokens = []
+    penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
     for b in range(B):
-        z = logits[b].clone()
+        z = penalized[b].clone()
         z[[i for i in params.ban_ids[b].tolist() if 0 <= i < V]] = float("-inf")
         if float(params.temperature[b]) == 0.0 or int(params.top_k[b]) == 1:
             tokens.append(int(torch.argmax(z)))
