@@ -9,6 +9,7 @@ transfer is rejected with its reason, leaves the receiver unchanged and keeps th
 from __future__ import annotations
 
 import queue
+import random
 import re
 import threading
 import time
@@ -27,7 +28,17 @@ from sparsepd.engine.state_io import StateDescriptor, TensorSpec, expected_specs
 from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
 from sparsepd.prefill_worker.transfer_sender import TransferSender
-from sparsepd.proto.transfer import Ack, FaultPlan, TransferError, TransferHeader, TransferTimeout, model_fingerprint
+from sparsepd.proto import transfer as tp
+from sparsepd.proto.transfer import (
+    Ack,
+    FaultPlan,
+    TransferError,
+    TransferHeader,
+    TransferTimeout,
+    checksum,
+    model_fingerprint,
+    preferred_checksum,
+)
 
 FP = "0123456789abcdef"
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -222,7 +233,8 @@ def test_large_tensors_travel_as_bounded_frames(make_sender):
         assert router.poll(5000)
         identity, head, *payload = router.recv_multipart()
         wire = TransferHeader.decode(head)
-        assert wire.frame_bytes == 1000 and [t.crc32 for t in wire.tensors] == [None] * 5
+        assert wire.frame_bytes == 1000 and wire.checksum_algorithm is None
+        assert [t.checksum for t in wire.tensors] == [None] * 5
         want = [min(1000, t.nbytes - k * 1000) for t in wire.tensors for k in range(t.num_frames)]
         assert [len(f) for f in payload] == want and max(want) == 1000 and len(payload) > 5
         assert b"".join(payload) == b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -323,7 +335,7 @@ def _frames(header: TransferHeader, tensors) -> list[bytes]:
 @pytest.mark.parametrize("case, reason, tid", [
     ("garbage", "transfer header: malformed msgpack", ""),
     ("not-a-map", "expected a msgpack map", ""),
-    ("version", "protocol version 2 is not supported; this side speaks 1", "t8"),
+    ("version", "protocol version 1 is not supported; this side speaks 2", "t8"),
     ("missing-frame", "expected 5 payload frames, got 4", "t8"),
     ("extra-frame", "expected 5 payload frames, got 6", "t8"),
     ("short-frame", "tensor layers.1.index_cache frame 0: 9215 bytes, expected 9216", "t8"),
@@ -340,7 +352,7 @@ def test_malformed_messages_are_rejected_and_the_receiver_goes_on(case, reason, 
         frames = [msgpack.packb([1, 2]), *frames[1:]]
     elif case == "version":
         raw = msgpack.unpackb(frames[0])
-        frames[0] = msgpack.packb({**raw, "version": 2})
+        frames[0] = msgpack.packb({**raw, "version": 1})
     elif case == "missing-frame":
         frames = frames[:-1]
     elif case == "extra-frame":
@@ -358,7 +370,7 @@ def test_malformed_messages_are_rejected_and_the_receiver_goes_on(case, reason, 
 
 @pytest.mark.parametrize("fault, reason", [
     ("truncate", r"tensor layers.2.positions frame 0: 12 bytes, expected 24 \(truncated or corrupted\)"),
-    ("corrupt", r"tensor layers.0.swa: crc32 [0-9a-f]{8} != header [0-9a-f]{8} \(corrupted\)"),
+    ("corrupt", rf"tensor layers.0.swa: {preferred_checksum()} [0-9a-f]{{8}} != header [0-9a-f]{{8}} \(corrupted\)"),
 ])
 def test_injected_frame_faults_are_caught(fault, reason, make_receiver, make_sender):
     receiver, inbox = make_receiver(require_checksum=True)
@@ -378,8 +390,46 @@ def test_unchecksummed_state_is_refused_when_checksums_are_required(make_receive
     header, tensors = make_state(10)
     expect(receiver, header)
     ack = make_sender(checksum=False).send(receiver.endpoint, header, tensors).result(timeout=5)
-    assert not ack.ok and ack.reason == "tensor layers.0.swa carries no crc32 and this receiver requires one"
+    assert not ack.ok and ack.reason == "the state carries no checksum and this receiver requires one"
     _assert_unchanged(receiver, inbox, tickets=1)
+
+
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32c-numpy", "crc32"])
+def test_a_flipped_byte_in_any_frame_is_refused_by_its_checksum(algorithm, make_receiver, monkeypatch):
+    """Every payload frame, tensors cut into several: one flipped byte → that tensor's checksum reason."""
+    if algorithm == "crc32c-numpy":  # the receiver without the hardware package verifies with the fallback
+        monkeypatch.setattr(tp, "_crc32c_package", None)
+    name = algorithm.removesuffix("-numpy")
+    receiver, inbox = make_receiver(require_checksum=True)
+    header, tensors = make_state(14, num_pages=2)
+    expect(receiver, header)
+    payload = [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values()]
+    wire = header.reframed(4096).with_checksums(name, [checksum(name, b) for b in payload])
+    frames, owners = [wire.encode()], []
+    for t, data in zip(wire.tensors, payload, strict=True):
+        frames += [data[k * 4096: (k + 1) * 4096] for k in range(t.num_frames)]
+        owners += [t.name] * t.num_frames
+    assert len(frames) - 1 == 8 and max(t.num_frames for t in wire.tensors) == 3
+    rng = random.Random(14)
+    for i, owner in enumerate(owners, start=1):
+        damaged = bytearray(frames[i])
+        damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        ack = raw_exchange(receiver.endpoint, [*frames[:i], bytes(damaged), *frames[i + 1:]])
+        want = rf"tensor {re.escape(owner)}: {name} [0-9a-f]{{8}} != header [0-9a-f]{{8}} \(corrupted\)"
+        assert not ack.ok and re.fullmatch(want, ack.reason), (i, ack.reason)
+    _assert_unchanged(receiver, inbox, tickets=1)
+    assert raw_exchange(receiver.endpoint, frames).ok  # the intact message is still welcome
+    got = inbox.take()[2]
+    assert all(same_bytes(got[n], t) for n, t in tensors.items())
+
+
+def test_sender_algorithm_choice(make_sender, monkeypatch):
+    assert make_sender().checksum == preferred_checksum()
+    assert make_sender(checksum="crc32").checksum == "crc32" and make_sender(checksum=False).checksum is None
+    with pytest.raises(ValueError, match="checksum='md5'"):
+        make_sender(checksum="md5")
+    monkeypatch.setattr(tp, "_crc32c_package", None)  # without the hardware package zlib's crc32 is faster
+    assert make_sender().checksum == "crc32"
 
 
 def test_on_state_refusal_becomes_a_rejection(make_receiver, make_sender):

@@ -1,11 +1,14 @@
 """The P→D frame header (proto/transfer.py): exact round trips, and every malformed or out-of-limit field
-rejected by `decode` with a reason naming it (never another exception type)."""
+rejected by `decode` with a reason naming it (never another exception type); the checksums equal their
+published definitions (CRC32C: RFC 3720's check value, and the numpy fallback equals the hardware package)."""
 
 from __future__ import annotations
 
 import random
+import zlib
 
 import msgpack
+import numpy as np
 import pytest
 
 from sparsepd.engine.state_io import StateDescriptor, TensorSpec
@@ -52,11 +55,23 @@ def test_round_trip_is_exact_and_gives_back_the_descriptor():
 def test_reframed_and_checksums_keep_everything_else():
     header = _header()
     assert [t.num_frames for t in header.tensors] == [1, 1, 1, 1, 1]  # 8 MiB default frames
-    small = header.reframed(256).with_checksums([1, 2, 3, None, 5])
+    small = header.reframed(256).with_checksums("crc32c", [1, 2, 3, 0, 2**32 - 1])
     assert small.frame_bytes == 256 and [t.num_frames for t in small.tensors] == [8, 48, 54, 16, 1]
-    assert [t.crc32 for t in small.tensors] == [1, 2, 3, None, 5]
+    assert small.checksum_algorithm == "crc32c" and [t.checksum for t in small.tensors] == [1, 2, 3, 0, 2**32 - 1]
     assert TransferHeader.decode(small.encode()) == small
     assert small.specs() == header.specs()
+    assert small.reframed(4096).with_checksums(None, [None] * 5) == header.reframed(4096)
+
+
+@pytest.mark.parametrize("algorithm, values, reason", [
+    ("crc32c", [1, 2, None, 4, 5], r"checksum_algorithm is crc32c, but tensors \['layers.1.index_cache'\] carry no"),
+    (None, [None, 7, None, None, None], r"tensors \['layers.1.kv_compressed'\] carry a checksum but .* is nil"),
+    ("crc32c", [1, 2, 3], "3 checksums for 5 tensors"),
+    ("crc32c", [1, 2, 3, 4, 2**32], "32-bit unsigned ints"),
+])
+def test_with_checksums_refuses_an_inconsistent_set(algorithm, values, reason):
+    with pytest.raises(ValueError, match=reason):
+        _header().with_checksums(algorithm, values)
 
 
 def test_ack_round_trip_and_rejections():
@@ -77,7 +92,10 @@ BAD_HEADERS = [
     (lambda: b"\x00" * (tp.MAX_HEADER_BYTES + 1), "more than the limit"),
     (lambda: msgpack.packb({k: v for k, v in _raw().items() if k != "position"}), r"missing fields \['position'\]"),
     (lambda: msgpack.packb(_raw(extra=1)), r"unexpected fields \['extra'\]"),
-    (lambda: msgpack.packb(_raw(version=2)), "protocol version 2 is not supported; this side speaks 1"),
+    (lambda: msgpack.packb(_raw(version=1)), "protocol version 1 is not supported; this side speaks 2"),
+    (lambda: msgpack.packb({**{k: v for k, v in _raw().items() if k != "checksum_algorithm"}, "version": 1}),
+     "protocol version 1 is not supported; this side speaks 2"),  # a version-1 header: the version is the reason
+    (lambda: msgpack.packb({k: v for k, v in _raw().items() if k != "version"}), "version: expected an int"),
     (lambda: msgpack.packb(_raw(version="1")), "version: expected an int"),
     (lambda: msgpack.packb(_raw(position=True)), "position: expected an int"),
     (lambda: msgpack.packb(_raw(position=-1)), "position: expected an int in"),
@@ -94,6 +112,10 @@ BAD_HEADERS = [
     (lambda: msgpack.packb(_raw(tensors={"a": 1})), "tensors: expected a list"),
     (lambda: msgpack.packb(_raw(tensors=[{}] * (tp.MAX_TENSORS + 1))), "tensors: expected a list of at most 4096"),
     (lambda: msgpack.packb(_raw(tensors=[[1, 2]])), r"tensors\[0\]: expected a map"),
+    (lambda: msgpack.packb(_raw(checksum_algorithm="md5")),
+     r"checksum_algorithm: expected one of \['crc32c', 'crc32'\] or nil, got str 'md5'"),
+    (lambda: msgpack.packb(_raw(checksum_algorithm=1)), "checksum_algorithm: expected one of"),
+    (lambda: msgpack.packb(_raw(checksum_algorithm="crc32c")), "checksum_algorithm is crc32c, but tensors"),
 ]
 
 
@@ -113,8 +135,11 @@ BAD_HEADERS += [
     (lambda: _bad_tensor(nbytes=12), "nbytes: bfloat16 \\(3, 32, 64\\) holds 12288 bytes, the header says 12"),
     (lambda: _bad_tensor(shape=[2**20, 2**20, 64], nbytes=2**47), "nbytes: expected an int in"),
     (lambda: _bad_tensor(num_frames=1), "num_frames: 12288 bytes in frames of 4096 make 3, the header says 1"),
-    (lambda: _bad_tensor(crc32=-1), "crc32: expected an int"),
-    (lambda: _bad_tensor(crc32=None, extra=0), "unexpected fields"),
+    (lambda: _bad_tensor(checksum=-1), "checksum: expected an int"),
+    (lambda: _bad_tensor(checksum=2**32), "checksum: expected an int"),
+    (lambda: _bad_tensor(checksum=5), r"tensors \['layers.1.kv_compressed'\] carry a checksum but"),
+    (lambda: _bad_tensor(checksum=None, extra=0), "unexpected fields"),
+    (lambda: _bad_tensor(crc32=None), r"unexpected fields \['crc32'\]"),
     (lambda: _bad_tensor(name="layers.0.swa"), "tensor names repeat: \\['layers.0.swa'\\]"),
 ]
 
@@ -127,7 +152,7 @@ def test_decode_rejects_with_a_precise_reason(make, reason):
 
 def test_total_size_is_capped():
     raw = _raw(frame_bytes=tp.MAX_FRAME_BYTES)
-    big = {"name": "big", "dtype": "uint8", "shape": [2**35], "nbytes": 2**35, "num_frames": 32, "crc32": None}
+    big = {"name": "big", "dtype": "uint8", "shape": [2**35], "nbytes": 2**35, "num_frames": 32, "checksum": None}
     raw["tensors"] = [big, {**big, "name": "big2"}, {**big, "name": "big3"}]
     with pytest.raises(TransferError, match="more than the limit"):
         TransferHeader.decode(msgpack.packb(raw))
@@ -135,7 +160,7 @@ def test_total_size_is_capped():
 
 def test_random_corruption_never_escapes_as_another_exception():
     rng = random.Random(0)
-    good = _header(frame_bytes=4096).encode()
+    good = _header(frame_bytes=4096).with_checksums("crc32c", [11, 22, 33, 44, 55]).encode()
     outcomes = {"rejected": 0, "valid": 0}
     for _ in range(1500):
         data = bytearray(good)
@@ -201,3 +226,49 @@ def test_fault_plan_parsing():
             FaultPlan.parse(bad)
     with pytest.raises(ValueError, match=tp.FAULT_ENV):
         FaultPlan.from_env({tp.FAULT_ENV: "nope"})
+
+
+# --- checksums ---------------------------------------------------------------------------------------
+def _crc32c_bitwise(data: bytes, value: int = 0) -> int:
+    """CRC32C by its definition, one bit at a time (reflected polynomial 0x82F63B78)."""
+    crc = ~value & 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return ~crc & 0xFFFFFFFF
+
+
+def test_checksums_match_their_check_values():
+    assert tp.checksum("crc32c", b"123456789") == tp.crc32c_reference(b"123456789") == 0xE3069283  # RFC 3720
+    assert tp.checksum("crc32", b"123456789") == 0xCBF43926
+    assert tp.checksum("crc32c", b"") == 0 and tp.crc32c_reference(b"", 0x1234) == 0x1234
+    with pytest.raises(ValueError, match="checksum algorithm 'md5'"):
+        tp.checksum("md5", b"x")
+
+
+@pytest.mark.parametrize("size", [0, 1, 17, 4095, 4096, 2**12 + 17, 2**16 + 17, 1823 * 781, 3 * 2**20 + 5])
+def test_crc32c_reference_equals_the_definition_and_the_package(size):
+    rng = np.random.default_rng(size)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    seed = int(rng.integers(0, 2**32))
+    got = tp.crc32c_reference(data, seed)
+    if size <= 5000:
+        assert got == _crc32c_bitwise(data, seed), f"size={size} seed={seed:08x}"
+    cut = size // 3  # chaining: the checksum of a‖b continues from the checksum of a
+    assert tp.crc32c_reference(data[cut:], tp.crc32c_reference(data[:cut], seed)) == got
+    assert tp.checksum("crc32", data, seed) == zlib.crc32(data, seed)
+    crc32c = pytest.importorskip("crc32c")
+    assert crc32c.crc32c(data, seed) == got == tp.checksum("crc32c", memoryview(data), seed), f"size={size}"
+
+
+def test_a_flipped_bit_anywhere_changes_the_checksum():
+    rng = np.random.default_rng(7)
+    data = bytearray(rng.integers(0, 256, 2**16 + 17, dtype=np.uint8).tobytes())
+    want = {name: tp.checksum(name, bytes(data)) for name in tp.CHECKSUMS}
+    for i in rng.integers(0, len(data), 64).tolist():
+        bit = 1 << int(rng.integers(0, 8))
+        data[i] ^= bit
+        for name in tp.CHECKSUMS:
+            assert tp.checksum(name, bytes(data)) != want[name], f"{name}: byte {i} bit {bit}"
+        data[i] ^= bit
