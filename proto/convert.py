@@ -9,11 +9,13 @@ from sparsepd.proto import worker_pb2
 
 def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
     """Keyword arguments for the engine's SamplingParams.checked (which validates them). A proto3 zero
-    means "not set": top_p 0 is 1.0 (off), top_k 0 is off."""
+    means "not set": top_p 0 is 1.0 (off), top_k 0 is off, repetition_penalty 0 is 1.0 (off)."""
     return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0, min_p=msg.min_p,
                 seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
                 stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
-                logprobs=msg.logprobs, top_logprobs=msg.top_logprobs)
+                logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, frequency_penalty=msg.frequency_penalty,
+                presence_penalty=msg.presence_penalty, repetition_penalty=msg.repetition_penalty or 1.0,
+                logit_bias=tuple(sorted(msg.logit_bias.items())))
 
 
 def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
@@ -22,7 +24,9 @@ def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
         min_p=values.get("min_p", 0.0), max_new_tokens=values.get("max_new_tokens", 16),
         stop_token_ids=list(values.get("stop_token_ids", ())), ignore_eos=values.get("ignore_eos", False),
         min_new_tokens=values.get("min_new_tokens", 0), logprobs=values.get("logprobs", False),
-        top_logprobs=values.get("top_logprobs", 0))
+        top_logprobs=values.get("top_logprobs", 0), frequency_penalty=values.get("frequency_penalty", 0.0),
+        presence_penalty=values.get("presence_penalty", 0.0), repetition_penalty=values.get("repetition_penalty", 1.0),
+        logit_bias=dict(values.get("logit_bias", ())))
     if values.get("seed") is not None:
         msg.seed = values["seed"]
     return msg

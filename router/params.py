@@ -4,8 +4,10 @@ parameters for the workers, and the stop conditions the router watches itself.
 Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
 length"; n 0 is 1). A bad request raises `InvalidRequest` naming the field, the value and what is
-allowed; features the workers do not have (n > 1, grammars, penalties, logit bias, input log-probabilities,
-multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
+allowed; features the workers do not have (n > 1, grammars, input log-probabilities, multimodal input, input
+embeddings, LoRA, hidden states) are refused the same way, never ignored. Penalties as SGLang and OpenAI
+take them: frequency_penalty and presence_penalty in [-2, 2], repetition_penalty > 0 (0 = unset = 1, off),
+logit_bias a map from token id (a decimal string) to a bias in [-100, 100].
 Output log-probabilities (`return_logprob`, `top_logprobs_num` ≤ 20) are the log-softmax of the model's raw
 logits; `logprob_start_len` 0 or -1 means "output only" (proto3 cannot tell 0 from unset).
 """
@@ -22,6 +24,7 @@ from sparsepd.router.model_card import ModelCard
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
+MAX_LOGIT_BIAS = 100.0
 
 
 class InvalidRequest(ValueError):
@@ -63,6 +66,11 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
     _check_range("temperature", sp.temperature, lambda v: v >= 0, "≥ 0 (0 = greedy)")
     _check_range("top_p", sp.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
     _check_range("min_p", sp.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check_range("frequency_penalty", sp.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
+    _check_range("presence_penalty", sp.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
+    _check_range("repetition_penalty", sp.repetition_penalty, lambda v: 0 <= v < math.inf,
+                 "> 0 (1 = off; 0 = unset)")
+    logit_bias = _logit_bias(sp, card)
     if sp.top_k < -1:
         raise InvalidRequest(f"sampling_params.top_k={sp.top_k} is out of range: allowed -1 or 0 (off) or ≥ 1")
     bad_stop = [t for t in sp.stop_token_ids if t >= card.vocab_size]
@@ -83,7 +91,9 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
     sampling = worker_pb2.SamplingParams(
         temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, max_new_tokens=max_new,
         stop_token_ids=sorted(stop_ids), ignore_eos=sp.ignore_eos, min_new_tokens=sp.min_new_tokens,
-        logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0)
+        logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
+        frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+        repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias)
     if sp.HasField("seed"):
         sampling.seed = sp.seed
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
@@ -110,6 +120,23 @@ def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]
     return ids
 
 
+def _logit_bias(sp: pb.SamplingParams, card: ModelCard) -> dict[int, float]:
+    """OpenAI's logit_bias: token id (a decimal string) → bias in [-100, 100]."""
+    out = {}
+    for key, value in sorted(sp.logit_bias.items()):
+        token = int(key) if key.strip().isdigit() else -1
+        if not 0 <= token < card.vocab_size:
+            raise InvalidRequest(f"sampling_params.logit_bias has key {key!r}: keys must be token ids "
+                                 f"0..{card.vocab_size - 1}")
+        if math.isnan(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"sampling_params.logit_bias[{key!r}]={value:g} is out of range: allowed "
+                                 f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if token in out:
+            raise InvalidRequest(f"sampling_params.logit_bias names token id {token} twice")
+        out[token] = value
+    return out
+
+
 def _check_range(name: str, value: float, ok, allowed: str) -> None:
     if math.isnan(value) or not ok(value):
         raise InvalidRequest(f"sampling_params.{name}={value:g} is out of range: allowed {allowed}")
@@ -122,13 +149,6 @@ def _refuse_unsupported(req: pb.GenerateRequest) -> None:
         (sp.WhichOneof("constraint") is not None,
          f"sampling_params.{sp.WhichOneof('constraint')}: constrained decoding (regex, JSON schema, grammar, "
          "structural tag) is not supported"),
-        (sp.frequency_penalty != 0, f"sampling_params.frequency_penalty={sp.frequency_penalty:g}: penalties are not "
-                                    "supported (allowed: 0)"),
-        (sp.presence_penalty != 0, f"sampling_params.presence_penalty={sp.presence_penalty:g}: penalties are not "
-                                   "supported (allowed: 0)"),
-        (sp.repetition_penalty not in (0.0, 1.0), f"sampling_params.repetition_penalty={sp.repetition_penalty:g}: "
-                                                  "penalties are not supported (allowed: 1, or 0 for unset)"),
-        (bool(sp.logit_bias), "sampling_params.logit_bias is not supported"),
         (req.top_logprobs_num < 0 or req.top_logprobs_num > MAX_TOP_LOGPROBS,
          f"top_logprobs_num={req.top_logprobs_num} is out of range: allowed 0..{MAX_TOP_LOGPROBS}"),
         (req.top_logprobs_num > 0 and not req.return_logprob,

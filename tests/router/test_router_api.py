@@ -115,7 +115,7 @@ BAD_REQUESTS = [
     ("stop token outside the vocabulary", _bad("s", sampling_params__stop_token_ids=[300]), "300"),
     ("n > 1", _bad("n", sampling_params__n=2), "n=2"),
     ("a grammar", _bad("g", sampling_params__regex="[a-z]+"), "constrained decoding"),
-    ("a penalty", _bad("f", sampling_params__frequency_penalty=0.5), "frequency_penalty=0.5"),
+    ("a penalty out of range", _bad("f", sampling_params__frequency_penalty=2.5), "frequency_penalty=2.5"),
     ("input log-probabilities", _bad("l", return_logprob=True, logprob_start_len=3), "logprob_start_len=3"),
     ("too many top log-probabilities", _bad("l2", return_logprob=True, top_logprobs_num=21),
      "top_logprobs_num=21 is out of range"),
