@@ -58,6 +58,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             while True:
                 step, batch = await updates.get()
+                while not updates.empty():  # the router fell behind: what is queued goes in one message, in order
+                    step, more = updates.get_nowait()
+                    batch = [*batch, *more]
                 yield worker_pb2.StepBatch(step=step, events=[_event(u) for u in batch])
         except asyncio.CancelledError:
             raise
@@ -68,7 +71,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.HealthResponse(serving=self.serving, role=self.role)
 
     async def Stats(self, request, context):
-        s = self.worker.stats()
+        # off the event loop: stats() waits for the step in progress (the engine lock), and token streams wait
+        # for nothing
+        s = await asyncio.get_running_loop().run_in_executor(None, self.worker.stats)
         c = s["counters"]
         return worker_pb2.StatsResponse(
             role=self.role, num_pages=s["num_pages"], free_pages=s["free_pages"], num_slots=s["num_slots"],

@@ -58,10 +58,14 @@ async def wait_idle(stub: pb_grpc.SglangSchedulerStub, timeout_s: float = 30.0) 
     return False
 
 
-def generate_request(prompt: Prompt, request_id: str, temperature: float, seed: int) -> pb.GenerateRequest:
-    """A streamed request that generates exactly `prompt.output_len` tokens (ignore_eos)."""
+def generate_request(prompt: Prompt, request_id: str, temperature: float, seed: int,
+                     stop_token_ids: tuple[int, ...] = ()) -> pb.GenerateRequest:
+    """A streamed request that generates exactly `prompt.output_len` tokens (ignore_eos, and min_new_tokens =
+    max_new_tokens, as `min_tokens` = `max_tokens` through the OpenAI gateway): EOS and `stop_token_ids` are
+    never drawn."""
     sampling = pb.SamplingParams(temperature=temperature, top_p=1.0, top_k=-1, max_new_tokens=prompt.output_len,
-                                 ignore_eos=True, seed=seed)
+                                 min_new_tokens=prompt.output_len, ignore_eos=True, seed=seed,
+                                 stop_token_ids=stop_token_ids)
     tokenized = pb.TokenizedInput(input_ids=prompt.input_ids or (), original_text=prompt.text or "")
     return pb.GenerateRequest(request_id=request_id, tokenized=tokenized, sampling_params=sampling, stream=True)
 

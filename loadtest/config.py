@@ -49,6 +49,17 @@ def parse_sweep(text: str) -> tuple[int, ...]:
     return values
 
 
+def parse_ids(text: str, option: str) -> tuple[int, ...]:
+    """`1,5,128-259` → (1, 5, 128, 129, …, 259): token ids, singly or as inclusive ranges."""
+    ids: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            raise ValueError(f"{option} {text!r}: expected token ids and ranges, e.g. 0,2,128-259")
+        ids.extend(range(int(low), int(high or low) + 1))
+    return tuple(ids)
+
+
 class LoadTestConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -64,6 +75,7 @@ class LoadTestConfig(BaseModel):
     dataset: str | None = None  # JSONL of prompts instead of random token ids
     seed: int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0)
+    stop_token_ids: tuple[int, ...] = ()  # never drawn: every request sets min_new_tokens = its output length
 
     # the load: one point per concurrency; None = no limit
     concurrencies: tuple[int | None, ...] = (None,)

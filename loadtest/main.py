@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from sparsepd.loadtest.config import LengthRange, LoadTestConfig, parse_sweep
+from sparsepd.loadtest.config import LengthRange, LoadTestConfig, parse_ids, parse_sweep
 
 EPILOG = """\
 metrics (the definitions of SGLang's bench_serving and `vllm bench serve`):
@@ -23,7 +23,8 @@ metrics (the definitions of SGLang's bench_serving and `vllm bench serve`):
                (from its start until its last request ended)
   TTFT         first streamed token's arrival - send time
   ITL          every gap between consecutive streamed chunks (a chunk of k tokens is one gap)
-  TPOT         per request (E2E - TTFT) / (output tokens - 1); requests of one output token have none
+  TPOT         per request (E2E - TTFT) / (output tokens - tokens of the first chunk); requests with no
+               token after their first chunk have none
   E2E          final response's arrival - send time
   goodput      completed requests meeting every given SLO, per second
   percentiles  linear interpolation (numpy's default); failed requests are counted by gRPC status and
@@ -64,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0,
                    help="seeds the prompts, their lengths, the arrivals and the sampling (default: %(default)s)")
     w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
+    w.add_argument("--stop-token-ids", default="", metavar="IDS",
+                   help="token ids every request sends as stop_token_ids, e.g. 128-259; since every request also "
+                        "sets min_new_tokens to its output length, they are never drawn: the output keeps to the "
+                        "other ids (bench/compare_aiperf.py bans those that decode to no whole character)")
     load = p.add_argument_group("load (each point is bounded in requests and in time)")
     load.add_argument("--sweep", default=None, metavar="C1,C2,...",
                       help="one point per max concurrency, e.g. 1,2,4,8,16,32,64,128,256")
@@ -109,11 +114,13 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency {args.max_concurrency}: expected ≥ 1")
     concurrencies = parse_sweep(args.sweep) if args.sweep is not None else (args.max_concurrency,)
+    stop_ids = parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else ()
     return LoadTestConfig(
         router=args.router, launch=args.launch, serve_args=tuple(shlex.split(args.serve_args)),
         launch_timeout_s=args.launch_timeout, input_len=LengthRange.parse(args.input_len, "--input-len"),
         output_len=LengthRange.parse(args.output_len, "--output-len"), dataset=args.dataset, seed=args.seed,
-        temperature=args.temperature, concurrencies=concurrencies, request_rate=args.request_rate,
+        temperature=args.temperature, stop_token_ids=stop_ids, concurrencies=concurrencies,
+        request_rate=args.request_rate,
         num_prompts=args.num_prompts, max_seconds=args.max_seconds, drain_seconds=args.drain_seconds,
         request_timeout_s=args.request_timeout, warmup_requests=args.warmup_requests, slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, results=args.results, label=(args.label or [""])[0],
@@ -196,7 +203,8 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
                                               facts.model, cfg.seed)
         warmup, prompts = prompts[most:], prompts[:most]
         if warmup:
-            bad = [r for r in await warm_up(stub, warmup, cfg.request_timeout_s) if r.status != OK]
+            bad = [r for r in await warm_up(stub, warmup, cfg.request_timeout_s, cfg.stop_token_ids)
+                   if r.status != OK]
             if bad:
                 print(f"error: a warm-up request failed with {bad[0].status}: {bad[0].error}", file=sys.stderr)
                 return 1
@@ -210,7 +218,8 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
         for point, concurrency in enumerate(cfg.concurrencies):
             n = cfg.prompts_for(concurrency)
             settings = PointSettings(concurrency, cfg.max_seconds, cfg.drain_seconds, cfg.request_timeout_s,
-                                     cfg.temperature, cfg.seed, f"loadtest-{run_id}-c{concurrency}")
+                                     cfg.temperature, cfg.seed, f"loadtest-{run_id}-c{concurrency}",
+                                     cfg.stop_token_ids)
             progress = Progress(f"c={concurrency or 'inf'}", n, cfg.progress)
             arrivals = workload.arrival_offsets_s(n, cfg.request_rate, cfg.seed, point)
             result = await run_point(stub, prompts[:n], arrivals, settings, progress)

@@ -7,10 +7,12 @@ and `vllm bench serve`:
 - TTFT = arrival of the first streamed token − the request's send time;
 - ITL: every gap between consecutive streamed chunks of a request (a chunk carrying k tokens is one gap),
   pooled over all requests;
-- TPOT per request = (E2E − TTFT) / (output tokens − 1), only for requests with more than one output token;
+- TPOT per request = (E2E − TTFT) / (output tokens − the tokens of the first chunk), only for requests with
+  tokens after their first chunk (= bench_serving's (E2E − TTFT) / (output tokens − 1) when the first chunk
+  holds one token; aiperf's ITL with --per-chunk-usage);
 - E2E = arrival of the final response − send time;
 - goodput = completed requests meeting every given SLO (TTFT ≤ --slo-ttft-ms, TPOT ≤ --slo-tpot-ms; a request
-  with one output token has no TPOT and meets that SLO) / duration;
+  with no token after its first chunk has no TPOT and meets that SLO) / duration;
 - mean concurrency = Σ E2E / duration;
 - percentiles interpolate linearly between order statistics (numpy's default, as both tools do).
 
@@ -60,9 +62,14 @@ class RequestRecord:
 
     @property
     def tpot_s(self) -> float | None:
-        if self.output_tokens <= 1:
+        """(E2E − TTFT) ÷ the tokens that came after the first chunk (None when there are none): the first
+        chunk can carry several tokens (decode steps that finished before the first token reached the router,
+        or a client that read slower than they came), and dividing by output − 1 would count those as if
+        they had taken decode time after TTFT."""
+        after_first = self.output_tokens - (self.chunk_tokens[0] if self.chunk_tokens else 1)
+        if after_first < 1:
             return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+        return (self.e2e_s - self.ttft_s) / after_first
 
     @property
     def itls_s(self) -> list[float]:

@@ -97,8 +97,9 @@ def point_record(cfg: LoadTestConfig, run: dict, concurrency: int | None, num_pr
         "concurrency": concurrency, "request_rate": None if math.isinf(cfg.request_rate) else cfg.request_rate,
         "num_prompts": num_prompts, "input_len": [cfg.input_len.low, cfg.input_len.high],
         "output_len": [cfg.output_len.low, cfg.output_len.high], "dataset": cfg.dataset, "seed": cfg.seed,
-        "temperature": cfg.temperature, "max_seconds": cfg.max_seconds, "drain_seconds": cfg.drain_seconds,
-        "request_timeout_s": cfg.request_timeout_s, "warmup_requests": cfg.warmup_requests,
+        "temperature": cfg.temperature, "stop_token_ids": list(cfg.stop_token_ids), "max_seconds": cfg.max_seconds,
+        "drain_seconds": cfg.drain_seconds, "request_timeout_s": cfg.request_timeout_s,
+        "warmup_requests": cfg.warmup_requests,
         "slo_ttft_ms": cfg.slo_ttft_ms, "slo_tpot_ms": cfg.slo_tpot_ms,
     }
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

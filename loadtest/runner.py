@@ -25,6 +25,7 @@ class PointSettings:
     temperature: float
     seed: int
     request_prefix: str
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -83,7 +84,7 @@ async def run_point(stub: pb_grpc.SglangSchedulerStub, prompts: list[Prompt], ar
             if time.perf_counter() >= deadline:
                 return
             request = generate_request(prompt, f"{settings.request_prefix}-{index}", settings.temperature,
-                                       settings.seed + index)
+                                       settings.seed + index, settings.stop_token_ids)
             progress.finished(await send(stub, request, settings.request_timeout_s, records))
 
     ticker = asyncio.create_task(progress.tick())
@@ -109,10 +110,11 @@ async def run_point(stub: pb_grpc.SglangSchedulerStub, prompts: list[Prompt], ar
     return PointResult(records, end - start, len(prompts) - len(records))
 
 
-async def warm_up(stub: pb_grpc.SglangSchedulerStub, prompts: list[Prompt], timeout_s: float) -> list[RequestRecord]:
+async def warm_up(stub: pb_grpc.SglangSchedulerStub, prompts: list[Prompt], timeout_s: float,
+                  stop_token_ids: tuple[int, ...] = ()) -> list[RequestRecord]:
     """Send `prompts` at once and wait for them (first-use costs such as kernel compilation stay out of the
     points); the records are returned for the caller to check, not measured."""
     records: list[RequestRecord] = []
-    await asyncio.gather(*(send(stub, generate_request(p, f"loadtest-warmup-{i}", 0.0, i), timeout_s, records)
-                           for i, p in enumerate(prompts)))
+    await asyncio.gather(*(send(stub, generate_request(p, f"loadtest-warmup-{i}", 0.0, i, stop_token_ids), timeout_s,
+                                records) for i, p in enumerate(prompts)))
     return records

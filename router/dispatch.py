@@ -307,10 +307,12 @@ class Dispatcher:
                                     message=f"decode worker {flow.decode.address}: {event.error}"))
         elif reason == "abort":
             self._end(flow, Outcome("abort"))
-        else:
+        elif flow.spec.logprobs:
             logprobs = [TokenLogprob(lp, tuple(top.token_ids), tuple(top.logprobs))
-                        for lp, top in zip(event.logprobs, event.top_logprobs, strict=False)] or None
-            self._deliver(flow, list(event.token_ids), reason, logprobs if flow.spec.logprobs else None)
+                        for lp, top in zip(event.logprobs, event.top_logprobs, strict=False)]
+            self._deliver(flow, list(event.token_ids), reason, logprobs)
+        else:
+            self._deliver(flow, list(event.token_ids), reason)
 
     # --- tokens and the end -----------------------------------------------------------------------------
     def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str,
@@ -323,15 +325,7 @@ class Dispatcher:
             flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
             if self.metrics:
                 self.metrics.first_token(flow.ttft_ms / 1e3)
-        new, outcome = [], None
-        for i, token in enumerate(token_ids):
-            flow.output_ids.append(token)
-            if logprobs is not None:
-                flow.logprobs.append(logprobs[i])
-            new.append(token)
-            outcome = flow.check_stop(token)
-            if outcome is not None:
-                break
+        new, outcome = flow.take(token_ids, logprobs)
         if outcome is None and worker_finish:
             outcome = flow.worker_outcome(worker_finish)
         now = time.monotonic()
@@ -349,10 +343,8 @@ class Dispatcher:
             return
         flow.ended, flow.outcome = True, outcome
         self.flows.pop(flow.request_id, None)
-        try:
+        if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
             self.queue.remove(flow)
-        except ValueError:
-            pass
         flow.events.put_nowait(("end", outcome))
         if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
             log.warning("%s: %s", outcome.code.name, outcome.message, extra={"request_id": flow.request_id})

@@ -1,9 +1,10 @@
 """One request in flight through the router: where it is, what it produced, and how it ended.
 
 The dispatcher writes a flow's events (`("tokens", [ids])` as tokens arrive, then exactly one
-`("end", Outcome)`); the public Generate stream reads them. `check_stop` is the router's own stop rule
-per new token: stop strings (over the incrementally decoded text; none before `min_new_tokens`) and
-max_new_tokens. Stop token ids and EOS are the workers' (they mask them until `min_new_tokens`).
+`("end", Outcome)`); the public Generate stream reads them. `take` applies the router's own stop rules to
+a step's new tokens: stop strings (per token over the incrementally decoded text, `check_stop`; none before
+`min_new_tokens`) and max_new_tokens (a slice when there is no stop string). Stop token ids and EOS are the
+workers' (they mask them until `min_new_tokens`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,31 @@ class Flow:
         if n >= spec.max_new_tokens:
             return Outcome("length")
         return None
+
+    def take(self, token_ids: list[int],
+             logprobs: list[TokenLogprob] | None = None) -> tuple[list[int], Outcome | None]:
+        """Append new tokens up to the one that ends the request: those taken, and the outcome if one ends it.
+
+        With stop strings every token is checked on the decoded text; without, only max_new_tokens can end
+        it here, so the tokens are taken as one slice and decoded once at the end."""
+        if self.stopper is not None and self.stopper.stops:
+            new, outcome = [], None
+            for i, token in enumerate(token_ids):
+                self.output_ids.append(token)
+                if logprobs is not None:
+                    self.logprobs.append(logprobs[i])
+                new.append(token)
+                outcome = self.check_stop(token)
+                if outcome is not None:
+                    break
+            return new, outcome
+        new = token_ids[:self.spec.max_new_tokens - len(self.output_ids)]
+        self.output_ids.extend(new)
+        if logprobs is not None:
+            self.logprobs.extend(logprobs[:len(new)])
+        if self.stopper is not None:
+            self.stopper.extend(new)
+        return new, Outcome("length") if len(self.output_ids) >= self.spec.max_new_tokens else None
 
     def worker_outcome(self, finish_reason: str) -> Outcome:
         """The outcome a worker's finish reason ("stop" or "length") means for the last token."""

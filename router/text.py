@@ -43,7 +43,7 @@ class IncrementalText:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset]) if self.read_offset else ""
         rest = self._decode(self.ids[self.prefix_offset:])[len(before):]
         self.text += rest
         self.read_offset = len(self.ids)
@@ -51,7 +51,8 @@ class IncrementalText:
 
 
 class StopStrings:
-    """Watch a request's text for its stop strings."""
+    """Watch a request's text for its stop strings. Without any, tokens are only kept and the text is decoded
+    once at the end, not twice per token."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -64,8 +65,16 @@ class StopStrings:
     def text(self) -> str:
         return self.detok.text
 
+    def extend(self, token_ids: list[int]) -> None:
+        """Add tokens when there is no stop string to watch: kept, and decoded once in output_text."""
+        assert not self.stops, "tokens of a request with stop strings go through push"
+        self.detok.ids.extend(token_ids)
+
     def push(self, token_id: int) -> str | None:
         """Add one token; return the stop string it completes, if any (the earliest one in the text)."""
+        if not self.stops:
+            self.extend([token_id])
+            return None
         if self.matched is not None:
             return self.matched
         start = max(0, len(self.detok.text) - self.longest + 1)

@@ -81,6 +81,35 @@ def test_one_token_outputs_have_no_tpot():
     assert m["good_requests"] == 2
 
 
+def test_tpot_divides_by_the_tokens_after_a_multi_token_first_chunk():
+    # A recorded stream of 32 tokens whose first chunk holds 4 (decode steps that finished before the first token
+    # reached the router), then 28 one-token chunks 50 ms apart: 28 × 50 ms of decoding after TTFT is 50 ms per
+    # token, not 28 × 50 / 31 (the old output − 1 divisor, 45.2 ms).
+    chunks = [10.2 + 0.05 * i for i in range(29)]
+    r = _ok(10.0, chunks, [4] + [1] * 28, chunks[-1], 63)
+    assert r.output_tokens == 32 and r.ttft_s == approx(0.2)
+    assert r.tpot_s == approx(0.05)
+    m = summarize([r], duration_s=1.6)
+    assert m["tpot_ms"]["mean"] == approx(50.0) and m["itl_ms"]["mean"] == approx(50.0)
+    assert m["tokens_per_chunk"] == approx(32 / 29) and m["output_throughput"] == approx(20.0)
+    # everything in the first chunk: no token came after it, so there is no TPOT
+    assert _ok(0.0, [0.3], [5], 0.31, 4).tpot_s is None
+
+
+def test_requests_generate_exactly_their_length_and_never_the_stop_ids():
+    from sparsepd.loadtest.client import generate_request
+    from sparsepd.loadtest.config import parse_ids
+    from sparsepd.loadtest.workload import Prompt
+
+    assert parse_ids("1,5,128-131", "--stop-token-ids") == (1, 5, 128, 129, 130, 131)
+    for bad in ("", "a", "5-2", "1,,2", "-3"):
+        with pytest.raises(ValueError, match="--stop-token-ids"):
+            parse_ids(bad, "--stop-token-ids")
+    sp = generate_request(Prompt((1, 2, 3), None, 32), "r", 0.0, 7, (128, 129)).sampling_params
+    # min = max new tokens (the gateway's min_tokens = max_tokens): EOS and stop ids are masked for every token
+    assert (sp.max_new_tokens, sp.min_new_tokens, sp.ignore_eos, list(sp.stop_token_ids)) == (32, 32, True, [128, 129])
+
+
 def test_nothing_completed_gives_empty_stats_and_zero_throughput():
     m = summarize([RequestRecord(start_s=0.0, end_s=0.1, status="UNAVAILABLE")], duration_s=0.1)
     assert m["completed"] == 0 and m["errors"] == {"UNAVAILABLE": 1} and m["request_throughput"] == 0

@@ -189,6 +189,42 @@ def test_client_cancel_and_deadline_free_both_workers(deployment):
     assert run(main()) == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_decode_worker_streams_one_message_per_step_with_every_requests_tokens(deployment):
+    """A second subscriber of the decode worker's StreamTokens sees what the router sees: one StepBatch per
+    decode step (steps strictly increasing), carrying the new token of every running request, here 4 at once."""
+    from sparsepd.proto import worker_pb2, worker_pb2_grpc
+
+    ids = {f"steps-{i}": [256, *bytes([65 + i]) * 20] for i in range(4)}
+
+    async def main():
+        async with channel(deployment["decode"]) as dch, channel(deployment["router"]) as rch:
+            stream = worker_pb2_grpc.DecodeWorkerStub(dch).StreamTokens(worker_pb2.StreamRequest())
+            await asyncio.sleep(0.5)  # subscribed before the requests start
+            stub = stub_of(rch)
+            replies = asyncio.gather(*(collect(stub, generate_request(p, 12, stream=True, request_id=rid))
+                                       for rid, p in ids.items()))
+            steps, ended = [], set()
+            while ended != set(ids):
+                batch = await asyncio.wait_for(stream.read(), 30)
+                events = [(e.request_id, list(e.token_ids), e.finish_reason) for e in batch.events
+                          if e.request_id in ids]
+                steps.append((batch.step, events))
+                ended |= {rid for rid, _, finish in events if finish}
+            stream.cancel()
+            return steps, await replies
+
+    steps, replies = run(main())
+    numbers = [step for step, _ in steps]
+    assert numbers == sorted(set(numbers)), numbers  # strictly increasing: never a step split over two messages
+    for rid, (_, done) in zip(ids, replies, strict=True):
+        tokens = [t for _, events in steps for r, toks, _ in events if r == rid for t in toks]
+        assert tokens == list(done.output_ids[1:]), rid  # the first token comes from the prefill worker
+    full = [events for _, events in steps if len(events) == 4]
+    assert full, [len(events) for _, events in steps]  # the 4 requests decoded together: one message per step
+    assert all(sorted(r for r, _, _ in events) == sorted(ids) and all(len(t) == 1 for _, t, _ in events)
+               for events in full)
+
+
 def _first_index(tokens: list[int], text_ids: list[int]) -> int:
     return next(i for i in range(len(tokens)) if tokens[i:i + len(text_ids)] == text_ids)
 

@@ -101,3 +101,41 @@ def test_conversion_follows_sglangs_semantics():
         parse_generate(_request(max_new_tokens=5, min_new_tokens=6), card)
     with pytest.raises(InvalidRequest, match="temperature=nan"):
         parse_generate(_request(temperature=float("nan")), card)
+
+
+class _CountingTokenizer:
+    """The tiny tokenizer, counting decode calls."""
+
+    def __init__(self):
+        self.inner, self.decodes = card_for("tiny").load_tokenizer(), 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decodes += 1
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _flow(max_new: int, stops: tuple[str, ...] = ()):
+    from sparsepd.router.flow import Flow
+
+    card, tok = card_for("tiny"), _CountingTokenizer()
+    spec = parse_generate(_request(max_new_tokens=max_new, stop=list(stops)), card, tok)
+    return Flow(spec, StopStrings(tok, list(spec.stop))), tok
+
+
+def test_tokens_without_stop_strings_are_taken_whole_and_decoded_once():
+    flow, tok = _flow(max_new=10)
+    step_tokens = [[104, 101], [108], [108, 111, 32], [119, 195, 182, 114, 108, 100]]  # "hello wörld"
+    taken = [flow.take(ids) for ids in step_tokens]
+    assert taken[:3] == [([104, 101], None), ([108], None), ([108, 111, 32], None)]
+    new, outcome = taken[3]
+    assert new == [119, 195, 182, 114] and outcome.finish_reason == "length"  # cut at max_new_tokens = 10
+    assert flow.output_ids == [104, 101, 108, 108, 111, 32, 119, 195, 182, 114]
+    assert tok.decodes == 0  # no per-token decoding when no stop string is watched
+    assert flow.output_text() == "hello wör" and tok.decodes == 1
+
+
+def test_tokens_with_stop_strings_are_checked_one_by_one():
+    flow, tok = _flow(max_new=20, stops=("lo w",))
+    new, outcome = flow.take(list(b"hello world"))
+    assert bytes(new) == b"hello w" and outcome.matched_stop_str == "lo w"  # the rest of the step is dropped
+    assert tok.decodes > 0 and flow.output_text() == "hel"
