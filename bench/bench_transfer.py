@@ -6,8 +6,8 @@ Default states: bench@4096 (3.6 MB), v4-flash@4096 (44 MB), v4-flash@32768 (224 
 (send() until the Ack, median of the rounds / states in flight) and GB/s; the CPU time each process spent
 per state (all its threads, the zmq I/O thread included: where the time goes when the cores are shared);
 the checksum's own throughput over this state's tensors (one thread, here); and the floor, one memcpy of
-the state. A loopback socket copies every byte twice (into the kernel and out of it) plus the receiver's
-fresh pages, so the transfer cannot beat about half the memcpy rate.
+the state. A loopback socket copies every byte twice (into the kernel on the sender's zmq I/O thread, out
+of it on the receiver's), so a state costs at least two memcpys of CPU, one on each side.
 
 --device cuda (the GPU variant): the state lives on the sender's GPU and is copied into pinned host buffers
 (reused, as the engine's export does) before each send, and the receiver copies every state it accepts to
