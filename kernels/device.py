@@ -34,6 +34,15 @@ def pick_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton", 
     return backend
 
 
+def amd_arch(device: torch.device | str) -> str | None:
+    """The AMD GPU architecture of a ROCm device ("gfx942" on MI300X, "gfx950" on MI355X), else None: the key of the
+    kernels' per-target launch configs (checked by compiling for both, tests/kernels/test_amd_compile.py)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.version.hip:
+        return None
+    return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+
+
 def fp8_e4m3_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """The platform's FP8 e4m3 flavour: e4m3fn on H100 and MI355X (OCP), e4m3fnuz on MI300 (gfx94x)."""
     if device is not None and torch.device(device).type == "cuda" and torch.version.hip:

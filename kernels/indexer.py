@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsepd.kernels.device import Backend, fp8_e4m3_dtype, pick_backend
+from sparsepd.kernels.device import Backend, amd_arch, fp8_e4m3_dtype, pick_backend
 from sparsepd.kernels.topk import Order, TopkConfig, topk_visible, topk_visible_ref
 
 ScaleFmt = Literal["ue8m0", "float"]
@@ -423,14 +423,16 @@ class ScoreConfig:
     programs_per_sm: int = 4  # entry chunks per token are sized for about this many programs an SM
 
 
-def default_score_config(n_tokens: int, n_entries: int, num_sms: int) -> ScoreConfig:
+def default_score_config(n_tokens: int, n_entries: int, num_sms: int, arch: str | None = None) -> ScoreConfig:
     """Decode: 64 rows (9 KiB of cache) a step, 3 stages, ~4 programs an SM: 22.3 µs vs 25.7 µs for 128 rows,
     35.3 µs for 32 (B = 32, 8192 entries, H100). Prefill (many tokens of one request): 8 tokens a program,
     so each key tile read from L2 serves 512 query rows: 890 µs vs 1296 µs one token a program (T = 4096,
-    8192 entries). Shared memory ≤ 3 · 8 KiB + 64 KiB (fits MI355X's 160 KiB LDS)."""
+    8192 entries). Shared memory ≤ 3 · 8 KiB + 64 KiB (fits MI355X's 160 KiB LDS). On gfx950 (`arch`, MI355X)
+    prefill takes 4 tokens a program: at 8 the 8-warp program spills ~105 VGPRs to scratch (a wave gets 256),
+    at 4 it needs 191 (tests/kernels/test_amd_compile.py; compile-checked, not timed)."""
     block_e = 64 if n_entries >= 64 else max(16, triton.next_power_of_2(n_entries))
     if n_tokens >= 8 * num_sms:
-        return ScoreConfig(block_e, 8, 3, tokens=8)
+        return ScoreConfig(block_e, 8, 3, tokens=4 if arch == "gfx950" else 8)
     return ScoreConfig(block_e, 4, 3)
 
 
@@ -493,7 +495,7 @@ def indexer_scores(
         return scores
     q, q_scale, weights = q.contiguous(), q_scale.contiguous(), weights.contiguous()
     num_sms = _num_sms(q.device)
-    config = default_score_config(T, E, num_sms) if config is None else config
+    config = default_score_config(T, E, num_sms, amd_arch(q.device)) if config is None else config
     if config.block_e < 16 or config.block_e & (config.block_e - 1) or config.tokens not in (1, 2, 4, 8):
         raise ValueError(f"config.block_e must be a power of two >= 16 and tokens 1, 2, 4 or 8, got {config}")
     groups = triton.cdiv(T, config.tokens)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from sparsepd.kernels.device import Backend, pick_backend
+from sparsepd.kernels.device import Backend, amd_arch, pick_backend
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -303,12 +303,19 @@ _CONFIG_TABLE = (
     (128, MoEConfig(64, 64, 64, num_warps=4, num_stages=4)),
     (None, MoEConfig(128, 128, 64, num_warps=8, num_stages=3)),
 )
+# AMD: the same tiles, fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942 / MI300X, 160 KiB
+# on gfx950 / MI355X): stages for each row above. Compile-checked (tests/kernels/test_amd_compile.py), not timed.
+_AMD_STAGES = {"gfx942": (4, 2, 3, 2), "gfx950": (4, 3, 4, 3)}
 
 
-def default_moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoEConfig:
-    """The table's row for the average rows per expert (a shape, never a value: CUDA graphs stay valid)."""
+def default_moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, arch: str | None = None) -> MoEConfig:
+    """The table's row for the average rows per expert (a shape, never a value: CUDA graphs stay valid); `arch`
+    (kernels/device.py's amd_arch) picks the AMD stages."""
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
-    config = next(c for limit, c in _CONFIG_TABLE if limit is None or rows_per_expert <= limit)
+    row = next(i for i, (limit, _) in enumerate(_CONFIG_TABLE) if limit is None or rows_per_expert <= limit)
+    config = _CONFIG_TABLE[row][1]
+    if arch in _AMD_STAGES:
+        config = MoEConfig(config.block_m, config.block_n, config.block_k, config.num_warps, _AMD_STAGES[arch][row])
     if dtype == torch.float32:  # twice the bytes a tile: fewer stages fit in shared memory
         config = MoEConfig(config.block_m, config.block_n, min(config.block_k, 64), config.num_warps, 2)
     return config
@@ -380,12 +387,15 @@ def moe(
     num_pairs = T * k
     if num_pairs == 0:
         return x.new_zeros((T, dim), dtype=torch.float32)
-    config = default_moe_config(num_pairs, E, x.dtype) if config is None else config
+    arch = amd_arch(x.device)
+    config = default_moe_config(num_pairs, E, x.dtype, arch) if config is None else config
     plan = build_dispatch(indices, E, config.block_m, backend="triton")
     num_blocks = plan.block_expert.shape[0]
     h = torch.empty((plan.sorted_pairs.shape[0], inter), dtype=x.dtype, device=x.device)  # [capacity, inter]
     out = torch.empty((T, k, dim), dtype=torch.float32, device=x.device) if out is None else out
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
+    # tf32 is ignored for 16-bit operands. AMD gets "ieee": Triton checks the option against the target before
+    # the operand types and gfx950 has no tf32, so "tf32" did not compile for MI355X (test_amd_compile.py).
+    precision = "ieee" if x.dtype == torch.float32 or arch else "tf32"
     limit = float(swiglu_limit)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, config.block_n))](
         x, w13, plan.sorted_pairs, plan.block_expert, weights.reshape(-1).contiguous(), h,

@@ -24,8 +24,8 @@ Supported: q/kv in bf16, fp16 or fp32 (same dtype); on Triton 16 ≤ D ≤ 512 a
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
 bf16 dots are not supported by the Triton interpreter: CPU tests use fp16/fp32. Portability: plain
 Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering needs it, also when H = 16);
-the fp32 path asks for IEEE dots (tf32 would cost ~3e-4 of accuracy); on ROCm the 64-head tile drops
-to 2 stages (MI355X has 160 KiB of LDS).
+the fp32 path asks for IEEE dots (tf32 would cost ~3e-4 of accuracy); on AMD GPUs `default_config` picks
+tiles that compile without spills for MI355X and MI300X (compile-checked, not timed: no AMD device yet).
 
 Known limits (H100): large decode batches reach ~65% of the byte floor at H = 64 and ~37% at H = 128:
 one 8-warp CTA per SM (245 regs/thread), whose 32-key step is a serial chain (S wgmma, softmax, P
@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_attn_ref
-from sparsepd.kernels.device import Backend, pick_backend
+from sparsepd.kernels.device import Backend, amd_arch, pick_backend
 
 __all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
 
@@ -66,7 +66,7 @@ class SparseAttnConfig:
     skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
 
 
-def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnConfig:
+def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None) -> SparseAttnConfig:
     """The launch table, set from a sweep of ~1000 variants on H100 (bench/RESULTS.md): within 1.13×
     of the best variant at every benchmarked decode and prefill shape, and equal to it at most.
 
@@ -77,17 +77,29 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int) -> SparseAttnCo
       when that is at most twice as many (T = 1).
     - 64-key steps for an unsplit 16-head launch of one wave (more bytes in flight per CTA), else 32.
     Registers/shared memory per CTA at D = 512 (H100): h16/n32/st3 190 regs, 83 KiB (two CTAs per SM);
-    h16/n64/st3 254, 150 KiB; h64/n32/st3 245, 172 KiB. MI355X (160 KiB of LDS): h64 uses 2 stages.
+    h16/n64/st3 254, 150 KiB; h64/n32/st3 245, 172 KiB.
+
+    AMD (`arch` = kernels/device.py's amd_arch, num_sms = CUs): tiles that compile without spills or scratch for
+    gfx950 (MI355X) and gfx942 (MI300X) at every launch of the project's shapes (tests/kernels/test_amd_compile.py;
+    chosen by compiling only, not timed), all at 4 warps without skip_empty: an 8-warp workgroup leaves a wave
+    256 VGPRs, and h64/n32/w8 spilled ~100 to scratch on both. gfx950: h16/n32/st3 (≤ 384 VGPRs with AGPRs,
+    32 KiB LDS; n64 spilled 254 VGPRs) and h64/n16/st2 (≤ 337, 64 KiB; 32-key steps spilled 30-60 SGPRs).
+    gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
+    16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
+    h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
     """
-    block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(64, triton.next_power_of_2(H))
+    big_h = 64 if arch is None or arch == "gfx950" else 32
+    block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(big_h, triton.next_power_of_2(H))
     programs = T * triton.cdiv(H, block_h)
     most_splits = triton.cdiv(K, 32)
     target = max(1, num_sms // programs)
     num_splits = most_splits if 2 * target >= most_splits else target
+    if arch is not None:
+        block_n, num_stages = (32, 3) if arch == "gfx950" and block_h == 16 else (16, 2)
+        return SparseAttnConfig(block_h, block_n, num_splits, num_warps=4, num_stages=num_stages, skip_empty=False)
     block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
-    num_stages = 2 if torch.version.hip and block_h == 64 else 3
     return SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
-                            num_stages=num_stages, skip_empty=block_h == 64)
+                            num_stages=3, skip_empty=block_h == 64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +316,7 @@ def sparse_attn(
         return out, lse
     if config is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        config = default_config(T, H, K, D, num_sms)
+        config = default_config(T, H, K, D, num_sms, amd_arch(q.device))
     _check_config(config)
     # A split's index segment is loaded at once (≤ 2048 keys); at most 64 splits to merge.
     num_splits = min(max(config.num_splits, triton.cdiv(K, _MAX_KEYS_PER_SPLIT)), _MAX_SPLITS)
