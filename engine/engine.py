@@ -8,6 +8,7 @@ prefill; `submit`/`step`/`abort` drive it incrementally. The prefill and decode 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -42,8 +43,12 @@ class Engine:
         return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
                        Sampler(params, self.model.cfg.vocab_size))
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               forks: Sequence[SamplingParams] = ()) -> Request:
+        """Queue a prompt; `forks` (n > 1): more sequences from the same prefill, one per params (own seed),
+        in `request.forks` until the first token is drawn, then running on their own."""
         request = self.make_request(prompt_ids, params, request_id)
+        request.forks = [self.make_request(prompt_ids, p, f"{request.request_id}/{i + 1}") for i, p in enumerate(forks)]
         self.scheduler.add(request)
         return request
 

@@ -22,6 +22,11 @@ class Request:
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked for
     num_pending: int = 0  # tokens sampled on the GPU whose values the host has not read yet (overlap)
+    # n > 1: more sequences from this prompt. Each draws its first token from this request's last prompt logits
+    # (its own seed) and then runs on its own: a fork with a slot gets a copy of this request's state there; a
+    # `stateless` fork (the prefill worker's) only draws, and its state is shipped from this request's.
+    forks: list[Request] = field(default_factory=list)
+    stateless: bool = False
 
     @property
     def max_len(self) -> int:

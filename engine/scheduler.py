@@ -15,6 +15,7 @@ from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PENDING, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
+from sparsepd.engine.state_io import copy_state
 from sparsepd.engine.sampling import finish_reason
 
 
@@ -39,9 +40,11 @@ class Scheduler:
         if request.max_len > cfg.max_seq_len:
             raise ValueError(f"request {request.request_id}: prompt {len(request.prompt_ids)} + max_new_tokens "
                              f"{request.params.max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}")
-        if self.pools.pages_for(request.max_len) > self.pools.pages.capacity:
-            raise OutOfCapacity(f"request {request.request_id} needs {self.pools.pages_for(request.max_len)} pages, "
-                                f"the pool has {self.pools.pages.capacity}")
+        need = self._to_reserve(request)
+        pages = sum(self.pools.pages_for(r.max_len) for r in need)
+        if pages > self.pools.pages.capacity or len(need) > self.pools.slots.capacity:
+            raise OutOfCapacity(f"request {request.request_id} needs {pages} pages and {len(need)} slots, the pools "
+                                f"have {self.pools.pages.capacity} and {self.pools.slots.capacity}")
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
@@ -49,13 +52,27 @@ class Scheduler:
         for r in list(self.waiting):
             if r.request_id == request_id:
                 self.waiting.remove(r)
+                self._release_forks(r)
                 return True
         for r in self.running:
             if r.request_id == request_id:
                 self._release(r)
+                self._release_forks(r)
                 self.running.remove(r)
                 return True
+        for r in [*self.waiting, *self.running]:
+            for fork in r.forks:
+                if fork.request_id == request_id:  # not forked yet
+                    r.forks.remove(fork)
+                    self._release(fork)
+                    return True
         return False
+
+    def _release_forks(self, request: Request) -> None:
+        """Forks not yet forked go with their source (the router ends all n of a request together)."""
+        for fork in request.forks:
+            self._release(fork)
+        request.forks = []
 
     @property
     def has_work(self) -> bool:
@@ -77,16 +94,31 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting:
             request = self.waiting[0]
-            pages = self.pools.pages_for(request.max_len)
-            if not (self.pools.slots.can_allocate(1) and self.pools.pages.can_allocate(pages)):
+            need = self._to_reserve(request)
+            pages = sum(self.pools.pages_for(r.max_len) for r in need)
+            if not (self.pools.slots.can_allocate(len(need)) and self.pools.pages.can_allocate(pages)):
                 return
             self.waiting.popleft()
             self.admit(request)
 
     def admit(self, request: Request) -> None:
-        """Give a request a slot and pages for all its tokens and make it run (raises OutOfCapacity)."""
-        self.reserve(request)
+        """Give a request (and its forks) a slot and pages for all its tokens and make it run (raises
+        OutOfCapacity)."""
+        done = []
+        try:
+            for r in self._to_reserve(request):
+                self.reserve(r)
+                done.append(r)
+        except OutOfCapacity:
+            for r in done:
+                self._release(r)
+            raise
         self.running.append(request)
+
+    @staticmethod
+    def _to_reserve(request: Request) -> list[Request]:
+        """The request and those of its forks that need a slot and pages here and hold none yet."""
+        return [request, *(f for f in request.forks if f.slot is None and not f.stateless)]
 
     def reserve(self, request: Request) -> None:
         """A slot and pages for all of a request's tokens, without running it (raises OutOfCapacity)."""
@@ -140,15 +172,36 @@ class Scheduler:
                 sampling.append(request)
         if not sampling:
             return InFlightStep(scheduled, [], None)
-        if len(rows) < logits.shape[0]:
+        self._fork(rows, sampling)
+        if rows != list(range(logits.shape[0])):
             logits = logits[to_device(rows, logits.device)]
         eos = self.runner.model.cfg.eos_id
         table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
         drawn = draw(logits, table, self.runner.pools.device)
-        self.runner.remember_tokens([r.slot for r in sampling], drawn.tokens)
+        kept = [i for i, r in enumerate(sampling) if r.slot is not None]  # stateless forks have no slot
+        tokens = drawn.tokens if len(kept) == len(sampling) else drawn.tokens[to_device(kept, logits.device)]
+        self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
         for r in sampling:
             r.num_pending += 1
         return InFlightStep(scheduled, sampling, drawn.to_host())
+
+    def _fork(self, rows: list[int], sampling: list[Request]) -> None:
+        """Add the forks of requests drawing their first token now: the same logits row, their own samplers.
+        A fork with a slot gets a copy of its source's state (stream-ordered after this forward, before the next
+        writes the source's first token) and runs from here on like any request."""
+        for i, r in enumerate(list(sampling)):
+            if not r.forks or r.output_ids or r.num_pending:
+                continue
+            for fork in r.forks:
+                fork.sampler.history, fork.sampler.prompt_id_set = r.sampler.history, r.sampler.prompt_id_set
+                if fork.slot is not None:
+                    copy_state(self.pools, r, fork)
+                    self.running.append(fork)
+                else:
+                    fork.num_computed = r.num_computed
+                rows.append(rows[i])
+                sampling.append(fork)
+            r.forks = []
 
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
         if not step.sampled:
@@ -158,7 +211,7 @@ class Scheduler:
         tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
         for i, request in enumerate(step.sampled):
             request.num_pending -= 1
-            if request.finish_reason is not None or request.slot is None:
+            if request.finish_reason is not None or (request.slot is None and not request.stateless):
                 continue  # finished or aborted while this step ran: its token is dropped
             params, token = request.params, tokens[i]
             request.sampler.advance()

@@ -92,6 +92,29 @@ def export_state(pools: KVPools, request: Request) -> tuple[StateDescriptor, dic
     return descriptor, tensors
 
 
+def fork_descriptor(pools: KVPools, descriptor: StateDescriptor, fork: Request) -> StateDescriptor:
+    """The descriptor of a fork of the exported request (n > 1): the same tensors, the fork's own first token
+    and sampler state."""
+    sampler_state = fork.sampler.get_state()
+    if fork.params.repetition_penalty != 1.0:
+        sampler_state += encode_prompt_ids(fork.prompt_ids, pools.cfg.vocab_size)
+    return descriptor.model_copy(update=dict(output_ids=tuple(fork.output_ids), sampler_state=sampler_state))
+
+
+def copy_state(pools: KVPools, source: Request, target: Request) -> None:
+    """Copy source's state into target's slot and pages on the device (a fork of source at its position)."""
+    if source.slot is None or target.slot is None:
+        raise ValueError(f"copy_state: requests {source.request_id} and {target.request_id} must both hold a slot")
+    num_pages = pools.pages_for(source.num_computed)
+    if len(target.pages) < num_pages:
+        raise ValueError(f"copy_state: {target.request_id} holds {len(target.pages)} pages, the state needs {num_pages}")
+    src = _views(pools, source.slot, source.pages[:num_pages])
+    dst = _views(pools, target.slot, target.pages[:num_pages])
+    for name, (pool, index) in dst.items():
+        pool[index] = pool[src[name][1]]
+    target.num_computed = source.num_computed
+
+
 def expected_specs(pools: KVPools, num_pages: int) -> tuple[TensorSpec, ...]:
     """The tensors an import of a state with num_pages committed pages must carry, in order."""
     views = _views(pools, 0, list(range(num_pages)))
