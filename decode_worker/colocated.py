@@ -30,17 +30,19 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             if not r.request_id or not r.input_ids or not r.ticket.transfer_id:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"requests[{i}]: request_id, input_ids and a ticket are required")
-            if r.ticket.endpoint != self.decode.endpoint:
-                results.append(worker_pb2.PrefillResult(
-                    request_id=r.request_id, error=f"the ticket names {r.ticket.endpoint!r}; a colocated worker only "
-                                                   "runs requests it reserved itself"))
-                continue
+            ids = [r.request_id, *(f.request_id for f in r.forks)]
             try:
-                self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids))
+                other = next((t.endpoint for t in [r.ticket, *(f.ticket for f in r.forks)]
+                              if t.endpoint != self.decode.endpoint), None)
+                if other is not None:
+                    raise ValueError(f"the ticket names {other!r}; a colocated worker only runs requests it reserved "
+                                     "itself")
+                self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
+                                        [(f.request_id, f.ticket.transfer_id) for f in r.forks])
             except ValueError as exc:
-                results.append(worker_pb2.PrefillResult(request_id=r.request_id, error=str(exc)))
+                results.extend(worker_pb2.PrefillResult(request_id=i, error=str(exc)) for i in ids)
                 continue
-            results.append(worker_pb2.PrefillResult(request_id=r.request_id, ok=True, first_token_in_stream=True))
+            results.extend(worker_pb2.PrefillResult(request_id=i, ok=True, first_token_in_stream=True) for i in ids)
         return worker_pb2.PrefillResponse(results=results)
 
     async def Release(self, request, context):

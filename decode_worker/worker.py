@@ -99,24 +99,34 @@ class DecodeWorker:
         self.inbox.put(("abort", request_id))
         return any(r.request_id == request_id for r in list(self.engine.scheduler.running))
 
-    def start_local(self, request_id: str, transfer_id: str, input_ids: list[int]) -> None:
+    def start_local(self, request_id: str, transfer_id: str, input_ids: list[int],
+                    forks: list[tuple[str, str]] = ()) -> None:
         """Colocated mode: run a reserved request's prefill here, in the decode loop's batches (chunked under
-        the token budget beside the decoding requests), instead of receiving its state. Raises ValueError."""
+        the token budget beside the decoding requests), instead of receiving its state. `forks` (n > 1): the
+        (request id, transfer id) of other reservations that start from this prefill (engine forks). Raises
+        ValueError (and changes nothing)."""
         vocab = self.engine.model.cfg.vocab_size
         with self.lock:
-            res = self.reservations.get(request_id)
-            if res is None or res.transfer_id != transfer_id:
-                raise ValueError(f"request {request_id!r} has no reservation with this ticket here")
-            if len(input_ids) != len(res.request.prompt_ids):
-                raise ValueError(f"request {request_id!r}: {len(input_ids)} input ids, the reservation was for "
-                                 f"{len(res.request.prompt_ids)}")
+            members = [(request_id, transfer_id), *forks]
+            held = []
+            for rid, tid in members:
+                res = self.reservations.get(rid)
+                if res is None or res.transfer_id != tid:
+                    raise ValueError(f"request {rid!r} has no reservation with this ticket here")
+                if len(input_ids) != len(res.request.prompt_ids):
+                    raise ValueError(f"request {rid!r}: {len(input_ids)} input ids, the reservation was for "
+                                     f"{len(res.request.prompt_ids)}")
+                held.append(res)
             if any(not 0 <= t < vocab for t in input_ids):
                 raise ValueError(f"request {request_id!r}: input token ids must lie in [0, {vocab})")
-            del self.reservations[request_id]
-            self.by_transfer.pop(transfer_id, None)
-            self.cancel_transfer(transfer_id)
-            res.request.prompt_ids = list(input_ids)
-            self.inbox.put(("local", res.request))  # under the lock: a Release after this queues behind it
+            for res in held:
+                del self.reservations[res.request.request_id]
+                self.by_transfer.pop(res.transfer_id, None)
+                self.cancel_transfer(res.transfer_id)
+                res.request.prompt_ids = list(input_ids)
+            leader = held[0].request
+            leader.forks = [res.request for res in held[1:]]
+            self.inbox.put(("local", leader))  # under the lock: a Release after this queues behind it
 
     def busy(self) -> bool:
         """Whether any request is reserved, waiting to be admitted, or decoding here."""

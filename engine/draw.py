@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsepd.engine.penalties import penalty_tensors
-from sparsepd.engine.sampling import SamplingParams, Sampler, TokenLogprobs, sampling_tensors
+from sparsepd.engine.sampling import Sampler, SamplingParams, TokenLogprobs, sampling_tensors
 from sparsepd.kernels.sampling import sample_batch
 
 

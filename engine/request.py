@@ -27,6 +27,8 @@ class Request:
     # `stateless` fork (the prefill worker's) only draws, and its state is shipped from this request's.
     forks: list[Request] = field(default_factory=list)
     stateless: bool = False
+    keep_on_finish: bool = False  # its slot and pages outlive its finish until the owner releases them (its
+    # stateless forks' state is exported from them after the step where it may have drawn its stop token)
 
     @property
     def max_len(self) -> int:

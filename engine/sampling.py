@@ -20,8 +20,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, apply_penalties_row,
-                                       filter_probs, sample_batch)
+from sparsepd.kernels.sampling import (
+    MAX_TOP_LOGPROBS,
+    SampleOutput,
+    SamplingTensors,
+    apply_penalties_row,
+    filter_probs,
+    sample_batch,
+)
 
 __all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
            "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]

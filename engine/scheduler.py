@@ -15,8 +15,8 @@ from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PENDING, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
-from sparsepd.engine.state_io import copy_state
 from sparsepd.engine.sampling import finish_reason
+from sparsepd.engine.state_io import copy_state
 
 
 class Scheduler:
@@ -221,7 +221,7 @@ class Scheduler:
                 request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
             outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp))
-            if request.finish_reason is not None:
+            if request.finish_reason is not None and not request.keep_on_finish:
                 self._release(request)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs

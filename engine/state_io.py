@@ -104,10 +104,11 @@ def fork_descriptor(pools: KVPools, descriptor: StateDescriptor, fork: Request) 
 def copy_state(pools: KVPools, source: Request, target: Request) -> None:
     """Copy source's state into target's slot and pages on the device (a fork of source at its position)."""
     if source.slot is None or target.slot is None:
-        raise ValueError(f"copy_state: requests {source.request_id} and {target.request_id} must both hold a slot")
+        raise ValueError(f"copy_state: {source.request_id} and {target.request_id} must both hold a slot")
     num_pages = pools.pages_for(source.num_computed)
     if len(target.pages) < num_pages:
-        raise ValueError(f"copy_state: {target.request_id} holds {len(target.pages)} pages, the state needs {num_pages}")
+        raise ValueError(f"copy_state: {target.request_id} holds {len(target.pages)} pages, the state needs "
+                         f"{num_pages}")
     src = _views(pools, source.slot, source.pages[:num_pages])
     dst = _views(pools, target.slot, target.pages[:num_pages])
     for name, (pool, index) in dst.items():

@@ -25,18 +25,15 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         jobs = []
         for i, r in enumerate(request.requests):
             where = f"requests[{i}] ({r.request_id or 'no id'})"
-            if not r.request_id or not r.input_ids:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: request_id and input_ids are required")
-            if not r.HasField("ticket") or not r.ticket.transfer_id or not r.ticket.endpoint:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: a ticket with transfer_id and "
-                                                                      "endpoint is required")
+            if not r.input_ids:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: input_ids are required")
             try:
-                params = SamplingParams.checked(**sampling_to_dict(r.sampling))
+                forks = tuple(_job(f, list(r.input_ids), f"{where}.forks[{k}]") for k, f in enumerate(r.forks))
+                jobs.append(_job(r, list(r.input_ids), where, forks))
             except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}")
-            jobs.append(PrefillJob(r.request_id, list(r.input_ids), params, r.ticket.transfer_id, r.ticket.endpoint,
-                                   r.ticket.fingerprint))
-        if len({j.request_id for j in jobs}) != len(jobs):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        ids = [m.request_id for j in jobs for m in j.members]
+        if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
         self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
@@ -57,6 +54,20 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
             transfer_bytes=c["transfer_bytes"])
+
+
+def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()) -> PrefillJob:
+    """A PrefillRequest or PrefillFork checked into a job (raises ValueError naming what is wrong)."""
+    if not r.request_id:
+        raise ValueError(f"{where}: request_id is required")
+    if not r.HasField("ticket") or not r.ticket.transfer_id or not r.ticket.endpoint:
+        raise ValueError(f"{where}: a ticket with transfer_id and endpoint is required")
+    try:
+        params = SamplingParams.checked(**sampling_to_dict(r.sampling))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return PrefillJob(r.request_id, input_ids, params, r.ticket.transfer_id, r.ticket.endpoint, r.ticket.fingerprint,
+                      forks)
 
 
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:

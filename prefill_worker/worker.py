@@ -19,7 +19,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
-from sparsepd.engine.state_io import export_state
+from sparsepd.engine.state_io import export_state, fork_descriptor
 from sparsepd.faults import Faults
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader
@@ -35,6 +35,11 @@ class PrefillJob:
     transfer_id: str
     endpoint: str
     fingerprint: str
+    forks: tuple[PrefillJob, ...] = ()  # n > 1: more sequences of this prefill (same input ids, own params/ticket)
+
+    @property
+    def members(self) -> tuple[PrefillJob, ...]:
+        return (self, *self.forks)
 
 
 @dataclass
@@ -65,23 +70,24 @@ class PrefillWorker:
     def open_batch(self, jobs: list[PrefillJob]) -> None:
         """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
         with self.ids_lock:
-            self.open.update(j.request_id for j in jobs)
+            self.open.update(m.request_id for j in jobs for m in j.members)
 
     def run_batch(self, jobs: list[PrefillJob]) -> list[PrefillOutcome]:
-        """Prefill every job, push each state, return one outcome per job (in order)."""
+        """Prefill every job, push each state, return one outcome per job and fork (in order)."""
         self.open_batch(jobs)
+        members = [m for j in jobs for m in j.members]
         try:
             with self.lock:
-                outcomes = {j.request_id: PrefillOutcome(j.request_id, ok=False) for j in jobs}
+                outcomes = {m.request_id: PrefillOutcome(m.request_id, ok=False) for m in members}
                 requests = self._submit(jobs, outcomes)
                 pending = self._prefill(requests, outcomes)
             self._await_transfers(pending, outcomes)
         finally:  # a Release that comes later finds nothing: no id outlives its batch (ids may be reused)
-            ids = {j.request_id for j in jobs}
+            ids = {m.request_id for m in members}
             with self.ids_lock:
                 self.open -= ids
                 self.cancelled -= ids
-        return [outcomes[j.request_id] for j in jobs]
+        return [outcomes[m.request_id] for m in members]
 
     def release(self, request_id: str) -> bool:
         """Abort a request of a batch here before its state leaves (at the next step boundary, or once its
@@ -96,53 +102,77 @@ class PrefillWorker:
                 outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
         requests = {}
         for job in jobs:
-            if job.fingerprint != self.fingerprint:
-                outcomes[job.request_id].error = "the decode worker runs another model (fingerprint mismatch)"
+            if any(m.fingerprint != self.fingerprint for m in job.members):
+                for m in job.members:
+                    outcomes[m.request_id].error = "the decode worker runs another model (fingerprint mismatch)"
                 continue
             try:
                 request = self.engine.make_request(job.input_ids, job.params, job.request_id)
+                forks = [self.engine.make_request(job.input_ids, f.params, f.request_id) for f in job.forks]
+                for fork in forks:
+                    fork.stateless = True  # it only draws here; its state is shipped from the request's
+                request.forks = list(forks)
+                request.keep_on_finish = bool(forks)  # its state is exported for the forks even if it stops
                 self.engine.scheduler.add(request)
             except (ValueError, OutOfCapacity) as exc:
-                outcomes[job.request_id].error = str(exc)
+                for m in job.members:
+                    outcomes[m.request_id].error = str(exc)
                 continue
-            requests[job.request_id] = (request, job)
+            requests[job.request_id] = (request, job, list(zip(forks, job.forks, strict=True)))
         return requests
 
     def _prefill(self, requests, outcomes) -> list[tuple[str, Future, float]]:
-        """Step until every request has its first token; export and push each as soon as it has."""
+        """Step until every request has its first token; export and push each as soon as it has (a request's
+        forks: the same exported state, each with its own first token, to its own ticket)."""
         started, pending = time.perf_counter(), []
         waiting = dict(requests)
         while waiting:
             for rid in [r for r in waiting if r in self.cancelled]:
                 self.engine.abort(rid)
-                outcomes[rid].error = "aborted"
-                del waiting[rid]
+                for _, job in self._members(waiting.pop(rid)):
+                    outcomes[job.request_id].error = "aborted"
             if not waiting:
                 break
             self.faults.hit("prefill.step")
             self.engine.step()
-            for rid, (request, job) in list(waiting.items()):
-                if not request.output_ids:
+            for rid, entry in list(waiting.items()):
+                if not entry[0].output_ids:
                     continue
                 del waiting[rid]
-                out = outcomes[rid]
-                if rid in self.cancelled:  # released during the step: its reservation is gone, ship nothing
-                    self.engine.abort(rid)
-                    out.error = "aborted"
-                    continue
-                out.first_token, out.finish_reason = request.output_ids[0], request.finish_reason or ""
-                out.logprobs = request.output_logprobs[0] if request.output_logprobs else None
-                out.prefill_ms = (time.perf_counter() - started) * 1e3
-                if request.finish_reason is not None:  # done at the first token: nothing to ship
-                    out.ok = True
-                    continue
-                descriptor, tensors = export_state(self.engine.pools, request)
+                pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
+        return pending
+
+    @staticmethod
+    def _members(entry) -> list[tuple[Request, PrefillJob]]:
+        request, job, forks = entry
+        return [(request, job), *forks]
+
+    def _ship(self, entry, outcomes, prefill_ms: float) -> list[tuple[str, Future, float]]:
+        """Report each member's first token; push the state of those that go on (exported once)."""
+        request, pending, exported = entry[0], [], None
+        for member, job in self._members(entry):
+            out = outcomes[job.request_id]
+            if job.request_id in self.cancelled:  # released during the step: its reservation is gone, ship nothing
+                out.error = "aborted"
+                continue
+            out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
+            out.logprobs = member.output_logprobs[0] if member.output_logprobs else None
+            out.prefill_ms = prefill_ms
+            if member.finish_reason is not None:  # done at the first token: nothing to ship
+                out.ok = True
+                continue
+            if exported is None:
+                exported = export_state(self.engine.pools, request)
                 self.faults.hit("prefill.push")
-                self.engine.abort(rid)  # pages free now; the host copy travels
-                header = TransferHeader.from_descriptor(descriptor, transfer_id=job.transfer_id,
-                                                        request_id=rid, fingerprint=self.fingerprint)
-                out.transfer_bytes = descriptor.num_bytes
-                pending.append((rid, self.sender.send(job.endpoint, header, tensors), time.perf_counter()))
+            descriptor, tensors = exported
+            if member is not request:
+                descriptor = fork_descriptor(self.engine.pools, descriptor, member)
+            header = TransferHeader.from_descriptor(descriptor, transfer_id=job.transfer_id,
+                                                    request_id=job.request_id, fingerprint=self.fingerprint)
+            out.transfer_bytes = descriptor.num_bytes
+            pending.append((job.request_id, self.sender.send(job.endpoint, header, tensors), time.perf_counter()))
+        if not self.engine.abort(request.request_id):  # pages free now; the host copy travels
+            self.engine.scheduler.release(request)  # it finished at its first token but was kept for its forks
         return pending
 
     def _await_transfers(self, pending, outcomes) -> None:

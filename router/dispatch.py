@@ -9,6 +9,10 @@ decode reservation (unless the decode worker ended the request itself) and cance
 flight, so pages and slots go back on both workers whatever happened. A flow whose Reserve finds no
 room anywhere goes back to the head of the queue until a request ends or a poll sees free pages; it
 fails with RESOURCE_EXHAUSTED only when no request of ours holds pages (it can never fit).
+
+n > 1: a request's choices are a group of flows queued as one. Each choice reserves its own decode slot (all
+or none), the prefill worker prefills once and ships one state per choice (`PrefillFork`), and the choices
+then stream on their own; an abort or a failure of one ends the group.
 """
 
 from __future__ import annotations
@@ -54,10 +58,16 @@ class Dispatcher:
 
     # --- the public side ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> Flow:
+        return self.submit_group(spec)[0]
+
+    def submit_group(self, spec: RequestSpec) -> list[Flow]:
+        """Admit a request: one flow, or one per choice when n > 1 (queued as one, prefilled once)."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
-        if spec.request_id in self.flows:
-            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {spec.request_id!r} is already in flight")
+        specs = spec.choices()
+        taken = [s.request_id for s in specs if s.request_id in self.flows]
+        if taken:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {taken[0]!r} is already in flight")
         for role, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode)):
             if not any(w.alive for w in workers):
                 errors = "; ".join(f"{w.address}: {w.last_error or 'not reachable yet'}" for w in workers)
@@ -66,14 +76,16 @@ class Dispatcher:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the admission queue is full ({len(self.queue)} of {self.max_queue} requests waiting); "
                           "retry later")
-        stopper = StopStrings(self.tokenizer, list(spec.stop)) if self.tokenizer is not None else None
-        flow = Flow(spec, stopper)
-        self.flows[spec.request_id] = flow
-        self.queue.append(flow)
+        flows = [Flow(s, StopStrings(self.tokenizer, list(s.stop)) if self.tokenizer is not None else None)
+                 for s in specs]
+        for flow in flows:
+            flow.group = flows if len(flows) > 1 else None
+            self.flows[flow.request_id] = flow
+        self.queue.append(flows[0])
         self.wake.set()
         if self.metrics:
             self.metrics.admitted(len(spec.input_ids))
-        return flow
+        return flows
 
     def abort(self, request_id: str) -> bool:
         flow = self.flows.get(request_id)
@@ -172,7 +184,7 @@ class Dispatcher:
         tokens = sum(len(f.spec.input_ids) for f in batch)
         try:
             only = [prefill.pair] if prefill.pair is not None else None  # colocated: reserve on itself
-            tickets = await asyncio.gather(*(self._reserve(f, only) for f in batch))
+            tickets = await asyncio.gather(*(self._reserve_members(f, only) for f in batch))
             sent = [(f, t) for f, t in zip(batch, tickets, strict=True) if t is not None and not f.ended]
             if sent:
                 await self._prefill(prefill, sent)
@@ -181,7 +193,28 @@ class Dispatcher:
             prefill.queued_tokens -= tokens
             self.wake.set()
 
-    async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None) -> worker_pb2.Ticket | None:
+    async def _reserve_members(self, flow: Flow, only: list[WorkerHandle] | None) -> list[worker_pb2.Ticket] | None:
+        """A ticket for the flow and each of its group (n > 1), or None: all or nothing (a member that finds
+        no room gives the others' pages back and the group waits or fails as one request)."""
+        if flow.group is None:
+            ticket = await self._reserve(flow, only)
+            return None if ticket is None else [ticket]
+        results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in flow.group))
+        if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
+            return list(results)
+        for member in flow.group:
+            if member.reserved:  # give the pages back; the group is reserved again from scratch
+                self._release(member)
+                member.reserved, member.decode_done, member.decode = False, False, None
+        if not flow.ended:
+            last = next((t for t in results if isinstance(t, str)), "")
+            self._no_room(flow, last)
+        return None
+
+    async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
+                       on_no_room: bool = True) -> worker_pb2.Ticket | str | None:
+        """A ticket for the flow on a decode worker with room; None if it ended. When no worker has room:
+        on_no_room → wait or fail (`_no_room`) and None; else the last worker's answer (a str)."""
         spec, last = flow.spec, ""
         request = worker_pb2.ReserveRequest(request_id=spec.request_id, prompt_len=len(spec.input_ids),
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
@@ -208,6 +241,14 @@ class Dispatcher:
             return reply.ticket
         if flow.ended:
             return None
+        if not on_no_room:
+            return last
+        self._no_room(flow, last)
+        return None
+
+    def _no_room(self, flow: Flow, last: str) -> None:
+        """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
+        requests hold pages, else fail."""
         if not any(w.alive for w in self.pool.decode):
             self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message="no decode worker is alive"))
         elif any(f.reserved for f in self.flows.values()):
@@ -216,27 +257,25 @@ class Dispatcher:
         else:
             self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     message=f"no decode worker can hold this request ({last})"))
-        return None
 
-    async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, worker_pb2.Ticket]]) -> None:
+    async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, list[worker_pb2.Ticket]]]) -> None:
         now = time.monotonic()
-        for flow, _ in sent:
+        members = [m for f, _ in sent for m in f.members]
+        for flow in members:
             flow.prefill, flow.prefill_inflight = prefill, True
             flow.queue_ms = (now - flow.admitted_at) * 1e3
-        batch = worker_pb2.PrefillBatch(requests=[
-            worker_pb2.PrefillRequest(request_id=f.request_id, input_ids=f.spec.input_ids, sampling=f.spec.sampling,
-                                      ticket=t) for f, t in sent])
+        batch = worker_pb2.PrefillBatch(requests=[_prefill_request(f, tickets) for f, tickets in sent])
         try:
             response = await prefill.stub.Prefill(batch, timeout=self.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 prefill.mark_dead(f"Prefill: {exc.code().name}: {exc.details()}")
-            for flow, _ in sent:
+            for flow in members:
                 flow.prefill_inflight = False
                 self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
                                         message=f"prefill worker {prefill.address} failed: {exc.details()}"))
             return
-        flows = {f.request_id: f for f, _ in sent}
+        flows = {f.request_id: f for f in members}
         for result in response.results:
             flow = flows.get(result.request_id)
             if flow is not None:
@@ -351,6 +390,9 @@ class Dispatcher:
         self._release(flow)
         if self.metrics:
             self.metrics.ended(flow)
+        if flow.group is not None and (outcome.code is not None or outcome.finish_reason == "abort"):
+            for member in flow.group:  # n > 1 is one request: an abort or a failure of one ends them all
+                self._end(member, outcome)
         self.wake.set()
 
     def _release(self, flow: Flow) -> None:
@@ -368,3 +410,11 @@ class Dispatcher:
         except grpc.aio.AioRpcError as exc:
             log.warning("Release on %s worker %s failed: %s", worker.role, worker.address,
                         exc.details(), extra={"request_id": request_id})
+
+
+def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2.PrefillRequest:
+    """The flow's PrefillRequest; the rest of its group (n > 1) as forks with their own sampling and tickets."""
+    forks = [worker_pb2.PrefillFork(request_id=m.request_id, sampling=m.spec.sampling, ticket=t)
+             for m, t in zip(flow.members[1:], tickets[1:], strict=True)]
+    return worker_pb2.PrefillRequest(request_id=flow.request_id, input_ids=flow.spec.input_ids,
+                                     sampling=flow.spec.sampling, ticket=tickets[0], forks=forks)

@@ -59,10 +59,16 @@ class Flow:
     transfer_bytes: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    group: list[Flow] | None = None  # n > 1: every choice's flow (this one included), prefilled once together
 
     @property
     def request_id(self) -> str:
         return self.spec.request_id
+
+    @property
+    def members(self) -> list[Flow]:
+        """The flows prefilled together with this one: its group, or itself."""
+        return self.group if self.group is not None else [self]
 
     def check_stop(self, token: int) -> Outcome | None:
         """Whether `token`, just appended to output_ids, ends the request (the router's rules)."""

@@ -3,9 +3,10 @@ parameters for the workers, and the stop conditions the router watches itself.
 
 Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
-length"; n 0 is 1). A bad request raises `InvalidRequest` naming the field, the value and what is
-allowed; features the workers do not have (n > 1, grammars, input log-probabilities, multimodal input, input
-embeddings, LoRA, hidden states) are refused the same way, never ignored. Penalties as SGLang and OpenAI
+length"; n 0 is 1, and n > 1 gives n sequences from one prefill, `RequestSpec.choices`). A bad request
+raises `InvalidRequest` naming the field, the value and what is allowed; features the workers do not have
+(grammars, input log-probabilities, multimodal input, input embeddings, LoRA, hidden states) are refused
+the same way, never ignored. Penalties as SGLang and OpenAI
 take them: frequency_penalty and presence_penalty in [-2, 2], repetition_penalty > 0 (0 = unset = 1, off),
 logit_bias a map from token id (a decimal string) to a bias in [-100, 100].
 Output log-probabilities (`return_logprob`, `top_logprobs_num` ≤ 20) are the log-softmax of the model's raw
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 64  # n: sequences of one request (each holds its own decode slot and pages)
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
 MAX_LOGIT_BIAS = 100.0
 
@@ -45,6 +47,26 @@ class RequestSpec:
     stream: bool = False
     logprobs: bool = False  # report each output token's log-probability
     top_logprobs: int = 0  # and this many most likely tokens per position
+    n: int = 1  # sequences to generate from this prompt (parallel sampling; `choices`)
+    index: int = 0  # which of them this spec is (choices() numbers them)
+
+    def choices(self) -> list[RequestSpec]:
+        """The n sequences as specs of their own: choice 0 keeps the request id and seed; choice i > 0 has the
+        id `<id>#<i>` and the seed `choice_seed(seed, i)` (unseeded stays unseeded: each draws its own)."""
+        out = []
+        for i in range(self.n):
+            sampling = worker_pb2.SamplingParams()
+            sampling.CopyFrom(self.sampling)
+            if i and sampling.HasField("seed"):
+                sampling.seed = choice_seed(sampling.seed, i)
+            out.append(replace(self, request_id=self.request_id if i == 0 else f"{self.request_id}#{i}",
+                               sampling=sampling, index=i))
+        return out
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a seeded n > 1 request: a fixed odd step per choice, modulo 2**63."""
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**63
 
 
 def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
@@ -96,8 +118,11 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias)
     if sp.HasField("seed"):
         sampling.seed = sp.seed
+    n = sp.n or 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"sampling_params.n={n} is out of range: allowed 1..{MAX_CHOICES}")
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
-                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs)
+                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs, n)
 
 
 def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
@@ -145,7 +170,6 @@ def _check_range(name: str, value: float, ok, allowed: str) -> None:
 def _refuse_unsupported(req: pb.GenerateRequest) -> None:
     sp = req.sampling_params
     checks = [
-        (sp.n > 1, f"sampling_params.n={sp.n}: only n = 1 is supported (send n separate requests)"),
         (sp.WhichOneof("constraint") is not None,
          f"sampling_params.{sp.WhichOneof('constraint')}: constrained decoding (regex, JSON schema, grammar, "
          "structural tag) is not supported"),

@@ -45,11 +45,12 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            flow = self.dispatcher.submit(spec)
+            flows = self.dispatcher.submit_group(spec)
         except Refused as exc:
             await context.abort(exc.code, exc.message)
+        flow = flows[0]  # cancelling it cancels every choice (the dispatcher ends a group together)
         try:
-            async for response in self._stream(flow):
+            async for response in self._stream(flows):
                 yield response
         except asyncio.CancelledError:
             self.dispatcher.cancel(flow)
@@ -60,29 +61,49 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"request {flow.request_id}: internal error in the router")
         finally:
             self.dispatcher.cancel(flow)  # no-op once the flow has ended
-        if flow.outcome is not None and flow.outcome.code is not None:
-            await context.abort(flow.outcome.code, flow.outcome.message)
+        failed = next((f.outcome for f in flows if f.outcome is not None and f.outcome.code is not None), None)
+        if failed is not None:
+            await context.abort(failed.code, failed.message)
 
-    async def _stream(self, flow: Flow):
-        spec, prompt, sent = flow.spec, len(flow.spec.input_ids), 0
-        while True:
-            kind, payload = await flow.events.get()
-            new = []
-            while kind == "tokens":  # coalesce what is already queued into one chunk
-                new.extend(payload)
-                if flow.events.empty():
-                    break
-                kind, payload = flow.events.get_nowait()
-            if new and spec.stream:
-                chunk = pb.GenerateStreamChunk(token_ids=new, prompt_tokens=prompt, completion_tokens=sent + len(new))
-                if spec.logprobs:
-                    chunk.output_logprobs.CopyFrom(_output_logprobs(flow, sent, sent + len(new)))
-                yield pb.GenerateResponse(request_id=spec.request_id, chunk=chunk)
-            sent += len(new)
-            if kind == "end":
-                if payload.code is None:
-                    yield self._complete(flow, payload)
-                return
+    async def _stream(self, flows: list[Flow]):
+        """Chunks (stream) and one complete per choice (`index`), in the order the events come; what is already
+        queued goes out as one chunk per choice."""
+        events = _Events(flows)
+        sent, left = [0] * len(flows), len(flows)
+        try:
+            while left:
+                batch = await events.take()
+                new: dict[int, list[int]] = {}
+                for i, kind, payload in batch:
+                    if kind == "tokens":
+                        new.setdefault(i, []).extend(payload)
+                        continue
+                    if i in new:  # its last tokens before its end
+                        tokens = new.pop(i)
+                        chunk = self._chunk(flows[i], sent[i], tokens)
+                        sent[i] += len(tokens)
+                        if chunk is not None:
+                            yield chunk
+                    left -= 1
+                    if payload.code is None:
+                        yield self._complete(flows[i], payload)
+                for i, tokens in new.items():
+                    chunk = self._chunk(flows[i], sent[i], tokens)
+                    sent[i] += len(tokens)
+                    if chunk is not None:
+                        yield chunk
+        finally:
+            events.close()
+
+    def _chunk(self, flow: Flow, sent: int, new: list[int]) -> pb.GenerateResponse | None:
+        spec = flow.spec
+        if not (new and spec.stream):
+            return None
+        chunk = pb.GenerateStreamChunk(token_ids=new, prompt_tokens=len(spec.input_ids),
+                                       completion_tokens=sent + len(new), index=spec.index)
+        if spec.logprobs:
+            chunk.output_logprobs.CopyFrom(_output_logprobs(flow, sent, sent + len(new)))
+        return pb.GenerateResponse(request_id=flow.members[0].request_id, chunk=chunk)
 
     def _complete(self, flow: Flow, outcome: Outcome) -> pb.GenerateResponse:
         done = pb.GenerateComplete(
@@ -98,7 +119,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         text = flow.output_text()
         if text is not None:
             done.output_text = text
-        return pb.GenerateResponse(request_id=flow.request_id, complete=done)
+        done.index = flow.spec.index
+        return pb.GenerateResponse(request_id=flow.members[0].request_id, complete=done)
 
     # --- management -------------------------------------------------------------------------------------
     async def Abort(self, request, context):
@@ -226,3 +248,36 @@ def _config(card: ModelCard) -> dict:
         return json.loads(card.files.get("config.json", b"{}"))
     except ValueError:
         return {}
+
+
+class _Events:
+    """The events of a request's flows as (choice index, kind, payload), several at a time: a flow's own queue
+    when n = 1, else one queue fed by a task per choice."""
+
+    def __init__(self, flows: list[Flow]):
+        self.tasks: list[asyncio.Task] = []
+        if len(flows) == 1:
+            self.queue, self.tag = flows[0].events, True
+            return
+        self.queue, self.tag = asyncio.Queue(), False
+        self.tasks = [asyncio.create_task(self._forward(i, f)) for i, f in enumerate(flows)]
+
+    async def _forward(self, index: int, flow: Flow) -> None:
+        while True:
+            kind, payload = await flow.events.get()
+            self.queue.put_nowait((index, kind, payload))
+            if kind == "end":
+                return
+
+    def _tagged(self, item):
+        return (0, *item) if self.tag else item
+
+    async def take(self) -> list[tuple[int, str, object]]:
+        batch = [self._tagged(await self.queue.get())]
+        while not self.queue.empty():
+            batch.append(self._tagged(self.queue.get_nowait()))
+        return batch
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()

@@ -21,7 +21,7 @@ def start_router(prefill: str, decode: str, *extra: str):
 
 def generate_request(ids: list[int], max_new_tokens: int | None = 8, stream: bool = False, request_id: str = "",
                      **sampling) -> pb.GenerateRequest:
-    params = dict(temperature=0.0, top_p=1.0, top_k=-1, ignore_eos=True, **sampling)
+    params = {**dict(temperature=0.0, top_p=1.0, top_k=-1, ignore_eos=True), **sampling}
     sp = pb.SamplingParams(**params)
     if max_new_tokens is not None:
         sp.max_new_tokens = max_new_tokens
