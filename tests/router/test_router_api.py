@@ -113,7 +113,7 @@ BAD_REQUESTS = [
     ("min_p one", _bad("m", sampling_params__min_p=1.0), "min_p=1"),
     ("token id outside the vocabulary", generate_request([5, 260], 4), "input_ids[1]=260"),
     ("stop token outside the vocabulary", _bad("s", sampling_params__stop_token_ids=[300]), "300"),
-    ("n > 1", _bad("n", sampling_params__n=2), "n=2"),
+    ("n over the limit", _bad("n", sampling_params__n=65), "n=65 is out of range"),
     ("a grammar", _bad("g", sampling_params__regex="[a-z]+"), "constrained decoding"),
     ("a penalty out of range", _bad("f", sampling_params__frequency_penalty=2.5), "frequency_penalty=2.5"),
     ("input log-probabilities", _bad("l", return_logprob=True, logprob_start_len=3), "logprob_start_len=3"),
