@@ -4,7 +4,9 @@ token budget, continuous-batching decode, stop conditions, finish and free.
 One `step()` is receive → schedule → run → postprocess, as in nano-vllm: admit what fits, give every
 decoding request one token and the rest of the budget to prefill chunks (oldest first), run one forward,
 sample the requests whose known tokens are all computed, and free the finished ones. This is also the
-colocated serving mode that the disaggregated service is compared against.
+colocated serving mode that the disaggregated service is compared against. A prefill chunk of a request
+that asks for prompt log-probabilities is scored in the same step (engine/prompt_logprobs.py); requests
+that do not ask take the plain path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections import deque
 
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import PENDING, Request, StepOutput
+from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
+from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
 
@@ -131,7 +134,12 @@ class Scheduler:
 
     def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
         """Run the forward and sample on the device; start the copy of the sampled tokens to the host."""
-        logits = self.runner.forward(scheduled)
+        prompt_rows, prompt = plan_rows(scheduled), None
+        if prompt_rows is None:
+            logits = self.runner.forward(scheduled)
+        else:
+            logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
+            prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host())
         rows, sampling = [], []
         for i, (request, tokens) in enumerate(scheduled):
             request.num_computed += len(tokens)
@@ -139,7 +147,7 @@ class Scheduler:
                 rows.append(i)
                 sampling.append(request)
         if not sampling:
-            return InFlightStep(scheduled, [], None)
+            return InFlightStep(scheduled, [], None, prompt)
         if len(rows) < logits.shape[0]:
             logits = logits[to_device(rows, logits.device)]
         eos = self.runner.model.cfg.eos_id
@@ -148,9 +156,12 @@ class Scheduler:
         self.runner.remember_tokens([r.slot for r in sampling], drawn.tokens)
         for r in sampling:
             r.num_pending += 1
-        return InFlightStep(scheduled, sampling, drawn.to_host())
+        return InFlightStep(scheduled, sampling, drawn.to_host(), prompt)
 
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
+        if step.prompt is not None:  # before the tokens: a final chunk's values precede its first token
+            rows, host = step.prompt
+            host.deliver(rows)
         if not step.sampled:
             return []
         eos = self.runner.model.cfg.eos_id
@@ -167,7 +178,10 @@ class Scheduler:
             if lp is not None:
                 request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp))
+            prompt = None
+            if params.logprob_start_len is not None and len(request.output_ids) == 1:
+                prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
             if request.finish_reason is not None:
                 self._release(request)
         self.running = [r for r in self.running if r.finish_reason is None]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import Request
+from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import export_state
 from sparsepd.faults import Faults
@@ -48,6 +48,7 @@ class PrefillOutcome:
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
     logprobs: TokenLogprobs | None = None  # the first token's, when asked for
+    prompt_logprobs: PromptLogprobs | None = None  # when params.logprob_start_len is set
 
 
 class PrefillWorker:
@@ -132,6 +133,8 @@ class PrefillWorker:
                     continue
                 out.first_token, out.finish_reason = request.output_ids[0], request.finish_reason or ""
                 out.logprobs = request.output_logprobs[0] if request.output_logprobs else None
+                if job.params.logprob_start_len is not None:
+                    out.prompt_logprobs = PromptLogprobs(job.params.logprob_start_len, tuple(request.prompt_logprobs))
                 out.prefill_ms = (time.perf_counter() - started) * 1e3
                 if request.finish_reason is not None:  # done at the first token: nothing to ship
                     out.ok = True
