@@ -9,13 +9,13 @@ states) are refused the same way, never ignored. Penalties as SGLang and OpenAI 
 and presence_penalty in [-2, 2], repetition_penalty > 0 (0 = unset = 1, off), logit_bias a map from token id
 (a decimal string) to a bias in [-100, 100].
 
-Log-probabilities (with `return_logprob`; without it the fields below are ignored, except that top_logprobs_num
-and token_ids_logprob are refused) are the log-softmax of the model's raw logits. Each output token gets its
+Log-probabilities (`return_logprob`) are the log-softmax of the model's raw logits. Each output token gets its
 own, the `top_logprobs_num` (≤ 20) most likely tokens' and those of the ids in `token_ids_logprob` (at most 64
 ids < vocab_size, reported in the order given). `logprob_start_len` = s asks for the prompt's too, as SGLang
-computes them: -1 is output only; 0 ≤ s < the input length reports input tokens s … L−1, token s with no value
-(the absent `InputTokenLogProb.value`) and token p > s with log_softmax(logits at p−1)[token p], with its top
-ones and token ids; s ≥ L, or < -1, is INVALID_ARGUMENT.
+computes them: -1 is output only; 0 ≤ s < the input length L reports input tokens s … L−1, token s with no
+value (the absent `InputTokenLogProb.value`) and token p > s with log_softmax(logits at p−1)[token p], with its
+top ones and token ids' values; s ≥ L, or < -1, is INVALID_ARGUMENT. Without return_logprob, logprob_start_len
+is ignored (as SGLang does) and a top_logprobs_num or token_ids_logprob is refused.
 
 0 and unset: proto3 cannot tell them apart, and, like SGLang's own server, 0 means "from the first input
 token". The SGLang gateway always sets the field: -1 for /v1/completions and /v1/chat/completions (with or

@@ -77,11 +77,14 @@ def test_reference_prompt_logprobs_are_the_log_softmax_of_the_prompt_logits(prom
     _check_prompt(short_reference.prompt_logprobs, full_logits[1], prompts[1], 4)
 
 
-def test_engine_scores_the_prompt_chunk_by_chunk_beside_other_requests(model, prompts, full_logits, short_reference):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_scores_the_prompt_chunk_by_chunk_beside_other_requests(model, prompts, full_logits, short_reference,
+                                                                       overlap):
     """Budget 16 < 33: the long prompt (from 0) is prefilled in 3 chunks, beside the short one from mid-prompt,
     from its last token (no values) and a plain request (the plain path); every prompt value equals the
-    whole-prompt reference, and the outputs' values (at IDS too) equal generate()'s."""
-    engine = Engine(model, PoolConfig(num_slots=4, max_batch_tokens=16, num_pages=32))
+    whole-prompt reference, and the outputs' values (at IDS too) equal generate()'s; with the scheduler's
+    overlap (the decode worker's default) too."""
+    engine = Engine(model, PoolConfig(num_slots=4, max_batch_tokens=16, num_pages=32), overlap=overlap)
     long, short = prompts
     plain = SamplingParams(max_new_tokens=3, ignore_eos=True)
     requests = [engine.submit(long, _params(0)), engine.submit(short, _params(4, **SAMPLED)),
