@@ -102,7 +102,8 @@ class HostScores:
             i += count
 
 
-def score_rows(model: Transformer, hidden: torch.Tensor, rows: PromptRows, rows_per_slice: int | None = None) -> ScoredRows:
+def score_rows(model: Transformer, hidden: torch.Tensor, rows: PromptRows,
+               rows_per_slice: int | None = None) -> ScoredRows:
     """The module doc's values for the last block's output `hidden` `[n, hc, dim]` at `rows` (on its device).
 
     The head runs on `rows_per_slice` rows at a time (default: SLICE_ELEMS // vocab)."""
@@ -113,7 +114,8 @@ def score_rows(model: Transformer, hidden: torch.Tensor, rows: PromptRows, rows_
     targets = torch.tensor(rows.targets, dtype=torch.int64)
     ids = torch.tensor([t + [-1] * (k - len(t)) for t in rows.token_ids], dtype=torch.int64).reshape(n, k)
     if device.type == "cuda":
-        targets, ids = targets.pin_memory().to(device, non_blocking=True), ids.pin_memory().to(device, non_blocking=True)
+        targets = targets.pin_memory().to(device, non_blocking=True)
+        ids = ids.pin_memory().to(device, non_blocking=True)
     step = rows_per_slice or max(1, SLICE_ELEMS // model.cfg.vocab_size)
     parts = []
     for begin in range(0, n, step):

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, apply_penalties_row,
                                        filter_probs, sample_batch)
 
-__all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
-           "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
+__all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams",
+           "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors",
+           "token_logprobs"]
 
 FinishReason = Literal["stop", "length"]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value

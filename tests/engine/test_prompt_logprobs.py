@@ -120,7 +120,8 @@ def test_rows_are_planned_per_chunk_and_scoring_in_slices_changes_nothing(model,
     assert rows.rows == [1 + p - 3 for p in range(5, 12)] and rows.targets == long[6:13]
     assert [(r is first, n) for r, n in rows.owners] == [(True, 7)] and rows.top_n == TOP
     assert plan_rows([(second, short)]) is None  # nobody asks: the plain path
-    hidden = torch.randn(len(rows.rows), model.cfg.hc_mult, model.cfg.dim, generator=torch.Generator().manual_seed(SEED))
+    gen = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(len(rows.rows), model.cfg.hc_mult, model.cfg.dim, generator=gen)
     whole = score_rows(model, hidden, rows)
     for step in (1, 3):
         sliced = score_rows(model, hidden, rows, rows_per_slice=step)

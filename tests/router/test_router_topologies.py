@@ -1,6 +1,7 @@
 """Other ways to put the router in front of workers: colocated workers (prefill and decode in one engine,
-the baseline of the load tests; prompt log-probabilities come on its token stream) and workers that register themselves with `--router` (multi-host), including
-a killed decode worker replaced by a new one that registers, and a worker of another model refused."""
+the baseline of the load tests; prompt log-probabilities come on its token stream) and workers that register
+themselves with `--router` (multi-host), including a killed decode worker replaced by a new one that registers,
+and a worker of another model refused."""
 
 from __future__ import annotations
 
