@@ -11,7 +11,7 @@ from sparsepd.decode_worker.worker import DecodeWorker, TokenUpdate
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prompt_logprobs, sampling_to_dict, top_logprobs
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -88,4 +88,8 @@ def _event(u: TokenUpdate) -> worker_pb2.TokenEvent:
     if u.logprobs:
         event.logprobs.extend(x.logprob for x in u.logprobs)
         event.top_logprobs.extend(top_logprobs(x.top_ids, x.top_logprobs) for x in u.logprobs)
+        if u.logprobs[0].ids_logprobs:
+            event.token_ids_logprobs.extend(id_logprobs(x.ids_logprobs) for x in u.logprobs)
+    if u.prompt_logprobs is not None:
+        event.prompt_logprobs.CopyFrom(prompt_logprobs(u.prompt_logprobs.start, u.prompt_logprobs.positions))
     return event

@@ -22,7 +22,7 @@ import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import Request
+from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
 from sparsepd.faults import Faults
@@ -44,6 +44,7 @@ class TokenUpdate:
     finish_reason: str  # "" while running
     error: str = ""
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
+    prompt_logprobs: PromptLogprobs | None = None  # colocated: with the first token, when the request asked
 
 
 class DecodeWorker:
@@ -159,7 +160,8 @@ class DecodeWorker:
                     outputs = self.engine.step()
                 self.step_count += 1
                 updates = [TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
-                                       logprobs=(o.logprobs,) if o.logprobs is not None else ()) for o in outputs]
+                                       logprobs=(o.logprobs,) if o.logprobs is not None else (),
+                                       prompt_logprobs=o.prompt_logprobs) for o in outputs]
                 self.counters["tokens_generated"] += len(outputs)
                 self._publish(updates)
 

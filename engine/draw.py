@@ -4,7 +4,8 @@
 a plain argmax when every row is greedy with nothing banned, no penalty or bias and no log-probabilities
 wanted; penalties read each row's token history from its slot, engine/penalties.py), and
 `Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
-log-probabilities) into pinned host memory. `HostDraw.result()` waits for that copy: the one host sync of
+log-probabilities: the drawn token's, the top ones, those of the rows' token_ids_logprob) into pinned host
+memory. `HostDraw.result()` waits for that copy: the one host sync of
 a step, which with the scheduler's overlap happens after the next step is already queued.
 """
 
@@ -22,7 +23,7 @@ from sparsepd.kernels.sampling import sample_batch
 @dataclass
 class HostDraw:
     tokens: torch.Tensor  # [B] int64, pinned on CUDA
-    floats: torch.Tensor | None  # [B, 1 + N] logprob, top logprobs
+    floats: torch.Tensor | None  # [B, 1 + N + K] logprob, top logprobs, token_ids_logprob values
     top_ids: torch.Tensor | None  # [B, N]
     event: torch.cuda.Event | None
 
@@ -33,7 +34,8 @@ class HostDraw:
         if self.floats is None:
             return tokens, None
         floats, ids = self.floats.tolist(), self.top_ids.tolist()
-        return tokens, [TokenLogprobs(f[0], tuple(i), tuple(f[1:])) for f, i in zip(floats, ids, strict=True)]
+        return tokens, [TokenLogprobs(f[0], tuple(i), tuple(f[1:1 + len(i)]), tuple(f[1 + len(i):]))
+                        for f, i in zip(floats, ids, strict=True)]
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Drawn:
     top_logprobs: torch.Tensor | None  # [B, N] fp32
     wants_logprobs: list[bool]
     top_n: list[int]
+    ids_logprobs: torch.Tensor | None = None  # [B, K] fp32 (K = the most token_ids_logprob a row has)
+    num_ids: list[int] | None = None  # each row's len(token_ids_logprob)
 
     def to_host(self) -> HostDraw:
         cuda = self.tokens.is_cuda
@@ -51,7 +55,8 @@ class Drawn:
         tokens.copy_(self.tokens, non_blocking=True)
         floats = ids = None
         if any(self.wants_logprobs):
-            f = torch.cat([self.logprobs[:, None], self.top_logprobs], dim=1)
+            parts = [self.logprobs[:, None], self.top_logprobs]
+            f = torch.cat(parts if self.ids_logprobs is None else [*parts, self.ids_logprobs], dim=1)
             floats = torch.empty(f.shape, dtype=f.dtype, pin_memory=cuda)
             floats.copy_(f, non_blocking=True)
             ids = torch.empty(self.top_ids.shape, dtype=torch.int64, pin_memory=cuda)
@@ -62,21 +67,22 @@ class Drawn:
             event.record()
         host = HostDraw(tokens, floats, ids, event)
         if floats is not None:
-            host = _PerRowLogprobs(host, self.wants_logprobs, self.top_n)
+            host = _PerRowLogprobs(host, self.wants_logprobs, self.top_n, self.num_ids or [0] * len(self.top_n))
         return host
 
 
 class _PerRowLogprobs(HostDraw):
     """Log-probabilities only for the rows that asked, each with its own top-N."""
 
-    def __init__(self, inner: HostDraw, wants: list[bool], top_n: list[int]):
+    def __init__(self, inner: HostDraw, wants: list[bool], top_n: list[int], num_ids: list[int]):
         super().__init__(inner.tokens, inner.floats, inner.top_ids, inner.event)
-        self.wants, self.top_n = wants, top_n
+        self.wants, self.top_n, self.num_ids = wants, top_n, num_ids
 
     def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         tokens, lps = super().result()
-        return tokens, [TokenLogprobs(lp.logprob, lp.top_ids[:n], lp.top_logprobs[:n]) if want else None
-                        for lp, want, n in zip(lps, self.wants, self.top_n, strict=True)]
+        return tokens, [TokenLogprobs(lp.logprob, lp.top_ids[:n], lp.top_logprobs[:n], lp.ids_logprobs[:k])
+                        if want else None
+                        for lp, want, n, k in zip(lps, self.wants, self.top_n, self.num_ids, strict=True)]
 
 
 @dataclass
@@ -86,6 +92,7 @@ class InFlightStep:
     scheduled: list
     sampled: list
     host: HostDraw | None
+    prompt: tuple | None = None  # (PromptRows, HostScores): prompt log-probabilities scored in this step
 
 
 def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, int]],
@@ -100,4 +107,5 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
     if any(p.penalized for p, *_ in rows):
         params.penalties = penalty_tensors(rows, device)
     out = sample_batch(logits, params)
-    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n)
+    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n, out.ids_logprobs,
+                 [len(p.token_ids_logprob) for p, *_ in rows])

@@ -40,6 +40,9 @@ class Engine:
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
+        if params.logprob_start_len is not None and params.logprob_start_len >= len(prompt_ids):
+            raise ValueError(f"logprob_start_len={params.logprob_start_len} must be < the prompt's "
+                             f"{len(prompt_ids)} tokens")
         return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
                        Sampler(params, self.model.cfg.vocab_size))
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.engine.prompt_logprobs import prompt_logprobs_ref
+from sparsepd.engine.request import PromptLogprobs
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs, finish_reason, token_logprobs
 from sparsepd.model.transformer import Transformer
 
@@ -22,6 +24,7 @@ class Generation:
     decode_s: float
     state_bytes: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when params ask for them
+    prompt_logprobs: PromptLogprobs | None = None  # when params.logprob_start_len is set
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -43,15 +46,22 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     state = model.new_state()
     t0 = time.perf_counter()
     chunk = prefill_chunk or len(prompt_ids)
+    prompt_logits = []  # every prompt position's logits, when the prompt's log-probabilities are asked for
     for begin in range(0, len(prompt_ids), chunk):
         logits = model.forward(ids[begin: begin + chunk], state)
+        if params.logprob_start_len is not None:
+            prompt_logits.append(logits)
+    prompt = None
+    if params.logprob_start_len is not None:
+        prompt = prompt_logprobs_ref(torch.cat(prompt_logits), prompt_ids, params.logprob_start_len,
+                                     params.top_logprobs, params.token_ids_logprob)
     out: list[int] = []
     logprobs: list[TokenLogprobs] = []
 
     def pick(row: torch.Tensor) -> int:  # penalties and bias from the history on the host; logprobs from row
         token = sampler.sample(params.penalize(row, prompt_ids, out), params.banned(len(out), cfg.eos_id))
         if params.wants_logprobs:
-            logprobs.append(token_logprobs(row, token, params.top_logprobs))
+            logprobs.append(token_logprobs(row, token, params.top_logprobs, params.token_ids_logprob))
         return token
 
     token = pick(logits[-1])
@@ -66,7 +76,8 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
         if on_token:
             on_token(token)
         reason = finish_reason(token, len(out), params, cfg.eos_id)
-    return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes(), logprobs)
+    return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes(), logprobs,
+                      prompt)
 
 
 def generate_with_engine(model: Transformer, prompt_ids: list[int], params: SamplingParams,
@@ -87,5 +98,8 @@ def generate_with_engine(model: Transformer, prompt_ids: list[int], params: Samp
     while request.finish_reason is None:
         engine.step()
     position = len(prompt_ids) + len(request.output_ids) - 1
+    prompt = None
+    if params.logprob_start_len is not None:
+        prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
     return Generation(prompt_ids, request.output_ids, request.finish_reason, t1 - t0, time.perf_counter() - t1,
-                      shipped_bytes(model.cfg, position), request.output_logprobs)
+                      shipped_bytes(model.cfg, position), request.output_logprobs, prompt)

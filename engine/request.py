@@ -29,6 +29,9 @@ class Request:
     stateless: bool = False
     keep_on_finish: bool = False  # its slot and pages outlive its finish until the owner releases them (its
     # stateless forks' state is exported from them after the step where it may have drawn its stop token)
+    # When params.logprob_start_len = s: those of prompt tokens s+1 … as the prefill scores them
+    # (engine/prompt_logprobs.py); complete once the first token is out.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def max_len(self) -> int:
@@ -50,6 +53,14 @@ class Request:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """A request's prompt log-probabilities: token `start` has none; `positions[i]` is token start+1+i's."""
+
+    start: int
+    positions: tuple[TokenLogprobs, ...]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """One new token of one request (the terminal one carries its finish reason)."""
 
@@ -57,3 +68,4 @@ class StepOutput:
     token: int
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
+    prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them

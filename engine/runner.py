@@ -1,5 +1,6 @@
 """The forward-batch runner: one forward of the model over a ragged batch of prefill chunks and decode
-tokens, keys kept in the paged pools. Returns the logits of each request's last token in the batch."""
+tokens, keys kept in the paged pools. Returns the logits of each request's last token in the batch (and,
+when asked, the last block's output at chosen rows: prompt log-probabilities, engine/prompt_logprobs.py)."""
 
 from __future__ import annotations
 
@@ -37,14 +38,15 @@ class Runner:
         return self._rope[key]
 
     @torch.inference_mode()
-    def forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
+    def forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None = None):
         """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward. On the graph
-        path the tensor is the graph's output buffer: read it before the next forward."""
+        path the tensor is the graph's output buffer: read it before the next forward. With `final_rows`
+        (flat rows of this forward), eagerly, (logits, the last block's output `[n, hc, dim]` at them)."""
         device = torch.device(self.pools.device)
         if device.type == "cuda":  # Triton launches on the calling thread's current device: make it the pools'
             with torch.cuda.device(device):
-                return self._forward(work)
-        return self._forward(work)
+                return self._forward(work, final_rows)
+        return self._forward(work, final_rows)
 
     @torch.inference_mode()
     def capture_graphs(self, max_context: int) -> None:
@@ -58,18 +60,19 @@ class Runner:
         self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
         self.history.record(slots, tokens)
 
-    def _forward(self, work: list[tuple[Request, list[int]]]) -> torch.Tensor:
+    def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None):
         self.history.bind([r for r, _ in work])
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
-        shape = self.graphs.shape_for(chunks) if self.graphs is not None else None
+        shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:
             return self.graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
         self._fill_pending(batch.token_ids, chunks)
         cache = PagedCache(batch, self.pools, self.rope_tables)
+        rows = None if final_rows is None else to_device(final_rows, self.pools.device)
         return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows,
-                                        ids_checked=True)
+                                        ids_checked=True, final_rows=rows)
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
         """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""

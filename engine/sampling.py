@@ -1,5 +1,6 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, min_new_tokens, stop conditions,
-log-probabilities, frequency/presence/repetition penalties and a logit bias.
+log-probabilities (of the output, of chosen token ids, and of the prompt: engine/prompt_logprobs.py),
+frequency/presence/repetition penalties and a logit bias.
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
 the allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
@@ -29,11 +30,13 @@ from sparsepd.kernels.sampling import (
     sample_batch,
 )
 
-__all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
-           "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
+__all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams",
+           "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors",
+           "token_logprobs"]
 
 FinishReason = Literal["stop", "length"]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+MAX_TOKEN_IDS_LOGPROB = 64  # ids a request may ask the log-probabilities of (token_ids_logprob)
 
 
 class SamplingParams(BaseModel):
@@ -54,6 +57,10 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="1 = off")
     logit_bias: tuple[tuple[int, float], ...] = Field((), description="(token id, bias) pairs, ids distinct")
+    token_ids_logprob: tuple[int, ...] = Field((), max_length=MAX_TOKEN_IDS_LOGPROB,
+                                               description="report these ids' log-probabilities too, in this order")
+    logprob_start_len: int | None = Field(None, ge=0, description="prompt log-probabilities from this position "
+                                                                   "(None: none); must be < the prompt length")
 
     @field_validator("logit_bias")
     @classmethod
@@ -66,11 +73,11 @@ class SamplingParams(BaseModel):
             raise ValueError(f"logit_bias values must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad}")
         return v
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "token_ids_logprob")
     @classmethod
     def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(t < 0 for t in v):
-            raise ValueError(f"stop token ids must be ≥ 0, got {list(v)}")
+            raise ValueError(f"token ids must be ≥ 0, got {list(v)}")
         return v
 
     @classmethod
@@ -106,7 +113,7 @@ class SamplingParams(BaseModel):
 
     @property
     def wants_logprobs(self) -> bool:
-        return self.logprobs or self.top_logprobs > 0
+        return self.logprobs or self.top_logprobs > 0 or bool(self.token_ids_logprob)
 
     def banned(self, n_generated: int, eos_id: int) -> list[int]:
         """Token ids that may not be drawn after n_generated tokens (min_new_tokens not reached yet)."""
@@ -132,6 +139,9 @@ class Sampler:
         bad = [i for i, _ in params.logit_bias if i >= vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary [0, {vocab_size})")
+        bad = [t for t in params.token_ids_logprob if t >= vocab_size]
+        if bad:
+            raise ValueError(f"token_ids_logprob ids {bad} are outside the vocabulary [0, {vocab_size})")
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.num_drawn = 0
@@ -146,7 +156,7 @@ class Sampler:
         caller's: pass `params.penalize(logits, …)`."""
         row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
         params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
-        params.want_top_logprobs = 0
+        params.want_top_logprobs, params.token_ids = 0, None
         token = int(sample_batch(row, params).tokens[0])
         self.num_drawn += 1
         return token
@@ -173,8 +183,9 @@ def sampling_tensors(rows: Sequence[tuple[SamplingParams, Sampler, int, int]],
     """`sample_batch`'s inputs for rows of (params, sampler, n_generated, eos_id).
 
     counter = n_generated; banned = params.banned(n_generated, eos_id); N = the most top_logprobs any row
-    wants; the host-side promises (all greedy, top-k/top-p used) from the params. Built on the host as one
-    float and one int tensor, each copied once (pinned, non-blocking on CUDA).
+    wants; token_ids = each row's token_ids_logprob (−1 padded; None when no row has any); the host-side
+    promises (all greedy, top-k/top-p used) from the params. Built on the host as one float and one int
+    tensor, each copied once (pinned, non-blocking on CUDA).
     """
     return _sampling_tensors([(p, s.seed, n, p.banned(n, eos)) for p, s, n, eos in rows], torch.device(device))
 
@@ -182,15 +193,18 @@ def sampling_tensors(rows: Sequence[tuple[SamplingParams, Sampler, int, int]],
 def _sampling_tensors(rows: list[tuple[SamplingParams, int, int, list[int]]], device: torch.device) -> SamplingTensors:
     """From rows of (params, seed, counter, banned ids)."""
     B, width = len(rows), max([1, *(len(banned) for *_, banned in rows)])
+    k = max([0, *(len(p.token_ids_logprob) for p, *_ in rows)])
     floats = torch.tensor([[p.temperature, p.top_p, p.min_p] for p, *_ in rows], dtype=torch.float32)
-    ints = torch.tensor([[p.top_k, seed, counter, *banned, *[-1] * (width - len(banned))]
+    ints = torch.tensor([[p.top_k, seed, counter, *banned, *[-1] * (width - len(banned)),
+                          *p.token_ids_logprob, *[-1] * (k - len(p.token_ids_logprob))]
                          for p, seed, counter, banned in rows], dtype=torch.int64)
-    floats, ints = floats.reshape(B, 3), ints.reshape(B, 3 + width)  # [B, 3], [B, 3 + M]
+    floats, ints = floats.reshape(B, 3), ints.reshape(B, 3 + width + k)  # [B, 3], [B, 3 + M + K]
     if device.type == "cuda":
         floats = floats.pin_memory().to(device, non_blocking=True)
         ints = ints.pin_memory().to(device, non_blocking=True)
     return SamplingTensors(temperature=floats[:, 0], top_k=ints[:, 0].to(torch.int32), top_p=floats[:, 1],
-                           min_p=floats[:, 2], seed=ints[:, 1], counter=ints[:, 2], ban_ids=ints[:, 3:],
+                           min_p=floats[:, 2], seed=ints[:, 1], counter=ints[:, 2], ban_ids=ints[:, 3:3 + width],
+                           token_ids=ints[:, 3 + width:] if k else None,
                            want_top_logprobs=max([0, *(p.top_logprobs for p, *_ in rows)]),
                            all_greedy=all(p.greedy for p, *_ in rows),
                            uses_top_k_or_p=any(not p.greedy and (p.top_k > 1 or p.top_p < 1.0) for p, *_ in rows))
@@ -198,21 +212,25 @@ def _sampling_tensors(rows: list[tuple[SamplingParams, int, int, list[int]]], de
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """The sampled token's log-probability and the position's most likely tokens with theirs."""
+    """A token's log-probability at its position, the position's most likely tokens with theirs, and those of
+    the request's token_ids_logprob (in its order)."""
 
     logprob: float
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+    ids_logprobs: tuple[float, ...] = ()
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
-    """Log-softmax of one position's raw logits `[vocab]`: `token`'s value and the top_n best (ties: lower id)."""
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int, token_ids: Sequence[int] = ()) -> TokenLogprobs:
+    """Log-softmax of one position's raw logits `[vocab]`: `token`'s value, the top_n best (ties: lower id) and
+    the values at token_ids."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     value = float(logp[token])
+    ids = tuple(float(logp[i]) for i in token_ids)
     if top_n <= 0:
-        return TokenLogprobs(value)
+        return TokenLogprobs(value, ids_logprobs=ids)
     top = torch.topk(logp, min(top_n, logp.shape[-1]))
-    return TokenLogprobs(value, tuple(top.indices.tolist()), tuple(float(v) for v in top.values.tolist()))
+    return TokenLogprobs(value, tuple(top.indices.tolist()), tuple(float(v) for v in top.values.tolist()), ids)
 
 
 def finish_reason(token: int, n_generated: int, params: SamplingParams, eos_id: int) -> FinishReason | None:

@@ -4,7 +4,9 @@ token budget, continuous-batching decode, stop conditions, finish and free.
 One `step()` is receive → schedule → run → postprocess, as in nano-vllm: admit what fits, give every
 decoding request one token and the rest of the budget to prefill chunks (oldest first), run one forward,
 sample the requests whose known tokens are all computed, and free the finished ones. This is also the
-colocated serving mode that the disaggregated service is compared against.
+colocated serving mode that the disaggregated service is compared against. A prefill chunk of a request
+that asks for prompt log-probabilities is scored in the same step (engine/prompt_logprobs.py); requests
+that do not ask take the plain path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections import deque
 
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import PENDING, Request, StepOutput
+from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
+from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
 from sparsepd.engine.state_io import copy_state
@@ -163,7 +166,12 @@ class Scheduler:
 
     def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
         """Run the forward and sample on the device; start the copy of the sampled tokens to the host."""
-        logits = self.runner.forward(scheduled)
+        prompt_rows, prompt = plan_rows(scheduled), None
+        if prompt_rows is None:
+            logits = self.runner.forward(scheduled)
+        else:
+            logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
+            prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host())
         rows, sampling = [], []
         for i, (request, tokens) in enumerate(scheduled):
             request.num_computed += len(tokens)
@@ -171,7 +179,7 @@ class Scheduler:
                 rows.append(i)
                 sampling.append(request)
         if not sampling:
-            return InFlightStep(scheduled, [], None)
+            return InFlightStep(scheduled, [], None, prompt)
         self._fork(rows, sampling)
         if rows != list(range(logits.shape[0])):
             logits = logits[to_device(rows, logits.device)]
@@ -183,7 +191,7 @@ class Scheduler:
         self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
         for r in sampling:
             r.num_pending += 1
-        return InFlightStep(scheduled, sampling, drawn.to_host())
+        return InFlightStep(scheduled, sampling, drawn.to_host(), prompt)
 
     def _fork(self, rows: list[int], sampling: list[Request]) -> None:
         """Add the forks of requests drawing their first token now: the same logits row, their own samplers.
@@ -194,6 +202,7 @@ class Scheduler:
                 continue
             for fork in r.forks:
                 fork.sampler.history, fork.sampler.prompt_id_set = r.sampler.history, r.sampler.prompt_id_set
+                fork.prompt_logprobs = r.prompt_logprobs  # the same list: this step's scores land in it
                 if fork.slot is not None:
                     copy_state(self.pools, r, fork)
                     self.running.append(fork)
@@ -204,6 +213,9 @@ class Scheduler:
             r.forks = []
 
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
+        if step.prompt is not None:  # before the tokens: a final chunk's values precede its first token
+            rows, host = step.prompt
+            host.deliver(rows)
         if not step.sampled:
             return []
         eos = self.runner.model.cfg.eos_id
@@ -220,7 +232,10 @@ class Scheduler:
             if lp is not None:
                 request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp))
+            prompt = None
+            if params.logprob_start_len is not None and len(request.output_ids) == 1:
+                prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
             if request.finish_reason is not None and not request.keep_on_finish:
                 self._release(request)
         self.running = [r for r in self.running if r.finish_reason is None]

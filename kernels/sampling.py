@@ -27,7 +27,8 @@ The engine keeps count and the prompt mask per slot on the device (engine/penalt
 
 Also returned, from the RAW logits (before the ban, temperature and filters): logprobs[b] =
 log_softmax(z)[token] and the N best ids of log_softmax(z) with their values (ties: lower id first,
-through kernels/topk.py: Triton on GPU tensors, a stable sort on CPU tensors).
+through kernels/topk.py: Triton on GPU tensors, a stable sort on CPU tensors), and when rows name token ids
+(`token_ids`, SGLang's token_ids_logprob) log_softmax(z) at those ids.
 
 No host synchronization: fixed-shape tensor ops and launches only, so a step can be captured in a CUDA
 graph and costs one async copy of the outputs. The random stream is one Triton kernel (`exponentials`);
@@ -77,6 +78,7 @@ class SamplingTensors:
     # sampled row uses top-k > 1 or top-p < 1 (no sort). The defaults promise nothing.
     all_greedy: bool = False
     uses_top_k_or_p: bool = True
+    token_ids: torch.Tensor | None = None  # [B, K] int64, −1 padded: ids whose log-probabilities to report
 
 
 @dataclass(slots=True)
@@ -99,6 +101,7 @@ class SampleOutput:
     logprobs: torch.Tensor  # [B] fp32: log_softmax(raw logits)[token]
     top_ids: torch.Tensor  # [B, N] int64
     top_logprobs: torch.Tensor  # [B, N] fp32
+    ids_logprobs: torch.Tensor | None = None  # [B, K] fp32: log_softmax(raw logits) at params.token_ids (pads: junk)
 
 
 # --- the counter-based random stream --------------------------------------------------------------
@@ -276,17 +279,25 @@ def _check(logits: torch.Tensor, params: SamplingTensors, out: SampleOutput | No
                          f"{getattr(ban, 'dtype', type(ban))} {list(getattr(ban, 'shape', ()))}")
     if params.penalties is not None:
         _check_penalties(params.penalties, B, V, logits.device)
+    ids = params.token_ids
+    if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != B
+                            or ids.dtype != torch.int64 or ids.device != logits.device):
+        raise ValueError(f"params.token_ids: expected int64 [{B}, K] (−1 padded) on {logits.device}, got "
+                         f"{getattr(ids, 'dtype', type(ids))} {list(getattr(ids, 'shape', ()))}")
     n = params.want_top_logprobs
     if not isinstance(n, int) or not 0 <= n <= min(MAX_TOP_LOGPROBS, V):
         raise ValueError(f"params.want_top_logprobs: expected an int in [0, {min(MAX_TOP_LOGPROBS, V)}], got {n!r}")
     if out is not None:
         want = {"tokens": (torch.int64, (B,)), "logprobs": (torch.float32, (B,)),
                 "top_ids": (torch.int64, (B, n)), "top_logprobs": (torch.float32, (B, n))}
+        if ids is not None:
+            want["ids_logprobs"] = (torch.float32, tuple(ids.shape))
         for name, (dtype, shape) in want.items():
             t = getattr(out, name)
-            if tuple(t.shape) != shape or t.dtype != dtype or t.device != logits.device:
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype or t.device != logits.device:
                 raise ValueError(f"out.{name}: expected {dtype} {list(shape)} on {logits.device}, got "
-                                 f"{t.dtype} {list(t.shape)} on {t.device}")
+                                 f"{getattr(t, 'dtype', None)} {list(getattr(t, 'shape', ()))} "
+                                 f"on {getattr(t, 'device', None)}")
 
 
 def _check_penalties(pen: PenaltyTensors, B: int, V: int, device: torch.device) -> None:
@@ -314,10 +325,11 @@ def _banned(logits: torch.Tensor, ban_ids: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(mask[:, :V], float("-inf"))
 
 
-def _finish(logits: torch.Tensor, tokens: torch.Tensor, n: int, out: SampleOutput | None,
-            backend: Backend) -> SampleOutput:
-    """The raw log-softmax at the tokens and its top n, written into `out` when given."""
+def _finish(logits: torch.Tensor, tokens: torch.Tensor, n: int, token_ids: torch.Tensor | None,
+            out: SampleOutput | None, backend: Backend) -> SampleOutput:
+    """The raw log-softmax at the tokens, its top n and at token_ids, written into `out` when given."""
     logp = torch.log_softmax(logits, dim=1)  # [B, V]
+    ids_logprobs = None if token_ids is None else logp.gather(1, token_ids.clamp(min=0))  # [B, K]
     logprobs = logp.gather(1, tokens[:, None])[:, 0]
     B = logits.shape[0]
     if n > 0:
@@ -328,11 +340,13 @@ def _finish(logits: torch.Tensor, tokens: torch.Tensor, n: int, out: SampleOutpu
         top_ids = torch.empty((B, 0), dtype=torch.int64, device=logits.device)
         top_logprobs = torch.empty((B, 0), dtype=torch.float32, device=logits.device)
     if out is None:
-        return SampleOutput(tokens, logprobs, top_ids, top_logprobs)
+        return SampleOutput(tokens, logprobs, top_ids, top_logprobs, ids_logprobs)
     out.tokens.copy_(tokens)
     out.logprobs.copy_(logprobs)
     out.top_ids.copy_(top_ids)
     out.top_logprobs.copy_(top_logprobs)
+    if ids_logprobs is not None:
+        out.ids_logprobs.copy_(ids_logprobs)
     return out
 
 
@@ -344,7 +358,7 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
     penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
     masked = _banned(penalized, params.ban_ids)
     if params.all_greedy:
-        return _finish(logits, masked.argmax(1), params.want_top_logprobs, out, backend)
+        return _finish(logits, masked.argmax(1), params.want_top_logprobs, params.token_ids, out, backend)
     greedy = (params.temperature == 0.0) | (params.top_k == 1)  # [B]
     temperature = torch.where(greedy, 1.0, params.temperature)[:, None]
     probs = torch.softmax(masked / temperature, dim=1)  # [B, V]
@@ -354,7 +368,7 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
         keep = probs >= params.min_p[:, None] * probs.amax(1, keepdim=True)
     race = torch.where(keep, probs / exponentials(params.seed, params.counter, V, backend=backend), -1.0)
     tokens = torch.where(greedy, masked.argmax(1), race.argmax(1))
-    return _finish(logits, tokens, params.want_top_logprobs, out, backend)
+    return _finish(logits, tokens, params.want_top_logprobs, params.token_ids, out, backend)
 
 
 def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
@@ -378,9 +392,13 @@ def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
     n = params.want_top_logprobs
     logp = torch.log_softmax(logits, dim=1)
     top_ids = torch.sort(logp, dim=1, descending=True, stable=True).indices[:, :n]
-    result = SampleOutput(tokens_t, logp.gather(1, tokens_t[:, None])[:, 0], top_ids, logp.gather(1, top_ids))
+    ids = params.token_ids
+    ids_logprobs = None if ids is None else logp.gather(1, ids.clamp(min=0))
+    result = SampleOutput(tokens_t, logp.gather(1, tokens_t[:, None])[:, 0], top_ids, logp.gather(1, top_ids),
+                          ids_logprobs)
     if out is None:
         return result
-    for name in ("tokens", "logprobs", "top_ids", "top_logprobs"):
-        getattr(out, name).copy_(getattr(result, name))
+    for name in ("tokens", "logprobs", "top_ids", "top_logprobs", "ids_logprobs"):
+        if getattr(result, name) is not None:
+            getattr(out, name).copy_(getattr(result, name))
     return out

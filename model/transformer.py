@@ -99,10 +99,15 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache,
-                      logit_rows: torch.Tensor | None = None, return_hidden: bool = False, ids_checked: bool = False):
+                      logit_rows: torch.Tensor | None = None, return_hidden: bool = False, ids_checked: bool = False,
+                      final_rows: torch.Tensor | None = None):
         """Logits `[rows, vocab]` fp32 for a flat batch of tokens at `positions` whose keys `cache` keeps;
         only the rows in `logit_rows` (all when None) go through the head. `ids_checked`: the caller has
-        checked the ids on the host (the engine does), so the forward skips its own check (a host sync)."""
+        checked the ids on the host (the engine does), so the forward skips its own check (a host sync).
+        `final_rows`: also return the last block's output `[n, hc, dim]` at these rows, for `logits` later
+        (the engine scores prompt positions from them a slice at a time: engine/prompt_logprobs.py)."""
+        if return_hidden and final_rows is not None:
+            raise ValueError("forward_batch: return_hidden and final_rows cannot be combined")
         cfg = self.cfg
         if not ids_checked and (int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), "
@@ -113,11 +118,16 @@ class Transformer(nn.Module):
             h = layer(h, positions, token_ids, cache, layer_id)
             if hidden is not None:
                 hidden.append(h)
-        if logit_rows is not None:
-            h = h[logit_rows]
-        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps, cfg.norm_eps)
-        logits = head_logits(self.norm(x), self.head.weight)
+        if final_rows is not None:
+            return self.logits(h if logit_rows is None else h[logit_rows]), h[final_rows]
+        logits = self.logits(h if logit_rows is None else h[logit_rows])
         return (logits, hidden) if return_hidden else logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits `[n, vocab]` of the last block's output `h` `[n, hc, dim]`: hyper-head, norm, head."""
+        cfg = self.cfg
+        x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps, cfg.norm_eps)
+        return head_logits(self.norm(x), self.head.weight)
 
     def new_state(self) -> RequestState:
         return RequestState.fresh(self.cfg, self.device)

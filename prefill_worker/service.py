@@ -10,7 +10,7 @@ import grpc
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prompt_logprobs, sampling_to_dict, top_logprobs
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -77,4 +77,8 @@ def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
     if o.logprobs is not None:
         result.first_logprob = o.logprobs.logprob
         result.first_top_logprobs.CopyFrom(top_logprobs(o.logprobs.top_ids, o.logprobs.top_logprobs))
+        if o.logprobs.ids_logprobs:
+            result.first_token_ids_logprobs.CopyFrom(id_logprobs(o.logprobs.ids_logprobs))
+    if o.prompt_logprobs is not None:
+        result.prompt_logprobs.CopyFrom(prompt_logprobs(o.prompt_logprobs.start, o.prompt_logprobs.positions))
     return result

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import Request
+from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import export_state, fork_descriptor
 from sparsepd.faults import Faults
@@ -53,6 +53,7 @@ class PrefillOutcome:
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
     logprobs: TokenLogprobs | None = None  # the first token's, when asked for
+    prompt_logprobs: PromptLogprobs | None = None  # when params.logprob_start_len is set
 
 
 class PrefillWorker:
@@ -157,6 +158,8 @@ class PrefillWorker:
                 continue
             out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
             out.logprobs = member.output_logprobs[0] if member.output_logprobs else None
+            if job.params.logprob_start_len is not None:  # a fork's are its source's (one prefill)
+                out.prompt_logprobs = PromptLogprobs(job.params.logprob_start_len, tuple(request.prompt_logprobs))
             out.prefill_ms = prefill_ms
             if member.finish_reason is not None:  # done at the first token: nothing to ship
                 out.ok = True

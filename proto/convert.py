@@ -15,7 +15,8 @@ def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
                 stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
                 logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, frequency_penalty=msg.frequency_penalty,
                 presence_penalty=msg.presence_penalty, repetition_penalty=msg.repetition_penalty or 1.0,
-                logit_bias=tuple(sorted(msg.logit_bias.items())))
+                logit_bias=tuple(sorted(msg.logit_bias.items())), token_ids_logprob=tuple(msg.token_ids_logprob),
+                logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None)
 
 
 def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
@@ -26,11 +27,29 @@ def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
         min_new_tokens=values.get("min_new_tokens", 0), logprobs=values.get("logprobs", False),
         top_logprobs=values.get("top_logprobs", 0), frequency_penalty=values.get("frequency_penalty", 0.0),
         presence_penalty=values.get("presence_penalty", 0.0), repetition_penalty=values.get("repetition_penalty", 1.0),
-        logit_bias=dict(values.get("logit_bias", ())))
+        logit_bias=dict(values.get("logit_bias", ())), token_ids_logprob=list(values.get("token_ids_logprob", ())))
     if values.get("seed") is not None:
         msg.seed = values["seed"]
+    if values.get("logprob_start_len") is not None:
+        msg.logprob_start_len = values["logprob_start_len"]
     return msg
 
 
 def top_logprobs(token_ids, logprobs) -> worker_pb2.TopLogprobs:
     return worker_pb2.TopLogprobs(token_ids=list(token_ids), logprobs=list(logprobs))
+
+
+def id_logprobs(values) -> worker_pb2.TopLogprobs:
+    """The values at the request's token_ids_logprob, in its order (the ids themselves are the request's)."""
+    return worker_pb2.TopLogprobs(logprobs=list(values))
+
+
+def prompt_logprobs(start: int, positions) -> worker_pb2.PromptLogprobs:
+    """From values with .logprob, .top_ids, .top_logprobs, .ids_logprobs (prompt tokens start+1 …); the top and
+    token-id lists when the positions hold them (a request that asked has them at every position)."""
+    msg = worker_pb2.PromptLogprobs(start=start, logprobs=[x.logprob for x in positions])
+    if positions and positions[0].top_ids:
+        msg.top_logprobs.extend(top_logprobs(x.top_ids, x.top_logprobs) for x in positions)
+    if positions and positions[0].ids_logprobs:
+        msg.token_ids_logprobs.extend(id_logprobs(x.ids_logprobs) for x in positions)
+    return msg

@@ -297,9 +297,12 @@ class Dispatcher:
             if self.metrics:
                 self.metrics.transfer(r.transfer_bytes, r.transfer_ms / 1e3)
         flow.first_known = True
+        if r.HasField("prompt_logprobs"):
+            flow.prompt_logprobs = r.prompt_logprobs
         if not r.first_token_in_stream:  # a colocated worker sends its first token on the token stream
             logprobs = [TokenLogprob(r.first_logprob, tuple(r.first_top_logprobs.token_ids),
-                                     tuple(r.first_top_logprobs.logprobs))] if flow.spec.logprobs else None
+                                     tuple(r.first_top_logprobs.logprobs), tuple(r.first_token_ids_logprobs.logprobs))
+                        ] if flow.spec.logprobs else None
             self._deliver(flow, [r.first_token], r.finish_reason, logprobs)
         for event in flow.early:
             self._apply_decode_event(flow, event)
@@ -346,12 +349,10 @@ class Dispatcher:
                                     message=f"decode worker {flow.decode.address}: {event.error}"))
         elif reason == "abort":
             self._end(flow, Outcome("abort"))
-        elif flow.spec.logprobs:
-            logprobs = [TokenLogprob(lp, tuple(top.token_ids), tuple(top.logprobs))
-                        for lp, top in zip(event.logprobs, event.top_logprobs, strict=False)]
-            self._deliver(flow, list(event.token_ids), reason, logprobs)
         else:
-            self._deliver(flow, list(event.token_ids), reason)
+            if event.HasField("prompt_logprobs"):  # a colocated worker's, with the first token
+                flow.prompt_logprobs = event.prompt_logprobs
+            self._deliver(flow, list(event.token_ids), reason, _logprobs(event) if flow.spec.logprobs else None)
 
     # --- tokens and the end -----------------------------------------------------------------------------
     def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str,
@@ -359,6 +360,10 @@ class Dispatcher:
         if logprobs is not None and len(logprobs) != len(token_ids):
             self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=(
                 f"worker sent {len(logprobs)} log-probabilities for {len(token_ids)} tokens")))
+            return
+        problem = _prompt_logprobs_problem(flow) if token_ids and not flow.output_ids else None
+        if problem is not None:
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=problem))
             return
         if token_ids and not flow.output_ids:
             flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
@@ -418,3 +423,28 @@ def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2
              for m, t in zip(flow.members[1:], tickets[1:], strict=True)]
     return worker_pb2.PrefillRequest(request_id=flow.request_id, input_ids=flow.spec.input_ids,
                                      sampling=flow.spec.sampling, ticket=tickets[0], forks=forks)
+
+
+def _logprobs(event: worker_pb2.TokenEvent) -> list[TokenLogprob]:
+    """The log-probabilities of an event's tokens (their token-id values when the request named ids)."""
+    ids = [tuple(x.logprobs) for x in event.token_ids_logprobs] or [()] * len(event.logprobs)
+    tops = list(event.top_logprobs) or [worker_pb2.TopLogprobs()] * len(event.logprobs)
+    return [TokenLogprob(lp, tuple(top.token_ids), tuple(top.logprobs), i)
+            for lp, top, i in zip(event.logprobs, tops, ids, strict=False)]
+
+
+def _prompt_logprobs_problem(flow: Flow) -> str | None:
+    """Why the prompt log-probabilities a worker sent before the first token do not fit the request, if so."""
+    spec, got = flow.spec, flow.prompt_logprobs
+    if spec.logprob_start_len is None:
+        return None
+    want = len(spec.input_ids) - 1 - spec.logprob_start_len
+    if got is None or got.start != spec.logprob_start_len or len(got.logprobs) != want:
+        return (f"the worker's prompt log-probabilities do not fit the request: expected {want} values from "
+                f"position {spec.logprob_start_len}, got "
+                + ("none" if got is None else f"{len(got.logprobs)} from position {got.start}"))
+    if (spec.top_logprobs and len(got.top_logprobs) != want) or (
+            spec.token_ids_logprob and len(got.token_ids_logprobs) != want):
+        return (f"the worker's prompt log-probabilities lack the top ones or the token ids' ({len(got.top_logprobs)} "
+                f"and {len(got.token_ids_logprobs)} of {want})")
+    return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from sparsepd.proto import worker_pb2
 from sparsepd.router.params import RequestSpec
 from sparsepd.router.text import StopStrings
 
@@ -33,6 +34,7 @@ class TokenLogprob:
     logprob: float
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+    ids_logprobs: tuple[float, ...] = ()  # at spec.token_ids_logprob, in its order
 
 
 @dataclass(eq=False)
@@ -43,6 +45,7 @@ class Flow:
     admitted_at: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when spec.logprobs
+    prompt_logprobs: worker_pb2.PromptLogprobs | None = None  # when spec.logprob_start_len is set
     prefill: object = None  # WorkerHandle
     decode: object = None  # WorkerHandle
     reserved: bool = False  # pages and a slot held on `decode`

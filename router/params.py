@@ -5,12 +5,24 @@ Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic def
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
 length"; n 0 is 1, and n > 1 gives n sequences from one prefill, `RequestSpec.choices`). A bad request
 raises `InvalidRequest` naming the field, the value and what is allowed; features the workers do not have
-(grammars, input log-probabilities, multimodal input, input embeddings, LoRA, hidden states) are refused
-the same way, never ignored. Penalties as SGLang and OpenAI
-take them: frequency_penalty and presence_penalty in [-2, 2], repetition_penalty > 0 (0 = unset = 1, off),
-logit_bias a map from token id (a decimal string) to a bias in [-100, 100].
-Output log-probabilities (`return_logprob`, `top_logprobs_num` ≤ 20) are the log-softmax of the model's raw
-logits; `logprob_start_len` 0 or -1 means "output only" (proto3 cannot tell 0 from unset).
+(grammars, multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
+Penalties as SGLang and OpenAI take them: frequency_penalty and presence_penalty in [-2, 2],
+repetition_penalty > 0 (0 = unset = 1, off), logit_bias a map from token id (a decimal string) to a bias in
+[-100, 100].
+
+Log-probabilities (`return_logprob`) are the log-softmax of the model's raw logits. Each output token gets its
+own, the `top_logprobs_num` (≤ 20) most likely tokens' and those of the ids in `token_ids_logprob` (at most 64
+ids < vocab_size, reported in the order given). `logprob_start_len` = s asks for the prompt's too, as SGLang
+computes them: -1 is output only; 0 ≤ s < the input length L reports input tokens s … L−1, token s with no
+value (the absent `InputTokenLogProb.value`) and token p > s with log_softmax(logits at p−1)[token p], with its
+top ones and token ids' values; s ≥ L, or < -1, is INVALID_ARGUMENT. Without return_logprob, logprob_start_len
+is ignored (as SGLang does) and a top_logprobs_num or token_ids_logprob is refused.
+
+0 and unset: proto3 cannot tell them apart, and, like SGLang's own server, 0 means "from the first input
+token". The SGLang gateway always sets the field: -1 for /v1/completions and /v1/chat/completions (with or
+without `echo`: smg 1.13 sends -1 for `echo=true, logprobs=N`, and its /v1/completions answer carries no
+log-probabilities at all), and for /generate the request's own value, -1 when absent. So every gateway request
+is served as asked; a raw gRPC client that leaves the field unset with return_logprob gets the prompt's too.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from sparsepd.router.model_card import ModelCard
 
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 64  # n: sequences of one request (each holds its own decode slot and pages)
+MAX_TOKEN_IDS_LOGPROB = 64  # the engine's bound (engine/sampling.py)
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
 MAX_LOGIT_BIAS = 100.0
 
@@ -47,6 +60,8 @@ class RequestSpec:
     stream: bool = False
     logprobs: bool = False  # report each output token's log-probability
     top_logprobs: int = 0  # and this many most likely tokens per position
+    token_ids_logprob: tuple[int, ...] = ()  # and these ids' per position
+    logprob_start_len: int | None = None  # and the prompt's from this position (None: output only)
     n: int = 1  # sequences to generate from this prompt (parallel sampling; `choices`)
     index: int = 0  # which of them this spec is (choices() numbers them)
 
@@ -85,6 +100,8 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
                 + (f", the server's limit is {max_new_tokens_limit})" if max_new_tokens_limit else ")"))
     else:
         max_new = limit
+    start = _logprob_start_len(req, len(ids))
+    _check_token_ids_logprob(req, card)
     _check_range("temperature", sp.temperature, lambda v: v >= 0, "≥ 0 (0 = greedy)")
     _check_range("top_p", sp.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
     _check_range("min_p", sp.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
@@ -115,14 +132,38 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         stop_token_ids=sorted(stop_ids), ignore_eos=sp.ignore_eos, min_new_tokens=sp.min_new_tokens,
         logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
         frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
-        repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias)
+        repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias,
+        token_ids_logprob=list(req.token_ids_logprob))
     if sp.HasField("seed"):
         sampling.seed = sp.seed
     n = sp.n or 1
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidRequest(f"sampling_params.n={n} is out of range: allowed 1..{MAX_CHOICES}")
+    if start is not None:
+        sampling.logprob_start_len = start
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
-                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs, n)
+                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs,
+                       tuple(req.token_ids_logprob), start, n)
+
+
+def _logprob_start_len(req: pb.GenerateRequest, num_input: int) -> int | None:
+    """The first input position to report log-probabilities for, or None (output only); module doc."""
+    start = req.logprob_start_len
+    if not req.return_logprob or start == -1:
+        return None
+    if not 0 <= start < num_input:
+        raise InvalidRequest(f"logprob_start_len={start} is out of range: allowed -1 (output only) or "
+                             f"0..{num_input - 1} (the input has {num_input} tokens)")
+    return start
+
+
+def _check_token_ids_logprob(req: pb.GenerateRequest, card: ModelCard) -> None:
+    ids = list(req.token_ids_logprob)
+    if len(ids) > MAX_TOKEN_IDS_LOGPROB:
+        raise InvalidRequest(f"token_ids_logprob has {len(ids)} ids: allowed at most {MAX_TOKEN_IDS_LOGPROB}")
+    bad = [t for t in ids if t >= card.vocab_size]
+    if bad:
+        raise InvalidRequest(f"token_ids_logprob contains {bad}: token ids must be < vocab_size {card.vocab_size}")
 
 
 def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
@@ -177,11 +218,8 @@ def _refuse_unsupported(req: pb.GenerateRequest) -> None:
          f"top_logprobs_num={req.top_logprobs_num} is out of range: allowed 0..{MAX_TOP_LOGPROBS}"),
         (req.top_logprobs_num > 0 and not req.return_logprob,
          f"top_logprobs_num={req.top_logprobs_num} needs return_logprob=true"),
-        (req.return_logprob and req.logprob_start_len > 0,
-         f"logprob_start_len={req.logprob_start_len}: input (prompt) log-probabilities are not supported; "
-         "allowed -1 or 0 (output tokens only)"),
-        (len(req.token_ids_logprob) > 0, "token_ids_logprob: log-probabilities of chosen token ids are not "
-                                         "supported (use top_logprobs_num)"),
+        (len(req.token_ids_logprob) > 0 and not req.return_logprob,
+         f"token_ids_logprob={list(req.token_ids_logprob)[:8]} needs return_logprob=true"),
         (req.return_hidden_states, "return_hidden_states is not supported"),
         (req.HasField("mm_inputs"), "mm_inputs: multimodal input is not supported (the model is text-only)"),
         (len(req.input_embeds) > 0, "input_embeds: input embeddings are not supported; send token ids"),

@@ -103,6 +103,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                                        completion_tokens=sent + len(new), index=spec.index)
         if spec.logprobs:
             chunk.output_logprobs.CopyFrom(_output_logprobs(flow, sent, sent + len(new)))
+        if sent == 0 and spec.logprob_start_len is not None:  # SGLang: in the first chunk only
+            chunk.input_logprobs.CopyFrom(_input_logprobs(flow))
         return pb.GenerateResponse(request_id=flow.members[0].request_id, chunk=chunk)
 
     def _complete(self, flow: Flow, outcome: Outcome) -> pb.GenerateResponse:
@@ -112,6 +114,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes)
         if flow.spec.logprobs:
             done.output_logprobs.CopyFrom(_output_logprobs(flow, 0, len(flow.output_ids)))
+        if flow.spec.logprob_start_len is not None and flow.prompt_logprobs is not None:
+            done.input_logprobs.CopyFrom(_input_logprobs(flow))
         if outcome.matched_token_id is not None:
             done.matched_token_id = outcome.matched_token_id
         elif outcome.matched_stop_str is not None:
@@ -238,6 +242,26 @@ def _output_logprobs(flow: Flow, start: int, end: int) -> pb.OutputLogProbs:
     out = pb.OutputLogProbs(token_logprobs=[x.logprob for x in lps], token_ids=flow.output_ids[start:end])
     if flow.spec.top_logprobs > 0:
         out.top_logprobs.extend(pb.TopLogProbs(values=x.top_logprobs, token_ids=x.top_ids) for x in lps)
+    if flow.spec.token_ids_logprob:
+        ids = flow.spec.token_ids_logprob
+        out.token_ids_logprobs.extend(pb.TopLogProbs(values=x.ids_logprobs, token_ids=ids) for x in lps)
+    return out
+
+
+def _input_logprobs(flow: Flow) -> pb.InputLogProbs:
+    """SGLang's input log-probabilities: input tokens s … L−1, token s with no value (router/params.py); the
+    top ones and those of token_ids_logprob (our field 1000) when asked for, token s's entries empty."""
+    spec, got = flow.spec, flow.prompt_logprobs
+    out = pb.InputLogProbs(token_ids=spec.input_ids[spec.logprob_start_len:])
+    out.token_logprobs.append(pb.InputTokenLogProb())
+    out.token_logprobs.extend(pb.InputTokenLogProb(value=v) for v in got.logprobs)
+    if spec.top_logprobs > 0:
+        out.top_logprobs.append(pb.TopLogProbs())
+        out.top_logprobs.extend(pb.TopLogProbs(values=x.logprobs, token_ids=x.token_ids) for x in got.top_logprobs)
+    if spec.token_ids_logprob:
+        out.token_ids_logprobs.append(pb.TopLogProbs())
+        out.token_ids_logprobs.extend(pb.TopLogProbs(values=x.logprobs, token_ids=spec.token_ids_logprob)
+                                      for x in got.token_ids_logprobs)
     return out
 
 

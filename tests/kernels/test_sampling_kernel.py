@@ -296,6 +296,26 @@ def test_logprobs_equal_token_logprobs():
     assert (out.logprobs.double() - exact.gather(1, out.tokens[:, None])[:, 0]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("fn", [sample_batch, sample_batch_ref])
+def test_token_ids_logprobs_are_the_raw_log_softmax_at_each_rows_ids(fn):
+    """Rows name different numbers of ids (−1 padded; repeats kept), built by the scheduler's helper; the values
+    come from the raw logits whatever the row's temperature or ban, and only the no-logprob rows lack them."""
+    B, V = 4, 300
+    logits = make_logits(8, B, V)
+    eos, sampler = 299, Sampler(SamplingParams(), V)
+    rows = [SamplingParams(temperature=0.9, token_ids_logprob=(3, 299, 3), min_new_tokens=2),
+            SamplingParams(), SamplingParams(token_ids_logprob=(0,), logprobs=True), SamplingParams(temperature=0.5)]
+    params = sampling_tensors([(p, sampler, 0, eos) for p in rows], "cpu")
+    assert params.token_ids.tolist() == [[3, 299, 3], [-1, -1, -1], [0, -1, -1], [-1, -1, -1]]
+    out = fn(logits, params)
+    exact = torch.log_softmax(logits.double(), -1)
+    for b, p in enumerate(rows):
+        got = out.ids_logprobs[b, : len(p.token_ids_logprob)].double()
+        assert torch.allclose(got, exact[b, list(p.token_ids_logprob)], rtol=0, atol=1e-6), b
+    no_ids = sampling_tensors([(SamplingParams(logprobs=True), sampler, 0, eos)], "cpu")
+    assert no_ids.token_ids is None and fn(logits[:1], no_ids).ids_logprobs is None
+
+
 def test_top_logprobs_ties_take_the_lower_id():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0, 2.0]])
     out = sample_batch(logits, make_params(1, temperature=0.0, want_top_logprobs=5))
@@ -355,11 +375,13 @@ def test_out_buffers_are_fully_written(fn):
     logits = make_logits(4, B, V)
     params = random_params(4, B, V)
     params.want_top_logprobs = N
+    params.token_ids = torch.tensor([[1, -1], [39, 2]] * 3)
     fresh = fn(logits, params)
     out = SampleOutput(torch.full((B,), -7, dtype=torch.int64), torch.full((B,), float("nan")),
-                       torch.full((B, N), 12345, dtype=torch.int64), torch.full((B, N), float("nan")))
+                       torch.full((B, N), 12345, dtype=torch.int64), torch.full((B, N), float("nan")),
+                       torch.full((B, 2), float("nan")))
     assert fn(logits, params, out=out) is out
-    for name in ("tokens", "logprobs", "top_ids", "top_logprobs"):
+    for name in ("tokens", "logprobs", "top_ids", "top_logprobs", "ids_logprobs"):
         assert torch.equal(getattr(out, name), getattr(fresh, name)), name
 
 
@@ -369,6 +391,7 @@ def test_out_buffers_are_fully_written(fn):
     ("seed", torch.ones(3, dtype=torch.int32), "params.seed"),
     ("ban_ids", torch.ones(3, dtype=torch.int64), "params.ban_ids"),
     ("want_top_logprobs", 21, "want_top_logprobs"),
+    ("token_ids", torch.ones(3, 2, dtype=torch.int32), "params.token_ids"),
 ])
 def test_bad_inputs_raise_naming_the_field(field, value, match):
     params = make_params(3)

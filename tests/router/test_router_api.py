@@ -1,6 +1,7 @@
 """The public API through a real gRPC client against real processes: greedy tokens equal the single-process
 engine for 32 concurrent streams; every error has its status; abort, cancel and deadline free the pools
-on both workers; stop strings match across chunks; health, reflection, tokenizer, loads and metrics."""
+on both workers; stop strings match across chunks; output and prompt log-probabilities (with chosen token ids)
+equal the reference; health, reflection, tokenizer, loads and metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
+from logprob_helpers import IDS, TOP, check_input, check_output, check_streamed, logprob_request  # noqa: E402
+from logprob_helpers import reference as logprob_reference  # noqa: E402
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.engine.generate import generate_with_engine  # noqa: E402
@@ -116,11 +119,18 @@ BAD_REQUESTS = [
     ("n over the limit", _bad("n", sampling_params__n=65), "n=65 is out of range"),
     ("a grammar", _bad("g", sampling_params__regex="[a-z]+"), "constrained decoding"),
     ("a penalty out of range", _bad("f", sampling_params__frequency_penalty=2.5), "frequency_penalty=2.5"),
-    ("input log-probabilities", _bad("l", return_logprob=True, logprob_start_len=3), "logprob_start_len=3"),
+    ("log-probabilities from beyond the input", _bad("l", return_logprob=True, logprob_start_len=4),
+     "logprob_start_len=4 is out of range"),
     ("too many top log-probabilities", _bad("l2", return_logprob=True, top_logprobs_num=21),
      "top_logprobs_num=21 is out of range"),
     ("top log-probabilities without return_logprob", _bad("l3", top_logprobs_num=2), "needs return_logprob"),
-    ("log-probabilities of chosen ids", _bad("l4", return_logprob=True, token_ids_logprob=[3]), "token_ids_logprob"),
+    ("log-probabilities of ids outside the vocabulary", _bad("l4", return_logprob=True, token_ids_logprob=[300]),
+     "token_ids_logprob contains [300]"),
+    ("log-probabilities from below -1", _bad("l5", return_logprob=True, logprob_start_len=-2),
+     "logprob_start_len=-2 is out of range"),
+    ("log-probabilities of too many ids", _bad("l6", return_logprob=True, token_ids_logprob=list(range(65))),
+     "token_ids_logprob has 65 ids"),
+    ("ids without return_logprob", _bad("l7", token_ids_logprob=[7]), "needs return_logprob"),
     ("multimodal input", _bad("mm", mm_inputs__image_urls=["http://x/y.png"]), "multimodal"),
     ("input embeddings", _bad("emb", input_embeds=[0.5, 0.25]), "embeddings"),
 ]
@@ -299,6 +309,32 @@ def test_logprobs_equal_the_single_process_engine(deployment, model):
             streamed = [v for c in chunks for v in c.output_logprobs.token_logprobs]
             assert streamed == list(lps.token_logprobs)
             assert all(len(c.output_logprobs.token_ids) == len(c.token_ids) for c in chunks)
+
+
+def test_prompt_logprobs_and_token_ids_logprob_equal_the_reference(deployment, model):
+    """Beside a plain request: a streamed one from the first prompt token with top 2 and two chosen ids, and a
+    whole one from mid-prompt; the prefill worker scores the prompt, the decode worker the chosen ids."""
+    gen = torch.Generator().manual_seed(29)
+    first, mid = (torch.randint(0, 256, (n,), generator=gen).tolist() for n in (12, 20))
+    ref = {"first": logprob_reference(model, first, 3), "mid": logprob_reference(model, mid, 3)}
+    requests = [logprob_request(first, 3, 0, TOP, IDS, stream=True), logprob_request(mid, 3, 7),
+                generate_request(mid, 3)]
+
+    async def main():
+        async with channel(deployment["router"]) as ch:
+            stub = stub_of(ch)
+            results = await asyncio.gather(*[collect(stub, r) for r in requests])
+            await wait_all_free(stub)
+            return results
+
+    (chunks, done), (_, whole), (_, plain) = run(main())
+    check_input(done.input_logprobs, first, 0, TOP, IDS, ref["first"])
+    check_output(done.output_logprobs, TOP, IDS, ref["first"])
+    check_streamed(chunks, done)
+    check_input(whole.input_logprobs, mid, 7, 0, [], ref["mid"])
+    check_output(whole.output_logprobs, 0, [], ref["mid"])
+    assert list(plain.output_ids) == ref["mid"].output_ids
+    assert not plain.HasField("input_logprobs") and not plain.HasField("output_logprobs")
 
 
 def test_health_reflection_model_info_and_tokenizer(deployment):

@@ -1,6 +1,7 @@
 """Other ways to put the router in front of workers: colocated workers (prefill and decode in one engine,
-the baseline of the load tests) and workers that register themselves with `--router` (multi-host), including
-a killed decode worker replaced by a new one that registers, and a worker of another model refused."""
+the baseline of the load tests; prompt log-probabilities come on its token stream) and workers that register
+themselves with `--router` (multi-host), including a killed decode worker replaced by a new one that registers,
+and a worker of another model refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from logprob_helpers import IDS, TOP, check_input, check_output, check_streamed, logprob_request  # noqa: E402
+from logprob_helpers import reference as logprob_reference  # noqa: E402
 from router_helpers import WORKER_ARGS, channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.engine.generate import generate  # noqa: E402
@@ -37,8 +40,14 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def test_colocated_workers_serve_the_same_tokens(model):
+    """The longest prompt (over the 48-token chunk budget) also asks for its prompt's log-probabilities from the
+    first token, top 2 and two chosen ids: they travel with the first token on the colocated worker's stream."""
     prompts = _prompts(16, seed=11)
-    want = [generate(model, p, SamplingParams(max_new_tokens=7, ignore_eos=True)).output_ids for p in prompts]
+    scored = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    assert len(prompts[scored]) > 48
+    ref = logprob_reference(model, prompts[scored], 7)  # greedy: the same tokens as without log-probabilities
+    want = [ref.output_ids if i == scored else generate(model, p, SamplingParams(max_new_tokens=7, ignore_eos=True)
+                                                         ).output_ids for i, p in enumerate(prompts)]
     served = start("serve", ["serve", "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "6",
                              "--num-pages", "64", "--max-batch-tokens", "48", "--batch-tokens", "96"], timeout_s=240)
     try:
@@ -47,7 +56,8 @@ def test_colocated_workers_serve_the_same_tokens(model):
         async def main():
             async with channel(served.ready["grpc"]) as ch:
                 stub = stub_of(ch)
-                results = await asyncio.gather(*[collect(stub, generate_request(p, 7, stream=i % 2 == 0))
+                results = await asyncio.gather(*[collect(stub, logprob_request(p, 7, 0, TOP, IDS, stream=True)
+                                                         if i == scored else generate_request(p, 7, stream=i % 2 == 0))
                                                  for i, p in enumerate(prompts)])
                 loads = await wait_all_free(stub)
                 return results, loads
@@ -56,6 +66,10 @@ def test_colocated_workers_serve_the_same_tokens(model):
     finally:
         assert stop(served, timeout_s=30) == 0
     assert [list(done.output_ids) for _, done in results] == want
+    chunks, done = results[scored]
+    check_input(done.input_logprobs, prompts[scored], 0, TOP, IDS, ref)
+    check_output(done.output_logprobs, TOP, IDS, ref)
+    check_streamed(chunks, done)
     assert all(done.ttft_ms > 0 and done.transfer_bytes == 0 for _, done in results)
     assert {x.disaggregation.mode for x in loads.loads} == {"prefill", "decode"}  # one process, both handles
 
