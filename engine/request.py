@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs
 
 PENDING = -1  # a token id the host does not know yet: the runner takes it from the device (engine/draw.py)
@@ -22,6 +23,8 @@ class Request:
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked for
     num_pending: int = 0  # tokens sampled on the GPU whose values the host has not read yet (overlap)
+    grammar: GrammarMatch | None = None  # its grammar's matcher, when params.grammar (engine/grammar.py)
+    error: str = ""  # why it failed, when finish_reason == "error"
 
     @property
     def max_len(self) -> int:
@@ -50,3 +53,4 @@ class StepOutput:
     token: int
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
+    error: str = ""  # finish_reason "error": why (the token is not part of the output)

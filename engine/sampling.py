@@ -1,5 +1,6 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, min_new_tokens, stop conditions,
-log-probabilities, frequency/presence/repetition penalties and a logit bias.
+log-probabilities, frequency/presence/repetition penalties, a logit bias and a grammar (structured output:
+engine/grammar.py).
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
 the allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
@@ -20,13 +21,15 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sparsepd.grammar import Grammar
 from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, apply_penalties_row,
                                        filter_probs, sample_batch)
 
 __all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
            "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
 
-FinishReason = Literal["stop", "length"]
+# "error": the request failed alone (its grammar rejected a drawn token); Request.error says why.
+FinishReason = Literal["stop", "length", "error"]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 
 
@@ -48,6 +51,7 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="1 = off")
     logit_bias: tuple[tuple[int, float], ...] = Field((), description="(token id, bias) pairs, ids distinct")
+    grammar: Grammar | None = Field(None, description="structured output: the tokens must match it")
 
     @field_validator("logit_bias")
     @classmethod
@@ -135,12 +139,16 @@ class Sampler:
         # (a state shipped to a decode worker carries them; engine/state_io.py).
         self.prompt_id_set: tuple[int, ...] | None = None
 
-    def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = ()) -> int:
-        """One token from logits `[vocab]`, never one of `banned` (on the CPU). Penalties and bias are the
-        caller's: pass `params.penalize(logits, …)`."""
+    def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = (),
+               token_bitmask: torch.Tensor | None = None) -> int:
+        """One token from logits `[vocab]`, never one of `banned` (on the CPU), within `token_bitmask`
+        `[⌈V/32⌉]` int32 when given (its grammar's mask). Penalties and bias are the caller's: pass
+        `params.penalize(logits, …)`."""
         row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
         params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
         params.want_top_logprobs = 0
+        if token_bitmask is not None:
+            params.token_bitmask = token_bitmask.cpu().reshape(1, -1)
         token = int(sample_batch(row, params).tokens[0])
         self.num_drawn += 1
         return token

@@ -5,17 +5,41 @@ One `step()` is receive → schedule → run → postprocess, as in nano-vllm: a
 decoding request one token and the rest of the budget to prefill chunks (oldest first), run one forward,
 sample the requests whose known tokens are all computed, and free the finished ones. This is also the
 colocated serving mode that the disaggregated service is compared against.
+
+With overlap, step N+1's forward and draw are queued before step N's tokens are read. A request with a
+grammar needs token N accepted by its matcher before step N+1's mask can be built (engine/grammar.py), so
+when the step samples such a request the order becomes: launch forward N+1 → read and postprocess step N →
+build the masks → draw N+1 and start its copy. The forward still hides the host work of step N; only the
+draw waits. Without a grammar in the step nothing changes (no extra sync).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from dataclasses import dataclass
+
+import torch
+
 from sparsepd.engine.draw import InFlightStep, draw
+from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PENDING, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
+
+
+@dataclass
+class LaunchedForward:
+    """A step's forward, queued on the device, not yet drawn from: its logits and the requests that sample."""
+
+    scheduled: list
+    logits: torch.Tensor | None  # [len(sampled), V] fp32, None when no request samples
+    sampled: list
+
+    @property
+    def has_grammar(self) -> bool:
+        return any(r.grammar is not None for r in self.sampled)
 
 
 class Scheduler:
@@ -68,11 +92,15 @@ class Scheduler:
         the outputs returned are the previous step's."""
         self._admit()
         scheduled = self._schedule()
-        launched = self._launch(scheduled) if scheduled else None
         if not self.overlap:
-            return self._postprocess(launched) if launched is not None else []
-        previous, self._in_flight = self._in_flight, launched
-        return self._postprocess(previous) if previous is not None else []
+            return self._postprocess(self._launch(scheduled)) if scheduled else []
+        previous, self._in_flight, outputs = self._in_flight, None, []
+        if scheduled:
+            forward = self._forward(scheduled)
+            if previous is not None and forward.has_grammar:  # this step's masks need the previous step's tokens
+                outputs, previous = self._postprocess(previous), None
+            self._in_flight = self._draw(forward)
+        return self._postprocess(previous) if previous is not None else outputs
 
     def _admit(self) -> None:
         while self.waiting:
@@ -131,6 +159,10 @@ class Scheduler:
 
     def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
         """Run the forward and sample on the device; start the copy of the sampled tokens to the host."""
+        return self._draw(self._forward(scheduled))
+
+    def _forward(self, scheduled: list[tuple[Request, list[int]]]) -> LaunchedForward:
+        """Queue the forward; keep the logits of the requests whose known tokens are now all computed."""
         logits = self.runner.forward(scheduled)
         rows, sampling = [], []
         for i, (request, tokens) in enumerate(scheduled):
@@ -139,16 +171,29 @@ class Scheduler:
                 rows.append(i)
                 sampling.append(request)
         if not sampling:
-            return InFlightStep(scheduled, [], None)
+            return LaunchedForward(scheduled, None, [])
         if len(rows) < logits.shape[0]:
             logits = logits[to_device(rows, logits.device)]
-        eos = self.runner.model.cfg.eos_id
+        return LaunchedForward(scheduled, logits, sampling)
+
+    def _draw(self, forward: LaunchedForward) -> InFlightStep:
+        """Sample the forward's rows (within their grammars' masks) and start the tokens' copy to the host. A
+        request that ended since the forward was queued (read in between, under overlap) is not drawn."""
+        live = [i for i, r in enumerate(forward.sampled) if r.finish_reason is None and r.slot is not None]
+        sampling = [forward.sampled[i] for i in live]
+        if not sampling:
+            return InFlightStep(forward.scheduled, [], None)
+        logits = forward.logits
+        if len(live) < logits.shape[0]:
+            logits = logits[to_device(live, logits.device)]
+        eos, device = self.runner.model.cfg.eos_id, self.runner.pools.device
         table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
-        drawn = draw(logits, table, self.runner.pools.device)
+        mask = token_bitmask([r.grammar for r in sampling], logits.shape[1], device)
+        drawn = draw(logits, table, device, mask)
         self.runner.remember_tokens([r.slot for r in sampling], drawn.tokens)
         for r in sampling:
             r.num_pending += 1
-        return InFlightStep(scheduled, sampling, drawn.to_host())
+        return InFlightStep(forward.scheduled, sampling, drawn.to_host())
 
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
         if not step.sampled:
@@ -162,11 +207,20 @@ class Scheduler:
                 continue  # finished or aborted while this step ran: its token is dropped
             params, token = request.params, tokens[i]
             request.sampler.advance()
+            if request.grammar is not None and not request.grammar.accept(token):
+                request.finish_reason = "error"  # a masked token was drawn: a bug, this request's alone
+                request.error = (f"internal error: token {token} was drawn at output position "
+                                 f"{len(request.output_ids)} but the request's grammar does not allow it")
+                outputs.append(StepOutput(request.request_id, token, "error", error=request.error))
+                self._release(request)
+                continue
             request.output_ids.append(token)
             lp = logprobs[i] if logprobs is not None else None
             if lp is not None:
                 request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
+            if request.grammar is not None and request.grammar.terminated:
+                request.finish_reason = "stop"  # the grammar accepted its stop token (even with ignore_eos)
             outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp))
             if request.finish_reason is not None:
                 self._release(request)

@@ -122,13 +122,16 @@ class PrefillWorker:
             self.faults.hit("prefill.step")
             self.engine.step()
             for rid, (request, job) in list(waiting.items()):
-                if not request.output_ids:
+                if not request.output_ids and request.finish_reason is None:
                     continue
                 del waiting[rid]
                 out = outcomes[rid]
                 if rid in self.cancelled:  # released during the step: its reservation is gone, ship nothing
                     self.engine.abort(rid)
                     out.error = "aborted"
+                    continue
+                if request.finish_reason == "error":  # failed alone at its first token (the engine freed it)
+                    out.error = request.error
                     continue
                 out.first_token, out.finish_reason = request.output_ids[0], request.finish_reason or ""
                 out.logprobs = request.output_logprobs[0] if request.output_logprobs else None

@@ -4,12 +4,15 @@ parameters for the workers, and the stop conditions the router watches itself.
 Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
 length"; n 0 is 1). A bad request raises `InvalidRequest` naming the field, the value and what is
-allowed; features the workers do not have (n > 1, grammars, input log-probabilities, multimodal input, input
+allowed; features the workers do not have (n > 1, input log-probabilities, multimodal input, input
 embeddings, LoRA, hidden states) are refused the same way, never ignored. Penalties as SGLang and OpenAI
 take them: frequency_penalty and presence_penalty in [-2, 2], repetition_penalty > 0 (0 = unset = 1, off),
 logit_bias a map from token id (a decimal string) to a bias in [-100, 100].
 Output log-probabilities (`return_logprob`, `top_logprobs_num` ≤ 20) are the log-softmax of the model's raw
 logits; `logprob_start_len` 0 or -1 means "output only" (proto3 cannot tell 0 from unset).
+Structured output: the `constraint` oneof (regex, json_schema, ebnf_grammar, structural_tag) becomes the
+workers' grammar (sparsepd/grammar.py); `check_grammar` compiles it against the model's vocabulary so that a
+bad one is refused here, with the compiler's message, before any worker does work.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import uuid
 from dataclasses import dataclass, field
 
+from sparsepd.grammar import MAX_GRAMMAR_CHARS, Grammar, Grammars
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
@@ -25,6 +29,8 @@ from sparsepd.router.model_card import ModelCard
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
 MAX_LOGIT_BIAS = 100.0
+GRAMMAR_FIELDS = {"regex": "regex", "json_schema": "json_schema", "ebnf_grammar": "ebnf",
+                  "structural_tag": "structural_tag"}  # the public oneof's field → the grammar's kind
 
 
 class InvalidRequest(ValueError):
@@ -45,6 +51,7 @@ class RequestSpec:
     stream: bool = False
     logprobs: bool = False  # report each output token's log-probability
     top_logprobs: int = 0  # and this many most likely tokens per position
+    grammar: Grammar | None = None  # structured output (also in `sampling`)
 
 
 def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
@@ -96,8 +103,34 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias)
     if sp.HasField("seed"):
         sampling.seed = sp.seed
+    grammar = _grammar(sp)
+    if grammar is not None:
+        sampling.grammar_kind, sampling.grammar = grammar.kind, grammar.text
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
-                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs)
+                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs, grammar)
+
+
+def check_grammar(spec: RequestSpec, grammars: Grammars) -> None:
+    """Compile the request's grammar (cached); InvalidRequest with the compiler's message when it does not.
+    May take a while on a new grammar: call it off the event loop."""
+    if spec.grammar is None:
+        return
+    try:
+        grammars.compile(spec.grammar)
+    except ValueError as exc:
+        field = next(f for f, kind in GRAMMAR_FIELDS.items() if kind == spec.grammar.kind)
+        raise InvalidRequest(f"sampling_params.{field}: {exc}") from None
+
+
+def _grammar(sp: pb.SamplingParams) -> Grammar | None:
+    field = sp.WhichOneof("constraint")
+    if field is None:
+        return None
+    text = getattr(sp, field)
+    if not text.strip() or len(text) > MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(f"sampling_params.{field} has {len(text)} characters: expected a non-empty grammar "
+                             f"of at most {MAX_GRAMMAR_CHARS}")
+    return Grammar(kind=GRAMMAR_FIELDS[field], text=text)
 
 
 def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
@@ -146,9 +179,6 @@ def _refuse_unsupported(req: pb.GenerateRequest) -> None:
     sp = req.sampling_params
     checks = [
         (sp.n > 1, f"sampling_params.n={sp.n}: only n = 1 is supported (send n separate requests)"),
-        (sp.WhichOneof("constraint") is not None,
-         f"sampling_params.{sp.WhichOneof('constraint')}: constrained decoding (regex, JSON schema, grammar, "
-         "structural tag) is not supported"),
         (req.top_logprobs_num < 0 or req.top_logprobs_num > MAX_TOP_LOGPROBS,
          f"top_logprobs_num={req.top_logprobs_num} is out of range: allowed 0..{MAX_TOP_LOGPROBS}"),
         (req.top_logprobs_num > 0 and not req.return_logprob,
