@@ -37,8 +37,14 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def test_colocated_workers_serve_the_same_tokens(model):
+    """Plain requests, and one with a grammar (both its first token and the rest drawn in the one engine)."""
+    from sparsepd.grammar import Grammar
+
     prompts = _prompts(16, seed=11)
     want = [generate(model, p, SamplingParams(max_new_tokens=7, ignore_eos=True)).output_ids for p in prompts]
+    ebnf = 'root ::= "yes" | "no" | "maybe " [0-9]'
+    want_grammar = generate(model, prompts[0], SamplingParams(max_new_tokens=9, ignore_eos=True,
+                                                              grammar=Grammar(kind="ebnf", text=ebnf))).output_ids
     served = start("serve", ["serve", "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "6",
                              "--num-pages", "64", "--max-batch-tokens", "48", "--batch-tokens", "96"], timeout_s=240)
     try:
@@ -48,13 +54,16 @@ def test_colocated_workers_serve_the_same_tokens(model):
             async with channel(served.ready["grpc"]) as ch:
                 stub = stub_of(ch)
                 results = await asyncio.gather(*[collect(stub, generate_request(p, 7, stream=i % 2 == 0))
-                                                 for i, p in enumerate(prompts)])
+                                                 for i, p in enumerate(prompts)],
+                                               collect(stub, generate_request(prompts[0], 9, ebnf_grammar=ebnf)))
                 loads = await wait_all_free(stub)
                 return results, loads
 
         results, loads = run(main())
     finally:
         assert stop(served, timeout_s=30) == 0
+    (_, grammar_done), results = results[-1], results[:-1]
+    assert list(grammar_done.output_ids) == want_grammar and grammar_done.finish_reason == "stop"
     assert [list(done.output_ids) for _, done in results] == want
     assert all(done.ttft_ms > 0 and done.transfer_bytes == 0 for _, done in results)
     assert {x.disaggregation.mode for x in loads.loads} == {"prefill", "decode"}  # one process, both handles
