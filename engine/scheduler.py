@@ -16,7 +16,6 @@ draw waits. Without a grammar in the step nothing changes (no extra sync).
 from __future__ import annotations
 
 from collections import deque
-
 from dataclasses import dataclass
 
 import torch

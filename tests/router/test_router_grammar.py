@@ -70,8 +70,9 @@ def test_grammar_requests_through_the_service_match_and_equal_the_reference(depl
     assert ids == want.output_ids
     assert _accepted("regex", REGEX, list(regex_done.output_ids)) and regex_done.finish_reason == "stop"
     assert _accepted("ebnf", EBNF, list(ebnf_done.output_ids)) and ebnf_done.finish_reason == "stop"
-    assert list(ebnf_done.output_ids) == generate(model, prompt, SamplingParams(
-        max_new_tokens=40, temperature=0.8, seed=9, ignore_eos=True, grammar=Grammar(kind="ebnf", text=EBNF))).output_ids
+    sampled = SamplingParams(max_new_tokens=40, temperature=0.8, seed=9, ignore_eos=True,
+                             grammar=Grammar(kind="ebnf", text=EBNF))
+    assert list(ebnf_done.output_ids) == generate(model, prompt, sampled).output_ids
 
 
 BAD = [({"json_schema": '{"type": "objectx"}'}, 'sampling_params.json_schema: json_schema does not compile: '
