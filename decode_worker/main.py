@@ -52,7 +52,8 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
     cfg = engine_config_from_args(args)
     model = cfg.build_model()
-    engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap)
+    engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
+                    vocabulary=cfg.vocabulary(model.cfg))
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())

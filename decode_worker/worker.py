@@ -70,7 +70,10 @@ class DecodeWorker:
         """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity).
 
         The reservation waits for its state ttl_s seconds (0 = unset), at most this worker's own TTL: the
-        worker decides how long its pages may sit idle, whatever a router asks."""
+        worker decides how long its pages may sit idle, whatever a router asks. A grammar is compiled here,
+        before the engine lock (the decode loop holds it for each step); a bad one raises ValueError."""
+        if params.grammar is not None:
+            self.engine.grammars.compile(params.grammar)  # cached: make_request below finds it
         with self.lock:
             running = {r.request_id for r in self.engine.scheduler.running}
             if request_id in self.reservations or request_id in running:
@@ -159,10 +162,11 @@ class DecodeWorker:
                 with self.lock:
                     outputs = self.engine.step()
                 self.step_count += 1
-                updates = [TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
+                updates = [TokenUpdate(o.request_id, (), "error", o.error) if o.finish_reason == "error" else
+                           TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
                                        logprobs=(o.logprobs,) if o.logprobs is not None else (),
                                        prompt_logprobs=o.prompt_logprobs) for o in outputs]
-                self.counters["tokens_generated"] += len(outputs)
+                self.counters["tokens_generated"] += sum(o.finish_reason != "error" for o in outputs)
                 self._publish(updates)
 
     def _drain(self, block: bool) -> None:

@@ -7,11 +7,13 @@ holds one of these. `add_engine_args` / `engine_config_from_args` keep the flags
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparsepd.engine.pools import PoolConfig
+from sparsepd.grammar import Vocabulary
 from sparsepd.model.checkpoint_config import read_checkpoint_config
 from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.transformer import Transformer
@@ -43,6 +45,13 @@ class EngineConfig(BaseModel):
             # (for this thread; the runner does the same for the threads that step the engine).
             torch.cuda.set_device(torch.device(self.device))
         return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device)
+
+    def vocabulary(self, model_config: ModelConfig) -> Vocabulary:
+        """What grammars compile against: the checkpoint's tokenizer.json when it has one (as the router's model
+        card and model/tokenizer.py read it), else the byte vocabulary."""
+        path = Path(self.checkpoint) / "tokenizer.json" if self.checkpoint else None
+        text = path.read_text() if path is not None and path.is_file() else None
+        return Vocabulary(vocab_size=model_config.vocab_size, eos_id=model_config.eos_id, tokenizer_json=text)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """Drawing a step's tokens on the device and reading them on the host once.
 
 `draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
-a plain argmax when every row is greedy with nothing banned, no penalty or bias and no log-probabilities
-wanted; penalties read each row's token history from its slot, engine/penalties.py), and
+a plain argmax when every row is greedy with nothing banned, no penalty, bias or grammar and no
+log-probabilities wanted; penalties read each row's token history from its slot, engine/penalties.py;
+grammar rows are masked by the step's token bitmask, engine/grammar.py), and
 `Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
 log-probabilities: the drawn token's, the top ones, those of the rows' token_ids_logprob) into pinned host
 memory. `HostDraw.result()` waits for that copy: the one host sync of
@@ -96,14 +97,17 @@ class InFlightStep:
 
 
 def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, int]],
-         device: torch.device) -> Drawn:
-    """Sample one token per row of logits `[B, V]` fp32; rows: (params, sampler, tokens drawn, eos id)."""
+         device: torch.device, token_bitmask: torch.Tensor | None = None) -> Drawn:
+    """Sample one token per row of logits `[B, V]` fp32; rows: (params, sampler, tokens drawn, eos id);
+    token_bitmask `[B, ⌈V/32⌉]` int32 on the device when a row has a grammar (engine/grammar.py)."""
     wants = [p.wants_logprobs for p, *_ in rows]
     top_n = [p.top_logprobs for p, *_ in rows]
-    plain = not any(wants) and all(p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
+    plain = token_bitmask is None and not any(wants) and all(
+        p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
     if plain:  # the common greedy case: one argmax kernel
         return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
     params = sampling_tensors(rows, device)
+    params.token_bitmask = token_bitmask
     if any(p.penalized for p, *_ in rows):
         params.penalties = penalty_tensors(rows, device)
     out = sample_batch(logits, params)

@@ -12,25 +12,33 @@ from collections.abc import Sequence
 
 import torch
 
+from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
 from sparsepd.engine.scheduler import Scheduler
+from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.model.transformer import Transformer
 
 
 class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
-                 overlap: bool = False):
+                 overlap: bool = False, vocabulary: Vocabulary | None = None):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
-        overlap: launch each step before reading the previous step's tokens (engine/scheduler.py)."""
+        overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
+        vocabulary: what grammars compile against (default: the byte vocabulary of the model's config)."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
         self.scheduler = Scheduler(self.runner, overlap=overlap)
         self._ids = itertools.count()
+        vocabulary = vocabulary or byte_vocabulary(model)
+        if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):
+            raise ValueError(f"the grammar vocabulary has vocab_size={vocabulary.vocab_size}, eos_id="
+                             f"{vocabulary.eos_id}; the model {model.cfg.vocab_size}, {model.cfg.eos_id}")
+        self.grammars = Grammars(vocabulary)
 
     def capture_graphs(self, max_context: int) -> None:
         """Capture the decode graphs for contexts up to max_context tokens now (no-op without graphs)."""
@@ -38,13 +46,17 @@ class Engine:
         self._ids = itertools.count()
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """A request (not queued); ValueError for a bad token id, stop id or grammar (the compiler's message)."""
         if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
         if params.logprob_start_len is not None and params.logprob_start_len >= len(prompt_ids):
             raise ValueError(f"logprob_start_len={params.logprob_start_len} must be < the prompt's "
                              f"{len(prompt_ids)} tokens")
-        return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                       Sampler(params, self.model.cfg.vocab_size))
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
+                          Sampler(params, self.model.cfg.vocab_size))
+        if params.grammar is not None:
+            request.grammar = GrammarMatch(self.grammars.compile(params.grammar))
+        return request
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                forks: Sequence[SamplingParams] = ()) -> Request:
@@ -72,3 +84,8 @@ class Engine:
     def is_idle_and_empty(self) -> bool:
         """No request holds anything: every page and slot is free."""
         return (not self.scheduler.has_work and self.pools.pages.num_used == 0 and self.pools.slots.num_used == 0)
+
+
+def byte_vocabulary(model: Transformer) -> Vocabulary:
+    """The byte vocabulary of a model without a tokenizer.json (model/tokenizer.py's ByteTokenizer)."""
+    return Vocabulary(vocab_size=model.cfg.vocab_size, eos_id=model.cfg.eos_id)

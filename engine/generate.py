@@ -1,5 +1,7 @@
 """Single-process generation of one prompt: with the plain reference model (prefill, then decode token by
-token: the baseline every faster path must reproduce token for token), or through the paged engine."""
+token: the baseline every faster path must reproduce token for token), or through the paged engine. A
+grammar constrains the reference loop as it does the engine (engine/grammar.py: each step's mask from the
+matcher, the same ban rule, the request ends with "stop" once the matcher has accepted its stop token)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.engine.grammar import GrammarMatch, token_bitmask
 from sparsepd.engine.prompt_logprobs import prompt_logprobs_ref
 from sparsepd.engine.request import PromptLogprobs
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs, finish_reason, token_logprobs
+from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.model.transformer import Transformer
 
 
@@ -33,8 +37,10 @@ class Generation:
 
 
 def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-             on_token: Callable[[int], None] | None = None, prefill_chunk: int | None = None) -> Generation:
-    """Generate up to params.max_new_tokens tokens after prompt_ids (chunked prefill if prefill_chunk)."""
+             on_token: Callable[[int], None] | None = None, prefill_chunk: int | None = None,
+             grammars: Grammars | None = None) -> Generation:
+    """Generate up to params.max_new_tokens tokens after prompt_ids (chunked prefill if prefill_chunk); a
+    grammar compiles with `grammars` (default: the byte vocabulary of the model's config)."""
     cfg = model.cfg
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -42,6 +48,10 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
                          f"the model's max_seq_len={cfg.max_seq_len}")
     sampler = Sampler(params, cfg.vocab_size)
+    match = None
+    if params.grammar is not None:
+        grammars = grammars or Grammars(Vocabulary(vocab_size=cfg.vocab_size, eos_id=cfg.eos_id))
+        match = GrammarMatch(grammars.compile(params.grammar))
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
     state = model.new_state()
     t0 = time.perf_counter()
@@ -59,23 +69,31 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     logprobs: list[TokenLogprobs] = []
 
     def pick(row: torch.Tensor) -> int:  # penalties and bias from the history on the host; logprobs from row
-        token = sampler.sample(params.penalize(row, prompt_ids, out), params.banned(len(out), cfg.eos_id))
+        mask = token_bitmask([match], cfg.vocab_size, "cpu") if match is not None else None
+        token = sampler.sample(params.penalize(row, prompt_ids, out), params.banned(len(out), cfg.eos_id), mask)
         if params.wants_logprobs:
             logprobs.append(token_logprobs(row, token, params.top_logprobs, params.token_ids_logprob))
+        if match is not None and not match.accept(token):
+            raise RuntimeError(f"token {token} was drawn within the grammar's mask but the matcher rejects it")
         return token
+
+    def reason_after(token: int) -> FinishReason | None:
+        if match is not None and match.terminated:
+            return "stop"
+        return finish_reason(token, len(out), params, cfg.eos_id)
 
     token = pick(logits[-1])
     t1 = time.perf_counter()
     out.append(token)
     if on_token:
         on_token(token)
-    reason = finish_reason(token, 1, params, cfg.eos_id)
+    reason = reason_after(token)
     while reason is None:
         token = pick(model.decode(token, state))
         out.append(token)
         if on_token:
             on_token(token)
-        reason = finish_reason(token, len(out), params, cfg.eos_id)
+        reason = reason_after(token)
     return Generation(prompt_ids, out, reason, t1 - t0, time.perf_counter() - t1, state.num_bytes(), logprobs,
                       prompt)
 

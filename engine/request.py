@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs
 
 PENDING = -1  # a token id the host does not know yet: the runner takes it from the device (engine/draw.py)
@@ -32,6 +33,8 @@ class Request:
     # When params.logprob_start_len = s: those of prompt tokens s+1 … as the prefill scores them
     # (engine/prompt_logprobs.py); complete once the first token is out.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    grammar: GrammarMatch | None = None  # its grammar's matcher, when params.grammar (engine/grammar.py)
+    error: str = ""  # why it failed, when finish_reason == "error"
 
     @property
     def max_len(self) -> int:
@@ -69,3 +72,4 @@ class StepOutput:
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them
+    error: str = ""  # finish_reason "error": why (the token is not part of the output)

@@ -1,6 +1,6 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, min-p, a seed, min_new_tokens, stop conditions,
 log-probabilities (of the output, of chosen token ids, and of the prompt: engine/prompt_logprobs.py),
-frequency/presence/repetition penalties and a logit bias.
+frequency/presence/repetition penalties, a logit bias and a grammar (structured output: engine/grammar.py).
 
 `SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
 the allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sparsepd.grammar import Grammar
 from sparsepd.kernels.sampling import (
     MAX_TOP_LOGPROBS,
     SampleOutput,
@@ -34,7 +35,8 @@ __all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "FinishReason", "SampleO
            "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors",
            "token_logprobs"]
 
-FinishReason = Literal["stop", "length"]
+# "error": the request failed alone (its grammar rejected a drawn token); Request.error says why.
+FinishReason = Literal["stop", "length", "error"]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 MAX_TOKEN_IDS_LOGPROB = 64  # ids a request may ask the log-probabilities of (token_ids_logprob)
 
@@ -61,6 +63,7 @@ class SamplingParams(BaseModel):
                                                description="report these ids' log-probabilities too, in this order")
     logprob_start_len: int | None = Field(None, ge=0, description="prompt log-probabilities from this position "
                                                                    "(None: none); must be < the prompt length")
+    grammar: Grammar | None = Field(None, description="structured output: the tokens must match it")
 
     @field_validator("logit_bias")
     @classmethod
@@ -151,12 +154,16 @@ class Sampler:
         # (a state shipped to a decode worker carries them; engine/state_io.py).
         self.prompt_id_set: tuple[int, ...] | None = None
 
-    def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = ()) -> int:
-        """One token from logits `[vocab]`, never one of `banned` (on the CPU). Penalties and bias are the
-        caller's: pass `params.penalize(logits, …)`."""
+    def sample(self, logits: torch.Tensor, banned: list[int] | tuple[int, ...] = (),
+               token_bitmask: torch.Tensor | None = None) -> int:
+        """One token from logits `[vocab]`, never one of `banned` (on the CPU), within `token_bitmask`
+        `[⌈V/32⌉]` int32 when given (its grammar's mask). Penalties and bias are the caller's: pass
+        `params.penalize(logits, …)`."""
         row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
         params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
         params.want_top_logprobs, params.token_ids = 0, None
+        if token_bitmask is not None:
+            params.token_bitmask = token_bitmask.cpu().reshape(1, -1)
         token = int(sample_batch(row, params).tokens[0])
         self.num_drawn += 1
         return token

@@ -7,19 +7,45 @@ sample the requests whose known tokens are all computed, and free the finished o
 colocated serving mode that the disaggregated service is compared against. A prefill chunk of a request
 that asks for prompt log-probabilities is scored in the same step (engine/prompt_logprobs.py); requests
 that do not ask take the plain path.
+
+colocated serving mode that the disaggregated service is compared against.
+
+With overlap, step N+1's forward and draw are queued before step N's tokens are read. A request with a
+grammar needs token N accepted by its matcher before step N+1's mask can be built (engine/grammar.py), so
+when the step samples such a request the order becomes: launch forward N+1 → read and postprocess step N →
+build the masks → draw N+1 and start its copy. The forward still hides the host work of step N; only the
+draw waits. Without a grammar in the step nothing changes (no extra sync).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+
+import torch
 
 from sparsepd.engine.draw import InFlightStep, draw
+from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
 from sparsepd.engine.state_io import copy_state
+
+
+@dataclass
+class LaunchedForward:
+    """A step's forward, queued on the device, not yet drawn from: its logits and the requests that sample."""
+
+    scheduled: list
+    logits: torch.Tensor | None  # [len(sampled), V] fp32, None when no request samples
+    sampled: list
+    prompt: tuple | None = None  # (PromptRows, HostScores): prompt log-probabilities scored in this step
+
+    @property
+    def has_grammar(self) -> bool:
+        return any(r.grammar is not None for r in self.sampled)
 
 
 class Scheduler:
@@ -88,11 +114,15 @@ class Scheduler:
         the outputs returned are the previous step's."""
         self._admit()
         scheduled = self._schedule()
-        launched = self._launch(scheduled) if scheduled else None
         if not self.overlap:
-            return self._postprocess(launched) if launched is not None else []
-        previous, self._in_flight = self._in_flight, launched
-        return self._postprocess(previous) if previous is not None else []
+            return self._postprocess(self._launch(scheduled)) if scheduled else []
+        previous, self._in_flight, outputs = self._in_flight, None, []
+        if scheduled:
+            forward = self._forward(scheduled)
+            if previous is not None and forward.has_grammar:  # this step's masks need the previous step's tokens
+                outputs, previous = self._postprocess(previous), None
+            self._in_flight = self._draw(forward)
+        return self._postprocess(previous) if previous is not None else outputs
 
     def _admit(self) -> None:
         while self.waiting:
@@ -166,6 +196,11 @@ class Scheduler:
 
     def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
         """Run the forward and sample on the device; start the copy of the sampled tokens to the host."""
+        return self._draw(self._forward(scheduled))
+
+    def _forward(self, scheduled: list[tuple[Request, list[int]]]) -> LaunchedForward:
+        """Queue the forward (scoring the prompt rows of requests that asked for prompt log-probabilities); keep
+        the logits of the requests whose known tokens are now all computed, and of their forks."""
         prompt_rows, prompt = plan_rows(scheduled), None
         if prompt_rows is None:
             logits = self.runner.forward(scheduled)
@@ -179,19 +214,11 @@ class Scheduler:
                 rows.append(i)
                 sampling.append(request)
         if not sampling:
-            return InFlightStep(scheduled, [], None, prompt)
+            return LaunchedForward(scheduled, None, [], prompt)
         self._fork(rows, sampling)
         if rows != list(range(logits.shape[0])):
             logits = logits[to_device(rows, logits.device)]
-        eos = self.runner.model.cfg.eos_id
-        table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
-        drawn = draw(logits, table, self.runner.pools.device)
-        kept = [i for i, r in enumerate(sampling) if r.slot is not None]  # stateless forks have no slot
-        tokens = drawn.tokens if len(kept) == len(sampling) else drawn.tokens[to_device(kept, logits.device)]
-        self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
-        for r in sampling:
-            r.num_pending += 1
-        return InFlightStep(scheduled, sampling, drawn.to_host(), prompt)
+        return LaunchedForward(scheduled, logits, sampling, prompt)
 
     def _fork(self, rows: list[int], sampling: list[Request]) -> None:
         """Add the forks of requests drawing their first token now: the same logits row, their own samplers.
@@ -212,6 +239,28 @@ class Scheduler:
                 sampling.append(fork)
             r.forks = []
 
+    def _draw(self, forward: LaunchedForward) -> InFlightStep:
+        """Sample the forward's rows (within their grammars' masks) and start the tokens' copy to the host. A
+        request that ended since the forward was queued (read in between, under overlap) is not drawn."""
+        live = [i for i, r in enumerate(forward.sampled)
+                if r.finish_reason is None and (r.slot is not None or r.stateless)]
+        sampling = [forward.sampled[i] for i in live]
+        if not sampling:
+            return InFlightStep(forward.scheduled, [], None, forward.prompt)
+        logits = forward.logits
+        if len(live) < logits.shape[0]:
+            logits = logits[to_device(live, logits.device)]
+        eos, device = self.runner.model.cfg.eos_id, self.runner.pools.device
+        table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
+        mask = token_bitmask([r.grammar for r in sampling], logits.shape[1], device)
+        drawn = draw(logits, table, device, mask)
+        kept = [i for i, r in enumerate(sampling) if r.slot is not None]  # stateless forks have no slot
+        tokens = drawn.tokens if len(kept) == len(sampling) else drawn.tokens[to_device(kept, logits.device)]
+        self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
+        for r in sampling:
+            r.num_pending += 1
+        return InFlightStep(forward.scheduled, sampling, drawn.to_host(), forward.prompt)
+
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
         if step.prompt is not None:  # before the tokens: a final chunk's values precede its first token
             rows, host = step.prompt
@@ -227,11 +276,20 @@ class Scheduler:
                 continue  # finished or aborted while this step ran: its token is dropped
             params, token = request.params, tokens[i]
             request.sampler.advance()
+            if request.grammar is not None and not request.grammar.accept(token):
+                request.finish_reason = "error"  # a masked token was drawn: a bug, this request's alone
+                request.error = (f"internal error: token {token} was drawn at output position "
+                                 f"{len(request.output_ids)} but the request's grammar does not allow it")
+                outputs.append(StepOutput(request.request_id, token, "error", error=request.error))
+                self._release(request)
+                continue
             request.output_ids.append(token)
             lp = logprobs[i] if logprobs is not None else None
             if lp is not None:
                 request.output_logprobs.append(lp)
             request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
+            if request.grammar is not None and request.grammar.terminated:
+                request.finish_reason = "stop"  # the grammar accepted its stop token (even with ignore_eos)
             prompt = None
             if params.logprob_start_len is not None and len(request.output_ids) == 1:
                 prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))

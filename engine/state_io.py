@@ -6,7 +6,9 @@ layers also the indexer cache pages `[n_pages, rows_per_page, 144]` and the inde
 ⌈position / page_size⌉ (the last page may be partial; uncommitted rows travel too and are never read).
 Plus the position, the tokens generated so far and the sampler's state (16 bytes, followed by the prompt's
 distinct ids as a ⌈V/8⌉-byte bitmap when the request has a repetition penalty: the decode worker holds no
-prompt, and the penalty needs its ids; engine/penalties.py). Contiguous host tensors (pinned
+prompt, and the penalty needs its ids; engine/penalties.py). A grammar is not shipped: the decode worker
+compiles it from the request's sampling parameters when it reserves, and `import_state` advances the
+request's matcher over the generated tokens (engine/grammar.py). Contiguous host tensors (pinned
 when the pools are on a GPU) with a descriptor; nothing here knows about zmq.
 """
 
@@ -148,6 +150,8 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
         if got is None or tuple(got.shape) != spec.shape or str(got.dtype).removeprefix("torch.") != spec.dtype:
             raise ValueError(f"tensor {spec.name}: expected {spec.dtype} {spec.shape}, got "
                              f"{None if got is None else (got.dtype, tuple(got.shape))}")
+    if request.grammar is not None:
+        request.grammar.replay(descriptor.output_ids)
     views = _views(pools, request.slot, request.pages[: descriptor.num_pages])
     for name, (pool, index) in views.items():
         pool[index] = tensors[name].to(pool.device, non_blocking=True)

@@ -4,7 +4,9 @@ For row b with raw logits z [V] (fp32), banned ids ban_ids[b] (−1 padded) and 
 
     z⁺    = z + bias − frequency·count − presence·[count > 0]      (`apply_penalties`, rows that use them)
     z⁺    = z⁺ / repetition if z⁺ > 0 else z⁺ · repetition  where the id is in the prompt or count > 0
-    z'    = z⁺ with z'[banned] = −inf
+    z'    = z⁺ with z'[banned] = −inf, and z'[i] = −inf where the row's grammar mask clears bit i; when that
+            leaves nothing (the grammar allows only banned ids), the ban is dropped: z' = z⁺ masked by the
+            grammar alone (`apply_token_bitmask`; engine/grammar.py explains the rule)
     greedy (temperature == 0 or top_k == 1):   token = argmax z'                  (first index on ties)
     else:  p = softmax(z' / temperature);  keep = top-k ∩ top-p ∩ min-p of p      (`filter_probs`)
            token = argmax_{i ∈ keep} p_i / E_i,   E_i = −log(1 − w_i),   w_i = (h(seed, counter, i) + ½) / 2³²
@@ -38,7 +40,8 @@ the rest is PyTorch vectorized over the batch (one stable sort per row serves to
 Limits: w has 32 bits, so E ∈ [1.2e-10, 22.9]: a kept token whose p is below ~1e-10 of the winning p/E
 cannot win (a bias below V·1e-10 of probability mass). Results on CPU and GPU are equal except where two
 candidates' p/E lie within rounding of each other (softmax, cumsum and log differ in the last bits).
-A row whose every token is banned, or with NaN logits, gives an unspecified token.
+A row whose every token is banned, whose grammar mask allows nothing, or with NaN logits, gives an unspecified
+token (the engine's grammar matcher then rejects it and fails that request alone).
 
 Cost (H200, V = 129,280, mixed parameters, 2026-11-30): B = 1: 261 µs in a CUDA graph (1.2 ms eager, launch
 bound); B = 64: 1.6 ms; B = 256: 5.0 ms, of which the stable sort is 2.4 ms and the rest of the top-k/top-p
@@ -72,6 +75,9 @@ class SamplingTensors:
     seed: torch.Tensor  # [B] int64
     counter: torch.Tensor  # [B] int64: index of the token being drawn
     ban_ids: torch.Tensor  # [B, M] int64, −1 padded
+    # Structured output: bit i % 32 of word i // 32 set = token id i allowed (xgrammar's layout); a row without
+    # a grammar is all ones (−1). None: no row has a grammar.
+    token_bitmask: torch.Tensor | None = None  # [B, ⌈V/32⌉] int32
     want_top_logprobs: int = 0  # N, the most any row wants (≤ MAX_TOP_LOGPROBS)
     penalties: PenaltyTensors | None = None  # None: no row uses penalties or a logit bias
     # Host-side promises that skip work (static per CUDA graph): every row is greedy (argmax only); no
@@ -222,6 +228,45 @@ def _keep_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return keep & (probs >= min_p[:, None] * sorted_p[:, :1])  # both filters keep the max
 
 
+# --- grammar masks --------------------------------------------------------------------------------
+def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, V]: id i allowed where bit i % 32 of word i // 32 is set (int32 words; >> is arithmetic, so the
+    sign bit reads as bit 31)."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits `[B, V]` with every id the bitmask `[B, ⌈V/32⌉]` int32 does not allow set to −inf (a new tensor;
+    the others unchanged bit for bit). Vectorized, no host sync; any device."""
+    B, V = logits.shape
+    if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (B, (V + 31) // 32) or bitmask.device != logits.device:
+        raise ValueError(f"token bitmask: expected int32 [{B}, {(V + 31) // 32}] on {logits.device}, got "
+                         f"{bitmask.dtype} {list(bitmask.shape)} on {bitmask.device}")
+    return logits.masked_fill(~unpack_token_bitmask(bitmask, V), float("-inf"))
+
+
+def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The same id by id from Python integers (for the tests)."""
+    out = logits.clone()
+    words = bitmask.tolist()
+    for b in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            if not (words[b][i // 32] >> (i % 32)) & 1:
+                out[b, i] = float("-inf")
+    return out
+
+
+def _mask(penalized: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """The module doc's z': bans and the grammar mask, the grammar alone where both together leave nothing."""
+    banned = _banned(penalized, params.ban_ids)
+    if params.token_bitmask is None:
+        return banned
+    both = apply_token_bitmask(banned, params.token_bitmask)
+    nothing_left = torch.isneginf(both).all(dim=1, keepdim=True)  # [B, 1]
+    return torch.where(nothing_left, apply_token_bitmask(penalized, params.token_bitmask), both)
+
+
 # --- penalties and logit bias --------------------------------------------------------------------
 def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
     """The module doc's z⁺ for every row at once (a new tensor; vectorized, no host sync)."""
@@ -284,6 +329,11 @@ def _check(logits: torch.Tensor, params: SamplingTensors, out: SampleOutput | No
                             or ids.dtype != torch.int64 or ids.device != logits.device):
         raise ValueError(f"params.token_ids: expected int64 [{B}, K] (−1 padded) on {logits.device}, got "
                          f"{getattr(ids, 'dtype', type(ids))} {list(getattr(ids, 'shape', ()))}")
+    mask = params.token_bitmask
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.int32
+                             or tuple(mask.shape) != (B, (V + 31) // 32) or mask.device != logits.device):
+        raise ValueError(f"params.token_bitmask: expected int32 [{B}, {(V + 31) // 32}] on {logits.device}, got "
+                         f"{getattr(mask, 'dtype', type(mask))} {list(getattr(mask, 'shape', ()))}")
     n = params.want_top_logprobs
     if not isinstance(n, int) or not 0 <= n <= min(MAX_TOP_LOGPROBS, V):
         raise ValueError(f"params.want_top_logprobs: expected an int in [0, {min(MAX_TOP_LOGPROBS, V)}], got {n!r}")
@@ -356,7 +406,7 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
     _check(logits, params, out)
     B, V = logits.shape
     penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
-    masked = _banned(penalized, params.ban_ids)
+    masked = _mask(penalized, params)
     if params.all_greedy:
         return _finish(logits, masked.argmax(1), params.want_top_logprobs, params.token_ids, out, backend)
     greedy = (params.temperature == 0.0) | (params.top_k == 1)  # [B]
@@ -381,6 +431,11 @@ def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
     for b in range(B):
         z = penalized[b].clone()
         z[[i for i in params.ban_ids[b].tolist() if 0 <= i < V]] = float("-inf")
+        if params.token_bitmask is not None:
+            allowed = apply_token_bitmask_ref(penalized[b: b + 1], params.token_bitmask[b: b + 1])[0]
+            z = torch.where(torch.isneginf(allowed), float("-inf"), z)
+            if bool(torch.isneginf(z).all()):  # the grammar allows only banned ids: it wins
+                z = allowed
         if float(params.temperature[b]) == 0.0 or int(params.top_k[b]) == 1:
             tokens.append(int(torch.argmax(z)))
             continue

@@ -39,7 +39,7 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging("prefill", args.log_level)
     cfg = engine_config_from_args(args)
     model = cfg.build_model()
-    engine = Engine(model, cfg.pools)
+    engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
     fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
     sender = TransferSender(ack_timeout_s=args.transfer_timeout)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,

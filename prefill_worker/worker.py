@@ -137,7 +137,7 @@ class PrefillWorker:
             self.faults.hit("prefill.step")
             self.engine.step()
             for rid, entry in list(waiting.items()):
-                if not entry[0].output_ids:
+                if not entry[0].output_ids and entry[0].finish_reason is None:
                     continue
                 del waiting[rid]
                 pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
@@ -155,6 +155,9 @@ class PrefillWorker:
             out = outcomes[job.request_id]
             if job.request_id in self.cancelled:  # released during the step: its reservation is gone, ship nothing
                 out.error = "aborted"
+                continue
+            if "error" in (member.finish_reason, request.finish_reason):  # failed alone at its first token
+                out.error = member.error or request.error  # (a fork of a failed request has no state to ship)
                 continue
             out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
             out.logprobs = member.output_logprobs[0] if member.output_logprobs else None

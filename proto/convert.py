@@ -9,14 +9,17 @@ from sparsepd.proto import worker_pb2
 
 def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
     """Keyword arguments for the engine's SamplingParams.checked (which validates them). A proto3 zero
-    means "not set": top_p 0 is 1.0 (off), top_k 0 is off, repetition_penalty 0 is 1.0 (off)."""
+    means "not set": top_p 0 is 1.0 (off), top_k 0 is off, repetition_penalty 0 is 1.0 (off); an empty
+    grammar_kind is no grammar."""
+    grammar = dict(kind=msg.grammar_kind, text=msg.grammar) if msg.grammar_kind or msg.grammar else None
     return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0, min_p=msg.min_p,
                 seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
                 stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
                 logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, frequency_penalty=msg.frequency_penalty,
                 presence_penalty=msg.presence_penalty, repetition_penalty=msg.repetition_penalty or 1.0,
                 logit_bias=tuple(sorted(msg.logit_bias.items())), token_ids_logprob=tuple(msg.token_ids_logprob),
-                logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None)
+                logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None,
+                grammar=grammar)
 
 
 def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
@@ -32,6 +35,8 @@ def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
         msg.seed = values["seed"]
     if values.get("logprob_start_len") is not None:
         msg.logprob_start_len = values["logprob_start_len"]
+    if values.get("grammar") is not None:
+        msg.grammar_kind, msg.grammar = values["grammar"]["kind"], values["grammar"]["text"]
     return msg
 
 

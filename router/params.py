@@ -5,7 +5,7 @@ Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic def
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
 length"; n 0 is 1, and n > 1 gives n sequences from one prefill, `RequestSpec.choices`). A bad request
 raises `InvalidRequest` naming the field, the value and what is allowed; features the workers do not have
-(grammars, multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
+(multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
 Penalties as SGLang and OpenAI take them: frequency_penalty and presence_penalty in [-2, 2],
 repetition_penalty > 0 (0 = unset = 1, off), logit_bias a map from token id (a decimal string) to a bias in
 [-100, 100].
@@ -23,6 +23,9 @@ token". The SGLang gateway always sets the field: -1 for /v1/completions and /v1
 without `echo`: smg 1.13 sends -1 for `echo=true, logprobs=N`, and its /v1/completions answer carries no
 log-probabilities at all), and for /generate the request's own value, -1 when absent. So every gateway request
 is served as asked; a raw gRPC client that leaves the field unset with return_logprob gets the prompt's too.
+Structured output: the `constraint` oneof (regex, json_schema, ebnf_grammar, structural_tag) becomes the
+workers' grammar (sparsepd/grammar.py); `check_grammar` compiles it against the model's vocabulary so that a
+bad one is refused here, with the compiler's message, before any worker does work.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 import uuid
 from dataclasses import dataclass, field, replace
 
+from sparsepd.grammar import MAX_GRAMMAR_CHARS, Grammar, Grammars
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
@@ -40,6 +44,8 @@ MAX_CHOICES = 64  # n: sequences of one request (each holds its own decode slot 
 MAX_TOKEN_IDS_LOGPROB = 64  # the engine's bound (engine/sampling.py)
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
 MAX_LOGIT_BIAS = 100.0
+GRAMMAR_FIELDS = {"regex": "regex", "json_schema": "json_schema", "ebnf_grammar": "ebnf",
+                  "structural_tag": "structural_tag"}  # the public oneof's field → the grammar's kind
 
 
 class InvalidRequest(ValueError):
@@ -64,6 +70,7 @@ class RequestSpec:
     logprob_start_len: int | None = None  # and the prompt's from this position (None: output only)
     n: int = 1  # sequences to generate from this prompt (parallel sampling; `choices`)
     index: int = 0  # which of them this spec is (choices() numbers them)
+    grammar: Grammar | None = None  # structured output (also in `sampling`)
 
     def choices(self) -> list[RequestSpec]:
         """The n sequences as specs of their own: choice 0 keeps the request id and seed; choice i > 0 has the
@@ -141,9 +148,12 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         raise InvalidRequest(f"sampling_params.n={n} is out of range: allowed 1..{MAX_CHOICES}")
     if start is not None:
         sampling.logprob_start_len = start
+    grammar = _grammar(sp)
+    if grammar is not None:
+        sampling.grammar_kind, sampling.grammar = grammar.kind, grammar.text
     return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
                        eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs,
-                       tuple(req.token_ids_logprob), start, n)
+                       tuple(req.token_ids_logprob), start, n, grammar=grammar)
 
 
 def _logprob_start_len(req: pb.GenerateRequest, num_input: int) -> int | None:
@@ -164,6 +174,29 @@ def _check_token_ids_logprob(req: pb.GenerateRequest, card: ModelCard) -> None:
     bad = [t for t in ids if t >= card.vocab_size]
     if bad:
         raise InvalidRequest(f"token_ids_logprob contains {bad}: token ids must be < vocab_size {card.vocab_size}")
+
+
+def check_grammar(spec: RequestSpec, grammars: Grammars) -> None:
+    """Compile the request's grammar (cached); InvalidRequest with the compiler's message when it does not.
+    May take a while on a new grammar: call it off the event loop."""
+    if spec.grammar is None:
+        return
+    try:
+        grammars.compile(spec.grammar)
+    except ValueError as exc:
+        field = next(f for f, kind in GRAMMAR_FIELDS.items() if kind == spec.grammar.kind)
+        raise InvalidRequest(f"sampling_params.{field}: {exc}") from None
+
+
+def _grammar(sp: pb.SamplingParams) -> Grammar | None:
+    field = sp.WhichOneof("constraint")
+    if field is None:
+        return None
+    text = getattr(sp, field)
+    if not text.strip() or len(text) > MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(f"sampling_params.{field} has {len(text)} characters: expected a non-empty grammar "
+                             f"of at most {MAX_GRAMMAR_CHARS}")
+    return Grammar(kind=GRAMMAR_FIELDS[field], text=text)
 
 
 def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
@@ -209,11 +242,7 @@ def _check_range(name: str, value: float, ok, allowed: str) -> None:
 
 
 def _refuse_unsupported(req: pb.GenerateRequest) -> None:
-    sp = req.sampling_params
     checks = [
-        (sp.WhichOneof("constraint") is not None,
-         f"sampling_params.{sp.WhichOneof('constraint')}: constrained decoding (regex, JSON schema, grammar, "
-         "structural tag) is not supported"),
         (req.top_logprobs_num < 0 or req.top_logprobs_num > MAX_TOP_LOGPROBS,
          f"top_logprobs_num={req.top_logprobs_num} is out of range: allowed 0..{MAX_TOP_LOGPROBS}"),
         (req.top_logprobs_num > 0 and not req.return_logprob,

@@ -15,13 +15,14 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sparsepd import __version__
+from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.proto import smg_common_pb2 as common
 from sparsepd.router.dispatch import Dispatcher, Refused
 from sparsepd.router.flow import Flow, Outcome
 from sparsepd.router.model_card import ModelCard
-from sparsepd.router.params import InvalidRequest, parse_generate
+from sparsepd.router.params import InvalidRequest, check_grammar, parse_generate
 
 log = logging.getLogger("sparsepd.router")
 
@@ -36,12 +37,17 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         self.max_new_tokens_limit = max_new_tokens_limit
         self.started_at = time.time()
         self.last_request_at = 0.0
+        tokenizer = card.files.get("tokenizer.json")  # none: the workers' byte vocabulary (sparsepd/grammar.py)
+        self.grammars = Grammars(Vocabulary(vocab_size=card.vocab_size, eos_id=card.eos_id,
+                                            tokenizer_json=tokenizer.decode() if tokenizer is not None else None))
 
     # --- Generate -------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         self.last_request_at = time.time()
         try:
             spec = parse_generate(request, self.card, self.dispatcher.tokenizer, self.max_new_tokens_limit)
+            if spec.grammar is not None:  # compiling may take a while (and imports xgrammar the first time)
+                await asyncio.to_thread(check_grammar, spec, self.grammars)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:

@@ -80,3 +80,21 @@ def test_overlap_abort_mid_run_frees_everything(model, prompts):
     assert engine.is_idle_and_empty()
     assert reqs[2].finish_reason is None and len(reqs[2].output_ids) < 20
     assert all(len(r.output_ids) == 20 for i, r in enumerate(reqs) if i not in (0, 2))
+
+
+def test_overlap_with_grammars_gives_the_same_tokens(model, prompts):
+    """Grammar rows need step N's tokens before step N+1's masks (the step is reordered); plain rows beside
+    them, a long prompt prefilled in chunks meanwhile: the same tokens and finishes either way."""
+    from sparsepd.grammar import Grammar
+
+    yes_no = Grammar(kind="ebnf", text='root ::= "yes" | "no" | "maybe " [0-9]')
+    params = [SamplingParams(max_new_tokens=8, grammar=Grammar(kind="regex", text="[a-z]{2,4}-(x|y)")),
+              SamplingParams(max_new_tokens=5, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, grammar=yes_no),
+              SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.7, seed=4),
+              SamplingParams(max_new_tokens=8, min_new_tokens=2, grammar=yes_no)]
+    chosen = [prompts[0], prompts[1], prompts[2], prompts[5], prompts[3]]  # prompts[5]: 70 tokens, 2 chunks
+    plain = _run(_engine(model, overlap=False), chosen, params)
+    overlapped = _run(_engine(model, overlap=True), chosen, params)
+    assert [p[:2] for p in plain] == [o[:2] for o in overlapped]
+    assert [p[1] for p in plain] == ["stop", "length", "stop", "length", "stop"]

@@ -40,14 +40,21 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def test_colocated_workers_serve_the_same_tokens(model):
-    """The longest prompt (over the 48-token chunk budget) also asks for its prompt's log-probabilities from the
-    first token, top 2 and two chosen ids: they travel with the first token on the colocated worker's stream."""
+    """Plain requests; the longest prompt (over the 48-token chunk budget) also asks for its prompt's
+    log-probabilities from the first token, top 2 and two chosen ids (they travel with the first token on the
+    colocated worker's stream); and one request with a grammar (its first token and the rest drawn in the one
+    engine)."""
+    from sparsepd.grammar import Grammar
+
     prompts = _prompts(16, seed=11)
     scored = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     assert len(prompts[scored]) > 48
     ref = logprob_reference(model, prompts[scored], 7)  # greedy: the same tokens as without log-probabilities
     want = [ref.output_ids if i == scored else generate(model, p, SamplingParams(max_new_tokens=7, ignore_eos=True)
                                                          ).output_ids for i, p in enumerate(prompts)]
+    ebnf = 'root ::= "yes" | "no" | "maybe " [0-9]'
+    want_grammar = generate(model, prompts[0], SamplingParams(max_new_tokens=9, ignore_eos=True,
+                                                              grammar=Grammar(kind="ebnf", text=ebnf))).output_ids
     served = start("serve", ["serve", "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "6",
                              "--num-pages", "64", "--max-batch-tokens", "48", "--batch-tokens", "96"], timeout_s=240)
     try:
@@ -58,13 +65,16 @@ def test_colocated_workers_serve_the_same_tokens(model):
                 stub = stub_of(ch)
                 results = await asyncio.gather(*[collect(stub, logprob_request(p, 7, 0, TOP, IDS, stream=True)
                                                          if i == scored else generate_request(p, 7, stream=i % 2 == 0))
-                                                 for i, p in enumerate(prompts)])
+                                                 for i, p in enumerate(prompts)],
+                                               collect(stub, generate_request(prompts[0], 9, ebnf_grammar=ebnf)))
                 loads = await wait_all_free(stub)
                 return results, loads
 
         results, loads = run(main())
     finally:
         assert stop(served, timeout_s=30) == 0
+    (_, grammar_done), results = results[-1], results[:-1]
+    assert list(grammar_done.output_ids) == want_grammar and grammar_done.finish_reason == "stop"
     assert [list(done.output_ids) for _, done in results] == want
     chunks, done = results[scored]
     check_input(done.input_logprobs, prompts[scored], 0, TOP, IDS, ref)
