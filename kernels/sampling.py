@@ -187,7 +187,8 @@ def exponentials(seed: torch.Tensor, counter: torch.Tensor, vocab_size: int, *,
     out = torch.empty((B, vocab_size), dtype=torch.float32, device=seed.device)  # [B, V]
     if B and vocab_size:
         _exponentials_kernel[(B, triton.cdiv(vocab_size, _BLOCK))](
-            seed.long(), counter.long(), out, vocab_size, out.stride(0), BLOCK=_BLOCK, num_warps=4)
+            seed.long().contiguous(), counter.long().contiguous(), out, vocab_size, out.stride(0), BLOCK=_BLOCK,
+            num_warps=4)  # the kernel reads seed[row], counter[row] at unit stride: columns of a table are not
     return out
 
 

@@ -103,6 +103,14 @@ def test_exponentials_kernel_equals_reference(B, V, device):
     torch.testing.assert_close(got, want, rtol=2.5e-7, atol=0)
 
 
+def test_exponentials_kernel_reads_strided_seed_and_counter_columns(device):
+    """sampling_tensors hands the kernel columns of one int table (stride > 1): each row must get its own."""
+    table = torch.tensor([[5, 0, 99], [6, 1, 98], [2**40 + 3, 7, 97]])  # seed, counter, other
+    got = exponentials(table[:, 0].to(device), table[:, 1].to(device), 300, backend="triton").cpu()
+    want = exponentials_ref(table[:, 0].contiguous(), table[:, 1].contiguous(), 300)
+    torch.testing.assert_close(got, want, rtol=2.5e-7, atol=0)
+
+
 def test_exponentials_are_exp1_and_independent():
     B, V = 64, 1024
     e = exponentials_ref(torch.arange(B) * 1000003, torch.arange(B) % 7, V).double()  # [B, V]
