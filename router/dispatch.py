@@ -55,6 +55,8 @@ class Dispatcher:
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
         self.blocked = False  # a Reserve found no room: wait for a request to end or a poll before retrying
+        self.releasing = 0  # decode Release calls in flight: their pages come back when they answer
+        self.reserving = 0  # decode Reserve calls in flight: a success holds pages that come back when it ends
 
     # --- the public side ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> Flow:
@@ -222,6 +224,7 @@ class Dispatcher:
         for worker in candidates:
             if flow.ended:
                 return None
+            self.reserving += 1
             try:
                 reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
             except grpc.aio.AioRpcError as exc:
@@ -233,6 +236,8 @@ class Dispatcher:
                     return None
                 worker.mark_dead(f"Reserve: {exc.code().name}: {exc.details()}")
                 continue
+            finally:
+                self.reserving -= 1
             flow.decode, flow.reserved = worker, True
             worker.reserved_pages += len(reply.ticket.page_ids)
             if flow.ended:  # aborted while reserving: give the pages back now
@@ -248,11 +253,12 @@ class Dispatcher:
 
     def _no_room(self, flow: Flow, last: str) -> None:
         """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
-        requests hold pages, else fail."""
+        requests hold pages (reserved, or a Reserve or Release still in flight: the worker's free count already
+        shows them), else fail."""
         if not any(w.alive for w in self.pool.decode):
             self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message="no decode worker is alive"))
-        elif any(f.reserved for f in self.flows.values()):
-            self.queue.appendleft(flow)  # room comes back when another request ends
+        elif self.reserving or self.releasing or any(f.reserved for f in self.flows.values()):
+            self.queue.appendleft(flow)  # room comes back when another request ends or a Release answers
             self.blocked = True
         else:
             self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -404,17 +410,22 @@ class Dispatcher:
         """Give back what the flow still holds: the decode reservation, a prefill in flight."""
         if flow.reserved and not flow.decode_done and flow.decode is not None:
             flow.decode_done = True
-            self._spawn(self._release_on(flow.decode, flow.request_id))
+            self.releasing += 1  # counted now: the flow no longer holds its pages in our view, the worker still does
+            self._spawn(self._release_on(flow.decode, flow.request_id, holds_pages=True))
         if flow.prefill_inflight and flow.prefill is not None:
             self._spawn(self._release_on(flow.prefill, flow.request_id))
 
-    async def _release_on(self, worker: WorkerHandle, request_id: str) -> None:
+    async def _release_on(self, worker: WorkerHandle, request_id: str, holds_pages: bool = False) -> None:
         try:
             await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
                                       timeout=self.pool.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("Release on %s worker %s failed: %s", worker.role, worker.address,
                         exc.details(), extra={"request_id": request_id})
+        finally:
+            if holds_pages:
+                self.releasing -= 1
+                self.wake.set()  # a request waiting for room may fit now
 
 
 def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2.PrefillRequest:
