@@ -2,7 +2,8 @@
 
 `draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
 a plain argmax when every row is greedy with nothing banned, no penalty or bias and no log-probabilities
-wanted; penalties read each row's token history from its slot, engine/penalties.py), and
+wanted; penalties read each row's token history from its slot, engine/penalties.py); should the batch
+raise, it draws row by row so that a row that fails fails its own request only (`Drawn.failed`), and
 `Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
 log-probabilities) into pinned host memory. `HostDraw.result()` waits for that copy: the one host sync of
 a step, which with the scheduler's overlap happens after the next step is already queued.
@@ -10,13 +11,16 @@ a step, which with the scheduler's overlap happens after the next step is alread
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import SamplingParams, Sampler, TokenLogprobs, sampling_tensors
-from sparsepd.kernels.sampling import sample_batch
+from sparsepd.kernels.sampling import SampleOutput, sample_batch
+
+log = logging.getLogger("sparsepd.engine")
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Drawn:
     top_logprobs: torch.Tensor | None  # [B, N] fp32
     wants_logprobs: list[bool]
     top_n: list[int]
+    failed: dict[int, str] = field(default_factory=dict)  # row → why it could not be drawn (its token is 0)
 
     def to_host(self) -> HostDraw:
         cuda = self.tokens.is_cuda
@@ -96,8 +101,35 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
     plain = not any(wants) and all(p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
     if plain:  # the common greedy case: one argmax kernel
         return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
+    try:
+        out = _sample(logits, rows, device, max(top_n))
+    except Exception:  # noqa: BLE001 - find the rows that fail; the others must not fail with them
+        return _draw_row_by_row(logits, rows, device, wants, top_n)
+    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n)
+
+
+def _sample(logits: torch.Tensor, rows: list, device: torch.device, top_n: int) -> SampleOutput:
     params = sampling_tensors(rows, device)
+    params.want_top_logprobs = top_n
     if any(p.penalized for p, *_ in rows):
         params.penalties = penalty_tensors(rows, device)
-    out = sample_batch(logits, params)
-    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n)
+    return sample_batch(logits, params)
+
+
+def _draw_row_by_row(logits: torch.Tensor, rows: list, device: torch.device, wants: list[bool],
+                     top_n: list[int]) -> Drawn:
+    """Each row alone (a row's draw does not depend on the batch: the same tokens); a failing row gets
+    token 0 and its reason in `failed`."""
+    n, outs, failed = max(top_n), [], {}
+    for i, row in enumerate(rows):
+        try:
+            outs.append(_sample(logits[i : i + 1], [row], device, n))
+        except Exception as exc:  # noqa: BLE001 - reported on this row's request
+            failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+            log.error("sampling failed for one row of a batch of %d: %s", len(rows), exc)
+            outs.append(SampleOutput(torch.zeros(1, dtype=torch.int64, device=logits.device),
+                                     torch.zeros(1, device=logits.device),
+                                     torch.zeros((1, n), dtype=torch.int64, device=logits.device),
+                                     torch.zeros((1, n), device=logits.device)))
+    return Drawn(torch.cat([o.tokens for o in outs]), torch.cat([o.logprobs for o in outs]),
+                 torch.cat([o.top_ids for o in outs]), torch.cat([o.top_logprobs for o in outs]), wants, top_n, failed)

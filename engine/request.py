@@ -22,6 +22,7 @@ class Request:
     finish_reason: FinishReason | None = None
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked for
     num_pending: int = 0  # tokens sampled on the GPU whose values the host has not read yet (overlap)
+    error: str = ""  # why this request failed alone (its finish reason becomes "error")
 
     @property
     def max_len(self) -> int:
@@ -50,3 +51,4 @@ class StepOutput:
     token: int
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
+    error: str = ""  # with finish reason "error": what failed (the token is then -1)

@@ -20,23 +20,24 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SampleOutput, SamplingTensors, apply_penalties_row,
-                                       filter_probs, sample_batch)
+from sparsepd.kernels.sampling import (MAX_TOP_LOGPROBS, SAMPLING_EPS, SampleOutput, SamplingTensors,
+                                       apply_penalties_row, filter_probs, sample_batch)
 
-__all__ = ["MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams", "SamplingTensors",
-           "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors", "token_logprobs"]
+__all__ = ["MAX_TOP_LOGPROBS", "SAMPLING_EPS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams",
+           "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors",
+           "token_logprobs"]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]  # "error": this request failed alone (Request.error)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_k: int = Field(-1, ge=-1, description="-1 or 0 = all tokens")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description=f"below {SAMPLING_EPS:g} = greedy")
+    top_k: int = Field(-1, ge=-1, lt=2**31, description="-1 or 0 = all tokens")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    min_p: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_new_tokens: int = Field(16, ge=1)
     stop_token_ids: tuple[int, ...] = ()
@@ -79,7 +80,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def uses_history(self) -> bool:

@@ -145,6 +145,8 @@ class Scheduler:
         eos = self.runner.model.cfg.eos_id
         table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
         drawn = draw(logits, table, self.runner.pools.device)
+        for row, why in drawn.failed.items():  # fails that request alone, in _postprocess
+            sampling[row].error = f"request {sampling[row].request_id}: {why}"
         self.runner.remember_tokens([r.slot for r in sampling], drawn.tokens)
         for r in sampling:
             r.num_pending += 1
@@ -160,6 +162,11 @@ class Scheduler:
             request.num_pending -= 1
             if request.finish_reason is not None or request.slot is None:
                 continue  # finished or aborted while this step ran: its token is dropped
+            if request.error:
+                request.finish_reason = "error"
+                outputs.append(StepOutput(request.request_id, -1, "error", error=request.error))
+                self._release(request)
+                continue
             params, token = request.params, tokens[i]
             request.sampler.advance()
             request.output_ids.append(token)

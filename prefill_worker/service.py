@@ -22,7 +22,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request, context):
         if not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker is shutting down")
-        jobs = []
+        jobs, refused = [], {}
         for i, r in enumerate(request.requests):
             where = f"requests[{i}] ({r.request_id or 'no id'})"
             if not r.request_id or not r.input_ids:
@@ -32,16 +32,20 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                                                       "endpoint is required")
             try:
                 params = SamplingParams.checked(**sampling_to_dict(r.sampling))
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}")
+            except ValueError as exc:  # this request alone: its batch-mates run
+                refused[r.request_id] = PrefillOutcome(r.request_id, ok=False, error=f"{where}: {exc}",
+                                                       error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
+                continue
             jobs.append(PrefillJob(r.request_id, list(r.input_ids), params, r.ticket.transfer_id, r.ticket.endpoint,
                                    r.ticket.fingerprint))
-        if len({j.request_id for j in jobs}) != len(jobs):
+        ids = [r.request_id for r in request.requests]
+        if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
         self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
-        return worker_pb2.PrefillResponse(results=[_result(o) for o in outcomes])
+        ran = {o.request_id: o for o in outcomes}
+        return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
 
     async def Release(self, request, context):
         return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
@@ -62,7 +66,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
     result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
                                       finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
-                                      prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms)
+                                      prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms,
+                                      error_code=o.error_code)
     if o.logprobs is not None:
         result.first_logprob = o.logprobs.logprob
         result.first_top_logprobs.CopyFrom(top_logprobs(o.logprobs.top_ids, o.logprobs.top_logprobs))

@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import grpc
+
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import Request
@@ -48,6 +50,7 @@ class PrefillOutcome:
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
     logprobs: TokenLogprobs | None = None  # the first token's, when asked for
+    error_code: int = 0  # not ok: the status for the client when this request alone is at fault (0 = UNAVAILABLE)
 
 
 class PrefillWorker:
@@ -120,8 +123,21 @@ class PrefillWorker:
             if not waiting:
                 break
             self.faults.hit("prefill.step")
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - not one request's fault: fail this batch, keep serving
+                log.exception("a prefill step failed; failing the %d requests of its batch", len(waiting))
+                for rid in waiting:
+                    self.engine.abort(rid)
+                    outcomes[rid].error = f"the prefill step failed: {type(exc).__name__}: {exc}"
+                    outcomes[rid].error_code = grpc.StatusCode.INTERNAL.value[0]
+                break
             for rid, (request, job) in list(waiting.items()):
+                if request.error:  # failed alone in this step; the engine freed its pages
+                    del waiting[rid]
+                    outcomes[rid].error, outcomes[rid].error_code = request.error, grpc.StatusCode.INTERNAL.value[0]
+                    log.error("prefill failed: %s", request.error, extra={"request_id": rid})
+                    continue
                 if not request.output_ids:
                     continue
                 del waiting[rid]
