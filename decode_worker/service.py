@@ -68,7 +68,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.worker.listeners.remove(listener)
 
     async def Health(self, request, context):
-        return worker_pb2.HealthResponse(serving=self.serving, role=self.role)
+        return worker_pb2.HealthResponse(serving=self.serving, role=self.role, fingerprint=self.fingerprint)
 
     async def Stats(self, request, context):
         # off the event loop: stats() waits for the step in progress (the engine lock), and token streams wait

@@ -51,7 +51,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
 
     async def Health(self, request, context):
-        return worker_pb2.HealthResponse(serving=self.serving, role="prefill")
+        return worker_pb2.HealthResponse(serving=self.serving, role="prefill", fingerprint=self.worker.fingerprint)
 
     async def Stats(self, request, context):
         pools, c = self.worker.engine.pools, self.worker.counters

@@ -76,12 +76,14 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "role")
+    __slots__ = ("serving", "role", "fingerprint")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     role: str
-    def __init__(self, serving: _Optional[bool] = ..., role: _Optional[str] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, serving: _Optional[bool] = ..., role: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
