@@ -11,7 +11,7 @@ import threading
 
 import grpc
 
-from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
+from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
 from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
@@ -61,7 +61,8 @@ async def serve(args: argparse.Namespace) -> int:
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
-    receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected)
+    receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected,
+                                auth_key=derive_key(token, "transfer") if token is not None else None)
     worker.cancel_transfer = receiver.cancel
     worker.expect_transfer = receiver.expect
     worker.transfer_stats = lambda: {k: v for k, v in receiver.stats.items() if isinstance(v, int)}

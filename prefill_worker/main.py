@@ -9,7 +9,7 @@ import logging
 
 import grpc
 
-from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
+from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
@@ -46,7 +46,8 @@ async def serve(args: argparse.Namespace) -> int:
     model = cfg.build_model()
     engine = Engine(model, cfg.pools)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
-    sender = TransferSender(ack_timeout_s=args.transfer_timeout)
+    sender = TransferSender(ack_timeout_s=args.transfer_timeout,
+                            auth_key=derive_key(token, "transfer") if token is not None else None)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,
                            faults=Faults.from_env())
     service = PrefillService(worker)

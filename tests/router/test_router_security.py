@@ -6,6 +6,8 @@ inherit tests/conftest.py's cluster token):
   and the would-be worker (a live gRPC server in this test, answering as a healthy worker) never gets a call;
 - worker-control calls without the token, or with a wrong one, are UNAUTHENTICATED and change nothing;
 - GetServerInfo and GetLoads show the workers' addresses only to a caller with the token;
+- a zmq push of a state from a peer without the deployment's key, for a real ticket, is rejected and counted,
+  and nothing is written;
 - TLS (certificates made here with the openssl command): every gRPC port of the deployment speaks TLS only,
   the router dials its workers trusting the test CA; a client with the CA is served, a plaintext client and
   a client trusting another CA are not; mutual TLS refuses a client without a certificate."""
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import WORKER_ARGS, collect, generate_request, run, start_router, stub_of, wait_all_free  # noqa: E402
 
-from sparsepd.cluster_token import METADATA_KEY, AuthorizedStub, token_from_env  # noqa: E402
+from sparsepd.cluster_token import METADATA_KEY, AuthorizedStub, derive_key, token_from_env  # noqa: E402
 from sparsepd.engine.engine import Engine  # noqa: E402
 from sparsepd.engine.pools import PoolConfig  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
@@ -38,6 +40,7 @@ from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
+from sparsepd.proto.transfer import TransferHeader, header_tag  # noqa: E402
 from sparsepd.tls import TlsConfig, add_port  # noqa: E402
 
 MAX_NEW = 3
@@ -298,6 +301,50 @@ def test_server_info_shows_addresses_only_with_the_token(deployment):
     assert "preset" in public.server_args and "prefill" not in public.server_args
     assert {w["address"] for w in insider.scheduler_info["workers"]} == addresses
     assert {x.worker_address for x in insider_loads.loads} == addresses
+
+
+def test_a_push_from_a_peer_without_the_key_is_rejected_and_writes_nothing(deployment):
+    """A real reservation's ticket (transfer id, request id, fingerprint), pushed over zmq by a peer that lacks
+    the deployment's key: a missing tag and a forged one are both rejected as unauthenticated and counted; the
+    reservation keeps its pages untouched until released."""
+    import zmq
+
+    decode = deployment["decode"].ready
+
+    async def reserve_and_stats(release: bool = False):
+        async with channel(decode["grpc"], deployment["ca"]) as ch:
+            d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(ch), token_from_env())
+            if release:
+                await d.Release(worker_pb2.ReleaseRequest(request_id="pushed"))
+                return None, await d.Stats(worker_pb2.StatsRequest())
+            ticket = (await d.Reserve(worker_pb2.ReserveRequest(
+                request_id="pushed", prompt_len=20, sampling=worker_pb2.SamplingParams(max_new_tokens=4)))).ticket
+            return ticket, await d.Stats(worker_pb2.StatsRequest())
+
+    ticket, reserved = run(reserve_and_stats())
+    header = TransferHeader(transfer_id=ticket.transfer_id, request_id="pushed", fingerprint=ticket.fingerprint,
+                            position=20, num_pages=len(ticket.page_ids), output_ids=(7,), sampler_state=bytes(16),
+                            tensors=())
+    encoded = header.encode()
+    other_key = derive_key("another-deployment-token-0123", "transfer")
+    replies = []
+    ctx = zmq.Context()
+    try:
+        for tag in (b"", header_tag(other_key, encoded)):
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(ticket.endpoint)
+            sock.send_multipart([encoded, tag])
+            assert sock.poll(10_000), "no ack from the decode worker"
+            replies.append(sock.recv())
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+    _, released = run(reserve_and_stats(release=True))
+    assert [b"unauthenticated" in r for r in replies] == [True, True], replies
+    assert reserved.rejected["unauthenticated"] == 0 and released.rejected["unauthenticated"] == 2
+    assert reserved.waiting == 1 and reserved.free_pages == reserved.num_pages - len(ticket.page_ids)
+    assert (released.free_pages, released.free_slots, released.waiting, released.running) == (
+        released.num_pages, released.num_slots, 0, 0)
 
 
 def test_tls_serves_a_client_with_the_ca_only(deployment, certs):
