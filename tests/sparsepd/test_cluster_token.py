@@ -84,3 +84,19 @@ def test_the_routers_fingerprint_is_the_workers_and_needs_no_torch():
             "deployment_fingerprint('tiny', None, 0); assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_serve_hands_its_children_the_given_token_or_a_new_one(tmp_path, monkeypatch):
+    from sparsepd.router.serve import add_arguments, children_env
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    monkeypatch.setenv(TOKEN_ENV, "the-operators-token-0123456789")
+    assert children_env(p.parse_args([])) == {TOKEN_ENV: "the-operators-token-0123456789"}
+    assert children_env(p.parse_args(["--no-cluster-auth"])) == {}
+    monkeypatch.delenv(TOKEN_ENV)
+    first, second = children_env(p.parse_args([])), children_env(p.parse_args([]))
+    assert len(first[TOKEN_ENV]) >= 43 and first != second  # a new random one per deployment
+    (tmp_path / "bad").write_text("short\n")
+    with pytest.raises(ValueError, match="16..1024"):  # a bad file is an error, never silently replaced
+        children_env(p.parse_args(["--cluster-token-file", str(tmp_path / "bad")]))
