@@ -327,11 +327,16 @@ def _banned(logits: torch.Tensor, ban_ids: torch.Tensor) -> torch.Tensor:
     return torch.where((masked > float("-inf")).any(1, keepdim=True), masked, logits)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """The module doc's finite(): +inf → fp32's largest value, NaN → −inf."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=_FP32_MAX, neginf=float("-inf"))
+
+
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits / t, greedy) with the module doc's t and finite(): no NaN, no +inf, whatever the inputs."""
+    """(finite(logits / t), greedy) with the module doc's t: no NaN, no +inf, whatever the inputs."""
     greedy = ~(temperature >= SAMPLING_EPS)  # NaN: greedy
     t = torch.where(greedy, 1.0, temperature.clamp(max=_FP32_MAX))[:, None]
-    return torch.nan_to_num(logits / t, nan=float("-inf"), posinf=_FP32_MAX, neginf=float("-inf")), greedy
+    return _finite(logits / t), greedy
 
 
 def _finish(logits: torch.Tensor, tokens: torch.Tensor, n: int, out: SampleOutput | None,
@@ -362,11 +367,12 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
     _check(logits, params, out)
     B, V = logits.shape
     penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
+    if params.all_greedy:  # t = 1: no division
+        return _finish(logits, _banned(_finite(penalized), params.ban_ids).argmax(1), params.want_top_logprobs, out,
+                       backend)
     scaled, greedy = _scaled(penalized, params.temperature)
     greedy = greedy | (params.top_k == 1)  # [B]
     masked = _banned(scaled, params.ban_ids)
-    if params.all_greedy:
-        return _finish(logits, masked.argmax(1), params.want_top_logprobs, out, backend)
     probs = torch.softmax(masked, dim=1).nan_to_num_(nan=0.0)  # [B, V]; NaN only where a row is all −inf
     if params.uses_top_k_or_p:
         keep = _keep_mask(probs, params.top_k, params.top_p, params.min_p)
@@ -388,8 +394,7 @@ def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
     for b in range(B):
         t = float(params.temperature[b])
         greedy = not t >= SAMPLING_EPS or int(params.top_k[b]) == 1
-        z = penalized[b] / (1.0 if greedy else min(t, _FP32_MAX))
-        z = torch.nan_to_num(z, nan=float("-inf"), posinf=_FP32_MAX, neginf=float("-inf"))
+        z = _finite(penalized[b] / (1.0 if greedy else min(t, _FP32_MAX)))
         banned = z.clone()
         banned[[i for i in params.ban_ids[b].tolist() if 0 <= i < V]] = float("-inf")
         z = banned if bool((banned > float("-inf")).any()) else z

@@ -60,8 +60,9 @@ async def register_forever(router: str, request: worker_pb2.RegisterRequest, log
                 reply = await stub.Register(request, timeout=timeout_s)
                 heartbeat = reply.heartbeat_s or DEFAULT_HEARTBEAT_S
                 now = ("accepted", "") if reply.accepted else ("refused", reply.message)
-            except grpc.aio.AioRpcError as exc:
-                now = ("unreachable", f"{exc.code().name}: {exc.details()}")
+            except grpc.aio.AioRpcError as exc:  # UNAUTHENTICATED: the router heard us and said no (the token)
+                refused = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                now = ("refused" if refused else "unreachable", f"{exc.code().name}: {exc.details()}")
             if now != state:
                 if now[0] == "accepted":
                     log.info("registered with the router at %s as %s worker %s", router, request.role, request.address)
