@@ -107,6 +107,8 @@ class PrefillWorker:
                 self.engine.scheduler.add(request)
             except (ValueError, OutOfCapacity) as exc:
                 outcomes[job.request_id].error = str(exc)
+                if isinstance(exc, ValueError):  # this request's own input: a retry cannot help
+                    outcomes[job.request_id].error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 continue
             requests[job.request_id] = (request, job)
         return requests
