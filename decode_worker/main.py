@@ -11,6 +11,7 @@ import threading
 
 import grpc
 
+from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
 from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
@@ -18,10 +19,11 @@ from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
-from sparsepd.proto.transfer import model_fingerprint
 from sparsepd.registration import add_registration_args, start_registration
+from sparsepd.tls import add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -46,24 +48,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_registration_args(p)
+    add_token_args(p)
+    add_tls_args(p, client_ca=False)
 
 
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
+    token, tls = token_from_args(args), tls_from_args(args)
     cfg = engine_config_from_args(args)
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
                     vocabulary=cfg.vocabulary(model.cfg))
     engine.capture_graphs(cfg.graph_max_context)
-    fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
+    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
-    receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected)
+    receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected,
+                                auth_key=derive_key(token, "transfer") if token is not None else None)
     worker.cancel_transfer = receiver.cancel
     worker.expect_transfer = receiver.expect
     worker.transfer_stats = lambda: {k: v for k, v in receiver.stats.items() if isinstance(v, int)}
     loop_thread = threading.Thread(target=worker.run, name="decode-loop", daemon=True)
     loop_thread.start()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors(token))
     role = ROLE if args.colocated else "decode"
     endpoint = args.zmq_advertise or receiver.endpoint
     if "//0.0.0.0:" in endpoint or "//*:" in endpoint:
@@ -74,11 +80,11 @@ async def serve(args: argparse.Namespace) -> int:
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, server)
     if args.colocated:
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(ColocatedPrefillService(worker, service), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
     address, registration = start_registration(args, port, log, role, fingerprint, engine.pools.pages.capacity,
-                                               engine.pools.slots.capacity, endpoint)
+                                               engine.pools.slots.capacity, endpoint, token=token, tls=tls)
     print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()

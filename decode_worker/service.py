@@ -68,7 +68,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.worker.listeners.remove(listener)
 
     async def Health(self, request, context):
-        return worker_pb2.HealthResponse(serving=self.serving, role=self.role)
+        return worker_pb2.HealthResponse(serving=self.serving, role=self.role, fingerprint=self.fingerprint)
 
     async def Stats(self, request, context):
         # off the event loop: stats() waits for the step in progress (the engine lock), and token streams wait
@@ -84,7 +84,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
 def _event(u: TokenUpdate) -> worker_pb2.TokenEvent:
     event = worker_pb2.TokenEvent(request_id=u.request_id, token_ids=list(u.token_ids), finish_reason=u.finish_reason,
-                                  error=u.error)
+                                  error=u.error, error_code=u.error_code)
     if u.logprobs:
         event.logprobs.extend(x.logprob for x in u.logprobs)
         event.top_logprobs.extend(top_logprobs(x.top_ids, x.top_logprobs) for x in u.logprobs)

@@ -5,10 +5,12 @@ address is `endpoint`) and serves it from its own thread, so a transfer never bl
 
 Tickets: the worker calls `expect(transfer_id, request_id, specs, deadline_s, max_pages)` when it reserves
 pages and `cancel(transfer_id)` when it releases them. For each message the thread checks, in order, the
-header (version, every field, limits), the fingerprint, the ticket (known, not cancelled, expired or already
-received), the request id, num_pages ≤ max_pages, the tensor list (name, dtype, shape, in order) against
-the reservation's specs for that num_pages, the frame count, every frame's size and each tensor's checksum
-(crc32c or crc32, as the header names; `require_checksum` refuses a state without).
+header (version, every field, limits), its authentication tag (with `auth_key`: an HMAC under the
+deployment's secret; a failure is counted as `unauthenticated`, and the message touches no ticket), the
+fingerprint, the ticket (known, not cancelled, expired or already received), the request id, num_pages ≤
+max_pages, the tensor list (name, dtype, shape, in order) against the reservation's specs for that num_pages,
+the frame count, every frame's size and each tensor's checksum (crc32c or crc32, as the header names;
+`require_checksum` refuses a state without).
 Only then does it build the tensors — views of the received frames when a tensor came in one frame, one
 copy when it came in several — and call `on_state(transfer_id, descriptor, tensors)`, then answer
 Ack(ok). Any failure answers Ack(False, reason), hands nothing over and keeps the ticket (a retry may
@@ -54,6 +56,7 @@ from sparsepd.proto.transfer import (
     TensorHeader,
     TransferError,
     TransferHeader,
+    check_tag,
     checksum,
     peek_transfer_id,
     request_id_ok,
@@ -82,16 +85,18 @@ class TransferReceiver:
                  expected: Callable[[str, int], Sequence] | None = None,
                  on_expire: Callable[[str, str], None] | None = None, context: zmq.Context | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, require_checksum: bool = False,
-                 fault: FaultPlan | None = None, history: int = 4096, retain_memory: bool = True):
-        """`expected(transfer_id, num_pages)` gives the specs of tickets registered without their own."""
+                 fault: FaultPlan | None = None, history: int = 4096, retain_memory: bool = True,
+                 auth_key: bytes | None = None):
+        """`expected(transfer_id, num_pages)` gives the specs of tickets registered without their own;
+        auth_key: the key every header's tag must verify under (None: no authentication)."""
         if retain_memory:
             retain_freed_memory()
         self.fingerprint, self.on_state, self.on_expire, self.expected = fingerprint, on_state, on_expire, expected
-        self.require_checksum, self.history = require_checksum, history
+        self.require_checksum, self.history, self.auth_key = require_checksum, history, auth_key
         plan = fault if fault is not None else FaultPlan.from_env()
         self.fault = plan if plan is not None and not plan.on_sender else None
         self._faults_left = self.fault.limit if self.fault is not None else None
-        self.stats: Counter[str] = Counter()  # accepted, rejected, expired, cancelled, bytes
+        self.stats: Counter[str] = Counter()  # accepted, rejected, unauthenticated, expired, cancelled, bytes
         self._tickets: dict[str, _Ticket] = {}
         self._closed: OrderedDict[str, str] = OrderedDict()  # transfer id → why it takes no more messages
         self._lock = threading.Lock()
@@ -214,10 +219,15 @@ class TransferReceiver:
             if not parts:
                 raise TransferError("empty message: no header frame")
             header = TransferHeader.decode(parts[0].buffer)
+            try:
+                check_tag(self.auth_key, parts[0].buffer, parts[1].buffer if len(parts) > 1 else b"")
+            except TransferError:
+                self.stats["unauthenticated"] += 1
+                raise
             specs = self._check_ticket(header)
             if header.specs() != specs:
                 raise TransferError(_specs_mismatch(header.specs(), specs))
-            tensors = self._tensors(header, parts[1:])
+            tensors = self._tensors(header, parts[2:])
             descriptor = header.to_descriptor(StateDescriptor)
             self._claim(header)
         except TransferError as exc:

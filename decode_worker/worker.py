@@ -18,11 +18,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.request import PromptLogprobs, Request
+from sparsepd.engine.request import PromptLogprobs, Request, StepOutput
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
 from sparsepd.faults import Faults
@@ -45,6 +46,7 @@ class TokenUpdate:
     error: str = ""
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
     prompt_logprobs: PromptLogprobs | None = None  # colocated: with the first token, when the request asked
+    error_code: int = 0  # finish "error": the client's status when this request alone is at fault (0 = UNAVAILABLE)
 
 
 class DecodeWorker:
@@ -160,14 +162,24 @@ class DecodeWorker:
             if self.engine.scheduler.running:
                 self.faults.hit("decode.step")
                 with self.lock:
-                    outputs = self.engine.step()
+                    outputs = self._step()
                 self.step_count += 1
-                updates = [TokenUpdate(o.request_id, (), "error", o.error) if o.finish_reason == "error" else
-                           TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
-                                       logprobs=(o.logprobs,) if o.logprobs is not None else (),
-                                       prompt_logprobs=o.prompt_logprobs) for o in outputs]
+                updates = [_update(o) for o in outputs]
                 self.counters["tokens_generated"] += sum(o.finish_reason != "error" for o in outputs)
                 self._publish(updates)
+
+    def _step(self) -> list[StepOutput]:
+        """One engine step; a step that raises (not one request's fault: those fail alone inside it) fails the
+        requests running here and the loop goes on."""
+        try:
+            return self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - the loop thread must outlive a failed step
+            running = [r.request_id for r in self.engine.scheduler.running]
+            log.exception("a decode step failed; failing the %d requests running here", len(running))
+            for request_id in running:
+                self.engine.scheduler.abort(request_id)
+            why = f"the decode step failed: {type(exc).__name__}: {exc}"
+            return [StepOutput(rid, -1, "error", error=f"request {rid}: {why}") for rid in running]
 
     def _drain(self, block: bool) -> None:
         try:
@@ -242,6 +254,14 @@ class DecodeWorker:
     def is_empty(self) -> bool:
         pools = self.engine.pools
         return pools.pages.num_used == 0 and pools.slots.num_used == 0
+
+
+def _update(o: StepOutput) -> TokenUpdate:
+    if o.finish_reason == "error":  # this request failed alone in the step (its pages are free again)
+        log.error("decode failed: %s", o.error, extra={"request_id": o.request_id})
+        return TokenUpdate(o.request_id, (), "error", o.error, error_code=grpc.StatusCode.INTERNAL.value[0])
+    return TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
+                       logprobs=(o.logprobs,) if o.logprobs is not None else (), prompt_logprobs=o.prompt_logprobs)
 
 
 __all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate"]

@@ -3,7 +3,8 @@
 `draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
 a plain argmax when every row is greedy with nothing banned, no penalty, bias or grammar and no
 log-probabilities wanted; penalties read each row's token history from its slot, engine/penalties.py;
-grammar rows are masked by the step's token bitmask, engine/grammar.py), and
+grammar rows are masked by the step's token bitmask, engine/grammar.py); should the batch raise, it draws
+row by row so that a row that fails fails its own request only (`Drawn.failed`), and
 `Drawn.to_host` starts one asynchronous copy of the tokens (and, when asked for, one of the
 log-probabilities: the drawn token's, the top ones, those of the rows' token_ids_logprob) into pinned host
 memory. `HostDraw.result()` waits for that copy: the one host sync of
@@ -12,13 +13,16 @@ a step, which with the scheduler's overlap happens after the next step is alread
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import Sampler, SamplingParams, TokenLogprobs, sampling_tensors
-from sparsepd.kernels.sampling import sample_batch
+from sparsepd.kernels.sampling import SampleOutput, sample_batch
+
+log = logging.getLogger("sparsepd.engine")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Drawn:
     top_n: list[int]
     ids_logprobs: torch.Tensor | None = None  # [B, K] fp32 (K = the most token_ids_logprob a row has)
     num_ids: list[int] | None = None  # each row's len(token_ids_logprob)
+    failed: dict[int, str] = field(default_factory=dict)  # row → why it could not be drawn (its token is 0)
 
     def to_host(self) -> HostDraw:
         cuda = self.tokens.is_cuda
@@ -106,10 +111,41 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
         p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
     if plain:  # the common greedy case: one argmax kernel
         return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
+    num_ids = [len(p.token_ids_logprob) for p, *_ in rows]
+    try:
+        out = _sample(logits, rows, device, max(top_n), token_bitmask)
+    except Exception:  # noqa: BLE001 - find the rows that fail; the others must not fail with them
+        return _draw_row_by_row(logits, rows, device, token_bitmask, wants, top_n, num_ids)
+    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n, out.ids_logprobs, num_ids)
+
+
+def _sample(logits: torch.Tensor, rows: list, device: torch.device, top_n: int,
+            token_bitmask: torch.Tensor | None) -> SampleOutput:
     params = sampling_tensors(rows, device)
     params.token_bitmask = token_bitmask
+    params.want_top_logprobs = top_n
     if any(p.penalized for p, *_ in rows):
         params.penalties = penalty_tensors(rows, device)
-    out = sample_batch(logits, params)
-    return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n, out.ids_logprobs,
-                 [len(p.token_ids_logprob) for p, *_ in rows])
+    return sample_batch(logits, params)
+
+
+def _draw_row_by_row(logits: torch.Tensor, rows: list, device: torch.device, token_bitmask: torch.Tensor | None,
+                     wants: list[bool], top_n: list[int], num_ids: list[int]) -> Drawn:
+    """Each row alone (a row's draw does not depend on the batch: the same tokens); a failing row gets
+    token 0 and its reason in `failed`."""
+    n, k, outs, failed = max(top_n), max(num_ids), [], {}
+    dev = logits.device
+    for i, row in enumerate(rows):
+        mask = None if token_bitmask is None else token_bitmask[i: i + 1]
+        try:
+            out = _sample(logits[i: i + 1], [row], device, n, mask)
+        except Exception as exc:  # noqa: BLE001 - reported on this row's request
+            failed[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+            log.error("sampling failed for one row of a batch of %d: %s", len(rows), exc)
+            out = SampleOutput(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, device=dev),
+                               torch.zeros((1, n), dtype=torch.int64, device=dev), torch.zeros((1, n), device=dev))
+        ids = out.ids_logprobs if out.ids_logprobs is not None else torch.zeros((1, 0), device=dev)
+        outs.append((out, torch.nn.functional.pad(ids, (0, k - ids.shape[1]))))
+    return Drawn(torch.cat([o.tokens for o, _ in outs]), torch.cat([o.logprobs for o, _ in outs]),
+                 torch.cat([o.top_ids for o, _ in outs]), torch.cat([o.top_logprobs for o, _ in outs]), wants, top_n,
+                 torch.cat([ids for _, ids in outs]) if k else None, num_ids, failed)

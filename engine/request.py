@@ -34,7 +34,7 @@ class Request:
     # (engine/prompt_logprobs.py); complete once the first token is out.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     grammar: GrammarMatch | None = None  # its grammar's matcher, when params.grammar (engine/grammar.py)
-    error: str = ""  # why it failed, when finish_reason == "error"
+    error: str = ""  # why this request failed alone, when finish_reason == "error"
 
     @property
     def max_len(self) -> int:
@@ -72,4 +72,4 @@ class StepOutput:
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them
-    error: str = ""  # finish_reason "error": why (the token is not part of the output)
+    error: str = ""  # finish_reason "error": why (the token, -1 or the rejected one, is not part of the output)

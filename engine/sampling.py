@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sparsepd.grammar import Grammar
 from sparsepd.kernels.sampling import (
     MAX_TOP_LOGPROBS,
+    SAMPLING_EPS,
     SampleOutput,
     SamplingTensors,
     apply_penalties_row,
@@ -31,11 +32,11 @@ from sparsepd.kernels.sampling import (
     sample_batch,
 )
 
-__all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "FinishReason", "SampleOutput", "Sampler", "SamplingParams",
-           "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch", "sampling_tensors",
-           "token_logprobs"]
+__all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "SAMPLING_EPS", "FinishReason", "SampleOutput", "Sampler",
+           "SamplingParams", "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch",
+           "sampling_tensors", "token_logprobs"]
 
-# "error": the request failed alone (its grammar rejected a drawn token); Request.error says why.
+# "error": the request failed alone (its grammar rejected a drawn token, its draw raised); Request.error says why.
 FinishReason = Literal["stop", "length", "error"]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 MAX_TOKEN_IDS_LOGPROB = 64  # ids a request may ask the log-probabilities of (token_ids_logprob)
@@ -44,10 +45,10 @@ MAX_TOKEN_IDS_LOGPROB = 64  # ids a request may ask the log-probabilities of (to
 class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_k: int = Field(-1, ge=-1, description="-1 or 0 = all tokens")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description=f"below {SAMPLING_EPS:g} = greedy")
+    top_k: int = Field(-1, ge=-1, lt=2**31, description="-1 or 0 = all tokens")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    min_p: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_new_tokens: int = Field(16, ge=1)
     stop_token_ids: tuple[int, ...] = ()
@@ -95,7 +96,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def uses_history(self) -> bool:

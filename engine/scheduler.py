@@ -254,6 +254,8 @@ class Scheduler:
         table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
         mask = token_bitmask([r.grammar for r in sampling], logits.shape[1], device)
         drawn = draw(logits, table, device, mask)
+        for row, why in drawn.failed.items():  # fails that request alone, in _postprocess
+            sampling[row].error = f"request {sampling[row].request_id}: {why}"
         kept = [i for i, r in enumerate(sampling) if r.slot is not None]  # stateless forks have no slot
         tokens = drawn.tokens if len(kept) == len(sampling) else drawn.tokens[to_device(kept, logits.device)]
         self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
@@ -274,6 +276,11 @@ class Scheduler:
             request.num_pending -= 1
             if request.finish_reason is not None or (request.slot is None and not request.stateless):
                 continue  # finished or aborted while this step ran: its token is dropped
+            if request.error:
+                request.finish_reason = "error"
+                outputs.append(StepOutput(request.request_id, -1, "error", error=request.error))
+                self._release(request)
+                continue
             params, token = request.params, tokens[i]
             request.sampler.advance()
             if request.grammar is not None and not request.grammar.accept(token):

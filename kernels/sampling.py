@@ -4,11 +4,13 @@ For row b with raw logits z [V] (fp32), banned ids ban_ids[b] (−1 padded) and 
 
     z⁺    = z + bias − frequency·count − presence·[count > 0]      (`apply_penalties`, rows that use them)
     z⁺    = z⁺ / repetition if z⁺ > 0 else z⁺ · repetition  where the id is in the prompt or count > 0
-    z'    = z⁺ with z'[banned] = −inf, and z'[i] = −inf where the row's grammar mask clears bit i; when that
-            leaves nothing (the grammar allows only banned ids), the ban is dropped: z' = z⁺ masked by the
-            grammar alone (`apply_token_bitmask`; engine/grammar.py explains the rule)
-    greedy (temperature == 0 or top_k == 1):   token = argmax z'                  (first index on ties)
-    else:  p = softmax(z' / temperature);  keep = top-k ∩ top-p ∩ min-p of p      (`filter_probs`)
+    greedy (temperature < SAMPLING_EPS or top_k == 1):  t = 1, else t = temperature
+    z'    = finite(z⁺ / t) with z'[banned] = −inf (the ban after the scaling; a row all banned keeps none of
+            its ban), and z'[i] = −inf where the row's grammar mask clears bit i; when the grammar allows only
+            banned ids, the ban is dropped: z' = finite(z⁺ / t) masked by the grammar alone
+            (`apply_token_bitmask`; engine/grammar.py explains the rule)
+    greedy:  token = argmax z'                                                    (first index on ties)
+    else:    p = softmax(z');  keep = top-k ∩ top-p ∩ min-p of p, never empty     (`filter_probs`)
            token = argmax_{i ∈ keep} p_i / E_i,   E_i = −log(1 − w_i),   w_i = (h(seed, counter, i) + ½) / 2³²
                                                   (w and the log in fp64, E rounded to fp32)
 
@@ -40,8 +42,15 @@ the rest is PyTorch vectorized over the batch (one stable sort per row serves to
 Limits: w has 32 bits, so E ∈ [1.2e-10, 22.9]: a kept token whose p is below ~1e-10 of the winning p/E
 cannot win (a bias below V·1e-10 of probability mass). Results on CPU and GPU are equal except where two
 candidates' p/E lie within rounding of each other (softmax, cumsum and log differ in the last bits).
-A row whose every token is banned, whose grammar mask allows nothing, or with NaN logits, gives an unspecified
-token (the engine's grammar matcher then rejects it and fails that request alone).
+
+No parameter or logit value makes NaN: temperatures below SAMPLING_EPS (SGLang's bound, 1e-6) are greedy,
+infinite or NaN ones are clamped to fp32's largest value or taken as greedy (the edge refuses them; this is
+the last line of defence); finite(x) maps +inf (a huge logit over a tiny temperature, or a repetition
+penalty dividing a positive logit by a tiny value) to fp32's largest value and NaN to −inf; a row whose
+every token is banned draws as if nothing were (the ban is lifted, never a NaN softmax); the most likely
+token is always kept, whatever top-p or min-p say. A row whose logits are all NaN or −inf, or whose grammar
+mask allows nothing, gives an unspecified token (the engine's grammar matcher then rejects it and fails that
+request alone).
 
 Cost (H200, V = 129,280, mixed parameters, 2026-11-30): B = 1: 261 µs in a CUDA graph (1.2 ms eager, launch
 bound); B = 64: 1.6 ms; B = 256: 5.0 ms, of which the stable sort is 2.4 ms and the rest of the top-k/top-p
@@ -61,6 +70,8 @@ from sparsepd.kernels.device import Backend, pick_backend
 from sparsepd.kernels.topk import topk_visible
 
 MAX_TOP_LOGPROBS = 20
+SAMPLING_EPS = 1e-6  # a temperature below this is greedy (SGLang's _SAMPLING_EPS)
+_FP32_MAX = torch.finfo(torch.float32).max
 _M32 = 0xFFFFFFFF
 
 
@@ -68,7 +79,7 @@ _M32 = 0xFFFFFFFF
 class SamplingTensors:
     """Per-row sampling parameters, all on the logits' device (build them with engine.sampling)."""
 
-    temperature: torch.Tensor  # [B] fp32, 0 = greedy
+    temperature: torch.Tensor  # [B] fp32, < SAMPLING_EPS = greedy
     top_k: torch.Tensor  # [B] int32, ≤ 0 = all tokens
     top_p: torch.Tensor  # [B] fp32 in (0, 1]
     min_p: torch.Tensor  # [B] fp32 in [0, 1)
@@ -200,7 +211,7 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
     """One row `[V]`: zero the tokens outside top-k, outside the top-p nucleus, below min_p · max; renormalise.
 
     top-k keeps probs ≥ the k-th largest (ties kept); top-p keeps tokens whose mass ranked above (descending,
-    equal probs lower id first) is < top_p; min-p keeps probs ≥ min_p · max.
+    equal probs lower id first) is < top_p (and the first always); min-p keeps probs ≥ min_p · max.
     """
     if top_k > 0:
         kth = torch.topk(probs, min(top_k, probs.shape[-1])).values[-1]
@@ -209,6 +220,7 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
         sorted_p, order = torch.sort(probs, descending=True, stable=True)
         before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of the tokens ranked above
         keep_sorted = before < top_p
+        keep_sorted[0] = True  # the most likely token stays, even for a top_p that rounds to 0
         keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
     if min_p > 0.0:
@@ -225,8 +237,9 @@ def _keep_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     kept = torch.where(in_top_k, sorted_p, 0.0)  # top-k keeps a prefix of the sorted order
     before = kept.cumsum(1) - kept
     keep_sorted = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    keep_sorted[:, 0] = True  # the most likely token, whatever a top-p that rounds to 0 in fp32 says
     keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
-    return keep & (probs >= min_p[:, None] * sorted_p[:, :1])  # both filters keep the max
+    return keep & ((probs >= min_p[:, None] * sorted_p[:, :1]) | (probs == sorted_p[:, :1]))
 
 
 # --- grammar masks --------------------------------------------------------------------------------
@@ -258,14 +271,15 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torc
     return out
 
 
-def _mask(penalized: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """The module doc's z': bans and the grammar mask, the grammar alone where both together leave nothing."""
-    banned = _banned(penalized, params.ban_ids)
+def _mask(scaled: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """The module doc's z' from finite(z⁺ / t): bans and the grammar mask, the grammar alone where both together
+    leave nothing."""
+    banned = _banned(scaled, params.ban_ids)
     if params.token_bitmask is None:
         return banned
     both = apply_token_bitmask(banned, params.token_bitmask)
     nothing_left = torch.isneginf(both).all(dim=1, keepdim=True)  # [B, 1]
-    return torch.where(nothing_left, apply_token_bitmask(penalized, params.token_bitmask), both)
+    return torch.where(nothing_left, apply_token_bitmask(scaled, params.token_bitmask), both)
 
 
 # --- penalties and logit bias --------------------------------------------------------------------
@@ -369,11 +383,25 @@ def _check_penalties(pen: PenaltyTensors, B: int, V: int, device: torch.device) 
 
 
 def _banned(logits: torch.Tensor, ban_ids: torch.Tensor) -> torch.Tensor:
-    """logits with ban_ids set to −inf (ids outside [0, V) ignored: they pad into a spare column)."""
+    """logits with ban_ids set to −inf (ids outside [0, V) ignored: they pad into a spare column); a row
+    whose every token would be banned keeps its logits (nothing to draw from is never the answer)."""
     B, V = logits.shape
     idx = torch.where((ban_ids >= 0) & (ban_ids < V), ban_ids, V)
     mask = torch.zeros((B, V + 1), dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
-    return logits.masked_fill(mask[:, :V], float("-inf"))
+    masked = logits.masked_fill(mask[:, :V], float("-inf"))
+    return torch.where((masked > float("-inf")).any(1, keepdim=True), masked, logits)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """The module doc's finite(): +inf → fp32's largest value, NaN → −inf."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=_FP32_MAX, neginf=float("-inf"))
+
+
+def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finite(logits / t), greedy) with the module doc's t: no NaN, no +inf, whatever the inputs."""
+    greedy = ~(temperature >= SAMPLING_EPS)  # NaN: greedy
+    t = torch.where(greedy, 1.0, temperature.clamp(max=_FP32_MAX))[:, None]
+    return _finite(logits / t), greedy
 
 
 def _finish(logits: torch.Tensor, tokens: torch.Tensor, n: int, token_ids: torch.Tensor | None,
@@ -407,16 +435,18 @@ def sample_batch(logits: torch.Tensor, params: SamplingTensors, *, out: SampleOu
     _check(logits, params, out)
     B, V = logits.shape
     penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
-    masked = _mask(penalized, params)
-    if params.all_greedy:
-        return _finish(logits, masked.argmax(1), params.want_top_logprobs, params.token_ids, out, backend)
-    greedy = (params.temperature == 0.0) | (params.top_k == 1)  # [B]
-    temperature = torch.where(greedy, 1.0, params.temperature)[:, None]
-    probs = torch.softmax(masked / temperature, dim=1)  # [B, V]
+    if params.all_greedy:  # t = 1: no division
+        return _finish(logits, _mask(_finite(penalized), params).argmax(1), params.want_top_logprobs,
+                       params.token_ids, out, backend)
+    scaled, greedy = _scaled(penalized, params.temperature)
+    greedy = greedy | (params.top_k == 1)  # [B]
+    masked = _mask(scaled, params)
+    probs = torch.softmax(masked, dim=1).nan_to_num_(nan=0.0)  # [B, V]; NaN only where a row is all −inf
     if params.uses_top_k_or_p:
         keep = _keep_mask(probs, params.top_k, params.top_p, params.min_p)
     else:  # what _keep_mask reduces to without top-k and top-p
-        keep = probs >= params.min_p[:, None] * probs.amax(1, keepdim=True)
+        top = probs.amax(1, keepdim=True)
+        keep = (probs >= params.min_p[:, None] * top) | (probs == top)
     race = torch.where(keep, probs / exponentials(params.seed, params.counter, V, backend=backend), -1.0)
     tokens = torch.where(greedy, masked.argmax(1), race.argmax(1))
     return _finish(logits, tokens, params.want_top_logprobs, params.token_ids, out, backend)
@@ -430,17 +460,21 @@ def sample_batch_ref(logits: torch.Tensor, params: SamplingTensors, *,
     tokens = []
     penalized = logits if params.penalties is None else apply_penalties(logits, params.penalties)
     for b in range(B):
-        z = penalized[b].clone()
+        t = float(params.temperature[b])
+        greedy = not t >= SAMPLING_EPS or int(params.top_k[b]) == 1
+        scaled = _finite(penalized[b] / (1.0 if greedy else min(t, _FP32_MAX)))
+        z = scaled.clone()
         z[[i for i in params.ban_ids[b].tolist() if 0 <= i < V]] = float("-inf")
+        z = z if bool((z > float("-inf")).any()) else scaled  # all banned: the ban is lifted
         if params.token_bitmask is not None:
-            allowed = apply_token_bitmask_ref(penalized[b: b + 1], params.token_bitmask[b: b + 1])[0]
+            allowed = apply_token_bitmask_ref(scaled[None], params.token_bitmask[b: b + 1])[0]
             z = torch.where(torch.isneginf(allowed), float("-inf"), z)
             if bool(torch.isneginf(z).all()):  # the grammar allows only banned ids: it wins
                 z = allowed
-        if float(params.temperature[b]) == 0.0 or int(params.top_k[b]) == 1:
+        if greedy:
             tokens.append(int(torch.argmax(z)))
             continue
-        probs = torch.softmax(z / params.temperature[b], dim=0)
+        probs = torch.softmax(z, dim=0).nan_to_num(nan=0.0)
         probs = filter_probs(probs, int(params.top_k[b]), float(params.top_p[b]), float(params.min_p[b]))
         e = exponentials_ref(params.seed[b : b + 1], params.counter[b : b + 1], V)[0]
         tokens.append(int(torch.argmax(probs / e)))

@@ -38,9 +38,9 @@ async def server_facts(stub: pb_grpc.SglangSchedulerStub) -> ServerFacts:
     workers: dict[str, int] = {}
     seen = set()  # a colocated worker is listed once per role it plays: count processes
     for w in MessageToDict(server.scheduler_info).get("workers", []):
-        kind = str(w.get("kind") or w.get("role") or "unknown")
-        if (kind, w.get("address")) not in seen:
-            seen.add((kind, w.get("address")))
+        kind, process = str(w.get("kind") or w.get("role") or "unknown"), w.get("address") or w.get("id")
+        if (kind, process) not in seen:
+            seen.add((kind, process))
             workers[kind] = workers.get(kind, 0) + 1
     special = {*info.eos_token_ids, info.bos_token_id, info.pad_token_id}
     model = ModelFacts(info.vocab_size, info.max_context_length, frozenset(i for i in special if i >= 0))

@@ -9,16 +9,18 @@ import logging
 
 import grpc
 
+from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
 from sparsepd.engine.config import add_engine_args, engine_config_from_args
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
-from sparsepd.proto.transfer import model_fingerprint
 from sparsepd.registration import add_registration_args, start_registration
+from sparsepd.tls import add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("sparsepd.prefill")
 
@@ -33,25 +35,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_registration_args(p)
+    add_token_args(p)
+    add_tls_args(p, client_ca=False)
 
 
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("prefill", args.log_level)
+    token, tls = token_from_args(args), tls_from_args(args)
     cfg = engine_config_from_args(args)
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
-    fingerprint = model_fingerprint(model.cfg, extra=f"seed={cfg.seed};checkpoint={cfg.checkpoint}")
-    sender = TransferSender(ack_timeout_s=args.transfer_timeout)
+    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
+    sender = TransferSender(ack_timeout_s=args.transfer_timeout,
+                            auth_key=derive_key(token, "transfer") if token is not None else None)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,
                            faults=Faults.from_env())
     service = PrefillService(worker)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors(token))
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
     address, registration = start_registration(args, port, log, "prefill", fingerprint,
-                                               engine.pools.pages.capacity, engine.pools.slots.capacity)
+                                               engine.pools.pages.capacity, engine.pools.slots.capacity,
+                                               token=token, tls=tls)
     print_ready("prefill", grpc=address, fingerprint=fingerprint,
                 pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
     await stop.wait()

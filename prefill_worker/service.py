@@ -22,29 +22,38 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request, context):
         if not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker is shutting down")
-        jobs = []
+        jobs, refused, ids = [], {}, []
         for i, r in enumerate(request.requests):
             where = f"requests[{i}] ({r.request_id or 'no id'})"
             if not r.input_ids:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: input_ids are required")
+            members = [(r, where), *((f, f"{where}.forks[{k}]") for k, f in enumerate(r.forks))]
             try:
-                forks = tuple(_job(f, list(r.input_ids), f"{where}.forks[{k}]") for k, f in enumerate(r.forks))
-                jobs.append(_job(r, list(r.input_ids), where, forks))
+                for m, at in members:
+                    _check_ticket(m, at)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        ids = [m.request_id for j in jobs for m in j.members]
+            ids.extend(m.request_id for m, _ in members)
+            try:
+                forks = tuple(_job(f, list(r.input_ids), at) for f, at in members[1:])
+                jobs.append(_job(r, list(r.input_ids), where, forks))
+            except ValueError as exc:  # this request (all its choices) alone: its batch-mates run
+                for m, _ in members:
+                    refused[m.request_id] = PrefillOutcome(m.request_id, ok=False, error=str(exc),
+                                                           error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
         if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
         self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
-        return worker_pb2.PrefillResponse(results=[_result(o) for o in outcomes])
+        ran = {o.request_id: o for o in outcomes}
+        return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
 
     async def Release(self, request, context):
         return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
 
     async def Health(self, request, context):
-        return worker_pb2.HealthResponse(serving=self.serving, role="prefill")
+        return worker_pb2.HealthResponse(serving=self.serving, role="prefill", fingerprint=self.worker.fingerprint)
 
     async def Stats(self, request, context):
         pools, c = self.worker.engine.pools, self.worker.counters
@@ -56,12 +65,16 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             transfer_bytes=c["transfer_bytes"])
 
 
-def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()) -> PrefillJob:
-    """A PrefillRequest or PrefillFork checked into a job (raises ValueError naming what is wrong)."""
+def _check_ticket(r, where: str) -> None:
+    """A PrefillRequest or PrefillFork names itself and its ticket (raises ValueError: the batch is malformed)."""
     if not r.request_id:
         raise ValueError(f"{where}: request_id is required")
     if not r.HasField("ticket") or not r.ticket.transfer_id or not r.ticket.endpoint:
         raise ValueError(f"{where}: a ticket with transfer_id and endpoint is required")
+
+
+def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()) -> PrefillJob:
+    """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling is refused)."""
     try:
         params = SamplingParams.checked(**sampling_to_dict(r.sampling))
     except ValueError as exc:
@@ -73,7 +86,8 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
     result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
                                       finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
-                                      prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms)
+                                      prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms,
+                                      error_code=o.error_code)
     if o.logprobs is not None:
         result.first_logprob = o.logprobs.logprob
         result.first_top_logprobs.CopyFrom(top_logprobs(o.logprobs.top_ids, o.logprobs.top_logprobs))

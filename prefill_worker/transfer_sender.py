@@ -7,7 +7,8 @@ whether the endpoint ever accepted a connection) or `TransferError` (sender clos
 
 One background thread owns every zmq socket (sockets are not thread-safe): `send` hands it a job through a
 queue and wakes it through a pipe; the thread keeps one DEALER per endpoint (reused), sends each state as
-one multipart message whose payload frames are memoryviews of the tensors (`copy=False`: no copy on this
+one multipart message (the header, its tag under `auth_key`, then the payload) whose payload frames are
+memoryviews of the tensors (`copy=False`: no copy on this
 side), tensors larger than max_frame_bytes cut into several frames, computes the optional checksum per
 tensor (crc32c by default: 10-20 GB/s on one core with the hardware package, zlib's crc32 without it, 1-2
 GB/s; off the caller's thread), matches acks to futures, and times transfers out.
@@ -49,6 +50,7 @@ from sparsepd.proto.transfer import (
     TransferHeader,
     TransferTimeout,
     checksum,
+    header_tag,
     preferred_checksum,
 )
 
@@ -84,16 +86,17 @@ class _Peer:
 class TransferSender:
     def __init__(self, context: zmq.Context | None = None, *, max_frame_bytes: int = DEFAULT_FRAME_BYTES,
                  ack_timeout_s: float = 10.0, checksum: bool | Literal["crc32c", "crc32"] = True,
-                 fault: FaultPlan | None = None):
+                 fault: FaultPlan | None = None, auth_key: bytes | None = None):
         """checksum: True for the fastest algorithm here (crc32c with the hardware package, else crc32),
-        an algorithm's name, or False to send none (a receiver may require one)."""
+        an algorithm's name, or False to send none (a receiver may require one). auth_key: the key each
+        header is tagged with (sparsepd.cluster_token.derive_key(token, "transfer")); None sends no tag."""
         if not MIN_FRAME_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes={max_frame_bytes}: expected [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}]")
         if not ack_timeout_s > 0:
             raise ValueError(f"ack_timeout_s={ack_timeout_s}: expected > 0")
         if checksum is not True and checksum is not False and checksum not in CHECKSUMS:
             raise ValueError(f"checksum={checksum!r}: expected True, False or one of {list(CHECKSUMS)}")
-        self.max_frame_bytes, self.ack_timeout_s = max_frame_bytes, ack_timeout_s
+        self.max_frame_bytes, self.ack_timeout_s, self.auth_key = max_frame_bytes, ack_timeout_s, auth_key
         self.checksum: str | None = preferred_checksum() if checksum is True else (checksum or None)
         plan = fault if fault is not None else FaultPlan.from_env()
         self.fault = plan if plan is not None and plan.on_sender else None
@@ -230,7 +233,8 @@ class TransferSender:
         header, tid = job.header, job.header.transfer_id
         if self.checksum is not None:
             header = header.with_checksums(self.checksum, [checksum(self.checksum, view) for view in job.payload])
-        frames: list = [header.encode()]
+        encoded = header.encode()
+        frames: list = [encoded, header_tag(self.auth_key, encoded)]
         for view, t in zip(job.payload, header.tensors, strict=True):
             step = header.frame_bytes
             frames += [view[i * step: (i + 1) * step] for i in range(t.num_frames)]
@@ -375,7 +379,7 @@ def _damage(frames: list, kind: str) -> list:
     if kind == "truncate":
         frames[-1] = bytes(frames[-1][: len(frames[-1]) // 2])
         return frames
-    for i in range(1, len(frames)):
+    for i in range(2, len(frames)):  # after the header and its tag
         if len(frames[i]):
             damaged = bytearray(frames[i])
             damaged[len(damaged) // 2] ^= 0xFF

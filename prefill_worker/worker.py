@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import grpc
+
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PromptLogprobs, Request
@@ -54,6 +56,7 @@ class PrefillOutcome:
     transfer_ms: float = 0.0
     logprobs: TokenLogprobs | None = None  # the first token's, when asked for
     prompt_logprobs: PromptLogprobs | None = None  # when params.logprob_start_len is set
+    error_code: int = 0  # not ok: the status for the client when this request alone is at fault (0 = UNAVAILABLE)
 
 
 class PrefillWorker:
@@ -118,6 +121,8 @@ class PrefillWorker:
             except (ValueError, OutOfCapacity) as exc:
                 for m in job.members:
                     outcomes[m.request_id].error = str(exc)
+                    if isinstance(exc, ValueError):  # this request's own input: a retry cannot help
+                        outcomes[m.request_id].error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 continue
             requests[job.request_id] = (request, job, list(zip(forks, job.forks, strict=True)))
         return requests
@@ -135,7 +140,16 @@ class PrefillWorker:
             if not waiting:
                 break
             self.faults.hit("prefill.step")
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - not one request's fault: fail this batch, keep serving
+                log.exception("a prefill step failed; failing the %d requests of its batch", len(waiting))
+                for rid, entry in waiting.items():
+                    self.engine.abort(rid)
+                    for _, job in self._members(entry):
+                        outcomes[job.request_id].error = f"the prefill step failed: {type(exc).__name__}: {exc}"
+                        outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
+                break
             for rid, entry in list(waiting.items()):
                 if not entry[0].output_ids and entry[0].finish_reason is None:
                     continue
@@ -158,6 +172,8 @@ class PrefillWorker:
                 continue
             if "error" in (member.finish_reason, request.finish_reason):  # failed alone at its first token
                 out.error = member.error or request.error  # (a fork of a failed request has no state to ship)
+                out.error_code = grpc.StatusCode.INTERNAL.value[0]
+                log.error("prefill failed: %s", out.error, extra={"request_id": job.request_id})
                 continue
             out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
             out.logprobs = member.output_logprobs[0] if member.output_logprobs else None

@@ -5,7 +5,9 @@ A transfer is one zmq multipart message from a prefill worker's DEALER to a deco
     frame 0        TransferHeader.encode(): msgpack map (version, ids, fingerprint, position, tokens,
                    sampler state, frame_bytes, checksum_algorithm, and per tensor: name, dtype, shape, nbytes,
                    num_frames, checksum)
-    frames 1..N    every tensor in header order, its bytes cut into max(1, ⌈nbytes / frame_bytes⌉) frames
+    frame 1        the authentication tag: header_tag(key, frame 0), empty when the deployment runs without
+                   a secret
+    frames 2..N+1  every tensor in header order, its bytes cut into max(1, ⌈nbytes / frame_bytes⌉) frames
                    of frame_bytes bytes each (the last one holds the rest)
 
 answered by one frame, Ack.encode() (transfer id, ok, reason). Destinations (pages, slot) never travel:
@@ -19,6 +21,15 @@ package's SSE4.2/ARMv8 instructions where zlib's crc32, version 1's only algorit
 AMD EPYC VM, 2026-11-30); crc32 stays for senders without the package. `crc32c_reference` computes the same
 values in numpy (~0.2 GB/s) when the package is missing.
 
+Authentication (version 3): the tag is HMAC-SHA256 over frame 0's bytes, keyed with a key derived from the
+deployment's secret (sparsepd/cluster_token.py `derive_key(token, "transfer")`). Frame 0 holds the transfer
+id, the request id and the fingerprint (the ticket the decode worker issued) and every tensor's size and
+checksum, so a peer without the key can neither push a state nor alter a header; a receiver with a key
+checks the tag right after the header's version and format, before it looks at its tickets or writes a
+byte. Not covered: the payload against deliberate change on the wire (its checksums are CRCs, which detect
+accidents, not an attacker able to rewrite bytes in flight), the acks, and confidentiality (nothing is
+encrypted: keep the transfer network private).
+
 This module depends on nothing of the project (the router imports proto/): engine types enter through
 duck typing (`from_descriptor`) or as an argument (`to_descriptor(StateDescriptor)`).
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -45,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover - the package is a dependency
     _crc32c_package = None
 
-PROTOCOL_VERSION = 2  # 2: checksum_algorithm in the header (crc32c or crc32), `checksum` per tensor
+PROTOCOL_VERSION = 3  # 2: checksum_algorithm and `checksum` per tensor; 3: frame 1 is the header's HMAC tag
 FAULT_ENV = "SPARSEPD_TRANSFER_FAULT"
 
 # Bytes per element of every dtype that may cross; anything else is rejected.
@@ -69,6 +81,8 @@ MAX_POSITION = 1 << 31
 MAX_SAMPLER_STATE_BYTES = 1 << 16
 MAX_ID_CHARS = 256
 MAX_REASON_CHARS = 2048
+TAG_BYTES = 32  # HMAC-SHA256
+_TAG_DOMAIN = b"sparsepd transfer header v3\0"
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,256}")
@@ -285,6 +299,24 @@ class Ack(BaseModel):
             raise TransferError(f"ack reason: expected a string of at most {MAX_REASON_CHARS} characters, got "
                                 f"{_describe(reason)}")
         return cls(transfer_id=transfer_id, ok=raw["ok"], reason=reason)
+
+
+def header_tag(key: bytes | None, header: bytes | memoryview) -> bytes:
+    """Frame 1 for this encoded header: HMAC-SHA256 under `key`, or empty without a key."""
+    if key is None:
+        return b""
+    return hmac.new(key, _TAG_DOMAIN + bytes(header), hashlib.sha256).digest()
+
+
+def check_tag(key: bytes | None, header: bytes | memoryview, tag: bytes | memoryview) -> None:
+    """Raise TransferError("unauthenticated: …") unless `tag` is the header's tag under `key` (constant-time);
+    a receiver without a key takes any tag."""
+    if key is None:
+        return
+    if len(tag) == 0:
+        raise TransferError("unauthenticated: the message carries no tag (the sender has no deployment secret)")
+    if len(tag) != TAG_BYTES or not hmac.compare_digest(bytes(tag), header_tag(key, header)):
+        raise TransferError("unauthenticated: the header's tag does not verify under this deployment's secret")
 
 
 def peek_transfer_id(data: bytes | memoryview) -> str:

@@ -96,12 +96,14 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("serving", "role")
+    __slots__ = ("serving", "role", "fingerprint")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     role: str
-    def __init__(self, serving: _Optional[bool] = ..., role: _Optional[str] = ...) -> None: ...
+    fingerprint: str
+    def __init__(self, serving: _Optional[bool] = ..., role: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -189,7 +191,7 @@ class PrefillBatch(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("request_id", "ok", "error", "first_token", "finish_reason", "transfer_bytes", "prefill_ms", "transfer_ms", "first_logprob", "first_top_logprobs", "first_token_in_stream", "prompt_logprobs", "first_token_ids_logprobs")
+    __slots__ = ("request_id", "ok", "error", "first_token", "finish_reason", "transfer_bytes", "prefill_ms", "transfer_ms", "first_logprob", "first_top_logprobs", "first_token_in_stream", "prompt_logprobs", "first_token_ids_logprobs", "error_code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,7 @@ class PrefillResult(_message.Message):
     FIRST_TOKEN_IN_STREAM_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_IDS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     ok: bool
     error: str
@@ -216,7 +219,8 @@ class PrefillResult(_message.Message):
     first_token_in_stream: bool
     prompt_logprobs: PromptLogprobs
     first_token_ids_logprobs: TopLogprobs
-    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., first_token_in_stream: _Optional[bool] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., first_token_ids_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ...) -> None: ...
+    error_code: int
+    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., first_token_in_stream: _Optional[bool] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., first_token_ids_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("results",)
@@ -247,7 +251,7 @@ class StreamRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "token_ids", "finish_reason", "error", "logprobs", "top_logprobs", "token_ids_logprobs", "prompt_logprobs")
+    __slots__ = ("request_id", "token_ids", "finish_reason", "error", "logprobs", "top_logprobs", "token_ids_logprobs", "prompt_logprobs", "error_code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +260,7 @@ class TokenEvent(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
@@ -264,7 +269,8 @@ class TokenEvent(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     token_ids_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
     prompt_logprobs: PromptLogprobs
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., token_ids_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
+    error_code: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., token_ids_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("step", "events")

@@ -33,8 +33,16 @@ async def fetch_tokenizer(stub: pb_grpc.SglangSchedulerStub, timeout_s: float = 
         return Tokenizer.from_str(zf.read("tokenizer.json").decode())
 
 
+def open_channel(address: str, tls_ca: str | None) -> grpc.aio.Channel:
+    """Plaintext, or TLS trusting the CA in the file `tls_ca` (a router started with --tls-cert)."""
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(address)
+    with open(tls_ca, "rb") as f:
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
+
+
 async def generate(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.router) as channel:
+    async with open_channel(args.router, getattr(args, "tls_ca", None)) as channel:
         stub = pb_grpc.SglangSchedulerStub(channel)
         try:
             tokenizer = await fetch_tokenizer(stub)

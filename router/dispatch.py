@@ -25,7 +25,7 @@ from collections import deque
 import grpc
 
 from sparsepd.proto import worker_pb2
-from sparsepd.router.flow import Flow, Outcome, TokenLogprob
+from sparsepd.router.flow import Flow, Outcome, TokenLogprob, worker_error_status
 from sparsepd.router.params import RequestSpec
 from sparsepd.router.text import StopStrings
 from sparsepd.router.workers import WorkerHandle, WorkerPool
@@ -291,8 +291,8 @@ class Dispatcher:
         flow.prefill_inflight = False
         if flow.ended:
             return
-        if not r.ok:  # a failed transfer or a worker-side refusal: transient, a retry may well succeed
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+        if not r.ok:  # a failed transfer or a worker-side refusal: transient unless error_code names the request
+            self._end(flow, Outcome("abort", code=worker_error_status(r.error_code),
                                     message=f"prefill worker {prefill.address}: {r.error}"))
             return
         flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
@@ -351,7 +351,7 @@ class Dispatcher:
         if reason in ("stop", "length", "abort", "error"):
             flow.decode_done = True
         if reason == "error":  # the state could not be admitted, or never came: transient as above
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+            self._end(flow, Outcome("abort", code=worker_error_status(event.error_code),
                                     message=f"decode worker {flow.decode.address}: {event.error}"))
         elif reason == "abort":
             self._end(flow, Outcome("abort"))

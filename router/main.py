@@ -1,8 +1,10 @@
 """`sparsepd router`: the public gRPC front end (SGLang's scheduler service) in front of prefill and decode
 workers, given by address or registering themselves (workers started with `--router HOST:PORT`). Serves
-grpc.health.v1, server reflection and the workers' registry beside it, and Prometheus metrics on an HTTP
-port. Prints `READY {...}` with its endpoints once the workers given by address answer (at once when none
-is given: the workers register when they are up).
+grpc.health.v1, server reflection and the workers' registry beside it (registration needs the cluster token;
+the public API does not), and Prometheus metrics on an HTTP port. `--tls-cert`/`--tls-key` make the public
+port TLS (`--tls-client-ca`: mutual TLS); `--cluster-tls-ca` dials the workers over TLS. Prints `READY {...}`
+with its endpoints once the workers given by address answer (at once when none is given: the workers
+register when they are up).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
@@ -26,6 +30,7 @@ from sparsepd.router.model_card import card_for
 from sparsepd.router.registry import RegistryService
 from sparsepd.router.service import SchedulerService
 from sparsepd.router.workers import HEARTBEAT_S, WorkerPool
+from sparsepd.tls import add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("sparsepd.router")
 MAX_REQUEST_BYTES = 64 << 20  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
@@ -44,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "engine; repeat for several)")
     p.add_argument("--heartbeat", type=float, default=HEARTBEAT_S,
                    help="seconds between a registered worker's Register calls (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the workers' random-weight seed: part of the model fingerprint they must match (default: 0)")
     add_model_arguments(p)
     add_dispatch_arguments(p)
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address (default: %(default)s)")
@@ -55,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: seconds the requests in flight may take to finish before they are aborted "
                         "(default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
+    add_token_args(p)
+    add_tls_args(p)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,8 +93,10 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("router", args.log_level)
+    token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    pool = WorkerPool(args.prefill, args.decode, args.colocated)
+    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed)
+    pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
     metrics = RouterMetrics()
@@ -104,8 +115,9 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.2)
         await pool.poll_once()
     server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list)}
-    service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit)
-    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()],
+    service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit, token=token)
+    # the token check first: an unauthenticated call is refused before its bytes are parsed
+    server = grpc.aio.server(interceptors=[*server_interceptors(token), MalformedRequestInterceptor()],
                              options=[("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(service, server)
@@ -114,13 +126,14 @@ async def serve(args: argparse.Namespace) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     dispatcher.start()
     metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port >= 0 else None
     health_task = asyncio.create_task(_track_health(service, health))
     stop = stop_on_signals(asyncio.get_running_loop())
-    endpoints = {"grpc": f"{args.host}:{port}", "model": card.served_model_name}
+    endpoints = {"grpc": f"{args.host}:{port}", "model": card.served_model_name, "fingerprint": fingerprint,
+                 "tls": tls.serves_tls}
     if metrics_port is not None:
         endpoints["metrics"] = f"http://{args.metrics_host}:{metrics_port}/metrics"
     print_ready("router", **endpoints)

@@ -109,7 +109,7 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         max_new = limit
     start = _logprob_start_len(req, len(ids))
     _check_token_ids_logprob(req, card)
-    _check_range("temperature", sp.temperature, lambda v: v >= 0, "≥ 0 (0 = greedy)")
+    _check_range("temperature", sp.temperature, lambda v: 0 <= v < math.inf, "finite and ≥ 0 (below 1e-6 = greedy)")
     _check_range("top_p", sp.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
     _check_range("min_p", sp.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
     _check_range("frequency_penalty", sp.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")

@@ -1,5 +1,9 @@
 """The public gRPC service (SGLang's `SglangScheduler`, DESIGN.md §3), thin: validate, convert, submit,
 stream. Dispatch and the workers are behind `Dispatcher`; this file only speaks the public messages.
+
+The API is open to any client; what it says about the deployment's inside (worker addresses, their errors,
+the router's command line) GetServerInfo and GetLoads show only to a caller whose metadata carries the
+cluster token (sparsepd/cluster_token.py); others get the counts and loads without them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sparsepd import __version__
+from sparsepd.cluster_token import token_matches
 from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
@@ -28,12 +33,17 @@ log = logging.getLogger("sparsepd.router")
 
 TOKENIZER_CHUNK_BYTES = 256 * 1024
 SECTIONS = ("core", "memory", "spec", "lora", "disagg", "queues", "all")
+# The router's settings anyone may see; the rest (addresses, ports, file paths) only with the cluster token.
+PUBLIC_ARGS = ("preset", "served_model_name", "max_queue", "batch_tokens", "batch_wait_ms", "max_new_tokens_limit",
+               "reserve_ttl", "drain_timeout")
 
 
 class SchedulerService(pb_grpc.SglangSchedulerServicer):
     def __init__(self, dispatcher: Dispatcher, card: ModelCard, server_args: dict,
-                 max_new_tokens_limit: int | None = None):
+                 max_new_tokens_limit: int | None = None, token: str | None = None):
+        """token: the cluster token a caller must send to see internal addresses (None: everyone sees them)."""
         self.dispatcher, self.card, self.server_args = dispatcher, card, server_args
+        self.token = token
         self.max_new_tokens_limit = max_new_tokens_limit
         self.started_at = time.time()
         self.last_request_at = 0.0
@@ -163,16 +173,22 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             max_req_input_len=c.max_context_length - 1, architectures=_config(c).get("architectures", []),
             weight_version="default")
 
+    def _insider(self, context) -> bool:
+        """Whether the caller may see the deployment's internal addresses (it sent the cluster token)."""
+        return self.token is None or token_matches(context.invocation_metadata(), self.token)
+
     async def GetServerInfo(self, request, context):
         d = self.dispatcher
+        insider = self._insider(context)
         decode_tokens = sum(w.stats.num_pages for w in d.pool.decode) * self.card.page_size
         scheduler_info = Struct()
         scheduler_info.update({
-            "workers": [w.describe() for w in d.pool.all], "queue_length": len(d.queue),
+            "workers": [w.describe(internal=insider) for w in d.pool.all], "queue_length": len(d.queue),
             "max_queue": d.max_queue, "in_flight": len(d.flows), "page_size": self.card.page_size,
             "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
         server_args = Struct()
-        server_args.update(self.server_args)
+        server_args.update(self.server_args if insider else
+                           {k: v for k, v in self.server_args.items() if k in PUBLIC_ARGS})
         start = Timestamp()
         start.FromSeconds(int(self.started_at))
         return pb.GetServerInfoResponse(
@@ -194,6 +210,9 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                                     f"dp_rank={request.dp_rank}: allowed 0..{len(workers) - 1} (one per worker)")
             workers = [workers[request.dp_rank]]
         loads = [self._load(w, include) for w in workers]
+        if not self._insider(context):
+            for load in loads:
+                load.worker_address = ""
         n = max(len(loads), 1)
         return pb.GetLoadsResponse(
             timestamp=datetime.datetime.now(datetime.UTC).isoformat(), version=f"sparsepd-{__version__}",

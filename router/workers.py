@@ -2,11 +2,14 @@
 load numbers dispatch chooses by (queued prefill tokens; free pages, running requests).
 
 Workers come from the command line (`--prefill`, `--decode`, `--colocated` addresses) or register
-themselves (`WorkerRegistry.Register`, repeated every heartbeat). A colocated worker is one process that
-serves both roles: it appears as a prefill handle and a decode handle paired with each other, and a batch
-sent to its prefill handle reserves on its own decode handle. A worker is dead after a failed poll or a
-failed call, and alive again after a good poll; the router restarts nothing itself, it only stops sending
-work to a dead worker.
+themselves (`WorkerRegistry.Register`, repeated every heartbeat; the call must carry the cluster token,
+sparsepd/cluster_token.py). Either way a worker serves only if it runs the router's own model: its
+registration and its Health carry its model fingerprint, checked against the one the router computed from
+its own preset, checkpoint and seed (never learned from a worker; an empty one is refused). A colocated
+worker is one process that serves both roles: it appears as a prefill handle and a decode handle paired with
+each other, and a batch sent to its prefill handle reserves on its own decode handle. A worker is dead after
+a failed poll or a failed call, and alive again after a good poll; the router restarts nothing itself, it
+only stops sending work to a dead worker.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from sparsepd.cluster_token import AuthorizedStub
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.tls import TlsConfig, cluster_channel
 
 log = logging.getLogger("sparsepd.router")
 
@@ -50,10 +55,10 @@ class WorkerHandle:
     def __post_init__(self) -> None:
         self.kind = self.kind or self.role
 
-    def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address)
+    def connect(self, tls: TlsConfig, token: str | None) -> None:
+        self.channel = cluster_channel(self.address, tls)
         stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-        self.stub = stub_cls(self.channel)
+        self.stub = AuthorizedStub(stub_cls(self.channel), token)
 
     @property
     def free_pages(self) -> int:
@@ -64,24 +69,29 @@ class WorkerHandle:
             log.warning("%s worker %s is unreachable: %s", self.role, self.address, why)
         self.alive, self.last_error = False, why
 
-    def describe(self) -> dict:
+    def describe(self, internal: bool = True) -> dict:
+        """What GetServerInfo lists; the address and the last error (which names addresses) only when internal;
+        `id` tells processes apart either way (a colocated worker's two handles share it)."""
         s = self.stats
-        return {"role": self.role, "kind": self.kind, "address": self.address, "alive": self.alive,
-                "running": s.running,
-                "waiting": s.waiting, "num_pages": s.num_pages, "free_pages": s.free_pages,
-                "num_slots": s.num_slots, "free_slots": s.free_slots, "queued_tokens": self.queued_tokens,
-                "last_error": self.last_error}
+        process = min(self.index, self.pair.index) if self.pair is not None else self.index
+        out = {"id": f"worker-{process}", "role": self.role, "kind": self.kind, "alive": self.alive,
+               "running": s.running, "waiting": s.waiting, "num_pages": s.num_pages, "free_pages": s.free_pages,
+               "num_slots": s.num_slots, "free_slots": s.free_slots, "queued_tokens": self.queued_tokens}
+        return {**out, "address": self.address, "last_error": self.last_error} if internal else out
 
 
 class WorkerPool:
     def __init__(self, prefill: list[str], decode: list[str], colocated: list[str] | None = None,
-                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0):
+                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, fingerprint: str = "", token: str | None = None,
+                 tls: TlsConfig | None = None):
+        """fingerprint: the model fingerprint every worker must run ("" checks nothing and refuses every
+        registration); token and tls: how to call the workers (sparsepd/cluster_token.py, sparsepd/tls.py)."""
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
         self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
         self.changed = asyncio.Event()  # set after every poll round (dispatch retries waiting work then)
         self.on_added: list = []  # callbacks(handle) for workers that join after start (registration)
-        self.fingerprint = ""  # of the first registered worker; later ones must match
+        self.fingerprint, self.token, self.tls = fingerprint, token, tls or TlsConfig()
         self.started = False
         for role, addresses in (("prefill", prefill), ("decode", decode), ("colocated", colocated or [])):
             for address in addresses:
@@ -105,7 +115,7 @@ class WorkerPool:
         for w in added:
             (self.prefill if w.role == "prefill" else self.decode).append(w)
             if self.started:
-                w.connect()
+                w.connect(self.tls, self.token)
         return added
 
     async def register(self, request: worker_pb2.RegisterRequest) -> tuple[bool, str]:
@@ -115,10 +125,12 @@ class WorkerPool:
         host, _, port = request.address.rpartition(":")
         if not host or not port.isdigit():
             return False, f"address {request.address!r} is not HOST:PORT"
-        if request.fingerprint and self.fingerprint and request.fingerprint != self.fingerprint:
-            return False, (f"its model fingerprint {request.fingerprint} differs from the deployment's "
-                           f"{self.fingerprint}: every worker must run the same preset, checkpoint and seed")
-        self.fingerprint = self.fingerprint or request.fingerprint
+        if not self.fingerprint:
+            return False, "this router has no model fingerprint to check workers against"
+        if request.fingerprint != self.fingerprint:
+            got = f"model fingerprint {request.fingerprint}" if request.fingerprint else "no model fingerprint"
+            return False, (f"it registered with {got}, the deployment's is {self.fingerprint}: every worker must "
+                           "run the router's preset, checkpoint and seed")
         handles = self.find(request.role, request.address)
         if not handles:
             handles = self._add(request.role, request.address)
@@ -136,7 +148,7 @@ class WorkerPool:
     async def start(self) -> None:
         self.started = True
         for w in self.all:
-            w.connect()
+            w.connect(self.tls, self.token)
         await self.poll_once()
 
     async def close(self) -> None:
@@ -157,6 +169,10 @@ class WorkerPool:
             return
         if health.role != w.kind:
             w.mark_dead(f"it says it is a {health.role!r} worker, configured as {w.kind!r}")
+            return
+        if self.fingerprint and health.fingerprint != self.fingerprint:
+            w.mark_dead(f"it runs another model: fingerprint {health.fingerprint or '(none)'}, the deployment's "
+                        f"is {self.fingerprint} (same preset, checkpoint and seed everywhere)")
             return
         if not health.serving:
             w.mark_dead("not serving (shutting down)")

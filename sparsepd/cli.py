@@ -18,6 +18,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                     "--seed unless --checkpoint is given.")
     p.add_argument("text", nargs="?", default=None, help="the prompt; sends it to the router unless --local")
     p.add_argument("--router", default="127.0.0.1:30000", help="the router's gRPC address (default: %(default)s)")
+    p.add_argument("--tls-ca", default=None, metavar="PATH",
+                   help="router mode: connect with TLS, trusting this CA (PEM) for the router's certificate")
     p.add_argument("--local", action="store_true", help="run the model in this process instead of asking a router")
     p.add_argument("--stop", action="append", default=None, help="a stop string (router mode; repeat for several)")
     p.add_argument("--timeout", type=float, default=600.0, help="router mode: seconds before giving up (default: 600)")

@@ -11,7 +11,9 @@ import logging
 
 import grpc
 
+from sparsepd.cluster_token import AuthorizedStub
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.tls import TlsConfig, cluster_channel
 
 DEFAULT_HEARTBEAT_S = 5.0
 
@@ -26,15 +28,16 @@ def add_registration_args(p: argparse.ArgumentParser) -> None:
 
 
 def start_registration(args: argparse.Namespace, port: int, log: logging.Logger, role: str, fingerprint: str,
-                       num_pages: int, num_slots: int, endpoint: str = "") -> tuple[str, asyncio.Task | None]:
+                       num_pages: int, num_slots: int, endpoint: str = "", token: str | None = None,
+                       tls: TlsConfig | None = None) -> tuple[str, asyncio.Task | None]:
     """The worker's control address as others should dial it, and with --router the task that keeps it
-    registered (cancel it at shutdown)."""
+    registered (cancel it at shutdown); each Register carries the cluster token, over TLS with --cluster-tls-ca."""
     if not args.router:
         return args.advertise or f"{args.host}:{port}", None
     address = advertised_address(args, port)
     request = worker_pb2.RegisterRequest(role=role, address=address, fingerprint=fingerprint, num_pages=num_pages,
                                          num_slots=num_slots, endpoint=endpoint)
-    return address, asyncio.create_task(register_forever(args.router, request, log))
+    return address, asyncio.create_task(register_forever(args.router, request, log, token, tls or TlsConfig()))
 
 
 def advertised_address(args: argparse.Namespace, port: int) -> str:
@@ -47,18 +50,19 @@ def advertised_address(args: argparse.Namespace, port: int) -> str:
 
 
 async def register_forever(router: str, request: worker_pb2.RegisterRequest, log: logging.Logger,
-                           timeout_s: float = 5.0) -> None:
+                           token: str | None = None, tls: TlsConfig | None = None, timeout_s: float = 5.0) -> None:
     """Register now and every heartbeat until cancelled; log when the router accepts, refuses, or is away."""
     state, heartbeat = None, DEFAULT_HEARTBEAT_S
-    async with grpc.aio.insecure_channel(router) as channel:
-        stub = worker_pb2_grpc.WorkerRegistryStub(channel)
+    async with cluster_channel(router, tls or TlsConfig()) as channel:
+        stub = AuthorizedStub(worker_pb2_grpc.WorkerRegistryStub(channel), token)
         while True:
             try:
                 reply = await stub.Register(request, timeout=timeout_s)
                 heartbeat = reply.heartbeat_s or DEFAULT_HEARTBEAT_S
                 now = ("accepted", "") if reply.accepted else ("refused", reply.message)
-            except grpc.aio.AioRpcError as exc:
-                now = ("unreachable", f"{exc.code().name}: {exc.details()}")
+            except grpc.aio.AioRpcError as exc:  # UNAUTHENTICATED: the router heard us and said no (the token)
+                refused = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                now = ("refused" if refused else "unreachable", f"{exc.code().name}: {exc.details()}")
             if now != state:
                 if now[0] == "accepted":
                     log.info("registered with the router at %s as %s worker %s", router, request.role, request.address)

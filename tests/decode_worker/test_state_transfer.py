@@ -19,6 +19,7 @@ import pytest
 import torch
 import zmq
 
+from sparsepd.cluster_token import derive_key
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
@@ -36,6 +37,7 @@ from sparsepd.proto.transfer import (
     TransferHeader,
     TransferTimeout,
     checksum,
+    header_tag,
     model_fingerprint,
     preferred_checksum,
 )
@@ -222,7 +224,8 @@ def test_many_transfers_in_flight_from_two_senders_to_two_receivers(make_receive
 
 
 def test_large_tensors_travel_as_bounded_frames(make_sender):
-    """A bare ROUTER sees 1 header + ⌈nbytes/frame_bytes⌉ frames per tensor, none above the bound."""
+    """A bare ROUTER sees the header, its tag (empty: no key) and ⌈nbytes/frame_bytes⌉ frames per tensor, none
+    above the bound."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind("tcp://127.0.0.1:0")
@@ -231,8 +234,9 @@ def test_large_tensors_travel_as_bounded_frames(make_sender):
         header, tensors = make_state(1, num_pages=3)
         future = make_sender(max_frame_bytes=1000, checksum=False).send(endpoint, header, tensors)
         assert router.poll(5000)
-        identity, head, *payload = router.recv_multipart()
+        identity, head, tag, *payload = router.recv_multipart()
         wire = TransferHeader.decode(head)
+        assert tag == b""
         assert wire.frame_bytes == 1000 and wire.checksum_algorithm is None
         assert [t.checksum for t in wire.tensors] == [None] * 5
         want = [min(1000, t.nbytes - k * 1000) for t in wire.tensors for k in range(t.num_frames)]
@@ -328,14 +332,16 @@ def test_duplicates_and_cancelled_tickets_are_rejected(make_receiver, make_sende
     assert inbox.states.qsize() == 1 and receiver.stats["accepted"] == 1
 
 
-def _frames(header: TransferHeader, tensors) -> list[bytes]:
-    return [header.encode(), *(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values())]
+def _frames(header: TransferHeader, tensors, key: bytes | None = None) -> list[bytes]:
+    encoded = header.encode()
+    return [encoded, header_tag(key, encoded),
+            *(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values())]
 
 
 @pytest.mark.parametrize("case, reason, tid", [
     ("garbage", "transfer header: malformed msgpack", ""),
     ("not-a-map", "expected a msgpack map", ""),
-    ("version", "protocol version 1 is not supported; this side speaks 2", "t8"),
+    ("version", "protocol version 2 is not supported; this side speaks 3", "t8"),
     ("missing-frame", "expected 5 payload frames, got 4", "t8"),
     ("extra-frame", "expected 5 payload frames, got 6", "t8"),
     ("short-frame", "tensor layers.1.index_cache frame 0: 9215 bytes, expected 9216", "t8"),
@@ -352,20 +358,43 @@ def test_malformed_messages_are_rejected_and_the_receiver_goes_on(case, reason, 
         frames = [msgpack.packb([1, 2]), *frames[1:]]
     elif case == "version":
         raw = msgpack.unpackb(frames[0])
-        frames[0] = msgpack.packb({**raw, "version": 1})
+        frames[0] = msgpack.packb({**raw, "version": 2})
     elif case == "missing-frame":
         frames = frames[:-1]
     elif case == "extra-frame":
         frames = [*frames, b""]
     elif case == "short-frame":
-        frames[3] = frames[3][:-1]
+        frames[4] = frames[4][:-1]
     elif case == "long-frame":
-        frames[1] = frames[1] + b"\x00"
+        frames[2] = frames[2] + b"\x00"
     ack = raw_exchange(receiver.endpoint, frames)
     assert ack == Ack(transfer_id=tid, ok=False, reason=ack.reason) and reason in ack.reason, ack.reason
     _assert_unchanged(receiver, inbox, tickets=1)
     assert make_sender().send(receiver.endpoint, header, tensors).result(timeout=5).ok  # the retry succeeds
     assert same_bytes(inbox.take()[2]["layers.1.index_cache"], tensors["layers.1.index_cache"])
+
+
+def test_only_a_peer_with_the_deployment_key_can_push_a_state(make_receiver, make_sender):
+    """A push that a valid ticket would admit but whose tag is missing, forged, made with another key, or whose
+    header was altered after tagging: rejected as unauthenticated and counted, nothing written, the ticket
+    still open for the real sender."""
+    key = derive_key("the-deployment-token-0123456789", "transfer")
+    receiver, inbox = make_receiver(auth_key=key)
+    header, tensors = make_state(15)
+    expect(receiver, header)
+    good = _frames(header, tensors, key)
+    forged = [good[0], bytes(32), *good[2:]]
+    tampered = [msgpack.packb({**msgpack.unpackb(good[0]), "position": header.position + 1}), *good[1:]]
+    reasons = [make_sender().send(receiver.endpoint, header, tensors).result(timeout=5).reason,
+               make_sender(auth_key=derive_key("another-deployment-0123456789", "transfer")).send(
+                   receiver.endpoint, header, tensors).result(timeout=5).reason,
+               raw_exchange(receiver.endpoint, forged).reason, raw_exchange(receiver.endpoint, tampered).reason]
+    assert reasons[0] == "unauthenticated: the message carries no tag (the sender has no deployment secret)"
+    assert reasons[1:] == ["unauthenticated: the header's tag does not verify under this deployment's secret"] * 3
+    _assert_unchanged(receiver, inbox, tickets=1)
+    assert receiver.stats["unauthenticated"] == 4 and receiver.stats["rejected"] == 4
+    assert make_sender(auth_key=key).send(receiver.endpoint, header, tensors).result(timeout=5).ok
+    assert same_bytes(inbox.take()[2]["layers.0.swa"], tensors["layers.0.swa"])
 
 
 @pytest.mark.parametrize("fault, reason", [
@@ -405,13 +434,13 @@ def test_a_flipped_byte_in_any_frame_is_refused_by_its_checksum(algorithm, make_
     expect(receiver, header)
     payload = [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values()]
     wire = header.reframed(4096).with_checksums(name, [checksum(name, b) for b in payload])
-    frames, owners = [wire.encode()], []
+    frames, owners = [wire.encode(), b""], []
     for t, data in zip(wire.tensors, payload, strict=True):
         frames += [data[k * 4096: (k + 1) * 4096] for k in range(t.num_frames)]
         owners += [t.name] * t.num_frames
-    assert len(frames) - 1 == 8 and max(t.num_frames for t in wire.tensors) == 3
+    assert len(frames) - 2 == 8 and max(t.num_frames for t in wire.tensors) == 3
     rng = random.Random(14)
-    for i, owner in enumerate(owners, start=1):
+    for i, owner in enumerate(owners, start=2):
         damaged = bytearray(frames[i])
         damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
         ack = raw_exchange(receiver.endpoint, [*frames[:i], bytes(damaged), *frames[i + 1:]])

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.convert import sampling_from_dict
 
@@ -14,7 +15,8 @@ async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, l
                        ttl_s: float = 10.0, timeout_s: float = 60.0) -> dict[str, dict]:
     """Every request to completion; returns request id → {"tokens", "finish", "error", "transfer_bytes"}."""
     async with grpc.aio.insecure_channel(prefill_addr) as pch, grpc.aio.insecure_channel(decode_addr) as dch:
-        p, d = worker_pb2_grpc.PrefillWorkerStub(pch), worker_pb2_grpc.DecodeWorkerStub(dch)
+        p = AuthorizedStub(worker_pb2_grpc.PrefillWorkerStub(pch), token_from_env())
+        d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(dch), token_from_env())
         out = {rid: {"tokens": [], "finish": "", "error": "", "transfer_bytes": 0} for rid in prompts}
         stream = d.StreamTokens(worker_pb2.StreamRequest())
         done = asyncio.Event()
@@ -64,4 +66,5 @@ async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, l
 async def stats(addr: str, role: str) -> worker_pb2.StatsResponse:
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = (worker_pb2_grpc.DecodeWorkerStub if role == "decode" else worker_pb2_grpc.PrefillWorkerStub)(ch)
+        stub = AuthorizedStub(stub, token_from_env())
         return await stub.Stats(worker_pb2.StatsRequest())

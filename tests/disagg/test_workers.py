@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from driver import run_requests, stats  # noqa: E402
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.engine.state_io import shipped_bytes  # noqa: E402
@@ -62,7 +63,7 @@ def test_bad_control_input_is_refused_and_workers_keep_serving(workers, referenc
 
     async def go():
         async with grpc.aio.insecure_channel(workers["decode"].ready["grpc"]) as ch:
-            d = worker_pb2_grpc.DecodeWorkerStub(ch)
+            d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(ch), token_from_env())
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await d.Reserve(worker_pb2.ReserveRequest(request_id="x", prompt_len=0))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -72,7 +73,7 @@ def test_bad_control_input_is_refused_and_workers_keep_serving(workers, referenc
             assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert not (await d.Release(worker_pb2.ReleaseRequest(request_id="never-seen"))).found
         async with grpc.aio.insecure_channel(workers["prefill"].ready["grpc"]) as ch:
-            p = worker_pb2_grpc.PrefillWorkerStub(ch)
+            p = AuthorizedStub(worker_pb2_grpc.PrefillWorkerStub(ch), token_from_env())
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await p.Prefill(worker_pb2.PrefillBatch(requests=[worker_pb2.PrefillRequest(request_id="y")]))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -94,7 +95,7 @@ def test_bad_control_input_is_refused_and_workers_keep_serving(workers, referenc
 def test_reservation_without_state_expires_and_frees_pages(workers):
     async def go():
         async with grpc.aio.insecure_channel(workers["decode"].ready["grpc"]) as ch:
-            d = worker_pb2_grpc.DecodeWorkerStub(ch)
+            d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(ch), token_from_env())
             await d.Reserve(worker_pb2.ReserveRequest(request_id="lonely", prompt_len=40, ttl_s=0.5,
                                                       sampling=worker_pb2.SamplingParams(max_new_tokens=4)))
             s = await d.Stats(worker_pb2.StatsRequest())
@@ -112,11 +113,13 @@ def test_dead_decode_worker_fails_the_request_and_frees_prefill_pages(workers):
 
     async def go():
         async with grpc.aio.insecure_channel(doomed.ready["grpc"]) as ch:
-            ticket = (await worker_pb2_grpc.DecodeWorkerStub(ch).Reserve(worker_pb2.ReserveRequest(
+            decode = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(ch), token_from_env())
+            ticket = (await decode.Reserve(worker_pb2.ReserveRequest(
                 request_id="orphan", prompt_len=30, sampling=worker_pb2.SamplingParams(max_new_tokens=5)))).ticket
         stop(doomed)  # the decode side is gone before the state is pushed
         async with grpc.aio.insecure_channel(workers["prefill"].ready["grpc"]) as ch:
-            r = await worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(worker_pb2.PrefillBatch(requests=[
+            prefill = AuthorizedStub(worker_pb2_grpc.PrefillWorkerStub(ch), token_from_env())
+            r = await prefill.Prefill(worker_pb2.PrefillBatch(requests=[
                 worker_pb2.PrefillRequest(request_id="orphan", input_ids=list(range(30)), ticket=ticket,
                                           sampling=worker_pb2.SamplingParams(max_new_tokens=5))]))
         assert not r.results[0].ok and "transfer" in r.results[0].error, r.results[0].error

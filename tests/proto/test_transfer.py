@@ -92,9 +92,9 @@ BAD_HEADERS = [
     (lambda: b"\x00" * (tp.MAX_HEADER_BYTES + 1), "more than the limit"),
     (lambda: msgpack.packb({k: v for k, v in _raw().items() if k != "position"}), r"missing fields \['position'\]"),
     (lambda: msgpack.packb(_raw(extra=1)), r"unexpected fields \['extra'\]"),
-    (lambda: msgpack.packb(_raw(version=1)), "protocol version 1 is not supported; this side speaks 2"),
+    (lambda: msgpack.packb(_raw(version=1)), "protocol version 1 is not supported; this side speaks 3"),
     (lambda: msgpack.packb({**{k: v for k, v in _raw().items() if k != "checksum_algorithm"}, "version": 1}),
-     "protocol version 1 is not supported; this side speaks 2"),  # a version-1 header: the version is the reason
+     "protocol version 1 is not supported; this side speaks 3"),  # a version-1 header: the version is the reason
     (lambda: msgpack.packb({k: v for k, v in _raw().items() if k != "version"}), "version: expected an int"),
     (lambda: msgpack.packb(_raw(version="1")), "version: expected an int"),
     (lambda: msgpack.packb(_raw(position=True)), "position: expected an int"),

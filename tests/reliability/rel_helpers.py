@@ -19,6 +19,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).parents[1] / "router"))
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.launch import Child, start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
@@ -90,7 +91,7 @@ async def worker_stats(child: Child) -> worker_pb2.StatsResponse:
     prefill = child.ready["role"] == "prefill"
     stub_cls = worker_pb2_grpc.PrefillWorkerStub if prefill else worker_pb2_grpc.DecodeWorkerStub
     async with grpc.aio.insecure_channel(child.ready["grpc"]) as ch:
-        return await stub_cls(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
+        return await AuthorizedStub(stub_cls(ch), token_from_env()).Stats(worker_pb2.StatsRequest(), timeout=5)
 
 
 async def wait_worker_free(child: Child, timeout: float = 15.0) -> worker_pb2.StatsResponse:

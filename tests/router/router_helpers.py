@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env
 from sparsepd.launch import start
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
@@ -67,4 +68,6 @@ def channel(address: str) -> grpc.aio.Channel:
 
 
 def stub_of(ch: grpc.aio.Channel) -> pb_grpc.SglangSchedulerStub:
-    return pb_grpc.SglangSchedulerStub(ch)
+    """The public API's stub; its calls carry the cluster token, so GetServerInfo and GetLoads show the workers'
+    addresses (the API itself needs no token)."""
+    return AuthorizedStub(pb_grpc.SglangSchedulerStub(ch), token_from_env())

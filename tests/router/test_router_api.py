@@ -24,6 +24,7 @@ from logprob_helpers import IDS, TOP, check_input, check_output, check_streamed,
 from logprob_helpers import reference as logprob_reference  # noqa: E402
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.engine.generate import generate_with_engine  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
@@ -209,7 +210,8 @@ def test_decode_worker_streams_one_message_per_step_with_every_requests_tokens(d
 
     async def main():
         async with channel(deployment["decode"]) as dch, channel(deployment["router"]) as rch:
-            stream = worker_pb2_grpc.DecodeWorkerStub(dch).StreamTokens(worker_pb2.StreamRequest())
+            decode = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(dch), token_from_env())
+            stream = decode.StreamTokens(worker_pb2.StreamRequest())
             await asyncio.sleep(0.5)  # subscribed before the requests start
             stub = stub_of(rch)
             replies = asyncio.gather(*(collect(stub, generate_request(p, 12, stream=True, request_id=rid))

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
+from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.launch import start, stop  # noqa: E402
@@ -24,6 +25,7 @@ from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 async def _stats(address: str, role: str) -> worker_pb2.StatsResponse:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = (worker_pb2_grpc.DecodeWorkerStub if role == "decode" else worker_pb2_grpc.PrefillWorkerStub)(ch)
+        stub = AuthorizedStub(stub, token_from_env())
         return await stub.Stats(worker_pb2.StatsRequest())
 
 
