@@ -130,3 +130,41 @@ def test_sampling_tensors_of_extreme_params_hold_what_the_sampler_needs():
     built = sampling_tensors(rows, "cpu")
     assert built.top_k.tolist() == [-1, 2**31 - 1] and built.all_greedy is False
     assert torch.isfinite(built.temperature).all()
+
+
+def _run_mixed(model, overlap: bool, bad_row: bool):
+    """A grammar request, a request asking for top and token_ids log-probabilities, a seeded sampled one,
+    and (bad_row) one whose draw raises, in the same batches."""
+    from sparsepd.grammar import Grammar
+
+    engine = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=96, num_pages=48), overlap=overlap)
+    grammar = Grammar(kind="regex", text="[a-z]{2,4}-(x|y)")
+    requests = [
+        engine.submit([256, *b"ab"], SamplingParams(max_new_tokens=8, grammar=grammar), "grammar"),
+        engine.submit([256, *b"cde"], SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=True,
+                                                     top_logprobs=3, token_ids_logprob=[5, 7, 11]), "logprobs"),
+        engine.submit([256, *b"f"], SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.9, seed=3),
+                      "sampled"),
+    ]
+    bad = None
+    if bad_row:
+        bad = engine.submit([256, *b"gh"], SamplingParams(temperature=0.8, max_new_tokens=6), "bad")
+        bad.sampler.seed = 2**64  # building the batch's tensors raises: the batch is drawn row by row
+    engine.scheduler.run_to_completion()
+    assert engine.is_idle_and_empty()
+    return requests, bad
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_row_beside_grammar_and_log_probability_rows(model, overlap):
+    """The row-by-row fallback keeps each row's grammar mask and its token_ids_logprob values: the others'
+    tokens and log-probabilities equal a run without the failing row."""
+    want, _ = _run_mixed(model, overlap, bad_row=False)
+    got, bad = _run_mixed(model, overlap, bad_row=True)
+    assert bad.finish_reason == "error" and "request bad" in bad.error and bad.output_ids == []
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+    for g, w in zip(got[1].output_logprobs, want[1].output_logprobs, strict=True):
+        assert g.top_ids == w.top_ids and len(g.ids_logprobs) == 3
+        assert g.ids_logprobs == pytest.approx(w.ids_logprobs, rel=1e-5, abs=1e-6)
+        assert g.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-6)
