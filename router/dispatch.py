@@ -1,7 +1,8 @@
 """Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
 
     admit (bounded queue) → batch (token budget, short wait) → pick P (fewest queued tokens)
-    → per request pick D (most free pages) and Reserve there → Prefill(batch with tickets) on P
+    → per request pick D (room, then least loaded, router/placement.py) and Reserve there
+    → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
 
 Every flow ends exactly once (`_end`): finished, aborted, failed or cancelled. Ending releases the
@@ -157,6 +158,7 @@ class Dispatcher:
                 continue
             batch = await self._form_batch()
             if batch:
+                self.pool.placement.chose(prefill)
                 prefill.inflight += 1
                 prefill.queued_tokens += sum(len(f.spec.input_ids) for f in batch)
                 self._spawn(self._run_batch(prefill, batch))
@@ -218,13 +220,18 @@ class Dispatcher:
         spec, last = flow.spec, ""
         request = worker_pb2.ReserveRequest(request_id=spec.request_id, prompt_len=len(spec.input_ids),
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
-        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order()
+        tokens = len(spec.input_ids) + spec.sampling.max_new_tokens
+        need = self.pool.placement.pages_for(tokens)
+        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
         for worker in candidates:
             if flow.ended:
                 return None
+            worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
+            self.pool.placement.chose(worker)
             try:
                 reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
             except grpc.aio.AioRpcError as exc:
+                worker.unhold(need)
                 last = f"{worker.address}: {exc.details()}"
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue
@@ -233,8 +240,8 @@ class Dispatcher:
                     return None
                 worker.mark_dead(f"Reserve: {exc.code().name}: {exc.details()}")
                 continue
+            worker.unhold(need, granted=len(reply.ticket.page_ids))
             flow.decode, flow.reserved = worker, True
-            worker.reserved_pages += len(reply.ticket.page_ids)
             if flow.ended:  # aborted while reserving: give the pages back now
                 self._release(flow)
                 return None

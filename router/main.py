@@ -85,7 +85,7 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("router", args.log_level)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    pool = WorkerPool(args.prefill, args.decode, args.colocated)
+    pool = WorkerPool(args.prefill, args.decode, args.colocated, page_size=card.page_size)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
     metrics = RouterMetrics()

@@ -1,5 +1,6 @@
 """The router's view of its workers: one gRPC channel each, liveness from Health/Stats polls, and the
-load numbers dispatch chooses by (queued prefill tokens; free pages, running requests).
+load numbers dispatch chooses by (queued prefill tokens; free pages and slots less the router's own
+reservations not yet reported, router/placement.py).
 
 Workers come from the command line (`--prefill`, `--decode`, `--colocated` addresses) or register
 themselves (`WorkerRegistry.Register`, repeated every heartbeat). A colocated worker is one process that
@@ -14,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
 
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
+from sparsepd.router.placement import Placement
 
 log = logging.getLogger("sparsepd.router")
 
@@ -41,7 +44,9 @@ class WorkerHandle:
     stats_at: float = 0.0
     queued_tokens: int = 0  # prefill: prompt tokens sent and not yet answered
     inflight: int = 0  # prefill: requests in batches sent and not yet answered
-    reserved_pages: int = 0  # decode: pages reserved since the last Stats (the poll resets it)
+    held_pages: int = 0  # decode: pages and slots of Reserve calls in flight (router/placement.py)
+    held_slots: int = 0
+    confirmed: deque = field(default_factory=deque)  # (monotonic time, pages) reserved, not in our Stats yet
     transfer_bytes: int = 0  # prefill: states pushed (as its results report)
     transfer_ms: float = 0.0
     transfers: int = 0
@@ -55,9 +60,41 @@ class WorkerHandle:
         stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         self.stub = stub_cls(self.channel)
 
+    # --- the router's view of a decode worker: its last Stats less what was reserved since --------------
     @property
     def free_pages(self) -> int:
-        return max(0, self.stats.free_pages - self.reserved_pages)
+        return max(0, self.stats.free_pages - self.held_pages - sum(pages for _, pages in self.confirmed))
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.stats.free_slots - self.held_slots - len(self.confirmed))
+
+    @property
+    def num_pages(self) -> int:
+        return self.stats.num_pages
+
+    @property
+    def num_slots(self) -> int:
+        return self.stats.num_slots
+
+    def hold(self, pages: int) -> None:
+        """A Reserve of about this many pages is on its way here: count it before the worker answers."""
+        self.held_pages += pages
+        self.held_slots += 1
+
+    def unhold(self, pages: int, granted: int | None = None) -> None:
+        """The Reserve answered: refused (granted None) or granted that many pages, counted until a Stats
+        asked for after now comes back."""
+        self.held_pages -= pages
+        self.held_slots -= 1
+        if granted is not None:
+            self.confirmed.append((time.monotonic(), granted))
+
+    def seen(self, stats: worker_pb2.StatsResponse, asked_at: float) -> None:
+        """A Stats asked for at asked_at: it includes every reservation confirmed before then."""
+        self.stats, self.stats_at = stats, time.monotonic()
+        while self.confirmed and self.confirmed[0][0] < asked_at:
+            self.confirmed.popleft()
 
     def mark_dead(self, why: str) -> None:
         if self.alive:
@@ -75,7 +112,8 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, prefill: list[str], decode: list[str], colocated: list[str] | None = None,
-                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0):
+                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, page_size: int = 128):
+        self.placement = Placement(page_size)
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
         self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
@@ -151,6 +189,7 @@ class WorkerPool:
     async def _poll(self, w: WorkerHandle) -> None:
         try:
             health = await w.stub.Health(worker_pb2.HealthRequest(), timeout=self.rpc_timeout_s)
+            asked_at = time.monotonic()
             stats = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             w.mark_dead(f"{exc.code().name}: {exc.details()}")
@@ -163,14 +202,13 @@ class WorkerPool:
             return
         if not w.alive:
             log.info("%s worker %s is serving", w.role, w.address)
-        w.alive, w.stats, w.stats_at, w.reserved_pages, w.last_error = True, stats, time.monotonic(), 0, ""
+        w.seen(stats, asked_at)
+        w.alive, w.last_error = True, ""
 
     def pick_prefill(self) -> WorkerHandle | None:
-        """The live prefill worker with the fewest queued tokens."""
-        live = [w for w in self.prefill if w.alive]
-        return min(live, key=lambda w: (w.queued_tokens, w.index)) if live else None
+        """The live prefill worker to send the next batch to (router/placement.py)."""
+        return self.placement.prefill(self.prefill)
 
-    def decode_order(self) -> list[WorkerHandle]:
-        """Live decode workers, most free pages first, then fewest running."""
-        live = [w for w in self.decode if w.alive]
-        return sorted(live, key=lambda w: (-w.free_pages, w.stats.running, w.index))
+    def decode_order(self, num_tokens: int) -> list[WorkerHandle]:
+        """Live decode workers in the order to try for a request of num_tokens (router/placement.py)."""
+        return self.placement.decode(self.decode, num_tokens)
