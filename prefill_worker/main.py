@@ -50,6 +50,7 @@ async def serve(args: argparse.Namespace) -> int:
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
+    worker.faults.hit("prefill.start")  # drills: a worker that dies before it is ready
     address, registration = start_registration(args, port, log, "prefill", fingerprint,
                                                engine.pools.pages.capacity, engine.pools.slots.capacity)
     print_ready("prefill", grpc=address, fingerprint=fingerprint,

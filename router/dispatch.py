@@ -314,12 +314,13 @@ class Dispatcher:
 
     # --- the decode workers' token streams ------------------------------------------------------------
     async def _consume(self, worker: WorkerHandle) -> None:
-        while True:
+        while not worker.removed:
             if not worker.alive:
                 self.pool.changed.clear()
                 await self.pool.changed.wait()
                 continue
             call = worker.stub.StreamTokens(worker_pb2.StreamRequest())
+            worker.streaming = True
             try:
                 async for step in call:
                     for event in step.events:
@@ -327,6 +328,8 @@ class Dispatcher:
                 why = "its token stream ended"
             except grpc.aio.AioRpcError as exc:
                 why = f"its token stream failed: {exc.code().name}: {exc.details()}"
+            finally:
+                worker.streaming = False
             worker.mark_dead(why)
             for flow in [f for f in self.flows.values() if f.decode is worker and f.reserved]:
                 flow.decode_done = True  # its pages went with the worker
@@ -411,6 +414,8 @@ class Dispatcher:
             self._spawn(self._release_on(flow.prefill, flow.request_id))
 
     async def _release_on(self, worker: WorkerHandle, request_id: str) -> None:
+        if worker.removed:  # forgotten: its channel is closed (and it held nothing of ours)
+            return
         try:
             await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
                                       timeout=self.pool.rpc_timeout_s)

@@ -77,6 +77,9 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for more requests (default: %(default)s)")
     g.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens a request may ask for (default: the context length)")
+    g.add_argument("--forget-after", type=float, default=60.0,
+                   help="seconds a registered worker may stay dead before it leaves the router's tables (one given "
+                        "by address stays, polled until it answers) (default: %(default)s)")
     g.add_argument("--reserve-ttl", type=float, default=60.0,
                    help="seconds a decode reservation waits for its state; a decode worker's shorter "
                         "--reservation-ttl wins (default: %(default)s)")
@@ -85,7 +88,8 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("router", args.log_level)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    pool = WorkerPool(args.prefill, args.decode, args.colocated, page_size=card.page_size)
+    pool = WorkerPool(args.prefill, args.decode, args.colocated, page_size=card.page_size,
+                      forget_after_s=args.forget_after)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
     metrics = RouterMetrics()

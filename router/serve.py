@@ -1,8 +1,12 @@
-"""`sparsepd serve`: the whole deployment on one host in one command — M decode workers, N prefill
-workers and the router (the same commands a multi-host deployment runs by hand), optionally the SGLang
-model gateway in front for OpenAI-compatible HTTP. Waits until every process is ready, prints where to
-connect, and stops everything on Ctrl-C/SIGTERM. A process that dies is reported (which one, its exit
-code, its last log lines) and everything else is stopped: nothing is restarted behind your back.
+"""`sparsepd serve`: the whole deployment on one host in one command — the router, M decode workers and N
+prefill workers (the same commands a multi-host deployment runs by hand: the workers register with the
+router), optionally the SGLang model gateway in front for OpenAI-compatible HTTP. Waits until every process
+is ready and the router has every worker, prints where to connect, and then supervises
+(sparsepd/supervisor.py): a process that exits is reported (which one, its exit code, its last log lines)
+and started again with backoff while the others keep serving; a restarted worker registers with the router
+again, a restarted router comes back on the same ports and the workers find it through their heartbeat.
+Serve exits on Ctrl-C/SIGTERM (0), or when one process died more than --max-restarts times within
+--restart-window (1, naming it).
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+
 from sparsepd.launch import Child, LaunchError, start, stop
 from sparsepd.process import print_ready, stop_on_signals
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.router.main import add_dispatch_arguments, add_model_arguments
+from sparsepd.supervisor import GaveUp, RestartPolicy, Supervisor
 
 HTTP_INSTALL = "pip install 'sparsepd[http]'"
 
@@ -53,12 +62,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"also start `smg` on 127.0.0.1:PORT in front of the router (needs: {HTTP_INSTALL})")
     h.add_argument("--http-metrics-port", type=int, default=0,
                    help="the gateway's Prometheus port on 127.0.0.1; 0 = any free port (default: 0)")
+    r = p.add_argument_group("supervision: a process that exits is started again")
+    r.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one process within --restart-window before serve gives up and stops everything "
+                        "(default: %(default)s)")
+    r.add_argument("--restart-window", type=float, default=300.0, help="seconds (default: %(default)s)")
+    r.add_argument("--restart-backoff", type=float, default=1.0,
+                   help="seconds before a restart, doubled for each recent one up to 30 (default: %(default)s)")
+    r.add_argument("--heartbeat", type=float, default=2.0,
+                   help="seconds between the workers' registrations: how soon a restarted router has them all again "
+                        "(default: %(default)s)")
+    r.add_argument("--serve-metrics-port", type=int, default=None,
+                   help="Prometheus port of serve's own metrics (restarts); default: --metrics-port + 1, any free "
+                        "port when that is 0, off when it is -1")
     p.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds each process may take to become ready (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on Ctrl-C/SIGTERM: seconds the requests in flight may take to finish before they are "
                         "aborted; then every process stops (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--child-logs", action="store_true",
+                   help="print every process's log lines on stderr, each prefixed with its name (default: only "
+                        "those of a process that exits)")
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -71,17 +96,25 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"error: --http-port needs the SGLang model gateway (smg), which is not installed: {HTTP_INSTALL}",
               file=sys.stderr)
         return 2
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window,
+                           backoff_s=args.restart_backoff, max_backoff_s=max(args.restart_backoff, 30.0))
+    supervisor = Supervisor(policy, _say)
     stop_event = stop_on_signals(asyncio.get_running_loop())
-    children: list[Child] = []
-    try:
-        endpoints = _start_all(args, children, stop_event)
-    except LaunchError as exc:
-        _say(f"error: {exc}")
-        _stop_all(children)
-        return 1
-    if stop_event.is_set():
-        _stop_all(children)
+    starting = asyncio.create_task(_start_all(args, supervisor))
+    stopped = asyncio.create_task(stop_event.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not starting.done():  # Ctrl-C/SIGTERM while starting
+        supervisor.stop_all(STOP_FIRST, timeout_s=15.0)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         return 0
+    try:
+        endpoints = starting.result()
+    except (LaunchError, GaveUp, TimeoutError) as exc:
+        _say(f"error: {exc}")
+        supervisor.stop_all(STOP_FIRST, timeout_s=15.0)
+        return 1
     print_ready("serve", **endpoints)
     _say(f"ready: gRPC (SGLang scheduler API) at {endpoints['grpc']}")
     _say(f"  try:  sparsepd generate \"Hello\" --router {endpoints['grpc']}")
@@ -90,60 +123,112 @@ async def serve(args: argparse.Namespace) -> int:
         _say(f"  try:  curl {endpoints['http']}/v1/completions -H 'Content-Type: application/json' "
              f"-d '{{\"model\": \"{endpoints['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
     if "metrics" in endpoints:
-        _say(f"  metrics: {endpoints['metrics']}")
-    _say("Ctrl-C stops everything")
-    code = await _watch(children, stop_event)
-    _stop_all(children, args.drain_timeout)
+        _say(f"  metrics: {endpoints['metrics']} (router), {endpoints['serve_metrics']} (restarts)")
+    _say("a process that exits is restarted; Ctrl-C stops everything")
+    code = await supervisor.watch(stop_event)
+    if code == 0:
+        _say("stopping ...")
+    supervisor.stop_all(STOP_FIRST, timeout_s=args.drain_timeout + 15.0)
     return code
 
 
-def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyncio.Event) -> dict:
+STOP_FIRST = ["gateway", "router"]  # then the workers, when nothing is left in flight
+
+
+async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
+    """The router first (it waits for workers to register), then every worker at once with `--router` (so a
+    restarted one registers again), then the gateway; returns the endpoints once the router has every worker."""
     devices = _devices(args.devices, args.prefill + args.decode)
-    common = _worker_flags(args)
-    decode, prefill = [], []
     kind = "colocated" if args.colocated else "decode"
-    for i in range(args.decode):
-        _say(f"starting {kind} worker {i + 1}/{args.decode} on {devices[i]} ...")
-        extra = ["--colocated"] if args.colocated else []
-        child = start(f"{kind}-{i}", ["decode-worker", *common, *extra, "--device", devices[i]], args.start_timeout)
-        children.append(child)
-        decode.append(child.ready["grpc"])
-        if stop_event.is_set():
-            return {}
-    for i in range(args.prefill):
-        device = devices[args.decode + i]
-        _say(f"starting prefill worker {i + 1}/{args.prefill} on {device} ...")
-        child = start(f"prefill-{i}", ["prefill-worker", *common, "--device", device], args.start_timeout)
-        children.append(child)
-        prefill.append(child.ready["grpc"])
-        if stop_event.is_set():
-            return {}
     _say("starting the router ...")
-    router_args = ["router", "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
-                   "--preset", args.preset, "--max-queue", str(args.max_queue),
-                   "--batch-tokens", str(args.batch_tokens),
-                   "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
-                   "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
-    for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
-                        ("--max-new-tokens-limit", args.max_new_tokens_limit)):
-        if value is not None:
-            router_args += [flag, str(value)]
-    for addr in prefill:
-        router_args += ["--prefill", addr]
-    for addr in decode:
-        router_args += [f"--{kind}", addr]
-    router = start("router", router_args, args.start_timeout)
-    children.append(router)
-    endpoints = {"grpc": router.ready["grpc"], "model": router.ready["model"], "prefill": prefill, kind: decode}
+    router_args = _router_args(args)
+    router = await supervisor.start("router", _launcher("router", router_args, args))
+    where = router.ready["grpc"]
+    _pin(router_args, "--port", where.rpartition(":")[2])  # a restarted router comes back where clients know it
+    endpoints = {"grpc": where, "model": router.ready["model"]}
     if "metrics" in router.ready:
         endpoints["metrics"] = router.ready["metrics"]
-    if args.http_port is not None and not stop_event.is_set():
+        _pin(router_args, "--metrics-port", router.ready["metrics"].rsplit(":", 1)[1].split("/")[0])
+    port = _serve_metrics_port(args)
+    if port >= 0:
+        endpoints["serve_metrics"] = f"http://127.0.0.1:{supervisor.serve_metrics('127.0.0.1', port)}/metrics"
+    common = [*_worker_flags(args), "--router", where]
+    workers = [(f"{kind}-{i}", ["decode-worker", *common, *(["--colocated"] if args.colocated else []),
+                                "--device", devices[i]]) for i in range(args.decode)]
+    workers += [(f"prefill-{i}", ["prefill-worker", *common, "--device", devices[args.decode + i]])
+                for i in range(args.prefill)]
+    _say(f"starting {args.decode} {kind} and {args.prefill} prefill workers ...")
+    started = await asyncio.gather(*(supervisor.start(name, _launcher(name, cmd, args))
+                                     for name, cmd in workers), return_exceptions=True)
+    failed = next((r for r in started if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    addresses = {name: child.ready["grpc"] for (name, _), child in zip(workers, started, strict=True)}
+    endpoints["prefill"] = [a for name, a in addresses.items() if name.startswith("prefill-")]
+    endpoints[kind] = [a for name, a in addresses.items() if name.startswith(f"{kind}-")]
+    await _wait_registered(where, set(addresses.values()), args.start_timeout)
+    if args.http_port is not None:
         _say(f"starting the HTTP gateway (smg) on 127.0.0.1:{args.http_port} ...")
-        gateway = start_gateway(router.ready["grpc"], args.http_port, args.http_metrics_port, args.start_timeout)
-        children.append(gateway)
+        ports = [args.http_port, args.http_metrics_port]
+
+        def launch_gateway(on_spawn):
+            gateway = start_gateway(where, ports[0], ports[1], args.start_timeout, on_spawn=on_spawn)
+            ports[:] = [gateway.ready["port"], gateway.ready["metrics_port"]]  # a restart comes back there
+            return gateway
+
+        gateway = await supervisor.start("gateway", launch_gateway)
         endpoints["http"] = f"http://127.0.0.1:{gateway.ready['port']}"
         endpoints["http_metrics"] = f"http://127.0.0.1:{gateway.ready['metrics_port']}/metrics"
     return endpoints
+
+
+def _launcher(name: str, cmd: list[str], args: argparse.Namespace):
+    return lambda on_spawn: start(name, cmd, args.start_timeout, echo_stderr=args.child_logs, on_spawn=on_spawn)
+
+
+def _router_args(args: argparse.Namespace) -> list[str]:
+    out = ["router", "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
+           "--preset", args.preset, "--max-queue", str(args.max_queue), "--batch-tokens", str(args.batch_tokens),
+           "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
+           "--forget-after", str(args.forget_after), "--heartbeat", str(args.heartbeat),
+           "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
+                        ("--max-new-tokens-limit", args.max_new_tokens_limit)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _pin(argv: list[str], flag: str, value: str) -> None:
+    argv[argv.index(flag) + 1] = value
+
+
+def _serve_metrics_port(args: argparse.Namespace) -> int:
+    if args.serve_metrics_port is not None:
+        return args.serve_metrics_port
+    return args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
+
+
+async def _wait_registered(router: str, addresses: set[str], timeout_s: float) -> None:
+    """Until the router lists every worker address as alive (they register when they are up)."""
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = pb_grpc.SglangSchedulerStub(channel)
+        while True:
+            try:
+                loads = await stub.GetLoads(pb.GetLoadsRequest(include=["core"]), timeout=5)
+                missing = addresses - {x.worker_address for x in loads.loads if x.alive}
+            except grpc.aio.AioRpcError as exc:
+                missing = addresses
+                why = f"{exc.code().name}: {exc.details()}"
+            else:
+                why = "not registered or not answering"
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router at {router} did not list workers {sorted(missing)} within "
+                                   f"{timeout_s:g} s ({why})")
+            await asyncio.sleep(0.2)
 
 
 def _worker_flags(args: argparse.Namespace) -> list[str]:
@@ -169,28 +254,6 @@ def _devices(spec: str, n: int) -> list[str]:
     return [names[i % len(names)] for i in range(n)]
 
 
-async def _watch(children: list[Child], stop_event: asyncio.Event) -> int:
-    while not stop_event.is_set():
-        for child in children:
-            if not child.alive():
-                tail = "\n".join(list(child.log_tail)[-15:])
-                _say(f"error: {child.name} (pid {child.pid}) exited with code {child.proc.returncode}; stopping "
-                     f"everything. Its last lines:\n{tail}")
-                return 1
-        try:
-            await asyncio.wait_for(stop_event.wait(), 0.5)
-        except TimeoutError:
-            pass
-    _say("stopping ...")
-    return 0
-
-
-def _stop_all(children: list[Child], drain_s: float = 0.0) -> None:
-    for child in reversed(children):  # gateway, router (drains), then the workers (nothing left in flight)
-        code = stop(child, timeout_s=drain_s + 15.0)
-        _say(f"stopped {child.name} (exit code {code})")
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -204,7 +267,8 @@ def gateway_command() -> str | None:
     return str(beside) if beside.exists() else shutil.which("smg")
 
 
-def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s: float = 120.0) -> Child:
+def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s: float = 120.0,
+                  on_spawn=None) -> Child:
     """Start `smg launch` in front of the router, bound to 127.0.0.1, and wait until it serves the model."""
     exe = gateway_command()
     if exe is None:
@@ -215,6 +279,8 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
            "--port", str(port), "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     child = Child("gateway", proc, ready={"port": port, "metrics_port": metrics_port})
+    if on_spawn is not None:
+        on_spawn(child)
 
     def pump() -> None:
         for line in proc.stdout:
@@ -226,8 +292,7 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(child)
             reason = f"exited with code {proc.returncode}" if proc.returncode is not None else "timed out"
-            tail = "\n".join(list(child.log_tail)[-15:])
-            raise LaunchError(f"gateway {reason} before it was ready; last lines:\n{tail}")
+            raise LaunchError(f"gateway {reason} before it was ready", "\n".join(list(child.log_tail)[-15:]))
         time.sleep(0.2)
     return child
 

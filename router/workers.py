@@ -5,9 +5,10 @@ reservations not yet reported, router/placement.py).
 Workers come from the command line (`--prefill`, `--decode`, `--colocated` addresses) or register
 themselves (`WorkerRegistry.Register`, repeated every heartbeat). A colocated worker is one process that
 serves both roles: it appears as a prefill handle and a decode handle paired with each other, and a batch
-sent to its prefill handle reserves on its own decode handle. A worker is dead after a failed poll or a
-failed call, and alive again after a good poll; the router restarts nothing itself, it only stops sending
-work to a dead worker.
+sent to its prefill handle reserves on its own decode handle. A worker is dead after a failed call or poll
+(a poll that only timed out counts after SLOW_POLLS_DEAD in a row), and alive again after a good poll. The
+router restarts nothing itself (`sparsepd serve` does): it stops sending work to a dead worker, and forgets
+a registered one that stays dead for `forget_after_s`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger("sparsepd.router")
 
 ROLES = ("prefill", "decode", "colocated")
 HEARTBEAT_S = 5.0
+SLOW_POLLS_DEAD = 3  # a worker whose polls time out this often in a row is dead (a busy one answers late)
 
 
 @dataclass(eq=False)
@@ -51,6 +53,11 @@ class WorkerHandle:
     transfer_ms: float = 0.0
     transfers: int = 0
     last_error: str = ""
+    registered: bool = False  # it registered itself (else it was given by address): forgotten if dead long
+    dead_since: float | None = None  # monotonic time of its last death (None while alive)
+    removed: bool = False  # forgotten: no longer in the pool
+    streaming: bool = False  # decode: the router's token stream from it is open (dispatch sets it)
+    slow_polls: int = 0  # polls in a row that timed out
 
     def __post_init__(self) -> None:
         self.kind = self.kind or self.role
@@ -99,6 +106,8 @@ class WorkerHandle:
     def mark_dead(self, why: str) -> None:
         if self.alive:
             log.warning("%s worker %s is unreachable: %s", self.role, self.address, why)
+        if self.alive or self.dead_since is None:
+            self.dead_since = time.monotonic()
         self.alive, self.last_error = False, why
 
     def describe(self) -> dict:
@@ -112,8 +121,9 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, prefill: list[str], decode: list[str], colocated: list[str] | None = None,
-                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, page_size: int = 128):
+                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, page_size: int = 128, forget_after_s: float = 60.0):
         self.placement = Placement(page_size)
+        self.forget_after_s = forget_after_s
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
         self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
@@ -160,6 +170,8 @@ class WorkerPool:
         handles = self.find(request.role, request.address)
         if not handles:
             handles = self._add(request.role, request.address)
+            for w in handles:
+                w.registered = True
             log.info("%s worker %s registered", request.role, request.address)
             for w in handles:
                 for callback in self.on_added:
@@ -184,7 +196,23 @@ class WorkerPool:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(w) for w in self.all))
+        await self._forget_dead()
         self.changed.set()
+
+    async def _forget_dead(self) -> None:
+        """Registered workers dead for forget_after_s, with nothing of ours on them (no open token stream, no
+        batch), leave the tables (one that comes back registers anew); workers given by address stay, polled
+        until they answer again."""
+        now = time.monotonic()
+        gone = [w for w in self.all if w.registered and not w.alive and w.dead_since is not None
+                and now - w.dead_since > self.forget_after_s and not w.streaming and not w.inflight]
+        for w in gone:
+            (self.prefill if w.role == "prefill" else self.decode).remove(w)
+            w.removed = True
+            log.warning("forgot %s worker %s: dead for %.0f s (%s)", w.role, w.address, now - w.dead_since,
+                        w.last_error)
+            if w.channel is not None:
+                await w.channel.close()
 
     async def _poll(self, w: WorkerHandle) -> None:
         try:
@@ -192,8 +220,11 @@ class WorkerPool:
             asked_at = time.monotonic()
             stats = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            w.mark_dead(f"{exc.code().name}: {exc.details()}")
+            w.slow_polls = w.slow_polls + 1 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 0
+            if not 0 < w.slow_polls < SLOW_POLLS_DEAD:  # refused at once, or too slow too often: dead
+                w.mark_dead(f"{exc.code().name}: {exc.details()}")
             return
+        w.slow_polls = 0
         if health.role != w.kind:
             w.mark_dead(f"it says it is a {health.role!r} worker, configured as {w.kind!r}")
             return
@@ -203,7 +234,7 @@ class WorkerPool:
         if not w.alive:
             log.info("%s worker %s is serving", w.role, w.address)
         w.seen(stats, asked_at)
-        w.alive, w.last_error = True, ""
+        w.alive, w.last_error, w.dead_since = True, "", None
 
     def pick_prefill(self) -> WorkerHandle | None:
         """The live prefill worker to send the next batch to (router/placement.py)."""
