@@ -37,11 +37,21 @@ class Engine:
         self.runner.capture_graphs(max_context)
         self._ids = itertools.count()
 
-    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
-        return Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                       Sampler(params, self.model.cfg.vocab_size))
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     output_ids: Sequence[int] = ()) -> Request:
+        """A request for the scheduler. output_ids: tokens it already generated elsewhere (a request resumed
+        after its worker was lost): its prefill covers prompt + those, and its next token is drawn as token
+        len(output_ids) of its random stream, with them in its penalty history and its length limits."""
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for t in output_ids):
+            raise ValueError(f"prompt and output token ids must lie in [0, {vocab})")
+        if len(output_ids) >= params.max_new_tokens:
+            raise ValueError(f"{len(output_ids)} tokens already generated: nothing left to generate with "
+                             f"max_new_tokens={params.max_new_tokens}")
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, Sampler(params, vocab),
+                          output_ids=list(output_ids))
+        request.sampler.advance(len(output_ids))
+        return request
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                forks: Sequence[SamplingParams] = ()) -> Request:

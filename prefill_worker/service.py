@@ -28,8 +28,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             if not r.input_ids:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: input_ids are required")
             try:
+                if r.forks and r.output_ids:
+                    raise ValueError(f"{where}: forks and output_ids: a moved request is resumed alone")
                 forks = tuple(_job(f, list(r.input_ids), f"{where}.forks[{k}]") for k, f in enumerate(r.forks))
-                jobs.append(_job(r, list(r.input_ids), where, forks))
+                jobs.append(_job(r, list(r.input_ids), where, forks, tuple(r.output_ids)))
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         ids = [m.request_id for j in jobs for m in j.members]
@@ -56,7 +58,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             transfer_bytes=c["transfer_bytes"])
 
 
-def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()) -> PrefillJob:
+def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = (),
+         output_ids: tuple[int, ...] = ()) -> PrefillJob:
     """A PrefillRequest or PrefillFork checked into a job (raises ValueError naming what is wrong)."""
     if not r.request_id:
         raise ValueError(f"{where}: request_id is required")
@@ -66,8 +69,11 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
         params = SamplingParams.checked(**sampling_to_dict(r.sampling))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if len(output_ids) >= params.max_new_tokens:
+        raise ValueError(f"{where}: {len(output_ids)} output_ids: nothing left to generate with max_new_tokens="
+                         f"{params.max_new_tokens}")
     return PrefillJob(r.request_id, input_ids, params, r.ticket.transfer_id, r.ticket.endpoint, r.ticket.fingerprint,
-                      forks)
+                      forks, output_ids)
 
 
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:

@@ -36,6 +36,7 @@ class PrefillJob:
     endpoint: str
     fingerprint: str
     forks: tuple[PrefillJob, ...] = ()  # n > 1: more sequences of this prefill (same input ids, own params/ticket)
+    output_ids: tuple[int, ...] = ()  # a moved request: the tokens it already generated (it resumes after them)
 
     @property
     def members(self) -> tuple[PrefillJob, ...]:
@@ -107,7 +108,7 @@ class PrefillWorker:
                     outcomes[m.request_id].error = "the decode worker runs another model (fingerprint mismatch)"
                 continue
             try:
-                request = self.engine.make_request(job.input_ids, job.params, job.request_id)
+                request = self.engine.make_request(job.input_ids, job.params, job.request_id, job.output_ids)
                 forks = [self.engine.make_request(job.input_ids, f.params, f.request_id) for f in job.forks]
                 for fork in forks:
                     fork.stateless = True  # it only draws here; its state is shipped from the request's
@@ -136,7 +137,7 @@ class PrefillWorker:
             self.faults.hit("prefill.step")
             self.engine.step()
             for rid, entry in list(waiting.items()):
-                if not entry[0].output_ids:
+                if len(entry[0].output_ids) <= len(entry[1].output_ids):  # no new token yet
                     continue
                 del waiting[rid]
                 pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
@@ -155,8 +156,8 @@ class PrefillWorker:
             if job.request_id in self.cancelled:  # released during the step: its reservation is gone, ship nothing
                 out.error = "aborted"
                 continue
-            out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
-            out.logprobs = member.output_logprobs[0] if member.output_logprobs else None
+            out.first_token, out.finish_reason = member.output_ids[-1], member.finish_reason or ""  # the one new
+            out.logprobs = member.output_logprobs[-1] if member.output_logprobs else None
             out.prefill_ms = prefill_ms
             if member.finish_reason is not None:  # done at the first token: nothing to ship
                 out.ok = True

@@ -191,6 +191,7 @@ def _router_args(args: argparse.Namespace) -> list[str]:
            "--preset", args.preset, "--max-queue", str(args.max_queue), "--batch-tokens", str(args.batch_tokens),
            "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
            "--forget-after", str(args.forget_after), "--heartbeat", str(args.heartbeat),
+           "--max-migrations", str(args.max_migrations), "--worker-wait", str(args.worker_wait),
            "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
     for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
                         ("--max-new-tokens-limit", args.max_new_tokens_limit)):

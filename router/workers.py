@@ -121,9 +121,11 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, prefill: list[str], decode: list[str], colocated: list[str] | None = None,
-                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, page_size: int = 128, forget_after_s: float = 60.0):
+                 poll_s: float = 0.5, rpc_timeout_s: float = 2.0, page_size: int = 128, forget_after_s: float = 60.0,
+                 worker_wait_s: float = 30.0):
         self.placement = Placement(page_size)
-        self.forget_after_s = forget_after_s
+        self.forget_after_s, self.worker_wait_s = forget_after_s, worker_wait_s
+        self.down_since: dict[str, float] = {}  # role → when its last live worker was lost
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
         self.poll_s, self.rpc_timeout_s = poll_s, rpc_timeout_s
@@ -235,6 +237,23 @@ class WorkerPool:
             log.info("%s worker %s is serving", w.role, w.address)
         w.seen(stats, asked_at)
         w.alive, w.last_error, w.dead_since = True, "", None
+
+    def out_of_service(self, role: str) -> str | None:
+        """Why work that needs a `role` worker cannot wait for one, or None: one is alive, or the last one
+        alive was lost less than worker_wait_s ago (a restart may bring it back, even once forgotten)."""
+        workers = self.prefill if role == "prefill" else self.decode
+        if any(w.alive for w in workers):
+            self.down_since.pop(role, None)
+            return None
+        now = time.monotonic()
+        since = self.down_since.get(role)
+        if since is None and workers:  # listed, none alive: the wait starts
+            since = self.down_since[role] = now
+        if since is not None and now - since < self.worker_wait_s:
+            return None
+        errors = "; ".join(f"{w.address}: {w.last_error or 'not reachable yet'}" for w in workers)
+        waited = f" for {now - since:.0f} s" if since is not None else ""
+        return f"no {role} worker is alive{waited} ({errors})"
 
     def pick_prefill(self) -> WorkerHandle | None:
         """The live prefill worker to send the next batch to (router/placement.py)."""
