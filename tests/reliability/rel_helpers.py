@@ -23,7 +23,8 @@ from sparsepd.launch import Child, start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 __all__ = ["Fleet", "channel", "collect", "generate_request", "outcome_of", "reference", "router_counts",
-           "router_outcomes", "run", "stub_of", "wait_all_free", "wait_worker_free", "worker_stats"]
+           "router_outcomes", "run", "sampled_reference", "stub_of", "wait_all_free", "wait_worker_free",
+           "worker_stats"]
 
 # Small pools: a request of ≤ 64 prompt tokens and ≤ 300 new ones needs ≤ 23 pages of 16 tokens.
 WORKER = ["--preset", "tiny", "--num-slots", "8", "--max-batch-tokens", "128", "--num-pages", "64"]
@@ -113,16 +114,17 @@ def _model():
 
 
 @functools.cache
-def _reference(prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
+def _reference(prompt: tuple[int, ...], n: int, seed: int | None = None, temperature: float = 0.0) -> tuple[int, ...]:
     import torch
 
     from sparsepd.engine.generate import generate
     from sparsepd.engine.sampling import SamplingParams
 
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True, seed=seed, temperature=temperature)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # beside a deployment's processes on a small machine, one thread is much faster
     try:
-        return tuple(generate(_model(), list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True)).output_ids)
+        return tuple(generate(_model(), list(prompt), params).output_ids)
     finally:
         torch.set_num_threads(threads)
 
@@ -130,6 +132,11 @@ def _reference(prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
 def reference(prompt: list[int], n: int) -> list[int]:
     """Greedy tokens of the single-process reference model (tiny, seed 0) for `prompt`."""
     return list(_reference(tuple(prompt), n))
+
+
+def sampled_reference(prompt: list[int], n: int, seed: int, temperature: float) -> list[int]:
+    """The reference model's tokens sampled with `seed` at `temperature` (what a seeded request must produce)."""
+    return list(_reference(tuple(prompt), n, seed, temperature))
 
 
 def router_outcomes(router: Child) -> Counter[str]:

@@ -5,6 +5,8 @@
   token and the whole output equals the reference; the request already on the survivor finishes too, new
   requests go to the survivor, the router stays up, the move is counted, and the prefill worker and the
   surviving decode worker are back to full pools;
+- a seeded n = 2 request with its choices on two decode workers, one killed: that choice is moved alone and
+  both choices end with the tokens of their independent runs;
 - a prefill worker that crashes with a batch in flight (SPARSEPD_FAULTS prefill.step=crash, then another at
   prefill.push=crash): every request of the batch is moved to the healthy prefill worker and finishes with
   the reference tokens, once each; the decode worker's reservations of the lost batch are released; a later
@@ -32,6 +34,7 @@ from rel_helpers import (  # noqa: E402
     router_counts,
     router_outcomes,
     run,
+    sampled_reference,
     stub_of,
     wait_all_free,
     wait_worker_free,
@@ -39,6 +42,7 @@ from rel_helpers import (  # noqa: E402
 )
 
 from sparsepd.faults import CRASH_EXIT_CODE  # noqa: E402
+from sparsepd.router.params import choice_seed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,44 @@ def test_killed_decode_worker_mid_stream(fleet):
     assert router_counts(router, "migrations", "cause") == {"decode": 1}
     run(wait_worker_free(prefill))
     run(wait_worker_free(survivor))
+
+
+def test_each_choice_of_n_moves_on_its_own(fleet):
+    """n = 2, seeded: the choices run on both decode workers; one is killed: its choice is moved alone (resumed
+    from its own tokens with its own seed) and both end with the tokens of their independent runs."""
+    survivor = next(c for c in fleet.children if c.name.startswith("decode_") and c.alive())
+    fresh = fleet.workers(decode_c=("decode", None, []))["decode_c"]
+    decodes = [survivor, fresh]
+    router = fleet.routers(router_n=([fleet["prefill"]], decodes, []))["router_n"]
+    prompt, seed, n_tokens = [256, *b"two choices"], 4242, 40
+
+    async def main():
+        async with channel(router.ready["grpc"]) as ch:
+            stub = stub_of(ch)
+            request = generate_request(prompt, n_tokens, stream=True, request_id="dd-n", temperature=0.8, seed=seed)
+            request.sampling_params.n = 2
+            call = stub.Generate(request, timeout=120)
+            streamed, completes = {0: [], 1: []}, {}
+            first = await call.read()
+            streamed[first.chunk.index] += first.chunk.token_ids
+            while sorted([(await worker_stats(d)).running for d in decodes]) != [1, 1]:
+                await asyncio.sleep(0.05)
+            os.kill(decodes[0].pid, signal.SIGKILL)
+            while (response := await call.read()) != grpc.aio.EOF:
+                if response.HasField("chunk"):
+                    streamed[response.chunk.index] += response.chunk.token_ids
+                else:
+                    completes[response.complete.index] = response.complete
+            await wait_all_free(stub, timeout=20)
+            return streamed, completes
+
+    streamed, completes = run(main())
+    for i in (0, 1):
+        want = sampled_reference(prompt, n_tokens, seed if i == 0 else choice_seed(seed, i), temperature=0.8)
+        assert streamed[i] == list(completes[i].output_ids) == want, i
+        assert completes[i].finish_reason == "length"
+    assert router_counts(router, "migrations", "cause") == {"decode": 1}
+    run(wait_worker_free(fresh))
 
 
 @pytest.mark.parametrize("point", ["step", "push"])
