@@ -122,8 +122,9 @@ async def serve(args: argparse.Namespace) -> int:
         _say(f"  OpenAI base URL: {endpoints['http']}/v1")
         _say(f"  try:  curl {endpoints['http']}/v1/completions -H 'Content-Type: application/json' "
              f"-d '{{\"model\": \"{endpoints['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
-    if "metrics" in endpoints:
-        _say(f"  metrics: {endpoints['metrics']} (router), {endpoints['serve_metrics']} (restarts)")
+    for key, what in (("metrics", "the router's"), ("serve_metrics", "serve's restarts")):
+        if key in endpoints:
+            _say(f"  metrics: {endpoints[key]} ({what})")
     _say("a process that exits is restarted; Ctrl-C stops everything")
     code = await supervisor.watch(stop_event)
     if code == 0:
