@@ -442,11 +442,11 @@ class Dispatcher:
         once it was moved max_migrations times."""
         if flow.ended:
             return
-        self._release(flow)
-        if flow.attempt >= self.max_migrations:
+        if flow.attempt >= self.max_migrations:  # (ending releases what it holds)
             self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=(
                 f"{why}; not moved again: it was moved {flow.attempt} times already (--max-migrations)")))
             return
+        self._release(flow)
         log.warning("moving the request to other workers after %d tokens: %s", len(flow.output_ids), why,
                     extra={"request_id": flow.request_id})
         self.by_worker_id.pop(flow.worker_id, None)
