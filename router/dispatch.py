@@ -248,6 +248,9 @@ class Dispatcher:
             self.pool.placement.chose(worker)
             try:
                 reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
+            except asyncio.CancelledError:
+                worker.unhold(need)
+                raise
             except grpc.aio.AioRpcError as exc:
                 worker.unhold(need)
                 last = f"{worker.address}: {exc.details()}"
@@ -273,7 +276,8 @@ class Dispatcher:
 
     def _no_room(self, flow: Flow, last: str) -> None:
         """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
-        requests hold pages or while a decode worker may come back, else fail."""
+        requests hold pages (or are being given some: Reserve calls in flight) or while a decode worker may
+        come back, else fail."""
         if not any(w.alive for w in self.pool.decode):
             why = self.pool.out_of_service("decode")
             if why is not None:
@@ -281,7 +285,7 @@ class Dispatcher:
             else:
                 self.queue.appendleft(flow)
                 self.blocked = True
-        elif any(f.reserved for f in self.flows.values()):
+        elif any(f.reserved for f in self.flows.values()) or any(w.held_slots for w in self.pool.decode):
             self.queue.appendleft(flow)  # room comes back when another request ends
             self.blocked = True
         else:
