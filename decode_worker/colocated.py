@@ -38,7 +38,7 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                     raise ValueError(f"the ticket names {other!r}; a colocated worker only runs requests it reserved "
                                      "itself")
                 self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
-                                        [(f.request_id, f.ticket.transfer_id) for f in r.forks])
+                                        [(f.request_id, f.ticket.transfer_id) for f in r.forks], list(r.output_ids))
             except ValueError as exc:
                 results.extend(worker_pb2.PrefillResult(request_id=i, error=str(exc)) for i in ids)
                 continue

@@ -83,6 +83,7 @@ async def serve(args: argparse.Namespace) -> int:
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
+    worker.faults.hit("decode.start")  # drills: a worker that dies before it is ready
     address, registration = start_registration(args, port, log, role, fingerprint, engine.pools.pages.capacity,
                                                engine.pools.slots.capacity, endpoint, token=token, tls=tls)
     print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,

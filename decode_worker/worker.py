@@ -106,11 +106,12 @@ class DecodeWorker:
         return any(r.request_id == request_id for r in list(self.engine.scheduler.running))
 
     def start_local(self, request_id: str, transfer_id: str, input_ids: list[int],
-                    forks: list[tuple[str, str]] = ()) -> None:
+                    forks: list[tuple[str, str]] = (), output_ids: list[int] = ()) -> None:
         """Colocated mode: run a reserved request's prefill here, in the decode loop's batches (chunked under
         the token budget beside the decoding requests), instead of receiving its state. `forks` (n > 1): the
-        (request id, transfer id) of other reservations that start from this prefill (engine forks). Raises
-        ValueError (and changes nothing)."""
+        (request id, transfer id) of other reservations that start from this prefill (engine forks);
+        `output_ids`: a moved request's tokens so far (it resumes after them, engine.Engine.make_request).
+        Raises ValueError (and changes nothing)."""
         vocab = self.engine.model.cfg.vocab_size
         with self.lock:
             members = [(request_id, transfer_id), *forks]
@@ -123,8 +124,11 @@ class DecodeWorker:
                     raise ValueError(f"request {rid!r}: {len(input_ids)} input ids, the reservation was for "
                                      f"{len(res.request.prompt_ids)}")
                 held.append(res)
-            if any(not 0 <= t < vocab for t in input_ids):
-                raise ValueError(f"request {request_id!r}: input token ids must lie in [0, {vocab})")
+            if any(not 0 <= t < vocab for t in [*input_ids, *output_ids]):
+                raise ValueError(f"request {request_id!r}: input and output token ids must lie in [0, {vocab})")
+            if output_ids and (forks or len(output_ids) >= held[0].request.params.max_new_tokens):
+                raise ValueError(f"request {request_id!r}: {len(output_ids)} output ids to resume after: not with "
+                                 "forks, and fewer than max_new_tokens")
             for res in held:
                 del self.reservations[res.request.request_id]
                 self.by_transfer.pop(res.transfer_id, None)
@@ -132,6 +136,8 @@ class DecodeWorker:
                 res.request.prompt_ids = list(input_ids)
             leader = held[0].request
             leader.forks = [res.request for res in held[1:]]
+            leader.output_ids = list(output_ids)
+            leader.sampler.advance(len(output_ids))
             self.inbox.put(("local", leader))  # under the lock: a Release after this queues behind it
 
     def busy(self) -> bool:

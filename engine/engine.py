@@ -45,17 +45,28 @@ class Engine:
         self.runner.capture_graphs(max_context)
         self._ids = itertools.count()
 
-    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """A request (not queued); ValueError for a bad token id, stop id or grammar (the compiler's message)."""
-        if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.model.cfg.vocab_size})")
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     output_ids: Sequence[int] = ()) -> Request:
+        """A request for the scheduler (not queued); ValueError for a bad token id, stop id or grammar (the
+        compiler's message). output_ids: tokens it already generated elsewhere (a request resumed after its
+        worker was lost): its prefill covers prompt + those, and its next token is drawn as token
+        len(output_ids) of its random stream, with them in its penalty history, its length limits and its
+        grammar's state."""
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids) or any(not 0 <= t < vocab for t in output_ids):
+            raise ValueError(f"prompt and output token ids must lie in [0, {vocab})")
+        if len(output_ids) >= params.max_new_tokens:
+            raise ValueError(f"{len(output_ids)} tokens already generated: nothing left to generate with "
+                             f"max_new_tokens={params.max_new_tokens}")
         if params.logprob_start_len is not None and params.logprob_start_len >= len(prompt_ids):
             raise ValueError(f"logprob_start_len={params.logprob_start_len} must be < the prompt's "
                              f"{len(prompt_ids)} tokens")
-        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                          Sampler(params, self.model.cfg.vocab_size))
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, Sampler(params, vocab),
+                          output_ids=list(output_ids))
+        request.sampler.advance(len(output_ids))
         if params.grammar is not None:
             request.grammar = GrammarMatch(self.grammars.compile(params.grammar))
+            request.grammar.replay(output_ids)
         return request
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -47,7 +47,9 @@ class Request:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More known tokens to compute than the one a decode step feeds: the prompt, or a resumed request's
+        prompt + output (engine.Engine.make_request's output_ids)."""
+        return self.num_computed < len(self.prompt_ids) or self.num_computed + 1 < self.num_known
 
     def next_tokens(self, budget: int) -> list[int]:
         """The next uncomputed tokens (a prefill chunk of at most `budget`, or the last sampled token)."""

@@ -56,6 +56,7 @@ async def serve(args: argparse.Namespace) -> int:
     port = add_port(server, f"{args.host}:{args.port}", tls)
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
+    worker.faults.hit("prefill.start")  # drills: a worker that dies before it is ready
     address, registration = start_registration(args, port, log, "prefill", fingerprint,
                                                engine.pools.pages.capacity, engine.pools.slots.capacity,
                                                token=token, tls=tls)

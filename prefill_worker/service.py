@@ -29,6 +29,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: input_ids are required")
             members = [(r, where), *((f, f"{where}.forks[{k}]") for k, f in enumerate(r.forks))]
             try:
+                if r.forks and r.output_ids:
+                    raise ValueError(f"{where}: forks and output_ids: a moved request is resumed alone")
                 for m, at in members:
                     _check_ticket(m, at)
             except ValueError as exc:
@@ -36,7 +38,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             ids.extend(m.request_id for m, _ in members)
             try:
                 forks = tuple(_job(f, list(r.input_ids), at) for f, at in members[1:])
-                jobs.append(_job(r, list(r.input_ids), where, forks))
+                jobs.append(_job(r, list(r.input_ids), where, forks, tuple(r.output_ids)))
             except ValueError as exc:  # this request (all its choices) alone: its batch-mates run
                 for m, _ in members:
                     refused[m.request_id] = PrefillOutcome(m.request_id, ok=False, error=str(exc),
@@ -73,14 +75,19 @@ def _check_ticket(r, where: str) -> None:
         raise ValueError(f"{where}: a ticket with transfer_id and endpoint is required")
 
 
-def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()) -> PrefillJob:
-    """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling is refused)."""
+def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = (),
+         output_ids: tuple[int, ...] = ()) -> PrefillJob:
+    """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling or output_ids are
+    refused)."""
     try:
         params = SamplingParams.checked(**sampling_to_dict(r.sampling))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if len(output_ids) >= params.max_new_tokens:
+        raise ValueError(f"{where}: {len(output_ids)} output_ids: nothing left to generate with max_new_tokens="
+                         f"{params.max_new_tokens}")
     return PrefillJob(r.request_id, input_ids, params, r.ticket.transfer_id, r.ticket.endpoint, r.ticket.fingerprint,
-                      forks)
+                      forks, output_ids)
 
 
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:

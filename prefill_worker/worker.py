@@ -38,6 +38,7 @@ class PrefillJob:
     endpoint: str
     fingerprint: str
     forks: tuple[PrefillJob, ...] = ()  # n > 1: more sequences of this prefill (same input ids, own params/ticket)
+    output_ids: tuple[int, ...] = ()  # a moved request: the tokens it already generated (it resumes after them)
 
     @property
     def members(self) -> tuple[PrefillJob, ...]:
@@ -111,7 +112,7 @@ class PrefillWorker:
                     outcomes[m.request_id].error = "the decode worker runs another model (fingerprint mismatch)"
                 continue
             try:
-                request = self.engine.make_request(job.input_ids, job.params, job.request_id)
+                request = self.engine.make_request(job.input_ids, job.params, job.request_id, job.output_ids)
                 forks = [self.engine.make_request(job.input_ids, f.params, f.request_id) for f in job.forks]
                 for fork in forks:
                     fork.stateless = True  # it only draws here; its state is shipped from the request's
@@ -151,7 +152,8 @@ class PrefillWorker:
                         outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
                 break
             for rid, entry in list(waiting.items()):
-                if not entry[0].output_ids and entry[0].finish_reason is None:
+                request = entry[0]
+                if len(request.output_ids) <= len(entry[1].output_ids) and request.finish_reason is None:
                     continue
                 del waiting[rid]
                 pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
@@ -175,8 +177,8 @@ class PrefillWorker:
                 out.error_code = grpc.StatusCode.INTERNAL.value[0]
                 log.error("prefill failed: %s", out.error, extra={"request_id": job.request_id})
                 continue
-            out.first_token, out.finish_reason = member.output_ids[0], member.finish_reason or ""
-            out.logprobs = member.output_logprobs[0] if member.output_logprobs else None
+            out.first_token, out.finish_reason = member.output_ids[-1], member.finish_reason or ""  # the one new
+            out.logprobs = member.output_logprobs[-1] if member.output_logprobs else None
             if job.params.logprob_start_len is not None:  # a fork's are its source's (one prefill)
                 out.prompt_logprobs = PromptLogprobs(job.params.logprob_start_len, tuple(request.prompt_logprobs))
             out.prefill_ms = prefill_ms

@@ -161,18 +161,20 @@ class ReleaseResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "sampling", "ticket", "forks")
+    __slots__ = ("request_id", "input_ids", "sampling", "ticket", "forks", "output_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     FORKS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     ticket: Ticket
     forks: _containers.RepeatedCompositeFieldContainer[PrefillFork]
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[PrefillFork, _Mapping]]] = ...) -> None: ...
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[PrefillFork, _Mapping]]] = ..., output_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillFork(_message.Message):
     __slots__ = ("request_id", "sampling", "ticket")

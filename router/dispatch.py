@@ -1,7 +1,8 @@
 """Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
 
     admit (bounded queue) → batch (token budget, short wait) → pick P (fewest queued tokens)
-    → per request pick D (most free pages) and Reserve there → Prefill(batch with tickets) on P
+    → per request pick D (room, then least loaded, router/placement.py) and Reserve there
+    → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
 
 Every flow ends exactly once (`_end`): finished, aborted, failed or cancelled. Ending releases the
@@ -9,6 +10,14 @@ decode reservation (unless the decode worker ended the request itself) and cance
 flight, so pages and slots go back on both workers whatever happened. A flow whose Reserve finds no
 room anywhere goes back to the head of the queue until a request ends or a poll sees free pages; it
 fails with RESOURCE_EXHAUSTED only when no request of ours holds pages (it can never fit).
+
+Lost workers: a flow whose decode worker dies (its token stream breaks) or whose prefill worker dies with
+its batch is moved (`_migrate`): what it still holds is released, and it goes back to the head of the
+queue to be prefilled again, prompt + the tokens it already produced, and continued on another decode
+worker; the client's stream goes on from the next token (the workers resume the request's random stream
+at that position, so greedy and seeded requests produce what they would have). At most max_migrations
+moves, then UNAVAILABLE naming the cause. While no worker of a role is alive, work waits for one up to the
+pool's worker_wait_s (a supervised worker restarts) before failing UNAVAILABLE.
 
 n > 1: a request's choices are a group of flows queued as one. Each choice reserves its own decode slot (all
 or none), the prefill worker prefills once and ships one state per choice (`PrefillFork`), and the choices
@@ -44,19 +53,19 @@ class Refused(Exception):
 class Dispatcher:
     def __init__(self, pool: WorkerPool, tokenizer=None, metrics=None, max_queue: int = 256,
                  batch_tokens: int = 2048, batch_wait_s: float = 0.005, reserve_ttl_s: float = 60.0,
-                 prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2):
+                 prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2, max_migrations: int = 3):
         self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
         self.max_queue, self.batch_tokens, self.batch_wait_s = max_queue, batch_tokens, batch_wait_s
         self.reserve_ttl_s, self.prefill_timeout_s = reserve_ttl_s, prefill_timeout_s
-        self.batches_per_prefill = batches_per_prefill
+        self.batches_per_prefill, self.max_migrations = batches_per_prefill, max_migrations
         self.flows: dict[str, Flow] = {}
+        self.by_worker_id: dict[str, Flow] = {}  # the id each flow's current attempt has on the workers
         self.queue: deque[Flow] = deque()
         self.wake = asyncio.Event()  # queue changed, a flow ended, or a worker freed up
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
         self.blocked = False  # a Reserve found no room: wait for a request to end or a poll before retrying
         self.releasing = 0  # decode Release calls in flight: their pages come back when they answer
-        self.reserving = 0  # decode Reserve calls in flight: a success holds pages that come back when it ends
 
     # --- the public side ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> Flow:
@@ -67,13 +76,13 @@ class Dispatcher:
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
         specs = spec.choices()
-        taken = [s.request_id for s in specs if s.request_id in self.flows]
+        taken = [s.request_id for s in specs if s.request_id in self.flows or s.request_id in self.by_worker_id]
         if taken:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {taken[0]!r} is already in flight")
-        for role, workers in (("prefill", self.pool.prefill), ("decode", self.pool.decode)):
-            if not any(w.alive for w in workers):
-                errors = "; ".join(f"{w.address}: {w.last_error or 'not reachable yet'}" for w in workers)
-                raise Refused(grpc.StatusCode.UNAVAILABLE, f"no {role} worker is alive ({errors})")
+        for role in ("prefill", "decode"):
+            why = self.pool.out_of_service(role)
+            if why is not None:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, why)
         if len(self.queue) >= self.max_queue:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the admission queue is full ({len(self.queue)} of {self.max_queue} requests waiting); "
@@ -82,7 +91,7 @@ class Dispatcher:
                  for s in specs]
         for flow in flows:
             flow.group = flows if len(flows) > 1 else None
-            self.flows[flow.request_id] = flow
+            self.flows[flow.request_id] = self.by_worker_id[flow.worker_id] = flow
         self.queue.append(flows[0])
         self.wake.set()
         if self.metrics:
@@ -150,17 +159,17 @@ class Dispatcher:
                 continue
             prefill = self.pool.pick_prefill()
             if not self.queue or prefill is None or prefill.inflight >= self.batches_per_prefill:
-                if self.queue and not any(w.alive for w in self.pool.prefill):
-                    for flow in list(self.queue):
-                        self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
-                                                message="no prefill worker is alive"))
+                why = self.pool.out_of_service("prefill") if self.queue and prefill is None else None
+                for flow in list(self.queue) if why is not None else []:
+                    self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=_after(flow, why)))
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             batch = await self._form_batch()
             if batch:
+                self.pool.placement.chose(prefill)
                 prefill.inflight += 1
-                prefill.queued_tokens += sum(len(f.spec.input_ids) for f in batch)
+                prefill.queued_tokens += sum(f.prefill_len for f in batch)
                 self._spawn(self._run_batch(prefill, batch))
 
     async def _form_batch(self) -> list[Flow]:
@@ -168,10 +177,10 @@ class Dispatcher:
         batch, tokens = [], 0
         deadline = time.monotonic() + self.batch_wait_s
         while True:
-            while self.queue and (not batch or tokens + len(self.queue[0].spec.input_ids) <= self.batch_tokens):
+            while self.queue and (not batch or tokens + self.queue[0].prefill_len <= self.batch_tokens):
                 flow = self.queue.popleft()
                 batch.append(flow)
-                tokens += len(flow.spec.input_ids)
+                tokens += flow.prefill_len
             left = deadline - time.monotonic()
             if tokens >= self.batch_tokens or left <= 0 or (self.queue and batch):
                 return batch
@@ -183,11 +192,20 @@ class Dispatcher:
 
     # --- one batch ----------------------------------------------------------------------------------
     async def _run_batch(self, prefill: WorkerHandle, batch: list[Flow]) -> None:
-        tokens = sum(len(f.spec.input_ids) for f in batch)
+        tokens = sum(f.prefill_len for f in batch)
         try:
             only = [prefill.pair] if prefill.pair is not None else None  # colocated: reserve on itself
+            members = [[(m, m.attempt) for m in f.prefill_members] for f in batch]
             tickets = await asyncio.gather(*(self._reserve_members(f, only) for f in batch))
-            sent = [(f, t) for f, t in zip(batch, tickets, strict=True) if t is not None and not f.ended]
+            sent = []
+            for f, t, before in zip(batch, tickets, members, strict=True):
+                moved = next((m for m, attempt in before if m.attempt != attempt), None)
+                if moved is not None:  # its decode worker was lost while the rest reserved: all go alone
+                    for m, attempt in before:
+                        if m.attempt == attempt:
+                            self._migrate(m, "decode", moved.lost)
+                elif t is not None and not f.ended:
+                    sent.append((f, t))
             if sent:
                 await self._prefill(prefill, sent)
         finally:
@@ -196,15 +214,16 @@ class Dispatcher:
             self.wake.set()
 
     async def _reserve_members(self, flow: Flow, only: list[WorkerHandle] | None) -> list[worker_pb2.Ticket] | None:
-        """A ticket for the flow and each of its group (n > 1), or None: all or nothing (a member that finds
-        no room gives the others' pages back and the group waits or fails as one request)."""
-        if flow.group is None:
+        """A ticket for the flow and each of its group (n > 1, first attempt), or None: all or nothing (a member
+        that finds no room gives the others' pages back and the group waits or fails as one request)."""
+        members = flow.prefill_members
+        if len(members) == 1:
             ticket = await self._reserve(flow, only)
             return None if ticket is None else [ticket]
-        results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in flow.group))
+        results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in members))
         if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
             return list(results)
-        for member in flow.group:
+        for member in members:
             if member.reserved:  # give the pages back; the group is reserved again from scratch
                 self._release(member)
                 member.reserved, member.decode_done, member.decode = False, False, None
@@ -218,16 +237,23 @@ class Dispatcher:
         """A ticket for the flow on a decode worker with room; None if it ended. When no worker has room:
         on_no_room → wait or fail (`_no_room`) and None; else the last worker's answer (a str)."""
         spec, last = flow.spec, ""
-        request = worker_pb2.ReserveRequest(request_id=spec.request_id, prompt_len=len(spec.input_ids),
+        request = worker_pb2.ReserveRequest(request_id=flow.worker_id, prompt_len=len(spec.input_ids),
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
-        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order()
+        tokens = len(spec.input_ids) + spec.sampling.max_new_tokens
+        need = self.pool.placement.pages_for(tokens)
+        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
         for worker in candidates:
             if flow.ended:
                 return None
-            self.reserving += 1
+            worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
+            self.pool.placement.chose(worker)
             try:
                 reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
+            except asyncio.CancelledError:
+                worker.unhold(need)
+                raise
             except grpc.aio.AioRpcError as exc:
+                worker.unhold(need)
                 last = f"{worker.address}: {exc.details()}"
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue
@@ -236,10 +262,8 @@ class Dispatcher:
                     return None
                 worker.mark_dead(f"Reserve: {exc.code().name}: {exc.details()}")
                 continue
-            finally:
-                self.reserving -= 1
+            worker.unhold(need, granted=len(reply.ticket.page_ids))
             flow.decode, flow.reserved = worker, True
-            worker.reserved_pages += len(reply.ticket.page_ids)
             if flow.ended:  # aborted while reserving: give the pages back now
                 self._release(flow)
                 return None
@@ -253,11 +277,17 @@ class Dispatcher:
 
     def _no_room(self, flow: Flow, last: str) -> None:
         """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
-        requests hold pages (reserved, or a Reserve or Release still in flight: the worker's free count already
-        shows them), else fail."""
+        requests hold pages (or are being given some: Reserve calls in flight; or are giving them back: Release
+        calls in flight) or while a decode worker may come back, else fail."""
         if not any(w.alive for w in self.pool.decode):
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message="no decode worker is alive"))
-        elif self.reserving or self.releasing or any(f.reserved for f in self.flows.values()):
+            why = self.pool.out_of_service("decode")
+            if why is not None:
+                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=_after(flow, why)))
+            else:
+                self.queue.appendleft(flow)
+                self.blocked = True
+        elif (self.releasing or any(f.reserved for f in self.flows.values())
+              or any(w.held_slots for w in self.pool.decode)):
             self.queue.appendleft(flow)  # room comes back when another request ends or a Release answers
             self.blocked = True
         else:
@@ -266,7 +296,8 @@ class Dispatcher:
 
     async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, list[worker_pb2.Ticket]]]) -> None:
         now = time.monotonic()
-        members = [m for f, _ in sent for m in f.members]
+        members = [m for f, _ in sent for m in f.prefill_members]
+        sent_ids = {f.worker_id: f for f in members}
         for flow in members:
             flow.prefill, flow.prefill_inflight = prefill, True
             flow.queue_ms = (now - flow.admitted_at) * 1e3
@@ -274,17 +305,22 @@ class Dispatcher:
         try:
             response = await prefill.stub.Prefill(batch, timeout=self.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if lost:
                 prefill.mark_dead(f"Prefill: {exc.code().name}: {exc.details()}")
-            for flow in members:
+            why = f"prefill worker {prefill.address} failed: {exc.details()}"
+            for worker_id, flow in sent_ids.items():
+                if flow.worker_id != worker_id:  # moved meanwhile (its decode worker was lost)
+                    continue
                 flow.prefill_inflight = False
-                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
-                                        message=f"prefill worker {prefill.address} failed: {exc.details()}"))
+                if lost:
+                    self._migrate(flow, "prefill", why)
+                else:
+                    self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=why))
             return
-        flows = {f.request_id: f for f in members}
         for result in response.results:
-            flow = flows.get(result.request_id)
-            if flow is not None:
+            flow = sent_ids.get(result.request_id)
+            if flow is not None and flow.worker_id == result.request_id:  # not a moved flow's old attempt
                 self._on_prefill_result(prefill, flow, result)
 
     def _on_prefill_result(self, prefill: WorkerHandle, flow: Flow, r: worker_pb2.PrefillResult) -> None:
@@ -292,8 +328,11 @@ class Dispatcher:
         if flow.ended:
             return
         if not r.ok:  # a failed transfer or a worker-side refusal: transient unless error_code names the request
-            self._end(flow, Outcome("abort", code=worker_error_status(r.error_code),
-                                    message=f"prefill worker {prefill.address}: {r.error}"))
+            why = f"prefill worker {prefill.address}: {r.error}"
+            if flow.decode is not None and not flow.decode.alive:  # the transfer failed with its decode worker
+                self._migrate(flow, "decode", why)
+            else:
+                self._end(flow, Outcome("abort", code=worker_error_status(r.error_code), message=why))
             return
         flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
         if r.transfer_bytes:
@@ -316,12 +355,13 @@ class Dispatcher:
 
     # --- the decode workers' token streams ------------------------------------------------------------
     async def _consume(self, worker: WorkerHandle) -> None:
-        while True:
+        while not worker.removed:
             if not worker.alive:
                 self.pool.changed.clear()
                 await self.pool.changed.wait()
                 continue
             call = worker.stub.StreamTokens(worker_pb2.StreamRequest())
+            worker.streaming = True
             try:
                 async for step in call:
                     for event in step.events:
@@ -329,14 +369,14 @@ class Dispatcher:
                 why = "its token stream ended"
             except grpc.aio.AioRpcError as exc:
                 why = f"its token stream failed: {exc.code().name}: {exc.details()}"
+            finally:
+                worker.streaming = False
             worker.mark_dead(why)
             for flow in [f for f in self.flows.values() if f.decode is worker and f.reserved]:
-                flow.decode_done = True  # its pages went with the worker
-                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
-                                        message=f"decode worker {worker.address} went away: {why}"))
+                self._migrate(flow, "decode", f"decode worker {worker.address} went away: {why}")
 
     def _on_decode_event(self, worker: WorkerHandle, event: worker_pb2.TokenEvent) -> None:
-        flow = self.flows.get(event.request_id)
+        flow = self.by_worker_id.get(event.request_id)
         if flow is None or flow.decode is not worker or flow.ended:
             return
         if not flow.first_known:
@@ -393,6 +433,7 @@ class Dispatcher:
             return
         flow.ended, flow.outcome = True, outcome
         self.flows.pop(flow.request_id, None)
+        self.by_worker_id.pop(flow.worker_id, None)
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
             self.queue.remove(flow)
         flow.events.put_nowait(("end", outcome))
@@ -406,16 +447,42 @@ class Dispatcher:
                 self._end(member, outcome)
         self.wake.set()
 
+    def _migrate(self, flow: Flow, cause: str, why: str) -> None:
+        """Move a flow whose worker was lost (cause: "prefill" or "decode"): release what its attempt still
+        holds, and queue it at the head to be prefilled again with the tokens it already produced; fail it
+        once it was moved max_migrations times."""
+        if flow.ended:
+            return
+        if flow.attempt >= self.max_migrations:  # (ending releases what it holds)
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=(
+                f"{why}; not moved again: it was moved {flow.attempt} times already (--max-migrations)")))
+            return
+        self._release(flow)
+        log.warning("moving the request to other workers after %d tokens: %s", len(flow.output_ids), why,
+                    extra={"request_id": flow.request_id})
+        self.by_worker_id.pop(flow.worker_id, None)
+        flow.move(why)
+        self.by_worker_id[flow.worker_id] = flow
+        self.queue.appendleft(flow)
+        self.blocked = False
+        self.wake.set()
+        if self.metrics:
+            self.metrics.migrated(cause)
+
     def _release(self, flow: Flow) -> None:
         """Give back what the flow still holds: the decode reservation, a prefill in flight."""
         if flow.reserved and not flow.decode_done and flow.decode is not None:
             flow.decode_done = True
             self.releasing += 1  # counted now: the flow no longer holds its pages in our view, the worker still does
-            self._spawn(self._release_on(flow.decode, flow.request_id, holds_pages=True))
+            self._spawn(self._release_on(flow.decode, flow.worker_id, holds_pages=True))
         if flow.prefill_inflight and flow.prefill is not None:
-            self._spawn(self._release_on(flow.prefill, flow.request_id))
+            self._spawn(self._release_on(flow.prefill, flow.worker_id))
 
     async def _release_on(self, worker: WorkerHandle, request_id: str, holds_pages: bool = False) -> None:
+        if worker.removed:  # forgotten: its channel is closed (and it held nothing of ours)
+            if holds_pages:
+                self.releasing -= 1
+            return
         try:
             await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
                                       timeout=self.pool.rpc_timeout_s)
@@ -429,11 +496,23 @@ class Dispatcher:
 
 
 def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2.PrefillRequest:
-    """The flow's PrefillRequest; the rest of its group (n > 1) as forks with their own sampling and tickets."""
-    forks = [worker_pb2.PrefillFork(request_id=m.request_id, sampling=m.spec.sampling, ticket=t)
-             for m, t in zip(flow.members[1:], tickets[1:], strict=True)]
-    return worker_pb2.PrefillRequest(request_id=flow.request_id, input_ids=flow.spec.input_ids,
-                                     sampling=flow.spec.sampling, ticket=tickets[0], forks=forks)
+    """The flow's PrefillRequest; the rest of its group (n > 1) as forks with their own sampling and tickets; a
+    moved flow's tokens so far (it resumes after them)."""
+    forks = [worker_pb2.PrefillFork(request_id=m.worker_id, sampling=m.spec.sampling, ticket=t)
+             for m, t in zip(flow.prefill_members[1:], tickets[1:], strict=True)]
+    sampling = flow.spec.sampling
+    if flow.attempt and flow.output_ids and sampling.HasField("logprob_start_len"):
+        sampling = worker_pb2.SamplingParams()  # the prompt's log-probabilities went out with the first token
+        sampling.CopyFrom(flow.spec.sampling)
+        sampling.ClearField("logprob_start_len")
+    return worker_pb2.PrefillRequest(request_id=flow.worker_id, input_ids=flow.spec.input_ids,
+                                     sampling=sampling, ticket=tickets[0], forks=forks,
+                                     output_ids=flow.output_ids if flow.attempt else [])
+
+
+def _after(flow: Flow, why: str) -> str:
+    """A failure's message, with why the flow was moved before when it was."""
+    return f"{flow.lost}; then {why}" if flow.lost else why
 
 
 def _logprobs(event: worker_pb2.TokenEvent) -> list[TokenLogprob]:

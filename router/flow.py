@@ -4,7 +4,8 @@ The dispatcher writes a flow's events (`("tokens", [ids])` as tokens arrive, the
 `("end", Outcome)`); the public Generate stream reads them. `take` applies the router's own stop rules to
 a step's new tokens: stop strings (per token over the incrementally decoded text, `check_stop`; none before
 `min_new_tokens`) and max_new_tokens (a slice when there is no stop string). Stop token ids and EOS are the
-workers' (they mask them until `min_new_tokens`).
+workers' (they mask them until `min_new_tokens`). A flow whose worker is lost is moved (`move`): what it
+produced stays, and its next attempt resumes after it under another id (`worker_id`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,33 @@ class Flow:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     group: list[Flow] | None = None  # n > 1: every choice's flow (this one included), prefilled once together
+    attempt: int = 0  # times it was moved to other workers after one was lost (dispatch's _migrate)
+    lost: str = ""  # why it was last moved
+
+    @property
+    def worker_id(self) -> str:
+        """The id the workers know this attempt by: the request id, then `<id>@<attempt>` once moved (a lost
+        worker that comes back, or a late answer of the old attempt, can never be taken for the new one)."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}@{self.attempt}"
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens its next prefill computes: the prompt, and once moved the tokens produced so far."""
+        return len(self.spec.input_ids) + (len(self.output_ids) if self.attempt else 0)
+
+    @property
+    def prefill_members(self) -> list[Flow]:
+        """The flows one PrefillRequest carries for this one: its group on the first attempt; alone once moved
+        (each choice resumes from its own tokens)."""
+        return self.members if self.attempt == 0 else [self]
+
+    def move(self, why: str) -> None:
+        """Forget the workers of this attempt (the caller released what they held): the next attempt prefills
+        the prompt and the tokens produced so far, and continues them elsewhere."""
+        self.attempt, self.lost = self.attempt + 1, why
+        self.prefill = self.decode = None
+        self.reserved = self.prefill_inflight = self.first_known = self.decode_done = False
+        self.early.clear()
 
     @property
     def request_id(self) -> str:

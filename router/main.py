@@ -86,6 +86,15 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for more requests (default: %(default)s)")
     g.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens a request may ask for (default: the context length)")
+    g.add_argument("--max-migrations", type=int, default=3,
+                   help="times a request may be moved to other workers after its worker was lost before it fails "
+                        "UNAVAILABLE (default: %(default)s)")
+    g.add_argument("--worker-wait", type=float, default=30.0,
+                   help="seconds requests wait for a prefill or decode worker while none is alive (one may be "
+                        "restarting) before they fail UNAVAILABLE (default: %(default)s)")
+    g.add_argument("--forget-after", type=float, default=60.0,
+                   help="seconds a registered worker may stay dead before it leaves the router's tables (one given "
+                        "by address stays, polled until it answers) (default: %(default)s)")
     g.add_argument("--reserve-ttl", type=float, default=60.0,
                    help="seconds a decode reservation waits for its state; a decode worker's shorter "
                         "--reservation-ttl wins (default: %(default)s)")
@@ -96,13 +105,14 @@ async def serve(args: argparse.Namespace) -> int:
     token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
     fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed)
-    pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls)
+    pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls,
+                      page_size=card.page_size, forget_after_s=args.forget_after, worker_wait_s=args.worker_wait)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
     metrics = RouterMetrics()
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
-                            reserve_ttl_s=args.reserve_ttl)
+                            reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations)
     metrics.watch(dispatcher)
     await pool.start()
     deadline = time.monotonic() + args.worker_timeout

@@ -1,8 +1,9 @@
 """Prometheus metrics of the router (prometheus_client, on its own registry and HTTP port).
 
 Counted as requests go: requests by how they ended, prompt and generated tokens, time to first token,
-time per output token, P→D transfer bytes and time. Read at scrape time: the admission queue, requests
-in flight, and per worker the pages in use and free, running and waiting requests, liveness.
+time per output token, P→D transfer bytes and time, requests moved after a worker was lost. Read at scrape
+time: the admission queue, requests in flight, and per worker the pages in use and free, running and
+waiting requests, liveness.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class RouterMetrics:
         self.transfer_bytes = Counter("transfer_bytes", "Prefill→decode state bytes", namespace=ns, registry=r)
         self.transfer_seconds = Histogram("transfer_seconds", "Prefill→decode state push time per request",
                                           namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
+        self.migrations = Counter("migrations", "Requests moved to other workers after theirs was lost, by the role "
+                                  "of the lost worker", ["cause"], namespace=ns, registry=r)
         self.server = None
 
     def watch(self, dispatcher) -> None:
@@ -62,6 +65,9 @@ class RouterMetrics:
     def transfer(self, num_bytes: int, seconds: float) -> None:
         self.transfer_bytes.inc(num_bytes)
         self.transfer_seconds.observe(seconds)
+
+    def migrated(self, cause: str) -> None:
+        self.migrations.labels(cause).inc()
 
     def ended(self, flow) -> None:
         o = flow.outcome

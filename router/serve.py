@@ -1,14 +1,19 @@
-"""`sparsepd serve`: the whole deployment on one host in one command — M decode workers, N prefill
-workers and the router (the same commands a multi-host deployment runs by hand), optionally the SGLang
-model gateway in front for OpenAI-compatible HTTP. Waits until every process is ready, prints where to
-connect, and stops everything on Ctrl-C/SIGTERM. A process that dies is reported (which one, its exit
-code, its last log lines) and everything else is stopped: nothing is restarted behind your back.
+"""`sparsepd serve`: the whole deployment on one host in one command — the router, M decode workers and N
+prefill workers (the same commands a multi-host deployment runs by hand: the workers register with the
+router), optionally the SGLang model gateway in front for OpenAI-compatible HTTP. Waits until every process
+is ready and the router has every worker, prints where to connect, and then supervises
+(sparsepd/supervisor.py): a process that exits is reported (which one, its exit code, its last log lines)
+and started again with backoff while the others keep serving; a restarted worker registers with the router
+again, a restarted router comes back on the same ports and the workers find it through their heartbeat.
+Serve exits on Ctrl-C/SIGTERM (0), or when one process died more than --max-restarts times within
+--restart-window (1, naming it).
 
 Authentication is on: the children share a cluster token (from --cluster-token-file or
-$SPARSEPD_CLUSTER_TOKEN, else a new random one), handed to them in their environment, never on a command
-line. `--tls-cert`/`--tls-key` (and `--tls-client-ca`) make the router's public port TLS; the workers listen
-on 127.0.0.1 only. The HTTP gateway binds 127.0.0.1 unless --http-host says otherwise (it has no
-authentication of its own).
+$SPARSEPD_CLUSTER_TOKEN, else a new random one, the same for every restart), handed to them in their
+environment, never on a command line. `--tls-cert`/`--tls-key` with `--cluster-tls-ca` make every gRPC port
+TLS (the router's public one and the workers', which register with the router over it), `--tls-client-ca`
+makes the router's mutual; the workers listen on 127.0.0.1 only. The HTTP gateway binds 127.0.0.1 unless
+--http-host says otherwise (it has no authentication of its own).
 """
 
 from __future__ import annotations
@@ -26,10 +31,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sparsepd.cluster_token import TOKEN_ENV, add_token_args, generate_token, token_from_args
+import grpc
+
+from sparsepd.cluster_token import TOKEN_ENV, AuthorizedStub, add_token_args, generate_token, token_from_args
 from sparsepd.launch import Child, LaunchError, start, stop
 from sparsepd.process import print_ready, stop_on_signals
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.router.main import add_dispatch_arguments, add_model_arguments
+from sparsepd.supervisor import GaveUp, RestartPolicy, Supervisor
+from sparsepd.tls import TlsConfig, cluster_channel, tls_from_args
 
 HTTP_INSTALL = "pip install 'sparsepd[http]'"
 
@@ -64,18 +75,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "service to that network (default: %(default)s)")
     h.add_argument("--http-metrics-port", type=int, default=0,
                    help="the gateway's Prometheus port on 127.0.0.1; 0 = any free port (default: 0)")
+    r = p.add_argument_group("supervision: a process that exits is started again")
+    r.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one process within --restart-window before serve gives up and stops everything "
+                        "(default: %(default)s)")
+    r.add_argument("--restart-window", type=float, default=300.0, help="seconds (default: %(default)s)")
+    r.add_argument("--restart-backoff", type=float, default=1.0,
+                   help="seconds before a restart, doubled for each recent one up to 30 (default: %(default)s)")
+    r.add_argument("--heartbeat", type=float, default=2.0,
+                   help="seconds between the workers' registrations: how soon a restarted router has them all again "
+                        "(default: %(default)s)")
+    r.add_argument("--serve-metrics-port", type=int, default=None,
+                   help="Prometheus port of serve's own metrics (restarts); default: --metrics-port + 1, any free "
+                        "port when that is 0, off when it is -1")
     p.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds each process may take to become ready (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on Ctrl-C/SIGTERM: seconds the requests in flight may take to finish before they are "
                         "aborted; then every process stops (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--child-logs", action="store_true",
+                   help="print every process's log lines on stderr, each prefixed with its name (default: only "
+                        "those of a process that exits)")
     add_token_args(p)
-    t = p.add_argument_group("TLS for the router's public port (PEM files)")
-    t.add_argument("--tls-cert", default=None, metavar="PATH", help="certificate chain (with --tls-key)")
+    t = p.add_argument_group("TLS (PEM files): every process serves and dials TLS with these")
+    t.add_argument("--tls-cert", default=None, metavar="PATH",
+                   help="certificate chain (with --tls-key and --cluster-tls-ca); it must name 127.0.0.1, where "
+                        "the processes reach each other, besides the names clients use")
     t.add_argument("--tls-key", default=None, metavar="PATH", help="private key of --tls-cert")
+    t.add_argument("--cluster-tls-ca", default=None, metavar="PATH",
+                   help="the CA that signed --tls-cert: the processes verify each other with it")
     t.add_argument("--tls-client-ca", default=None, metavar="PATH",
-                   help="require clients to present a certificate signed by this CA (mutual TLS)")
+                   help="the router requires clients to present a certificate signed by this CA (mutual TLS)")
 
 
 def children_env(args: argparse.Namespace) -> dict[str, str]:
@@ -92,24 +123,36 @@ async def serve(args: argparse.Namespace) -> int:
     args.prefill = 0 if args.colocated else (1 if args.prefill is None else args.prefill)
     if args.decode < 1 or (args.prefill < 1 and not args.colocated):
         raise ValueError(f"--prefill and --decode must be ≥ 1, got {args.prefill} and {args.decode}")
+    if args.tls_cert is not None and args.cluster_tls_ca is None:
+        raise ValueError("--tls-cert needs --cluster-tls-ca, the CA that signed it: the workers register with the "
+                         "router over TLS and must verify it")
     if args.http_port is not None and args.tls_cert is not None:
         raise ValueError("--http-port with --tls-cert: the gateway dials the router in plaintext gRPC; put a "
                          "TLS-terminating proxy in front of the gateway instead")
+    tls_from_args(args)  # unreadable or mismatched PEM files: say so before starting anything
     if args.http_port is not None and gateway_command() is None:
         print(f"error: --http-port needs the SGLang model gateway (smg), which is not installed: {HTTP_INSTALL}",
               file=sys.stderr)
         return 2
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window,
+                           backoff_s=args.restart_backoff, max_backoff_s=max(args.restart_backoff, 30.0))
+    supervisor = Supervisor(policy, _say)
     stop_event = stop_on_signals(asyncio.get_running_loop())
-    children: list[Child] = []
-    try:
-        endpoints = _start_all(args, children, stop_event)
-    except LaunchError as exc:
-        _say(f"error: {exc}")
-        _stop_all(children)
-        return 1
-    if stop_event.is_set():
-        _stop_all(children)
+    starting = asyncio.create_task(_start_all(args, supervisor))
+    stopped = asyncio.create_task(stop_event.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not starting.done():  # Ctrl-C/SIGTERM while starting
+        supervisor.stop_all(STOP_FIRST, timeout_s=15.0)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         return 0
+    try:
+        endpoints = starting.result()
+    except (LaunchError, GaveUp, TimeoutError) as exc:
+        _say(f"error: {exc}")
+        supervisor.stop_all(STOP_FIRST, timeout_s=15.0)
+        return 1
     print_ready("serve", **endpoints)
     _say(f"ready: gRPC (SGLang scheduler API) at {endpoints['grpc']}")
     _say(f"  try:  sparsepd generate \"Hello\" --router {endpoints['grpc']}")
@@ -117,68 +160,128 @@ async def serve(args: argparse.Namespace) -> int:
         _say(f"  OpenAI base URL: {endpoints['http']}/v1")
         _say(f"  try:  curl {endpoints['http']}/v1/completions -H 'Content-Type: application/json' "
              f"-d '{{\"model\": \"{endpoints['model']}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
-    if "metrics" in endpoints:
-        _say(f"  metrics: {endpoints['metrics']}")
-    _say("Ctrl-C stops everything")
-    code = await _watch(children, stop_event)
-    _stop_all(children, args.drain_timeout)
+    for key, what in (("metrics", "the router's"), ("serve_metrics", "serve's restarts")):
+        if key in endpoints:
+            _say(f"  metrics: {endpoints[key]} ({what})")
+    _say("a process that exits is restarted; Ctrl-C stops everything")
+    code = await supervisor.watch(stop_event)
+    if code == 0:
+        _say("stopping ...")
+    supervisor.stop_all(STOP_FIRST, timeout_s=args.drain_timeout + 15.0)
     return code
 
 
-def _start_all(args: argparse.Namespace, children: list[Child], stop_event: asyncio.Event) -> dict:
+STOP_FIRST = ["gateway", "router"]  # then the workers, when nothing is left in flight
+
+
+async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
+    """The router first (it waits for workers to register), then every worker at once with `--router` (so a
+    restarted one registers again), then the gateway; returns the endpoints once the router has every worker."""
     devices = _devices(args.devices, args.prefill + args.decode)
-    common = _worker_flags(args)
-    env = children_env(args)
-    decode, prefill = [], []
     kind = "colocated" if args.colocated else "decode"
-    for i in range(args.decode):
-        _say(f"starting {kind} worker {i + 1}/{args.decode} on {devices[i]} ...")
-        extra = ["--colocated"] if args.colocated else []
-        child = start(f"{kind}-{i}", ["decode-worker", *common, *extra, "--device", devices[i]], args.start_timeout,
-                      env=env)
-        children.append(child)
-        decode.append(child.ready["grpc"])
-        if stop_event.is_set():
-            return {}
-    for i in range(args.prefill):
-        device = devices[args.decode + i]
-        _say(f"starting prefill worker {i + 1}/{args.prefill} on {device} ...")
-        child = start(f"prefill-{i}", ["prefill-worker", *common, "--device", device], args.start_timeout, env=env)
-        children.append(child)
-        prefill.append(child.ready["grpc"])
-        if stop_event.is_set():
-            return {}
+    env = children_env(args)  # once: a restarted process gets the same token
     _say("starting the router ...")
-    router_args = ["router", "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
-                   "--preset", args.preset, "--max-queue", str(args.max_queue),
-                   "--batch-tokens", str(args.batch_tokens),
-                   "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
-                   "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
-    for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
-                        ("--max-new-tokens-limit", args.max_new_tokens_limit), ("--seed", args.seed),
-                        ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
-                        ("--tls-client-ca", args.tls_client_ca)):
-        if value is not None:
-            router_args += [flag, str(value)]
-    for addr in prefill:
-        router_args += ["--prefill", addr]
-    for addr in decode:
-        router_args += [f"--{kind}", addr]
-    if args.no_cluster_auth:
-        router_args.append("--no-cluster-auth")
-    router = start("router", router_args, args.start_timeout, env=env)
-    children.append(router)
-    endpoints = {"grpc": router.ready["grpc"], "model": router.ready["model"], "prefill": prefill, kind: decode}
+    router_args = _router_args(args)
+    router = await supervisor.start("router", _launcher("router", router_args, args, env))
+    where = router.ready["grpc"]
+    _pin(router_args, "--port", where.rpartition(":")[2])  # a restarted router comes back where clients know it
+    endpoints = {"grpc": where, "model": router.ready["model"]}
     if "metrics" in router.ready:
         endpoints["metrics"] = router.ready["metrics"]
-    if args.http_port is not None and not stop_event.is_set():
+        _pin(router_args, "--metrics-port", router.ready["metrics"].rsplit(":", 1)[1].split("/")[0])
+    port = _serve_metrics_port(args)
+    if port >= 0:
+        endpoints["serve_metrics"] = f"http://127.0.0.1:{supervisor.serve_metrics('127.0.0.1', port)}/metrics"
+    common = [*_worker_flags(args), "--router", where]
+    workers = [(f"{kind}-{i}", ["decode-worker", *common, *(["--colocated"] if args.colocated else []),
+                                "--device", devices[i]]) for i in range(args.decode)]
+    workers += [(f"prefill-{i}", ["prefill-worker", *common, "--device", devices[args.decode + i]])
+                for i in range(args.prefill)]
+    _say(f"starting {args.decode} {kind} and {args.prefill} prefill workers ...")
+    started = await asyncio.gather(*(supervisor.start(name, _launcher(name, cmd, args, env))
+                                     for name, cmd in workers), return_exceptions=True)
+    failed = next((r for r in started if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    addresses = {name: child.ready["grpc"] for (name, _), child in zip(workers, started, strict=True)}
+    endpoints["prefill"] = [a for name, a in addresses.items() if name.startswith("prefill-")]
+    endpoints[kind] = [a for name, a in addresses.items() if name.startswith(f"{kind}-")]
+    await _wait_registered(where, set(addresses.values()), args.start_timeout, env.get(TOKEN_ENV),
+                           tls_from_args(args))
+    if args.http_port is not None:
         _say(f"starting the HTTP gateway (smg) on {args.http_host}:{args.http_port} ...")
-        gateway = start_gateway(router.ready["grpc"], args.http_port, args.http_metrics_port, args.start_timeout,
-                                host=args.http_host)
-        children.append(gateway)
+        ports = [args.http_port, args.http_metrics_port]
+
+        def launch_gateway(on_spawn):
+            gateway = start_gateway(where, ports[0], ports[1], args.start_timeout, host=args.http_host,
+                                    on_spawn=on_spawn)
+            ports[:] = [gateway.ready["port"], gateway.ready["metrics_port"]]  # a restart comes back there
+            return gateway
+
+        gateway = await supervisor.start("gateway", launch_gateway)
         endpoints["http"] = f"http://{args.http_host}:{gateway.ready['port']}"
         endpoints["http_metrics"] = f"http://127.0.0.1:{gateway.ready['metrics_port']}/metrics"
     return endpoints
+
+
+def _launcher(name: str, cmd: list[str], args: argparse.Namespace, env: dict[str, str]):
+    return lambda on_spawn: start(name, cmd, args.start_timeout, env=env, echo_stderr=args.child_logs,
+                                  on_spawn=on_spawn)
+
+
+def _router_args(args: argparse.Namespace) -> list[str]:
+    out = ["router", "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
+           "--preset", args.preset, "--max-queue", str(args.max_queue), "--batch-tokens", str(args.batch_tokens),
+           "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
+           "--forget-after", str(args.forget_after), "--heartbeat", str(args.heartbeat),
+           "--max-migrations", str(args.max_migrations), "--worker-wait", str(args.worker_wait),
+           "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
+                        ("--max-new-tokens-limit", args.max_new_tokens_limit), ("--seed", args.seed),
+                        *_tls_flags(args), ("--tls-client-ca", args.tls_client_ca)):
+        if value is not None:
+            out += [flag, str(value)]
+    if args.no_cluster_auth:
+        out.append("--no-cluster-auth")
+    return out
+
+
+def _tls_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    return [("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--cluster-tls-ca", args.cluster_tls_ca)]
+
+
+def _pin(argv: list[str], flag: str, value: str) -> None:
+    argv[argv.index(flag) + 1] = value
+
+
+def _serve_metrics_port(args: argparse.Namespace) -> int:
+    if args.serve_metrics_port is not None:
+        return args.serve_metrics_port
+    return args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
+
+
+async def _wait_registered(router: str, addresses: set[str], timeout_s: float, token: str | None,
+                           tls: TlsConfig) -> None:
+    """Until the router lists every worker address as alive (they register when they are up; the router shows
+    addresses to callers with the cluster token only)."""
+    deadline = time.monotonic() + timeout_s
+    async with cluster_channel(router, tls) as channel:
+        stub = AuthorizedStub(pb_grpc.SglangSchedulerStub(channel), token)
+        while True:
+            try:
+                loads = await stub.GetLoads(pb.GetLoadsRequest(include=["core"]), timeout=5)
+                missing = addresses - {x.worker_address for x in loads.loads if x.alive}
+            except grpc.aio.AioRpcError as exc:
+                missing = addresses
+                why = f"{exc.code().name}: {exc.details()}"
+            else:
+                why = "not registered or not answering"
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router at {router} did not list workers {sorted(missing)} within "
+                                   f"{timeout_s:g} s ({why})")
+            await asyncio.sleep(0.2)
 
 
 def _worker_flags(args: argparse.Namespace) -> list[str]:
@@ -187,7 +290,7 @@ def _worker_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--no-cluster-auth")
     for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),
                         ("--num-pages", args.num_pages), ("--max-batch-tokens", args.max_batch_tokens),
-                        ("--kv-memory", args.kv_memory)):
+                        ("--kv-memory", args.kv_memory), *_tls_flags(args)):
         if value is not None:
             flags += [flag, str(value)]
     return flags
@@ -206,28 +309,6 @@ def _devices(spec: str, n: int) -> list[str]:
     return [names[i % len(names)] for i in range(n)]
 
 
-async def _watch(children: list[Child], stop_event: asyncio.Event) -> int:
-    while not stop_event.is_set():
-        for child in children:
-            if not child.alive():
-                tail = "\n".join(list(child.log_tail)[-15:])
-                _say(f"error: {child.name} (pid {child.pid}) exited with code {child.proc.returncode}; stopping "
-                     f"everything. Its last lines:\n{tail}")
-                return 1
-        try:
-            await asyncio.wait_for(stop_event.wait(), 0.5)
-        except TimeoutError:
-            pass
-    _say("stopping ...")
-    return 0
-
-
-def _stop_all(children: list[Child], drain_s: float = 0.0) -> None:
-    for child in reversed(children):  # gateway, router (drains), then the workers (nothing left in flight)
-        code = stop(child, timeout_s=drain_s + 15.0)
-        _say(f"stopped {child.name} (exit code {code})")
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -242,7 +323,7 @@ def gateway_command() -> str | None:
 
 
 def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s: float = 120.0,
-                  host: str = "127.0.0.1") -> Child:
+                  host: str = "127.0.0.1", on_spawn=None) -> Child:
     """Start `smg launch` in front of the router, bound to `host`, and wait until it serves the model."""
     exe = gateway_command()
     if exe is None:
@@ -255,6 +336,8 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
            "--port", str(port), "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     child = Child("gateway", proc, ready={"port": port, "metrics_port": metrics_port})
+    if on_spawn is not None:
+        on_spawn(child)
 
     def pump() -> None:
         for line in proc.stdout:
@@ -266,8 +349,7 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(child)
             reason = f"exited with code {proc.returncode}" if proc.returncode is not None else "timed out"
-            tail = "\n".join(list(child.log_tail)[-15:])
-            raise LaunchError(f"gateway {reason} before it was ready; last lines:\n{tail}")
+            raise LaunchError(f"gateway {reason} before it was ready", "\n".join(list(child.log_tail)[-15:]))
         time.sleep(0.2)
     return child
 

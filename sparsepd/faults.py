@@ -7,7 +7,8 @@ SPARSEPD_TRANSFER_FAULT, `proto/transfer.py`).
 `crash` ends the process at once (exit code 70, no cleanup: what a killed or crashed worker looks like) on the
 N-th time the point is reached (default the first); `delay` sleeps there, for the first N hits (default all).
 Points: prefill.step (before each engine step of a batch), prefill.push (a state exported, before it is sent),
-decode.step (before each decode step), decode.admit (a shipped state arrived, before it is admitted).
+decode.step (before each decode step), decode.admit (a shipped state arrived, before it is admitted),
+prefill.start and decode.start (the worker is up, before it registers and says it is ready).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENV = "SPARSEPD_FAULTS"
-POINTS = ("prefill.step", "prefill.push", "decode.step", "decode.admit")
+POINTS = ("prefill.step", "prefill.push", "decode.step", "decode.admit", "prefill.start", "decode.start")
 CRASH_EXIT_CODE = 70
 log = logging.getLogger("sparsepd.faults")
 

@@ -13,11 +13,16 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
 class LaunchError(RuntimeError):
-    """A child process did not become ready."""
+    """A child process did not become ready: `reason` says what happened, `last_lines` are its last log lines."""
+
+    def __init__(self, reason: str, last_lines: str = ""):
+        super().__init__(f"{reason}; last lines:\n{last_lines}" if last_lines else reason)
+        self.reason, self.last_lines = reason, last_lines
 
 
 @dataclass
@@ -36,12 +41,15 @@ class Child:
 
 
 def start(name: str, args: list[str], timeout_s: float = 120.0, env: dict | None = None,
-          echo_stderr: bool = False) -> Child:
-    """Run `python -m sparsepd ARGS`, wait for its `READY {...}` line, return the child with the endpoints."""
+          echo_stderr: bool = False, on_spawn: Callable[[Child], None] | None = None) -> Child:
+    """Run `python -m sparsepd ARGS`, wait for its `READY {...}` line, return the child with the endpoints
+    (on_spawn gets the child as soon as its process exists, before it is ready)."""
     proc = subprocess.Popen([sys.executable, "-m", "sparsepd", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
                             start_new_session=True)
     child = Child(name, proc)
+    if on_spawn is not None:
+        on_spawn(child)
 
     def pump_stderr() -> None:
         for line in proc.stderr:
@@ -66,8 +74,7 @@ def start(name: str, args: list[str], timeout_s: float = 120.0, env: dict | None
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(child)
             reason = f"exited with code {proc.returncode}" if proc.returncode is not None else "timed out"
-            tail = "\n".join(list(child.log_tail)[-15:])
-            raise LaunchError(f"{name} {reason} before it was ready; last lines:\n{tail}")
+            raise LaunchError(f"{name} {reason} before it was ready", "\n".join(list(child.log_tail)[-15:]))
     return child
 
 

@@ -12,8 +12,10 @@ from sparsepd.proto.convert import sampling_from_dict
 
 
 async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, list[int]], sampling: dict,
-                       ttl_s: float = 10.0, timeout_s: float = 60.0) -> dict[str, dict]:
-    """Every request to completion; returns request id → {"tokens", "finish", "error", "transfer_bytes"}."""
+                       ttl_s: float = 10.0, timeout_s: float = 60.0,
+                       resume: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    """Every request to completion; returns request id → {"tokens", "finish", "error", "transfer_bytes"}.
+    resume: request id → the tokens it already generated (a moved request; "tokens" are the new ones)."""
     async with grpc.aio.insecure_channel(prefill_addr) as pch, grpc.aio.insecure_channel(decode_addr) as dch:
         p = AuthorizedStub(worker_pb2_grpc.PrefillWorkerStub(pch), token_from_env())
         d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(dch), token_from_env())
@@ -40,7 +42,8 @@ async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, l
             d.Reserve(worker_pb2.ReserveRequest(request_id=rid, prompt_len=len(ids), sampling=params, ttl_s=ttl_s))
             for rid, ids in prompts.items()])
         batch = worker_pb2.PrefillBatch(requests=[
-            worker_pb2.PrefillRequest(request_id=rid, input_ids=ids, sampling=params, ticket=t.ticket)
+            worker_pb2.PrefillRequest(request_id=rid, input_ids=ids, sampling=params, ticket=t.ticket,
+                                      output_ids=(resume or {}).get(rid, []))
             for (rid, ids), t in zip(prompts.items(), tickets, strict=True)])
         result = await p.Prefill(batch)
         for r in result.results:

@@ -58,6 +58,25 @@ def test_concurrent_requests_match_the_single_process_engine(workers, reference,
     asyncio.run(_all_free(workers))
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_moved_request_resumes_after_its_tokens(workers, sampled):
+    """PrefillRequest.output_ids (what the router sends for a request moved after its worker was lost): the
+    prefill worker prefills prompt + those tokens and the decode worker goes on; the new tokens are those the
+    undisturbed run drew there (greedy, or seeded with penalties: the random stream and the penalty history
+    continue at that position)."""
+    model = build_model(get_preset("tiny"), seed=0)
+    extra = dict(temperature=0.9, seed=5, frequency_penalty=0.6, repetition_penalty=1.2) if sampled else {}
+    sampling = dict(max_new_tokens=12, ignore_eos=True, **extra)
+    prompts = {f"m{k}": [256, *range(20 + k, 40 + 2 * k)] for k in (1, 4, 11)}
+    full = {rid: generate(model, ids, SamplingParams(**sampling)).output_ids for rid, ids in prompts.items()}
+    resume = {rid: full[rid][:int(rid[1:])] for rid in prompts}
+    got = asyncio.run(run_requests(workers["prefill"].ready["grpc"], workers["decode"].ready["grpc"], prompts,
+                                   sampling, resume=resume))
+    assert {rid: resume[rid] + o["tokens"] for rid, o in got.items()} == full
+    assert all(o["finish"] == "length" and not o["error"] for o in got.values())
+    asyncio.run(_all_free(workers))
+
+
 def test_bad_control_input_is_refused_and_workers_keep_serving(workers, reference):
     prompts, want = reference
 

@@ -23,8 +23,9 @@ from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.launch import Child, start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
-__all__ = ["Fleet", "channel", "collect", "generate_request", "outcome_of", "reference", "router_outcomes", "run",
-           "stub_of", "wait_all_free", "wait_worker_free", "worker_stats"]
+__all__ = ["Fleet", "channel", "collect", "generate_request", "outcome_of", "reference", "router_counts",
+           "router_outcomes", "run", "sampled_reference", "stub_of", "wait_all_free", "wait_worker_free",
+           "worker_stats"]
 
 # Small pools: a request of ≤ 64 prompt tokens and ≤ 300 new ones needs ≤ 23 pages of 16 tokens.
 WORKER = ["--preset", "tiny", "--num-slots", "8", "--max-batch-tokens", "128", "--num-pages", "64"]
@@ -114,11 +115,19 @@ def _model():
 
 
 @functools.cache
-def _reference(prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
+def _reference(prompt: tuple[int, ...], n: int, seed: int | None = None, temperature: float = 0.0) -> tuple[int, ...]:
+    import torch
+
     from sparsepd.engine.generate import generate
     from sparsepd.engine.sampling import SamplingParams
 
-    return tuple(generate(_model(), list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True)).output_ids)
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True, seed=seed, temperature=temperature)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside a deployment's processes on a small machine, one thread is much faster
+    try:
+        return tuple(generate(_model(), list(prompt), params).output_ids)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def reference(prompt: list[int], n: int) -> list[int]:
@@ -126,11 +135,21 @@ def reference(prompt: list[int], n: int) -> list[int]:
     return list(_reference(tuple(prompt), n))
 
 
+def sampled_reference(prompt: list[int], n: int, seed: int, temperature: float) -> list[int]:
+    """The reference model's tokens sampled with `seed` at `temperature` (what a seeded request must produce)."""
+    return list(_reference(tuple(prompt), n, seed, temperature))
+
+
 def router_outcomes(router: Child) -> Counter[str]:
     """The router's `sparsepd_router_requests_total` by outcome (finish reason or lower-case status name)."""
+    return router_counts(router, "requests", "outcome")
+
+
+def router_counts(router: Child, name: str, label: str) -> Counter[str]:
+    """A labelled counter of the router's Prometheus endpoint: `sparsepd_router_<name>_total` by `label`."""
     with urllib.request.urlopen(router.ready["metrics"], timeout=5) as r:
         text = r.read().decode()
-    found = re.findall(r'^sparsepd_router_requests_total\{outcome="([a-z_]+)"\} ([0-9.e+]+)$', text, re.M)
+    found = re.findall(rf'^sparsepd_router_{name}_total\{{{label}="([a-z_]+)"\}} ([0-9.e+]+)$', text, re.M)
     return Counter({k: int(float(v)) for k, v in found})
 
 

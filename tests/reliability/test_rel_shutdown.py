@@ -35,6 +35,7 @@ from rel_helpers import (  # noqa: E402
 )
 
 from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 SLOW_DECODE = {"SPARSEPD_FAULTS": "decode.step=delay:0.05"}
 
@@ -179,7 +180,8 @@ def test_serve_sigterm_stops_everything_and_exits_0():
             async with channel(served.ready["grpc"]) as ch:
                 stub = stub_of(ch)
                 task = asyncio.ensure_future(collect(stub, generate_request(prompt, 24)))
-                await asyncio.sleep(0.3)
+                while (await stub.GetServerInfo(pb.GetServerInfoRequest())).active_requests == 0:
+                    await asyncio.sleep(0.05)  # in flight in the router (a loaded machine may take a while)
                 os.kill(served.pid, signal.SIGTERM)
                 return await task
 

@@ -1,8 +1,9 @@
 """Soak: 5,000 requests on `tiny` through router + 1 prefill + 2 decode workers (registered with --router),
 20% of them aborted at random moments (half by client cancel, half by the Abort RPC), and one decode worker
 killed (SIGKILL) and replaced by a new one that registers, mid-run. Every request gets exactly one
-terminal response of an expected kind; afterwards every live worker's pages and slots are free, nothing is
-in flight in the router, and no process's memory grew past the bound."""
+terminal response of an expected kind (the killed worker's requests are moved to the other one: none fails);
+afterwards every live worker's pages and slots are free, nothing is in flight in the router, and no
+process's memory grew past the bound."""
 
 from __future__ import annotations
 
@@ -116,13 +117,10 @@ def test_soak_5000_requests_with_aborts_and_a_killed_decode_worker():
     counts = Counter(outcomes)
     print(f"soak: {REQUESTS} requests in {elapsed:.0f} s: {dict(counts)}; RSS MB {rss}")
     assert len(outcomes) == REQUESTS
-    expected = {"plain:length", "plain:UNAVAILABLE", "cancel:cancelled", "cancel:length", "abort:abort",
-                "abort:length", "abort:UNAVAILABLE"}
-    assert set(counts) <= expected, counts
+    expected = {"plain:length", "cancel:cancelled", "cancel:length", "abort:abort", "abort:length"}
+    assert set(counts) <= expected, counts  # no UNAVAILABLE: what was on the killed worker was moved
     assert counts["plain:length"] >= 0.75 * REQUESTS, counts
     assert counts["abort:abort"] > 300 and counts["cancel:cancelled"] > 300, counts
-    unavailable = counts["plain:UNAVAILABLE"] + counts["abort:UNAVAILABLE"]
-    assert unavailable <= CONCURRENCY, counts  # only what was on the killed worker
     live = [x for x in loads.loads if x.alive]
     assert len(live) == 3 and replacement and any(x.worker_address == replacement[0].ready["grpc"] for x in live)
     assert all(x.free_pages == x.num_pages and x.free_slots == x.num_slots for x in live)

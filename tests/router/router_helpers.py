@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env
-from sparsepd.launch import start
+from sparsepd.launch import Child, start, stop
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 
@@ -18,6 +19,30 @@ WORKER_ARGS = ["--preset", "tiny", "--num-slots", "16", "--max-batch-tokens", "2
 def start_router(prefill: str, decode: str, *extra: str):
     return start("router", ["router", "--port", "0", "--metrics-port", "0", "--prefill", prefill, "--decode", decode,
                             *extra])
+
+
+def start_at_once(specs: dict[str, list[str]], timeout_s: float = 180.0) -> dict[str, Child]:
+    """Start `{name: args}` in parallel (on 2 cores about twice as fast as one after another); if any fails,
+    stop those that started and raise its error."""
+    started: dict[str, Child] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str, args: list[str]) -> None:
+        try:
+            started[name] = start(name, args, timeout_s=timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every thread is done
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=item) for item in specs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for child in started.values():
+            stop(child)
+        raise errors[0]
+    return {name: started[name] for name in specs}
 
 
 def generate_request(ids: list[int], max_new_tokens: int | None = 8, stream: bool = False, request_id: str = "",

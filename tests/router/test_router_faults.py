@@ -1,10 +1,12 @@
 """Overload and lost workers through the public API: a full admission queue answers RESOURCE_EXHAUSTED; a
-killed decode worker fails its requests in flight and new ones with UNAVAILABLE, turns the health checks
-to NOT_SERVING, and the prefill worker's pages still come back. Every request ends exactly once."""
+killed decode worker that no other can replace: its request in flight waits --worker-wait for a decode worker
+to come back, then fails UNAVAILABLE naming the lost one, the health checks turn NOT_SERVING, new requests
+are refused UNAVAILABLE, and the prefill worker's pages still come back. Every request ends exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,7 +52,7 @@ def test_full_admission_queue_is_resource_exhausted(deployment):
 
 def test_killed_decode_worker_fails_requests_with_unavailable_and_frees_prefill(deployment):
     decode = start("decode-doomed", ["decode-worker", *WORKER_ARGS])
-    router = start_router(deployment["prefill"], decode.ready["grpc"])
+    router = start_router(deployment["prefill"], decode.ready["grpc"], "--worker-wait", "2")
     try:
         async def main():
             async with channel(router.ready["grpc"]) as ch:
@@ -77,7 +79,9 @@ def test_killed_decode_worker_fails_requests_with_unavailable_and_frees_prefill(
         stop(router)
         stop(decode)
     assert first.HasField("chunk") and all(r.HasField("chunk") for r in rest)
-    assert err.code() == grpc.StatusCode.UNAVAILABLE and "decode worker" in err.details()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert f"decode worker {decode.ready['grpc']} went away" in err.details(), err  # the lost one, then the wait
+    assert re.search(r"then no decode worker is alive for \d+ s", err.details()), err
     assert std.status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert new.code() == grpc.StatusCode.UNAVAILABLE and "no decode worker is alive" in new.details()
     prefill = next(x for x in loads.loads if x.disaggregation.mode == "prefill")

@@ -1,0 +1,78 @@
+"""Where the router sends work: a decode worker for each reservation, a prefill worker for each batch.
+
+The workers' own numbers (Stats, polled every `poll_s`) are late: reservations made between two polls all
+see the same numbers, so a burst used to land on one worker. The router therefore counts what it has asked
+for and the worker has not reported yet (`WorkerHandle.hold` → `confirm` → dropped by the first poll whose
+Stats was asked for after the worker confirmed) and chooses on that view:
+
+- decode: first the workers that can hold the request by that view (a free slot and the pages of prompt +
+  max_new_tokens), least loaded first (the larger of the shares of slots and pages in use), ties in
+  round-robin order; then the rest, the same way (the view may be stale: the worker's Reserve decides).
+- prefill: the fewest prompt tokens queued (counted when a batch is sent), ties in round-robin order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class Worker(Protocol):
+    role: str
+    index: int
+    alive: bool
+    queued_tokens: int
+
+    @property
+    def free_pages(self) -> int: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    @property
+    def num_pages(self) -> int: ...
+
+    @property
+    def num_slots(self) -> int: ...
+
+
+class Placement:
+    """The policy, with its round-robin position per role (the index after the last worker chosen)."""
+
+    def __init__(self, page_size: int):
+        if page_size < 1:
+            raise ValueError(f"page_size must be ≥ 1, got {page_size}")
+        self.page_size = page_size
+        self.turn = {"prefill": 0, "decode": 0}
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def prefill(self, workers: Sequence[Worker]) -> Worker | None:
+        """The live prefill worker with the fewest queued tokens (ties: round robin); None if none is alive."""
+        live = [w for w in workers if w.alive]
+        return min(live, key=lambda w: (w.queued_tokens, self._rotation(w))) if live else None
+
+    def decode(self, workers: Sequence[Worker], num_tokens: int) -> list[Worker]:
+        """Live decode workers in the order to try them for a request of num_tokens (prompt + max_new_tokens)."""
+        need = self.pages_for(num_tokens)
+        live = [w for w in workers if w.alive]
+        return sorted(live, key=lambda w: (not _fits(w, need), _load(w), self._rotation(w)))
+
+    def chose(self, worker: Worker) -> None:
+        """Note the worker work was sent to: the next tie goes to the one after it."""
+        self.turn[worker.role] = worker.index + 1
+
+    def _rotation(self, w: Worker) -> tuple[bool, int]:
+        """Round-robin order: workers from the turn on, then those before it."""
+        return w.index < self.turn[w.role], w.index
+
+
+def _fits(w: Worker, need_pages: int) -> bool:
+    return w.free_slots >= 1 and w.free_pages >= need_pages
+
+
+def _load(w: Worker) -> float:
+    slots = 1 - w.free_slots / w.num_slots if w.num_slots else 1.0
+    pages = 1 - w.free_pages / w.num_pages if w.num_pages else 1.0
+    return max(slots, pages)
