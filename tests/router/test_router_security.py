@@ -392,3 +392,32 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(certs):
         return results
 
     assert run(main()) == ["decode", "UNAVAILABLE"]
+
+
+def test_serve_with_tls_runs_every_port_over_tls(certs):
+    """`sparsepd serve --tls-cert --tls-key --cluster-tls-ca`: the workers register with the router over its TLS
+    port, a client with the CA is served, a plaintext one is not; without --cluster-tls-ca serve refuses."""
+    tls = ["--tls-cert", str(certs["node"]), "--tls-key", str(certs["node_key"])]
+    refused = subprocess.run([sys.executable, "-m", "sparsepd", "serve", "--port", "0", *tls], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "--cluster-tls-ca" in refused.stderr
+    child = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "64",
+                            *tls, "--cluster-tls-ca", str(certs["ca"])], timeout_s=240)
+    try:
+        async def main():
+            credentials = grpc.ssl_channel_credentials(root_certificates=certs["ca"].read_bytes())
+            async with grpc.aio.secure_channel(child.ready["grpc"], credentials) as ch:
+                _, done = await collect(pb_grpc.SglangSchedulerStub(ch), generate_request([1, 2, 3], 3), timeout=60)
+            async with grpc.aio.insecure_channel(child.ready["grpc"]) as ch:
+                try:
+                    await collect(pb_grpc.SglangSchedulerStub(ch), generate_request([1, 2, 3], 3), timeout=20)
+                    plaintext = "served"
+                except grpc.aio.AioRpcError as exc:
+                    plaintext = exc.code().name
+            return done, plaintext
+
+        done, plaintext = run(main())
+    finally:
+        stop(child)
+    assert done.finish_reason == "length" and len(done.output_ids) == 3
+    assert plaintext == "UNAVAILABLE"
