@@ -14,6 +14,7 @@ import torch
 
 from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
+from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
@@ -27,12 +28,15 @@ class Engine:
                  overlap: bool = False, vocabulary: Vocabulary | None = None):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
-        vocabulary: what grammars compile against (default: the byte vocabulary of the model's config)."""
+        vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
+        A prefix cache (engine/prefix_cache.py) when pool_config.prefix_cache_entries > 0."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
-        self.scheduler = Scheduler(self.runner, overlap=overlap)
+        entries = pool_config.prefix_cache_entries
+        self.prefix_cache = PrefixCache(self.pools, entries) if entries else None
+        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):
@@ -93,8 +97,12 @@ class Engine:
         return requests
 
     def is_idle_and_empty(self) -> bool:
-        """No request holds anything: every page and slot is free."""
-        return (not self.scheduler.has_work and self.pools.pages.num_used == 0 and self.pools.slots.num_used == 0)
+        """No request holds anything: every slot is free, and every page too but those only the prefix cache
+        holds."""
+        held = self.prefix_cache.held_pages() if self.prefix_cache is not None else {}
+        pages = self.pools.pages
+        return (not self.scheduler.has_work and self.pools.slots.num_used == 0 and pages.num_used == len(held)
+                and all(pages.refs(page) == n for page, n in held.items()))
 
 
 def byte_vocabulary(model: Transformer) -> Vocabulary:

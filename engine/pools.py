@@ -37,6 +37,8 @@ class PoolConfig(BaseModel):
     num_pages: int | None = Field(None, ge=1, description="pages; when None, sized from kv_memory_bytes")
     kv_memory_bytes: int | None = Field(None, ge=1, description="budget for pages + slots + scratch")
     gpu_memory_fraction: float = Field(0.5, gt=0.0, le=0.95, description="of free GPU memory, when no budget")
+    prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache entries (a slot's bytes each; 0 = no "
+                                                         "cache; engine/prefix_cache.py)")
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def bytes_per_slot(cfg: ModelConfig) -> int:
 def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> PoolGeometry:
     """Choose the page count: given, or what the memory budget leaves after slots and scratch."""
     s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
-    fixed = pool.num_slots * bytes_per_slot(cfg) + cfg.n_layers * pool.max_batch_tokens * cfg.head_dim * s
+    fixed = (pool.num_slots + pool.prefix_cache_entries) * bytes_per_slot(cfg)
+    fixed += cfg.n_layers * pool.max_batch_tokens * cfg.head_dim * s
     num_pages = pool.num_pages
     if num_pages is None:
         budget = pool.kv_memory_bytes
@@ -109,12 +112,14 @@ def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> P
 
 
 class IdAllocator:
-    """Free-list allocator of integer ids (pages or slots) with used/free counters."""
+    """Free-list allocator of integer ids (pages or slots) with used/free counters. An id can have several
+    holders (a page shared by a cached prefix and the requests restored from it, engine/prefix_cache.py):
+    `share` adds one, `free` drops one, and the id is free again when its last holder lets go."""
 
     def __init__(self, capacity: int, what: str):
         self.capacity, self.what = capacity, what
         self._free = list(range(capacity - 1, -1, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # allocated id → holders
 
     @property
     def num_free(self) -> int:
@@ -122,7 +127,7 @@ class IdAllocator:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return len(self._refs)
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
@@ -133,15 +138,37 @@ class IdAllocator:
         if n > len(self._free):
             raise OutOfCapacity(f"needs {n} {self.what}, {len(self._free)} of {self.capacity} are free")
         ids = [self._free.pop() for _ in range(n)]
-        self._used.update(ids)
+        for i in ids:
+            self._refs[i] = 1
         return ids
 
+    def share(self, ids: list[int]) -> None:
+        """One more holder for each of these allocated ids."""
+        bad = [i for i in ids if i not in self._refs]
+        if bad:
+            raise ValueError(f"sharing {self.what} {bad} that are not allocated")
+        for i in ids:
+            self._refs[i] += 1
+
+    def refs(self, i: int) -> int:
+        """How many hold id i (0: free)."""
+        return self._refs.get(i, 0)
+
     def free(self, ids: list[int]) -> None:
-        bad = [i for i in ids if i not in self._used]
+        """One holder fewer for each id; those left with none go back to the free list."""
+        counts: dict[int, int] = {}
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+        bad = [i for i, n in counts.items() if self._refs.get(i, 0) < n]
         if bad:
             raise ValueError(f"freeing {self.what} {bad} that are not allocated (double free?)")
-        self._used.difference_update(ids)
-        self._free.extend(reversed(ids))
+        freed = []
+        for i in ids:
+            self._refs[i] -= 1
+            if self._refs[i] == 0:
+                del self._refs[i]
+                freed.append(i)
+        self._free.extend(reversed(freed))
 
 
 class KVPools:

@@ -35,6 +35,8 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     grammar: GrammarMatch | None = None  # its grammar's matcher, when params.grammar (engine/grammar.py)
     error: str = ""  # why this request failed alone, when finish_reason == "error"
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
+    cache_at: int | None = None  # where its state becomes a prefix-cache entry (a page boundary not yet reached)
 
     @property
     def max_len(self) -> int:

@@ -8,7 +8,9 @@ colocated serving mode that the disaggregated service is compared against. A pre
 that asks for prompt log-probabilities is scored in the same step (engine/prompt_logprobs.py); requests
 that do not ask take the plain path.
 
-colocated serving mode that the disaggregated service is compared against.
+With a prefix cache (engine/prefix_cache.py, the prefill workers'), admission restores a request from the entry
+of its longest cached page-aligned prefix and prefills only the rest; the chunk that reaches the last page
+boundary before a request's last known token ends there, and the state at that boundary becomes an entry.
 
 With overlap, step N+1's forward and draw are queued before step N's tokens are read. A request with a
 grammar needs token N accepted by its matcher before step N+1's mask can be built (engine/grammar.py), so
@@ -27,6 +29,7 @@ import torch
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.pools import OutOfCapacity
+from sparsepd.engine.prefix_cache import CacheEntry, PrefixCache
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
@@ -49,8 +52,9 @@ class LaunchedForward:
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False):
-        self.runner, self.pools = runner, runner.pools
+    def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False,
+                 cache: PrefixCache | None = None):
+        self.runner, self.pools, self.cache = runner, runner.pools, cache
         self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
         if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} exceeds the pools' scratch rows "
@@ -129,6 +133,8 @@ class Scheduler:
             request = self.waiting[0]
             need = self._to_reserve(request)
             pages = sum(self.pools.pages_for(r.max_len) for r in need)
+            if self.cache is not None and self.pools.slots.can_allocate(len(need)):
+                self.cache.make_room(pages)
             if not (self.pools.slots.can_allocate(len(need)) and self.pools.pages.can_allocate(pages)):
                 return
             self.waiting.popleft()
@@ -154,15 +160,43 @@ class Scheduler:
         return [request, *(f for f in request.forks if f.slot is None and not f.stateless)]
 
     def reserve(self, request: Request) -> None:
-        """A slot and pages for all of a request's tokens, without running it (raises OutOfCapacity)."""
+        """A slot and pages for all of a request's tokens, without running it (raises OutOfCapacity); with a
+        prefix cache, its longest cached prefix restored (the entry's pages shared, its slot copied)."""
         slot = self.pools.slots.allocate(1)[0]
+        entry = self._lookup(request)
+        shared = list(entry.pages) if entry is not None else []
+        self.pools.pages.share(shared)  # before make_room: evicting the entry now frees none of these
+        need = self.pools.pages_for(request.max_len) - len(shared)
         try:
-            request.pages = self.pools.pages.allocate(self.pools.pages_for(request.max_len))
+            if self.cache is not None:
+                self.cache.make_room(need)
+            request.pages = shared + self.pools.pages.allocate(need)
         except OutOfCapacity:
+            self.pools.pages.free(shared)
             self.pools.slots.free([slot])
             raise
         request.slot = slot
         self.pools.reset_slot(slot)
+        if self.cache is not None and self._cacheable(request):
+            if entry is not None:
+                self.cache.restore(entry, slot)
+                request.num_computed = request.cached_tokens = entry.num_tokens
+            self.cache.stats.miss_tokens += request.num_known - request.num_computed
+            at = self.cache.boundary(request.num_known)
+            request.cache_at = at if at > request.num_computed else None
+
+    def _cacheable(self, request: Request) -> bool:
+        return not request.stateless and request.num_computed == 0 and request.prefilling
+
+    def _lookup(self, request: Request) -> CacheEntry | None:
+        """The cache entry to restore the request from: its longest cached page-aligned prefix that leaves a
+        token to compute (the first draw needs its logits) and no prompt position it must score."""
+        if self.cache is None or not self._cacheable(request):
+            return None
+        limit = request.num_known - 1
+        if request.params.logprob_start_len is not None:
+            limit = min(limit, request.params.logprob_start_len)
+        return self.cache.match(request.prompt_ids + request.output_ids, limit)
 
     def activate(self, request: Request) -> None:
         """Run a reserved request whose state has been imported (the decode worker's admission)."""
@@ -189,7 +223,8 @@ class Scheduler:
             budget -= 1
         for r in self.running:
             if r.prefilling and budget > 0:
-                tokens = r.next_tokens(budget)
+                cut = r.cache_at - r.num_computed if r.cache_at is not None else budget  # end there: cache it
+                tokens = r.next_tokens(min(budget, cut))
                 out.append((r, tokens))
                 budget -= len(tokens)
         return out
@@ -210,6 +245,10 @@ class Scheduler:
         rows, sampling = [], []
         for i, (request, tokens) in enumerate(scheduled):
             request.num_computed += len(tokens)
+            if request.cache_at is not None and request.num_computed == request.cache_at:
+                known = request.prompt_ids + request.output_ids
+                self.cache.insert(known[: request.cache_at], request.pages, request.slot)
+                request.cache_at = None
             if request.num_computed >= request.num_known + request.num_pending:
                 rows.append(i)
                 sampling.append(request)

@@ -69,6 +69,12 @@ def _views(pools: KVPools, slot: int, pages: list[int]) -> dict[str, tuple[torch
     return out
 
 
+def slot_views(pools: KVPools, slot: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """The pieces of a request's state that live in its slot (SWA ring, compressor and indexer rings); the rest
+    lives in its pages."""
+    return {name: (pool, index) for name, (pool, index) in _views(pools, slot, []).items() if isinstance(index, int)}
+
+
 def export_state(pools: KVPools, request: Request) -> tuple[StateDescriptor, dict[str, torch.Tensor]]:
     """Copy a request's state out of the pools into contiguous host tensors."""
     if request.slot is None:

@@ -117,9 +117,14 @@ def test_padded_decode_batch_equals_the_unpadded_one():
     cache = PagedCache(batch, engine.pools, engine.runner.rope_tables)
     padded = model.forward_batch(batch.token_ids, batch.positions, cache, ids_checked=True)
     assert padded.shape[0] == 8 and torch.isfinite(padded).all()
-    assert torch.equal(padded[: len(reqs)], eager), (padded[: len(reqs)] - eager).abs().max()
+    # GEMMs may round differently at another batch size (M): CPU BLAS and cuBLAS pick their blocking by shape, so
+    # the real rows (and the KV they write) match the unpadded batch to fp32 rounding, not bit for bit; a pad row
+    # that wrote where a request reads would differ by far more
+    real = padded[: len(reqs)]
+    assert torch.allclose(real, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item()), (real - eager).abs().max()
+    assert torch.equal(real.argmax(-1), eager.argmax(-1))
     for a, b in zip(_pool_state(engine), after_eager, strict=True):
-        assert torch.equal(a, b)
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), (a.float() - b.float()).abs().max()
 
 
 def test_all_padding_batch_writes_nothing():

@@ -1,0 +1,163 @@
+"""The prefix cache (engine/prefix_cache.py): a request restored from a cached prefix gives the tokens and
+log-probabilities of a cold prefill, for prefixes ending on, before and after compress-block and window
+boundaries; pages are shared by reference count and freed only when the last holder lets go; eviction makes
+room before any admission fails and never frees a page a request holds; aborts free everything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsepd.engine.engine import Engine
+from sparsepd.engine.pools import IdAllocator, OutOfCapacity, PoolConfig
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.model.config import get_preset
+from sparsepd.model.weights import build_model
+from sparsepd.prefix_hash import longest_match, prefix_hashes
+
+CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window
+PAGE = CFG.page_size
+PARAMS = SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(CFG, seed=0)
+
+
+def _engine(model, entries: int, num_pages: int = 96, max_batch_tokens: int = 40) -> Engine:
+    return Engine(model, PoolConfig(num_slots=4, max_batch_tokens=max_batch_tokens, num_pages=num_pages,
+                                    prefix_cache_entries=entries))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run(engine: Engine, prompt: list[int], params: SamplingParams = PARAMS):
+    request = engine.submit(prompt, params)
+    engine.scheduler.run_to_completion()
+    return request
+
+
+def _same(a, b) -> None:
+    assert a.output_ids == b.output_ids
+    for x, y in zip(a.output_logprobs, b.output_logprobs, strict=True):
+        assert x.top_ids == y.top_ids
+        assert x.logprob == pytest.approx(y.logprob, rel=1e-4, abs=1e-5)
+        assert list(x.top_logprobs) == pytest.approx(list(y.top_logprobs), rel=1e-4, abs=1e-5)
+
+
+# first prompt length, second prompt = first[:shared] + new tokens. The first request's entry is at the last
+# page boundary before its prompt's end (one entry per request), so the restored position is a page (= window,
+# HCA block) boundary, and the second request's own tokens start on, before and after CSA-block and window
+# boundaries of the positions it computes.
+CASES = [(17, 17, 9), (33, 33, 1), (40, 40, 30), (47, 36, 12), (64, 64, 5), (70, 66, 19), (70, 65, 1)]
+
+
+@pytest.mark.parametrize("first,shared,extra", CASES)
+def test_a_hit_gives_the_cold_prefills_tokens_and_logprobs(model, first, shared, extra):
+    a = _ids(first, seed=first)
+    b = a[:shared] + _ids(extra, seed=1000 + extra)
+    warm = _engine(model, entries=8)
+    _run(warm, a)
+    got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    hit = (first - 1) // PAGE * PAGE
+    assert hit <= shared and hit < len(b)
+    assert got.cached_tokens == hit and hit > 0
+    _same(got, want)
+    stats = warm.prefix_cache.stats
+    assert stats.hits == 1 and stats.hit_tokens == hit and stats.miss_tokens == first + len(b) - hit
+    assert warm.is_idle_and_empty()
+
+
+def test_a_prefix_shorter_than_the_entry_misses(model):
+    """An entry restores the state at its own boundary only: a request sharing fewer tokens computes them all."""
+    a = _ids(40, seed=5)
+    warm = _engine(model, entries=8)
+    _run(warm, a)
+    got = _run(warm, a[:30] + _ids(10, seed=6))
+    assert got.cached_tokens == 0 and warm.prefix_cache.stats.hits == 0
+
+
+def test_a_conversation_hits_each_turn_and_equals_cold_runs(model):
+    """Turn k+1 = turn k's prompt + its output + new tokens; each turn restores the previous turn's entry."""
+    warm, cold = _engine(model, entries=8), _engine(model, entries=0)
+    prompt, previous = _ids(21, seed=3), 0
+    for _ in range(4):
+        got, want = _run(warm, prompt), _run(cold, prompt)
+        _same(got, want)
+        assert got.cached_tokens == previous
+        previous = (len(prompt) - 1) // PAGE * PAGE
+        prompt = prompt + got.output_ids + _ids(7 + len(prompt) % 5, seed=len(prompt))
+    assert warm.is_idle_and_empty()
+
+
+def test_prompt_logprobs_limit_the_hit_to_their_start(model):
+    a = _ids(50, seed=8)
+    warm = _engine(model, entries=8)
+    _run(warm, a[:20])  # an entry at 16
+    _run(warm, a)  # and one at 48
+    params = PARAMS.model_copy(update=dict(logprob_start_len=40))
+    got, want = _run(warm, a, params), _run(_engine(model, entries=0), a, params)
+    assert got.cached_tokens == 16  # the entry at 48 would skip positions 40..47, which it must score
+    _same(got, want)
+    assert [x.logprob for x in got.prompt_logprobs] == pytest.approx([x.logprob for x in want.prompt_logprobs],
+                                                                     rel=1e-4, abs=1e-5)
+
+
+def test_shared_pages_are_freed_by_their_last_holder_and_aborts_free_everything(model):
+    engine = _engine(model, entries=8)
+    a = _ids(40, seed=11)
+    _run(engine, a)
+    (entry,) = engine.prefix_cache.entries.values()
+    assert all(engine.pools.pages.refs(p) == 1 for p in entry.pages)
+    request = engine.submit(a + [1, 2, 3], PARAMS)
+    engine.step()  # admitted: restored from the entry
+    assert request.cached_tokens == 32 and request.pages[:2] == list(entry.pages)
+    assert all(engine.pools.pages.refs(p) == 2 for p in entry.pages)
+    engine.prefix_cache.clear()  # evicting the entry frees none of the pages the request holds
+    assert all(engine.pools.pages.refs(p) == 1 for p in entry.pages)
+    assert engine.abort(request.request_id)
+    assert engine.pools.pages.num_used == 0 and engine.pools.slots.num_used == 0
+
+
+def test_eviction_makes_room_before_an_admission_fails(model):
+    """A pool that only fits one request at a time: the cache gives its pages back rather than refuse."""
+    engine = _engine(model, entries=8, num_pages=6)  # 96 tokens
+    for seed in range(5):
+        request = _run(engine, _ids(60, seed=seed), SamplingParams(max_new_tokens=30, ignore_eos=True))
+        assert request.finish_reason == "length"
+    assert engine.prefix_cache.stats.evictions >= 3 and engine.is_idle_and_empty()
+    engine.prefix_cache.clear()
+    assert engine.pools.pages.num_used == 0
+    with pytest.raises(OutOfCapacity):  # what no pool could ever hold is still refused at once
+        engine.submit(_ids(60, seed=9), SamplingParams(max_new_tokens=60, ignore_eos=True))
+
+
+def test_entries_are_bounded_least_recently_used_first(model):
+    engine = _engine(model, entries=2)
+    prompts = [_ids(20, seed=s) for s in range(3)]
+    for p in prompts:
+        _run(engine, p)
+    assert len(engine.prefix_cache.entries) == 2
+    held = set(engine.prefix_cache.hashes())
+    assert [longest_match(prefix_hashes(p, PAGE), held) for p in prompts] == [0, 1, 1]
+
+
+def test_page_refcounts():
+    pages = IdAllocator(4, "pages")
+    a = pages.allocate(2)
+    pages.share(a)
+    pages.free(a)
+    assert pages.num_free == 2 and [pages.refs(i) for i in a] == [1, 1]
+    pages.free(a)
+    assert pages.num_free == 4
+    with pytest.raises(ValueError, match="double free"):
+        pages.free([a[0]])
+    with pytest.raises(ValueError, match="not allocated"):
+        pages.share([a[0]])
+    b = pages.allocate(1)
+    with pytest.raises(ValueError, match="double free"):
+        pages.free(b + b)  # one holder, freed twice in one call
