@@ -66,6 +66,7 @@ class Dispatcher:
         self.draining = False
         self.blocked = False  # a Reserve found no room: wait for a request to end or a poll before retrying
         self.releasing = 0  # decode Release calls in flight: their pages come back when they answer
+        self.room_freed = 0  # counts requests ended and Releases answered: a refusal older than one is stale
 
     # --- the public side ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> Flow:
@@ -220,6 +221,7 @@ class Dispatcher:
         if len(members) == 1:
             ticket = await self._reserve(flow, only)
             return None if ticket is None else [ticket]
+        asked_at = self.room_freed
         results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in members))
         if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
             return list(results)
@@ -229,7 +231,7 @@ class Dispatcher:
                 member.reserved, member.decode_done, member.decode = False, False, None
         if not flow.ended:
             last = next((t for t in results if isinstance(t, str)), "")
-            self._no_room(flow, last)
+            self._no_room(flow, last, asked_at)
         return None
 
     async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
@@ -241,6 +243,7 @@ class Dispatcher:
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
         tokens = len(spec.input_ids) + spec.sampling.max_new_tokens
         need = self.pool.placement.pages_for(tokens)
+        asked_at = self.room_freed
         candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
         for worker in candidates:
             if flow.ended:
@@ -272,13 +275,15 @@ class Dispatcher:
             return None
         if not on_no_room:
             return last
-        self._no_room(flow, last)
+        self._no_room(flow, last, asked_at)
         return None
 
-    def _no_room(self, flow: Flow, last: str) -> None:
+    def _no_room(self, flow: Flow, last: str, asked_at: int) -> None:
         """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
         requests hold pages (or are being given some: Reserve calls in flight; or are giving them back: Release
-        calls in flight) or while a decode worker may come back, else fail."""
+        calls in flight) or while a decode worker may come back, else fail. A refusal sent before a request
+        ended (asked_at: `room_freed` when the Reserve went out; replies and token streams arrive in any order)
+        may be stale: the flow is retried at once."""
         if not any(w.alive for w in self.pool.decode):
             why = self.pool.out_of_service("decode")
             if why is not None:
@@ -286,10 +291,10 @@ class Dispatcher:
             else:
                 self.queue.appendleft(flow)
                 self.blocked = True
-        elif (self.releasing or any(f.reserved for f in self.flows.values())
+        elif (self.releasing or self.room_freed != asked_at or any(f.reserved for f in self.flows.values())
               or any(w.held_slots for w in self.pool.decode)):
             self.queue.appendleft(flow)  # room comes back when another request ends or a Release answers
-            self.blocked = True
+            self.blocked = self.room_freed == asked_at
         else:
             self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     message=f"no decode worker can hold this request ({last})"))
@@ -432,6 +437,7 @@ class Dispatcher:
         if flow.ended:
             return
         flow.ended, flow.outcome = True, outcome
+        self.room_freed += 1
         self.flows.pop(flow.request_id, None)
         self.by_worker_id.pop(flow.worker_id, None)
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
@@ -492,6 +498,7 @@ class Dispatcher:
         finally:
             if holds_pages:
                 self.releasing -= 1
+                self.room_freed += 1
                 self.wake.set()  # a request waiting for room may fit now
 
 
