@@ -118,9 +118,10 @@ class PrefixCache:
         self.stats.evictions += 1
 
     def held_pages(self) -> dict[int, int]:
-        """page → how many entries hold it."""
+        """page → how many entries hold it. (Read by a worker's Stats beside the thread that steps the engine:
+        the copies of the map are taken whole under the GIL.)"""
         out: dict[int, int] = {}
-        for entry in self.entries.values():
+        for entry in list(self.entries.values()):
             for page in entry.pages:
                 out[page] = out.get(page, 0) + 1
         return out
@@ -131,4 +132,4 @@ class PrefixCache:
 
     def hashes(self) -> list[int]:
         """The keys of the entries, most recently used first (what a worker reports to the router)."""
-        return list(reversed(self.entries))
+        return list(reversed(list(self.entries)))

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
@@ -58,13 +59,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.HealthResponse(serving=self.serving, role="prefill", fingerprint=self.worker.fingerprint)
 
     async def Stats(self, request, context):
-        pools, c = self.worker.engine.pools, self.worker.counters
+        pools, c, cache = self.worker.engine.pools, self.worker.counters, self.worker.engine.prefix_cache
         return worker_pb2.StatsResponse(
-            role="prefill", num_pages=pools.pages.capacity, free_pages=pools.pages.num_free,
+            role="prefill", num_pages=pools.pages.capacity,
+            free_pages=pools.pages.num_free + (cache.reclaimable_pages() if cache is not None else 0),
             num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
             running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
-            transfer_bytes=c["transfer_bytes"])
+            transfer_bytes=c["transfer_bytes"], prefix_cache=_cache_stats(cache))
 
 
 def _check_ticket(r, where: str) -> None:
@@ -90,10 +92,21 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
                       forks, output_ids)
 
 
+def _cache_stats(cache: PrefixCache | None) -> worker_pb2.PrefixCacheStats:
+    if cache is None:
+        return worker_pb2.PrefixCacheStats(enabled=False)
+    s = cache.stats
+    return worker_pb2.PrefixCacheStats(enabled=True, hit_tokens=s.hit_tokens, miss_tokens=s.miss_tokens,
+                                       evictions=s.evictions, entries=len(cache.entries),
+                                       pages=len(cache.held_pages()), page_size=cache.page_size,
+                                       hashes=cache.hashes())
+
+
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
     result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
                                       finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
                                       prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms,
+                                      cached_tokens=o.cached_tokens,
                                       error_code=o.error_code)
     if o.logprobs is not None:
         result.first_logprob = o.logprobs.logprob

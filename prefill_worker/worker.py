@@ -57,6 +57,7 @@ class PrefillOutcome:
     transfer_ms: float = 0.0
     logprobs: TokenLogprobs | None = None  # the first token's, when asked for
     prompt_logprobs: PromptLogprobs | None = None  # when params.logprob_start_len is set
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
     error_code: int = 0  # not ok: the status for the client when this request alone is at fault (0 = UNAVAILABLE)
 
 
@@ -181,7 +182,7 @@ class PrefillWorker:
             out.logprobs = member.output_logprobs[-1] if member.output_logprobs else None
             if job.params.logprob_start_len is not None:  # a fork's are its source's (one prefill)
                 out.prompt_logprobs = PromptLogprobs(job.params.logprob_start_len, tuple(request.prompt_logprobs))
-            out.prefill_ms = prefill_ms
+            out.prefill_ms, out.cached_tokens = prefill_ms, request.cached_tokens
             if member.finish_reason is not None:  # done at the first token: nothing to ship
                 out.ok = True
                 continue

@@ -1,6 +1,7 @@
 """Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
 
-    admit (bounded queue) → batch (token budget, short wait) → pick P (fewest queued tokens)
+    admit (bounded queue) → pick P (the one whose prefix cache holds the head's prompt, else fewest queued
+    tokens) → batch (token budget, short wait; requests another P's cache holds wait for that P's batch)
     → per request pick D (room, then least loaded, router/placement.py) and Reserve there
     → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
@@ -30,9 +31,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
+from sparsepd.prefix_hash import prefix_hashes
 from sparsepd.proto import worker_pb2
 from sparsepd.router.flow import Flow, Outcome, TokenLogprob, worker_error_status
 from sparsepd.router.params import RequestSpec
@@ -166,20 +169,44 @@ class Dispatcher:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            batch = await self._form_batch()
+            preferred = self._cached_prefill(self.queue[0])
+            if preferred is not None and preferred.inflight < self.batches_per_prefill:
+                prefill = preferred
+            batch = await self._form_batch(lambda f: self._cached_prefill(f) in (None, prefill))
             if batch:
                 self.pool.placement.chose(prefill)
                 prefill.inflight += 1
                 prefill.queued_tokens += sum(f.prefill_len for f in batch)
                 self._spawn(self._run_batch(prefill, batch))
 
-    async def _form_batch(self) -> list[Flow]:
-        """Take queued flows up to the token budget, waiting at most batch_wait_s for more to arrive."""
+    def _cached_prefill(self, flow: Flow) -> WorkerHandle | None:
+        """The prefill worker whose prefix cache makes it the place for this flow (router/placement.py)."""
+        if flow.prefix_hashes is None:
+            flow.prefix_hashes = prefix_hashes(flow.spec.input_ids, self.pool.placement.page_size)
+        return self.pool.placement.cached_prefill(self.pool.prefill, flow.prefix_hashes, flow.prefill_len,
+                                                  balance_tokens=4 * self.batch_tokens)
+
+    def _note_cached(self, prefill: WorkerHandle, flow: Flow) -> None:
+        """The prefill worker now holds the flow's prompt up to its last page boundary (engine/prefix_cache.py):
+        count it before its next Stats says so, so the conversation's next turn finds it at once."""
+        if not prefill.stats.prefix_cache.enabled or flow.prefix_hashes is None:
+            return
+        pages = (len(flow.spec.input_ids) - 1) // self.pool.placement.page_size
+        if 0 < pages <= len(flow.prefix_hashes):
+            prefill.cached = prefill.cached | {flow.prefix_hashes[pages - 1]}
+
+    async def _form_batch(self, accept: Callable[[Flow], bool]) -> list[Flow]:
+        """Take the queued flows `accept` takes (in order, up to the token budget), waiting at most batch_wait_s
+        for more to arrive; the head is always taken (it chose the worker)."""
         batch, tokens = [], 0
         deadline = time.monotonic() + self.batch_wait_s
         while True:
-            while self.queue and (not batch or tokens + self.queue[0].prefill_len <= self.batch_tokens):
-                flow = self.queue.popleft()
+            for flow in list(self.queue):
+                if batch and tokens + flow.prefill_len > self.batch_tokens:
+                    break
+                if batch and not accept(flow):
+                    continue  # another worker's cache holds its prefix: left for that worker's batch
+                self.queue.remove(flow)
                 batch.append(flow)
                 tokens += flow.prefill_len
             left = deadline - time.monotonic()
@@ -340,6 +367,9 @@ class Dispatcher:
                 self._end(flow, Outcome("abort", code=worker_error_status(r.error_code), message=why))
             return
         flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
+        if not flow.output_ids:  # (a moved request's usage stays its first prefill's)
+            flow.cached_tokens = r.cached_tokens
+            self._note_cached(prefill, flow)
         if r.transfer_bytes:
             prefill.transfers += 1
             prefill.transfer_bytes += r.transfer_bytes

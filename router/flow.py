@@ -66,6 +66,8 @@ class Flow:
     outcome: Outcome | None = None
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
+    cached_tokens: int = 0  # prompt tokens the prefill worker restored from its prefix cache (first attempt)
+    prefix_hashes: list[int] | None = None  # its prompt's page-aligned prefixes (sparsepd/prefix_hash.py), once
     transfer_ms: float = 0.0
     ttft_ms: float = 0.0
     transfer_bytes: int = 0

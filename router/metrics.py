@@ -9,7 +9,7 @@ waiting requests, liveness.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -93,6 +93,15 @@ class _LiveCollector(Collector):
         running = GaugeMetricFamily("sparsepd_worker_running_requests", "Requests running", labels=labels)
         waiting = GaugeMetricFamily("sparsepd_worker_waiting_requests", "Requests waiting", labels=labels)
         alive = GaugeMetricFamily("sparsepd_worker_alive", "1 when the last poll succeeded", labels=labels)
+        hit = CounterMetricFamily("sparsepd_prefix_cache_hit_tokens", "Prompt tokens a prefill worker restored from "
+                                  "its prefix cache instead of computing them", labels=labels)
+        miss = CounterMetricFamily("sparsepd_prefix_cache_miss_tokens", "Prompt tokens a prefill worker computed "
+                                   "(requests that looked its prefix cache up)", labels=labels)
+        evicted = CounterMetricFamily("sparsepd_prefix_cache_evictions", "Prefix-cache entries evicted",
+                                      labels=labels)
+        cache_pages = GaugeMetricFamily("sparsepd_prefix_cache_pages", "KV pages the prefix cache's entries hold",
+                                        labels=labels)
+        entries = GaugeMetricFamily("sparsepd_prefix_cache_entries", "Prefix-cache entries", labels=labels)
         for w in d.pool.all:
             key, s = [w.address, w.role], w.stats
             pages_used.add_metric(key, s.num_pages - s.free_pages)
@@ -100,4 +109,12 @@ class _LiveCollector(Collector):
             running.add_metric(key, s.running)
             waiting.add_metric(key, s.waiting)
             alive.add_metric(key, 1 if w.alive else 0)
-        yield from (queue, inflight, pages_used, pages_free, running, waiting, alive)
+            c = s.prefix_cache
+            if c.enabled:  # (the worker's own counts: they restart from 0 when it does)
+                hit.add_metric(key, c.hit_tokens)
+                miss.add_metric(key, c.miss_tokens)
+                evicted.add_metric(key, c.evictions)
+                cache_pages.add_metric(key, c.pages)
+                entries.add_metric(key, c.entries)
+        yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, cache_pages,
+                    entries)

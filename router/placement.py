@@ -8,7 +8,10 @@ Stats was asked for after the worker confirmed) and chooses on that view:
 - decode: first the workers that can hold the request by that view (a free slot and the pages of prompt +
   max_new_tokens), least loaded first (the larger of the shares of slots and pages in use), ties in
   round-robin order; then the rest, the same way (the view may be stale: the worker's Reserve decides).
-- prefill: the fewest prompt tokens queued (counted when a batch is sent), ties in round-robin order.
+- prefill: the worker whose prefix cache holds the longest prefix of the request at the queue's head, when
+  that is a fair share of its prompt and the worker is not far behind the others (`cached_prefill`; the
+  batch then takes the queued requests that prefer no other worker); else the fewest prompt tokens queued
+  (counted when a batch is sent), ties in round-robin order.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from sparsepd.prefix_hash import longest_match
+
 
 class Worker(Protocol):
     role: str
     index: int
     alive: bool
     queued_tokens: int
+    cached: frozenset[int]  # a prefill worker's prefix-cache entries (their hashes), as its last Stats said
 
     @property
     def free_pages(self) -> int: ...
@@ -34,6 +40,9 @@ class Worker(Protocol):
 
     @property
     def num_slots(self) -> int: ...
+
+
+CACHE_MATCH_SHARE = 0.25  # a cached prefix below this share of the prompt does not pick the prefill worker
 
 
 class Placement:
@@ -52,6 +61,23 @@ class Placement:
         """The live prefill worker with the fewest queued tokens (ties: round robin); None if none is alive."""
         live = [w for w in workers if w.alive]
         return min(live, key=lambda w: (w.queued_tokens, self._rotation(w))) if live else None
+
+    def cached_prefill(self, workers: Sequence[Worker], hashes: Sequence[int], num_tokens: int,
+                       balance_tokens: int) -> Worker | None:
+        """Cache-aware prefill choice (SGLang's router policy): the live worker whose prefix cache holds the
+        longest page-aligned prefix of the request (`hashes`, sparsepd/prefix_hash.py), when that prefix is at
+        least CACHE_MATCH_SHARE of its num_tokens and the worker's queue is at most balance_tokens longer than
+        the shortest one; None otherwise (then the least loaded worker takes it)."""
+        live = [w for w in workers if w.alive]
+        if not live or not hashes:
+            return None
+        best = max(live, key=lambda w: (longest_match(hashes, w.cached), -w.queued_tokens))
+        matched = longest_match(hashes, best.cached) * self.page_size
+        if matched == 0 or matched < CACHE_MATCH_SHARE * num_tokens:
+            return None
+        if best.queued_tokens > min(w.queued_tokens for w in live) + balance_tokens:
+            return None  # overloaded: the cache is not worth the wait
+        return best
 
     def decode(self, workers: Sequence[Worker], num_tokens: int) -> list[Worker]:
         """Live decode workers in the order to try them for a request of num_tokens (prompt + max_new_tokens)."""

@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--num-pages", type=int, default=None, help="KV pages per worker")
     w.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward")
     w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
+    w.add_argument("--prefix-cache-entries", type=int, default=None,
+                   help="prompts whose state each prefill worker keeps for requests that start with them "
+                        "(default: the prefill worker's, 64)")
+    w.add_argument("--disable-prefix-cache", action="store_true",
+                   help="prefill every request from its first token (no prefix cache on the prefill workers)")
     add_dispatch_arguments(p)
     p.add_argument("--metrics-port", type=int, default=30090,
                    help="the router's Prometheus port; 0 = any, -1 = off (default: %(default)s)")
@@ -195,7 +200,7 @@ async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
     common = [*_worker_flags(args), "--router", where]
     workers = [(f"{kind}-{i}", ["decode-worker", *common, *(["--colocated"] if args.colocated else []),
                                 "--device", devices[i]]) for i in range(args.decode)]
-    workers += [(f"prefill-{i}", ["prefill-worker", *common, "--device", devices[args.decode + i]])
+    workers += [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), "--device", devices[args.decode + i]])
                 for i in range(args.prefill)]
     _say(f"starting {args.decode} {kind} and {args.prefill} prefill workers ...")
     started = await asyncio.gather(*(supervisor.start(name, _launcher(name, cmd, args, env))
@@ -244,6 +249,13 @@ def _router_args(args: argparse.Namespace) -> list[str]:
     if args.no_cluster_auth:
         out.append("--no-cluster-auth")
     return out
+
+
+def _cache_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--disable-prefix-cache"] if args.disable_prefix_cache else []
+    if args.prefix_cache_entries is not None:
+        flags += ["--prefix-cache-entries", str(args.prefix_cache_entries)]
+    return flags
 
 
 def _tls_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:

@@ -116,7 +116,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         if not (new and spec.stream):
             return None
         chunk = pb.GenerateStreamChunk(token_ids=new, prompt_tokens=len(spec.input_ids),
-                                       completion_tokens=sent + len(new), index=spec.index)
+                                       completion_tokens=sent + len(new), cached_tokens=flow.cached_tokens,
+                                       index=spec.index)
         if spec.logprobs:
             chunk.output_logprobs.CopyFrom(_output_logprobs(flow, sent, sent + len(new)))
         if sent == 0 and spec.logprob_start_len is not None:  # SGLang: in the first chunk only
@@ -126,7 +127,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
     def _complete(self, flow: Flow, outcome: Outcome) -> pb.GenerateResponse:
         done = pb.GenerateComplete(
             output_ids=flow.output_ids, finish_reason=outcome.finish_reason, prompt_tokens=len(flow.spec.input_ids),
-            completion_tokens=len(flow.output_ids), queue_ms=flow.queue_ms, prefill_ms=flow.prefill_ms,
+            completion_tokens=len(flow.output_ids), cached_tokens=flow.cached_tokens, queue_ms=flow.queue_ms,
+            prefill_ms=flow.prefill_ms,
             transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes)
         if flow.spec.logprobs:
             done.output_logprobs.CopyFrom(_output_logprobs(flow, 0, len(flow.output_ids)))

@@ -49,6 +49,7 @@ class WorkerHandle:
     alive: bool = False
     stats: worker_pb2.StatsResponse = field(default_factory=worker_pb2.StatsResponse)
     stats_at: float = 0.0
+    cached: frozenset = frozenset()  # prefill: the hashes of its prefix-cache entries (sparsepd/prefix_hash.py)
     queued_tokens: int = 0  # prefill: prompt tokens sent and not yet answered
     inflight: int = 0  # prefill: requests in batches sent and not yet answered
     held_pages: int = 0  # decode: pages and slots of Reserve calls in flight (router/placement.py)
@@ -105,6 +106,7 @@ class WorkerHandle:
     def seen(self, stats: worker_pb2.StatsResponse, asked_at: float) -> None:
         """A Stats asked for at asked_at: it includes every reservation confirmed before then."""
         self.stats, self.stats_at = stats, time.monotonic()
+        self.cached = frozenset(stats.prefix_cache.hashes)
         while self.confirmed and self.confirmed[0][0] < asked_at:
             self.confirmed.popleft()
 
