@@ -71,9 +71,12 @@ def generate_request(prompt: Prompt, request_id: str, temperature: float, seed: 
 
 
 async def send(stub: pb_grpc.SglangSchedulerStub, request: pb.GenerateRequest, timeout_s: float,
-               records: list[RequestRecord]) -> RequestRecord:
-    """Stream one request; its record (status OK, a gRPC status name, or CUT if cancelled) joins `records`."""
-    record = RequestRecord(start_s=time.perf_counter(), input_tokens=len(request.tokenized.input_ids))
+               records: list[RequestRecord], conversation: int | None = None,
+               turn: int | None = None) -> RequestRecord:
+    """Stream one request; its record (status OK, a gRPC status name, or CUT if cancelled) joins `records`
+    (labelled with its conversation and turn in a multi-turn run)."""
+    record = RequestRecord(start_s=time.perf_counter(), input_tokens=len(request.tokenized.input_ids),
+                           conversation=conversation, turn=turn)
     records.append(record)
     try:
         complete = None
@@ -85,6 +88,7 @@ async def send(stub: pb_grpc.SglangSchedulerStub, request: pb.GenerateRequest, t
                     record.chunk_times_s.append(now)
                     record.chunk_tokens.append(len(chunk.token_ids))
                 record.input_tokens = chunk.prompt_tokens or record.input_tokens
+                record.cached_tokens = chunk.cached_tokens or record.cached_tokens
             else:
                 complete = response.complete
         record.end_s = time.perf_counter()
@@ -105,6 +109,8 @@ async def send(stub: pb_grpc.SglangSchedulerStub, request: pb.GenerateRequest, t
 def _take_complete(record: RequestRecord, done: pb.GenerateComplete) -> None:
     record.input_tokens = done.prompt_tokens or record.input_tokens
     record.output_tokens = done.completion_tokens
+    record.output_ids = list(done.output_ids)
+    record.cached_tokens = done.cached_tokens or record.cached_tokens
     record.finish_reason = done.finish_reason
     record.queue_ms, record.prefill_ms, record.transfer_ms = done.queue_ms, done.prefill_ms, done.transfer_ms
     record.server_ttft_ms, record.transfer_bytes = done.ttft_ms, done.transfer_bytes

@@ -60,6 +60,24 @@ def parse_ids(text: str, option: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+class MultiTurnConfig(BaseModel):
+    """Conversations that each send `turns` requests one after another, every turn's prompt the previous
+    prompt, the server's output for it and `user_len` new tokens; all begin with the same `system_len` ids.
+    Later turns repeat their conversation's whole history, which a prefix cache can serve."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    conversations: int = Field(64, ge=1)
+    turns: int = Field(4, ge=1)
+    system_len: int = Field(2048, ge=0)  # the system prompt shared by every conversation (0: none)
+    user_len: int = Field(256, ge=1)  # new random tokens appended every turn
+
+    @property
+    def requests(self) -> int:
+        """Requests sent when no conversation stops early."""
+        return self.conversations * self.turns
+
+
 class LoadTestConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,6 +91,7 @@ class LoadTestConfig(BaseModel):
     input_len: LengthRange = LengthRange(low=512, high=512)
     output_len: LengthRange = LengthRange(low=128, high=128)
     dataset: str | None = None  # JSONL of prompts instead of random token ids
+    multi_turn: MultiTurnConfig | None = None  # None: independent single-turn prompts
     seed: int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0)
     stop_token_ids: tuple[int, ...] = ()  # never drawn: every request sets min_new_tokens = its output length
@@ -103,10 +122,22 @@ class LoadTestConfig(BaseModel):
             raise ValueError(f"--router {self.router!r}: expected HOST:PORT, e.g. 127.0.0.1:30000")
         if self.serve_args and not self.launch:
             raise ValueError("--serve-args is only used with --launch")
+        if self.multi_turn is not None:
+            if self.dataset is not None:
+                raise ValueError("--dataset is for the single-turn workload; multi-turn prompts are random token ids")
+            if self.num_prompts is not None:
+                raise ValueError("--num-prompts is for the single-turn workload; multi-turn sends --conversations "
+                                 "× --turns requests")
+            if len(self.concurrencies) != 1:
+                raise ValueError("--sweep is for the single-turn workload: a multi-turn run is one point (a later "
+                                 "point would find the earlier points' prompts in the prefix cache); use "
+                                 "--max-concurrency")
         return self
 
     def prompts_for(self, concurrency: int | None) -> int:
         """Requests sent at one point: --num-prompts, else enough to fill the concurrency four times over."""
+        if self.multi_turn is not None:
+            return self.multi_turn.requests
         if self.num_prompts is not None:
             return self.num_prompts
         return max(16, 4 * concurrency) if concurrency else 64

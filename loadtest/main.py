@@ -2,7 +2,9 @@
 concurrency: random token-id prompts of seeded lengths (or a JSONL file of prompts), Poisson or
 all-at-once arrivals, every request generating exactly its output length (ignore_eos). Per point it prints
 a table row and appends one JSONL record; --plot draws PNG charts. With --launch it starts `sparsepd serve`
-on 127.0.0.1 first and stops it at the end; otherwise it connects only to --router.
+on 127.0.0.1 first and stops it at the end; otherwise it connects only to --router. `--workload multi-turn`
+runs conversations whose turns resend their history (a shared system prompt, the previous outputs) to
+measure prefix caching, with a per-turn table of TTFT and cached tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from sparsepd.loadtest.config import LengthRange, LoadTestConfig, parse_ids, parse_sweep
+from sparsepd.loadtest.config import LengthRange, LoadTestConfig, MultiTurnConfig, parse_ids, parse_sweep
 
 EPILOG = """\
 metrics (the definitions of SGLang's bench_serving and `vllm bench serve`):
@@ -30,12 +32,26 @@ metrics (the definitions of SGLang's bench_serving and `vllm bench serve`):
   percentiles  linear interpolation (numpy's default); failed requests are counted by gRPC status and
                left out of every latency and throughput figure
 
+multi-turn workload (--workload multi-turn), one point:
+  prompts      turn 1 = system + user_1; turn k+1 = turn k's prompt + its output ids (as the server
+               returned them) + user_{k+1}; the system prompt (--system-len random ids) is the same for
+               every conversation, each user turn --user-len new random ids
+  schedule     conversations wait in a queue, first turns in order; each arrival (--request-rate) sends
+               the turn of the conversation at its head, which rejoins the tail when that turn completes;
+               a conversation whose next prompt + output would exceed the context stops early (reported)
+  per turn     requests, TTFT p50/p90/p99, E2E p50, mean prompt and cached tokens (GenerateComplete's
+               cached_tokens), hit rate = sum(cached) / sum(prompt tokens), prefill tokens computed =
+               sum(prompt - cached)
+
 examples:
   sparsepd loadtest --launch --sweep 1,4,16
   sparsepd loadtest --router 127.0.0.1:30000 --input-len 2048-8192 --output-len 256 --sweep 1,2,4,8 --plot
   sparsepd loadtest --launch --serve-args "--preset bench --devices cuda:0 --colocated" --label colocated
   sparsepd loadtest --plot-only loadtest_results.jsonl --label pd --label colocated
+  sparsepd loadtest --launch --workload multi-turn --conversations 64 --turns 4 --system-len 2048 \
+      --user-len 256 --output-len 128 --request-rate 4
 """
+MULTI_TURN_OPTIONS = ("conversations", "turns", "system_len", "user_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,10 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--launch-timeout", type=float, default=900.0,
                    help="seconds the launched server may take to be ready (default: %(default)s)")
     w = p.add_argument_group("workload")
-    w.add_argument("--input-len", default="512",
-                   help="prompt tokens: N, or LOW-HIGH drawn uniformly per request (default: %(default)s)")
+    w.add_argument("--workload", choices=("single-turn", "multi-turn"), default="single-turn",
+                   help="single-turn: independent prompts; multi-turn: conversations whose every turn resends the "
+                        "conversation so far (a shared system prompt, earlier turns and outputs), for measuring "
+                        "prefix caching; one point, see below (default: %(default)s)")
+    w.add_argument("--input-len", default=None,
+                   help="single-turn prompt tokens: N, or LOW-HIGH drawn uniformly per request (default: 512)")
     w.add_argument("--output-len", default="128",
-                   help="generated tokens: N, or LOW-HIGH drawn uniformly per request (default: %(default)s)")
+                   help="generated tokens: N, or LOW-HIGH drawn uniformly per request (per turn in multi-turn) "
+                        "(default: %(default)s)")
     w.add_argument("--dataset", default=None, metavar="JSONL",
                    help="prompts from a file instead of random token ids: one object a line with \"input_ids\" "
                         "(token ids) or \"prompt\" (text), and optionally \"output_len\" (else drawn from "
@@ -69,6 +90,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token ids every request sends as stop_token_ids, e.g. 128-259; since every request also "
                         "sets min_new_tokens to its output length, they are never drawn: the output keeps to the "
                         "other ids (bench/compare_aiperf.py bans those that decode to no whole character)")
+    m = p.add_argument_group("multi-turn workload (--workload multi-turn)")
+    m.add_argument("--conversations", type=int, default=None,
+                   help="conversations, each sending up to --turns requests one after another (default: 64)")
+    m.add_argument("--turns", type=int, default=None,
+                   help="turns per conversation; fewer when the next prompt would not fit the context (default: 4)")
+    m.add_argument("--system-len", type=int, default=None,
+                   help="tokens of the system prompt every conversation begins with, the same random ids for all; "
+                        "0 for none (default: 2048)")
+    m.add_argument("--user-len", type=int, default=None,
+                   help="new random tokens each turn appends after the previous output (default: 256)")
     load = p.add_argument_group("load (each point is bounded in requests and in time)")
     load.add_argument("--sweep", default=None, metavar="C1,C2,...",
                       help="one point per max concurrency, e.g. 1,2,4,8,16,32,64,128,256")
@@ -117,8 +148,9 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
     stop_ids = parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else ()
     return LoadTestConfig(
         router=args.router, launch=args.launch, serve_args=tuple(shlex.split(args.serve_args)),
-        launch_timeout_s=args.launch_timeout, input_len=LengthRange.parse(args.input_len, "--input-len"),
-        output_len=LengthRange.parse(args.output_len, "--output-len"), dataset=args.dataset, seed=args.seed,
+        launch_timeout_s=args.launch_timeout, input_len=LengthRange.parse(args.input_len or "512", "--input-len"),
+        output_len=LengthRange.parse(args.output_len, "--output-len"), dataset=args.dataset,
+        multi_turn=_multi_turn_from_args(args), seed=args.seed,
         temperature=args.temperature, stop_token_ids=stop_ids, concurrencies=concurrencies,
         request_rate=args.request_rate,
         num_prompts=args.num_prompts, max_seconds=args.max_seconds, drain_seconds=args.drain_seconds,
@@ -126,6 +158,22 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         slo_tpot_ms=args.slo_tpot_ms, results=args.results, label=(args.label or [""])[0],
         plot_prefix=None if args.plot is None else (args.plot or _default_prefix(args.results)),
         progress=not args.no_progress)
+
+
+def _multi_turn_from_args(args: argparse.Namespace) -> MultiTurnConfig | None:
+    given = {name: value for name in MULTI_TURN_OPTIONS if (value := getattr(args, name)) is not None}
+    if args.workload == "single-turn":
+        if given:
+            raise ValueError(f"--{next(iter(given)).replace('_', '-')} is for --workload multi-turn")
+        return None
+    if args.input_len is not None:
+        raise ValueError("--input-len is for the single-turn workload; multi-turn prompts are --system-len, then "
+                         "--user-len per turn and the outputs before it")
+    for name, value in given.items():
+        low = 0 if name == "system_len" else 1
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected ≥ {low}")
+    return MultiTurnConfig(**given)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -184,8 +232,8 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
     import grpc
 
     from sparsepd.loadtest import client, report, workload
-    from sparsepd.loadtest.metrics import OK, summarize
-    from sparsepd.loadtest.runner import PointSettings, Progress, run_point, warm_up
+    from sparsepd.loadtest.metrics import summarize
+    from sparsepd.loadtest.runner import PointSettings, Progress, run_point
     from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 
     async with client.open_channel(address) as channel:
@@ -195,6 +243,8 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
         except grpc.aio.AioRpcError as exc:
             print(f"error: the router at {address} answered {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        if cfg.multi_turn is not None:
+            return await _multi_turn(cfg, stub, facts, address)
         most = max(cfg.prompts_for(c) for c in cfg.concurrencies)
         if cfg.dataset:
             prompts = workload.file_prompts(cfg.dataset, most + cfg.warmup_requests, cfg.output_len, cfg.seed)
@@ -202,17 +252,9 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
             prompts = workload.random_prompts(most + cfg.warmup_requests, cfg.input_len, cfg.output_len,
                                               facts.model, cfg.seed)
         warmup, prompts = prompts[most:], prompts[:most]
-        if warmup:
-            bad = [r for r in await warm_up(stub, warmup, cfg.request_timeout_s, cfg.stop_token_ids)
-                   if r.status != OK]
-            if bad:
-                print(f"error: a warm-up request failed with {bad[0].status}: {bad[0].error}", file=sys.stderr)
-                return 1
-        run_id = uuid.uuid4().hex[:12]
-        facts_record = report.run_facts(cfg, run_id, address, facts.preset, facts.served_model_name, facts.workers)
-        print(f"# {facts.served_model_name} ({facts_record['device']}, workers {facts.workers}) at {address}; "
-              f"label {cfg.label!r}; results → {cfg.results}")
-        print(f"# {report.UNITS}")
+        if not await _warm_up(cfg, stub, warmup):
+            return 1
+        run_id, facts_record = _header(cfg, facts, address)
         print(report.table_header(), flush=True)
         empty = []
         for point, concurrency in enumerate(cfg.concurrencies):
@@ -226,9 +268,7 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
             metrics = summarize(result.records, result.duration_s, result.not_sent, cfg.slo_ttft_ms, cfg.slo_tpot_ms)
             report.append_jsonl(cfg.results, report.point_record(cfg, facts_record, concurrency, n, metrics))
             print(report.table_row(concurrency, metrics), flush=True)
-            if metrics["errors"]:
-                print(f"warning: c={concurrency}: failed requests {metrics['errors']}, e.g. "
-                      f"{next(r.error for r in result.records if r.status in metrics['errors'])}", file=sys.stderr)
+            _warn_errors(concurrency, metrics, result.records)
             if metrics["completed"] == 0:
                 empty.append(concurrency)
             if not await client.wait_idle(stub):
@@ -237,3 +277,75 @@ async def _sweep(cfg: LoadTestConfig, address: str) -> int:
         print(f"error: no request completed at concurrency {empty}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _multi_turn(cfg: LoadTestConfig, stub, facts, address: str) -> int:
+    """The multi-turn workload's one point: conversations to their end, the point's table row, the per-turn
+    table and one JSONL record."""
+    import numpy as np
+
+    from sparsepd.loadtest import client, report, workload
+    from sparsepd.loadtest.conversation import TIME, make_plan
+    from sparsepd.loadtest.metrics import OK, cache_summary, summarize, turn_summary
+    from sparsepd.loadtest.multiturn import run_conversations
+    from sparsepd.loadtest.runner import PointSettings, Progress
+
+    spec, concurrency = cfg.multi_turn, cfg.concurrencies[0]
+    plan = make_plan(spec, cfg.output_len, facts.model, cfg.seed)
+    first_turn = LengthRange(low=spec.system_len + spec.user_len, high=spec.system_len + spec.user_len)
+    # unrelated random prompts of a first turn's length: they share no prefix with the conversations
+    if not await _warm_up(cfg, stub, workload.random_prompts(cfg.warmup_requests, first_turn, cfg.output_len,
+                                                             facts.model, cfg.seed)):
+        return 1
+    run_id, facts_record = _header(cfg, facts, address)
+    print(report.table_header(), flush=True)
+    settings = PointSettings(concurrency, cfg.max_seconds, cfg.drain_seconds, cfg.request_timeout_s, cfg.temperature,
+                             cfg.seed, f"loadtest-{run_id}-mt", cfg.stop_token_ids)
+    progress = Progress(f"{spec.conversations}x{spec.turns} turns", spec.requests, cfg.progress)
+    gaps = workload.arrival_offsets_s(spec.requests, cfg.request_rate, cfg.seed, 0)
+    result = await run_conversations(stub, plan, np.diff(gaps, prepend=0.0), settings, progress)
+    metrics = summarize(result.records, result.duration_s, result.not_sent(TIME), cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+    metrics.update(turns=turn_summary(result.records, spec.turns),
+                   prefix_cache=cache_summary([r for r in result.records if r.status == OK]),
+                   conversations=result.summary())
+    report.append_jsonl(cfg.results, report.multi_turn_record(cfg, facts_record, concurrency, metrics))
+    print(report.table_row(concurrency, metrics))
+    print("\n".join(report.multi_turn_lines(metrics)), flush=True)
+    _warn_errors(concurrency, metrics, result.records)
+    if not await client.wait_idle(stub):
+        print("warning: the router still holds requests 30 s after the run ended", file=sys.stderr)
+    if metrics["completed"] == 0:
+        print("error: no request completed", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _warm_up(cfg: LoadTestConfig, stub, prompts: list) -> bool:
+    """Send the warm-up prompts and wait for them; False (said on stderr) when one failed."""
+    from sparsepd.loadtest.metrics import OK
+    from sparsepd.loadtest.runner import warm_up
+
+    if not prompts:
+        return True
+    bad = [r for r in await warm_up(stub, prompts, cfg.request_timeout_s, cfg.stop_token_ids) if r.status != OK]
+    if bad:
+        print(f"error: a warm-up request failed with {bad[0].status}: {bad[0].error}", file=sys.stderr)
+    return not bad
+
+
+def _header(cfg: LoadTestConfig, facts, address: str) -> tuple[str, dict]:
+    """A new run id and the run's facts (for every JSONL record), printed as the table's first lines."""
+    from sparsepd.loadtest import report
+
+    run_id = uuid.uuid4().hex[:12]
+    facts_record = report.run_facts(cfg, run_id, address, facts.preset, facts.served_model_name, facts.workers)
+    print(f"# {facts.served_model_name} ({facts_record['device']}, workers {facts.workers}) at {address}; "
+          f"label {cfg.label!r}; results → {cfg.results}")
+    print(f"# {report.UNITS}")
+    return run_id, facts_record
+
+
+def _warn_errors(concurrency: int | None, metrics: dict, records: list) -> None:
+    if metrics["errors"]:
+        print(f"warning: c={concurrency}: failed requests {metrics['errors']}, e.g. "
+              f"{next(r.error for r in records if r.status in metrics['errors'])}", file=sys.stderr)

@@ -51,6 +51,10 @@ class RequestRecord:
     transfer_ms: float | None = None
     server_ttft_ms: float | None = None
     transfer_bytes: int | None = None
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
+    output_ids: list[int] = field(default_factory=list)  # from GenerateComplete
+    conversation: int | None = None  # multi-turn: which conversation, and its turn (1-based)
+    turn: int | None = None
 
     @property
     def ttft_s(self) -> float:
@@ -135,3 +139,31 @@ def router_summary(ok: list[RequestRecord]) -> dict:
             "transfer_bytes_mean": float(np.mean(sizes)) if sizes else None,
             "transfer_bytes_total": int(sum(sizes)),
             "transfer_gb_per_s": sum(sizes) / (total_ms / 1e3) / 1e9 if total_ms > 0 else None}
+
+
+def cache_summary(ok: list[RequestRecord]) -> dict:
+    """The prefix cache as the completed requests saw it: prompt tokens, the part the server took from its
+    cache (`cached_tokens` of GenerateComplete), hit rate = Σ cached ÷ Σ prompt tokens, and the prompt tokens
+    the prefill computed (Σ prompt − cached)."""
+    prompt = sum(r.input_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    return {"prompt_tokens": prompt, "cached_tokens": cached,
+            "prompt_tokens_mean": prompt / len(ok) if ok else None,
+            "cached_tokens_mean": cached / len(ok) if ok else None,
+            "hit_rate": cached / prompt if prompt else None, "prefill_tokens": prompt - cached}
+
+
+def turn_summary(records: list[RequestRecord], turns: int = 0) -> list[dict]:
+    """One entry per turn (1 .. the larger of `turns` and the last turn seen; a turn nothing reached has zero
+    counts): requests sent, completed, failed and cut, TTFT and E2E of the completed ones, and their prefix
+    cache figures (`cache_summary`). Records without a turn are left out."""
+    last = max([turns, *(r.turn for r in records if r.turn is not None)])
+    out = []
+    for turn in range(1, last + 1):
+        mine = [r for r in records if r.turn == turn]
+        ok = [r for r in mine if r.status == OK]
+        out.append({"turn": turn, "sent": len(mine), "completed": len(ok),
+                    "failed": sum(r.status not in (OK, CUT) for r in mine), "cut": sum(r.status == CUT for r in mine),
+                    "ttft_ms": stats_ms([r.ttft_s for r in ok]), "e2e_ms": stats_ms([r.e2e_s for r in ok]),
+                    **cache_summary(ok)})
+    return out

@@ -100,7 +100,13 @@ def draw(records: list[dict], prefix: str, labels: list[str] | None = None) -> l
 
 def _title(record: dict) -> str:
     c = record["config"]
-    inputs = f"prompts of {Path(c['dataset']).name}" if c.get("dataset") else f"input {_span(c['input_len'])}"
+    if c.get("workload") == "multi-turn":
+        inputs = (f"{c['conversations']} conversations × {c['turns']} turns, system {c['system_len']} + "
+                  f"user {c['user_len']}")
+    elif c.get("dataset"):
+        inputs = f"prompts of {Path(c['dataset']).name}"
+    else:
+        inputs = f"input {_span(c['input_len'])}"
     return f"{record.get('preset')} on {record.get('device')}, {inputs}, output {_span(c['output_len'])} tokens"
 
 

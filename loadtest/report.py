@@ -58,6 +58,55 @@ def table_row(concurrency: int | None, metrics: dict) -> str:
     return "  ".join(f"{value(concurrency, metrics):>{width}}" for _, width, value in COLUMNS)
 
 
+# (header, width, value from one entry of metrics["turns"])
+TURN_COLUMNS = [
+    ("turn", 4, lambda t: str(t["turn"])),
+    ("sent", 5, lambda t: str(t["sent"])),
+    ("ok", 5, lambda t: str(t["completed"])),
+    ("TTFT p50", 9, lambda t: _ms(t["ttft_ms"]["p50"])),
+    ("p90", 8, lambda t: _ms(t["ttft_ms"]["p90"])),
+    ("p99", 8, lambda t: _ms(t["ttft_ms"]["p99"])),
+    ("E2E p50", 9, lambda t: _ms(t["e2e_ms"]["p50"])),
+    ("prompt", 8, lambda t: _mean(t["prompt_tokens_mean"])),
+    ("cached", 8, lambda t: _mean(t["cached_tokens_mean"])),
+    ("hit rate", 8, lambda t: _share(t["hit_rate"])),
+    ("prefill tok", 11, lambda t: str(t["prefill_tokens"])),
+]
+TURN_UNITS = "per turn: TTFT and E2E in ms; prompt and cached = mean tokens per completed request; hit rate = " \
+             "Σ cached ÷ Σ prompt tokens; prefill tok = Σ (prompt − cached), the prompt tokens computed"
+
+
+def _mean(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def turn_table(turns: list[dict]) -> list[str]:
+    """The per-turn table of a multi-turn run: a header line, then a row per turn."""
+    header = "  ".join(f"{name:>{width}}" for name, width, _ in TURN_COLUMNS)
+    return [header, *("  ".join(f"{value(t):>{width}}" for _, width, value in TURN_COLUMNS) for t in turns)]
+
+
+def multi_turn_lines(metrics: dict) -> list[str]:
+    """What a multi-turn run adds below its table row: the per-turn table, the prefix cache over the whole
+    run, and how the conversations ended (those stopped early at the context length named)."""
+    cache, conv = metrics["prefix_cache"], metrics["conversations"]
+    ended = ", ".join(f"{n} {why}" for why, n in conv["ended"].items() if n)
+    lines = [f"# {TURN_UNITS}", *turn_table(metrics["turns"]),
+             f"# overall: hit rate {_share(cache['hit_rate'])} ({cache['cached_tokens']} of {cache['prompt_tokens']} "
+             f"prompt tokens cached), {cache['prefill_tokens']} prefill tokens computed, "
+             f"{metrics['output_throughput']:.1f} output tokens/s",
+             f"# conversations: {conv['count']}, ended: {ended or 'none'}"]
+    if conv["ended"]["context"]:
+        at = ", ".join(f"{n} before turn {turn}" for turn, n in conv["context_stop_turns"].items())
+        lines.append(f"# stopped early at the context length: {conv['ended']['context']} conversations ({at}), "
+                     f"{conv['turns_not_sent']['context']} turns not sent")
+    return lines
+
+
 def git_commit() -> tuple[str | None, bool | None]:
     """(commit, whether tracked files differ from it); SPARSEPD_GIT_COMMIT overrides where there is no .git."""
     if os.environ.get("SPARSEPD_GIT_COMMIT"):
@@ -104,6 +153,16 @@ def point_record(cfg: LoadTestConfig, run: dict, concurrency: int | None, num_pr
     }
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {"schema": SCHEMA_VERSION, "timestamp": now, **run, "config": config, "metrics": metrics}
+
+
+def multi_turn_record(cfg: LoadTestConfig, run: dict, concurrency: int | None, metrics: dict) -> dict:
+    """The JSONL line of a multi-turn run: `point_record`'s, its config naming the workload, no input_len
+    (prompts grow turn by turn) and num_prompts the requests of conversations × turns."""
+    spec = cfg.multi_turn
+    record = point_record(cfg, run, concurrency, spec.requests, metrics)
+    record["config"].update(workload="multi-turn", input_len=None, conversations=spec.conversations,
+                            turns=spec.turns, system_len=spec.system_len, user_len=spec.user_len)
+    return record
 
 
 def run_facts(cfg: LoadTestConfig, run_id: str, address: str, preset: str | None, model: str,

@@ -42,12 +42,17 @@ def random_prompts(n: int, input_len: LengthRange, output_len: LengthRange, mode
     if need > model.max_context_length:
         raise ValueError(f"--input-len {input_len} plus --output-len {output_len} can reach {need} tokens; the "
                          f"model's context length is {model.max_context_length}")
-    allowed = np.setdiff1d(np.arange(model.vocab_size), np.fromiter(model.special_ids, dtype=np.int64))
+    allowed = allowed_ids(model)
     rng = np.random.default_rng([seed, 0])
     inputs = rng.integers(input_len.low, input_len.high + 1, size=n)
     outputs = rng.integers(output_len.low, output_len.high + 1, size=n)
     return [Prompt(tuple(allowed[rng.integers(0, len(allowed), size=int(k))].tolist()), None, int(m))
             for k, m in zip(inputs, outputs, strict=True)]
+
+
+def allowed_ids(model: ModelFacts) -> np.ndarray:
+    """The ids random prompts draw from: the whole vocabulary but eos, bos and pad."""
+    return np.setdiff1d(np.arange(model.vocab_size), np.fromiter(model.special_ids, dtype=np.int64))
 
 
 def file_prompts(path: str, n: int, output_len: LengthRange, seed: int) -> list[Prompt]:
