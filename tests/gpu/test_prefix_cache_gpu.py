@@ -1,0 +1,63 @@
+"""The prefix cache on the GPU (engine/prefix_cache.py): the bench preset (bf16, FP8 indexer cache, CUDA graphs
+and overlap on), a request restored from a cached prefix against a cold prefill of the same prompt, for restored
+positions at one and several pages with the rest of the prompt starting on and off compress-block boundaries.
+Chunked prefill in bf16 rounds differently from one whole chunk, so log-probabilities are compared to bf16
+rounding and the tokens where the reference's top two are apart by more than that."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsepd.engine.engine import Engine
+from sparsepd.engine.pools import PoolConfig
+from sparsepd.engine.sampling import SamplingParams
+from sparsepd.model.config import get_preset
+from sparsepd.model.weights import build_model
+
+pytestmark = pytest.mark.skipif(os.environ.get("SPARSEPD_TEST_GPU") != "1" or not torch.cuda.is_available(),
+                                reason="needs a CUDA device and SPARSEPD_TEST_GPU=1")
+CFG = get_preset("bench")
+PAGE = CFG.page_size
+PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(CFG, seed=0, device="cuda")
+
+
+def _engine(model, entries: int) -> Engine:
+    return Engine(model, PoolConfig(num_slots=8, max_batch_tokens=1024, num_pages=256, prefix_cache_entries=entries),
+                  cuda_graph=True, overlap=True)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run(engine: Engine, prompt: list[int]):
+    request = engine.submit(prompt, PARAMS)
+    engine.scheduler.run_to_completion()
+    return request
+
+
+@pytest.mark.parametrize("first,extra", [(130, 70), (700, 1), (700, 260), (1500, 131)])
+def test_a_hit_on_the_gpu_equals_a_cold_prefill(model, first, extra):
+    a = _ids(first, seed=first)
+    b = a + _ids(extra, seed=extra)
+    warm = _engine(model, entries=8)
+    _run(warm, a)
+    got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    assert got.cached_tokens == (first - 1) // PAGE * PAGE > 0
+    assert warm.is_idle_and_empty()
+    for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
+        assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
+        margin = y.top_logprobs[0] - y.top_logprobs[1]
+        if margin > 0.1:
+            assert got.output_ids[i] == want.output_ids[i], (i, margin)
+        if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
+            break  # different tokens fed from here: nothing left to compare
