@@ -14,7 +14,8 @@ Entries are keyed by the hash of their tokens (sparsepd/prefix_hash.py: page-ali
 the names the router matches against) — a radix tree at page granularity, flattened into one map of
 prefixes, each with its own snapshot. One entry per request, at the last page boundary before its prompt's
 end (so the next turn of a conversation, which extends the prompt, finds it). Bounded by `max_entries`
-(snapshots take a slot's bytes each, counted in the pools' memory plan); least recently used entries go first,
+(snapshots take a slot's bytes each, counted in the pools' memory plan); an entry a request was restored from
+goes first once that request's own entry extends it, then the least recently used,
 and under page pressure before any admission fails (`make_room`): a cache never refuses a request an empty
 cache would take. Evicting an entry drops its holds: pages a running request still holds stay.
 """
@@ -85,9 +86,11 @@ class PrefixCache:
         return (num_known - 1) // self.page_size * self.page_size if num_known > 0 else 0
 
     # --- inserts -------------------------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int], pages: Sequence[int], slot: int) -> None:
+    def insert(self, tokens: Sequence[int], pages: Sequence[int], slot: int, superseded: int | None = None) -> None:
         """Keep the state of a request that has just computed tokens (a page-aligned prefix): its first pages by
-        reference and a copy of its slot (stream-ordered after the forward that wrote them)."""
+        reference and a copy of its slot (stream-ordered after the forward that wrote them). `superseded`: the
+        key of the entry the request was restored from; the new one extends it (a conversation's next turn), so
+        it goes first when room is needed (a conversation resends its latest turn, not an earlier one)."""
         if not tokens or len(tokens) % self.page_size:
             raise ValueError(f"a cached prefix is a positive multiple of {self.page_size} tokens, got {len(tokens)}")
         key = prefix_hashes(tokens, self.page_size)[-1]
@@ -99,6 +102,8 @@ class PrefixCache:
         snapshot = {name: pool[index].clone() for name, (pool, index) in slot_views(self.pools, slot).items()}
         self.entries[key] = CacheEntry(key, len(tokens), tuple(held), snapshot)
         self.stats.inserts += 1
+        if superseded is not None and superseded in self.entries:
+            self.entries.move_to_end(superseded, last=False)
         while len(self.entries) > self.max_entries:
             self._evict_oldest()
 

@@ -37,6 +37,7 @@ class Request:
     error: str = ""  # why this request failed alone, when finish_reason == "error"
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
     cache_at: int | None = None  # where its state becomes a prefix-cache entry (a page boundary not yet reached)
+    restored_from: int | None = None  # the key of the prefix-cache entry it was restored from
 
     @property
     def max_len(self) -> int:

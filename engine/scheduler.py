@@ -181,6 +181,7 @@ class Scheduler:
             if entry is not None:
                 self.cache.restore(entry, slot)
                 request.num_computed = request.cached_tokens = entry.num_tokens
+                request.restored_from = entry.key
             self.cache.stats.miss_tokens += request.num_known - request.num_computed
             at = self.cache.boundary(request.num_known)
             request.cache_at = at if at > request.num_computed else None
@@ -247,7 +248,7 @@ class Scheduler:
             request.num_computed += len(tokens)
             if request.cache_at is not None and request.num_computed == request.cache_at:
                 known = request.prompt_ids + request.output_ids
-                self.cache.insert(known[: request.cache_at], request.pages, request.slot)
+                self.cache.insert(known[: request.cache_at], request.pages, request.slot, request.restored_from)
                 request.cache_at = None
             if request.num_computed >= request.num_known + request.num_pending:
                 rows.append(i)

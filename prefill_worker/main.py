@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     c = p.add_argument_group("prefix cache (engine/prefix_cache.py)")
-    c.add_argument("--prefix-cache-entries", type=int, default=64,
+    c.add_argument("--prefix-cache-entries", type=int, default=256,
                    help="prompts whose state is kept for later requests that start with them; each entry holds "
                         "its pages (shared) and a copy of a slot, counted in the memory plan (default: %(default)s)")
     c.add_argument("--disable-prefix-cache", action="store_true",

@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill worker keeps for requests that start with them "
-                        "(default: the prefill worker's, 64)")
+                        "(default: the prefill worker's, 256)")
     w.add_argument("--disable-prefix-cache", action="store_true",
                    help="prefill every request from its first token (no prefix cache on the prefill workers)")
     add_dispatch_arguments(p)

@@ -161,3 +161,16 @@ def test_page_refcounts():
     b = pages.allocate(1)
     with pytest.raises(ValueError, match="double free"):
         pages.free(b + b)  # one holder, freed twice in one call
+
+
+def test_an_entry_a_turn_extends_goes_first(model):
+    """Room for three entries, two conversations: A's second turn restores A's first entry and adds its own; a
+    third prompt's entry then evicts A's superseded first entry, not B's (older by use), so B's second turn hits."""
+    engine = _engine(model, entries=3)
+    a1, b1 = _ids(20, seed=1), _ids(25, seed=2)
+    a_first, b_first = _run(engine, a1), _run(engine, b1)
+    a2 = _run(engine, a1 + a_first.output_ids + _ids(12, seed=3))
+    assert a2.cached_tokens == 16
+    _run(engine, _ids(30, seed=4))  # a fourth entry: one must go
+    b2 = _run(engine, b1 + b_first.output_ids + _ids(3, seed=5))
+    assert b2.cached_tokens == 16
