@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 
 from sparsepd.decode_worker.service import DecodeService
-from sparsepd.decode_worker.worker import DecodeWorker
+from sparsepd.decode_worker.worker import DecodeWorker, OutOfCapacity
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
 
 ROLE = "colocated"
@@ -39,7 +39,7 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                      "itself")
                 self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
                                         [(f.request_id, f.ticket.transfer_id) for f in r.forks], list(r.output_ids))
-            except ValueError as exc:
+            except (ValueError, OutOfCapacity) as exc:
                 results.extend(worker_pb2.PrefillResult(request_id=i, error=str(exc)) for i in ids)
                 continue
             results.extend(worker_pb2.PrefillResult(request_id=i, ok=True, first_token_in_stream=True) for i in ids)

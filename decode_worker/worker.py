@@ -69,7 +69,9 @@ class DecodeWorker:
 
     # --- called from the control server -----------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
-        """Pages and a slot for a request of prompt_len tokens + max_new_tokens (raises OutOfCapacity).
+        """A slot and the pages of a request's prompt and first decoded token (raises OutOfCapacity, also when
+        that would leave fewer free pages than the running requests' growth needs, `Scheduler.headroom`);
+        decoding adds pages as the request crosses page boundaries (engine/scheduler.py).
 
         The reservation waits for its state ttl_s seconds (0 = unset), at most this worker's own TTL: the
         worker decides how long its pages may sit idle, whatever a router asks. A grammar is compiled here,
@@ -77,20 +79,21 @@ class DecodeWorker:
         if params.grammar is not None:
             self.engine.grammars.compile(params.grammar)  # cached: make_request below finds it
         with self.lock:
-            running = {r.request_id for r in self.engine.scheduler.running}
+            running = {r.request_id for r in self._admitted()}
             if request_id in self.reservations or request_id in running:
                 raise ValueError(f"request id {request_id!r} is already reserved or running on this worker")
             request = self.engine.make_request([0] * prompt_len, params, request_id)
             if request.max_len > self.engine.model.cfg.max_seq_len:
                 raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {params.max_new_tokens} exceeds "
                                  f"max_seq_len={self.engine.model.cfg.max_seq_len}")
-            self.engine.scheduler.reserve(request)
+            scheduler = self.engine.scheduler
+            scheduler.reserve(request, headroom=scheduler.headroom())  # the prompt's pages; decoding adds more
             ttl_s = min(ttl_s, self.max_ttl_s) if ttl_s > 0 else self.max_ttl_s
             res = Reservation(request, uuid.uuid4().hex, time.time() + ttl_s)
             self.reservations[request_id] = res
             self.by_transfer[res.transfer_id] = request_id
             self.expect_transfer(res.transfer_id, request_id, deadline_s=res.expires_at - time.time(),
-                                 max_pages=len(request.pages))
+                                 max_pages=self.engine.pools.pages_for(request.max_len))
             return res
 
     def release(self, request_id: str) -> bool:
@@ -103,7 +106,7 @@ class DecodeWorker:
                 self.cancel_transfer(res.transfer_id)
                 return True
         self.inbox.put(("abort", request_id))
-        return any(r.request_id == request_id for r in list(self.engine.scheduler.running))
+        return any(r.request_id == request_id for r in self._admitted())
 
     def start_local(self, request_id: str, transfer_id: str, input_ids: list[int],
                     forks: list[tuple[str, str]] = (), output_ids: list[int] = ()) -> None:
@@ -129,6 +132,8 @@ class DecodeWorker:
             if output_ids and (forks or len(output_ids) >= held[0].request.params.max_new_tokens):
                 raise ValueError(f"request {request_id!r}: {len(output_ids)} output ids to resume after: not with "
                                  "forks, and fewer than max_new_tokens")
+            if output_ids:  # its prefill covers prompt + output: pages up to its next token (OutOfCapacity)
+                self.engine.scheduler.ensure_pages(held[0].request, len(input_ids) + len(output_ids) + 1)
             for res in held:
                 del self.reservations[res.request.request_id]
                 self.by_transfer.pop(res.transfer_id, None)
@@ -143,12 +148,12 @@ class DecodeWorker:
     def busy(self) -> bool:
         """Whether any request is reserved, waiting to be admitted, or decoding here."""
         with self.lock:
-            return bool(self.reservations or self.engine.scheduler.running or not self.inbox.empty())
+            return bool(self.reservations or self.engine.scheduler.has_work or not self.inbox.empty())
 
     def release_all(self) -> int:
         """Abort every request here (shutdown past the drain deadline); returns how many."""
         with self.lock:
-            ids = [*self.reservations, *(r.request_id for r in self.engine.scheduler.running)]
+            ids = [*self.reservations, *(r.request_id for r in self._admitted())]
         for request_id in ids:
             self.release(request_id)
         return len(ids)
@@ -163,9 +168,9 @@ class DecodeWorker:
     # --- the loop thread --------------------------------------------------------------------------
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self._drain(block=not self.engine.scheduler.running)
+            self._drain(block=not self.engine.scheduler.running)  # (at most 50 ms: retracted requests may wait)
             self._expire()
-            if self.engine.scheduler.running:
+            if self.engine.scheduler.has_work:  # running, or retracted and waiting for room
                 self.faults.hit("decode.step")
                 with self.lock:
                     outputs = self._step()
@@ -180,12 +185,17 @@ class DecodeWorker:
         try:
             return self.engine.step()
         except Exception as exc:  # noqa: BLE001 - the loop thread must outlive a failed step
-            running = [r.request_id for r in self.engine.scheduler.running]
+            running = [r.request_id for r in self._admitted()]
             log.exception("a decode step failed; failing the %d requests running here", len(running))
             for request_id in running:
                 self.engine.scheduler.abort(request_id)
             why = f"the decode step failed: {type(exc).__name__}: {exc}"
             return [StepOutput(rid, -1, "error", error=f"request {rid}: {why}") for rid in running]
+
+    def _admitted(self) -> list[Request]:
+        """Requests whose state is here: running, or retracted (in host memory) and waiting for room."""
+        scheduler = self.engine.scheduler
+        return [*list(scheduler.running), *list(scheduler.waiting)]
 
     def _drain(self, block: bool) -> None:
         try:
@@ -220,8 +230,10 @@ class DecodeWorker:
                 self.counters["late_states"] += 1
                 return
             try:
+                # a moved request's state covers prompt + output: pages up to its next token
+                self.engine.scheduler.ensure_pages(res.request, descriptor.position + 1)
                 import_state(self.engine.pools, res.request, descriptor, tensors)
-            except ValueError as exc:
+            except (ValueError, OutOfCapacity) as exc:
                 self.rejected[f"import: {exc}"[:80]] += 1
                 self.engine.scheduler.release(res.request)
                 self._publish([TokenUpdate(res.request.request_id, (), "error", str(exc))])
@@ -254,7 +266,8 @@ class DecodeWorker:
         with self.lock:
             return dict(num_pages=pools.pages.capacity, free_pages=pools.pages.num_free,
                         num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
-                        running=len(self.engine.scheduler.running), waiting=len(self.reservations),
+                        running=len(self._admitted()), waiting=len(self.reservations),
+                        retractions=self.engine.scheduler.retractions,
                         counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
 
     def is_empty(self) -> bool:

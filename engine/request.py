@@ -38,10 +38,11 @@ class Request:
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
     cache_at: int | None = None  # where its state becomes a prefix-cache entry (a page boundary not yet reached)
     restored_from: int | None = None  # the key of the prefix-cache entry it was restored from
+    offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
 
     @property
     def max_len(self) -> int:
-        """Tokens this request may ever hold: its pages are reserved for all of them at admission."""
+        """Tokens this request may ever hold (its pages grow to them as it decodes)."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
     @property

@@ -2,12 +2,13 @@
 log-probabilities (of the output, of chosen token ids, and of the prompt: engine/prompt_logprobs.py),
 frequency/presence/repetition penalties, a logit bias and a grammar (structured output: engine/grammar.py).
 
-`SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and
-the allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
-`apply_penalties`); the engine keeps each slot's token counts on the device (engine/penalties.py). The draw itself is `kernels/sampling.py` (batched, on the device, counter-based random
-stream): `Sampler` draws one request's tokens with it on the CPU and holds the request's seed and how many
-tokens it drew (a 16-byte state that can be shipped and restored); `sampling_tensors` builds the batched
-path's inputs. The same seed gives the same tokens on either path, whatever the batch.
+`SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and the
+allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
+`apply_penalties`); the engine keeps each slot's token counts on the device (engine/penalties.py). The draw
+itself is `kernels/sampling.py` (batched, on the device, counter-based random stream): `Sampler` draws one
+request's tokens with it on the CPU and holds the request's seed and how many tokens it drew (a 16-byte state
+that can be shipped and restored); `sampling_tensors` builds the batched path's inputs. The same seed gives
+the same tokens on either path, whatever the batch.
 """
 
 from __future__ import annotations

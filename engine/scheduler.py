@@ -21,6 +21,7 @@ draw waits. Without a grammar in the step nothing changes (no extra sync).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -34,7 +35,9 @@ from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
-from sparsepd.engine.state_io import copy_state
+from sparsepd.engine.state_io import copy_state, export_state, restore_tensors
+
+log = logging.getLogger("sparsepd.engine")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.overlap = overlap
         self._in_flight: InFlightStep | None = None  # launched, not yet read (overlap only)
+        self.retractions = 0  # requests moved back to waiting (state to host memory) for want of a page
 
     # --- receive ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -74,7 +78,7 @@ class Scheduler:
             raise ValueError(f"request {request.request_id}: prompt {len(request.prompt_ids)} + max_new_tokens "
                              f"{request.params.max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}")
         need = self._to_reserve(request)
-        pages = sum(self.pools.pages_for(r.max_len) for r in need)
+        pages = sum(self.pools.pages_for(r.max_len) for r in need)  # all it may grow to: then it can never finish
         if pages > self.pools.pages.capacity or len(need) > self.pools.slots.capacity:
             raise OutOfCapacity(f"request {request.request_id} needs {pages} pages and {len(need)} slots, the pools "
                                 f"have {self.pools.pages.capacity} and {self.pools.slots.capacity}")
@@ -117,22 +121,86 @@ class Scheduler:
         results are read (they are usually ready by then), so the host work of a step hides behind the GPU;
         the outputs returned are the previous step's."""
         self._admit()
+        read_early = self._grow()  # outputs of a step read ahead of time to make room (overlap)
         scheduled = self._schedule()
         if not self.overlap:
-            return self._postprocess(self._launch(scheduled)) if scheduled else []
+            return read_early + (self._postprocess(self._launch(scheduled)) if scheduled else [])
         previous, self._in_flight, outputs = self._in_flight, None, []
         if scheduled:
             forward = self._forward(scheduled)
             if previous is not None and forward.has_grammar:  # this step's masks need the previous step's tokens
                 outputs, previous = self._postprocess(previous), None
             self._in_flight = self._draw(forward)
-        return self._postprocess(previous) if previous is not None else outputs
+        return read_early + (self._postprocess(previous) if previous is not None else outputs)
+
+    # --- pages on demand ------------------------------------------------------------------------------
+    def initial_pages(self, request: Request) -> int:
+        """Pages a request gets when it is admitted: its known tokens and the next one (a prefill, then its first
+        decode step; a retracted request's state and its next step). Decoding adds one page at each page
+        boundary (`_grow`)."""
+        return self.pools.pages_for(request.num_known + 1)
+
+    def headroom(self) -> int:
+        """Free pages an admission leaves for the running set's growth: one per decoding request (each crosses a
+        page boundary at least once every page_size steps), so that retraction stays rare."""
+        return sum(1 for r in self.running if not r.prefilling and r.finish_reason is None)
+
+    def ensure_pages(self, request: Request, num_tokens: int) -> None:
+        """Pages for the request's first num_tokens positions (raises OutOfCapacity, holding what it held)."""
+        need = self.pools.pages_for(num_tokens) - len(request.pages)
+        if need > 0:
+            if self.cache is not None:
+                self.cache.make_room(need)
+            request.pages += self.pools.pages.allocate(need)
+
+    def _grow(self) -> list[StepOutput]:
+        """Every request about to decode gets the page its next token's KV goes to. When none is free: read the
+        step in flight (overlap; the outputs are returned, its finished requests free their pages), then retract
+        the newest decoding requests (`_retract`) until the page is there; a request alone in a full pool
+        fails (finish "error")."""
+        read_early: list[StepOutput] = []
+        for r in list(self.running):  # oldest first
+            while r in self.running and r.finish_reason is None and not r.prefilling and r.slot is not None \
+                    and len(r.output_ids) + r.num_pending < r.params.max_new_tokens:
+                try:
+                    self.ensure_pages(r, r.num_computed + 1)
+                    break
+                except OutOfCapacity:
+                    pass
+                if self._in_flight is not None:
+                    read_early += self._postprocess(self._in_flight)
+                    self._in_flight = None
+                    continue
+                victim = next((v for v in reversed(self.running) if v is not r and not v.prefilling and not v.forks
+                               and v.finish_reason is None and v.slot is not None), None)
+                if victim is None:
+                    r.finish_reason = "error"
+                    r.error = (f"request {r.request_id}: no KV page free for position {r.num_computed} and nothing "
+                               f"to retract (the pool holds {self.pools.pages.capacity} pages)")
+                    read_early.append(StepOutput(r.request_id, -1, "error", error=r.error))
+                    self._release(r)
+                    self.running.remove(r)
+                    break
+                self._retract(victim)
+        return read_early
+
+    def _retract(self, request: Request) -> None:
+        """Move a decoding request back to the head of the waiting queue: its state copied to host memory, its
+        slot and pages freed; admitted again, it gets them back with the state and goes on with its next token
+        (nothing repeated or lost, its random stream where it was)."""
+        _, request.offloaded = export_state(self.pools, request)
+        self._release(request)
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        self.retractions += 1
+        log.warning("retracted after %d tokens: no KV page free; its state waits in host memory",
+                    len(request.output_ids), extra={"request_id": request.request_id})
 
     def _admit(self) -> None:
         while self.waiting:
             request = self.waiting[0]
             need = self._to_reserve(request)
-            pages = sum(self.pools.pages_for(r.max_len) for r in need)
+            pages = sum(self.initial_pages(r) for r in need) + self.headroom()
             if self.cache is not None and self.pools.slots.can_allocate(len(need)):
                 self.cache.make_room(pages)
             if not (self.pools.slots.can_allocate(len(need)) and self.pools.pages.can_allocate(pages)):
@@ -159,17 +227,24 @@ class Scheduler:
         """The request and those of its forks that need a slot and pages here and hold none yet."""
         return [request, *(f for f in request.forks if f.slot is None and not f.stateless)]
 
-    def reserve(self, request: Request) -> None:
-        """A slot and pages for all of a request's tokens, without running it (raises OutOfCapacity); with a
-        prefix cache, its longest cached prefix restored (the entry's pages shared, its slot copied)."""
+    def reserve(self, request: Request, headroom: int = 0) -> None:
+        """A slot and its initial pages (`initial_pages`) for a request, without running it (raises OutOfCapacity,
+        also when fewer than `headroom` pages would be left); with a prefix cache, its longest cached prefix
+        restored (the entry's pages shared, its slot copied); a retracted request's state copied back."""
+        if self.pools.pages_for(request.max_len) > self.pools.pages.capacity:
+            raise OutOfCapacity(f"request {request.request_id} may grow to {self.pools.pages_for(request.max_len)} "
+                                f"pages, the pool has {self.pools.pages.capacity} in all")
         slot = self.pools.slots.allocate(1)[0]
         entry = self._lookup(request)
         shared = list(entry.pages) if entry is not None else []
         self.pools.pages.share(shared)  # before make_room: evicting the entry now frees none of these
-        need = self.pools.pages_for(request.max_len) - len(shared)
+        need = self.initial_pages(request) - len(shared)
         try:
             if self.cache is not None:
-                self.cache.make_room(need)
+                self.cache.make_room(need + headroom)
+            if headroom and not self.pools.pages.can_allocate(need + headroom):
+                raise OutOfCapacity(f"needs {need} pages and leaves {headroom} for the running requests' growth; "
+                                    f"{self.pools.pages.num_free} of {self.pools.pages.capacity} are free")
             request.pages = shared + self.pools.pages.allocate(need)
         except OutOfCapacity:
             self.pools.pages.free(shared)
@@ -177,6 +252,10 @@ class Scheduler:
             raise
         request.slot = slot
         self.pools.reset_slot(slot)
+        if request.offloaded is not None:  # retracted: its state back from host memory
+            restore_tensors(self.pools, request, request.offloaded)
+            request.offloaded = None
+            return
         if self.cache is not None and self._cacheable(request):
             if entry is not None:
                 self.cache.restore(entry, slot)

@@ -109,6 +109,16 @@ def fork_descriptor(pools: KVPools, descriptor: StateDescriptor, fork: Request) 
     return descriptor.model_copy(update=dict(output_ids=tuple(fork.output_ids), sampler_state=sampler_state))
 
 
+def restore_tensors(pools: KVPools, request: Request, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors `export_state` took from this request back into its (new) slot and pages: a retracted
+    request admitted again (its host-side state never left it)."""
+    num_pages = pools.pages_for(request.num_computed)
+    if len(request.pages) < num_pages:
+        raise ValueError(f"restore: {request.request_id} holds {len(request.pages)} pages, its state {num_pages}")
+    for name, (pool, index) in _views(pools, request.slot, request.pages[:num_pages]).items():
+        pool[index] = tensors[name].to(pool.device, non_blocking=True)
+
+
 def copy_state(pools: KVPools, source: Request, target: Request) -> None:
     """Copy source's state into target's slot and pages on the device (a fork of source at its position)."""
     if source.slot is None or target.slot is None:
@@ -142,7 +152,8 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
     if descriptor.num_pages != pools.pages_for(descriptor.position):
         raise ValueError(f"state at position {descriptor.position} must carry {pools.pages_for(descriptor.position)} "
                          f"pages, not {descriptor.num_pages}")
-    state, prompt_bitmap = descriptor.sampler_state[:Sampler.STATE_BYTES], descriptor.sampler_state[Sampler.STATE_BYTES:]
+    state = descriptor.sampler_state[:Sampler.STATE_BYTES]
+    prompt_bitmap = descriptor.sampler_state[Sampler.STATE_BYTES:]
     if bool(prompt_bitmap) != (request.params.repetition_penalty != 1.0):
         raise ValueError(f"sampler state of {len(descriptor.sampler_state)} bytes: the prompt's ids come with it "
                          "exactly when the request has a repetition penalty")

@@ -110,7 +110,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache")
+    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache", "retractions")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class StatsResponse(_message.Message):
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    RETRACTIONS_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_pages: int
     free_pages: int
@@ -148,7 +149,8 @@ class StatsResponse(_message.Message):
     endpoint: str
     tokens_generated: int
     prefix_cache: PrefixCacheStats
-    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...
+    retractions: int
+    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStats(_message.Message):
     __slots__ = ("enabled", "hit_tokens", "miss_tokens", "evictions", "entries", "pages", "page_size", "hashes")

@@ -268,7 +268,7 @@ class Dispatcher:
         spec, last = flow.spec, ""
         request = worker_pb2.ReserveRequest(request_id=flow.worker_id, prompt_len=len(spec.input_ids),
                                             sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
-        tokens = len(spec.input_ids) + spec.sampling.max_new_tokens
+        tokens = flow.prefill_len + 1  # what the state fills and its next token: decode workers grow pages on demand
         need = self.pool.placement.pages_for(tokens)
         asked_at = self.room_freed
         candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)

@@ -102,6 +102,8 @@ class _LiveCollector(Collector):
         cache_pages = GaugeMetricFamily("sparsepd_prefix_cache_pages", "KV pages the prefix cache's entries hold",
                                         labels=labels)
         entries = GaugeMetricFamily("sparsepd_prefix_cache_entries", "Prefix-cache entries", labels=labels)
+        retracted = CounterMetricFamily("sparsepd_worker_retractions", "Requests a worker moved back to waiting "
+                                        "(state to host memory) for want of a KV page", labels=labels)
         for w in d.pool.all:
             key, s = [w.address, w.role], w.stats
             pages_used.add_metric(key, s.num_pages - s.free_pages)
@@ -109,6 +111,8 @@ class _LiveCollector(Collector):
             running.add_metric(key, s.running)
             waiting.add_metric(key, s.waiting)
             alive.add_metric(key, 1 if w.alive else 0)
+            if w.role == "decode":
+                retracted.add_metric(key, s.retractions)
             c = s.prefix_cache
             if c.enabled:  # (the worker's own counts: they restart from 0 when it does)
                 hit.add_metric(key, c.hit_tokens)
@@ -117,4 +121,4 @@ class _LiveCollector(Collector):
                 cache_pages.add_metric(key, c.pages)
                 entries.add_metric(key, c.entries)
         yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, cache_pages,
-                    entries)
+                    entries, retracted)

@@ -5,8 +5,9 @@ see the same numbers, so a burst used to land on one worker. The router therefor
 for and the worker has not reported yet (`WorkerHandle.hold` → `confirm` → dropped by the first poll whose
 Stats was asked for after the worker confirmed) and chooses on that view:
 
-- decode: first the workers that can hold the request by that view (a free slot and the pages of prompt +
-  max_new_tokens), least loaded first (the larger of the shares of slots and pages in use), ties in
+- decode: first the workers that can hold the request by that view (a free slot and the pages its state
+  fills: prompt, tokens already streamed when it moved, and the next one; decode workers add pages as
+  requests grow, engine/scheduler.py), least loaded first (the larger of the shares of slots and pages in use), ties in
   round-robin order; then the rest, the same way (the view may be stale: the worker's Reserve decides).
 - prefill: the worker whose prefix cache holds the longest prefix of the request at the queue's head, when
   that is a fair share of its prompt and the worker is not far behind the others (`cached_prefill`; the
@@ -80,7 +81,7 @@ class Placement:
         return best
 
     def decode(self, workers: Sequence[Worker], num_tokens: int) -> list[Worker]:
-        """Live decode workers in the order to try them for a request of num_tokens (prompt + max_new_tokens)."""
+        """Live decode workers in the order to try them for a request whose state fills num_tokens."""
         need = self.pages_for(num_tokens)
         live = [w for w in workers if w.alive]
         return sorted(live, key=lambda w: (not _fits(w, need), _load(w), self._rotation(w)))
