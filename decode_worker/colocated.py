@@ -37,12 +37,14 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 if other is not None:
                     raise ValueError(f"the ticket names {other!r}; a colocated worker only runs requests it reserved "
                                      "itself")
-                self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
-                                        [(f.request_id, f.ticket.transfer_id) for f in r.forks], list(r.output_ids))
+                cached = self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
+                                                 [(f.request_id, f.ticket.transfer_id) for f in r.forks],
+                                                 list(r.output_ids))
             except (ValueError, OutOfCapacity) as exc:
                 results.extend(worker_pb2.PrefillResult(request_id=i, error=str(exc)) for i in ids)
                 continue
-            results.extend(worker_pb2.PrefillResult(request_id=i, ok=True, first_token_in_stream=True) for i in ids)
+            results.extend(worker_pb2.PrefillResult(request_id=i, ok=True, first_token_in_stream=True,
+                                                    cached_tokens=cached) for i in ids)
         return worker_pb2.PrefillResponse(results=results)
 
     async def Release(self, request, context):

@@ -16,7 +16,7 @@ from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
-from sparsepd.engine.config import add_engine_args, engine_config_from_args
+from sparsepd.engine.config import add_engine_args, add_prefix_cache_args, engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
+    add_prefix_cache_args(p, "with --colocated only (a decode worker prefills nothing)")
     add_registration_args(p)
     add_token_args(p)
     add_tls_args(p, client_ca=False)
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
-    cfg = engine_config_from_args(args)
+    cfg = with_prefix_cache(engine_config_from_args(args), args, enabled=args.colocated)
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
                     vocabulary=cfg.vocabulary(model.cfg))

@@ -80,7 +80,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             free_slots=s["free_slots"], running=s["running"], waiting=s["waiting"],
             transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
             rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0),
-            retractions=s["retractions"])
+            retractions=s["retractions"], prefix_cache=s["prefix_cache"])
 
 
 def _event(u: TokenUpdate) -> worker_pb2.TokenEvent:

@@ -27,6 +27,7 @@ from sparsepd.engine.request import PromptLogprobs, Request, StepOutput
 from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
 from sparsepd.faults import Faults
+from sparsepd.proto.convert import prefix_cache_stats
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -87,7 +88,8 @@ class DecodeWorker:
                 raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {params.max_new_tokens} exceeds "
                                  f"max_seq_len={self.engine.model.cfg.max_seq_len}")
             scheduler = self.engine.scheduler
-            scheduler.reserve(request, headroom=scheduler.headroom())  # the prompt's pages; decoding adds more
+            # the prompt's pages (its ids come with the state, or with start_local); decoding adds more
+            scheduler.reserve(request, headroom=scheduler.headroom(), lookup=False)
             ttl_s = min(ttl_s, self.max_ttl_s) if ttl_s > 0 else self.max_ttl_s
             res = Reservation(request, uuid.uuid4().hex, time.time() + ttl_s)
             self.reservations[request_id] = res
@@ -109,12 +111,13 @@ class DecodeWorker:
         return any(r.request_id == request_id for r in self._admitted())
 
     def start_local(self, request_id: str, transfer_id: str, input_ids: list[int],
-                    forks: list[tuple[str, str]] = (), output_ids: list[int] = ()) -> None:
+                    forks: list[tuple[str, str]] = (), output_ids: list[int] = ()) -> int:
         """Colocated mode: run a reserved request's prefill here, in the decode loop's batches (chunked under
         the token budget beside the decoding requests), instead of receiving its state. `forks` (n > 1): the
         (request id, transfer id) of other reservations that start from this prefill (engine forks);
         `output_ids`: a moved request's tokens so far (it resumes after them, engine.Engine.make_request).
-        Raises ValueError (and changes nothing)."""
+        Returns the prompt tokens restored from this worker's prefix cache. Raises ValueError or OutOfCapacity
+        (and changes nothing)."""
         vocab = self.engine.model.cfg.vocab_size
         with self.lock:
             members = [(request_id, transfer_id), *forks]
@@ -143,7 +146,9 @@ class DecodeWorker:
             leader.forks = [res.request for res in held[1:]]
             leader.output_ids = list(output_ids)
             leader.sampler.advance(len(output_ids))
+            cached = self.engine.scheduler.restore_prefix(leader)  # this worker's prefix cache (colocated)
             self.inbox.put(("local", leader))  # under the lock: a Release after this queues behind it
+            return cached
 
     def busy(self) -> bool:
         """Whether any request is reserved, waiting to be admitted, or decoding here."""
@@ -262,9 +267,11 @@ class DecodeWorker:
                 listener(self.step_count, updates)
 
     def stats(self) -> dict:
-        pools = self.engine.pools
+        pools, cache = self.engine.pools, self.engine.prefix_cache
         with self.lock:
-            return dict(num_pages=pools.pages.capacity, free_pages=pools.pages.num_free,
+            reclaimable = cache.reclaimable_pages() if cache is not None else 0  # pages only its entries hold
+            return dict(num_pages=pools.pages.capacity, free_pages=pools.pages.num_free + reclaimable,
+                        prefix_cache=prefix_cache_stats(cache),
                         num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
                         running=len(self._admitted()), waiting=len(self.reservations),
                         retractions=self.engine.scheduler.retractions,

@@ -76,6 +76,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "are captured on first use (default: 8192)")
 
 
+def add_prefix_cache_args(p: argparse.ArgumentParser, who: str = "") -> None:
+    c = p.add_argument_group("prefix cache (engine/prefix_cache.py)" + (f": {who}" if who else ""))
+    c.add_argument("--prefix-cache-entries", type=int, default=256,
+                   help="prompts whose state is kept for later requests that start with them; each entry holds "
+                        "its pages (shared) and a copy of a slot, counted in the memory plan (default: %(default)s)")
+    c.add_argument("--disable-prefix-cache", action="store_true",
+                   help="no prefix cache: every request is prefilled from its first token")
+
+
+def with_prefix_cache(cfg: EngineConfig, args: argparse.Namespace, enabled: bool = True) -> EngineConfig:
+    """cfg with the prefix cache the flags ask for (none when not enabled for this process)."""
+    if args.prefix_cache_entries < 0:
+        raise ValueError(f"--prefix-cache-entries must be ≥ 0, got {args.prefix_cache_entries}")
+    entries = args.prefix_cache_entries if enabled and not args.disable_prefix_cache else 0
+    return cfg.model_copy(update=dict(pools=cfg.pools.model_copy(update=dict(prefix_cache_entries=entries))))
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     num_pages = args.num_pages
     if num_pages is None and args.kv_memory is None and not args.device.startswith("cuda"):

@@ -227,15 +227,16 @@ class Scheduler:
         """The request and those of its forks that need a slot and pages here and hold none yet."""
         return [request, *(f for f in request.forks if f.slot is None and not f.stateless)]
 
-    def reserve(self, request: Request, headroom: int = 0) -> None:
+    def reserve(self, request: Request, headroom: int = 0, lookup: bool = True) -> None:
         """A slot and its initial pages (`initial_pages`) for a request, without running it (raises OutOfCapacity,
         also when fewer than `headroom` pages would be left); with a prefix cache, its longest cached prefix
-        restored (the entry's pages shared, its slot copied); a retracted request's state copied back."""
+        restored (the entry's pages shared, its slot copied; not when `lookup` is False: a reservation whose
+        prompt comes later, `restore_prefix`); a retracted request's state copied back."""
         if self.pools.pages_for(request.max_len) > self.pools.pages.capacity:
             raise OutOfCapacity(f"request {request.request_id} may grow to {self.pools.pages_for(request.max_len)} "
                                 f"pages, the pool has {self.pools.pages.capacity} in all")
         slot = self.pools.slots.allocate(1)[0]
-        entry = self._lookup(request)
+        entry = self._lookup(request) if lookup else None
         shared = list(entry.pages) if entry is not None else []
         self.pools.pages.share(shared)  # before make_room: evicting the entry now frees none of these
         need = self.initial_pages(request) - len(shared)
@@ -256,14 +257,34 @@ class Scheduler:
             restore_tensors(self.pools, request, request.offloaded)
             request.offloaded = None
             return
-        if self.cache is not None and self._cacheable(request):
-            if entry is not None:
-                self.cache.restore(entry, slot)
-                request.num_computed = request.cached_tokens = entry.num_tokens
-                request.restored_from = entry.key
-            self.cache.stats.miss_tokens += request.num_known - request.num_computed
-            at = self.cache.boundary(request.num_known)
-            request.cache_at = at if at > request.num_computed else None
+        if lookup and self.cache is not None and self._cacheable(request):
+            self._start_cached(request, entry)
+
+    def restore_prefix(self, request: Request) -> int:
+        """A reserved request whose prompt is known now (the colocated worker's): restore its longest cached
+        prefix into the slot and pages it holds (the entry's pages replace its first ones); the tokens
+        restored."""
+        if self.cache is None or not self._cacheable(request) or request.slot is None:
+            return 0
+        entry = self._lookup(request)
+        if entry is not None:
+            k = len(entry.pages)
+            self.pools.pages.share(list(entry.pages))
+            self.pools.pages.free(request.pages[:k])
+            request.pages[:k] = list(entry.pages)
+        self._start_cached(request, entry)
+        return request.cached_tokens
+
+    def _start_cached(self, request: Request, entry: CacheEntry | None) -> None:
+        """The entry's snapshot into the request's slot (when there is one; its pages are already the request's
+        first ones), and where the request's own entry will be taken."""
+        if entry is not None:
+            self.cache.restore(entry, request.slot)
+            request.num_computed = request.cached_tokens = entry.num_tokens
+            request.restored_from = entry.key
+        self.cache.stats.miss_tokens += request.num_known - request.num_computed
+        at = self.cache.boundary(request.num_known)
+        request.cache_at = at if at > request.num_computed else None
 
     def _cacheable(self, request: Request) -> bool:
         return not request.stateless and request.num_computed == 0 and request.prefilling

@@ -10,7 +10,7 @@ import logging
 import grpc
 
 from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
-from sparsepd.engine.config import add_engine_args, engine_config_from_args
+from sparsepd.engine.config import add_engine_args, add_prefix_cache_args, engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
@@ -34,12 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: seconds the batch in flight may take to finish (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
-    c = p.add_argument_group("prefix cache (engine/prefix_cache.py)")
-    c.add_argument("--prefix-cache-entries", type=int, default=256,
-                   help="prompts whose state is kept for later requests that start with them; each entry holds "
-                        "its pages (shared) and a copy of a slot, counted in the memory plan (default: %(default)s)")
-    c.add_argument("--disable-prefix-cache", action="store_true",
-                   help="no prefix cache: every request is prefilled from its first token")
+    add_prefix_cache_args(p)
     add_registration_args(p)
     add_token_args(p)
     add_tls_args(p, client_ca=False)
@@ -48,11 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("prefill", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
-    cfg = engine_config_from_args(args)
-    if args.prefix_cache_entries < 0:
-        raise ValueError(f"--prefix-cache-entries must be ≥ 0, got {args.prefix_cache_entries}")
-    entries = 0 if args.disable_prefix_cache else args.prefix_cache_entries
-    cfg = cfg.model_copy(update=dict(pools=cfg.pools.model_copy(update=dict(prefix_cache_entries=entries))))
+    cfg = with_prefix_cache(engine_config_from_args(args), args)
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)

@@ -7,11 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import id_logprobs, prompt_logprobs, sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_to_dict, top_logprobs
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -66,7 +65,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
             running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
-            transfer_bytes=c["transfer_bytes"], prefix_cache=_cache_stats(cache))
+            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(cache))
 
 
 def _check_ticket(r, where: str) -> None:
@@ -90,16 +89,6 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
                          f"{params.max_new_tokens}")
     return PrefillJob(r.request_id, input_ids, params, r.ticket.transfer_id, r.ticket.endpoint, r.ticket.fingerprint,
                       forks, output_ids)
-
-
-def _cache_stats(cache: PrefixCache | None) -> worker_pb2.PrefixCacheStats:
-    if cache is None:
-        return worker_pb2.PrefixCacheStats(enabled=False)
-    s = cache.stats
-    return worker_pb2.PrefixCacheStats(enabled=True, hit_tokens=s.hit_tokens, miss_tokens=s.miss_tokens,
-                                       evictions=s.evictions, entries=len(cache.entries),
-                                       pages=len(cache.held_pages()), page_size=cache.page_size,
-                                       hashes=cache.hashes())
 
 
 def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:

@@ -58,3 +58,14 @@ def prompt_logprobs(start: int, positions) -> worker_pb2.PromptLogprobs:
     if positions and positions[0].ids_logprobs:
         msg.token_ids_logprobs.extend(id_logprobs(x.ids_logprobs) for x in positions)
     return msg
+
+
+def prefix_cache_stats(cache) -> worker_pb2.PrefixCacheStats:
+    """A worker's prefix cache (engine/prefix_cache.PrefixCache, or None) as its Stats report it."""
+    if cache is None:
+        return worker_pb2.PrefixCacheStats(enabled=False)
+    s = cache.stats
+    return worker_pb2.PrefixCacheStats(enabled=True, hit_tokens=s.hit_tokens, miss_tokens=s.miss_tokens,
+                                       evictions=s.evictions, entries=len(cache.entries),
+                                       pages=len(cache.held_pages()), page_size=cache.page_size,
+                                       hashes=cache.hashes())

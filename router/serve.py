@@ -65,10 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward")
     w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
     w.add_argument("--prefix-cache-entries", type=int, default=None,
-                   help="prompts whose state each prefill worker keeps for requests that start with them "
-                        "(default: the prefill worker's, 256)")
+                   help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
+                        "with them (default: the worker's, 256)")
     w.add_argument("--disable-prefix-cache", action="store_true",
-                   help="prefill every request from its first token (no prefix cache on the prefill workers)")
+                   help="prefill every request from its first token (no prefix cache on the prefill or colocated "
+                        "workers)")
     add_dispatch_arguments(p)
     p.add_argument("--metrics-port", type=int, default=30090,
                    help="the router's Prometheus port; 0 = any, -1 = off (default: %(default)s)")
@@ -198,8 +199,9 @@ async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
     if port >= 0:
         endpoints["serve_metrics"] = f"http://127.0.0.1:{supervisor.serve_metrics('127.0.0.1', port)}/metrics"
     common = [*_worker_flags(args), "--router", where]
-    workers = [(f"{kind}-{i}", ["decode-worker", *common, *(["--colocated"] if args.colocated else []),
-                                "--device", devices[i]]) for i in range(args.decode)]
+    colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
+    workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, "--device", devices[i]])
+               for i in range(args.decode)]
     workers += [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), "--device", devices[args.decode + i]])
                 for i in range(args.prefill)]
     _say(f"starting {args.decode} {kind} and {args.prefill} prefill workers ...")

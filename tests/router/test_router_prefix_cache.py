@@ -130,3 +130,22 @@ def test_cache_aware_choice_prefers_the_holder_unless_it_is_overloaded():
     assert placement.cached_prefill([a, b], hashes, 1000, balance_tokens=512) is None  # 48 of 1000: not worth it
     a.alive = False
     assert placement.cached_prefill([a, b], hashes, 20, balance_tokens=512) is b
+
+
+def test_colocated_workers_cache_prefixes_too():
+    model = build_model(get_preset("tiny"), seed=0)
+    served = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--colocated", "--decode", "1",
+                             "--num-slots", "8", "--num-pages", "96"], timeout_s=240)
+    try:
+        async def main():
+            async with channel(served.ready["grpc"]) as ch:
+                stub = stub_of(ch)
+                conversations = await asyncio.gather(*(_conversation(stub, _ids(30 + 9 * c, seed=50 + c), 3, 70 * c)
+                                                       for c in range(2)))
+                await wait_all_free(stub)
+            return conversations
+
+        conversations = run(main())
+    finally:
+        assert stop(served, timeout_s=30) == 0
+    _check(model, conversations, cached=True)
