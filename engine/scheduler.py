@@ -8,8 +8,12 @@ colocated serving mode that the disaggregated service is compared against. A pre
 that asks for prompt log-probabilities is scored in the same step (engine/prompt_logprobs.py); requests
 that do not ask take the plain path.
 
-With a prefix cache (engine/prefix_cache.py, the prefill workers'), admission restores a request from the entry
-of its longest cached page-aligned prefix and prefills only the rest; the chunk that reaches the last page
+Pages on demand: a request is admitted with the pages of its known tokens and the next one and gets one more at
+each page boundary it decodes across; when no page is free the newest decoding requests are retracted (state to
+host memory, back to the head of the waiting queue) and resumed when admitted again.
+
+With a prefix cache (engine/prefix_cache.py, on the workers that prefill), admission restores a request from the
+entry of its longest cached page-aligned prefix and prefills only the rest; the chunk that reaches the last page
 boundary before a request's last known token ends there, and the state at that boundary becomes an entry.
 
 With overlap, step N+1's forward and draw are queued before step N's tokens are read. A request with a
