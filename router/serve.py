@@ -39,6 +39,7 @@ from sparsepd.process import print_ready, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.router.main import add_dispatch_arguments, add_model_arguments
+from sparsepd.router.model_card import card_for
 from sparsepd.supervisor import GaveUp, RestartPolicy, Supervisor
 from sparsepd.tls import TlsConfig, cluster_channel, tls_from_args
 
@@ -221,6 +222,7 @@ async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
 
         def launch_gateway(on_spawn):
             gateway = start_gateway(where, ports[0], ports[1], args.start_timeout, host=args.http_host,
+                                    tokenizer=card_for(args.preset, args.checkpoint).has_tokenizer,
                                     on_spawn=on_spawn)
             ports[:] = [gateway.ready["port"], gateway.ready["metrics_port"]]  # a restart comes back there
             return gateway
@@ -337,8 +339,9 @@ def gateway_command() -> str | None:
 
 
 def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s: float = 120.0,
-                  host: str = "127.0.0.1", on_spawn=None) -> Child:
-    """Start `smg launch` in front of the router, bound to `host`, and wait until it serves the model."""
+                  host: str = "127.0.0.1", on_spawn=None, tokenizer: bool = True) -> Child:
+    """Start `smg launch` in front of the router, bound to `host`, and wait until it serves the model (and, when
+    the model has a tokenizer, until the gateway has it: text requests need it)."""
     exe = gateway_command()
     if exe is None:
         raise LaunchError(f"the SGLang model gateway (smg) is not installed: {HTTP_INSTALL}")
@@ -359,7 +362,7 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
 
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while not _gateway_ready("127.0.0.1" if host in ("0.0.0.0", "::") else host, port):
+    while not _gateway_ready("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, tokenizer):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(child)
             reason = f"exited with code {proc.returncode}" if proc.returncode is not None else "timed out"
@@ -368,11 +371,18 @@ def start_gateway(router_grpc: str, port: int, metrics_port: int = 0, timeout_s:
     return child
 
 
-def _gateway_ready(host: str, port: int) -> bool:
+def _gateway_ready(host: str, port: int, tokenizer: bool = True) -> bool:
+    """The gateway lists the model and says it is ready: it answers /v1/models before it has fetched the
+    tokenizer (GetTokenizer), and until then a completion gets 503 "tokenizer not yet registered"."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=2) as r:
-            return r.status == 200 and b'"id"' in r.read()
-    except OSError:
+            if r.status != 200 or b'"id"' not in r.read():
+                return False
+        if not tokenizer:
+            return True
+        with urllib.request.urlopen(f"http://{host}:{port}/readiness", timeout=2) as r:
+            return r.status == 200
+    except OSError:  # (urllib's HTTPError for the 503 is one)
         return False
 
 
