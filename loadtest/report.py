@@ -26,23 +26,24 @@ COLUMNS = [
     ("req/s", 8, lambda c, m: f"{m['request_throughput']:.2f}"),
     ("in tok/s", 10, lambda c, m: f"{m['input_throughput']:.0f}"),
     ("out tok/s", 10, lambda c, m: f"{m['output_throughput']:.1f}"),
-    ("TTFT p50", 9, lambda c, m: _ms(m["ttft_ms"]["p50"])),
-    ("p99", 8, lambda c, m: _ms(m["ttft_ms"]["p99"])),
-    ("TPOT p50", 9, lambda c, m: _ms(m["tpot_ms"]["p50"])),
-    ("p99", 8, lambda c, m: _ms(m["tpot_ms"]["p99"])),
-    ("ITL p50", 8, lambda c, m: _ms(m["itl_ms"]["p50"])),
-    ("p99", 8, lambda c, m: _ms(m["itl_ms"]["p99"])),
-    ("E2E p50", 9, lambda c, m: _ms(m["e2e_ms"]["p50"])),
-    ("p99", 9, lambda c, m: _ms(m["e2e_ms"]["p99"])),
+    ("TTFT p50", 9, lambda c, m: _one_decimal(m["ttft_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _one_decimal(m["ttft_ms"]["p99"])),
+    ("TPOT p50", 9, lambda c, m: _one_decimal(m["tpot_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _one_decimal(m["tpot_ms"]["p99"])),
+    ("ITL p50", 8, lambda c, m: _one_decimal(m["itl_ms"]["p50"])),
+    ("p99", 8, lambda c, m: _one_decimal(m["itl_ms"]["p99"])),
+    ("E2E p50", 9, lambda c, m: _one_decimal(m["e2e_ms"]["p50"])),
+    ("p99", 9, lambda c, m: _one_decimal(m["e2e_ms"]["p99"])),
     ("goodput", 8, lambda c, m: "-" if m["goodput"] is None else f"{m['goodput']:.2f}"),
     ("xfer KB", 8, lambda c, m: _kb(m["router"]["transfer_bytes_mean"])),
-    ("xfer ms", 8, lambda c, m: _ms(m["router"]["transfer_ms"]["p50"])),
+    ("xfer ms", 8, lambda c, m: _one_decimal(m["router"]["transfer_ms"]["p50"])),
 ]
 UNITS = "latencies in ms (p50 and p99); goodput in req/s meeting the SLOs; xfer = the router's P→D state " \
         "transfer per request (mean KB, p50 ms)"
 
 
-def _ms(value: float | None) -> str:
+def _one_decimal(value: float | None) -> str:
+    """A latency in ms or a mean token count, "-" when there is none."""
     return "-" if value is None else f"{value:.1f}"
 
 
@@ -50,12 +51,17 @@ def _kb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e3:.0f}"
 
 
+def _line(cells: list[tuple[str, int]]) -> str:
+    """Cells (text, width), right-aligned, two spaces apart: every table here."""
+    return "  ".join(f"{text:>{width}}" for text, width in cells)
+
+
 def table_header() -> str:
-    return "  ".join(f"{name:>{width}}" for name, width, _ in COLUMNS)
+    return _line([(name, width) for name, width, _ in COLUMNS])
 
 
 def table_row(concurrency: int | None, metrics: dict) -> str:
-    return "  ".join(f"{value(concurrency, metrics):>{width}}" for _, width, value in COLUMNS)
+    return _line([(value(concurrency, metrics), width) for _, width, value in COLUMNS])
 
 
 # (header, width, value from one entry of metrics["turns"])
@@ -63,21 +69,17 @@ TURN_COLUMNS = [
     ("turn", 4, lambda t: str(t["turn"])),
     ("sent", 5, lambda t: str(t["sent"])),
     ("ok", 5, lambda t: str(t["completed"])),
-    ("TTFT p50", 9, lambda t: _ms(t["ttft_ms"]["p50"])),
-    ("p90", 8, lambda t: _ms(t["ttft_ms"]["p90"])),
-    ("p99", 8, lambda t: _ms(t["ttft_ms"]["p99"])),
-    ("E2E p50", 9, lambda t: _ms(t["e2e_ms"]["p50"])),
-    ("prompt", 8, lambda t: _mean(t["prompt_tokens_mean"])),
-    ("cached", 8, lambda t: _mean(t["cached_tokens_mean"])),
+    ("TTFT p50", 9, lambda t: _one_decimal(t["ttft_ms"]["p50"])),
+    ("p90", 8, lambda t: _one_decimal(t["ttft_ms"]["p90"])),
+    ("p99", 8, lambda t: _one_decimal(t["ttft_ms"]["p99"])),
+    ("E2E p50", 9, lambda t: _one_decimal(t["e2e_ms"]["p50"])),
+    ("prompt", 8, lambda t: _one_decimal(t["prompt_tokens_mean"])),
+    ("cached", 8, lambda t: _one_decimal(t["cached_tokens_mean"])),
     ("hit rate", 8, lambda t: _share(t["hit_rate"])),
     ("prefill tok", 11, lambda t: str(t["prefill_tokens"])),
 ]
 TURN_UNITS = "per turn: TTFT and E2E in ms; prompt and cached = mean tokens per completed request; hit rate = " \
              "Σ cached ÷ Σ prompt tokens; prefill tok = Σ (prompt − cached), the prompt tokens computed"
-
-
-def _mean(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def _share(value: float | None) -> str:
@@ -86,8 +88,8 @@ def _share(value: float | None) -> str:
 
 def turn_table(turns: list[dict]) -> list[str]:
     """The per-turn table of a multi-turn run: a header line, then a row per turn."""
-    header = "  ".join(f"{name:>{width}}" for name, width, _ in TURN_COLUMNS)
-    return [header, *("  ".join(f"{value(t):>{width}}" for _, width, value in TURN_COLUMNS) for t in turns)]
+    return [_line([(name, width) for name, width, _ in TURN_COLUMNS]),
+            *(_line([(value(t), width) for _, width, value in TURN_COLUMNS]) for t in turns)]
 
 
 def multi_turn_lines(metrics: dict) -> list[str]:
