@@ -1,4 +1,4 @@
-"""Routed experts as two grouped GEMMs over expert-sorted rows (dsv4-spec.md "Block, MoE and head").
+"""Routed experts as two grouped GEMMs over expert-sorted rows (docs/dsv4-spec.md "Block, MoE and head").
 
 For token t with routing weights w[t, j] and expert ids e = e[t, j] (j < k, from the `Gate`), L = swiglu_limit:
 

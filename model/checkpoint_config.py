@@ -1,4 +1,4 @@
-"""A checkpoint directory's `config.json` as a `ModelConfig`, and how its weights are stored (DESIGN.md §6).
+"""A checkpoint directory's `config.json` as a `ModelConfig`, and how its weights are stored (docs/DESIGN.md §8).
 
 Two forms. Ours, `{"sparsepd": {...}}`, written by `save_checkpoint`: the ModelConfig fields as they are.
 The published DeepSeek-V4 form: the official keys (the names Hugging Face transformers' `deepseek_v4`
@@ -9,7 +9,7 @@ refused with the key's name and the file, so a config we would misread never loa
 
 Mapping notes. `compress_ratios` may be longer than `num_hidden_layers`: the tail belongs to the
 multi-token-prediction layers (`mtp.*`), which are not served. `rope_scaling` is YaRN for the compressed
-layers (dsv4-spec.md "Configurations"); its `mscale` keys are accepted and unused (the V4 reference does not
+layers (docs/dsv4-spec.md "Configurations"); its `mscale` keys are accepted and unused (the V4 reference does not
 scale attention by them). A page is 128 tokens (DeepSeek's block), or the lcm of 128 and the ratios.
 """
 

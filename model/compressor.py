@@ -1,4 +1,4 @@
-"""The KV compressor of CSA/HCA layers and of the indexer (dsv4-spec.md "Compressor").
+"""The KV compressor of CSA/HCA layers and of the indexer (docs/dsv4-spec.md "Compressor").
 
 Entry e pools block e (positions e·ratio … e·ratio+ratio−1) with a per-channel softmax gate over the
 window; with overlap (ratio 4) the window is 2·ratio rows: the previous block's first d channels, then
