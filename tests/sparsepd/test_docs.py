@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sources() -> list[Path]:
     listed = subprocess.run(["git", "ls-files", "*.py", "*.proto", "*.toml", "*.md", "scripts/*"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / f for f in listed if not f.startswith("docs/") and (ROOT / f).is_file()]
+    this = Path(__file__).resolve().relative_to(ROOT).as_posix()  # (it names the documents to find them)
+    return [ROOT / f for f in listed if not f.startswith("docs/") and f != this and (ROOT / f).is_file()]
 
 
 def _headings(doc: str, pattern: str) -> set[str]:
