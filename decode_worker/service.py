@@ -58,9 +58,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             while True:
                 step, batch = await updates.get()
-                while not updates.empty():  # the router fell behind: what is queued goes in one message, in order
-                    step, more = updates.get_nowait()
-                    batch = [*batch, *more]
+                if not updates.empty():  # the router fell behind: what is queued goes in one message, in order
+                    batch = list(batch)  # every listener gets the same list: extend a copy
+                    while not updates.empty():
+                        step, more = updates.get_nowait()
+                        batch.extend(more)
                 yield worker_pb2.StepBatch(step=step, events=[_event(u) for u in batch])
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
+#   bench/gpu_checks.sh STEP...   steps: suite, engine, quant, quant-tests, model-tests, service
+# Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+summary=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" >&2
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name rc=$rc $((SECONDS - t0))s: $(grep -E 'passed|failed|error' "$out/$name.log" | tail -n 1)")
+}
+for s in "$@"; do
+  case $s in
+    suite) step suite 330 scripts/test-gpu -n 8 ;;
+    engine) step engine 240 python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --profile-prefill 15 ;;
+    quant) step quant 200 python3 -P bench/bench_quant.py --json "$out/quant.json" ;;
+    quant-tests) step quant-tests 240 scripts/test-gpu -n 8 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
+for f in "$out"/*.log; do echo "--- tail of $f"; tail -n 30 "$f"; done
+printf '%s\n' "${summary[@]}"
