@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
-from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.numerics import linear, rope_cos_sin, rope_freqs
 
 
