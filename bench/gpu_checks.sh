@@ -21,6 +21,10 @@ for s in "$@"; do
     quant) step quant 200 python3 -P bench/bench_quant.py --json "$out/quant.json" ;;
     service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
                INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
+    engine-old)  # the same benchmark against the engine of .old/ (a `git archive` of an earlier commit), same card
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
+      step engine-old 240 env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_engine_new.py \
+        --batches ${OLD_BATCHES:-1,64,128,256} --steps 10 ;;
     quant-tests) step quant-tests 240 scripts/test-gpu -n 8 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
     *) echo "unknown step $s" >&2 ;;
   esac
