@@ -14,9 +14,9 @@ a worker needs no HTTP port of its own. The router's own queue (requests admitte
 and reservation step are what SGLang's prefill server queues; they are exported as the series of
 `engine_type="router"`.
 
-Gauges SGLang sets once per logging interval (throughput, hit rate, transfer speed) are computed here over
-the interval since the previous scrape; those of an event (hit rate, transfer speed and latency) keep their
-last value while nothing happened.
+SGLang sets its throughput, hit-rate and transfer gauges from its last logging interval or transfer; here
+they are computed over the interval since the previous scrape, and the hit rate and the transfer gauges keep
+their last value through an interval in which nothing was prefilled or pushed.
 """
 
 from __future__ import annotations
@@ -67,20 +67,22 @@ class SglangRequestMetrics:
             return Histogram(f"sglang:{name}", doc, labels, registry=r, buckets=buckets).labels(*values)
 
         # counted when a request ends, however it ended (SGLang: on its finished output, aborted ones included)
-        self.num_requests = counter("num_requests_total", "Number of requests processed.")
-        self.prompt_tokens = counter("prompt_tokens_total", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens_total", "Number of generation tokens processed.")
-        self.cached_tokens = counter("cached_tokens_total", "Number of cached prompt tokens.")
-        self.aborted = counter("num_aborted_requests_total", "Number of requests aborted.")
-        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+        self.num_requests = counter("num_requests_total", "Requests that ended, however they ended (each of n choices)")
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of the requests that ended")
+        self.generation_tokens = counter("generation_tokens_total", "Tokens streamed to clients")
+        self.cached_tokens = counter("cached_tokens_total",
+                                     "Prompt tokens restored from a prefill worker's prefix cache")
+        self.aborted = counter("num_aborted_requests_total", "Requests ended by Abort or by their client going away")
+        self.ttft = histogram("time_to_first_token_seconds", "Admission to the first token, seconds",
                               TTFT_BUCKETS_S)
-        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between a request's chunks over their tokens, once per token, seconds",
                              ITL_BUCKETS_S)
-        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds",
+        self.e2e = histogram("e2e_request_latency_seconds", "Admission to the end, seconds",
                              E2E_BUCKETS_S)
         # SGLang's scheduler measures a request's wait in its queue; ours waits in the router's
-        self.queue_time = histogram("queue_time_seconds", "Histogram of queueing time in seconds.", QUEUE_BUCKETS_S,
-                                    SCHEDULER_LABELS, (model_name, ROUTER, "0", "0", ROUTER))
+        self.queue_time = histogram("queue_time_seconds", "Admission to the prefill batch being sent, seconds",
+                                    QUEUE_BUCKETS_S, SCHEDULER_LABELS, (model_name, ROUTER, "0", "0", ROUTER))
 
     def first_token(self, seconds: float) -> None:
         """Admission to the first token delivered."""
@@ -181,7 +183,7 @@ class SglangWorkerCollector(Collector):
 
 
 class _Families:
-    """One scrape's metric families, SGLang's names and help texts with the scheduler labels."""
+    """One scrape's metric families: SGLang's names, with its scheduler labels."""
 
     def __init__(self):
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
@@ -190,24 +192,29 @@ class _Families:
         def counter(name: str, doc: str) -> CounterMetricFamily:
             return CounterMetricFamily(f"sglang:{name}", doc, labels=SCHEDULER_LABELS)
 
-        self.running = gauge("num_running_reqs", "The number of running requests.")
-        self.queue = gauge("num_queue_reqs", "The number of requests in the waiting queue.")
-        self.used_tokens = gauge("num_used_tokens", "The number of used tokens.")
-        self.token_usage = gauge("token_usage", "The token usage.")
-        self.gen_throughput = gauge("gen_throughput", "The generation throughput (token/s).")
-        self.cache_hit_rate = gauge("cache_hit_rate", "The prefix cache hit rate.")
+        self.running = gauge("num_running_reqs", "Requests in the engine's running batch")
+        self.queue = gauge("num_queue_reqs",
+                           "Requests waiting: the router's admitted ones not yet prefilling, a worker engine's queue")
+        self.used_tokens = gauge("num_used_tokens", "KV pages in use times the page size")
+        self.token_usage = gauge("token_usage", "Share of the KV pages in use")
+        self.gen_throughput = gauge("gen_throughput", "Tokens generated per second between two polls of the worker")
+        self.cache_hit_rate = gauge("cache_hit_rate", "Share of the prompt tokens prefilled since the previous "
+                                    "scrape restored from the prefix cache")
         self.prefill_prealloc = gauge("num_prefill_prealloc_queue_reqs",
-                                      "The number of requests in the prefill prealloc queue.")
+                                      "Requests out of the router's queue reserving their decode pages")
         self.prefill_inflight = gauge("num_prefill_inflight_queue_reqs",
-                                      "The number of requests in the prefill inflight queue.")
+                                      "States a prefill worker pushed, not yet acknowledged")
         self.decode_prealloc = gauge("num_decode_prealloc_queue_reqs",
-                                     "The number of requests in the decode prealloc queue.")
+                                     "The router's Reserve calls in flight to a decode worker")
         self.decode_transfer = gauge("num_decode_transfer_queue_reqs",
-                                     "The number of requests in the decode transfer queue.")
-        self.transfer_speed = gauge("kv_transfer_speed_gb_s", "The transfer speed of the KV cache in GB/s.")
-        self.transfer_latency = gauge("kv_transfer_latency_ms", "The transfer latency of the KV cache in ms.")
-        self.retracted = counter("num_retracted_requests_total", "Total number of retracted requests.")
-        self.transfer_failed = counter("num_transfer_failed_reqs_total", "The number of transfer failed requests.")
+                                     "A decode worker's reservations waiting for their state")
+        self.transfer_speed = gauge("kv_transfer_speed_gb_s",
+                                    "Bytes over push time of the states pushed since the previous scrape, GB/s")
+        self.transfer_latency = gauge("kv_transfer_latency_ms",
+                                      "Mean push time of the states pushed since the previous scrape, ms")
+        self.retracted = counter("num_retracted_requests_total", "Requests moved to host memory for want of a page")
+        self.transfer_failed = counter("num_transfer_failed_reqs_total", "State pushes that failed (prefill), "
+                                       "reservations expired without their state (decode)")
 
     def all(self) -> list:
         return list(vars(self).values())
