@@ -454,12 +454,13 @@ class Dispatcher:
         if outcome is None and worker_finish:
             outcome = flow.worker_outcome(worker_finish)
         now = time.monotonic()
+        gap_s = now - flow.last_token_at if flow.last_token_at else None  # since its previous tokens (metrics)
         flow.first_token_at = flow.first_token_at or now
         flow.last_token_at = now
         if new:
             flow.events.put_nowait(("tokens", new))
             if self.metrics:
-                self.metrics.generated(len(new))
+                self.metrics.generated(len(new), gap_s)
         if outcome is not None:
             self._end(flow, outcome)
 
