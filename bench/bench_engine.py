@@ -127,7 +127,26 @@ def launches_per_step(engine: Engine, steps: int = 3) -> float:
     return sum(e.count for e in prof.key_averages() if e.key in _LAUNCH_NAMES) / steps
 
 
-def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, bandwidth: float) -> dict:
+def top_kernels(fn, n: int, per: int = 1) -> list[tuple[str, int, float, float]]:
+    """The n kernels with the most GPU time while fn runs: (name, calls, ms, share), calls and ms per `per`."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1
+    return [(e.key[:70], e.count // per, e.device_time_total / 1e3 / per, e.device_time_total / total)
+            for e in events[:n]]
+
+
+def print_top(top: list) -> None:
+    print("\n| kernel | calls | GPU ms | share |\n|---|---|---|---|")
+    for key, count, ms, share in top:
+        print(f"| {key} | {count} | {ms:.3f} | {share:.0%} |")
+    print(flush=True)
+
+
+def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, bandwidth: float,
+                 profile_top: int = 0) -> dict:
     cfg = model.cfg
     pages = batch * (-(-(context + 1040) // cfg.page_size))
     engine = Engine(model, PoolConfig(num_slots=batch, max_batch_tokens=8192, num_pages=pages), cuda_graph=cuda_graph,
@@ -149,6 +168,7 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
     step_ms = statistics.median(runs) * 1e3
     gpu_ms = gpu_forward_ms(engine, [(r, [0]) for r in reqs])  # token values do not change the time
     launches = launches_per_step(engine)
+    top = top_kernels(lambda: [engine.step() for _ in range(3)], profile_top, per=3) if profile_top else []
     for r in reqs:
         engine.abort(r.request_id)
     assert engine.is_idle_and_empty()
@@ -156,7 +176,7 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
     floor_bytes = w + batch * state_bytes(cfg, context)
     floor_ms = floor_bytes / bandwidth * 1e3
     return dict(batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms, floor_ms=floor_ms,
-                floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms, launches=launches)
+                floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms, launches=launches, top=top)
 
 
 def prefill_flops(cfg: ModelConfig, model, length: int) -> float:
@@ -178,21 +198,25 @@ def prefill_flops(cfg: ModelConfig, model, length: int) -> float:
     return 2 * active * length + attn
 
 
-def prefill_point(model, length: int) -> dict:
+def prefill_point(model, length: int, profile_top: int = 0) -> dict:
     cfg = model.cfg
     engine = Engine(model, PoolConfig(num_slots=1, max_batch_tokens=length, num_pages=-(-length // cfg.page_size) + 1))
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    times = []
-    for seed in range(4):
+
+    def one(seed: int) -> float:
         req = engine.submit(prompts(1, length, cfg.vocab_size, seed)[0], params)
         torch.cuda.synchronize()
         t = time.perf_counter()
         while req.finish_reason is None:
             engine.step()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    ms = statistics.median(times[1:]) * 1e3
-    return dict(length=length, ms=ms, tok_s=length / ms * 1e3, flops=prefill_flops(cfg, model, length))
+        return time.perf_counter() - t
+
+    for seed in (100, 101):  # warm up at this exact shape: Triton compiles and autotunes outside the timing
+        one(seed)
+    ms = statistics.median(one(seed) for seed in range(5)) * 1e3
+    top = top_kernels(lambda: one(200), profile_top) if profile_top else []
+    return dict(length=length, ms=ms, tok_s=length / ms * 1e3, flops=prefill_flops(cfg, model, length), top=top)
 
 
 def main() -> None:
@@ -202,6 +226,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--eager", action="store_true", help="also run every batch without CUDA graphs")
+    ap.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                    help="print the N kernels that take the most GPU time in one prefill")
+    ap.add_argument("--profile-batch", type=int, default=0, metavar="B",
+                    help="print the 15 kernels that take the most GPU time in a decode step at batch B")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("bench")
@@ -210,21 +238,30 @@ def main() -> None:
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     print(f"# bench preset on {torch.cuda.get_device_name()}, built in {time.perf_counter() - t:.1f} s; "
           f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
-    pre = prefill_point(model, args.prefill)
+    pre = prefill_point(model, args.prefill, args.profile_prefill)
     achieved = pre["flops"] / (pre["ms"] / 1e3)
     print(f"prefill {pre['length']} tokens: {pre['ms']:.1f} ms = {pre['tok_s']:.0f} tokens/s, "
           f"{achieved / 1e12:.0f} TFLOP/s = {achieved / rate:.0%} of the bf16 matmul rate", flush=True)
+    if pre["top"]:
+        print_top(pre["top"])
     print(f"\ndecode at {args.context}-token contexts\n")
     print("| mode | batch | step ms | decode tokens/s | GPU ms | floor ms (GB) | step / floor | host share | "
           "launches / step |")
     print("|---|---|---|---|---|---|---|---|---|")
+    tops = []
     modes = [("graph+overlap", True)] + ([("eager", False)] if args.eager else [])
     for b in (int(x) for x in args.batches.split(",")):
         for mode, graphs in modes:
-            r = decode_point(model, b, args.context, args.steps, graphs, bandwidth)
+            r = decode_point(model, b, args.context, args.steps, graphs, bandwidth,
+                             15 if b == args.profile_batch and graphs else 0)
             print(f"| {mode} | {b} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['gpu_ms']:.2f} | "
                   f"{r['floor_ms']:.2f} ({r['floor_gb']:.2f}) | {r['step_ms'] / r['floor_ms']:.1f}× | "
                   f"{r['host']:.0%} | {r['launches']:.0f} |", flush=True)
+            tops.append((b, r["top"]))
+    for b, top in tops:
+        if top:
+            print(f"\nkernels of a decode step at batch {b} (graph replay, per step):")
+            print_top(top)
 
 
 if __name__ == "__main__":

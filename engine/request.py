@@ -10,7 +10,7 @@ from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, Toke
 PENDING = -1  # a token id the host does not know yet: the runner takes it from the device (engine/draw.py)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's lists hold each request once (a generated __eq__ compares fields)
 class Request:
     request_id: str
     prompt_ids: list[int]

@@ -164,7 +164,9 @@ class Scheduler:
         fails (finish "error")."""
         read_early: list[StepOutput] = []
         for r in list(self.running):  # oldest first
-            while r in self.running and r.finish_reason is None and not r.prefilling and r.slot is not None \
+            # A request retracted or failed in this loop has no slot any more, one finished by reading the step in
+            # flight has its finish reason: no membership test on `running` (O(batch) each, O(batch²) a step).
+            while r.finish_reason is None and not r.prefilling and r.slot is not None \
                     and len(r.output_ids) + r.num_pending < r.params.max_new_tokens:
                 try:
                     self.ensure_pages(r, r.num_computed + 1)
@@ -201,16 +203,18 @@ class Scheduler:
                     len(request.output_ids), extra={"request_id": request.request_id})
 
     def _admit(self) -> None:
+        headroom = self.headroom()  # counted once: an admitted request adds to it only when it resumes decoding
         while self.waiting:
             request = self.waiting[0]
             need = self._to_reserve(request)
-            pages = sum(self.initial_pages(r) for r in need) + self.headroom()
+            pages = sum(self.initial_pages(r) for r in need) + headroom
             if self.cache is not None and self.pools.slots.can_allocate(len(need)):
                 self.cache.make_room(pages)
             if not (self.pools.slots.can_allocate(len(need)) and self.pools.pages.can_allocate(pages)):
                 return
             self.waiting.popleft()
             self.admit(request)
+            headroom += not request.prefilling  # a retracted request resumes decoding at once
 
     def admit(self, request: Request) -> None:
         """Give a request (and its forks) a slot and pages for all its tokens and make it run (raises

@@ -29,8 +29,9 @@ The e4m3 rounding and the power-of-two scale are kernels/compressor.py's (intege
 bits: the same on NVIDIA, AMD and the interpreter); the round trip models training, so it is e4m3fn
 (max 448) on every platform.
 
-Status: tested in the Triton interpreter only; model/attention.py does not call it yet. It is wired in once
-its GPU tests (tests/kernels/test_rope_norm.py with SPARSEPD_TEST_GPU=1) have passed on a device.
+Used by model/attention.py for the query, the KV latent and the output. On the H200 its results equal the
+reference within one step of the output's format, plus, for RoPE after a norm, the propagated step of the
+rounded normalised pair (tests/kernels/test_rope_norm.py says why).
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
-from sparsepd.model.numerics import apply_rope, fp8_round_trip, linear, rope_cos_sin, rope_freqs
+from sparsepd.model.numerics import linear, rope_cos_sin, rope_freqs
 
 
 class AttentionCache(Protocol):
@@ -66,21 +67,18 @@ class Attention(nn.Module):
         qr, q = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)
         o = cache.attend(self, layer_id, x, qr, q, kv, positions, cos, sin)  # [n, H, D]
-        return self._output(apply_rope(o, cos, sin, inverse=True))
+        return self._output(rms_rope(o, cos, sin, weight=None, eps=None, inverse=True))
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(qr `[n, q_lora_rank]`, q `[n, H, D]`): low-rank path, per-head RMS (no weight), RoPE."""
         qr = self.q_norm(linear(x, self.wq_a.weight))
         q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, H, D]
-        q = (q.float() * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.norm_eps)).to(q.dtype)
-        return qr, apply_rope(q, cos, sin)
+        return qr, rms_rope(q, cos, sin, weight=None, eps=self.cfg.norm_eps)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared latent `[n, D]`: RMSNorm, RoPE, FP8 round trip on the nope dims."""
-        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)
-        if self.cfg.quantize_kv:
-            kv = torch.cat([fp8_round_trip(kv[:, : -self.rope_dim], 64), kv[:, -self.rope_dim:]], dim=-1)
-        return kv
+        return rms_rope(linear(x, self.wkv.weight), cos, sin, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
+                        fp8_block=64 if self.cfg.quantize_kv else 0)
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output: group g of o `[H·D/G]` times its own `[o_lora_rank, H·D/G]` slice of wo_a."""

@@ -31,12 +31,13 @@ def deliver(flow: Flow, token_ids: list[int], worker_finish: str, logprobs: list
     if outcome is None and worker_finish:
         outcome = flow.worker_outcome(worker_finish)
     now = time.monotonic()
+    gap_s = now - flow.last_token_at if flow.last_token_at else None  # since its previous tokens (metrics)
     flow.first_token_at = flow.first_token_at or now
     flow.last_token_at = now
     if new:
         flow.events.put_nowait(("tokens", new))
         if metrics:
-            metrics.generated(len(new))
+            metrics.generated(len(new), gap_s)
     return outcome
 
 

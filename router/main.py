@@ -109,7 +109,7 @@ async def serve(args: argparse.Namespace, fingerprint: str) -> int:
                       page_size=card.page_size, forget_after_s=args.forget_after, worker_wait_s=args.worker_wait)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(card.served_model_name)
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
                             reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations)

@@ -201,4 +201,13 @@ def test_graph_step_logits_equal_eager_on_gpu(preset):
     assert torch.isfinite(graph_logits).all()
     rel = ((graph_logits - eager_logits).norm() / eager_logits.norm()).item()
     assert rel < (1e-4 if preset == "tiny" else 2e-2), rel
-    assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
+    # Greedy picks: equal wherever the eager top-2 margin exceeds twice the row's largest difference; where it
+    # does not (a near tie, seen in bf16 on the H200), the graph's pick is within that distance of the top.
+    diff = (graph_logits - eager_logits).abs().amax(-1)
+    top2 = eager_logits.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * diff
+    assert torch.equal(graph_logits.argmax(-1)[clear], eager_logits.argmax(-1)[clear])
+    picked = eager_logits.gather(-1, graph_logits.argmax(-1, keepdim=True)).squeeze(-1)
+    assert bool((top2[:, 0] - picked <= 2 * diff).all()), (top2[:, 0] - picked, diff)
+    if preset == "tiny":  # fp32: no near ties at these prompts
+        assert bool(clear.all())

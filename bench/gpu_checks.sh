@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
+#   bench/gpu_checks.sh STEP...   steps: suite, engine, service, quant, quant-tests
+# Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+summary=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" >&2
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name rc=$rc $((SECONDS - t0))s: $(grep -E 'passed|failed|error' "$out/$name.log" | tail -n 1)")
+}
+for s in "$@"; do
+  case $s in
+    suite) step suite 330 scripts/test-gpu -n 8 ;;
+    engine) step engine 240 python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --profile-prefill 15 --profile-batch 64 ;;
+    quant) step quant 200 python3 -P bench/bench_quant.py --json "$out/quant.json" ;;
+    service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
+               INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
+    engine-old)  # the same benchmark against the engine of .old/ (a `git archive` of an earlier commit), same card
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
+      step engine-old 240 env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_engine_new.py \
+        --batches ${OLD_BATCHES:-1,64,128,256} --steps 10 ;;
+    quant-tests) step quant-tests 240 scripts/test-gpu -n 8 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
+    *) echo "unknown step $s" >&2 ;;
+  esac
+done
+for f in "$out"/*.log; do echo "--- tail of $f"; tail -n 30 "$f"; done
+printf '%s\n' "${summary[@]}"
