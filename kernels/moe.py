@@ -433,3 +433,83 @@ def moe_ref(
         h = (F.silu(gate) * up * weights[rows, slot, None].to(acc)).to(x.dtype)
         y.index_add_(0, rows, F.linear(h.to(acc), w2[e].to(acc)))
     return y
+
+
+# --- FP4 experts --------------------------------------------------------------------------------
+FP4_GROUP = 32  # inputs sharing one ue8m0 scale along a weight row
+# e2m1 code → value: bit 3 the sign, bits 2-1 the exponent (bias 1), bit 0 the mantissa
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _check_fp4(name: str, packed: torch.Tensor, scale: torch.Tensor) -> None:
+    if packed.dtype not in (torch.uint8, torch.int8) or scale.dtype not in (torch.uint8, torch.int8):
+        raise TypeError(f"{name} and its scale must be uint8 (packed e2m1, ue8m0 bytes), got {packed.dtype}, "
+                        f"{scale.dtype}")
+    if packed.dim() < 1 or tuple(scale.shape) != (*packed.shape[:-1], packed.shape[-1] * 2 // FP4_GROUP) \
+            or (packed.shape[-1] * 2) % FP4_GROUP:
+        raise ValueError(f"{name} [..., K/2] needs K a multiple of {FP4_GROUP} and a scale [..., K/{FP4_GROUP}], "
+                         f"got {list(packed.shape)} and {list(scale.shape)}")
+
+
+def dequant_fp4(packed: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 [..., K/2] (low nibble = element 2i, high = 2i+1) times ue8m0 scales [..., K/32]
+    (2^(byte − 127)) → fp32 [..., K]; exact (a 2-bit significand times a power of two)."""
+    _check_fp4("packed", packed, scale_bytes)
+    b = packed.view(torch.uint8).to(torch.int64)
+    table = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)
+    values = torch.stack([table[b & 0xF], table[b >> 4]], dim=-1).flatten(-2)  # [..., K]
+    exponent = scale_bytes.view(torch.uint8).to(torch.int32) - 127
+    scale = torch.ldexp(torch.ones(exponent.shape, device=packed.device), exponent)  # [..., K/32]
+    return (values.unflatten(-1, (-1, FP4_GROUP)) * scale[..., None]).flatten(-2)
+
+
+def _check_fp4_experts(x, w13, w13_scale, w2, w2_scale) -> tuple[int, int, int]:
+    _check_fp4("w13", w13, w13_scale)
+    _check_fp4("w2", w2, w2_scale)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, dim] tensor, got {list(getattr(x, 'shape', ()))}")
+    dim = x.shape[1]
+    if w13.dim() != 3 or w13.shape[2] * 2 != dim or w13.shape[1] % 2:
+        raise ValueError(f"w13 must be packed [E, 2·inter, dim/2={dim // 2}], got {list(w13.shape)}")
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if tuple(w2.shape) != (E, dim, inter // 2) or inter % FP4_GROUP:
+        raise ValueError(f"w2 must be packed [E={E}, dim={dim}, inter/2={inter // 2}] with inter a multiple of "
+                         f"{FP4_GROUP}, got {list(w2.shape)}")
+    for name, t in (("w13", w13), ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return E, dim, inter
+
+
+def moe_fp4_ref(
+    x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+    w2: torch.Tensor, w2_scale: torch.Tensor, swiglu_limit: float,
+) -> torch.Tensor:
+    """`dequant_fp4` of both weights, cast to x's dtype (exact for bf16/fp32/fp64, and for fp16 scales in its
+    range), then `moe_ref`: fp32 (fp64) [T, dim]."""
+    _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
+    return moe_ref(x, weights, indices, dequant_fp4(w13, w13_scale).to(x.dtype), dequant_fp4(w2, w2_scale).to(x.dtype),
+                   swiglu_limit)
+
+
+def moe_fp4(
+    x: torch.Tensor,  # [T, dim]
+    weights: torch.Tensor,  # [T, k] fp32 routing weights
+    indices: torch.Tensor,  # [T, k] expert ids in [0, E)
+    w13: torch.Tensor,  # [E, 2·inter, dim/2] uint8: packed e2m1, W1 (gate) rows then W3 (up) rows
+    w13_scale: torch.Tensor,  # [E, 2·inter, dim/32] uint8: ue8m0 exponent bytes
+    w2: torch.Tensor,  # [E, dim, inter/2] uint8
+    w2_scale: torch.Tensor,  # [E, dim, inter/32] uint8
+    swiglu_limit: float,
+    *,
+    out: torch.Tensor | None = None,  # [T, k, dim] fp32: receives each (token, slot)'s expert output
+    backend: Backend = "auto",
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """`moe` with FP4 experts: the same routing, clamp, SwiGLU and routing weights, fp32 [T, dim]; the weights
+    stay packed as the checkpoint stores them and are dequantized in registers (see `moe_fp4_ref`)."""
+    _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
+    if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":
+        return moe_fp4_ref(x, weights, indices, w13, w13_scale, w2, w2_scale, swiglu_limit)
+    raise NotImplementedError("the Triton FP4 experts are not built yet")
+
