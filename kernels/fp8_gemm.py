@@ -163,7 +163,8 @@ def _quantize_tile(x, FNUZ: tl.constexpr, EXACT: tl.constexpr):
     finite = amax < float("inf")  # False for inf and NaN
     scale = tl.where(finite, sb.to(tl.float32, bitcast=True), float("nan"))
     inv = tl.where(finite, ((254 << 23) - sb).to(tl.float32, bitcast=True), float("nan"))  # exact 1 / scale
-    y = tl.minimum(tl.maximum(x * inv[:, None], -fp8_max), fp8_max)  # NaN stays NaN
+    y = tl.minimum(tl.maximum(x * inv[:, None], -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
+                   propagate_nan=tl.PropagateNan.ALL)
     if EXACT:
         code = _encode_e4m3(y, 8 if FNUZ else 7, FNUZ)
         code = tl.where(y == y, code, 0x80 if FNUZ else 0x7F).to(tl.uint8)
@@ -359,27 +360,34 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, *, backend: Backend = "auto")
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
-               backend: Backend = "auto", config: Fp8GemmConfig | None = None) -> torch.Tensor:
+               backend: Backend = "auto", config: Fp8GemmConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · W^T [..., N] in x's dtype, with W [N, K] FP8 (e4m3fn, or e4m3fnuz for MI300) and its 128×128 tile
-    scales (module docstring); no host sync."""
+    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y."""
     _check_linear(x, weight, weight_scale)
     if config is not None:
         _check_config(config)
+    shape = (*x.shape[:-1], weight.shape[0])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous()
+                            or out.device != x.device):
+        raise ValueError(f"out must be a contiguous {x.dtype} {list(shape)} tensor on {x.device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
     if pick_backend(backend, x, weight, weight_scale) == "reference":
-        return fp8_linear_ref(x, weight, weight_scale)
+        y = fp8_linear_ref(x, weight, weight_scale)
+        return y if out is None else out.copy_(y)
     if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
         raise ValueError(f"weight and weight_scale need a unit last stride, got {weight.stride()}, "
                          f"{weight_scale.stride()}")
     x2 = _rows(x)
     M, K = x2.shape
     N = weight.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
-        return out.view(*x.shape[:-1], N)
+        return out
     if config is None:
         config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
-    _launch_gemm(x2, weight, weight_scale, out, config)
-    return out.view(*x.shape[:-1], N)
+    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
+    return out
 
 
 def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
