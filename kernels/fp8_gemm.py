@@ -297,12 +297,19 @@ def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = 
     row = next(i for i, (limit, _) in enumerate(_CONFIG_TABLE) if limit is None or M <= limit)
     c = _CONFIG_TABLE[row][1]
     stages = _AMD_STAGES[arch][row] if arch in _AMD_STAGES else c.num_stages
-    tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
+    split = choose_split_k(M, N, K, c.block_m, c.block_n, num_sms)
+    return Fp8GemmConfig(c.block_m, c.block_n, split, c.num_warps, stages, c.group_m, c.rescale, c.quant_a)
+
+
+def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
+    """Powers of two while the output tiles leave the GPU under two programs an SM, each split keeping at least
+    _MIN_SPLIT_BLOCKS blocks of K."""
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, BLOCK)
     split = 1
     while tiles * split < 2 * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS:
         split *= 2
-    return Fp8GemmConfig(c.block_m, c.block_n, split, c.num_warps, stages, c.group_m, c.rescale, c.quant_a)
+    return split
 
 
 def _check_config(config: Fp8GemmConfig) -> None:

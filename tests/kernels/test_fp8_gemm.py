@@ -18,8 +18,15 @@ import pytest
 import torch
 
 from sparsepd.kernels.fp8_gemm import (
-    BLOCK, Fp8GemmConfig, act_quant, act_quant_ref, default_fp8_config, dequant_fp8_block, fp8_linear,
-    fp8_linear_ref, to_fnuz,
+    BLOCK,
+    Fp8GemmConfig,
+    act_quant,
+    act_quant_ref,
+    default_fp8_config,
+    dequant_fp8_block,
+    fp8_linear,
+    fp8_linear_ref,
+    to_fnuz,
 )
 
 ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"

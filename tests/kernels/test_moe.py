@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from sparsepd.kernels.moe import (
-    _E2M1, FP4_GROUP, MoEConfig, build_dispatch, build_dispatch_ref, default_moe_fp4_config, dequant_fp4,
-    dispatch_capacity, moe, moe_fp4, moe_fp4_ref, moe_ref,
+    _E2M1,
+    FP4_GROUP,
+    MoEConfig,
+    build_dispatch,
+    build_dispatch_ref,
+    default_moe_fp4_config,
+    dequant_fp4,
+    dispatch_capacity,
+    moe,
+    moe_fp4,
+    moe_fp4_ref,
+    moe_ref,
 )
 from sparsepd.model import moe as moe_module
 from sparsepd.model.config import get_preset
