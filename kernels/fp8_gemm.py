@@ -215,28 +215,37 @@ def _fp8_gemm_kernel(
     kb_end = tl.minimum(kb_begin + blocks_per_split, tl.cdiv(K, 128))
     rows = offs_m.to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_begin * 128 + offs_k)[None, :]  # [BM, 128]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (kb_begin * 128 + offs_k)[:, None]  # [128, BN]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (kb_begin * 128 + offs_k)[None, :]  # [BN, 128]
     ws_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_ws  # BLOCK_N ≤ 128: one weight scale a step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     f_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    # the scales of step kb + 1 are loaded during step kb: the pipeliner overlaps only the tiles' loads, and a
+    # scale load waited on in its own step costs a DRAM latency every step
+    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
+    sw_next = tl.load(ws_row + kb_begin)
     for kb in range(kb_begin, kb_end):
+        sw = sw_next
+        kb_next = tl.minimum(kb + 1, kb_end - 1)
+        sw_next = tl.load(ws_row + kb_next)
         k_ok = offs_k < K - kb * 128
         if QUANT_A:
             x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a, sa = _quantize_tile(x, FNUZ, EXACT)
             sa = tl.where(m_ok, sa, 1.0)
         else:
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            a = a.to(tl.float8e4b8, bitcast=True) if FNUZ else a.to(tl.float8e4nv, bitcast=True)
-            sa = tl.load(a_scale_ptr + rows * stride_as + kb, mask=m_ok, other=1.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        w = w.to(tl.float8e4b8, bitcast=True) if FNUZ else w.to(tl.float8e4nv, bitcast=True)
+            sa = sa_next
+            sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_next, mask=m_ok, other=1.0)
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # FP8 pointers: no bitcast between
+        # the pipelined shared-memory tile and the MMA (a uint8 load + bitcast cost a shared-memory copy a step)
+        w = tl.trans(tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0))  # W's rows, K-major
         if not DOT_FP8:  # FP8 → fp16 is exact
             a = a.to(tl.float16)
             w = w.to(tl.float16)
-        f = sa * tl.load(ws_row + kb)  # [BM]: this step's scale of each output row
+        f = sa * sw  # [BM]: this step's scale of each output row, a power of two
         if RESCALE:
-            acc = tl.dot(a, w, acc * (f_prev / f)[:, None])
+            # f_prev / f exactly, on the exponent bits (a NaN scale's row is NaN through its FP8 codes anyway)
+            ratio = (f_prev.to(tl.int32, bitcast=True) - f.to(tl.int32, bitcast=True) + (127 << 23))
+            acc = tl.dot(a, w, acc * ratio.to(tl.float32, bitcast=True)[:, None])
             f_prev = f
         else:
             acc += tl.dot(a, w) * f[:, None]
@@ -285,7 +294,7 @@ _CONFIG_TABLE = (
     (16, Fp8GemmConfig(16, 64, num_warps=4, num_stages=6, group_m=1, quant_a=True)),
     (64, Fp8GemmConfig(64, 64, num_warps=4, num_stages=5, group_m=1)),
     (256, Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8)),
-    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, group_m=8, rescale=True)),
+    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=3, group_m=8, rescale=True)),
 )
 # AMD: fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on gfx950), per row above.
 _AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 2, 2)}
@@ -389,8 +398,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     M, K = x2.shape
     N = weight.shape[0]
     out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    if M == 0 or N == 0:
-        return out
+    if M == 0 or N == 0 or K == 0:
+        return out.zero_()
     if config is None:
         config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
     _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
@@ -406,7 +415,6 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         a, a_scale = x2, x2  # a_scale unused
     else:
         a, a_scale = _launch_act_quant(x2, weight.dtype)
-        a = a.view(torch.uint8)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
@@ -418,7 +426,7 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     else:
         ws = counters = out  # unused
     _fp8_gemm_kernel[(tiles, split)](
-        a, a_scale, weight.view(torch.uint8), weight_scale, out, ws, counters,
+        a, a_scale, weight, weight_scale, out, ws, counters,
         M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         blocks_per_split,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
