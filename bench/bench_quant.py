@@ -47,7 +47,7 @@ PREFILL_SWEEP = [Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, rescale=True
                  Fp8GemmConfig(256, 128, num_warps=8, num_stages=3, rescale=True),
                  Fp8GemmConfig(128, 64, num_warps=4, num_stages=5, rescale=True)]
 DECODE_SWEEP = [dict(block_n=32, num_stages=8), dict(block_n=64, num_stages=6), dict(block_n=128, num_stages=4),
-                dict(block_n=64, num_stages=4, split_k=1)]
+                dict(block_n=64, num_stages=4, split_k=1), dict(quant_a=False), dict(swap_ab=False)]
 MOE_SWEEP = [MoEConfig(16, 64, 256, 4, 3), MoEConfig(16, 64, 256, 4, 3, fp4_unpack="bits"),
              MoEConfig(16, 64, 256, 4, 3, fp4_unpack="ptx"), MoEConfig(16, 32, 256, 4, 4, fp4_unpack="ptx"),
              MoEConfig(16, 32, 256, 4, 4), MoEConfig(16, 128, 128, 4, 4), MoEConfig(16, 64, 512, 8, 2)]

@@ -36,12 +36,13 @@ OUT_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0*
 ACC_BOUND = 2.0**-12 if ON_GPU else 2.0**-20
 
 # configs that reach every code path at small shapes: fused quantizer, split-K (the last program reduces), the
-# rescaled accumulator, tiles smaller and larger than M
+# rescaled accumulator, the swapped product, tiles smaller and larger than M
 CONFIGS = [
     Fp8GemmConfig(16, 32, quant_a=True),
-    Fp8GemmConfig(16, 64, split_k=3, quant_a=True, rescale=True),
+    Fp8GemmConfig(16, 64, split_k=3, quant_a=True, rescale=True, swap_ab=True),
     Fp8GemmConfig(32, 128, split_k=2),
     Fp8GemmConfig(16, 16, rescale=True, group_m=2),
+    Fp8GemmConfig(32, 64, split_k=2, swap_ab=True),
 ]
 
 
