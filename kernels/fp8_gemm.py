@@ -376,7 +376,7 @@ def _launch_act_quant(x2: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor,
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
