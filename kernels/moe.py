@@ -29,8 +29,20 @@ Known limits: expert ids must lie in [0, E) (not checked: that would need a host
 the Triton dispatch, its output row left unwritten); the fp32 `[T·k, dim]` buffer costs 4·T·k·dim bytes while it
 lives (805 MB at T=8192, k=6, dim=4096); with more rows per expert than BLOCK_M an expert's weights are read once
 per block (from L2 when the blocks run together); x rows are gathered with plain loads (no TMA), so prefill runs
-at ~45% of the bf16 matmul rate (see the table below); no FP8/FP4 weights (the loader dequantizes them).
+at ~45% of the bf16 matmul rate (see the table below).
 Portability: plain Triton, tl.dot tiles ≥ 16×16.
+
+FP4 experts (`moe_fp4`, the checkpoint's routed experts; dsv4-spec.md "Configurations", weights row): the same
+dispatch, kernels and epilogues (W_FMT selects the weight tile), with w13 / w2 kept as the checkpoint stores them:
+packed e2m1 `[E, rows, K/2]` uint8 (low nibble = element 2i) and one ue8m0 byte `[E, rows, K/32]` per 32 inputs of
+a row, 2^(byte − 127). That is the OCP MX FP4 layout (K-packed values, scales per 32 along K) that tl.dot_scaled
+and an MFMA FP4 path (MI355X's scaled MFMA) read as is. Each tile is dequantized in registers to x's dtype
+(exact: a 2-bit significand times a power of two) and fed to tl.dot: H200 has no FP4 tensor cores. Three ways to
+unpack (MoEConfig.fp4_unpack): tl.dot_scaled (default for 16-bit x), the kernels' own bit ops (`_fp4_tile`,
+portable, fp32 x), and a PTX sequence for bf16 on NVIDIA (`_fp4_tile_ptx`). Decode reads each touched expert's
+packed bytes once: a quarter of bf16's bytes, but unpacking costs ALU work a weight (compiled for sm_90: ~8-10
+instructions a value in the decode loop), which bounds how close decode gets to its byte floor.
+Known limits (FP4): dim and inter multiples of 32; in `_fp4_tile` scale bytes above 240 (2^113) overflow.
 """
 
 from __future__ import annotations
@@ -658,7 +670,8 @@ def moe_fp4(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """`moe` with FP4 experts: the same routing, clamp, SwiGLU and routing weights, fp32 [T, dim]; the weights
-    stay packed as the checkpoint stores them and are dequantized in registers (see `moe_fp4_ref`)."""
+    stay packed as the checkpoint stores them (the MX FP4 layout an FP4 MFMA reads: module docstring) and are
+    dequantized in registers, as `moe_fp4_ref` does in memory. int8 views of the same bytes are accepted."""
     E, dim, inter = _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
     _check_routing(x, weights, indices)
     if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":
