@@ -352,8 +352,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _fp8_dot_supported(device: torch.device) -> bool:
-    """FP8 MMA: NVIDIA sm_89+, AMD gfx942 (fnuz) and gfx950 (OCP); the interpreter's dot takes FP8 too.
-    Elsewhere the FP8 tiles are widened to fp16, exactly."""
+    """FP8 MMA: NVIDIA sm_89+, AMD gfx942 (fnuz only: e4m3fn weights there are widened unless `to_fnuz` converted
+    them) and gfx950 (OCP); the interpreter's dot takes FP8 too. Elsewhere the FP8 tiles are widened to fp16,
+    exactly."""
     if device.type != "cuda":
         return True
     if torch.version.hip:
@@ -447,6 +448,6 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         blocks_per_split,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
         QUANT_A=config.quant_a, RESCALE=config.rescale, SWAP_AB=config.swap_ab, FNUZ=fnuz,
-        DOT_FP8=_fp8_dot_supported(x2.device), EXACT=triton_interpreting(), num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        DOT_FP8=_fp8_dot_supported(x2.device) and (fnuz or amd_arch(x2.device) != "gfx942"),
+        EXACT=triton_interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
