@@ -437,7 +437,7 @@ def test_fp4_bad_inputs_are_refused():
 
 @needs_gpu
 @pytest.mark.parametrize("preset, E", [("bench", None), ("v4-flash", 32)])  # V4-Flash's expert dims, 32 experts
-@pytest.mark.parametrize("T", [1, 64, 256])
+@pytest.mark.parametrize("T", [1, 64, 256, 2048])  # 2048: the prefill tiles
 @pytest.mark.parametrize("unpack", ["dot_scaled", "bits", "ptx"])
 def test_fp4_gpu_bf16(T, preset, E, unpack):
     cfg = get_preset(preset)
