@@ -208,11 +208,55 @@ def _check_dispatch_inputs(indices: torch.Tensor, num_experts: int, block_m: int
 
 # --- kernels ------------------------------------------------------------------------------------
 @triton.jit
+def _fp4_tile(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """Rows offs_n, inputs [k0, k0 + BLOCK_K) of a packed FP4 weight, dequantized: [BLOCK_K, BLOCK_N] in DTYPE.
+    Code c = s·e1·e0·m (bit 3 the sign): its bits placed at fp16 bits 15 and 11-9 read as value · 2^−14 (e = 0
+    lands on fp16's subnormals, which conversions keep), so one multiply by 2^(scale byte − 127 + 14) finishes it."""
+    G: tl.constexpr = BLOCK_K // 32
+    g = tl.arange(0, G)
+    kp = k0 // 2 + g[:, None] * 16 + tl.arange(0, 16)[None, :]  # [G, 16]: packed bytes, 16 a scale group
+    g_ok = k0 + g * 32 < k_size  # K is a multiple of 32: groups are whole
+    b = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kp[None, :, :],
+                mask=n_ok[:, None, None] & g_ok[None, :, None], other=0).to(tl.int32)  # [BN, G, 16]
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k0 // 32 + g)[None, :],
+                mask=n_ok[:, None] & g_ok[None, :], other=0).to(tl.int32)  # [BN, G]
+    scale = ((s + 14) << 23).to(tl.float32, bitcast=True)[:, :, None]  # exact for scale bytes ≤ 240
+    lo = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)  # element 2i
+    hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)  # element 2i + 1
+    w = tl.join(lo.to(tl.float32) * scale, hi.to(tl.float32) * scale)  # [BN, G, 16, 2]
+    return tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K]).to(DTYPE))
+
+
+@triton.jit
+def _expert_dot(a, acc, w_ptr, s_ptr, offs_n, n_ok, offs_k, k0, k_size, stride_wn, stride_sn,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, W_FMT: tl.constexpr):
+    """acc + a [BM, BK] · W^T for rows offs_n of W and inputs [k0, k0 + BK). W_FMT: 0 plain (x's dtype),
+    1 packed FP4 dequantized here, 2 packed FP4 through tl.dot_scaled (Triton's own e2m1 upcast where the target
+    has no FP4 MMA, the MX FP4 MMA where it has: the same [N, K/2] bytes and [N, K/32] scales)."""
+    if W_FMT == 0:
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
+                    mask=(offs_k < k_size - k0)[:, None] & n_ok[None, :], other=0.0)
+        return tl.dot(a, w, acc, input_precision=PRECISION)
+    elif W_FMT == 1:
+        w = _fp4_tile(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn, BLOCK_N, BLOCK_K, a.dtype)
+        return tl.dot(a, w, acc, input_precision=PRECISION)
+    else:
+        kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + kp[:, None],
+                    mask=(kp < k_size // 2)[:, None] & n_ok[None, :], other=0)  # [BK/2, BN] packed
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :],
+                        mask=n_ok[:, None] & (g < k_size // 32)[None, :], other=0)  # [BN, BK/32]
+        return tl.dot_scaled(a, None, "bf16" if a.dtype == tl.bfloat16 else "fp16", w, scale, "e2m1", acc)
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, pairs_ptr, block_expert_ptr, weights_ptr, h_ptr,
-    dim, inter, top_k, stride_x, stride_we, stride_wn, stride_h, limit,
+    x_ptr, w13_ptr, s13_ptr, pairs_ptr, block_expert_ptr, weights_ptr, h_ptr,
+    dim, inter, top_k, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CLAMP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_FMT: tl.constexpr,
 ):
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
@@ -226,19 +270,17 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < inter
     x_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]  # [BM, BK]
-    w1_ptrs = w13_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
-    w3_ptrs = w1_ptrs + inter * stride_wn
+    w_ptr = w13_ptr + expert.to(tl.int64) * stride_we  # W1 rows [0, inter), W3 rows [inter, 2·inter)
+    s_ptr = s13_ptr + expert.to(tl.int64) * stride_se
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
-        k_ok = offs_k < dim - k0
-        a = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        acc_gate = tl.dot(a, tl.load(w1_ptrs, mask=w_mask, other=0.0), acc_gate, input_precision=PRECISION)
-        acc_up = tl.dot(a, tl.load(w3_ptrs, mask=w_mask, other=0.0), acc_up, input_precision=PRECISION)
+        a = tl.load(x_ptrs, mask=valid[:, None] & (offs_k < dim - k0)[None, :], other=0.0)
+        acc_gate = _expert_dot(a, acc_gate, w_ptr, s_ptr, offs_n, n_ok, offs_k, k0, dim, stride_wn, stride_sn,
+                               BLOCK_N, BLOCK_K, PRECISION, W_FMT)
+        acc_up = _expert_dot(a, acc_up, w_ptr, s_ptr, offs_n + inter, n_ok, offs_k, k0, dim, stride_wn, stride_sn,
+                             BLOCK_N, BLOCK_K, PRECISION, W_FMT)
         x_ptrs += BLOCK_K
-        w1_ptrs += BLOCK_K
-        w3_ptrs += BLOCK_K
     if CLAMP:
         # as torch.clamp: a NaN stays a NaN
         acc_up = tl.minimum(tl.maximum(acc_up, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
@@ -252,9 +294,10 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, pairs_ptr, block_expert_ptr, out_ptr,
-    dim, inter, stride_h, stride_we, stride_wn, stride_out,
+    h_ptr, w2_ptr, s2_ptr, pairs_ptr, block_expert_ptr, out_ptr,
+    dim, inter, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_FMT: tl.constexpr,
 ):
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
@@ -267,15 +310,14 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < dim
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + offs_k[None, :]  # [BM, BK]
-    w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+    w_ptr = w2_ptr + expert.to(tl.int64) * stride_we
+    s_ptr = s2_ptr + expert.to(tl.int64) * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        k_ok = offs_k < inter - k0
-        a = tl.load(h_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a = tl.load(h_ptrs, mask=valid[:, None] & (offs_k < inter - k0)[None, :], other=0.0)
+        acc = _expert_dot(a, acc, w_ptr, s_ptr, offs_n, n_ok, offs_k, k0, inter, stride_wn, stride_sn,
+                          BLOCK_N, BLOCK_K, PRECISION, W_FMT)
         h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
     out_ptrs = out_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * stride_out + offs_n[None, :]
     tl.store(out_ptrs, acc, mask=valid[:, None] & n_ok[None, :])
 
@@ -290,6 +332,7 @@ class MoEConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    fp4_dot_scaled: bool = True  # FP4 weights with 16-bit x: tl.dot_scaled (else dequantized by our bit ops)
 
 
 # (max average rows per touched expert, config), picked from 8-14 candidates timed with CUDA graphs on H200, bf16,
@@ -321,6 +364,30 @@ def default_moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, arc
     return config
 
 
+# FP4 weights: a tile is a quarter of the bf16 bytes, and dequantizing it in registers costs ALU work a weight
+# (bit ops, a convert, a multiply): the decode rows take wider steps along K so that each program has as many bytes
+# in flight as the bf16 table. Stages per AMD target as above.
+_FP4_CONFIG_TABLE = (
+    (16, MoEConfig(16, 64, 256, num_warps=4, num_stages=3)),
+    (48, MoEConfig(32, 64, 256, num_warps=4, num_stages=3)),
+    (128, MoEConfig(64, 64, 128, num_warps=4, num_stages=3)),
+    (None, MoEConfig(128, 128, 64, num_warps=8, num_stages=3)),
+)
+_FP4_AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 3, 3)}
+
+
+def default_moe_fp4_config(num_pairs: int, num_experts: int, dtype: torch.dtype,
+                           arch: str | None = None) -> MoEConfig:
+    """`default_moe_config` for packed FP4 weights: its own table (above), the same row choice."""
+    rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    row = next(i for i, (limit, _) in enumerate(_FP4_CONFIG_TABLE) if limit is None or rows_per_expert <= limit)
+    c = _FP4_CONFIG_TABLE[row][1]
+    stages = _FP4_AMD_STAGES[arch][row] if arch in _FP4_AMD_STAGES else c.num_stages
+    if dtype == torch.float32:
+        return MoEConfig(c.block_m, c.block_n, min(c.block_k, 64), c.num_warps, 2)
+    return MoEConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages)
+
+
 def _check_config(config: MoEConfig) -> None:
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(config, name)
@@ -338,13 +405,21 @@ def _check_inputs(x, weights, indices, w13, w2) -> None:
     E, inter = w13.shape[0], w13.shape[1] // 2
     if tuple(w2.shape) != (E, dim, inter):
         raise ValueError(f"w2 must be [E={E}, dim={dim}, inter={inter}], got {list(w2.shape)}")
+    _check_routing(x, weights, indices)
+    if not (x.dtype == w13.dtype == w2.dtype):
+        raise TypeError(f"x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+
+
+def _check_routing(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+    T = x.shape[0]
     if indices.dim() != 2 or indices.shape[0] != T or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32/int64 [T={T}, k], got {indices.dtype} {list(indices.shape)}")
     if tuple(weights.shape) != tuple(indices.shape) or weights.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"weights must be fp32 {list(indices.shape)}, got {weights.dtype} {list(weights.shape)}")
-    if not (x.dtype == w13.dtype == w2.dtype):
-        raise TypeError(f"x, w13 and w2 must share a dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}")
-    for name, t in (("weights", weights), ("indices", indices), ("w13", w13), ("w2", w2)):
+    for name, t in (("weights", weights), ("indices", indices)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
 
@@ -367,28 +442,51 @@ def moe(
     of them; the reference leaves it untouched).
     """
     _check_inputs(x, weights, indices, w13, w2)
+    _check_out(out, x, indices)
+    if config is not None:
+        _check_config(config)
+    if pick_backend(backend, x, weights, indices, w13, w2) == "reference":
+        return moe_ref(x, weights, indices, w13, w2, swiglu_limit)
+    if not w13.is_contiguous() or not w2.is_contiguous():
+        raise ValueError(f"w13 and w2 must be contiguous, got strides {w13.stride()}, {w2.stride()}")
+    return _launch_experts(x, weights, indices, (w13, None), (w2, None), w13.shape[1] // 2, swiglu_limit, out, config)
+
+
+def _check_out(out: torch.Tensor | None, x: torch.Tensor, indices: torch.Tensor) -> None:
     T, dim = x.shape
     k = indices.shape[1]
     if out is not None and (tuple(out.shape) != (T, k, dim) or out.dtype != torch.float32
                             or not out.is_contiguous() or out.device != x.device):
         raise ValueError(f"out must be a contiguous fp32 [T={T}, k={k}, dim={dim}] tensor on {x.device}, got "
                          f"{out.dtype} {list(out.shape)} on {out.device}")
-    if config is not None:
-        _check_config(config)
-    if pick_backend(backend, x, weights, indices, w13, w2) == "reference":
-        return moe_ref(x, weights, indices, w13, w2, swiglu_limit)
+
+
+def _weight_format(fp4: bool, dtype: torch.dtype, config: MoEConfig) -> int:
+    """The kernels' W_FMT: 0 plain weights, 1 FP4 dequantized by `_fp4_tile`, 2 FP4 through tl.dot_scaled (16-bit x
+    only). On H200 (sm_90, compiled) dot_scaled's upcast took ~6 SASS instructions a weight against ~10 for
+    `_fp4_tile`."""
+    if not fp4:
+        return 0
+    return 2 if config.fp4_dot_scaled and dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def _launch_experts(x, weights, indices, w13, w2, inter: int, swiglu_limit: float, out, config) -> torch.Tensor:
+    """Dispatch, then both grouped GEMMs; w13 and w2 are (weight, None) or (packed FP4, scale bytes)."""
     if x.dtype not in _DTYPES or weights.dtype != torch.float32:
         raise TypeError(f"Triton MoE takes x/weights in {_DTYPES} and fp32 routing weights, got {x.dtype}, "
                         f"{weights.dtype}")
-    if x.stride(1) != 1 or not w13.is_contiguous() or not w2.is_contiguous():
-        raise ValueError(f"x needs a unit last stride and w13, w2 must be contiguous, got strides {x.stride()}, "
-                         f"{w13.stride()}, {w2.stride()}")
-    E, inter = w13.shape[0], w13.shape[1] // 2
+    if x.stride(1) != 1:
+        raise ValueError(f"x needs a unit last stride, got strides {x.stride()}")
+    (w13, s13), (w2, s2) = w13, w2
+    fp4 = s13 is not None
+    T, dim = x.shape
+    E, k = w13.shape[0], indices.shape[1]
     num_pairs = T * k
     if num_pairs == 0:
         return x.new_zeros((T, dim), dtype=torch.float32)
     arch = amd_arch(x.device)
-    config = default_moe_config(num_pairs, E, x.dtype, arch) if config is None else config
+    if config is None:
+        config = (default_moe_fp4_config if fp4 else default_moe_config)(num_pairs, E, x.dtype, arch)
     plan = build_dispatch(indices, E, config.block_m, backend="triton")
     num_blocks = plan.block_expert.shape[0]
     h = torch.empty((plan.sorted_pairs.shape[0], inter), dtype=x.dtype, device=x.device)  # [capacity, inter]
@@ -397,17 +495,18 @@ def moe(
     # the operand types and gfx950 has no tf32, so "tf32" did not compile for MI355X (test_amd_compile.py).
     precision = "ieee" if x.dtype == torch.float32 or arch else "tf32"
     limit = float(swiglu_limit)
+    s13, s2 = (s13, s2) if fp4 else (w13, w2)  # unread without FP4
+    scale_strides = lambda s: (s.stride(0), s.stride(1)) if fp4 else (0, 0)  # noqa: E731
+    tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRECISION=precision,
+                 W_FMT=_weight_format(fp4, x.dtype, config), num_warps=config.num_warps, num_stages=config.num_stages)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, config.block_n))](
-        x, w13, plan.sorted_pairs, plan.block_expert, weights.reshape(-1).contiguous(), h,
-        dim, inter, k, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), limit,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, CLAMP=limit > 0,
-        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+        x, w13, s13, plan.sorted_pairs, plan.block_expert, weights.reshape(-1).contiguous(), h,
+        dim, inter, k, x.stride(0), w13.stride(0), w13.stride(1), *scale_strides(s13), h.stride(0), limit,
+        CLAMP=limit > 0, **tiles,
     )
     _down_kernel[(num_blocks, triton.cdiv(dim, config.block_n))](
-        h, w2, plan.sorted_pairs, plan.block_expert, out,
-        dim, inter, h.stride(0), w2.stride(0), w2.stride(1), dim,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        h, w2, s2, plan.sorted_pairs, plan.block_expert, out,
+        dim, inter, h.stride(0), w2.stride(0), w2.stride(1), *scale_strides(s2), dim, **tiles,
     )
     return out.sum(1)
 
@@ -433,3 +532,93 @@ def moe_ref(
         h = (F.silu(gate) * up * weights[rows, slot, None].to(acc)).to(x.dtype)
         y.index_add_(0, rows, F.linear(h.to(acc), w2[e].to(acc)))
     return y
+
+
+# --- FP4 experts --------------------------------------------------------------------------------
+FP4_GROUP = 32  # inputs sharing one ue8m0 scale along a weight row
+# e2m1 code → value: bit 3 the sign, bits 2-1 the exponent (bias 1), bit 0 the mantissa
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _check_fp4(name: str, packed: torch.Tensor, scale: torch.Tensor) -> None:
+    if packed.dtype not in (torch.uint8, torch.int8) or scale.dtype not in (torch.uint8, torch.int8):
+        raise TypeError(f"{name} and its scale must be uint8 (packed e2m1, ue8m0 bytes), got {packed.dtype}, "
+                        f"{scale.dtype}")
+    if packed.dim() < 1 or tuple(scale.shape) != (*packed.shape[:-1], packed.shape[-1] * 2 // FP4_GROUP) \
+            or (packed.shape[-1] * 2) % FP4_GROUP:
+        raise ValueError(f"{name} [..., K/2] needs K a multiple of {FP4_GROUP} and a scale [..., K/{FP4_GROUP}], "
+                         f"got {list(packed.shape)} and {list(scale.shape)}")
+
+
+def dequant_fp4(packed: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 [..., K/2] (low nibble = element 2i, high = 2i+1) times ue8m0 scales [..., K/32]
+    (2^(byte − 127)) → fp32 [..., K]; exact (a 2-bit significand times a power of two)."""
+    _check_fp4("packed", packed, scale_bytes)
+    b = packed.view(torch.uint8).to(torch.int64)
+    table = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)
+    values = torch.stack([table[b & 0xF], table[b >> 4]], dim=-1).flatten(-2)  # [..., K]
+    exponent = scale_bytes.view(torch.uint8).to(torch.int32) - 127
+    scale = torch.ldexp(torch.ones(exponent.shape, device=packed.device), exponent)  # [..., K/32]
+    return (values.unflatten(-1, (-1, FP4_GROUP)) * scale[..., None]).flatten(-2)
+
+
+def _check_fp4_experts(x, w13, w13_scale, w2, w2_scale) -> tuple[int, int, int]:
+    _check_fp4("w13", w13, w13_scale)
+    _check_fp4("w2", w2, w2_scale)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a [T, dim] tensor, got {list(getattr(x, 'shape', ()))}")
+    dim = x.shape[1]
+    if w13.dim() != 3 or w13.shape[2] * 2 != dim or w13.shape[1] % 2:
+        raise ValueError(f"w13 must be packed [E, 2·inter, dim/2={dim // 2}], got {list(w13.shape)}")
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if tuple(w2.shape) != (E, dim, inter // 2) or inter % FP4_GROUP:
+        raise ValueError(f"w2 must be packed [E={E}, dim={dim}, inter/2={inter // 2}] with inter a multiple of "
+                         f"{FP4_GROUP}, got {list(w2.shape)}")
+    for name, t in (("w13", w13), ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    return E, dim, inter
+
+
+def moe_fp4_ref(
+    x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+    w2: torch.Tensor, w2_scale: torch.Tensor, swiglu_limit: float,
+) -> torch.Tensor:
+    """`dequant_fp4` of both weights, cast to x's dtype (exact for bf16/fp32/fp64, and for fp16 scales in its
+    range), then `moe_ref`: fp32 (fp64) [T, dim]."""
+    _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
+    return moe_ref(x, weights, indices, dequant_fp4(w13, w13_scale).to(x.dtype), dequant_fp4(w2, w2_scale).to(x.dtype),
+                   swiglu_limit)
+
+
+def moe_fp4(
+    x: torch.Tensor,  # [T, dim]
+    weights: torch.Tensor,  # [T, k] fp32 routing weights
+    indices: torch.Tensor,  # [T, k] expert ids in [0, E)
+    w13: torch.Tensor,  # [E, 2·inter, dim/2] uint8: packed e2m1, W1 (gate) rows then W3 (up) rows
+    w13_scale: torch.Tensor,  # [E, 2·inter, dim/32] uint8: ue8m0 exponent bytes
+    w2: torch.Tensor,  # [E, dim, inter/2] uint8
+    w2_scale: torch.Tensor,  # [E, dim, inter/32] uint8
+    swiglu_limit: float,
+    *,
+    out: torch.Tensor | None = None,  # [T, k, dim] fp32: receives each (token, slot)'s expert output
+    backend: Backend = "auto",
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """`moe` with FP4 experts: the same routing, clamp, SwiGLU and routing weights, fp32 [T, dim]; the weights
+    stay packed as the checkpoint stores them and are dequantized in registers (see `moe_fp4_ref`)."""
+    E, dim, inter = _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
+    _check_routing(x, weights, indices)
+    if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":
+        return moe_fp4_ref(x, weights, indices, w13, w13_scale, w2, w2_scale, swiglu_limit)
+    _check_out(out, x, indices)
+    if config is not None:
+        _check_config(config)
+        if config.block_k < FP4_GROUP:
+            raise ValueError(f"FP4 experts need config.block_k >= {FP4_GROUP}, got {config.block_k}")
+    packed = [t.view(torch.uint8) for t in (w13, w13_scale, w2, w2_scale)]
+    if not all(t.is_contiguous() for t in packed):
+        raise ValueError("w13, w2 and their scales must be contiguous")
+    return _launch_experts(x, weights, indices, (packed[0], packed[1]), (packed[2], packed[3]), inter, swiglu_limit,
+                           out, config)
+

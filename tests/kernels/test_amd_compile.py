@@ -40,7 +40,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "hyper", "indexer", "moe", "rope_norm", "sampling",
+KERNEL_MODULES = ("attn_merge", "compressor", "fp8_gemm", "hyper", "indexer", "moe", "rope_norm", "sampling",
                   "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -101,7 +101,7 @@ def _amd_device(target: AmdTarget, sink) -> Iterator[None]:
     """Kernel modules as they behave on `target`, launches going to `sink` (kernels must be JITFunctions)."""
     from triton.runtime.jit import JITFunction
 
-    from sparsepd.kernels import compressor, device, hyper, indexer, topk
+    from sparsepd.kernels import compressor, device, fp8_gemm, hyper, indexer, topk
     modules = [importlib.import_module(f"sparsepd.kernels.{name}") for name in KERNEL_MODULES]
     with contextlib.ExitStack() as stack:
         def patch(obj, name, value):
@@ -110,6 +110,8 @@ def _amd_device(target: AmdTarget, sink) -> Iterator[None]:
         for module in (indexer, compressor):
             patch(module, "fp8_e4m3_dtype", lambda device=None: target.fp8)
         patch(indexer, "_num_sms", lambda device: target.num_cus)
+        patch(fp8_gemm, "_num_sms", lambda device: target.num_cus)
+        patch(fp8_gemm, "_fp8_dot_supported", lambda device: True)  # the FP8 MFMA of both targets
         patch(indexer, "_fp8_dot_supported", lambda device: True)  # gfx942 (fnuz) and gfx950 (OCP) have FP8 MFMA
         table = topk.default_topk_config
         patch(topk, "default_topk_config", lambda n_programs, num_sms: table(n_programs, target.num_cus))
@@ -231,6 +233,25 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
         exponentials(seeds, seeds, cfg.vocab_size, backend="triton")
 
 
+def _trace_quantized(target: AmdTarget, cfg, T: int, B: int) -> None:
+    """The checkpoint's FP8 projections (weights in the target's FP8 flavour) and its FP4 routed experts."""
+    from sparsepd.kernels.fp8_gemm import fp8_linear
+    from sparsepd.kernels.moe import moe_fp4
+    f32, u8, act = torch.float32, torch.uint8, getattr(torch, cfg.dtype)
+    dim, hd, inter = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.moe_inter_dim
+    projections = {(cfg.q_lora_rank, dim), (hd, cfg.q_lora_rank), (cfg.head_dim, dim),
+                   (cfg.o_lora_rank, hd // cfg.o_groups), (dim, cfg.o_groups * cfg.o_lora_rank),
+                   (2 * inter, dim), (dim, inter)}  # wq_a, wq_b, wkv, a group of wo_a, wo_b, shared w13, w2
+    for N, K in sorted(projections):
+        fp8_linear(_meta(T, K, dtype=act), _meta(N, K, dtype=target.fp8),
+                   _meta(-(-N // 128), -(-K // 128), dtype=f32), backend="triton")
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    moe_fp4(_meta(T, dim, dtype=act), _meta(T, k, dtype=f32), _meta(T, k, dtype=torch.int64),
+            _meta(E, 2 * inter, dim // 2, dtype=u8), _meta(E, 2 * inter, dim // 32, dtype=u8),
+            _meta(E, dim, inter // 2, dtype=u8), _meta(E, dim, inter // 32, dtype=u8), cfg.swiglu_limit,
+            backend="triton")
+
+
 def trace_launches(target: AmdTarget) -> list[Launch]:
     """Every kernel launch the wrappers make on `target` at the project's shapes, in call order."""
     from sparsepd.model.config import PRESETS as MODEL_PRESETS
@@ -245,6 +266,7 @@ def trace_launches(target: AmdTarget) -> list[Launch]:
                     for trace in (_trace_attention, _trace_indexer, _trace_compressor):
                         trace(target, cfg, T, B, pool_bytes)
                 _trace_layers(target, cfg, T, B)
+                _trace_quantized(target, cfg, T, B)
     return launches
 
 

@@ -2,7 +2,9 @@
 
 On CPU the kernels run in the Triton interpreter at small shapes with fp32/fp16 inputs (the interpreter has
 no bf16 dot); with SPARSEPD_TEST_GPU=1 the GPU tests run bf16 at the `bench` preset's MoE shapes, and the
-MoE module's forward is captured in a CUDA graph and replayed.
+MoE module's forward is captured in a CUDA graph and replayed. FP4 experts (`moe_fp4`): the packing round trip
+bit for bit, then the same checks with packed e2m1 weights, against `moe_fp4_ref` in fp64 (dequantizing is
+exact, so the bound is the bf16/fp16 one of `moe`).
 """
 
 import os
@@ -10,10 +12,24 @@ import os
 import pytest
 import torch
 
-from sparsepd.kernels.moe import MoEConfig, build_dispatch, build_dispatch_ref, dispatch_capacity, moe, moe_ref
+from sparsepd.kernels.moe import (
+    _E2M1,
+    FP4_GROUP,
+    MoEConfig,
+    build_dispatch,
+    build_dispatch_ref,
+    default_moe_fp4_config,
+    dequant_fp4,
+    dispatch_capacity,
+    moe,
+    moe_fp4,
+    moe_fp4_ref,
+    moe_ref,
+)
 from sparsepd.model import moe as moe_module
 from sparsepd.model.config import get_preset
 from sparsepd.model.moe import Gate, MoE
+from sparsepd.model.weights import _unpack_fp4
 
 ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
 needs_gpu = pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available(),
@@ -311,3 +327,128 @@ def graph_replay_equals_eager(T, layer_id):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, want), f"T={T} layer {layer_id}: {rel_err(static_out, want):.3g}"
+
+
+# --- FP4 experts ---------------------------------------------------------------------------------
+E2M1_CODES = {v: c for c, v in enumerate(_E2M1) if c != 8}  # value → code (−0.0 handled by its sign)
+
+
+def make_fp4_weights(seed, E, dim, inter, device, scale_bytes=(118, 124)):
+    """Random packed e2m1 bytes (every code) and ue8m0 scale bytes (2^−9 … 2^−4: weights ~0.01-0.4)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = scale_bytes
+    w13 = torch.randint(0, 256, (E, 2 * inter, dim // 2), generator=g, dtype=torch.uint8)
+    s13 = torch.randint(lo, hi, (E, 2 * inter, dim // FP4_GROUP), generator=g, dtype=torch.uint8)
+    w2 = torch.randint(0, 256, (E, dim, inter // 2), generator=g, dtype=torch.uint8)
+    s2 = torch.randint(lo, hi, (E, dim, inter // FP4_GROUP), generator=g, dtype=torch.uint8)
+    return tuple(t.to(device) for t in (w13, s13, w2, s2))
+
+
+def pack_fp4(values, scale_bytes):
+    """The inverse of dequant_fp4 for values on the e2m1 grid times their scale: (packed bytes, scale bytes)."""
+    scale = torch.ldexp(torch.ones(scale_bytes.shape), scale_bytes.to(torch.int32) - 127)
+    unit = (values.unflatten(-1, (-1, FP4_GROUP)) / scale[..., None]).flatten(-2)
+    codes = torch.tensor([E2M1_CODES[abs(v)] for v in unit.abs().flatten().tolist()]).view(unit.shape)
+    codes = codes | (torch.signbit(unit).to(torch.int64) << 3)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), scale_bytes
+
+
+def test_fp4_unpack_pack_round_trip_bit_for_bit():
+    """Every byte value (both nibbles, −0 included) and a spread of scale bytes survive dequant_fp4 → pack."""
+    g = torch.Generator().manual_seed(0)
+    packed = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, torch.randperm(256, generator=g)]  # [3, 256]
+    scale_bytes = torch.randint(1, 255, (3, 512 // FP4_GROUP), generator=g, dtype=torch.uint8)
+    values = dequant_fp4(packed, scale_bytes)
+    assert values.shape == (3, 512) and values.dtype == torch.float32
+    repacked, _ = pack_fp4(values, scale_bytes)
+    assert torch.equal(repacked, packed)
+    # the loader's decoding (model/weights.py) agrees: low nibble = even element; scale byte 127 = 1
+    assert torch.equal(dequant_fp4(packed, torch.full_like(scale_bytes, 127)), _unpack_fp4(packed.view(torch.int8)))
+    assert torch.equal(dequant_fp4(packed.view(torch.int8), scale_bytes.view(torch.int8)), values)
+
+
+def check_fp4_against_fp64(got, x, weights, indices, w, limit, what):
+    """got vs moe_fp4_ref in fp64 (the dequantized weights are exact in every dtype here)."""
+    truth = moe_fp4_ref(x.double(), weights.double(), indices, *w, limit)
+    same_dtype = moe_fp4_ref(x, weights, indices, *w, limit)
+    err, ref_err = rel_err(got, truth), rel_err(same_dtype, truth)
+    assert torch.isfinite(got).all(), f"{what}: non-finite output at {(~torch.isfinite(got)).nonzero()[:5].tolist()}"
+    worst = (got.double() - truth).abs().flatten().argmax().item()
+    assert err <= 2 * ref_err + 1e-6 and err <= TOL[x.dtype], (
+        f"{what}: relative error {err:.3g} (reference in {x.dtype}: {ref_err:.3g}); worst [t, d] = "
+        f"{divmod(worst, got.shape[1])}: got {got.flatten()[worst].item()}, want {truth.flatten()[worst].item()}")
+
+
+FP4_SMALL = dict(E=8, dim=64, inter=96)  # inter 96 = 3 scale groups: masked K tails at block_k 64 and 128
+FP4_CONFIGS = [MoEConfig(16, 32, 32), MoEConfig(32, 16, 64, num_warps=2), MoEConfig(16, 64, 128),
+               MoEConfig(16, 32, 64, fp4_dot_scaled=False)]
+
+
+@pytest.mark.parametrize("routing", ["topk", "hash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_fp4_matches_reference(T, dtype, routing, device):
+    """fp16 x goes through tl.dot_scaled (but the last config), fp32 x through the kernels' own unpacking."""
+    cfg = get_preset("tiny")
+    seed = 100 + T * 10 + (routing == "hash")
+    x, weights, indices = make_routing(seed, T, cfg, routing, device)
+    w = make_fp4_weights(seed, FP4_SMALL["E"], cfg.dim, FP4_SMALL["inter"], device)
+    x = x.to(dtype)
+    for config in FP4_CONFIGS[T % 2::2]:
+        out = torch.full((T, indices.shape[1], cfg.dim), float("nan"), device=device)
+        y = moe_fp4(x, weights, indices, *w, cfg.swiglu_limit, out=out, backend="triton", config=config)
+        assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, "(token, slot) rows left unwritten"
+        check_fp4_against_fp64(y, x, weights, indices, w, cfg.swiglu_limit,
+                               f"seed={seed} T={T} {dtype} {routing} {config}")
+
+
+@pytest.mark.parametrize("limit", [10.0, 0.0])
+def test_fp4_swiglu_clamp_and_skewed_groups(limit, device):
+    """Scales 2^6 larger push gate/up past the limit; all 40 tokens on two experts (groups over many blocks)."""
+    T, dim, inter = 40, 64, 96
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, dim, generator=g).to(device)
+    indices = torch.tensor([[3, 5]] * T, device=device)
+    weights = torch.rand(T, 2, generator=g).to(device)
+    w = make_fp4_weights(9, 8, dim, inter, device, scale_bytes=(124, 130))
+    truth = moe_fp4_ref(x.double(), weights.double(), indices, *w, limit)
+    if limit > 0:
+        free = moe_fp4_ref(x.double(), weights.double(), indices, *w, 0.0)
+        assert rel_err(truth, free) > 0.1, "the clamp does not change the result: the test would not see it"
+    for config in (FP4_CONFIGS[0], FP4_CONFIGS[3]):
+        y = moe_fp4(x.half(), weights, indices, *w, limit, backend="triton", config=config)
+        check_fp4_against_fp64(y, x.half(), weights, indices, w, limit, f"limit={limit} {config}")
+
+
+def test_fp4_bad_inputs_are_refused():
+    x = torch.zeros(3, 64)
+    w13, s13, w2, s2 = make_fp4_weights(0, 8, 64, 96, "cpu")
+    idx, wts = torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="w13_scale|scale"):
+        moe_fp4(x, wts, idx, w13, s13[..., :1], w2, s2, 10.0)
+    with pytest.raises(ValueError, match="w2 must be packed"):
+        moe_fp4(x, wts, idx, w13, s13, w2[:, :, :32], s2[:, :, :2], 10.0)
+    with pytest.raises(TypeError, match="uint8"):
+        moe_fp4(x, wts, idx, w13.float(), s13, w2, s2, 10.0)
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        moe_fp4(x, wts, idx, w13, s13, w2, s2, 10.0, backend="triton", config=MoEConfig(16, 32, 16))
+
+
+@needs_gpu
+@pytest.mark.parametrize("preset, E", [("bench", None), ("v4-flash", 32)])  # V4-Flash's expert dims, 32 experts
+@pytest.mark.parametrize("T", [1, 64, 256])
+@pytest.mark.parametrize("dot_scaled", [True, False])
+def test_fp4_gpu_bf16(T, preset, E, dot_scaled):
+    cfg = get_preset(preset)
+    if E is not None:
+        cfg = get_preset(preset, n_routed_experts=E)
+    seed = T + (E or 0)
+    x, weights, indices = make_routing(seed, T, cfg, "topk", "cuda")
+    w = make_fp4_weights(seed, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, "cuda", scale_bytes=(119, 125))
+    x = x.to(torch.bfloat16)
+    config = default_moe_fp4_config(T * cfg.n_activated_experts, cfg.n_routed_experts, x.dtype)
+    config = MoEConfig(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages, dot_scaled)
+    out = torch.full((T, cfg.n_activated_experts, cfg.dim), float("nan"), device="cuda")
+    y = moe_fp4(x, weights, indices, *w, cfg.swiglu_limit, out=out, config=config)
+    assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, "(token, slot) rows left unwritten"
+    check_fp4_against_fp64(y, x, weights, indices, w, cfg.swiglu_limit, f"{preset} E={E} T={T} {config}")

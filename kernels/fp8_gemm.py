@@ -1,0 +1,427 @@
+"""FP8 block-scaled linear layers: y = x · W^T with W kept in FP8 e4m3 and x quantized on the fly.
+
+Weights (as the checkpoint stores them; dsv4-spec.md "Model dimensions", weights row): W [N, K] FP8 e4m3 with one
+fp32 scale a 128×128 tile, s_w [ceil(N/128), ceil(K/128)] (ue8m0: powers of two; partial tiles at the edges).
+Activations, per row m and block kb of 128 along K (as DeepSeek's reference inference does):
+
+    amax[m, kb] = max(max_k |x[m, k]|, 1e-4)          (the floor keeps an all-zero block's scale finite and > 0)
+    s_x[m, kb]  = 2^ceil(log2(amax / FP8_MAX))       (ue8m0: a power of two, so x / s_x is exact; NaN if amax is
+                                                      not finite, so a NaN or inf in x reaches y)
+    q_x[m, k]   = e4m3(x[m, k] / s_x[m, kb])         (round to nearest even; |x / s_x| ≤ FP8_MAX by construction)
+    y[m, n]     = Σ_kb (Σ_{k in kb} q_x[m, k] · q_w[n, k]) · s_x[m, kb] · s_w[n // 128, kb]     (fp32, then x's dtype)
+
+FP8_MAX = 448 for e4m3fn weights (H100/H200, MI355X); the GEMM also takes e4m3fnuz weights (MI300, gfx942: FP8
+MFMA reads only that flavour; `to_fnuz` converts a checkpoint's tiles exactly), quantizing x to fnuz, max 240.
+
+Kernels:
+1. `_act_quant_kernel`: [BLOCK_R, 128] a program → q (FP8 bytes) and s_x; the public `act_quant`, and the GEMM's
+   first pass for M > 16.
+2. `_fp8_gemm_kernel`: a [BLOCK_M, BLOCK_N] output tile a program (BLOCK_N ≤ 128, so one weight scale a K step),
+   K in steps of 128: tl.dot on FP8 operands (Hopper / MI300 / MI355X FP8 tensor cores; widened to fp16 exactly
+   where FP8 MMA is missing) with fp32 accumulation; per-block scales applied each step, either as
+   `acc += dot · f` (a fresh accumulator each step: the tensor cores' FP8 accumulation, ~14 bits on Hopper, never
+   spans more than 128 products) or, for prefill tiles, `acc = dot(a, w, acc · f_prev / f)` (the accumulator
+   kept in units of the current block's scale: no second accumulator, half the registers, so 128×128 tiles run
+   two programs an SM; exact rescaling by powers of two, overflow only past |x| ~ 2^70).
+   Activation quantization: for M ≤ 16 it is fused into the K loop (QUANT_A: each program re-quantizes its 16
+   rows, ≤ 0.5 quantized values a weight byte at BLOCK_N ≥ 32, hidden under the weight loads of a memory-bound
+   step, and one launch less); for M > 16 the re-quantization would cost M / BLOCK_N ALU work a weight byte
+   (2 at M = 256), so `_act_quant_kernel` runs first (M·K reads, once).
+   Split-K for small grids (decode with N ≤ 4096): partial tiles in an fp32 workspace, the last program to
+   finish a tile (an atomic counter) sums the partials in split order: deterministic, one launch.
+Launch configs from one table by M (`default_fp8_config`); the grid depends on shapes only (CUDA graphs).
+
+References (plain PyTorch, also the CPU path): `act_quant_ref`, `dequant_fp8_block`, `fp8_linear_ref` (both
+operands dequantized exactly to fp32, one fp32 matmul, cast to x's dtype).
+Known limits: BLOCK = 128 only (the checkpoint's tile); x's last dim must be contiguous; the fused quantizer on GPUs
+casts with the hardware's round-to-nearest-even (the interpreter, whose fp32→fp8 cast mis-rounds at binade edges,
+encodes on the bits instead).
+Portability: plain Triton; tl.dot tiles ≥ 16×16; compile-checked for gfx950 and gfx942 (tests/kernels/
+test_amd_compile.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsepd.kernels.device import Backend, amd_arch, pick_backend, triton_interpreting
+from sparsepd.kernels.indexer import _encode_e4m3
+
+BLOCK = 128  # the weight tile and the activation block along K
+FP8_MAX = 448.0  # largest finite e4m3fn value (e4m3fnuz: 240)
+AMAX_FLOOR = 1e-4  # DeepSeek's reference clamps amax so that an all-zero block gets a finite, nonzero scale
+_FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+# --- references ---------------------------------------------------------------------------------
+def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Round positive fp32 x up to a power of two, exactly (x = m·2^e with m in [0.5, 1)); NaN where x is not
+    finite."""
+    mantissa, exponent = torch.frexp(x)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.where(torch.isfinite(x), torch.ldexp(torch.ones_like(x), exponent), torch.nan)
+
+
+def _check_act(x: torch.Tensor, block: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"x must be a bf16/fp16/fp32 [..., K] tensor, got {getattr(x, 'dtype', type(x))} "
+                        f"{list(getattr(x, 'shape', ()))}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+
+
+def _quant_ref(x: torch.Tensor, block: int, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    top = float(torch.finfo(fp8).max)
+    K = x.shape[-1]
+    nb = -(-K // block)
+    xf = torch.nn.functional.pad(x.float(), (0, nb * block - K)).unflatten(-1, (nb, block))  # [..., nb, block]
+    amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)  # [..., nb]; a NaN stays a NaN
+    scale = _pow2_ceil(amax / top)
+    q = (xf / scale[..., None]).clamp(-top, top).to(fp8)
+    return q.flatten(-2)[..., :K], scale
+
+
+def act_quant_ref(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 1×block FP8 quantization of x [..., K] (module docstring): (q [..., K] e4m3fn, s [..., ceil(K/block)]
+    fp32); the last block may be partial."""
+    _check_act(x, block)
+    return _quant_ref(x, block, torch.float8_e4m3fn)
+
+
+def dequant_fp8_block(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """W [N, K] FP8 times its 128×128 tile scales [ceil(N/128), ceil(K/128)] → fp32 [N, K] (exact)."""
+    _check_weight(weight, weight_scale)
+    N, K = weight.shape
+    full = weight_scale.float().repeat_interleave(BLOCK, 0)[:N].repeat_interleave(BLOCK, 1)[:, :K]
+    return weight.float() * full
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] → [..., N] in x's dtype: x quantized as `act_quant_ref` (in the weight's FP8 flavour), both
+    operands dequantized exactly, one fp32 matmul."""
+    _check_linear(x, weight, weight_scale)
+    q, s = _quant_ref(x, BLOCK, weight.dtype)
+    K = x.shape[-1]
+    x_deq = q.float() * s.repeat_interleave(BLOCK, -1)[..., :K]
+    return (x_deq @ dequant_fp8_block(weight, weight_scale).T).to(x.dtype)
+
+
+def to_fnuz(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3fn tiles → e4m3fnuz for MI300's FP8 MFMA, exactly: the same bits mean half the value (exponent bias 8),
+    so the scales double; −0 (0x80, NaN in fnuz) becomes +0. e4m3fn NaN (0x7F/0xFF) would read as ±240."""
+    _check_weight(weight, weight_scale)
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight must be e4m3fn, got {weight.dtype}")
+    bits = weight.view(torch.uint8)
+    bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    return bits.view(torch.float8_e4m3fnuz), weight_scale * 2
+
+
+# --- checks -------------------------------------------------------------------------------------
+def _check_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _FP8:
+        raise TypeError(f"weight must be FP8 e4m3 [N, K], got {getattr(weight, 'dtype', type(weight))} "
+                        f"{list(getattr(weight, 'shape', ()))}")
+    N, K = weight.shape
+    want = (-(-N // BLOCK), -(-K // BLOCK))
+    if tuple(weight_scale.shape) != want or weight_scale.dtype != torch.float32:
+        raise ValueError(f"weight_scale must be fp32 {list(want)} (one per 128×128 tile of [{N}, {K}]), got "
+                         f"{weight_scale.dtype} {list(weight_scale.shape)}")
+    if weight_scale.device != weight.device:
+        raise ValueError(f"weight_scale is on {weight_scale.device}, weight on {weight.device}")
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    _check_act(x, BLOCK)
+    _check_weight(weight, weight_scale)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dim {x.shape[-1]} must equal weight's K = {weight.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+
+
+# --- Triton kernels -----------------------------------------------------------------------------
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _quantize_tile(x, FNUZ: tl.constexpr, EXACT: tl.constexpr):
+    """x [R, 128] fp32 → (q [R, 128] FP8, s [R] fp32) as `_quant_ref`: a NaN-propagating amax, the ue8m0 scale
+    on the bits, an exact multiply by 1/s, e4m3 round to nearest even (on the bits when EXACT)."""
+    fp8_max: tl.constexpr = 240.0 if FNUZ else 448.0
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _nan_max), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    sb = tl.math.div_rn(amax, fp8_max).to(tl.int32, bitcast=True)
+    sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)  # round up to a power of two
+    finite = amax < float("inf")  # False for inf and NaN
+    scale = tl.where(finite, sb.to(tl.float32, bitcast=True), float("nan"))
+    inv = tl.where(finite, ((254 << 23) - sb).to(tl.float32, bitcast=True), float("nan"))  # exact 1 / scale
+    y = tl.minimum(tl.maximum(x * inv[:, None], -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
+                   propagate_nan=tl.PropagateNan.ALL)
+    if EXACT:
+        code = _encode_e4m3(y, 8 if FNUZ else 7, FNUZ)
+        code = tl.where(y == y, code, 0x80 if FNUZ else 0x7F).to(tl.uint8)
+        q = code.to(tl.float8e4b8, bitcast=True) if FNUZ else code.to(tl.float8e4nv, bitcast=True)
+    else:
+        q = y.to(tl.float8e4b8) if FNUZ else y.to(tl.float8e4nv)
+    return q, scale
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                      BLOCK_R: tl.constexpr, FNUZ: tl.constexpr, EXACT: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1)
+    cols = kb * 128 + tl.arange(0, 128)
+    rows64 = rows.to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, s = _quantize_tile(x, FNUZ, EXACT)
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm + kb, s, mask=rows < M)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, c_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    QUANT_A: tl.constexpr, RESCALE: tl.constexpr, FNUZ: tl.constexpr, DOT_FP8: tl.constexpr, EXACT: tl.constexpr,
+):
+    # grouped order: GROUP_M row tiles share each weight column tile while it sits in L2
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    kb_begin = split * blocks_per_split
+    kb_end = tl.minimum(kb_begin + blocks_per_split, tl.cdiv(K, 128))
+    rows = offs_m.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_begin * 128 + offs_k)[None, :]  # [BM, 128]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (kb_begin * 128 + offs_k)[:, None]  # [128, BN]
+    ws_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_ws  # BLOCK_N ≤ 128: one weight scale a step
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    f_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for kb in range(kb_begin, kb_end):
+        k_ok = offs_k < K - kb * 128
+        if QUANT_A:
+            x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a, sa = _quantize_tile(x, FNUZ, EXACT)
+            sa = tl.where(m_ok, sa, 1.0)
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
+            a = a.to(tl.float8e4b8, bitcast=True) if FNUZ else a.to(tl.float8e4nv, bitcast=True)
+            sa = tl.load(a_scale_ptr + rows * stride_as + kb, mask=m_ok, other=1.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        w = w.to(tl.float8e4b8, bitcast=True) if FNUZ else w.to(tl.float8e4nv, bitcast=True)
+        if not DOT_FP8:  # FP8 → fp16 is exact
+            a = a.to(tl.float16)
+            w = w.to(tl.float16)
+        f = sa * tl.load(ws_row + kb)  # [BM]: this step's scale of each output row
+        if RESCALE:
+            acc = tl.dot(a, w, acc * (f_prev / f)[:, None])
+            f_prev = f
+        else:
+            acc += tl.dot(a, w) * f[:, None]
+        a_ptrs += 128
+        w_ptrs += 128
+    if RESCALE:
+        acc = acc * f_prev[:, None]
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        # partials of this tile in an fp32 workspace [SPLIT_K, M, N]; the last program to arrive sums them in
+        # split order (deterministic whatever the arrival order) and writes the tile
+        tile_ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
+        tl.store(tile_ws + split * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(tile_ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launch configuration -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Fp8GemmConfig:
+    """One launch of `_fp8_gemm_kernel` (None: `default_fp8_config`)."""
+
+    block_m: int  # power of two ≥ 16
+    block_n: int  # power of two in [16, 128]: a tile spans one weight scale row
+    split_k: int = 1  # programs along K (partials summed in order by the last one)
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    rescale: bool = False  # keep the accumulator in units of the current block's scale (module docstring)
+    quant_a: bool = False  # quantize x inside the K loop instead of a first pass
+
+
+# (largest M, config): decode rows are memory bound (small BLOCK_M; split-K fills the GPU), prefill rows compute
+# bound (128×128 tiles, the rescaled accumulator). Chosen for H200 from the byte and FLOP floors; the measured
+# rates are in bench/bench_quant.py's table (bench/RESULTS.md).
+_CONFIG_TABLE = (
+    (16, Fp8GemmConfig(16, 64, num_warps=4, num_stages=6, group_m=1, quant_a=True)),
+    (64, Fp8GemmConfig(64, 64, num_warps=4, num_stages=5, group_m=1)),
+    (256, Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8)),
+    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, group_m=8, rescale=True)),
+)
+# AMD: fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on gfx950), per row above.
+_AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 2, 2)}
+_MIN_SPLIT_BLOCKS = 4  # K blocks (of 128) a split keeps at least
+
+
+def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = None) -> Fp8GemmConfig:
+    """The table's row for M, with split-K where the tiles alone leave the GPU under two programs an SM."""
+    row = next(i for i, (limit, _) in enumerate(_CONFIG_TABLE) if limit is None or M <= limit)
+    c = _CONFIG_TABLE[row][1]
+    stages = _AMD_STAGES[arch][row] if arch in _AMD_STAGES else c.num_stages
+    split = choose_split_k(M, N, K, c.block_m, c.block_n, num_sms)
+    return Fp8GemmConfig(c.block_m, c.block_n, split, c.num_warps, stages, c.group_m, c.rescale, c.quant_a)
+
+
+def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
+    """Powers of two while the output tiles leave the GPU under two programs an SM, each split keeping at least
+    _MIN_SPLIT_BLOCKS blocks of K."""
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    k_blocks = triton.cdiv(K, BLOCK)
+    split = 1
+    while tiles * split < 2 * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS:
+        split *= 2
+    return split
+
+
+def _check_config(config: Fp8GemmConfig) -> None:
+    if config.block_m < 16 or config.block_m & (config.block_m - 1):
+        raise ValueError(f"config.block_m must be a power of two >= 16, got {config.block_m}")
+    if not 16 <= config.block_n <= BLOCK or config.block_n & (config.block_n - 1):
+        raise ValueError(f"config.block_n must be a power of two in [16, {BLOCK}], got {config.block_n}")
+    if config.split_k < 1 or config.group_m < 1:
+        raise ValueError(f"config.split_k and group_m must be >= 1, got {config.split_k}, {config.group_m}")
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _fp8_dot_supported(device: torch.device) -> bool:
+    """FP8 MMA: NVIDIA sm_89+, AMD gfx942 (fnuz) and gfx950 (OCP); the interpreter's dot takes FP8 too.
+    Elsewhere the FP8 tiles are widened to fp16, exactly."""
+    if device.type != "cuda":
+        return True
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx942", "gfx950"))
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# --- public API ---------------------------------------------------------------------------------
+def _launch_act_quant(x2: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=torch.uint8, device=x2.device)
+    s = torch.empty((M, triton.cdiv(K, BLOCK)), dtype=torch.float32, device=x2.device)
+    if M:
+        block_r = 16 if M >= 16 * _num_sms(x2.device) else 4
+        _act_quant_kernel[(triton.cdiv(M, block_r), triton.cdiv(K, BLOCK))](
+            x2, q, s, M, K, x2.stride(0), q.stride(0), s.stride(0),
+            BLOCK_R=block_r, FNUZ=fp8 == torch.float8_e4m3fnuz, EXACT=triton_interpreting(), num_warps=4,
+        )
+    return q.view(fp8), s
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def act_quant(x: torch.Tensor, block: int = BLOCK, *, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`act_quant_ref`'s result (bit for bit), from a Triton kernel on GPU tensors; block 128 only there."""
+    _check_act(x, block)
+    if pick_backend(backend, x) == "reference":
+        return act_quant_ref(x, block)
+    if block != BLOCK:
+        raise ValueError(f"the Triton act_quant takes block {BLOCK}, got {block}")
+    q, s = _launch_act_quant(_rows(x), torch.float8_e4m3fn)
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
+               backend: Backend = "auto", config: Fp8GemmConfig | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · W^T [..., N] in x's dtype, with W [N, K] FP8 (e4m3fn, or e4m3fnuz for MI300) and its 128×128 tile
+    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y."""
+    _check_linear(x, weight, weight_scale)
+    if config is not None:
+        _check_config(config)
+    shape = (*x.shape[:-1], weight.shape[0])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous()
+                            or out.device != x.device):
+        raise ValueError(f"out must be a contiguous {x.dtype} {list(shape)} tensor on {x.device}, got {out.dtype} "
+                         f"{list(out.shape)} on {out.device}")
+    if pick_backend(backend, x, weight, weight_scale) == "reference":
+        y = fp8_linear_ref(x, weight, weight_scale)
+        return y if out is None else out.copy_(y)
+    if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
+        raise ValueError(f"weight and weight_scale need a unit last stride, got {weight.stride()}, "
+                         f"{weight_scale.stride()}")
+    x2 = _rows(x)
+    M, K = x2.shape
+    N = weight.shape[0]
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0 or N == 0:
+        return out
+    if config is None:
+        config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
+    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
+    return out
+
+
+def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
+                 config: Fp8GemmConfig) -> None:
+    M, K = x2.shape
+    N = weight.shape[0]
+    fnuz = weight.dtype == torch.float8_e4m3fnuz
+    if config.quant_a:
+        a, a_scale = x2, x2  # a_scale unused
+    else:
+        a, a_scale = _launch_act_quant(x2, weight.dtype)
+        a = a.view(torch.uint8)
+    k_blocks = triton.cdiv(K, BLOCK)
+    split = min(config.split_k, k_blocks)
+    blocks_per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, blocks_per_split)  # no empty splits
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    if split > 1:
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
+        counters = torch.zeros((tiles,), dtype=torch.int32, device=x2.device)
+    else:
+        ws = counters = out  # unused
+    _fp8_gemm_kernel[(tiles, split)](
+        a, a_scale, weight.view(torch.uint8), weight_scale, out, ws, counters,
+        M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
+        blocks_per_split,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
+        QUANT_A=config.quant_a, RESCALE=config.rescale, FNUZ=fnuz, DOT_FP8=_fp8_dot_supported(x2.device),
+        EXACT=triton_interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
