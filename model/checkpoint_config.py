@@ -84,11 +84,13 @@ class CheckpointConfigError(ValueError):
 class WeightFormat:
     """How quantized weights are stored: FP8 e4m3 with one scale per `fp8_block` tile, packed FP4 e2m1
     (two values a byte, low nibble first) with one scale per `fp4_block` inputs of a row; `expert_dtype`,
-    when the config names it, is what every routed expert's weights must be."""
+    when the config names it, is what every routed expert's weights must be; `quantized`: the config has a
+    quantization_config (the projections are stored FP8)."""
 
     fp8_block: tuple[int, int] = (128, 128)
     fp4_block: int = 32
     expert_dtype: Literal["fp4", "fp8"] | None = None
+    quantized: bool = False
 
 
 def read_checkpoint_config(directory: str | Path) -> ModelConfig | None:
@@ -119,7 +121,8 @@ def read_weight_format(directory: str | Path) -> WeightFormat:
     quant = data.get("quantization_config") or {}
     block = quant.get("weight_block_size", [128, 128])
     expert = quant.get("expert_dtype", data.get("expert_dtype"))
-    return WeightFormat(fp8_block=(int(block[0]), int(block[1])), expert_dtype=expert)
+    return WeightFormat(fp8_block=(int(block[0]), int(block[1])), expert_dtype=expert,
+                        quantized="quantization_config" in data)
 
 
 def _load(path: Path) -> dict[str, Any]:
