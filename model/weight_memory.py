@@ -33,7 +33,11 @@ def describe(kinds: dict[str, int]) -> str:
 
 
 def gb(num_bytes: int) -> str:
-    return f"{num_bytes / 1e9:.2f} GB"
+    """Bytes in GB (MB, kB below a GB, a MB)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes / 1e3:.2f} kB"
 
 
 def _kind(name: str, p: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
-from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import add_load_arguments, deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
@@ -74,6 +74,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                                       "tokenizer files describe the model)")
     g.add_argument("--served-model-name", default=None, help="model name reported to clients (default: from the "
                                                              "preset or checkpoint)")
+    add_load_arguments(p)  # the workers' weight options: part of the fingerprint
 
 
 def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +105,8 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging("router", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed)
+    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
+                                         args.num_layers)
     pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls,
                       page_size=card.page_size, forget_after_s=args.forget_after, worker_wait_s=args.worker_wait)
     if not pool.all:

@@ -38,6 +38,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference loop (one request, no pools) instead of the paged engine")
+    from sparsepd.model.load_options import add_load_args
+
+    add_load_args(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -52,19 +55,24 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from sparsepd.engine.generate import generate, generate_with_engine
     from sparsepd.engine.sampling import SamplingParams
-    from sparsepd.model.config import get_preset
+    from sparsepd.model.load_options import load_options_from_args, resolve_model_config
     from sparsepd.model.tokenizer import load_tokenizer
-    from sparsepd.model.weights import build_model, read_config
+    from sparsepd.model.weight_memory import describe, weight_bytes
+    from sparsepd.model.weights import build_model
 
-    cfg = (read_config(args.checkpoint) if args.checkpoint else None) or get_preset(args.preset)
+    options = load_options_from_args(args)
+    cfg = resolve_model_config(args.preset, args.checkpoint, options)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     params = SamplingParams.checked(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}) on {args.device} ...", file=sys.stderr)
-    model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
+    print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}, weight_format {cfg.weight_format}) on "
+          f"{args.device} ...", file=sys.stderr)
+    model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device,
+                        load_format=options.load_format)
+    print(f"weights {describe(weight_bytes(model))}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg, args.checkpoint)
     prompt_ids = tokenizer.encode(args.prompt)
     if args.reference:

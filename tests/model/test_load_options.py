@@ -4,11 +4,14 @@ plan of a preset."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import prompt
 
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.load_options import (
     LoadOptions,
@@ -101,3 +104,21 @@ def test_v4_flash_weights_are_the_published_size():
     assert 150e9 < sum(quantized.values()) < 165e9, quantized
     assert 560e9 < sum(plain.values()) < 580e9, plain
     assert quantized["fp4"] == 43 * 256 * 3 * 2048 * 4096 // 2
+
+
+def test_the_fingerprint_names_the_weight_options_and_needs_no_torch():
+    """Workers with other weight options than the router's are refused: the router computes the same fingerprint
+    from the same flags, without torch."""
+    prints = {deployment_fingerprint("bench", None, 0, *flags)
+              for flags in [(), ("dummy",), ("dummy", "bf16"), ("dummy", "auto", 2), ("auto", "fp32")]}
+    assert len(prints) == 5
+    assert deployment_fingerprint("bench", None, 0, "dummy", "auto", 2) == deployment_fingerprint(
+        "bench", None, 0, **LoadOptions(load_format="dummy", num_layers=2).model_dump())
+    code = ("import sys, argparse; import sparsepd.router.main as m; p = argparse.ArgumentParser(); "
+            "m.add_arguments(p); a = p.parse_args(['--load-format', 'dummy', '--num-layers', '2']); "
+            "from sparsepd.fingerprint import deployment_fingerprint as f; "
+            "print(f(a.preset, a.checkpoint, a.seed, a.load_format, a.dtype, a.num_layers)); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == deployment_fingerprint("tiny", None, 0, "dummy", "auto", 2)
