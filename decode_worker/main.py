@@ -18,6 +18,7 @@ from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
+from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
 from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
@@ -36,7 +37,8 @@ async def serve(args: argparse.Namespace) -> int:
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
                     vocabulary=cfg.vocabulary(model.cfg))
     engine.capture_graphs(cfg.graph_max_context)
-    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
+    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
+    log.info("%s", memory_plan(model, engine.pools))
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
     receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected,
                                 auth_key=derive_key(token, "transfer") if token is not None else None)

@@ -49,6 +49,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference loop (one request, no pools) instead of the paged engine")
+    from sparsepd.model.load_options import add_load_args
+
+    add_load_args(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -63,19 +66,24 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from sparsepd.engine.generate import generate, generate_with_engine
     from sparsepd.engine.sampling import SamplingParams
-    from sparsepd.model.config import get_preset
+    from sparsepd.model.load_options import load_options_from_args, resolve_model_config
     from sparsepd.model.tokenizer import load_tokenizer
-    from sparsepd.model.weights import build_model, read_config
+    from sparsepd.model.weight_memory import describe, weight_bytes
+    from sparsepd.model.weights import build_model
 
-    cfg = (read_config(args.checkpoint) if args.checkpoint else None) or get_preset(args.preset)
+    options = load_options_from_args(args)
+    cfg = resolve_model_config(args.preset, args.checkpoint, options)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     params = SamplingParams.checked(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}) on {args.device} ...", file=sys.stderr)
-    model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
+    print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}, weight_format {cfg.weight_format}) on "
+          f"{args.device} ...", file=sys.stderr)
+    model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device,
+                        load_format=options.load_format)
+    print(f"weights {describe(weight_bytes(model))}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg, args.checkpoint)
     prompt_ids = tokenizer.encode(args.prompt)
     if args.reference:
@@ -99,13 +107,16 @@ class Subcommand:
     add: Callable[[argparse._SubParsersAction], None]  # adds its full parser (importing what builds it)
 
 
-def _role(name: str, arguments: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> Subcommand:
+def _role(name: str, arguments: str, help_text: str, run: Callable[[argparse.Namespace], int],
+          more: Callable[[argparse.ArgumentParser], None] | None = None) -> Subcommand:
     """A subcommand whose flags are `add_arguments(p)` of the module `arguments` (its docstring is the
-    description) and which `run` runs."""
+    description), plus `more(p)`, and which `run` runs."""
     def add(sub: argparse._SubParsersAction) -> None:
         mod = importlib.import_module(arguments)
         p = sub.add_parser(name, help=help_text, description=mod.__doc__)
         mod.add_arguments(p)
+        if more is not None:
+            more(p)
         p.set_defaults(run=run)
 
     return Subcommand(name, help_text, add)
@@ -122,7 +133,17 @@ def _run_router(args: argparse.Namespace) -> int:
     from sparsepd.model.fingerprint import deployment_fingerprint
     from sparsepd.router.main import serve
 
-    return asyncio.run(serve(args, deployment_fingerprint(args.preset, args.checkpoint, args.seed)))
+    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
+                                         args.num_layers)
+    return asyncio.run(serve(args, fingerprint))
+
+
+def _router_load_args(p: argparse.ArgumentParser) -> None:
+    """The workers' weight options on the router's parser: part of the fingerprint the deploy layer computes
+    (model/load_options.py, torch-free; the router's own module does not import the model)."""
+    from sparsepd.model.fingerprint import add_load_arguments
+
+    add_load_arguments(p)
 
 
 def _run_loadtest(args: argparse.Namespace) -> int:
@@ -139,7 +160,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
           _serve("sparsepd.prefill_worker.main")),
     _role("decode-worker", "sparsepd.decode_worker.args", "run one decode worker process",
           _serve("sparsepd.decode_worker.main")),
-    _role("router", "sparsepd.router.main", "run the public gRPC router in front of given workers", _run_router),
+    _role("router", "sparsepd.router.main", "run the public gRPC router in front of given workers", _run_router,
+          _router_load_args),
     _role("serve", "sparsepd.deploy.serve", "start the router with prefill and decode workers",
           _serve("sparsepd.deploy.serve")),
     _role("loadtest", "sparsepd.loadtest.main", "load-test a router: a concurrency sweep, JSONL results, plots",

@@ -244,7 +244,7 @@ def _router_args(args: argparse.Namespace) -> list[str]:
            "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
            "--forget-after", str(args.forget_after), "--heartbeat", str(args.heartbeat),
            "--max-migrations", str(args.max_migrations), "--worker-wait", str(args.worker_wait),
-           "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level]
+           "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level, *_load_flags(args)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
                         ("--max-new-tokens-limit", args.max_new_tokens_limit), ("--seed", args.seed),
                         *_tls_flags(args), ("--tls-client-ca", args.tls_client_ca)):
@@ -253,6 +253,12 @@ def _router_args(args: argparse.Namespace) -> list[str]:
     if args.no_cluster_auth:
         out.append("--no-cluster-auth")
     return out
+
+
+def _load_flags(args: argparse.Namespace) -> list[str]:
+    """The weight options, the same for the router (its fingerprint) and every worker."""
+    flags = ["--load-format", args.load_format, "--dtype", args.dtype]
+    return flags + (["--num-layers", str(args.num_layers)] if args.num_layers is not None else [])
 
 
 def _cache_flags(args: argparse.Namespace) -> list[str]:
@@ -301,7 +307,8 @@ async def _wait_registered(router: str, addresses: set[str], timeout_s: float, t
 
 
 def _worker_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--preset", args.preset, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout)]
+    flags = ["--preset", args.preset, "--log-level", args.log_level, "--drain-timeout", str(args.drain_timeout),
+             *_load_flags(args)]
     if args.no_cluster_auth:
         flags.append("--no-cluster-auth")
     for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),

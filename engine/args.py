@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from sparsepd.model.load_options import add_load_args
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and memory")
@@ -29,6 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-max-context", type=int, default=8192,
                    help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
                         "are captured on first use (default: 8192)")
+    add_load_args(p)
 
 
 def add_prefix_cache_args(p: argparse.ArgumentParser, who: str = "") -> None:

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
-from sparsepd.model.checkpoint_config import read_checkpoint_config
-from sparsepd.model.config import ModelConfig, get_preset
+from sparsepd.model.config import ModelConfig
+from sparsepd.model.load_options import LoadOptions, load_options_from_args, resolve_model_config
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
 
@@ -27,6 +27,7 @@ class EngineConfig(BaseModel):
     preset: str = "tiny"
     checkpoint: str | None = None
     seed: int = Field(0, ge=0, description="random-weight seed (every process of a deployment must agree)")
+    load: LoadOptions = LoadOptions()  # --load-format, --dtype, --num-layers (model/load_options.py)
     device: str = "cpu"
     pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
@@ -35,8 +36,9 @@ class EngineConfig(BaseModel):
 
     def resolve_model_config(self) -> ModelConfig:
         """The checkpoint's own config.json (ours or the published DeepSeek-V4 form) when it has one: no
-        preset needed; the preset otherwise (random weights, or a weights directory without a config.json)."""
-        return (read_checkpoint_config(self.checkpoint) if self.checkpoint else None) or get_preset(self.preset)
+        preset needed; the preset otherwise (random weights, or a weights directory without a config.json); with
+        the load options applied (depth, weight format)."""
+        return resolve_model_config(self.preset, self.checkpoint, self.load)
 
     def build_model(self) -> Transformer:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -45,7 +47,8 @@ class EngineConfig(BaseModel):
             # Triton launches on the current device, whatever the tensors' device: make it this process's one
             # (for this thread; the runner does the same for the threads that step the engine).
             torch.cuda.set_device(torch.device(self.device))
-        return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device)
+        return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device,
+                           load_format=self.load.load_format)
 
     def vocabulary(self, model_config: ModelConfig) -> Vocabulary:
         """What grammars compile against: the checkpoint's tokenizer.json when it has one (as the router's model
@@ -71,4 +74,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
                         pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context,
-                        overlap=args.overlap)
+                        overlap=args.overlap, load=load_options_from_args(args))

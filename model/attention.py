@@ -19,7 +19,8 @@ from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, RMSNorm
 from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
-from sparsepd.model.numerics import linear, rope_cos_sin, rope_freqs
+from sparsepd.model.linear import grouped_linear, make_linear
+from sparsepd.model.numerics import rope_cos_sin, rope_freqs
 
 
 class AttentionCache(Protocol):
@@ -36,8 +37,10 @@ class Attention(nn.Module):
         self.cfg, self.ratio = cfg, cfg.compress_ratios[layer_id]
         self.n_heads, self.head_dim, self.rope_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.rope_dim, cfg.window
 
-        def lin(i: int, o: int) -> nn.Linear:
-            return nn.Linear(i, o, bias=False, dtype=dtype).requires_grad_(False)
+        fp8 = cfg.weight_format != "plain"
+
+        def lin(i: int, o: int) -> nn.Module:
+            return make_linear(i, o, dtype, fp8)
 
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads), requires_grad=False)  # fp32
         self.wq_a = lin(cfg.dim, cfg.q_lora_rank)
@@ -71,22 +74,17 @@ class Attention(nn.Module):
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(qr `[n, q_lora_rank]`, q `[n, H, D]`): low-rank path, per-head RMS (no weight), RoPE."""
-        qr = self.q_norm(linear(x, self.wq_a.weight))
-        q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, H, D]
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [n, H, D]
         return qr, rms_rope(q, cos, sin, weight=None, eps=self.cfg.norm_eps)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared latent `[n, D]`: RMSNorm, RoPE, FP8 round trip on the nope dims."""
-        return rms_rope(linear(x, self.wkv.weight), cos, sin, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
+        return rms_rope(self.wkv(x), cos, sin, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
                         fp8_block=64 if self.cfg.quantize_kv else 0)
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output: group g of o `[H·D/G]` times its own `[o_lora_rank, H·D/G]` slice of wo_a."""
-        groups, rank = self.cfg.o_groups, self.cfg.o_lora_rank
-        o = o.reshape(o.shape[0], groups, -1)
-        wo_a = self.wo_a.weight.view(groups, rank, -1)
-        if o.is_cuda:  # one batched GEMM instead of G launches
-            mid = torch.bmm(o.transpose(0, 1).to(wo_a.dtype), wo_a.transpose(1, 2)).transpose(0, 1).flatten(1)
-        else:
-            mid = torch.cat([linear(o[:, g], wo_a[g]) for g in range(groups)], dim=-1)  # [n, G*rank]
-        return linear(mid, self.wo_b.weight)
+        groups = self.cfg.o_groups
+        mid = grouped_linear(o.reshape(o.shape[0], groups, -1), self.wo_a, groups)  # [n, G*rank]
+        return self.wo_b(mid)

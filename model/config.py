@@ -58,6 +58,11 @@ class ModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     quantize_kv: bool = True  # FP8 round trip on the KV nope dims (main KV and compressed KV)
     indexer_quant: Literal["fp8", "fp4", "none"] = "fp8"  # fp8: serving cache; fp4: reference simulation
+    # How the weights are held in memory (model/linear.py): plain = every weight in `dtype` (a quantized
+    # checkpoint dequantized: the reference); fp8 = the projections V4 stores in FP8 (FP8_PROJECTIONS) stay
+    # e4m3 with fp32 128×128 tile scales; fp8_fp4 = that, and the routed experts stay packed FP4 e2m1 with
+    # ue8m0 scales per 32 inputs.
+    weight_format: Literal["plain", "fp8", "fp8_fp4"] = "plain"
     # tokenizer
     bos_id: int = 0
     eos_id: int = 1
@@ -83,6 +88,9 @@ class ModelConfig(BaseModel):
         for r in set(self.compress_ratios) - {0}:
             need(self.page_size % r == 0, f"page_size={self.page_size} is not a multiple of ratio {r}")
         need(self.bos_id < self.vocab_size and self.eos_id < self.vocab_size, "bos/eos outside the vocabulary")
+        need(self.weight_format != "fp8_fp4" or fp4_experts_fit(self),
+             f"weight_format='fp8_fp4' needs dim={self.dim} and moe_inter_dim={self.moe_inter_dim} to be multiples "
+             f"of {FP4_BLOCK} (one FP4 scale per {FP4_BLOCK} inputs); use 'fp8' (experts in {self.dtype})")
         return self
 
     # --- derived sizes -------------------------------------------------------------------------
@@ -101,6 +109,28 @@ class ModelConfig(BaseModel):
     def max_entries(self, ratio: int) -> int:
         """Compressed entries a request of max_seq_len tokens commits at this ratio."""
         return self.max_seq_len // ratio
+
+
+FP4_BLOCK = 32  # inputs of a routed expert's weight row that share one ue8m0 scale
+
+
+def fp4_experts_fit(cfg: ModelConfig) -> bool:
+    """Whether the routed experts' dims allow packed FP4 with per-32 scales (both GEMMs' K)."""
+    return cfg.dim % FP4_BLOCK == 0 and cfg.moe_inter_dim % FP4_BLOCK == 0
+
+
+def quantized_format(cfg: ModelConfig) -> Literal["fp8", "fp8_fp4"]:
+    """The most quantized weight format the dims allow: FP4 experts when they fit, else FP8 projections only."""
+    return "fp8_fp4" if fp4_experts_fit(cfg) else "fp8"
+
+
+def with_num_layers(cfg: ModelConfig, n_layers: int) -> ModelConfig:
+    """`cfg` cut to its first `n_layers` layers, keeping the published pattern of layer kinds: the same compress
+    ratios layer by layer, the hash-routed layers first (as many as fit)."""
+    if not 1 <= n_layers <= cfg.n_layers:
+        raise ValueError(f"num_layers={n_layers}: {cfg.name!r} has {cfg.n_layers} layers; expected 1 … {cfg.n_layers}")
+    return ModelConfig(**{**cfg.model_dump(), "n_layers": n_layers, "compress_ratios": cfg.compress_ratios[:n_layers],
+                          "n_hash_layers": min(cfg.n_hash_layers, n_layers)})
 
 
 def _v4_ratios(first: tuple[int, ...], n_layers: int) -> tuple[int, ...]:

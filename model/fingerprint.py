@@ -1,6 +1,7 @@
 """The deployment's model fingerprint, computed the same way by every process from what its command line names
-(preset, checkpoint, seed): workers stamp it on registrations, tickets and states; the router gets its own
-and refuses any worker that registers with another (or none) instead of trusting the first to arrive.
+(preset, checkpoint, seed, the weight options --load-format/--dtype/--num-layers): workers stamp it on registrations,
+tickets and states; the router computes its own and refuses any worker that registers with another (or none)
+instead of trusting the first to arrive.
 
 The router may not import the model package (docs/DESIGN.md §2): the deploy layer computes the router's
 fingerprint and hands it over. This reads the model's config only (pydantic presets and a checkpoint's
@@ -9,13 +10,25 @@ config.json; no torch, no weights), so that a router process starts without torc
 
 from __future__ import annotations
 
-from sparsepd.model.checkpoint_config import read_checkpoint_config
-from sparsepd.model.config import get_preset
 from sparsepd.proto.transfer import model_fingerprint
 
 
-def deployment_fingerprint(preset: str, checkpoint: str | None, seed: int) -> str:
-    """sha256 (16 hex digits) of the model config (a checkpoint's config.json when it has one, else the preset)
-    and the weights' identity (seed, checkpoint path): `proto.transfer.model_fingerprint`."""
-    cfg = (read_checkpoint_config(checkpoint) if checkpoint else None) or get_preset(preset)
-    return model_fingerprint(cfg, extra=f"seed={seed};checkpoint={checkpoint}")
+def deployment_fingerprint(preset: str, checkpoint: str | None, seed: int, load_format: str = "auto",
+                           dtype: str = "auto", num_layers: int | None = None) -> str:
+    """sha256 (16 hex digits) of the model config (a checkpoint's config.json when it has one, else the preset,
+    with the load options applied: depth, weight format) and the weights' identity (seed, checkpoint path, load
+    format): `proto.transfer.model_fingerprint`."""
+    from sparsepd.model.load_options import LoadOptions, resolve_model_config
+
+    options = LoadOptions(load_format=load_format, dtype=dtype, num_layers=num_layers)
+    cfg = resolve_model_config(preset, checkpoint, options)
+    dummy = ";load_format=dummy" if load_format == "dummy" else ""  # other weights than the host's random ones
+    return model_fingerprint(cfg, extra=f"seed={seed};checkpoint={checkpoint}{dummy}")
+
+
+def add_load_arguments(p) -> None:
+    """The weight flags (model/load_options.py) on a process that needs them only for the fingerprint (the
+    router), without importing the model package at import time."""
+    from sparsepd.model.load_options import add_load_args
+
+    add_load_args(p)

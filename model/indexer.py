@@ -13,7 +13,8 @@ from torch import nn
 
 from sparsepd.model.compressor import Compressor, quantize_index_rows
 from sparsepd.model.config import ModelConfig
-from sparsepd.model.numerics import apply_rope, hadamard_rotate, linear
+from sparsepd.model.linear import Linear, make_linear
+from sparsepd.model.numerics import apply_rope, hadamard_rotate
 
 
 class Indexer(nn.Module):
@@ -22,15 +23,14 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim, self.topk, self.ratio = (
             cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio)
         self.quantize = cfg.indexer_quant
-        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False,
-                              dtype=act_dtype).requires_grad_(False)
-        self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False, dtype=act_dtype).requires_grad_(False)
+        self.wq_b = make_linear(cfg.q_lora_rank, self.n_heads * self.head_dim, act_dtype, cfg.weight_format != "plain")
+        self.weights_proj = Linear(cfg.dim, self.n_heads, act_dtype)
         self.compressor = Compressor(cfg.dim, self.head_dim, cfg.rope_dim, ratio, cfg.norm_eps, "indexer",
                                      cfg.indexer_quant, act_dtype)
 
     def rotated_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries `[n, Hi, 128]` fp32 after RoPE and the Hadamard rotation, before quantization."""
-        q = linear(qr, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))  # [n, Hi, 128]
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [n, Hi, 128]
         return hadamard_rotate(apply_rope(q, cos, sin).float())
 
     def project_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,4 +39,4 @@ class Indexer(nn.Module):
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head score weights `[n, Hi]` fp32 (weights_proj · x · 128^−0.5 · Hi^−0.5)."""
-        return linear(x, self.weights_proj.weight).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+        return self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)

@@ -7,6 +7,9 @@ limit; one shared expert is always added.
 
 On GPU tensors the routed experts run as two grouped GEMMs without host syncs (`sparsepd.kernels.moe`, CUDA
 graph friendly) over stacked copies of the expert weights; on the CPU the per-expert loop below is the reference.
+With weight_format fp8_fp4 the routed experts stay packed FP4 (`Fp4Experts`: `moe_fp4` on the GPU, the same
+per-expert loop over each touched expert's dequantized weights on the CPU); with fp8 or fp8_fp4 the shared
+expert's projections are FP8 (model/linear.py).
 """
 
 from __future__ import annotations
@@ -15,29 +18,88 @@ import torch
 from torch import nn
 
 from sparsepd.kernels.device import pick_backend
-from sparsepd.kernels.moe import moe
-from sparsepd.model.config import ModelConfig
+from sparsepd.kernels.moe import dequant_fp4, moe, moe_fp4
+from sparsepd.model.config import FP4_BLOCK, ModelConfig
+from sparsepd.model.linear import make_linear
 from sparsepd.model.numerics import linear, silu, softplus
 
 
 class Expert(nn.Module):
-    def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype):
+    def __init__(self, dim: int, inter_dim: int, swiglu_limit: float, dtype: torch.dtype, fp8: bool = False):
         super().__init__()
         self.swiglu_limit = swiglu_limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype).requires_grad_(False)  # gate
-        self.w2 = nn.Linear(inter_dim, dim, bias=False, dtype=dtype).requires_grad_(False)  # down
-        self.w3 = nn.Linear(dim, inter_dim, bias=False, dtype=dtype).requires_grad_(False)  # up
+        self.w1 = make_linear(dim, inter_dim, dtype, fp8)  # gate
+        self.w2 = make_linear(inter_dim, dim, dtype, fp8)  # down
+        self.w3 = make_linear(dim, inter_dim, dtype, fp8)  # up
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        gate = linear(x, self.w1.weight).float()
-        up = linear(x, self.w3.weight).float()
-        if self.swiglu_limit > 0:
-            up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
-            gate = gate.clamp(max=self.swiglu_limit)
-        h = silu(gate) * up
-        if weights is not None:
-            h = weights * h
-        return linear(h.to(x.dtype), self.w2.weight)
+        return swiglu(x, self.w1, self.w3, self.w2, self.swiglu_limit, weights)
+
+
+def swiglu(x: torch.Tensor, w1, w3, w2, limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """w2 · (weights · silu(min(w1·x, limit)) · clamp(w3·x, ±limit)), the products in fp32, h in x's dtype;
+    w1, w3, w2 are layers (callables)."""
+    gate = w1(x).float()
+    up = w3(x).float()
+    if limit > 0:
+        up = up.clamp(-limit, limit)
+        gate = gate.clamp(max=limit)
+    h = silu(gate) * up
+    if weights is not None:
+        h = weights * h
+    return w2(h.to(x.dtype))
+
+
+class PackedFp4(nn.Module):
+    """One routed expert's projection as the checkpoint stores it: `weight` `[out, in/2]` uint8 (packed e2m1, low
+    nibble first) and `scale` `[out, in/32]` uint8 (ue8m0 exponent bytes), both views into `Fp4Experts`' stacks."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x · Wᵀ with W dequantized to x's dtype (exact): the CPU reference path."""
+        return linear(x, dequant_fp4(self.weight, self.scale).to(x.dtype))
+
+
+class Fp4Expert(nn.Module):
+    def __init__(self, w1: PackedFp4, w2: PackedFp4, w3: PackedFp4):
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+
+class Fp4Experts(nn.ModuleList):
+    """The routed experts in packed FP4, stacked as `moe_fp4` reads them: `w13` `[E, 2·inter, dim/2]` (W1 rows, then
+    W3 rows) and `w2` `[E, dim, inter/2]` uint8, their scales `[E, 2·inter, dim/32]` and `[E, dim, inter/32]`
+    uint8. Expert e's `w1`, `w3`, `w2` (`.weight`, `.scale`: the checkpoint's names and shapes) are views into
+    the stacks, so the weights are held once and loads write through; moving the module moves the stacks and
+    re-points the views."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int):
+        stacks = (torch.zeros(n_experts, 2 * inter, dim // 2, dtype=torch.uint8),  # [E, 2·inter, dim/2]
+                  torch.full((n_experts, 2 * inter, dim // FP4_BLOCK), 127, dtype=torch.uint8),  # 2^0
+                  torch.zeros(n_experts, dim, inter // 2, dtype=torch.uint8),  # [E, dim, inter/2]
+                  torch.full((n_experts, dim, inter // FP4_BLOCK), 127, dtype=torch.uint8))
+        super().__init__(Fp4Expert(*(PackedFp4(w, sc) for w, sc in self._views(stacks, e, inter)))
+                         for e in range(n_experts))
+        self.inter = inter
+        self.stacks = stacks
+
+    @staticmethod
+    def _views(stacks: tuple[torch.Tensor, ...], e: int, inter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Expert e's (weight, scale) views for w1, w2, w3."""
+        w13, s13, w2, s2 = stacks
+        return [(w13[e, :inter], s13[e, :inter]), (w2[e], s2[e]), (w13[e, inter:], s13[e, inter:])]
+
+    def _apply(self, fn, recurse: bool = True):
+        self.stacks = tuple(fn(t) for t in self.stacks)
+        for e, expert in enumerate(self):
+            views = self._views(self.stacks, e, self.inter)
+            for layer, (weight, scale) in zip((expert.w1, expert.w2, expert.w3), views, strict=True):
+                layer.weight.data, layer.scale.data = weight, scale
+        return self
 
 
 class Gate(nn.Module):
@@ -71,22 +133,33 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         dtype = getattr(torch, cfg.dtype)
+        self.swiglu_limit = cfg.swiglu_limit
         self.gate = Gate(cfg, layer_id, dtype)
-        self.experts = nn.ModuleList(
-            Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, dtype) for _ in range(cfg.n_routed_experts))
-        self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts, cfg.swiglu_limit, dtype)
+        self.fp4 = cfg.weight_format == "fp8_fp4"
+        if self.fp4:
+            self.experts = Fp4Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        else:
+            self.experts = nn.ModuleList(
+                Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, dtype) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts, cfg.swiglu_limit, dtype,
+                                     fp8=cfg.weight_format != "plain")
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stacked_weights
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, indices = self.gate(x, token_ids)
         if pick_backend("auto", x) == "triton":
-            w13, w2 = self.stacked_weights()
-            y = moe(x, weights, indices, w13, w2, self.experts[0].swiglu_limit, backend="triton")
+            if self.fp4:
+                y = moe_fp4(x, weights, indices, *self.experts.stacks, self.swiglu_limit, backend="triton")
+            else:
+                w13, w2 = self.stacked_weights()
+                y = moe(x, weights, indices, w13, w2, self.swiglu_limit, backend="triton")
         else:
             y = torch.zeros_like(x, dtype=torch.float32)
             for e in torch.unique(indices).tolist():
                 rows, slot = torch.where(indices == e)
-                y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
+                expert = self.experts[e]
+                h = swiglu(x[rows], expert.w1, expert.w3, expert.w2, self.swiglu_limit, weights[rows, slot, None])
+                y.index_add_(0, rows, h.float())
         y += self.shared_experts(x).float()
         return y.to(x.dtype)
 
@@ -98,6 +171,8 @@ class MoE(nn.Module):
         names, state_dict and in-place loads keep working. Built again if the parameters were replaced since
         (e.g. by `model.to(device)`).
         """
+        if self.fp4:
+            raise ValueError("stacked_weights: the FP4 experts are stacked already (experts.stacks)")
         first, last = self.experts[0], self.experts[-1]
         if (self._stacked is not None and first.w1.weight.data_ptr() == self._stacked[0].data_ptr()
                 and last.w2.weight.data_ptr() == self._stacked[1][-1].data_ptr()):

@@ -68,8 +68,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 @lru_cache(maxsize=16)
 def rope_freqs(rope_dim: int, theta: float, original_seq_len: int, factor: float,
                beta_fast: int, beta_slow: int) -> torch.Tensor:
-    """Rotation frequencies `[rope_dim/2]` fp64; YaRN interpolation when original_seq_len > 0."""
-    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    """Rotation frequencies `[rope_dim/2]` fp64 on the host (cached: also when a model is built under a device
+    context); YaRN interpolation when original_seq_len > 0."""
+    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64, device="cpu") / rope_dim))
     if original_seq_len > 0:
         def corr_dim(rotations: float) -> float:
             return rope_dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -78,7 +79,7 @@ def rope_freqs(rope_dim: int, theta: float, original_seq_len: int, factor: float
         high = min(math.ceil(corr_dim(beta_slow)), rope_dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         freqs = freqs / factor * ramp + freqs * (1 - ramp)
     return freqs
 

@@ -1,16 +1,14 @@
-"""Weights: deterministic random init from a seed, and safetensors checkpoints with the official names.
-
-Random init keeps activations O(1) through every layer (tests assert it): projections are scaled by
-1/sqrt(fan_in), the hyper-connection mixes start near "average the copies in, write the output once",
-and output projections are shrunk by 1/sqrt(2·n_layers) so the residual stream does not grow with depth.
+"""Weights: deterministic random init from a seed (model/init_rules.py; on the device in the quantized layout:
+model/dummy_weights.py), and safetensors checkpoints with the official names.
 
 Checkpoints: a directory of safetensors shards (listed by `model.safetensors.index.json` when there is
 one, else every `*.safetensors` file) whose names are the official ones (`layers.{i}.attn.wq_a.weight`, ...),
 with a `config.json` in either form `checkpoint_config.py` reads. FP8 e4m3 weights (a `.scale` beside them,
 one per 128×128 tile, partial tiles at the edges) and FP4 e2m1 weights (int8, two values a byte, low nibble
-first, one scale per 32 inputs) are dequantized on load into the model's dtype; scales are
-float8_e8m0fnu (powers of two) or float32. Multi-token-prediction tensors (`mtp.*`) are not served and
-skipped. Anything else that is missing, extra, mis-shaped, of the wrong dtype or without its scale is
+first, one scale per 32 inputs) are dequantized on load into the model's dtype, or kept as stored where the
+model holds them quantized (its weight_format: FP8 projections with fp32 tile scales, FP4 experts with ue8m0
+bytes); scales are float8_e8m0fnu (powers of two) or float32. Multi-token-prediction tensors (`mtp.*`) are not
+served and skipped. Anything else that is missing, extra, mis-shaped, of the wrong dtype or without its scale is
 refused with its name before any data is read.
 """
 
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +26,9 @@ from safetensors.torch import save_file
 
 from sparsepd.model.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
 from sparsepd.model.config import ModelConfig
+from sparsepd.model.dummy_weights import init_dummy
+from sparsepd.model.init_rules import hc_base, init_rule
+from sparsepd.model.linear import ROUTED_EXPERTS
 from sparsepd.model.transformer import Transformer
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -39,57 +39,28 @@ class CheckpointError(ValueError):
 
 
 def init_random(model: Transformer, seed: int) -> Transformer:
-    """Fill every parameter deterministically from `seed` (same seed → bit-identical weights)."""
+    """Fill every parameter deterministically from `seed` (same seed → bit-identical weights), on the host: a
+    model whose weights are all plain (quantized formats: model/dummy_weights.py)."""
     cfg = model.cfg
+    if cfg.weight_format != "plain":
+        raise ValueError(f"init_random fills plain weights; weight_format={cfg.weight_format!r} takes init_dummy")
     gen = torch.Generator().manual_seed(seed)
-    out_shrink = 1.0 / math.sqrt(2 * cfg.n_layers)
     for name, p in sorted(model.named_parameters()):
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        value = _init_value(cfg, name, leaf, parent, tuple(p.shape), gen, out_shrink)
+        value = _init_value(cfg, name, tuple(p.shape), gen)
         with torch.no_grad():
             p.copy_(value.to(p.dtype))
     return model
 
 
-def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std
-
-
-def _init_value(cfg: ModelConfig, name: str, leaf: str, parent: str, shape: tuple[int, ...],
-                gen: torch.Generator, out_shrink: float) -> torch.Tensor:
-    hc = cfg.hc_mult
-    if leaf == "tid2eid":
+def _init_value(cfg: ModelConfig, name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    kind, value = init_rule(cfg, name, shape)
+    if kind == "table":
         return torch.rand(shape[0], cfg.n_routed_experts, generator=gen).argsort(-1)[:, : shape[1]]
-    if leaf == "attn_sink":
-        return _normal(shape, 1.0, gen)
-    if leaf == "ape":
-        return _normal(shape, 0.1, gen)
-    if leaf == "bias":
-        return _normal(shape, 0.1, gen)
-    if leaf.endswith("_fn"):
-        return _normal(shape, 0.5 / math.sqrt(shape[1]), gen)
-    if leaf.endswith("_scale"):
-        return torch.full(shape, 0.5)
-    if leaf.endswith("_base"):
-        return _hc_base(shape[0], hc)
-    if parent.endswith("norm") or leaf == "norm":
-        return torch.ones(shape)
-    if name == "embed.weight":
-        return _normal(shape, 1.0, gen)
-    std = 1.0 / math.sqrt(shape[-1])
-    if parent in ("wo_b", "w2"):
-        std *= out_shrink
-    return _normal(shape, std, gen)
-
-
-def _hc_base(mix: int, hc: int) -> torch.Tensor:
-    """pre ≈ 1/hc (average the copies), post ≈ 1, comb ≈ identity; the head's base: pre ≈ 1/hc."""
-    base = torch.zeros(mix)
-    base[:hc] = math.log(1.0 / (hc - 1)) if hc > 1 else 0.0  # sigmoid(b) = 1/hc
-    if mix > hc:
-        base[2 * hc:] = (torch.eye(hc) * 4.0).flatten()
-    return base
+    if kind == "normal":
+        return torch.randn(shape, generator=gen) * value
+    if kind == "const":
+        return torch.full(shape, value)
+    return hc_base(shape[0], cfg.hc_mult)
 
 
 # --- safetensors --------------------------------------------------------------------------------
@@ -101,7 +72,6 @@ _PLAIN = (torch.float32, torch.bfloat16, torch.float16)
 _QUANTIZED = {torch.float8_e4m3fn: "fp8", torch.int8: "fp4", torch.uint8: "fp4"}
 _SCALES = (torch.float8_e8m0fnu, torch.float32)
 _TABLES = (torch.int32, torch.int64)
-_ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -116,18 +86,25 @@ class _Header:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one parameter is read: plainly, or dequantized with the scale tensor `scale`."""
+    """How one parameter is read: plainly, dequantized with the scale tensor `scale` (fp8, fp4), or kept as
+    stored with its scale (fp8_kept, fp4_kept: the model holds it quantized, model/linear.py and model/moe.py)."""
 
     name: str
-    kind: Literal["plain", "fp8", "fp4"]
+    kind: Literal["plain", "fp8", "fp4", "fp8_kept", "fp4_kept"]
     scale: str | None = None
 
 
 def save_checkpoint(model: Transformer, directory: str | Path) -> Path:
-    """Write `model.safetensors` (official names, the model's dtypes) and `config.json` (our preset)."""
+    """Write `model.safetensors` (official names, the model's dtypes; FP4 scales as e8m0) and `config.json`
+    (our preset)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    params = model.state_dict()
+    tensors = {k: v.detach().cpu().clone() for k, v in params.items()}  # clones: some parameters share storage
+    for name, kind in _kept(params).items():
+        if kind == "fp4_kept":
+            scale = name[: -len("weight")] + "scale"
+            tensors[scale] = tensors[scale].view(torch.float8_e8m0fnu)
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps({"sparsepd": model.cfg.model_dump(mode="json")}, indent=1))
     return directory
@@ -149,7 +126,10 @@ def load_checkpoint(model: Transformer, directory: str | Path) -> Transformer:
     headers = _read_headers(directory)
     fmt = read_weight_format(directory)
     params = model.state_dict()
-    plans = [_plan(name, tuple(p.shape), p.dtype, headers, fmt, directory) for name, p in params.items()]
+    kept = _kept(params)
+    kept_scales = {name[: -len("weight")] + "scale" for name in kept}
+    plans = [_plan(name, tuple(p.shape), p.dtype, headers, fmt, directory, kept.get(name))
+             for name, p in params.items() if name not in kept_scales]
     used = {p.name for p in plans} | {p.scale for p in plans if p.scale}
     extra = sorted(k for k in headers if k not in used and not k.startswith("mtp."))
     if extra:
@@ -161,11 +141,24 @@ def load_checkpoint(model: Transformer, directory: str | Path) -> Transformer:
         for file in sorted(by_file):
             with safe_open(str(file), framework="pt") as shard:
                 for plan in by_file[file]:
-                    value = _read(plan, shard, file, headers, fmt)
-                    if plan.name.endswith(".tid2eid"):
-                        _check_table(plan.name, value, model.cfg.n_routed_experts)
-                    params[plan.name].copy_(value)  # into the parameter's storage and dtype
+                    for name, value in _read(plan, shard, file, headers, fmt).items():
+                        if name.endswith(".tid2eid"):
+                            _check_table(name, value, model.cfg.n_routed_experts)
+                        params[name].copy_(value)  # into the parameter's storage and dtype
     return model
+
+
+def _kept(params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The weights the model keeps quantized, by name: FP8 e4m3 ("fp8_kept"), packed FP4 bytes with a uint8
+    scale beside them ("fp4_kept")."""
+    kept = {}
+    for name, p in params.items():
+        scale = name[: -len("weight")] + "scale"
+        if p.dtype == torch.float8_e4m3fn:
+            kept[name] = "fp8_kept"
+        elif p.dtype == torch.uint8 and scale in params and params[scale].dtype == torch.uint8:
+            kept[name] = "fp4_kept"
+    return kept
 
 
 def _read_headers(directory: Path) -> dict[str, _Header]:
@@ -208,18 +201,21 @@ def _read_index(path: Path) -> dict[str, str]:
 
 
 def _plan(name: str, shape: tuple[int, ...], dtype: torch.dtype, headers: dict[str, _Header], fmt: WeightFormat,
-          directory: Path) -> _Plan:
-    """Check one parameter's stored tensor (and scale) against the model; say how to read it."""
+          directory: Path, kept: str | None = None) -> _Plan:
+    """Check one parameter's stored tensor (and scale) against the model; say how to read it. `kept`: the model
+    keeps this weight quantized ("fp8_kept", "fp4_kept"; `shape` is then the stored one)."""
     if name not in headers:
         raise CheckpointError(f"checkpoint {directory} lacks tensor {name!r} (shape {shape})")
     head = headers[name]
     scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
     scale_head = headers.get(scale) if scale else None
+    if kept is not None:
+        return _plan_kept(name, shape, kept, head, scale, scale_head, fmt)
     if not dtype.is_floating_point:  # the hash-routing table
         if head.dtype not in _TABLES:
             raise CheckpointError(f"tensor {name!r} has dtype {head.dtype}, expected int32 or int64")
         return _checked_shape(_Plan(name, "plain"), head.shape, shape)
-    expert_kind = fmt.expert_dtype if _ROUTED_EXPERT.search(name) else None
+    expert_kind = fmt.expert_dtype if ROUTED_EXPERTS.search(name) else None
     kind = _QUANTIZED.get(head.dtype)
     if head.dtype in _PLAIN and expert_kind is None:
         if scale_head is not None:
@@ -248,15 +244,41 @@ def _plan(name: str, shape: tuple[int, ...], dtype: torch.dtype, headers: dict[s
     return plan
 
 
+def _plan_kept(name: str, shape: tuple[int, ...], kept: str, head: _Header, scale: str | None,
+               scale_head: _Header | None, fmt: WeightFormat) -> _Plan:
+    """A weight the model keeps quantized must be stored so: FP8 e4m3 in 128×128 tiles, or packed FP4 with one
+    power-of-two scale per 32 inputs; its scale beside it."""
+    want = "fp8" if kept == "fp8_kept" else "fp4"
+    if _QUANTIZED.get(head.dtype) != want:
+        what = "FP8 e4m3 with a .scale" if want == "fp8" else "packed FP4 (int8/uint8) with a .scale"
+        raise CheckpointError(f"tensor {name!r} is stored as {head.dtype}, but the model keeps it as {what} "
+                              "(weight_format fp8/fp8_fp4); --dtype bf16 loads every weight dequantized")
+    if scale_head is None:
+        raise CheckpointError(f"quantized tensor {name!r} ({head.dtype}) has no {scale!r} beside it")
+    if scale_head.dtype not in _SCALES:
+        raise CheckpointError(f"scale {scale!r} has dtype {scale_head.dtype}, expected float8_e8m0fnu or float32")
+    if want == "fp8" and fmt.fp8_block != (128, 128):
+        raise CheckpointError(f"tensor {name!r}: FP8 tiles of {fmt.fp8_block}; the FP8 GEMM takes 128×128 tiles "
+                              "(--dtype bf16 dequantizes them instead)")
+    plan = _checked_shape(_Plan(name, kept, scale), head.shape, shape)
+    rows, cols = shape
+    grid = (math.ceil(rows / 128), math.ceil(cols / 128)) if want == "fp8" else (rows, cols * 2 // fmt.fp4_block)
+    if scale_head.shape != grid:
+        raise CheckpointError(f"scale {scale!r} has shape {scale_head.shape}, expected {grid} for the "
+                              f"{'FP8' if want == 'fp8' else 'packed FP4'} weight {name!r} of shape {shape}")
+    return plan
+
+
 def _checked_shape(plan: _Plan, stored: tuple[int, ...], expected: tuple[int, ...]) -> _Plan:
     if stored != expected:
-        packed = " (packed FP4: two values a byte)" if plan.kind == "fp4" else ""
+        packed = " (packed FP4: two values a byte)" if plan.kind in ("fp4", "fp4_kept") else ""
         raise CheckpointError(f"tensor {plan.name!r} has shape {stored}, expected {expected}{packed}")
     return plan
 
 
-def _read(plan: _Plan, shard, file: Path, headers: dict[str, _Header], fmt: WeightFormat) -> torch.Tensor:
-    """The tensor of `plan`, dequantized to fp32 when it is stored quantized (its scale may sit in another shard)."""
+def _read(plan: _Plan, shard, file: Path, headers: dict[str, _Header], fmt: WeightFormat) -> dict[str, torch.Tensor]:
+    """The parameters `plan` fills, by name: its tensor, dequantized to fp32 when the model holds it plain but it
+    is stored quantized; or kept as stored together with its scale (its scale may sit in another shard)."""
     def get(name: str) -> torch.Tensor:
         if headers[name].file == file:
             return shard.get_tensor(name)
@@ -265,7 +287,11 @@ def _read(plan: _Plan, shard, file: Path, headers: dict[str, _Header], fmt: Weig
 
     value = get(plan.name)
     if plan.kind == "plain":
-        return value
+        return {plan.name: value}
+    if plan.kind == "fp8_kept":
+        return {plan.name: value, plan.scale: get(plan.scale).float()}  # e8m0 → fp32 is exact
+    if plan.kind == "fp4_kept":
+        return {plan.name: value.view(torch.uint8), plan.scale: _exponent_bytes(get(plan.scale), plan.scale)}
     scale = get(plan.scale).float()  # e8m0 → fp32 is exact
     if plan.kind == "fp8":
         w, (block_rows, block_cols) = value.float(), fmt.fp8_block
@@ -273,7 +299,21 @@ def _read(plan: _Plan, shard, file: Path, headers: dict[str, _Header], fmt: Weig
         w, (block_rows, block_cols) = _unpack_fp4(value), (1, fmt.fp4_block)
     rows, cols = w.shape
     full = scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
-    return w * full  # exact: a power-of-two scale times an FP8/FP4 value fits bf16 and fp32
+    return {plan.name: w * full}  # exact: a power-of-two scale times an FP8/FP4 value fits bf16 and fp32
+
+
+def _exponent_bytes(scale: torch.Tensor, name: str) -> torch.Tensor:
+    """Scales as ue8m0 bytes (2^(byte − 127)): e8m0 as stored; fp32 ones must be powers of two in e8m0's range."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    mantissa, exponent = torch.frexp(scale.float())
+    biased = exponent.to(torch.int32) - 1 + 127  # scale = 0.5 · 2^exponent
+    bad = (mantissa != 0.5) | (biased < 0) | (biased > 254)
+    if bad.any():
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"scale {name!r} holds {float(scale[at])!r} at {at}: the FP4 experts keep ue8m0 "
+                              "scales (powers of two from 2^-127 to 2^127); --dtype bf16 dequantizes them instead")
+    return biased.to(torch.uint8)
 
 
 def _check_table(name: str, table: torch.Tensor, n_experts: int) -> None:
@@ -290,10 +330,15 @@ def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, checkpoint: str | Path | None = None,
-                device: str | torch.device = "cpu") -> Transformer:
-    """A model with random weights from `seed`, or loaded from `checkpoint`, on `device`."""
-    model = Transformer(cfg)
-    if checkpoint is not None:
+                device: str | torch.device = "cpu", load_format: Literal["auto", "dummy"] = "auto") -> Transformer:
+    """A model on `device`, built there (no host copy of its weights): loaded from `checkpoint`, or random from
+    `seed` (load_format "dummy", or a quantized weight format: made on the device, model/dummy_weights.py; else
+    made on the host, `init_random`). With "dummy" a checkpoint's weights are not read."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    if load_format == "dummy" or (checkpoint is None and cfg.weight_format != "plain"):
+        init_dummy(model, seed)
+    elif checkpoint is not None:
         load_checkpoint(model, checkpoint)
     else:
         init_random(model, seed)

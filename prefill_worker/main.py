@@ -12,6 +12,7 @@ import grpc
 from sparsepd.cluster_token import derive_key, server_interceptors, token_from_args
 from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
+from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
 from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
@@ -31,7 +32,8 @@ async def serve(args: argparse.Namespace) -> int:
     cfg = with_prefix_cache(engine_config_from_args(args), args)
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
-    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
+    fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
+    log.info("%s", memory_plan(model, engine.pools))
     sender = TransferSender(ack_timeout_s=args.transfer_timeout,
                             auth_key=derive_key(token, "transfer") if token is not None else None)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,

@@ -101,7 +101,8 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
 
 async def serve(args: argparse.Namespace, fingerprint: str) -> int:
     """Run the router until SIGTERM. `fingerprint` is the deployment's model fingerprint, computed by the deploy
-    layer from --preset/--checkpoint/--seed (model/fingerprint.py: the router does not import the model)."""
+    layer from --preset/--checkpoint/--seed and the weight options (model/fingerprint.py: the router does not
+    import the model)."""
     setup_logging("router", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)

@@ -1,0 +1,28 @@
+"""The memory plan a process prints once its model and pools are allocated: weights by kind (FP8, FP4, their
+scales, plain bf16/fp32, tables) and the KV pools (pages, slots, scratch), with what is left on the GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsepd.engine.pools import KVPools, bytes_per_page, bytes_per_slot
+from sparsepd.model.transformer import Transformer
+from sparsepd.model.weight_memory import describe, gb, weight_bytes
+
+
+def memory_plan(model: Transformer, pools: KVPools) -> str:
+    cfg, g = model.cfg, pools.geometry
+    total = pools.num_bytes()
+    pages, slots = g.num_pages * bytes_per_page(cfg), g.num_slots * bytes_per_slot(cfg)
+    lines = [
+        f"model {cfg.name}: {cfg.n_layers} layers, weight_format {cfg.weight_format}, activations {cfg.dtype}",
+        f"  weights {describe(weight_bytes(model))}",
+        f"  KV pools {gb(total)}: {g.num_pages} pages × {bytes_per_page(cfg) / 1e6:.2f} MB = {gb(pages)} "
+        f"({g.num_pages * g.page_size} tokens), {g.num_slots} slots × {bytes_per_slot(cfg) / 1e6:.2f} MB = "
+        f"{gb(slots)}, rings and scratch {gb(max(total - pages - slots, 0))}",
+    ]
+    if pools.device.type == "cuda":
+        free, capacity = torch.cuda.mem_get_info(pools.device)
+        used = torch.cuda.memory_allocated(pools.device)
+        lines.append(f"  GPU {gb(capacity)}: {gb(used)} allocated, {gb(free)} free")
+    return "\n".join(lines)
