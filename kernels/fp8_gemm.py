@@ -1,6 +1,6 @@
 """FP8 block-scaled linear layers: y = x · W^T with W kept in FP8 e4m3 and x quantized on the fly.
 
-Weights (as the checkpoint stores them; dsv4-spec.md "Configurations", weights row): W [N, K] FP8 e4m3 with one
+Weights (as the checkpoint stores them; docs/dsv4-spec.md "Configurations", weights row): W [N, K] FP8 e4m3 with one
 fp32 scale a 128×128 tile, s_w [ceil(N/128), ceil(K/128)] (ue8m0: powers of two; partial tiles at the edges).
 Activations, per row m and block kb of 128 along K (as DeepSeek's reference inference does):
 

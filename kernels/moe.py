@@ -32,7 +32,7 @@ per block (from L2 when the blocks run together); x rows are gathered with plain
 at ~45% of the bf16 matmul rate (see the table below).
 Portability: plain Triton, tl.dot tiles ≥ 16×16.
 
-FP4 experts (`moe_fp4`, the checkpoint's routed experts; dsv4-spec.md "Configurations", weights row): the same
+FP4 experts (`moe_fp4`, the checkpoint's routed experts; docs/dsv4-spec.md "Configurations", weights row): the same
 dispatch, kernels and epilogues (W_FMT selects the weight tile), with w13 / w2 kept as the checkpoint stores them:
 packed e2m1 `[E, rows, K/2]` uint8 (low nibble = element 2i) and one ue8m0 byte `[E, rows, K/32]` per 32 inputs of
 a row, 2^(byte − 127). That is the OCP MX FP4 layout (K-packed values, scales per 32 along K) that tl.dot_scaled
