@@ -144,6 +144,19 @@ def top_kernels(fn, n: int, per: int = 1) -> list[tuple[str, int, float, float]]
             for e in events[:n]]
 
 
+_WAITS = ("Synchronize", "HostAlloc", "MallocHost", "Memcpy", "pin_memory", "item", "tolist", "nonzero")
+
+
+def host_waits(fn, per: int = 1) -> list[tuple[str, int, float]]:
+    """Host calls that can wait for the GPU or allocate pinned memory while fn runs: (name, calls, host ms), per
+    `per`: where the overlap of host and GPU work is lost."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.key[:70], e.count // per, e.cpu_time_total / 1e3 / per) for e in prof.key_averages()
+            if any(w in e.key for w in _WAITS)]
+
+
 def print_top(top: list) -> None:
     print("\n| kernel | calls | GPU ms | share |\n|---|---|---|---|")
     for key, count, ms, share in top:
@@ -176,14 +189,16 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
     gpu_ms = gpu_forward_ms(engine, [(r, [0]) for r in reqs])  # token values do not change the time
     launches = launches_per_step(engine)
     top = top_kernels(lambda: [engine.step() for _ in range(3)], profile_top, per=3) if profile_top else []
+    waits = host_waits(lambda: [engine.step() for _ in range(3)], per=3) if profile_top else []
     for r in reqs:
         engine.abort(r.request_id)
     assert engine.is_idle_and_empty()
     w, experts = weight_bytes(model, batch)
     floor_bytes = w + batch * state_bytes(cfg, context)
     floor_ms = floor_bytes / bandwidth * 1e3
-    return dict(plan=plan, batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms, floor_ms=floor_ms,
-                floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms, launches=launches, top=top)
+    return dict(plan=plan, batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms,
+                floor_ms=floor_ms, floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms,
+                launches=launches, top=top, waits=waits)
 
 
 def prefill_flops(cfg: ModelConfig, model, length: int) -> float:
@@ -271,6 +286,8 @@ def main() -> None:
                   f"{r['floor_ms']:.2f} ({r['floor_gb']:.2f}) | {r['step_ms'] / r['floor_ms']:.1f}× | "
                   f"{r['host']:.0%} | {r['launches']:.0f} |", flush=True)
             tops.append((b, r["top"]))
+            for key, count, ms in r["waits"]:
+                print(f"  batch {b}: host call {key}: {count} a step, {ms:.3f} ms", flush=True)
             plan = r["plan"]
     print(f"\nmemory plan at the largest batch:\n{plan}", flush=True)
     for b, top in tops:

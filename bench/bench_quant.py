@@ -47,8 +47,9 @@ PREFILL_SWEEP = [Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, rescale=True
                  Fp8GemmConfig(256, 128, num_warps=8, num_stages=3, rescale=True),
                  Fp8GemmConfig(128, 64, num_warps=4, num_stages=5, rescale=True)]
 DECODE_SWEEP = [dict(block_n=32, num_stages=8), dict(block_n=64, num_stages=6), dict(block_n=128, num_stages=4),
-                dict(block_n=64, num_stages=4, split_k=1)]
-MOE_SWEEP = [MoEConfig(16, 64, 256, 4, 3), MoEConfig(16, 64, 256, 4, 3, fp4_dot_scaled=False),
+                dict(block_n=64, num_stages=4, split_k=1), dict(quant_a=False), dict(swap_ab=False)]
+MOE_SWEEP = [MoEConfig(16, 64, 256, 4, 3), MoEConfig(16, 64, 256, 4, 3, fp4_unpack="bits"),
+             MoEConfig(16, 64, 256, 4, 3, fp4_unpack="ptx"), MoEConfig(16, 32, 256, 4, 4, fp4_unpack="ptx"),
              MoEConfig(16, 32, 256, 4, 4), MoEConfig(16, 128, 128, 4, 4), MoEConfig(16, 64, 512, 8, 2)]
 
 
@@ -216,33 +217,42 @@ def main() -> None:
             f"{torch.__version__}, triton {triton.__version__}; copy {dev.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 "
             f"matmul {dev.bf16_flops / 1e12:.0f} TFLOP/s (8192³)")
     print(head, flush=True)
-    rows, skipped = [], []
+    rows, sweeps, skipped = [], [], []
 
-    def run(label, fn, *a):
+    def run(label, fn, *a, into=rows):
         if time.time() - t0 > args.budget_s:
             skipped.append(label)
             return
         row = fn(*a)
-        rows.append(row)
+        into.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
     with torch.inference_mode():
         experts = fp4_experts()
-        for T in MOE_T:
-            run(f"fp4 decode T={T}", fp4_decode, T, experts, dev, args.sweep and T in (1, 64))
-        for name, (N, K) in PROJECTIONS.items():
-            for M in DECODE_M:
-                run(f"fp8 decode {name} M={M}", fp8_decode, name, N, K, M, dev, args.sweep and M in (1, 64))
-        for name, (N, K) in PROJECTIONS.items():
-            for M in PREFILL_M:
-                run(f"fp8 prefill {name} M={M}", fp8_prefill, name, N, K, M, dev, args.sweep and M == 8192)
+        # every default launch first; the launch variants with what budget is left
+        cases = [(f"fp4 decode T={T}", fp4_decode, (T, experts, dev), T in (1, 64)) for T in MOE_T]
+        cases += [(f"fp8 decode {name} M={M}", fp8_decode, (name, N, K, M, dev), M in (1, 64))
+                  for name, (N, K) in PROJECTIONS.items() for M in DECODE_M]
+        cases += [(f"fp8 prefill {name} M={M}", fp8_prefill, (name, N, K, M, dev), M == 8192)
+                  for name, (N, K) in PROJECTIONS.items() for M in PREFILL_M]
+        for label, fn, a, _ in cases:
+            run(label, fn, *a, False)
         run("fp4 prefill T=8192", fp4_prefill, 8192, experts, dev)
+        if args.sweep:
+            for label, fn, a, swept in cases:
+                if swept:
+                    run(f"sweep {label}", fn, *a, True, into=sweeps)
     text = head + "\n\n" + table(rows)
+    for r in sweeps:
+        best = max(r["sweep"].items(), key=lambda kv: kv[1])
+        what, default = ("of floor", r["of_floor"]) if "floor_us" in r else ("TFLOP/s", r["tflops"])
+        text += (f"\nsweep {r['kind']} {r['name']} {r.get('M', r.get('T'))}: default {default:.3g}, "
+                 f"best {best[1]:.3g} {what} with {best[0]}")
     if skipped:
         text += "\n\nBudget spent; not run: " + ", ".join(skipped)
     print(text)
     with open(args.out, "w") as f:
-        json.dump(dict(device=props.name, **dataclasses.asdict(dev), rows=rows,
+        json.dump(dict(device=props.name, **dataclasses.asdict(dev), rows=rows, sweeps=sweeps,
                        skipped=skipped, elapsed_s=time.time() - t0), f, indent=1)
 
 

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give both --router and --http (a running server), or neither (launch one)")
     try:
         if args.router is None:
-            from sparsepd.launch import start
+            from sparsepd.deploy.launch import start
 
             serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--http-port", "0",
                      *shlex.split(args.serve_args)]
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      indent=1))
     finally:
         if child is not None:
-            from sparsepd.launch import stop
+            from sparsepd.deploy.launch import stop
 
             print(f"# stopped the server (exit code {stop(child, timeout_s=60.0)})", file=sys.stderr)
     return 0

@@ -16,9 +16,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 for s in "$@"; do
   case $s in
-    suite) step suite 330 scripts/test-gpu -n 8 ;;
-    engine) step engine 240 python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --profile-prefill 15 --profile-batch 64 ;;
-    quant) step quant 200 python3 -P bench/bench_quant.py --json "$out/quant.json" ;;
+    suite) step suite ${SUITE_S:-300} scripts/test-gpu -n 16 -vv ;;
+    engine) step engine 240 python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
+    quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;
     service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
                INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
     engine-old)  # the same benchmark against the engine of .old/ (a `git archive` of an earlier commit), same card

@@ -11,47 +11,22 @@ import threading
 
 import grpc
 
-from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
+from sparsepd.cluster_token import derive_key, server_interceptors, token_from_args
 from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
-from sparsepd.engine.config import add_engine_args, add_prefix_cache_args, engine_config_from_args, with_prefix_cache
+from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
-from sparsepd.registration import add_registration_args, start_registration
-from sparsepd.tls import add_port, add_tls_args, tls_from_args
+from sparsepd.registration import start_registration
+from sparsepd.tls import add_port, tls_from_args
 
 log = logging.getLogger("sparsepd.decode")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="control server address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=0, help="control server port; 0 = any free port (default: 0)")
-    p.add_argument("--zmq-endpoint", default="tcp://127.0.0.1:0",
-                   help="where prefill workers push states: tcp://HOST:PORT (0 = any) or ipc://PATH "
-                        "(default: %(default)s)")
-    p.add_argument("--zmq-advertise", default=None, metavar="ENDPOINT",
-                   help="the endpoint prefill workers should push to, when it differs from the bound one (required "
-                        "when --zmq-endpoint binds 0.0.0.0), e.g. tcp://dhost:5601")
-    p.add_argument("--reservation-ttl", type=float, default=30.0,
-                   help="seconds a reservation waits for its state before its pages are freed, at most (a router's "
-                        "shorter --reserve-ttl wins) (default: 30)")
-    p.add_argument("--colocated", action="store_true",
-                   help="also take prefill batches and run them in this engine (prefill and decode in one process)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM: seconds the running requests may take to finish before they are aborted "
-                        "(default: %(default)s)")
-    p.add_argument("--log-level", default="INFO")
-    add_engine_args(p)
-    add_prefix_cache_args(p, "with --colocated only (a decode worker prefills nothing)")
-    add_registration_args(p)
-    add_token_args(p)
-    add_tls_args(p, client_ca=False)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -116,8 +91,3 @@ async def drain(worker: DecodeWorker, timeout_s: float) -> None:
         await asyncio.sleep(0.3)  # let the abort events reach the router
     log.info("stopped taking work; closing")
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sparsepd decode-worker", description=__doc__)
-    add_arguments(p)
-    return asyncio.run(serve(p.parse_args(argv)))

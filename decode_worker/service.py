@@ -80,6 +80,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.StatsResponse(
             role=self.role, num_pages=s["num_pages"], free_pages=s["free_pages"], num_slots=s["num_slots"],
             free_slots=s["free_slots"], running=s["running"], waiting=s["waiting"],
+            engine_running=s["engine_running"], engine_waiting=s["engine_waiting"],
             transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
             rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0),
             retractions=s["retractions"], prefix_cache=s["prefix_cache"])

@@ -1,4 +1,4 @@
-"""Receive shipped request states on a decode worker (DESIGN.md §3, proto/transfer.py).
+"""Receive shipped request states on a decode worker (docs/DESIGN.md §5, proto/transfer.py).
 
 `TransferReceiver` binds a ROUTER socket (tcp://HOST:PORT, port 0 = any free one, or ipc://PATH; the bound
 address is `endpoint`) and serves it from its own thread, so a transfer never blocks the decode loop.

@@ -274,6 +274,8 @@ class DecodeWorker:
                         prefix_cache=prefix_cache_stats(cache),
                         num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
                         running=len(self._admitted()), waiting=len(self.reservations),
+                        engine_running=len(self.engine.scheduler.running),
+                        engine_waiting=len(self.engine.scheduler.waiting),
                         retractions=self.engine.scheduler.retractions,
                         counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
 

@@ -1,4 +1,4 @@
-"""Batch metadata, built once per forward and shared by every layer (DESIGN.md §6).
+"""Batch metadata, built once per forward and shared by every layer (docs/DESIGN.md §8).
 
 A forward is a ragged batch: request b contributes n_b new tokens at positions start_b … start_b+n_b−1
 (a prefill chunk, or one decode token). Everything a layer needs to find keys is precomputed here as

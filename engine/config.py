@@ -1,7 +1,8 @@
 """What a process that runs the model needs to know: the model, its weights, the device, the pools.
 
 One frozen pydantic model, validated at the edge (the CLI) and trusted inside; each worker's own config
-holds one of these. `add_engine_args` / `engine_config_from_args` keep the flags the same everywhere.
+holds one of these. The flags are engine/args.py's (torch-free, so that a parser builds without the model);
+`engine_config_from_args` reads them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
 from sparsepd.model.config import ModelConfig
-from sparsepd.model.load_options import LoadOptions, add_load_args, load_options_from_args, resolve_model_config
+from sparsepd.model.load_options import LoadOptions, load_options_from_args, resolve_model_config
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
 
@@ -55,38 +56,6 @@ class EngineConfig(BaseModel):
         path = Path(self.checkpoint) / "tokenizer.json" if self.checkpoint else None
         text = path.read_text() if path is not None and path.is_file() else None
         return Vocabulary(vocab_size=model_config.vocab_size, eos_id=model_config.eos_id, tokenizer_json=text)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and memory")
-    g.add_argument("--preset", default="tiny", help="model preset: tiny, bench, v4-flash, v4-pro (default: tiny)")
-    g.add_argument("--checkpoint", default=None, help="directory of safetensors weights (default: random init)")
-    g.add_argument("--seed", type=int, default=0, help="random-weight seed; all workers must agree (default: 0)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--num-slots", type=int, default=32, help="requests holding state at once (default: 32)")
-    g.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per forward (default: 512)")
-    g.add_argument("--num-pages", type=int, default=None,
-                   help="KV pages (page = 128 tokens on real presets); default: from --kv-memory")
-    g.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch")
-    g.add_argument("--gpu-memory-fraction", type=float, default=0.5,
-                   help="of free GPU memory when neither --num-pages nor --kv-memory is given (default: 0.5)")
-    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                   help="run decode steps eagerly instead of replaying CUDA graphs (debugging; GPU only)")
-    g.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="read each step's tokens before launching the next (no host/device overlap; debugging)")
-    g.add_argument("--graph-max-context", type=int, default=8192,
-                   help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
-                        "are captured on first use (default: 8192)")
-    add_load_args(p)
-
-
-def add_prefix_cache_args(p: argparse.ArgumentParser, who: str = "") -> None:
-    c = p.add_argument_group("prefix cache (engine/prefix_cache.py)" + (f": {who}" if who else ""))
-    c.add_argument("--prefix-cache-entries", type=int, default=256,
-                   help="prompts whose state is kept for later requests that start with them; each entry holds "
-                        "its pages (shared) and a copy of a slot, counted in the memory plan (default: %(default)s)")
-    c.add_argument("--disable-prefix-cache", action="store_true",
-                   help="no prefix cache: every request is prefilled from its first token")
 
 
 def with_prefix_cache(cfg: EngineConfig, args: argparse.Namespace, enabled: bool = True) -> EngineConfig:

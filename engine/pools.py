@@ -1,4 +1,4 @@
-"""Memory pools of one worker (DESIGN.md §4): paged compressed caches, per-request slots, allocators.
+"""Memory pools of one worker (docs/DESIGN.md §6): paged compressed caches, per-request slots, allocators.
 
 A page holds `page_size` original tokens (the lcm of the compress ratios): per CSA layer `page_size/4`
 compressed KV rows and as many indexer rows, per HCA layer `page_size/ratio` rows. One page table per
@@ -172,7 +172,7 @@ class IdAllocator:
 
 
 class KVPools:
-    """The tensors of DESIGN.md §4 for every layer, allocated once."""
+    """The tensors of docs/DESIGN.md §6 for every layer, allocated once."""
 
     def __init__(self, cfg: ModelConfig, geometry: PoolGeometry, device: torch.device | str):
         self.cfg, self.geometry, self.device = cfg, geometry, torch.device(device)

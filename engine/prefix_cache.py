@@ -1,4 +1,4 @@
-"""Prefix caching over compressed state (DESIGN.md §8): a prompt that starts with a prefix an earlier request
+"""Prefix caching over compressed state (docs/DESIGN.md §9): a prompt that starts with a prefix an earlier request
 computed restores that request's state at the prefix's end and prefills only the rest.
 
 At a page boundary p (a multiple of the page size, the lcm of the compress ratios) a request's state is

@@ -1,1 +1,1 @@
-"""Triton kernels, each beside its PyTorch reference; dispatch by device (DESIGN.md §5)."""
+"""Triton kernels, each beside its PyTorch reference; dispatch by device (docs/DESIGN.md §7)."""

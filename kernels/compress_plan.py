@@ -1,7 +1,7 @@
 """Packed compress plans: built once per forward, shared by every compressor of one (ratio, overlap).
 
 A forward is a ragged batch: request b brings num_new[b] tokens at positions starts[b] … starts[b]+num_new[b]−1,
-flattened request after request (row r of the batch input). dsv4-spec.md "Compressor": entry e is committed
+flattened request after request (row r of the batch input). docs/dsv4-spec.md "Compressor": entry e is committed
 while position p = e·ratio + ratio − 1 is processed, pooling a window of W = coff·ratio positions
 p − W + 1 … p (coff = 2 with overlap, else 1); positions before the request's start live in its state ring
 (row p % state_size, state_size = W), positions below 0 are padding.

@@ -1,6 +1,6 @@
 """The fused compressor: one launch per layer commits every entry of a ragged batch into the paged cache.
 
-dsv4-spec.md "Compressor"; plans from kernels/compress_plan.py. For each compress-plan row
+docs/dsv4-spec.md "Compressor"; plans from kernels/compress_plan.py. For each compress-plan row
 (r, b, p, window_len), entry e = (p + 1) // ratio − 1 pools the W = coff·ratio window positions
 q = p − W + 1 … p (coff = 2 with overlap, else 1): padding rows first (q < 0: kv 0, score −inf), then
 window_len rows from the request's ring (`kv_state`/`score_state[slot_ids[b], q % W]`, scores already

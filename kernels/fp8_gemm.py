@@ -1,6 +1,6 @@
 """FP8 block-scaled linear layers: y = x · W^T with W kept in FP8 e4m3 and x quantized on the fly.
 
-Weights (as the checkpoint stores them; dsv4-spec.md "Model dimensions", weights row): W [N, K] FP8 e4m3 with one
+Weights (as the checkpoint stores them; dsv4-spec.md "Configurations", weights row): W [N, K] FP8 e4m3 with one
 fp32 scale a 128×128 tile, s_w [ceil(N/128), ceil(K/128)] (ue8m0: powers of two; partial tiles at the edges).
 Activations, per row m and block kb of 128 along K (as DeepSeek's reference inference does):
 
@@ -27,6 +27,9 @@ Kernels:
    rows, ≤ 0.5 quantized values a weight byte at BLOCK_N ≥ 32, hidden under the weight loads of a memory-bound
    step, and one launch less); for M > 16 the re-quantization would cost M / BLOCK_N ALU work a weight byte
    (2 at M = 256), so `_act_quant_kernel` runs first (M·K reads, once).
+   Decode tiles (M ≤ 16) compute (W · x^T)^T: 64 weight rows fill the M side of a Hopper FP8 wgmma, which reads
+   both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W to fp16 first;
+   compiled for sm_90 the K step went from 389 to 299 instructions).
    Split-K for small grids (decode with N ≤ 4096): partial tiles in an fp32 workspace, the last program to
    finish a tile (an atomic counter) sums the partials in split order: deterministic, one launch.
 Launch configs from one table by M (`default_fp8_config`); the grid depends on shapes only (CUDA graphs).
@@ -42,6 +45,7 @@ test_amd_compile.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -193,7 +197,8 @@ def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, c_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    QUANT_A: tl.constexpr, RESCALE: tl.constexpr, FNUZ: tl.constexpr, DOT_FP8: tl.constexpr, EXACT: tl.constexpr,
+    QUANT_A: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, DOT_FP8: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     # grouped order: GROUP_M row tiles share each weight column tile while it sits in L2
     pid = tl.program_id(0)
@@ -215,35 +220,54 @@ def _fp8_gemm_kernel(
     kb_end = tl.minimum(kb_begin + blocks_per_split, tl.cdiv(K, 128))
     rows = offs_m.to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_begin * 128 + offs_k)[None, :]  # [BM, 128]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (kb_begin * 128 + offs_k)[:, None]  # [128, BN]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (kb_begin * 128 + offs_k)[None, :]  # [BN, 128]
     ws_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_ws  # BLOCK_N ≤ 128: one weight scale a step
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB: acc^T = W · x^T, the weight tile the MMA's M side (64 rows fill a Hopper wgmma at M ≤ 16 tokens, which
+    # then reads both FP8 operands from shared memory: no FP8 → fp16 widening of W as the 16-row mma.sync needs)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     f_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    # the scales of step kb + 1 are loaded during step kb: the pipeliner overlaps only the tiles' loads, and a
+    # scale load waited on in its own step costs a DRAM latency every step
+    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
+    sw_next = tl.load(ws_row + kb_begin)
     for kb in range(kb_begin, kb_end):
+        sw = sw_next
+        kb_next = tl.minimum(kb + 1, kb_end - 1)
+        sw_next = tl.load(ws_row + kb_next)
         k_ok = offs_k < K - kb * 128
         if QUANT_A:
             x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             a, sa = _quantize_tile(x, FNUZ, EXACT)
             sa = tl.where(m_ok, sa, 1.0)
         else:
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            a = a.to(tl.float8e4b8, bitcast=True) if FNUZ else a.to(tl.float8e4nv, bitcast=True)
-            sa = tl.load(a_scale_ptr + rows * stride_as + kb, mask=m_ok, other=1.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        w = w.to(tl.float8e4b8, bitcast=True) if FNUZ else w.to(tl.float8e4nv, bitcast=True)
+            sa = sa_next
+            sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_next, mask=m_ok, other=1.0)
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # FP8 pointers: no bitcast between
+        # the pipelined shared-memory tile and the MMA (a uint8 load + bitcast cost a shared-memory copy a step)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # W's rows [BN, 128], K-major
         if not DOT_FP8:  # FP8 → fp16 is exact
             a = a.to(tl.float16)
             w = w.to(tl.float16)
-        f = sa * tl.load(ws_row + kb)  # [BM]: this step's scale of each output row
+        f = sa * sw  # [BM]: this step's scale of each output row, a power of two
         if RESCALE:
-            acc = tl.dot(a, w, acc * (f_prev / f)[:, None])
+            # f_prev / f exactly, on the exponent bits (a NaN scale's row is NaN through its FP8 codes anyway)
+            ratio = (f_prev.to(tl.int32, bitcast=True) - f.to(tl.int32, bitcast=True) + (127 << 23))
+            ratio = ratio.to(tl.float32, bitcast=True)
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(a), acc * ratio[None, :])
+            else:
+                acc = tl.dot(a, tl.trans(w), acc * ratio[:, None])
             f_prev = f
+        elif SWAP_AB:
+            acc += tl.dot(w, tl.trans(a)) * f[None, :]
         else:
-            acc += tl.dot(a, w) * f[:, None]
+            acc += tl.dot(a, tl.trans(w)) * f[:, None]
         a_ptrs += 128
         w_ptrs += 128
     if RESCALE:
-        acc = acc * f_prev[:, None]
+        acc = acc * (f_prev[None, :] if SWAP_AB else f_prev[:, None])
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
@@ -276,16 +300,17 @@ class Fp8GemmConfig:
     group_m: int = 8
     rescale: bool = False  # keep the accumulator in units of the current block's scale (module docstring)
     quant_a: bool = False  # quantize x inside the K loop instead of a first pass
+    swap_ab: bool = False  # compute (W · x^T)^T: the weight tile on the MMA's M side (decode)
 
 
 # (largest M, config): decode rows are memory bound (small BLOCK_M; split-K fills the GPU), prefill rows compute
 # bound (128×128 tiles, the rescaled accumulator). Chosen for H200 from the byte and FLOP floors; the measured
 # rates are in bench/bench_quant.py's table (bench/RESULTS.md).
 _CONFIG_TABLE = (
-    (16, Fp8GemmConfig(16, 64, num_warps=4, num_stages=6, group_m=1, quant_a=True)),
+    (16, Fp8GemmConfig(16, 64, num_warps=4, num_stages=6, group_m=1, quant_a=True, swap_ab=True)),
     (64, Fp8GemmConfig(64, 64, num_warps=4, num_stages=5, group_m=1)),
     (256, Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8)),
-    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, group_m=8, rescale=True)),
+    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=3, group_m=8, rescale=True)),
 )
 # AMD: fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on gfx950), per row above.
 _AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 2, 2)}
@@ -298,7 +323,7 @@ def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = 
     c = _CONFIG_TABLE[row][1]
     stages = _AMD_STAGES[arch][row] if arch in _AMD_STAGES else c.num_stages
     split = choose_split_k(M, N, K, c.block_m, c.block_n, num_sms)
-    return Fp8GemmConfig(c.block_m, c.block_n, split, c.num_warps, stages, c.group_m, c.rescale, c.quant_a)
+    return dataclasses.replace(c, split_k=split, num_stages=stages)
 
 
 def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
@@ -327,8 +352,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _fp8_dot_supported(device: torch.device) -> bool:
-    """FP8 MMA: NVIDIA sm_89+, AMD gfx942 (fnuz) and gfx950 (OCP); the interpreter's dot takes FP8 too.
-    Elsewhere the FP8 tiles are widened to fp16, exactly."""
+    """FP8 MMA: NVIDIA sm_89+, AMD gfx942 (fnuz only: e4m3fn weights there are widened unless `to_fnuz` converted
+    them) and gfx950 (OCP); the interpreter's dot takes FP8 too. Elsewhere the FP8 tiles are widened to fp16,
+    exactly."""
     if device.type != "cuda":
         return True
     if torch.version.hip:
@@ -351,7 +377,7 @@ def _launch_act_quant(x2: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor,
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
@@ -389,8 +415,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     M, K = x2.shape
     N = weight.shape[0]
     out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    if M == 0 or N == 0:
-        return out
+    if M == 0 or N == 0 or K == 0:
+        return out.zero_()
     if config is None:
         config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
     _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
@@ -406,7 +432,6 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         a, a_scale = x2, x2  # a_scale unused
     else:
         a, a_scale = _launch_act_quant(x2, weight.dtype)
-        a = a.view(torch.uint8)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
@@ -418,10 +443,11 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     else:
         ws = counters = out  # unused
     _fp8_gemm_kernel[(tiles, split)](
-        a, a_scale, weight.view(torch.uint8), weight_scale, out, ws, counters,
+        a, a_scale, weight, weight_scale, out, ws, counters,
         M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         blocks_per_split,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
-        QUANT_A=config.quant_a, RESCALE=config.rescale, FNUZ=fnuz, DOT_FP8=_fp8_dot_supported(x2.device),
+        QUANT_A=config.quant_a, RESCALE=config.rescale, SWAP_AB=config.swap_ab, FNUZ=fnuz,
+        DOT_FP8=_fp8_dot_supported(x2.device) and (fnuz or amd_arch(x2.device) != "gfx942"),
         EXACT=triton_interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )

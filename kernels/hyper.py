@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections (mHC) around each sublayer, fused for the GPU.
 
-dsv4-spec.md "Block, MoE and head". The residual stream is hc copies x `[n, hc, dim]`; with K = hc·dim:
+docs/dsv4-spec.md "Block, MoE and head". The residual stream is hc copies x `[n, hc, dim]`; with K = hc·dim:
 
     mixes  = (flatten(x) @ fn^T) · rsqrt(mean(flatten(x)²) + norm_eps)         [n, mix], mix = (2+hc)·hc
     pre    = sigmoid(mixes[:hc]·scale0 + base[:hc]) + eps                       [n, hc]

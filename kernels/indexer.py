@@ -1,6 +1,6 @@
-"""The lightning indexer's FP8 key cache, its scores and its top-k selection (dsv4-spec.md "Indexer").
+"""The lightning indexer's FP8 key cache, its scores and its top-k selection (docs/dsv4-spec.md "Indexer").
 
-Cache row (DESIGN.md §4): 128 FP8 e4m3 values, one fp32 scale at byte 128, zero padding to 144 bytes; the
+Cache row (docs/DESIGN.md §6): 128 FP8 e4m3 values, one fp32 scale at byte 128, zero padding to 144 bytes; the
 cache is uint8 [pages, rows_per_page, 144] and flat slot s = page · rows_per_page + offset is row s.
 Quantization, one scale per row of 128 values (indexer keys, and queries per (token, head)):
 

@@ -1,4 +1,4 @@
-"""Routed experts as two grouped GEMMs over expert-sorted rows (dsv4-spec.md "Block, MoE and head").
+"""Routed experts as two grouped GEMMs over expert-sorted rows (docs/dsv4-spec.md "Block, MoE and head").
 
 For token t with routing weights w[t, j] and expert ids e = e[t, j] (j < k, from the `Gate`), L = swiglu_limit:
 
@@ -29,8 +29,20 @@ Known limits: expert ids must lie in [0, E) (not checked: that would need a host
 the Triton dispatch, its output row left unwritten); the fp32 `[T·k, dim]` buffer costs 4·T·k·dim bytes while it
 lives (805 MB at T=8192, k=6, dim=4096); with more rows per expert than BLOCK_M an expert's weights are read once
 per block (from L2 when the blocks run together); x rows are gathered with plain loads (no TMA), so prefill runs
-at ~45% of the bf16 matmul rate (see the table below); no FP8/FP4 weights (the loader dequantizes them).
+at ~45% of the bf16 matmul rate (see the table below).
 Portability: plain Triton, tl.dot tiles ≥ 16×16.
+
+FP4 experts (`moe_fp4`, the checkpoint's routed experts; dsv4-spec.md "Configurations", weights row): the same
+dispatch, kernels and epilogues (W_FMT selects the weight tile), with w13 / w2 kept as the checkpoint stores them:
+packed e2m1 `[E, rows, K/2]` uint8 (low nibble = element 2i) and one ue8m0 byte `[E, rows, K/32]` per 32 inputs of
+a row, 2^(byte − 127). That is the OCP MX FP4 layout (K-packed values, scales per 32 along K) that tl.dot_scaled
+and an MFMA FP4 path (MI355X's scaled MFMA) read as is. Each tile is dequantized in registers to x's dtype
+(exact: a 2-bit significand times a power of two) and fed to tl.dot: H200 has no FP4 tensor cores. Three ways to
+unpack (MoEConfig.fp4_unpack): tl.dot_scaled (default for 16-bit x), the kernels' own bit ops (`_fp4_tile`,
+portable, fp32 x), and a PTX sequence for bf16 on NVIDIA (`_fp4_tile_ptx`). Decode reads each touched expert's
+packed bytes once: a quarter of bf16's bytes, but unpacking costs ALU work a weight (compiled for sm_90: ~8-10
+instructions a value in the decode loop), which bounds how close decode gets to its byte floor.
+Known limits (FP4): dim and inter multiples of 32; in `_fp4_tile` scale bytes above 240 (2^113) overflow.
 """
 
 from __future__ import annotations
@@ -228,12 +240,51 @@ def _fp4_tile(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn,
     return tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K]).to(DTYPE))
 
 
+# e2m1 → bf16 for 8 values a 32-bit word of packed bytes (NVIDIA sm_80+): magnitudes (nibble & 7) index byte
+# tables of bf16's high and low bytes with prmt, prmt interleaves them into bf16 pairs, the sign bits are moved in
+# with prmt + shift, and one fma.rn.bf16x2 (x · scale − 0) applies the ue8m0 scale: ~3 instructions a value where
+# Triton's own unpacking (dot_scaled's upcast) takes ~6-10. Outputs: (e0, e2), (e4, e6) | (e1, e3), (e5, e7).
+_E2M1_BF16_PTX = tl.constexpr("""{
+.reg .b32 m, mh, th0, th1, tl0, tl1, h0, l0, h1, l1, sa, sb, t, u, z, nz;
+mov.b32 th0, 0x3F3F3F00; mov.b32 th1, 0x40404040; mov.b32 tl0, 0xC0800000; mov.b32 tl1, 0xC0804000;
+mov.b32 z, 0; mov.b32 nz, 0x80008000;
+and.b32 m, $4, 0x77777777; shr.b32 mh, m, 16;
+prmt.b32 h0, th0, th1, m; prmt.b32 l0, tl0, tl1, m; prmt.b32 h1, th0, th1, mh; prmt.b32 l1, tl0, tl1, mh;
+prmt.b32 sa, $4, z, 0x1404; prmt.b32 sb, $4, z, 0x3424;
+prmt.b32 t, l0, h0, 0x6240; shl.b32 u, sa, 4; and.b32 u, u, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $0, t, $5, nz;
+prmt.b32 t, l1, h1, 0x6240; shl.b32 u, sb, 4; and.b32 u, u, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $1, t, $5, nz;
+prmt.b32 t, l0, h0, 0x7351; and.b32 u, sa, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $2, t, $5, nz;
+prmt.b32 t, l1, h1, 0x7351; and.b32 u, sb, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $3, t, $5, nz;
+}""")
+
+
+@triton.jit
+def _fp4_tile_ptx(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_fp4_tile` for bf16 on NVIDIA GPUs, unpacked by `_E2M1_BF16_PTX`."""
+    G: tl.constexpr = BLOCK_K // 32
+    g = tl.arange(0, G)
+    kp = k0 // 2 + g[:, None] * 16 + tl.arange(0, 16)[None, :]
+    g_ok = k0 + g * 32 < k_size
+    b = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kp[None, :, :],
+                mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BN, G, 16] uint8
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k0 // 32 + g)[None, :],
+                mask=n_ok[:, None] & g_ok[None, :], other=0).to(tl.int32)  # [BN, G]
+    # 2^(s − 127) in bf16 is s << 7 (byte 0: the subnormal 2^−127; byte 255, e8m0's NaN: NaN)
+    s16 = tl.where(s == 0, 0x40, tl.where(s == 255, 0x7FC0, s << 7)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    scale = tl.broadcast_to(s16[:, :, None], [BLOCK_N, G, 16])
+    lo, hi = tl.inline_asm_elementwise(_E2M1_BF16_PTX, "=r,=r,=r,=r,r,r,r", [b, scale],
+                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return tl.trans(tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K]))
+
+
 @triton.jit
 def _expert_dot(a, acc, w_ptr, s_ptr, offs_n, n_ok, offs_k, k0, k_size, stride_wn, stride_sn,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, W_FMT: tl.constexpr):
     """acc + a [BM, BK] · W^T for rows offs_n of W and inputs [k0, k0 + BK). W_FMT: 0 plain (x's dtype),
-    1 packed FP4 dequantized here, 2 packed FP4 through tl.dot_scaled (Triton's own e2m1 upcast where the target
-    has no FP4 MMA, the MX FP4 MMA where it has: the same [N, K/2] bytes and [N, K/32] scales)."""
+    1 packed FP4 dequantized by `_fp4_tile`, 2 packed FP4 through tl.dot_scaled (Triton's own e2m1 upcast where the
+    target has no FP4 MMA, the MX FP4 MMA where it has: the same [N, K/2] bytes and [N, K/32] scales), 3 packed FP4
+    unpacked by `_fp4_tile_ptx` (bf16 on NVIDIA)."""
     if W_FMT == 0:
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
                     mask=(offs_k < k_size - k0)[:, None] & n_ok[None, :], other=0.0)
@@ -241,6 +292,9 @@ def _expert_dot(a, acc, w_ptr, s_ptr, offs_n, n_ok, offs_k, k0, k_size, stride_w
     elif W_FMT == 1:
         w = _fp4_tile(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn, BLOCK_N, BLOCK_K, a.dtype)
         return tl.dot(a, w, acc, input_precision=PRECISION)
+    elif W_FMT == 3:
+        w = _fp4_tile_ptx(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn, BLOCK_N, BLOCK_K)
+        return tl.dot(a, w, acc)
     else:
         kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + kp[:, None],
@@ -332,7 +386,9 @@ class MoEConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    fp4_dot_scaled: bool = True  # FP4 weights with 16-bit x: tl.dot_scaled (else dequantized by our bit ops)
+    # FP4 weights: "dot_scaled" (tl.dot_scaled, 16-bit x), "bits" (the kernels' own portable bit ops, any x) or
+    # "ptx" (bf16 x on NVIDIA: `_E2M1_BF16_PTX`); fp32 x always takes "bits"
+    fp4_unpack: str = "dot_scaled"
 
 
 # (max average rows per touched expert, config), picked from 8-14 candidates timed with CUDA graphs on H200, bf16,
@@ -393,6 +449,8 @@ def _check_config(config: MoEConfig) -> None:
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
+    if config.fp4_unpack not in ("dot_scaled", "bits", "ptx"):
+        raise ValueError(f"config.fp4_unpack must be 'dot_scaled', 'bits' or 'ptx', got {config.fp4_unpack!r}")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -461,13 +519,19 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor, indices: torch.Tensor)
                          f"{out.dtype} {list(out.shape)} on {out.device}")
 
 
-def _weight_format(fp4: bool, dtype: torch.dtype, config: MoEConfig) -> int:
-    """The kernels' W_FMT: 0 plain weights, 1 FP4 dequantized by `_fp4_tile`, 2 FP4 through tl.dot_scaled (16-bit x
-    only). On H200 (sm_90, compiled) dot_scaled's upcast took ~6 SASS instructions a weight against ~10 for
-    `_fp4_tile`."""
+def _weight_format(fp4: bool, x: torch.Tensor, config: MoEConfig) -> int:
+    """The kernels' W_FMT: 0 plain weights, 1 FP4 by `_fp4_tile`, 2 FP4 through tl.dot_scaled, 3 FP4 by
+    `_fp4_tile_ptx` (config.fp4_unpack; fp32 x takes 1). Compiled for H200 (sm_90), a weight of the decode tiles
+    took ~10 SASS instructions through dot_scaled, ~13 through `_fp4_tile`."""
     if not fp4:
         return 0
-    return 2 if config.fp4_dot_scaled and dtype in (torch.bfloat16, torch.float16) else 1
+    if x.dtype == torch.float32 or config.fp4_unpack == "bits":
+        return 1
+    if config.fp4_unpack == "ptx":
+        if x.dtype != torch.bfloat16 or torch.version.hip or x.device.type != "cuda":
+            raise ValueError(f"fp4_unpack='ptx' takes bf16 x on an NVIDIA GPU, got {x.dtype} on {x.device}")
+        return 3
+    return 2
 
 
 def _launch_experts(x, weights, indices, w13, w2, inter: int, swiglu_limit: float, out, config) -> torch.Tensor:
@@ -498,7 +562,7 @@ def _launch_experts(x, weights, indices, w13, w2, inter: int, swiglu_limit: floa
     s13, s2 = (s13, s2) if fp4 else (w13, w2)  # unread without FP4
     scale_strides = lambda s: (s.stride(0), s.stride(1)) if fp4 else (0, 0)  # noqa: E731
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRECISION=precision,
-                 W_FMT=_weight_format(fp4, x.dtype, config), num_warps=config.num_warps, num_stages=config.num_stages)
+                 W_FMT=_weight_format(fp4, x, config), num_warps=config.num_warps, num_stages=config.num_stages)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, config.block_n))](
         x, w13, s13, plan.sorted_pairs, plan.block_expert, weights.reshape(-1).contiguous(), h,
         dim, inter, k, x.stride(0), w13.stride(0), w13.stride(1), *scale_strides(s13), h.stride(0), limit,
@@ -606,7 +670,8 @@ def moe_fp4(
     config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """`moe` with FP4 experts: the same routing, clamp, SwiGLU and routing weights, fp32 [T, dim]; the weights
-    stay packed as the checkpoint stores them and are dequantized in registers (see `moe_fp4_ref`)."""
+    stay packed as the checkpoint stores them (the MX FP4 layout an FP4 MFMA reads: module docstring) and are
+    dequantized in registers, as `moe_fp4_ref` does in memory. int8 views of the same bytes are accepted."""
     E, dim, inter = _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
     _check_routing(x, weights, indices)
     if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":

@@ -1,6 +1,6 @@
 """Per-row RMS normalisation, GPT-J RoPE and the FP8 nope round trip of the attention layer in one launch.
 
-dsv4-spec.md "Attention", steps 1, 2 and 6: the per-head query norm (no weight) and RoPE, the KV latent's
+docs/dsv4-spec.md "Attention layer", steps 1, 2 and 6: the per-head query norm (no weight) and RoPE, the KV latent's
 RMSNorm, RoPE and FP8 round trip, and the inverse RoPE of the attention output. For each row x [D] (one
 token, or one (token, head)) with its token's rotation cos, sin [R/2]:
 

@@ -6,7 +6,7 @@ For token t, head h and the valid keys j of `indices[t]` (row ids into `kv`; K =
     out[t,h] = Σ_j e^{s_j} kv[j] / (Σ_j e^{s_j} + e^{attn_sink[h]})
     lse[t,h] = log Σ_j e^{s_j}            (the sink not included; −inf when no key is valid, and then out = 0)
 
-(dsv4-spec.md, "Attention layer", step 5.) An index < 0 is padding, anywhere in a row; a repeated index
+(docs/dsv4-spec.md, "Attention layer", step 5.) An index < 0 is padding, anywhere in a row; a repeated index
 counts as many times as it appears. Indices ≥ R are a caller error: the reference raises, the Triton
 kernel skips them rather than read out of bounds.
 

@@ -1,6 +1,6 @@
 """Ring writes of one forward: the compressor state rings and the sliding-window (SWA) ring.
 
-dsv4-spec.md "Compressor" and DESIGN.md §4. A write plan (kernels/compress_plan.py) holds one row
+docs/dsv4-spec.md "Compressor" and docs/DESIGN.md §6. A write plan (kernels/compress_plan.py) holds one row
 [ragged_id, batch_id, position, ring_row] for each of a request's last min(num_new, size) positions:
 
     compressor_state_write:  kv_state[slot, p % S]    = kv[r]

@@ -1,4 +1,4 @@
-"""Row-wise top-k over a prefix of each row: the lightning indexer's selection (dsv4-spec.md "Indexer").
+"""Row-wise top-k over a prefix of each row: the lightning indexer's selection (docs/dsv4-spec.md "Indexer").
 
 For row t of `scores` [T, E] and n_t = clamp(visible[t], 0, E):
 

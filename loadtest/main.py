@@ -16,6 +16,7 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import Any, Protocol
 
 from sparsepd.loadtest.config import LengthRange, LoadTestConfig, MultiTurnConfig, parse_ids, parse_sweep
 
@@ -185,7 +186,17 @@ def _default_prefix(results: str) -> str:
     return str(path.with_suffix("")) if path.suffix == ".jsonl" else str(path)
 
 
-def run(args: argparse.Namespace) -> int:
+class Launcher(Protocol):
+    """How `--launch` starts `sparsepd serve` and stops it: the deploy layer's launcher (deploy/launch.py), which
+    the CLI hands in (a role imports nothing above it). `start` returns a child with `.ready` (its READY
+    endpoints) and `.pid`, or raises RuntimeError saying why it did not become ready; `stop` returns its exit code."""
+
+    def start(self, name: str, args: list[str], timeout_s: float) -> Any: ...
+
+    def stop(self, child: Any, timeout_s: float) -> int | None: ...
+
+
+def run(args: argparse.Namespace, launcher: Launcher | None = None) -> int:
     from sparsepd.loadtest import plot
 
     if args.plot_only is not None:
@@ -201,13 +212,13 @@ def run(args: argparse.Namespace) -> int:
     child = None
     address = cfg.router
     if cfg.launch:
-        from sparsepd.launch import LaunchError, start
-
+        if launcher is None:
+            raise ValueError("--launch needs the deployment launcher: run it as `sparsepd loadtest --launch`")
         command = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *cfg.serve_args]
         print(f"launching: sparsepd {shlex.join(command)}", file=sys.stderr, flush=True)
         try:
-            child = start("serve", command, timeout_s=cfg.launch_timeout_s)
-        except LaunchError as exc:
+            child = launcher.start("serve", command, timeout_s=cfg.launch_timeout_s)
+        except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         address = child.ready["grpc"]
@@ -217,9 +228,7 @@ def run(args: argparse.Namespace) -> int:
         code = asyncio.run(_sweep(cfg, address))
     finally:
         if child is not None:
-            from sparsepd.launch import stop
-
-            print(f"stopped the launched server (exit code {stop(child, timeout_s=60.0)})", file=sys.stderr)
+            print(f"stopped the launched server (exit code {launcher.stop(child, timeout_s=60.0)})", file=sys.stderr)
     if code == 0 and cfg.plot_prefix is not None:
         from sparsepd.loadtest.report import read_jsonl
 

@@ -1,5 +1,5 @@
 """DeepSeek-V4 attention: low-rank Q, one shared MQA latent (K = V), sliding window + compressed keys,
-sparse attention with a per-head sink, inverse RoPE, grouped low-rank output (dsv4-spec.md "Attention").
+sparse attention with a per-head sink, inverse RoPE, grouped low-rank output (docs/dsv4-spec.md "Attention layer").
 
 The layer computes queries and the new KV latents; where keys live is the business of an
 `AttentionCache`: `model/request_cache.py` keeps one request's state for the reference forward, the

@@ -1,4 +1,4 @@
-"""A checkpoint directory's `config.json` as a `ModelConfig`, and how its weights are stored (DESIGN.md §6).
+"""A checkpoint directory's `config.json` as a `ModelConfig`, and how its weights are stored (docs/DESIGN.md §8).
 
 Two forms. Ours, `{"sparsepd": {...}}`, written by `save_checkpoint`: the ModelConfig fields as they are.
 The published DeepSeek-V4 form: the official keys, in either spelling Hugging Face transformers' `deepseek_v4`
@@ -12,7 +12,7 @@ never loads.
 
 Mapping notes. `compress_ratios` (and `layer_types`) may be longer than `num_hidden_layers`: the tail belongs
 to the multi-token-prediction layers (`mtp.*`), which are not served. `rope_scaling` (`rope_parameters`'
-`compress` entry) is YaRN for the compressed layers (dsv4-spec.md "Configurations"); its `mscale` keys are
+`compress` entry) is YaRN for the compressed layers (docs/dsv4-spec.md "Configurations"); its `mscale` keys are
 accepted and unused, and an `attention_factor` must be 1 (the V4 reference does not scale attention by
 YaRN's factor). A page is 128 tokens (DeepSeek's block), or the lcm of 128 and the ratios.
 """

@@ -1,4 +1,4 @@
-"""Model configuration and the preset table (DESIGN.md §6, dsv4-spec.md "Configurations").
+"""Model configuration and the preset table (docs/DESIGN.md §8, docs/dsv4-spec.md "Configurations").
 
 One frozen pydantic model holds every size; everything else (state shapes, page geometry, rope tables)
 is derived from it. Presets are looked up by exact name; an unknown name lists the valid ones.

@@ -3,7 +3,7 @@
 Before a sublayer: `mixes = (flatten(x) · rsqrt(mean(x²)+eps)) @ fn^T` split into pre (hc), post (hc)
 and comb (hc×hc): `pre = sigmoid(·)+eps`, `post = 2·sigmoid(·)`, `comb = softmax_rows(·)+eps` then
 Sinkhorn (columns, then rows and columns alternately, `iters` normalisations in all). The sublayer sees
-`Σ_i pre_i x_i`; afterwards `y_j = post_j · f + Σ_i comb_ij x_i` (dsv4-spec.md "Block, MoE and head").
+`Σ_i pre_i x_i`; afterwards `y_j = post_j · f + Σ_i comb_ij x_i` (docs/dsv4-spec.md "Block, MoE and head").
 
 The math lives in kernels/hyper.py: fused Triton kernels on GPU tensors, the plain-PyTorch reference
 (bit-identical to this module's former code, batch-invariant) on the CPU.

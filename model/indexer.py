@@ -1,4 +1,4 @@
-"""The lightning indexer of CSA layers (dsv4-spec.md "Indexer").
+"""The lightning indexer of CSA layers (docs/dsv4-spec.md "Indexer").
 
 Queries `q = wq_b · qr` `[Hi, 128]` with RoPE on the last rope dims, a Hadamard rotation and the indexer's
 quantization; head weights `w = weights_proj · x · 128^−0.5 · Hi^−0.5`; keys from the indexer's own ratio-4

@@ -1,4 +1,4 @@
-"""Mixture of experts (dsv4-spec.md "Block, MoE and head").
+"""Mixture of experts (docs/dsv4-spec.md "Block, MoE and head").
 
 Gate: `scores = sqrt(softplus(x · W_gate^T))`; experts chosen by `scores + bias` (top-k), or in the first
 n_hash_layers by the fixed table `tid2eid[token_id]`; weights = the chosen unbiased scores renormalised

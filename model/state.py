@@ -1,6 +1,6 @@
 """A request's explicit state: everything the network keeps between `prefill` and `decode` calls.
 
-Per layer (dsv4-spec.md; DESIGN.md §4 gives the paged form the engine uses):
+Per layer (docs/dsv4-spec.md; docs/DESIGN.md §6 gives the paged form the engine uses):
 - `swa`: the sliding-window ring `[window, head_dim]`, position p at row p % window;
 - compressor rings `kv`/`score` `[state_size, coff·d]` fp32, position p at row p % state_size
   (state_size = 2·ratio with overlap, ratio without), score already carrying the positional bias;

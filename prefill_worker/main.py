@@ -9,36 +9,21 @@ import logging
 
 import grpc
 
-from sparsepd.cluster_token import add_token_args, derive_key, server_interceptors, token_from_args
-from sparsepd.engine.config import add_engine_args, add_prefix_cache_args, engine_config_from_args, with_prefix_cache
+from sparsepd.cluster_token import derive_key, server_interceptors, token_from_args
+from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
-from sparsepd.registration import add_registration_args, start_registration
-from sparsepd.tls import add_port, add_tls_args, tls_from_args
+from sparsepd.registration import start_registration
+from sparsepd.tls import add_port, tls_from_args
 
 log = logging.getLogger("sparsepd.prefill")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="control server address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=0, help="control server port; 0 = any free port (default: 0)")
-    p.add_argument("--transfer-timeout", type=float, default=10.0,
-                   help="seconds to wait for a decode worker's ack before failing the request (default: 10)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM: seconds the batch in flight may take to finish (default: %(default)s)")
-    p.add_argument("--log-level", default="INFO")
-    add_engine_args(p)
-    add_prefix_cache_args(p)
-    add_registration_args(p)
-    add_token_args(p)
-    add_tls_args(p, client_ca=False)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -75,8 +60,3 @@ async def serve(args: argparse.Namespace) -> int:
     sender.close()
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sparsepd prefill-worker", description=__doc__)
-    add_arguments(p)
-    return asyncio.run(serve(p.parse_args(argv)))

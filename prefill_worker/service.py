@@ -59,11 +59,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
 
     async def Stats(self, request, context):
         pools, c, cache = self.worker.engine.pools, self.worker.counters, self.worker.engine.prefix_cache
+        scheduler = self.worker.engine.scheduler
         return worker_pb2.StatsResponse(
             role="prefill", num_pages=pools.pages.capacity,
             free_pages=pools.pages.num_free + (cache.reclaimable_pages() if cache is not None else 0),
             num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
-            running=len(self.worker.engine.scheduler.running), waiting=len(self.worker.engine.scheduler.waiting),
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            engine_running=len(scheduler.running), engine_waiting=len(scheduler.waiting),
+            transfers_in_flight=self.worker.transfers_in_flight,
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
             transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(cache))
 

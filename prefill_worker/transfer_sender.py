@@ -1,4 +1,4 @@
-"""Push exported request states to decode workers over zmq (DESIGN.md §3, proto/transfer.py).
+"""Push exported request states to decode workers over zmq (docs/DESIGN.md §5, proto/transfer.py).
 
 `TransferSender.send(endpoint, header, tensors)` returns a `concurrent.futures.Future[Ack]` at once
 (`asyncio.wrap_future` makes it awaitable). The future resolves with the receiver's Ack — ok, or a

@@ -72,6 +72,7 @@ class PrefillWorker:
         self.ids_lock = threading.Lock()
         self.open: set[str] = set()  # request ids of the batches received and not yet answered
         self.cancelled: set[str] = set()  # those of them the router released
+        self.transfers_in_flight = 0  # states pushed and not yet acknowledged (under ids_lock)
 
     def open_batch(self, jobs: list[PrefillJob]) -> None:
         """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
@@ -196,6 +197,8 @@ class PrefillWorker:
                                                     request_id=job.request_id, fingerprint=self.fingerprint)
             out.transfer_bytes = descriptor.num_bytes
             pending.append((job.request_id, self.sender.send(job.endpoint, header, tensors), time.perf_counter()))
+            with self.ids_lock:
+                self.transfers_in_flight += 1
         if not self.engine.abort(request.request_id):  # pages free now; the host copy travels
             self.engine.scheduler.release(request)  # it finished at its first token but was kept for its forks
         return pending
@@ -209,6 +212,9 @@ class PrefillWorker:
                 out.error = f"state transfer failed: {exc}"
                 self.counters["transfers_failed"] += 1
                 continue
+            finally:
+                with self.ids_lock:
+                    self.transfers_in_flight -= 1
             out.transfer_ms = (time.perf_counter() - t0) * 1e3
             if ack.ok:
                 out.ok = True

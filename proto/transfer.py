@@ -1,4 +1,4 @@
-"""P→D state transfer frames (DESIGN.md §3): one versioned msgpack header, then the tensors' raw bytes.
+"""P→D state transfer frames (docs/DESIGN.md §5): one versioned msgpack header, then the tensors' raw bytes.
 
 A transfer is one zmq multipart message from a prefill worker's DEALER to a decode worker's ROUTER:
 

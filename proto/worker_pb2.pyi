@@ -110,7 +110,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache", "retractions")
+    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache", "retractions", "engine_running", "engine_waiting", "transfers_in_flight")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,9 @@ class StatsResponse(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     RETRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_pages: int
     free_pages: int
@@ -150,7 +153,10 @@ class StatsResponse(_message.Message):
     tokens_generated: int
     prefix_cache: PrefixCacheStats
     retractions: int
-    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ...) -> None: ...
+    engine_running: int
+    engine_waiting: int
+    transfers_in_flight: int
+    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStats(_message.Message):
     __slots__ = ("enabled", "hit_tokens", "miss_tokens", "evictions", "entries", "pages", "page_size", "hashes")

@@ -6,6 +6,11 @@
     → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
 
+A flow's stage is one enum (router/stage.py: queued → reserving → reserved → prefilling → decoding → ended),
+changed only through `Flow.to`, which refuses and logs a change its table does not allow. What a flow holds
+follows from its stage, and leaving a stage releases what it held (router/reservations.py, which also keeps
+the decode-room accounting); token delivery and the stop rules are router/delivery.py's.
+
 Every flow ends exactly once (`_end`): finished, aborted, failed or cancelled. Ending releases the
 decode reservation (unless the decode worker ended the request itself) and cancels a prefill in
 flight, so pages and slots go back on both workers whatever happened. A flow whose Reserve finds no
@@ -37,8 +42,11 @@ import grpc
 
 from sparsepd.prefix_hash import prefix_hashes
 from sparsepd.proto import worker_pb2
+from sparsepd.router.delivery import deliver, event_logprobs, first_token_logprobs
 from sparsepd.router.flow import Flow, Outcome, TokenLogprob, worker_error_status
 from sparsepd.router.params import RequestSpec
+from sparsepd.router.reservations import Granted, Invalid, Reservations
+from sparsepd.router.stage import Stage
 from sparsepd.router.text import StopStrings
 from sparsepd.router.workers import WorkerHandle, WorkerPool
 
@@ -59,7 +67,7 @@ class Dispatcher:
                  prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2, max_migrations: int = 3):
         self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
         self.max_queue, self.batch_tokens, self.batch_wait_s = max_queue, batch_tokens, batch_wait_s
-        self.reserve_ttl_s, self.prefill_timeout_s = reserve_ttl_s, prefill_timeout_s
+        self.prefill_timeout_s = prefill_timeout_s
         self.batches_per_prefill, self.max_migrations = batches_per_prefill, max_migrations
         self.flows: dict[str, Flow] = {}
         self.by_worker_id: dict[str, Flow] = {}  # the id each flow's current attempt has on the workers
@@ -67,9 +75,7 @@ class Dispatcher:
         self.wake = asyncio.Event()  # queue changed, a flow ended, or a worker freed up
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
-        self.blocked = False  # a Reserve found no room: wait for a request to end or a poll before retrying
-        self.releasing = 0  # decode Release calls in flight: their pages come back when they answer
-        self.room_freed = 0  # counts requests ended and Releases answered: a refusal older than one is stale
+        self.reservations = Reservations(pool, reserve_ttl_s, self._spawn, self.wake)
 
     # --- the public side ------------------------------------------------------------------------
     def submit(self, spec: RequestSpec) -> Flow:
@@ -156,8 +162,8 @@ class Dispatcher:
 
     async def _batcher(self) -> None:
         while True:
-            if self.blocked:
-                self.blocked = False
+            if self.reservations.blocked:
+                self.reservations.blocked = False
                 self.wake.clear()
                 await self.wake.wait()
                 continue
@@ -165,14 +171,15 @@ class Dispatcher:
             if not self.queue or prefill is None or prefill.inflight >= self.batches_per_prefill:
                 why = self.pool.out_of_service("prefill") if self.queue and prefill is None else None
                 for flow in list(self.queue) if why is not None else []:
-                    self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=_after(flow, why)))
+                    self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE,
+                                            message=flow.failure_message(why)))
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             preferred = self._cached_prefill(self.queue[0])
             if preferred is not None and preferred.inflight < self.batches_per_prefill:
                 prefill = preferred
-            batch = await self._form_batch(lambda f: self._cached_prefill(f) in (None, prefill))
+            batch = await self._form_batch(lambda f, chosen=prefill: self._cached_prefill(f) in (None, chosen))
             if batch:
                 self.pool.placement.chose(prefill)
                 prefill.inflight += 1
@@ -207,6 +214,8 @@ class Dispatcher:
                 if batch and not accept(flow):
                     continue  # another worker's cache holds its prefix: left for that worker's batch
                 self.queue.remove(flow)
+                for member in flow.prefill_members:
+                    member.to(Stage.RESERVING)
                 batch.append(flow)
                 tokens += flow.prefill_len
             left = deadline - time.monotonic()
@@ -248,14 +257,13 @@ class Dispatcher:
         if len(members) == 1:
             ticket = await self._reserve(flow, only)
             return None if ticket is None else [ticket]
-        asked_at = self.room_freed
+        asked_at = self.reservations.room_freed
         results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in members))
         if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
             return list(results)
-        for member in members:
-            if member.reserved:  # give the pages back; the group is reserved again from scratch
-                self._release(member)
-                member.reserved, member.decode_done, member.decode = False, False, None
+        for member in members:  # the group is reserved again from scratch (a moved member is queued already)
+            if member.stage in (Stage.RESERVING, Stage.RESERVED):
+                self._requeue(member)
         if not flow.ended:
             last = next((t for t in results if isinstance(t, str)), "")
             self._no_room(flow, last, asked_at)
@@ -263,75 +271,51 @@ class Dispatcher:
 
     async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
                        on_no_room: bool = True) -> worker_pb2.Ticket | str | None:
-        """A ticket for the flow on a decode worker with room; None if it ended. When no worker has room:
-        on_no_room → wait or fail (`_no_room`) and None; else the last worker's answer (a str)."""
-        spec, last = flow.spec, ""
-        request = worker_pb2.ReserveRequest(request_id=flow.worker_id, prompt_len=len(spec.input_ids),
-                                            sampling=spec.sampling, ttl_s=self.reserve_ttl_s)
-        tokens = flow.prefill_len + 1  # what the state fills and its next token: decode workers grow pages on demand
-        need = self.pool.placement.pages_for(tokens)
-        asked_at = self.room_freed
-        candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
-        for worker in candidates:
-            if flow.ended:
+        """A ticket for the flow on a decode worker with room (the flow is then RESERVED); None if it ended. When
+        no worker has room: on_no_room → back to the queue or fail (`_no_room`) and None; else the last worker's
+        answer (a str), the flow still RESERVING."""
+        asked_at, attempt = self.reservations.room_freed, flow.attempt
+        result = await self.reservations.reserve(flow, only)
+        if isinstance(result, Granted):  # (no await since the reply: nothing ran in between)
+            if flow.ended or flow.attempt != attempt or not flow.to(Stage.RESERVED):
+                self.reservations.release_decode(result.worker, result.request_id)  # ended (or moved) meanwhile
                 return None
-            worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
-            self.pool.placement.chose(worker)
-            try:
-                reply = await worker.stub.Reserve(request, timeout=self.pool.rpc_timeout_s * 5)
-            except asyncio.CancelledError:
-                worker.unhold(need)
-                raise
-            except grpc.aio.AioRpcError as exc:
-                worker.unhold(need)
-                last = f"{worker.address}: {exc.details()}"
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    continue
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    self._end(flow, Outcome("abort", code=exc.code(), message=f"decode worker {last}"))
-                    return None
-                worker.mark_dead(f"Reserve: {exc.code().name}: {exc.details()}")
-                continue
-            worker.unhold(need, granted=len(reply.ticket.page_ids))
-            flow.decode, flow.reserved = worker, True
-            if flow.ended:  # aborted while reserving: give the pages back now
-                self._release(flow)
-                return None
-            return reply.ticket
-        if flow.ended:
+            flow.decode = result.worker
+            return result.ticket
+        if isinstance(result, Invalid):
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.INVALID_ARGUMENT, message=result.message))
+            return None
+        if result is None:
             return None
         if not on_no_room:
-            return last
-        self._no_room(flow, last, asked_at)
+            return result.last
+        if flow.to(Stage.QUEUED):
+            self._no_room(flow, result.last, asked_at)
         return None
 
+    def _requeue(self, flow: Flow) -> None:
+        """Back to QUEUED from reserving or reserved, giving back a reservation it holds."""
+        held = flow.stage
+        if flow.to(Stage.QUEUED):
+            self.reservations.release(flow, held)
+            flow.decode = None
+
     def _no_room(self, flow: Flow, last: str, asked_at: int) -> None:
-        """No decode worker could reserve for the flow (or its group): wait at the queue's head while other
-        requests hold pages (or are being given some: Reserve calls in flight; or are giving them back: Release
-        calls in flight) or while a decode worker may come back, else fail. A refusal sent before a request
-        ended (asked_at: `room_freed` when the Reserve went out; replies and token streams arrive in any order)
-        may be stale: the flow is retried at once."""
-        if not any(w.alive for w in self.pool.decode):
-            why = self.pool.out_of_service("decode")
-            if why is not None:
-                self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=_after(flow, why)))
-            else:
-                self.queue.appendleft(flow)
-                self.blocked = True
-        elif (self.releasing or self.room_freed != asked_at or any(f.reserved for f in self.flows.values())
-              or any(w.held_slots for w in self.pool.decode)):
-            self.queue.appendleft(flow)  # room comes back when another request ends or a Release answers
-            self.blocked = self.room_freed == asked_at
-        else:
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    message=f"no decode worker can hold this request ({last})"))
+        """No decode worker could reserve for the flow (or its group), now QUEUED: wait at the queue's head or
+        fail, as router/reservations.py decides."""
+        outcome = self.reservations.no_room(flow, last, asked_at, self.flows.values())
+        if outcome is not None:
+            self._end(flow, outcome)
+        elif flow not in self.queue:  # (a head moved meanwhile is there already)
+            self.queue.appendleft(flow)
 
     async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, list[worker_pb2.Ticket]]]) -> None:
         now = time.monotonic()
         members = [m for f, _ in sent for m in f.prefill_members]
         sent_ids = {f.worker_id: f for f in members}
         for flow in members:
-            flow.prefill, flow.prefill_inflight = prefill, True
+            flow.prefill = prefill
+            flow.to(Stage.PREFILLING)
             flow.queue_ms = (now - flow.admitted_at) * 1e3
         batch = worker_pb2.PrefillBatch(requests=[_prefill_request(f, tickets) for f, tickets in sent])
         try:
@@ -342,9 +326,9 @@ class Dispatcher:
                 prefill.mark_dead(f"Prefill: {exc.code().name}: {exc.details()}")
             why = f"prefill worker {prefill.address} failed: {exc.details()}"
             for worker_id, flow in sent_ids.items():
-                if flow.worker_id != worker_id:  # moved meanwhile (its decode worker was lost)
+                if flow.worker_id != worker_id or flow.ended:  # moved meanwhile (its decode worker was lost), or ended
                     continue
-                flow.prefill_inflight = False
+                flow.to(Stage.RESERVED)  # the call answered: no prefill in flight to release
                 if lost:
                     self._migrate(flow, "prefill", why)
                 else:
@@ -356,10 +340,10 @@ class Dispatcher:
                 self._on_prefill_result(prefill, flow, result)
 
     def _on_prefill_result(self, prefill: WorkerHandle, flow: Flow, r: worker_pb2.PrefillResult) -> None:
-        flow.prefill_inflight = False
         if flow.ended:
             return
         if not r.ok:  # a failed transfer or a worker-side refusal: transient unless error_code names the request
+            flow.to(Stage.RESERVED)  # the call answered: no prefill in flight to release
             why = f"prefill worker {prefill.address}: {r.error}"
             if flow.decode is not None and not flow.decode.alive:  # the transfer failed with its decode worker
                 self._migrate(flow, "decode", why)
@@ -376,13 +360,11 @@ class Dispatcher:
             prefill.transfer_ms += r.transfer_ms
             if self.metrics:
                 self.metrics.transfer(r.transfer_bytes, r.transfer_ms / 1e3)
-        flow.first_known = True
+        flow.to(Stage.DECODING)
         if r.HasField("prompt_logprobs"):
             flow.prompt_logprobs = r.prompt_logprobs
         if not r.first_token_in_stream:  # a colocated worker sends its first token on the token stream
-            logprobs = [TokenLogprob(r.first_logprob, tuple(r.first_top_logprobs.token_ids),
-                                     tuple(r.first_top_logprobs.logprobs), tuple(r.first_token_ids_logprobs.logprobs))
-                        ] if flow.spec.logprobs else None
+            logprobs = first_token_logprobs(r) if flow.spec.logprobs else None
             self._deliver(flow, [r.first_token], r.finish_reason, logprobs)
         for event in flow.early:
             self._apply_decode_event(flow, event)
@@ -414,7 +396,7 @@ class Dispatcher:
         flow = self.by_worker_id.get(event.request_id)
         if flow is None or flow.decode is not worker or flow.ended:
             return
-        if not flow.first_known:
+        if flow.stage is not Stage.DECODING:  # came before the prefill worker's answer: applied after it
             flow.early.append(event)
             return
         self._apply_decode_event(flow, event)
@@ -423,51 +405,36 @@ class Dispatcher:
         if flow.ended:
             return
         reason = event.finish_reason
-        if reason in ("stop", "length", "abort", "error"):
-            flow.decode_done = True
+        freed = reason in ("stop", "length", "abort", "error")  # the decode worker ended it: nothing to release there
         if reason == "error":  # the state could not be admitted, or never came: transient as above
             self._end(flow, Outcome("abort", code=worker_error_status(event.error_code),
-                                    message=f"decode worker {flow.decode.address}: {event.error}"))
+                                    message=f"decode worker {flow.decode.address}: {event.error}"), decode_freed=True)
         elif reason == "abort":
-            self._end(flow, Outcome("abort"))
+            self._end(flow, Outcome("abort"), decode_freed=True)
         else:
             if event.HasField("prompt_logprobs"):  # a colocated worker's, with the first token
                 flow.prompt_logprobs = event.prompt_logprobs
-            self._deliver(flow, list(event.token_ids), reason, _logprobs(event) if flow.spec.logprobs else None)
+            self._deliver(flow, list(event.token_ids), reason, event_logprobs(event) if flow.spec.logprobs else None,
+                          decode_freed=freed)
 
     # --- tokens and the end -----------------------------------------------------------------------------
     def _deliver(self, flow: Flow, token_ids: list[int], worker_finish: str,
-                 logprobs: list[TokenLogprob] | None = None) -> None:
-        if logprobs is not None and len(logprobs) != len(token_ids):
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=(
-                f"worker sent {len(logprobs)} log-probabilities for {len(token_ids)} tokens")))
-            return
-        problem = _prompt_logprobs_problem(flow) if token_ids and not flow.output_ids else None
-        if problem is not None:
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=problem))
-            return
-        if token_ids and not flow.output_ids:
-            flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
-            if self.metrics:
-                self.metrics.first_token(flow.ttft_ms / 1e3)
-        new, outcome = flow.take(token_ids, logprobs)
-        if outcome is None and worker_finish:
-            outcome = flow.worker_outcome(worker_finish)
-        now = time.monotonic()
-        flow.first_token_at = flow.first_token_at or now
-        flow.last_token_at = now
-        if new:
-            flow.events.put_nowait(("tokens", new))
-            if self.metrics:
-                self.metrics.generated(len(new))
+                 logprobs: list[TokenLogprob] | None = None, decode_freed: bool = False) -> None:
+        """Tokens onto the flow's stream (router/delivery.py), and its end when they end it."""
+        outcome = deliver(flow, token_ids, worker_finish, logprobs, self.metrics)
         if outcome is not None:
-            self._end(flow, outcome)
+            self._end(flow, outcome, decode_freed)
 
-    def _end(self, flow: Flow, outcome: Outcome) -> None:
+    def _end(self, flow: Flow, outcome: Outcome, decode_freed: bool = False) -> None:
+        """End the flow with `outcome` (once: later calls do nothing) and release what its stage held (its
+        reservation unless the decode worker ended the request itself: `decode_freed`)."""
         if flow.ended:
             return
-        flow.ended, flow.outcome = True, outcome
-        self.room_freed += 1
+        held = flow.stage
+        if not flow.to(Stage.ENDED):
+            return
+        flow.outcome = outcome
+        self.reservations.ended()
         self.flows.pop(flow.request_id, None)
         self.by_worker_id.pop(flow.worker_id, None)
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
@@ -475,7 +442,7 @@ class Dispatcher:
         flow.events.put_nowait(("end", outcome))
         if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
             log.warning("%s: %s", outcome.code.name, outcome.message, extra={"request_id": flow.request_id})
-        self._release(flow)
+        self.reservations.release(flow, held, decode_freed)
         if self.metrics:
             self.metrics.ended(flow)
         if flow.group is not None and (outcome.code is not None or outcome.finish_reason == "abort"):
@@ -484,52 +451,31 @@ class Dispatcher:
         self.wake.set()
 
     def _migrate(self, flow: Flow, cause: str, why: str) -> None:
-        """Move a flow whose worker was lost (cause: "prefill" or "decode"): release what its attempt still
-        holds, and queue it at the head to be prefilled again with the tokens it already produced; fail it
-        once it was moved max_migrations times."""
+        """Move a flow whose worker was lost (cause: "prefill" or "decode"): back to QUEUED, releasing what its
+        attempt still holds, at the head of the queue to be prefilled again with the tokens it already produced;
+        fail it once it was moved max_migrations times."""
         if flow.ended:
             return
         if flow.attempt >= self.max_migrations:  # (ending releases what it holds)
             self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=(
                 f"{why}; not moved again: it was moved {flow.attempt} times already (--max-migrations)")))
             return
-        self._release(flow)
+        held = flow.stage
+        if held is not Stage.QUEUED and not flow.to(Stage.QUEUED):
+            return
+        self.reservations.release(flow, held)
         log.warning("moving the request to other workers after %d tokens: %s", len(flow.output_ids), why,
                     extra={"request_id": flow.request_id})
         self.by_worker_id.pop(flow.worker_id, None)
         flow.move(why)
         self.by_worker_id[flow.worker_id] = flow
+        if held is Stage.QUEUED and flow in self.queue:
+            self.queue.remove(flow)
         self.queue.appendleft(flow)
-        self.blocked = False
+        self.reservations.blocked = False
         self.wake.set()
         if self.metrics:
             self.metrics.migrated(cause)
-
-    def _release(self, flow: Flow) -> None:
-        """Give back what the flow still holds: the decode reservation, a prefill in flight."""
-        if flow.reserved and not flow.decode_done and flow.decode is not None:
-            flow.decode_done = True
-            self.releasing += 1  # counted now: the flow no longer holds its pages in our view, the worker still does
-            self._spawn(self._release_on(flow.decode, flow.worker_id, holds_pages=True))
-        if flow.prefill_inflight and flow.prefill is not None:
-            self._spawn(self._release_on(flow.prefill, flow.worker_id))
-
-    async def _release_on(self, worker: WorkerHandle, request_id: str, holds_pages: bool = False) -> None:
-        if worker.removed:  # forgotten: its channel is closed (and it held nothing of ours)
-            if holds_pages:
-                self.releasing -= 1
-            return
-        try:
-            await worker.stub.Release(worker_pb2.ReleaseRequest(request_id=request_id),
-                                      timeout=self.pool.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("Release on %s worker %s failed: %s", worker.role, worker.address,
-                        exc.details(), extra={"request_id": request_id})
-        finally:
-            if holds_pages:
-                self.releasing -= 1
-                self.room_freed += 1
-                self.wake.set()  # a request waiting for room may fit now
 
 
 def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2.PrefillRequest:
@@ -545,33 +491,3 @@ def _prefill_request(flow: Flow, tickets: list[worker_pb2.Ticket]) -> worker_pb2
     return worker_pb2.PrefillRequest(request_id=flow.worker_id, input_ids=flow.spec.input_ids,
                                      sampling=sampling, ticket=tickets[0], forks=forks,
                                      output_ids=flow.output_ids if flow.attempt else [])
-
-
-def _after(flow: Flow, why: str) -> str:
-    """A failure's message, with why the flow was moved before when it was."""
-    return f"{flow.lost}; then {why}" if flow.lost else why
-
-
-def _logprobs(event: worker_pb2.TokenEvent) -> list[TokenLogprob]:
-    """The log-probabilities of an event's tokens (their token-id values when the request named ids)."""
-    ids = [tuple(x.logprobs) for x in event.token_ids_logprobs] or [()] * len(event.logprobs)
-    tops = list(event.top_logprobs) or [worker_pb2.TopLogprobs()] * len(event.logprobs)
-    return [TokenLogprob(lp, tuple(top.token_ids), tuple(top.logprobs), i)
-            for lp, top, i in zip(event.logprobs, tops, ids, strict=False)]
-
-
-def _prompt_logprobs_problem(flow: Flow) -> str | None:
-    """Why the prompt log-probabilities a worker sent before the first token do not fit the request, if so."""
-    spec, got = flow.spec, flow.prompt_logprobs
-    if spec.logprob_start_len is None:
-        return None
-    want = len(spec.input_ids) - 1 - spec.logprob_start_len
-    if got is None or got.start != spec.logprob_start_len or len(got.logprobs) != want:
-        return (f"the worker's prompt log-probabilities do not fit the request: expected {want} values from "
-                f"position {spec.logprob_start_len}, got "
-                + ("none" if got is None else f"{len(got.logprobs)} from position {got.start}"))
-    if (spec.top_logprobs and len(got.top_logprobs) != want) or (
-            spec.token_ids_logprob and len(got.token_ids_logprobs) != want):
-        return (f"the worker's prompt log-probabilities lack the top ones or the token ids' ({len(got.top_logprobs)} "
-                f"and {len(got.token_ids_logprobs)} of {want})")
-    return None

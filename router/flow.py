@@ -5,12 +5,14 @@ The dispatcher writes a flow's events (`("tokens", [ids])` as tokens arrive, the
 a step's new tokens: stop strings (per token over the incrementally decoded text, `check_stop`; none before
 `min_new_tokens`) and max_new_tokens (a slice when there is no stop string). Stop token ids and EOS are the
 workers' (they mask them until `min_new_tokens`). A flow whose worker is lost is moved (`move`): what it
-produced stays, and its next attempt resumes after it under another id (`worker_id`).
+produced stays, and its next attempt resumes after it under another id (`worker_id`). Where a flow is is its
+`stage` (router/stage.py), changed only by `to`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +20,10 @@ import grpc
 
 from sparsepd.proto import worker_pb2
 from sparsepd.router.params import RequestSpec
+from sparsepd.router.stage import HOLDS_DECODE, Stage, allowed
 from sparsepd.router.text import StopStrings
+
+log = logging.getLogger("sparsepd.router")
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,8 @@ class Flow:
     prompt_logprobs: worker_pb2.PromptLogprobs | None = None  # when spec.logprob_start_len is set
     prefill: object = None  # WorkerHandle
     decode: object = None  # WorkerHandle
-    reserved: bool = False  # pages and a slot held on `decode`
-    prefill_inflight: bool = False
-    first_known: bool = False  # the prefill worker's first token has been delivered
-    early: list = field(default_factory=list)  # decode events that came before the first token
-    decode_done: bool = False  # the decode worker ended the request itself (nothing to release there)
-    ended: bool = False
+    stage: Stage = Stage.QUEUED  # changed only by `to`
+    early: list = field(default_factory=list)  # decode events that came while PREFILLING (before the first token)
     outcome: Outcome | None = None
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -76,6 +77,38 @@ class Flow:
     group: list[Flow] | None = None  # n > 1: every choice's flow (this one included), prefilled once together
     attempt: int = 0  # times it was moved to other workers after one was lost (dispatch's _migrate)
     lost: str = ""  # why it was last moved
+
+    def to(self, stage: Stage) -> bool:
+        """Move to `stage` if router/stage.py's table allows it from the current one; else refuse, log the
+        violation with the request id and return False (the flow stays where it is)."""
+        if not allowed(self.stage, stage):
+            log.error("illegal stage transition %s -> %s refused (attempt %d)", self.stage.value, stage.value,
+                      self.attempt, extra={"request_id": self.request_id})
+            return False
+        self.stage = stage
+        return True
+
+    @property
+    def ended(self) -> bool:
+        return self.stage is Stage.ENDED
+
+    @property
+    def reserved(self) -> bool:
+        """Pages and a slot held on `decode`."""
+        return self.stage in HOLDS_DECODE
+
+    @property
+    def prefill_inflight(self) -> bool:
+        return self.stage is Stage.PREFILLING
+
+    @property
+    def first_known(self) -> bool:
+        """The first token has been delivered: DECODING."""
+        return self.stage is Stage.DECODING
+
+    @first_known.setter
+    def first_known(self, known: bool) -> None:  # (the same checked change as to(DECODING) / to(QUEUED))
+        self.to(Stage.DECODING if known else Stage.QUEUED)
 
     @property
     def worker_id(self) -> str:
@@ -95,11 +128,10 @@ class Flow:
         return self.members if self.attempt == 0 else [self]
 
     def move(self, why: str) -> None:
-        """Forget the workers of this attempt (the caller released what they held): the next attempt prefills
-        the prompt and the tokens produced so far, and continues them elsewhere."""
+        """Forget the workers of this attempt (the caller moved it back to QUEUED, which released what they
+        held): the next attempt prefills the prompt and the tokens produced so far, and continues them elsewhere."""
         self.attempt, self.lost = self.attempt + 1, why
         self.prefill = self.decode = None
-        self.reserved = self.prefill_inflight = self.first_known = self.decode_done = False
         self.early.clear()
 
     @property
@@ -110,6 +142,10 @@ class Flow:
     def members(self) -> list[Flow]:
         """The flows prefilled together with this one: its group, or itself."""
         return self.group if self.group is not None else [self]
+
+    def failure_message(self, why: str) -> str:
+        """A failure's message, with why the flow was moved before when it was."""
+        return f"{self.lost}; then {why}" if self.lost else why
 
     def check_stop(self, token: int) -> Outcome | None:
         """Whether `token`, just appended to output_ids, ends the request (the router's rules)."""

@@ -20,7 +20,6 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
-from sparsepd.fingerprint import add_load_arguments, deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
@@ -74,7 +73,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                                       "tokenizer files describe the model)")
     g.add_argument("--served-model-name", default=None, help="model name reported to clients (default: from the "
                                                              "preset or checkpoint)")
-    add_load_arguments(p)  # the workers' weight options: part of the fingerprint
 
 
 def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,17 +99,18 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
                         "--reservation-ttl wins (default: %(default)s)")
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, fingerprint: str) -> int:
+    """Run the router until SIGTERM. `fingerprint` is the deployment's model fingerprint, computed by the deploy
+    layer from --preset/--checkpoint/--seed and the weight options (model/fingerprint.py: the router does not
+    import the model)."""
     setup_logging("router", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
-    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
-                                         args.num_layers)
     pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls,
                       page_size=card.page_size, forget_after_s=args.forget_after, worker_wait_s=args.worker_wait)
     if not pool.all:
         log.info("no worker addresses given: waiting for workers to register (`--router HOST:PORT` on each)")
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(card.served_model_name)
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
                             reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations)
@@ -183,8 +182,3 @@ async def _shutdown(service, dispatcher: Dispatcher, health, server, grace_s: fl
     await server.stop(grace=1.0)
     await dispatcher.stop()
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sparsepd router", description=__doc__)
-    add_arguments(p)
-    return asyncio.run(serve(p.parse_args(argv)))

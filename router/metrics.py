@@ -3,7 +3,8 @@
 Counted as requests go: requests by how they ended, prompt and generated tokens, time to first token,
 time per output token, P→D transfer bytes and time, requests moved after a worker was lost. Read at scrape
 time: the admission queue, requests in flight, and per worker the pages in use and free, running and
-waiting requests, liveness.
+waiting requests, liveness. SGLang's metrics (`sglang:*`) are exported beside these on the same endpoint
+(router/sglang_metrics.py).
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sparsepd.router.sglang_metrics import SglangRequestMetrics, SglangWorkerCollector
+
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class RouterMetrics:
-    def __init__(self):
+    def __init__(self, model_name: str = ""):
+        """model_name: the served model's name (SGLang's `model_name` label)."""
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         r, ns = self.registry, "sparsepd_router"
         self.requests = Counter("requests", "Requests that ended, by finish reason or error status", ["outcome"],
                                 namespace=ns, registry=r)
@@ -35,11 +40,13 @@ class RouterMetrics:
                                           namespace=ns, registry=r, buckets=LATENCY_BUCKETS_S)
         self.migrations = Counter("migrations", "Requests moved to other workers after theirs was lost, by the role "
                                   "of the lost worker", ["cause"], namespace=ns, registry=r)
+        self.sglang = SglangRequestMetrics(r, model_name)
         self.server = None
 
     def watch(self, dispatcher) -> None:
         """Report the dispatcher's queue and workers at every scrape."""
         self.registry.register(_LiveCollector(dispatcher))
+        self.registry.register(SglangWorkerCollector(dispatcher, self.model_name))
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (/metrics); return its port."""
@@ -56,11 +63,14 @@ class RouterMetrics:
         self.admitted_requests.inc()
         self.prompt_tokens.inc(prompt_tokens)
 
-    def generated(self, n: int) -> None:
+    def generated(self, n: int, gap_s: float | None = None) -> None:
+        """n tokens delivered, gap_s after the request's previous ones (None: its first)."""
         self.generated_tokens.inc(n)
+        self.sglang.generated(n, gap_s)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+        self.sglang.first_token(seconds)
 
     def transfer(self, num_bytes: int, seconds: float) -> None:
         self.transfer_bytes.inc(num_bytes)
@@ -75,6 +85,7 @@ class RouterMetrics:
         n = len(flow.output_ids)
         if n > 1 and flow.last_token_at > flow.first_token_at:
             self.tpot.observe((flow.last_token_at - flow.first_token_at) / (n - 1))
+        self.sglang.ended(flow)
 
 
 class _LiveCollector(Collector):

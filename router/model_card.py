@@ -4,7 +4,7 @@ stop strings).
 
 A card comes from a checkpoint directory (its `config.json`, and `tokenizer.json` /
 `tokenizer_config.json` when present) or from a preset. The router may not import the model package
-(DESIGN.md §2), so the presets' numbers are repeated in `PRESETS`; a test holds them equal to
+(docs/DESIGN.md §2), so the presets' numbers are repeated in `PRESETS`; a test holds them equal to
 `sparsepd.model.config.PRESETS`. The `tiny` preset ships real Hugging Face tokenizer files under
 `router/models/tiny/` (byte-level: id i < 256 is byte i), written by `write_byte_level_files`; a test
 regenerates them and compares bytes.

@@ -1,4 +1,4 @@
-"""The public gRPC service (SGLang's `SglangScheduler`, DESIGN.md §3), thin: validate, convert, submit,
+"""The public gRPC service (SGLang's `SglangScheduler`, docs/DESIGN.md §5), thin: validate, convert, submit,
 stream. Dispatch and the workers are behind `Dispatcher`; this file only speaks the public messages.
 
 The API is open to any client; what it says about the deployment's inside (worker addresses, their errors,

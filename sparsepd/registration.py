@@ -1,4 +1,4 @@
-"""Workers started with `--router HOST:PORT` announce themselves to the router (DESIGN.md §3: each worker
+"""Workers started with `--router HOST:PORT` announce themselves to the router (docs/DESIGN.md §5: each worker
 registers its endpoints and capacity at start) and keep doing so every heartbeat, so a router that
 restarts, or one that had marked the worker dead, learns of it again without anyone re-listing addresses.
 """

@@ -1,4 +1,4 @@
-"""P→D state transfer over real zmq sockets on 127.0.0.1 and ipc:// (DESIGN.md §3, §7 invariant 3).
+"""P→D state transfer over real zmq sockets on 127.0.0.1 and ipc:// (docs/DESIGN.md §5, §10 invariant 3).
 
 A real state exported by one engine arrives bit for bit in another, which then decodes the same tokens
 as if it had never moved; many transfers fly at once; large tensors split into frames; every bad

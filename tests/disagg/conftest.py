@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparsepd.launch import start, stop
+from sparsepd.deploy.launch import start, stop
 
 WORKER_ARGS = ["--preset", "tiny", "--num-slots", "24", "--max-batch-tokens", "256", "--num-pages", "256"]
 

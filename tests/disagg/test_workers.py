@@ -126,7 +126,7 @@ def test_reservation_without_state_expires_and_frees_pages(workers):
 
 
 def test_dead_decode_worker_fails_the_request_and_frees_prefill_pages(workers):
-    from sparsepd.launch import start, stop
+    from sparsepd.deploy.launch import start, stop
 
     doomed = start("doomed-decode", ["decode-worker", "--preset", "tiny", "--num-pages", "64"])
 

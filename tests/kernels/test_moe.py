@@ -7,6 +7,7 @@ bit for bit, then the same checks with packed e2m1 weights, against `moe_fp4_ref
 exact, so the bound is the bf16/fp16 one of `moe`).
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -381,7 +382,7 @@ def check_fp4_against_fp64(got, x, weights, indices, w, limit, what):
 
 FP4_SMALL = dict(E=8, dim=64, inter=96)  # inter 96 = 3 scale groups: masked K tails at block_k 64 and 128
 FP4_CONFIGS = [MoEConfig(16, 32, 32), MoEConfig(32, 16, 64, num_warps=2), MoEConfig(16, 64, 128),
-               MoEConfig(16, 32, 64, fp4_dot_scaled=False)]
+               MoEConfig(16, 32, 64, fp4_unpack="bits")]
 
 
 @pytest.mark.parametrize("routing", ["topk", "hash"])
@@ -436,9 +437,9 @@ def test_fp4_bad_inputs_are_refused():
 
 @needs_gpu
 @pytest.mark.parametrize("preset, E", [("bench", None), ("v4-flash", 32)])  # V4-Flash's expert dims, 32 experts
-@pytest.mark.parametrize("T", [1, 64, 256])
-@pytest.mark.parametrize("dot_scaled", [True, False])
-def test_fp4_gpu_bf16(T, preset, E, dot_scaled):
+@pytest.mark.parametrize("T", [1, 64, 256, 2048])  # 2048: the prefill tiles
+@pytest.mark.parametrize("unpack", ["dot_scaled", "bits", "ptx"])
+def test_fp4_gpu_bf16(T, preset, E, unpack):
     cfg = get_preset(preset)
     if E is not None:
         cfg = get_preset(preset, n_routed_experts=E)
@@ -447,7 +448,7 @@ def test_fp4_gpu_bf16(T, preset, E, dot_scaled):
     w = make_fp4_weights(seed, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, "cuda", scale_bytes=(119, 125))
     x = x.to(torch.bfloat16)
     config = default_moe_fp4_config(T * cfg.n_activated_experts, cfg.n_routed_experts, x.dtype)
-    config = MoEConfig(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages, dot_scaled)
+    config = dataclasses.replace(config, fp4_unpack=unpack)
     out = torch.full((T, cfg.n_activated_experts, cfg.dim), float("nan"), device="cuda")
     y = moe_fp4(x, weights, indices, *w, cfg.swiglu_limit, out=out, config=config)
     assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, "(token, slot) rows left unwritten"

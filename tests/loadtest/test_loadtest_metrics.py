@@ -184,7 +184,7 @@ def test_length_and_sweep_parsing():
     (["--request-rate", "0"], "request_rate"),
 ])
 def test_bad_options_are_refused_by_name(argv, why):
-    from sparsepd.cli import build_parser
+    from sparsepd.deploy.cli import build_parser
     from sparsepd.loadtest.main import config_from_args
 
     with pytest.raises(ValueError, match=why):

@@ -143,7 +143,7 @@ def test_turn_table_and_summary_lines():
     (["--user-len", "8"], "--user-len is for --workload multi-turn"),
 ])
 def test_bad_multi_turn_options_are_refused_by_name(argv, why):
-    from sparsepd.cli import build_parser
+    from sparsepd.deploy.cli import build_parser
     from sparsepd.loadtest.main import config_from_args
 
     with pytest.raises(ValueError, match=why):
@@ -151,7 +151,7 @@ def test_bad_multi_turn_options_are_refused_by_name(argv, why):
 
 
 def test_cli_defaults_and_options_reach_the_config():
-    from sparsepd.cli import build_parser
+    from sparsepd.deploy.cli import build_parser
     from sparsepd.loadtest.main import config_from_args
 
     def cfg(*argv):
@@ -290,7 +290,7 @@ def test_context_stops_and_the_time_bound_are_counted():
 
 
 def test_help_explains_the_multi_turn_options(capsys):
-    from sparsepd.cli import main
+    from sparsepd.deploy.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["loadtest", "--help"])

@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from sparsepd.cli import main
-from sparsepd.launch import start, stop
+from sparsepd.deploy.cli import main
+from sparsepd.deploy.launch import start, stop
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 

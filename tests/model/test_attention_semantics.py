@@ -1,4 +1,4 @@
-"""The indexer really selects, and the attention sink behaves as dsv4-spec.md says."""
+"""The indexer really selects, and the attention sink behaves as docs/dsv4-spec.md says."""
 
 from __future__ import annotations
 

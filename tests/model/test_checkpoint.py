@@ -211,7 +211,7 @@ def test_transformers_reads_the_config_alike(published):
 
 
 def test_the_published_v4_flash_config_maps_to_the_preset(tmp_path):
-    """The V4-Flash numbers (dsv4-spec.md; compress_ratios ships with one entry per MTP layer too)."""
+    """The V4-Flash numbers (docs/dsv4-spec.md; compress_ratios ships with one entry per MTP layer too)."""
     config = {**CONFIG, "vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43, "num_hash_layers": 3,
               "num_attention_heads": 64, "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024,
               "o_groups": 8, "o_lora_rank": 1024, "sliding_window": 128,

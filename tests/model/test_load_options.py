@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import prompt
 
-from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.load_options import (
     LoadOptions,
@@ -116,7 +116,7 @@ def test_the_fingerprint_names_the_weight_options_and_needs_no_torch():
         "bench", None, 0, **LoadOptions(load_format="dummy", num_layers=2).model_dump())
     code = ("import sys, argparse; import sparsepd.router.main as m; p = argparse.ArgumentParser(); "
             "m.add_arguments(p); a = p.parse_args(['--load-format', 'dummy', '--num-layers', '2']); "
-            "from sparsepd.fingerprint import deployment_fingerprint as f; "
+            "from sparsepd.model.fingerprint import deployment_fingerprint as f; "
             "print(f(a.preset, a.checkpoint, a.seed, a.load_format, a.dtype, a.num_layers)); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "router"))
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
-from sparsepd.launch import Child, start, stop  # noqa: E402
+from sparsepd.deploy.launch import Child, start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 __all__ = ["Fleet", "channel", "collect", "generate_request", "outcome_of", "reference", "router_counts",

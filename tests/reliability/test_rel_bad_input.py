@@ -25,7 +25,7 @@ from router_helpers import (  # noqa: E402
     wait_all_free,
 )
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 GENERATE = "/sglang.grpc.scheduler.SglangScheduler/Generate"

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from rel_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 # Each decode worker holds every stream alone (16 × ≤ 8 pages of 16 tokens) while the other restarts. The

@@ -34,7 +34,7 @@ from rel_helpers import (  # noqa: E402
     wait_worker_free,
 )
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 SLOW_DECODE = {"SPARSEPD_FAULTS": "decode.step=delay:0.05"}

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "router"))
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 REQUESTS = 5000

@@ -1,4 +1,4 @@
-"""`sparsepd serve` supervises its processes (sparsepd/supervisor.py):
+"""`sparsepd serve` supervises its processes (deploy/supervisor.py):
 
 - the policy on stand-in processes: a child that exits is started again after a doubling backoff, each
   restart counted; one that dies more than max_restarts times within the window is given up on, naming it;
@@ -28,9 +28,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from rel_helpers import channel, generate_request, outcome_of, reference, run, stub_of, wait_all_free  # noqa: E402
 
-from sparsepd.launch import Child, LaunchError, start, stop  # noqa: E402
+from sparsepd.deploy.launch import Child, LaunchError, start, stop  # noqa: E402
+from sparsepd.deploy.supervisor import RestartPolicy, Supervisor  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
-from sparsepd.supervisor import RestartPolicy, Supervisor  # noqa: E402
 
 
 def _sleeper(name: str):

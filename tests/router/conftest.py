@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import WORKER_ARGS, start_router  # noqa: E402
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 
 
 @pytest.fixture(scope="module")

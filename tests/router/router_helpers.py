@@ -9,7 +9,7 @@ import time
 import grpc
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env
-from sparsepd.launch import Child, start, stop
+from sparsepd.deploy.launch import Child, start, stop
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import WORKER_ARGS, channel, collect, generate_request, run, start_router, stub_of  # noqa: E402
 
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 

@@ -18,10 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
+from sparsepd.deploy.launch import stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.grammar import Grammar, Grammars, Vocabulary  # noqa: E402
-from sparsepd.launch import stop  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
@@ -129,7 +129,7 @@ def test_abort_of_a_grammar_request_mid_stream_frees_everything(deployment):
 def gateway(deployment):
     pytest.importorskip("smg", reason="the gateway test needs the http extra: pip install 'sparsepd[http]'")
     openai = pytest.importorskip("openai")
-    from sparsepd.router.serve import start_gateway
+    from sparsepd.deploy.serve import start_gateway
 
     child = start_gateway(deployment["router"], 0, timeout_s=120)
     try:

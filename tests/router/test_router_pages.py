@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import channel, collect, generate_request, run, start_router, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.launch import start, stop  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402

@@ -26,7 +26,7 @@ from router_helpers import (  # noqa: E402
 )
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
-from sparsepd.launch import start, stop  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 from sparsepd.router.workers import WorkerPool  # noqa: E402
 

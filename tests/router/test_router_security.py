@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from router_helpers import WORKER_ARGS, collect, generate_request, run, start_router, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.cluster_token import METADATA_KEY, AuthorizedStub, derive_key, token_from_env  # noqa: E402
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.engine import Engine  # noqa: E402
 from sparsepd.engine.pools import PoolConfig  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.launch import start, stop  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402

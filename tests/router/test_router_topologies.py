@@ -21,9 +21,9 @@ from logprob_helpers import IDS, TOP, check_input, check_output, check_streamed,
 from logprob_helpers import reference as logprob_reference  # noqa: E402
 from router_helpers import WORKER_ARGS, channel, collect, generate_request, run, stub_of, wait_all_free  # noqa: E402
 
+from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.launch import start, stop  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402

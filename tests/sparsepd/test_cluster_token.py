@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from sparsepd.cli import main as cli_main
 from sparsepd.cluster_token import (
     METADATA_KEY,
     TOKEN_ENV,
@@ -20,8 +19,9 @@ from sparsepd.cluster_token import (
     token_from_args,
     token_matches,
 )
-from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.deploy.cli import main as cli_main
 from sparsepd.model.config import get_preset
+from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.proto.transfer import model_fingerprint
 
 
@@ -80,14 +80,14 @@ def test_the_routers_fingerprint_is_the_workers_and_needs_no_torch():
     cfg = get_preset("tiny")
     assert deployment_fingerprint("tiny", None, 0) == model_fingerprint(cfg, extra="seed=0;checkpoint=None")
     assert deployment_fingerprint("tiny", None, 7) != deployment_fingerprint("tiny", None, 0)
-    code = ("import sys; import sparsepd.router.main; from sparsepd.fingerprint import deployment_fingerprint; "
+    code = ("import sys; import sparsepd.router.main; from sparsepd.model.fingerprint import deployment_fingerprint; "
             "deployment_fingerprint('tiny', None, 0); assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
 
 
 def test_serve_hands_its_children_the_given_token_or_a_new_one(tmp_path, monkeypatch):
-    from sparsepd.router.serve import add_arguments, children_env
+    from sparsepd.deploy.serve import add_arguments, children_env
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -1,5 +1,10 @@
-"""The repository's top-level folders install as the sparsepd.* namespace (DESIGN.md §2), and
-dependencies point one way (STYLE.md): kernels ← model ← engine ← workers/router."""
+"""The repository's top-level folders install as the sparsepd.* namespace, and dependencies point one way
+(docs/DESIGN.md §2, "Layers"): deploy → roles → engine → model → kernels, and under all of them the floor
+(sparsepd/ and proto/), which imports nothing above it. Every package folder is checked, its imports in any
+form: `import`, `from … import`, at module level or inside a function, and `importlib.import_module`,
+`__import__` and `importlib.util.find_spec` with a constant name (a name the test cannot read is allowed only
+where everything is: the deploy layer).
+"""
 
 import ast
 import importlib
@@ -14,12 +19,78 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"sparsepd": "sparsepd", "sparsepd.kernels": "kernels", "sparsepd.model": "model",
             "sparsepd.engine": "engine", "sparsepd.proto": "proto", "sparsepd.prefill_worker": "prefill_worker",
             "sparsepd.decode_worker": "decode_worker", "sparsepd.router": "router",
-            "sparsepd.loadtest": "loadtest"}
-# What each package may import from the project (besides itself and sparsepd's root).
-WORKER = {"kernels", "model", "engine", "proto"}
-ALLOWED = {"kernels": set(), "model": {"kernels"}, "engine": {"kernels", "model"}, "proto": set(),
-           "prefill_worker": WORKER, "decode_worker": WORKER, "router": {"proto"},
-           "loadtest": {"proto"}}
+            "sparsepd.loadtest": "loadtest", "sparsepd.deploy": "deploy"}
+FOLDERS = set(PACKAGES.values())
+FLOOR = {"sparsepd", "proto"}
+WORKER = FLOOR | {"engine", "model", "kernels"}
+# What a module in each folder may import from the project (its own folder included).
+MAY_IMPORT = {
+    "sparsepd": FLOOR,
+    "proto": FLOOR,
+    "kernels": FLOOR | {"kernels"},
+    "model": FLOOR | {"model", "kernels"},
+    "engine": FLOOR | {"engine", "model", "kernels"},
+    "prefill_worker": WORKER | {"prefill_worker"},
+    "decode_worker": WORKER | {"decode_worker"},
+    "router": FLOOR | {"router"},
+    "loadtest": FLOOR | {"loadtest"},
+    "deploy": FOLDERS,
+}
+# `python -m sparsepd` runs sparsepd/__main__.py: the deploy layer's entry point, though Python wants it there.
+LAYER_OF_FILE = {"sparsepd/__main__.py": "deploy"}
+DYNAMIC = {"import_module", "__import__", "find_spec"}
+
+
+def _target(name: str) -> str | None:
+    """The folder a dotted module name lives in, None outside the project; a bare folder name is an error."""
+    parts = name.split(".")
+    if parts[0] in FOLDERS - {"sparsepd"}:
+        raise AssertionError(f"bare import {name!r}; use sparsepd.{name}")
+    if parts[0] != "sparsepd":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in FOLDERS else "sparsepd"
+
+
+def imports_of(source: str, package: str) -> list[tuple[int, str | None]]:
+    """(line, dotted name) of every import the source makes; name None for a dynamic import of a name the test
+    cannot read."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package's own folder
+                base = ".".join(["sparsepd", package, *([base] if base else [])]) if package != "sparsepd" else (
+                    ".".join(["sparsepd", *([base] if base else [])]))
+            found.append((node.lineno, base))
+            if base == "sparsepd":  # `from sparsepd import engine` imports a package
+                found += [(node.lineno, f"sparsepd.{a.name}") for a in node.names if a.name in FOLDERS]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+            if name in DYNAMIC and node.args:
+                arg = node.args[0]
+                found.append((node.lineno, arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+                              else None))
+    return found
+
+
+def violations(source: str, package: str, layer: str, where: str) -> list[str]:
+    out = []
+    for line, name in imports_of(source, package):
+        if name is None:
+            if MAY_IMPORT[layer] != FOLDERS:
+                out.append(f"{where}:{line}: a dynamic import of a name this test cannot read")
+            continue
+        try:
+            target = _target(name)
+        except AssertionError as exc:
+            out.append(f"{where}:{line}: {exc}")
+            continue
+        if target is not None and target not in MAY_IMPORT[layer]:
+            out.append(f"{where}:{line}: {layer} imports {name} ({target} is not below it)")
+    return out
 
 
 def test_every_subpackage_resolves_to_its_folder():
@@ -28,24 +99,45 @@ def test_every_subpackage_resolves_to_its_folder():
         assert Path(module.__file__).resolve().parent == ROOT / folder, name
 
 
-def test_every_top_level_package_folder_is_mapped():
+def test_every_top_level_package_folder_is_mapped_and_layered():
     folders = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert folders == set(PACKAGES.values()), folders ^ set(PACKAGES.values())
+    assert folders == FOLDERS, folders ^ FOLDERS
+    assert set(MAY_IMPORT) == FOLDERS
 
 
-@pytest.mark.parametrize("package", sorted(ALLOWED))
+@pytest.mark.parametrize("package", sorted(FOLDERS))
 def test_imports_point_one_way(package):
-    for path in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            for name in names:
-                parts = name.split(".")
-                if parts[0] in set(PACKAGES.values()) - {"sparsepd"}:
-                    pytest.fail(f"{path}: bare import {name!r}; use sparsepd.{name}")
-                if parts[0] == "sparsepd" and len(parts) > 1 and parts[1] in PACKAGES.values():
-                    target = parts[1]
-                    assert target == package or target in ALLOWED[package], f"{path} imports {name}"
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        found += violations(path.read_text(), package, LAYER_OF_FILE.get(rel, package), rel)
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source, package, bad", [
+    ("from sparsepd.engine.config import EngineConfig", "router", "router imports sparsepd.engine.config"),
+    ("def f():\n    from sparsepd.model.config import get_preset", "sparsepd", "sparsepd imports sparsepd.model"),
+    ("import importlib\nimportlib.import_module('sparsepd.kernels.topk')", "proto", "proto imports sparsepd.kernels"),
+    ("from importlib import import_module\nimport_module(name)", "loadtest", "a dynamic import"),
+    ("__import__('sparsepd.deploy.launch')", "loadtest", "loadtest imports sparsepd.deploy"),
+    ("from sparsepd import deploy", "engine", "engine imports sparsepd.deploy"),
+    ("from sparsepd.engine import scheduler", "model", "model imports sparsepd.engine"),
+    ("import router.flow", "router", "bare import"),
+    ("from sparsepd.decode_worker.worker import DecodeWorker", "prefill_worker", "prefill_worker imports"),
+])
+def test_the_check_sees_every_form_of_import(source, package, bad):
+    found = violations(source, package, package, "x.py")
+    assert len(found) == 1 and bad in found[0], found
+
+
+@pytest.mark.parametrize("source, package", [
+    ("from sparsepd.proto import worker_pb2\nfrom sparsepd.grammar import Grammar", "router"),
+    ("from sparsepd.engine.args import add_engine_args\nfrom sparsepd import __version__", "decode_worker"),
+    ("import importlib\nimportlib.import_module(module)", "deploy"),
+    ("import importlib.util\nimportlib.util.find_spec('smg')", "loadtest"),
+])
+def test_the_check_lets_allowed_imports_pass(source, package):
+    assert violations(source, package, package, "x.py") == []
 
 
 def test_wheel_contains_every_subpackage(tmp_path):

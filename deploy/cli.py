@@ -1,17 +1,28 @@
-"""The `sparsepd` command: one console script, one subcommand per role (DESIGN.md §2)."""
+"""The `sparsepd` command: one console script, one subcommand per role (docs/DESIGN.md §2).
+
+The subcommand table names each role's modules by string: `sparsepd ROLE ...` imports ROLE's argument parser
+(torch-free for every role) and, once its arguments parse, the module that runs it; no other role is
+imported. So `sparsepd router` and `sparsepd generate TEXT` (a client of a router) start without torch, and
+`sparsepd --help` imports no role at all (tests/deploy/test_torch_free.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sparsepd import __version__
+
+GENERATE_HELP = "generate text: a client of a running router, or in one process with --local"
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="generate text: a client of a running router, or in one process with --local",
+        "generate", help=GENERATE_HELP,
         description="With TEXT: a client of a running router (`sparsepd serve`): fetches its tokenizer, streams the "
                     "text to the terminal. With --local (or --prompt): single-process generation with the reference "
                     "model, printing the text, tokens/s and the per-request state size; weights are random from "
@@ -89,53 +100,99 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_parser(name: str, module: str, help_text: str) -> Callable[[argparse._SubParsersAction], None]:
-    def add(sub: argparse._SubParsersAction) -> None:
-        import importlib
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add: Callable[[argparse._SubParsersAction], None]  # adds its full parser (importing what builds it)
 
-        mod = importlib.import_module(module)
+
+def _role(name: str, arguments: str, help_text: str, run: Callable[[argparse.Namespace], int],
+          more: Callable[[argparse.ArgumentParser], None] | None = None) -> Subcommand:
+    """A subcommand whose flags are `add_arguments(p)` of the module `arguments` (its docstring is the
+    description), plus `more(p)`, and which `run` runs."""
+    def add(sub: argparse._SubParsersAction) -> None:
+        mod = importlib.import_module(arguments)
         p = sub.add_parser(name, help=help_text, description=mod.__doc__)
         mod.add_arguments(p)
-        p.set_defaults(run=lambda args: __import__("asyncio").run(mod.serve(args)))
+        if more is not None:
+            more(p)
+        p.set_defaults(run=run)
 
-    return add
-
-
-def _tool_parser(name: str, module: str, help_text: str) -> Callable[[argparse._SubParsersAction], None]:
-    """A subcommand whose module has `add_arguments(p)` and a synchronous `run(args) -> int`."""
-    def add(sub: argparse._SubParsersAction) -> None:
-        import importlib
-
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__)
-        mod.add_arguments(p)
-        p.set_defaults(run=mod.run)
-
-    return add
+    return Subcommand(name, help_text, add)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _generate_parser,
-    _worker_parser("prefill-worker", "sparsepd.prefill_worker.main", "run one prefill worker process"),
-    _worker_parser("decode-worker", "sparsepd.decode_worker.main", "run one decode worker process"),
-    _worker_parser("router", "sparsepd.router.main", "run the public gRPC router in front of given workers"),
-    _worker_parser("serve", "sparsepd.router.serve", "start the router with prefill and decode workers"),
-    _tool_parser("loadtest", "sparsepd.loadtest.main", "load-test a router: a concurrency sweep, JSONL results, plots"),
-]
+def _serve(module: str) -> Callable[[argparse.Namespace], int]:
+    """Run the coroutine `serve(args)` of `module`, imported only now."""
+    return lambda args: asyncio.run(importlib.import_module(module).serve(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _run_router(args: argparse.Namespace) -> int:
+    """The router with the deployment's model fingerprint, which the workers must match: computed here from the
+    model's configuration (torch-free), since the router does not import the model."""
+    from sparsepd.model.fingerprint import deployment_fingerprint
+    from sparsepd.router.main import serve
+
+    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
+                                         args.num_layers)
+    return asyncio.run(serve(args, fingerprint))
+
+
+def _router_load_args(p: argparse.ArgumentParser) -> None:
+    """The workers' weight options on the router's parser: part of the fingerprint the deploy layer computes
+    (model/load_options.py, torch-free; the router's own module does not import the model)."""
+    from sparsepd.model.fingerprint import add_load_arguments
+
+    add_load_arguments(p)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    """The load test, handed this layer's launcher for --launch (it starts `sparsepd serve`)."""
+    from sparsepd.deploy import launch
+    from sparsepd.loadtest.main import run
+
+    return run(args, launcher=launch)
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("generate", GENERATE_HELP, _generate_parser),
+    _role("prefill-worker", "sparsepd.prefill_worker.args", "run one prefill worker process",
+          _serve("sparsepd.prefill_worker.main")),
+    _role("decode-worker", "sparsepd.decode_worker.args", "run one decode worker process",
+          _serve("sparsepd.decode_worker.main")),
+    _role("router", "sparsepd.router.main", "run the public gRPC router in front of given workers", _run_router,
+          _router_load_args),
+    _role("serve", "sparsepd.deploy.serve", "start the router with prefill and decode workers",
+          _serve("sparsepd.deploy.serve")),
+    _role("loadtest", "sparsepd.loadtest.main", "load-test a router: a concurrency sweep, JSONL results, plots",
+          _run_loadtest),
+)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: the subcommand it names is built in full, the others only listed (name and help),
+    so that no other role is imported. Without argv, every subcommand in full."""
+    chosen = _chosen(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="sparsepd", description="Prefill/decode disaggregated serving for DeepSeek-V4-style models.")
     parser.add_argument("--version", action="version", version=f"sparsepd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(sub)
+    for command in SUBCOMMANDS:
+        if argv is None or command.name == chosen:
+            command.add(sub)
+        else:
+            sub.add_parser(command.name, help=command.help)
     return parser
 
 
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand argv names: its first argument that is not an option (the top level has only options)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()

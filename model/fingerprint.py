@@ -3,8 +3,9 @@
 tickets and states; the router computes its own and refuses any worker that registers with another (or none)
 instead of trusting the first to arrive.
 
-The router may not import the model package (DESIGN.md §2): this reads the model's config only (pydantic
-presets and a checkpoint's config.json; no torch, no weights), imported when called.
+The router may not import the model package (docs/DESIGN.md §2): the deploy layer computes the router's
+fingerprint and hands it over. This reads the model's config only (pydantic presets and a checkpoint's
+config.json; no torch, no weights), so that a router process starts without torch.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsepd.launch import Child, LaunchError, stop
+from sparsepd.deploy.launch import Child, LaunchError, stop
 
 # launch(on_spawn) starts the child, calls on_spawn(child) as soon as its process exists (so that a stop during
 # the wait for its ready line can reach it), and returns it once ready; raises LaunchError if it is not.

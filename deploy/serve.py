@@ -2,7 +2,7 @@
 prefill workers (the same commands a multi-host deployment runs by hand: the workers register with the
 router), optionally the SGLang model gateway in front for OpenAI-compatible HTTP. Waits until every process
 is ready and the router has every worker, prints where to connect, and then supervises
-(sparsepd/supervisor.py): a process that exits is reported (which one, its exit code, its last log lines)
+(deploy/supervisor.py): a process that exits is reported (which one, its exit code, its last log lines)
 and started again with backoff while the others keep serving; a restarted worker registers with the router
 again, a restarted router comes back on the same ports and the workers find it through their heartbeat.
 Serve exits on Ctrl-C/SIGTERM (0), or when one process died more than --max-restarts times within
@@ -34,13 +34,13 @@ from pathlib import Path
 import grpc
 
 from sparsepd.cluster_token import TOKEN_ENV, AuthorizedStub, add_token_args, generate_token, token_from_args
-from sparsepd.launch import Child, LaunchError, start, stop
+from sparsepd.deploy.launch import Child, LaunchError, start, stop
+from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
 from sparsepd.process import print_ready, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.router.main import add_dispatch_arguments, add_model_arguments
 from sparsepd.router.model_card import card_for
-from sparsepd.supervisor import GaveUp, RestartPolicy, Supervisor
 from sparsepd.tls import TlsConfig, cluster_channel, tls_from_args
 
 HTTP_INSTALL = "pip install 'sparsepd[http]'"
@@ -398,8 +398,3 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sparsepd serve", description=__doc__)
-    add_arguments(p)
-    return asyncio.run(serve(p.parse_args(argv)))
