@@ -72,7 +72,7 @@ def make_linear(in_dim: int, out_dim: int, dtype: torch.dtype, fp8: bool) -> Lin
 
 def grouped_linear(x: torch.Tensor, layer: Linear | Fp8Linear, groups: int) -> torch.Tensor:
     """The grouped output projection: group g of x `[n, G, in/G]` times rows g·r … (g+1)·r of the layer's weight
-    `[G·r, in/G]` → `[n, G·r]` (dsv4-spec.md "Attention", step 7).
+    `[G·r, in/G]` → `[n, G·r]` (docs/dsv4-spec.md "Attention layer", step 7).
 
     FP8: one fp8_linear a group over the weight's rows from the tile that holds row g·r to the one that holds
     row (g+1)·r − 1 (its own scale rows), keeping the group's r columns of the result; with r a multiple of 128
