@@ -9,6 +9,10 @@ over the floor, the host share (the part of the step not covered by GPU work: (w
 launches a step makes (kernel and graph launches counted by the profiler).
 
     python3 -P bench/bench_engine.py [--batches 1,8,32,64,128,256] [--context 4096] [--steps 20] [--eager]
+        [--preset bench] [--load-format auto|dummy] [--dtype auto|bf16] [--num-layers N]
+
+`--load-format dummy` builds random weights on the GPU in the quantized layout (FP8 projections, FP4 experts) at
+any preset's dimensions; `--num-layers` keeps the first N layers (what fits one GPU); the memory plan is printed.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparsepd.engine.batch import RequestChunk
 from sparsepd.engine.engine import Engine
+from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import INDEX_ROW_BYTES, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import ModelConfig, get_preset
+from sparsepd.model.config import ModelConfig
+from sparsepd.model.load_options import add_load_args, load_options_from_args, resolve_model_config
 from sparsepd.model.weights import build_model
 
 _LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -164,6 +170,7 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
     pages = batch * (-(-(context + 1040) // cfg.page_size))
     engine = Engine(model, PoolConfig(num_slots=batch, max_batch_tokens=8192, num_pages=pages), cuda_graph=cuda_graph,
                     overlap=cuda_graph)
+    plan = memory_plan(model, engine.pools)
     params = SamplingParams(max_new_tokens=1024, ignore_eos=True)  # none finishes during the run
     reqs = [engine.submit(p, params) for p in prompts(batch, context, cfg.vocab_size, seed=batch)]
     while any(r.prefilling or not r.output_ids for r in reqs):
@@ -189,21 +196,22 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
     w, experts = weight_bytes(model, batch)
     floor_bytes = w + batch * state_bytes(cfg, context)
     floor_ms = floor_bytes / bandwidth * 1e3
-    return dict(batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms, floor_ms=floor_ms,
-                floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms, launches=launches,
-                top=top, waits=waits)
+    return dict(plan=plan, batch=batch, step_ms=step_ms, tok_s=batch / step_ms * 1e3, gpu_ms=gpu_ms,
+                floor_ms=floor_ms, floor_gb=floor_bytes / 1e9, host=max(step_ms - gpu_ms, 0.0) / step_ms,
+                launches=launches, top=top, waits=waits)
 
 
 def prefill_flops(cfg: ModelConfig, model, length: int) -> float:
     """Matmul FLOPs of a prefill of `length` tokens: 2 · active weights · tokens + the attention products."""
     active = 0
     for name, p in model.named_parameters():
-        if name == "embed.weight" or "tid2eid" in name:
+        if name == "embed.weight" or "tid2eid" in name or name.endswith(".scale"):
             continue
+        values = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed FP4: two weights a byte
         if ".ffn.experts." in name:
-            active += p.numel() * cfg.n_activated_experts / cfg.n_routed_experts
+            active += values * cfg.n_activated_experts / cfg.n_routed_experts
         else:
-            active += p.numel()
+            active += values
     attn = 0
     for ratio in cfg.compress_ratios:
         keys = cfg.window + (cfg.index_topk if ratio == 4 else (length // ratio // 2 if ratio else 0))
@@ -245,13 +253,17 @@ def main() -> None:
                     help="print the N kernels that take the most GPU time in one prefill")
     ap.add_argument("--profile-batch", type=int, default=0, metavar="B",
                     help="print the 15 kernels that take the most GPU time in a decode step at batch B")
+    ap.add_argument("--preset", default="bench", help="model preset (default: bench)")
+    add_load_args(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = get_preset("bench")
+    options = load_options_from_args(args)
+    cfg = resolve_model_config(args.preset, None, options)
     t = time.perf_counter()
-    model = build_model(cfg, seed=0, device="cuda")
+    model = build_model(cfg, seed=0, device="cuda", load_format=options.load_format)
     bandwidth, rate = copy_bandwidth(), matmul_rate()
-    print(f"# bench preset on {torch.cuda.get_device_name()}, built in {time.perf_counter() - t:.1f} s; "
+    print(f"# {cfg.name} ({cfg.n_layers} layers, weight_format {cfg.weight_format}) on {torch.cuda.get_device_name()}, "
+          f"built in {time.perf_counter() - t:.1f} s; "
           f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     pre = prefill_point(model, args.prefill, args.profile_prefill)
     achieved = pre["flops"] / (pre["ms"] / 1e3)
@@ -259,6 +271,7 @@ def main() -> None:
           f"{achieved / 1e12:.0f} TFLOP/s = {achieved / rate:.0%} of the bf16 matmul rate", flush=True)
     if pre["top"]:
         print_top(pre["top"])
+
     print(f"\ndecode at {args.context}-token contexts\n")
     print("| mode | batch | step ms | decode tokens/s | GPU ms | floor ms (GB) | step / floor | host share | "
           "launches / step |")
@@ -275,6 +288,8 @@ def main() -> None:
             tops.append((b, r["top"]))
             for key, count, ms in r["waits"]:
                 print(f"  batch {b}: host call {key}: {count} a step, {ms:.3f} ms", flush=True)
+            plan = r["plan"]
+    print(f"\nmemory plan at the largest batch:\n{plan}", flush=True)
     for b, top in tops:
         if top:
             print(f"\nkernels of a decode step at batch {b} (graph replay, per step):")

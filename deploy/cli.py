@@ -49,7 +49,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference loop (one request, no pools) instead of the paged engine")
-    from sparsepd.model.load_options import add_load_args
+    from sparsepd.load_flags import add_load_args
 
     add_load_args(p)
     p.set_defaults(run=_run_generate)
@@ -140,10 +140,10 @@ def _run_router(args: argparse.Namespace) -> int:
 
 def _router_load_args(p: argparse.ArgumentParser) -> None:
     """The workers' weight options on the router's parser: part of the fingerprint the deploy layer computes
-    (model/load_options.py, torch-free; the router's own module does not import the model)."""
-    from sparsepd.model.fingerprint import add_load_arguments
+    (the flags live in the floor: sparsepd/load_flags.py; the router's own module does not import the model)."""
+    from sparsepd.load_flags import add_load_args
 
-    add_load_arguments(p)
+    add_load_args(p)
 
 
 def _run_loadtest(args: argparse.Namespace) -> int:

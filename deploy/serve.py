@@ -36,6 +36,7 @@ import grpc
 from sparsepd.cluster_token import TOKEN_ENV, AuthorizedStub, add_token_args, generate_token, token_from_args
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
 from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
+from sparsepd.load_flags import add_load_args
 from sparsepd.process import print_ready, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated devices handed to the workers in turn (decode first), e.g. cuda:0,cuda:1; "
                         "auto = every CUDA device, or cpu when there is none (default: %(default)s)")
     add_model_arguments(p)
+    add_load_args(p)  # handed to the router (its fingerprint) and every worker
     w = p.add_argument_group("workers (passed to every worker; defaults are the workers')")
     w.add_argument("--seed", type=int, default=None, help="random-weight seed")
     w.add_argument("--num-slots", type=int, default=None, help="requests holding state at once, per worker")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparsepd.model.load_options import add_load_args
+from sparsepd.load_flags import add_load_args
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

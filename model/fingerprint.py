@@ -24,11 +24,3 @@ def deployment_fingerprint(preset: str, checkpoint: str | None, seed: int, load_
     cfg = resolve_model_config(preset, checkpoint, options)
     dummy = ";load_format=dummy" if load_format == "dummy" else ""  # other weights than the host's random ones
     return model_fingerprint(cfg, extra=f"seed={seed};checkpoint={checkpoint}{dummy}")
-
-
-def add_load_arguments(p) -> None:
-    """The weight flags (model/load_options.py) on a process that needs them only for the fingerprint (the
-    router), without importing the model package at import time."""
-    from sparsepd.model.load_options import add_load_args
-
-    add_load_args(p)

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsepd.load_flags import add_load_args  # noqa: F401  (re-exported)
 from sparsepd.model.checkpoint_config import read_checkpoint_config, read_weight_format
 from sparsepd.model.config import ModelConfig, get_preset, quantized_format, with_num_layers
 
@@ -54,21 +55,6 @@ def resolve_model_config(preset: str, checkpoint: str | None, options: LoadOptio
             fmt = quantized_format(cfg) if stored.expert_dtype == "fp4" else "fp8"
             return cfg.model_copy(update={"weight_format": fmt})
     return cfg
-
-
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("weights")
-    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
-                   help="auto: the --checkpoint's weights, else random ones from --seed made on the host; dummy: "
-                        "random weights made on the device in the quantized layout, no files read (a checkpoint's "
-                        "config.json only), at any preset's size (default: auto)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: quantized checkpoints and dummy weights stay FP8 (projections) and FP4 (routed "
-                        "experts) in memory; bf16/fp32: every weight dequantized to that dtype, the reference "
-                        "path (default: auto)")
-    g.add_argument("--num-layers", type=int, default=None, metavar="N",
-                   help="only the first N layers of the preset (or config.json), the pattern of layer kinds kept; "
-                        "with --load-format dummy or random weights (default: all)")
 
 
 def load_options_from_args(args: argparse.Namespace) -> LoadOptions:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from sparsepd.engine.config import EngineConfig
 from sparsepd.model.checkpoint_config import CheckpointConfigError, read_checkpoint_config
 from sparsepd.model.config import ModelConfig, get_preset
+from sparsepd.model.load_options import LoadOptions
 from sparsepd.model.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import CheckpointError, build_model, load_checkpoint
@@ -164,7 +165,11 @@ def test_published_checkpoint_gives_the_logits_of_its_dequantized_weights(publis
 def test_worker_config_and_tokenizer_come_from_the_directory(published):
     directory, _ = published
     cfg = expected_config(directory)
-    assert EngineConfig(preset="bench", checkpoint=str(directory)).resolve_model_config() == cfg
+    # A quantized checkpoint stays quantized (FP8 projections; experts 48 wide cannot be FP4); --dtype bf16: plain.
+    assert (EngineConfig(preset="bench", checkpoint=str(directory)).resolve_model_config()
+            == cfg.model_copy(update={"weight_format": "fp8"}))
+    bf16 = LoadOptions(dtype="bf16")
+    assert EngineConfig(preset="bench", checkpoint=str(directory), load=bf16).resolve_model_config() == cfg
     tok = load_tokenizer(cfg, directory)
     assert isinstance(tok, HFTokenizer)
     assert tok.encode("héllo, V4") == ByteTokenizer(260, 256, 257).encode("héllo, V4")

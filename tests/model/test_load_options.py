@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import prompt
 
-from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.model.config import ModelConfig, get_preset
+from sparsepd.model.fingerprint import deployment_fingerprint
 from sparsepd.model.load_options import (
     LoadOptions,
     add_load_args,
@@ -114,8 +114,8 @@ def test_the_fingerprint_names_the_weight_options_and_needs_no_torch():
     assert len(prints) == 5
     assert deployment_fingerprint("bench", None, 0, "dummy", "auto", 2) == deployment_fingerprint(
         "bench", None, 0, **LoadOptions(load_format="dummy", num_layers=2).model_dump())
-    code = ("import sys, argparse; import sparsepd.router.main as m; p = argparse.ArgumentParser(); "
-            "m.add_arguments(p); a = p.parse_args(['--load-format', 'dummy', '--num-layers', '2']); "
+    code = ("import sys; from sparsepd.deploy.cli import build_parser; "
+            "a = build_parser(['router']).parse_args(['router', '--load-format', 'dummy', '--num-layers', '2']); "
             "from sparsepd.model.fingerprint import deployment_fingerprint as f; "
             "print(f(a.preset, a.checkpoint, a.seed, a.load_format, a.dtype, a.num_layers)); "
             "assert 'torch' not in sys.modules, 'torch imported'")

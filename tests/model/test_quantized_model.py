@@ -19,6 +19,10 @@ import pytest
 import torch
 from helpers import prompt
 
+from sparsepd.engine.engine import Engine
+from sparsepd.engine.generate import generate
+from sparsepd.engine.pools import PoolConfig
+from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.moe import dequant_fp4
 from sparsepd.model import moe as moe_module
 from sparsepd.model.config import get_preset
@@ -166,3 +170,15 @@ def test_fp4_views_follow_the_stacks_when_moved(models):
     assert moe.experts[e].w2.weight.data_ptr() == w2[e].data_ptr()
     assert moe.experts[e].w2.scale.data_ptr() == s2[e].data_ptr()
 
+
+
+def test_the_engine_batches_the_quantized_model_like_one_request_at_a_time(models):
+    """Continuous batching with chunked prefill (pools, paged attention) gives each prompt the tokens of the plain
+    reference loop on the quantized model."""
+    quantized, _ = models
+    prompts = [prompt(n, seed=20 + n).tolist() for n in (5, 37, 90)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = Engine(quantized, PoolConfig(num_slots=4, max_batch_tokens=48, num_pages=64))
+    got = [r.output_ids for r in engine.generate(prompts, params)]
+    assert got == [generate(quantized, p, params).output_ids for p in prompts]
+    assert engine.is_idle_and_empty()

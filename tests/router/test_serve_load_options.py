@@ -7,9 +7,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from sparsepd.deploy.launch import start, stop
 from sparsepd.engine.generate import generate_with_engine
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.launch import start, stop
 from sparsepd.model.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.tokenizer import ByteTokenizer
 from sparsepd.model.weights import build_model
