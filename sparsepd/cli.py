@@ -55,6 +55,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from sparsepd.model.config import get_preset
     from sparsepd.model.tokenizer import load_tokenizer
     from sparsepd.model.weights import build_model, read_config
+    from sparsepd.router.model_card import card_for
 
     cfg = (read_config(args.checkpoint) if args.checkpoint else None) or get_preset(args.preset)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -66,12 +67,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(f"building {cfg.name} ({cfg.n_layers} layers, dim {cfg.dim}) on {args.device} ...", file=sys.stderr)
     model = build_model(cfg, seed=args.seed, checkpoint=args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(cfg, args.checkpoint)
-    prompt_ids = tokenizer.encode(args.prompt)
+    encoder = card_for(args.preset, args.checkpoint).prompt_encoder()  # the router's rule for text, when it has one
+    prompt_ids = encoder.encode(args.prompt) if encoder is not None else tokenizer.encode(args.prompt)
     if args.reference:
         result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
     else:
         result = generate_with_engine(model, prompt_ids, params, args.prefill_chunk)
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
+    print(f"prompt ids: {prompt_ids}")
     print(f"output: {tokenizer.decode(result.output_ids)!r}")
     print(f"tokens: {result.output_ids}")
     print(f"finish: {result.finish_reason}; prefill {result.prefill_s * 1e3:.1f} ms "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 
+import grpc
 import pytest
 
 from sparsepd.engine.generate import generate, generate_with_engine
@@ -62,18 +63,72 @@ def _post(url: str, body: dict) -> bytes:
         return r.read()
 
 
+def _lines(stream: str, prefix: str) -> list[str]:
+    return [line[len(prefix):] for line in stream.splitlines() if line.startswith(prefix)]
+
+
 def test_generate_is_a_client_of_the_served_router(served, greedy):
     out = subprocess.run([sys.executable, "-m", "sparsepd", "generate", "Hello", "--router", served.ready["grpc"],
                           "--max-new-tokens", "8", "--ignore-eos"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    ids, text = greedy([256, *b"Hello"], 8)
+    ids, text = greedy(list(b"Hello"), 8)
     assert out.stdout == text + "\n"
-    assert f"tokens: {ids}" in out.stderr and "finish: length" in out.stderr
+    assert _lines(out.stderr, "tokens: ") == [str(ids)] and "finish: length" in out.stderr
+
+
+def test_one_prompt_gives_the_same_ids_on_every_path(served, greedy):
+    """The same text through the router's original_text, the gateway's /generate (text) and /v1/completions,
+    `sparsepd generate` as a client and with --local, and the load test: one prompt, the ids the tokenizer's
+    own configuration gives (tiny's tokenizer_config.json: add_bos_token false, as the gateway encodes a
+    completion), so one greedy output."""
+    from sparsepd.loadtest.client import generate_request, send
+    from sparsepd.loadtest.workload import Prompt
+    from sparsepd.proto import sglang_scheduler_pb2 as pb
+    from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+    text, new = "Hello", 8
+    prompt = card_for("tiny").prompt_encoder().encode(text)
+    assert prompt == list(b"Hello")
+    want, _ = greedy(prompt, new)
+    seen: dict[str, tuple[list[int] | int, list[int]]] = {}  # path: (prompt ids, or their count; output ids)
+
+    async def grpc_paths():
+        async with grpc.aio.insecure_channel(served.ready["grpc"]) as channel:
+            stub = pb_grpc.SglangSchedulerStub(channel)
+            request = pb.GenerateRequest(
+                tokenized=pb.TokenizedInput(original_text=text), return_logprob=True, logprob_start_len=0,
+                sampling_params=pb.SamplingParams(temperature=0, top_p=1, max_new_tokens=new, ignore_eos=True))
+            done = [r.complete async for r in stub.Generate(request, timeout=60) if r.HasField("complete")][0]
+            seen["router original_text"] = list(done.input_logprobs.token_ids), list(done.output_ids)
+            record = await send(stub, generate_request(Prompt(None, text, new), "loadtest-text", 0.0, 0), 60, [])
+            assert record.status == "OK", record.error
+            seen["loadtest"] = record.input_tokens, record.output_ids
+
+    asyncio.run(grpc_paths())
+    native = json.loads(_post(served.ready["http"] + "/generate", {
+        "model": served.ready["model"], "text": text, "return_logprob": True, "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}}))[0]
+    seen["gateway /generate"] = [int(t) for _, t in native["meta_info"]["input_token_logprobs"]], native["output_ids"]
+    reply = json.loads(_post(served.ready["http"] + "/v1/completions", {  # smg 1.13 answers no logprobs here
+        "model": served.ready["model"], "prompt": text, "max_tokens": new, "temperature": 0, "ignore_eos": True}))
+    detok = IncrementalText(card_for("tiny").load_tokenizer())
+    assert reply["choices"][0]["text"] == "".join(detok.push(t) for t in want)
+    seen["gateway /v1/completions"] = reply["usage"]["prompt_tokens"], want
+    for mode in ("--router", "--local"):
+        where = [mode, served.ready["grpc"]] if mode == "--router" else [mode]
+        out = subprocess.run([sys.executable, "-m", "sparsepd", "generate", text, *where, "--max-new-tokens",
+                              str(new), "--ignore-eos"], capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        printed = out.stderr if mode == "--router" else out.stdout
+        seen[f"generate {mode}"] = ([json.loads(x) for x in _lines(printed, "prompt ids: ")][0],
+                                    [json.loads(x) for x in _lines(printed, "tokens: ")][0])
+    expected = {path: (len(prompt) if isinstance(ids, int) else prompt, want) for path, (ids, _) in seen.items()}
+    assert seen == expected
 
 
 def test_openai_completions_through_the_gateway(served, greedy):
     prompt = "Hello there"
-    ids, _ = greedy(list(prompt.encode()), 12)  # the gateway encodes a completion prompt without BOS
+    ids, _ = greedy(list(prompt.encode()), 12)  # the tiny tokenizer's rule: no BOS on a text, as the gateway's
     native = json.loads(_post(served.ready["http"] + "/generate", {
         "model": served.ready["model"], "input_ids": list(prompt.encode()),
         "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}))
