@@ -1,7 +1,8 @@
 """Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
 
-    admit (bounded queue) → pick P (the one whose prefix cache holds the head's prompt, else fewest queued
-    tokens) → batch (token budget, short wait; requests another P's cache holds wait for that P's batch)
+    admit (bounded: `waiting()` below max_queue) → pick P (the one whose prefix cache holds the head's prompt,
+    else fewest queued tokens) → batch (token budget, short wait; requests another P's cache holds wait for
+    that P's batch)
     → per request pick D (room, then least loaded, router/placement.py) and Reserve there
     → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
@@ -11,6 +12,13 @@ decode reservation (unless the decode worker ended the request itself) and cance
 flight, so pages and slots go back on both workers whatever happened. A flow whose Reserve finds no
 room anywhere goes back to the head of the queue until a request ends or a poll sees free pages; it
 fails with RESOURCE_EXHAUSTED only when no request of ours holds pages (it can never fit).
+
+The admission bound: a new request is refused RESOURCE_EXHAUSTED while `waiting()` (admitted and not yet
+sent to a prefill worker: queued, or in a batch reserving decode pages) is at max_queue. A request put back at
+the head for want of room was counted all along, so with no worker lost the router never holds more than
+max_queue waiting requests; one moved off a lost worker goes back to the head whatever the count (it was
+admitted; failing it would fail an accepted request), so then the count can pass the cap by the requests
+moved, and new ones are refused until it is below again.
 
 Lost workers: a flow whose decode worker dies (its token stream breaks) or whose prefill worker dies with
 its batch is moved (`_migrate`): what it still holds is released, and it goes back to the head of the
@@ -64,6 +72,7 @@ class Dispatcher:
         self.flows: dict[str, Flow] = {}
         self.by_worker_id: dict[str, Flow] = {}  # the id each flow's current attempt has on the workers
         self.queue: deque[Flow] = deque()
+        self.reserving: set[Flow] = set()  # taken from the queue into a batch, not yet sent to prefill
         self.wake = asyncio.Event()  # queue changed, a flow ended, or a worker freed up
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
@@ -87,9 +96,9 @@ class Dispatcher:
             why = self.pool.out_of_service(role)
             if why is not None:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, why)
-        if len(self.queue) >= self.max_queue:
+        if self.waiting() >= self.max_queue:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the admission queue is full ({len(self.queue)} of {self.max_queue} requests waiting); "
+                          f"the admission queue is full ({self.waiting()} of {self.max_queue} requests waiting); "
                           "retry later")
         flows = [Flow(s, StopStrings(self.tokenizer, list(s.stop)) if self.tokenizer is not None else None)
                  for s in specs]
@@ -101,6 +110,12 @@ class Dispatcher:
         if self.metrics:
             self.metrics.admitted(len(spec.input_ids))
         return flows
+
+    def waiting(self) -> int:
+        """Requests admitted and not yet sent to a prefill worker: queued, or in a batch reserving decode pages.
+        --max-queue bounds it for new requests; one put back at the head for want of decode room was counted all
+        along, and only a request moved off a lost worker can take it past the cap (by one each)."""
+        return len(self.queue) + len(self.reserving)
 
     def abort(self, request_id: str) -> bool:
         flow = self.flows.get(request_id)
@@ -207,6 +222,7 @@ class Dispatcher:
                 if batch and not accept(flow):
                     continue  # another worker's cache holds its prefix: left for that worker's batch
                 self.queue.remove(flow)
+                self.reserving.add(flow)
                 batch.append(flow)
                 tokens += flow.prefill_len
             left = deadline - time.monotonic()
@@ -316,11 +332,11 @@ class Dispatcher:
             if why is not None:
                 self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=_after(flow, why)))
             else:
-                self.queue.appendleft(flow)
+                self._put_back(flow, for_room=True)
                 self.blocked = True
         elif (self.releasing or self.room_freed != asked_at or any(f.reserved for f in self.flows.values())
               or any(w.held_slots for w in self.pool.decode)):
-            self.queue.appendleft(flow)  # room comes back when another request ends or a Release answers
+            self._put_back(flow, for_room=True)  # room comes back when another request ends or a Release answers
             self.blocked = self.room_freed == asked_at
         else:
             self._end(flow, Outcome("abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -328,6 +344,7 @@ class Dispatcher:
 
     async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, list[worker_pb2.Ticket]]]) -> None:
         now = time.monotonic()
+        self.reserving.difference_update(f for f, _ in sent)
         members = [m for f, _ in sent for m in f.prefill_members]
         sent_ids = {f.worker_id: f for f in members}
         for flow in members:
@@ -472,6 +489,7 @@ class Dispatcher:
         self.by_worker_id.pop(flow.worker_id, None)
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
             self.queue.remove(flow)
+        self.reserving.discard(flow)
         flow.events.put_nowait(("end", outcome))
         if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
             log.warning("%s: %s", outcome.code.name, outcome.message, extra={"request_id": flow.request_id})
@@ -499,11 +517,19 @@ class Dispatcher:
         self.by_worker_id.pop(flow.worker_id, None)
         flow.move(why)
         self.by_worker_id[flow.worker_id] = flow
-        self.queue.appendleft(flow)
+        self._put_back(flow)
         self.blocked = False
         self.wake.set()
         if self.metrics:
             self.metrics.migrated(cause)
+
+    def _put_back(self, flow: Flow, for_room: bool = False) -> None:
+        """Queue an admitted flow again, at the head (it keeps its place, whatever the queue's length);
+        for_room: it waits for decode room (else it was moved off a lost worker)."""
+        self.reserving.discard(flow)
+        self.queue.appendleft(flow)
+        if for_room and self.metrics:
+            self.metrics.put_back()
 
     def _release(self, flow: Flow) -> None:
         """Give back what the flow still holds: the decode reservation, a prefill in flight."""

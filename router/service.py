@@ -187,8 +187,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         scheduler_info = Struct()
         scheduler_info.update({
             "workers": [w.describe(internal=insider) for w in d.pool.all], "queue_length": len(d.queue),
-            "max_queue": d.max_queue, "in_flight": len(d.flows), "page_size": self.card.page_size,
-            "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
+            "waiting": d.waiting(), "max_queue": d.max_queue, "in_flight": len(d.flows),
+            "page_size": self.card.page_size, "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
         server_args = Struct()
         server_args.update(self.server_args if insider else
                            {k: v for k, v in self.server_args.items() if k in PUBLIC_ARGS})
