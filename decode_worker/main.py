@@ -16,7 +16,13 @@ from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
-from sparsepd.engine.config import add_engine_args, add_prefix_cache_args, engine_config_from_args, with_prefix_cache
+from sparsepd.engine.config import (
+    EngineConfig,
+    add_engine_args,
+    add_prefix_cache_args,
+    engine_config_from_args,
+    with_prefix_cache,
+)
 from sparsepd.engine.engine import Engine
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
@@ -45,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds the running requests may take to finish before they are aborted "
                         "(default: %(default)s)")
+    p.add_argument("--max-retracted-memory", type=int, default=None, metavar="BYTES",
+                   help="host memory the states of retracted requests (moved out of the pool for want of a page) may "
+                        "take; past it the newest decoding request fails RESOURCE_EXHAUSTED instead of being "
+                        "retracted (default: the size of the KV pool)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_prefix_cache_args(p, "with --colocated only (a decode worker prefills nothing)")
@@ -57,9 +67,10 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
     cfg = with_prefix_cache(engine_config_from_args(args), args, enabled=args.colocated)
+    cfg = EngineConfig.model_validate({**cfg.model_dump(), "max_retracted_memory": args.max_retracted_memory})
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
-                    vocabulary=cfg.vocabulary(model.cfg))
+                    vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory)
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed)
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
