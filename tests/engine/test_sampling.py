@@ -12,22 +12,31 @@ from sparsepd.engine.sampling import (
     sampling_tensors,
     token_logprobs,
 )
+from sparsepd.kernels.sampling import exponentials_ref
 
 
 def _logits(seed: int) -> torch.Tensor:
     return torch.randn(300, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+def _drawn(logits: torch.Tensor, params: SamplingParams, counter: int) -> int:
+    """The token the module doc of kernels/sampling.py defines, from its parts: the filtered probabilities of
+    softmax(z / t) raced against the exponentials of (seed, counter)."""
+    probs = filter_probs(torch.softmax(logits / params.temperature, dim=0), params.top_k, params.top_p, params.min_p)
+    e = exponentials_ref(torch.tensor([params.seed]), torch.tensor([counter]), logits.shape[0])[0]
+    return int(torch.argmax(probs / e))
+
+
 def test_seeded_sampling_is_reproducible():
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=123)
-    a = [Sampler(params, 300).sample(_logits(i)) for i in range(20)]
+    a = [Sampler(params, 300).sample(_logits(i)) for i in range(20)]  # a fresh sampler: each the first draw
+    assert a == [_drawn(_logits(i), params, counter=0) for i in range(20)]
     s1, s2 = Sampler(params, 300), Sampler(params, 300)
     b = [s1.sample(_logits(i)) for i in range(20)]
     c = [s2.sample(_logits(i)) for i in range(20)]
-    assert b == c
+    assert b == c == [_drawn(_logits(i), params, counter=i) for i in range(20)]  # draw i from the stream's i-th
     other = Sampler(SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=124), 300)
     assert [other.sample(_logits(i)) for i in range(20)] != b
-    assert len(a) == 20
 
 
 # Twelve tokens whose probabilities fall off: each filter below drops a third of the mass or more.
