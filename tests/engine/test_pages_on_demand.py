@@ -1,8 +1,9 @@
 """Pages on demand (engine/scheduler.py): a request is admitted with the pages of its prompt and next token and
 gets one more at each page boundary; when none is free, the newest decoding requests are retracted (state to
-host memory, slot and pages freed) and resumed later with the same tokens, greedy or seeded; aborting a
-retracted request frees everything; a request without a token limit holds only the pages it uses; past the
-bound on the host memory retracted states take, the newest decoding request fails instead of being retracted."""
+host memory, slot and pages freed) and resumed later with the single-process reference's tokens, greedy,
+seeded or penalized; aborting a retracted request frees everything; a request without a token limit holds
+only the pages it uses; past the bound on the host memory retracted states take, the newest decoding request
+fails instead of being retracted."""
 
 from __future__ import annotations
 
@@ -75,17 +76,25 @@ def _run_all(engine: Engine, prompts):
     return requests
 
 
+PROMPTS = [_ids(n, seed=10 + n) for n in (9, 21, 14, 30, 5)]
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """Each request alone through the single-process reference (engine/generate.py)."""
+    return [generate(model, p, sp) for p, sp in zip(PROMPTS, PARAMS, strict=True)]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_pool_too_small_for_all_retracts_and_every_request_finishes_with_its_tokens(model, overlap):
-    prompts = [_ids(n, seed=10 + n) for n in (9, 21, 14, 30, 5)]
-    want = _run_all(_engine(model, num_pages=64, overlap=overlap), prompts)
+def test_a_pool_too_small_for_all_retracts_and_every_request_finishes_with_its_tokens(model, references, overlap):
     small = _engine(model, num_pages=12, overlap=overlap)  # 192 tokens for five requests that grow to 49-60
-    got = _run_all(small, prompts)
+    got = _run_all(small, PROMPTS)
     assert small.scheduler.retractions > 0
-    for g, w in zip(got, want, strict=True):
+    for g, w in zip(got, references, strict=True):
         assert g.finish_reason == w.finish_reason == "length" and not g.error
         assert g.output_ids == w.output_ids, g.request_id
-    for g, w in zip(got[4].output_logprobs, want[4].output_logprobs, strict=True):
+    assert len(got[4].output_logprobs) == len(references[4].logprobs) == PARAMS[4].max_new_tokens
+    for g, w in zip(got[4].output_logprobs, references[4].logprobs, strict=True):
         assert g.top_ids == w.top_ids and g.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-6)
     assert small.is_idle_and_empty()
 
