@@ -268,13 +268,18 @@ class Dispatcher:
         results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in members))
         if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
             return list(results)
+        # Give the pages back, and wait until the decode workers have them: the group is reserved again from
+        # scratch under the same ids, which a worker still holding them refuses ("already reserved").
+        held = [m for m in members if m.reserved and not m.decode_done and m.decode is not None]
+        for member in held:
+            member.decode_done = True
+            self.releasing += 1
+        await asyncio.gather(*(self._release_on(m.decode, m.worker_id, holds_pages=True) for m in held))
         for member in members:
-            if member.reserved:  # give the pages back; the group is reserved again from scratch
-                self._release(member)
-                member.reserved, member.decode_done, member.decode = False, False, None
+            member.reserved, member.decode_done, member.decode = False, False, None
         if not flow.ended:
             last = next((t for t in results if isinstance(t, str)), "")
-            self._no_room(flow, last, asked_at)
+            self._no_room(flow, last, asked_at + len(held))  # its own give-backs do not make the refusal stale
         return None
 
     async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
