@@ -186,6 +186,23 @@ def test_the_gateways_completions_answer_no_logprobs(served):
     assert reply.choices[0].logprobs is None
 
 
+def test_openai_chat_logprobs_through_the_gateway(served, model):
+    """Chat completions do carry the output's log-probabilities through smg 1.13 (its chat path converts them):
+    each token's and its 2 best equal the single-process reference's."""
+    prompt = card_for("tiny").load_tokenizer().encode("<|begin_of_text|><|user|>Hi\n<|assistant|>",
+                                                      add_special_tokens=False).ids
+    want = generate(model, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=2))
+    reply = json.loads(_post(served.ready["http"] + "/v1/chat/completions", {
+        "model": served.ready["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+        "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}))
+    content = reply["choices"][0]["logprobs"]["content"]
+    got = [(c["logprob"], [t["logprob"] for t in c["top_logprobs"]]) for c in content]
+    expected = [(w.logprob, list(w.top_logprobs)) for w in want.logprobs]
+    assert len(got) == len(expected) == 4, (got, expected)
+    for (g, g_top), (w, w_top) in zip(got, expected, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-6) and g_top == pytest.approx(w_top, rel=1e-5, abs=1e-6)
+
+
 def _text_events(served, body: dict) -> tuple[list[str], dict]:
     """The texts of a streamed completion's events through the gateway, and its usage."""
     raw = _post(served.ready["http"] + "/v1/completions", {"model": served.ready["model"], "stream": True,
