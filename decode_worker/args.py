@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds the running requests may take to finish before they are aborted "
                         "(default: %(default)s)")
+    p.add_argument("--max-retracted-memory", type=int, default=None, metavar="BYTES",
+                   help="host memory the states of retracted requests (moved out of the pool for want of a page) may "
+                        "take; past it the newest decoding request fails RESOURCE_EXHAUSTED instead of being "
+                        "retracted (default: the size of the KV pool)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_prefix_cache_args(p, "with --colocated only (a decode worker prefills nothing)")

@@ -16,7 +16,7 @@ from sparsepd.decode_worker.colocated import ROLE, ColocatedPrefillService
 from sparsepd.decode_worker.service import DecodeService
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
-from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
+from sparsepd.engine.config import EngineConfig, engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
@@ -33,9 +33,10 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
     cfg = with_prefix_cache(engine_config_from_args(args), args, enabled=args.colocated)
+    cfg = EngineConfig.model_validate({**cfg.model_dump(), "max_retracted_memory": args.max_retracted_memory})
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
-                    vocabulary=cfg.vocabulary(model.cfg))
+                    vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory)
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", memory_plan(model, engine.pools))

@@ -287,7 +287,8 @@ class DecodeWorker:
 def _update(o: StepOutput) -> TokenUpdate:
     if o.finish_reason == "error":  # this request failed alone in the step (its pages are free again)
         log.error("decode failed: %s", o.error, extra={"request_id": o.request_id})
-        return TokenUpdate(o.request_id, (), "error", o.error, error_code=grpc.StatusCode.INTERNAL.value[0])
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if o.overloaded else grpc.StatusCode.INTERNAL
+        return TokenUpdate(o.request_id, (), "error", o.error, error_code=code.value[0])
     return TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
                        logprobs=(o.logprobs,) if o.logprobs is not None else (), prompt_logprobs=o.prompt_logprobs)
 

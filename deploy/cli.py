@@ -70,6 +70,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from sparsepd.model.tokenizer import load_tokenizer
     from sparsepd.model.weight_memory import describe, weight_bytes
     from sparsepd.model.weights import build_model
+    from sparsepd.router.model_card import card_for
 
     options = load_options_from_args(args)
     cfg = resolve_model_config(args.preset, args.checkpoint, options)
@@ -85,12 +86,14 @@ def _run_generate(args: argparse.Namespace) -> int:
                         load_format=options.load_format)
     print(f"weights {describe(weight_bytes(model))}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg, args.checkpoint)
-    prompt_ids = tokenizer.encode(args.prompt)
+    encoder = card_for(args.preset, args.checkpoint).prompt_encoder()  # the router's rule for text, when it has one
+    prompt_ids = encoder.encode(args.prompt) if encoder is not None else tokenizer.encode(args.prompt)
     if args.reference:
         result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
     else:
         result = generate_with_engine(model, prompt_ids, params, args.prefill_chunk)
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
+    print(f"prompt ids: {prompt_ids}")
     print(f"output: {tokenizer.decode(result.output_ids)!r}")
     print(f"tokens: {result.output_ids}")
     print(f"finish: {result.finish_reason}; prefill {result.prefill_s * 1e3:.1f} ms "

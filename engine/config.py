@@ -33,6 +33,8 @@ class EngineConfig(BaseModel):
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
     graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
     overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
+    max_retracted_memory: int | None = Field(None, ge=0, description="bytes of host memory retracted requests' "
+                                             "states may take (decode worker); None: the KV pool's size")
 
     def resolve_model_config(self) -> ModelConfig:
         """The checkpoint's own config.json (ours or the published DeepSeek-V4 form) when it has one: no

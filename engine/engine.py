@@ -25,10 +25,12 @@ from sparsepd.model.transformer import Transformer
 
 class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
-                 overlap: bool = False, vocabulary: Vocabulary | None = None):
+                 overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
+        max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
+        request fails instead of being retracted (engine/scheduler.py; default: the KV pool's own size).
         A prefix cache (engine/prefix_cache.py) when pool_config.prefix_cache_entries > 0."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
@@ -36,7 +38,8 @@ class Engine:
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
         entries = pool_config.prefix_cache_entries
         self.prefix_cache = PrefixCache(self.pools, entries) if entries else None
-        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache)
+        bound = self.pools.num_bytes() if max_retracted_bytes is None else max_retracted_bytes
+        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, max_retracted_bytes=bound)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):

@@ -79,3 +79,4 @@ class StepOutput:
     logprobs: TokenLogprobs | None = None  # when the request asked for log-probabilities
     prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them
     error: str = ""  # finish_reason "error": why (the token, -1 or the rejected one, is not part of the output)
+    overloaded: bool = False  # finish_reason "error" for want of memory (the worker was full), not the request's fault

@@ -39,7 +39,7 @@ from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
-from sparsepd.engine.state_io import copy_state, export_state, restore_tensors
+from sparsepd.engine.state_io import copy_state, export_state, restore_tensors, state_num_bytes
 
 log = logging.getLogger("sparsepd.engine")
 
@@ -60,8 +60,10 @@ class LaunchedForward:
 
 class Scheduler:
     def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False,
-                 cache: PrefixCache | None = None):
+                 cache: PrefixCache | None = None, max_retracted_bytes: int | None = None):
+        """max_retracted_bytes: host memory the states of retracted requests may take (None: unbounded)."""
         self.runner, self.pools, self.cache = runner, runner.pools, cache
+        self.max_retracted_bytes = max_retracted_bytes
         self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
         if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} exceeds the pools' scratch rows "
@@ -187,13 +189,26 @@ class Scheduler:
                     self._release(r)
                     self.running.remove(r)
                     break
-                self._retract(victim)
+                read_early += self._retract(victim)
         return read_early
 
-    def _retract(self, request: Request) -> None:
+    def _retract(self, request: Request) -> list[StepOutput]:
         """Move a decoding request back to the head of the waiting queue: its state copied to host memory, its
         slot and pages freed; admitted again, it gets them back with the state and goes on with its next token
-        (nothing repeated or lost, its random stream where it was)."""
+        (nothing repeated or lost, its random stream where it was). When its state would take the retracted
+        requests' host memory past max_retracted_bytes, it fails instead (finish "error", `overloaded`): the
+        newest decoding request, as the one retracted would be, rather than memory without bound."""
+        num_bytes = state_num_bytes(self.pools, request)
+        held = sum(t.nbytes for r in self.waiting if r.offloaded is not None for t in r.offloaded.values())
+        if self.max_retracted_bytes is not None and held + num_bytes > self.max_retracted_bytes:
+            request.finish_reason, request.error = "error", (
+                f"request {request.request_id}: no KV page free for position {request.num_computed}, and retracting "
+                f"it ({num_bytes} bytes of state) would take the retracted requests' host memory to "
+                f"{held + num_bytes} bytes, over the bound of {self.max_retracted_bytes} (--max-retracted-memory)")
+            log.warning("failed instead of retracted: %s", request.error, extra={"request_id": request.request_id})
+            self._release(request)
+            self.running.remove(request)
+            return [StepOutput(request.request_id, -1, "error", error=request.error, overloaded=True)]
         _, request.offloaded = export_state(self.pools, request)
         self._release(request)
         self.running.remove(request)
@@ -201,6 +216,7 @@ class Scheduler:
         self.retractions += 1
         log.warning("retracted after %d tokens: no KV page free; its state waits in host memory",
                     len(request.output_ids), extra={"request_id": request.request_id})
+        return []
 
     def _admit(self) -> None:
         headroom = self.headroom()  # counted once: an admitted request adds to it only when it resumes decoding

@@ -75,6 +75,13 @@ def slot_views(pools: KVPools, slot: int) -> dict[str, tuple[torch.Tensor, int]]
     return {name: (pool, index) for name, (pool, index) in _views(pools, slot, []).items() if isinstance(index, int)}
 
 
+def state_num_bytes(pools: KVPools, request: Request) -> int:
+    """The bytes `export_state` would copy out of the pools for this request (nothing is copied)."""
+    num_pages = pools.pages_for(request.num_computed)
+    views = _views(pools, request.slot, request.pages[:num_pages]).values()
+    return sum(pool[index].nbytes if isinstance(index, int) else pool[0].nbytes * num_pages for pool, index in views)
+
+
 def export_state(pools: KVPools, request: Request) -> tuple[StateDescriptor, dict[str, torch.Tensor]]:
     """Copy a request's state out of the pools into contiguous host tensors."""
     if request.slot is None:

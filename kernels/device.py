@@ -4,7 +4,9 @@ Every public kernel wrapper takes `backend="auto" | "triton" | "reference"` and 
 `pick_backend`. "auto" means Triton when every tensor is on a CUDA/ROCm device, the reference
 otherwise; SPARSEPD_FORCE_REFERENCE=1 makes "auto" pick the reference everywhere (debugging).
 "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1 (the CPU tests set it before
-Triton is imported), so the same kernels are tested on a machine without a GPU.
+Triton is imported), so the same kernels are tested on a machine without a GPU; there,
+SPARSEPD_FORCE_TRITON=1 makes "auto" pick Triton for CPU tensors too, so a whole engine runs its
+kernels in the interpreter (tests/engine/test_triton_engine.py).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def pick_backend(backend: Backend, *tensors: torch.Tensor) -> Literal["triton", 
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     on_gpu = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        forced = os.environ.get("SPARSEPD_FORCE_REFERENCE", "0") == "1"
-        return "triton" if on_gpu and not forced else "reference"
+        if os.environ.get("SPARSEPD_FORCE_REFERENCE", "0") == "1":
+            return "reference"
+        interpreted = triton_interpreting() and os.environ.get("SPARSEPD_FORCE_TRITON", "0") == "1"
+        return "triton" if on_gpu or interpreted else "reference"
     if backend == "triton" and not on_gpu and not triton_interpreting():
         raise ValueError("backend='triton' needs GPU tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return backend

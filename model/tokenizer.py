@@ -1,7 +1,8 @@
-"""Tokenizers: byte-level with BOS/EOS for the embedded presets, `tokenizer.json` (HF tokenizers) for
+"""Tokenizers: byte-level with BOS/EOS ids for the embedded presets, `tokenizer.json` (HF tokenizers) for
 checkpoints that carry one. A checkpoint's tokenizer must fit the model: no more tokens than its
-vocabulary, and the BOS/EOS tokens `tokenizer_config.json` names at the ids config.json gives. (The chat
-template in tokenizer_config.json is the router's business: it hands the file to clients.)"""
+vocabulary, and the BOS/EOS tokens `tokenizer_config.json` names at the ids config.json gives. `encode` gives
+a prompt's ids by the rule every serving path follows (sparsepd/prompt_encoding.py). (The chat template in
+tokenizer_config.json is the router's business: it hands the file to clients.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sparsepd.model.config import ModelConfig
+from sparsepd.prompt_encoding import PromptEncoder
 
 
 class Tokenizer(Protocol):
@@ -17,13 +19,14 @@ class Tokenizer(Protocol):
     eos_id: int
     vocab_size: int
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
 
 class ByteTokenizer:
-    """Token i < 256 is byte i; `bos_id` and `eos_id` are the specials; other ids decode to nothing."""
+    """Token i < 256 is byte i; `bos_id` and `eos_id` are the specials; other ids decode to nothing. A text
+    gets no special token, as with the byte-level tokenizer files the router serves (router/models/tiny)."""
 
     def __init__(self, vocab_size: int, bos_id: int, eos_id: int):
         if vocab_size < 256 or bos_id < 256 or eos_id < 256:
@@ -31,9 +34,8 @@ class ByteTokenizer:
                              f"vocab_size={vocab_size} bos_id={bos_id} eos_id={eos_id}")
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return [self.bos_id, *ids] if add_bos else ids
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return bytes(i for i in ids if 0 <= i < 256)
@@ -44,7 +46,8 @@ class ByteTokenizer:
 
 class HFTokenizer:
     """A `tokenizer.json` loaded through the `tokenizers` package; `specials` maps "bos"/"eos" to the token
-    text tokenizer_config.json gives, checked against the model's ids."""
+    text tokenizer_config.json gives, checked against the model's ids. A text's special tokens follow the
+    tokenizer's own configuration (sparsepd/prompt_encoding.py), as on every serving path."""
 
     def __init__(self, path: Path, cfg: ModelConfig, specials: dict[str, str] | None = None):
         try:
@@ -52,6 +55,9 @@ class HFTokenizer:
         except ImportError as exc:  # optional dependency: only checkpoints with a tokenizer.json need it
             raise RuntimeError(f"{path} needs the 'tokenizers' package: pip install tokenizers") from exc
         self._tok = _HF.from_file(str(path))
+        config = path.parent / "tokenizer_config.json"
+        self._rule = PromptEncoder(self._tok, json.loads(config.read_text()) if config.is_file() else None,
+                                   str(config))
         self.vocab_size, self.bos_id, self.eos_id = cfg.vocab_size, cfg.bos_id, cfg.eos_id
         size = self._tok.get_vocab_size(with_added_tokens=True)
         if size > cfg.vocab_size:
@@ -62,9 +68,8 @@ class HFTokenizer:
                 raise ValueError(f"{path}: the {role} token {text!r} has id {self._tok.token_to_id(text)}, but the "
                                  f"model's config says {role}_token_id={want}")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+    def encode(self, text: str) -> list[int]:
+        return self._rule.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

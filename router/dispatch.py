@@ -93,9 +93,9 @@ class Dispatcher:
             why = self.pool.out_of_service(role)
             if why is not None:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, why)
-        if len(self.queue) >= self.max_queue:
+        if self.waiting() >= self.max_queue:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the admission queue is full ({len(self.queue)} of {self.max_queue} requests waiting); "
+                          f"the admission queue is full ({self.waiting()} of {self.max_queue} requests waiting); "
                           "retry later")
         flows = [Flow(s, StopStrings(self.tokenizer, list(s.stop)) if self.tokenizer is not None else None)
                  for s in specs]
@@ -261,12 +261,18 @@ class Dispatcher:
         results = await asyncio.gather(*(self._reserve(m, only, on_no_room=False) for m in members))
         if all(isinstance(t, worker_pb2.Ticket) for t in results) and not flow.ended:
             return list(results)
-        for member in members:  # the group is reserved again from scratch (a moved member is queued already)
-            if member.stage in (Stage.RESERVING, Stage.RESERVED):
-                self._requeue(member)
+        # The group is reserved again from scratch (a moved member is queued already) under the same ids, which a
+        # decode worker still holding them refuses ("already reserved"): wait until it has the pages back.
+        held = [(m.decode, m.worker_id) for m in members if m.stage is Stage.RESERVED and m.decode is not None]
+        for member in members:
+            if member.stage in (Stage.RESERVING, Stage.RESERVED) and member.to(Stage.QUEUED):
+                member.decode = None
+        res = self.reservations
+        res.releasing += len(held)
+        await asyncio.gather(*(res._release_on(worker, worker_id, holds_pages=True) for worker, worker_id in held))
         if not flow.ended:
             last = next((t for t in results if isinstance(t, str)), "")
-            self._no_room(flow, last, asked_at)
+            self._no_room(flow, last, asked_at + len(held))  # its own give-backs do not make the refusal stale
         return None
 
     async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
@@ -300,6 +306,12 @@ class Dispatcher:
             self.reservations.release(flow, held)
             flow.decode = None
 
+    def waiting(self) -> int:
+        """Requests admitted and not yet sent to a prefill worker: queued, or taken into a batch and reserving
+        decode pages. --max-queue bounds it for new requests; one put back at the head for want of decode room was
+        counted all along, and only a request moved off a lost worker can take it past the cap."""
+        return len(self.queue) + sum(f.stage in (Stage.RESERVING, Stage.RESERVED) for f in self.flows.values())
+
     def _no_room(self, flow: Flow, last: str, asked_at: int) -> None:
         """No decode worker could reserve for the flow (or its group), now QUEUED: wait at the queue's head or
         fail, as router/reservations.py decides."""
@@ -308,6 +320,8 @@ class Dispatcher:
             self._end(flow, outcome)
         elif flow not in self.queue:  # (a head moved meanwhile is there already)
             self.queue.appendleft(flow)
+            if self.metrics:
+                self.metrics.put_back()
 
     async def _prefill(self, prefill: WorkerHandle, sent: list[tuple[Flow, list[worker_pb2.Ticket]]]) -> None:
         now = time.monotonic()

@@ -37,9 +37,11 @@ class Outcome:
 
 def worker_error_status(error_code: int) -> grpc.StatusCode:
     """The status a request failed by a worker ends with: the worker's `error_code` when it names the request
-    itself (INVALID_ARGUMENT, INTERNAL), else UNAVAILABLE (a transfer or a worker failed: worth a retry)."""
+    itself (INVALID_ARGUMENT, INTERNAL, RESOURCE_EXHAUSTED: the decode worker's memory for retracted requests was
+    full), else UNAVAILABLE (a transfer or a worker failed: worth a retry)."""
     named = {grpc.StatusCode.INVALID_ARGUMENT.value[0]: grpc.StatusCode.INVALID_ARGUMENT,
-             grpc.StatusCode.INTERNAL.value[0]: grpc.StatusCode.INTERNAL}
+             grpc.StatusCode.INTERNAL.value[0]: grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: grpc.StatusCode.RESOURCE_EXHAUSTED}
     return named.get(error_code, grpc.StatusCode.UNAVAILABLE)
 
 

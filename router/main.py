@@ -78,7 +78,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dispatch")
     g.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+                   help="requests admitted and not yet sent to prefill (queued, or reserving decode pages) before "
+                        "new ones get RESOURCE_EXHAUSTED; a request put back for want of room keeps its place, one "
+                        "moved off a lost worker may pass the cap (default: %(default)s)")
     g.add_argument("--batch-tokens", type=int, default=2048,
                    help="prompt tokens per prefill batch (default: %(default)s)")
     g.add_argument("--batch-wait-ms", type=float, default=5.0,

@@ -1,7 +1,8 @@
 """Prometheus metrics of the router (prometheus_client, on its own registry and HTTP port).
 
 Counted as requests go: requests by how they ended, prompt and generated tokens, time to first token,
-time per output token, P→D transfer bytes and time, requests moved after a worker was lost. Read at scrape
+time per output token, P→D transfer bytes and time, requests moved after a worker was lost, requests put
+back to wait for decode room. Read at scrape
 time: the admission queue, requests in flight, and per worker the pages in use and free, running and
 waiting requests, liveness. SGLang's metrics (`sglang:*`) are exported beside these on the same endpoint
 (router/sglang_metrics.py).
@@ -41,6 +42,8 @@ class RouterMetrics:
         self.migrations = Counter("migrations", "Requests moved to other workers after theirs was lost, by the role "
                                   "of the lost worker", ["cause"], namespace=ns, registry=r)
         self.sglang = SglangRequestMetrics(r, model_name)
+        self.requeued = Counter("requeued", "Requests put back at the head of the queue because no decode worker "
+                                "had room for them", namespace=ns, registry=r)
         self.server = None
 
     def watch(self, dispatcher) -> None:
@@ -75,6 +78,9 @@ class RouterMetrics:
     def transfer(self, num_bytes: int, seconds: float) -> None:
         self.transfer_bytes.inc(num_bytes)
         self.transfer_seconds.observe(seconds)
+
+    def put_back(self) -> None:
+        self.requeued.inc()
 
     def migrated(self, cause: str) -> None:
         self.migrations.labels(cause).inc()

@@ -1,6 +1,6 @@
 """What the router knows about the model it serves, without loading it: sizes, special ids, the context
 length, and the tokenizer files it hands to clients (GetTokenizer) and uses itself (`original_text`,
-stop strings).
+stop strings); text becomes ids by the rule of sparsepd/prompt_encoding.py.
 
 A card comes from a checkpoint directory (its `config.json`, and `tokenizer.json` /
 `tokenizer_config.json` when present) or from a preset. The router may not import the model package
@@ -18,6 +18,8 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sparsepd.prompt_encoding import PromptEncoder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -71,6 +73,11 @@ class ModelCard:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_str(self.files["tokenizer.json"].decode())
+
+    def prompt_encoder(self) -> PromptEncoder | None:
+        """Text to prompt ids by the tokenizer's own special-token rule (sparsepd/prompt_encoding.py), or None
+        when the card has no tokenizer.json."""
+        return PromptEncoder.from_files(self.files, f"{self.model_path}: ")
 
     def tokenizer_zip(self) -> bytes:
         """The card's files as one zip archive (deterministic bytes: fixed timestamps and order)."""
@@ -140,10 +147,16 @@ def _hf_config(name: str, info: PresetInfo) -> dict:
             "bos_token_id": info.bos_id, "eos_token_id": info.eos_id, "torch_dtype": "float32"}
 
 
-def _tokenizer_config(bos: str | None, eos: str | None, max_len: int, pad: str | None = None) -> dict:
-    return {"bos_token": bos, "eos_token": eos, "pad_token": pad, "add_bos_token": bos is not None,
-            "add_eos_token": False, "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+def _tokenizer_config(bos: str | None, eos: str | None, max_len: int, pad: str | None = None,
+                      add_specials: bool | None = None) -> dict:
+    """add_specials: add_bos_token and add_eos_token (None: left out, so tokenizer.json's post-processor decides
+    what a text gets, sparsepd/prompt_encoding.py)."""
+    config = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "model_max_length": max_len,
+              "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    if add_specials is not None:
+        config |= {"add_bos_token": add_specials, "add_eos_token": add_specials}
+    return config
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -158,10 +171,12 @@ def _byte_to_char() -> dict[int, str]:
 
 
 def write_byte_level_files(directory: Path, name: str) -> None:
-    """Write tokenizer.json (id i < 256 is byte i; BOS, EOS and a pad token after them, BOS prepended when
-    special tokens are added), tokenizer_config.json (with a chat template) and config.json for a preset
-    with a byte vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    """Write tokenizer.json (id i < 256 is byte i; BOS, EOS and a pad token after them), tokenizer_config.json
+    (with a chat template) and config.json for a preset with a byte vocabulary. A text gets no special token
+    (no post-processor, add_bos_token false): the rule every path follows, the SGLang gateway's included,
+    which encodes a completion's text without any (sparsepd/prompt_encoding.py); the chat template begins
+    with the BOS."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     info = PRESETS[name]
     specials = {info.bos_id: BYTE_SPECIALS[0], info.eos_id: BYTE_SPECIALS[1]}
@@ -173,15 +188,14 @@ def write_byte_level_files(directory: Path, name: str) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(specials[i], special=True) for i in sorted(specials)])
     bos = specials[info.bos_id]
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                       special_tokens=[(bos, info.bos_id)])
     ids = {specials[i]: tok.token_to_id(specials[i]) for i in specials}
     if any(ids[s] != i for i, s in specials.items()):
         raise ValueError(f"special token ids came out as {ids}, expected {specials}")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n")
     (directory / "tokenizer_config.json").write_bytes(
-        _dump(_tokenizer_config(bos, specials[info.eos_id], info.max_seq_len, pad=BYTE_SPECIALS[2])))
+        _dump(_tokenizer_config(bos, specials[info.eos_id], info.max_seq_len, pad=BYTE_SPECIALS[2],
+                                add_specials=False)))
     (directory / "config.json").write_bytes(_dump(_hf_config(name, info)))
 
 

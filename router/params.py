@@ -1,5 +1,7 @@
 """A public `GenerateRequest` checked and turned into what the router runs: the input ids, the sampling
-parameters for the workers, and the stop conditions the router watches itself.
+parameters for the workers, and the stop conditions the router watches itself. The prompt is
+`tokenized.input_ids` as sent, or, without them, `tokenized.original_text` encoded by the tokenizer's own
+special-token rule (sparsepd/prompt_encoding.py), the rule of every path that turns text into ids.
 
 Semantics follow SGLang's own gRPC server (proto3 zeros are not the semantic defaults: temperature 0
 is greedy; top_p must be in (0, 1]; top_k 0 or -1 is off; an absent max_new_tokens is "up to the context
@@ -35,6 +37,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from sparsepd.grammar import MAX_GRAMMAR_CHARS, Grammar, Grammars
+from sparsepd.prompt_encoding import PromptEncoder
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
 from sparsepd.router.model_card import ModelCard
@@ -91,10 +94,11 @@ def choice_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % 2**63
 
 
-def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
+def parse_generate(req: pb.GenerateRequest, card: ModelCard, encoder: PromptEncoder | None = None,
                    max_new_tokens_limit: int | None = None) -> RequestSpec:
+    """encoder: the model's text-to-ids rule (None: the model has no tokenizer)."""
     _refuse_unsupported(req)
-    ids = _input_ids(req, card, tokenizer)
+    ids = _input_ids(req, card, encoder)
     sp = req.sampling_params
     room = card.max_context_length - len(ids)
     limit = room if max_new_tokens_limit is None else min(room, max_new_tokens_limit)
@@ -129,7 +133,7 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, tokenizer=None,
         raise InvalidRequest(f"sampling_params.stop has {len(sp.stop)} strings of up to "
                              f"{max(map(len, sp.stop))} characters: allowed at most {MAX_STOP_STRINGS} strings of "
                              f"at most {MAX_STOP_CHARS} characters")
-    if sp.stop and tokenizer is None:
+    if sp.stop and encoder is None:
         raise InvalidRequest("sampling_params.stop needs a tokenizer and this model has none; use stop_token_ids")
     rid = req.request_id or f"req-{uuid.uuid4().hex}"
     stop_ids = frozenset(sp.stop_token_ids)
@@ -199,13 +203,14 @@ def _grammar(sp: pb.SamplingParams) -> Grammar | None:
     return Grammar(kind=GRAMMAR_FIELDS[field], text=text)
 
 
-def _input_ids(req: pb.GenerateRequest, card: ModelCard, tokenizer) -> list[int]:
-    ids = list(req.tokenized.input_ids)
-    if not ids and req.tokenized.original_text:
-        if tokenizer is None:
+def _input_ids(req: pb.GenerateRequest, card: ModelCard, encoder: PromptEncoder | None) -> list[int]:
+    """The prompt: the ids sent (as they are, as SGLang takes them), else the text's by the tokenizer's rule."""
+    ids, text = list(req.tokenized.input_ids), req.tokenized.original_text
+    if not ids and text:
+        if encoder is None:
             raise InvalidRequest("tokenized.input_ids is empty and this model has no tokenizer to encode "
                                  "tokenized.original_text; send token ids")
-        ids = tokenizer.encode(req.tokenized.original_text, add_special_tokens=True).ids
+        ids = encoder.encode(text)
     if not ids:
         raise InvalidRequest("the input is empty: tokenized.input_ids (or tokenized.original_text) must hold at "
                              "least one token")

@@ -45,6 +45,7 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         self.dispatcher, self.card, self.server_args = dispatcher, card, server_args
         self.token = token
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.encoder = card.prompt_encoder()
         self.started_at = time.time()
         self.last_request_at = 0.0
         tokenizer = card.files.get("tokenizer.json")  # none: the workers' byte vocabulary (sparsepd/grammar.py)
@@ -55,7 +56,7 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
     async def Generate(self, request, context):
         self.last_request_at = time.time()
         try:
-            spec = parse_generate(request, self.card, self.dispatcher.tokenizer, self.max_new_tokens_limit)
+            spec = parse_generate(request, self.card, self.encoder, self.max_new_tokens_limit)
             if spec.grammar is not None:  # compiling may take a while (and imports xgrammar the first time)
                 await asyncio.to_thread(check_grammar, spec, self.grammars)
         except InvalidRequest as exc:
@@ -186,8 +187,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         scheduler_info = Struct()
         scheduler_info.update({
             "workers": [w.describe(internal=insider) for w in d.pool.all], "queue_length": len(d.queue),
-            "max_queue": d.max_queue, "in_flight": len(d.flows), "page_size": self.card.page_size,
-            "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
+            "waiting": d.waiting(), "max_queue": d.max_queue, "in_flight": len(d.flows),
+            "page_size": self.card.page_size, "batch_tokens": d.batch_tokens, "batch_wait_ms": d.batch_wait_s * 1e3})
         server_args = Struct()
         server_args.update(self.server_args if insider else
                            {k: v for k, v in self.server_args.items() if k in PUBLIC_ARGS})

@@ -1,23 +1,80 @@
+import math
+
 import pytest
 import torch
 
-from sparsepd.engine.sampling import Sampler, SamplingParams, filter_probs, finish_reason, token_logprobs
+from sparsepd.engine.sampling import (
+    Sampler,
+    SamplingParams,
+    filter_probs,
+    finish_reason,
+    sample_batch,
+    sampling_tensors,
+    token_logprobs,
+)
+from sparsepd.kernels.sampling import exponentials_ref
 
 
 def _logits(seed: int) -> torch.Tensor:
     return torch.randn(300, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+def _drawn(logits: torch.Tensor, params: SamplingParams, counter: int) -> int:
+    """The token the module doc of kernels/sampling.py defines, from its parts: the filtered probabilities of
+    softmax(z / t) raced against the exponentials of (seed, counter)."""
+    probs = filter_probs(torch.softmax(logits / params.temperature, dim=0), params.top_k, params.top_p, params.min_p)
+    e = exponentials_ref(torch.tensor([params.seed]), torch.tensor([counter]), logits.shape[0])[0]
+    return int(torch.argmax(probs / e))
+
+
 def test_seeded_sampling_is_reproducible():
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=123)
-    a = [Sampler(params, 300).sample(_logits(i)) for i in range(20)]
+    a = [Sampler(params, 300).sample(_logits(i)) for i in range(20)]  # a fresh sampler: each the first draw
+    assert a == [_drawn(_logits(i), params, counter=0) for i in range(20)]
     s1, s2 = Sampler(params, 300), Sampler(params, 300)
     b = [s1.sample(_logits(i)) for i in range(20)]
     c = [s2.sample(_logits(i)) for i in range(20)]
-    assert b == c
+    assert b == c == [_drawn(_logits(i), params, counter=i) for i in range(20)]  # draw i from the stream's i-th
     other = Sampler(SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=124), 300)
     assert [other.sample(_logits(i)) for i in range(20)] != b
-    assert len(a) == 20
+
+
+# Twelve tokens whose probabilities fall off: each filter below drops a third of the mass or more.
+PROBS = torch.tensor([0.22, 0.18, 0.14, 0.11, 0.09, 0.07, 0.06, 0.05, 0.04, 0.02, 0.01, 0.01])
+DRAWS = 4000
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at significance 1e-3 (z its normal quantile), Wilson–Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("path", ["engine", "sampler"])
+@pytest.mark.parametrize("one_filter", [{"top_p": 0.6}, {"top_k": 3}, {"min_p": 0.45}], ids=["top_p", "top_k", "min_p"])
+def test_each_filter_alone_draws_the_filtered_distribution(one_filter, path):
+    """4,000 draws of one request (the random streams of counters 0…3999) through the engine's batched path
+    (`sampling_tensors` → `sample_batch`, as engine/draw.py builds them) or through `Sampler.sample`: never a
+    token outside the filter's support, and counts that pass a chi-square test (p > 0.001) against the exact
+    filtered distribution. Without the filter a third of the draws or more would fall outside."""
+    params = SamplingParams(temperature=1.0, seed=4242, **one_filter)
+    logits, vocab = PROBS.log(), PROBS.shape[0]
+    exact = filter_probs(PROBS, params.top_k, params.top_p, params.min_p)
+    support = exact > 0
+    assert float(PROBS[~support].sum()) >= 0.3  # the filter matters
+    sampler = Sampler(params, vocab)
+    if path == "engine":
+        rows = [(params, sampler, n, vocab - 1) for n in range(DRAWS)]
+        tokens = sample_batch(logits.expand(DRAWS, vocab).contiguous(), sampling_tensors(rows, "cpu")).tokens
+    else:
+        tokens = torch.tensor([sampler.sample(logits) for _ in range(DRAWS)])
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    outside = {i: int(c) for i, c in enumerate(counts.tolist()) if c and not support[i]}
+    assert not outside, f"{params}: drawn outside the support {support.nonzero().flatten().tolist()}: {outside}"
+    want = DRAWS * exact[support].double()
+    chi2 = float(((counts[support] - want) ** 2 / want).sum())
+    df = int(support.sum()) - 1
+    assert chi2 < _chi2_critical(df), (f"{params}: chi-square {chi2:.1f} over {df} degrees of freedom; counts "
+                                      f"{counts[support].tolist()}, expected {want.tolist()}")
 
 
 def test_sampler_state_ships():

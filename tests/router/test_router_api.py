@@ -87,7 +87,7 @@ def test_original_text_is_tokenized_by_the_router(deployment, model):
             return await collect(stub_of(ch), request)
 
     _, done = run(main())
-    ids = [256, *b"Hello"]  # the byte tokenizer with BOS, as sparsepd.model.tokenizer encodes it
+    ids = list(b"Hello")  # the tiny tokenizer's rule: no special token on a text (sparsepd/prompt_encoding.py)
     assert done.prompt_tokens == len(ids)
     assert list(done.output_ids) == engine_greedy(model, ids, 6)
 
@@ -370,7 +370,7 @@ def test_health_reflection_model_info_and_tokenizer(deployment):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(files.read("tokenizer.json").decode())
-    assert tok.encode("hé").ids == [256, 104, 195, 169]
+    assert tok.encode("<|begin_of_text|>hé").ids == [256, 104, 195, 169]
 
     with grpc.insecure_channel(deployment["router"]) as sync_ch:  # reflection (a blocking client)
         services = set(ProtoReflectionDescriptorDatabase(sync_ch).get_services())

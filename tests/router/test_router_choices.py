@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from router_helpers import channel, generate_request, run, stub_of, wait_all_free  # noqa: E402
+from router_helpers import channel, generate_request, run, start_router, stub_of, wait_all_free  # noqa: E402
 
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
@@ -95,6 +95,36 @@ def test_n_choices_on_a_colocated_worker(model):
         _check_served(served.ready["grpc"], model)
     finally:
         assert stop(served, timeout_s=30) == 0
+
+
+def test_groups_that_find_half_their_room_wait_and_all_complete(model):
+    """48 greedy n = 2 requests at once on a decode worker of 3 slots: a group often gets one slot of two, gives
+    it back and is reserved again under the same ids. It must wait until the worker has the slot back (before,
+    about one in ten was refused INVALID_ARGUMENT "already reserved"); every choice of every request completes
+    with the reference's tokens."""
+    want = _reference(model, 1)[0]
+    args = ["--preset", "tiny", "--num-slots", "3", "--max-batch-tokens", "256", "--num-pages", "64"]
+    children = []
+    try:
+        children.append(start("decode-3", ["decode-worker", *args]))
+        children.append(start("prefill-3", ["prefill-worker", *args]))
+        children.append(start_router(children[1].ready["grpc"], children[0].ready["grpc"], "--max-queue", "100"))
+
+        async def main():
+            async with channel(children[2].ready["grpc"]) as ch:
+                stub = stub_of(ch)
+                results = await asyncio.gather(*(_choices(stub, _request(2, i % 2 == 0, f"half-{i}"))
+                                                 for i in range(48)), return_exceptions=True)
+                await wait_all_free(stub, timeout=30)
+                return results
+
+        results = run(main())
+    finally:
+        for child in reversed(children):
+            stop(child)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, failed[:3]
+    assert all([list(done[i].output_ids) for i in (0, 1)] == [want, want] for _, done in results)
 
 
 def test_abort_ends_every_choice_and_frees_everything(deployment):

@@ -1,7 +1,8 @@
 """Pages on demand through the service: a decode worker whose pool cannot hold every running request's growth
 retracts some (state to host memory) and resumes them, and every request streams the single-process
-reference's tokens; a streamed request without max_new_tokens holds only the pages its tokens fill, not its
-context's; every pool is full again afterwards."""
+reference's tokens (with no host memory for retracted states, the newest fails RESOURCE_EXHAUSTED instead); a
+streamed request without max_new_tokens holds only the pages its tokens fill, not its context's; every pool is
+full again afterwards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,13 +40,21 @@ async def _decode_stats(address: str) -> worker_pb2.StatsResponse:
             worker_pb2.StatsRequest())
 
 
-def test_a_small_decode_pool_retracts_and_every_request_gets_its_tokens():
+PROMPTS = [_ids(n, seed=n) for n in (12, 20, 7, 25, 16, 9)]
+
+
+@pytest.fixture(scope="module")
+def references() -> list[list[int]]:
     model = build_model(CFG, seed=0)
-    prompts = [_ids(n, seed=n) for n in (12, 20, 7, 25, 16, 9)]
-    want = [generate(model, p, SamplingParams(max_new_tokens=60, ignore_eos=True)).output_ids for p in prompts]
+    return [generate(model, p, SamplingParams(max_new_tokens=60, ignore_eos=True)).output_ids for p in PROMPTS]
+
+
+def _run_small_pool(*decode_args: str) -> tuple[list, worker_pb2.StatsResponse]:
+    """The six prompts at once through a router and a decode worker of 16 pages (256 tokens for ~470): each
+    request's (chunks, complete) or its error, and the decode worker's Stats once every pool is free again."""
     children = []
     try:
-        children.append(start("decode", ["decode-worker", *ARGS, "--num-pages", "16"]))  # 256 tokens for ~470
+        children.append(start("decode", ["decode-worker", *ARGS, "--num-pages", "16", *decode_args]))
         children.append(start("prefill", ["prefill-worker", *ARGS, "--num-pages", "64"]))
         children.append(start_router(children[1].ready["grpc"], children[0].ready["grpc"]))
 
@@ -52,17 +62,34 @@ def test_a_small_decode_pool_retracts_and_every_request_gets_its_tokens():
             async with channel(children[2].ready["grpc"]) as ch:
                 stub = stub_of(ch)
                 results = await asyncio.gather(*(collect(stub, generate_request(p, 60, stream=True), timeout=240)
-                                                 for p in prompts))
+                                                 for p in PROMPTS), return_exceptions=True)
                 await wait_all_free(stub, timeout=30)
             return results, await _decode_stats(children[0].ready["grpc"])
 
-        results, stats = run(main())
+        return run(main())
     finally:
         for child in reversed(children):
             stop(child)
-    assert [list(done.output_ids) for _, done in results] == want
+
+
+def test_a_small_decode_pool_retracts_and_every_request_gets_its_tokens(references):
+    results, stats = _run_small_pool()
+    assert [list(done.output_ids) for _, done in results] == references
     assert all(done.finish_reason == "length" for _, done in results)
     assert stats.retractions > 0, stats
+
+
+def test_with_no_host_memory_for_retracted_requests_the_newest_fails_resource_exhausted(references):
+    """--max-retracted-memory 0: where the pool above retracts, the newest decoding request fails
+    RESOURCE_EXHAUSTED naming the bound instead; the others stream the reference's tokens."""
+    results, stats = _run_small_pool("--max-retracted-memory", "0")
+    assert all(isinstance(r, tuple | grpc.aio.AioRpcError) for r in results), results
+    failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert failed and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-retracted-memory" in e.details()
+                          for e in failed), failed
+    done = [(r[1], want) for r, want in zip(results, references, strict=True) if not isinstance(r, BaseException)]
+    assert done and all(list(d.output_ids) == want and d.finish_reason == "length" for d, want in done)
+    assert stats.retractions == 0, stats
 
 
 def test_a_request_without_a_limit_holds_only_the_pages_it_fills():

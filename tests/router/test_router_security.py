@@ -34,6 +34,7 @@ from sparsepd.cluster_token import METADATA_KEY, AuthorizedStub, derive_key, tok
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.engine import Engine  # noqa: E402
 from sparsepd.engine.pools import PoolConfig  # noqa: E402
+from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
@@ -137,9 +138,8 @@ def test_sampling_fuzz_never_fails_an_ordinary_request(deployment):
     rng = random.Random(2026)
     gen = torch.Generator().manual_seed(23)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 5, 16, 17, 33)]
-    model = build_model(get_preset("tiny"), seed=0)
-    engine = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=256, num_pages=64))  # batch invariant
-    want = [r.output_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))]
+    model = build_model(get_preset("tiny"), seed=0)  # the single-process reference, request by request
+    want = [generate(model, p, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)).output_ids for p in prompts]
     fuzz = [_fuzz_params(rng) for _ in range(20)]
     plain = dict(top_k=-1, top_p=1.0, min_p=0.0, min_new_tokens=0, ignore_eos=True, seed=1)
     fuzz[:4] = [({**plain, "temperature": math.inf, "min_new_tokens": MAX_NEW, "ignore_eos": False}, "temperature"),
