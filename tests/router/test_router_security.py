@@ -32,8 +32,6 @@ from router_helpers import WORKER_ARGS, collect, generate_request, run, start_ro
 
 from sparsepd.cluster_token import METADATA_KEY, AuthorizedStub, derive_key, token_from_env  # noqa: E402
 from sparsepd.deploy.launch import start, stop  # noqa: E402
-from sparsepd.engine.engine import Engine  # noqa: E402
-from sparsepd.engine.pools import PoolConfig  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.model.config import get_preset  # noqa: E402
