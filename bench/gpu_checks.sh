@@ -17,7 +17,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 for s in "$@"; do
   case $s in
     suite) step suite ${SUITE_S:-300} scripts/test-gpu -n 16 -vv ;;
-    engine) step engine 240 python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
+    engine) step engine ${ENGINE_S:-240} python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
     quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;
     service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
                INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
@@ -25,7 +25,7 @@ for s in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
       step engine-old 240 env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_engine_new.py \
         --batches ${OLD_BATCHES:-1,64,128,256} --steps 10 ;;
-    quant-tests) step quant-tests 240 scripts/test-gpu -n 8 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
+    quant-tests) step quant-tests ${QTESTS_S:-240} scripts/test-gpu -n 16 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
     *) echo "unknown step $s" >&2 ;;
   esac
 done
