@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
                         "with them (default: the worker's, 256)")
+    w.add_argument("--max-retracted-memory", type=int, default=None, metavar="BYTES",
+                   help="host memory each decode (or colocated) worker lets retracted requests' states take; past it "
+                        "the newest decoding request fails RESOURCE_EXHAUSTED (default: the worker's, its KV pool's "
+                        "size)")
     w.add_argument("--disable-prefix-cache", action="store_true",
                    help="prefill every request from its first token (no prefix cache on the prefill or colocated "
                         "workers)")
@@ -201,12 +205,7 @@ async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
     port = _serve_metrics_port(args)
     if port >= 0:
         endpoints["serve_metrics"] = f"http://127.0.0.1:{supervisor.serve_metrics('127.0.0.1', port)}/metrics"
-    common = [*_worker_flags(args), "--router", where]
-    colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
-    workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, "--device", devices[i]])
-               for i in range(args.decode)]
-    workers += [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), "--device", devices[args.decode + i]])
-                for i in range(args.prefill)]
+    workers = worker_commands(args, devices, where)
     _say(f"starting {args.decode} {kind} and {args.prefill} prefill workers ...")
     started = await asyncio.gather(*(supervisor.start(name, _launcher(name, cmd, args, env))
                                      for name, cmd in workers), return_exceptions=True)
@@ -261,6 +260,19 @@ def _load_flags(args: argparse.Namespace) -> list[str]:
     """The weight options, the same for the router (its fingerprint) and every worker."""
     flags = ["--load-format", args.load_format, "--dtype", args.dtype]
     return flags + (["--num-layers", str(args.num_layers)] if args.num_layers is not None else [])
+
+
+def worker_commands(args: argparse.Namespace, devices: list[str], router: str) -> list[tuple[str, list[str]]]:
+    """(name, `sparsepd` arguments) of every worker: decode (or colocated) workers first, then prefill ones."""
+    kind = "colocated" if args.colocated else "decode"
+    common = [*_worker_flags(args), "--router", router]
+    colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
+    retracted = ["--max-retracted-memory", str(args.max_retracted_memory)] if args.max_retracted_memory is not None \
+        else []
+    workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, *retracted, "--device", devices[i]])
+               for i in range(args.decode)]
+    return workers + [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), "--device",
+                                        devices[args.decode + i]]) for i in range(args.prefill)]
 
 
 def _cache_flags(args: argparse.Namespace) -> list[str]:
