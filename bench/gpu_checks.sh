@@ -18,7 +18,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 for s in "$@"; do
   case $s in
     suite) step suite ${SUITE_S:-300} scripts/test-gpu -n 16 -vv ;;
-    engine) step engine ${ENGINE_S:-240} python3 -P bench/bench_engine.py --batches 1,8,32,64,128,256 --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
+    engine) step engine ${ENGINE_S:-240} python3 -P bench/bench_engine.py --batches ${ENGINE_BATCHES:-1,8,32,64,128,256} --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
     engine-q) step engine-q ${ENGINE_S:-240} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
              --num-layers ${FLASH_LAYERS:-36} --batches 1,8,64,256 --context 4096 --steps 5 ;;
