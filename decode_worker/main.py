@@ -20,7 +20,7 @@ from sparsepd.engine.config import EngineConfig, engine_config_from_args, with_p
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.model.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
 from sparsepd.registration import start_registration

@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsepd.model.attention import Attention, AttentionCache
 from sparsepd.model.compressor import RMSNorm
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 from sparsepd.model.hyper import hc_head, hc_post, hc_pre
 from sparsepd.model.moe import MoE
 from sparsepd.model.numerics import linear

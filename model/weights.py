@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sparsepd.model.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
-from sparsepd.model.config import ModelConfig
+from sparsepd.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
+from sparsepd.model_config import ModelConfig
 from sparsepd.model.dummy_weights import init_dummy
 from sparsepd.model.init_rules import hc_base, init_rule
 from sparsepd.model.linear import ROUTED_EXPERTS

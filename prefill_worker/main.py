@@ -14,7 +14,7 @@ from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.model.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker

@@ -87,7 +87,7 @@ def test_router_and_generate_client_run_without_torch(worker, tmp_path):
     client_modules, router_modules = imported(client.stderr), imported(trace.read_text())
     # the traces are real: each names the modules its role runs on
     assert {"sparsepd.deploy.cli", "sparsepd.router.client", "grpc"} <= client_modules
-    assert {"sparsepd.router.dispatch", "sparsepd.model.fingerprint", "sparsepd.router.service"} <= router_modules
+    assert {"sparsepd.router.dispatch", "sparsepd.fingerprint", "sparsepd.router.service"} <= router_modules
     assert _torch_in(client_modules) == [], "the generate client imported torch"
     assert _torch_in(router_modules) == [], "the router imported torch (through the whole request)"
     for name in ("engine", "prefill_worker", "decode_worker", "kernels"):

@@ -11,7 +11,7 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import IdAllocator, OutOfCapacity, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
 from sparsepd.prefix_hash import longest_match, prefix_hashes
 

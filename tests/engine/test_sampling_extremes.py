@@ -14,7 +14,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SAMPLING_EPS, Sampler, SamplingParams, sampling_tensors
 from sparsepd.kernels.sampling import SamplingTensors, sample_batch, sample_batch_ref
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
 
 FP32_MAX = torch.finfo(torch.float32).max

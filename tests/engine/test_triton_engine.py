@@ -17,7 +17,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
 
 # The kernel modules a tiny engine's prefill, decode and draw call through a wrapper.

@@ -14,7 +14,7 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
 
 pytestmark = pytest.mark.skipif(os.environ.get("SPARSEPD_TEST_GPU") != "1" or not torch.cuda.is_available(),

@@ -15,9 +15,9 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.linear import Fp8Linear
-from sparsepd.model.load_options import LoadOptions, resolve_model_config
+from sparsepd.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.weight_memory import planned_weight_bytes, weight_bytes
 from sparsepd.model.weights import build_model
 

@@ -28,7 +28,7 @@ from sparsepd.kernels.moe import (
     moe_ref,
 )
 from sparsepd.model import moe as moe_module
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.moe import Gate, MoE
 from sparsepd.model.weights import _unpack_fp4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
 

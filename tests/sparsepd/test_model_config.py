@@ -1,6 +1,6 @@
 import pytest
 
-from sparsepd.model.config import PRESETS, get_preset
+from sparsepd.model_config import PRESETS, get_preset
 from sparsepd.model.tokenizer import ByteTokenizer
 
 
