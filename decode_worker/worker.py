@@ -24,10 +24,11 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PromptLogprobs, Request, StepOutput
-from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
+from sparsepd.engine.sampling import TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
 from sparsepd.faults import Faults
 from sparsepd.proto.convert import prefix_cache_stats
+from sparsepd.sampling_params import SamplingParams
 
 log = logging.getLogger("sparsepd.decode")
 

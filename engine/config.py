@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
-from sparsepd.model_config import ModelConfig
 from sparsepd.load_options import LoadOptions, load_options_from_args, resolve_model_config
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig
 
 
 class EngineConfig(BaseModel):

@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from sparsepd.engine.sampling import SamplingParams
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_from_proto, top_logprobs
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -84,7 +83,7 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
     """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling or output_ids are
     refused)."""
     try:
-        params = SamplingParams.checked(**sampling_to_dict(r.sampling))
+        params = sampling_from_proto(r.sampling)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     if len(output_ids) >= params.max_new_tokens:

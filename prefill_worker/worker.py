@@ -20,11 +20,12 @@ import grpc
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PromptLogprobs, Request
-from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
+from sparsepd.engine.sampling import TokenLogprobs
 from sparsepd.engine.state_io import export_state, fork_descriptor
 from sparsepd.faults import Faults
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader
+from sparsepd.sampling_params import SamplingParams
 
 log = logging.getLogger("sparsepd.prefill")
 

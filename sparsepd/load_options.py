@@ -21,8 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsepd.load_flags import add_load_args  # noqa: F401  (re-exported)
 from sparsepd.checkpoint_config import read_checkpoint_config, read_weight_format
+from sparsepd.load_flags import add_load_args  # noqa: F401  (re-exported)
 from sparsepd.model_config import ModelConfig, get_preset, quantized_format, with_num_layers
 
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32"}

@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import prompt
 
-from sparsepd.model_config import ModelConfig, get_preset
 from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.load_options import (
     LoadOptions,
@@ -22,6 +21,7 @@ from sparsepd.load_options import (
 )
 from sparsepd.model.weight_memory import planned_weight_bytes, weight_bytes
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig, get_preset
 
 
 def test_defaults_keep_todays_model():

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from sparsepd.model_config import PRESETS as MODEL_PRESETS
 from sparsepd.model.tokenizer import ByteTokenizer
+from sparsepd.model_config import PRESETS as MODEL_PRESETS
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.router.model_card import MODELS_DIR, PRESETS, card_for, write_byte_level_files
 from sparsepd.router.params import InvalidRequest, parse_generate

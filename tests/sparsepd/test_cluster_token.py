@@ -20,8 +20,8 @@ from sparsepd.cluster_token import (
     token_matches,
 )
 from sparsepd.deploy.cli import main as cli_main
-from sparsepd.model_config import get_preset
 from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model_config import get_preset
 from sparsepd.proto.transfer import model_fingerprint
 
 
