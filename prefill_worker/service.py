@@ -57,17 +57,15 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.HealthResponse(serving=self.serving, role="prefill", fingerprint=self.worker.fingerprint)
 
     async def Stats(self, request, context):
-        pools, c, cache = self.worker.engine.pools, self.worker.counters, self.worker.engine.prefix_cache
-        scheduler = self.worker.engine.scheduler
+        engine, c = self.worker.engine, self.worker.counters
+        load = engine.load()
         return worker_pb2.StatsResponse(
-            role="prefill", num_pages=pools.pages.capacity,
-            free_pages=pools.pages.num_free + (cache.reclaimable_pages() if cache is not None else 0),
-            num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
-            running=len(scheduler.running), waiting=len(scheduler.waiting),
-            engine_running=len(scheduler.running), engine_waiting=len(scheduler.waiting),
+            role="prefill", num_pages=load.num_pages, free_pages=load.free_pages, num_slots=load.num_slots,
+            free_slots=load.free_slots, running=load.running, waiting=load.waiting,
+            engine_running=load.running, engine_waiting=load.waiting,
             transfers_in_flight=self.worker.transfers_in_flight,
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
-            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(cache))
+            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(engine.prefix_cache))
 
 
 def _check_ticket(r, where: str) -> None:
