@@ -3,7 +3,7 @@
 (sparsepd/ and proto/), which imports nothing above it. Every package folder is checked, its imports in any
 form: `import`, `from … import`, at module level or inside a function, and `importlib.import_module`,
 `__import__` and `importlib.util.find_spec` with a constant name (a name the test cannot read is allowed only
-where everything is: the deploy layer).
+where everything is: the deploy layer). The floor is torch-free: none of its modules imports torch or triton.
 """
 
 import ast
