@@ -65,12 +65,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sparsepd.engine.generate import generate, generate_with_engine
-    from sparsepd.engine.sampling import SamplingParams
     from sparsepd.load_options import load_options_from_args, resolve_model_config
     from sparsepd.model.tokenizer import load_tokenizer
     from sparsepd.model.weight_memory import describe, weight_bytes
     from sparsepd.model.weights import build_model
     from sparsepd.router.model_card import card_for
+    from sparsepd.sampling_params import SamplingParams
 
     options = load_options_from_args(args)
     cfg = resolve_model_config(args.preset, args.checkpoint, options)
