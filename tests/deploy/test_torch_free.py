@@ -94,7 +94,8 @@ def test_router_and_generate_client_run_without_torch(worker, tmp_path):
     assert _torch_in(router_modules) == [], "the router imported torch (through the whole request)"
     assert {"sparsepd.model_config", "sparsepd.sampling_params"} <= router_modules  # the floor's, not the model's
     for name in ("engine", "model", "prefill_worker", "decode_worker", "kernels"):
-        assert not any(m.startswith(f"sparsepd.{name}") for m in client_modules | router_modules), name
+        assert not any(m == f"sparsepd.{name}" or m.startswith(f"sparsepd.{name}.")
+                       for m in client_modules | router_modules), name
 
 
 @pytest.mark.parametrize("argv, role", [
