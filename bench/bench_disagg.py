@@ -20,8 +20,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import expected_specs, export_state, import_state
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader, model_fingerprint
 

@@ -29,9 +29,9 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import INDEX_ROW_BYTES, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import ModelConfig
-from sparsepd.model.load_options import add_load_args, load_options_from_args, resolve_model_config
+from sparsepd.load_options import add_load_args, load_options_from_args, resolve_model_config
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig
 
 _LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 

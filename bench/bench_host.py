@@ -35,8 +35,8 @@ from sparsepd.engine.graphs import page_width_for
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import ModelConfig, get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig, get_preset
 
 
 class StandInRunner(Runner):

@@ -22,8 +22,8 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 
 def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """Benchmark of the quantized-weight kernels on the GPU: kernels/fp8_gemm.py and kernels/moe.py's FP4 experts.
 
 FP8 GEMM (`fp8_linear`, activation quantization included) at V4-Flash's projection shapes (model/attention.py and
-the shared expert, dims from model/config.py's v4-flash preset: dim 4096, 64 heads × 512, q_lora 1024,
+the shared expert, dims from sparsepd/model_config.py's v4-flash preset: dim 4096, 64 heads × 512, q_lora 1024,
 8 output groups × o_lora 1024, moe_inter 2048), bf16 activations:
 - prefill, M ∈ {4096, 8192}: TFLOP/s against torch's bf16 matmul of the same shape (F.linear, bf16 weights) in the
   same run; target (issue 28) ≥ 70% of 2 × the bf16 rate;

@@ -30,7 +30,7 @@ import torch
 from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
 from sparsepd.engine.state_io import StateDescriptor, expected_specs
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader, model_fingerprint
 

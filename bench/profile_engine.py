@@ -11,8 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 
 def main() -> None:

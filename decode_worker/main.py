@@ -18,9 +18,8 @@ from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import EngineConfig, engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.model.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
 from sparsepd.registration import start_registration
@@ -39,7 +38,7 @@ async def serve(args: argparse.Namespace) -> int:
                     vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory)
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
-    log.info("%s", memory_plan(model, engine.pools))
+    log.info("%s", engine.memory_plan())
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
     receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected,
                                 auth_key=derive_key(token, "transfer") if token is not None else None)
@@ -63,10 +62,11 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
     worker.faults.hit("decode.start")  # drills: a worker that dies before it is ready
-    address, registration = start_registration(args, port, log, role, fingerprint, engine.pools.pages.capacity,
-                                               engine.pools.slots.capacity, endpoint, token=token, tls=tls)
+    load = engine.load()
+    address, registration = start_registration(args, port, log, role, fingerprint, load.num_pages,
+                                               load.num_slots, endpoint, token=token, tls=tls)
     print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,
-                pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
+                pages=load.num_pages, slots=load.num_slots)
     await stop.wait()
     if registration is not None:
         registration.cancel()

@@ -9,9 +9,8 @@ import grpc
 
 from sparsepd.decode_worker.worker import DecodeWorker, TokenUpdate
 from sparsepd.engine.pools import OutOfCapacity
-from sparsepd.engine.sampling import SamplingParams
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import id_logprobs, prompt_logprobs, sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prompt_logprobs, sampling_from_proto, top_logprobs
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -29,7 +28,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode worker is shutting down")
         try:
-            params = SamplingParams.checked(**sampling_to_dict(request.sampling))
+            params = sampling_from_proto(request.sampling)
             loop = asyncio.get_running_loop()
             res = await loop.run_in_executor(None, self.worker.reserve, request.request_id, request.prompt_len,
                                              params, request.ttl_s)

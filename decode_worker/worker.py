@@ -24,10 +24,11 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PromptLogprobs, Request, StepOutput
-from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
-from sparsepd.engine.state_io import StateDescriptor, expected_specs, import_state
+from sparsepd.engine.sampling import TokenLogprobs
+from sparsepd.engine.state_io import StateDescriptor
 from sparsepd.faults import Faults
 from sparsepd.proto.convert import prefix_cache_stats
+from sparsepd.sampling_params import SamplingParams
 
 log = logging.getLogger("sparsepd.decode")
 
@@ -71,31 +72,30 @@ class DecodeWorker:
     # --- called from the control server -----------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
         """A slot and the pages of a request's prompt and first decoded token (raises OutOfCapacity, also when
-        that would leave fewer free pages than the running requests' growth needs, `Scheduler.headroom`);
+        that would leave fewer free pages than the running requests' growth needs, `Engine.reserve`);
         decoding adds pages as the request crosses page boundaries (engine/scheduler.py).
 
         The reservation waits for its state ttl_s seconds (0 = unset), at most this worker's own TTL: the
         worker decides how long its pages may sit idle, whatever a router asks. A grammar is compiled here,
         before the engine lock (the decode loop holds it for each step); a bad one raises ValueError."""
         if params.grammar is not None:
-            self.engine.grammars.compile(params.grammar)  # cached: make_request below finds it
+            self.engine.compile_grammar(params.grammar)  # cached: make_request below finds it
         with self.lock:
             running = {r.request_id for r in self._admitted()}
             if request_id in self.reservations or request_id in running:
                 raise ValueError(f"request id {request_id!r} is already reserved or running on this worker")
             request = self.engine.make_request([0] * prompt_len, params, request_id)
-            if request.max_len > self.engine.model.cfg.max_seq_len:
+            if request.max_len > self.engine.cfg.max_seq_len:
                 raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {params.max_new_tokens} exceeds "
-                                 f"max_seq_len={self.engine.model.cfg.max_seq_len}")
-            scheduler = self.engine.scheduler
+                                 f"max_seq_len={self.engine.cfg.max_seq_len}")
             # the prompt's pages (its ids come with the state, or with start_local); decoding adds more
-            scheduler.reserve(request, headroom=scheduler.headroom(), lookup=False)
+            self.engine.reserve(request)
             ttl_s = min(ttl_s, self.max_ttl_s) if ttl_s > 0 else self.max_ttl_s
             res = Reservation(request, uuid.uuid4().hex, time.time() + ttl_s)
             self.reservations[request_id] = res
             self.by_transfer[res.transfer_id] = request_id
             self.expect_transfer(res.transfer_id, request_id, deadline_s=res.expires_at - time.time(),
-                                 max_pages=self.engine.pools.pages_for(request.max_len))
+                                 max_pages=self.engine.pages_for(request.max_len))
             return res
 
     def release(self, request_id: str) -> bool:
@@ -104,7 +104,7 @@ class DecodeWorker:
             res = self.reservations.pop(request_id, None)
             if res is not None:
                 self.by_transfer.pop(res.transfer_id, None)
-                self.engine.scheduler.release(res.request)
+                self.engine.release(res.request)
                 self.cancel_transfer(res.transfer_id)
                 return True
         self.inbox.put(("abort", request_id))
@@ -118,7 +118,7 @@ class DecodeWorker:
         `output_ids`: a moved request's tokens so far (it resumes after them, engine.Engine.make_request).
         Returns the prompt tokens restored from this worker's prefix cache. Raises ValueError or OutOfCapacity
         (and changes nothing)."""
-        vocab = self.engine.model.cfg.vocab_size
+        vocab = self.engine.cfg.vocab_size
         with self.lock:
             members = [(request_id, transfer_id), *forks]
             held = []
@@ -136,7 +136,7 @@ class DecodeWorker:
                 raise ValueError(f"request {request_id!r}: {len(output_ids)} output ids to resume after: not with "
                                  "forks, and fewer than max_new_tokens")
             if output_ids:  # its prefill covers prompt + output: pages up to its next token (OutOfCapacity)
-                self.engine.scheduler.ensure_pages(held[0].request, len(input_ids) + len(output_ids) + 1)
+                self.engine.ensure_pages(held[0].request, len(input_ids) + len(output_ids) + 1)
             for res in held:
                 del self.reservations[res.request.request_id]
                 self.by_transfer.pop(res.transfer_id, None)
@@ -146,14 +146,14 @@ class DecodeWorker:
             leader.forks = [res.request for res in held[1:]]
             leader.output_ids = list(output_ids)
             leader.sampler.advance(len(output_ids))
-            cached = self.engine.scheduler.restore_prefix(leader)  # this worker's prefix cache (colocated)
+            cached = self.engine.restore_prefix(leader)  # this worker's prefix cache (colocated)
             self.inbox.put(("local", leader))  # under the lock: a Release after this queues behind it
             return cached
 
     def busy(self) -> bool:
         """Whether any request is reserved, waiting to be admitted, or decoding here."""
         with self.lock:
-            return bool(self.reservations or self.engine.scheduler.has_work or not self.inbox.empty())
+            return bool(self.reservations or self.engine.has_work or not self.inbox.empty())
 
     def release_all(self) -> int:
         """Abort every request here (shutdown past the drain deadline); returns how many."""
@@ -164,7 +164,7 @@ class DecodeWorker:
         return len(ids)
 
     def expected(self, transfer_id: str, num_pages: int):
-        return expected_specs(self.engine.pools, num_pages)
+        return self.engine.state_specs(num_pages)
 
     # --- called from the transfer receiver's thread -------------------------------------------------
     def on_state(self, transfer_id: str, descriptor: StateDescriptor, tensors: dict[str, torch.Tensor]) -> None:
@@ -173,9 +173,9 @@ class DecodeWorker:
     # --- the loop thread --------------------------------------------------------------------------
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self._drain(block=not self.engine.scheduler.running)  # (at most 50 ms: retracted requests may wait)
+            self._drain(block=not self.engine.has_running)  # (at most 50 ms: retracted requests may wait)
             self._expire()
-            if self.engine.scheduler.has_work:  # running, or retracted and waiting for room
+            if self.engine.has_work:  # running, or retracted and waiting for room
                 self.faults.hit("decode.step")
                 with self.lock:
                     outputs = self._step()
@@ -193,14 +193,13 @@ class DecodeWorker:
             running = [r.request_id for r in self._admitted()]
             log.exception("a decode step failed; failing the %d requests running here", len(running))
             for request_id in running:
-                self.engine.scheduler.abort(request_id)
+                self.engine.abort(request_id)
             why = f"the decode step failed: {type(exc).__name__}: {exc}"
             return [StepOutput(rid, -1, "error", error=f"request {rid}: {why}") for rid in running]
 
     def _admitted(self) -> list[Request]:
         """Requests whose state is here: running, or retracted (in host memory) and waiting for room."""
-        scheduler = self.engine.scheduler
-        return [*list(scheduler.running), *list(scheduler.waiting)]
+        return self.engine.requests()
 
     def _drain(self, block: bool) -> None:
         try:
@@ -217,12 +216,12 @@ class DecodeWorker:
     def _handle(self, item: tuple) -> None:
         if item[0] == "local":
             with self.lock:
-                self.engine.scheduler.activate(item[1])
+                self.engine.activate(item[1])
             self.counters["local_prefills"] += 1
             return
         if item[0] == "abort":
             with self.lock:
-                found = self.engine.scheduler.abort(item[1])
+                found = self.engine.abort(item[1])
             if found:
                 self._publish([TokenUpdate(item[1], (), "abort")])
             return
@@ -236,14 +235,14 @@ class DecodeWorker:
                 return
             try:
                 # a moved request's state covers prompt + output: pages up to its next token
-                self.engine.scheduler.ensure_pages(res.request, descriptor.position + 1)
-                import_state(self.engine.pools, res.request, descriptor, tensors)
+                self.engine.ensure_pages(res.request, descriptor.position + 1)
+                self.engine.import_state(res.request, descriptor, tensors)
             except (ValueError, OutOfCapacity) as exc:
                 self.rejected[f"import: {exc}"[:80]] += 1
-                self.engine.scheduler.release(res.request)
+                self.engine.release(res.request)
                 self._publish([TokenUpdate(res.request.request_id, (), "error", str(exc))])
                 return
-            self.engine.scheduler.activate(res.request)
+            self.engine.activate(res.request)
             self.counters["transfers_ok"] += 1
 
     def _expire(self) -> None:
@@ -253,7 +252,7 @@ class DecodeWorker:
             for res in expired:
                 del self.reservations[res.request.request_id]
                 self.by_transfer.pop(res.transfer_id, None)
-                self.engine.scheduler.release(res.request)
+                self.engine.release(res.request)
                 self.cancel_transfer(res.transfer_id, "the reservation expired")
                 self.counters["reservations_expired"] += 1
                 log.warning("reservation expired without a state; pages released",
@@ -267,21 +266,17 @@ class DecodeWorker:
                 listener(self.step_count, updates)
 
     def stats(self) -> dict:
-        pools, cache = self.engine.pools, self.engine.prefix_cache
         with self.lock:
-            reclaimable = cache.reclaimable_pages() if cache is not None else 0  # pages only its entries hold
-            return dict(num_pages=pools.pages.capacity, free_pages=pools.pages.num_free + reclaimable,
-                        prefix_cache=prefix_cache_stats(cache),
-                        num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
-                        running=len(self._admitted()), waiting=len(self.reservations),
-                        engine_running=len(self.engine.scheduler.running),
-                        engine_waiting=len(self.engine.scheduler.waiting),
-                        retractions=self.engine.scheduler.retractions,
+            load = self.engine.load()
+            return dict(num_pages=load.num_pages, free_pages=load.free_pages,
+                        prefix_cache=prefix_cache_stats(self.engine.prefix_cache),
+                        num_slots=load.num_slots, free_slots=load.free_slots,
+                        running=load.running + load.waiting, waiting=len(self.reservations),
+                        engine_running=load.running, engine_waiting=load.waiting, retractions=load.retractions,
                         counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
 
     def is_empty(self) -> bool:
-        pools = self.engine.pools
-        return pools.pages.num_used == 0 and pools.slots.num_used == 0
+        return self.engine.holds_nothing()
 
 
 def _update(o: StepOutput) -> TokenUpdate:

@@ -65,12 +65,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sparsepd.engine.generate import generate, generate_with_engine
-    from sparsepd.engine.sampling import SamplingParams
-    from sparsepd.model.load_options import load_options_from_args, resolve_model_config
+    from sparsepd.load_options import load_options_from_args, resolve_model_config
     from sparsepd.model.tokenizer import load_tokenizer
     from sparsepd.model.weight_memory import describe, weight_bytes
     from sparsepd.model.weights import build_model
     from sparsepd.router.model_card import card_for
+    from sparsepd.sampling_params import SamplingParams
 
     options = load_options_from_args(args)
     cfg = resolve_model_config(args.preset, args.checkpoint, options)
@@ -130,25 +130,6 @@ def _serve(module: str) -> Callable[[argparse.Namespace], int]:
     return lambda args: asyncio.run(importlib.import_module(module).serve(args))
 
 
-def _run_router(args: argparse.Namespace) -> int:
-    """The router with the deployment's model fingerprint, which the workers must match: computed here from the
-    model's configuration (torch-free), since the router does not import the model."""
-    from sparsepd.model.fingerprint import deployment_fingerprint
-    from sparsepd.router.main import serve
-
-    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
-                                         args.num_layers)
-    return asyncio.run(serve(args, fingerprint))
-
-
-def _router_load_args(p: argparse.ArgumentParser) -> None:
-    """The workers' weight options on the router's parser: part of the fingerprint the deploy layer computes
-    (the flags live in the floor: sparsepd/load_flags.py; the router's own module does not import the model)."""
-    from sparsepd.load_flags import add_load_args
-
-    add_load_args(p)
-
-
 def _run_loadtest(args: argparse.Namespace) -> int:
     """The load test, handed this layer's launcher for --launch (it starts `sparsepd serve`)."""
     from sparsepd.deploy import launch
@@ -163,8 +144,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
           _serve("sparsepd.prefill_worker.main")),
     _role("decode-worker", "sparsepd.decode_worker.args", "run one decode worker process",
           _serve("sparsepd.decode_worker.main")),
-    _role("router", "sparsepd.router.main", "run the public gRPC router in front of given workers", _run_router,
-          _router_load_args),
+    _role("router", "sparsepd.router.main", "run the public gRPC router in front of given workers",
+          _serve("sparsepd.router.main")),
     _role("serve", "sparsepd.deploy.serve", "start the router with prefill and decode workers",
           _serve("sparsepd.deploy.serve")),
     _role("loadtest", "sparsepd.loadtest.main", "load-test a router: a concurrency sweep, JSONL results, plots",

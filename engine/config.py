@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
-from sparsepd.model.config import ModelConfig
-from sparsepd.model.load_options import LoadOptions, load_options_from_args, resolve_model_config
+from sparsepd.load_options import LoadOptions, load_options_from_args, resolve_model_config
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig
 
 
 class EngineConfig(BaseModel):
@@ -27,7 +27,7 @@ class EngineConfig(BaseModel):
     preset: str = "tiny"
     checkpoint: str | None = None
     seed: int = Field(0, ge=0, description="random-weight seed (every process of a deployment must agree)")
-    load: LoadOptions = LoadOptions()  # --load-format, --dtype, --num-layers (model/load_options.py)
+    load: LoadOptions = LoadOptions()  # --load-format, --dtype, --num-layers (sparsepd/load_options.py)
     device: str = "cpu"
     pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")

@@ -1,26 +1,53 @@
-"""The colocated engine: one process holding the model, the pools, the runner and the scheduler.
+"""The engine: one process's model, pools, runner, scheduler and prefix cache, behind one interface.
 
 `Engine.generate(prompts, params)` runs requests to completion with continuous batching and chunked
-prefill; `submit`/`step`/`abort` drive it incrementally. The prefill and decode workers use the same parts
-(pools, runner, scheduler, state export/import) split across two processes.
+prefill; `submit`/`step`/`abort` drive it incrementally. The workers drive it through the methods below and
+nothing else of it (docs/DESIGN.md §8): the prefill worker makes requests, `add`s them, steps until each has
+its first token and `export_state`s it; the decode worker `reserve`s a slot and pages for a request whose state
+comes later, `import_state`s it into them (or, colocated, `restore_prefix` and prefills it here) and
+`activate`s it; either `abort`s or `release`s a request, and reports `load()`.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sparsepd.engine.grammar import GrammarMatch
+from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
 from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
 from sparsepd.engine.scheduler import Scheduler
-from sparsepd.grammar import Grammars, Vocabulary
+from sparsepd.engine.state_io import (
+    StateDescriptor,
+    TensorSpec,
+    expected_specs,
+    export_state,
+    fork_descriptor,
+    import_state,
+)
+from sparsepd.grammar import Grammar, Grammars, Vocabulary
 from sparsepd.model.transformer import Transformer
+from sparsepd.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What an engine holds now (a worker's Stats)."""
+
+    num_pages: int
+    free_pages: int  # free, and those only prefix-cache entries hold (given up on demand)
+    num_slots: int
+    free_slots: int
+    running: int  # requests in the running batch
+    waiting: int  # requests queued: not admitted yet, or retracted to host memory and waiting for room
+    retractions: int  # requests moved back to waiting for want of a page, since start
 
 
 class Engine:
@@ -89,7 +116,95 @@ class Engine:
         return self.scheduler.step()
 
     def abort(self, request_id: str) -> bool:
+        """End a request wherever it is and free what it holds; False if unknown or already finished."""
         return self.scheduler.abort(request_id)
+
+    # --- what the workers drive -------------------------------------------------------------------
+    @property
+    def cfg(self) -> ModelConfig:
+        """The model's configuration."""
+        return self.model.cfg
+
+    def compile_grammar(self, grammar: Grammar) -> None:
+        """Compile a request's grammar now (cached: `make_request` finds it); ValueError with the compiler's
+        message when it does not compile."""
+        self.grammars.compile(grammar)
+
+    def add(self, request: Request) -> None:
+        """Queue a request from `make_request` (with its forks); OutOfCapacity if it could never fit, ValueError
+        if it is malformed."""
+        self.scheduler.add(request)
+
+    def reserve(self, request: Request) -> None:
+        """A slot and the pages of a request's known tokens and next one, without running it and without a prefix
+        lookup (its prompt or state comes later): OutOfCapacity, also when that would leave fewer free pages than
+        the running requests' growth needs (one each, `Scheduler.headroom`)."""
+        self.scheduler.reserve(request, headroom=self.scheduler.headroom(), lookup=False)
+
+    def ensure_pages(self, request: Request, num_tokens: int) -> None:
+        """Pages for a reserved request's first num_tokens positions (OutOfCapacity, holding what it held)."""
+        self.scheduler.ensure_pages(request, num_tokens)
+
+    def restore_prefix(self, request: Request) -> int:
+        """A reserved request whose prompt is known now: its longest cached prefix restored into its slot and
+        pages (with a prefix cache); the prompt tokens restored."""
+        return self.scheduler.restore_prefix(request)
+
+    def activate(self, request: Request) -> None:
+        """Run a reserved request: its state imported (`import_state`), or its prompt set to prefill here."""
+        self.scheduler.activate(request)
+
+    def release(self, request: Request) -> None:
+        """Free a request's slot and pages: a reservation that never ran, or a request kept after its finish."""
+        self.scheduler.release(request)
+
+    def export_state(self, request: Request) -> tuple[StateDescriptor, dict[str, torch.Tensor]]:
+        """A request's state copied to host memory (engine/state_io.py)."""
+        return export_state(self.pools, request)
+
+    def fork_descriptor(self, descriptor: StateDescriptor, fork: Request) -> StateDescriptor:
+        """The descriptor of a fork's state: its source's exported one with the fork's own tokens and sampler."""
+        return fork_descriptor(self.pools, descriptor, fork)
+
+    def state_specs(self, num_pages: int) -> tuple[TensorSpec, ...]:
+        """The tensors a shipped state of num_pages pages holds (what a receiver checks a transfer against)."""
+        return expected_specs(self.pools, num_pages)
+
+    def import_state(self, request: Request, descriptor: StateDescriptor, tensors: dict[str, torch.Tensor]) -> None:
+        """A shipped state into a reserved request's slot and pages (ValueError when it does not fit them)."""
+        import_state(self.pools, request, descriptor, tensors)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a request is running, or queued (retracted ones included)."""
+        return self.scheduler.has_work
+
+    @property
+    def has_running(self) -> bool:
+        return bool(self.scheduler.running)
+
+    def requests(self) -> list[Request]:
+        """The requests admitted here: running, then queued (retracted ones in host memory included)."""
+        return [*self.scheduler.running, *self.scheduler.waiting]
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that num_tokens positions take."""
+        return self.pools.pages_for(num_tokens)
+
+    def load(self) -> EngineLoad:
+        pages, slots, cache = self.pools.pages, self.pools.slots, self.prefix_cache
+        reclaimable = cache.reclaimable_pages() if cache is not None else 0
+        return EngineLoad(num_pages=pages.capacity, free_pages=pages.num_free + reclaimable,
+                          num_slots=slots.capacity, free_slots=slots.num_free, running=len(self.scheduler.running),
+                          waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions)
+
+    def memory_plan(self) -> str:
+        """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""
+        return memory_plan(self.model, self.pools)
+
+    def holds_nothing(self) -> bool:
+        """No page and no slot is held, by a request or by the prefix cache."""
+        return self.pools.pages.num_used == 0 and self.pools.slots.num_used == 0
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:

@@ -14,7 +14,15 @@ import torch
 from sparsepd.engine.grammar import GrammarMatch, token_bitmask
 from sparsepd.engine.prompt_logprobs import prompt_logprobs_ref
 from sparsepd.engine.request import PromptLogprobs
-from sparsepd.engine.sampling import FinishReason, Sampler, SamplingParams, TokenLogprobs, finish_reason, token_logprobs
+from sparsepd.engine.sampling import (
+    FinishReason,
+    Sampler,
+    SamplingParams,
+    TokenLogprobs,
+    finish_reason,
+    penalize,
+    token_logprobs,
+)
 from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.model.transformer import Transformer
 
@@ -70,7 +78,7 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
 
     def pick(row: torch.Tensor) -> int:  # penalties and bias from the history on the host; logprobs from row
         mask = token_bitmask([match], cfg.vocab_size, "cpu") if match is not None else None
-        token = sampler.sample(params.penalize(row, prompt_ids, out), params.banned(len(out), cfg.eos_id), mask)
+        token = sampler.sample(penalize(params, row, prompt_ids, out), params.banned(len(out), cfg.eos_id), mask)
         if params.wants_logprobs:
             logprobs.append(token_logprobs(row, token, params.top_logprobs, params.token_ids_logprob))
         if match is not None and not match.accept(token):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 
 INDEX_ROW_BYTES = 144  # 128 FP8 values + fp32 scale + padding (kernels/indexer.py)
 

@@ -2,8 +2,8 @@
 log-probabilities (of the output, of chosen token ids, and of the prompt: engine/prompt_logprobs.py),
 frequency/presence/repetition penalties, a logit bias and a grammar (structured output: engine/grammar.py).
 
-`SamplingParams` is validated at the edge (a bad value raises `ValueError` naming the field, the value and the
-allowed range). Penalties and bias change the logits before the draw (kernels/sampling.py's
+`SamplingParams` is the floor's (sparsepd/sampling_params.py: defined and validated once, at the edge; re-exported
+here for the engine's callers). Penalties and bias change the logits before the draw (kernels/sampling.py's
 `apply_penalties`); the engine keeps each slot's token counts on the device (engine/penalties.py). The draw
 itself is `kernels/sampling.py` (batched, on the device, counter-based random stream): `Sampler` draws one
 request's tokens with it on the CPU and holds the request's seed and how many tokens it drew (a 16-byte state
@@ -20,111 +20,31 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sparsepd.grammar import Grammar
 from sparsepd.kernels.sampling import (
-    MAX_TOP_LOGPROBS,
-    SAMPLING_EPS,
     SampleOutput,
     SamplingTensors,
     apply_penalties_row,
     filter_probs,
     sample_batch,
 )
+from sparsepd.sampling_params import MAX_TOKEN_IDS_LOGPROB, MAX_TOP_LOGPROBS, SAMPLING_EPS, SamplingParams
 
 __all__ = ["MAX_TOKEN_IDS_LOGPROB", "MAX_TOP_LOGPROBS", "SAMPLING_EPS", "FinishReason", "SampleOutput", "Sampler",
-           "SamplingParams", "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "sample_batch",
-           "sampling_tensors", "token_logprobs"]
+           "SamplingParams", "SamplingTensors", "TokenLogprobs", "filter_probs", "finish_reason", "penalize",
+           "sample_batch", "sampling_tensors", "token_logprobs"]
 
 # "error": the request failed alone (its grammar rejected a drawn token, its draw raised); Request.error says why.
 FinishReason = Literal["stop", "length", "error"]
-MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
-MAX_TOKEN_IDS_LOGPROB = 64  # ids a request may ask the log-probabilities of (token_ids_logprob)
 
 
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description=f"below {SAMPLING_EPS:g} = greedy")
-    top_k: int = Field(-1, ge=-1, lt=2**31, description="-1 or 0 = all tokens")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    min_p: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    max_new_tokens: int = Field(16, ge=1)
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_new_tokens: int = Field(0, ge=0)
-    logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="1 = off")
-    logit_bias: tuple[tuple[int, float], ...] = Field((), description="(token id, bias) pairs, ids distinct")
-    token_ids_logprob: tuple[int, ...] = Field((), max_length=MAX_TOKEN_IDS_LOGPROB,
-                                               description="report these ids' log-probabilities too, in this order")
-    logprob_start_len: int | None = Field(None, ge=0, description="prompt log-probabilities from this position "
-                                                                   "(None: none); must be < the prompt length")
-    grammar: Grammar | None = Field(None, description="structured output: the tokens must match it")
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
-        ids = [i for i, _ in v]
-        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError(f"logit_bias token ids must be distinct and ≥ 0, got {ids}")
-        bad = [(i, b) for i, b in v if not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS]  # NaN fails too
-        if bad:
-            raise ValueError(f"logit_bias values must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bad}")
-        return v
-
-    @field_validator("stop_token_ids", "token_ids_logprob")
-    @classmethod
-    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(t < 0 for t in v):
-            raise ValueError(f"token ids must be ≥ 0, got {list(v)}")
-        return v
-
-    @classmethod
-    def checked(cls, **values: object) -> SamplingParams:
-        """Build from untrusted values; raise ValueError with every offending field in one message."""
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"invalid sampling parameters: {problems}") from None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < SAMPLING_EPS or self.top_k == 1
-
-    @property
-    def uses_history(self) -> bool:
-        """Whether the draw depends on the tokens seen so far (a frequency, presence or repetition penalty)."""
-        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    @property
-    def penalized(self) -> bool:
-        """Whether the logits change before the draw (a penalty or a logit bias)."""
-        return self.uses_history or bool(self.logit_bias)
-
-    def penalize(self, logits: torch.Tensor, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> torch.Tensor:
-        """One row's logits `[V]` with this request's penalties and bias, from its history (on the host)."""
-        if not self.penalized:
-            return logits
-        return apply_penalties_row(logits, list(prompt_ids), list(output_ids), self.frequency_penalty,
-                                   self.presence_penalty, self.repetition_penalty, dict(self.logit_bias))
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs or self.top_logprobs > 0 or bool(self.token_ids_logprob)
-
-    def banned(self, n_generated: int, eos_id: int) -> list[int]:
-        """Token ids that may not be drawn after n_generated tokens (min_new_tokens not reached yet)."""
-        if n_generated >= self.min_new_tokens:
-            return []
-        return sorted({*self.stop_token_ids, *([] if self.ignore_eos else [eos_id])})
+def penalize(params: SamplingParams, logits: torch.Tensor, prompt_ids: Sequence[int],
+             output_ids: Sequence[int]) -> torch.Tensor:
+    """One row's logits `[V]` with the request's penalties and bias, from its history (on the host)."""
+    if not params.penalized:
+        return logits
+    return apply_penalties_row(logits, list(prompt_ids), list(output_ids), params.frequency_penalty,
+                               params.presence_penalty, params.repetition_penalty, dict(params.logit_bias))
 
 
 class Sampler:
@@ -138,15 +58,7 @@ class Sampler:
     STATE_BYTES = 16  # seed, tokens drawn: little-endian uint64 each
 
     def __init__(self, params: SamplingParams, vocab_size: int):
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"stop token ids {bad} are outside the vocabulary [0, {vocab_size})")
-        bad = [i for i, _ in params.logit_bias if i >= vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary [0, {vocab_size})")
-        bad = [t for t in params.token_ids_logprob if t >= vocab_size]
-        if bad:
-            raise ValueError(f"token_ids_logprob ids {bad} are outside the vocabulary [0, {vocab_size})")
+        params.check_vocabulary(vocab_size)
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.num_drawn = 0
@@ -160,7 +72,7 @@ class Sampler:
                token_bitmask: torch.Tensor | None = None) -> int:
         """One token from logits `[vocab]`, never one of `banned` (on the CPU), within `token_bitmask`
         `[⌈V/32⌉]` int32 when given (its grammar's mask). Penalties and bias are the caller's: pass
-        `params.penalize(logits, …)`."""
+        `penalize(params, logits, …)`."""
         row = logits.detach().float().cpu().reshape(1, -1)  # [1, V]
         params = _sampling_tensors([(self.params, self.seed, self.num_drawn, list(banned))], row.device)
         params.want_top_logprobs, params.token_ids = 0, None

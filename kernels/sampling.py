@@ -68,9 +68,8 @@ import triton.language as tl
 
 from sparsepd.kernels.device import Backend, pick_backend
 from sparsepd.kernels.topk import topk_visible
+from sparsepd.sampling_params import MAX_TOP_LOGPROBS, SAMPLING_EPS  # the parameters' definition (the floor)
 
-MAX_TOP_LOGPROBS = 20
-SAMPLING_EPS = 1e-6  # a temperature below this is greedy (SGLang's _SAMPLING_EPS)
 _FP32_MAX = torch.finfo(torch.float32).max
 _M32 = 0xFFFFFFFF
 

@@ -17,10 +17,10 @@ from torch import nn
 
 from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, RMSNorm
-from sparsepd.model.config import ModelConfig
 from sparsepd.model.indexer import Indexer
 from sparsepd.model.linear import grouped_linear, make_linear
 from sparsepd.model.numerics import rope_cos_sin, rope_freqs
+from sparsepd.model_config import ModelConfig
 
 
 class AttentionCache(Protocol):

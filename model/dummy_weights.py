@@ -24,11 +24,11 @@ import zlib
 import torch
 
 from sparsepd.kernels.moe import dequant_fp4
-from sparsepd.model.config import FP4_BLOCK, ModelConfig
 from sparsepd.model.init_rules import hc_base, init_rule
 from sparsepd.model.linear import FP8_PROJECTIONS, ROUTED_EXPERTS
 from sparsepd.model.numerics import FP8_MAX
 from sparsepd.model.transformer import Transformer
+from sparsepd.model_config import FP4_BLOCK, ModelConfig
 
 TILE = 128  # FP8 weight tile (rows and columns)
 _FP8_SPREAD = 32.0  # |x / scale| rms at jitter 0

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from sparsepd.model.compressor import Compressor, quantize_index_rows
-from sparsepd.model.config import ModelConfig
 from sparsepd.model.linear import Linear, make_linear
 from sparsepd.model.numerics import apply_rope, hadamard_rotate
+from sparsepd.model_config import ModelConfig
 
 
 class Indexer(nn.Module):

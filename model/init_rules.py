@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 
 
 def init_rule(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> tuple[str, float]:

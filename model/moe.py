@@ -19,9 +19,9 @@ from torch import nn
 
 from sparsepd.kernels.device import pick_backend
 from sparsepd.kernels.moe import dequant_fp4, moe, moe_fp4
-from sparsepd.model.config import FP4_BLOCK, ModelConfig
 from sparsepd.model.linear import make_linear
 from sparsepd.model.numerics import linear, silu, softplus
+from sparsepd.model_config import FP4_BLOCK, ModelConfig
 
 
 class Expert(nn.Module):

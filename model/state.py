@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsepd.kernels.indexer import ROW_BYTES as INDEX_ROW_BYTES
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 
 
 @dataclass

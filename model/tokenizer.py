@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 from sparsepd.prompt_encoding import PromptEncoder
 
 

@@ -12,12 +12,12 @@ from torch import nn
 
 from sparsepd.model.attention import Attention, AttentionCache
 from sparsepd.model.compressor import RMSNorm
-from sparsepd.model.config import ModelConfig
 from sparsepd.model.hyper import hc_head, hc_post, hc_pre
 from sparsepd.model.moe import MoE
 from sparsepd.model.numerics import linear
 from sparsepd.model.request_cache import RequestCache
 from sparsepd.model.state import RequestState
+from sparsepd.model_config import ModelConfig
 
 
 def _hc_params(module: nn.Module, prefix: str, hc: int, dim: int, n_scale: int, mix: int) -> None:

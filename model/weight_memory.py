@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsepd.model.config import ModelConfig
 from sparsepd.model.transformer import Transformer
+from sparsepd.model_config import ModelConfig
 
 KINDS = ("fp8", "fp4", "scales", "bf16", "fp32", "tables")
 

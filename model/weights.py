@@ -24,12 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sparsepd.model.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
-from sparsepd.model.config import ModelConfig
+from sparsepd.checkpoint_config import WeightFormat, read_checkpoint_config, read_weight_format
 from sparsepd.model.dummy_weights import init_dummy
 from sparsepd.model.init_rules import hc_base, init_rule
 from sparsepd.model.linear import ROUTED_EXPERTS
 from sparsepd.model.transformer import Transformer
+from sparsepd.model_config import ModelConfig
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 

@@ -12,9 +12,8 @@ import grpc
 from sparsepd.cluster_token import derive_key, server_interceptors, token_from_args
 from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.faults import Faults
-from sparsepd.model.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
@@ -33,7 +32,7 @@ async def serve(args: argparse.Namespace) -> int:
     model = cfg.build_model()
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
-    log.info("%s", memory_plan(model, engine.pools))
+    log.info("%s", engine.memory_plan())
     sender = TransferSender(ack_timeout_s=args.transfer_timeout,
                             auth_key=derive_key(token, "transfer") if token is not None else None)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,
@@ -45,11 +44,12 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     stop = stop_on_signals(asyncio.get_running_loop())
     worker.faults.hit("prefill.start")  # drills: a worker that dies before it is ready
+    load = engine.load()
     address, registration = start_registration(args, port, log, "prefill", fingerprint,
-                                               engine.pools.pages.capacity, engine.pools.slots.capacity,
+                                               load.num_pages, load.num_slots,
                                                token=token, tls=tls)
     print_ready("prefill", grpc=address, fingerprint=fingerprint,
-                pages=engine.pools.pages.capacity, slots=engine.pools.slots.capacity)
+                pages=load.num_pages, slots=load.num_slots)
     await stop.wait()
     log.info("stopping: finishing the batch in flight")
     if registration is not None:

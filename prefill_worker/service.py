@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from sparsepd.engine.sampling import SamplingParams
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_to_dict, top_logprobs
+from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_from_proto, top_logprobs
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -58,17 +57,15 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.HealthResponse(serving=self.serving, role="prefill", fingerprint=self.worker.fingerprint)
 
     async def Stats(self, request, context):
-        pools, c, cache = self.worker.engine.pools, self.worker.counters, self.worker.engine.prefix_cache
-        scheduler = self.worker.engine.scheduler
+        engine, c = self.worker.engine, self.worker.counters
+        load = engine.load()
         return worker_pb2.StatsResponse(
-            role="prefill", num_pages=pools.pages.capacity,
-            free_pages=pools.pages.num_free + (cache.reclaimable_pages() if cache is not None else 0),
-            num_slots=pools.slots.capacity, free_slots=pools.slots.num_free,
-            running=len(scheduler.running), waiting=len(scheduler.waiting),
-            engine_running=len(scheduler.running), engine_waiting=len(scheduler.waiting),
+            role="prefill", num_pages=load.num_pages, free_pages=load.free_pages, num_slots=load.num_slots,
+            free_slots=load.free_slots, running=load.running, waiting=load.waiting,
+            engine_running=load.running, engine_waiting=load.waiting,
             transfers_in_flight=self.worker.transfers_in_flight,
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
-            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(cache))
+            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(engine.prefix_cache))
 
 
 def _check_ticket(r, where: str) -> None:
@@ -84,7 +81,7 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
     """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling or output_ids are
     refused)."""
     try:
-        params = SamplingParams.checked(**sampling_to_dict(r.sampling))
+        params = sampling_from_proto(r.sampling)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     if len(output_ids) >= params.max_new_tokens:

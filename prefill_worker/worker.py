@@ -20,11 +20,11 @@ import grpc
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.request import PromptLogprobs, Request
-from sparsepd.engine.sampling import SamplingParams, TokenLogprobs
-from sparsepd.engine.state_io import export_state, fork_descriptor
+from sparsepd.engine.sampling import TokenLogprobs
 from sparsepd.faults import Faults
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto.transfer import TransferHeader
+from sparsepd.sampling_params import SamplingParams
 
 log = logging.getLogger("sparsepd.prefill")
 
@@ -120,7 +120,7 @@ class PrefillWorker:
                     fork.stateless = True  # it only draws here; its state is shipped from the request's
                 request.forks = list(forks)
                 request.keep_on_finish = bool(forks)  # its state is exported for the forks even if it stops
-                self.engine.scheduler.add(request)
+                self.engine.add(request)
             except (ValueError, OutOfCapacity) as exc:
                 for m in job.members:
                     outcomes[m.request_id].error = str(exc)
@@ -188,11 +188,11 @@ class PrefillWorker:
                 out.ok = True
                 continue
             if exported is None:
-                exported = export_state(self.engine.pools, request)
+                exported = self.engine.export_state(request)
                 self.faults.hit("prefill.push")
             descriptor, tensors = exported
             if member is not request:
-                descriptor = fork_descriptor(self.engine.pools, descriptor, member)
+                descriptor = self.engine.fork_descriptor(descriptor, member)
             header = TransferHeader.from_descriptor(descriptor, transfer_id=job.transfer_id,
                                                     request_id=job.request_id, fingerprint=self.fingerprint)
             out.transfer_bytes = descriptor.num_bytes
@@ -200,7 +200,7 @@ class PrefillWorker:
             with self.ids_lock:
                 self.transfers_in_flight += 1
         if not self.engine.abort(request.request_id):  # pages free now; the host copy travels
-            self.engine.scheduler.release(request)  # it finished at its first token but was kept for its forks
+            self.engine.release(request)  # it finished at its first token but was kept for its forks
         return pending
 
     def _await_transfers(self, pending, outcomes) -> None:

@@ -1,42 +1,44 @@
-"""Conversions between worker-control messages and plain values (no engine types: proto depends on nothing)."""
+"""Conversions between worker-control messages and the values they carry: the floor's `SamplingParams`
+(sparsepd/sampling_params.py, which validates them), log-probabilities and prefix-cache stats as plain values
+(no engine types: proto depends on the floor only)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sparsepd.proto import worker_pb2
+from sparsepd.sampling_params import SamplingParams, unset_zero
 
 
-def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
-    """Keyword arguments for the engine's SamplingParams.checked (which validates them). A proto3 zero
-    means "not set": top_p 0 is 1.0 (off), top_k 0 is off, repetition_penalty 0 is 1.0 (off); an empty
-    grammar_kind is no grammar."""
+def sampling_from_proto(msg: worker_pb2.SamplingParams) -> SamplingParams:
+    """The message's parameters, validated (ValueError naming every bad field, its value and what is allowed).
+    A proto3 zero where it means unset is the default (`unset_zero`: top_p and repetition_penalty 0 are 1.0,
+    off); top_k 0 is off as it is; an empty grammar_kind is no grammar."""
     grammar = dict(kind=msg.grammar_kind, text=msg.grammar) if msg.grammar_kind or msg.grammar else None
-    return dict(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p or 1.0, min_p=msg.min_p,
-                seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
-                stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
-                logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, frequency_penalty=msg.frequency_penalty,
-                presence_penalty=msg.presence_penalty, repetition_penalty=msg.repetition_penalty or 1.0,
-                logit_bias=tuple(sorted(msg.logit_bias.items())), token_ids_logprob=tuple(msg.token_ids_logprob),
-                logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None,
-                grammar=grammar)
+    return SamplingParams.checked(
+        temperature=msg.temperature, top_k=msg.top_k, top_p=unset_zero("top_p", msg.top_p), min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None, max_new_tokens=msg.max_new_tokens,
+        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens,
+        logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, frequency_penalty=msg.frequency_penalty,
+        presence_penalty=msg.presence_penalty,
+        repetition_penalty=unset_zero("repetition_penalty", msg.repetition_penalty),
+        logit_bias=tuple(sorted(msg.logit_bias.items())), token_ids_logprob=tuple(msg.token_ids_logprob),
+        logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None, grammar=grammar)
 
 
-def sampling_from_dict(values: dict[str, Any]) -> worker_pb2.SamplingParams:
+def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingParams:
+    """The message that carries `params` (every field explicit: `sampling_from_proto` gives them back equal)."""
     msg = worker_pb2.SamplingParams(
-        temperature=values.get("temperature", 0.0), top_k=values.get("top_k", -1), top_p=values.get("top_p", 1.0),
-        min_p=values.get("min_p", 0.0), max_new_tokens=values.get("max_new_tokens", 16),
-        stop_token_ids=list(values.get("stop_token_ids", ())), ignore_eos=values.get("ignore_eos", False),
-        min_new_tokens=values.get("min_new_tokens", 0), logprobs=values.get("logprobs", False),
-        top_logprobs=values.get("top_logprobs", 0), frequency_penalty=values.get("frequency_penalty", 0.0),
-        presence_penalty=values.get("presence_penalty", 0.0), repetition_penalty=values.get("repetition_penalty", 1.0),
-        logit_bias=dict(values.get("logit_bias", ())), token_ids_logprob=list(values.get("token_ids_logprob", ())))
-    if values.get("seed") is not None:
-        msg.seed = values["seed"]
-    if values.get("logprob_start_len") is not None:
-        msg.logprob_start_len = values["logprob_start_len"]
-    if values.get("grammar") is not None:
-        msg.grammar_kind, msg.grammar = values["grammar"]["kind"], values["grammar"]["text"]
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+        max_new_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos, min_new_tokens=params.min_new_tokens, logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs, frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty, repetition_penalty=params.repetition_penalty,
+        logit_bias=dict(params.logit_bias), token_ids_logprob=list(params.token_ids_logprob))
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprob_start_len is not None:
+        msg.logprob_start_len = params.logprob_start_len
+    if params.grammar is not None:
+        msg.grammar_kind, msg.grammar = params.grammar.kind, params.grammar.text
     return msg
 
 

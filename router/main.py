@@ -20,6 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
+from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.load_flags import add_load_args
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
@@ -51,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="the workers' random-weight seed: part of the model fingerprint they must match (default: 0)")
     add_model_arguments(p)
+    add_load_args(p)  # the workers' weight options: part of the fingerprint
     add_dispatch_arguments(p)
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=30090,
@@ -101,11 +104,12 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
                         "--reservation-ttl wins (default: %(default)s)")
 
 
-async def serve(args: argparse.Namespace, fingerprint: str) -> int:
-    """Run the router until SIGTERM. `fingerprint` is the deployment's model fingerprint, computed by the deploy
-    layer from --preset/--checkpoint/--seed and the weight options (model/fingerprint.py: the router does not
-    import the model)."""
+async def serve(args: argparse.Namespace) -> int:
+    """Run the router until SIGTERM. The workers must match the deployment's model fingerprint, computed from
+    --preset/--checkpoint/--seed and the weight options as they compute it (sparsepd/fingerprint.py, torch-free)."""
     setup_logging("router", args.log_level)
+    fingerprint = deployment_fingerprint(args.preset, args.checkpoint, args.seed, args.load_format, args.dtype,
+                                         args.num_layers)
     token, tls = token_from_args(args), tls_from_args(args)
     card = card_for(args.preset, args.checkpoint, args.served_model_name)
     pool = WorkerPool(args.prefill, args.decode, args.colocated, fingerprint=fingerprint, token=token, tls=tls,

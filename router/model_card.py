@@ -3,9 +3,8 @@ length, and the tokenizer files it hands to clients (GetTokenizer) and uses itse
 stop strings); text becomes ids by the rule of sparsepd/prompt_encoding.py.
 
 A card comes from a checkpoint directory (its `config.json`, and `tokenizer.json` /
-`tokenizer_config.json` when present) or from a preset. The router may not import the model package
-(docs/DESIGN.md §2), so the presets' numbers are repeated in `PRESETS`; a test holds them equal to
-`sparsepd.model.config.PRESETS`. The `tiny` preset ships real Hugging Face tokenizer files under
+`tokenizer_config.json` when present) or from a preset (`PRESETS`: the numbers of the floor's preset table,
+sparsepd/model_config.py). The `tiny` preset ships real Hugging Face tokenizer files under
 `router/models/tiny/` (byte-level: id i < 256 is byte i), written by `write_byte_level_files`; a test
 regenerates them and compares bytes.
 """
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsepd.model_config import PRESETS as MODEL_PRESETS
 from sparsepd.prompt_encoding import PromptEncoder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -33,12 +33,10 @@ class PresetInfo:
     page_size: int
 
 
-# Mirrors sparsepd.model.config.PRESETS (tests/router/test_router_units.py keeps them equal).
 PRESETS: dict[str, PresetInfo] = {
-    "tiny": PresetInfo(vocab_size=260, max_seq_len=1024, bos_id=256, eos_id=257, page_size=16),
-    "bench": PresetInfo(vocab_size=129280, max_seq_len=65536, bos_id=0, eos_id=1, page_size=128),
-    "v4-flash": PresetInfo(vocab_size=129280, max_seq_len=1048576, bos_id=0, eos_id=1, page_size=128),
-    "v4-pro": PresetInfo(vocab_size=129280, max_seq_len=1048576, bos_id=0, eos_id=1, page_size=128),
+    name: PresetInfo(vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
+                     page_size=cfg.page_size)
+    for name, cfg in MODEL_PRESETS.items()
 }
 
 MODEL_TYPE = "sparsepd"

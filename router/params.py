@@ -10,7 +10,9 @@ raises `InvalidRequest` naming the field, the value and what is allowed; feature
 (multimodal input, input embeddings, LoRA, hidden states) are refused the same way, never ignored.
 Penalties as SGLang and OpenAI take them: frequency_penalty and presence_penalty in [-2, 2],
 repetition_penalty > 0 (0 = unset = 1, off), logit_bias a map from token id (a decimal string) to a bias in
-[-100, 100].
+[-100, 100]. Each bound is the floor's (sparsepd/sampling_params.py `BOUNDS`, the one definition the workers
+validate by too); the checked values become the floor's `SamplingParams`, sent to the workers as its worker-control
+message (proto/convert.py).
 
 Log-probabilities (`return_logprob`) are the log-softmax of the model's raw logits. Each output token gets its
 own, the `top_logprobs_num` (≤ 20) most likely tokens' and those of the ids in `token_ids_logprob` (at most 64
@@ -32,7 +34,6 @@ bad one is refused here, with the compiler's message, before any worker does wor
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -40,13 +41,12 @@ from sparsepd.grammar import MAX_GRAMMAR_CHARS, Grammar, Grammars
 from sparsepd.prompt_encoding import PromptEncoder
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import worker_pb2
+from sparsepd.proto.convert import sampling_to_proto
 from sparsepd.router.model_card import ModelCard
+from sparsepd.sampling_params import BOUNDS, MAX_TOKEN_IDS_LOGPROB, MAX_TOP_LOGPROBS, SamplingParams, unset_zero
 
-MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 64  # n: sequences of one request (each holds its own decode slot and pages)
-MAX_TOKEN_IDS_LOGPROB = 64  # the engine's bound (engine/sampling.py)
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 64, 4096
-MAX_LOGIT_BIAS = 100.0
 GRAMMAR_FIELDS = {"regex": "regex", "json_schema": "json_schema", "ebnf_grammar": "ebnf",
                   "structural_tag": "structural_tag"}  # the public oneof's field → the grammar's kind
 
@@ -113,16 +113,15 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, encoder: PromptEnco
         max_new = limit
     start = _logprob_start_len(req, len(ids))
     _check_token_ids_logprob(req, card)
-    _check_range("temperature", sp.temperature, lambda v: 0 <= v < math.inf, "finite and ≥ 0 (below 1e-6 = greedy)")
-    _check_range("top_p", sp.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-    _check_range("min_p", sp.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
-    _check_range("frequency_penalty", sp.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
-    _check_range("presence_penalty", sp.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
-    _check_range("repetition_penalty", sp.repetition_penalty, lambda v: 0 <= v < math.inf,
-                 "> 0 (1 = off; 0 = unset)")
+    repetition = unset_zero("repetition_penalty", sp.repetition_penalty)  # top_p 0 is refused (SGLang's rule)
+    for name, value in (("temperature", sp.temperature), ("top_p", sp.top_p), ("min_p", sp.min_p),
+                        ("frequency_penalty", sp.frequency_penalty), ("presence_penalty", sp.presence_penalty),
+                        ("repetition_penalty", repetition)):
+        _check_range(name, value)
     logit_bias = _logit_bias(sp, card)
-    if sp.top_k < -1:
-        raise InvalidRequest(f"sampling_params.top_k={sp.top_k} is out of range: allowed -1 or 0 (off) or ≥ 1")
+    _check_range("top_k", sp.top_k)
+    if sp.HasField("seed"):
+        _check_range("seed", sp.seed)
     bad_stop = [t for t in sp.stop_token_ids if t >= card.vocab_size]
     if bad_stop:
         raise InvalidRequest(f"sampling_params.stop_token_ids contains {bad_stop}: token ids must be < vocab_size "
@@ -138,26 +137,24 @@ def parse_generate(req: pb.GenerateRequest, card: ModelCard, encoder: PromptEnco
     rid = req.request_id or f"req-{uuid.uuid4().hex}"
     stop_ids = frozenset(sp.stop_token_ids)
     eos = None if sp.ignore_eos else card.eos_id
-    sampling = worker_pb2.SamplingParams(
-        temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, max_new_tokens=max_new,
-        stop_token_ids=sorted(stop_ids), ignore_eos=sp.ignore_eos, min_new_tokens=sp.min_new_tokens,
-        logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
-        frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
-        repetition_penalty=sp.repetition_penalty or 1.0, logit_bias=logit_bias,
-        token_ids_logprob=list(req.token_ids_logprob))
-    if sp.HasField("seed"):
-        sampling.seed = sp.seed
     n = sp.n or 1
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidRequest(f"sampling_params.n={n} is out of range: allowed 1..{MAX_CHOICES}")
-    if start is not None:
-        sampling.logprob_start_len = start
     grammar = _grammar(sp)
-    if grammar is not None:
-        sampling.grammar_kind, sampling.grammar = grammar.kind, grammar.text
-    return RequestSpec(rid, ids, sampling, max_new, sp.min_new_tokens, tuple(s for s in sp.stop if s), stop_ids,
-                       eos, sp.no_stop_trim, req.stream, req.return_logprob, sampling.top_logprobs,
-                       tuple(req.token_ids_logprob), start, n, grammar=grammar)
+    try:  # every value was checked above in the public field's words: this is the floor's model of them
+        params = SamplingParams.checked(
+            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
+            seed=sp.seed if sp.HasField("seed") else None, max_new_tokens=max_new,
+            stop_token_ids=tuple(sorted(stop_ids)), ignore_eos=sp.ignore_eos, min_new_tokens=sp.min_new_tokens,
+            logprobs=req.return_logprob, top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
+            frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+            repetition_penalty=repetition, logit_bias=tuple(logit_bias.items()),
+            token_ids_logprob=tuple(req.token_ids_logprob), logprob_start_len=start, grammar=grammar)
+    except ValueError as exc:
+        raise InvalidRequest(f"sampling_params: {exc}") from None
+    return RequestSpec(rid, ids, sampling_to_proto(params), max_new, sp.min_new_tokens,
+                       tuple(s for s in sp.stop if s), stop_ids, eos, sp.no_stop_trim, req.stream, req.return_logprob,
+                       params.top_logprobs, tuple(req.token_ids_logprob), start, n, grammar=grammar)
 
 
 def _logprob_start_len(req: pb.GenerateRequest, num_input: int) -> int | None:
@@ -232,18 +229,18 @@ def _logit_bias(sp: pb.SamplingParams, card: ModelCard) -> dict[int, float]:
         if not 0 <= token < card.vocab_size:
             raise InvalidRequest(f"sampling_params.logit_bias has key {key!r}: keys must be token ids "
                                  f"0..{card.vocab_size - 1}")
-        if math.isnan(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise InvalidRequest(f"sampling_params.logit_bias[{key!r}]={value:g} is out of range: allowed "
-                                 f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if not BOUNDS["logit_bias"].admits(value):
+            raise InvalidRequest(f"sampling_params.{BOUNDS['logit_bias'].error(f'logit_bias[{key!r}]', value)}")
         if token in out:
             raise InvalidRequest(f"sampling_params.logit_bias names token id {token} twice")
         out[token] = value
     return out
 
 
-def _check_range(name: str, value: float, ok, allowed: str) -> None:
-    if math.isnan(value) or not ok(value):
-        raise InvalidRequest(f"sampling_params.{name}={value:g} is out of range: allowed {allowed}")
+def _check_range(name: str, value: float) -> None:
+    """The floor's bound of a sampling parameter (sparsepd/sampling_params.py), refused in the public field's name."""
+    if not BOUNDS[name].admits(value):
+        raise InvalidRequest(f"sampling_params.{BOUNDS[name].error(name, value)}")
 
 
 def _refuse_unsupported(req: pb.GenerateRequest) -> None:

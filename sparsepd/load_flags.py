@@ -1,4 +1,4 @@
-"""The weight flags `--load-format`, `--dtype`, `--num-layers` (what they mean: model/load_options.py).
+"""The weight flags `--load-format`, `--dtype`, `--num-layers` (what they mean: sparsepd/load_options.py).
 
 In the torch-free floor, with nothing to import, so that every parser that carries them (the workers', the
 router's for its fingerprint, serve's, generate's) builds without importing the model package.

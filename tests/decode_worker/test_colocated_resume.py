@@ -14,8 +14,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 
 @pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=10, ignore_eos=True),

@@ -26,8 +26,8 @@ from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import StateDescriptor, TensorSpec, expected_specs, export_state, import_state
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.proto import transfer as tp
 from sparsepd.proto.transfer import (

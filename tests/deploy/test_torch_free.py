@@ -1,7 +1,9 @@
 """The router and the clients start without torch (docs/DESIGN.md §2, "Layers"): a real `sparsepd router` in
 front of a real colocated worker serves a real `sparsepd generate TEXT` client, both run with Python's import
 trace on (PYTHONPROFILEIMPORTTIME, the `-X importtime` of a process started as a user starts it), and neither
-trace holds torch; the CLI imports only the chosen subcommand's role, and every role's parser is torch-free.
+trace holds torch; the CLI imports only the chosen subcommand's role, and every role's parser is torch-free. The
+floor's model configuration (presets, a checkpoint's config.json, the fingerprint) and sampling parameters work in
+a process that never imports torch, and give what the workers compute.
 """
 
 from __future__ import annotations
@@ -87,11 +89,13 @@ def test_router_and_generate_client_run_without_torch(worker, tmp_path):
     client_modules, router_modules = imported(client.stderr), imported(trace.read_text())
     # the traces are real: each names the modules its role runs on
     assert {"sparsepd.deploy.cli", "sparsepd.router.client", "grpc"} <= client_modules
-    assert {"sparsepd.router.dispatch", "sparsepd.model.fingerprint", "sparsepd.router.service"} <= router_modules
+    assert {"sparsepd.router.dispatch", "sparsepd.fingerprint", "sparsepd.router.service"} <= router_modules
     assert _torch_in(client_modules) == [], "the generate client imported torch"
     assert _torch_in(router_modules) == [], "the router imported torch (through the whole request)"
-    for name in ("engine", "prefill_worker", "decode_worker", "kernels"):
-        assert not any(m.startswith(f"sparsepd.{name}") for m in client_modules | router_modules), name
+    assert {"sparsepd.model_config", "sparsepd.sampling_params"} <= router_modules  # the floor's, not the model's
+    for name in ("engine", "model", "prefill_worker", "decode_worker", "kernels"):
+        assert not any(m == f"sparsepd.{name}" or m.startswith(f"sparsepd.{name}.")
+                       for m in client_modules | router_modules), name
 
 
 @pytest.mark.parametrize("argv, role", [
@@ -119,3 +123,61 @@ def test_every_parser_builds_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# A checkpoint's config.json as transformers 5 writes a DeepSeek-V4 config (the `tiny` preset's sizes).
+T5_CONFIG = {
+    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 260, "hidden_size": 64,
+    "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 96,
+    "partial_rotary_factor": 1 / 3, "q_lora_rank": 48, "o_groups": 2, "o_lora_rank": 32, "sliding_window": 16,
+    "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                    "compressed_sparse_attention", "sliding_attention"],
+    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe", "moe"],
+    "rope_parameters": {"main": {"rope_type": "default", "rope_theta": 10000.0},
+                        "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 4.0,
+                                     "original_max_position_embeddings": 256}},
+    "index_n_heads": 4, "index_head_dim": 128, "index_topk": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 48, "routed_scaling_factor": 1.5, "max_position_embeddings": 1024, "bos_token_id": 256,
+    "eos_token_id": 257, "dtype": "float32", "transformers_version": "5.0.0",
+}
+FLOOR_SCRIPT = """
+import json, sys
+from sparsepd.checkpoint_config import read_checkpoint_config
+from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model_config import get_preset
+from sparsepd.proto.convert import sampling_from_proto, sampling_to_proto
+from sparsepd.sampling_params import SamplingParams
+cfg = read_checkpoint_config(sys.argv[1])
+params = SamplingParams.checked(temperature=0.5, top_k=7, seed=3, max_new_tokens=9, logit_bias=((4, 1.5),))
+try:
+    SamplingParams.checked(top_p=1.5)
+    refused = ""
+except ValueError as exc:
+    refused = str(exc)
+print(json.dumps({"config": cfg.model_dump(mode="json"), "tiny": get_preset("tiny").model_dump(mode="json"),
+                  "checkpoint_fp": deployment_fingerprint("tiny", sys.argv[1], 0),
+                  "preset_fp": deployment_fingerprint("tiny", None, 0, num_layers=3),
+                  "round_trip": sampling_from_proto(sampling_to_proto(params)) == params, "refused": refused}))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton") or m.startswith("sparsepd.model."))
+assert not heavy, heavy
+"""
+
+
+def test_the_floor_reads_the_model_and_the_sampling_parameters_without_torch(tmp_path):
+    from sparsepd.fingerprint import deployment_fingerprint
+    from sparsepd.model_config import get_preset
+
+    (tmp_path / "config.json").write_text(json.dumps(T5_CONFIG))
+    out = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    tiny = get_preset("tiny")
+    assert got["tiny"] == tiny.model_dump(mode="json")
+    want = {**tiny.model_dump(mode="json"), "name": tmp_path.name, "page_size": 128}  # the published page
+    assert got["config"] == want
+    assert got["checkpoint_fp"] == deployment_fingerprint("tiny", str(tmp_path), 0)
+    assert got["preset_fp"] == deployment_fingerprint("tiny", None, 0, num_layers=3)
+    assert got["round_trip"] is True
+    assert got["refused"] == "invalid sampling parameters: top_p=1.5 is out of range: allowed in (0, 1]"

@@ -8,7 +8,8 @@ import grpc
 
 from sparsepd.cluster_token import AuthorizedStub, token_from_env
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
-from sparsepd.proto.convert import sampling_from_dict
+from sparsepd.proto.convert import sampling_to_proto
+from sparsepd.sampling_params import SamplingParams
 
 
 async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, list[int]], sampling: dict,
@@ -37,7 +38,7 @@ async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, l
                     return
 
         consumer = asyncio.create_task(consume())
-        params = sampling_from_dict(sampling)
+        params = sampling_to_proto(SamplingParams(**sampling))
         tickets = await asyncio.gather(*[
             d.Reserve(worker_pb2.ReserveRequest(request_id=rid, prompt_len=len(ids), sampling=params, ttl_s=ttl_s))
             for rid, ids in prompts.items()])

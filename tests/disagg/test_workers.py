@@ -18,8 +18,8 @@ from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.engine.state_io import shipped_bytes  # noqa: E402
-from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
+from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 LENGTHS = [1, 3, 4, 5, 15, 16, 17, 31, 33, 47, 64, 65, 80, 97, 100, 120]

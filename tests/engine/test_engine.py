@@ -11,8 +11,8 @@ from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import OutOfCapacity, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import export_state, import_state, shipped_bytes
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 # Prompt lengths before, on and after the tiny preset's boundaries (ratio 4, HCA ratio 16, window 16).
 LENGTHS = [1, 4, 5, 15, 16, 17, 33, 64, 70]

@@ -20,8 +20,8 @@ from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import export_state, import_state
 from sparsepd.grammar import Grammar, Grammars, Vocabulary
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 from sparsepd.router.model_card import MODELS_DIR
 
 xgr = pytest.importorskip("xgrammar")

@@ -15,8 +15,8 @@ from sparsepd.engine.graphs import StaticFields, buckets_for, page_width_for
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import PoolConfig, plan_geometry
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1" and torch.cuda.is_available()
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA device and SPARSEPD_TEST_GPU=1")

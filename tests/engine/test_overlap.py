@@ -11,8 +11,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 LENGTHS = [1, 5, 16, 17, 33, 70]
 

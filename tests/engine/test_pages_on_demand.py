@@ -15,8 +15,8 @@ from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import export_state, state_num_bytes
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 CFG = get_preset("tiny")
 PAGE = CFG.page_size

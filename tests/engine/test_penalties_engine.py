@@ -11,8 +11,8 @@ from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import export_state, import_state
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 PROMPTS = [[12, 216, 5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
 PARAMS = [SamplingParams(max_new_tokens=12, ignore_eos=True, frequency_penalty=1.5),

@@ -11,8 +11,8 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import IdAllocator, OutOfCapacity, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 from sparsepd.prefix_hash import longest_match, prefix_hashes
 
 CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window

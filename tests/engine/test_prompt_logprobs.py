@@ -15,8 +15,8 @@ from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 SEED = 7
 IDS = (5, 200, 5, 31)  # token_ids_logprob: order kept, repeats allowed

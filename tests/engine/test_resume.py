@@ -10,8 +10,8 @@ import pytest
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 PROMPTS = [[256, 12, 216, 5, 6, 7, 8, 9, 10], [256, *range(40, 77)]]
 PARAMS = [

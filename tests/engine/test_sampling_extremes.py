@@ -14,8 +14,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SAMPLING_EPS, Sampler, SamplingParams, sampling_tensors
 from sparsepd.kernels.sampling import SamplingTensors, sample_batch, sample_batch_ref
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 FP32_MAX = torch.finfo(torch.float32).max
 TEMPERATURES = [math.nan, math.inf, -0.0, 0.0, 5e-324, 1e-45, 1e-30, 1e-7, SAMPLING_EPS, 0.7, 1e30, FP32_MAX]

@@ -17,8 +17,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
-from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 # The kernel modules a tiny engine's prefill, decode and draw call through a wrapper.
 ENGINE_KERNELS = {"compressor", "hyper", "indexer", "moe", "sampling", "sparse_attention", "state_update", "topk"}

@@ -15,11 +15,11 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
+from sparsepd.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.linear import Fp8Linear
-from sparsepd.model.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.weight_memory import planned_weight_bytes, weight_bytes
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 pytestmark = pytest.mark.skipif(os.environ.get("SPARSEPD_TEST_GPU") != "1" or not torch.cuda.is_available(),
                                 reason="needs a CUDA device and SPARSEPD_TEST_GPU=1")

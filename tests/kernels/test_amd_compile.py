@@ -1,7 +1,7 @@
 """AMD build check, on the CPU: every Triton kernel of kernels/ compiled for MI355X (gfx950) and MI300X (gfx942).
 
 For each target, the real wrappers are called on meta tensors (shapes and strides, no storage) at the project's
-shapes (the `bench`, `v4-flash` and `v4-pro` presets of model/config.py; decode T = 1 … 256, prefill T = 8192),
+shapes (the `bench`, `v4-flash` and `v4-pro` presets of sparsepd/model_config.py; decode T = 1 … 256, prefill T = 8192),
 with the device queries answered for the target (CU count, FP8 flavour, FP8 dots, dot precision) and every
 kernel launch recorded instead of run. Each distinct launch is specialised as Triton's launcher would do it on
 that device (triton.runtime.jit's binder with the HIP backend: 16-byte divisibility of pointers and ints, ints
@@ -254,7 +254,7 @@ def _trace_quantized(target: AmdTarget, cfg, T: int, B: int) -> None:
 
 def trace_launches(target: AmdTarget) -> list[Launch]:
     """Every kernel launch the wrappers make on `target` at the project's shapes, in call order."""
-    from sparsepd.model.config import PRESETS as MODEL_PRESETS
+    from sparsepd.model_config import PRESETS as MODEL_PRESETS
     launches: list[Launch] = []
     where = ""
     with _amd_device(target, lambda kernel, args, kwargs: launches.append(Launch(kernel, args, kwargs, where))):

@@ -28,9 +28,9 @@ from sparsepd.kernels.moe import (
     moe_ref,
 )
 from sparsepd.model import moe as moe_module
-from sparsepd.model.config import get_preset
 from sparsepd.model.moe import Gate, MoE
 from sparsepd.model.weights import _unpack_fp4
+from sparsepd.model_config import get_preset
 
 ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
 needs_gpu = pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available(),

@@ -14,7 +14,7 @@ import pytest
 from sparsepd.deploy.cli import main
 from sparsepd.deploy.launch import start, stop
 from sparsepd.loadtest import multiturn
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sparsepd.model.config import get_preset
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> Transformer:

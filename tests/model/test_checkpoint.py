@@ -18,13 +18,13 @@ import torch
 from helpers import prompt
 from safetensors.torch import load_file, save_file
 
+from sparsepd.checkpoint_config import CheckpointConfigError, read_checkpoint_config
 from sparsepd.engine.config import EngineConfig
-from sparsepd.model.checkpoint_config import CheckpointConfigError, read_checkpoint_config
-from sparsepd.model.config import ModelConfig, get_preset
-from sparsepd.model.load_options import LoadOptions
+from sparsepd.load_options import LoadOptions
 from sparsepd.model.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import CheckpointError, build_model, load_checkpoint
+from sparsepd.model_config import ModelConfig, get_preset
 from sparsepd.router.model_card import MODELS_DIR, card_for
 
 RATIOS = (0, 4, 128, 4, 0)

@@ -11,7 +11,7 @@ import re
 import pytest
 from test_checkpoint import CONFIG
 
-from sparsepd.model.checkpoint_config import CheckpointConfigError, read_checkpoint_config
+from sparsepd.checkpoint_config import CheckpointConfigError, read_checkpoint_config
 
 KINDS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from helpers import prompt
 
-from sparsepd.model.config import ModelConfig, get_preset
-from sparsepd.model.fingerprint import deployment_fingerprint
-from sparsepd.model.load_options import (
+from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.load_options import (
     LoadOptions,
     add_load_args,
     load_flags,
@@ -22,6 +21,7 @@ from sparsepd.model.load_options import (
 )
 from sparsepd.model.weight_memory import planned_weight_bytes, weight_bytes
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import ModelConfig, get_preset
 
 
 def test_defaults_keep_todays_model():
@@ -116,7 +116,7 @@ def test_the_fingerprint_names_the_weight_options_and_needs_no_torch():
         "bench", None, 0, **LoadOptions(load_format="dummy", num_layers=2).model_dump())
     code = ("import sys; from sparsepd.deploy.cli import build_parser; "
             "a = build_parser(['router']).parse_args(['router', '--load-format', 'dummy', '--num-layers', '2']); "
-            "from sparsepd.model.fingerprint import deployment_fingerprint as f; "
+            "from sparsepd.fingerprint import deployment_fingerprint as f; "
             "print(f(a.preset, a.checkpoint, a.seed, a.load_format, a.dtype, a.num_layers)); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,10 +13,10 @@ from helpers import prompt
 from safetensors.torch import load_file, save_file
 from test_checkpoint import CONFIG
 
-from sparsepd.model.config import get_preset
+from sparsepd.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.linear import FP8_PROJECTIONS, ROUTED_EXPERTS
-from sparsepd.model.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.weights import CheckpointError, build_model, read_config, save_checkpoint
+from sparsepd.model_config import get_preset
 
 
 @pytest.fixture(scope="module")

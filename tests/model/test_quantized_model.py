@@ -25,11 +25,11 @@ from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.moe import dequant_fp4
 from sparsepd.model import moe as moe_module
-from sparsepd.model.config import get_preset
 from sparsepd.model.linear import FP8_PROJECTIONS, ROUTED_EXPERTS, Fp8Linear
 from sparsepd.model.moe import MoE
 from sparsepd.model.state import RequestState
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 U = 2**-4 / math.sqrt(3)  # relative rms error of an e4m3-rounded input (module docstring)
 STAGES_PER_LAYER = 6

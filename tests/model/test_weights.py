@@ -8,9 +8,9 @@ import torch
 from helpers import prompt, tiny_model
 from safetensors.torch import load_file, save_file
 
-from sparsepd.model.config import get_preset
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import CheckpointError, build_model, load_checkpoint, read_config, save_checkpoint
+from sparsepd.model_config import get_preset
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sparsepd.engine.state_io import StateDescriptor, TensorSpec
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.proto import transfer as tp
 from sparsepd.proto.transfer import Ack, FaultPlan, TransferError, TransferHeader, model_fingerprint
 

@@ -108,8 +108,8 @@ async def wait_worker_free(child: Child, timeout: float = 15.0) -> worker_pb2.St
 
 @functools.cache
 def _model():
-    from sparsepd.model.config import get_preset
     from sparsepd.model.weights import build_model
+    from sparsepd.model_config import get_preset
 
     return build_model(get_preset("tiny"), seed=0)
 

@@ -57,8 +57,8 @@ def _specs(n: int) -> list[Spec]:
 
 @functools.cache
 def _model():
-    from sparsepd.model.config import get_preset
     from sparsepd.model.weights import build_model
+    from sparsepd.model_config import get_preset
 
     return build_model(get_preset("tiny"), seed=0)
 

@@ -27,8 +27,8 @@ from router_helpers import channel, collect, generate_request, run, stub_of, wai
 from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.engine.generate import generate_with_engine  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
+from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 from sparsepd.proto import smg_common_pb2  # noqa: E402
 

@@ -22,8 +22,8 @@ from sparsepd.deploy.launch import stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
 from sparsepd.grammar import Grammar, Grammars, Vocabulary  # noqa: E402
-from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
+from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 xgr = pytest.importorskip("xgrammar")

@@ -21,8 +21,8 @@ from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
+from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 

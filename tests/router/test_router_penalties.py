@@ -21,8 +21,8 @@ from router_helpers import channel, collect, generate_request, run, stub_of, wai
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.engine.generate import generate  # noqa: E402
 from sparsepd.engine.sampling import SamplingParams  # noqa: E402
-from sparsepd.model.config import get_preset  # noqa: E402
 from sparsepd.model.weights import build_model  # noqa: E402
+from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.router.model_card import card_for  # noqa: E402
 from sparsepd.router.text import IncrementalText  # noqa: E402
 

@@ -20,9 +20,9 @@ from sparsepd.deploy import serve as serve_module
 from sparsepd.deploy.launch import start, stop
 from sparsepd.engine.generate import generate, generate_with_engine
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.config import get_preset
 from sparsepd.model.tokenizer import ByteTokenizer
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 from sparsepd.router.model_card import card_for
 from sparsepd.router.text import IncrementalText
 

@@ -21,7 +21,7 @@ from sparsepd.loadtest.client import generate_request, open_channel, send, wait_
 from sparsepd.loadtest.metrics import CUT, OK
 from sparsepd.loadtest.runner import PointSettings, Progress, run_point
 from sparsepd.loadtest.workload import Prompt
-from sparsepd.model.config import get_preset
+from sparsepd.model_config import get_preset
 from sparsepd.proto import sglang_scheduler_pb2 as pb
 from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
 from sparsepd.router.sglang_metrics import E2E_BUCKETS_S, TTFT_BUCKETS_S

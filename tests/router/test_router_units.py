@@ -4,16 +4,19 @@ request conversion (SGLang's semantics of proto3 zeros)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from sparsepd.model.config import PRESETS as MODEL_PRESETS
 from sparsepd.model.tokenizer import ByteTokenizer
+from sparsepd.model_config import PRESETS as MODEL_PRESETS
 from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto.convert import sampling_from_proto
 from sparsepd.router.model_card import MODELS_DIR, PRESETS, card_for, write_byte_level_files
 from sparsepd.router.params import InvalidRequest, parse_generate
 from sparsepd.router.text import IncrementalText, StopStrings
+from sparsepd.sampling_params import BOUNDS, SamplingParams
 
 
 def test_preset_table_equals_the_models_presets():
@@ -101,6 +104,23 @@ def test_conversion_follows_sglangs_semantics():
         parse_generate(_request(max_new_tokens=5, min_new_tokens=6), card)
     with pytest.raises(InvalidRequest, match="temperature=nan"):
         parse_generate(_request(temperature=float("nan")), card)
+
+
+def test_the_router_checks_by_the_floors_bounds_and_sends_the_floors_parameters():
+    """What the router sends is the floor's SamplingParams as the worker message carries it (the workers read it
+    back equal), and a public value outside a floor bound is refused in the public field's name."""
+    card = card_for("tiny")
+    req = _request(temperature=0.5, top_p=0.9, top_k=0, repetition_penalty=0.0, seed=3, max_new_tokens=8)
+    req.sampling_params.logit_bias["7"] = 2.0
+    spec = parse_generate(req, card)
+    assert sampling_from_proto(spec.sampling) == SamplingParams(
+        temperature=float(pb.SamplingParams(temperature=0.5).temperature), top_k=0,
+        top_p=float(pb.SamplingParams(top_p=0.9).top_p), seed=3, max_new_tokens=8, logit_bias=((7, 2.0),))
+    for field, value in [("top_p", 0.0), ("top_k", -2), ("repetition_penalty", -1.0), ("seed", 2**63),
+                         ("min_p", 1.0), ("presence_penalty", math.inf)]:
+        with pytest.raises(InvalidRequest) as err:
+            parse_generate(_request(**{field: value}), card)
+        assert str(err.value) == f"sampling_params.{BOUNDS[field].error(field, value)}", field
 
 
 class _CountingTokenizer:

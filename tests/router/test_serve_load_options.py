@@ -10,7 +10,7 @@ import sys
 from sparsepd.deploy.launch import start, stop
 from sparsepd.engine.generate import generate_with_engine
 from sparsepd.engine.sampling import SamplingParams
-from sparsepd.model.load_options import LoadOptions, resolve_model_config
+from sparsepd.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.tokenizer import ByteTokenizer
 from sparsepd.model.weights import build_model
 

@@ -19,9 +19,9 @@ def test_generate_tiny_prints_text_speed_and_state_size():
 def test_generate_is_deterministic_and_matches_the_library():
     from sparsepd.engine.generate import generate
     from sparsepd.engine.sampling import SamplingParams
-    from sparsepd.model.config import get_preset
     from sparsepd.model.tokenizer import load_tokenizer
     from sparsepd.model.weights import build_model
+    from sparsepd.model_config import get_preset
 
     cfg = get_preset("tiny")
     ids = load_tokenizer(cfg).encode("abc")

@@ -20,8 +20,8 @@ from sparsepd.cluster_token import (
     token_matches,
 )
 from sparsepd.deploy.cli import main as cli_main
-from sparsepd.model.config import get_preset
-from sparsepd.model.fingerprint import deployment_fingerprint
+from sparsepd.fingerprint import deployment_fingerprint
+from sparsepd.model_config import get_preset
 from sparsepd.proto.transfer import model_fingerprint
 
 
@@ -80,7 +80,7 @@ def test_the_routers_fingerprint_is_the_workers_and_needs_no_torch():
     cfg = get_preset("tiny")
     assert deployment_fingerprint("tiny", None, 0) == model_fingerprint(cfg, extra="seed=0;checkpoint=None")
     assert deployment_fingerprint("tiny", None, 7) != deployment_fingerprint("tiny", None, 0)
-    code = ("import sys; import sparsepd.router.main; from sparsepd.model.fingerprint import deployment_fingerprint; "
+    code = ("import sys; import sparsepd.router.main; from sparsepd.fingerprint import deployment_fingerprint; "
             "deployment_fingerprint('tiny', None, 0); assert 'torch' not in sys.modules, 'torch imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

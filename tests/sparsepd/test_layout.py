@@ -3,7 +3,7 @@
 (sparsepd/ and proto/), which imports nothing above it. Every package folder is checked, its imports in any
 form: `import`, `from … import`, at module level or inside a function, and `importlib.import_module`,
 `__import__` and `importlib.util.find_spec` with a constant name (a name the test cannot read is allowed only
-where everything is: the deploy layer).
+where everything is: the deploy layer). The floor is torch-free: none of its modules imports torch or triton.
 """
 
 import ast
@@ -39,6 +39,7 @@ MAY_IMPORT = {
 # `python -m sparsepd` runs sparsepd/__main__.py: the deploy layer's entry point, though Python wants it there.
 LAYER_OF_FILE = {"sparsepd/__main__.py": "deploy"}
 DYNAMIC = {"import_module", "__import__", "find_spec"}
+TORCH = ("torch", "triton")  # what the floor never imports
 
 
 def _target(name: str) -> str | None:
@@ -116,7 +117,7 @@ def test_imports_point_one_way(package):
 
 @pytest.mark.parametrize("source, package, bad", [
     ("from sparsepd.engine.config import EngineConfig", "router", "router imports sparsepd.engine.config"),
-    ("def f():\n    from sparsepd.model.config import get_preset", "sparsepd", "sparsepd imports sparsepd.model"),
+    ("def f():\n    from sparsepd.model import tokenizer", "sparsepd", "sparsepd imports sparsepd.model"),
     ("import importlib\nimportlib.import_module('sparsepd.kernels.topk')", "proto", "proto imports sparsepd.kernels"),
     ("from importlib import import_module\nimport_module(name)", "loadtest", "a dynamic import"),
     ("__import__('sparsepd.deploy.launch')", "loadtest", "loadtest imports sparsepd.deploy"),
@@ -132,12 +133,64 @@ def test_the_check_sees_every_form_of_import(source, package, bad):
 
 @pytest.mark.parametrize("source, package", [
     ("from sparsepd.proto import worker_pb2\nfrom sparsepd.grammar import Grammar", "router"),
+    ("from sparsepd.fingerprint import deployment_fingerprint\nfrom sparsepd.model_config import PRESETS", "router"),
+    ("from sparsepd.sampling_params import SamplingParams", "proto"),
     ("from sparsepd.engine.args import add_engine_args\nfrom sparsepd import __version__", "decode_worker"),
     ("import importlib\nimportlib.import_module(module)", "deploy"),
     ("import importlib.util\nimportlib.util.find_spec('smg')", "loadtest"),
 ])
 def test_the_check_lets_allowed_imports_pass(source, package):
     assert violations(source, package, package, "x.py") == []
+
+
+def torch_imports(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every import of torch or triton in the source, at any depth, and of xgrammar (which
+    imports torch) at module level: the floor may compile a grammar with it only inside the function that
+    needs it."""
+    tree = ast.parse(source)
+    top = _module_level(tree)
+    found = []
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        for name in names:
+            root = name.split(".")[0]
+            if root in TORCH or (root == "xgrammar" and id(node) in top):
+                found.append((node.lineno, name))
+    return found
+
+
+
+def _module_level(tree: ast.Module) -> set[int]:
+    """The ids of the nodes that run when the module is imported (not inside a function's body)."""
+    out, todo = set(), list(tree.body)
+    while todo:
+        node = todo.pop()
+        out.add(id(node))
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(FLOOR))
+def test_the_floor_is_torch_free(package):
+    """The floor (the model's configuration, the fingerprint, the sampling parameters among it) is what the router
+    and the clients share with the workers: none of it may pull in torch (tests/deploy/test_torch_free.py runs it)."""
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {name}" for path in sorted((ROOT / package).rglob("*.py"))
+             for line, name in torch_imports(path.read_text())]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source, bad", [
+    ("import torch", "torch"), ("def f():\n    import torch.nn", "torch.nn"), ("from triton import jit", "triton"),
+    ("import xgrammar", "xgrammar"), ("try:\n    import xgrammar as xgr\nexcept ImportError:\n    pass", "xgrammar"),
+])
+def test_the_torch_check_sees_every_form(source, bad):
+    assert [name for _, name in torch_imports(source)] == [bad]
+
+
+def test_the_torch_check_lets_a_lazy_grammar_compiler_pass():
+    assert torch_imports("import json\ndef compile_grammar():\n    import xgrammar as xgr\n    return xgr") == []
 
 
 def test_wheel_contains_every_subpackage(tmp_path):

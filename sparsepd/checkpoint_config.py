@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from sparsepd.model.config import ModelConfig
+from sparsepd.model_config import ModelConfig
 
 PAGE_TOKENS = 128
 

@@ -3,9 +3,8 @@
 tickets and states; the router computes its own and refuses any worker that registers with another (or none)
 instead of trusting the first to arrive.
 
-The router may not import the model package (docs/DESIGN.md §2): the deploy layer computes the router's
-fingerprint and hands it over. This reads the model's config only (pydantic presets and a checkpoint's
-config.json; no torch, no weights), so that a router process starts without torch.
+In the torch-free floor (docs/DESIGN.md §2), beside the model's configuration it reads (the presets, a checkpoint's
+config.json, the load options; no torch, no weights), so that the router computes it itself and starts without torch.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ def deployment_fingerprint(preset: str, checkpoint: str | None, seed: int, load_
     """sha256 (16 hex digits) of the model config (a checkpoint's config.json when it has one, else the preset,
     with the load options applied: depth, weight format) and the weights' identity (seed, checkpoint path, load
     format): `proto.transfer.model_fingerprint`."""
-    from sparsepd.model.load_options import LoadOptions, resolve_model_config
+    from sparsepd.load_options import LoadOptions, resolve_model_config
 
     options = LoadOptions(load_format=load_format, dtype=dtype, num_layers=num_layers)
     cfg = resolve_model_config(preset, checkpoint, options)

@@ -10,7 +10,8 @@
 - num_layers: the preset's (or config.json's) first N layers, the published pattern of layer kinds kept
   (`with_num_layers`); not with checkpoint weights, whose other layers would be left unread.
 
-Torch-free (the router resolves the same ModelConfig to compute the deployment's fingerprint).
+In the torch-free floor: the router resolves the same ModelConfig to compute the deployment's fingerprint
+(sparsepd/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsepd.checkpoint_config import read_checkpoint_config, read_weight_format
 from sparsepd.load_flags import add_load_args  # noqa: F401  (re-exported)
-from sparsepd.model.checkpoint_config import read_checkpoint_config, read_weight_format
-from sparsepd.model.config import ModelConfig, get_preset, quantized_format, with_num_layers
+from sparsepd.model_config import ModelConfig, get_preset, quantized_format, with_num_layers
 
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 

@@ -1,7 +1,7 @@
 import pytest
 
-from sparsepd.model.config import PRESETS, get_preset
 from sparsepd.model.tokenizer import ByteTokenizer
+from sparsepd.model_config import PRESETS, get_preset
 
 
 def test_unknown_preset_lists_valid_ones():

@@ -2,6 +2,9 @@
 
 One frozen pydantic model holds every size; everything else (state shapes, page geometry, rope tables)
 is derived from it. Presets are looked up by exact name; an unknown name lists the valid ones.
+
+In the torch-free floor (docs/DESIGN.md §2): the model package builds from it, and the router reads the same
+presets (its model card, sparsepd/fingerprint.py) without importing the model.
 """
 
 from __future__ import annotations
