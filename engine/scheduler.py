@@ -1,6 +1,6 @@
 """The single-process scheduler: waiting queue, chunked prefill under a token budget, continuous-batching
 decode, stop conditions, finish and free. Admission is engine/admission.py's, page growth and retraction
-engine/page_growth.py's, the prefix cache's restore and entries engine/prefix_restore.py's.
+engine/page_growth.py's, the prefix cache's restore and snapshots engine/prefix_restore.py's.
 
 One `step()` is receive → schedule → run → postprocess, as in nano-vllm: admit what fits, give every
 decoding request one token and the rest of the budget to prefill chunks (oldest first), run one forward,
@@ -14,8 +14,8 @@ each page boundary it decodes across; when no page is free the newest decoding r
 host memory, back to the head of the waiting queue) and resumed when admitted again.
 
 With a prefix cache (engine/prefix_cache.py, on the workers that prefill), admission restores a request from the
-entry of its longest cached page-aligned prefix and prefills only the rest; the chunk that reaches the last page
-boundary before a request's last known token ends there, and the state at that boundary becomes an entry.
+deepest boundary snapshot on its path in the cache's radix tree and prefills only the rest; each forward also
+snapshots the page boundaries its prefill chunks cross (engine/prefix_restore.py), without cutting a chunk.
 
 With overlap, step N+1's forward and draw are queued before step N's tokens are read. A request with a
 grammar needs token N accepted by its matcher before step N+1's mask can be built (engine/grammar.py), so
@@ -188,8 +188,7 @@ class Scheduler:
             budget -= 1
         for r in self.running:
             if r.prefilling and budget > 0:
-                cut = r.cache_at - r.num_computed if r.cache_at is not None else budget  # end there: cache it
-                tokens = r.next_tokens(min(budget, cut))
+                tokens = r.next_tokens(budget)  # (the prefix cache's snapshots need no cut: prefix_restore.py)
                 out.append((r, tokens))
                 budget -= len(tokens)
         return out
@@ -202,16 +201,24 @@ class Scheduler:
         """Queue the forward (scoring the prompt rows of requests that asked for prompt log-probabilities); keep
         the logits of the requests whose known tokens are now all computed, and of their forks."""
         prompt_rows, prompt = plan_rows(scheduled), None
-        if prompt_rows is None:
-            logits = self.runner.forward(scheduled)
-        else:
-            logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
-            prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host())
+        capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
+        try:
+            if prompt_rows is None:
+                logits = self.runner.forward(scheduled)
+            else:
+                logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
+                prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host())
+        except BaseException:
+            if capturing:
+                self.prefix.cancel(capturing)
+            raise
+        if capturing:
+            self.prefix.commit(capturing)
         rows, sampling = [], []
         for i, (request, tokens) in enumerate(scheduled):
             request.num_computed += len(tokens)
-            if request.cache_at is not None:
-                self.prefix.after_forward(request)
+            if request.cache_at is not None and request.num_computed >= request.cache_at:
+                request.cache_at = request.cache_hashes = None  # its last boundary is snapshotted
             if request.num_computed >= request.num_known + request.num_pending:
                 rows.append(i)
                 sampling.append(request)

@@ -61,3 +61,30 @@ def test_a_hit_on_the_gpu_equals_a_cold_prefill(model, first, extra):
             assert got.output_ids[i] == want.output_ids[i], (i, margin)
         if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
             break  # different tokens fed from here: nothing left to compare
+
+
+def _close(got, want) -> None:
+    for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
+        assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
+        margin = y.top_logprobs[0] - y.top_logprobs[1]
+        if margin > 0.1:
+            assert got.output_ids[i] == want.output_ids[i], (i, margin)
+        if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
+            break
+
+
+@pytest.mark.parametrize("shared,budget", [(1000, 1024), (1000, 300), (300, 1024), (2100, 700)])
+def test_a_shared_prefix_hits_on_the_gpu_and_equals_a_cold_prefill(model, shared, budget):
+    """The radix tree (engine/prefix_cache.py): A and B share `shared` tokens and differ after; B restores the
+    shared prefix rounded down to the page, whose snapshot A's prefill took inside a chunk (budget 1024) or
+    after a chunk start off the page (budget 300, 700: the rows before the chunk copied in)."""
+    prefix = _ids(shared, seed=shared)
+    a, b = prefix + _ids(200, seed=1), prefix + _ids(150, seed=2)
+    warm = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=budget, num_pages=256, prefix_cache_entries=32),
+                  cuda_graph=True, overlap=True)
+    _run(warm, a)
+    got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    assert got.cached_tokens == shared // PAGE * PAGE > 0
+    assert warm.is_idle_and_empty()
+    _close(got, want)
