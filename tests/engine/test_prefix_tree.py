@@ -13,6 +13,7 @@ import torch
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
+from sparsepd.kernels.device import triton_interpreting
 from sparsepd.model.config import get_preset
 from sparsepd.model.weights import build_model
 
@@ -197,4 +198,22 @@ def test_an_aborted_prefill_leaves_the_snapshots_it_completed(model, cold):
     assert got.cached_tokens == 80
     _same(got, cold(prompt))
     _check_tree(warm)
+    assert warm.is_idle_and_empty()
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs the kernels in the Triton interpreter (CPU only)")
+def test_snapshots_taken_through_the_triton_kernels_restore_what_the_references_give(model, monkeypatch):
+    """The capture rows (engine/batch.py) through the ring-write and compressor kernels: the snapshot at 16 is
+    taken inside a chunk, the one at 32 after a chunk start off the page (the slot copied in first); a request
+    restored from 32 on the kernels draws the tokens of a cold run on the references."""
+    a = _ids(36, seed=51)
+    b = a[:34] + _ids(4, seed=52)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    monkeypatch.setenv("SPARSEPD_FORCE_TRITON", "0")
+    want = _run(_engine(model, entries=0, max_batch_tokens=24), b, params).output_ids
+    monkeypatch.setenv("SPARSEPD_FORCE_TRITON", "1")
+    warm = _engine(model, entries=4, max_batch_tokens=24)
+    _run(warm, a, params)
+    got = _run(warm, b, params)
+    assert got.cached_tokens == 32 and got.output_ids == want
     assert warm.is_idle_and_empty()
