@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
                         "with them (default: the worker's, 256)")
+    w.add_argument("--prefix-cache-host-bytes", type=int, default=None,
+                   help="host memory for prefix-cache snapshots evicted from their slots, per prefill (or colocated) "
+                        "worker (default: the worker's, 0)")
     w.add_argument("--disable-prefix-cache", action="store_true",
                    help="prefill every request from its first token (no prefix cache on the prefill or colocated "
                         "workers)")
@@ -267,6 +270,8 @@ def _cache_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--disable-prefix-cache"] if args.disable_prefix_cache else []
     if args.prefix_cache_entries is not None:
         flags += ["--prefix-cache-entries", str(args.prefix_cache_entries)]
+    if args.prefix_cache_host_bytes is not None:
+        flags += ["--prefix-cache-host-bytes", str(args.prefix_cache_host_bytes)]
     return flags
 
 

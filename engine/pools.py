@@ -40,6 +40,8 @@ class PoolConfig(BaseModel):
     gpu_memory_fraction: float = Field(0.5, gt=0.0, le=0.95, description="of free GPU memory, when no budget")
     prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache boundary snapshots (snapshot slots, a "
                                                          "slot's bytes each; 0 = no cache; engine/prefix_cache.py)")
+    prefix_cache_host_bytes: int = Field(0, ge=0, description="host memory for prefix-cache snapshots evicted from "
+                                                             "their slots (0 = no host tier)")
 
 
 @dataclass(frozen=True)

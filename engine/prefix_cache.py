@@ -18,6 +18,12 @@ ring writes also go to the snapshot slot (engine/batch.py's capture rows), so a 
 boundary and a snapshot costs no extra forward. A hit shares the path's pages and copies the deepest snapshot
 on the path into the new request's slot: exactly the state its own prefill would have built there.
 
+A **host tier** (`host_bytes` > 0, `--prefix-cache-host-bytes`; SGLang's HiCache idea): a snapshot evicted
+from its slot for a newer boundary moves to pinned host memory instead (a stream-ordered copy, no sync), within
+`host_bytes`, least recently used going first; its node and page stay on the device. A hit there copies the
+snapshot from host memory straight into the request's slot: one slot's bytes, always cheaper than computing
+the page before the boundary again. Page pressure evicts host-tier leaves before device ones.
+
 Eviction, two kinds: a snapshot (a restore point) goes least recently used first when a new boundary needs a
 slot — except that a snapshot a request was restored from goes first once that request's own snapshot extends
 it along a path that does not branch there (a conversation resends its latest turn, not an earlier one); and
@@ -33,6 +39,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from sparsepd.engine.pools import KVPools, bytes_per_page, bytes_per_slot
 from sparsepd.engine.state_io import slot_views
 from sparsepd.prefix_hash import prefix_hashes
@@ -46,6 +54,11 @@ class Node:
     parent: Node | None
     children: dict[int, Node] = field(default_factory=dict)  # by key
     snapshot: int | None = None  # the pools' snapshot slot holding the state at its end (None: pages only)
+    host: dict[str, torch.Tensor] | None = None  # or its host-tier copy (slot views' names → host tensors)
+
+    @property
+    def restorable(self) -> bool:
+        return self.snapshot is not None or self.host is not None
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,8 @@ class Hit:
     key: int
     num_tokens: int  # a multiple of the page size
     pages: tuple[int, ...]  # the path's pages, root first
-    snapshot: int  # the snapshot slot
+    snapshot: int | None  # the snapshot slot (device tier)
+    host: dict[str, torch.Tensor] | None = None  # the host-tier copy, when not on the device
 
 
 @dataclass
@@ -67,11 +81,17 @@ class CacheStats:
     inserts: int = 0  # boundary snapshots taken
     evictions: int = 0  # boundary snapshots dropped
     page_evictions: int = 0  # nodes removed (their page's hold dropped)
+    host_hit_tokens: int = 0  # of hit_tokens: restored from the host tier
+    host_inserts: int = 0  # snapshots moved from their slot to host memory
+    host_evictions: int = 0  # host-tier snapshots dropped
 
 
 class PrefixCache:
-    def __init__(self, pools: KVPools, max_entries: int):
-        """max_entries: boundary snapshots kept at once (the pools' snapshot slots; a slot's bytes each)."""
+    def __init__(self, pools: KVPools, max_entries: int, host_bytes: int = 0):
+        """max_entries: boundary snapshots kept at once (the pools' snapshot slots; a slot's bytes each);
+        host_bytes: host memory for snapshots evicted from their slots (0: no host tier)."""
+        if host_bytes < 0:
+            raise ValueError(f"host_bytes must be ≥ 0, got {host_bytes}")
         if max_entries < 1:
             raise ValueError(f"a prefix cache needs max_entries ≥ 1, got {max_entries}")
         if max_entries > pools.snapshots.capacity:
@@ -82,6 +102,9 @@ class PrefixCache:
         self.root = Node(0, 0, -1, None)
         self.nodes: dict[int, Node] = {}  # key → node, every node but the root
         self.lru: OrderedDict[int, Node] = OrderedDict()  # nodes with a snapshot, least recently used first
+        self.host_bytes = host_bytes
+        self.host_lru: OrderedDict[int, Node] = OrderedDict()  # nodes with a host-tier snapshot, the same order
+        self.host_used = 0  # bytes of the host tier's snapshots
         self.stats = CacheStats()
 
     # --- lookups -----------------------------------------------------------------------------------
@@ -93,12 +116,12 @@ class PrefixCache:
             node = node.children.get(key)
             if node is None:
                 break
-            if node.snapshot is not None:
+            if node.restorable:
                 best = node
         if best is None:
             return None
-        self.lru.move_to_end(best.key)
-        return Hit(best.key, best.depth * self.page_size, tuple(self.path_pages(best)), best.snapshot)
+        (self.lru if best.snapshot is not None else self.host_lru).move_to_end(best.key)
+        return Hit(best.key, best.depth * self.page_size, tuple(self.path_pages(best)), best.snapshot, best.host)
 
     def path_pages(self, node: Node) -> list[int]:
         pages = []
@@ -110,7 +133,12 @@ class PrefixCache:
     def restore(self, hit: Hit, slot: int) -> None:
         """Copy the hit's snapshot into `slot` (the caller already holds the hit's pages: they become the new
         holder's first pages)."""
-        copy_slot(self.pools, hit.snapshot, slot)
+        if hit.snapshot is not None:
+            copy_slot(self.pools, hit.snapshot, slot)
+        else:
+            for name, (pool, _) in slot_views(self.pools, slot).items():
+                pool[slot].copy_(hit.host[name], non_blocking=True)
+            self.stats.host_hit_tokens += hit.num_tokens
         self.stats.hits += 1
         self.stats.hit_tokens += hit.num_tokens
 
@@ -121,7 +149,7 @@ class PrefixCache:
 
     def has_snapshot(self, key: int) -> bool:
         node = self.nodes.get(key)
-        return node is not None and node.snapshot is not None
+        return node is not None and node.restorable
 
     # --- inserts -------------------------------------------------------------------------------------
     def take_slot(self, keep: set[int]) -> int | None:
@@ -131,7 +159,7 @@ class PrefixCache:
             return self.pools.snapshots.allocate(1)[0]
         for node in self.lru.values():
             if node.snapshot not in keep:
-                self._drop_snapshot(node)
+                self._to_host(node)
                 return self.pools.snapshots.allocate(1)[0]
         return None
 
@@ -149,7 +177,7 @@ class PrefixCache:
                 self.pools.pages.share([page])
                 child = node.children[key] = self.nodes[key] = Node(key, depth, page, node)
             node = child
-        if node.snapshot is not None:  # taken meanwhile (two requests with this prefix in one forward)
+        if node.restorable:  # taken meanwhile (two requests with this prefix in one forward)
             self.pools.snapshots.free([snapshot])
             self.lru.move_to_end(node.key)
             return
@@ -162,23 +190,54 @@ class PrefixCache:
 
     # --- memory ----------------------------------------------------------------------------------------
     def make_room(self, num_pages: int) -> None:
-        """Evict least recently used leaves until num_pages pages are free, or the tree is empty."""
-        while self.lru and not self.pools.pages.can_allocate(num_pages):
-            leaf = next((n for n in self.lru.values() if not n.children), None)
+        """Evict least recently used leaves (the host tier's first) until num_pages pages are free, or the tree
+        is empty."""
+        while (self.lru or self.host_lru) and not self.pools.pages.can_allocate(num_pages):
+            leaf = next((n for n in (*self.host_lru.values(), *self.lru.values()) if not n.children), None)
             if leaf is None:  # unreachable while every leaf holds a snapshot
                 raise AssertionError("prefix cache: no leaf among the snapshot nodes")
             self._drop_snapshot(leaf)
 
     def clear(self) -> None:
-        while self.lru:
-            self._drop_snapshot(next(iter(self.lru.values())))
+        while self.lru or self.host_lru:
+            self._drop_snapshot(next(iter((*self.host_lru.values(), *self.lru.values()))))
 
-    def _drop_snapshot(self, node: Node) -> None:
+    def _to_host(self, node: Node) -> None:
+        """Evict a node's snapshot from its slot: into the host tier when it fits there (dropping that tier's least
+        recently used ones), else gone."""
+        need = bytes_per_slot(self.pools.cfg)
+        if need > self.host_bytes:
+            self._drop_snapshot(node)
+            return
+        while self.host_used + need > self.host_bytes:
+            self._drop_snapshot(next(iter(self.host_lru.values())))
+        pin = self.pools.device.type == "cuda"
+        host = {}
+        for name, (pool, _) in slot_views(self.pools, node.snapshot).items():
+            piece = pool[node.snapshot]
+            host[name] = torch.empty(piece.shape, dtype=piece.dtype, pin_memory=pin)
+            host[name].copy_(piece, non_blocking=pin)  # stream-ordered before the slot is written again
         del self.lru[node.key]
         self.pools.snapshots.free([node.snapshot])
-        node.snapshot = None
+        node.snapshot, node.host = None, host
+        self.host_lru[node.key] = node
+        self.host_used += need
         self.stats.evictions += 1
-        while node is not self.root and not node.children and node.snapshot is None:  # prune what no restore needs
+        self.stats.host_inserts += 1
+
+    def _drop_snapshot(self, node: Node) -> None:
+        """Drop a node's snapshot (either tier) and prune what no restore needs any more."""
+        if node.snapshot is not None:
+            del self.lru[node.key]
+            self.pools.snapshots.free([node.snapshot])
+            node.snapshot = None
+            self.stats.evictions += 1
+        else:
+            del self.host_lru[node.key]
+            node.host = None
+            self.host_used -= bytes_per_slot(self.pools.cfg)
+            self.stats.host_evictions += 1
+        while node is not self.root and not node.children and not node.restorable:  # prune what no restore needs
             parent = node.parent
             del parent.children[node.key]
             del self.nodes[node.key]
@@ -199,11 +258,15 @@ class PrefixCache:
     def hashes(self) -> list[int]:
         """The keys of the restore points, most recently used first (what a worker reports to the router: the
         longest of a request's prefix hashes among them is where this worker would restore it)."""
-        return list(reversed(list(self.lru)))
+        return [*reversed(list(self.lru)), *reversed(list(self.host_lru))]
 
     @property
     def num_snapshots(self) -> int:
         return len(self.lru)
+
+    @property
+    def num_host_snapshots(self) -> int:
+        return len(self.host_lru)
 
     def num_bytes(self) -> int:
         """Device bytes the cache holds: its snapshots and the pages only it holds."""

@@ -126,6 +126,13 @@ class _LiveCollector(Collector):
                                     "points)", labels=labels)
         cache_bytes = GaugeMetricFamily("sparsepd_prefix_cache_bytes", "Device bytes the prefix cache holds (its "
                                         "snapshots and the pages only it holds)", labels=labels)
+        host_hit = CounterMetricFamily("sparsepd_prefix_cache_host_hit_tokens", "Of the hit tokens: restored from "
+                                       "the host tier", labels=labels)
+        host_evicted = CounterMetricFamily("sparsepd_prefix_cache_host_evictions", "Host-tier snapshots evicted",
+                                           labels=labels)
+        host_entries = GaugeMetricFamily("sparsepd_prefix_cache_host_entries", "Host-tier snapshots", labels=labels)
+        host_bytes = GaugeMetricFamily("sparsepd_prefix_cache_host_bytes", "Host bytes of the host-tier snapshots",
+                                       labels=labels)
         retracted = CounterMetricFamily("sparsepd_worker_retractions", "Requests a worker moved back to waiting "
                                         "(state to host memory) for want of a KV page", labels=labels)
         for w in d.pool.all:
@@ -147,5 +154,10 @@ class _LiveCollector(Collector):
                 cache_pages.add_metric(key, c.pages)
                 entries.add_metric(key, c.entries)
                 cache_bytes.add_metric(key, c.num_bytes)
+                host_hit.add_metric(key, c.host_hit_tokens)
+                host_evicted.add_metric(key, c.host_evictions)
+                host_entries.add_metric(key, c.host_entries)
+                host_bytes.add_metric(key, c.host_num_bytes)
         yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, page_evicted,
-                    hits, cache_pages, entries, cache_bytes, retracted)
+                    hits, cache_pages, entries, cache_bytes, host_hit, host_evicted, host_entries, host_bytes,
+                    retracted)

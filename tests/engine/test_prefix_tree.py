@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.pools import PoolConfig
+from sparsepd.engine.pools import PoolConfig, bytes_per_slot
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
 from sparsepd.model.config import get_preset
@@ -27,9 +27,10 @@ def model():
     return build_model(CFG, seed=0)
 
 
-def _engine(model, entries: int, num_pages: int = 128, max_batch_tokens: int = 512, num_slots: int = 4) -> Engine:
+def _engine(model, entries: int, num_pages: int = 128, max_batch_tokens: int = 512, num_slots: int = 4,
+            host_bytes: int = 0) -> Engine:
     return Engine(model, PoolConfig(num_slots=num_slots, max_batch_tokens=max_batch_tokens, num_pages=num_pages,
-                                    prefix_cache_entries=entries))
+                                    prefix_cache_entries=entries, prefix_cache_host_bytes=host_bytes))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def _check_tree(engine: Engine) -> None:
     in use are exactly the snapshots'."""
     cache = engine.prefix_cache
     for node in cache.nodes.values():
-        assert node.children or node.snapshot is not None
+        assert node.children or node.restorable
         assert node.parent.children[node.key] is node and engine.pools.pages.refs(node.page) >= 1
     assert sorted(n.snapshot for n in cache.lru.values()) == sorted(
         i for i in range(engine.pools.geometry.num_slots, engine.pools.geometry.ring_slots)
@@ -217,3 +218,33 @@ def test_snapshots_taken_through_the_triton_kernels_restore_what_the_references_
     got = _run(warm, b, params)
     assert got.cached_tokens == 32 and got.output_ids == want
     assert warm.is_idle_and_empty()
+
+
+def test_the_host_tier_keeps_evicted_snapshots_and_restores_them(model, cold):
+    """Two snapshot slots and room for three snapshots in host memory: a prefill of five boundaries (one a
+    forward) leaves the last two in slots and the first three on the host; a request sharing 40 tokens restores
+    32 from the host and equals its cold run; more boundaries push the host tier's least recently used out, never
+    past its bound; page pressure and clear() empty both tiers."""
+    slot_bytes = bytes_per_slot(CFG)
+    warm = _engine(model, entries=2, max_batch_tokens=16, host_bytes=3 * slot_bytes)
+    cache = warm.prefix_cache
+    a = _ids(90, seed=61)
+    _run(warm, a)
+    assert sorted(n.depth for n in cache.lru.values()) == [4, 5]
+    assert sorted(n.depth for n in cache.host_lru.values()) == [1, 2, 3] and cache.host_used == 3 * slot_bytes
+    b = a[:40] + _ids(20, seed=62)
+    got = _run(warm, b)
+    assert got.cached_tokens == 32 and cache.stats.host_hit_tokens == 32
+    _same(got, cold(b))
+    _run(warm, _ids(70, seed=63))  # four more boundaries: slots → host → out, least recently used first
+    assert cache.num_host_snapshots == 3 and cache.host_used == 3 * slot_bytes and cache.stats.host_evictions > 0
+    # the host tier keeps the three most recently moved there: b's 48 and the new prompt's 16 and 32
+    assert sorted(n.depth for n in cache.host_lru.values()) == [1, 2, 3]
+    _check_tree(warm)
+    again = b[:55] + _ids(10, seed=64)
+    got = _run(warm, again)
+    assert got.cached_tokens == 48 and cache.stats.host_hit_tokens == 32 + 48
+    _same(got, cold(again))
+    assert warm.is_idle_and_empty()
+    warm.prefix_cache.clear()
+    assert warm.pools.pages.num_used == 0 and warm.pools.snapshots.num_used == 0 and cache.host_used == 0
