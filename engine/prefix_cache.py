@@ -255,10 +255,11 @@ class PrefixCache:
         """Pages only the tree holds: free once their nodes are evicted (counted as free in a worker's Stats)."""
         return sum(1 for page in self.held_pages() if self.pools.pages.refs(page) == 1)
 
-    def hashes(self) -> list[int]:
-        """The keys of the restore points, most recently used first (what a worker reports to the router: the
-        longest of a request's prefix hashes among them is where this worker would restore it)."""
-        return [*reversed(list(self.lru)), *reversed(list(self.host_lru))]
+    def hashes(self, limit: int = 8192) -> list[int]:
+        """The keys of the restore points, the device tier's then the host tier's, most recently used first, at
+        most `limit` (what a worker reports to the router: the longest of a request's prefix hashes among them
+        is where this worker would restore it; 8 bytes each in every Stats)."""
+        return [*reversed(list(self.lru)), *reversed(list(self.host_lru))][:limit]
 
     @property
     def num_snapshots(self) -> int:

@@ -81,7 +81,7 @@ class PrefixRestore:
             if request.cache_hashes is None:
                 request.cache_hashes = prefix_hashes(request.prompt_ids + request.output_ids, page, request.cache_at)
             captures = []
-            for p in range(first, end + 1, page):
+            for p in range(end // page * page, first - 1, -page):  # deepest first: they matter most when slots are few
                 key = request.cache_hashes[p // page - 1]
                 if key in keys or self.cache.has_snapshot(key):
                     continue
@@ -94,7 +94,7 @@ class PrefixRestore:
                     copy_slot(self.pools, request.slot, slot)
                 captures.append((p, slot))
             if captures:
-                request.captures = tuple(captures)
+                request.captures = tuple(reversed(captures))  # the tree adopts them shallowest first
                 capturing.append(request)
         return capturing
 

@@ -248,3 +248,17 @@ def test_the_host_tier_keeps_evicted_snapshots_and_restores_them(model, cold):
     assert warm.is_idle_and_empty()
     warm.prefix_cache.clear()
     assert warm.pools.pages.num_used == 0 and warm.pools.snapshots.num_used == 0 and cache.host_used == 0
+
+
+def test_with_fewer_slots_than_boundaries_in_a_forward_the_deepest_are_taken(model, cold):
+    """One 100-token chunk crosses six boundaries and two snapshot slots are free: the two deepest are taken
+    (the next turn of the conversation restores the deepest)."""
+    warm = _engine(model, entries=2)
+    a = _ids(100, seed=71)
+    _run(warm, a)
+    assert [n.depth for n in warm.prefix_cache.lru.values()] == [5, 6]
+    nxt = a + _ids(9, seed=72)
+    got = _run(warm, nxt)
+    assert got.cached_tokens == 96
+    _same(got, cold(nxt))
+    _check_tree(warm)
