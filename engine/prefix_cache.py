@@ -51,10 +51,11 @@ class Node:
     key: int  # prefix_hashes(tokens up to its end)[-1]; 0 for the root
     depth: int  # pages from the root: the node ends at token depth · page_size
     page: int  # the page of its tokens' compressed and indexer rows (-1 for the root)
-    parent: Node | None
-    children: dict[int, Node] = field(default_factory=dict)  # by key
+    parent: Node | None = field(repr=False)
+    children: dict[int, Node] = field(default_factory=dict, repr=False)  # by key
     snapshot: int | None = None  # the pools' snapshot slot holding the state at its end (None: pages only)
-    host: dict[str, torch.Tensor] | None = None  # or its host-tier copy (slot views' names → host tensors)
+    # or its host-tier copy (slot views' names → host tensors)
+    host: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def restorable(self) -> bool:
