@@ -144,9 +144,9 @@ class PrefixCache:
         self.stats.hit_tokens += hit.num_tokens
 
     def boundary(self, num_known: int) -> int:
-        """The last boundary a request of num_known tokens snapshots: the last page boundary before its last
-        token (0: none)."""
-        return (num_known - 1) // self.page_size * self.page_size if num_known > 0 else 0
+        """The last boundary a request of num_known known tokens snapshots: the last page boundary at or before
+        their end (0: none). (A conversation's next turn resends them and more: it restores there.)"""
+        return num_known // self.page_size * self.page_size
 
     def has_snapshot(self, key: int) -> bool:
         node = self.nodes.get(key)

@@ -3,12 +3,12 @@ boundary snapshots its prefill takes on the way.
 
 A request that looks the cache up (a prompt prefilled from its first token, not a fork that only draws) restores
 from the deepest snapshot on its path and then snapshots every page boundary its prefill computes, up to the last
-one before its last known token (`cache_at`). A snapshot is taken inside the forward that computes the boundary,
-wherever the chunk ends: before the forward, a snapshot slot is taken for each boundary the chunk crosses
-(`plan`) and, when the chunk starts less than a ring's length before the boundary, the request's slot is copied
-into it (the ring rows of positions before the chunk); the forward's ring writes of the positions before the
-boundary also go to that slot (engine/batch.py `capture_rows`); after it is queued, the tree adopts the slots
-(`commit`). No chunk is cut at a boundary and no forward is added.
+one at or before the end of its known tokens (`cache_at`). A snapshot is taken inside the forward that computes
+the boundary, wherever the chunk ends: before the forward, a snapshot slot is taken for each boundary the chunk
+crosses (`plan`) and, when the chunk starts less than a ring's length before the boundary, the request's slot is
+copied into it (the ring rows of positions before the chunk); the forward's ring writes of the positions before
+the boundary also go to that slot (engine/batch.py `capture_rows`); after it is queued, the tree adopts the
+slots (`commit`). No chunk is cut at a boundary and no forward is added.
 """
 
 from __future__ import annotations

@@ -195,11 +195,11 @@ class Dispatcher:
 
     def _note_cached(self, prefill: WorkerHandle, flow: Flow) -> None:
         """The prefill worker now holds a restore point at every page boundary of the flow's prompt up to the last
-        one before its end (engine/prefix_cache.py): count them before its next Stats says so, so that the next
-        turn of a conversation, or another request sharing a part of the prompt, finds them at once."""
+        one at or before its end (engine/prefix_cache.py): count them before its next Stats says so, so that the
+        next turn of a conversation, or another request sharing a part of the prompt, finds them at once."""
         if not prefill.stats.prefix_cache.enabled or flow.prefix_hashes is None:
             return
-        pages = (len(flow.spec.input_ids) - 1) // self.pool.placement.page_size
+        pages = len(flow.spec.input_ids) // self.pool.placement.page_size
         if pages > 0:
             prefill.cached = prefill.cached | set(flow.prefix_hashes[:pages])
 

@@ -49,7 +49,7 @@ def _same(a, b) -> None:
 
 
 # first prompt length, second prompt = first[:shared] + new tokens. The first request's last restore point is the
-# last page boundary before its prompt's end, so the restored position is a page (= window, HCA block) boundary,
+# last page boundary at or before its prompt's end, so the restored position is a page (= window, HCA block) boundary,
 # and the second request's own tokens start on, before and after CSA-block and window boundaries of the positions
 # it computes. (Every case shares at least the first request's last boundary: test_prefix_tree.py has the rest.)
 CASES = [(17, 17, 9), (33, 33, 1), (40, 40, 30), (47, 36, 12), (64, 64, 5), (70, 66, 19), (70, 65, 1)]
@@ -63,7 +63,7 @@ def test_a_hit_gives_the_cold_prefills_tokens_and_logprobs(model, first, shared,
     _run(warm, a)
     got = _run(warm, b)
     want = _run(_engine(model, entries=0), b)
-    hit = (first - 1) // PAGE * PAGE
+    hit = min(first // PAGE, shared // PAGE, (len(b) - 1) // PAGE) * PAGE
     assert hit <= shared and hit < len(b)
     assert got.cached_tokens == hit and hit > 0
     _same(got, want)
@@ -92,7 +92,7 @@ def test_a_conversation_hits_each_turn_and_equals_cold_runs(model):
         got, want = _run(warm, prompt), _run(cold, prompt)
         _same(got, want)
         assert got.cached_tokens == previous
-        previous = (len(prompt) - 1) // PAGE * PAGE
+        previous = len(prompt) // PAGE * PAGE  # its last page boundary (the next turn resends it and more)
         prompt = prompt + got.output_ids + _ids(7 + len(prompt) % 5, seed=len(prompt))
     assert warm.is_idle_and_empty()
 

@@ -129,7 +129,7 @@ def test_branches_share_their_common_pages_and_each_restores_its_own_path(model,
     for branch, extra_seed in zip(branches, [6, 7, 8], strict=True):
         cont = branch + _ids(19, seed=extra_seed)
         got = _run(warm, cont)
-        assert got.cached_tokens == (len(branch) - 1) // PAGE * PAGE
+        assert got.cached_tokens == len(branch) // PAGE * PAGE
         _same(got, cold(cont))
     _check_tree(warm)
     assert warm.is_idle_and_empty()

@@ -64,7 +64,7 @@ def _check(model, conversations, cached: bool) -> None:
         for k, (prompt, done) in enumerate(turns):
             want = generate(model, prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True)).output_ids
             assert list(done.output_ids) == want, (k, len(prompt))
-            expect = (len(turns[k - 1][0]) - 1) // PAGE * PAGE if k and cached else 0
+            expect = len(turns[k - 1][0]) // PAGE * PAGE if k and cached else 0
             assert done.cached_tokens == expect, (k, len(prompt), done.cached_tokens)
             assert done.prompt_tokens == len(prompt)
 
