@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host memory each decode (or colocated) worker lets retracted requests' states take; past it "
                         "the newest decoding request fails RESOURCE_EXHAUSTED (default: the worker's, its KV pool's "
                         "size)")
+    w.add_argument("--prefix-cache-host-bytes", type=int, default=None,
+                   help="host memory for prefix-cache snapshots evicted from their slots, per prefill (or colocated) "
+                        "worker (default: the worker's, 0)")
     w.add_argument("--disable-prefix-cache", action="store_true",
                    help="prefill every request from its first token (no prefix cache on the prefill or colocated "
                         "workers)")
@@ -279,6 +282,8 @@ def _cache_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--disable-prefix-cache"] if args.disable_prefix_cache else []
     if args.prefix_cache_entries is not None:
         flags += ["--prefix-cache-entries", str(args.prefix_cache_entries)]
+    if args.prefix_cache_host_bytes is not None:
+        flags += ["--prefix-cache-host-bytes", str(args.prefix_cache_host_bytes)]
     return flags
 
 

@@ -32,6 +32,9 @@ class RequestChunk:
     start: int  # position of the first new token
     token_ids: list[int]
     page_table: list[int]
+    # prefix-cache boundary snapshots this forward takes (engine/prefix_cache.py): (boundary p, snapshot slot);
+    # the ring writes of the positions before p also go to that slot (`capture_rows`)
+    captures: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,18 +112,25 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
     window_rows = torch.where(keys >= 0, window_rows, -1)
 
     capacity = None if shape is None else shape.batch
+    captures = [(b, p, s) for b, c in enumerate(chunks) for p, s in c.captures]
+    if captures and shape is not None:
+        raise ValueError("boundary snapshots are taken in eager forwards only")
     swa = build_write_plan(starts, n, win, capacity=capacity)
     f = {"token_ids": torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64),
          "positions": positions, "seq_ids": seq.to(torch.int32), "slots": slots, "page_table": page_table,
-         "window_rows": window_rows.to(torch.int32), "swa_rows": swa.rows, "swa_cu": swa.cu,
-         "last_rows": cu[1:] - 1}
+         "window_rows": window_rows.to(torch.int32), "swa_rows": capture_rows(swa.rows, captures, starts, cu, win),
+         "swa_cu": swa.cu, "last_rows": cu[1:] - 1}
+    if captures:  # the snapshot slots ride as extra batch ids past the requests' (no token, no page read)
+        f["slots"] = torch.cat([slots, torch.tensor([s for _, _, s in captures], dtype=torch.int64)])
+        f["page_table"] = torch.cat([page_table, page_table.new_zeros(len(captures), width)])
     for ratio in sorted({r for r in geometry.ratios if r}):
         rpp = geometry.rows_per_page(ratio)
         visible = torch.div(positions + 1, ratio, rounding_mode="floor")
         plan = build_compress_plan(starts, n, ratio, ratio == 4, capacity=capacity, write_capacity=capacity)
         f[f"r{ratio}.visible"] = visible.to(torch.int32)
         f[f"r{ratio}.commit_rows"], f[f"r{ratio}.commit_cu"] = plan.commit.rows, plan.commit.cu
-        f[f"r{ratio}.write_rows"], f[f"r{ratio}.write_cu"] = plan.write.rows, plan.write.cu
+        f[f"r{ratio}.write_rows"] = capture_rows(plan.write.rows, captures, starts, cu, plan.state_size)
+        f[f"r{ratio}.write_cu"] = plan.write.cu
         if ratio != 4:
             hca_width = max(int(visible.max()) if num_tokens else 1, 1) if shape is None else width * rpp
             entries = torch.arange(hca_width)
@@ -128,6 +138,23 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
             rows = geometry.compressed_base + pages * rpp + entries % rpp
             f[f"r{ratio}.hca_rows"] = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32)
     return f if shape is None else _pad(f, len(chunks), shape)
+
+
+def capture_rows(rows: torch.Tensor, captures: list[tuple[int, int, int]], starts: torch.Tensor, cu: torch.Tensor,
+                 size: int) -> torch.Tensor:
+    """A ring-write plan's rows plus those of the boundary snapshots: for a snapshot of request b at boundary p
+    into snapshot slot s (batch id B + its index, `slots` extended with s), the positions [max(start_b, p − size),
+    p) written to s's ring at position % size, so that s holds the ring as it was at p (the rows before start_b
+    were copied into s before the forward: engine/prefix_restore.py)."""
+    if not captures:
+        return rows
+    num_requests, extra = starts.shape[0], []
+    for j, (b, p, _) in enumerate(captures):
+        start = int(starts[b])
+        pos = torch.arange(max(start, p - size), p, dtype=torch.int64)
+        extra.append(torch.stack([int(cu[b]) + pos - start, torch.full_like(pos, num_requests + j), pos, pos % size],
+                                 dim=1))
+    return torch.cat([rows, torch.cat(extra).to(rows.dtype)])
 
 
 def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape: BatchShape,

@@ -64,8 +64,12 @@ def with_prefix_cache(cfg: EngineConfig, args: argparse.Namespace, enabled: bool
     """cfg with the prefix cache the flags ask for (none when not enabled for this process)."""
     if args.prefix_cache_entries < 0:
         raise ValueError(f"--prefix-cache-entries must be ≥ 0, got {args.prefix_cache_entries}")
+    if args.prefix_cache_host_bytes < 0:
+        raise ValueError(f"--prefix-cache-host-bytes must be ≥ 0, got {args.prefix_cache_host_bytes}")
     entries = args.prefix_cache_entries if enabled and not args.disable_prefix_cache else 0
-    return cfg.model_copy(update=dict(pools=cfg.pools.model_copy(update=dict(prefix_cache_entries=entries))))
+    host = args.prefix_cache_host_bytes if entries else 0
+    return cfg.model_copy(update=dict(pools=cfg.pools.model_copy(
+        update=dict(prefix_cache_entries=entries, prefix_cache_host_bytes=host))))
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -64,7 +64,7 @@ class Engine:
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
         entries = pool_config.prefix_cache_entries
-        self.prefix_cache = PrefixCache(self.pools, entries) if entries else None
+        self.prefix_cache = PrefixCache(self.pools, entries, pool_config.prefix_cache_host_bytes) if entries else None
         bound = self.pools.num_bytes() if max_retracted_bytes is None else max_retracted_bytes
         self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, max_retracted_bytes=bound)
         self._ids = itertools.count()

@@ -124,7 +124,8 @@ class DecodeGraphs:
 
     def shape_for(self, chunks: list[RequestChunk]) -> BatchShape | None:
         """The graph shape for this step, or None when it must run eagerly."""
-        if not chunks or len(chunks) > self.buckets[-1] or any(len(c.token_ids) != 1 for c in chunks):
+        # (a boundary snapshot, engine/prefix_restore.py, writes rows a graph does not hold: eager)
+        if not chunks or len(chunks) > self.buckets[-1] or any(len(c.token_ids) != 1 or c.captures for c in chunks):
             return None
         pages = max(len(c.page_table) for c in chunks)
         if pages > self.max_pages:

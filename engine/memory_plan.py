@@ -14,12 +14,14 @@ def memory_plan(model: Transformer, pools: KVPools) -> str:
     cfg, g = model.cfg, pools.geometry
     total = pools.num_bytes()
     pages, slots = g.num_pages * bytes_per_page(cfg), g.num_slots * bytes_per_slot(cfg)
+    snapshots = g.num_snapshot_slots * bytes_per_slot(cfg)
     lines = [
         f"model {cfg.name}: {cfg.n_layers} layers, weight_format {cfg.weight_format}, activations {cfg.dtype}",
         f"  weights {describe(weight_bytes(model))}",
         f"  KV pools {gb(total)}: {g.num_pages} pages × {bytes_per_page(cfg) / 1e6:.2f} MB = {gb(pages)} "
         f"({g.num_pages * g.page_size} tokens), {g.num_slots} slots × {bytes_per_slot(cfg) / 1e6:.2f} MB = "
-        f"{gb(slots)}, rings and scratch {gb(max(total - pages - slots, 0))}",
+        f"{gb(slots)}, {g.num_snapshot_slots} prefix-cache snapshot slots = {gb(snapshots)}, rings and scratch "
+        f"{gb(max(total - pages - slots - snapshots, 0))}",
     ]
     if pools.device.type == "cuda":
         free, capacity = torch.cuda.mem_get_info(pools.device)

@@ -2,11 +2,12 @@
 
 A page holds `page_size` original tokens (the lcm of the compress ratios): per CSA layer `page_size/4`
 compressed KV rows and as many indexer rows, per HCA layer `page_size/ratio` rows. One page table per
-request serves every layer. A slot holds a request's sliding-window rings and compressor rings.
+request serves every layer. A slot holds a request's sliding-window rings and compressor rings; the snapshot
+slots after the requests' ones hold the prefix cache's boundary states (engine/prefix_cache.py).
 
 Per layer, attention reads one unified row buffer `kv[layer]` `[rows, head_dim]`:
 
-    [ scratch: max_batch_tokens | SWA rings: num_slots·window | compressed rows: num_pages·page_size/ratio ]
+    [ scratch: max_batch_tokens | SWA rings: ring_slots·window | compressed rows: num_pages·page_size/ratio ]
 
 The scratch rows hold the current forward's new KV latents, so a prefill chunk longer than the window
 still sees every key; sparse attention addresses all three regions by row index. The first two regions
@@ -37,8 +38,10 @@ class PoolConfig(BaseModel):
     num_pages: int | None = Field(None, ge=1, description="pages; when None, sized from kv_memory_bytes")
     kv_memory_bytes: int | None = Field(None, ge=1, description="budget for pages + slots + scratch")
     gpu_memory_fraction: float = Field(0.5, gt=0.0, le=0.95, description="of free GPU memory, when no budget")
-    prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache entries (a slot's bytes each; 0 = no "
-                                                         "cache; engine/prefix_cache.py)")
+    prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache boundary snapshots (snapshot slots, a "
+                                                         "slot's bytes each; 0 = no cache; engine/prefix_cache.py)")
+    prefix_cache_host_bytes: int = Field(0, ge=0, description="host memory for prefix-cache snapshots evicted from "
+                                                             "their slots (0 = no host tier)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class PoolGeometry:
     window: int
     max_batch_tokens: int
     ratios: tuple[int, ...]  # per layer
+    num_snapshot_slots: int = 0  # slots past the requests' ones: the prefix cache's boundary snapshots
+
+    @property
+    def ring_slots(self) -> int:
+        """Slots with rings: the requests' (ids 0 … num_slots−1), then the snapshots'."""
+        return self.num_slots + self.num_snapshot_slots
 
     def rows_per_page(self, ratio: int) -> int:
         return self.page_size // ratio if ratio else 0
@@ -61,7 +70,7 @@ class PoolGeometry:
 
     @property
     def compressed_base(self) -> int:
-        return self.max_batch_tokens + self.num_slots * self.window
+        return self.max_batch_tokens + self.ring_slots * self.window
 
     def layer_rows(self, ratio: int) -> int:
         return self.compressed_base + self.num_pages * self.rows_per_page(ratio)
@@ -108,7 +117,7 @@ def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> P
             raise ValueError(f"a memory budget of {budget} bytes leaves no page: slots and scratch need {fixed}, "
                              f"a page {bytes_per_page(cfg)}")
     return PoolGeometry(pool.num_slots, int(num_pages), cfg.page_size, cfg.window, pool.max_batch_tokens,
-                        cfg.compress_ratios)
+                        cfg.compress_ratios, pool.prefix_cache_entries)
 
 
 class IdAllocator:
@@ -116,9 +125,10 @@ class IdAllocator:
     holders (a page shared by a cached prefix and the requests restored from it, engine/prefix_cache.py):
     `share` adds one, `free` drops one, and the id is free again when its last holder lets go."""
 
-    def __init__(self, capacity: int, what: str):
+    def __init__(self, capacity: int, what: str, first: int = 0):
+        """Ids first … first + capacity − 1."""
         self.capacity, self.what = capacity, what
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(first + capacity - 1, first - 1, -1))
         self._refs: dict[int, int] = {}  # allocated id → holders
 
     @property
@@ -186,10 +196,11 @@ class KVPools:
         self.index_rings = [self._rings(4, cfg.index_head_dim) if r == 4 else None for r in g.ratios]
         self.pages = IdAllocator(g.num_pages, "pages")
         self.slots = IdAllocator(g.num_slots, "slots")
+        self.snapshots = IdAllocator(g.num_snapshot_slots, "snapshot slots", first=g.num_slots)
 
     def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         coff = 2 if ratio == 4 else 1
-        shape = (self.geometry.num_slots, coff * ratio, coff * d)
+        shape = (self.geometry.ring_slots, coff * ratio, coff * d)
         return (torch.zeros(shape, dtype=torch.float32, device=self.device),
                 torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device))
 
@@ -200,9 +211,9 @@ class KVPools:
         return self.kv[layer_id][base: base + g.num_pages * rpp].view(g.num_pages, rpp, -1)
 
     def swa_view(self, layer_id: int) -> torch.Tensor:
-        """The sliding-window rings `[num_slots, window, head_dim]`."""
+        """The sliding-window rings `[ring_slots, window, head_dim]`."""
         g = self.geometry
-        return self.kv[layer_id][g.ring_base: g.compressed_base].view(g.num_slots, g.window, -1)
+        return self.kv[layer_id][g.ring_base: g.compressed_base].view(g.ring_slots, g.window, -1)
 
     def reset_slot(self, slot: int) -> None:
         """A fresh slot: compressor rings back to kv 0 / score −inf (SWA rows are never read unwritten)."""

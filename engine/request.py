@@ -36,8 +36,10 @@ class Request:
     grammar: GrammarMatch | None = None  # its grammar's matcher, when params.grammar (engine/grammar.py)
     error: str = ""  # why this request failed alone, when finish_reason == "error"
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
-    cache_at: int | None = None  # where its state becomes a prefix-cache entry (a page boundary not yet reached)
-    restored_from: int | None = None  # the key of the prefix-cache entry it was restored from
+    cache_at: int | None = None  # the last page boundary its prefill snapshots for the prefix cache (not reached yet)
+    restored_from: int | None = None  # the key of the prefix-cache node it was restored from
+    cache_hashes: list[int] | None = None  # its known tokens' page prefix hashes up to cache_at (sparsepd/prefix_hash)
+    captures: tuple[tuple[int, int], ...] = ()  # this forward's boundary snapshots: (boundary, snapshot slot)
     offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
 
     @property

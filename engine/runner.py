@@ -62,7 +62,7 @@ class Runner:
 
     def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None):
         self.history.bind([r for r, _ in work])
-        chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
+        chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages, r.captures) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
         shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:

@@ -68,6 +68,9 @@ def prefix_cache_stats(cache) -> worker_pb2.PrefixCacheStats:
         return worker_pb2.PrefixCacheStats(enabled=False)
     s = cache.stats
     return worker_pb2.PrefixCacheStats(enabled=True, hit_tokens=s.hit_tokens, miss_tokens=s.miss_tokens,
-                                       evictions=s.evictions, entries=len(cache.entries),
+                                       evictions=s.evictions, entries=cache.num_snapshots,
                                        pages=len(cache.held_pages()), page_size=cache.page_size,
-                                       hashes=cache.hashes())
+                                       hashes=cache.hashes(), page_evictions=s.page_evictions,
+                                       num_bytes=cache.num_bytes(), hits=s.hits, host_hit_tokens=s.host_hit_tokens,
+                                       host_evictions=s.host_evictions, host_entries=cache.num_host_snapshots,
+                                       host_num_bytes=cache.host_used)

@@ -159,7 +159,7 @@ class StatsResponse(_message.Message):
     def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStats(_message.Message):
-    __slots__ = ("enabled", "hit_tokens", "miss_tokens", "evictions", "entries", "pages", "page_size", "hashes")
+    __slots__ = ("enabled", "hit_tokens", "miss_tokens", "evictions", "entries", "pages", "page_size", "hashes", "page_evictions", "num_bytes", "hits", "host_hit_tokens", "host_evictions", "host_entries", "host_num_bytes")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MISS_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,13 @@ class PrefixCacheStats(_message.Message):
     PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    HOST_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HOST_NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     hit_tokens: int
     miss_tokens: int
@@ -176,7 +183,14 @@ class PrefixCacheStats(_message.Message):
     pages: int
     page_size: int
     hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, enabled: _Optional[bool] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., entries: _Optional[int] = ..., pages: _Optional[int] = ..., page_size: _Optional[int] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    page_evictions: int
+    num_bytes: int
+    hits: int
+    host_hit_tokens: int
+    host_evictions: int
+    host_entries: int
+    host_num_bytes: int
+    def __init__(self, enabled: _Optional[bool] = ..., hit_tokens: _Optional[int] = ..., miss_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., entries: _Optional[int] = ..., pages: _Optional[int] = ..., page_size: _Optional[int] = ..., hashes: _Optional[_Iterable[int]] = ..., page_evictions: _Optional[int] = ..., num_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., host_hit_tokens: _Optional[int] = ..., host_evictions: _Optional[int] = ..., host_entries: _Optional[int] = ..., host_num_bytes: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -194,13 +194,14 @@ class Dispatcher:
                                                   balance_tokens=4 * self.batch_tokens)
 
     def _note_cached(self, prefill: WorkerHandle, flow: Flow) -> None:
-        """The prefill worker now holds the flow's prompt up to its last page boundary (engine/prefix_cache.py):
-        count it before its next Stats says so, so the conversation's next turn finds it at once."""
+        """The prefill worker now holds a restore point at every page boundary of the flow's prompt up to the last
+        one at or before its end (engine/prefix_cache.py): count them before its next Stats says so, so that the
+        next turn of a conversation, or another request sharing a part of the prompt, finds them at once."""
         if not prefill.stats.prefix_cache.enabled or flow.prefix_hashes is None:
             return
-        pages = (len(flow.spec.input_ids) - 1) // self.pool.placement.page_size
-        if 0 < pages <= len(flow.prefix_hashes):
-            prefill.cached = prefill.cached | {flow.prefix_hashes[pages - 1]}
+        pages = len(flow.spec.input_ids) // self.pool.placement.page_size
+        if pages > 0:
+            prefill.cached = prefill.cached | set(flow.prefix_hashes[:pages])
 
     async def _form_batch(self, accept: Callable[[Flow], bool]) -> list[Flow]:
         """Take the queued flows `accept` takes (in order, up to the token budget), waiting at most batch_wait_s

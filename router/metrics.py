@@ -114,11 +114,25 @@ class _LiveCollector(Collector):
                                   "its prefix cache instead of computing them", labels=labels)
         miss = CounterMetricFamily("sparsepd_prefix_cache_miss_tokens", "Prompt tokens a prefill worker computed "
                                    "(requests that looked its prefix cache up)", labels=labels)
-        evicted = CounterMetricFamily("sparsepd_prefix_cache_evictions", "Prefix-cache entries evicted",
+        evicted = CounterMetricFamily("sparsepd_prefix_cache_evictions", "Prefix-cache boundary snapshots evicted",
                                       labels=labels)
-        cache_pages = GaugeMetricFamily("sparsepd_prefix_cache_pages", "KV pages the prefix cache's entries hold",
-                                        labels=labels)
-        entries = GaugeMetricFamily("sparsepd_prefix_cache_entries", "Prefix-cache entries", labels=labels)
+        page_evicted = CounterMetricFamily("sparsepd_prefix_cache_page_evictions", "Prefix-cache tree nodes (one "
+                                           "page each) evicted", labels=labels)
+        hits = CounterMetricFamily("sparsepd_prefix_cache_hits", "Requests a prefill worker restored from its "
+                                   "prefix cache", labels=labels)
+        cache_pages = GaugeMetricFamily("sparsepd_prefix_cache_pages", "KV pages the prefix cache's tree holds (its "
+                                        "size)", labels=labels)
+        entries = GaugeMetricFamily("sparsepd_prefix_cache_entries", "Prefix-cache boundary snapshots (restore "
+                                    "points)", labels=labels)
+        cache_bytes = GaugeMetricFamily("sparsepd_prefix_cache_bytes", "Device bytes the prefix cache holds (its "
+                                        "snapshots and the pages only it holds)", labels=labels)
+        host_hit = CounterMetricFamily("sparsepd_prefix_cache_host_hit_tokens", "Of the hit tokens: restored from "
+                                       "the host tier", labels=labels)
+        host_evicted = CounterMetricFamily("sparsepd_prefix_cache_host_evictions", "Host-tier snapshots evicted",
+                                           labels=labels)
+        host_entries = GaugeMetricFamily("sparsepd_prefix_cache_host_entries", "Host-tier snapshots", labels=labels)
+        host_bytes = GaugeMetricFamily("sparsepd_prefix_cache_host_bytes", "Host bytes of the host-tier snapshots",
+                                       labels=labels)
         retracted = CounterMetricFamily("sparsepd_worker_retractions", "Requests a worker moved back to waiting "
                                         "(state to host memory) for want of a KV page", labels=labels)
         for w in d.pool.all:
@@ -135,7 +149,15 @@ class _LiveCollector(Collector):
                 hit.add_metric(key, c.hit_tokens)
                 miss.add_metric(key, c.miss_tokens)
                 evicted.add_metric(key, c.evictions)
+                page_evicted.add_metric(key, c.page_evictions)
+                hits.add_metric(key, c.hits)
                 cache_pages.add_metric(key, c.pages)
                 entries.add_metric(key, c.entries)
-        yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, cache_pages,
-                    entries, retracted)
+                cache_bytes.add_metric(key, c.num_bytes)
+                host_hit.add_metric(key, c.host_hit_tokens)
+                host_evicted.add_metric(key, c.host_evictions)
+                host_entries.add_metric(key, c.host_entries)
+                host_bytes.add_metric(key, c.host_num_bytes)
+        yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, page_evicted,
+                    hits, cache_pages, entries, cache_bytes, host_hit, host_evicted, host_entries, host_bytes,
+                    retracted)

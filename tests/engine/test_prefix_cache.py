@@ -48,10 +48,10 @@ def _same(a, b) -> None:
         assert list(x.top_logprobs) == pytest.approx(list(y.top_logprobs), rel=1e-4, abs=1e-5)
 
 
-# first prompt length, second prompt = first[:shared] + new tokens. The first request's entry is at the last
-# page boundary before its prompt's end (one entry per request), so the restored position is a page (= window,
-# HCA block) boundary, and the second request's own tokens start on, before and after CSA-block and window
-# boundaries of the positions it computes.
+# first prompt length, second prompt = first[:shared] + new tokens. The first request's last restore point is the
+# last page boundary at or before its prompt's end, so the restored position is a page (= window, HCA block) boundary,
+# and the second request's own tokens start on, before and after CSA-block and window boundaries of the positions
+# it computes. (Every case shares at least the first request's last boundary: test_prefix_tree.py has the rest.)
 CASES = [(17, 17, 9), (33, 33, 1), (40, 40, 30), (47, 36, 12), (64, 64, 5), (70, 66, 19), (70, 65, 1)]
 
 
@@ -63,7 +63,7 @@ def test_a_hit_gives_the_cold_prefills_tokens_and_logprobs(model, first, shared,
     _run(warm, a)
     got = _run(warm, b)
     want = _run(_engine(model, entries=0), b)
-    hit = (first - 1) // PAGE * PAGE
+    hit = min(first // PAGE, shared // PAGE, (len(b) - 1) // PAGE) * PAGE
     assert hit <= shared and hit < len(b)
     assert got.cached_tokens == hit and hit > 0
     _same(got, want)
@@ -72,13 +72,16 @@ def test_a_hit_gives_the_cold_prefills_tokens_and_logprobs(model, first, shared,
     assert warm.is_idle_and_empty()
 
 
-def test_a_prefix_shorter_than_the_entry_misses(model):
-    """An entry restores the state at its own boundary only: a request sharing fewer tokens computes them all."""
+def test_a_prefix_shorter_than_the_last_boundary_hits_a_boundary_before_it(model):
+    """A request sharing fewer tokens than the first one's last boundary restores the boundary before the point
+    where they part (before the radix tree, it computed them all)."""
     a = _ids(40, seed=5)
     warm = _engine(model, entries=8)
     _run(warm, a)
-    got = _run(warm, a[:30] + _ids(10, seed=6))
-    assert got.cached_tokens == 0 and warm.prefix_cache.stats.hits == 0
+    b = a[:30] + _ids(10, seed=6)
+    got = _run(warm, b)
+    assert got.cached_tokens == 16 and warm.prefix_cache.stats.hits == 1
+    _same(got, _run(_engine(model, entries=0), b))
 
 
 def test_a_conversation_hits_each_turn_and_equals_cold_runs(model):
@@ -89,7 +92,7 @@ def test_a_conversation_hits_each_turn_and_equals_cold_runs(model):
         got, want = _run(warm, prompt), _run(cold, prompt)
         _same(got, want)
         assert got.cached_tokens == previous
-        previous = (len(prompt) - 1) // PAGE * PAGE
+        previous = len(prompt) // PAGE * PAGE  # its last page boundary (the next turn resends it and more)
         prompt = prompt + got.output_ids + _ids(7 + len(prompt) % 5, seed=len(prompt))
     assert warm.is_idle_and_empty()
 
@@ -97,11 +100,11 @@ def test_a_conversation_hits_each_turn_and_equals_cold_runs(model):
 def test_prompt_logprobs_limit_the_hit_to_their_start(model):
     a = _ids(50, seed=8)
     warm = _engine(model, entries=8)
-    _run(warm, a[:20])  # an entry at 16
-    _run(warm, a)  # and one at 48
+    _run(warm, a[:20])  # a restore point at 16
+    _run(warm, a)  # and at 32 and 48
     params = PARAMS.model_copy(update=dict(logprob_start_len=40))
     got, want = _run(warm, a, params), _run(_engine(model, entries=0), a, params)
-    assert got.cached_tokens == 16  # the entry at 48 would skip positions 40..47, which it must score
+    assert got.cached_tokens == 32  # the boundary at 48 would skip positions 40..47, which it must score
     _same(got, want)
     assert [x.logprob for x in got.prompt_logprobs] == pytest.approx([x.logprob for x in want.prompt_logprobs],
                                                                      rel=1e-4, abs=1e-5)
@@ -111,13 +114,14 @@ def test_shared_pages_are_freed_by_their_last_holder_and_aborts_free_everything(
     engine = _engine(model, entries=8)
     a = _ids(40, seed=11)
     _run(engine, a)
-    (entry,) = engine.prefix_cache.entries.values()
+    entry = engine.prefix_cache.match(a, 40)  # the restore point at 32 (and the one at 16 on its path)
+    assert entry.num_tokens == 32 and len(engine.prefix_cache.lru) == 2
     assert all(engine.pools.pages.refs(p) == 1 for p in entry.pages)
     request = engine.submit(a + [1, 2, 3], PARAMS)
     engine.step()  # admitted: restored from the entry
     assert request.cached_tokens == 32 and request.pages[:2] == list(entry.pages)
     assert all(engine.pools.pages.refs(p) == 2 for p in entry.pages)
-    engine.prefix_cache.clear()  # evicting the entry frees none of the pages the request holds
+    engine.prefix_cache.clear()  # evicting the tree frees none of the pages the request holds
     assert all(engine.pools.pages.refs(p) == 1 for p in entry.pages)
     assert engine.abort(request.request_id)
     assert engine.pools.pages.num_used == 0 and engine.pools.slots.num_used == 0
@@ -141,7 +145,7 @@ def test_entries_are_bounded_least_recently_used_first(model):
     prompts = [_ids(20, seed=s) for s in range(3)]
     for p in prompts:
         _run(engine, p)
-    assert len(engine.prefix_cache.entries) == 2
+    assert len(engine.prefix_cache.lru) == 2
     held = set(engine.prefix_cache.hashes())
     assert [longest_match(prefix_hashes(p, PAGE), held) for p in prompts] == [0, 1, 1]
 

@@ -52,7 +52,7 @@ def test_a_hit_on_the_gpu_equals_a_cold_prefill(model, first, extra):
     _run(warm, a)
     got = _run(warm, b)
     want = _run(_engine(model, entries=0), b)
-    assert got.cached_tokens == (first - 1) // PAGE * PAGE > 0
+    assert got.cached_tokens == first // PAGE * PAGE > 0
     assert warm.is_idle_and_empty()
     for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
         assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
@@ -61,3 +61,70 @@ def test_a_hit_on_the_gpu_equals_a_cold_prefill(model, first, extra):
             assert got.output_ids[i] == want.output_ids[i], (i, margin)
         if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
             break  # different tokens fed from here: nothing left to compare
+
+
+def _close(got, want) -> None:
+    for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
+        assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
+        margin = y.top_logprobs[0] - y.top_logprobs[1]
+        if margin > 0.1:
+            assert got.output_ids[i] == want.output_ids[i], (i, margin)
+        if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
+            break
+
+
+@pytest.mark.parametrize("shared,budget", [(1000, 1024), (1000, 300), (300, 1024), (2100, 700)])
+def test_a_shared_prefix_hits_on_the_gpu_and_equals_a_cold_prefill(model, shared, budget):
+    """The radix tree (engine/prefix_cache.py): A and B share `shared` tokens and differ after; B restores the
+    shared prefix rounded down to the page, whose snapshot A's prefill took inside a chunk (budget 1024) or
+    after a chunk start off the page (budget 300, 700: the rows before the chunk copied in)."""
+    prefix = _ids(shared, seed=shared)
+    a, b = prefix + _ids(200, seed=1), prefix + _ids(150, seed=2)
+    warm = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=budget, num_pages=256, prefix_cache_entries=32),
+                  cuda_graph=True, overlap=True)
+    _run(warm, a)
+    got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    assert got.cached_tokens == shared // PAGE * PAGE > 0
+    assert warm.is_idle_and_empty()
+    _close(got, want)
+
+
+def test_a_host_tier_hit_on_the_gpu_equals_a_cold_prefill(model):
+    """Two snapshot slots and a host tier (pinned memory): a 700-token prefill one page a forward leaves its first
+    boundaries on the host; B sharing 300 tokens restores 256 from there (a host → device copy into its slot)."""
+    from sparsepd.engine.pools import bytes_per_slot
+
+    warm = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=128, num_pages=256, prefix_cache_entries=2,
+                                    prefix_cache_host_bytes=4 * bytes_per_slot(CFG)), cuda_graph=True, overlap=True)
+    a = _ids(700, seed=7)
+    b = a[:300] + _ids(100, seed=8)
+    _run(warm, a)
+    assert warm.prefix_cache.num_host_snapshots == 3
+    got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    assert got.cached_tokens == 256 and warm.prefix_cache.stats.host_hit_tokens == 256
+    assert warm.is_idle_and_empty()
+    _close(got, want)
+
+
+def test_a_snapshot_taken_in_one_token_chunks_beside_decoding_requests_runs_eagerly(model):
+    """A token budget of 2 beside a decoding request: every step is two one-token chunks, a graph's shape, but the
+    step that reaches the boundary takes a snapshot (rows a graph does not write) and runs eagerly; a request
+    restored from that snapshot equals a cold prefill."""
+    warm = Engine(model, PoolConfig(num_slots=8, max_batch_tokens=2, num_pages=64, prefix_cache_entries=4),
+                  cuda_graph=True, overlap=True)
+    warm.capture_graphs(1024)
+    background = warm.submit(_ids(5, seed=20), SamplingParams(max_new_tokens=200, ignore_eos=True))
+    while background.num_computed < 5:
+        warm.step()
+    a = _ids(PAGE + 3, seed=21)
+    first = warm.submit(a, PARAMS)
+    warm.scheduler.run_to_completion()
+    assert first.finish_reason == "length" and warm.prefix_cache.num_snapshots == 1
+    b = a[:PAGE + 1] + _ids(40, seed=22)
+    warm2_got = _run(warm, b)
+    want = _run(_engine(model, entries=0), b)
+    assert warm2_got.cached_tokens == PAGE
+    assert warm.is_idle_and_empty()
+    _close(warm2_got, want)

@@ -1,7 +1,8 @@
 """Prefix caching through the service (engine/prefix_cache.py, router/placement.py): conversations whose turns
 resend the previous turn's prompt and output get the previous turn's prefix restored on the prefill worker
 that holds it (cache-aware routing over two prefill workers), report it as `cached_tokens`, and stream the
-single-process reference's tokens; `--disable-prefix-cache` reports none; every pool is full again after."""
+single-process reference's tokens; so do requests that share only a part of their prompts (the radix tree);
+`--disable-prefix-cache` reports none; every pool is full again after."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _check(model, conversations, cached: bool) -> None:
         for k, (prompt, done) in enumerate(turns):
             want = generate(model, prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True)).output_ids
             assert list(done.output_ids) == want, (k, len(prompt))
-            expect = (len(turns[k - 1][0]) - 1) // PAGE * PAGE if k and cached else 0
+            expect = len(turns[k - 1][0]) // PAGE * PAGE if k and cached else 0
             assert done.cached_tokens == expect, (k, len(prompt), done.cached_tokens)
             assert done.prompt_tokens == len(prompt)
 
@@ -88,6 +89,36 @@ def test_conversations_hit_the_prefill_worker_that_holds_them():
     hits = sum(done.cached_tokens for turns in conversations for _, done in turns)
     assert sum(s.prefix_cache.hit_tokens for s in stats) == hits > 0
     assert all(s.prefix_cache.enabled and s.prefix_cache.entries > 0 for s in stats if s.transfers_ok)
+
+
+def test_a_shared_prefix_hits_on_the_worker_whose_tree_holds_it():
+    """Requests A and B share a 400-token prefix and differ after it (a system prompt before different user
+    turns): B reports the shared prefix rounded down to the page as cached, on the prefill worker A went to (the
+    router matches B against the restore points that worker reports), and both stream the reference's tokens."""
+    model = build_model(get_preset("tiny"), seed=0)
+    prefix = _ids(403, seed=77)
+    a, b = prefix + _ids(40, seed=78), prefix + _ids(40, seed=79)
+    served = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--prefill", "2", "--decode", "1",
+                             "--num-slots", "8", "--num-pages", "96"], timeout_s=240)
+    try:
+        async def main():
+            async with channel(served.ready["grpc"]) as ch:
+                stub = stub_of(ch)
+                done = [(await collect(stub, generate_request(p, NEW, stream=True)))[1] for p in (a, b, a[:300])]
+                await wait_all_free(stub)
+            return done, [await _prefill_stats(x) for x in served.ready["prefill"]]
+
+        (done_a, done_b, done_c), stats = run(main())
+    finally:
+        assert stop(served, timeout_s=30) == 0
+    for prompt, done in ((a, done_a), (b, done_b), (a[:300], done_c)):
+        want = generate(model, prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True)).output_ids
+        assert list(done.output_ids) == want
+    assert (done_a.cached_tokens, done_b.cached_tokens, done_c.cached_tokens) == (0, 400, 288)
+    holder = max(stats, key=lambda s: s.prefix_cache.hit_tokens)
+    assert holder.prefix_cache.hit_tokens == 400 + 288 and holder.prefix_cache.hits == 2
+    assert holder.prefix_cache.entries > 0 and holder.prefix_cache.pages >= len(a) // PAGE
+    assert holder.prefix_cache.num_bytes > 0
 
 
 def test_disable_prefix_cache_computes_every_prompt_token():
