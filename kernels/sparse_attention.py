@@ -44,6 +44,7 @@ import triton.language as tl
 
 from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_attn_ref
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend
+from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_dequant, check_rows, unpack_kv_rows
 
 __all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
 
@@ -113,14 +114,37 @@ def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
     return tl.exp2(m_i - m_use), p.to(dtype), tl.sum(p, 1)
 
 
+@triton.jit
+def _gather_rows(kv_ptr, rope_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
+                 FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
+                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr):
+    """Rows idx [BLOCK_N] of the KV buffer as [BLOCK_N, BLOCK_D] DTYPE (0 where invalid): float rows as they are,
+    FP8 KV rows (kernels/kv_rows.py) dequantized in registers; the row stride is a constexpr there, so the
+    compiler sees 8-byte aligned rows."""
+    r = idx.to(tl.int64)[:, None]
+    if FP8_ROWS:
+        nope = offs_d < NOPE
+        m = valid[:, None] & nope[None, :]
+        code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
+        sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
+        rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
+                       mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
+        rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32)).to(DTYPE)
+    else:
+        rows = tl.load(kv_ptr + r * stride_kvr + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+    return rows
+
+
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
 def _sparse_attn_fwd(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, rope_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     H, R, K, keys_per_split, num_splits,
     stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
+    FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
+    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -154,8 +178,8 @@ def _sparse_attn_fwd(
         offs_n = start + BLOCK_N + tl.arange(0, BLOCK_N)
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
         valid = (idx >= 0) & (idx < R)
-        rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * stride_kvr + offs_d[None, :],
-                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        rows = _gather_rows(kv_ptr, rope_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
+                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E)  # [BLOCK_N, BLOCK_D]
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(rows), input_precision="ieee")
         else:
@@ -243,20 +267,26 @@ def _merge_splits(
 # Checks shared by the wrappers and the references
 
 
-def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtypes) -> None:
+def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtypes,
+                       kv_layout: KVRowLayout | None = None) -> None:
     for name, x, dim in (("q", q, 3), ("kv", kv, 2), ("indices", indices, 2), ("attn_sink", attn_sink, 1)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != dim:
             raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
     T, H, D = q.shape
-    if kv.shape[1] != D:
+    if kv_layout is not None:
+        if not isinstance(kv_layout, KVRowLayout) or kv_layout.head_dim != D:
+            raise ValueError(f"kv_layout must be a KVRowLayout with head_dim {D} to match q {tuple(q.shape)}, "
+                             f"got {kv_layout}")
+        check_rows(kv, kv_layout, "kv")
+    elif kv.shape[1] != D:
         raise ValueError(f"kv must be [R, {D}] to match q {tuple(q.shape)}, got {tuple(kv.shape)}")
     if indices.shape[0] != T:
         raise ValueError(f"indices must be [{T}, K] to match q {tuple(q.shape)}, got {tuple(indices.shape)}")
     if attn_sink.shape[0] != H:
         raise ValueError(f"attn_sink must be [{H}] to match q {tuple(q.shape)}, got {tuple(attn_sink.shape)}")
-    if q.dtype not in allowed_dtypes or kv.dtype != q.dtype:
+    if q.dtype not in allowed_dtypes or (kv_layout is None and kv.dtype != q.dtype):
         raise TypeError(f"q and kv must share a dtype among {allowed_dtypes}, got {q.dtype} and {kv.dtype}")
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
@@ -300,13 +330,14 @@ def sparse_attn(
     out: torch.Tensor | None = None,  # [T, H, D], q.dtype
     lse: torch.Tensor | None = None,  # [T, H] fp32
     *,
+    kv_layout: KVRowLayout | None = None,  # kv is FP8 KV rows [R, row_bytes] uint8 in this layout
     backend: Backend = "auto",
     config: SparseAttnConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MQA attention with a sink (module docstring). Returns (out [T, H, D] q.dtype, lse [T, H] fp32)."""
-    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES)
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES, kv_layout)
     if pick_backend(backend, q, kv, indices, attn_sink) == "reference":
-        return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse)
+        return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse, kv_layout=kv_layout)
     _check_triton_layout(q, kv, indices, attn_sink, out, lse)
     T, H, D = q.shape
     R, K = kv.shape[0], indices.shape[1]
@@ -329,14 +360,16 @@ def sparse_attn(
         part_lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     grid = (T, triton.cdiv(H, config.block_h), num_splits)
+    rows_args = kv_layout.launch_args() if kv_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
+                                                               ROPE_OFF_E=0)
     _sparse_attn_fwd[grid](
-        q, kv, indices, attn_sink, out, lse, part_o, part_lse,
+        q, kv, kv_layout.rope_view(kv) if kv_layout else kv, indices, attn_sink, out, lse, part_o, part_lse,
         H, R, K, keys_per_split, num_splits,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
         D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
@@ -365,9 +398,12 @@ def sparse_attn_ref(
     scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    *,
+    kv_layout: KVRowLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: gather, masked softmax with the sink, in fp32 (fp64 for fp64 inputs)."""
-    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES + (torch.float64,))
+    """Plain PyTorch: gather (FP8 KV rows dequantized), masked softmax with the sink, in fp32 (fp64 for fp64
+    inputs)."""
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES + (torch.float64,), kv_layout)
     T, H, D = q.shape
     R, K = kv.shape[0], indices.shape[1]
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -381,7 +417,8 @@ def sparse_attn_ref(
     for t0 in range(0, T, chunk):
         idx = indices[t0:t0 + chunk].long()
         valid = (idx >= 0)[:, None, :]  # [t, 1, K]
-        rows = kv[idx.clamp(min=0)].to(ct)  # [t, K, D]
+        rows = kv[idx.clamp(min=0)]  # [t, K, D], or [t, K, row_bytes] FP8 KV rows
+        rows = (unpack_kv_rows(rows, kv_layout) if kv_layout is not None else rows).to(ct)
         s = torch.einsum("thd,tkd->thk", q[t0:t0 + chunk].to(ct), rows) * scale
         s = s.masked_fill(~valid, float("-inf"))
         s_max = s.amax(-1, keepdim=True) if K else s.new_full((*s.shape[:2], 1), float("-inf"))
