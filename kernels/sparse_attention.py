@@ -20,7 +20,13 @@ programs cannot fill the GPU (small decode batches), the keys are split across p
 fp32 partials normalised by their own sum, and a second kernel merges them by LSE and applies the sink
 once. `default_config` is the launch table (measured on H100, bench/RESULTS.md).
 
-Supported: q/kv in bf16, fp16 or fp32 (same dtype); on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
+KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kernels/kv_rows.py: kv [R, row_bytes]
+uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
+registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
+same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
+the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`.
+
+Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
 bf16 dots are not supported by the Triton interpreter: CPU tests use fp16/fp32. Portability: plain
 Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering needs it, also when H = 16);
