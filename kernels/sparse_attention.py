@@ -55,6 +55,7 @@ from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_dequant, check_rows, u
 __all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
 
 _LOG2E = 1.4426950408889634
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_TRITON_D = 512
 _MAX_KEYS_PER_SPLIT = 2048  # a split's indices are loaded at once: 2 index blocks, 256 and 2048
@@ -73,7 +74,8 @@ class SparseAttnConfig:
     skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
 
 
-def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None) -> SparseAttnConfig:
+def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None,
+                   fp8_rows: bool = False) -> SparseAttnConfig:
     """The launch table, set from a sweep of ~1000 variants on H100 (bench/RESULTS.md): within 1.13×
     of the best variant at every benchmarked decode and prefill shape, and equal to it at most.
 
@@ -94,6 +96,9 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
     16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
     h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
+    FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
+    h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
+    16-head blocks, and one stage on gfx942 (h32/n16/st1: ≤ 245 VGPRs, ≤ 84 SGPRs, 32 KiB).
     """
     big_h = 64 if arch is None or arch == "gfx950" else 32
     block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(big_h, triton.next_power_of_2(H))
@@ -102,7 +107,9 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     target = max(1, num_sms // programs)
     num_splits = most_splits if 2 * target >= most_splits else target
     if arch is not None:
-        block_n, num_stages = (32, 3) if arch == "gfx950" and block_h == 16 else (16, 2)
+        block_n, num_stages = (32, 3) if arch == "gfx950" and block_h == 16 and not fp8_rows else (16, 2)
+        if fp8_rows and arch != "gfx950":
+            num_stages = 1
         return SparseAttnConfig(block_h, block_n, num_splits, num_warps=4, num_stages=num_stages, skip_empty=False)
     block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
     return SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
@@ -121,18 +128,20 @@ def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(kv_ptr, rope_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
+def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
                  FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
-                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr):
+                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr):
     """Rows idx [BLOCK_N] of the KV buffer as [BLOCK_N, BLOCK_D] DTYPE (0 where invalid): float rows as they are,
     FP8 KV rows (kernels/kv_rows.py) dequantized in registers; the row stride is a constexpr there, so the
-    compiler sees 8-byte aligned rows."""
+    compiler sees 8-byte aligned rows. The rope dims are read through kv_ptr cast to ROPE_DT in the kernel (a
+    second pointer argument cost AMD 11-23 spilled SGPRs)."""
     r = idx.to(tl.int64)[:, None]
     if FP8_ROWS:
         nope = offs_d < NOPE
         m = valid[:, None] & nope[None, :]
         code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
         sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
+        rope_ptr = kv_ptr.to(tl.pointer_type(ROPE_DT), bitcast=True)
         rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
                        mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
         rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32)).to(DTYPE)
@@ -143,14 +152,14 @@ def _gather_rows(kv_ptr, rope_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE
 
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
 def _sparse_attn_fwd(
-    q_ptr, kv_ptr, rope_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     H, R, K, keys_per_split, num_splits,
     stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
     FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
-    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr,
+    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -184,8 +193,8 @@ def _sparse_attn_fwd(
         offs_n = start + BLOCK_N + tl.arange(0, BLOCK_N)
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
         valid = (idx >= 0) & (idx < R)
-        rows = _gather_rows(kv_ptr, rope_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
-                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E)  # [BLOCK_N, BLOCK_D]
+        rows = _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
+                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT)  # [BLOCK_N, BLOCK_D]
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(rows), input_precision="ieee")
         else:
@@ -353,7 +362,7 @@ def sparse_attn(
         return out, lse
     if config is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        config = default_config(T, H, K, D, num_sms, amd_arch(q.device))
+        config = default_config(T, H, K, D, num_sms, amd_arch(q.device), fp8_rows=kv_layout is not None)
     _check_config(config)
     # A split's index segment is loaded at once (≤ 2048 keys); at most 64 splits to merge.
     num_splits = min(max(config.num_splits, triton.cdiv(K, _MAX_KEYS_PER_SPLIT)), _MAX_SPLITS)
@@ -369,13 +378,14 @@ def sparse_attn(
     rows_args = kv_layout.launch_args() if kv_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
                                                                ROPE_OFF_E=0)
     _sparse_attn_fwd[grid](
-        q, kv, kv_layout.rope_view(kv) if kv_layout else kv, indices, attn_sink, out, lse, part_o, part_lse,
+        q, kv, indices, attn_sink, out, lse, part_o, part_lse,
         H, R, K, keys_per_split, num_splits,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
         D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
         IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
+        ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

@@ -157,8 +157,8 @@ def _trace_attention(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) ->
     ratios = set(cfg.compress_ratios) - {0}
     keys = {cfg.window, cfg.window + cfg.index_topk} | {cfg.window + cfg.max_entries(r) for r in ratios - {4}}
     for K in sorted(keys):  # SWA-only, CSA (window + top-k) and HCA (window + every entry) layers
-        config = default_config(T, H, K, D, target.num_cus, target.arch)
         for row_shape, dtype, layout in _row_formats(cfg):
+            config = default_config(T, H, K, D, target.num_cus, target.arch, fp8_rows=layout is not None)
             sparse_attn(q, _pool(pool_bytes, row_shape, dtype), _meta(T, K, dtype=torch.int32), sink, D**-0.5,
                         kv_layout=layout, backend="triton", config=config)
     merge_attn(q, _meta(T, H, dtype=f32), q, _meta(T, H, dtype=f32), sink, backend="triton")
