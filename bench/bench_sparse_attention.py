@@ -7,8 +7,9 @@ of a CUDA graph that replays one call per rotated input set (enough sets to touc
 gather comes from DRAM as in decode), divided by the number of sets; the graph is how decode runs. The
 reference is timed with triton.testing.do_bench (median). Indices: K distinct random rows per token from
 a pool of 8× the L2. `--rows fp8|bf16|both` picks the KV row formats (both by default: FP8 KV rows, the
-engine's format, then bf16 rows); `--sweep` also times launch variants and reports the best; `--json PATH`
-writes every row.
+engine's format, then bf16 rows); a default launch that splits the keys is also timed with `fused_merge` (the
+split merge done by the last program of each head block: one launch instead of two); `--sweep` also times
+launch variants and reports the best; `--json PATH` writes every row.
 
     python3 bench/bench_sparse_attention.py [--rows both] [--sweep] [--budget-s 300] [--json $OUT/attn.json]
 """
@@ -16,6 +17,7 @@ writes every row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -131,8 +133,11 @@ def check(sets, pool, config, ref, layout=None) -> None:
 
 
 def time_config(sets, pool, config, layout=None) -> float:
-    calls = [lambda s=s: sparse_attn(s[0], pool, s[1], s[2], D ** -0.5, s[3], s[4], config=config, kv_layout=layout)
-             for s in sets]
+    T, H = sets[0][0].shape[:2]
+    tickets = [torch.zeros(T * triton.cdiv(H, config.block_h), dtype=torch.int32, device="cuda") for _ in sets]
+    calls = [lambda s=s, tk=tk: sparse_attn(s[0], pool, s[1], s[2], D ** -0.5, s[3], s[4], config=config,
+                                            kv_layout=layout, tickets=tk)
+             for s, tk in zip(sets, tickets, strict=True)]
     return graph_ms_per_call(calls) * 1e3
 
 
@@ -148,6 +153,8 @@ def variants(T, H, K, num_sms):
         programs = T * triton.cdiv(H, bh)
         splits = [s for s in (1, 2, 4, 8, 16, K // 32) if s == 1 or (programs * s <= 3 * num_sms and s <= K // 32)]
         out += [SparseAttnConfig(bh, bn, s, w, st, skip) for bn, w, st, skip in combos for s in sorted(set(splits))]
+        out += [SparseAttnConfig(bh, bn, s, w, st, skip, fused_merge=True) for bn, w, st, skip in combos
+                for s in sorted(set(splits)) if s > 1]
     return out
 
 
@@ -167,6 +174,11 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
     default = default_config(T, H, K, D, ctx["sms"])
     check(sets, pool, default, ref, layout)
     t_default = time_config(sets, pool, default, layout)
+    t_fused = None
+    if default.num_splits > 1:  # the same launch with the merge in the last program of each head block
+        fused = dataclasses.replace(default, fused_merge=True)
+        check(sets, pool, fused, ref, layout)
+        t_fused = time_config(sets, pool, fused, layout)
     best, t_best = default, t_default
     if ctx["sweep"]:
         for config in variants(T, H, K, ctx["sms"]):
@@ -182,7 +194,7 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
             if t < t_best:
                 best, t_best = config, t
     fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"], layout)
-    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, floor=fl, bound=bound, ref=t_ref, best=t_best,
+    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused, floor=fl, bound=bound, ref=t_ref, best=t_best,
                best_cfg=best, default_cfg=default)
     print_table([row], ctx["rate"], header=not ctx["printed"])
     ctx["printed"] = True
@@ -191,18 +203,20 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
 
 def fmt_cfg(c: SparseAttnConfig) -> str:
     skip = "/skip" if c.skip_empty else ""
-    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}"
+    fused = "/fused" if c.fused_merge else ""
+    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}{fused}"
 
 
 def print_table(rows, rate, header=True):
     if header:
-        print("\n| case | rows | T | H | K | time µs | floor µs (bound) | % of floor | TFLOP/s | % of mm rate "
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | floor µs (bound) | % of floor | TFLOP/s | % of mm rate "
           "| ref µs | × ref | config | best variant µs (config) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
-        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {r['floor']:.2f} ({r['bound']}) "
-              f"| {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} | {100 * tflops * 1e12 / rate:.0f}% "
+        fused = "—" if r["t_fused"] is None else f"{r['t_fused']:.2f}"
+        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} "
+              f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} | {100 * tflops * 1e12 / rate:.0f}% "
               f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
               f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |")
 

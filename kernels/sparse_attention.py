@@ -72,6 +72,7 @@ class SparseAttnConfig:
     num_warps: int
     num_stages: int
     skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
+    fused_merge: bool = False  # split launches: the last program of a head block merges (no second launch)
 
 
 def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None,
@@ -150,16 +151,48 @@ def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.const
     return rows
 
 
+@triton.jit
+def _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d, mask_d,
+                 H, num_splits, stride_ot, stride_oh, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    base = (t * H + offs_h) * num_splits  # [BLOCK_H]
+    mx = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for sp in range(num_splits):
+        mx = tl.maximum(mx, tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg"))
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
+    top = tl.maximum(mx, sink2)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    den = tl.exp2(sink2 - top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for sp in range(num_splits):
+        lse_s = tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse_s - top)
+        o_s = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
+                      other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o_s
+        den += w
+        total += tl.exp2(lse_s - mx_safe)
+    o = tl.where(den[:, None] == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den)[:, None])
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=mask_h[:, None] & mask_d[None, :])
+    lse2 = mx_safe + tl.log2(tl.where(total == 0.0, 1.0, total))
+    tl.store(lse_ptr + t * H + offs_h, tl.where(mx == float("-inf"), float("-inf"), lse2 * LN2), mask=mask_h)
+
+
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
 def _sparse_attn_fwd(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
     H, R, K, keys_per_split, num_splits,
     stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
     FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
-    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr,
+    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -231,6 +264,16 @@ def _sparse_attn_fwd(
         tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
                  mask=mask_h[:, None] & mask_d[None, :])
         tl.store(part_lse_ptr + row, lse2, mask=mask_h)
+        if FUSED_MERGE:
+            # The last program of this (token, head block) to finish merges every split: one launch instead of
+            # two. Its ticket is an acq_rel atomic (the partials' stores before it, the loads after it), reset
+            # to 0 by the merging program, so a zeroed ticket buffer stays zeroed across launches (CUDA graphs).
+            tl.debug_barrier()
+            ticket = ticket_ptr + t * tl.num_programs(1) + hb
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:
+                _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d,
+                             mask_d, H, num_splits, stride_ot, stride_oh, D, BLOCK_H, BLOCK_D)
+                tl.atomic_xchg(ticket, 0)
     else:
         sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
         top = tl.maximum(m_i, sink2)
@@ -348,6 +391,7 @@ def sparse_attn(
     kv_layout: KVRowLayout | None = None,  # kv is FP8 KV rows [R, row_bytes] uint8 in this layout
     backend: Backend = "auto",
     config: SparseAttnConfig | None = None,
+    tickets: torch.Tensor | None = None,  # int32 [≥ T·⌈H/block_h⌉], zero: fused_merge's tickets, left zero
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MQA attention with a sink (module docstring). Returns (out [T, H, D] q.dtype, lse [T, H] fp32)."""
     _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES, kv_layout)
@@ -369,7 +413,16 @@ def sparse_attn(
     keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), num_splits), config.block_n) * config.block_n
     num_splits = triton.cdiv(max(K, 1), keys_per_split)
     split = num_splits > 1
-    part_o = part_lse = lse
+    part_o = part_lse = tickets_arg = lse
+    fused = split and config.fused_merge
+    if fused:
+        need = T * triton.cdiv(H, config.block_h)
+        if tickets is None:
+            tickets = torch.zeros(need, dtype=torch.int32, device=q.device)
+        elif tickets.dtype != torch.int32 or tickets.device != q.device or tickets.numel() < need:
+            raise ValueError(f"tickets must be int32 with ≥ {need} elements on {q.device}, got {tickets.dtype} "
+                             f"{tuple(tickets.shape)} on {tickets.device}")
+        tickets_arg = tickets
     if split:
         part_o = torch.empty((T, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
@@ -378,17 +431,17 @@ def sparse_attn(
     rows_args = kv_layout.launch_args() if kv_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
                                                                ROPE_OFF_E=0)
     _sparse_attn_fwd[grid](
-        q, kv, indices, attn_sink, out, lse, part_o, part_lse,
+        q, kv, indices, attn_sink, out, lse, part_o, part_lse, tickets_arg,
         H, R, K, keys_per_split, num_splits,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
         D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
         IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
-        ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16,
+        ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16, FUSED_MERGE=fused,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split:
+    if split and not fused:
         block_dm = min(block_d, 128)
         _merge_splits[(T, H, triton.cdiv(D, block_dm))](
             part_o, part_lse, attn_sink, out, lse, H, num_splits, out.stride(0), out.stride(1),
