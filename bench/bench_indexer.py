@@ -7,9 +7,10 @@ T = 4096 tokens ending a 32K context (visible = (pos + 1) // 4); k ∈ {512, 102
 Floor of scoring + top-k = max(bytes / copy bandwidth, FLOPs / FP8 matmul rate), bytes = every visible cache
 row once (144 B; the prefill's request once) + q, q_scale, weights once + the [T, E] fp32 scores written
 once + the [T, k] indices; FLOPs = 2 · Hi · 128 per visible (token, entry). Floor of top-k alone = scores
-read once + indices written. Top-k alone is also timed with the radix-select threshold (`TopkConfig(radix=True)`,
-position order), after checking it returns the default's exact indices. The copy bandwidth (1 GiB device-to-device copy, read + write), the bf16
-matmul rate (8192³ torch.matmul) and the FP8 rate (torch._scaled_mm, if present) are measured here.
+read once + indices written. Top-k alone is also timed with the radix-select threshold
+(`TopkConfig(radix=True)`, position order), after checking it returns the default's exact indices. The copy
+bandwidth (1 GiB device-to-device copy, read + write), the bf16 matmul rate (8192³ torch.matmul) and the FP8
+rate (torch._scaled_mm, if present) are measured here.
 
 Timing: decode calls are captured in a CUDA graph that runs one call per rotated input set (distinct cache
 pages, queries and outputs; enough sets to touch 2× the L2, at most 64; top-k alone rotates its own score

@@ -1,8 +1,9 @@
 """Benchmark of kernels/sparse_attention.py on the GPU: time vs the floor measured in the same run.
 
 Floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), with bytes = each gathered kv row once per
-token (1,024 bytes a bf16 row, 584 an FP8 KV row: kernels/kv_rows.py) + q and out once, FLOPs = 4·T·H·K·D, the copy bandwidth from a large device-to-device copy and the
-matmul rate from a large torch.matmul, both measured here. Kernel times are medians of CUDA-event timings
+token (1,024 bytes a bf16 row, 584 an FP8 KV row: kernels/kv_rows.py) + q and out once, FLOPs = 4·T·H·K·D,
+the copy bandwidth from a large device-to-device copy and the matmul rate from a large torch.matmul, both
+measured here. Kernel times are medians of CUDA-event timings
 of a CUDA graph that replays one call per rotated input set (enough sets to touch 2× the L2, so every
 gather comes from DRAM as in decode), divided by the number of sets; the graph is how decode runs. The
 reference is timed with triton.testing.do_bench (median). Indices: K distinct random rows per token from
@@ -194,7 +195,8 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
             if t < t_best:
                 best, t_best = config, t
     fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"], layout)
-    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused, floor=fl, bound=bound, ref=t_ref, best=t_best,
+    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused,
+               floor=fl, bound=bound, ref=t_ref, best=t_best,
                best_cfg=best, default_cfg=default)
     print_table([row], ctx["rate"], header=not ctx["printed"])
     ctx["printed"] = True
@@ -209,14 +211,15 @@ def fmt_cfg(c: SparseAttnConfig) -> str:
 
 def print_table(rows, rate, header=True):
     if header:
-        print("\n| case | rows | T | H | K | time µs | fused-merge µs | floor µs (bound) | % of floor | TFLOP/s | % of mm rate "
-          "| ref µs | × ref | config | best variant µs (config) |")
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | floor µs (bound) | % of floor | TFLOP/s "
+              "| % of mm rate | ref µs | × ref | config | best variant µs (config) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
         fused = "—" if r["t_fused"] is None else f"{r['t_fused']:.2f}"
         print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} "
-              f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} | {100 * tflops * 1e12 / rate:.0f}% "
+              f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} "
+              f"| {100 * tflops * 1e12 / rate:.0f}% "
               f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
               f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |")
 

@@ -2,9 +2,10 @@
 
 Per layer and forward: the new KV latents go to the scratch rows (packed as FP8 KV rows when the pools hold
 them, kernels/kv_rows.py); compressed layers run the fused compressor over the batch's compress plan
-(entries straight into the paged cache) and then the ring writes; CSA layers also compress indexer keys into the FP8 indexer cache and pick each token's top-k with
-`indexer_topk`; HCA layers take every visible entry. Sparse attention then reads window rows and
-compressed rows from the layer's one buffer (dequantizing FP8 rows in registers), and the SWA rings take
+(entries straight into the paged cache) and then the ring writes; CSA layers also compress indexer keys
+into the FP8 indexer cache and pick each token's top-k with `indexer_topk`; HCA layers take every visible
+entry. Sparse attention then reads window rows and compressed rows from the layer's one buffer
+(dequantizing FP8 rows in registers), and the SWA rings take
 each request's last `window` scratch rows as they are stored.
 Everything index-like comes from the `ForwardBatch` built once per forward; a layer does no host work.
 """

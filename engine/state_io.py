@@ -3,8 +3,9 @@
 Exported per layer: the SWA ring `[window, row]`; for compressed layers the committed pages of the main
 cache `[n_pages, rows_per_page, row]` (a row: an FP8 KV row of `row_bytes` uint8, kernels/kv_rows.py, or
 `head_dim` floats when the model keeps float KV; the bytes travel as stored) and the compressor rings
-`[state_size, coff·D]` (kv, score); for CSA layers also the indexer cache pages `[n_pages, rows_per_page, 144]` and the indexer's rings. n_pages =
-⌈position / page_size⌉ (the last page may be partial; uncommitted rows travel too and are never read).
+`[state_size, coff·D]` (kv, score); for CSA layers also the indexer cache pages `[n_pages, rows_per_page, 144]`
+and the indexer's rings. n_pages = ⌈position / page_size⌉ (the last page may be partial; uncommitted rows
+travel too and are never read).
 Plus the position, the tokens generated so far and the sampler's state (16 bytes, followed by the prompt's
 distinct ids as a ⌈V/8⌉-byte bitmap when the request has a repetition penalty: the decode worker holds no
 prompt, and the penalty needs its ids; engine/penalties.py). A grammar is not shipped: the decode worker

@@ -58,8 +58,15 @@ import triton.language as tl
 from sparsepd.kernels.compress_plan import CompressPlan
 from sparsepd.kernels.device import Backend, fp8_e4m3_dtype, pick_backend
 from sparsepd.kernels.indexer import ROW_BYTES, indexer_cache_write_ref
-from sparsepd.kernels.kv_rows import (KVRowLayout, _e4m3_code, _e4m3_round, _pow2_scale, _store_fp8_row, check_rows,
-                                       pack_kv_rows_ref)
+from sparsepd.kernels.kv_rows import (
+    KVRowLayout,
+    _e4m3_code,
+    _e4m3_round,
+    _pow2_scale,
+    _store_fp8_row,
+    check_rows,
+    pack_kv_rows_ref,
+)
 
 FP8_BLOCK = 64  # nope dims are round-tripped in blocks of 64 values
 FP8_MAIN_MAX = 448.0  # the main KV round trip is e4m3fn on every platform (it models training, not storage)

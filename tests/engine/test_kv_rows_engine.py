@@ -69,7 +69,8 @@ def test_fp8_rows_hold_the_numbers_of_float_rows():
         engine = Engine(model, PoolConfig(num_slots=2, max_batch_tokens=32, num_pages=8))
         if rows == "float":  # the same model, its pools forced to float rows
             engine.pools.kv_layout = None
-            engine.pools.kv = [torch.zeros(t.shape[0], model.cfg.head_dim, dtype=torch.float32) for t in engine.pools.kv]
+            engine.pools.kv = [torch.zeros(t.shape[0], model.cfg.head_dim, dtype=torch.float32)
+                               for t in engine.pools.kv]
         request = engine.submit(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))
         while len(request.output_ids) < 2:
             engine.step()
