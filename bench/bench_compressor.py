@@ -1,7 +1,8 @@
 """Benchmark of kernels/compressor.py and kernels/state_update.py on the GPU: time vs the floor measured in
 the same run.
 
-V4 dims: main compressors d = 512 (rope 64, FP8 round trip on the nope dims, bf16 cache) at ratio 4 with
+V4 dims: main compressors d = 512 (rope 64, FP8 round trip on the nope dims, written as 584-byte FP8 KV rows,
+kernels/kv_rows.py, the engine's format) at ratio 4 with
 overlap (CSA) and ratio 128 (HCA); the indexer's compressor d = 128 at ratio 4 with overlap (FP8 cache rows).
 Batches: prefill 8 requests × 4096 new tokens from position 0; decode 128 requests of one token at random
 positions in [4096, 65536) with fixed-capacity plans (capacity 128, −1 rows), as a CUDA graph replays them.
@@ -9,8 +10,8 @@ positions in [4096, 65536) with fixed-capacity plans (capacity 128, −1 rows), 
 Floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both measured here (1 GiB device-to-device
 copy counting read + write; 8192³ torch.matmul on random data). Bytes: compressor = every window row read
 once (W rows × d channels × 8 B of kv + score per entry: in a prefill, each projected row exactly once) +
-each entry written once (d × 2 B, or a 144 B FP8 row); state write = each saved row read and written once
-(coff·d × 4 B × 2 tensors × 2); SWA write = each row read and written once (D × 2 B × 2). FLOPs: the
+each entry written once (a 584 B FP8 KV row, or a 144 B indexer row); state write = each saved row read and
+written once (coff·d × 4 B × 2 tensors × 2); SWA write = each 584 B FP8 KV row read and written once. FLOPs: the
 indexer's Hadamard product, 2·128² per entry (negligible elsewhere).
 
 Timing: a CUDA graph running one call per rotated input set (own rows, rings and plan per set, enough sets
@@ -40,10 +41,12 @@ from sparsepd.kernels.compressor import (
     compress_main_ref,
     default_config,
 )
+from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows, unpack_kv_rows
 from sparsepd.kernels.state_update import compressor_state_write, compressor_state_write_ref, swa_ring_write
 
 L2_BYTES = 50 << 20
 D_MAIN, D_INDEX, ROPE, WINDOW = 512, 128, 64, 128
+ROWS = KVRowLayout(D_MAIN, ROPE, torch.bfloat16)  # the main cache's FP8 KV rows (584 bytes)
 KINDS = {  # name: (ratio, overlap, d, indexer)
     "CSA main": (4, True, D_MAIN, False),
     "HCA main": (128, False, D_MAIN, False),
@@ -156,7 +159,7 @@ class Inputs:
         elif indexer:
             self.cache = torch.zeros(num_pages, rpp, 144, dtype=torch.uint8, device="cuda")
         else:
-            self.cache = torch.zeros(num_pages, rpp, d, dtype=torch.bfloat16, device="cuda")
+            self.cache = torch.zeros(num_pages, rpp, ROWS.row_bytes, dtype=torch.uint8, device="cuda")
         self.plan = build_compress_plan(starts, num_new, ratio, overlap, device="cuda", capacity=capacity,
                                         write_capacity=capacity)
         self.num_entries = self.plan.commit.num_rows
@@ -169,12 +172,14 @@ class Inputs:
 
     def compress(self, config=None, backend="triton"):
         fn = compress_indexer if self.indexer else compress_main
+        rows = {} if self.indexer else dict(row_layout=ROWS)
         fn(*self.args(), self.cache, self.page_table, eps=1e-6, act_dtype=torch.bfloat16, backend=backend,
-           config=config)
+           config=config, **rows)
 
     def compress_ref(self):
         fn = compress_indexer_ref if self.indexer else compress_main_ref
-        fn(*self.args(), self.cache, self.page_table, eps=1e-6, act_dtype=torch.bfloat16)
+        rows = {} if self.indexer else dict(row_layout=ROWS)
+        fn(*self.args(), self.cache, self.page_table, eps=1e-6, act_dtype=torch.bfloat16, **rows)
 
     def state_write(self):
         compressor_state_write(self.kv, self.score, self.ape, self.kv_state, self.score_state, self.slot_ids,
@@ -185,7 +190,7 @@ class Inputs:
                                    self.plan)
 
     def compress_bytes(self) -> int:
-        out_row = 144 if self.indexer else self.d * 2
+        out_row = 144 if self.indexer else ROWS.row_bytes
         return self.window_rows * self.d * 8 + self.num_entries * out_row
 
     def compress_flops(self) -> int:
@@ -212,6 +217,8 @@ def check(inp: Inputs, config) -> float:
             return flat[:, :128].contiguous().view(torch.float8_e4m3fn).float() * flat[:, 128:132].contiguous().view(
                 torch.float32)
         got, want = deq(got), deq(want)
+    else:
+        got, want = unpack_kv_rows(got, ROWS), unpack_kv_rows(want, ROWS)
     got, want = got.float(), want.float()
     assert not got.isnan().any()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
@@ -281,16 +288,16 @@ def main() -> int:
                   f"state write {st_us:.1f} µs (floor {st_fl:.1f}) [{time.time() - t0:.0f} s]", flush=True)
             del inp, sets
             torch.cuda.empty_cache()
-        # the SWA ring write of one layer: each request's last `window` latents, bf16 D = 512
+        # the SWA ring write of one layer: each request's last `window` scratch rows, 584-byte FP8 KV rows
         N = sum(num_new)
         B = len(starts)
-        kv = torch.randn(N, D_MAIN, device="cuda", dtype=torch.bfloat16)
-        rings = [torch.zeros(B, WINDOW, D_MAIN, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        kv = pack_kv_rows(torch.randn(N, D_MAIN, device="cuda", dtype=torch.bfloat16), ROWS)
+        rings = [torch.zeros(B, WINDOW, ROWS.row_bytes, device="cuda", dtype=torch.uint8) for _ in range(8)]
         slot_ids = torch.arange(B, device="cuda")
         plan = build_write_plan(starts, num_new, WINDOW, device="cuda", capacity=cap)
         calls = [lambda r=r, a=(kv, slot_ids, plan): swa_ring_write(a[0], r, a[1], a[2]) for r in rings]
         swa_us = graph_us_per_call(calls)
-        swa_fl = floor_us(plan.num_rows * D_MAIN * 2 * 2, 0, bw, rate)
+        swa_fl = floor_us(plan.num_rows * ROWS.row_bytes * 2, 0, bw, rate)
         rows.append((bname, "SWA ring write", N, plan.num_rows, swa_us, swa_fl, None, kernel_launches(calls[0]),
                      None, None, None, None, None, None, None))
         print(f"  {bname} SWA write: {swa_us:.1f} µs (floor {swa_fl:.2f})", flush=True)

@@ -7,8 +7,10 @@ T = 4096 tokens ending a 32K context (visible = (pos + 1) // 4); k ∈ {512, 102
 Floor of scoring + top-k = max(bytes / copy bandwidth, FLOPs / FP8 matmul rate), bytes = every visible cache
 row once (144 B; the prefill's request once) + q, q_scale, weights once + the [T, E] fp32 scores written
 once + the [T, k] indices; FLOPs = 2 · Hi · 128 per visible (token, entry). Floor of top-k alone = scores
-read once + indices written. The copy bandwidth (1 GiB device-to-device copy, read + write), the bf16
-matmul rate (8192³ torch.matmul) and the FP8 rate (torch._scaled_mm, if present) are measured here.
+read once + indices written. Top-k alone is also timed with the radix-select threshold
+(`TopkConfig(radix=True)`, position order), after checking it returns the default's exact indices. The copy
+bandwidth (1 GiB device-to-device copy, read + write), the bf16 matmul rate (8192³ torch.matmul) and the FP8
+rate (torch._scaled_mm, if present) are measured here.
 
 Timing: decode calls are captured in a CUDA graph that runs one call per rotated input set (distinct cache
 pages, queries and outputs; enough sets to touch 2× the L2, at most 64; top-k alone rotates its own score
@@ -40,7 +42,16 @@ PREFILL_T, PREFILL_CTX = 4096, 32768
 SCORE_SWEEP = [ScoreConfig(64, 4, 3), ScoreConfig(64, 4, 4), ScoreConfig(128, 4, 3)]
 PREFILL_SWEEP = [ScoreConfig(64, 4, 3), ScoreConfig(64, 4, 3, tokens=4), ScoreConfig(64, 8, 3, tokens=8),
                  ScoreConfig(128, 8, 3, tokens=8), ScoreConfig(64, 8, 4, tokens=8)]
-TOPK_SWEEP = [TopkConfig(32), TopkConfig(64), TopkConfig(16)]
+TOPK_SWEEP = [TopkConfig(32), TopkConfig(64), TopkConfig(16), TopkConfig(32, radix=True), TopkConfig(64, radix=True)]
+RADIX = TopkConfig(32, radix=True)  # the radix-select threshold, timed beside the default in every case
+
+
+def radix_checked(scores, vis, k) -> None:
+    """The radix select gives the default's exact result (or the bench stops)."""
+    want = topk_visible(scores, vis, k, order="position")
+    got = topk_visible(scores, vis, k, order="position", config=RADIX)
+    if not torch.equal(got, want):
+        raise AssertionError(f"radix top-k differs from the default at k={k}: {int((got != want).sum())} entries")
 
 
 def median_ms(fn, reps=15) -> float:
@@ -193,6 +204,10 @@ def decode_case(B, ctx, bw, rate, l2_bytes, sweep):
                 [lambda s=s, sc=sc, o=o, od=order, k=k: topk_visible(
                     indexer_scores(*s[:3], cache, s[3], seq, vis, out=sc), vis, k, order=od, out=o)
                  for s, sc, o in zip(sets, scores, outs, strict=False)])
+        radix_checked(topk_scores[0], vis, k)
+        t_topk["radix"] = graph_us_per_call(
+            [lambda sc=sc, o=o, k=k: topk_visible(sc, vis, k, order="position", out=o, config=RADIX)
+             for sc, o in zip(topk_scores, outs, strict=True)])
         if sweep and k == 1024:
             for cfg in TOPK_SWEEP:
                 t = graph_us_per_call([lambda sc=sc, o=o, c=cfg: topk_visible(sc, vis, 1024, order="position", out=o,
@@ -206,7 +221,7 @@ def decode_case(B, ctx, bw, rate, l2_bytes, sweep):
         topk_floor = (B * E * 4 + B * k * 4) / bw * 1e6
         rows.append(dict(case=f"decode B={B}", ctx=ctx, T=B, E=E, k=k, ours=t_all["score"], ours_pos=t_all["position"],
                          score=t_score, topk=t_topk["score"], topk_pos=t_topk["position"], floor=floor,
-                         topk_floor=topk_floor, ref=t_ref))
+                         topk_floor=topk_floor, ref=t_ref, topk_radix=t_topk["radix"]))
     return rows, sweep_rows, err
 
 
@@ -237,28 +252,34 @@ def prefill_case(bw, rate, sweep):
             t_topk[o] = bench_us(lambda o=o, k=k, out=out: topk_visible(sc, vis, k, order=o, out=out))
             t_all[o] = bench_us(lambda o=o, k=k, out=out: topk_visible(
                 indexer_scores(q8, qs, w, cache, pt, seq, vis, out=sc), vis, k, order=o, out=out))
+        radix_checked(sc, vis, k)
+        t_topk["radix"] = bench_us(lambda k=k, out=out: topk_visible(sc, vis, k, order="position", out=out,
+                                                                     config=RADIX))
         t_ref = bench_us(lambda k=k: reference(q8, qs, w, cache, pt, seq, vis, k))
         nbytes = E * ROW + T * HI * (128 + 8) + T * E * 4 + T * k * 4
         floor = max(nbytes / bw, 2 * HI * 128 * n_vis / rate) * 1e6
         topk_floor = (n_vis * 4 + T * k * 4) / bw * 1e6
         rows.append(dict(case="prefill", ctx=PREFILL_CTX, T=T, E=E, k=k, ours=t_all["score"],
                          ours_pos=t_all["position"], score=t_score, topk=t_topk["score"],
-                         topk_pos=t_topk["position"], floor=floor, topk_floor=topk_floor, ref=t_ref))
+                         topk_pos=t_topk["position"], floor=floor, topk_floor=topk_floor, ref=t_ref,
+                         topk_radix=t_topk["radix"]))
     return rows, sweep_rows
 
 
 def table(rows) -> str:
     head = ("| case | context | entries | k | scoring+top-k µs (score order / position order) | floor µs | "
             "fraction of floor (score / position) | scoring alone µs | top-k alone µs (score / position) | "
-            "top-k floor µs | top-k fraction (score / position) | reference µs | speedup |")
-    lines = [head, "|" + "---|" * 13]
+            "top-k floor µs | top-k fraction (score / position) | reference µs | speedup | "
+            "radix top-k µs (position) | radix fraction |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['ctx'] // 1024}K | {r['E']} | {r['k']} | {r['ours']:.1f} / {r['ours_pos']:.1f} | "
             f"{r['floor']:.1f} | {r['floor'] / r['ours']:.0%} / {r['floor'] / r['ours_pos']:.0%} | "
             f"{r['score']:.1f} | {r['topk']:.1f} / "
             f"{r['topk_pos']:.1f} | {r['topk_floor']:.1f} | {r['topk_floor'] / r['topk']:.0%} / "
-            f"{r['topk_floor'] / r['topk_pos']:.0%} | {r['ref']:.0f} | {r['ref'] / r['ours']:.0f}× |")
+            f"{r['topk_floor'] / r['topk_pos']:.0%} | {r['ref']:.0f} | {r['ref'] / r['ours']:.0f}× | "
+            f"{r['topk_radix']:.1f} | {r['topk_floor'] / r['topk_radix']:.0%} |")
     return "\n".join(lines)
 
 

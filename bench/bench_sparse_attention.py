@@ -1,19 +1,25 @@
 """Benchmark of kernels/sparse_attention.py on the GPU: time vs the floor measured in the same run.
 
 Floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), with bytes = each gathered kv row once per
-token + q and out once, FLOPs = 4·T·H·K·D, the copy bandwidth from a large device-to-device copy and the
-matmul rate from a large torch.matmul, both measured here. Kernel times are medians of CUDA-event timings
+token (1,024 bytes a bf16 row, 584 an FP8 KV row: kernels/kv_rows.py) + q and out once, FLOPs = 4·T·H·K·D,
+the copy bandwidth from a large device-to-device copy and the matmul rate from a large torch.matmul, both
+measured here. Kernel times are medians of CUDA-event timings
 of a CUDA graph that replays one call per rotated input set (enough sets to touch 2× the L2, so every
 gather comes from DRAM as in decode), divided by the number of sets; the graph is how decode runs. The
 reference is timed with triton.testing.do_bench (median). Indices: K distinct random rows per token from
-a pool of 8× the L2. `--sweep` also times launch variants and reports the best.
+a pool of 8× the L2. `--rows fp8|bf16|both` picks the KV row formats (both by default: FP8 KV rows, the
+engine's format, then bf16 rows); a default launch that splits the keys is also timed with `fused_merge` (the
+split merge done by the last program of each head block: one launch instead of two); `--sweep` also times
+launch variants and reports the best; `--json PATH` writes every row.
 
-    python3 bench/bench_sparse_attention.py [--sweep] [--budget-s 300]
+    python3 bench/bench_sparse_attention.py [--rows both] [--sweep] [--budget-s 300] [--json $OUT/attn.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import statistics
 import time
@@ -22,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows
 from sparsepd.kernels.sparse_attention import (
     SparseAttnConfig,
     _sparse_attn_fwd,
@@ -99,31 +106,39 @@ def random_rows(n_tokens, K, R, device) -> torch.Tensor:
     return out
 
 
-def make_sets(T, H, K, pool, l2_bytes, shared_keys=1):
+def row_bytes(layout) -> int:
+    return layout.row_bytes if layout is not None else D * 2
+
+
+def make_sets(T, H, K, pool, l2_bytes, shared_keys=1, layout=None):
     """Input sets to rotate: enough that one pass touches 2× the L2."""
-    per_call = T * K * D * 2 + 2 * T * H * D * 2
+    per_call = T * K * row_bytes(layout) + 2 * T * H * D * 2
     n_sets = max(1, min(128, math.ceil(2 * l2_bytes / per_call)))
     idx = random_rows(n_sets * T // shared_keys, K, pool.shape[0], "cuda")
     idx = idx.repeat_interleave(shared_keys, dim=0).view(n_sets, T, K)
-    q = torch.randn(n_sets, T, H, D, device="cuda", dtype=pool.dtype)
+    q = torch.randn(n_sets, T, H, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     lse = torch.empty(n_sets, T, H, device="cuda", dtype=torch.float32)
     sink = torch.randn(H, device="cuda")
     return [(q[i], idx[i], sink, out[i], lse[i]) for i in range(n_sets)]
 
 
-def check(sets, pool, config, ref) -> None:
+def check(sets, pool, config, ref, layout=None) -> None:
     """A config that breaks the result is not timed: rel. error of one call vs the fp32 reference."""
     q, idx, sink, _, _ = sets[0]
-    out, lse = sparse_attn(q, pool, idx, sink, D ** -0.5, config=config)
+    out, lse = sparse_attn(q, pool, idx, sink, D ** -0.5, config=config, kv_layout=layout)
     err = ((out.float() - ref[0].float()).norm() / ref[0].float().norm()).item()
     err_lse = ((lse - ref[1]).norm() / ref[1].norm()).item()
     if not (err <= 1e-2 and err_lse <= 1e-3):
         raise AssertionError(f"config {config} is wrong: rel err out {err:.2e} lse {err_lse:.2e}")
 
 
-def time_config(sets, pool, config) -> float:
-    calls = [lambda s=s: sparse_attn(s[0], pool, s[1], s[2], D ** -0.5, s[3], s[4], config=config) for s in sets]
+def time_config(sets, pool, config, layout=None) -> float:
+    T, H = sets[0][0].shape[:2]
+    tickets = [torch.zeros(T * triton.cdiv(H, config.block_h), dtype=torch.int32, device="cuda") for _ in sets]
+    calls = [lambda s=s, tk=tk: sparse_attn(s[0], pool, s[1], s[2], D ** -0.5, s[3], s[4], config=config,
+                                            kv_layout=layout, tickets=tk)
+             for s, tk in zip(sets, tickets, strict=True)]
     return graph_ms_per_call(calls) * 1e3
 
 
@@ -139,41 +154,49 @@ def variants(T, H, K, num_sms):
         programs = T * triton.cdiv(H, bh)
         splits = [s for s in (1, 2, 4, 8, 16, K // 32) if s == 1 or (programs * s <= 3 * num_sms and s <= K // 32)]
         out += [SparseAttnConfig(bh, bn, s, w, st, skip) for bn, w, st, skip in combos for s in sorted(set(splits))]
+        out += [SparseAttnConfig(bh, bn, s, w, st, skip, fused_merge=True) for bn, w, st, skip in combos
+                for s in sorted(set(splits)) if s > 1]
     return out
 
 
-def floor_us(T, H, K, bw, rate) -> tuple[float, str]:
-    num_bytes = T * K * D * 2 + 2 * T * H * D * 2
+def floor_us(T, H, K, bw, rate, layout=None) -> tuple[float, str]:
+    num_bytes = T * K * row_bytes(layout) + 2 * T * H * D * 2
     flops = 4 * T * H * K * D
     t_bytes, t_flops = num_bytes / bw * 1e6, flops / rate * 1e6
     return (t_bytes, "bytes") if t_bytes >= t_flops else (t_flops, "flops")
 
 
-def run_case(kind, T, H, K, pool, ctx, shared_keys=1):
-    sets = make_sets(T, H, K, pool, ctx["l2"], shared_keys)
+def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
+    sets = make_sets(T, H, K, pool, ctx["l2"], shared_keys, layout)
     q, idx, sink, _, _ = sets[0]
-    ref = sparse_attn_ref(q, pool, idx, sink, D ** -0.5)
-    t_ref = triton.testing.do_bench(lambda: sparse_attn_ref(q, pool, idx, sink, D ** -0.5),
+    ref = sparse_attn_ref(q, pool, idx, sink, D ** -0.5, kv_layout=layout)
+    t_ref = triton.testing.do_bench(lambda: sparse_attn_ref(q, pool, idx, sink, D ** -0.5, kv_layout=layout),
                                     return_mode="median") * 1e3
     default = default_config(T, H, K, D, ctx["sms"])
-    check(sets, pool, default, ref)
-    t_default = time_config(sets, pool, default)
+    check(sets, pool, default, ref, layout)
+    t_default = time_config(sets, pool, default, layout)
+    t_fused = None
+    if default.num_splits > 1:  # the same launch with the merge in the last program of each head block
+        fused = dataclasses.replace(default, fused_merge=True)
+        check(sets, pool, fused, ref, layout)
+        t_fused = time_config(sets, pool, fused, layout)
     best, t_best = default, t_default
     if ctx["sweep"]:
         for config in variants(T, H, K, ctx["sms"]):
             if time.monotonic() > ctx["deadline"]:
                 break
             try:
-                check(sets, pool, config, ref)
-                t = time_config(sets, pool, config)
+                check(sets, pool, config, ref, layout)
+                t = time_config(sets, pool, config, layout)
             except (triton.runtime.errors.OutOfResources, AssertionError) as err:
                 print(f"  skip {config}: {str(err)[:120]}")
                 continue
             print(f"  {kind} T={T} H={H} K={K} {fmt_cfg(config)}: {t:.2f} us", flush=True)
             if t < t_best:
                 best, t_best = config, t
-    fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"])
-    row = dict(kind=kind, T=T, H=H, K=K, t=t_default, floor=fl, bound=bound, ref=t_ref, best=t_best,
+    fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"], layout)
+    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused,
+               floor=fl, bound=bound, ref=t_ref, best=t_best,
                best_cfg=best, default_cfg=default)
     print_table([row], ctx["rate"], header=not ctx["printed"])
     ctx["printed"] = True
@@ -182,18 +205,21 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1):
 
 def fmt_cfg(c: SparseAttnConfig) -> str:
     skip = "/skip" if c.skip_empty else ""
-    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}"
+    fused = "/fused" if c.fused_merge else ""
+    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}{fused}"
 
 
 def print_table(rows, rate, header=True):
     if header:
-        print("\n| case | T | H | K | time µs | floor µs (bound) | % of floor | TFLOP/s | % of mm rate "
-          "| ref µs | × ref | config | best variant µs (config) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | floor µs (bound) | % of floor | TFLOP/s "
+              "| % of mm rate | ref µs | × ref | config | best variant µs (config) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
-        print(f"| {r['kind']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {r['floor']:.2f} ({r['bound']}) "
-              f"| {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} | {100 * tflops * 1e12 / rate:.0f}% "
+        fused = "—" if r["t_fused"] is None else f"{r['t_fused']:.2f}"
+        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} "
+              f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} "
+              f"| {100 * tflops * 1e12 / rate:.0f}% "
               f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
               f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |")
 
@@ -233,6 +259,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
     parser.add_argument("--profile", type=int, nargs=3, metavar=("T", "H", "K"),
                         help="only run the 64-head configs once each at this shape (for a profiler)")
+    parser.add_argument("--rows", choices=("fp8", "bf16", "both"), default="both", help="KV row formats to time")
+    parser.add_argument("--json", help="write every row here (JSON)")
     args = parser.parse_args()
     if args.profile:
         profile(*args.profile, [SparseAttnConfig(64, 32, 1, 8, 3, True), SparseAttnConfig(64, 32, 1, 8, 3, False)])
@@ -243,20 +271,30 @@ def main() -> None:
           f"torch {torch.__version__}, triton {triton.__version__}")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     pool = torch.randn(8 * props.L2_cache_size // (2 * D), D, device="cuda", dtype=torch.bfloat16)  # [R, D]
-    print(f"pool {pool.shape[0]} rows ({pool.numel() * 2 >> 20} MiB); one-row launch floor "
-          f"{launch_floor_us(pool):.2f} µs per call in a graph")
+    layout = KVRowLayout(D, 64, torch.bfloat16)
+    formats = {"fp8": (pack_kv_rows(pool, layout), layout), "bf16": (pool, None)}  # FP8: the same rows, rounded
+    chosen = ["fp8", "bf16"] if args.rows == "both" else [args.rows]
+    print(f"pool {pool.shape[0]} rows ({pool.numel() * 2 >> 20} MiB bf16, {pool.shape[0] * layout.row_bytes >> 20} "
+          f"MiB FP8); one-row launch floor {launch_floor_us(pool):.2f} µs per call in a graph")
     ctx = dict(l2=props.L2_cache_size, sms=props.multi_processor_count, bw=bw, rate=rate, sweep=args.sweep,
                deadline=time.monotonic() + args.budget_s, printed=False)
     rows = []
-    for T, H, K in DECODE:
-        rows.append(run_case("decode", T, H, K, pool, ctx))
-        print(f"decode T={T} H={H} K={K}: {rows[-1]['t']:.2f} us, best {rows[-1]['best']:.2f}", flush=True)
-    for T, H, K in PREFILL:
-        rows.append(run_case("prefill", T, H, K, pool, ctx))
-        print(f"prefill T={T} H={H} K={K}: {rows[-1]['t']:.2f} us", flush=True)
-    rows.append(run_case("prefill, keys shared by 64 tokens", 8192, 64, 1152, pool, ctx, shared_keys=64))
+    for name in chosen:
+        kv, kv_layout = formats[name]
+        for T, H, K in DECODE:
+            rows.append(run_case("decode", T, H, K, kv, ctx, layout=kv_layout))
+            print(f"decode {name} T={T} H={H} K={K}: {rows[-1]['t']:.2f} us, best {rows[-1]['best']:.2f}", flush=True)
+        for T, H, K in PREFILL:
+            rows.append(run_case("prefill", T, H, K, kv, ctx, layout=kv_layout))
+            print(f"prefill {name} T={T} H={H} K={K}: {rows[-1]['t']:.2f} us", flush=True)
+        rows.append(run_case("prefill, keys shared by 64 tokens", 8192, 64, 1152, kv, ctx, shared_keys=64,
+                             layout=kv_layout))
     print_resources()
     print_table(rows, rate)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: (fmt_cfg(v) if isinstance(v, SparseAttnConfig) else v) for k, v in r.items()} for r in rows],
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The engine's `AttentionCache`: keys of a ragged batch in the paged pools, through the kernels.
 
-Per layer and forward: the new KV latents go to the scratch rows; compressed layers run the fused
-compressor over the batch's compress plan (entries straight into the paged cache) and then the ring
-writes; CSA layers also compress indexer keys into the FP8 indexer cache and pick each token's top-k with
-`indexer_topk`; HCA layers take every visible entry. Sparse attention then reads window rows and
-compressed rows from the layer's one buffer, and the SWA rings take each request's last `window` latents.
+Per layer and forward: the new KV latents go to the scratch rows (packed as FP8 KV rows when the pools hold
+them, kernels/kv_rows.py); compressed layers run the fused compressor over the batch's compress plan
+(entries straight into the paged cache) and then the ring writes; CSA layers also compress indexer keys
+into the FP8 indexer cache and pick each token's top-k with `indexer_topk`; HCA layers take every visible
+entry. Sparse attention then reads window rows and compressed rows from the layer's one buffer
+(dequantizing FP8 rows in registers), and the SWA rings take
+each request's last `window` scratch rows as they are stored.
 Everything index-like comes from the `ForwardBatch` built once per forward; a layer does no host work.
 """
 
@@ -18,6 +20,7 @@ from sparsepd.engine.batch import ForwardBatch, RatioMeta
 from sparsepd.engine.pools import KVPools
 from sparsepd.kernels.compressor import compress_indexer, compress_main
 from sparsepd.kernels.indexer import indexer_topk, quantize_rows_fp8
+from sparsepd.kernels.kv_rows import pack_kv_rows
 from sparsepd.kernels.sparse_attention import sparse_attn
 from sparsepd.kernels.state_update import compressor_state_write, swa_ring_write
 from sparsepd.model.attention import Attention
@@ -31,8 +34,12 @@ class PagedCache:
     def attend(self, attn: Attention, layer_id: int, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor,
                kv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, pools = self.batch, self.pools
-        buf = pools.kv[layer_id]
-        buf[: batch.num_tokens] = kv  # scratch rows
+        buf, layout = pools.kv[layer_id], pools.kv_layout
+        scratch = buf[: batch.num_tokens]
+        if layout is None:
+            scratch.copy_(kv)
+        else:  # the latent's nope dims are already on the FP8 grid: the rows hold the same numbers
+            pack_kv_rows(kv, layout, scratch)
         index_rows = [batch.window_rows]
         if attn.ratio:
             meta = batch.ratios[attn.ratio]
@@ -43,8 +50,8 @@ class PagedCache:
             else:
                 index_rows.append(self._select(attn, layer_id, x, qr, cos, sin, meta))
         indices = torch.cat(index_rows, dim=1)
-        o, _ = sparse_attn(q, buf, indices, attn.attn_sink, attn.cfg.softmax_scale)
-        swa_ring_write(kv, pools.swa_view(layer_id), batch.slots, batch.swa_plan)
+        o, _ = sparse_attn(q, buf, indices, attn.attn_sink, attn.cfg.softmax_scale, kv_layout=layout)
+        swa_ring_write(scratch, pools.swa_view(layer_id), batch.slots, batch.swa_plan)  # rows as stored
         return o
 
     def _compress(self, compressor: Compressor, x: torch.Tensor, meta: RatioMeta, rings, cache: torch.Tensor,
@@ -58,7 +65,7 @@ class PagedCache:
             compress_indexer(*args, eps=compressor.norm.eps, act_dtype=compressor.act_dtype)
         else:
             compress_main(*args, eps=compressor.norm.eps, act_dtype=compressor.act_dtype,
-                          fp8_nope=compressor.quantize == "fp8")
+                          fp8_nope=compressor.quantize == "fp8", row_layout=self.pools.kv_layout)
         compressor_state_write(kv_rows, score_rows, compressor.ape, rings[0], rings[1], self.batch.slots, meta.plan)
 
     def _select(self, attn: Attention, layer_id: int, x, qr, cos, sin, meta: RatioMeta) -> torch.Tensor:

@@ -5,9 +5,14 @@ compressed KV rows and as many indexer rows, per HCA layer `page_size/ratio` row
 request serves every layer. A slot holds a request's sliding-window rings and compressor rings; the snapshot
 slots after the requests' ones hold the prefix cache's boundary states (engine/prefix_cache.py).
 
-Per layer, attention reads one unified row buffer `kv[layer]` `[rows, head_dim]`:
+Per layer, attention reads one unified row buffer `kv[layer]`:
 
     [ scratch: max_batch_tokens | SWA rings: ring_slots·window | compressed rows: num_pages·page_size/ratio ]
+
+Its rows are FP8 KV rows (kernels/kv_rows.py, `[rows, row_bytes]` uint8: 448 e4m3 nope values, 64 bf16 rope
+values and 7 scale bytes in 584 bytes on V4) when the model rounds its KV to FP8 (`quantize_kv`), else
+`[rows, head_dim]` in the model's dtype; `kv_layout` says which (None: float rows). Every writer (scratch
+rows, compressor, SWA ring) and reader (sparse attention) takes it, so both formats share one code path.
 
 The scratch rows hold the current forward's new KV latents, so a prefill chunk longer than the window
 still sees every key; sparse attention addresses all three regions by row index. The first two regions
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsepd.kernels.kv_rows import KVRowLayout
 from sparsepd.model_config import ModelConfig
 
 INDEX_ROW_BYTES = 144  # 128 FP8 values + fp32 scale + padding (kernels/indexer.py)
@@ -76,22 +82,32 @@ class PoolGeometry:
         return self.compressed_base + self.num_pages * self.rows_per_page(ratio)
 
 
+def kv_row_layout(cfg: ModelConfig) -> KVRowLayout | None:
+    """The FP8 KV row layout of this model's main KV cache, or None for float rows (quantize_kv off)."""
+    return KVRowLayout(cfg.head_dim, cfg.rope_dim, getattr(torch, cfg.dtype)) if cfg.quantize_kv else None
+
+
+def kv_row_bytes(cfg: ModelConfig) -> int:
+    """Bytes of one row of the main KV cache (SWA ring, scratch or compressed row)."""
+    layout = kv_row_layout(cfg)
+    return layout.row_bytes if layout else cfg.head_dim * torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+
+
 def bytes_per_page(cfg: ModelConfig) -> int:
-    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    row = kv_row_bytes(cfg)
     total = 0
     for ratio in cfg.compress_ratios:
         if ratio:
-            total += cfg.page_size // ratio * cfg.head_dim * s
+            total += cfg.page_size // ratio * row
         if ratio == 4:
             total += cfg.page_size // 4 * INDEX_ROW_BYTES
     return total
 
 
 def bytes_per_slot(cfg: ModelConfig) -> int:
-    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     total = 0
     for ratio in cfg.compress_ratios:
-        total += cfg.window * cfg.head_dim * s
+        total += cfg.window * kv_row_bytes(cfg)
         if ratio:
             coff = 2 if ratio == 4 else 1
             total += 2 * coff * ratio * coff * cfg.head_dim * 4
@@ -102,9 +118,8 @@ def bytes_per_slot(cfg: ModelConfig) -> int:
 
 def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> PoolGeometry:
     """Choose the page count: given, or what the memory budget leaves after slots and scratch."""
-    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     fixed = (pool.num_slots + pool.prefix_cache_entries) * bytes_per_slot(cfg)
-    fixed += cfg.n_layers * pool.max_batch_tokens * cfg.head_dim * s
+    fixed += cfg.n_layers * pool.max_batch_tokens * kv_row_bytes(cfg)
     num_pages = pool.num_pages
     if num_pages is None:
         budget = pool.kv_memory_bytes
@@ -186,9 +201,13 @@ class KVPools:
 
     def __init__(self, cfg: ModelConfig, geometry: PoolGeometry, device: torch.device | str):
         self.cfg, self.geometry, self.device = cfg, geometry, torch.device(device)
-        dtype = getattr(torch, cfg.dtype)
         g = geometry
-        self.kv = [torch.zeros(g.layer_rows(r), cfg.head_dim, dtype=dtype, device=self.device) for r in g.ratios]
+        self.kv_layout = kv_row_layout(cfg)  # None: float rows [rows, head_dim]
+        if self.kv_layout is None:
+            row_shape, row_dtype = (cfg.head_dim,), getattr(torch, cfg.dtype)
+        else:
+            row_shape, row_dtype = (self.kv_layout.row_bytes,), torch.uint8
+        self.kv = [torch.zeros(g.layer_rows(r), *row_shape, dtype=row_dtype, device=self.device) for r in g.ratios]
         self.index_cache = [
             torch.zeros(g.num_pages, g.rows_per_page(4), INDEX_ROW_BYTES, dtype=torch.uint8, device=self.device)
             if r == 4 else None for r in g.ratios]
@@ -205,13 +224,13 @@ class KVPools:
                 torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device))
 
     def compressed_view(self, layer_id: int) -> torch.Tensor:
-        """The compressed rows of a CSA/HCA layer as pages `[num_pages, rows_per_page, head_dim]`."""
+        """The compressed rows of a CSA/HCA layer as pages `[num_pages, rows_per_page, row width]`."""
         g, ratio = self.geometry, self.geometry.ratios[layer_id]
         base, rpp = g.compressed_base, g.rows_per_page(ratio)
         return self.kv[layer_id][base: base + g.num_pages * rpp].view(g.num_pages, rpp, -1)
 
     def swa_view(self, layer_id: int) -> torch.Tensor:
-        """The sliding-window rings `[ring_slots, window, head_dim]`."""
+        """The sliding-window rings `[ring_slots, window, row width]`."""
         g = self.geometry
         return self.kv[layer_id][g.ring_base: g.compressed_base].view(g.ring_slots, g.window, -1)
 

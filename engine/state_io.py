@@ -1,9 +1,11 @@
 """A request's complete state out of one engine's pools and into another's (what prefill ships to decode).
 
-Exported per layer: the SWA ring `[window, D]`; for compressed layers the committed pages of the main
-cache `[n_pages, rows_per_page, D]` and the compressor rings `[state_size, coff·D]` (kv, score); for CSA
-layers also the indexer cache pages `[n_pages, rows_per_page, 144]` and the indexer's rings. n_pages =
-⌈position / page_size⌉ (the last page may be partial; uncommitted rows travel too and are never read).
+Exported per layer: the SWA ring `[window, row]`; for compressed layers the committed pages of the main
+cache `[n_pages, rows_per_page, row]` (a row: an FP8 KV row of `row_bytes` uint8, kernels/kv_rows.py, or
+`head_dim` floats when the model keeps float KV; the bytes travel as stored) and the compressor rings
+`[state_size, coff·D]` (kv, score); for CSA layers also the indexer cache pages `[n_pages, rows_per_page, 144]`
+and the indexer's rings. n_pages = ⌈position / page_size⌉ (the last page may be partial; uncommitted rows
+travel too and are never read).
 Plus the position, the tokens generated so far and the sampler's state (16 bytes, followed by the prompt's
 distinct ids as a ⌈V/8⌉-byte bitmap when the request has a repetition penalty: the decode worker holds no
 prompt, and the penalty needs its ids; engine/penalties.py). A grammar is not shipped: the decode worker
@@ -18,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from sparsepd.engine.penalties import decode_prompt_ids, encode_prompt_ids
-from sparsepd.engine.pools import INDEX_ROW_BYTES, KVPools
+from sparsepd.engine.pools import INDEX_ROW_BYTES, KVPools, kv_row_bytes
 from sparsepd.engine.request import Request
 from sparsepd.engine.sampling import Sampler
 
@@ -186,15 +188,16 @@ def import_state(pools: KVPools, request: Request, descriptor: StateDescriptor,
 
 
 def shipped_bytes(cfg, position: int) -> int:
-    """Bytes of a request's exported state at `position` (the README's formula; tests check it)."""
-    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    """Bytes of a request's exported state at `position` (the README's formula; tests check it). A main KV row
+    is `kv_row_bytes(cfg)`: 584 for V4's FP8 KV rows, head_dim · dtype bytes for float rows."""
+    row = kv_row_bytes(cfg)
     pages = -(-position // cfg.page_size)
     total = 0
     for ratio in cfg.compress_ratios:
-        total += cfg.window * cfg.head_dim * s
+        total += cfg.window * row
         if ratio:
             coff = 2 if ratio == 4 else 1
-            total += 2 * coff * ratio * coff * cfg.head_dim * 4 + pages * (cfg.page_size // ratio) * cfg.head_dim * s
+            total += 2 * coff * ratio * coff * cfg.head_dim * 4 + pages * (cfg.page_size // ratio) * row
         if ratio == 4:
             total += 2 * 8 * 2 * cfg.index_head_dim * 4 + pages * (cfg.page_size // 4) * INDEX_ROW_BYTES
     return total

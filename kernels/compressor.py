@@ -12,7 +12,9 @@ of the previous block use channels [0, d), rows of this block channels [d, 2d).
     y         = x · rsqrt(mean(x²) + eps) · norm_weight                                  (fp32, → act_dtype)
     y[-rd:]   = RoPE(y[-rd:]) at position e·ratio, GPT-J pairs, tables cos/sin [max_pos, rd/2]  (→ act_dtype)
     main:     y[:d−rd] = FP8 e4m3 round trip in blocks of 64, scale = 2^ceil(log2(max(amax, 1e-4)/448))
-              (if fp8_nope); row page_table[b, e // R]·R + e % R of cache [pages, R, d] = y (cache dtype)
+              (if fp8_nope); row page_table[b, e // R]·R + e % R of cache [pages, R, d] = y (cache dtype),
+              or with row_layout that row of the uint8 cache [pages, R, row_bytes] holds y as an FP8 KV row
+              (kernels/kv_rows.py: the codes and scales of this rounding, the rope dims in rope_dtype)
     indexer:  z = y · H_128/√128 (Sylvester order), one FP8 cache row of kernels/indexer.py's format
               (128 e4m3 values, fp32 scale at byte 128, zero padding to 144; scale = amax/FP8_MAX, ue8m0:
               rounded up to a power of two); same row addressing in the uint8 cache [pages, R, 144]
@@ -21,14 +23,14 @@ The compressor reads the rings before the same forward's ring writes (kernels/st
 
 API (all tensors on one device; `backend` as in kernels/device.py):
     compress_main(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin, cache,
-                  page_table, *, eps, act_dtype, fp8_nope=True, backend="auto", config=None) -> None
+                  page_table, *, eps, act_dtype, fp8_nope=True, row_layout=None, backend="auto", config=None)
     compress_indexer(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin, cache,
                      page_table, *, eps, act_dtype, scale_fmt="ue8m0", backend="auto", config=None) -> None
     compress_main_ref / compress_indexer_ref: same signatures (without backend/config), plain PyTorch.
 kv, score [N, coff·d] fp32 (score without ape); ape [ratio, coff·d] fp32; kv_state, score_state
 [num_slots, W, coff·d] fp32; slot_ids [B] int; plan: a CompressPlan (its commit rows; −1 rows skipped);
 norm_weight [d]; cos, sin [max_pos, rd/2] fp32 (rd = rope dims); page_table [B, max_pages] int32;
-act_dtype bf16/fp16/fp32; main cache bf16/fp16/fp32, indexer cache uint8 (d = 128).
+act_dtype bf16/fp16/fp32; main cache bf16/fp16/fp32 or uint8 FP8 KV rows, indexer cache uint8 (d = 128).
 Rows whose page is outside page_table's width or the cache are skipped; positions must lie in the tables
 (e·ratio < max_pos: not checked on the device, to keep the launch free of host syncs).
 
@@ -56,6 +58,15 @@ import triton.language as tl
 from sparsepd.kernels.compress_plan import CompressPlan
 from sparsepd.kernels.device import Backend, fp8_e4m3_dtype, pick_backend
 from sparsepd.kernels.indexer import ROW_BYTES, indexer_cache_write_ref
+from sparsepd.kernels.kv_rows import (
+    KVRowLayout,
+    _e4m3_code,
+    _e4m3_round,
+    _pow2_scale,
+    _store_fp8_row,
+    check_rows,
+    pack_kv_rows_ref,
+)
 
 FP8_BLOCK = 64  # nope dims are round-tripped in blocks of 64 values
 FP8_MAIN_MAX = 448.0  # the main KV round trip is e4m3fn on every platform (it models training, not storage)
@@ -86,52 +97,6 @@ def default_config(d: int, window: int, indexer: bool) -> CompressConfig:
 
 
 @triton.jit
-def _e4m3_round(v, EXP_BIAS: tl.constexpr, SUB_STEP: tl.constexpr):
-    """v (fp32, |v| ≤ the format's max) rounded to nearest even on the e4m3 grid, as fp32.
-    SUB_STEP = 2^(−EXP_BIAS−2), the spacing below the smallest normal."""
-    bits = v.to(tl.int32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    exp = mag >> 23
-    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
-    # below the smallest normal 2^(1−bias): multiples of 2^(−bias−2), m = rne(mantissa24 >> shift)
-    mant = (mag & 0x7FFFFF) | 0x800000
-    shift = tl.minimum(tl.maximum(148 - EXP_BIAS - exp, 1), 25)
-    q = mant >> shift
-    rem = mant & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-    sub = q.to(tl.float32) * SUB_STEP
-    r = tl.where(exp < 128 - EXP_BIAS, sub, normal)
-    return tl.where(bits < 0, -r, r)
-
-
-@triton.jit
-def _e4m3_code(r, EXP_BIAS: tl.constexpr, SUB_STEP: tl.constexpr, NO_NEG_ZERO: tl.constexpr):
-    """The e4m3 byte (int32 in [0, 255]) of r, a value already on the grid (`_e4m3_round`)."""
-    bits = r.to(tl.int32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    exp = mag >> 23
-    normal = ((exp - 127 + EXP_BIAS) << 3) | ((mag >> 20) & 7)
-    sub = (mag.to(tl.float32, bitcast=True) / SUB_STEP).to(tl.int32)  # exact: SUB_STEP is a power of two
-    code = tl.where(exp < 128 - EXP_BIAS, sub, normal)
-    sign = (bits >> 24) & 0x80
-    if NO_NEG_ZERO:
-        sign = tl.where(code == 0, 0, sign)
-    return sign | code
-
-
-@triton.jit
-def _pow2_scale(amax, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr):
-    """max(amax, 1e-4) / FP8_MAX, rounded up to a power of two when UE8M0 (on the bits: a normal number)."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), FP8_MAX)
-    if UE8M0:
-        sb = scale.to(tl.int32, bitcast=True)
-        sb = (sb & 0x7F800000) + tl.where((sb & 0x7FFFFF) != 0, 0x800000, 0)
-        scale = sb.to(tl.float32, bitcast=True)
-    return scale
-
-
-@triton.jit
 def _hadamard_stage(z, BLOCK_M: tl.constexpr, A: tl.constexpr, BK: tl.constexpr):
     """One butterfly stage over bit log2(BK) of the 128 channels: index i = a·2·BK + t·BK + c pairs t = 0, 1."""
     t = tl.permute(tl.reshape(z, [BLOCK_M, A, 2, BK]), (0, 1, 3, 2))  # [M, A, BK, 2]
@@ -143,14 +108,16 @@ def _hadamard_stage(z, BLOCK_M: tl.constexpr, A: tl.constexpr, BK: tl.constexpr)
 @triton.jit
 def _compress_kernel(
     kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, slot_ptr, plan_ptr, norm_w_ptr, cos_ptr, sin_ptr,
-    out_ptr, out_f32_ptr, page_table_ptr,
+    out_ptr, out_alt_ptr, page_table_ptr,
     n_plan, n_pages, pt_stride, pt_width, rows_per_page, max_pos, eps,
     D: tl.constexpr, ROPE: tl.constexpr, RATIO: tl.constexpr, COFF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, ACT: tl.constexpr,
     INDEXER: tl.constexpr, FP8_NOPE: tl.constexpr,
     FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, EXP_BIAS: tl.constexpr, SUB_STEP: tl.constexpr,
-    NO_NEG_ZERO: tl.constexpr,
+    NO_NEG_ZERO: tl.constexpr, FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
+    SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr,
 ):
+    # out_alt_ptr: the indexer cache as fp32 (its scale), or the FP8 KV rows as rope_dtype (their rope dims)
     W: tl.constexpr = COFF * RATIO
     C: tl.constexpr = COFF * D  # floats a projected row
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,10 +204,13 @@ def _compress_kernel(
         code = _e4m3_code(_e4m3_round(v, EXP_BIAS, SUB_STEP), EXP_BIAS, SUB_STEP, NO_NEG_ZERO).to(tl.uint8)
         ROW: tl.constexpr = 144
         tl.store(out_ptr + dst[:, None] * ROW + c[None, :], code, mask=ok[:, None])
-        tl.store(out_f32_ptr + dst * (ROW // 4) + 32, scale, mask=ok)
+        tl.store(out_alt_ptr + dst * (ROW // 4) + 32, scale, mask=ok)
         pad = tl.arange(0, 16)
         tl.store(out_ptr + dst[:, None] * ROW + (132 + pad[None, :]), tl.zeros([BLOCK_M, 16], tl.uint8),
                  mask=ok[:, None] & (pad[None, :] < 12))
+    elif FP8_ROWS:  # kernels/kv_rows.py: e4m3fn codes + ue8m0 scales for the nope dims, rope dims as they are
+        _store_fp8_row(out_ptr, out_alt_ptr, dst, ok, y, c, D, BLOCK_M, BLOCK_D, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
+                       ROPE_OFF_E)
     else:
         if FP8_NOPE:
             NB: tl.constexpr = BLOCK_D // 64
@@ -302,7 +272,7 @@ def _check(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, c
 
 def _launch(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin, out, page_table,
             d: int, eps: float, act_dtype, indexer: bool, fp8_nope: bool, scale_fmt: str,
-            config: CompressConfig | None) -> None:
+            config: CompressConfig | None, row_layout: KVRowLayout | None = None) -> None:
     rows = plan.commit.rows
     if rows.shape[0] == 0:
         return
@@ -310,35 +280,49 @@ def _launch(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, 
     fp8 = fp8_e4m3_dtype(kv.device)
     fnuz = fp8 == torch.float8_e4m3fnuz
     block_d = max(triton.next_power_of_2(d), 64)
-    out_f32 = out.view(torch.float32) if indexer else out
+    out_alt = out.view(torch.float32) if indexer else row_layout.rope_view(out) if row_layout else out
+    rows_args = row_layout.launch_args() if row_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
+                                                                 ROPE_OFF_E=0)
     _compress_kernel[(triton.cdiv(rows.shape[0], cfg.block_m),)](
-        kv, score, ape, kv_state, score_state, slot_ids, rows, norm_weight, cos, sin, out, out_f32, page_table,
+        kv, score, ape, kv_state, score_state, slot_ids, rows, norm_weight, cos, sin, out, out_alt, page_table,
         rows.shape[0], out.shape[0], page_table.stride(0), page_table.shape[1], out.shape[1], cos.shape[0], eps,
         D=d, ROPE=2 * cos.shape[1], RATIO=plan.ratio, COFF=2 if plan.overlap else 1,
         BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w, BLOCK_D=block_d, ACT=_TL_DTYPES[act_dtype],
         INDEXER=indexer, FP8_NOPE=fp8_nope, FP8_MAX=float(torch.finfo(fp8).max), UE8M0=scale_fmt == "ue8m0",
-        EXP_BIAS=8 if fnuz else 7, SUB_STEP=2.0 ** (-10 if fnuz else -9), NO_NEG_ZERO=fnuz, num_warps=cfg.num_warps,
+        EXP_BIAS=8 if fnuz else 7, SUB_STEP=2.0 ** (-10 if fnuz else -9), NO_NEG_ZERO=fnuz,
+        FP8_ROWS=row_layout is not None, **rows_args, num_warps=cfg.num_warps,
     )
 
 
 def compress_main(kv, score, ape, kv_state, score_state, slot_ids, plan: CompressPlan, norm_weight, cos, sin,
                   cache, page_table, *, eps: float, act_dtype: torch.dtype, fp8_nope: bool = True,
-                  backend: Backend = "auto", config: CompressConfig | None = None) -> None:
-    """Commit the plan's entries of a CSA/HCA main compressor into `cache` [pages, R, d] (module docstring)."""
-    _need(isinstance(cache, torch.Tensor) and cache.dim() == 3 and cache.dtype in _ACT_DTYPES,
-          f"cache must be a bf16/fp16/fp32 [pages, rows_per_page, d] tensor, got "
-          f"{getattr(cache, 'dtype', type(cache))} {tuple(getattr(cache, 'shape', ()))}")
-    d = cache.shape[2]
+                  row_layout: KVRowLayout | None = None, backend: Backend = "auto",
+                  config: CompressConfig | None = None) -> None:
+    """Commit the plan's entries of a CSA/HCA main compressor into `cache` (module docstring): float rows
+    [pages, R, d], or with `row_layout` FP8 KV rows [pages, R, row_bytes] uint8 (kernels/kv_rows.py)."""
+    if row_layout is not None:
+        check_rows(cache, row_layout, "cache")
+        _need(cache.dim() == 3 and fp8_nope, f"FP8 KV rows need fp8_nope and a [pages, rows_per_page, "
+                                             f"{row_layout.row_bytes}] cache, got {tuple(cache.shape)}")
+        d = row_layout.head_dim
+    else:
+        _need(isinstance(cache, torch.Tensor) and cache.dim() == 3 and cache.dtype in _ACT_DTYPES,
+              f"cache must be a bf16/fp16/fp32 [pages, rows_per_page, d] tensor, got "
+              f"{getattr(cache, 'dtype', type(cache))} {tuple(getattr(cache, 'shape', ()))}")
+        d = cache.shape[2]
     _check(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin, cache, page_table, d,
            act_dtype)
     rope = 2 * cos.shape[1]
     _need(not fp8_nope or (d - rope) % FP8_BLOCK == 0,
           f"nope dims d − rope_dim = {d - rope} must be a multiple of {FP8_BLOCK} for the FP8 round trip")
+    _need(row_layout is None or row_layout.rope_dim == rope,
+          f"row_layout has {getattr(row_layout, 'rope_dim', None)} rope dims, cos/sin {rope}")
     if pick_backend(backend, kv, cache) == "reference":
         return compress_main_ref(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin,
-                                 cache, page_table, eps=eps, act_dtype=act_dtype, fp8_nope=fp8_nope)
+                                 cache, page_table, eps=eps, act_dtype=act_dtype, fp8_nope=fp8_nope,
+                                 row_layout=row_layout)
     _launch(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, cos, sin, cache, page_table,
-            d, eps, act_dtype, False, fp8_nope, "ue8m0", config)
+            d, eps, act_dtype, False, fp8_nope, "ue8m0", config, row_layout)
 
 
 def compress_indexer(kv, score, ape, kv_state, score_state, slot_ids, plan: CompressPlan, norm_weight, cos, sin,
@@ -420,12 +404,18 @@ def _fp8_nope_ref(y: torch.Tensor, rope: int) -> torch.Tensor:
 
 
 def compress_main_ref(kv, score, ape, kv_state, score_state, slot_ids, plan: CompressPlan, norm_weight, cos, sin,
-                      cache, page_table, *, eps: float, act_dtype: torch.dtype, fp8_nope: bool = True) -> None:
-    d = cache.shape[2]
+                      cache, page_table, *, eps: float, act_dtype: torch.dtype, fp8_nope: bool = True,
+                      row_layout: KVRowLayout | None = None) -> None:
+    d = row_layout.head_dim if row_layout is not None else cache.shape[2]
     pooled, rows = pool_windows_ref(kv, score, ape, kv_state, score_state, slot_ids, plan, d)
     if rows.shape[0] == 0:
         return
     y = _finish_ref(pooled, rows, norm_weight, cos, sin, plan.ratio, eps, act_dtype)
+    if row_layout is not None:  # the codes of the rounding below, with its scales
+        flat = _flat_rows(rows, page_table, plan.ratio, cache.shape[0], cache.shape[1])
+        ok = flat >= 0
+        cache.view(-1, cache.shape[2])[flat[ok]] = pack_kv_rows_ref(y[ok], row_layout)
+        return
     if fp8_nope:
         y = _fp8_nope_ref(y, 2 * cos.shape[1])
     flat = _flat_rows(rows, page_table, plan.ratio, cache.shape[0], cache.shape[1])

@@ -20,7 +20,13 @@ programs cannot fill the GPU (small decode batches), the keys are split across p
 fp32 partials normalised by their own sum, and a second kernel merges them by LSE and applies the sink
 once. `default_config` is the launch table (measured on H100, bench/RESULTS.md).
 
-Supported: q/kv in bf16, fp16 or fp32 (same dtype); on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
+KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kernels/kv_rows.py: kv [R, row_bytes]
+uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
+registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
+same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
+the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`.
+
+Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
 bf16 dots are not supported by the Triton interpreter: CPU tests use fp16/fp32. Portability: plain
 Triton; BLOCK_H ≥ 16 so every tl.dot tile is ≥ 16×16 (AMD MFMA lowering needs it, also when H = 16);
@@ -44,10 +50,12 @@ import triton.language as tl
 
 from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_attn_ref
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend
+from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_dequant, check_rows, unpack_kv_rows
 
 __all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
 
 _LOG2E = 1.4426950408889634
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_TRITON_D = 512
 _MAX_KEYS_PER_SPLIT = 2048  # a split's indices are loaded at once: 2 index blocks, 256 and 2048
@@ -64,9 +72,11 @@ class SparseAttnConfig:
     num_warps: int
     num_stages: int
     skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
+    fused_merge: bool = False  # split launches: the last program of a head block merges (no second launch)
 
 
-def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None) -> SparseAttnConfig:
+def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None,
+                   fp8_rows: bool = False) -> SparseAttnConfig:
     """The launch table, set from a sweep of ~1000 variants on H100 (bench/RESULTS.md): within 1.13×
     of the best variant at every benchmarked decode and prefill shape, and equal to it at most.
 
@@ -87,6 +97,9 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
     16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
     h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
+    FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
+    h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
+    16-head blocks, and one stage on gfx942 (h32/n16/st1: ≤ 245 VGPRs, ≤ 84 SGPRs, 32 KiB).
     """
     big_h = 64 if arch is None or arch == "gfx950" else 32
     block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(big_h, triton.next_power_of_2(H))
@@ -95,7 +108,9 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     target = max(1, num_sms // programs)
     num_splits = most_splits if 2 * target >= most_splits else target
     if arch is not None:
-        block_n, num_stages = (32, 3) if arch == "gfx950" and block_h == 16 else (16, 2)
+        block_n, num_stages = (32, 3) if arch == "gfx950" and block_h == 16 and not fp8_rows else (16, 2)
+        if fp8_rows and arch != "gfx950":
+            num_stages = 1
         return SparseAttnConfig(block_h, block_n, num_splits, num_warps=4, num_stages=num_stages, skip_empty=False)
     block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
     return SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
@@ -113,14 +128,71 @@ def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
     return tl.exp2(m_i - m_use), p.to(dtype), tl.sum(p, 1)
 
 
+@triton.jit
+def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
+                 FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
+                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr):
+    """Rows idx [BLOCK_N] of the KV buffer as [BLOCK_N, BLOCK_D] DTYPE (0 where invalid): float rows as they are,
+    FP8 KV rows (kernels/kv_rows.py) dequantized in registers; the row stride is a constexpr there, so the
+    compiler sees 8-byte aligned rows. The rope dims are read through kv_ptr cast to ROPE_DT in the kernel (a
+    second pointer argument cost AMD 11-23 spilled SGPRs)."""
+    r = idx.to(tl.int64)[:, None]
+    if FP8_ROWS:
+        nope = offs_d < NOPE
+        m = valid[:, None] & nope[None, :]
+        code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
+        sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
+        rope_ptr = kv_ptr.to(tl.pointer_type(ROPE_DT), bitcast=True)
+        rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
+                       mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
+        rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32)).to(DTYPE)
+    else:
+        rows = tl.load(kv_ptr + r * stride_kvr + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+    return rows
+
+
+@triton.jit
+def _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d, mask_d,
+                 H, num_splits, stride_ot, stride_oh, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    base = (t * H + offs_h) * num_splits  # [BLOCK_H]
+    mx = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for sp in range(num_splits):
+        mx = tl.maximum(mx, tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg"))
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
+    top = tl.maximum(mx, sink2)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    den = tl.exp2(sink2 - top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for sp in range(num_splits):
+        lse_s = tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse_s - top)
+        o_s = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
+                      other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * o_s
+        den += w
+        total += tl.exp2(lse_s - mx_safe)
+    o = tl.where(den[:, None] == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den)[:, None])
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=mask_h[:, None] & mask_d[None, :])
+    lse2 = mx_safe + tl.log2(tl.where(total == 0.0, 1.0, total))
+    tl.store(lse_ptr + t * H + offs_h, tl.where(mx == float("-inf"), float("-inf"), lse2 * LN2), mask=mask_h)
+
+
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
 def _sparse_attn_fwd(
-    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
     H, R, K, keys_per_split, num_splits,
     stride_qt, stride_qh, stride_kvr, stride_it, stride_ot, stride_oh,
     scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
+    FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
+    ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -154,8 +226,8 @@ def _sparse_attn_fwd(
         offs_n = start + BLOCK_N + tl.arange(0, BLOCK_N)
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
         valid = (idx >= 0) & (idx < R)
-        rows = tl.load(kv_ptr + idx.to(tl.int64)[:, None] * stride_kvr + offs_d[None, :],
-                       mask=valid[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        rows = _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
+                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT)  # [BLOCK_N, BLOCK_D]
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(rows), input_precision="ieee")
         else:
@@ -192,6 +264,16 @@ def _sparse_attn_fwd(
         tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
                  mask=mask_h[:, None] & mask_d[None, :])
         tl.store(part_lse_ptr + row, lse2, mask=mask_h)
+        if FUSED_MERGE:
+            # The last program of this (token, head block) to finish merges every split: one launch instead of
+            # two. Its ticket is an acq_rel atomic (the partials' stores before it, the loads after it), reset
+            # to 0 by the merging program, so a zeroed ticket buffer stays zeroed across launches (CUDA graphs).
+            tl.debug_barrier()
+            ticket = ticket_ptr + t * tl.num_programs(1) + hb
+            if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:
+                _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d,
+                             mask_d, H, num_splits, stride_ot, stride_oh, D, BLOCK_H, BLOCK_D)
+                tl.atomic_xchg(ticket, 0)
     else:
         sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
         top = tl.maximum(m_i, sink2)
@@ -243,20 +325,26 @@ def _merge_splits(
 # Checks shared by the wrappers and the references
 
 
-def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtypes) -> None:
+def _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, allowed_dtypes,
+                       kv_layout: KVRowLayout | None = None) -> None:
     for name, x, dim in (("q", q, 3), ("kv", kv, 2), ("indices", indices, 2), ("attn_sink", attn_sink, 1)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != dim:
             raise ValueError(f"{name} must have {dim} dims, got shape {tuple(x.shape)}")
     T, H, D = q.shape
-    if kv.shape[1] != D:
+    if kv_layout is not None:
+        if not isinstance(kv_layout, KVRowLayout) or kv_layout.head_dim != D:
+            raise ValueError(f"kv_layout must be a KVRowLayout with head_dim {D} to match q {tuple(q.shape)}, "
+                             f"got {kv_layout}")
+        check_rows(kv, kv_layout, "kv")
+    elif kv.shape[1] != D:
         raise ValueError(f"kv must be [R, {D}] to match q {tuple(q.shape)}, got {tuple(kv.shape)}")
     if indices.shape[0] != T:
         raise ValueError(f"indices must be [{T}, K] to match q {tuple(q.shape)}, got {tuple(indices.shape)}")
     if attn_sink.shape[0] != H:
         raise ValueError(f"attn_sink must be [{H}] to match q {tuple(q.shape)}, got {tuple(attn_sink.shape)}")
-    if q.dtype not in allowed_dtypes or kv.dtype != q.dtype:
+    if q.dtype not in allowed_dtypes or (kv_layout is None and kv.dtype != q.dtype):
         raise TypeError(f"q and kv must share a dtype among {allowed_dtypes}, got {q.dtype} and {kv.dtype}")
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
@@ -300,13 +388,15 @@ def sparse_attn(
     out: torch.Tensor | None = None,  # [T, H, D], q.dtype
     lse: torch.Tensor | None = None,  # [T, H] fp32
     *,
+    kv_layout: KVRowLayout | None = None,  # kv is FP8 KV rows [R, row_bytes] uint8 in this layout
     backend: Backend = "auto",
     config: SparseAttnConfig | None = None,
+    tickets: torch.Tensor | None = None,  # int32 [≥ T·⌈H/block_h⌉], zero: fused_merge's tickets, left zero
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MQA attention with a sink (module docstring). Returns (out [T, H, D] q.dtype, lse [T, H] fp32)."""
-    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES)
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES, kv_layout)
     if pick_backend(backend, q, kv, indices, attn_sink) == "reference":
-        return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse)
+        return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse, kv_layout=kv_layout)
     _check_triton_layout(q, kv, indices, attn_sink, out, lse)
     T, H, D = q.shape
     R, K = kv.shape[0], indices.shape[1]
@@ -316,30 +406,42 @@ def sparse_attn(
         return out, lse
     if config is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        config = default_config(T, H, K, D, num_sms, amd_arch(q.device))
+        config = default_config(T, H, K, D, num_sms, amd_arch(q.device), fp8_rows=kv_layout is not None)
     _check_config(config)
     # A split's index segment is loaded at once (≤ 2048 keys); at most 64 splits to merge.
     num_splits = min(max(config.num_splits, triton.cdiv(K, _MAX_KEYS_PER_SPLIT)), _MAX_SPLITS)
     keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), num_splits), config.block_n) * config.block_n
     num_splits = triton.cdiv(max(K, 1), keys_per_split)
     split = num_splits > 1
-    part_o = part_lse = lse
+    part_o = part_lse = tickets_arg = lse
+    fused = split and config.fused_merge
+    if fused:
+        need = T * triton.cdiv(H, config.block_h)
+        if tickets is None:
+            tickets = torch.zeros(need, dtype=torch.int32, device=q.device)
+        elif tickets.dtype != torch.int32 or tickets.device != q.device or tickets.numel() < need:
+            raise ValueError(f"tickets must be int32 with ≥ {need} elements on {q.device}, got {tickets.dtype} "
+                             f"{tuple(tickets.shape)} on {tickets.device}")
+        tickets_arg = tickets
     if split:
         part_o = torch.empty((T, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((T, H, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     grid = (T, triton.cdiv(H, config.block_h), num_splits)
+    rows_args = kv_layout.launch_args() if kv_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
+                                                               ROPE_OFF_E=0)
     _sparse_attn_fwd[grid](
-        q, kv, indices, attn_sink, out, lse, part_o, part_lse,
+        q, kv, indices, attn_sink, out, lse, part_o, part_lse, tickets_arg,
         H, R, K, keys_per_split, num_splits,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         float(scale) * _LOG2E,
         D=D, BLOCK_D=block_d, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
+        ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16, FUSED_MERGE=fused,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split:
+    if split and not fused:
         block_dm = min(block_d, 128)
         _merge_splits[(T, H, triton.cdiv(D, block_dm))](
             part_o, part_lse, attn_sink, out, lse, H, num_splits, out.stride(0), out.stride(1),
@@ -365,9 +467,12 @@ def sparse_attn_ref(
     scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    *,
+    kv_layout: KVRowLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: gather, masked softmax with the sink, in fp32 (fp64 for fp64 inputs)."""
-    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES + (torch.float64,))
+    """Plain PyTorch: gather (FP8 KV rows dequantized), masked softmax with the sink, in fp32 (fp64 for fp64
+    inputs)."""
+    _check_attn_inputs(q, kv, indices, attn_sink, scale, out, lse, _SUPPORTED_DTYPES + (torch.float64,), kv_layout)
     T, H, D = q.shape
     R, K = kv.shape[0], indices.shape[1]
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -381,7 +486,8 @@ def sparse_attn_ref(
     for t0 in range(0, T, chunk):
         idx = indices[t0:t0 + chunk].long()
         valid = (idx >= 0)[:, None, :]  # [t, 1, K]
-        rows = kv[idx.clamp(min=0)].to(ct)  # [t, K, D]
+        rows = kv[idx.clamp(min=0)]  # [t, K, D], or [t, K, row_bytes] FP8 KV rows
+        rows = (unpack_kv_rows(rows, kv_layout) if kv_layout is not None else rows).to(ct)
         s = torch.einsum("thd,tkd->thk", q[t0:t0 + chunk].to(ct), rows) * scale
         s = s.masked_fill(~valid, float("-inf"))
         s_max = s.amax(-1, keepdim=True) if K else s.new_full((*s.shape[:2], 1), float("-inf"))

@@ -12,7 +12,11 @@ Kernel: scores become order-preserving int32 keys (the float's bits, all but the
 values). One program per (row, segment of ≤ 16384 positions) holds its segment in registers and
 1. finds the k-th largest key by binary search on the key, keeping count(key ≥ lo) ≥ k > count(key ≥ hi)
    and stopping as soon as count(key ≥ lo) == k (continuous data: ~log2(n) + a few steps, never more than
-   32); each step is one count over the segment, ≈ 0.6 µs at 8192 keys on H100;
+   32); each step is one count over the segment, ≈ 0.6 µs at 8192 keys on H100. `TopkConfig(radix=True)`
+   finds it by radix select instead: 4 dependent steps, each a 256-bin histogram of one byte of the keys
+   that share the bytes found so far (not timed yet: bench/bench_indexer.py measures both; on AMD it
+   spills as many SGPRs as the binary search, 6-152 in the compile check, so the spills come from the rest
+   of the kernel);
 2. compacts the selection in position order: one packed cumsum gives every selected element its output slot
    (all keys above the threshold, then the first `need` keys equal to it);
 3. for order="score" sorts the k (key, position) pairs as one 64-bit composite with tl.sort.
@@ -51,10 +55,65 @@ def _score_to_key(x):
 
 
 @triton.jit
+def _bisect_threshold(key, n_valid, k):
+    """(lo, g, need): take every key ≥ g, then the first `need` keys == lo by position.
+    Binary search for the k-th largest key, keeping count(key >= lo) = c_lo >= k > c_hi = count(key >= hi);
+    done when c_lo == k (the keys >= lo are the answer) or hi == lo + 1 (lo is the k-th key, ties included).
+    Each step is one count over the segment. (Regula falsi on the count in score space, and gathering the
+    keys left in [lo, hi) into a short row, halved the steps but not the time on H100: see bench/RESULTS.md.)"""
+    lo = tl.full([], _KEY_NONE + 1, tl.int64)
+    hi = tl.full([], 2**31, tl.int64)
+    c_lo = n_valid
+    c_hi = n_valid * 0
+    while (c_lo > k) & (hi - lo > 1):
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
+        up = c >= k
+        lo = tl.where(up, mid, lo)
+        c_lo = tl.where(up, c, c_lo)
+        hi = tl.where(up, hi, mid)
+        c_hi = tl.where(up, c_hi, c)
+    exact = c_lo <= k  # keys >= lo are exactly the min(k, n_valid) to take
+    g = tl.where(exact, lo, hi)
+    need = tl.where(exact, 0, k - c_hi)
+    return lo, g, need
+
+
+@triton.jit
+def _radix_threshold(key, valid, n_valid, k):
+    """(lo, g, need) as `_bisect_threshold`, by a radix select: the k-th largest key is found one byte at a time,
+    high byte first, in 4 dependent steps instead of up to 32. Step p: a 256-bin histogram of byte p of the keys
+    that share the bytes found so far; the byte is the largest b whose count of keys with byte ≥ b reaches the
+    rank still wanted; that rank drops by the keys above b."""
+    u = (key.to(tl.int64) - _KEY_NONE)  # unsigned order: 0 … 2^32 − 1
+    b = tl.arange(0, 256)
+    match = valid
+    rank = tl.minimum(n_valid, k)  # the rank of the threshold among the keys still matching
+    total = n_valid
+    prefix = tl.full([], 0, tl.int64)
+    for p in tl.static_range(4):
+        digit = ((u >> (24 - 8 * p)) & 0xFF).to(tl.int32)
+        h = tl.histogram(digit, 256, mask=match)  # [256]
+        at_least = total - (tl.cumsum(h, 0) - h)  # keys with this byte ≥ b
+        d = tl.sum((at_least >= rank).to(tl.int32)) - 1
+        rank = rank - tl.sum(tl.where(b > d, h, 0))
+        total = tl.sum(tl.where(b == d, h, 0))
+        prefix = prefix * 256 + d
+        match = match & (digit == d)
+    threshold = prefix + _KEY_NONE  # the k-th largest key
+    exact = n_valid <= k  # then every valid key is taken
+    lo = tl.where(exact, _KEY_NONE + 1, threshold)
+    g = tl.where(exact, _KEY_NONE + 1, threshold + 1)
+    need = tl.where(exact, 0, rank)
+    return lo, g, need
+
+
+@triton.jit
 def _select_kernel(
     src_ptr, src_idx_ptr, visible_ptr, out_key_ptr, out_idx_ptr, tmp_key_ptr, tmp_idx_ptr,
     row_len, src_stride, out_stride, k,
     SEG: tl.constexpr, K_PAD: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr, SORT: tl.constexpr,
+    RADIX: tl.constexpr,
 ):
     seg = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -71,26 +130,11 @@ def _select_kernel(
         idx = tl.load(src_idx_ptr + row * src_stride + pos, mask=valid, other=-1)
     n_valid = tl.sum(valid.to(tl.int32))
 
-    # Binary search for the k-th largest key, keeping count(key >= lo) = c_lo >= k > c_hi = count(key >= hi);
-    # done when c_lo == k (the keys >= lo are the answer) or hi == lo + 1 (lo is the k-th key, ties included).
-    # Each step is one count over the segment. (Regula falsi on the count in score space, and gathering the
-    # keys left in [lo, hi) into a short row, halved the steps but not the time on H100: see bench/RESULTS.md.)
-    lo = tl.full([], _KEY_NONE + 1, tl.int64)
-    hi = tl.full([], 2**31, tl.int64)
-    c_lo = n_valid
-    c_hi = n_valid * 0
-    while (c_lo > k) & (hi - lo > 1):
-        mid = lo + (hi - lo) // 2
-        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
-        up = c >= k
-        lo = tl.where(up, mid, lo)
-        c_lo = tl.where(up, c, c_lo)
-        hi = tl.where(up, hi, mid)
-        c_hi = tl.where(up, c_hi, c)
+    if RADIX:
+        lo, g, need = _radix_threshold(key, valid, n_valid, k)
+    else:
+        lo, g, need = _bisect_threshold(key, n_valid, k)
     key64 = key.to(tl.int64)
-    exact = c_lo <= k  # keys >= lo are exactly the min(k, n_valid) to take
-    g = tl.where(exact, lo, hi)  # every key >= g is taken ...
-    need = tl.where(exact, 0, k - c_hi)  # ... then the first `need` keys == lo, by position
 
     gt = key64 >= g
     eq = (key64 == lo) & (key64 < g)
@@ -135,6 +179,7 @@ class TopkConfig:
     """Launch parameters of `_select_kernel` (None: `default_topk_config`)."""
 
     keys_per_thread: int  # a segment's keys a thread holds: sets num_warps (4 … 16)
+    radix: bool = False  # the threshold by radix select (4 histogram steps) instead of binary search
 
 
 def default_topk_config(n_programs: int, num_sms: int) -> TopkConfig:
@@ -230,7 +275,8 @@ def _launch_select(src, src_idx, visible, out_key, out_idx, row_len, k, seg, n_s
     _select_kernel[(n_seg, T)](
         src, src_idx, visible, out_key, out_idx, tmp_key, tmp_idx,
         row_len, src.stride(0), out_idx.stride(0), k,
-        SEG=seg, K_PAD=k_pad, FROM_SCORES=from_scores, FINAL=final, SORT=sort, num_warps=_warps(seg, config),
+        SEG=seg, K_PAD=k_pad, FROM_SCORES=from_scores, FINAL=final, SORT=sort, RADIX=config.radix,
+        num_warps=_warps(seg, config),
     )
 
 

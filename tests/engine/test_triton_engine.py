@@ -20,8 +20,9 @@ from sparsepd.kernels.device import triton_interpreting
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 
-# The kernel modules a tiny engine's prefill, decode and draw call through a wrapper.
-ENGINE_KERNELS = {"compressor", "hyper", "indexer", "moe", "sampling", "sparse_attention", "state_update", "topk"}
+# The kernel modules a tiny engine's prefill, decode and draw call through a wrapper (kv_rows: its KV rows are FP8).
+ENGINE_KERNELS = {"compressor", "hyper", "indexer", "kv_rows", "moe", "sampling", "sparse_attention", "state_update",
+                  "topk"}
 
 
 def _record_backends(monkeypatch) -> Counter:

@@ -40,8 +40,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "fp8_gemm", "hyper", "indexer", "moe", "rope_norm", "sampling",
-                  "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
+KERNEL_MODULES = ("attn_merge", "compressor", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rope_norm",
+                  "sampling", "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_T = 8192
@@ -142,6 +142,13 @@ def _token_counts() -> Iterator[tuple[str, int, int]]:
     yield "prefill", PREFILL_T, 1
 
 
+def _row_formats(cfg) -> list[tuple[tuple[int, ...], torch.dtype, object]]:
+    """(row shape, dtype, KVRowLayout or None) of the main KV cache: FP8 KV rows (quantize_kv) and float rows."""
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    layout = KVRowLayout(cfg.head_dim, cfg.rope_dim, getattr(torch, cfg.dtype))
+    return [((layout.row_bytes,), torch.uint8, layout), ((cfg.head_dim,), getattr(torch, cfg.dtype), None)]
+
+
 def _trace_attention(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -> None:
     from sparsepd.kernels.sparse_attention import default_config, merge_attn, sparse_attn
     H, D = cfg.n_heads, cfg.head_dim
@@ -150,9 +157,10 @@ def _trace_attention(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) ->
     ratios = set(cfg.compress_ratios) - {0}
     keys = {cfg.window, cfg.window + cfg.index_topk} | {cfg.window + cfg.max_entries(r) for r in ratios - {4}}
     for K in sorted(keys):  # SWA-only, CSA (window + top-k) and HCA (window + every entry) layers
-        config = default_config(T, H, K, D, target.num_cus, target.arch)
-        sparse_attn(q, _pool(pool_bytes, (D,), torch.bfloat16), _meta(T, K, dtype=torch.int32), sink, D**-0.5,
-                    backend="triton", config=config)
+        for row_shape, dtype, layout in _row_formats(cfg):
+            config = default_config(T, H, K, D, target.num_cus, target.arch, fp8_rows=layout is not None)
+            sparse_attn(q, _pool(pool_bytes, row_shape, dtype), _meta(T, K, dtype=torch.int32), sink, D**-0.5,
+                        kv_layout=layout, backend="triton", config=config)
     merge_attn(q, _meta(T, H, dtype=f32), q, _meta(T, H, dtype=f32), sink, backend="triton")
 
 
@@ -175,6 +183,7 @@ def _trace_compressor(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -
     from sparsepd.kernels.compress_plan import CompressPlan, RowPlan
     from sparsepd.kernels.compressor import compress_indexer, compress_main
     from sparsepd.kernels.indexer import ROW_BYTES
+    from sparsepd.kernels.kv_rows import pack_kv_rows
     from sparsepd.kernels.state_update import compressor_state_write, swa_ring_write
     f32, i32, act = torch.float32, torch.int32, getattr(torch, cfg.dtype)
 
@@ -198,11 +207,17 @@ def _trace_compressor(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -
                 cache = _pool(pool_bytes, (rows_per_page, ROW_BYTES), torch.uint8)
                 compress_indexer(*args, cache, page_table, eps=1e-6, act_dtype=act, backend="triton")
             else:
-                cache = _pool(pool_bytes, (rows_per_page, d), act)
-                compress_main(*args, cache, page_table, eps=1e-6, act_dtype=act, backend="triton")
+                for row_shape, dtype, layout in _row_formats(cfg):
+                    cache = _pool(pool_bytes, (rows_per_page, *row_shape), dtype)
+                    compress_main(*args, cache, page_table, eps=1e-6, act_dtype=act, row_layout=layout,
+                                  backend="triton")
             compressor_state_write(kv, kv, ape, ring, ring, slots, plan, backend="triton")
-    swa = _meta(NUM_SLOTS, cfg.window, cfg.head_dim, dtype=act)
-    swa_ring_write(_meta(T, cfg.head_dim, dtype=act), swa, slots, rows(min(T, B * cfg.window)), backend="triton")
+    for row_shape, dtype, layout in _row_formats(cfg):
+        scratch = _meta(T, *row_shape, dtype=dtype)
+        if layout is not None:
+            pack_kv_rows(_meta(T, cfg.head_dim, dtype=act), layout, scratch, backend="triton")  # the new latents
+        swa = _meta(NUM_SLOTS, cfg.window, *row_shape, dtype=dtype)
+        swa_ring_write(scratch, swa, slots, rows(min(T, B * cfg.window)), backend="triton")
 
 
 def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:

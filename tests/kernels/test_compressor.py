@@ -20,9 +20,11 @@ from sparsepd.kernels.compressor import (
     sylvester_hadamard,
 )
 from sparsepd.kernels.indexer import ROW_BYTES
+from sparsepd.kernels.kv_rows import KVRowLayout, unpack_kv_rows
 from sparsepd.kernels.state_update import compressor_state_write, compressor_state_write_ref
 
 ON_GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1"
+MAIN_KINDS = [(4, True), (16, False)]
 EPS = 1e-6
 # (starts, num_new): fresh prefill; chunk ending mid-block + prefill + decodes (one committing); positions near 0
 BATCHES = [([0], [37]), ([6, 0, 130, 3], [7, 12, 1, 1]), ([0, 1, 2, 5], [4, 3, 2, 3])]
@@ -160,6 +162,39 @@ def check_main(case, plan, act_dtype, cache_dtype, fp8, device, ctx, config=None
         assert_rows_close(got_f[flat.to(device)], ref_f[flat.to(device)], ideal, ctx, quantized=fp8)
 
 
+def check_main_rows(case, plan, act_dtype, device, ctx):
+    """FP8 KV rows (kernels/kv_rows.py): the kernel's rows hold exactly the numbers its float path writes, the
+    reference's rows those of the float reference, and kernel and reference agree as in check_main."""
+    layout = KVRowLayout(case.d, 2 * case.cos.shape[1], act_dtype)
+    rows = torch.full((case.num_pages, case.rows_per_page, layout.row_bytes), 0xFF, dtype=torch.uint8, device=device)
+    rows_ref = rows.clone()
+    run(case, compress_main, rows, plan, act_dtype=act_dtype, row_layout=layout, backend="triton")
+    run(case, compress_main_ref, rows_ref, plan, act_dtype=act_dtype, row_layout=layout)
+    flo = torch.full((case.num_pages, case.rows_per_page, case.d), float("nan"), dtype=act_dtype, device=device)
+    flo_ref = flo.clone()
+    run(case, compress_main, flo, plan, act_dtype=act_dtype, fp8_nope=True, backend="triton")
+    run(case, compress_main_ref, flo_ref, plan, act_dtype=act_dtype, fp8_nope=True)
+    flat, ideal = oracle(case, indexer=False)
+    got_f, ref_f = rows.view(-1, layout.row_bytes), rows_ref.view(-1, layout.row_bytes)
+    check_untouched(got_f, flat, lambda x: (x == 0xFF).all(-1), ctx)
+    check_untouched(ref_f, flat, lambda x: (x == 0xFF).all(-1), ctx + " (reference)")
+    if flat.numel():
+        f = flat.to(device)
+        got_v, ref_v = unpack_kv_rows(got_f[f], layout), unpack_kv_rows(ref_f[f], layout)
+        assert torch.equal(got_v, flo.view(-1, case.d)[f]), f"{ctx}: FP8 rows differ from the float path's numbers"
+        assert torch.equal(ref_v, flo_ref.view(-1, case.d)[f]), f"{ctx}: reference rows differ from its float rows"
+        assert_rows_close(got_v, ref_v, ideal, ctx, quantized=True)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("ratio,overlap", MAIN_KINDS)
+def test_main_fp8_rows(ratio, overlap, batch, device):
+    starts, num_new = batch
+    case = make_case(12, starts, num_new, ratio, overlap, 96, 32, device)
+    plan = build_compress_plan(starts, num_new, ratio, overlap, device=device)
+    check_main_rows(case, plan, torch.float32, device, f"rows ratio={ratio} batch={batch}")
+
+
 def check_indexer(case, plan, act_dtype, device, ctx, config=None):
     cache = torch.full((case.num_pages, case.rows_per_page, ROW_BYTES), 255, dtype=torch.uint8, device=device)
     ref = cache.clone()
@@ -175,8 +210,6 @@ def check_indexer(case, plan, act_dtype, device, ctx, config=None):
         assert float((got_s != ref_s).double().mean()) <= 0.02, f"{ctx}: scales differ: {got_s} vs {ref_s}"
         assert_rows_close(got_v, ref_v, ideal, ctx, quantized=True)
 
-
-MAIN_KINDS = [(4, True), (16, False)]
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -337,6 +370,16 @@ def test_real_shapes_main(ratio, overlap, fp8, device):
     case = make_case(30, starts, num_new, ratio, overlap, 512, 64, device, rows_per_page=128 // ratio * 4)
     plan = build_compress_plan(starts, num_new, ratio, overlap, device=device)
     check_main(case, plan, torch.bfloat16, torch.bfloat16, fp8, device, f"gpu ratio={ratio} fp8={fp8}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes on the GPU")
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (128, False)])
+def test_real_shapes_main_fp8_rows(ratio, overlap, device):
+    decodes = torch.randint(0, 1200, (58,), generator=torch.Generator().manual_seed(2)).tolist() + [127, 255, 1023]
+    starts, num_new = [0, 0, 1000] + decodes, [1024, 517, 300] + [1] * 61
+    case = make_case(31, starts, num_new, ratio, overlap, 512, 64, device, rows_per_page=128 // ratio * 4)
+    plan = build_compress_plan(starts, num_new, ratio, overlap, device=device)
+    check_main_rows(case, plan, torch.bfloat16, device, f"gpu rows ratio={ratio}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real shapes on the GPU")

@@ -317,3 +317,27 @@ def test_sparse_attn_replays_in_a_cuda_graph(device):
     torch.cuda.synchronize()
     ref_out, ref_lse = fp64_reference(q, kv, idx, sink, D ** -0.5)
     assert_close(g_out, g_lse, ref_out, ref_lse, torch.bfloat16, "graph replay")
+
+
+# (T, H, D, K, dtype, config): split launches merged by the last program of each head block (one launch)
+FUSED_CASES = [
+    (3, 20, 64, 70, torch.float16, SparseAttnConfig(16, 16, 3, 4, 2, fused_merge=True)),
+    (1, 33, 32, 90, torch.float32, SparseAttnConfig(32, 16, 6, 4, 2, fused_merge=True)),  # T = 1, masked heads
+    (2, 16, 96, 50, torch.float32, SparseAttnConfig(16, 16, 4, 4, 2, skip_empty=False, fused_merge=True)),
+] + ([(1, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 32, 36, 4, 3, fused_merge=True)),
+      (1, 128, 512, 640, torch.bfloat16, SparseAttnConfig(16, 32, 20, 4, 3, fused_merge=True)),
+      (8, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 32, 8, 4, 3, fused_merge=True))] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_fused_merge_matches_fp64_and_leaves_tickets_zero(device, case):
+    T, H, D, K, dtype, config = FUSED_CASES[case]
+    tickets = torch.zeros(T * -(-H // config.block_h), dtype=torch.int32, device=device)
+    for rep in range(2):  # the tickets the first launch leaves serve the second
+        seed = 2000 + 10 * case + rep
+        q, kv, idx, sink = make_inputs(seed, T, H, D, K, dtype, device)
+        out, lse = poisoned(q, H)
+        sparse_attn(q, kv, idx, sink, D ** -0.5, out, lse, backend="triton", config=config, tickets=tickets)
+        ref_out, ref_lse = fp64_reference(q, kv, idx, sink, D ** -0.5)
+        assert_close(out, lse, ref_out, ref_lse, dtype, f"seed={seed} fused {config}")
+        assert int(tickets.abs().sum()) == 0, "the merging programs must leave their tickets at 0"

@@ -68,6 +68,22 @@ def test_launch_variants(config, device):
         run_and_compare(seed, 8, 700, 50, "position", device, ties=ties, config=config)
 
 
+RADIX = TopkConfig(keys_per_thread=32, radix=True)
+
+
+@pytest.mark.parametrize("order", ["score", "position"])
+@pytest.mark.parametrize("T, E, k", [(7, 1, 1), (9, 100, 16), (8, 300, 7), (7, 64, 100), (8, 2**10 + 17, 33)])
+def test_radix_select_matches_reference(T, E, k, order, device):
+    """The radix-select threshold: the same exact result, with ties (a split group), ±inf and every visible count."""
+    run_and_compare(T * 1000 + E + k, T, E, k, order, device, config=RADIX)
+    run_and_compare(T * 1000 + E + k + 1, T, E, k, order, device, ties=True, infs=True, config=RADIX)
+
+
+@pytest.mark.parametrize("order", ["score", "position"])
+def test_radix_select_over_candidate_rounds(order, device):
+    run_and_compare(4, 3, 2 * 16384 + 5, 24, order, device, ties=True, config=RADIX)
+
+
 @pytest.mark.parametrize("order", ["score", "position"])
 def test_ties_break_by_lower_position(order, device):
     ref, visible = run_and_compare(11, 8, 500, 40, order, device, ties=True)
@@ -148,3 +164,4 @@ def test_bad_inputs_raise():
                                      (256, 2048, 2048)])
 def test_real_shapes(T, E, k, order, device):
     run_and_compare(T + E + k, T, E, k, order, device, ties=E <= 8192)
+    run_and_compare(T + E + k, T, E, k, order, device, ties=E <= 8192, config=RADIX)
