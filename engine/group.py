@@ -18,12 +18,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 from sparsepd.engine.config import EngineConfig
-from sparsepd.engine.group_args import GroupSpec
+from sparsepd.engine.group_args import GroupSpec, group_spec_from_args
 from sparsepd.engine.request import StepOutput
 from sparsepd.model.expert_parallel import ExpertLayout, ExpertParallel, attach, idle_forward
 from sparsepd.model.transformer import Transformer
@@ -50,11 +52,25 @@ class RankGroup:
         self.host_group = dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl" else dist.group.WORLD
         self.model: Transformer | None = None
         self.ep: ExpertParallel | None = None
+        self.stopping = False  # set when the worker stops: a peer gone then is a normal end, not a broken group
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True).start()
         log.info("rank %d of %d on %s joined (%s)", spec.rank, spec.ep, spec.device, spec.backend)
 
     @property
     def rank(self) -> int:
         return self.spec.rank
+
+    def _watch_parent(self, parent: int) -> None:
+        """Exit when the launcher that started this rank is gone (no orphan outlives its group)."""
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("rank %d: its launcher (pid %d) is gone; exiting", self.rank, parent)
+        os._exit(EXIT_GROUP_BROKEN)
+
+    def engine_config(self, cfg: EngineConfig) -> EngineConfig:
+        """The worker's engine config for this rank: its device; CUDA graphs only for a group of one (a forward of
+        several ranks exchanges token counts on the host: model/expert_parallel.py)."""
+        return cfg.model_copy(update=dict(device=self.spec.device, cuda_graph=cfg.cuda_graph and self.spec.ep == 1))
 
     def build_model(self, cfg: EngineConfig) -> Transformer:
         """This rank's model: the replicated weights and its share of the routed experts (only those read from a
@@ -79,6 +95,8 @@ class RankGroup:
                 idle_forward(self.model)
             return outputs
         except Exception:  # noqa: BLE001 - the ranks no longer pair up: take the group down
+            if self.stopping:  # the group is stopping: a peer that left first ends this one too
+                os._exit(0)
             log.exception("rank %d: a step failed; the group cannot go on in step", self.rank)
             logging.shutdown()
             os._exit(EXIT_GROUP_BROKEN)
@@ -92,3 +110,13 @@ class RankGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def join_group(args) -> RankGroup | None:
+    """This process's rank when the worker flags make it one (engine/group_args.py), else None."""
+    spec = group_spec_from_args(args)
+    if spec is None:
+        return None
+    if spec.local_rank is None:
+        raise ValueError("--devices starts a group through the worker command (deploy/group.py), not here")
+    return RankGroup(spec)
