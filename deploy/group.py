@@ -29,7 +29,7 @@ BROKEN_STOP_S = 3.0  # a rank's siblings get this long after SIGTERM once the gr
 
 def wants_launcher(args: argparse.Namespace) -> bool:
     """Whether this worker command starts a group (--devices given, and not a rank it started)."""
-    return getattr(args, "devices", None) is not None and args.local_rank is None
+    return getattr(args, "devices", None) is not None and hasattr(args, "local_rank") and args.local_rank is None
 
 
 def rank_argv(argv: list[str], args: argparse.Namespace, spec: GroupSpec, local_rank: int,
