@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ async def _all(address: str, n: int, tag: str, during=None):
         results = await asyncio.gather(*tasks)
         loads = await wait_all_free(stub, timeout=60)
         return results, loads
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return {labels: float(v) for labels, v in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)}
 
 
 def _ranks(serve_pid: int, role: str) -> tuple[int, list[int]]:
@@ -80,6 +87,7 @@ def test_serve_with_two_rank_groups_streams_reference_tokens_and_restarts_a_kill
 
         results, _ = run(_all(served.ready["grpc"], 40, "moved", kill_a_rank))
         assert results == [("length", reference(p, 40)) for p in PROMPTS]
+        assert sum(_metric(served.ready["metrics"], "sparsepd_router_migrations_total").values()) >= 1
         line = _wait_log(served, r"error: decode-0 \(pid \d+\) exited with code 1; restarting it")
         assert f"(pid {launcher})" in line
         deadline = time.monotonic() + 30
