@@ -58,10 +58,11 @@ def decode_point(group: RankGroup | None, model, device: str, batch: int, contex
     cfg = model.cfg
     share = mine(prompts(batch, context, cfg.vocab_size, seed=batch), group) if group is not None else \
         prompts(batch, context, cfg.vocab_size, seed=batch)
-    pages = max(1, len(share)) * (-(-(context + 1040) // cfg.page_size))
+    new = min(1024, cfg.max_seq_len - context)  # none finishes during the run
+    pages = max(1, len(share)) * (-(-(context + new + 16) // cfg.page_size))
     engine = Engine(model, PoolConfig(num_slots=max(1, len(share)), max_batch_tokens=8192, num_pages=pages),
                     cuda_graph=cuda_graph, overlap=True)
-    params = SamplingParams(max_new_tokens=1024, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     reqs = [engine.submit(p, params) for p in share]
     step = (lambda: group.step(engine)) if group is not None else engine.step
     while (group.any(any(r.prefilling or not r.output_ids for r in reqs)) if group is not None
@@ -141,7 +142,7 @@ def run_rank(args: argparse.Namespace) -> None:
         rows.append({"mode": f"group of {spec.ep}", **decode_point(group, model, spec.device, b, args.context,
                                                                    args.steps, cfg.cuda_graph)})
     result = dict(device=torch.cuda.get_device_name() if spec.backend == "nccl" else "cpu", preset=args.preset,
-                  ep=spec.ep, context=args.context, cuda_graph=cfg.cuda_graph, rows=rows)
+                  ep=spec.ep, context=args.context, cuda_graph=cfg.cuda_graph and spec.backend == "nccl", rows=rows)
     if args.check:
         result["check"] = check(group, model, cfg, args.context)
     out = Path(args.out)

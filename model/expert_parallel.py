@@ -103,7 +103,9 @@ class ExpertParallel:
         send_meta.index_copy_(0, row, meta.reshape(W * n, 2 * k))
         recv_x, recv_meta = self._dispatch(send_x[:-1], send_meta[:-1])
         ids = recv_meta[:, :k].to(torch.int64)  # [R, k]: ids < 2^24 travel exactly in fp32
-        out = torch.zeros(ids.shape[0], k, x.shape[1], dtype=torch.float32, device=x.device) if x.is_cuda else None
+        # the GPU kernels leave the slots of ids outside this rank's range unwritten: zeros there (none with W = 1)
+        out = torch.zeros(ids.shape[0], k, x.shape[1], dtype=torch.float32, device=x.device) \
+            if x.is_cuda and W > 1 else None
         y_held = moe.routed(recv_x, recv_meta[:, k:].contiguous(), ids, out=out)  # [R, dim] fp32
         back = self._combine(y_held, n)  # [W·n, dim]
         back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # the row of "not sent": zeros
