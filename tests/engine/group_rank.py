@@ -39,19 +39,20 @@ def main() -> None:
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--cuda", action="store_true", help="rank r on cuda:r over NCCL (the engine with CUDA graphs)")
     args = p.parse_args()
     torch.manual_seed(0)
-    spec = GroupSpec(devices=("cpu",) * args.world, ep=args.world, master_port=args.port, local_rank=args.rank,
-                     timeout_s=600)
+    devices = tuple(f"cuda:{r}" for r in range(args.world)) if args.cuda else ("cpu",) * args.world
+    spec = GroupSpec(devices=devices, ep=args.world, master_port=args.port, local_rank=args.rank, timeout_s=600)
     group = RankGroup(spec)
-    cfg = EngineConfig(preset="tiny", seed=3, pools=POOLS)
+    cfg = group.engine_config(EngineConfig(preset="tiny", seed=3, pools=POOLS))
     model, reference = group.build_model(cfg), cfg.build_model()
     requests = prompts_for(args.rank, args.world)
 
     # logits: one request's prefill then three decode steps per rank (a rank without requests runs empty ones)
     logits, ref_logits = [], []
     if requests:
-        ids = torch.tensor(requests[0][0])
+        ids = torch.tensor(requests[0][0], device=spec.device)
         state, ref_state = model.new_state(), reference.new_state()
         logits.append(model.forward(ids, state))
         ref_logits.append(reference.forward(ids, ref_state))
@@ -64,7 +65,7 @@ def main() -> None:
             idle_forward(model)
 
     # greedy tokens through the engine, ranks in lockstep
-    engine = Engine(model, POOLS)
+    engine = Engine(model, POOLS, cuda_graph=cfg.cuda_graph, overlap=args.cuda)
     submitted = [engine.submit(ids, SamplingParams(max_new_tokens=m, ignore_eos=True)) for ids, m in requests]
     ticks = 0
     while group.any(engine.scheduler.has_work):
@@ -73,6 +74,7 @@ def main() -> None:
     expected = Engine(reference, POOLS).generate([ids for ids, _ in requests],
                                                  [SamplingParams(max_new_tokens=m, ignore_eos=True)
                                                   for _, m in requests]) if requests else []
+    logits, ref_logits = [t.cpu() for t in logits], [t.cpu() for t in ref_logits]
     torch.save({"logits": logits, "ref_logits": ref_logits, "tokens": [r.output_ids for r in submitted],
                 "ref_tokens": [r.output_ids for r in expected], "ticks": ticks,
                 "idle": engine.is_idle_and_empty(), "forwards": group.ep.forwards,

@@ -28,11 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(world: int, tmp_path: Path) -> list[dict]:
+def run_group(world: int, tmp_path: Path, *extra: str) -> list[dict]:
     port = free_port()
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), "--rank", str(r), "--world", str(world),
-                               "--port", str(port), "--out", str(outs[r])],
+                               "--port", str(port), "--out", str(outs[r]), *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     try:
         logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
@@ -48,7 +48,10 @@ def run_group(world: int, tmp_path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_group_matches_single_process(world, tmp_path):
-    results = run_group(world, tmp_path)
+    check_group(run_group(world, tmp_path), world)
+
+
+def check_group(results: list[dict], world: int) -> None:
     for rank, res in enumerate(results):
         per = 8 // world
         held = {int(n.split(".")[4]) for n in res["held"]}
