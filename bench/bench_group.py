@@ -9,7 +9,8 @@ and greedy tokens against the whole model on one device.
 
 A batch is the group's: B requests dealt round-robin over the ranks (at batch 1 the other ranks run empty steps).
 Per batch: the step's wall time (every rank steps in lockstep, synchronized at the end), decode tokens/s of the
-group, and the all-to-all share (the GPU time of the NCCL kernels over the step's, from the profiler, rank 0). Rank
+group, the all-to-all share (the GPU time of the NCCL kernels over the step's, from the profiler, rank 0) and rank
+0's weight floor (the weight bytes its step reads over the measured copy bandwidth: `floor_ms`). Rank
 0 prints a markdown table and writes group_bench.json under --out. The same script runs on the CPU over gloo
 (`--devices cpu --ep 1`, small --context) to check it; the timings there mean nothing.
 """
@@ -85,7 +86,41 @@ def decode_point(group: RankGroup | None, model, device: str, batch: int, contex
     while group is not None and group.any(engine.scheduler.has_work):
         step()
     return dict(batch=batch, rank_batch=len(share), step_ms=step_ms, tok_s=batch / step_ms * 1e3,
-                all_to_all_share=share_a2a)
+                all_to_all_share=share_a2a, floor_ms=floor_ms(model, batch, copy_bandwidth(device)))
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted), median of 20 (None on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.randn(2**28, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(22):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * 2**28 * 4 / statistics.median(times[2:])
+
+
+def floor_ms(model, batch: int, bandwidth: float | None) -> float | None:
+    """This rank's weight bytes a decode step of the group's `batch` tokens reads, over the copy bandwidth: every
+    replicated weight, and each held expert with the chance that one of the batch's tokens picks it
+    (1 − (1 − k/E)^batch); the KV state is not counted."""
+    if bandwidth is None:
+        return None
+    cfg = model.cfg
+    touched = 1 - (1 - cfg.n_activated_experts / cfg.n_routed_experts) ** batch
+    total = 0.0
+    for name, t in model.state_dict().items():
+        if name.endswith("tid2eid"):
+            continue
+        total += t.nbytes * (touched if ".ffn.experts." in name else 1.0)
+    return total / bandwidth * 1e3
 
 
 def all_to_all_share(step, device: str, steps: int = 5) -> float | None:
@@ -156,11 +191,13 @@ def run_rank(args: argparse.Namespace) -> None:
 def print_table(result: dict) -> None:
     print(f"# {result['preset']} on {result['device']}, group of {result['ep']}, {result['context']}-token contexts, "
           f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}\n")
-    print("| mode | batch (rank 0's) | step ms | decode tokens/s | all-to-all share |")
-    print("|---|---|---|---|---|")
+    print("| mode | batch (rank 0's) | step ms | decode tokens/s | all-to-all share | weight floor ms (rank 0) |")
+    print("|---|---|---|---|---|---|")
     for r in result["rows"]:
         share = "—" if r["all_to_all_share"] is None else f"{r['all_to_all_share']:.0%}"
-        print(f"| {r['mode']} | {r['batch']} ({r['rank_batch']}) | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {share} |")
+        floor = "—" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
+        print(f"| {r['mode']} | {r['batch']} ({r['rank_batch']}) | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {share} "
+              f"| {floor} |")
     if "check" in result:
         c = result["check"]
         print(f"\ncheck (rank 0): max |Δ logit| / max |logit| {c['max_rel_logit_diff']:.2e}, argmax agreement "
