@@ -90,3 +90,29 @@ def test_random_weights_of_a_rank_equal_the_whole_model(load_format):
 def test_layout_rejects_an_uneven_split():
     with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
         ExpertLayout(0, 3, 8)
+
+
+def test_fp4_experts_of_a_rank_dummy_and_from_a_checkpoint(tmp_path, monkeypatch):
+    """FP4 experts kept packed (stacks of the held experts only): dummy weights and a checkpoint's bytes of a rank
+    equal the whole model's, and the rank reads none of the others' expert bytes."""
+    cfg = get_preset("tiny", moe_inter_dim=64, weight_format="fp8_fp4", compress_ratios=(0, 4, 128, 4, 0),
+                     page_size=128)
+    full = build_model(cfg, seed=2, load_format="dummy")
+    save_checkpoint(full, tmp_path)
+    want = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for k, v in full.state_dict().items()}
+    real = weights_module.safe_open
+    for rank in range(2):
+        held = ExpertLayout(rank, 2, cfg.n_routed_experts).held
+        for model in (build_model(cfg, seed=2, load_format="dummy", experts=held), None):
+            if model is None:
+                names: list[str] = []
+                monkeypatch.setattr(weights_module, "safe_open", CountingOpen(real, [0], names))
+                model = build_model(cfg, checkpoint=tmp_path, experts=held)
+                monkeypatch.setattr(weights_module, "safe_open", real)
+                assert not [n for n in names if ".ffn.experts." in n and int(n.split(".")[4]) not in held]
+            got = model.state_dict()
+            assert {int(n.split(".")[4]) for n in got if ".ffn.experts." in n} == set(held)
+            assert model.layers[0].ffn.experts.stacks[0].shape[0] == len(held)
+            for name, value in got.items():
+                v = value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value
+                assert torch.equal(v, want[name]), name
