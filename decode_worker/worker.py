@@ -173,7 +173,8 @@ class DecodeWorker:
 
     # --- the loop thread --------------------------------------------------------------------------
     def run(self) -> None:
-        while not self.stop_event.is_set():
+        # a group's rank goes on ticking after its own stop while another rank still runs requests (lockstep)
+        while not self.stop_event.is_set() or (self.group is not None and self.group.busy):
             # (at most 50 ms: retracted requests may wait; a rank does not wait while its group is busy)
             self._drain(block=not self.engine.scheduler.running and not (self.group is not None and self.group.busy))
             self._expire()
