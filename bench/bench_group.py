@@ -226,7 +226,8 @@ def launch(args: argparse.Namespace) -> int:
                   for r in range(args.ep)]
         print("\n| rank | max |Δ logit| / max |logit| | argmax agreement | greedy tokens equal |\n|---|---|---|---|")
         for c in checks:
-            print(f"| {c['rank']} | {c['max_rel_logit_diff']:.2e} | {c['argmax_agreement']:.1%} | {c['tokens_equal']} |")
+            print(f"| {c['rank']} | {c['max_rel_logit_diff']:.2e} | {c['argmax_agreement']:.1%} | "
+                  f"{c['tokens_equal']} |")
     return 0
 
 

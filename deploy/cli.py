@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    if hasattr(args, "local_rank"):  # a worker group's launcher starts its ranks with the same command (deploy/group.py)
+    if hasattr(args, "local_rank"):  # a worker group's launcher starts its ranks with this command (deploy/group.py)
         args.command_line = argv
     try:
         return args.run(args)

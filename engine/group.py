@@ -49,7 +49,8 @@ class RankGroup:
         dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
                                 rank=spec.rank, world_size=spec.ep, timeout=timeout)
         # the token counts and the lockstep's flags travel on the host: a gloo group beside NCCL's
-        self.host_group = dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl" else dist.group.WORLD
+        self.host_group = (dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl"
+                           else dist.group.WORLD)
         self.model: Transformer | None = None
         self.ep: ExpertParallel | None = None
         self.stopping = False  # set when the worker stops: a peer gone then is a normal end, not a broken group

@@ -81,7 +81,8 @@ def group_spec_from_args(args: argparse.Namespace) -> GroupSpec | None:
     """The group the flags ask for; None for a plain one-process worker (no --devices, --ep 1)."""
     if args.devices is None:
         if args.ep != 1 or args.nnodes != 1:
-            raise ValueError(f"--ep {args.ep} / --nnodes {args.nnodes} need --devices: the devices of this host's ranks")
+            raise ValueError(f"--ep {args.ep} / --nnodes {args.nnodes} need --devices: the devices of this host's "
+                             "ranks")
         return None
     return GroupSpec(devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()), ep=args.ep,
                      nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,

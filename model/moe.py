@@ -188,7 +188,7 @@ class MoE(nn.Module):
         return y
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routed experts' (those held here) weights as `w13 [E, 2·inter, dim]` (W1 rows, then W3 rows) and `w2 [E, dim, inter]`.
+        """The held routed experts' weights as `w13 [E, 2·inter, dim]` (W1 rows, then W3 rows) and `w2 [E, dim, inter]`.
 
         Built at the first call (the first GPU forward: run one eager forward before capturing a graph); each
         expert's parameters then become views into these tensors, so the weights are held once and the checkpoint
