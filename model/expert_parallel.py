@@ -10,8 +10,9 @@ One MoE layer on rank r with n_r tokens (every rank runs the same layers in the 
 pair up; a rank without tokens takes part with n_r = 0, `idle_forward`):
 
 1. dispatch: token t goes to rank p when one of its k experts lives there, at most once per rank. The send buffer
-   holds W blocks of n_r rows (block p: the tokens for rank p, in token order, then padding), and beside each row
-   its k routing weights and expert ids local to p (-1 for a slot another rank serves, and on padding rows). The
+   holds W blocks of n_r rows (block p: the tokens for rank p, in token order, then padding), each row the bytes of
+   x, its k expert ids local to p (int32, -1 for a slot another rank serves, and on padding rows) and its k routing
+   weights (fp32): one all_to_all_single of bytes per layer for the dispatch, one for the combine. The
    split sizes are therefore known on every host without looking at the routing — rank q sends n_q rows to each
    rank — so nothing waits on the device: the counts travel inside the buffers (a padding row is all -1 ids and
    computes nothing), and the token counts n_q are exchanged once per forward on the host (`begin_forward`).
@@ -94,31 +95,33 @@ class ExpertParallel:
         # row of token t in block p of the send buffer; W·n (one past the end) for tokens not sent to p
         row = torch.cumsum(to_rank.to(torch.int64), 0) - 1 + torch.arange(W, device=x.device) * n
         row = torch.where(to_rank, row, W * n).t().reshape(-1)  # [W·n], block-major
-        send_x = x.new_zeros(W * n + 1, x.shape[1])  # [W·n + 1, dim]: the last row takes what is not sent
-        send_x.index_copy_(0, row, x.repeat(W, 1))
+        # one row of bytes per (token, rank): x | its k expert ids local to that rank (int32, -1: not there) | weights
+        x_bytes, dim = x.shape[1] * x.element_size(), x.shape[1]
+        send = torch.zeros(W * n + 1, x_bytes + 8 * k, dtype=torch.uint8, device=x.device)  # last row: not sent
+        send[:, x_bytes:x_bytes + 4 * k] = 255  # int32 -1 on padding rows: they compute nothing
         ranks = torch.arange(W, device=x.device)[:, None, None]  # [W, 1, 1]
-        local_ids = torch.where(rank_of[None] == ranks, indices[None] - ranks * per, -1)  # [W, n, k]
-        meta = torch.cat([local_ids.to(torch.float32), weights[None].expand(W, n, k).float()], -1)  # [W, n, 2k]
-        send_meta = torch.full((W * n + 1, 2 * k), -1.0, device=x.device)
-        send_meta.index_copy_(0, row, meta.reshape(W * n, 2 * k))
-        recv_x, recv_meta = self._dispatch(send_x[:-1], send_meta[:-1])
-        ids = recv_meta[:, :k].to(torch.int64)  # [R, k]: ids < 2^24 travel exactly in fp32
+        local_ids = torch.where(rank_of[None] == ranks, indices[None] - ranks * per, -1).to(torch.int32)  # [W,n,k]
+        rows = torch.cat([x.contiguous().view(torch.uint8).repeat(W, 1),
+                          local_ids.reshape(W * n, k).view(torch.uint8),
+                          weights.float().repeat(W, 1).view(torch.uint8)], 1)  # [W·n, bytes]
+        send.index_copy_(0, row, rows)
+        recv = self._dispatch(send[:-1])  # [R, bytes]
+        recv_x = recv[:, :x_bytes].contiguous().view(x.dtype)  # [R, dim]
+        ids = recv[:, x_bytes:x_bytes + 4 * k].contiguous().view(torch.int32).to(torch.int64)  # [R, k]
+        recv_w = recv[:, x_bytes + 4 * k:].contiguous().view(torch.float32)  # [R, k]
         # the GPU kernels leave the slots of ids outside this rank's range unwritten: zeros there (none with W = 1)
-        out = torch.zeros(ids.shape[0], k, x.shape[1], dtype=torch.float32, device=x.device) \
-            if x.is_cuda and W > 1 else None
-        y_held = moe.routed(recv_x, recv_meta[:, k:].contiguous(), ids, out=out)  # [R, dim] fp32
+        out = torch.zeros(ids.shape[0], k, dim, dtype=torch.float32, device=x.device) if x.is_cuda and W > 1 else None
+        y_held = moe.routed(recv_x, recv_w, ids, out=out)  # [R, dim] fp32
         back = self._combine(y_held, n)  # [W·n, dim]
         back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # the row of "not sent": zeros
         return back[row.reshape(W, n).t()].sum(1)  # [n, dim], summed in rank order
 
-    def _dispatch(self, send_x: torch.Tensor, send_meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, received = self.tokens[self.layout.rank], sum(self.tokens)
-        splits_in, splits_out = [n] * self.layout.world_size, self.tokens
-        recv_x = send_x.new_empty(received, send_x.shape[1])
-        recv_meta = send_meta.new_empty(received, send_meta.shape[1])
-        dist.all_to_all_single(recv_x, send_x, splits_out, splits_in, group=self.device_group)
-        dist.all_to_all_single(recv_meta, send_meta, splits_out, splits_in, group=self.device_group)
-        return recv_x, recv_meta
+    def _dispatch(self, send: torch.Tensor) -> torch.Tensor:
+        """Block p of `send` (n_r rows) to rank p; from every rank q its n_q rows for this one, in rank order."""
+        n = self.tokens[self.layout.rank]
+        recv = send.new_empty(sum(self.tokens), send.shape[1])
+        dist.all_to_all_single(recv, send, self.tokens, [n] * self.layout.world_size, group=self.device_group)
+        return recv
 
     def _combine(self, y_held: torch.Tensor, n: int) -> torch.Tensor:
         back = y_held.new_empty(self.layout.world_size * n, y_held.shape[1])
