@@ -8,6 +8,7 @@ import argparse
 
 from sparsepd.cluster_token import add_token_args
 from sparsepd.engine.args import add_engine_args, add_prefix_cache_args
+from sparsepd.engine.group_args import add_group_args
 from sparsepd.registration import add_registration_args
 from sparsepd.tls import add_tls_args
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "retracted (default: the size of the KV pool)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
+    add_group_args(p)
     add_prefix_cache_args(p, "with --colocated only (a decode worker prefills nothing)")
     add_registration_args(p)
     add_token_args(p)

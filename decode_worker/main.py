@@ -18,6 +18,7 @@ from sparsepd.decode_worker.transfer_receiver import TransferReceiver
 from sparsepd.decode_worker.worker import DecodeWorker
 from sparsepd.engine.config import EngineConfig, engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
+from sparsepd.engine.group import join_group
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.process import print_ready, setup_logging, stop_on_signals
@@ -31,15 +32,21 @@ log = logging.getLogger("sparsepd.decode")
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("decode", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
+    group = join_group(args)  # a rank of a worker group (engine/group.py), or None
+    if group is not None:
+        args.device = group.spec.device  # this rank's device: the memory plan's defaults follow it
     cfg = with_prefix_cache(engine_config_from_args(args), args, enabled=args.colocated)
     cfg = EngineConfig.model_validate({**cfg.model_dump(), "max_retracted_memory": args.max_retracted_memory})
-    model = cfg.build_model()
+    if group is not None:
+        cfg = group.engine_config(cfg)
+    model = group.build_model(cfg) if group is not None else cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
                     vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory)
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())
     worker = DecodeWorker(engine, max_ttl_s=args.reservation_ttl, faults=Faults.from_env())
+    worker.group = group
     receiver = TransferReceiver(args.zmq_endpoint, fingerprint, worker.on_state, expected=worker.expected,
                                 auth_key=derive_key(token, "transfer") if token is not None else None)
     worker.cancel_transfer = receiver.cancel
@@ -68,6 +75,8 @@ async def serve(args: argparse.Namespace) -> int:
     print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,
                 pages=load.num_pages, slots=load.num_slots)
     await stop.wait()
+    if group is not None:
+        group.stopping = True
     if registration is not None:
         registration.cancel()
     service.serving = False  # Reserve answers UNAVAILABLE, Health says not serving: the router sends no more

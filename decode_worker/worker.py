@@ -68,6 +68,7 @@ class DecodeWorker:
         self.expect_transfer: Callable[..., object] = lambda *args, **kwargs: None
         self.transfer_stats: Callable[[], dict] = dict
         self.step_count = 0
+        self.group = None  # a rank of a worker group (engine/group.py): every loop turn is one lockstep tick
 
     # --- called from the control server -----------------------------------------------------------
     def reserve(self, request_id: str, prompt_len: int, params: SamplingParams, ttl_s: float) -> Reservation:
@@ -172,10 +173,12 @@ class DecodeWorker:
 
     # --- the loop thread --------------------------------------------------------------------------
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            self._drain(block=not self.engine.has_running)  # (at most 50 ms: retracted requests may wait)
+        # a group's rank goes on ticking after its own stop while another rank still runs requests (lockstep)
+        while not self.stop_event.is_set() or (self.group is not None and self.group.busy):
+            # (at most 50 ms: retracted requests may wait; a rank does not wait while its group is busy)
+            self._drain(block=not self.engine.has_running and not (self.group is not None and self.group.busy))
             self._expire()
-            if self.engine.has_work:  # running, or retracted and waiting for room
+            if self.engine.has_work or self.group is not None:  # running, or retracted and waiting for room
                 self.faults.hit("decode.step")
                 with self.lock:
                     outputs = self._step()
@@ -187,6 +190,8 @@ class DecodeWorker:
     def _step(self) -> list[StepOutput]:
         """One engine step; a step that raises (not one request's fault: those fail alone inside it) fails the
         requests running here and the loop goes on."""
+        if self.group is not None:  # a group's rank: its step, or an empty one; a failure is fatal (engine/group.py)
+            return self.group.step(self.engine)
         try:
             return self.engine.step()
         except Exception as exc:  # noqa: BLE001 - the loop thread must outlive a failed step

@@ -126,8 +126,15 @@ def _role(name: str, arguments: str, help_text: str, run: Callable[[argparse.Nam
 
 
 def _serve(module: str) -> Callable[[argparse.Namespace], int]:
-    """Run the coroutine `serve(args)` of `module`, imported only now."""
-    return lambda args: asyncio.run(importlib.import_module(module).serve(args))
+    """Run the coroutine `serve(args)` of `module`, imported only now; a worker command with --devices starts its
+    group's ranks instead, each the same command for one device (deploy/group.py)."""
+    def run(args: argparse.Namespace) -> int:
+        from sparsepd.deploy.group import launch_group, wants_launcher
+
+        if wants_launcher(args):
+            return launch_group(args, args.command_line)
+        return asyncio.run(importlib.import_module(module).serve(args))
+    return run
 
 
 def _run_loadtest(args: argparse.Namespace) -> int:
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    if hasattr(args, "local_rank"):  # a worker group's launcher starts its ranks with this command (deploy/group.py)
+        args.command_line = argv
     try:
         return args.run(args)
     except ValueError as exc:

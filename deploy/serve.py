@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from sparsepd.cluster_token import TOKEN_ENV, AuthorizedStub, add_token_args, generate_token, token_from_args
+from sparsepd.deploy.group import ready_ranks
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
 from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
 from sparsepd.load_flags import add_load_args
@@ -59,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="auto",
                    help="comma-separated devices handed to the workers in turn (decode first), e.g. cuda:0,cuda:1; "
                         "auto = every CUDA device, or cpu when there is none (default: %(default)s)")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="each decode (or colocated) worker is a group of N ranks, one process per device, taking N "
+                        "devices of --devices in turn: data-parallel attention, the routed experts split N ways "
+                        "(default: 1, one process per worker)")
+    p.add_argument("--prefill-ep", type=int, default=None, metavar="N",
+                   help="the same for each prefill worker (default: --ep)")
     add_model_arguments(p)
     add_load_args(p)  # handed to the router (its fingerprint) and every worker
     w = p.add_argument_group("workers (passed to every worker; defaults are the workers')")
@@ -193,7 +200,12 @@ STOP_FIRST = ["gateway", "router"]  # then the workers, when nothing is left in 
 async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
     """The router first (it waits for workers to register), then every worker at once with `--router` (so a
     restarted one registers again), then the gateway; returns the endpoints once the router has every worker."""
-    devices = _devices(args.devices, args.prefill + args.decode)
+    prefill_ep = args.prefill_ep or args.ep
+    if args.ep < 1 or prefill_ep < 1:
+        raise ValueError(f"--ep {args.ep} and --prefill-ep {prefill_ep} must be ≥ 1")
+    names = _devices(args.devices, args.decode * args.ep + args.prefill * prefill_ep)
+    devices = [_worker_devices(names, i * args.ep, args.ep) for i in range(args.decode)]
+    devices += [_worker_devices(names, args.decode * args.ep + i * prefill_ep, prefill_ep) for i in range(args.prefill)]
     kind = "colocated" if args.colocated else "decode"
     env = children_env(args)  # once: a restarted process gets the same token
     _say("starting the router ...")
@@ -215,11 +227,13 @@ async def _start_all(args: argparse.Namespace, supervisor: Supervisor) -> dict:
     failed = next((r for r in started if isinstance(r, BaseException)), None)
     if failed is not None:
         raise failed
-    addresses = {name: child.ready["grpc"] for (name, _), child in zip(workers, started, strict=True)}
-    endpoints["prefill"] = [a for name, a in addresses.items() if name.startswith("prefill-")]
-    endpoints[kind] = [a for name, a in addresses.items() if name.startswith(f"{kind}-")]
-    await _wait_registered(where, set(addresses.values()), args.start_timeout, env.get(TOKEN_ENV),
-                           tls_from_args(args))
+    # a group registers each rank as a worker of its own (docs/DESIGN.md §9): the router lists every rank
+    addresses = {name: [r["grpc"] for r in ready_ranks(child.ready)]
+                 for (name, _), child in zip(workers, started, strict=True)}
+    endpoints["prefill"] = [a for name, ranks in addresses.items() if name.startswith("prefill-") for a in ranks]
+    endpoints[kind] = [a for name, ranks in addresses.items() if name.startswith(f"{kind}-") for a in ranks]
+    await _wait_registered(where, {a for ranks in addresses.values() for a in ranks}, args.start_timeout,
+                           env.get(TOKEN_ENV), tls_from_args(args))
     if args.http_port is not None:
         _say(f"starting the HTTP gateway (smg) on {args.http_host}:{args.http_port} ...")
         ports = [args.http_port, args.http_metrics_port]
@@ -265,17 +279,18 @@ def _load_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--num-layers", str(args.num_layers)] if args.num_layers is not None else [])
 
 
-def worker_commands(args: argparse.Namespace, devices: list[str], router: str) -> list[tuple[str, list[str]]]:
-    """(name, `sparsepd` arguments) of every worker: decode (or colocated) workers first, then prefill ones."""
+def worker_commands(args: argparse.Namespace, devices: list[list[str]], router: str) -> list[tuple[str, list[str]]]:
+    """(name, `sparsepd` arguments) of every worker: decode (or colocated) workers first, then prefill ones;
+    `devices[i]`: worker i's device arguments (`_worker_devices`)."""
     kind = "colocated" if args.colocated else "decode"
     common = [*_worker_flags(args), "--router", router]
     colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
     retracted = ["--max-retracted-memory", str(args.max_retracted_memory)] if args.max_retracted_memory is not None \
         else []
-    workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, *retracted, "--device", devices[i]])
+    workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, *retracted, *devices[i]])
                for i in range(args.decode)]
-    return workers + [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), "--device",
-                                        devices[args.decode + i]]) for i in range(args.prefill)]
+    return workers + [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), *devices[args.decode + i]])
+                      for i in range(args.prefill)]
 
 
 def _cache_flags(args: argparse.Namespace) -> list[str]:
@@ -336,6 +351,13 @@ def _worker_flags(args: argparse.Namespace) -> list[str]:
         if value is not None:
             flags += [flag, str(value)]
     return flags
+
+
+def _worker_devices(names: list[str], first: int, ep: int) -> list[str]:
+    """A worker's device flags: `--device D`, or `--devices D1,…,DN --ep N` for a group (deploy/group.py)."""
+    if ep == 1:
+        return ["--device", names[first]]
+    return ["--devices", ",".join(names[first:first + ep]), "--ep", str(ep)]
 
 
 def _devices(spec: str, n: int) -> list[str]:

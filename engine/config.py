@@ -42,7 +42,8 @@ class EngineConfig(BaseModel):
         the load options applied (depth, weight format)."""
         return resolve_model_config(self.preset, self.checkpoint, self.load)
 
-    def build_model(self) -> Transformer:
+    def build_model(self, experts: range | None = None) -> Transformer:
+        """experts: the routed experts this process holds (a rank of a group: engine/group.py; default all)."""
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available")
         if self.device.startswith("cuda"):
@@ -50,7 +51,7 @@ class EngineConfig(BaseModel):
             # (for this thread; the runner does the same for the threads that step the engine).
             torch.cuda.set_device(torch.device(self.device))
         return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device,
-                           load_format=self.load.load_format)
+                           load_format=self.load.load_format, experts=experts)
 
     def vocabulary(self, model_config: ModelConfig) -> Vocabulary:
         """What grammars compile against: the checkpoint's tokenizer.json when it has one (as the router's model

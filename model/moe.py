@@ -10,6 +10,10 @@ graph friendly) over stacked copies of the expert weights; on the CPU the per-ex
 With weight_format fp8_fp4 the routed experts stay packed FP4 (`Fp4Experts`: `moe_fp4` on the GPU, the same
 per-expert loop over each touched expert's dequantized weights on the CPU); with fp8 or fp8_fp4 the shared
 expert's projections are FP8 (model/linear.py).
+
+Expert parallelism (model/expert_parallel.py): a rank of a group holds only `experts` (a contiguous range of the
+routed experts; the other entries of `self.experts` are empty placeholders, so parameter names keep the global
+expert ids), and `ep` sends each token to the ranks that hold its experts and sums what comes back.
 """
 
 from __future__ import annotations
@@ -77,14 +81,16 @@ class Fp4Experts(nn.ModuleList):
     the stacks, so the weights are held once and loads write through; moving the module moves the stacks and
     re-points the views."""
 
-    def __init__(self, n_experts: int, dim: int, inter: int):
-        stacks = (torch.zeros(n_experts, 2 * inter, dim // 2, dtype=torch.uint8),  # [E, 2·inter, dim/2]
-                  torch.full((n_experts, 2 * inter, dim // FP4_BLOCK), 127, dtype=torch.uint8),  # 2^0
-                  torch.zeros(n_experts, dim, inter // 2, dtype=torch.uint8),  # [E, dim, inter/2]
-                  torch.full((n_experts, dim, inter // FP4_BLOCK), 127, dtype=torch.uint8))
-        super().__init__(Fp4Expert(*(PackedFp4(w, sc) for w, sc in self._views(stacks, e, inter)))
-                         for e in range(n_experts))
-        self.inter = inter
+    def __init__(self, n_experts: int, dim: int, inter: int, local: range | None = None):
+        local = range(n_experts) if local is None else local  # expert parallel: stacks of these experts only
+        n = len(local)
+        stacks = (torch.zeros(n, 2 * inter, dim // 2, dtype=torch.uint8),  # [E_local, 2·inter, dim/2]
+                  torch.full((n, 2 * inter, dim // FP4_BLOCK), 127, dtype=torch.uint8),  # 2^0
+                  torch.zeros(n, dim, inter // 2, dtype=torch.uint8),  # [E_local, dim, inter/2]
+                  torch.full((n, dim, inter // FP4_BLOCK), 127, dtype=torch.uint8))
+        super().__init__(Fp4Expert(*(PackedFp4(w, sc) for w, sc in self._views(stacks, e - local.start, inter)))
+                         if e in local else nn.Module() for e in range(n_experts))
+        self.inter, self.local = inter, local
         self.stacks = stacks
 
     @staticmethod
@@ -95,8 +101,9 @@ class Fp4Experts(nn.ModuleList):
 
     def _apply(self, fn, recurse: bool = True):
         self.stacks = tuple(fn(t) for t in self.stacks)
-        for e, expert in enumerate(self):
-            views = self._views(self.stacks, e, self.inter)
+        for e in self.local:
+            expert = self[e]
+            views = self._views(self.stacks, e - self.local.start, self.inter)
             for layer, (weight, scale) in zip((expert.w1, expert.w2, expert.w3), views, strict=True):
                 layer.weight.data, layer.scale.data = weight, scale
         return self
@@ -130,41 +137,58 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, experts: range | None = None):
+        """experts: the routed experts this process holds (expert parallel; default all)."""
         super().__init__()
+        self.local = range(cfg.n_routed_experts) if experts is None else experts
+        self.ep = None  # expert parallel: model/expert_parallel.py's ExpertParallel, set by attach()
         dtype = getattr(torch, cfg.dtype)
         self.swiglu_limit = cfg.swiglu_limit
         self.gate = Gate(cfg, layer_id, dtype)
         self.fp4 = cfg.weight_format == "fp8_fp4"
         if self.fp4:
-            self.experts = Fp4Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
-        else:
+            self.experts = Fp4Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, self.local)
+        else:  # placeholders (no parameters) for the experts other ranks hold
             self.experts = nn.ModuleList(
-                Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, dtype) for _ in range(cfg.n_routed_experts))
+                Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit, dtype) if e in self.local else nn.Module()
+                for e in range(cfg.n_routed_experts))
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts, cfg.swiglu_limit, dtype,
                                      fp8=cfg.weight_format != "plain")
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # see stacked_weights
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, indices = self.gate(x, token_ids)
-        if pick_backend("auto", x) == "triton":
-            if self.fp4:
-                y = moe_fp4(x, weights, indices, *self.experts.stacks, self.swiglu_limit, backend="triton")
-            else:
-                w13, w2 = self.stacked_weights()
-                y = moe(x, weights, indices, w13, w2, self.swiglu_limit, backend="triton")
+        if self.ep is not None:  # expert parallel: the routed experts run where they are held
+            y = self.ep.routed(self, x, weights, indices)
         else:
-            y = torch.zeros_like(x, dtype=torch.float32)
-            for e in torch.unique(indices).tolist():
-                rows, slot = torch.where(indices == e)
-                expert = self.experts[e]
-                h = swiglu(x[rows], expert.w1, expert.w3, expert.w2, self.swiglu_limit, weights[rows, slot, None])
-                y.index_add_(0, rows, h.float())
+            y = self.routed(x, weights, indices)
         y += self.shared_experts(x).float()
         return y.to(x.dtype)
 
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over each row's routed experts, fp32 `[n, dim]`; `indices` count from `self.local.start` (the first
+        expert held here) and an id outside the held ones (-1) adds nothing (expert parallel: slots another rank
+        serves). `out` `[n, k, dim]` fp32 zeros: where the GPU kernels write each slot (needed when ids can be
+        outside, whose slots they leave unwritten)."""
+        if pick_backend("auto", x) == "triton":
+            if self.fp4:
+                return moe_fp4(x, weights, indices, *self.experts.stacks, self.swiglu_limit, out=out,
+                               backend="triton")
+            w13, w2 = self.stacked_weights()
+            return moe(x, weights, indices, w13, w2, self.swiglu_limit, out=out, backend="triton")
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in torch.unique(indices).tolist():
+            if not 0 <= e < len(self.local):
+                continue
+            rows, slot = torch.where(indices == e)
+            expert = self.experts[self.local.start + e]
+            h = swiglu(x[rows], expert.w1, expert.w3, expert.w2, self.swiglu_limit, weights[rows, slot, None])
+            y.index_add_(0, rows, h.float())
+        return y
+
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routed experts' weights as `w13 [E, 2·inter, dim]` (W1 rows, then W3 rows) and `w2 [E, dim, inter]`.
+        """The held routed experts' weights as `w13 [E, 2·inter, dim]` (W1 rows, then W3 rows) and `w2 [E, dim, inter]`.
 
         Built at the first call (the first GPU forward: run one eager forward before capturing a graph); each
         expert's parameters then become views into these tensors, so the weights are held once and the checkpoint
@@ -173,16 +197,17 @@ class MoE(nn.Module):
         """
         if self.fp4:
             raise ValueError("stacked_weights: the FP4 experts are stacked already (experts.stacks)")
-        first, last = self.experts[0], self.experts[-1]
+        held = [self.experts[e] for e in self.local]
+        first, last = held[0], held[-1]
         if (self._stacked is not None and first.w1.weight.data_ptr() == self._stacked[0].data_ptr()
                 and last.w2.weight.data_ptr() == self._stacked[1][-1].data_ptr()):
             return self._stacked
         inter, dim = first.w1.weight.shape
         like = first.w1.weight
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: load_state_dict copies into them
-            w13 = torch.empty((len(self.experts), 2 * inter, dim), dtype=like.dtype, device=like.device)
-            w2 = torch.empty((len(self.experts), dim, inter), dtype=like.dtype, device=like.device)
-            for e, expert in enumerate(self.experts):  # one expert at a time: the old copies go as we go
+            w13 = torch.empty((len(held), 2 * inter, dim), dtype=like.dtype, device=like.device)
+            w2 = torch.empty((len(held), dim, inter), dtype=like.dtype, device=like.device)
+            for e, expert in enumerate(held):  # one expert at a time: the old copies go as we go
                 w13[e, :inter].copy_(expert.w1.weight)
                 w13[e, inter:].copy_(expert.w3.weight)
                 w2[e].copy_(expert.w2.weight)

@@ -27,12 +27,12 @@ def _hc_params(module: nn.Module, prefix: str, hc: int, dim: int, n_scale: int, 
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, experts: range | None = None):
         super().__init__()
         dtype = getattr(torch, cfg.dtype)
         self.cfg = cfg
         self.attn = Attention(cfg, layer_id)
-        self.ffn = MoE(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id, experts)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         mix = (2 + cfg.hc_mult) * cfg.hc_mult
@@ -69,12 +69,15 @@ class Embedding(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, experts: range | None = None):
+        """experts: the routed experts this process holds (expert parallel, model/expert_parallel.py; default
+        all)."""
         super().__init__()
         dtype = getattr(torch, cfg.dtype)
         self.cfg = cfg
+        self.ep = None  # expert parallel: set by model/expert_parallel.py's attach()
         self.embed = Embedding(cfg.vocab_size, cfg.dim, dtype)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, experts) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype)
         # The head in the model's dtype, as the checkpoint stores it; logits accumulate and come out in fp32.
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype).requires_grad_(False)
@@ -112,6 +115,8 @@ class Transformer(nn.Module):
         if not ids_checked and (int(token_ids.min()) < 0 or int(token_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in the vocabulary [0, {cfg.vocab_size}), "
                              f"got min {int(token_ids.min())} max {int(token_ids.max())}")
+        if self.ep is not None:  # expert parallel: every rank of the group takes part in each forward
+            self.ep.begin_forward(token_ids.shape[0])
         h = self.embed(token_ids)[:, None, :].repeat(1, cfg.hc_mult, 1)  # [n, hc, dim]
         hidden = [] if return_hidden else None
         for layer_id, layer in enumerate(self.layers):

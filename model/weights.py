@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,10 +46,14 @@ def init_random(model: Transformer, seed: int) -> Transformer:
     if cfg.weight_format != "plain":
         raise ValueError(f"init_random fills plain weights; weight_format={cfg.weight_format!r} takes init_dummy")
     gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        value = _init_value(cfg, name, tuple(p.shape), gen)
-        with torch.no_grad():
-            p.copy_(value.to(p.dtype))
+    params = dict(model.named_parameters())
+    with torch.device("meta"):  # every parameter of the whole model, in one order: a rank holding some of the
+        every = sorted((n, tuple(p.shape)) for n, p in Transformer(cfg).named_parameters())  # experts draws alike
+    for name, shape in every:
+        value = _init_value(cfg, name, shape, gen)
+        if name in params:
+            with torch.no_grad():
+                params[name].copy_(value.to(params[name].dtype))
     return model
 
 
@@ -131,7 +136,8 @@ def load_checkpoint(model: Transformer, directory: str | Path) -> Transformer:
     plans = [_plan(name, tuple(p.shape), p.dtype, headers, fmt, directory, kept.get(name))
              for name, p in params.items() if name not in kept_scales]
     used = {p.name for p in plans} | {p.scale for p in plans if p.scale}
-    extra = sorted(k for k in headers if k not in used and not k.startswith("mtp."))
+    elsewhere = _held_elsewhere(model)  # expert parallel: other ranks' experts are not read here
+    extra = sorted(k for k in headers if k not in used and not k.startswith("mtp.") and not elsewhere(k))
     if extra:
         raise CheckpointError(f"checkpoint {directory} has {len(extra)} unexpected tensors, e.g. {extra[:5]}")
     by_file: dict[Path, list[_Plan]] = {}
@@ -146,6 +152,20 @@ def load_checkpoint(model: Transformer, directory: str | Path) -> Transformer:
                             _check_table(name, value, model.cfg.n_routed_experts)
                         params[name].copy_(value)  # into the parameter's storage and dtype
     return model
+
+
+_EXPERT_NAME = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.")
+
+
+def _held_elsewhere(model: Transformer):
+    """Whether a checkpoint tensor is a routed expert's that this model does not hold (expert parallel: another
+    rank of the group reads it)."""
+    local = [layer.ffn.local for layer in model.layers]
+
+    def elsewhere(name: str) -> bool:
+        m = _EXPERT_NAME.match(name)
+        return m is not None and int(m[1]) < len(local) and int(m[2]) not in local[int(m[1])]
+    return elsewhere
 
 
 def _kept(params: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -330,12 +350,14 @@ def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, checkpoint: str | Path | None = None,
-                device: str | torch.device = "cpu", load_format: Literal["auto", "dummy"] = "auto") -> Transformer:
+                device: str | torch.device = "cpu", load_format: Literal["auto", "dummy"] = "auto",
+                experts: range | None = None) -> Transformer:
     """A model on `device`, built there (no host copy of its weights): loaded from `checkpoint`, or random from
     `seed` (load_format "dummy", or a quantized weight format: made on the device, model/dummy_weights.py; else
-    made on the host, `init_random`). With "dummy" a checkpoint's weights are not read."""
+    made on the host, `init_random`). With "dummy" a checkpoint's weights are not read. `experts`: the routed
+    experts this process holds (expert parallel: the others' tensors are neither made nor read)."""
     with torch.device(device):
-        model = Transformer(cfg)
+        model = Transformer(cfg, experts)
     if load_format == "dummy" or (checkpoint is None and cfg.weight_format != "plain"):
         init_dummy(model, seed)
     elif checkpoint is not None:

@@ -7,6 +7,7 @@ import argparse
 
 from sparsepd.cluster_token import add_token_args
 from sparsepd.engine.args import add_engine_args, add_prefix_cache_args
+from sparsepd.engine.group_args import add_group_args
 from sparsepd.registration import add_registration_args
 from sparsepd.tls import add_tls_args
 
@@ -21,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: seconds the batch in flight may take to finish (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
+    add_group_args(p)
     add_prefix_cache_args(p)
     add_registration_args(p)
     add_token_args(p)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import threading
 
 import grpc
 
 from sparsepd.cluster_token import derive_key, server_interceptors, token_from_args
 from sparsepd.engine.config import engine_config_from_args, with_prefix_cache
 from sparsepd.engine.engine import Engine
+from sparsepd.engine.group import join_group
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
@@ -28,8 +30,13 @@ log = logging.getLogger("sparsepd.prefill")
 async def serve(args: argparse.Namespace) -> int:
     setup_logging("prefill", args.log_level)
     token, tls = token_from_args(args), tls_from_args(args)
+    group = join_group(args)  # a rank of a worker group (engine/group.py), or None
+    if group is not None:
+        args.device = group.spec.device  # this rank's device: the memory plan's defaults follow it
     cfg = with_prefix_cache(engine_config_from_args(args), args)
-    model = cfg.build_model()
+    if group is not None:
+        cfg = group.engine_config(cfg)
+    model = group.build_model(cfg) if group is not None else cfg.build_model()
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())
@@ -37,6 +44,9 @@ async def serve(args: argparse.Namespace) -> int:
                             auth_key=derive_key(token, "transfer") if token is not None else None)
     worker = PrefillWorker(engine, sender, fingerprint, transfer_timeout_s=args.transfer_timeout,
                            faults=Faults.from_env())
+    worker.group, ticking = group, threading.Event()
+    if group is not None:  # the group's forwards go on while no batch runs here
+        threading.Thread(target=worker.tick_idle, args=(ticking,), name="group-ticks", daemon=True).start()
     service = PrefillService(worker)
     server = grpc.aio.server(interceptors=server_interceptors(token))
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, server)
@@ -51,12 +61,15 @@ async def serve(args: argparse.Namespace) -> int:
     print_ready("prefill", grpc=address, fingerprint=fingerprint,
                 pages=load.num_pages, slots=load.num_slots)
     await stop.wait()
+    if group is not None:
+        group.stopping = True
     log.info("stopping: finishing the batch in flight")
     if registration is not None:
         registration.cancel()
     service.serving = False
     await server.stop(grace=args.drain_timeout)
     service.executor.shutdown(wait=True)
+    ticking.set()
     sender.close()
     return 0
 

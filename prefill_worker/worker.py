@@ -73,6 +73,19 @@ class PrefillWorker:
         self.open: set[str] = set()  # request ids of the batches received and not yet answered
         self.cancelled: set[str] = set()  # those of them the router released
         self.transfers_in_flight = 0  # states pushed and not yet acknowledged (under ids_lock)
+        self.group = None  # a rank of a worker group (engine/group.py): its steps are lockstep ticks, `tick_idle`
+
+    def tick_idle(self, stop) -> None:
+        """A group's rank: take part in the group's forwards while no batch runs here (a batch's steps are the
+        ticks while it runs), until `stop` (a threading.Event) is set."""
+        while not stop.is_set():
+            if self.lock.acquire(timeout=0.05):
+                try:
+                    self.group.step(self.engine)
+                finally:
+                    self.lock.release()
+                if not self.group.busy:
+                    stop.wait(0.01)
 
     def open_batch(self, jobs: list[PrefillJob]) -> None:
         """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
@@ -143,6 +156,10 @@ class PrefillWorker:
             if not waiting:
                 break
             self.faults.hit("prefill.step")
+            if self.group is not None:  # a group's rank: a lockstep tick; a failure is fatal (engine/group.py)
+                self.group.step(self.engine)
+                self._collect(waiting, outcomes, started, pending)
+                continue
             try:
                 self.engine.step()
             except Exception as exc:  # noqa: BLE001 - not one request's fault: fail this batch, keep serving
@@ -153,13 +170,18 @@ class PrefillWorker:
                         outcomes[job.request_id].error = f"the prefill step failed: {type(exc).__name__}: {exc}"
                         outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
                 break
-            for rid, entry in list(waiting.items()):
-                request = entry[0]
-                if len(request.output_ids) <= len(entry[1].output_ids) and request.finish_reason is None:
-                    continue
-                del waiting[rid]
-                pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
+            self._collect(waiting, outcomes, started, pending)
         return pending
+
+    def _collect(self, waiting, outcomes, started: float, pending: list) -> None:
+        """Ship the requests of `waiting` that have their first token now (removed from it, their pushes added to
+        `pending`)."""
+        for rid, entry in list(waiting.items()):
+            request = entry[0]
+            if len(request.output_ids) <= len(entry[1].output_ids) and request.finish_reason is None:
+                continue
+            del waiting[rid]
+            pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
 
     @staticmethod
     def _members(entry) -> list[tuple[Request, PrefillJob]]:

@@ -1,0 +1,123 @@
+"""One rank of a worker group: the process's place in a torch.distributed group, its share of the model, and the
+lockstep that keeps the ranks' collectives paired (docs/DESIGN.md §9).
+
+Each rank is a whole engine of its own (data-parallel attention: its own requests, slots, pages and prefix
+cache; the dense weights replicated) holding E/W of every MoE layer's routed experts (model/expert_parallel.py).
+A forward on one rank is a forward on all: each MoE layer exchanges tokens with every rank. So the ranks step in
+lockstep: every `step` is one tick in which each rank takes part in exactly one forward, its own batch's or,
+when it has nothing to run, an empty one (`idle_forward`: its experts still serve the others). A tick where no
+rank has tokens runs nothing beyond the token-count exchange.
+
+A failure inside a tick (a collective that fails because another rank died, or a step that raises: the ranks
+would no longer pair up) is fatal: the process exits (EXIT_GROUP_BROKEN) and its launcher takes the rest of the
+group down (deploy/group.py), so the supervisor can start it again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from sparsepd.engine.config import EngineConfig
+from sparsepd.engine.group_args import GroupSpec, group_spec_from_args
+from sparsepd.engine.request import StepOutput
+from sparsepd.model.expert_parallel import ExpertLayout, ExpertParallel, attach, idle_forward
+from sparsepd.model.transformer import Transformer
+
+log = logging.getLogger("sparsepd.group")
+
+EXIT_GROUP_BROKEN = 70  # a rank that cannot go on in step with its group
+
+
+class RankGroup:
+    """This process's rank: joins the group at construction (blocks until every rank has joined, at most
+    spec.timeout_s)."""
+
+    def __init__(self, spec: GroupSpec):
+        if spec.local_rank is None:
+            raise ValueError("a rank's group spec needs its local rank (set by the launcher)")
+        self.spec = spec
+        if spec.backend == "nccl":
+            torch.cuda.set_device(torch.device(spec.device))
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        dist.init_process_group(spec.backend, init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+                                rank=spec.rank, world_size=spec.ep, timeout=timeout)
+        # the token counts and the lockstep's flags travel on the host: a gloo group beside NCCL's
+        self.host_group = (dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl"
+                           else dist.group.WORLD)
+        self.model: Transformer | None = None
+        self.ep: ExpertParallel | None = None
+        self.stopping = False  # set when the worker stops: a peer gone then is a normal end, not a broken group
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True).start()
+        log.info("rank %d of %d on %s joined (%s)", spec.rank, spec.ep, spec.device, spec.backend)
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    def _watch_parent(self, parent: int) -> None:
+        """Exit when the launcher that started this rank is gone (no orphan outlives its group)."""
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("rank %d: its launcher (pid %d) is gone; exiting", self.rank, parent)
+        os._exit(EXIT_GROUP_BROKEN)
+
+    def engine_config(self, cfg: EngineConfig) -> EngineConfig:
+        """The worker's engine config for this rank: its device; CUDA graphs only for a group of one (a forward of
+        several ranks exchanges token counts on the host: model/expert_parallel.py)."""
+        return cfg.model_copy(update=dict(device=self.spec.device, cuda_graph=cfg.cuda_graph and self.spec.ep == 1))
+
+    def build_model(self, cfg: EngineConfig) -> Transformer:
+        """This rank's model: the replicated weights and its share of the routed experts (only those read from a
+        checkpoint; `--load-format dummy` makes only those)."""
+        layout = ExpertLayout(self.spec.rank, self.spec.ep, cfg.resolve_model_config().n_routed_experts)
+        self.ep = ExpertParallel(layout, dist.group.WORLD, self.host_group)
+        self.model = attach(cfg.build_model(experts=layout.held), self.ep)
+        return self.model
+
+    @property
+    def busy(self) -> bool:
+        """Whether some rank had tokens in the last tick (the others should tick again soon)."""
+        return self.ep is not None and any(self.ep.tokens)
+
+    def step(self, engine) -> list[StepOutput]:
+        """One lockstep tick: the engine's step when it has work (its forward is this rank's part), else, or when
+        the step ran no forward, an empty forward. Fatal on any failure (module docstring)."""
+        try:
+            before = self.ep.forwards
+            outputs = engine.step() if engine.scheduler.has_work else []
+            if self.ep.forwards == before:  # no forward of its own (or a replayed graph, which has W = 1)
+                idle_forward(self.model)
+            return outputs
+        except Exception:  # noqa: BLE001 - the ranks no longer pair up: take the group down
+            if self.stopping:  # the group is stopping: a peer that left first ends this one too
+                os._exit(0)
+            log.exception("rank %d: a step failed; the group cannot go on in step", self.rank)
+            logging.shutdown()
+            os._exit(EXIT_GROUP_BROKEN)
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set (a host collective every rank must call)."""
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(value.item())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join_group(args) -> RankGroup | None:
+    """This process's rank when the worker flags make it one (engine/group_args.py), else None."""
+    spec = group_spec_from_args(args)
+    if spec is None:
+        return None
+    if spec.local_rank is None:
+        raise ValueError("--devices starts a group through the worker command (deploy/group.py), not here")
+    return RankGroup(spec)
