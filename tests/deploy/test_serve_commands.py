@@ -39,4 +39,5 @@ def test_colocated_workers_get_the_cache_and_retraction_options():
 
 def test_without_the_option_the_workers_keep_their_default():
     args = _args("--prefill", "1", "--decode", "1")
-    assert all("--max-retracted-memory" not in cmd for _, cmd in worker_commands(args, [["--device", "cpu"]] * 2, "h:1"))
+    commands = worker_commands(args, [["--device", "cpu"]] * 2, "h:1")
+    assert all("--max-retracted-memory" not in cmd for _, cmd in commands)

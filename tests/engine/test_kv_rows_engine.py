@@ -13,8 +13,8 @@ from sparsepd.engine.pools import KVPools, PoolConfig, kv_row_layout, plan_geome
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import expected_specs, export_state, import_state, shipped_bytes
 from sparsepd.kernels.kv_rows import unpack_kv_rows
-from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 BF16_STATE_AT_32K = 20_611_072  # the `bench` preset's state per request at 32K with bf16 rows (bench/RESULTS.md)
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -14,8 +14,8 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig, bytes_per_slot
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
-from sparsepd.model_config import get_preset
 from sparsepd.model.weights import build_model
+from sparsepd.model_config import get_preset
 
 CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window
 PAGE = CFG.page_size

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sparsepd.model import weights as weights_module
-from sparsepd.model_config import get_preset
 from sparsepd.model.expert_parallel import ExpertLayout
 from sparsepd.model.weights import build_model, save_checkpoint
+from sparsepd.model_config import get_preset
 
 
 class CountingOpen:
