@@ -29,6 +29,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import INDEX_ROW_BYTES, PoolConfig
 from sparsepd.engine.sampling import SamplingParams
+from sparsepd.engine.state_io import kv_row_bytes
 from sparsepd.load_options import add_load_args, load_options_from_args, resolve_model_config
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import ModelConfig
@@ -86,9 +87,9 @@ def weight_bytes(model, batch: int) -> tuple[int, int]:
 
 
 def state_bytes(cfg: ModelConfig, context: int) -> int:
-    """Bytes of pool rows one request's decode token reads and writes in one step."""
-    s = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
-    row = cfg.head_dim * s
+    """Bytes of pool rows one request's decode token reads and writes in one step (a main KV row as the pools
+    hold it: 584-byte FP8 rows on V4, head_dim · dtype bytes for float rows)."""
+    row = kv_row_bytes(cfg)
     total = 0
     for ratio in cfg.compress_ratios:
         total += cfg.window * row + row  # window rows read, the new row written to the ring

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
 #   bench/gpu_checks.sh STEP...   steps: suite, engine, engine-q (dummy FP8/FP4 weights), flash (V4-Flash
-#   dimensions, dummy quantized weights, FLASH_LAYERS layers), service, quant, quant-tests
+#   dimensions, dummy quantized weights, FLASH_LAYERS layers), service, quant, quant-tests, attn (sparse attention
+#   on FP8 and bf16 rows), indexer, group (a worker group of one against the plain worker)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 set -uo pipefail
 out=${OUT:-gpu-out}
@@ -22,6 +23,10 @@ for s in "$@"; do
     engine-q) step engine-q ${ENGINE_S:-240} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
              --num-layers ${FLASH_LAYERS:-36} --batches 1,8,64,256 --context 4096 --steps 5 ;;
+    attn) step attn ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --rows both --json "$out/attn.json" ;;
+    indexer) step indexer ${INDEXER_S:-120} python3 -P bench/bench_indexer.py --out "$out/indexer.md" ;;
+    group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
+             --batches 1,64,256 --out "$out" ;;
     quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;
     service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
                INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
