@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from sparsepd.engine.config import EngineConfig
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.group import RankGroup
-from sparsepd.engine.group_args import GroupSpec
+from sparsepd.group_args import GroupSpec
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.load_options import add_load_args, load_options_from_args

@@ -8,7 +8,7 @@ import argparse
 
 from sparsepd.cluster_token import add_token_args
 from sparsepd.engine.args import add_engine_args, add_prefix_cache_args
-from sparsepd.engine.group_args import add_group_args
+from sparsepd.group_args import add_group_args
 from sparsepd.registration import add_registration_args
 from sparsepd.tls import add_tls_args
 

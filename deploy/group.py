@@ -21,7 +21,7 @@ import threading
 import time
 
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
-from sparsepd.engine.group_args import GroupSpec, group_spec_from_args
+from sparsepd.group_args import GroupSpec, group_spec_from_args
 from sparsepd.process import print_ready
 
 BROKEN_STOP_S = 3.0  # a rank's siblings get this long after SIGTERM once the group is broken

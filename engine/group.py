@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sparsepd.engine.config import EngineConfig
-from sparsepd.engine.group_args import GroupSpec, group_spec_from_args
+from sparsepd.group_args import GroupSpec, group_spec_from_args
 from sparsepd.engine.request import StepOutput
 from sparsepd.model.expert_parallel import ExpertLayout, ExpertParallel, attach, idle_forward
 from sparsepd.model.transformer import Transformer
@@ -114,7 +114,7 @@ class RankGroup:
 
 
 def join_group(args) -> RankGroup | None:
-    """This process's rank when the worker flags make it one (engine/group_args.py), else None."""
+    """This process's rank when the worker flags make it one (sparsepd/group_args.py), else None."""
     spec = group_spec_from_args(args)
     if spec is None:
         return None

@@ -1,4 +1,4 @@
-"""A worker group's shape from its flags (engine/group_args.py) and each rank's command (deploy/group.py): fast
+"""A worker group's shape from its flags (sparsepd/group_args.py) and each rank's command (deploy/group.py): fast
 checks without processes (tests/deploy/test_serve_groups.py and tests/engine/test_group.py run real ones)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from sparsepd.decode_worker.args import add_arguments
 from sparsepd.deploy.group import rank_argv, wants_launcher
-from sparsepd.engine.group_args import GroupSpec, group_spec_from_args
+from sparsepd.group_args import GroupSpec, group_spec_from_args
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -16,7 +16,7 @@ import torch
 from sparsepd.engine.config import EngineConfig
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.group import RankGroup
-from sparsepd.engine.group_args import GroupSpec
+from sparsepd.group_args import GroupSpec
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.model.expert_parallel import idle_forward
