@@ -56,6 +56,7 @@ from sparsepd.router.model_card import MODELS_DIR
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sparsepd" / "models" / "v4-byte-demo"
 SAMPLE_FILE = "heldout_sample.txt"
+CALIBRATION_STEPS = 10
 LOG2E = 1 / math.log(2)
 
 # The shapes: every V4 layer kind (SWA, CSA, HCA), a hash-routed first layer, routed and shared experts.
@@ -211,8 +212,9 @@ def train(args: argparse.Namespace, cfg: ModelConfig, train_data: torch.Tensor,
     n_params = sum(p.numel() for p in params)
     print(f"{cfg.name}: {n_params / 1e6:.2f}M trained parameters ({n_params - _mtp_count(mtp):,} model, "
           f"{_mtp_count(mtp):,} MTP); {args.steps} steps of {args.batch}×{args.seq_len} bytes", flush=True)
+    steps = args.steps
     for step in range(args.steps):
-        lr = learning_rate(step, args.steps, args.lr, args.warmup)
+        lr = learning_rate(step, steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -226,7 +228,7 @@ def train(args: argparse.Namespace, cfg: ModelConfig, train_data: torch.Tensor,
         opt.step()
         balance.update()
         recent.append((main_sum / args.batch * LOG2E, mtp_sum / args.batch * LOG2E))
-        last = step + 1 == args.steps
+        last = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or last or step == 0:
             held, held_mtp = evaluate(model, mtp, eval_windows)
             train_bits = sum(r[0] for r in recent) / len(recent)
@@ -235,14 +237,24 @@ def train(args: argparse.Namespace, cfg: ModelConfig, train_data: torch.Tensor,
             curve.append({"step": step + 1, "train_bits_per_byte": round(train_bits, 4),
                           "train_mtp_bits_per_byte": round(train_mtp, 4), "heldout_bits_per_byte": round(held, 4),
                           "heldout_mtp_bits_per_byte": round(held_mtp, 4), "lr": lr, "elapsed_s": round(elapsed, 1)})
-            print(f"step {step + 1:5d}/{args.steps}  train {train_bits:.3f} bits/byte (mtp {train_mtp:.3f})  "
+            print(f"step {step + 1:5d}/{steps}  train {train_bits:.3f} bits/byte (mtp {train_mtp:.3f})  "
                   f"held-out {held:.3f} (mtp {held_mtp:.3f})  lr {lr:.2e}  {elapsed:7.1f} s", flush=True)
             recent = []
-        if args.max_minutes and time.perf_counter() - start > args.max_minutes * 60 and not last:
-            print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached", flush=True)
+        if args.minutes and step + 1 == CALIBRATION_STEPS:
+            steps = fit_steps(args, time.perf_counter() - start, step + 1)
+        if step + 1 >= steps:
             break
     return model, mtp, {"curve": curve, "train_s": round(time.perf_counter() - start, 1), "steps_run": step + 1,
                         "trained_parameters": n_params}
+
+
+def fit_steps(args: argparse.Namespace, elapsed_s: float, done: int) -> int:
+    """With --minutes: the number of steps that fits the budget at the pace of the first steps (the machine may
+    be shared), fixed from here on so the schedule anneals fully; rerun with --steps N to repeat a run."""
+    steps = max(done, min(args.steps, int(args.minutes * 60 / (elapsed_s / done))))
+    print(f"--minutes {args.minutes:g}: {elapsed_s / done:.2f} s a step, so {steps} steps", flush=True)
+    args.steps = steps
+    return steps
 
 
 def _mtp_count(mtp: MTPBlock) -> int:
@@ -309,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=60)
     p.add_argument("--sample-pieces", type=int, default=16, help="pieces of --seq-len bytes in the shipped sample")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (a safety net)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"fit the run to this budget: after {CALIBRATION_STEPS} steps, cut --steps to what fits at "
+                        "their pace (training.json records the steps run)")
     p.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="the text's root")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.seq_len < 8:
