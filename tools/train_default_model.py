@@ -185,24 +185,27 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_trainable(cfg: ModelConfig, seed: int) -> tuple[Transformer, MTPBlock]:
-    """The model and its MTP layer from the project's random init (model/init_rules.py), every float parameter
-    trainable, the gates' balancing biases at zero."""
-    model = init_random(Transformer(cfg), seed)
-    mtp = MTPBlock(cfg)
-    init_random(mtp, seed + 1)  # the same rules by name: e_proj/h_proj as projections, norms at 1
+def build_trainable(cfg: ModelConfig, seed: int, init: Path | None = None) -> tuple[Transformer, MTPBlock]:
+    """The model and its MTP layer, every float parameter but the gates' balancing biases trainable: from the
+    project's random init (model/init_rules.py; biases at zero), or from the checkpoint `init` (a second stage)."""
+    if init is not None:
+        model, mtp = build_model(read_checkpoint_config(init), checkpoint=init), load_mtp(cfg, init)
+    else:
+        model = init_random(Transformer(cfg), seed)
+        mtp = MTPBlock(cfg)
+        init_random(mtp, seed + 1)  # the same rules by name: e_proj/h_proj as projections, norms at 1
     for module in (model, mtp):
         for name, p in module.named_parameters():
             p.requires_grad_(p.dtype.is_floating_point and not name.endswith("gate.bias"))
-            if name.endswith("gate.bias"):
+            if name.endswith("gate.bias") and init is None:
                 p.data.zero_()
-    return model, mtp
+    return model.train(), mtp.train()
 
 
 def train(args: argparse.Namespace, cfg: ModelConfig, train_data: torch.Tensor,
           eval_windows: list[torch.Tensor]) -> tuple[Transformer, MTPBlock, dict]:
     torch.manual_seed(args.seed)
-    model, mtp = build_trainable(cfg, args.seed)
+    model, mtp = build_trainable(cfg, args.seed, args.init)
     params = [p for m in (model, mtp) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gates = [m.ffn.gate for m in [*model.layers, mtp] if m.ffn.gate.bias is not None]
@@ -245,7 +248,7 @@ def train(args: argparse.Namespace, cfg: ModelConfig, train_data: torch.Tensor,
         if step + 1 >= steps:
             break
     return model, mtp, {"curve": curve, "train_s": round(time.perf_counter() - start, 1), "steps_run": step + 1,
-                        "trained_parameters": n_params}
+                        "trained_parameters": n_params, "mtp_parameters": _mtp_count(mtp)}
 
 
 def fit_steps(args: argparse.Namespace, elapsed_s: float, done: int) -> int:
@@ -324,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=None,
                    help=f"fit the run to this budget: after {CALIBRATION_STEPS} steps, cut --steps to what fits at "
                         "their pace (training.json records the steps run)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint (written by this script) instead of random weights: a further "
+                        "stage of training; its training.json is kept in the new one as `earlier`")
     p.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="the text's root")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.seq_len < 8:
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     half = heldout.numel() // 2  # training evaluations score the first half, the shipped sample the second
     eval_windows = fixed_windows(heldout[:half], args.eval_windows, args.seq_len + 1)
     sample = fixed_windows(heldout[half:], args.sample_pieces, args.seq_len)
+    earlier_text = (args.init / "training.json").read_text() if args.init and (args.init / "training.json").is_file() \
+        else None
     model, mtp, figures = train(args, cfg, train_data, eval_windows)
     write_checkpoint(args.out, model, mtp, sample)
     bits, mtp_bits = sample_bits_per_byte(args.out, args.seq_len)
@@ -345,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
           f"MTP {mtp_bits:.3f}", flush=True)
     print(f"greedy 'def fibonacci(': {text!r}", flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"settings": settings, "data": data_info, **figures,
+    earlier = json.loads(earlier_text) if earlier_text else None
+    report = {"settings": settings, "earlier": earlier, "data": data_info, **figures,
               "sample_bits_per_byte": round(bits, 4), "sample_mtp_bits_per_byte": round(mtp_bits, 4),
               "greedy_def_fibonacci": text, "torch": torch.__version__}
     (args.out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
