@@ -189,7 +189,7 @@ def build_trainable(cfg: ModelConfig, seed: int, init: Path | None = None) -> tu
     """The model and its MTP layer, every float parameter but the gates' balancing biases trainable: from the
     project's random init (model/init_rules.py; biases at zero), or from the checkpoint `init` (a second stage)."""
     if init is not None:
-        model, mtp = build_model(read_checkpoint_config(init), checkpoint=init), load_mtp(cfg, init)
+        model, mtp = build_model(cfg, checkpoint=init), load_mtp(cfg, init)  # named after --out
     else:
         model = init_random(Transformer(cfg), seed)
         mtp = MTPBlock(cfg)
