@@ -32,9 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 from sparsepd.engine.config import EngineConfig
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.group import RankGroup
-from sparsepd.group_args import GroupSpec
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
+from sparsepd.group_args import GroupSpec
 from sparsepd.load_options import add_load_args, load_options_from_args
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sparsepd import __version__
+from sparsepd.default_model import PRESET_HELP, choose_model
 
 GENERATE_HELP = "generate text: a client of a running router, or in one process with --local"
 
@@ -25,8 +26,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         "generate", help=GENERATE_HELP,
         description="With TEXT: a client of a running router (`sparsepd serve`): fetches its tokenizer, streams the "
                     "text to the terminal. With --local (or --prompt): single-process generation with the reference "
-                    "model, printing the text, tokens/s and the per-request state size; weights are random from "
-                    "--seed unless --checkpoint is given.")
+                    "model, printing the text, tokens/s and the per-request state size: the shipped trained model, "
+                    "a --checkpoint, or a --preset with random weights from --seed.")
     p.add_argument("text", nargs="?", default=None, help="the prompt; sends it to the router unless --local")
     p.add_argument("--router", default="127.0.0.1:30000", help="the router's gRPC address (default: %(default)s)")
     p.add_argument("--tls-ca", default=None, metavar="PATH",
@@ -34,7 +35,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local", action="store_true", help="run the model in this process instead of asking a router")
     p.add_argument("--stop", action="append", default=None, help="a stop string (router mode; repeat for several)")
     p.add_argument("--timeout", type=float, default=600.0, help="router mode: seconds before giving up (default: 600)")
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, bench, v4-flash, v4-pro (default: tiny)")
+    p.add_argument("--preset", default=None, help=PRESET_HELP)
     p.add_argument("--prompt", default="The quick brown fox",
                    help="prompt text for single-process generation (implies --local; default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
@@ -44,7 +45,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="min probability relative to the best (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed and weight seed (default: %(default)s)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--checkpoint", default=None, help="directory of safetensors weights (default: random init)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (default: the shipped v4-byte-demo unless --preset is given)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
@@ -62,6 +64,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         return run(args)
     if args.text is not None:
         args.prompt = args.text
+    args.preset, args.checkpoint = choose_model(args.preset, args.checkpoint)
     import torch
 
     from sparsepd.engine.generate import generate, generate_with_engine

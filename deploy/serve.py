@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from sparsepd.cluster_token import TOKEN_ENV, AuthorizedStub, add_token_args, generate_token, token_from_args
+from sparsepd.default_model import PRESET_HELP, choose_model
 from sparsepd.deploy.group import ready_ranks
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
 from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 1, one process per worker)")
     p.add_argument("--prefill-ep", type=int, default=None, metavar="N",
                    help="the same for each prefill worker (default: --ep)")
-    add_model_arguments(p)
+    add_model_arguments(p, PRESET_HELP)
     add_load_args(p)  # handed to the router (its fingerprint) and every worker
     w = p.add_argument_group("workers (passed to every worker; defaults are the workers')")
     w.add_argument("--seed", type=int, default=None, help="random-weight seed")
@@ -141,6 +142,7 @@ def children_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    args.preset, args.checkpoint = choose_model(args.preset, args.checkpoint)  # handed to every child explicitly
     if args.colocated and args.prefill is not None:
         raise ValueError("--colocated runs no prefill workers: drop --prefill (--decode M sets the worker count)")
     args.prefill = 0 if args.colocated else (1 if args.prefill is None else args.prefill)

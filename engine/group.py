@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from sparsepd.engine.config import EngineConfig
-from sparsepd.group_args import GroupSpec, group_spec_from_args
 from sparsepd.engine.request import StepOutput
+from sparsepd.group_args import GroupSpec, group_spec_from_args
 from sparsepd.model.expert_parallel import ExpertLayout, ExpertParallel, attach, idle_forward
 from sparsepd.model.transformer import Transformer
 

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--serve-args", default="",
                    help="options for the launched `sparsepd serve`, one shell-quoted string, e.g. \"--preset bench "
                         "--devices cuda:0,cuda:0 --prefill 1 --decode 1\"; a single option needs the = form: "
-                        "--serve-args=--colocated (default: serve's defaults, tiny on CPU)")
+                        "--serve-args=--colocated (default: serve's defaults, the trained default model on CPU)")
     t.add_argument("--launch-timeout", type=float, default=900.0,
                    help="seconds the launched server may take to be ready (default: %(default)s)")
     w = p.add_argument_group("workload")

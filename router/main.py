@@ -68,10 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_tls_args(p)
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, preset_help: str | None = None) -> None:
+    """The model flags; `preset_help` for a command whose --preset defaults to None (serve: the shipped model)."""
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", help="model preset the workers run: tiny, bench, v4-flash, v4-pro "
-                                                    "(default: tiny)")
+    if preset_help is None:
+        g.add_argument("--preset", default="tiny", help="model preset the workers run: tiny, bench, v4-flash, "
+                                                        "v4-pro (default: tiny)")
+    else:
+        g.add_argument("--preset", default=None, help=preset_help)
     g.add_argument("--checkpoint", default=None, help="the workers' checkpoint directory (its config.json and "
                                                       "tokenizer files describe the model)")
     g.add_argument("--served-model-name", default=None, help="model name reported to clients (default: from the "

@@ -16,9 +16,9 @@ import torch
 from sparsepd.engine.config import EngineConfig
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.group import RankGroup
-from sparsepd.group_args import GroupSpec
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
+from sparsepd.group_args import GroupSpec
 from sparsepd.model.expert_parallel import idle_forward
 
 POOLS = PoolConfig(num_slots=6, max_batch_tokens=24, num_pages=48, prefix_cache_entries=0)

@@ -22,7 +22,7 @@ STATS = {"mean", "p50", "p90", "p99"}
 
 @pytest.fixture(scope="module")
 def router():
-    child = start("serve", ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
+    child = start("serve", ["serve", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
     try:
         yield child.ready["grpc"]
     finally:

@@ -36,7 +36,8 @@ from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 
 # Each decode worker holds every stream alone (16 × ≤ 8 pages of 16 tokens) while the other restarts. The
 # prefill steps are slowed (SPARSEPD_FAULTS) so that its kill lands while it holds a batch.
-SERVE = ["serve", "--port", "0", "--metrics-port", "0", "--prefill", "1", "--decode", "2", "--num-slots", "16",
+SERVE = ["serve", "--preset", "tiny",
+         "--port", "0", "--metrics-port", "0", "--prefill", "1", "--decode", "2", "--num-slots", "16",
          "--num-pages", "160", "--max-batch-tokens", "256", "--restart-backoff", "0.5", "--heartbeat", "0.5",
          "--forget-after", "5", "--worker-wait", "90", "--max-migrations", "6"]
 FAULTS = {"SPARSEPD_FAULTS": "prefill.step=delay:0.3"}

@@ -170,7 +170,8 @@ def _gone(pid: int) -> bool:
 
 
 def test_serve_sigterm_stops_everything_and_exits_0():
-    served = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "32",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "32",
                              "--max-batch-tokens", "64", "--drain-timeout", "20"], timeout_s=240)
     try:
         children = _children_of(served.pid)

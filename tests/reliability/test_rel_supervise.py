@@ -83,7 +83,7 @@ def test_policy_restarts_with_backoff_and_gives_up_naming_the_child():
 
 
 # --- a real deployment ------------------------------------------------------------------------------------
-SERVE = ["serve", "--port", "0", "--metrics-port", "0", "--num-slots", "4", "--num-pages", "32",
+SERVE = ["serve", "--preset", "tiny", "--port", "0", "--metrics-port", "0", "--num-slots", "4", "--num-pages", "32",
          "--max-batch-tokens", "64", "--restart-backoff", "0.2", "--forget-after", "5", "--heartbeat", "0.5"]
 
 

@@ -89,7 +89,8 @@ def test_n_choices_equal_independent_runs_with_their_seeds(deployment, model):
 
 
 def test_n_choices_on_a_colocated_worker(model):
-    served = start("serve", ["serve", "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "8",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "8",
                              "--num-pages", "64", "--max-batch-tokens", "16"], timeout_s=240)
     try:
         _check_served(served.ready["grpc"], model)

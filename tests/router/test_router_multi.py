@@ -35,7 +35,8 @@ def test_two_prefill_and_two_decode_workers_share_the_load():
     prompts = [torch.randint(0, 256, (int(n),), generator=gen).tolist()
                for n in torch.randint(1, 90, (40,), generator=gen)]
     want = [generate(model, p, SamplingParams(max_new_tokens=6, ignore_eos=True)).output_ids for p in prompts]
-    served = start("serve", ["serve", "--port", "0", "--metrics-port", "0", "--prefill", "2", "--decode", "2",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--port", "0", "--metrics-port", "0", "--prefill", "2", "--decode", "2",
                              "--num-slots", "8", "--num-pages", "96", "--batch-tokens", "64"], timeout_s=240)
     try:
         async def main():

@@ -85,7 +85,8 @@ def test_bad_penalties_are_invalid_argument_naming_the_field(deployment, samplin
 @pytest.fixture(scope="module")
 def served():
     pytest.importorskip("smg", reason="the gateway test needs the http extra: pip install 'sparsepd[http]'")
-    child = start("serve", ["serve", "--port", "0", "--metrics-port", "0", "--num-slots", "4", "--num-pages", "64",
+    child = start("serve", ["serve", "--preset", "tiny",
+                            "--port", "0", "--metrics-port", "0", "--num-slots", "4", "--num-pages", "64",
                             "--http-port", "0"], timeout_s=240)
     try:
         yield child

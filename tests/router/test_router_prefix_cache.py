@@ -71,7 +71,8 @@ def _check(model, conversations, cached: bool) -> None:
 
 def test_conversations_hit_the_prefill_worker_that_holds_them():
     model = build_model(get_preset("tiny"), seed=0)
-    served = start("serve", ["serve", "--port", "0", "--metrics-port", "0", "--prefill", "2", "--decode", "1",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--port", "0", "--metrics-port", "0", "--prefill", "2", "--decode", "1",
                              "--num-slots", "8", "--num-pages", "96", "--batch-tokens", "256"], timeout_s=240)
     try:
         async def main():
@@ -165,7 +166,8 @@ def test_cache_aware_choice_prefers_the_holder_unless_it_is_overloaded():
 
 def test_colocated_workers_cache_prefixes_too():
     model = build_model(get_preset("tiny"), seed=0)
-    served = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--colocated", "--decode", "1",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--port", "0", "--metrics-port", "-1", "--colocated", "--decode", "1",
                              "--num-slots", "8", "--num-pages", "96"], timeout_s=240)
     try:
         async def main():

@@ -399,7 +399,8 @@ def test_serve_with_tls_runs_every_port_over_tls(certs):
     refused = subprocess.run([sys.executable, "-m", "sparsepd", "serve", "--port", "0", *tls], capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode != 0 and "--cluster-tls-ca" in refused.stderr
-    child = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "64",
+    child = start("serve", ["serve", "--preset", "tiny",
+                            "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "64",
                             *tls, "--cluster-tls-ca", str(certs["ca"])], timeout_s=240)
     try:
         async def main():

@@ -26,7 +26,8 @@ from sparsepd.model_config import get_preset
 from sparsepd.router.model_card import card_for
 from sparsepd.router.text import IncrementalText
 
-SERVE_ARGS = ["serve", "--port", "0", "--metrics-port", "0", "--num-slots", "8", "--num-pages", "128"]
+SERVE_ARGS = ["serve", "--preset", "tiny",
+              "--port", "0", "--metrics-port", "0", "--num-slots", "8", "--num-pages", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_one_prompt_gives_the_same_ids_on_every_path(served, greedy):
     assert reply["choices"][0]["text"] == "".join(detok.push(t) for t in want)
     seen["gateway /v1/completions"] = reply["usage"]["prompt_tokens"], want
     for mode in ("--router", "--local"):
-        where = [mode, served.ready["grpc"]] if mode == "--router" else [mode]
+        where = [mode, served.ready["grpc"]] if mode == "--router" else [mode, "--preset", "tiny"]
         out = subprocess.run([sys.executable, "-m", "sparsepd", "generate", text, *where, "--max-new-tokens",
                               str(new), "--ignore-eos"], capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stderr

@@ -36,7 +36,8 @@ EPS = 1e-6
 
 @pytest.fixture(scope="module")
 def served():
-    child = start("serve", ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--num-slots", "8",
+    child = start("serve", ["serve", "--preset", "tiny",
+                            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--num-slots", "8",
                             "--num-pages", "128"], timeout_s=240)
     try:
         yield child.ready

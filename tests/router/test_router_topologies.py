@@ -55,7 +55,8 @@ def test_colocated_workers_serve_the_same_tokens(model):
     ebnf = 'root ::= "yes" | "no" | "maybe " [0-9]'
     want_grammar = generate(model, prompts[0], SamplingParams(max_new_tokens=9, ignore_eos=True,
                                                               grammar=Grammar(kind="ebnf", text=ebnf))).output_ids
-    served = start("serve", ["serve", "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "6",
+    served = start("serve", ["serve", "--preset", "tiny",
+                             "--colocated", "--port", "0", "--metrics-port", "-1", "--num-slots", "6",
                              "--num-pages", "64", "--max-batch-tokens", "48", "--batch-tokens", "96"], timeout_s=240)
     try:
         assert "colocated" in served.ready and not served.ready["prefill"]

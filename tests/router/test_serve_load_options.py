@@ -18,7 +18,8 @@ OPTIONS = LoadOptions(load_format="dummy", num_layers=3)
 
 
 def test_serve_with_dummy_weights_and_fewer_layers():
-    child = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "64",
+    child = start("serve", ["serve", "--preset", "tiny",
+                            "--port", "0", "--metrics-port", "-1", "--num-slots", "4", "--num-pages", "64",
                             "--load-format", "dummy", "--num-layers", "3", "--child-logs"], timeout_s=240)
     try:
         out = subprocess.run([sys.executable, "-m", "sparsepd", "generate", "Hello", "--router", child.ready["grpc"],

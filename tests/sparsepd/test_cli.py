@@ -26,7 +26,8 @@ def test_generate_is_deterministic_and_matches_the_library():
     cfg = get_preset("tiny")
     ids = load_tokenizer(cfg).encode("abc")
     want = generate(build_model(cfg, seed=0), ids, SamplingParams(max_new_tokens=5, ignore_eos=True)).output_ids
-    out = _run("generate", "--prompt", "abc", "--max-new-tokens", "5", "--ignore-eos", "--prefill-chunk", "2")
+    out = _run("generate", "--preset", "tiny", "--prompt", "abc", "--max-new-tokens", "5", "--ignore-eos",
+               "--prefill-chunk", "2")
     assert out.returncode == 0, out.stderr
     assert f"tokens: {want}" in out.stdout
 

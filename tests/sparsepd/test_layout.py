@@ -201,3 +201,5 @@ def test_wheel_contains_every_subpackage(tmp_path):
     files = zipfile.ZipFile(wheel).namelist()
     for name in PACKAGES:
         assert f"{name.replace('.', '/')}/__init__.py" in files, name
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):  # the default model
+        assert f"sparsepd/models/v4-byte-demo/{name}" in files, name
