@@ -27,7 +27,8 @@ from test_rel_supervise import _children_of, _wait_log  # noqa: E402
 
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 
-SERVE = ["serve", "--port", "0", "--metrics-port", "0", "--prefill", "1", "--decode", "1", "--ep", "2",
+SERVE = ["serve", "--preset", "tiny", "--port", "0", "--metrics-port", "0", "--prefill", "1", "--decode", "1",
+         "--ep", "2",
          "--devices", "cpu", "--num-slots", "4", "--num-pages", "48", "--max-batch-tokens", "64",
          "--restart-backoff", "0.2", "--heartbeat", "0.5", "--forget-after", "3", "--worker-wait", "240"]
 PROMPTS = [[256, *b"group one"], [256, *b"a second, longer prompt"], [256, *b"3"], [256, *b"the fourth request"]]

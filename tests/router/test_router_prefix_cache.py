@@ -99,7 +99,8 @@ def test_a_shared_prefix_hits_on_the_worker_whose_tree_holds_it():
     model = build_model(get_preset("tiny"), seed=0)
     prefix = _ids(403, seed=77)
     a, b = prefix + _ids(40, seed=78), prefix + _ids(40, seed=79)
-    served = start("serve", ["serve", "--port", "0", "--metrics-port", "-1", "--prefill", "2", "--decode", "1",
+    served = start("serve", ["serve", "--preset", "tiny", "--port", "0", "--metrics-port", "-1", "--prefill", "2",
+                             "--decode", "1",
                              "--num-slots", "8", "--num-pages", "96"], timeout_s=240)
     try:
         async def main():
