@@ -18,7 +18,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 for s in "$@"; do
   case $s in
-    suite) step suite ${SUITE_S:-300} scripts/test-gpu -n 16 -vv ;;
+    suite) step suite ${SUITE_S:-300} env SPARSEPD_TEST_LOG="$out/tests" scripts/test-gpu -n 16 --tb=short ;;
     engine) step engine ${ENGINE_S:-240} python3 -P bench/bench_engine.py --batches ${ENGINE_BATCHES:-1,8,32,64,128,256} --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
     engine-q) step engine-q ${ENGINE_S:-240} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
@@ -38,5 +38,9 @@ for s in "$@"; do
     *) echo "unknown step $s" >&2 ;;
   esac
 done
+if compgen -G "$out/tests.*" >/dev/null; then  # the suite's per-test log: slowest tests, every failure
+  echo "--- the suite's 25 slowest tests"; ls "$out"/tests.* | grep -v failures | xargs cat | sort -rn | head -n 25
+  echo "--- failures"; cat "$out"/tests.*.failures 2>/dev/null | grep '^=====' || echo none
+fi
 for f in "$out"/*.log; do echo "--- tail of $f"; tail -n 30 "$f"; done
 printf '%s\n' "${summary[@]}"

@@ -21,3 +21,37 @@ import torch  # noqa: E402
 def device() -> torch.device:
     """The device kernel tests run on: CUDA when SPARSEPD_TEST_GPU=1, else the CPU interpreter."""
     return torch.device("cuda" if os.environ.get("SPARSEPD_TEST_GPU") == "1" else "cpu")
+
+
+def _uses_gpu(item: pytest.Item) -> bool:
+    """Whether a test exercises the GPU when SPARSEPD_TEST_GPU=1: tests/gpu, a test that takes the `device`
+    fixture, or one marked to be skipped without a GPU (its reason names the GPU or CUDA)."""
+    if item.nodeid.startswith("tests/gpu/") or "device" in getattr(item, "fixturenames", ()):
+        return True
+    return any(w in m.kwargs.get("reason", "") for m in item.iter_markers("skipif") for w in ("GPU", "CUDA"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With SPARSEPD_GPU_ONLY=1 (scripts/test-gpu) only the tests that exercise the GPU run: the rest are CPU
+    tests that the CPU suite (CI) already runs, and on a GPU machine they only cost time."""
+    if os.environ.get("SPARSEPD_GPU_ONLY") != "1":
+        return
+    keep = [it for it in items if _uses_gpu(it)]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[it for it in items if not _uses_gpu(it)])
+        items[:] = keep
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With SPARSEPD_TEST_LOG=PATH, every test's phase, outcome and seconds are appended to PATH.<process> as
+    they happen, and a failure's traceback to PATH.<process>.failures: a run cut off by a time limit (a device
+    call, CI) still says what ran, how long each test took and why each failure failed."""
+    path = os.environ.get("SPARSEPD_TEST_LOG")
+    if not path or (report.when != "call" and report.outcome == "passed"):
+        return
+    proc = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(f"{path}.{proc}", "a") as f:
+        f.write(f"{report.duration:9.3f} {report.when} {report.outcome} {report.nodeid}\n")
+    if report.failed:
+        with open(f"{path}.{proc}.failures", "a") as f:
+            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
