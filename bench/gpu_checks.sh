@@ -38,9 +38,12 @@ for s in "$@"; do
     *) echo "unknown step $s" >&2 ;;
   esac
 done
-if compgen -G "$out/tests.*" >/dev/null; then  # the suite's per-test log: slowest tests, every failure
-  echo "--- the suite's 25 slowest tests"; ls "$out"/tests.* | grep -v failures | xargs cat | sort -rn | head -n 25
-  echo "--- failures"; cat "$out"/tests.*.failures 2>/dev/null | grep '^=====' || echo none
+if compgen -G "$out/tests.*" >/dev/null; then  # the suite's per-test logs, merged: slowest tests, every failure
+  ls "$out"/tests.* | grep -v failures | xargs cat | sort -rn >"$out/tests-by-seconds.txt"
+  cat "$out"/tests.*.failures >"$out/tests-failures.txt" 2>/dev/null
+  rm -f "$out"/tests.*
+  echo "--- the suite's 25 slowest tests"; head -n 25 "$out/tests-by-seconds.txt"
+  echo "--- failures"; grep '^=====' "$out/tests-failures.txt" || echo none
 fi
 for f in "$out"/*.log; do echo "--- tail of $f"; tail -n 30 "$f"; done
 printf '%s\n' "${summary[@]}"

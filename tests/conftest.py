@@ -7,8 +7,12 @@ Every process a test starts inherits one cluster token (a random one per session
 already has one), as a deployment's processes do: authentication is on throughout the suite.
 """
 
+import contextlib
+import fcntl
 import os
 import secrets
+import tempfile
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("SPARSEPD_TEST_GPU") == "1" else "1")
 os.environ.setdefault("SPARSEPD_CLUSTER_TOKEN", f"test-{secrets.token_urlsafe(24)}")
@@ -21,6 +25,47 @@ import torch  # noqa: E402
 def device() -> torch.device:
     """The device kernel tests run on: CUDA when SPARSEPD_TEST_GPU=1, else the CPU interpreter."""
     return torch.device("cuda" if os.environ.get("SPARSEPD_TEST_GPU") == "1" else "cpu")
+
+
+# Tests that hold many GiB of GPU memory at once (real model shapes, whole models, fp64 references of big
+# weights): with many pytest processes on one GPU (scripts/test-gpu) at most HEAVY_SLOTS of them run at a time.
+HEAVY_PATTERNS = ("tests/gpu/", "real_shapes", "v4_flash", "bench_shapes", "fp4_gpu", "graph_replay", "test_graphs.py",
+                  "gpu_bf16")
+HEAVY_SLOTS = int(os.environ.get("SPARSEPD_GPU_HEAVY_SLOTS", "3"))
+
+
+@contextlib.contextmanager
+def _heavy_slot(nodeid: str):
+    """Holds one of HEAVY_SLOTS file locks (shared by every process of the run) while a heavy GPU test runs."""
+    if os.environ.get("SPARSEPD_TEST_GPU") != "1" or not any(p in nodeid for p in HEAVY_PATTERNS):
+        yield
+        return
+    base = os.path.join(tempfile.gettempdir(), f"sparsepd-gpu-slot-{os.getuid()}")
+    while True:
+        for i in range(HEAVY_SLOTS):
+            f = open(f"{base}-{i}", "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        time.sleep(0.05)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """On the GPU: heavy tests take a slot (above), and every test gives its cached GPU memory back when it ends,
+    so that the other processes sharing the card can use it."""
+    with _heavy_slot(item.nodeid):
+        yield
+        if os.environ.get("SPARSEPD_TEST_GPU") == "1" and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def _uses_gpu(item: pytest.Item) -> bool:
@@ -53,5 +98,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     with open(f"{path}.{proc}", "a") as f:
         f.write(f"{report.duration:9.3f} {report.when} {report.outcome} {report.nodeid}\n")
     if report.failed:
+        captured = "".join(f"--- {name}\n{text[-3000:]}\n" for name, text in report.sections if "stderr" in name)
         with open(f"{path}.{proc}.failures", "a") as f:
-            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n{captured}")

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from sparsepd.checkpoint_config import read_checkpoint_config
 from sparsepd.engine.generate import generate
 from sparsepd.engine.sampling import SamplingParams
+from sparsepd.load_options import resolve_model_config
 from sparsepd.model.mtp import MTP_PREFIX, MTPBlock, load_mtp
 from sparsepd.model.request_cache import RequestCache
 from sparsepd.model.state import RequestState
@@ -53,6 +54,9 @@ from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model, init_random
 from sparsepd.model_config import ModelConfig
 from sparsepd.router.model_card import MODELS_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_checkpoint import quantize_checkpoint  # noqa: E402  (tools/ is a folder of scripts)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sparsepd" / "models" / "v4-byte-demo"
 SAMPLE_FILE = "heldout_sample.txt"
@@ -279,13 +283,14 @@ def write_checkpoint(out: Path, model: Transformer, mtp: MTPBlock, sample: list[
         raise RuntimeError(f"{out}/config.json reads back as {read_back}, expected {model.cfg}")
 
 
-def sample_bits_per_byte(directory: Path, piece_len: int) -> tuple[float, float]:
-    """Bits per byte of the held-out sample through the serving path: the checkpoint loaded by the published-
-    layout loader, each piece prefilled in inference mode; the MTP layer's from load_mtp."""
-    cfg = read_checkpoint_config(directory)
+def sample_bits_per_byte(directory: Path, piece_len: int, sample: Path | None = None) -> tuple[float, float]:
+    """Bits per byte of the held-out sample (default: the directory's own) through the serving path: the
+    checkpoint loaded by the published-layout loader as `serve` loads it (a quantized one kept quantized), each
+    piece prefilled in inference mode; the MTP layer's from load_mtp (stored plain in either case)."""
+    cfg = resolve_model_config(None, str(directory))
     model = build_model(cfg, checkpoint=directory)
-    mtp = load_mtp(cfg, directory)
-    data = (directory / SAMPLE_FILE).read_bytes()
+    mtp = load_mtp(cfg.model_copy(update={"weight_format": "plain"}), directory)
+    data = (sample or directory / SAMPLE_FILE).read_bytes()
     main = extra = 0.0
     pieces = [torch.tensor(list(data[i: i + piece_len])) for i in range(0, len(data), piece_len)]
     with torch.inference_mode():
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, default=None,
                    help="start from this checkpoint (written by this script) instead of random weights: a further "
                         "stage of training; its training.json is kept in the new one as `earlier`")
+    p.add_argument("--quantized-copy", type=Path, default=None,
+                   help="also write an FP8/FP4 copy of the trained checkpoint here (tools/quantize_checkpoint.py) and "
+                        "report its held-out bits per byte beside the full-precision one")
     p.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="the text's root")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.seq_len < 8:
@@ -352,11 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out sample ({args.sample_pieces}×{args.seq_len} bytes) through the loader: {bits:.3f} bits/byte, "
           f"MTP {mtp_bits:.3f}", flush=True)
     print(f"greedy 'def fibonacci(': {text!r}", flush=True)
+    quantized = None
+    if args.quantized_copy is not None:
+        quantize_checkpoint(args.out, args.quantized_copy)
+        q_bits, q_mtp_bits = sample_bits_per_byte(args.quantized_copy, args.seq_len, args.out / SAMPLE_FILE)
+        quantized = {"directory": str(args.quantized_copy), "sample_bits_per_byte": round(q_bits, 4),
+                     "sample_mtp_bits_per_byte": round(q_mtp_bits, 4)}
+        print(f"FP8/FP4 copy in {args.quantized_copy}: {q_bits:.3f} bits/byte, MTP {q_mtp_bits:.3f}", flush=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     earlier = json.loads(earlier_text) if earlier_text else None
     report = {"settings": settings, "earlier": earlier, "data": data_info, **figures,
               "sample_bits_per_byte": round(bits, 4), "sample_mtp_bits_per_byte": round(mtp_bits, 4),
-              "greedy_def_fibonacci": text, "torch": torch.__version__}
+              "greedy_def_fibonacci": text, "quantized_copy": quantized, "torch": torch.__version__}
     (args.out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {figures['train_s']:.0f} s of training", flush=True)
