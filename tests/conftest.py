@@ -88,11 +88,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """With SPARSEPD_TEST_LOG=PATH, every test's phase, outcome and seconds are appended to PATH.<process> as
-    they happen, and a failure's traceback to PATH.<process>.failures: a run cut off by a time limit (a device
+    """With SPARSEPD_TEST_LOG=PATH, every test's outcome and seconds (and any setup or teardown of a second or
+    more) are appended to PATH.<process> as they happen, and a failure's traceback and stderr to
+    PATH.<process>.failures: a run cut off by a time limit (a device
     call, CI) still says what ran, how long each test took and why each failure failed."""
     path = os.environ.get("SPARSEPD_TEST_LOG")
-    if not path or (report.when != "call" and report.outcome == "passed"):
+    if not path or getattr(report, "node", None) is not None:  # pytest-xdist's controller: the worker logged it
+        return
+    if report.when != "call" and report.outcome == "passed" and report.duration < 1.0:
         return
     proc = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(f"{path}.{proc}", "a") as f:
