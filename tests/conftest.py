@@ -28,21 +28,32 @@ def device() -> torch.device:
 
 
 # Tests that hold many GiB of GPU memory at once (real model shapes, whole models, fp64 references of big
-# weights): with many pytest processes on one GPU (scripts/test-gpu) at most HEAVY_SLOTS of them run at a time.
+# weights): with many pytest processes on one GPU (scripts/test-gpu) at most a few of them run at a time
+# (`_heavy_slots`).
 HEAVY_PATTERNS = ("tests/gpu/", "real_shapes", "v4_flash", "bench_shapes", "fp4_gpu", "graph_replay", "test_graphs.py",
                   "gpu_bf16")
-HEAVY_SLOTS = int(os.environ.get("SPARSEPD_GPU_HEAVY_SLOTS", "3"))
+# SPARSEPD_GPU_HEAVY_SLOTS overrides; by default one slot per 20 GB of the card less one (an H100: 3, an H200: 6), ≥ 2.
+
+
+def _heavy_slots() -> int:
+    if os.environ.get("SPARSEPD_GPU_HEAVY_SLOTS"):
+        return max(1, int(os.environ["SPARSEPD_GPU_HEAVY_SLOTS"]))
+    return max(2, int(torch.cuda.get_device_properties(0).total_memory / 20e9) - 1)
 
 
 @contextlib.contextmanager
 def _heavy_slot(nodeid: str):
-    """Holds one of HEAVY_SLOTS file locks (shared by every process of the run) while a heavy GPU test runs."""
+    """Holds one of `_heavy_slots()` file locks (shared by every process of the run) while a heavy GPU test runs."""
     if os.environ.get("SPARSEPD_TEST_GPU") != "1" or not any(p in nodeid for p in HEAVY_PATTERNS):
         yield
         return
+    if not torch.cuda.is_available():
+        yield
+        return
     base = os.path.join(tempfile.gettempdir(), f"sparsepd-gpu-slot-{os.getuid()}")
+    slots = _heavy_slots()
     while True:
-        for i in range(HEAVY_SLOTS):
+        for i in range(slots):
             f = open(f"{base}-{i}", "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
