@@ -157,9 +157,11 @@ def _nan_max(a, b):
 
 
 @triton.jit
-def _quantize_tile(x, FNUZ: tl.constexpr, EXACT: tl.constexpr):
-    """x [R, 128] fp32 → (q [R, 128] FP8, s [R] fp32) as `_quant_ref`: a NaN-propagating amax, the ue8m0 scale
-    on the bits, an exact multiply by 1/s, e4m3 round to nearest even (on the bits when EXACT)."""
+def _quantize_tile(x, FNUZ: tl.constexpr, ENCODE: tl.constexpr):
+    """x [R, 128] fp32 → (q [R, 128], s [R] fp32) as `_quant_ref`: a NaN-propagating amax, the ue8m0 scale on the
+    bits, an exact multiply by 1/s, e4m3 round to nearest even. ENCODE: 0 the hardware's cast to the FP8 type,
+    1 the same codes from bit arithmetic (the interpreter, whose fp32 → fp8 cast mis-rounds at binade edges),
+    2 those codes as uint8 (fnuz on NVIDIA, where Triton has no fnuz type: the GEMM widens the codes itself)."""
     fp8_max: tl.constexpr = 240.0 if FNUZ else 448.0
     amax = tl.maximum(tl.reduce(tl.abs(x), 1, _nan_max), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     sb = tl.math.div_rn(amax, fp8_max).to(tl.int32, bitcast=True)
@@ -169,26 +171,40 @@ def _quantize_tile(x, FNUZ: tl.constexpr, EXACT: tl.constexpr):
     inv = tl.where(finite, ((254 << 23) - sb).to(tl.float32, bitcast=True), float("nan"))  # exact 1 / scale
     y = tl.minimum(tl.maximum(x * inv[:, None], -fp8_max, propagate_nan=tl.PropagateNan.ALL), fp8_max,
                    propagate_nan=tl.PropagateNan.ALL)
-    if EXACT:
+    if ENCODE == 0:
+        q = y.to(tl.float8e4b8) if FNUZ else y.to(tl.float8e4nv)
+    else:
         code = _encode_e4m3(y, 8 if FNUZ else 7, FNUZ)
         code = tl.where(y == y, code, 0x80 if FNUZ else 0x7F).to(tl.uint8)
-        q = code.to(tl.float8e4b8, bitcast=True) if FNUZ else code.to(tl.float8e4nv, bitcast=True)
-    else:
-        q = y.to(tl.float8e4b8) if FNUZ else y.to(tl.float8e4nv)
+        if ENCODE == 2:
+            q = code
+        else:
+            q = code.to(tl.float8e4b8, bitcast=True) if FNUZ else code.to(tl.float8e4nv, bitcast=True)
     return q, scale
 
 
 @triton.jit
+def _widen_codes(c):
+    """e4m3 codes (uint8) → fp16 holding value · 2^−7 (fnuz) or 2^−8 (fn), exactly: the code's exponent and
+    mantissa bits placed at fp16's (e = 0 lands on fp16's subnormals); the caller folds the power of two into its
+    scale. The NaN codes are not kept (a NaN activation's row is NaN through its scale)."""
+    c = c.to(tl.int16)
+    return (((c & 0x7F) << 7) | ((c & 0x80) << 8)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-                      BLOCK_R: tl.constexpr, FNUZ: tl.constexpr, EXACT: tl.constexpr):
+                      BLOCK_R: tl.constexpr, FNUZ: tl.constexpr, ENCODE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1)
     cols = kb * 128 + tl.arange(0, 128)
     rows64 = rows.to(tl.int64)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    q, s = _quantize_tile(x, FNUZ, EXACT)
-    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
+    q, s = _quantize_tile(x, FNUZ, ENCODE)
+    if ENCODE != 2:
+        q = q.to(tl.uint8, bitcast=True)
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + kb, s, mask=rows < M)
 
 
@@ -197,8 +213,8 @@ def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, c_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    QUANT_A: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, DOT_FP8: tl.constexpr,
-    EXACT: tl.constexpr,
+    QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, OPERANDS: tl.constexpr,
+    ENCODE: tl.constexpr,
 ):
     # grouped order: GROUP_M row tiles share each weight column tile while it sits in L2
     pid = tl.program_id(0)
@@ -222,10 +238,11 @@ def _fp8_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + (kb_begin * 128 + offs_k)[None, :]  # [BM, 128]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (kb_begin * 128 + offs_k)[None, :]  # [BN, 128]
     ws_row = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_ws  # BLOCK_N ≤ 128: one weight scale a step
-    # SWAP_AB: acc^T = W · x^T, the weight tile the MMA's M side (64 rows fill a Hopper wgmma at M ≤ 16 tokens, which
-    # then reads both FP8 operands from shared memory: no FP8 → fp16 widening of W as the 16-row mma.sync needs)
+    # widened codes (OPERANDS 2) hold value · 2^−7 (fnuz) / 2^−8 (fn) each: the product's power of two
+    unit: tl.constexpr = (16384.0 if FNUZ else 65536.0) if OPERANDS == 2 else 1.0
+    # SWAP_AB: acc^T = W · x^T, the weight tile on the MMA's M side (64 weight rows fill a Hopper wgmma at M ≤ 16
+    # tokens, which then reads both FP8 operands from shared memory instead of widening W for mma.sync)
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-    f_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     # the scales of step kb + 1 are loaded during step kb: the pipeliner overlaps only the tiles' loads, and a
     # scale load waited on in its own step costs a DRAM latency every step
     sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
@@ -237,7 +254,7 @@ def _fp8_gemm_kernel(
         k_ok = offs_k < K - kb * 128
         if QUANT_A:
             x = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a, sa = _quantize_tile(x, FNUZ, EXACT)
+            a, sa = _quantize_tile(x, FNUZ, ENCODE)
             sa = tl.where(m_ok, sa, 1.0)
         else:
             sa = sa_next
@@ -245,27 +262,21 @@ def _fp8_gemm_kernel(
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # FP8 pointers: no bitcast between
         # the pipelined shared-memory tile and the MMA (a uint8 load + bitcast cost a shared-memory copy a step)
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # W's rows [BN, 128], K-major
-        if not DOT_FP8:  # FP8 → fp16 is exact
+        if OPERANDS == 1:  # no FP8 MMA: FP8 → fp16 is exact
             a = a.to(tl.float16)
             w = w.to(tl.float16)
-        f = sa * sw  # [BM]: this step's scale of each output row, a power of two
-        if RESCALE:
-            # f_prev / f exactly, on the exponent bits (a NaN scale's row is NaN through its FP8 codes anyway)
-            ratio = (f_prev.to(tl.int32, bitcast=True) - f.to(tl.int32, bitcast=True) + (127 << 23))
-            ratio = ratio.to(tl.float32, bitcast=True)
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(a), acc * ratio[None, :])
-            else:
-                acc = tl.dot(a, tl.trans(w), acc * ratio[:, None])
-            f_prev = f
-        elif SWAP_AB:
+        elif OPERANDS == 2:  # uint8 codes (fnuz on NVIDIA): widened on the bits
+            a = _widen_codes(a)
+            w = _widen_codes(w)
+        f = sa * (sw * unit)  # [BM]: this step's scale of each output row, a power of two
+        # a fresh product every 128-block, scaled and added in fp32 (DeepSeek's promotion): Hopper's FP8 MMA keeps
+        # ~13 fraction bits when it adds into its accumulator, so the accumulator must not span more than one block
+        if SWAP_AB:
             acc += tl.dot(w, tl.trans(a)) * f[None, :]
         else:
             acc += tl.dot(a, tl.trans(w)) * f[:, None]
         a_ptrs += 128
         w_ptrs += 128
-    if RESCALE:
-        acc = acc * (f_prev[None, :] if SWAP_AB else f_prev[:, None])
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -277,7 +288,7 @@ def _fp8_gemm_kernel(
         # partials of this tile in an fp32 workspace [SPLIT_K, M, N]; the last program to arrive sums them in
         # split order (deterministic whatever the arrival order) and writes the tile
         tile_ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
-        tl.store(tile_ws + split * M * N, acc, mask=mask)
+        tl.store(tile_ws + split.to(tl.int64) * M * N, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
@@ -298,41 +309,57 @@ class Fp8GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    rescale: bool = False  # keep the accumulator in units of the current block's scale (module docstring)
     quant_a: bool = False  # quantize x inside the K loop instead of a first pass
     swap_ab: bool = False  # compute (W · x^T)^T: the weight tile on the MMA's M side (decode)
 
 
-# (largest M, config): decode rows are memory bound (small BLOCK_M; split-K fills the GPU), prefill rows compute
-# bound (128×128 tiles, the rescaled accumulator). Chosen for H200 from the byte and FLOP floors; the measured
-# rates are in bench/bench_quant.py's table (bench/RESULTS.md).
-_CONFIG_TABLE = (
-    (16, Fp8GemmConfig(16, 64, num_warps=4, num_stages=6, group_m=1, quant_a=True, swap_ab=True)),
-    (64, Fp8GemmConfig(64, 64, num_warps=4, num_stages=5, group_m=1)),
-    (256, Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8)),
-    (None, Fp8GemmConfig(128, 128, num_warps=8, num_stages=3, group_m=8, rescale=True)),
+# Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
+# must keep enough weight bytes in flight to cover DRAM latency, so a small tile on the token side, 64 weight rows,
+# deep pipelines, and split-K (`choose_split_k`) until the grid holds ~4 programs an SM. Prefill is MMA-bound:
+# 128×128 tiles with 8 warps (acc + the fresh 128-block product: 128 fp32 registers a thread) where the grid
+# fills the GPU, else 64×128 with 4 warps (twice the tiles, 3 programs an SM). The first candidate whose tiles fill
+# the GPU once is taken (the last one otherwise). bench/bench_quant.py --sweep times the alternatives.
+_DECODE_TARGET_PROGRAMS = 4  # programs an SM that split-K aims for at decode
+_CONFIG_TABLE: tuple[tuple[int | None, tuple[Fp8GemmConfig, ...]], ...] = (
+    (16, (Fp8GemmConfig(16, 64, num_warps=4, num_stages=4, group_m=1, quant_a=True, swap_ab=True),)),
+    (64, (Fp8GemmConfig(64, 64, num_warps=4, num_stages=4, group_m=1),)),
+    (512, (Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8),)),
+    (None, (Fp8GemmConfig(128, 128, num_warps=8, num_stages=3, group_m=8),
+            Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8))),
 )
-# AMD: fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on gfx950), per row above.
+# AMD: the same tiles, fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on
+# gfx950): stages of each class above (compile-checked by tests/kernels/test_amd_compile.py, not timed).
 _AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 2, 2)}
-_MIN_SPLIT_BLOCKS = 4  # K blocks (of 128) a split keeps at least
+_MIN_SPLIT_BLOCKS = 2  # K blocks (of 128) a split keeps at least
+
+
+def config_class(M: int) -> int:
+    """The row of `_CONFIG_TABLE` for M rows."""
+    return next(i for i, (limit, _) in enumerate(_CONFIG_TABLE) if limit is None or M <= limit)
 
 
 def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = None) -> Fp8GemmConfig:
-    """The table's row for M, with split-K where the tiles alone leave the GPU under two programs an SM."""
-    row = next(i for i, (limit, _) in enumerate(_CONFIG_TABLE) if limit is None or M <= limit)
-    c = _CONFIG_TABLE[row][1]
+    """The table's config for M (the first candidate whose tiles fill the GPU once), its AMD stages, and split-K
+    where the tiles alone leave the GPU short of programs."""
+    row = config_class(M)
+    candidates = _CONFIG_TABLE[row][1]
+    c = next((c for c in candidates if triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n) >= num_sms),
+             candidates[-1])
     stages = _AMD_STAGES[arch][row] if arch in _AMD_STAGES else c.num_stages
-    split = choose_split_k(M, N, K, c.block_m, c.block_n, num_sms)
-    return dataclasses.replace(c, split_k=split, num_stages=stages)
+    return dataclasses.replace(c, split_k=choose_split_k(M, N, K, c.block_m, c.block_n, num_sms), num_stages=stages)
 
 
 def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
-    """Powers of two while the output tiles leave the GPU under two programs an SM, each split keeping at least
-    _MIN_SPLIT_BLOCKS blocks of K."""
+    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (decode, M ≤ 64 only),
+    each split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials (written and read back, 8·M·N bytes
+    a split) at most a quarter of the weight bytes."""
+    if M > 64:
+        return 1
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, BLOCK)
     split = 1
-    while tiles * split < 2 * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS:
+    while (tiles * split < _DECODE_TARGET_PROGRAMS * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS
+           and 2 * split * 8 * M * N <= N * K // 4):
         split *= 2
     return split
 
@@ -363,7 +390,16 @@ def _fp8_dot_supported(device: torch.device) -> bool:
 
 
 # --- public API ---------------------------------------------------------------------------------
+def _encode_mode(fp8: torch.dtype, device: torch.device) -> int:
+    """`_quantize_tile`'s ENCODE for this FP8 flavour here: bits in the interpreter, uint8 codes for fnuz outside
+    ROCm (Triton has no fnuz type on NVIDIA), else the hardware cast."""
+    if fp8 == torch.float8_e4m3fnuz and not torch.version.hip and not triton_interpreting():
+        return 2
+    return 1 if triton_interpreting() else 0
+
+
 def _launch_act_quant(x2: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K] uint8 codes, s [M, ceil(K/128)] fp32); the caller views q as its FP8 type where it has one."""
     M, K = x2.shape
     q = torch.empty((M, K), dtype=torch.uint8, device=x2.device)
     s = torch.empty((M, triton.cdiv(K, BLOCK)), dtype=torch.float32, device=x2.device)
@@ -371,9 +407,9 @@ def _launch_act_quant(x2: torch.Tensor, fp8: torch.dtype) -> tuple[torch.Tensor,
         block_r = 16 if M >= 16 * _num_sms(x2.device) else 4
         _act_quant_kernel[(triton.cdiv(M, block_r), triton.cdiv(K, BLOCK))](
             x2, q, s, M, K, x2.stride(0), q.stride(0), s.stride(0),
-            BLOCK_R=block_r, FNUZ=fp8 == torch.float8_e4m3fnuz, EXACT=triton_interpreting(), num_warps=4,
+            BLOCK_R=block_r, FNUZ=fp8 == torch.float8_e4m3fnuz, ENCODE=_encode_mode(fp8, x2.device), num_warps=4,
         )
-    return q.view(fp8), s
+    return q, s
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -389,7 +425,7 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, *, backend: Backend = "auto")
     if block != BLOCK:
         raise ValueError(f"the Triton act_quant takes block {BLOCK}, got {block}")
     q, s = _launch_act_quant(_rows(x), torch.float8_e4m3fn)
-    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+    return q.view(torch.float8_e4m3fn).view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
@@ -423,15 +459,31 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out
 
 
+def _operands(weight: torch.Tensor) -> int:
+    """The kernel's OPERANDS: 0 FP8 into the MMA, 1 FP8 widened to fp16 (no FP8 MMA here, or e4m3fn weights on
+    gfx942, whose FP8 MFMA reads only fnuz), 2 uint8 codes widened on the bits (fnuz weights outside ROCm)."""
+    fnuz = weight.dtype == torch.float8_e4m3fnuz
+    if _encode_mode(weight.dtype, weight.device) == 2:
+        return 2
+    if not _fp8_dot_supported(weight.device) or (not fnuz and amd_arch(weight.device) == "gfx942"):
+        return 1
+    return 0
+
+
 def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
                  config: Fp8GemmConfig) -> None:
     M, K = x2.shape
     N = weight.shape[0]
     fnuz = weight.dtype == torch.float8_e4m3fnuz
+    operands = _operands(weight)
+    if operands == 2:
+        weight = weight.view(torch.uint8)
     if config.quant_a:
         a, a_scale = x2, x2  # a_scale unused
     else:
-        a, a_scale = _launch_act_quant(x2, weight.dtype)
+        a, a_scale = _launch_act_quant(x2, weight.dtype if operands != 2 else torch.float8_e4m3fnuz)
+        if operands != 2:
+            a = a.view(weight.dtype)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
@@ -447,7 +499,7 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         blocks_per_split,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
-        QUANT_A=config.quant_a, RESCALE=config.rescale, SWAP_AB=config.swap_ab, FNUZ=fnuz,
-        DOT_FP8=_fp8_dot_supported(x2.device) and (fnuz or amd_arch(x2.device) != "gfx942"),
-        EXACT=triton_interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
+        ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
