@@ -311,6 +311,7 @@ class Fp8GemmConfig:
     group_m: int = 8
     quant_a: bool = False  # quantize x inside the K loop instead of a first pass
     swap_ab: bool = False  # compute (W · x^T)^T: the weight tile on the MMA's M side (decode)
+    max_regs: int = 0  # NVIDIA: cap registers a thread (Triton's maxnreg; 0 none), e.g. 128 for two 8-warp programs
 
 
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
@@ -369,6 +370,8 @@ def _check_config(config: Fp8GemmConfig) -> None:
         raise ValueError(f"config.block_m must be a power of two >= 16, got {config.block_m}")
     if not 16 <= config.block_n <= BLOCK or config.block_n & (config.block_n - 1):
         raise ValueError(f"config.block_n must be a power of two in [16, {BLOCK}], got {config.block_n}")
+    if config.max_regs and not 24 <= config.max_regs <= 255:
+        raise ValueError(f"config.max_regs must be 0 or in [24, 255], got {config.max_regs}")
     if config.split_k < 1 or config.group_m < 1:
         raise ValueError(f"config.split_k and group_m must be >= 1, got {config.split_k}, {config.group_m}")
 
@@ -502,4 +505,5 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
         ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"maxnreg": config.max_regs} if config.max_regs and not torch.version.hip else {}),
     )
