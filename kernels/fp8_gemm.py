@@ -12,33 +12,37 @@ Activations, per row m and block kb of 128 along K (as DeepSeek's reference infe
 
 FP8_MAX = 448 for e4m3fn weights (H100/H200, MI355X); the GEMM also takes e4m3fnuz weights (MI300, gfx942: FP8
 MFMA reads only that flavour; `to_fnuz` converts a checkpoint's tiles exactly), quantizing x to fnuz, max 240.
+Where Triton has no fnuz type (NVIDIA) those weights are read as uint8 codes, x is quantized to codes on the bits,
+and both are widened to fp16 exactly (`_widen_codes`; OPERANDS = 2): right, not fast.
 
 Kernels:
 1. `_act_quant_kernel`: [BLOCK_R, 128] a program → q (FP8 bytes) and s_x; the public `act_quant`, and the GEMM's
    first pass for M > 16.
 2. `_fp8_gemm_kernel`: a [BLOCK_M, BLOCK_N] output tile a program (BLOCK_N ≤ 128, so one weight scale a K step),
    K in steps of 128: tl.dot on FP8 operands (Hopper / MI300 / MI355X FP8 tensor cores; widened to fp16 exactly
-   where FP8 MMA is missing) with fp32 accumulation; per-block scales applied each step, either as
-   `acc += dot · f` (a fresh accumulator each step: the tensor cores' FP8 accumulation, ~14 bits on Hopper, never
-   spans more than 128 products) or, for prefill tiles, `acc = dot(a, w, acc · f_prev / f)` (the accumulator
-   kept in units of the current block's scale: no second accumulator, half the registers, so 128×128 tiles run
-   two programs an SM; exact rescaling by powers of two, overflow only past |x| ~ 2^70).
-   Activation quantization: for M ≤ 16 it is fused into the K loop (QUANT_A: each program re-quantizes its 16
-   rows, ≤ 0.5 quantized values a weight byte at BLOCK_N ≥ 32, hidden under the weight loads of a memory-bound
-   step, and one launch less); for M > 16 the re-quantization would cost M / BLOCK_N ALU work a weight byte
-   (2 at M = 256), so `_act_quant_kernel` runs first (M·K reads, once).
-   Decode tiles (M ≤ 16) compute (W · x^T)^T: 64 weight rows fill the M side of a Hopper FP8 wgmma, which reads
-   both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W to fp16 first;
-   compiled for sm_90 the K step went from 389 to 299 instructions).
-   Split-K for small grids (decode with N ≤ 4096): partial tiles in an fp32 workspace, the last program to
-   finish a tile (an atomic counter) sums the partials in split order: deterministic, one launch.
-Launch configs from one table by M (`default_fp8_config`); the grid depends on shapes only (CUDA graphs).
+   where FP8 MMA is missing), a fresh product every 128-block, scaled by s_x · s_w and added into an fp32
+   accumulator (DeepSeek's promotion: Hopper's FP8 MMA keeps ~13 fraction bits when it accumulates, so its
+   accumulator never spans more than one block; an earlier version kept one accumulator over all of K, rescaled
+   by powers of two, and missed the GPU test's accuracy bound at prefill). Scales of step kb + 1 load during kb.
+   Activation quantization: fused into the K loop for the decode class M ≤ 16 (QUANT_A: each program
+   re-quantizes its 16 rows, ≤ 0.5 quantized values a weight byte at BLOCK_N ≥ 32, hidden under the weight
+   loads, and one launch less); above, `_act_quant_kernel` runs first (M·K reads, once).
+   Decode tiles (M ≤ 16) compute (W · x^T)^T (SWAP_AB): 64 weight rows fill the M side of a Hopper FP8 wgmma,
+   which reads both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W).
+   Split-K at decode (M ≤ 64) until the grid holds ~4 programs an SM (weight bytes in flight to cover DRAM
+   latency), while the fp32 partials stay under a quarter of the weight bytes: partial tiles in an fp32
+   workspace, the last program to finish a tile (an atomic counter) sums them in split order (deterministic;
+   the split count is a run-time argument, one compiled kernel for all).
+Launch configs (`default_fp8_config`): per shape class of M (decode ≤ 16, ≤ 64, mid ≤ 512, prefill) a short list
+of candidates, the first whose tiles fill the GPU once taken; per AMD target its stages; the grid depends on shapes
+only (CUDA graphs). bench/bench_quant.py --sweep times the alternatives of each class.
 
 References (plain PyTorch, also the CPU path): `act_quant_ref`, `dequant_fp8_block`, `fp8_linear_ref` (both
 operands dequantized exactly to fp32, one fp32 matmul, cast to x's dtype).
-Known limits: BLOCK = 128 only (the checkpoint's tile); x's last dim must be contiguous; the fused quantizer on GPUs
+Known limits: BLOCK = 128 only (the checkpoint's tile); x's last dim must be contiguous; the quantizer on GPUs
 casts with the hardware's round-to-nearest-even (the interpreter, whose fp32→fp8 cast mis-rounds at binade edges,
-encodes on the bits instead).
+encodes on the bits instead); at prefill a program holds the accumulator and the block's product (128 fp32
+registers a thread at 128×128 / 8 warps: one program an SM), no warp specialisation or TMA (plain Triton).
 Portability: plain Triton; tl.dot tiles ≥ 16×16; compile-checked for gfx950 and gfx942 (tests/kernels/
 test_amd_compile.py).
 """
@@ -211,8 +215,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, c_ptr, ws_ptr, counter_ptr,
-    M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
     QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, OPERANDS: tl.constexpr,
     ENCODE: tl.constexpr,
 ):
@@ -282,18 +286,19 @@ def _fp8_gemm_kernel(
 
     mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     else:
-        # partials of this tile in an fp32 workspace [SPLIT_K, M, N]; the last program to arrive sums them in
+        # partials of this tile in an fp32 workspace [num_splits, M, N] (a run-time count: one compiled kernel
+        # for every split); the last program to arrive sums them in
         # split order (deterministic whatever the arrival order) and writes the tile
         tile_ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
         tl.store(tile_ws + split.to(tl.int64) * M * N, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(num_splits):
                 total += tl.load(tile_ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -500,8 +505,8 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     _fp8_gemm_kernel[(tiles, split)](
         a, a_scale, weight, weight_scale, out, ws, counters,
         M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        blocks_per_split,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT_K=split,
+        blocks_per_split, split,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT=split > 1,
         QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
         ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),
         num_warps=config.num_warps, num_stages=config.num_stages,

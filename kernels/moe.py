@@ -425,13 +425,16 @@ def default_moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, arc
 
 
 # FP4 weights: a tile is a quarter of the bf16 bytes, and dequantizing it in registers costs ALU work a weight
-# (bit ops, a convert, a multiply): the decode rows take wider steps along K so that each program has as many bytes
-# in flight as the bf16 table. Decode is weight-bound: at ≤ 16 rows an expert the tile narrows along N
+# (bit ops, a convert, a multiply), which bounds decode: at 3.35 TB/s (H100) the SMs issue ~4.4 lane-instructions
+# a weight value, so a loop at 6 a value cannot stream at the byte rate. Decode row (compiled for sm_90 with Triton
+# 3.9, SASS instructions of the K loop a weight value, gate/up and down): 16×64×256 with 4 warps 10-20 (255
+# registers and spills); 16×64×128, 4 warps 6.4 / 7.2; 2 warps 5.4 / 5.5 (fewer warps each re-read less of the
+# dot operands); 16×32×128, 2 warps 5.7 / 6.3. At ≤ 16 rows an expert the tile narrows along N
 # (`_FP4_DECODE_BLOCK_N`) until the touched experts' tiles give ≥ _FP4_DECODE_PROGRAMS programs an SM (V4-Flash,
-# one token: 6 experts × 2048/64 = 192 gate/up programs on 132 SMs left a second wave 45% full; 32 wide: 384).
+# one token: 6 experts × 2048/64 = 192 gate/up programs on 132 SMs leave a second wave 45% full; 32 wide: 384).
 # Stages per AMD target as above.
 _FP4_CONFIG_TABLE = (
-    (16, MoEConfig(16, 64, 256, num_warps=4, num_stages=3)),
+    (16, MoEConfig(16, 64, 128, num_warps=2, num_stages=4)),
     (48, MoEConfig(32, 64, 256, num_warps=4, num_stages=3)),
     (128, MoEConfig(64, 64, 128, num_warps=4, num_stages=3)),
     (None, MoEConfig(128, 128, 64, num_warps=8, num_stages=3)),

@@ -15,6 +15,8 @@ import torch
 
 from sparsepd.kernels.moe import (
     _E2M1,
+    _FP4_CONFIG_TABLE,
+    _FP4_DECODE_BLOCK_N,
     FP4_GROUP,
     MoEConfig,
     build_dispatch,
@@ -410,6 +412,28 @@ def test_fp4_matches_reference(T, dtype, routing, device):
                                f"seed={seed} T={T} {dtype} {routing} {config}")
 
 
+@pytest.mark.parametrize("config", [c for _, c in _FP4_CONFIG_TABLE]
+                         + [dataclasses.replace(_FP4_CONFIG_TABLE[0][1], block_n=n) for n in _FP4_DECODE_BLOCK_N])
+def test_fp4_default_table_configs(config, device):
+    """Every row of the FP4 launch table (and the decode row's narrowed tiles), as the GPU runs them, at small
+    shapes with fp16 x (tl.dot_scaled) and both unpackings the interpreter can run."""
+    cfg = get_preset("tiny")
+    T = 9
+    x, weights, indices = make_routing(200 + config.block_n, T, cfg, "topk", device)
+    w = make_fp4_weights(200, FP4_SMALL["E"], cfg.dim, FP4_SMALL["inter"], device)
+    for unpack in ("dot_scaled", "bits"):
+        c = dataclasses.replace(config, fp4_unpack=unpack)
+        y = moe_fp4(x.half(), weights, indices, *w, cfg.swiglu_limit, backend="triton", config=c)
+        check_fp4_against_fp64(y, x.half(), weights, indices, w, cfg.swiglu_limit, f"{c}")
+
+
+def test_fp4_decode_tile_narrows_to_fill_the_gpu():
+    one_token = default_moe_fp4_config(6, 256, torch.bfloat16, inter=2048, num_sms=132)
+    assert one_token.block_n == 32, "6 experts × 2048/64 = 192 programs leave 132 SMs short"
+    assert default_moe_fp4_config(48, 256, torch.bfloat16, inter=2048, num_sms=132).block_n == 64
+    assert default_moe_fp4_config(6, 256, torch.bfloat16).block_n == _FP4_CONFIG_TABLE[0][1].block_n
+
+
 @pytest.mark.parametrize("limit", [10.0, 0.0])
 def test_fp4_swiglu_clamp_and_skewed_groups(limit, device):
     """Scales 2^6 larger push gate/up past the limit; all 40 tokens on two experts (groups over many blocks)."""
@@ -527,5 +551,5 @@ def test_fp4_ptx_unpack_matches_dequant_with_a_scale_per_byte():
         halves = [(regs[f"${r}"] >> (16 * h)) & 0xFFFF for r in range(4) for h in range(2)]
         got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()
         lo, hi = got[:4], got[4:]  # outputs: lo = $0, $1 (bytes 0-3), hi = $2, $3
-        assert torch.equal(lo, lo_want[idx] * scale[idx]), f"low nibbles of bytes {idx}: {lo} vs {lo_want[idx] * scale[idx]}"
+        assert torch.equal(lo, lo_want[idx] * scale[idx]), f"low nibbles of bytes {idx}: {lo.tolist()}"
         assert torch.equal(hi, hi_want[idx] * scale[idx]), f"high nibbles of bytes {idx}"
