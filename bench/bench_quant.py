@@ -50,7 +50,7 @@ from sparsepd.kernels.fp8_gemm import (
     fp8_linear,
     fp8_linear_ref,
 )
-from sparsepd.kernels.moe import MoEConfig, default_moe_fp4_config, moe_fp4, moe_fp4_ref
+from sparsepd.kernels.moe import MoEConfig, build_dispatch, default_moe_fp4_config, moe_fp4, moe_fp4_ref
 
 DIM, HEADS, HEAD_DIM, Q_LORA, O_GROUPS, O_LORA, INTER, EXPERTS, TOP_K = 4096, 64, 512, 1024, 8, 1024, 2048, 256, 6
 PROJECTIONS = {  # name: (N, K)
@@ -304,9 +304,12 @@ def _warm(chunk: list[tuple]) -> int:
                 s13 = torch.full((8, 2 * INTER, DIM // 32), 127, device="cuda", dtype=torch.uint8)
                 w2 = torch.zeros(8, DIM, INTER // 2, device="cuda", dtype=torch.uint8)
                 s2 = torch.full((8, DIM, INTER // 32), 127, device="cuda", dtype=torch.uint8)
-                idx = torch.randint(0, 8, (M, TOP_K), device="cuda")
+                idx = torch.rand(M, 8, device="cuda").argsort(-1)[:, :TOP_K]  # a strided slice, as the cases'
                 moe_fp4(torch.randn(M, DIM, device="cuda", dtype=torch.bfloat16),
                         torch.rand(M, TOP_K, device="cuda"), idx, w13, s13, w2, s2, 10.0, config=config)
+                # the dispatch kernels specialise on the expert count and the index strides: 256 experts here
+                idx = torch.rand(M, EXPERTS, device="cuda").argsort(-1)[:, :TOP_K]
+                build_dispatch(idx, EXPERTS, config.block_m, backend="triton")
             torch.cuda.synchronize()
         except Exception as e:  # reported, and the main process times (and reports) the same config again
             print(f"compile/run failed: {kind} M={M} N={N} K={K} {config}: {type(e).__name__}: {e}"[:400], flush=True)
