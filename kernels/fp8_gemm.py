@@ -216,6 +216,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
 def _fp8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, c_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_am, stride_as, stride_wn, stride_ws, stride_cm, blocks_per_split, num_splits,
+    stride_ag, stride_asg, stride_wg, stride_wsg, stride_cg, stride_wsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
     QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, OPERANDS: tl.constexpr,
     ENCODE: tl.constexpr,
@@ -225,6 +226,16 @@ def _fp8_gemm_kernel(
     split = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
+    # axis 2: independent products of a grouped projection (`fp8_linear_grouped`): group g reads its own x columns,
+    # weight rows and scale rows, writes its own output columns (all offsets 0 for one product)
+    g = tl.program_id(2).to(tl.int64)
+    a_ptr += g * stride_ag
+    a_scale_ptr += g * stride_asg
+    w_ptr += g * stride_wg
+    w_scale_ptr += g * stride_wsg
+    c_ptr += g * stride_cg
+    ws_ptr += g * stride_cg
+    counter_ptr += g * tiles_m * tiles_n
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -292,14 +303,14 @@ def _fp8_gemm_kernel(
         # partials of this tile in an fp32 workspace [num_splits, M, N] (a run-time count: one compiled kernel
         # for every split); the last program to arrive sums them in
         # split order (deterministic whatever the arrival order) and writes the tile
-        tile_ws = ws_ptr + rows[:, None] * N + offs_n[None, :]
-        tl.store(tile_ws + split.to(tl.int64) * M * N, acc, mask=mask)
+        tile_ws = ws_ptr + rows[:, None] * stride_wsm + offs_n[None, :]
+        tl.store(tile_ws + split.to(tl.int64) * M * stride_wsm, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
         if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(num_splits):
-                total += tl.load(tile_ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(tile_ws + s * M * stride_wsm, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -467,6 +478,40 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out
 
 
+def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
+                       backend: Backend = "auto", config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """G independent products in one launch: x [M, G, K] (group g's inputs x[:, g]) with rows g·R … (g+1)·R − 1
+    of W [G·R, K] (FP8, 128×128 tile scales; R a multiple of 128, so each group owns whole scale rows) → y [M, G·R]
+    in x's dtype, group g in columns g·R …; each group as `fp8_linear` computes it (the grouped output projection
+    of docs/dsv4-spec.md "Attention layer", step 7, in one launch instead of G)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be [M, G, K], got {list(getattr(x, 'shape', ()))}")
+    M, G, K = x.shape
+    _check_weight(weight, weight_scale)
+    if G < 1 or weight.shape[0] % G or (weight.shape[0] // G) % BLOCK or weight.shape[1] != K:
+        raise ValueError(f"weight must be [G·R, K] = [{G}·R, {K}] with R a multiple of {BLOCK}, got "
+                         f"{list(weight.shape)}")
+    _check_linear(x[:, 0], weight, weight_scale)
+    if config is not None:
+        _check_config(config)
+    R = weight.shape[0] // G
+    if pick_backend(backend, x, weight, weight_scale) == "reference":
+        return torch.cat([fp8_linear_ref(x[:, g], weight[g * R:(g + 1) * R], weight_scale[g * R // BLOCK:
+                                                                                          (g + 1) * R // BLOCK])
+                          for g in range(G)], dim=-1)
+    if weight.stride(1) != 1 or weight_scale.stride(1) != 1:
+        raise ValueError(f"weight and weight_scale need a unit last stride, got {weight.stride()}, "
+                         f"{weight_scale.stride()}")
+    x2 = x.reshape(M, G * K).contiguous()  # the quantizer reads it as [M·G, K] rows
+    out = torch.empty((M, G * R), dtype=x.dtype, device=x.device)
+    if M == 0 or K == 0:
+        return out.zero_()
+    if config is None:
+        config = default_fp8_config(M, G * R, K, _num_sms(x.device), amd_arch(x.device))
+    _launch_gemm(x2, weight, weight_scale, out, config, groups=G)
+    return out
+
+
 def _operands(weight: torch.Tensor) -> int:
     """The kernel's OPERANDS: 0 FP8 into the MMA, 1 FP8 widened to fp16 (no FP8 MMA here, or e4m3fn weights on
     gfx942, whose FP8 MFMA reads only fnuz), 2 uint8 codes widened on the bits (fnuz weights outside ROCm)."""
@@ -479,33 +524,40 @@ def _operands(weight: torch.Tensor) -> int:
 
 
 def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
-                 config: Fp8GemmConfig) -> None:
-    M, K = x2.shape
-    N = weight.shape[0]
+                 config: Fp8GemmConfig, groups: int = 1) -> None:
+    """out = x2 · W^T, or with groups > 1 the grouped product: x2 [M, G·K] (group g's inputs in columns g·K …),
+    weight [G·R, K] (group g's rows g·R …, R a multiple of 128), out [M, G·R] (group g's columns g·R …)."""
+    M, K = x2.shape[0], x2.shape[1] // groups
+    N = weight.shape[0] // groups  # a group's output columns
     fnuz = weight.dtype == torch.float8_e4m3fnuz
     operands = _operands(weight)
     if operands == 2:
         weight = weight.view(torch.uint8)
     if config.quant_a:
         a, a_scale = x2, x2  # a_scale unused
-    else:
-        a, a_scale = _launch_act_quant(x2, weight.dtype if operands != 2 else torch.float8_e4m3fnuz)
+        stride_am, stride_as, stride_ag, stride_asg = x2.stride(0), 0, K, 0
+    else:  # quantized as [M·G, K] rows: group g's row m is row m·G + g
+        a, a_scale = _launch_act_quant(x2.view(M * groups, K) if groups > 1 else x2,
+                                       weight.dtype if operands != 2 else torch.float8_e4m3fnuz)
         if operands != 2:
             a = a.view(weight.dtype)
+        stride_am, stride_as = groups * a.stride(0), groups * a_scale.stride(0)
+        stride_ag, stride_asg = a.stride(0), a_scale.stride(0)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, blocks_per_split)  # no empty splits
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     if split > 1:
-        ws = torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
-        counters = torch.zeros((tiles,), dtype=torch.int32, device=x2.device)
+        ws = torch.empty((split, M, groups * N), dtype=torch.float32, device=x2.device)
+        counters = torch.zeros((groups * tiles,), dtype=torch.int32, device=x2.device)
     else:
         ws = counters = out  # unused
-    _fp8_gemm_kernel[(tiles, split)](
+    _fp8_gemm_kernel[(tiles, split, groups)](
         a, a_scale, weight, weight_scale, out, ws, counters,
-        M, N, K, a.stride(0), a_scale.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
+        M, N, K, stride_am, stride_as, weight.stride(0), weight_scale.stride(0), out.stride(0),
         blocks_per_split, split,
+        stride_ag, stride_asg, N * weight.stride(0), N // BLOCK * weight_scale.stride(0), N, groups * N,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT=split > 1,
         QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
         ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),

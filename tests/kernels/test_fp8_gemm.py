@@ -33,6 +33,7 @@ from sparsepd.kernels.fp8_gemm import (
     default_fp8_config,
     dequant_fp8_block,
     fp8_linear,
+    fp8_linear_grouped,
     fp8_linear_ref,
     to_fnuz,
 )
@@ -173,6 +174,33 @@ def test_triton_matches_float64(M, N, K, config, device):
     y = fp8_linear(x, weight, scale, backend="triton", config=config, out=out)
     assert y is out
     check_arithmetic(y.cpu(), x.cpu(), weight.cpu(), scale.cpu(), f"seed={seed} M={M} N={N} K={K} {config}")
+
+
+@pytest.mark.parametrize("config", [None, CONFIGS[1], CONFIGS[2], CONFIGS[4]])
+@pytest.mark.parametrize("M, G, R, K", [(1, 3, 128, 200), (17, 2, 256, 384)])
+def test_grouped_equals_a_product_per_group(M, G, R, K, config, device):
+    """One launch for G products (the grouped output projection): group g is x[:, g] · W[g·R:(g+1)·R]^T, each
+    within the arithmetic bound; fused quantizer, split-K and the quantizer pass on [M·G, K] rows."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    seed = M * 7 + G * 3 + K
+    x = make_x(seed, (M, G, K), dtype, device)
+    weight, scale = make_weight(seed, G * R, K, device=device)
+    y = fp8_linear_grouped(x, weight, scale, backend="triton", config=config)
+    assert y.shape == (M, G * R) and y.dtype == dtype
+    for g in range(G):
+        rows = slice(g * R, (g + 1) * R)
+        check_arithmetic(y[:, rows].cpu(), x[:, g].cpu(), weight[rows].cpu(), scale[g * R // BLOCK:(g + 1) * R // BLOCK]
+                         .cpu(), f"group {g} of {G}, M={M} R={R} K={K} {config}")
+    want = fp8_linear_grouped(x.cpu(), weight.cpu(), scale.cpu(), backend="reference")
+    assert (y.cpu().double() - want.double()).abs().max() <= 2.0**-7 * want.double().abs().max()
+
+
+def test_grouped_refuses_rows_that_split_a_tile():
+    weight, scale = make_weight(0, 192, 256)
+    with pytest.raises(ValueError, match="R a multiple of 128"):
+        fp8_linear_grouped(torch.zeros(2, 3, 256), weight, scale)
+    with pytest.raises(ValueError, match="x must be \\[M, G, K\\]"):
+        fp8_linear_grouped(torch.zeros(2, 256), weight, scale)
 
 
 def test_leading_dims_and_bf16_output(device):
