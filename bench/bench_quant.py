@@ -6,7 +6,8 @@ the shared expert, dims from sparsepd/model_config.py's v4-flash preset: dim 409
 - prefill, M ∈ {4096, 8192}: TFLOP/s against torch's bf16 matmul of the same shape (F.linear, bf16 weights) in the
   same run; target (issue 28) ≥ 70% of 2 × the bf16 rate;
 - decode, M ∈ {1, 8, 32, 64} (and 256, a mid-size batch): time against the floor of the bytes it must move (FP8
-  weights + scales, x, y) at the copy bandwidth measured here; target ≥ 70% of the floor (floor / time).
+  weights + scales, x, y) at the copy bandwidth measured here; target ≥ 70% of the floor (floor / time). Also the
+  grouped output projection (wo_a's 8 groups in one `fp8_linear_grouped` launch; bf16 column: 8 matmuls).
 FP4 experts (`moe_fp4`) at decode, T ∈ {1, 8, 64, 256}, V4-Flash's experts (256 × [2·2048, 4096] and [4096, 2048],
 top-6, random routing with distinct experts a token): time against the floor of the bytes it reads (the packed
 weights and scales of every touched expert once, x, the fp32 per-slot outputs written); target ≥ 60%.
@@ -48,6 +49,7 @@ from sparsepd.kernels.fp8_gemm import (
     config_class,
     default_fp8_config,
     fp8_linear,
+    fp8_linear_grouped,
     fp8_linear_ref,
 )
 from sparsepd.kernels.moe import MoEConfig, build_dispatch, default_moe_fp4_config, moe_fp4, moe_fp4_ref
@@ -58,6 +60,7 @@ PROJECTIONS = {  # name: (N, K)
     "wo_a (a group)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS), "wo_b": (DIM, O_GROUPS * O_LORA),
     "shared w1+w3": (2 * INTER, DIM), "shared w2": (DIM, INTER),
 }
+GROUPED = {"wo_a (8 groups, one launch)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS, O_GROUPS)}  # name: (N, K, G)
 PREFILL_M, DECODE_M, MOE_T = (4096, 8192), (1, 8, 32, 64, 256), (1, 8, 64, 256)
 SWEPT_PREFILL_M, SWEPT_DECODE_M, SWEPT_MOE_T = (8192,), (1, 64), (1, 8, 64)
 
@@ -178,26 +181,34 @@ def fp8_prefill(name: str, N: int, K: int, M: int, dev: Device, sweep: bool) -> 
                 config=default, **({"sweep": timings, "metric": "TFLOP/s"} if sweep else {}))
 
 
-def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool) -> dict:
-    weight_bytes = N * K + 4 * (-(-N // 128)) * (-(-K // 128))
-    floor_bytes = weight_bytes + 2 * M * K + 2 * M * N
-    sets = [fp8_weight(N, K) for _ in range(n_sets(weight_bytes, dev.l2_bytes))]
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool, groups: int = 1) -> dict:
+    """groups > 1: `fp8_linear_grouped` of `groups` products [M, K] × [N, K]^T in one launch (N per group)."""
+    weight_bytes = groups * (N * K + 4 * (-(-N // 128)) * (-(-K // 128)))
+    floor_bytes = weight_bytes + groups * (2 * M * K + 2 * M * N)
+    sets = [fp8_weight(groups * N, K) for _ in range(n_sets(weight_bytes, dev.l2_bytes))]
+    x = torch.randn(M, groups, K, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    ref = fp8_linear_ref(x, *sets[0])
+
+    def run(w, s, c=None):
+        if groups > 1:
+            return fp8_linear_grouped(x, w, s, config=c)
+        return fp8_linear(x[:, 0], w, s, config=c, out=out)
+
+    ref = fp8_linear_grouped(x, *sets[0], backend="reference") if groups > 1 else fp8_linear_ref(x[:, 0], *sets[0])
     floor = floor_bytes / dev.copy_bytes_per_s * 1e6
-    configs = fp8_candidates(M, N, K, dev.num_sms) if sweep else [default_fp8_config(M, N, K, dev.num_sms)]
+    configs = (fp8_candidates(M, groups * N, K, dev.num_sms) if sweep
+               else [default_fp8_config(M, groups * N, K, dev.num_sms)])
     timings, us = {}, {}
     for c in configs:
-        err = rel_err(fp8_linear(x, *sets[0], config=c), ref)
+        err = rel_err(run(*sets[0], c), ref)
         if err > 1e-2:
             timings[repr(c)] = f"WRONG (rel err {err:.3g})"
             continue
-        us[repr(c)] = graph_us([lambda w=w, s=s, c=c: fp8_linear(x, w, s, config=c, out=out) for w, s in sets])
+        us[repr(c)] = graph_us([lambda w=w, s=s, c=c: run(w, s, c) for w, s in sets])
         timings[repr(c)] = floor / us[repr(c)]
     default = repr(configs[0])
     w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
-    bf16 = graph_us([lambda w=w: torch.matmul(x, w.T, out=out) for w in w16])
+    bf16 = groups * graph_us([lambda w=w: torch.matmul(x[:, 0], w.T, out=out) for w in w16])
     return dict(kind="fp8 decode", name=name, M=M, N=N, K=K, us=us.get(default, float("nan")), floor_us=floor,
                 of_floor=floor / us.get(default, float("inf")), bf16_us=bf16, sets=len(sets), config=default,
                 **({"sweep": timings, "metric": "of floor"} if sweep else {}))
@@ -265,6 +276,8 @@ def cases(experts, dev: Device, sweep: bool) -> list[tuple[str, Callable[[], dic
     out = [(f"fp4 decode T={T}", lambda T=T: fp4_decode(T, experts, dev, False)) for T in MOE_T]
     out += [(f"fp8 decode {name} M={M}", lambda a=(name, N, K, M): fp8_decode(*a, dev, False))
             for name, (N, K) in PROJECTIONS.items() for M in DECODE_M]
+    out += [(f"fp8 decode {name} M={M}", lambda a=(name, N, K, M), G=G: fp8_decode(*a, dev, False, G))
+            for name, (N, K, G) in GROUPED.items() for M in DECODE_M]
     out += [(f"fp8 prefill {name} M={M}", lambda a=(name, N, K, M): fp8_prefill(*a, dev, False))
             for name, (N, K) in PROJECTIONS.items() for M in PREFILL_M]
     out.append(("fp4 prefill T=8192", lambda: fp4_prefill(8192, experts, dev, False)))
