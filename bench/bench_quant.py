@@ -5,18 +5,27 @@ the shared expert, dims from sparsepd/model_config.py's v4-flash preset: dim 409
 8 output groups × o_lora 1024, moe_inter 2048), bf16 activations:
 - prefill, M ∈ {4096, 8192}: TFLOP/s against torch's bf16 matmul of the same shape (F.linear, bf16 weights) in the
   same run; target (issue 28) ≥ 70% of 2 × the bf16 rate;
-- decode, M ∈ {1, 8, 64, 256}: time against the floor of the bytes it must move (FP8 weights + scales, x, y) at
-  the copy bandwidth measured here; target ≥ 70% of the floor (floor / time). torch's bf16 F.linear beside it.
-FP4 experts (`moe_fp4`) at decode, T ∈ {1, 8, 64, 256}, V4-Flash's experts (256 × [2·2048, 4096] and
-[4096, 2048], top-6, random routing with distinct experts a token): time against the floor of the bytes it reads
-(the packed weights and scales of every touched expert once, x, the fp32 per-slot outputs written); target ≥ 60%.
+- decode, M ∈ {1, 8, 32, 64} (and 256, a mid-size batch): time against the floor of the bytes it must move (FP8
+  weights + scales, x, y) at the copy bandwidth measured here; target ≥ 70% of the floor (floor / time). Also the
+  grouped output projection (wo_a's 8 groups in one `fp8_linear_grouped` launch; bf16 column: 8 matmuls).
+FP4 experts (`moe_fp4`) at decode, T ∈ {1, 8, 64, 256}, V4-Flash's experts (256 × [2·2048, 4096] and [4096, 2048],
+top-6, random routing with distinct experts a token): time against the floor of the bytes it reads (the packed
+weights and scales of every touched expert once, x, the fp32 per-slot outputs written); target ≥ 60%.
+
+Two modes, one GPU run each:
+- default (no flag): every case with the kernels' default launch configs only;
+- --sweep: the same, then per swept case every candidate config of its shape class (the lists below), each checked
+  against the reference before it is timed; prints the best config per case (as Python, to paste into the
+  tables) and its gain over the default. Candidate kernels are compiled first by --jobs worker processes
+  (Triton's disk cache), so a cold machine spends ~20-40 s compiling rather than minutes.
+Cases start only while --budget-s is left (the ceilings and defaults first); the ones skipped are listed.
 
 Timing: decode calls are captured in a CUDA graph that makes one call per rotated input set (distinct weight copies
 or routings, enough to move ≥ 2× the L2), the median replay (triton.testing.do_bench) divided by the number of
 calls: how decode runs, weights from DRAM. Prefill uses do_bench's median (it clears the L2 before each call).
 Ceilings measured in the same run: copy bandwidth (1 GiB device-to-device, read + write), bf16 matmul (8192³).
 
-    python3 bench/bench_quant.py OUT.json [--sweep] [--budget-s 170]
+    python3 bench/bench_quant.py --out OUT.json [--sweep] [--budget-s 130] [--jobs 12]
 """
 
 from __future__ import annotations
@@ -24,15 +33,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from sparsepd.kernels.fp8_gemm import Fp8GemmConfig, choose_split_k, default_fp8_config, fp8_linear
-from sparsepd.kernels.moe import MoEConfig, default_moe_fp4_config, moe_fp4
+from sparsepd.kernels.fp8_gemm import (
+    Fp8GemmConfig,
+    choose_split_k,
+    config_class,
+    default_fp8_config,
+    fp8_linear,
+    fp8_linear_grouped,
+    fp8_linear_ref,
+)
+from sparsepd.kernels.moe import MoEConfig, build_dispatch, default_moe_fp4_config, moe_fp4, moe_fp4_ref
 
 DIM, HEADS, HEAD_DIM, Q_LORA, O_GROUPS, O_LORA, INTER, EXPERTS, TOP_K = 4096, 64, 512, 1024, 8, 1024, 2048, 256, 6
 PROJECTIONS = {  # name: (N, K)
@@ -40,17 +60,35 @@ PROJECTIONS = {  # name: (N, K)
     "wo_a (a group)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS), "wo_b": (DIM, O_GROUPS * O_LORA),
     "shared w1+w3": (2 * INTER, DIM), "shared w2": (DIM, INTER),
 }
-PREFILL_M, DECODE_M, MOE_T = (4096, 8192), (1, 8, 64, 256), (1, 8, 64, 256)
-PREFILL_SWEEP = [Fp8GemmConfig(128, 128, num_warps=8, num_stages=4, rescale=True),
-                 Fp8GemmConfig(128, 128, num_warps=8, num_stages=3),
-                 Fp8GemmConfig(128, 128, num_warps=4, num_stages=4, rescale=True),
-                 Fp8GemmConfig(256, 128, num_warps=8, num_stages=3, rescale=True),
-                 Fp8GemmConfig(128, 64, num_warps=4, num_stages=5, rescale=True)]
-DECODE_SWEEP = [dict(block_n=32, num_stages=8), dict(block_n=64, num_stages=6), dict(block_n=128, num_stages=4),
-                dict(block_n=64, num_stages=4, split_k=1), dict(quant_a=False), dict(swap_ab=False)]
-MOE_SWEEP = [MoEConfig(16, 64, 256, 4, 3), MoEConfig(16, 64, 256, 4, 3, fp4_unpack="bits"),
-             MoEConfig(16, 64, 256, 4, 3, fp4_unpack="ptx"), MoEConfig(16, 32, 256, 4, 4, fp4_unpack="ptx"),
-             MoEConfig(16, 32, 256, 4, 4), MoEConfig(16, 128, 128, 4, 4), MoEConfig(16, 64, 512, 8, 2)]
+GROUPED = {"wo_a (8 groups, one launch)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS, O_GROUPS)}  # name: (N, K, G)
+PREFILL_M, DECODE_M, MOE_T = (4096, 8192), (1, 8, 32, 64, 256), (1, 8, 64, 256)
+SWEPT_PREFILL_M, SWEPT_DECODE_M, SWEPT_MOE_T = (8192,), (1, 64), (1, 8, 64)
+
+
+def _c(*a, **k) -> Fp8GemmConfig:
+    return Fp8GemmConfig(*a, **k)
+
+
+# Candidates per shape class of kernels/fp8_gemm.py's table (config_class: M ≤ 16, ≤ 64, ≤ 512, larger). split_k=0
+# means "choose_split_k for this tile" (the default's rule); a number fixes it.
+FP8_CANDIDATES: dict[int, list[Fp8GemmConfig]] = {
+    0: [_c(16, 64, 0, 4, 4, 1, quant_a=True, swap_ab=True), _c(16, 64, 0, 4, 6, 1, quant_a=True, swap_ab=True),
+        _c(16, 64, 0, 4, 3, 1, quant_a=True, swap_ab=True), _c(16, 128, 0, 8, 4, 1, quant_a=True, swap_ab=True),
+        _c(16, 32, 0, 4, 6, 1, quant_a=True), _c(16, 64, 0, 4, 4, 1, swap_ab=True),
+        _c(16, 64, 1, 4, 4, 1, quant_a=True, swap_ab=True), _c(16, 64, 0, 4, 4, 1, quant_a=True)],
+    1: [_c(64, 64, 0, 4, 4, 1), _c(64, 64, 0, 4, 3, 1), _c(64, 64, 0, 4, 5, 1), _c(32, 64, 0, 4, 4, 1, swap_ab=True),
+        _c(64, 64, 0, 4, 4, 1, swap_ab=True), _c(64, 64, 0, 4, 4, 1, quant_a=True), _c(64, 128, 0, 4, 4, 1),
+        _c(64, 32, 0, 4, 4, 1), _c(64, 64, 1, 4, 4, 1)],
+    2: [_c(64, 128, 1, 4, 4, 8), _c(64, 128, 1, 4, 3, 8), _c(64, 64, 1, 4, 4, 8), _c(128, 128, 1, 8, 3, 8)],
+    3: [_c(128, 128, 1, 8, 3, 8), _c(128, 128, 1, 8, 4, 8), _c(64, 128, 1, 4, 3, 8), _c(64, 128, 1, 4, 4, 8),
+        _c(64, 128, 1, 4, 5, 8), _c(128, 64, 1, 4, 4, 8), _c(128, 128, 1, 8, 3, 8, max_regs=128),
+        _c(64, 128, 1, 4, 4, 16), _c(128, 128, 1, 8, 4, 16)],
+}
+# FP4 decode candidates (kernels/moe.py's decode row and its neighbours: N tile, K step, warps, stages, unpacking)
+MOE_CANDIDATES = [MoEConfig(16, bn, bk, w, st, unpack)
+                  for bn, bk, w, st in ((64, 128, 2, 4), (32, 128, 2, 4), (64, 128, 2, 3), (32, 256, 2, 3),
+                                        (32, 64, 2, 6), (64, 128, 4, 4), (32, 128, 1, 4), (64, 256, 4, 3))
+                  for unpack in ("dot_scaled", "ptx")] + [MoEConfig(16, 64, 128, 2, 4, "bits")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +101,11 @@ class Device:
     num_sms: int
 
 
-def bench_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+def bench_us(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
-def graph_us(calls) -> float:
+def graph_us(calls: list[Callable[[], object]]) -> float:
     """Median replay of a CUDA graph holding `calls` (after a warm-up run of each), µs per call."""
     for call in calls:
         call()
@@ -85,7 +123,7 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (bench_us(lambda: dst.copy_(src)) * 1e-6)
 
 
-def matmul_rate(n=8192) -> float:
+def matmul_rate(n: int = 8192) -> float:
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)
     return 2 * n**3 / (bench_us(lambda: torch.matmul(a, b, out=c)) * 1e-6)
@@ -101,51 +139,82 @@ def n_sets(set_bytes: int, l2_bytes: int, most: int = 64) -> int:
     return max(2, min(most, -(-2 * l2_bytes // set_bytes)))
 
 
-def fp8_prefill(name, N, K, M, dev: Device, sweep) -> dict:
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def resolve(config: Fp8GemmConfig, M: int, N: int, K: int, num_sms: int) -> Fp8GemmConfig:
+    """split_k 0 → the default's rule for this tile."""
+    if config.split_k:
+        return config
+    return dataclasses.replace(config, split_k=choose_split_k(M, N, K, config.block_m, config.block_n, num_sms))
+
+
+def fp8_candidates(M: int, N: int, K: int, num_sms: int) -> list[Fp8GemmConfig]:
+    default = default_fp8_config(M, N, K, num_sms)
+    out = [default]
+    for c in FP8_CANDIDATES[config_class(M)]:
+        c = resolve(c, M, N, K, num_sms)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+# --- cases ------------------------------------------------------------------------------------------
+def fp8_prefill(name: str, N: int, K: int, M: int, dev: Device, sweep: bool) -> dict:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w, scale = fp8_weight(N, K)
     w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     flops = 2 * M * N * K
-    ours = bench_us(lambda: fp8_linear(x, w, scale))
+    ref = fp8_linear_ref(x[:256], w, scale)  # rows enough to catch a wrong config, cheap in fp32
+    configs = fp8_candidates(M, N, K, dev.num_sms) if sweep else [default_fp8_config(M, N, K, dev.num_sms)]
+    timings = {}
+    for c in configs:
+        err = rel_err(fp8_linear(x, w, scale, config=c)[:256], ref)
+        timings[repr(c)] = (flops / bench_us(lambda c=c: fp8_linear(x, w, scale, config=c)) / 1e6
+                            if err <= 1e-2 else f"WRONG (rel err {err:.3g})")
     bf16 = bench_us(lambda: F.linear(x, w16))
-    row = dict(kind="fp8 prefill", name=name, M=M, N=N, K=K, us=ours, tflops=flops / ours / 1e6,
-               bf16_us=bf16, bf16_tflops=flops / bf16 / 1e6, config=str(default_fp8_config(M, N, K, dev.num_sms)))
-    row["of_2x_bf16"] = row["tflops"] / (2 * row["bf16_tflops"])
-    if sweep:
-        row["sweep"] = {str(c): flops / bench_us(lambda c=c: fp8_linear(x, w, scale, config=c)) / 1e6
-                        for c in PREFILL_SWEEP}
-    return row
+    default = repr(configs[0])
+    tflops = timings[default] if isinstance(timings[default], float) else 0.0
+    return dict(kind="fp8 prefill", name=name, M=M, N=N, K=K, us=flops / max(tflops, 1e-9) / 1e6, tflops=tflops,
+                bf16_us=bf16, bf16_tflops=flops / bf16 / 1e6, of_2x_bf16=tflops / (2 * flops / bf16 / 1e6),
+                config=default, **({"sweep": timings, "metric": "TFLOP/s"} if sweep else {}))
 
 
-def fp8_decode(name, N, K, M, dev: Device, sweep) -> dict:
-    weight_bytes = N * K + 4 * (-(-N // 128)) * (-(-K // 128))
-    floor_bytes = weight_bytes + 2 * M * K + 2 * M * N
-    sets = [fp8_weight(N, K) for _ in range(n_sets(weight_bytes, dev.l2_bytes))]
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool, groups: int = 1) -> dict:
+    """groups > 1: `fp8_linear_grouped` of `groups` products [M, K] × [N, K]^T in one launch (N per group)."""
+    weight_bytes = groups * (N * K + 4 * (-(-N // 128)) * (-(-K // 128)))
+    floor_bytes = weight_bytes + groups * (2 * M * K + 2 * M * N)
+    sets = [fp8_weight(groups * N, K) for _ in range(n_sets(weight_bytes, dev.l2_bytes))]
+    x = torch.randn(M, groups, K, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
 
-    def timed(config=None):
-        return graph_us([lambda w=w, s=s: fp8_linear(x, w, s, config=config, out=out) for w, s in sets])
+    def run(w, s, c=None):
+        if groups > 1:
+            return fp8_linear_grouped(x, w, s, config=c)
+        return fp8_linear(x[:, 0], w, s, config=c, out=out)
 
-    ours = timed()
-    w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
-    bf16 = graph_us([lambda w=w: torch.matmul(x, w.T, out=out) for w in w16])
+    ref = fp8_linear_grouped(x, *sets[0], backend="reference") if groups > 1 else fp8_linear_ref(x[:, 0], *sets[0])
     floor = floor_bytes / dev.copy_bytes_per_s * 1e6
-    config = default_fp8_config(M, N, K, dev.num_sms)
-    row = dict(kind="fp8 decode", name=name, M=M, N=N, K=K, us=ours, floor_us=floor, of_floor=floor / ours,
-               bf16_us=bf16, sets=len(sets), config=str(config))
-    if sweep:
-        variants = {}
-        for change in DECODE_SWEEP:
-            c = dataclasses.replace(config, **change)
-            if "split_k" not in change:  # the split for the new tile width
-                c = dataclasses.replace(c, split_k=choose_split_k(M, N, K, c.block_m, c.block_n, dev.num_sms))
-            variants[str(c)] = floor / timed(c)
-        row["sweep"] = variants
-    return row
+    configs = (fp8_candidates(M, groups * N, K, dev.num_sms) if sweep
+               else [default_fp8_config(M, groups * N, K, dev.num_sms)])
+    timings, us = {}, {}
+    for c in configs:
+        err = rel_err(run(*sets[0], c), ref)
+        if err > 1e-2:
+            timings[repr(c)] = f"WRONG (rel err {err:.3g})"
+            continue
+        us[repr(c)] = graph_us([lambda w=w, s=s, c=c: run(w, s, c) for w, s in sets])
+        timings[repr(c)] = floor / us[repr(c)]
+    default = repr(configs[0])
+    w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
+    bf16 = groups * graph_us([lambda w=w: torch.matmul(x[:, 0], w.T, out=out) for w in w16])
+    return dict(kind="fp8 decode", name=name, M=M, N=N, K=K, us=us.get(default, float("nan")), floor_us=floor,
+                of_floor=floor / us.get(default, float("inf")), bf16_us=bf16, sets=len(sets), config=default,
+                **({"sweep": timings, "metric": "of floor"} if sweep else {}))
 
 
-def fp4_experts():
+def fp4_experts() -> tuple[torch.Tensor, ...]:
     """V4-Flash's 256 experts, packed FP4 with ue8m0 scales (random bytes, scales 2^−8 … 2^−5)."""
     w13 = torch.randint(0, 256, (EXPERTS, 2 * INTER, DIM // 2), device="cuda", dtype=torch.uint8)
     s13 = torch.randint(119, 123, (EXPERTS, 2 * INTER, DIM // 32), device="cuda", dtype=torch.uint8)
@@ -154,33 +223,43 @@ def fp4_experts():
     return w13, s13, w2, s2
 
 
-def fp4_decode(T, experts, dev: Device, sweep) -> dict:
+def fp4_decode(T: int, experts: tuple[torch.Tensor, ...], dev: Device, sweep: bool) -> dict:
     per_expert = sum(t[0].numel() for t in experts)  # bytes: packed weights and scales of one expert
     g = torch.Generator(device="cuda").manual_seed(T)
     n = n_sets(per_expert * min(EXPERTS, T * TOP_K), dev.l2_bytes, most=16)
     routings = []
     for _ in range(n):
         indices = torch.rand(T, EXPERTS, device="cuda", generator=g).argsort(-1)[:, :TOP_K]
-        weights = torch.rand(T, TOP_K, device="cuda", generator=g)
-        routings.append((weights, indices))
+        routings.append((torch.rand(T, TOP_K, device="cuda", generator=g), indices))
     touched = sum(idx.unique().numel() for _, idx in routings) / n
     floor_bytes = touched * per_expert + 2 * T * DIM + 4 * T * TOP_K * DIM
     x = torch.randn(T, DIM, device="cuda", dtype=torch.bfloat16)
-
-    def timed(config=None):
-        return graph_us([lambda w=w, i=i: moe_fp4(x, w, i, *experts, 10.0, config=config) for w, i in routings])
-
-    ours = timed()
     floor = floor_bytes / dev.copy_bytes_per_s * 1e6
-    row = dict(kind="fp4 moe decode", name="routed experts", T=T, us=ours, floor_us=floor, of_floor=floor / ours,
-               touched_experts=touched, sets=n,
-               config=str(default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16)))
-    if sweep:
-        row["sweep"] = {str(c): floor / timed(c) for c in MOE_SWEEP}
-    return row
+    default = default_moe_fp4_config(T * TOP_K, EXPERTS, x.dtype, inter=INTER, num_sms=dev.num_sms)
+    configs = [default] + [c for c in MOE_CANDIDATES if c != default] if sweep else [default]
+    first = moe_fp4(x, *routings[0], *experts, 10.0, config=default)
+    if T <= 8:  # the reference dequantizes every expert it is given: only the touched ones here
+        weights, indices = routings[0]
+        touched_ids = indices.unique()  # sorted
+        ref = moe_fp4_ref(x, weights, torch.searchsorted(touched_ids, indices), *(t[touched_ids] for t in experts),
+                          10.0)
+        err = rel_err(first, ref)
+        if err > 1e-2:
+            raise AssertionError(f"moe_fp4 T={T} default {default}: rel err {err:.3g} against moe_fp4_ref")
+    timings, us = {}, {}
+    for c in configs:
+        err = rel_err(moe_fp4(x, *routings[0], *experts, 10.0, config=c), first)
+        if err > 1e-2:
+            timings[repr(c)] = f"WRONG (rel err {err:.3g})"
+            continue
+        us[repr(c)] = graph_us([lambda w=w, i=i, c=c: moe_fp4(x, w, i, *experts, 10.0, config=c) for w, i in routings])
+        timings[repr(c)] = floor / us[repr(c)]
+    return dict(kind="fp4 moe decode", name="routed experts", T=T, us=us.get(repr(default), float("nan")),
+                floor_us=floor, of_floor=floor / us.get(repr(default), float("inf")), touched_experts=touched,
+                sets=n, config=repr(default), **({"sweep": timings, "metric": "of floor"} if sweep else {}))
 
 
-def fp4_prefill(T, experts, dev: Device) -> dict:
+def fp4_prefill(T: int, experts: tuple[torch.Tensor, ...], dev: Device, sweep: bool) -> dict:
     g = torch.Generator(device="cuda").manual_seed(T)
     indices = torch.rand(T, EXPERTS, device="cuda", generator=g).argsort(-1)[:, :TOP_K]
     weights = torch.rand(T, TOP_K, device="cuda", generator=g)
@@ -188,9 +267,76 @@ def fp4_prefill(T, experts, dev: Device) -> dict:
     us = bench_us(lambda: moe_fp4(x, weights, indices, *experts, 10.0))
     flops = 2 * T * TOP_K * 3 * INTER * DIM
     return dict(kind="fp4 moe prefill", name="routed experts", T=T, us=us, tflops=flops / us / 1e6,
-                of_bf16_rate=flops / us * 1e6 / dev.bf16_flops)
+                of_bf16_rate=flops / us * 1e6 / dev.bf16_flops,
+                config=repr(default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16)))
 
 
+def cases(experts, dev: Device, sweep: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """(label, thunk) in run order: every default first, then the swept cases (with --sweep)."""
+    out = [(f"fp4 decode T={T}", lambda T=T: fp4_decode(T, experts, dev, False)) for T in MOE_T]
+    out += [(f"fp8 decode {name} M={M}", lambda a=(name, N, K, M): fp8_decode(*a, dev, False))
+            for name, (N, K) in PROJECTIONS.items() for M in DECODE_M]
+    out += [(f"fp8 decode {name} M={M}", lambda a=(name, N, K, M), G=G: fp8_decode(*a, dev, False, G))
+            for name, (N, K, G) in GROUPED.items() for M in DECODE_M]
+    out += [(f"fp8 prefill {name} M={M}", lambda a=(name, N, K, M): fp8_prefill(*a, dev, False))
+            for name, (N, K) in PROJECTIONS.items() for M in PREFILL_M]
+    out.append(("fp4 prefill T=8192", lambda: fp4_prefill(8192, experts, dev, False)))
+    if sweep:
+        out += [(f"sweep fp4 decode T={T}", lambda T=T: fp4_decode(T, experts, dev, True)) for T in SWEPT_MOE_T]
+        out += [(f"sweep fp8 decode {name} M={M}", lambda a=(name, N, K, M): fp8_decode(*a, dev, True))
+                for M in SWEPT_DECODE_M for name, (N, K) in PROJECTIONS.items()]
+        out += [(f"sweep fp8 prefill {name} M={M}", lambda a=(name, N, K, M): fp8_prefill(*a, dev, True))
+                for M in SWEPT_PREFILL_M for name, (N, K) in PROJECTIONS.items()]
+    return out
+
+
+# --- compiling the candidates in parallel -----------------------------------------------------------
+def compile_jobs(num_sms: int, sweep: bool) -> list[tuple]:
+    """One small call per (kernel specialisation, config) the run will launch: the defaults at every case, and with
+    `sweep` the candidates at each swept M (M = 1 is a specialisation of its own) and shape, FP4 at each swept T."""
+    jobs = {("fp8", M, N, K, c) for M in SWEPT_DECODE_M + SWEPT_PREFILL_M for N, K in PROJECTIONS.values()
+            for c in fp8_candidates(M, N, K, num_sms)} if sweep else set()
+    jobs |= {("fp8", M, N, K, default_fp8_config(M, N, K, num_sms)) for M in DECODE_M + PREFILL_M
+             for N, K in PROJECTIONS.values()}
+    jobs |= {("fp4", T, 0, 0, c) for T in SWEPT_MOE_T for c in MOE_CANDIDATES} if sweep else set()
+    jobs |= {("fp4", T, 0, 0, default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16, inter=INTER,
+                                                      num_sms=num_sms)) for T in MOE_T}
+    return sorted(jobs, key=repr)
+
+
+def _warm(chunk: list[tuple]) -> int:
+    """Worker: run each job once on small random inputs (fills Triton's disk cache); the failures count."""
+    failures = 0
+    for kind, M, N, K, config in chunk:
+        try:
+            if kind == "fp8":
+                w, s = fp8_weight(N, K)
+                fp8_linear(torch.randn(M, K, device="cuda", dtype=torch.bfloat16), w, s, config=config)
+            else:
+                w13 = torch.zeros(8, 2 * INTER, DIM // 2, device="cuda", dtype=torch.uint8)
+                s13 = torch.full((8, 2 * INTER, DIM // 32), 127, device="cuda", dtype=torch.uint8)
+                w2 = torch.zeros(8, DIM, INTER // 2, device="cuda", dtype=torch.uint8)
+                s2 = torch.full((8, DIM, INTER // 32), 127, device="cuda", dtype=torch.uint8)
+                idx = torch.rand(M, 8, device="cuda").argsort(-1)[:, :TOP_K]  # a strided slice, as the cases'
+                moe_fp4(torch.randn(M, DIM, device="cuda", dtype=torch.bfloat16),
+                        torch.rand(M, TOP_K, device="cuda"), idx, w13, s13, w2, s2, 10.0, config=config)
+                # the dispatch kernels specialise on the expert count and the index strides: 256 experts here
+                idx = torch.rand(M, EXPERTS, device="cuda").argsort(-1)[:, :TOP_K]
+                build_dispatch(idx, EXPERTS, config.block_m, backend="triton")
+            torch.cuda.synchronize()
+        except Exception as e:  # reported, and the main process times (and reports) the same config again
+            print(f"compile/run failed: {kind} M={M} N={N} K={K} {config}: {type(e).__name__}: {e}"[:400], flush=True)
+            failures += 1
+    return failures
+
+
+def precompile(jobs: list[tuple], workers: int) -> int:
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_warm, chunks))
+
+
+# --- report -------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     lines = ["| kind | projection | M/T | N | K | µs | TFLOP/s | bf16 µs | bf16 TFLOP/s | of 2×bf16 | floor µs | "
              "of floor | launch config |", "|" + "---|" * 13]
@@ -204,12 +350,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def best_lines(sweeps: list[dict]) -> str:
+    lines = []
+    for r in sweeps:
+        ok = {k: v for k, v in r["sweep"].items() if isinstance(v, float)}
+        wrong = [k for k, v in r["sweep"].items() if not isinstance(v, float)]
+        size = f"M={r['M']} N={r['N']} K={r['K']}" if "N" in r else f"T={r['T']}"
+        default = ok.get(r["config"], float("nan"))
+        if not ok:
+            lines.append(f"{r['kind']} {r['name']} {size}: every candidate WRONG")
+            continue
+        best, value = max(ok.items(), key=lambda kv: kv[1])
+        unit = "TFLOP/s" if r["metric"] == "TFLOP/s" else "of floor"
+        fmt = (lambda v: f"{v:.0f}") if unit == "TFLOP/s" else (lambda v: f"{v:.0%}")
+        lines.append(f"BEST {r['kind']} {r['name']} {size}: {fmt(value)} {unit} (default {fmt(default)}, "
+                     f"×{value / default:.2f}) with {best}" + (f"; WRONG: {wrong}" if wrong else ""))
+    return "\n".join(lines)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", help="JSON file for the rows and ceilings")
-    parser.add_argument("--sweep", action="store_true", help="also time launch variants (best reported)")
-    parser.add_argument("--budget-s", type=float, default=170.0, help="stop starting new cases after this")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_pos", nargs="?", help="JSON file (same as --out)")
+    parser.add_argument("--out", help="JSON file for the rows, sweeps and ceilings")
+    parser.add_argument("--sweep", action="store_true", help="also time every candidate config of each swept case")
+    parser.add_argument("--budget-s", type=float, default=130.0, help="start no case after this many seconds")
+    parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
+                        help="processes compiling the run's kernels first (0: compile as they come)")
     args = parser.parse_args()
+    out_path = args.out or args.out_pos or os.path.join(os.environ.get("OUT", "."), "quant.json")
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
     dev = Device(copy_bandwidth(), matmul_rate(), props.L2_cache_size, props.multi_processor_count)
@@ -217,43 +385,33 @@ def main() -> None:
             f"{torch.__version__}, triton {triton.__version__}; copy {dev.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 "
             f"matmul {dev.bf16_flops / 1e12:.0f} TFLOP/s (8192³)")
     print(head, flush=True)
+    compile_failures = 0
+    if args.jobs > 0:
+        jobs = compile_jobs(dev.num_sms, args.sweep)
+        compile_failures = precompile(jobs, args.jobs)
+        print(f"compiled {len(jobs)} launches in {time.time() - t0:.0f} s ({compile_failures} failed)",
+              flush=True)
     rows, sweeps, skipped = [], [], []
-
-    def run(label, fn, *a, into=rows):
-        if time.time() - t0 > args.budget_s:
-            skipped.append(label)
-            return
-        row = fn(*a)
-        into.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-
     with torch.inference_mode():
         experts = fp4_experts()
-        # every default launch first; the launch variants with what budget is left
-        cases = [(f"fp4 decode T={T}", fp4_decode, (T, experts, dev), T in (1, 64)) for T in MOE_T]
-        cases += [(f"fp8 decode {name} M={M}", fp8_decode, (name, N, K, M, dev), M in (1, 64))
-                  for name, (N, K) in PROJECTIONS.items() for M in DECODE_M]
-        cases += [(f"fp8 prefill {name} M={M}", fp8_prefill, (name, N, K, M, dev), M == 8192)
-                  for name, (N, K) in PROJECTIONS.items() for M in PREFILL_M]
-        for label, fn, a, _ in cases:
-            run(label, fn, *a, False)
-        run("fp4 prefill T=8192", fp4_prefill, 8192, experts, dev)
-        if args.sweep:
-            for label, fn, a, swept in cases:
-                if swept:
-                    run(f"sweep {label}", fn, *a, True, into=sweeps)
+        for label, thunk in cases(experts, dev, args.sweep):
+            if time.time() - t0 > args.budget_s:
+                skipped.append(label)
+                continue
+            row = thunk()
+            (sweeps if "sweep" in row else rows).append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                              if k != "sweep"}), flush=True)
     text = head + "\n\n" + table(rows)
-    for r in sweeps:
-        best = max(r["sweep"].items(), key=lambda kv: kv[1])
-        what, default = ("of floor", r["of_floor"]) if "floor_us" in r else ("TFLOP/s", r["tflops"])
-        text += (f"\nsweep {r['kind']} {r['name']} {r.get('M', r.get('T'))}: default {default:.3g}, "
-                 f"best {best[1]:.3g} {what} with {best[0]}")
+    if sweeps:
+        text += "\n\n" + best_lines(sweeps)
     if skipped:
         text += "\n\nBudget spent; not run: " + ", ".join(skipped)
+    text += f"\n\nelapsed {time.time() - t0:.0f} s; JSON: {out_path}"
     print(text)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=props.name, **dataclasses.asdict(dev), rows=rows, sweeps=sweeps,
-                       skipped=skipped, elapsed_s=time.time() - t0), f, indent=1)
+    with open(out_path, "w") as f:
+        json.dump(dict(device=props.name, **dataclasses.asdict(dev), rows=rows, sweeps=sweeps, skipped=skipped,
+                       compile_failures=compile_failures, elapsed_s=time.time() - t0), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ Known limits (FP4): dim and inter multiples of 32; in `_fp4_tile` scale bytes ab
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +245,9 @@ def _fp4_tile(w_ptr, s_ptr, offs_n, n_ok, k0, k_size, stride_wn, stride_sn,
 # tables of bf16's high and low bytes with prmt, prmt interleaves them into bf16 pairs, the sign bits are moved in
 # with prmt + shift, and one fma.rn.bf16x2 (x · scale − 0) applies the ue8m0 scale: ~3 instructions a value where
 # Triton's own unpacking (dot_scaled's upcast) takes ~6-10. Outputs: (e0, e2), (e4, e6) | (e1, e3), (e5, e7).
+# Each byte's values take that byte's own scale: $5 holds the scales of bytes 0-1, $6 of bytes 2-3 (pack=4 groups
+# whichever 4 elements a thread holds in a row of registers, which need not share a 32-input scale group; the
+# first version applied $5 to all four).
 _E2M1_BF16_PTX = tl.constexpr("""{
 .reg .b32 m, mh, th0, th1, tl0, tl1, h0, l0, h1, l1, sa, sb, t, u, z, nz;
 mov.b32 th0, 0x3F3F3F00; mov.b32 th1, 0x40404040; mov.b32 tl0, 0xC0800000; mov.b32 tl1, 0xC0804000;
@@ -252,9 +256,9 @@ and.b32 m, $4, 0x77777777; shr.b32 mh, m, 16;
 prmt.b32 h0, th0, th1, m; prmt.b32 l0, tl0, tl1, m; prmt.b32 h1, th0, th1, mh; prmt.b32 l1, tl0, tl1, mh;
 prmt.b32 sa, $4, z, 0x1404; prmt.b32 sb, $4, z, 0x3424;
 prmt.b32 t, l0, h0, 0x6240; shl.b32 u, sa, 4; and.b32 u, u, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $0, t, $5, nz;
-prmt.b32 t, l1, h1, 0x6240; shl.b32 u, sb, 4; and.b32 u, u, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $1, t, $5, nz;
+prmt.b32 t, l1, h1, 0x6240; shl.b32 u, sb, 4; and.b32 u, u, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $1, t, $6, nz;
 prmt.b32 t, l0, h0, 0x7351; and.b32 u, sa, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $2, t, $5, nz;
-prmt.b32 t, l1, h1, 0x7351; and.b32 u, sb, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $3, t, $5, nz;
+prmt.b32 t, l1, h1, 0x7351; and.b32 u, sb, 0x80008000; or.b32 t, t, u; fma.rn.bf16x2 $3, t, $6, nz;
 }""")
 
 
@@ -421,27 +425,46 @@ def default_moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype, arc
 
 
 # FP4 weights: a tile is a quarter of the bf16 bytes, and dequantizing it in registers costs ALU work a weight
-# (bit ops, a convert, a multiply): the decode rows take wider steps along K so that each program has as many bytes
-# in flight as the bf16 table. Stages per AMD target as above.
+# (bit ops, a convert, a multiply), which bounds decode: at 3.35 TB/s (H100) the SMs issue ~4.4 lane-instructions
+# a weight value, so a loop at 6 a value cannot stream at the byte rate. Decode row (compiled for sm_90 with Triton
+# 3.9, SASS instructions of the K loop a weight value, gate/up and down): 16×64×256 with 4 warps 10-20 (255
+# registers and spills); 16×64×128, 4 warps 6.4 / 7.2; 2 warps 5.4 / 5.5 (fewer warps each re-read less of the
+# dot operands); 16×32×128, 2 warps 5.7 / 6.3. At ≤ 16 rows an expert the tile narrows along N
+# (`_FP4_DECODE_BLOCK_N`) until the touched experts' tiles give ≥ _FP4_DECODE_PROGRAMS programs an SM (V4-Flash,
+# one token: 6 experts × 2048/64 = 192 gate/up programs on 132 SMs leave a second wave 45% full; 32 wide: 384).
+# Stages per AMD target as above.
 _FP4_CONFIG_TABLE = (
-    (16, MoEConfig(16, 64, 256, num_warps=4, num_stages=3)),
+    (16, MoEConfig(16, 64, 128, num_warps=2, num_stages=4)),
     (48, MoEConfig(32, 64, 256, num_warps=4, num_stages=3)),
     (128, MoEConfig(64, 64, 128, num_warps=4, num_stages=3)),
     (None, MoEConfig(128, 128, 64, num_warps=8, num_stages=3)),
 )
 _FP4_AMD_STAGES = {"gfx942": (2, 2, 2, 2), "gfx950": (3, 3, 3, 3)}
+_FP4_DECODE_BLOCK_N = (64, 32)  # widest first
+_FP4_DECODE_PROGRAMS = 2
 
 
-def default_moe_fp4_config(num_pairs: int, num_experts: int, dtype: torch.dtype,
-                           arch: str | None = None) -> MoEConfig:
-    """`default_moe_config` for packed FP4 weights: its own table (above), the same row choice."""
+def default_moe_fp4_config(num_pairs: int, num_experts: int, dtype: torch.dtype, arch: str | None = None, *,
+                           inter: int = 0, num_sms: int = 0) -> MoEConfig:
+    """`default_moe_config` for packed FP4 weights: its own table (above), the same row choice; with `inter` and
+    `num_sms` (shapes only: CUDA graphs stay valid) the decode row narrows its N tile to fill the GPU."""
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     row = next(i for i, (limit, _) in enumerate(_FP4_CONFIG_TABLE) if limit is None or rows_per_expert <= limit)
     c = _FP4_CONFIG_TABLE[row][1]
     stages = _FP4_AMD_STAGES[arch][row] if arch in _FP4_AMD_STAGES else c.num_stages
     if dtype == torch.float32:
         return MoEConfig(c.block_m, c.block_n, min(c.block_k, 64), c.num_warps, 2)
-    return MoEConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages)
+    block_n = c.block_n
+    if row == 0 and inter and num_sms:
+        touched = min(num_experts, num_pairs)
+        block_n = next((n for n in _FP4_DECODE_BLOCK_N
+                        if touched * triton.cdiv(inter, n) >= _FP4_DECODE_PROGRAMS * num_sms), _FP4_DECODE_BLOCK_N[-1])
+    return MoEConfig(c.block_m, block_n, c.block_k, c.num_warps, stages)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def _check_config(config: MoEConfig) -> None:
@@ -550,7 +573,8 @@ def _launch_experts(x, weights, indices, w13, w2, inter: int, swiglu_limit: floa
         return x.new_zeros((T, dim), dtype=torch.float32)
     arch = amd_arch(x.device)
     if config is None:
-        config = (default_moe_fp4_config if fp4 else default_moe_config)(num_pairs, E, x.dtype, arch)
+        config = (default_moe_fp4_config(num_pairs, E, x.dtype, arch, inter=inter, num_sms=_num_sms(x.device)) if fp4
+                  else default_moe_config(num_pairs, E, x.dtype, arch))
     plan = build_dispatch(indices, E, config.block_m, backend="triton")
     num_blocks = plan.block_expert.shape[0]
     h = torch.empty((plan.sorted_pairs.shape[0], inter), dtype=x.dtype, device=x.device)  # [capacity, inter]
@@ -674,13 +698,13 @@ def moe_fp4(
     dequantized in registers, as `moe_fp4_ref` does in memory. int8 views of the same bytes are accepted."""
     E, dim, inter = _check_fp4_experts(x, w13, w13_scale, w2, w2_scale)
     _check_routing(x, weights, indices)
-    if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":
-        return moe_fp4_ref(x, weights, indices, w13, w13_scale, w2, w2_scale, swiglu_limit)
     _check_out(out, x, indices)
-    if config is not None:
+    if config is not None:  # checked whichever backend runs (as `moe` does): a bad config is the caller's error
         _check_config(config)
         if config.block_k < FP4_GROUP:
             raise ValueError(f"FP4 experts need config.block_k >= {FP4_GROUP}, got {config.block_k}")
+    if pick_backend(backend, x, weights, indices, w13, w13_scale, w2, w2_scale) == "reference":
+        return moe_fp4_ref(x, weights, indices, w13, w13_scale, w2, w2_scale, swiglu_limit)
     packed = [t.view(torch.uint8) for t in (w13, w13_scale, w2, w2_scale)]
     if not all(t.is_contiguous() for t in packed):
         raise ValueError("w13, w2 and their scales must be contiguous")

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from sparsepd.kernels.fp8_gemm import BLOCK, fp8_linear
+from sparsepd.kernels.fp8_gemm import BLOCK, fp8_linear, fp8_linear_grouped
 from sparsepd.model.numerics import MIN_ROWS, linear
 
 FP8_PROJECTIONS = re.compile(r"(\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|\.indexer\.wq_b|\.shared_experts\.w[123])\.weight$")
@@ -74,9 +74,9 @@ def grouped_linear(x: torch.Tensor, layer: Linear | Fp8Linear, groups: int) -> t
     """The grouped output projection: group g of x `[n, G, in/G]` times rows g·r … (g+1)·r of the layer's weight
     `[G·r, in/G]` → `[n, G·r]` (docs/dsv4-spec.md "Attention layer", step 7).
 
-    FP8: one fp8_linear a group over the weight's rows from the tile that holds row g·r to the one that holds
-    row (g+1)·r − 1 (its own scale rows), keeping the group's r columns of the result; with r a multiple of 128
-    (V4: 1024) those are exactly the group's rows."""
+    FP8: on the GPU with r a multiple of 128 (V4: 1024), one `fp8_linear_grouped` launch; otherwise one
+    fp8_linear a group over the weight's rows from the tile that holds row g·r to the one that holds row
+    (g+1)·r − 1 (its own scale rows), keeping the group's r columns of the result."""
     n = x.shape[0]
     if isinstance(layer, Linear):
         rank = layer.weight.shape[0] // groups
@@ -85,6 +85,8 @@ def grouped_linear(x: torch.Tensor, layer: Linear | Fp8Linear, groups: int) -> t
             return torch.bmm(x.transpose(0, 1).to(w.dtype), w.transpose(1, 2)).transpose(0, 1).flatten(1)
         return torch.cat([linear(x[:, g], w[g]) for g in range(groups)], dim=-1)  # [n, G*rank]
     rank = layer.weight.shape[0] // groups
+    if x.is_cuda and rank % BLOCK == 0:  # one launch for the G products (8 at decode cost 8 launches and quantizers)
+        return fp8_linear_grouped(x.to(layer.act_dtype), layer.weight, layer.scale)
     outs = []
     for g in range(groups):
         first, last = g * rank // BLOCK, ((g + 1) * rank - 1) // BLOCK  # the tiles the group's rows lie in

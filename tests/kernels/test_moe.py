@@ -15,6 +15,8 @@ import torch
 
 from sparsepd.kernels.moe import (
     _E2M1,
+    _FP4_CONFIG_TABLE,
+    _FP4_DECODE_BLOCK_N,
     FP4_GROUP,
     MoEConfig,
     build_dispatch,
@@ -313,6 +315,10 @@ def graph_replay_equals_eager(T, layer_id):
     inputs = [(torch.randn(T, cfg.dim, generator=g).to("cuda", torch.bfloat16),
                torch.randint(0, cfg.vocab_size, (T,), generator=g).cuda()) for _ in range(2)]
     eager = [module(x, ids) for x, ids in inputs]  # the first call stacks the weights
+    again = module(*inputs[0])
+    assert torch.equal(again, eager[0]), (  # tells a non-deterministic eager forward from a capture problem
+        f"T={T} layer {layer_id}: two eager forwards differ in {(again != eager[0]).sum().item()} elements "
+        f"({rel_err(again, eager[0]):.3g})")
     static_x, static_ids = inputs[0][0].clone(), inputs[0][1].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -327,7 +333,10 @@ def graph_replay_equals_eager(T, layer_id):
         static_ids.copy_(ids)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_out, want), f"T={T} layer {layer_id}: {rel_err(static_out, want):.3g}"
+        bad = (static_out != want).any(-1).nonzero().flatten()
+        assert torch.equal(static_out, want), (
+            f"T={T} layer {layer_id}: replay differs from eager in tokens {bad[:16].tolist()} ({bad.numel()} of {T}), "
+            f"{rel_err(static_out, want):.3g}")
 
 
 # --- FP4 experts ---------------------------------------------------------------------------------
@@ -403,6 +412,28 @@ def test_fp4_matches_reference(T, dtype, routing, device):
                                f"seed={seed} T={T} {dtype} {routing} {config}")
 
 
+@pytest.mark.parametrize("config", [c for _, c in _FP4_CONFIG_TABLE]
+                         + [dataclasses.replace(_FP4_CONFIG_TABLE[0][1], block_n=n) for n in _FP4_DECODE_BLOCK_N])
+def test_fp4_default_table_configs(config, device):
+    """Every row of the FP4 launch table (and the decode row's narrowed tiles), as the GPU runs them, at small
+    shapes with fp16 x (tl.dot_scaled) and both unpackings the interpreter can run."""
+    cfg = get_preset("tiny")
+    T = 9
+    x, weights, indices = make_routing(200 + config.block_n, T, cfg, "topk", device)
+    w = make_fp4_weights(200, FP4_SMALL["E"], cfg.dim, FP4_SMALL["inter"], device)
+    for unpack in ("dot_scaled", "bits"):
+        c = dataclasses.replace(config, fp4_unpack=unpack)
+        y = moe_fp4(x.half(), weights, indices, *w, cfg.swiglu_limit, backend="triton", config=c)
+        check_fp4_against_fp64(y, x.half(), weights, indices, w, cfg.swiglu_limit, f"{c}")
+
+
+def test_fp4_decode_tile_narrows_to_fill_the_gpu():
+    one_token = default_moe_fp4_config(6, 256, torch.bfloat16, inter=2048, num_sms=132)
+    assert one_token.block_n == 32, "6 experts × 2048/64 = 192 programs leave 132 SMs short"
+    assert default_moe_fp4_config(48, 256, torch.bfloat16, inter=2048, num_sms=132).block_n == 64
+    assert default_moe_fp4_config(6, 256, torch.bfloat16).block_n == _FP4_CONFIG_TABLE[0][1].block_n
+
+
 @pytest.mark.parametrize("limit", [10.0, 0.0])
 def test_fp4_swiglu_clamp_and_skewed_groups(limit, device):
     """Scales 2^6 larger push gate/up past the limit; all 40 tokens on two experts (groups over many blocks)."""
@@ -453,3 +484,72 @@ def test_fp4_gpu_bf16(T, preset, E, unpack):
     y = moe_fp4(x, weights, indices, *w, cfg.swiglu_limit, out=out, config=config)
     assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, "(token, slot) rows left unwritten"
     check_fp4_against_fp64(y, x, weights, indices, w, cfg.swiglu_limit, f"{preset} E={E} T={T} {config}")
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """A tiny interpreter of the PTX subset `_E2M1_BF16_PTX` uses (mov, and, or, shl, shr, prmt, fma.rn.bf16x2) on
+    32-bit registers; operands $i are read from / written to regs."""
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    def bf16x2(v):
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()
+
+    for stmt in asm.replace("{", "").replace("}", "").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        v = [val(a) for a in src]
+        if op == "mov.b32":
+            out = v[0]
+        elif op == "and.b32":
+            out = v[0] & v[1]
+        elif op == "or.b32":
+            out = v[0] | v[1]
+        elif op == "shl.b32":
+            out = (v[0] << v[1]) & 0xFFFFFFFF
+        elif op == "shr.b32":
+            out = v[0] >> v[1]
+        elif op == "prmt.b32":
+            pool = v[0] | (v[1] << 32)
+            out = 0
+            for i in range(4):
+                nib = (v[2] >> (4 * i)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << (8 * i)
+        elif op == "fma.rn.bf16x2":
+            r = (bf16x2(v[0]) * bf16x2(v[1]) + bf16x2(v[2])).to(torch.bfloat16).view(torch.int16).to(torch.int32)
+            out = (int(r[0]) & 0xFFFF) | ((int(r[1]) & 0xFFFF) << 16)
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[dst] = out
+    return regs
+
+
+def test_fp4_ptx_unpack_matches_dequant_with_a_scale_per_byte():
+    """The bf16 PTX unpacking, emulated: every byte value, each of the 4 packed bytes with its own scale (pack=4 may
+    group bytes of different 32-input groups or rows), against dequant_fp4."""
+    from sparsepd.kernels.moe import _E2M1_BF16_PTX
+    g = torch.Generator().manual_seed(3)
+    every = torch.arange(256, dtype=torch.uint8)
+    scale_bytes = torch.randint(100, 150, (256,), generator=g, dtype=torch.uint8)
+    lo_want = torch.tensor([_E2M1[b & 0xF] for b in range(256)], dtype=torch.float64)
+    hi_want = torch.tensor([_E2M1[b >> 4] for b in range(256)], dtype=torch.float64)
+    scale = torch.ldexp(torch.ones(256, dtype=torch.float64), scale_bytes.to(torch.int32) - 127)
+    s16 = (scale_bytes.to(torch.int32) << 7)
+    for first in range(0, 256, 4):
+        idx = [(first + i * 67) % 256 for i in range(4)]  # 4 different bytes and scales
+        b = sum(int(every[j]) << (8 * i) for i, j in enumerate(idx))
+        regs = {"$4": b, "$5": int(s16[idx[0]]) | (int(s16[idx[1]]) << 16),
+                "$6": int(s16[idx[2]]) | (int(s16[idx[3]]) << 16)}
+        regs = _run_ptx(str(_E2M1_BF16_PTX.value), regs)
+        halves = [(regs[f"${r}"] >> (16 * h)) & 0xFFFF for r in range(4) for h in range(2)]
+        got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()
+        lo, hi = got[:4], got[4:]  # outputs: lo = $0, $1 (bytes 0-3), hi = $2, $3
+        assert torch.equal(lo, lo_want[idx] * scale[idx]), f"low nibbles of bytes {idx}: {lo.tolist()}"
+        assert torch.equal(hi, hi_want[idx] * scale[idx]), f"high nibbles of bytes {idx}"
