@@ -267,6 +267,7 @@ def _router_args(args: argparse.Namespace) -> list[str]:
            "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level, *_load_flags(args)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
                         ("--max-new-tokens-limit", args.max_new_tokens_limit), ("--seed", args.seed),
+                        ("--timing-log", args.timing_log),
                         *_tls_flags(args), ("--tls-client-ca", args.tls_client_ca)):
         if value is not None:
             out += [flag, str(value)]

@@ -28,6 +28,7 @@ from sparsepd.router.dispatch import Dispatcher, Refused
 from sparsepd.router.flow import Flow, Outcome
 from sparsepd.router.model_card import ModelCard
 from sparsepd.router.params import InvalidRequest, check_grammar, parse_generate
+from sparsepd.router.timing import RequestTiming, TimingLog
 
 log = logging.getLogger("sparsepd.router")
 
@@ -40,9 +41,12 @@ PUBLIC_ARGS = ("preset", "served_model_name", "max_queue", "batch_tokens", "batc
 
 class SchedulerService(pb_grpc.SglangSchedulerServicer):
     def __init__(self, dispatcher: Dispatcher, card: ModelCard, server_args: dict,
-                 max_new_tokens_limit: int | None = None, token: str | None = None):
-        """token: the cluster token a caller must send to see internal addresses (None: everyone sees them)."""
+                 max_new_tokens_limit: int | None = None, token: str | None = None,
+                 timing: TimingLog | None = None):
+        """token: the cluster token a caller must send to see internal addresses (None: everyone sees them);
+        timing: where each request's server-side times go (router/timing.py), if anywhere."""
         self.dispatcher, self.card, self.server_args = dispatcher, card, server_args
+        self.timing = timing
         self.token = token
         self.max_new_tokens_limit = max_new_tokens_limit
         self.encoder = card.prompt_encoder()
@@ -55,6 +59,24 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
     # --- Generate -------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         self.last_request_at = time.time()
+        if self.timing is None:
+            async for response in self._generate(request, context, None):
+                yield response
+            return
+        timing = self.timing.start(request.request_id)
+        try:
+            async for response in self._generate(request, context, timing):
+                yield response
+        except asyncio.CancelledError:
+            timing.status = "CANCELLED"
+            raise
+        except BaseException as exc:  # an abort (grpc's AbortError) or a bug: its status goes in the line
+            timing.status = _status_name(context, exc)
+            raise
+        finally:
+            self.timing.write(timing)
+
+    async def _generate(self, request, context, timing: RequestTiming | None):
         try:
             spec = parse_generate(request, self.card, self.encoder, self.max_new_tokens_limit)
             if spec.grammar is not None:  # compiling may take a while (and imports xgrammar the first time)
@@ -67,7 +89,7 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             await context.abort(exc.code, exc.message)
         flow = flows[0]  # cancelling it cancels every choice (the dispatcher ends a group together)
         try:
-            async for response in self._stream(flows):
+            async for response in self._stream(flows, timing):
                 yield response
         except asyncio.CancelledError:
             self.dispatcher.cancel(flow)
@@ -82,9 +104,9 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
         if failed is not None:
             await context.abort(failed.code, failed.message)
 
-    async def _stream(self, flows: list[Flow]):
+    async def _stream(self, flows: list[Flow], timing: RequestTiming | None = None):
         """Chunks (stream) and one complete per choice (`index`), in the order the events come; what is already
-        queued goes out as one chunk per choice."""
+        queued goes out as one chunk per choice. `timing` notes when each is handed to gRPC."""
         events = _Events(flows)
         sent, left = [0] * len(flows), len(flows)
         try:
@@ -100,14 +122,21 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                         chunk = self._chunk(flows[i], sent[i], tokens)
                         sent[i] += len(tokens)
                         if chunk is not None:
+                            if timing is not None:
+                                timing.chunk(len(tokens))
                             yield chunk
                     left -= 1
                     if payload.code is None:
-                        yield self._complete(flows[i], payload)
+                        complete = self._complete(flows[i], payload)
+                        if timing is not None:
+                            timing.complete()
+                        yield complete
                 for i, tokens in new.items():
                     chunk = self._chunk(flows[i], sent[i], tokens)
                     sent[i] += len(tokens)
                     if chunk is not None:
+                        if timing is not None:
+                            timing.chunk(len(tokens))
                         yield chunk
         finally:
             events.close()
@@ -291,6 +320,12 @@ def _input_logprobs(flow: Flow) -> pb.InputLogProbs:
         out.token_ids_logprobs.extend(pb.TopLogProbs(values=x.logprobs, token_ids=spec.token_ids_logprob)
                                       for x in got.token_ids_logprobs)
     return out
+
+
+def _status_name(context, exc: BaseException) -> str:
+    """The status a failed Generate ends with: the one it aborted with, else INTERNAL (an exception)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK else "INTERNAL"
 
 
 def _config(card: ModelCard) -> dict:
