@@ -13,14 +13,20 @@ after one warm-up request per stream. Per point: output tokens/s over first send
 test's definition), and the CPU time (user + system, /proc) the router, the worker(s) and this client took
 during the point, in µs per output token: the router's column is the service path's host cost outside the
 engine (the token stream from the worker, stop rules, the public stream's messages); the worker's is its engine
-step and its token messages together. `--profile DIR` samples the router and the worker with py-spy during the
-point (if installed) and prints each one's top functions by own time; the raw stacks stay in DIR.
+step and its token messages together.
+
+`--standin STEP_MS` measures the router alone: a `sparsepd router` (`--router-args`, e.g. `--stream-interval 4`)
+in front of bench/standin_worker.py, which sends a token for every running request each STEP_MS with no engine:
+a token rate no CPU engine reaches, so the router's column is its own cost per token when it is busy.
+`--profile DIR` samples the router and the worker with py-spy during each point (if installed) and prints each
+one's top frames by own time; the raw stacks stay in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shlex
@@ -51,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream in a point (default: 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--standin", type=float, default=None, metavar="STEP_MS",
+                   help="the router alone, before a stand-in worker stepping every STEP_MS (no serve, no engine)")
+    p.add_argument("--router-args", default="", help="with --standin: options of the router, e.g. --stream-interval 4")
     p.add_argument("--profile", default=None, metavar="DIR", help="py-spy the router and worker into DIR")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     return p.parse_args(argv)
@@ -138,15 +147,41 @@ def top_functions(stacks: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(frame, c / max(total, 1)) for frame, c in own.most_common(n)]
 
 
+def start_standin(step_ms: float) -> tuple[subprocess.Popen, str]:
+    """bench/standin_worker.py, once it prints its address."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("standin_worker.py")), "--step-ms",
+                             str(step_ms)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise SystemExit(f"error: the stand-in worker did not start (said {line!r})")
+    return proc, json.loads(line[len("READY "):])["address"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *shlex.split(args.serve_args)]
-    print(f"# launching: sparsepd {shlex.join(serve)}", file=sys.stderr, flush=True)
-    child = start("serve", serve, timeout_s=900.0)
+    standin = None
+    if args.standin is not None:
+        standin, address = start_standin(args.standin)
+        launch = ["router", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--colocated", address,
+                  "--preset", "tiny", "--no-cluster-auth", *shlex.split(args.router_args)]
+        args.serve_args = f"(router {args.router_args} alone; stand-in worker stepping every {args.standin} ms)"
+    else:
+        launch = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *shlex.split(args.serve_args)]
+    print(f"# launching: sparsepd {shlex.join(launch)}", file=sys.stderr, flush=True)
+    try:
+        child = start(launch[0], launch, timeout_s=900.0)
+    except BaseException:
+        if standin is not None:
+            standin.terminate()
+        raise
     rng = random.Random(args.seed)
     rows = []
     try:
-        pids = role_pids(child.pid)
+        if standin is not None:
+            pids = {"router": [child.pid], "decode-worker": [standin.pid]}
+        else:
+            pids = role_pids(child.pid)
         workers = pids.get("decode-worker", []) + pids.get("prefill-worker", [])
         print(f"# pids: {pids}", file=sys.stderr, flush=True)
         for conc in [int(c) for c in args.concurrency.split(",") if c.strip()]:
@@ -182,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"#   {share:6.1%}  {frame}", file=sys.stderr)
     finally:
         stop(child, timeout_s=60.0)
+        if standin is not None:
+            standin.terminate()
+            standin.wait(timeout=30)
     print(f"# sparsepd serve {args.serve_args}; {args.input_len} in / {args.output_len} out, greedy, "
           f"{args.rounds} requests per stream; CPU µs per output token by process")
     print(f"{'streams':>7} {'ok':>5} {'fail':>4} {'tokens':>7} {'out tok/s':>10} {'TPOT p50':>9} "

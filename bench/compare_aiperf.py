@@ -32,8 +32,9 @@ with the load test's definitions. A client whose TPOT or tokens/s stand off the 
 measured wrong; rows of the router that differ between the two runs mean the server itself ran differently.
 
 Starts `sparsepd serve --host 127.0.0.1 --port 0 --metrics-port -1 --http-port 0 --timing-log OUT/timing.jsonl
-SERVE_ARGS` and stops it by pid at the end (or uses a running one: --router H:P --http URL). Writes everything under --out; prints one
-table. Needs aiperf (`pip install aiperf`) and smg (`pip install 'sparsepd[http]'`).
+SERVE_ARGS` and stops it by pid at the end (or uses a running one: --router H:P --http URL, and --timing-log for
+its router's file). Writes everything under --out; prints one table. Needs aiperf (`pip install aiperf`) and
+smg (`pip install 'sparsepd[http]'`).
 """
 
 from __future__ import annotations
