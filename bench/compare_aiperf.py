@@ -25,9 +25,16 @@ Definitions, then, agree: output tokens/s = completed requests' tokens ÷ (first
 ITL = (E2E − TTFT) ÷ (output tokens − 1) and the load test's TPOT = (E2E − TTFT) ÷ (output tokens − tokens of
 the first chunk), the same when the first chunk holds one token.
 
-Starts `sparsepd serve --host 127.0.0.1 --port 0 --metrics-port -1 --http-port 0 SERVE_ARGS` and stops it by
-pid at the end (or uses a running one: --router H:P --http URL). Writes everything under --out; prints one
-table. Needs aiperf (`pip install aiperf`) and smg (`pip install 'sparsepd[http]'`).
+The third measurement: the launched router writes a line per request with its own clock (`--timing-log`,
+router/timing.py: arrival, when each chunk and the final response left it), and each client run gets a row
+`router (CLIENT)` from the lines of the requests that arrived during it (its warm-up, the first ones, left out),
+with the load test's definitions. A client whose TPOT or tokens/s stand off the router's row of its own run
+measured wrong; rows of the router that differ between the two runs mean the server itself ran differently.
+
+Starts `sparsepd serve --host 127.0.0.1 --port 0 --metrics-port -1 --http-port 0 --timing-log OUT/timing.jsonl
+SERVE_ARGS` and stops it by pid at the end (or uses a running one: --router H:P --http URL, and --timing-log for
+its router's file). Writes everything under --out; prints one table. Needs aiperf (`pip install aiperf`) and
+smg (`pip install 'sparsepd[http]'`).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="compare_aiperf", help="folder for prompts, exports and logs")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one client run may take")
+    p.add_argument("--timing-log", default=None,
+                   help="the running router's --timing-log file (with --router/--http; launched: OUT/timing.jsonl)")
     return p.parse_args(argv)
 
 
@@ -200,29 +209,46 @@ def _run(cmd: list[str], log: Path, timeout: float) -> None:
 
 
 # --- the table -----------------------------------------------------------------------------------------------
+def router_row(client: str, timing_log: Path | None, since: float, until: float, warmup: int) -> dict | None:
+    """The router's own figures (router/timing.py) for the requests that arrived in [since, until), the first
+    `warmup` of them (the client's warm-up) left out."""
+    if timing_log is None or not timing_log.exists():
+        return None
+    from sparsepd.router import timing
+
+    lines = sorted(timing.read(timing_log, since, until), key=lambda r: r["arrival_unix_s"])[warmup:]
+    return {"client": f"router ({client})", **timing.summarize(lines)}
+
+
 COLUMNS = [("req/s", "req_s", "{:.3f}"), ("out tok/s", "out_tok_s", "{:.2f}"), ("TPOT mean", "tpot_mean", "{:.1f}"),
            ("TPOT p50", "tpot_p50", "{:.1f}"), ("TTFT p50", "ttft_p50", "{:.1f}"), ("E2E p50", "e2e_p50", "{:.1f}"),
            ("in tok", "in_tok", "{:.1f}"), ("out tok", "out_tok", "{:.1f}"), ("tok/chunk", "tok_per_chunk", "{:.2f}")]
 
 
 def print_table(rows: list[tuple[int, int, dict]]) -> None:
-    head = f"{'conc':>4} {'round':>5} {'client':<18}" + "".join(f"{name:>11}" for name, _, _ in COLUMNS)
+    head = f"{'conc':>4} {'round':>5} {'client':<19}" + "".join(f"{name:>11}" for name, _, _ in COLUMNS)
     print(head)
     for conc, rnd, r in rows:
         cells = "".join(f"{'-' if r.get(k) is None else fmt.format(r[k]):>11}" for _, k, fmt in COLUMNS)
-        print(f"{conc:>4} {rnd:>5} {r['client']:<18}{cells}")
+        print(f"{conc:>4} {rnd:>5} {r['client']:<19}{cells}")
 
 
 def print_agreement(rows: list[tuple[int, int, dict]]) -> None:
-    """Per concurrency: loadtest ÷ aiperf of the means over rounds (output tok/s, TPOT mean, requests/s)."""
+    """Per concurrency, ratios of the means over rounds (output tok/s, TPOT mean, TTFT p50, requests/s): loadtest ÷
+    aiperf, and each client ÷ the router's own clock over that client's runs."""
+    keys = ("out_tok_s", "tpot_mean", "ttft_p50", "req_s")
+    pairs = [("sparsepd loadtest", "aiperf → smg"), ("sparsepd loadtest", "router (loadtest)"),
+             ("aiperf → smg", "router (aiperf)"), ("router (loadtest)", "router (aiperf)")]
     for conc in sorted({c for c, _, _ in rows}):
         mean = {}
-        for client in ("sparsepd loadtest", "aiperf → smg"):
-            got = [r for c, _, r in rows if c == conc and r["client"] == client]
-            mean[client] = {k: sum(r[k] for r in got) / len(got) for k in ("out_tok_s", "tpot_mean", "req_s")}
-        lt, ai = mean["sparsepd loadtest"], mean["aiperf → smg"]
-        print(f"c={conc}: loadtest / aiperf  out tok/s {lt['out_tok_s'] / ai['out_tok_s']:.3f}   "
-              f"TPOT(mean) {lt['tpot_mean'] / ai['tpot_mean']:.3f}   req/s {lt['req_s'] / ai['req_s']:.3f}")
+        for client in {name for pair in pairs for name in pair}:
+            got = [r for c, _, r in rows if c == conc and r["client"] == client and r.get("completed")]
+            if got:
+                mean[client] = {k: sum(r[k] for r in got) / len(got) for k in keys}
+        for a, b in pairs:
+            if a in mean and b in mean:
+                x, y = mean[a], mean[b]
+                print(f"c={conc}: {a} / {b}".ljust(50) + "  ".join(f"{k} {x[k] / y[k]:.3f}" for k in keys))
 
 
 # --- the whole comparison ------------------------------------------------------------------------------------
@@ -235,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     if (args.router is None) != (args.http is None):
         raise SystemExit("error: give both --router and --http (a running server), or neither (launch one)")
     try:
+        timing_log = Path(args.timing_log).resolve() if args.timing_log else None
         if args.router is None:
             from sparsepd.deploy.launch import start
 
+            timing_log = out / "timing.jsonl"
+            timing_log.unlink(missing_ok=True)
             serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--http-port", "0",
-                     *shlex.split(args.serve_args)]
+                     "--timing-log", str(timing_log), *shlex.split(args.serve_args)]
             print(f"# launching: sparsepd {shlex.join(serve)}", file=sys.stderr, flush=True)
             child = start("serve", serve, timeout_s=900.0)
             router, http, model = child.ready["grpc"], child.ready["http"], child.ready["model"]
@@ -257,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(1, args.rounds + 1):
                 order = ("aiperf", "loadtest") if rnd % 2 else ("loadtest", "aiperf")
                 for client in order:
-                    started = time.monotonic()
+                    started, since = time.monotonic(), time.time()
                     tag = out / f"c{conc}_r{rnd}_{client}"
                     if client == "aiperf":
                         # aiperf sends warm-up requests first from the same file: prompts 0..warmup-1, then n
@@ -267,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_loadtest(router, lt_prompts, conc, n, warmup, args.output_len, banned, args.seed,
                                          tag, args.timeout)
                     rows.append((conc, rnd, r))
+                    time.sleep(0.5)  # the last timing lines are written as the calls return
+                    server = router_row(client, timing_log, since, time.time(), warmup)
+                    if server is not None:
+                        rows.append((conc, rnd, server))
                     print(f"# c={conc} round {rnd} {client}: {time.monotonic() - started:.0f} s", file=sys.stderr,
                           flush=True)
         print(f"# sparsepd {_commit()} at {router} (gRPC) and {http} (smg); {args.input_len} in / "

@@ -264,9 +264,11 @@ def _router_args(args: argparse.Namespace) -> list[str]:
            "--batch-wait-ms", str(args.batch_wait_ms), "--reserve-ttl", str(args.reserve_ttl),
            "--forget-after", str(args.forget_after), "--heartbeat", str(args.heartbeat),
            "--max-migrations", str(args.max_migrations), "--worker-wait", str(args.worker_wait),
-           "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level, *_load_flags(args)]
+           "--drain-timeout", str(args.drain_timeout), "--stream-interval", str(args.stream_interval),
+           "--log-level", args.log_level, *_load_flags(args)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--served-model-name", args.served_model_name),
                         ("--max-new-tokens-limit", args.max_new_tokens_limit), ("--seed", args.seed),
+                        ("--timing-log", args.timing_log),
                         *_tls_flags(args), ("--tls-client-ca", args.tls_client_ca)):
         if value is not None:
             out += [flag, str(value)]

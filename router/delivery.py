@@ -20,10 +20,11 @@ def deliver(flow: Flow, token_ids: list[int], worker_finish: str, logprobs: list
     if logprobs is not None and len(logprobs) != len(token_ids):
         return Outcome("abort", code=grpc.StatusCode.INTERNAL,
                        message=f"worker sent {len(logprobs)} log-probabilities for {len(token_ids)} tokens")
-    problem = prompt_logprobs_problem(flow) if token_ids and not flow.output_ids else None
+    first = not flow.output_ids  # these tokens begin its output
+    problem = prompt_logprobs_problem(flow) if token_ids and first else None
     if problem is not None:
         return Outcome("abort", code=grpc.StatusCode.INTERNAL, message=problem)
-    if token_ids and not flow.output_ids:
+    if token_ids and first:
         flow.ttft_ms = (time.monotonic() - flow.admitted_at) * 1e3
         if metrics:
             metrics.first_token(flow.ttft_ms / 1e3)
@@ -35,7 +36,7 @@ def deliver(flow: Flow, token_ids: list[int], worker_finish: str, logprobs: list
     flow.first_token_at = flow.first_token_at or now
     flow.last_token_at = now
     if new:
-        flow.events.put_nowait(("tokens", new))
+        flow.hand_over(new, first)
         if metrics:
             metrics.generated(len(new), gap_s)
     return outcome

@@ -64,8 +64,13 @@ class Refused(Exception):
 class Dispatcher:
     def __init__(self, pool: WorkerPool, tokenizer=None, metrics=None, max_queue: int = 256,
                  batch_tokens: int = 2048, batch_wait_s: float = 0.005, reserve_ttl_s: float = 60.0,
-                 prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2, max_migrations: int = 3):
+                 prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2, max_migrations: int = 3,
+                 stream_interval: int = 1):
+        """stream_interval: tokens a flow hands its stream at a time after the first (router/delivery.py)."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be ≥ 1, got {stream_interval}")
         self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
+        self.stream_interval = stream_interval
         self.max_queue, self.batch_tokens, self.batch_wait_s = max_queue, batch_tokens, batch_wait_s
         self.prefill_timeout_s = prefill_timeout_s
         self.batches_per_prefill, self.max_migrations = batches_per_prefill, max_migrations
@@ -97,8 +102,8 @@ class Dispatcher:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the admission queue is full ({self.waiting()} of {self.max_queue} requests waiting); "
                           "retry later")
-        flows = [Flow(s, StopStrings(self.tokenizer, list(s.stop)) if self.tokenizer is not None else None)
-                 for s in specs]
+        flows = [Flow(s, StopStrings(self.tokenizer, list(s.stop)) if self.tokenizer is not None else None,
+                      stream_interval=self.stream_interval) for s in specs]
         for flow in flows:
             flow.group = flows if len(flows) > 1 else None
             self.flows[flow.request_id] = self.by_worker_id[flow.worker_id] = flow
@@ -454,6 +459,7 @@ class Dispatcher:
         self.by_worker_id.pop(flow.worker_id, None)
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
             self.queue.remove(flow)
+        flow.hand_over_held()  # tokens held for a fuller chunk go out before the end
         flow.events.put_nowait(("end", outcome))
         if outcome.code is not None and outcome.code != grpc.StatusCode.CANCELLED:
             log.warning("%s: %s", outcome.code.name, outcome.message, extra={"request_id": flow.request_id})

@@ -76,6 +76,8 @@ class Flow:
     transfer_bytes: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    stream_interval: int = 1  # tokens handed to the stream at a time after the first (`hand_over`)
+    held: list[int] = field(default_factory=list)  # taken, not handed to the stream yet (stream_interval > 1)
     group: list[Flow] | None = None  # n > 1: every choice's flow (this one included), prefilled once together
     attempt: int = 0  # times it was moved to other workers after one was lost (dispatch's _migrate)
     lost: str = ""  # why it was last moved
@@ -187,6 +189,23 @@ class Flow:
         if self.stopper is not None:
             self.stopper.extend(new)
         return new, Outcome("length") if len(self.output_ids) >= self.spec.max_new_tokens else None
+
+    def hand_over(self, new: list[int], first: bool) -> None:
+        """Put newly taken tokens on the stream's events: at once when they hold the first token or the interval
+        is 1, else once `stream_interval` have gathered (one event, one chunk and one wake-up of the stream per
+        interval instead of per step: the router's cost per token falls with the messages; `hand_over_held`
+        sends the rest before the end)."""
+        if first or self.stream_interval == 1:
+            self.events.put_nowait(("tokens", new))
+            return
+        self.held.extend(new)
+        if len(self.held) >= self.stream_interval:
+            self.hand_over_held()
+
+    def hand_over_held(self) -> None:
+        if self.held:
+            self.events.put_nowait(("tokens", self.held))
+            self.held = []
 
     def worker_outcome(self, finish_reason: str) -> Outcome:
         """The outcome a worker's finish reason ("stop" or "length") means for the last token."""

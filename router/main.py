@@ -30,6 +30,7 @@ from sparsepd.router.metrics import RouterMetrics
 from sparsepd.router.model_card import card_for
 from sparsepd.router.registry import RegistryService
 from sparsepd.router.service import SchedulerService
+from sparsepd.router.timing import TimingLog
 from sparsepd.router.workers import HEARTBEAT_S, WorkerPool
 from sparsepd.tls import add_port, add_tls_args, tls_from_args
 
@@ -103,9 +104,23 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--forget-after", type=float, default=60.0,
                    help="seconds a registered worker may stay dead before it leaves the router's tables (one given "
                         "by address stays, polled until it answers) (default: %(default)s)")
+    g.add_argument("--timing-log", default=None, metavar="FILE",
+                   help="append one JSON line per request to FILE: its arrival and when each chunk and the final "
+                        "response left the router (router/timing.py; to check clients' TTFT and TPOT against)")
+    g.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+                   help="tokens a streamed chunk waits for: the first token goes out at once, then one chunk per N "
+                        "tokens (and the rest before the end); fewer messages cost the router less per token (SGLang's "
+                        "--stream-interval) (default: %(default)s)")
     g.add_argument("--reserve-ttl", type=float, default=60.0,
                    help="seconds a decode reservation waits for its state; a decode worker's shorter "
                         "--reservation-ttl wins (default: %(default)s)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {value}")
+    return value
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -123,7 +138,8 @@ async def serve(args: argparse.Namespace) -> int:
     metrics = RouterMetrics(card.served_model_name)
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
-                            reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations)
+                            reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations,
+                            stream_interval=args.stream_interval)
     metrics.watch(dispatcher)
     await pool.start()
     deadline = time.monotonic() + args.worker_timeout
@@ -136,7 +152,8 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.2)
         await pool.poll_once()
     server_args = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list)}
-    service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit, token=token)
+    timing = TimingLog(args.timing_log) if args.timing_log else None
+    service = SchedulerService(dispatcher, card, server_args, args.max_new_tokens_limit, token=token, timing=timing)
     # the token check first: an unauthenticated call is refused before its bytes are parsed
     server = grpc.aio.server(interceptors=[*server_interceptors(token), MalformedRequestInterceptor()],
                              options=[("grpc.max_send_message_length", 64 << 20),
@@ -162,6 +179,8 @@ async def serve(args: argparse.Namespace) -> int:
     health_task.cancel()
     await _shutdown(service, dispatcher, health, server, grace_s=args.drain_timeout)
     metrics.close()
+    if timing is not None:
+        timing.close()
     await pool.close()
     return 0
 

@@ -28,6 +28,7 @@ from sparsepd.router.dispatch import Dispatcher, Refused
 from sparsepd.router.flow import Flow, Outcome
 from sparsepd.router.model_card import ModelCard
 from sparsepd.router.params import InvalidRequest, check_grammar, parse_generate
+from sparsepd.router.timing import RequestTiming, TimingLog
 
 log = logging.getLogger("sparsepd.router")
 
@@ -40,9 +41,12 @@ PUBLIC_ARGS = ("preset", "served_model_name", "max_queue", "batch_tokens", "batc
 
 class SchedulerService(pb_grpc.SglangSchedulerServicer):
     def __init__(self, dispatcher: Dispatcher, card: ModelCard, server_args: dict,
-                 max_new_tokens_limit: int | None = None, token: str | None = None):
-        """token: the cluster token a caller must send to see internal addresses (None: everyone sees them)."""
+                 max_new_tokens_limit: int | None = None, token: str | None = None,
+                 timing: TimingLog | None = None):
+        """token: the cluster token a caller must send to see internal addresses (None: everyone sees them);
+        timing: where each request's server-side times go (router/timing.py), if anywhere."""
         self.dispatcher, self.card, self.server_args = dispatcher, card, server_args
+        self.timing = timing
         self.token = token
         self.max_new_tokens_limit = max_new_tokens_limit
         self.encoder = card.prompt_encoder()
@@ -55,62 +59,81 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
     # --- Generate -------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         self.last_request_at = time.time()
+        timing = self.timing.start(request.request_id) if self.timing is not None else None
         try:
-            spec = parse_generate(request, self.card, self.encoder, self.max_new_tokens_limit)
-            if spec.grammar is not None:  # compiling may take a while (and imports xgrammar the first time)
-                await asyncio.to_thread(check_grammar, spec, self.grammars)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            flows = self.dispatcher.submit_group(spec)
-        except Refused as exc:
-            await context.abort(exc.code, exc.message)
-        flow = flows[0]  # cancelling it cancels every choice (the dispatcher ends a group together)
-        try:
-            async for response in self._stream(flows):
-                yield response
-        except asyncio.CancelledError:
-            self.dispatcher.cancel(flow)
+            try:
+                spec = parse_generate(request, self.card, self.encoder, self.max_new_tokens_limit)
+                if spec.grammar is not None:  # compiling may take a while (and imports xgrammar the first time)
+                    await asyncio.to_thread(check_grammar, spec, self.grammars)
+            except InvalidRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            try:
+                flows = self.dispatcher.submit_group(spec)
+            except Refused as exc:
+                await context.abort(exc.code, exc.message)
+            flow = flows[0]  # cancelling it cancels every choice (the dispatcher ends a group together)
+            try:
+                async for response in self._stream(flows, timing):
+                    yield response
+            except asyncio.CancelledError:
+                self.dispatcher.cancel(flow)
+                raise
+            except Exception:  # noqa: BLE001 - a bug here fails this request only
+                log.exception("Generate failed", extra={"request_id": flow.request_id})
+                self.dispatcher.cancel(flow)
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"request {flow.request_id}: internal error in the router")
+            finally:
+                self.dispatcher.cancel(flow)  # no-op once the flow has ended
+            failed = next((f.outcome for f in flows if f.outcome is not None and f.outcome.code is not None), None)
+            if failed is not None:
+                await context.abort(failed.code, failed.message)
+        except BaseException as exc:  # an abort (grpc's AbortError), a cancellation or a bug: noted in the timing
+            if timing is not None:
+                timing.status = _status_name(context, exc)
             raise
-        except Exception:  # noqa: BLE001 - a bug here fails this request only
-            log.exception("Generate failed", extra={"request_id": flow.request_id})
-            self.dispatcher.cancel(flow)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {flow.request_id}: internal error in the router")
         finally:
-            self.dispatcher.cancel(flow)  # no-op once the flow has ended
-        failed = next((f.outcome for f in flows if f.outcome is not None and f.outcome.code is not None), None)
-        if failed is not None:
-            await context.abort(failed.code, failed.message)
+            if timing is not None:
+                self.timing.write(timing)
 
-    async def _stream(self, flows: list[Flow]):
+    async def _stream(self, flows: list[Flow], timing: RequestTiming | None = None):
         """Chunks (stream) and one complete per choice (`index`), in the order the events come; what is already
-        queued goes out as one chunk per choice."""
+        queued goes out as one chunk per choice (the dispatcher hands tokens over a chunk's worth at a time:
+        --stream-interval). `timing` notes when each response is handed to gRPC."""
         events = _Events(flows)
         sent, left = [0] * len(flows), len(flows)
         try:
             while left:
-                batch = await events.take()
-                new: dict[int, list[int]] = {}
-                for i, kind, payload in batch:
+                new: dict[int, list[int]] = {}  # choice → its tokens in this batch of events
+                for i, kind, payload in await events.take():
                     if kind == "tokens":
                         new.setdefault(i, []).extend(payload)
                         continue
                     if i in new:  # its last tokens before its end
-                        tokens = new.pop(i)
-                        chunk = self._chunk(flows[i], sent[i], tokens)
-                        sent[i] += len(tokens)
+                        chunk = self._send(flows[i], sent, i, new.pop(i), timing)
                         if chunk is not None:
                             yield chunk
                     left -= 1
                     if payload.code is None:
-                        yield self._complete(flows[i], payload)
+                        complete = self._complete(flows[i], payload)
+                        if timing is not None:
+                            timing.complete()
+                        yield complete
                 for i, tokens in new.items():
-                    chunk = self._chunk(flows[i], sent[i], tokens)
-                    sent[i] += len(tokens)
+                    chunk = self._send(flows[i], sent, i, tokens, timing)
                     if chunk is not None:
                         yield chunk
         finally:
             events.close()
+
+    def _send(self, flow: Flow, sent: list[int], i: int, tokens: list[int],
+              timing: RequestTiming | None) -> pb.GenerateResponse | None:
+        """The chunk of choice i's next `tokens` (None when the request does not stream), counted as sent."""
+        chunk = self._chunk(flow, sent[i], tokens)
+        sent[i] += len(tokens)
+        if chunk is not None and timing is not None:
+            timing.chunk(len(tokens))
+        return chunk
 
     def _chunk(self, flow: Flow, sent: int, new: list[int]) -> pb.GenerateResponse | None:
         spec = flow.spec
@@ -291,6 +314,15 @@ def _input_logprobs(flow: Flow) -> pb.InputLogProbs:
         out.token_ids_logprobs.extend(pb.TopLogProbs(values=x.logprobs, token_ids=spec.token_ids_logprob)
                                       for x in got.token_ids_logprobs)
     return out
+
+
+def _status_name(context, exc: BaseException) -> str:
+    """The status a Generate that did not return ends with: CANCELLED when the caller went away, the code it
+    aborted with, else INTERNAL (an exception)."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK else "INTERNAL"
 
 
 def _config(card: ModelCard) -> dict:

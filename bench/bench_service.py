@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""The service path's own cost per output token: a `sparsepd serve` (colocated `tiny` on the CPU by default) under
+many concurrent streams, with each process's CPU time per output token beside the throughput.
+
+    .venv/bin/python bench/bench_service.py                                   # tiny, colocated, CPU: 64 and 128 streams
+    .venv/bin/python bench/bench_service.py --concurrency 128 --profile out/  # + py-spy of the router and worker
+    python3 bench/bench_service.py --serve-args "--preset bench --colocated --devices cuda:0 --num-slots 128" \
+        --concurrency 128 --input-len 128 --output-len 512 --rounds 1         # the GPU figure
+
+Each point: `--concurrency` streams, each sending `--rounds` requests one after another (random prompt ids of
+`--input-len`, exactly `--output-len` tokens: ignore_eos, min = max tokens, greedy) through the public gRPC API
+after one warm-up request per stream. Per point: output tokens/s over first send → last end, TPOT p50 (the load
+test's definition), and the CPU time (user + system, /proc) the router, the worker(s) and this client took
+during the point, in µs per output token: the router's column is the service path's host cost outside the
+engine (the token stream from the worker, stop rules, the public stream's messages); the worker's is its engine
+step and its token messages together.
+
+`--standin STEP_MS` measures the router alone: a `sparsepd router` (`--router-args`, e.g. `--stream-interval 4`)
+in front of bench/standin_worker.py, which sends a token for every running request each STEP_MS with no engine:
+a token rate no CPU engine reaches, so the router's column is its own cost per token when it is busy.
+`--profile DIR` samples the router and the worker with py-spy during each point (if installed) and prints each
+one's top frames by own time; the raw stacks stay in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from sparsepd.deploy.launch import start, stop
+from sparsepd.loadtest.client import open_channel, send
+from sparsepd.loadtest.metrics import OK, RequestRecord
+from sparsepd.proto import sglang_scheduler_pb2 as pb
+from sparsepd.proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+TICKS_S = os.sysconf("SC_CLK_TCK")
+ROLES = ("router", "decode-worker", "prefill-worker", "smg")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--serve-args", default="--preset tiny --colocated", help="options of the launched serve")
+    p.add_argument("--concurrency", default="64,128", help="comma-separated stream counts (default: 64,128)")
+    p.add_argument("--input-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="requests per stream in a point (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--standin", type=float, default=None, metavar="STEP_MS",
+                   help="the router alone, before a stand-in worker stepping every STEP_MS (no serve, no engine)")
+    p.add_argument("--router-args", default="", help="with --standin: options of the router, e.g. --stream-interval 4")
+    p.add_argument("--profile", default=None, metavar="DIR", help="py-spy the router and worker into DIR")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    return p.parse_args(argv)
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def role_pids(serve_pid: int) -> dict[str, list[int]]:
+    """The serve's children by role (its command line's subcommand; smg by name)."""
+    found: dict[str, list[int]] = {}
+    for pid in descendants(serve_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        role = next((r for r in ROLES if r in words or any(w.endswith(r) for w in words[:1])), None)
+        if role is not None:
+            found.setdefault(role, []).append(pid)
+    return found
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_S
+
+
+def request(i: int, rng: random.Random, input_len: int, output_len: int) -> pb.GenerateRequest:
+    ids = [rng.randrange(32, 127) for _ in range(input_len)]  # printable bytes: no special ids in any vocabulary
+    sampling = pb.SamplingParams(temperature=0.0, max_new_tokens=output_len, min_new_tokens=output_len,
+                                 ignore_eos=True, top_p=1.0, top_k=-1)
+    return pb.GenerateRequest(request_id=f"bench-service-{i}", tokenized=pb.TokenizedInput(input_ids=ids),
+                              sampling_params=sampling, stream=True)
+
+
+async def run_point(address: str, concurrency: int, rounds: int, args, rng: random.Random) -> tuple[list, float]:
+    async with open_channel(address) as channel:
+        stub = pb_grpc.SglangSchedulerStub(channel)
+        warm: list[RequestRecord] = []
+        await asyncio.gather(*(send(stub, request(-1 - i, rng, args.input_len, args.output_len), args.timeout, warm)
+                               for i in range(concurrency)))
+        records: list[RequestRecord] = []
+        counter = iter(range(concurrency * rounds))
+
+        async def stream() -> None:
+            for _ in range(rounds):
+                await send(stub, request(next(counter), rng, args.input_len, args.output_len), args.timeout, records)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(stream() for _ in range(concurrency)))
+        return records, time.perf_counter() - started
+
+
+def py_spy(pid: int, out: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--nonblocking",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_functions(stacks: Path, n: int = 12) -> list[tuple[str, float]]:
+    """py-spy raw (collapsed) stacks → the frames with the most own samples, as shares of all samples."""
+    own: Counter = Counter()
+    total = 0
+    for line in stacks.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        own[stack.split(";")[-1]] += int(count)
+        total += int(count)
+    return [(frame, c / max(total, 1)) for frame, c in own.most_common(n)]
+
+
+def start_standin(step_ms: float) -> tuple[subprocess.Popen, str]:
+    """bench/standin_worker.py, once it prints its address."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("standin_worker.py")), "--step-ms",
+                             str(step_ms)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise SystemExit(f"error: the stand-in worker did not start (said {line!r})")
+    return proc, json.loads(line[len("READY "):])["address"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    standin = None
+    if args.standin is not None:
+        standin, address = start_standin(args.standin)
+        launch = ["router", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--colocated", address,
+                  "--preset", "tiny", "--no-cluster-auth", *shlex.split(args.router_args)]
+        args.serve_args = f"(router {args.router_args} alone; stand-in worker stepping every {args.standin} ms)"
+    else:
+        launch = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *shlex.split(args.serve_args)]
+    print(f"# launching: sparsepd {shlex.join(launch)}", file=sys.stderr, flush=True)
+    try:
+        child = start(launch[0], launch, timeout_s=900.0)
+    except BaseException:
+        if standin is not None:
+            standin.terminate()
+        raise
+    rng = random.Random(args.seed)
+    rows = []
+    try:
+        if standin is not None:
+            pids = {"router": [child.pid], "decode-worker": [standin.pid]}
+        else:
+            pids = role_pids(child.pid)
+        workers = pids.get("decode-worker", []) + pids.get("prefill-worker", [])
+        print(f"# pids: {pids}", file=sys.stderr, flush=True)
+        for conc in [int(c) for c in args.concurrency.split(",") if c.strip()]:
+            spies = []
+            if args.profile:
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                for role, pid in (("router", pids["router"][0]), ("worker", workers[0])):
+                    spy = py_spy(pid, Path(args.profile) / f"{role}_c{conc}.txt")
+                    if spy is not None:
+                        spies.append((role, spy))
+            before = {pid: cpu_s(pid) for pid in [pids["router"][0], *workers]}
+            client_before = time.process_time()
+            records, _ = asyncio.run(run_point(child.ready["grpc"], conc, args.rounds, args, rng))
+            client_s = time.process_time() - client_before
+            used = {pid: cpu_s(pid) - t for pid, t in before.items()}
+            for _, spy in spies:
+                spy.send_signal(2)  # SIGINT: py-spy writes its file
+                spy.wait(timeout=60)
+            ok = [r for r in records if r.status == OK]
+            tokens = sum(r.output_tokens for r in ok)
+            span = max(r.end_s for r in ok) - min(r.start_s for r in ok)
+            tpot = [t for r in ok if (t := r.tpot_s) is not None]
+            per_token = 1e6 / max(tokens, 1)
+            rows.append({"conc": conc, "ok": len(ok), "failed": len(records) - len(ok), "tokens": tokens,
+                         "tok_s": tokens / span, "tpot_p50_ms": float(np.percentile(tpot, 50)) * 1e3 if tpot else 0,
+                         "router_us": used[pids["router"][0]] * per_token,
+                         "worker_us": sum(used[p] for p in workers) * per_token, "client_us": client_s * per_token})
+            for role, _ in spies:
+                path = Path(args.profile) / f"{role}_c{conc}.txt"
+                if path.exists():
+                    print(f"# {role} at c={conc}, own time by frame (py-spy, {path}):", file=sys.stderr)
+                    for frame, share in top_functions(path):
+                        print(f"#   {share:6.1%}  {frame}", file=sys.stderr)
+    finally:
+        stop(child, timeout_s=60.0)
+        if standin is not None:
+            standin.terminate()
+            standin.wait(timeout=30)
+    print(f"# sparsepd serve {args.serve_args}; {args.input_len} in / {args.output_len} out, greedy, "
+          f"{args.rounds} requests per stream; CPU µs per output token by process")
+    print(f"{'streams':>7} {'ok':>5} {'fail':>4} {'tokens':>7} {'out tok/s':>10} {'TPOT p50':>9} "
+          f"{'router µs':>10} {'worker µs':>10} {'client µs':>10}")
+    for r in rows:
+        print(f"{r['conc']:>7} {r['ok']:>5} {r['failed']:>4} {r['tokens']:>7} {r['tok_s']:>10.1f} "
+              f"{r['tpot_p50_ms']:>9.1f} {r['router_us']:>10.1f} {r['worker_us']:>10.1f} {r['client_us']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

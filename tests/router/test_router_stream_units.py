@@ -1,0 +1,79 @@
+"""Units of the router's streaming path: a flow hands its stream the first token at once and then
+`stream_interval` tokens at a time (the rest before its end), in order; the router's timing lines and their
+summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from sparsepd.proto import worker_pb2
+from sparsepd.router.flow import Flow
+from sparsepd.router.params import RequestSpec
+from sparsepd.router.timing import RequestTiming, TimingLog, read, summarize
+
+
+def _flow(interval: int) -> Flow:
+    spec = RequestSpec("r", [1, 2, 3], worker_pb2.SamplingParams(max_new_tokens=100), 100, stream=True)
+    return Flow(spec, stream_interval=interval)
+
+
+def _events(flow: Flow) -> list[list[int]]:
+    out = []
+    while not flow.events.empty():
+        kind, payload = flow.events.get_nowait()
+        assert kind == "tokens"
+        out.append(list(payload))
+    return out
+
+
+@pytest.mark.parametrize("interval", [1, 3, 4])
+def test_hand_over_sends_the_first_token_at_once_then_interval_tokens_at_a_time(interval):
+    async def scenario():
+        flow = _flow(interval)
+        steps = [[10], [11], [12, 13], [14], [15], [16], [17, 18, 19], [20]]  # a step may bring several
+        sent = []
+        for i, tokens in enumerate(steps):
+            flow.hand_over(list(tokens), first=i == 0)
+            sent += _events(flow)
+        held = list(flow.held)
+        flow.hand_over_held()
+        sent += _events(flow)
+        return sent, held, flow.held
+
+    sent, held_before_end, held_after = asyncio.run(scenario())
+    assert [t for chunk in sent for t in chunk] == list(range(10, 21))  # every token, in order, once
+    assert sent[0] == [10] and held_after == []
+    if interval == 1:
+        assert sent == [[10], [11], [12, 13], [14], [15], [16], [17, 18, 19], [20]]
+    else:
+        assert all(len(chunk) >= interval for chunk in sent[1:-1]), sent
+        assert len(held_before_end) < interval and sent[-1] == held_before_end != []
+
+
+def test_timing_records_and_summary(tmp_path):
+    log = TimingLog(tmp_path / "t" / "timing.jsonl")
+    t = RequestTiming("a", arrival_unix_s=1000.0, arrival_s=0.0)
+    t.emit_ms, t.chunk_tokens, t.end_ms = [50.0, 60.0, 80.0], [1, 1, 2], 81.0
+    log.write(t)
+    u = RequestTiming("b", arrival_unix_s=1000.5, arrival_s=0.0)
+    u.emit_ms, u.chunk_tokens, u.end_ms, u.status = [40.0], [1], None, "CANCELLED"
+    log.write(u)
+    later = RequestTiming("c", arrival_unix_s=2000.0, arrival_s=0.0)
+    later.emit_ms, later.chunk_tokens, later.end_ms = [10.0, 30.0], [1, 1], 30.0
+    log.write(later)
+    log.close()
+    log.write(later)  # after close: nothing, no error
+    lines = [json.loads(x) for x in (tmp_path / "t" / "timing.jsonl").read_text().splitlines()]
+    assert [x["request_id"] for x in lines] == ["a", "b", "c"]
+    assert lines[0] == {"request_id": "a", "arrival_unix_s": 1000.0, "status": "OK", "tokens": 4,
+                        "emit_ms": [50.0, 60.0, 80.0], "chunk_tokens": [1, 1, 2], "end_ms": 81.0}
+    window = read(tmp_path / "t" / "timing.jsonl", 999.0, 1500.0)
+    assert [x["request_id"] for x in window] == ["a", "b"]
+    s = summarize(window)  # the cancelled one is left out
+    assert s["completed"] == 1 and s["ttft_mean"] == 50.0 and s["e2e_p50"] == 81.0
+    assert s["tpot_mean"] == pytest.approx((81.0 - 50.0) / 3)  # 3 tokens after the first chunk
+    assert s["out_tok_s"] == pytest.approx(4 / 0.081) and s["tok_per_chunk"] == pytest.approx(4 / 3)
+    assert summarize([]) == {"completed": 0}
