@@ -96,11 +96,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for transport in ("tcp://127.0.0.1:0", "ipc:///tmp/sparsepd-bench.sock"):
         inbox: queue.Queue = queue.Queue()
-        receiver = TransferReceiver(transport, fp, lambda *a: inbox.put(a),
+        receiver = TransferReceiver(transport, fp, lambda *a, inbox=inbox: inbox.put(a),
                                     expected=lambda tid, n: expected_specs(d.pools, n))
         sender = TransferSender(checksum=args.checksum, ack_timeout_s=60)
         try:
-            one(p, d, sender, receiver, inbox, receiver.endpoint, fp, min(lengths), seed=1)  # warm up kernels and sockets
+            # warm up kernels and sockets
+            one(p, d, sender, receiver, inbox, receiver.endpoint, fp, min(lengths), seed=1)
             for i, length in enumerate(lengths):
                 r = one(p, d, sender, receiver, inbox, receiver.endpoint, fp, length, seed=10 + i)
                 gbps = r["bytes"] / r["transfer"] / 1e9

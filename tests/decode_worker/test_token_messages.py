@@ -25,7 +25,8 @@ def test_step_batch_events_filled_in_place_equal_the_keyword_built_ones():
         worker_pb2.TokenEvent(request_id="last", token_ids=[8], finish_reason="length"),
         worker_pb2.TokenEvent(request_id="failed", finish_reason="error", error="the step failed", error_code=13),
         worker_pb2.TokenEvent(request_id="lp", token_ids=[9], finish_reason="stop", logprobs=[-0.5],
-                              top_logprobs=[top_logprobs((3, 4), (-0.5, -1.5))], token_ids_logprobs=[id_logprobs((-2.0,))],
+                              top_logprobs=[top_logprobs((3, 4), (-0.5, -1.5))],
+                              token_ids_logprobs=[id_logprobs((-2.0,))],
                               prompt_logprobs=prompt_logprobs(1, prompt.positions))])
     assert batch == want
     assert worker_pb2.StepBatch.FromString(batch.SerializeToString()) == want

@@ -52,5 +52,6 @@ def test_penalties_and_bias_on_the_graph_path_equal_the_reference(model):
               SamplingParams(max_new_tokens=20, temperature=0.8, seed=3, ignore_eos=True, presence_penalty=0.7)]
     engine = _engine(model)
     got = engine.generate(prompts, params)
-    assert [r.output_ids for r in got] == [generate(model, p, sp).output_ids for p, sp in zip(prompts, params, strict=True)]
+    want = [generate(model, p, sp).output_ids for p, sp in zip(prompts, params, strict=True)]
+    assert [r.output_ids for r in got] == want
     assert engine.is_idle_and_empty()

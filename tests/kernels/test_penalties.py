@@ -81,7 +81,8 @@ def test_recorded_tokens_update_the_counts_like_the_history():
                                prompt_ids=[1], output_ids=[4, 4], slot=active[0])
     history.bind([newcomer])
     assert history.counts[active[0]].tolist() == [2 if i == 4 else 0 for i in range(V)]
-    history.bind([SimpleNamespace(params=SamplingParams(), sampler=None, prompt_ids=[1], output_ids=[], slot=active[1])])
+    history.bind([SimpleNamespace(params=SamplingParams(), sampler=None, prompt_ids=[1], output_ids=[],
+                                  slot=active[1])])
     assert active[1] not in history.active
 
 

@@ -66,7 +66,8 @@ def test_penalties_and_bias_through_the_service_equal_the_reference(deployment, 
 
 
 BAD = [({"frequency_penalty": 2.5}, "frequency_penalty=2.5"), ({"presence_penalty": -3.0}, "presence_penalty=-3"),
-       ({"repetition_penalty": -1.0}, "repetition_penalty=-1"), ({"logit_bias": {"260": 1.0}}, "logit_bias has key '260'"),
+       ({"repetition_penalty": -1.0}, "repetition_penalty=-1"),
+       ({"logit_bias": {"260": 1.0}}, "logit_bias has key '260'"),
        ({"logit_bias": {"x": 1.0}}, "logit_bias has key 'x'"), ({"logit_bias": {"5": 101.0}}, "logit_bias['5']=101")]
 
 
