@@ -24,7 +24,10 @@ KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kerne
 uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
-the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`.
+the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
+tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`), so FP8 rows take the
+bf16 rows' launch table; `smem_bytes` models each launch's shared memory from its tiles (checked against the sm_90
+compiler on the CPU) and `fit_shared_memory` keeps the table's choice within the card's opt-in limit.
 
 Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
