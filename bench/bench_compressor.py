@@ -312,7 +312,7 @@ def main() -> int:
 
     lines = [head, "", "| batch | compressor | tokens | entries | time µs | floor µs | % of floor | reference µs | "
              "× reference | launches (ref) | ring rows | state write µs | floor µs | % | × ref | launches | "
-             "config m/w/warps |",
+             "config m/w/warps/splits |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for (bname, kind, n, e, us, fl, ref_us, la, rla, wr, st_us, st_fl, st_ref, st_la, cfg) in rows:
         if ref_us is None:
@@ -324,7 +324,8 @@ def main() -> int:
                      f"{100 * st_fl / st_us:.0f}% | {st_ref / st_us:.0f}× | {st_la} | "
                      f"{cfg.block_m}/{cfg.block_w}/{cfg.num_warps}/s{cfg.window_splits} |")
     if sweep_rows:
-        lines += ["", "| batch | compressor | config m/w/warps/splits | time µs | floor µs | % of floor | rel. err vs ref |",
+        lines += ["", "| batch | compressor | config m/w/warps/splits | time µs | floor µs | % of floor "
+                  "| rel. err vs ref |",
                   "|---|---|---|---:|---:|---:|---:|", *sweep_rows]
     text = "\n".join(lines)
     print("\n" + text)
