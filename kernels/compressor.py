@@ -40,7 +40,8 @@ round trip, or the Hadamard product as an in-register fast Walsh–Hadamard tran
 fp32 sums) and the row quantization, all before the one store. No tl.dot, so no MFMA tile-size limits on
 AMD. With `window_splits` > 1 (HCA decode by default: `window_splits`) the window is split over that many
 programs, each storing its softmax state (max, sum, weighted sum per channel, fp32) to a scratch buffer; the
-last of them to take the entry block's ticket merges the states and finishes the entry (one launch). The e4m3 rounding is integer arithmetic on the fp32 bits: exact on every platform and in the
+last of them to take the entry block's ticket merges the states and finishes the entry (one launch).
+The e4m3 rounding is integer arithmetic on the fp32 bits: exact on every platform and in the
 interpreter.
 
 References (`*_ref`, also the CPU path): the model's arithmetic (softmax in fp64 rounded to fp32, products
