@@ -10,9 +10,11 @@ reference is timed with triton.testing.do_bench (median). Indices: K distinct ra
 a pool of 8× the L2. `--rows fp8|bf16|both` picks the KV row formats (both by default: FP8 KV rows, the
 engine's format, then bf16 rows); a default launch that splits the keys is also timed with `fused_merge` (the
 split merge done by the last program of each head block: one launch instead of two); `--sweep` also times
-launch variants and reports the best; `--json PATH` writes every row.
+launch variants and reports the best; `--json PATH` writes every row. FP8 rows are also timed at the launch they
+had before the compact gather (16-key steps, 2 stages: "FP8 n16/st2"). `--quick` times only the issue's target
+shapes; `--out DIR` writes attn.json and attn.md there.
 
-    python3 bench/bench_sparse_attention.py [--rows both] [--sweep] [--budget-s 300] [--json $OUT/attn.json]
+    python3 bench/bench_sparse_attention.py [--rows both] [--quick] [--sweep] [--budget-s 300] [--out $OUT/attn]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 
@@ -40,6 +43,9 @@ from sparsepd.kernels.sparse_attention import (
 D = 512
 DECODE = [(T, H, K) for K in (1152, 640) for H in (16, 64, 128) for T in (1, 8, 32, 64, 128, 256)]
 PREFILL = [(T, 64, K) for K in (1152, 640) for T in (2048, 8192)]
+# --quick: the shapes of the issue's targets (H = 64 T ≥ 32, H = 128 T ≥ 64, T = 1, prefill T = 8192 H = 64)
+QUICK_DECODE = [(1, 64, 1152), (1, 128, 1152), (32, 64, 1152), (128, 64, 1152), (64, 128, 1152), (128, 128, 1152)]
+QUICK_PREFILL = [(8192, 64, 1152)]
 
 
 def median_ms(fn, reps=20) -> float:
@@ -172,9 +178,16 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
     ref = sparse_attn_ref(q, pool, idx, sink, D ** -0.5, kv_layout=layout)
     t_ref = triton.testing.do_bench(lambda: sparse_attn_ref(q, pool, idx, sink, D ** -0.5, kv_layout=layout),
                                     return_mode="median") * 1e3
-    default = default_config(T, H, K, D, ctx["sms"])
+    default = default_config(T, H, K, D, ctx["sms"], fp8_rows=layout is not None, kv_layout=layout,
+                             smem_limit=ctx["smem"])
     check(sets, pool, default, ref, layout)
     t_default = time_config(sets, pool, default, layout)
+    t_prev = None
+    if layout is not None and (default.block_n, default.num_stages) != (16, 2):
+        # the FP8-row launch before the compact gather: 16-key steps, 2 stages (what shared memory allowed then)
+        prev = dataclasses.replace(default, block_n=16, num_stages=2)
+        check(sets, pool, prev, ref, layout)
+        t_prev = time_config(sets, pool, prev, layout)
     t_fused = None
     if default.num_splits > 1:  # the same launch with the merge in the last program of each head block
         fused = dataclasses.replace(default, fused_merge=True)
@@ -195,7 +208,7 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
             if t < t_best:
                 best, t_best = config, t
     fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"], layout)
-    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused,
+    row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused, t_prev=t_prev,
                floor=fl, bound=bound, ref=t_ref, best=t_best,
                best_cfg=best, default_cfg=default)
     print_table([row], ctx["rate"], header=not ctx["printed"])
@@ -209,19 +222,20 @@ def fmt_cfg(c: SparseAttnConfig) -> str:
     return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}{fused}"
 
 
-def print_table(rows, rate, header=True):
+def print_table(rows, rate, header=True, file=None):
     if header:
-        print("\n| case | rows | T | H | K | time µs | fused-merge µs | floor µs (bound) | % of floor | TFLOP/s "
-              "| % of mm rate | ref µs | × ref | config | best variant µs (config) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | FP8 n16/st2 µs | floor µs (bound) | % of floor "
+              "| TFLOP/s | % of mm rate | ref µs | × ref | config | best variant µs (config) |", file=file)
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=file)
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
         fused = "—" if r["t_fused"] is None else f"{r['t_fused']:.2f}"
-        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} "
+        prev = "—" if r.get("t_prev") is None else f"{r['t_prev']:.2f}"
+        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} | {prev} "
               f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} "
               f"| {100 * tflops * 1e12 / rate:.0f}% "
               f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
-              f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |")
+              f"| {r['best']:.2f} ({fmt_cfg(r['best_cfg'])}) |", file=file)
 
 
 def print_resources():
@@ -261,6 +275,8 @@ def main() -> None:
                         help="only run the 64-head configs once each at this shape (for a profiler)")
     parser.add_argument("--rows", choices=("fp8", "bf16", "both"), default="both", help="KV row formats to time")
     parser.add_argument("--json", help="write every row here (JSON)")
+    parser.add_argument("--quick", action="store_true", help="only the issue's target shapes (about 40 s)")
+    parser.add_argument("--out", help="write attn.json and attn.md (the table) into this folder")
     args = parser.parse_args()
     if args.profile:
         profile(*args.profile, [SparseAttnConfig(64, 32, 1, 8, 3, True), SparseAttnConfig(64, 32, 1, 8, 3, False)])
@@ -277,24 +293,33 @@ def main() -> None:
     print(f"pool {pool.shape[0]} rows ({pool.numel() * 2 >> 20} MiB bf16, {pool.shape[0] * layout.row_bytes >> 20} "
           f"MiB FP8); one-row launch floor {launch_floor_us(pool):.2f} µs per call in a graph")
     ctx = dict(l2=props.L2_cache_size, sms=props.multi_processor_count, bw=bw, rate=rate, sweep=args.sweep,
+               smem=props.shared_memory_per_block_optin,
                deadline=time.monotonic() + args.budget_s, printed=False)
     rows = []
     for name in chosen:
         kv, kv_layout = formats[name]
-        for T, H, K in DECODE:
+        for T, H, K in QUICK_DECODE if args.quick else DECODE:
             rows.append(run_case("decode", T, H, K, kv, ctx, layout=kv_layout))
             print(f"decode {name} T={T} H={H} K={K}: {rows[-1]['t']:.2f} us, best {rows[-1]['best']:.2f}", flush=True)
-        for T, H, K in PREFILL:
+        for T, H, K in QUICK_PREFILL if args.quick else PREFILL:
             rows.append(run_case("prefill", T, H, K, kv, ctx, layout=kv_layout))
             print(f"prefill {name} T={T} H={H} K={K}: {rows[-1]['t']:.2f} us", flush=True)
-        rows.append(run_case("prefill, keys shared by 64 tokens", 8192, 64, 1152, kv, ctx, shared_keys=64,
-                             layout=kv_layout))
+        if not args.quick:
+            rows.append(run_case("prefill, keys shared by 64 tokens", 8192, 64, 1152, kv, ctx, shared_keys=64,
+                                 layout=kv_layout))
     print_resources()
     print_table(rows, rate)
+    plain = [{k: (fmt_cfg(v) if isinstance(v, SparseAttnConfig) else v) for k, v in r.items()} for r in rows]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attn.md"), "w") as f:
+            print(f"{props.name}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; triton "
+                  f"{triton.__version__}", file=f)
+            print_table(rows, rate, file=f)
+        args.json = args.json or os.path.join(args.out, "attn.json")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{k: (fmt_cfg(v) if isinstance(v, SparseAttnConfig) else v) for k, v in r.items()} for r in rows],
-                      f, indent=1)
+            json.dump(plain, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ Kernel: BLOCK_M plan rows a program (1 by default), the window BLOCK_W rows at a
 per channel (one pass over the projected rows), then norm, RoPE (pairs split in registers), and the FP8
 round trip, or the Hadamard product as an in-register fast Walsh–Hadamard transform (7 butterfly stages,
 fp32 sums) and the row quantization, all before the one store. No tl.dot, so no MFMA tile-size limits on
-AMD. The e4m3 rounding is integer arithmetic on the fp32 bits: exact on every platform and in the
+AMD. With `window_splits` > 1 (HCA decode by default: `window_splits`) the window is split over that many
+programs, each storing its softmax state (max, sum, weighted sum per channel, fp32) to a scratch buffer; the
+last of them to take the entry block's ticket merges the states and finishes the entry (one launch).
+The e4m3 rounding is integer arithmetic on the fp32 bits: exact on every platform and in the
 interpreter.
 
 References (`*_ref`, also the CPU path): the model's arithmetic (softmax in fp64 rounded to fp32, products
@@ -48,6 +51,7 @@ each entry's result depends only on its own window.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +86,15 @@ class CompressConfig:
     block_m: int  # plan rows a program
     block_w: int  # window rows a step
     num_warps: int
+    window_splits: int = 1  # programs a window is split over; > 1: the last to finish (atomic ticket) merges
+
+
+def window_splits(ratio: int, plan_rows: int, num_sms: int) -> int:
+    """HCA decode (a 128-row window, a few commits in a fixed-capacity plan): the window split over 8 programs, each
+    16 rows, merged by the last (one launch), instead of one program streaming 512 KB in 16 dependent steps
+    (17.1 µs for 128 requests on H100, bench/RESULTS.md "Kernels III"). Not timed yet: bench/bench_compressor.py
+    times both. Prefill (plan rows ≥ the SMs) keeps one program an entry."""
+    return 8 if ratio >= 64 and plan_rows < num_sms else 1
 
 
 def default_config(d: int, window: int, indexer: bool) -> CompressConfig:
@@ -106,16 +119,49 @@ def _hadamard_stage(z, BLOCK_M: tl.constexpr, A: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
+def _merge_window_splits(part_ptr, ticket_ptr, m, c, m_run, l_run, acc, SPLITS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store this split's softmax state (max, sum, weighted sum per channel); the last program of the entry block
+    to take the ticket (acq_rel: the stores before it, the loads after) merges every split's state and resets the
+    ticket to 0, so a zeroed ticket buffer stays zeroed. Returns the merged state and whether this program merged."""
+    base = (m.to(tl.int64)[:, None] * SPLITS + tl.program_id(1)) * (3 * BLOCK_D) + c[None, :]
+    tl.store(part_ptr + base, m_run)
+    tl.store(part_ptr + base + BLOCK_D, l_run)
+    tl.store(part_ptr + base + 2 * BLOCK_D, acc)
+    tl.debug_barrier()
+    ticket = ticket_ptr + tl.program_id(0)
+    last = tl.atomic_add(ticket, 1, sem="acq_rel") == SPLITS - 1
+    lm = (tl.zeros([1, BLOCK_D], tl.int32) + last.to(tl.int32)) != 0  # [1, BLOCK_D]: off unless this one merges
+    mx = tl.full([BLOCK_M, BLOCK_D], float("-inf"), tl.float32)
+    tot = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    wsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for sp in range(SPLITS):
+        at = (m.to(tl.int64)[:, None] * SPLITS + sp) * (3 * BLOCK_D) + c[None, :]
+        m_s = tl.load(part_ptr + at, mask=lm, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_ptr + at + BLOCK_D, mask=lm, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(part_ptr + at + 2 * BLOCK_D, mask=lm, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(mx, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        old, new = tl.exp(mx - m_safe), tl.exp(m_s - m_safe)
+        tot = tot * old + l_s * new
+        wsum = wsum * old + a_s * new
+        mx = m_new
+    if last:
+        tl.atomic_xchg(ticket, 0)
+    return mx, tot, wsum, last
+
+
+@triton.jit
 def _compress_kernel(
     kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, slot_ptr, plan_ptr, norm_w_ptr, cos_ptr, sin_ptr,
-    out_ptr, out_alt_ptr, page_table_ptr,
+    out_ptr, out_alt_ptr, page_table_ptr, part_ptr, ticket_ptr,
     n_plan, n_pages, pt_stride, pt_width, rows_per_page, max_pos, eps,
     D: tl.constexpr, ROPE: tl.constexpr, RATIO: tl.constexpr, COFF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, ACT: tl.constexpr,
     INDEXER: tl.constexpr, FP8_NOPE: tl.constexpr,
     FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, EXP_BIAS: tl.constexpr, SUB_STEP: tl.constexpr,
     NO_NEG_ZERO: tl.constexpr, FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
-    SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr,
+    SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, SPLITS: tl.constexpr,
 ):
     # out_alt_ptr: the indexer cache as fp32 (its scale), or the FP8 KV rows as rope_dtype (their rope dims)
     W: tl.constexpr = COFF * RATIO
@@ -136,7 +182,9 @@ def _compress_kernel(
     m_run = tl.full([BLOCK_M, BLOCK_D], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for w0 in range(0, W, BLOCK_W):
+    WS: tl.constexpr = W // SPLITS  # window rows of this program
+    split = tl.program_id(1)
+    for w0 in range(split * WS, split * WS + WS, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
         q = p[:, None] - (W - 1) + w[None, :]  # [M, BW] positions
         from_input = (w[None, :] >= first_input[:, None]) & live[:, None]
@@ -160,6 +208,10 @@ def _compress_kernel(
         l_run = l_run * alpha + tl.sum(e, axis=1)
         acc = acc * alpha + tl.sum(e * kv, axis=1)
         m_run = m_new
+    if SPLITS > 1:
+        m_run, l_run, acc, last = _merge_window_splits(part_ptr, ticket_ptr, m, c, m_run, l_run, acc, SPLITS,
+                                                       BLOCK_M, BLOCK_D)
+        live = live & ((ragged * 0 + last.to(tl.int32)) != 0)  # only the merging program finishes the entry
     pooled = tl.where(c_ok[None, :] & (l_run > 0), acc / tl.where(l_run > 0, l_run, 1.0), 0.0)
 
     # RMSNorm in fp32 on the act_dtype-rounded row
@@ -277,20 +329,33 @@ def _launch(kv, score, ape, kv_state, score_state, slot_ids, plan, norm_weight, 
     if rows.shape[0] == 0:
         return
     cfg = config or default_config(d, plan.state_size, indexer)
+    if config is None and not indexer:
+        sms = torch.cuda.get_device_properties(kv.device).multi_processor_count if kv.is_cuda else 132
+        cfg = dataclasses.replace(cfg, window_splits=window_splits(plan.ratio, rows.shape[0], sms))
+    splits = cfg.window_splits
+    W = plan.state_size
+    _need(splits >= 1 and W % splits == 0 and (W // splits) % cfg.block_w == 0,
+          f"config.window_splits={splits} must split the {W}-row window into multiples of block_w={cfg.block_w}")
     fp8 = fp8_e4m3_dtype(kv.device)
     fnuz = fp8 == torch.float8_e4m3fnuz
     block_d = max(triton.next_power_of_2(d), 64)
     out_alt = out.view(torch.float32) if indexer else row_layout.rope_view(out) if row_layout else out
     rows_args = row_layout.launch_args() if row_layout else dict(NOPE=0, ROW_BYTES=0, SCALE_OFF=0, ROW_E=0,
                                                                  ROPE_OFF_E=0)
-    _compress_kernel[(triton.cdiv(rows.shape[0], cfg.block_m),)](
+    programs = triton.cdiv(rows.shape[0], cfg.block_m)
+    part = tickets = kv
+    if splits > 1:  # per split: max, sum, weighted sum [block_d] a plan row; tickets zeroed, left zeroed
+        part = torch.empty(programs * cfg.block_m * splits * 3 * block_d, dtype=torch.float32, device=kv.device)
+        tickets = torch.zeros(programs, dtype=torch.int32, device=kv.device)
+    _compress_kernel[(programs, splits)](
         kv, score, ape, kv_state, score_state, slot_ids, rows, norm_weight, cos, sin, out, out_alt, page_table,
+        part, tickets,
         rows.shape[0], out.shape[0], page_table.stride(0), page_table.shape[1], out.shape[1], cos.shape[0], eps,
         D=d, ROPE=2 * cos.shape[1], RATIO=plan.ratio, COFF=2 if plan.overlap else 1,
         BLOCK_M=cfg.block_m, BLOCK_W=cfg.block_w, BLOCK_D=block_d, ACT=_TL_DTYPES[act_dtype],
         INDEXER=indexer, FP8_NOPE=fp8_nope, FP8_MAX=float(torch.finfo(fp8).max), UE8M0=scale_fmt == "ue8m0",
         EXP_BIAS=8 if fnuz else 7, SUB_STEP=2.0 ** (-10 if fnuz else -9), NO_NEG_ZERO=fnuz,
-        FP8_ROWS=row_layout is not None, **rows_args, num_warps=cfg.num_warps,
+        FP8_ROWS=row_layout is not None, **rows_args, SPLITS=splits, num_warps=cfg.num_warps,
     )
 
 

@@ -24,7 +24,10 @@ KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kerne
 uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
-the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`.
+the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
+tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`), so FP8 rows take the
+bf16 rows' launch table; `smem_bytes` models each launch's shared memory from its tiles (checked against the sm_90
+compiler on the CPU) and `fit_shared_memory` keeps the table's choice within the card's opt-in limit.
 
 Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
@@ -41,6 +44,7 @@ DRAM round trips (indices, then rows), against a byte floor under 0.5 µs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -52,7 +56,8 @@ from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend
 from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_dequant, check_rows, unpack_kv_rows
 
-__all__ = ["SparseAttnConfig", "default_config", "merge_attn", "merge_attn_ref", "sparse_attn", "sparse_attn_ref"]
+__all__ = ["SM90_SMEM_BYTES", "SparseAttnConfig", "default_config", "fit_shared_memory", "merge_attn", "merge_attn_ref",
+           "smem_bytes", "sparse_attn", "sparse_attn_ref"]
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -60,6 +65,7 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_TRITON_D = 512
 _MAX_KEYS_PER_SPLIT = 2048  # a split's indices are loaded at once: 2 index blocks, 256 and 2048
 _MAX_SPLITS = 64
+SM90_SMEM_BYTES = 232448  # H100/H200: shared memory a block may opt into (227 KiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,8 @@ class SparseAttnConfig:
 
 
 def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None,
-                   fp8_rows: bool = False) -> SparseAttnConfig:
+                   fp8_rows: bool = False, smem_limit: int = SM90_SMEM_BYTES,
+                   kv_layout: KVRowLayout | None = None) -> SparseAttnConfig:
     """The launch table, set from a sweep of ~1000 variants on H100 (bench/RESULTS.md): within 1.13×
     of the best variant at every benchmarked decode and prefill shape, and equal to it at most.
 
@@ -97,7 +104,12 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
     16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
     h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
-    FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
+    NVIDIA: the table's tiles are then fitted to `smem_limit` (the card's opt-in shared memory a block) by
+    `fit_shared_memory`, for float rows (bf16 at V4's D) or FP8 KV rows (V4's layout): fewer stages first, then
+    shorter key steps; at D = 512 every table row fits an H100/H200 (227 KiB) unchanged, FP8 rows included
+    (h16/n64/st3 226 KiB, h64/n32/st3 145 KiB).
+
+    AMD FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
     h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
     16-head blocks, and one stage on gfx942 (h32/n16/st1: ≤ 245 VGPRs, ≤ 84 SGPRs, 32 KiB).
     """
@@ -112,12 +124,52 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
         if fp8_rows and arch != "gfx950":
             num_stages = 1
         return SparseAttnConfig(block_h, block_n, num_splits, num_warps=4, num_stages=num_stages, skip_empty=False)
-    if fp8_rows:  # the bf16 tiles' stages of FP8 rows asked 344 KiB of shared memory on an H100 (232 KiB there)
-        return SparseAttnConfig(block_h, 16, num_splits, num_warps=8 if block_h == 64 else 4, num_stages=2,
-                                skip_empty=block_h == 64)
     block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
-    return SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
-                            num_stages=3, skip_empty=block_h == 64)
+    config = SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
+                              num_stages=3, skip_empty=block_h == 64)
+    if kv_layout is None and fp8_rows and D > 64:  # rows of the V4 kind: 64-multiple nope dims, bf16 rope
+        kv_layout = KVRowLayout(D, D % 64 or 64, torch.bfloat16)
+    return fit_shared_memory(config, D, 2, kv_layout, smem_limit)
+
+
+def smem_bytes(config: SparseAttnConfig, D: int, q_bytes: int, kv_layout: KVRowLayout | None = None) -> int:
+    """Shared memory one `_sparse_attn_fwd` program asks on NVIDIA sm_90 (Triton 3.6-3.9), from its tiles: the
+    larger of the loop's buffers and the epilogue's fp32 [block_h, BLOCK_D] layout change, plus 2.5 KiB of
+    reductions and alignment. The loop holds num_stages − 1 gathered key blocks (cp.async), q, and the dots'
+    operand copies: 16-head tiles (mma.sync) read float rows from the gathered blocks but dequantized FP8 rows
+    from two copies (one a dot); 64-head tiles (wgmma, block_h ≥ 64) one copy of the rows and two of P.
+    Equal to the compiler's figure, or at most ~64 KiB above it for the wide FP8 gather, at every tile the
+    tests compile for sm_90 on the CPU (tests/kernels/test_sparse_attention.py)."""
+    bd = max(16, triton.next_power_of_2(D))
+    n, bh = config.block_n, config.block_h
+    if kv_layout is None:
+        key_bytes = bd * q_bytes
+    elif _compact_rows(kv_layout):
+        key_bytes = bd + 64 * kv_layout.rope_bytes  # codes, rope dims (the 8-byte scale tile: within the margin)
+    else:
+        key_bytes = bd + bd + bd * kv_layout.rope_bytes  # codes, a scale byte per column, a BLOCK_D rope tile
+    wgmma = bh >= 64
+    if wgmma:
+        operands = n * bd * q_bytes + 2 * bh * n * q_bytes
+    else:
+        operands = 0 if kv_layout is None else 2 * n * bd * q_bytes
+    loop = (config.num_stages - 1) * n * key_bytes + bh * bd * q_bytes + operands
+    return max(loop, bh * bd * 4 if wgmma else 0) + 2560
+
+
+def fit_shared_memory(config: SparseAttnConfig, D: int, q_bytes: int, kv_layout: KVRowLayout | None,
+                      limit: int) -> SparseAttnConfig:
+    """`config` with fewer stages (down to 2), then shorter key steps (down to 16), until `smem_bytes` ≤ limit;
+    raises when even 16-key steps with 2 stages do not fit."""
+    while smem_bytes(config, D, q_bytes, kv_layout) > limit:
+        if config.num_stages > 2:
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+        elif config.block_n > 16:
+            config = dataclasses.replace(config, block_n=config.block_n // 2)
+        else:
+            raise ValueError(f"no sparse attention tile fits {limit} bytes of shared memory at D={D}: {config} "
+                             f"needs {smem_bytes(config, D, q_bytes, kv_layout)}")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,24 +186,55 @@ def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
 @triton.jit
 def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
                  FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
-                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr):
+                 ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, COMPACT: tl.constexpr,
+                 ROPE_DIM: tl.constexpr):
     """Rows idx [BLOCK_N] of the KV buffer as [BLOCK_N, BLOCK_D] DTYPE (0 where invalid): float rows as they are,
     FP8 KV rows (kernels/kv_rows.py) dequantized in registers; the row stride is a constexpr there, so the
     compiler sees 8-byte aligned rows. The rope dims are read through kv_ptr cast to ROPE_DT in the kernel (a
     second pointer argument cost AMD 11-23 spilled SGPRs)."""
     r = idx.to(tl.int64)[:, None]
     if FP8_ROWS:
-        nope = offs_d < NOPE
-        m = valid[:, None] & nope[None, :]
-        code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
-        sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
         rope_ptr = kv_ptr.to(tl.pointer_type(ROPE_DT), bitcast=True)
-        rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
-                       mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
-        rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32)).to(DTYPE)
+        if COMPACT:
+            rows = _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
+                                       ROPE_OFF_E, ROPE_DIM)
+        else:
+            nope = offs_d < NOPE
+            m = valid[:, None] & nope[None, :]
+            code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
+            sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
+            rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
+                           mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
+            rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32))
+        rows = rows.to(DTYPE)
     else:
         rows = tl.load(kv_ptr + r * stride_kvr + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
     return rows
+
+
+@triton.jit
+def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                        SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """FP8 KV rows as fp32 [BLOCK_N, BLOCK_D] from tiles of the row's own size: codes [N, BLOCK_D] bytes, the
+    scale bytes [N, BLOCK_D/64] (one aligned 8-byte word a row), the rope dims [N, 64]; each pipelined load
+    stage holds 648 bytes a key at V4's geometry instead of 2048 (codes, a scale byte per column and a BLOCK_D
+    rope tile), which let 64-key steps fit an H100's shared memory (`smem_bytes`). Needs rope dims ≤ 64 and
+    8-byte aligned scales (`_compact_rows`). The rope dims fill 64-column chunk NOPE/64, placed by a broadcast
+    over the [N, BLOCK_D/64, 64] view."""
+    BLOCK_N: tl.constexpr = r.shape[0]
+    BLOCK_D: tl.constexpr = offs_d.shape[0]
+    NCH: tl.constexpr = BLOCK_D // 64
+    chunk = tl.arange(0, NCH)
+    offs_e = tl.arange(0, 64)
+    code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=valid[:, None] & (offs_d < NOPE)[None, :], other=0)
+    sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + chunk[None, :], mask=valid[:, None], other=127)
+    rope = tl.load(rope_ptr + r * ROW_E + ROPE_OFF_E + offs_e[None, :],
+                   mask=valid[:, None] & (offs_e < ROPE_DIM)[None, :], other=0.0)
+    sbyte = tl.where((chunk < NOPE // 64)[None, :], sbyte.to(tl.int32), 127)  # the rope chunk and past D: 2^0
+    code3 = tl.reshape(code.to(tl.int32), [BLOCK_N, NCH, 64])
+    vals = _e4m3fn_dequant(code3, sbyte[:, :, None])  # [N, NCH, 64]
+    vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(tl.float32)[:, None, :], vals)
+    return tl.reshape(vals, [BLOCK_N, BLOCK_D])
 
 
 @triton.jit
@@ -196,6 +279,7 @@ def _sparse_attn_fwd(
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
     FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
     ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -230,7 +314,8 @@ def _sparse_attn_fwd(
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
         valid = (idx >= 0) & (idx < R)
         rows = _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
-                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT)  # [BLOCK_N, BLOCK_D]
+                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT, COMPACT,
+                            D - NOPE)  # [BLOCK_N, BLOCK_D]
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(rows), input_precision="ieee")
         else:
@@ -408,8 +493,10 @@ def sparse_attn(
     if T == 0:
         return out, lse
     if config is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        config = default_config(T, H, K, D, num_sms, amd_arch(q.device), fp8_rows=kv_layout is not None)
+        props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None
+        config = default_config(T, H, K, D, props.multi_processor_count if props else 1, amd_arch(q.device),
+                                fp8_rows=kv_layout is not None, kv_layout=kv_layout,
+                                smem_limit=getattr(props, "shared_memory_per_block_optin", SM90_SMEM_BYTES))
     _check_config(config)
     # A split's index segment is loaded at once (≤ 2048 keys); at most 64 splits to merge.
     num_splits = min(max(config.num_splits, triton.cdiv(K, _MAX_KEYS_PER_SPLIT)), _MAX_SPLITS)
@@ -442,6 +529,7 @@ def sparse_attn(
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
         IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
         ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16, FUSED_MERGE=fused,
+        COMPACT=_compact_rows(kv_layout),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split and not fused:
@@ -451,6 +539,12 @@ def sparse_attn(
             D=D, BLOCK_DM=block_dm, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out, lse
+
+
+def _compact_rows(kv_layout: KVRowLayout | None) -> bool:
+    """FP8 KV rows the compact gather reads (`_gather_fp8_compact`): rope dims in one 64-column chunk and the
+    scale bytes at an 8-byte boundary (V4: 64 rope dims, scales at byte 576). Other layouts take the wide gather."""
+    return kv_layout is not None and kv_layout.rope_dim <= 64 and kv_layout.scale_offset % 8 == 0
 
 
 def _check_config(config: SparseAttnConfig) -> None:

@@ -389,3 +389,32 @@ def test_real_shapes_indexer(device):
     case = make_case(31, starts, num_new, 4, True, 128, 64, device, rows_per_page=32)
     plan = build_compress_plan(starts, num_new, 4, True, device=device)
     check_indexer(case, plan, torch.bfloat16, device, "gpu indexer")
+
+
+# HCA decode: the 128-row window split over programs, merged by the last one (atomic ticket), against the reference
+# and fp64 like the one-program launch; several entry blocks a program (block_m 2) and one-row splits included.
+@pytest.mark.parametrize("config", [CompressConfig(1, 8, 4, window_splits=1), CompressConfig(1, 8, 4, window_splits=8),
+                                    CompressConfig(2, 4, 2, window_splits=4),
+                                    CompressConfig(1, 8, 1, window_splits=16)])
+def test_hca_window_split_across_programs(config, device):
+    starts, num_new = [127, 0, 255, 1000, 383], [1, 1, 1, 1, 1]  # decodes: three commit an entry
+    case = make_case(40, starts, num_new, 128, False, 96, 32, device)
+    plan = build_compress_plan(starts, num_new, 128, False, device=device)
+    assert plan.commit.num_rows == 3
+    for fp8 in (False, True):
+        check_main(case, plan, torch.float32, torch.float32, fp8, device, f"hca split {config} fp8={fp8}", config)
+
+
+def test_hca_default_splits_the_window_at_decode_only():
+    from sparsepd.kernels.compressor import window_splits
+    assert window_splits(128, 128, 132) == 8  # decode plan (128 rows, few commits)
+    assert window_splits(128, 4096, 132) == 1  # prefill: one program an entry
+    assert window_splits(4, 8, 132) == 1  # CSA windows are 8 rows
+
+
+def test_window_splits_must_tile_the_window(device):
+    starts, num_new = [127], [1]
+    case = make_case(41, starts, num_new, 128, False, 96, 32, device)
+    plan = build_compress_plan(starts, num_new, 128, False, device=device)
+    with pytest.raises(ValueError, match="window_splits=3"):
+        check_main(case, plan, torch.float32, torch.float32, False, device, "bad", CompressConfig(1, 8, 4, 3))

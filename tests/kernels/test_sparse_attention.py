@@ -341,3 +341,66 @@ def test_fused_merge_matches_fp64_and_leaves_tickets_zero(device, case):
         ref_out, ref_lse = fp64_reference(q, kv, idx, sink, D ** -0.5)
         assert_close(out, lse, ref_out, ref_lse, dtype, f"seed={seed} fused {config}")
         assert int(tickets.abs().sum()) == 0, "the merging programs must leave their tickets at 0"
+
+
+def test_fit_shared_memory_drops_stages_then_key_steps():
+    """The launch table's tiles are fitted to the card's shared memory by the model (checked against the compiler
+    in test_sparse_attention_smem.py): fewer stages first, then shorter key steps, an error when nothing fits."""
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    from sparsepd.kernels.sparse_attention import SM90_SMEM_BYTES, fit_shared_memory, smem_bytes
+    layout = KVRowLayout(512, 64, torch.bfloat16)
+    wide = SparseAttnConfig(16, 64, 1, 4, 4)
+    assert smem_bytes(wide, 512, 2, layout) > SM90_SMEM_BYTES
+    assert fit_shared_memory(wide, 512, 2, layout, SM90_SMEM_BYTES) == SparseAttnConfig(16, 64, 1, 4, 3)
+    small = fit_shared_memory(wide, 512, 2, layout, 100 * 1024)
+    assert (small.num_stages, small.block_n) == (2, 16) and smem_bytes(small, 512, 2, layout) <= 100 * 1024
+    assert fit_shared_memory(wide, 512, 2, None, SM90_SMEM_BYTES) == wide  # bf16 rows: 4 stages fit
+    with pytest.raises(ValueError, match="no sparse attention tile fits"):
+        fit_shared_memory(wide, 512, 2, layout, 32 * 1024)
+    for T in (1, 8, 32, 64, 128, 256, 8192):
+        for H in (16, 64, 128):
+            for fp8 in (False, True):
+                c = default_config(T, H, 1152, 512, 132, fp8_rows=fp8)
+                assert smem_bytes(c, 512, 2, layout if fp8 else None) <= SM90_SMEM_BYTES
+                assert c == default_config(T, H, 1152, 512, 132, fp8_rows=not fp8)  # the same tiles at D = 512
+    # a card with less shared memory (e.g. 100 KiB a block) gets smaller FP8-row tiles, never a failing launch
+    c = default_config(32, 64, 1152, 512, 132, fp8_rows=True, smem_limit=100 * 1024)
+    assert smem_bytes(c, 512, 2, layout) <= 100 * 1024 and c.block_n < 64
+
+
+# (T, H, head_dim, rope, K, dtype, config): FP8 KV rows through the compact gather (rope ≤ 64, aligned scales) at
+# the tiles the NVIDIA table now gives them (64-key steps, 64-head tiles, splits), and through the wide gather
+# (rope dims > 64). fp16/fp32 in the interpreter (no bf16 dot there); bf16 at V4's shapes on the GPU.
+FP8_CASES = [
+    (3, 16, 512, 64, 150, torch.float16, SparseAttnConfig(16, 64, 1, 4, 3)),
+    (2, 64, 512, 64, 90, torch.float16, SparseAttnConfig(64, 32, 1, 8, 3, skip_empty=True)),
+    (2, 20, 192, 64, 100, torch.float16, SparseAttnConfig(16, 64, 3, 4, 3, fused_merge=True)),
+    (3, 16, 96, 32, 70, torch.float32, SparseAttnConfig(16, 32, 2, 4, 2)),  # rope 32 inside the last chunk
+    (2, 16, 256, 128, 40, torch.float16, SparseAttnConfig(16, 16, 1, 4, 2)),  # wide gather: rope 128
+] + ([(T, H, 512, 64, K, torch.bfloat16, None) for T, H, K in ((1, 64, 1152), (32, 64, 1152), (64, 128, 640),
+                                                                (128, 16, 1152), (300, 64, 640))]
+     if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case", range(len(FP8_CASES)))
+def test_sparse_attn_over_fp8_rows_at_the_table_tiles(device, case):
+    from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows_ref, unpack_kv_rows
+    from sparsepd.kernels.sparse_attention import _compact_rows
+    T, H, D, rope, K, dtype, config = FP8_CASES[case]
+    seed = 3000 + case
+    layout = KVRowLayout(D, rope, dtype)
+    assert _compact_rows(layout) == (rope <= 64)
+    q, kv, idx, sink = make_inputs(seed, T, H, D, K, dtype, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    kv = kv.float() * torch.exp2(torch.randint(0, 5, (kv.shape[0], 1), generator=g))  # rows over 5 binades
+    rows = pack_kv_rows_ref(kv.to(dtype), layout)  # [R, row_bytes]
+    # q / 16: scores of a few units, so no output of a sink-dominated head falls to fp16 subnormals
+    q, rows, idx, sink = (x.to(device) for x in (q / 16, rows, idx, sink))
+    out, lse = poisoned(q, H)
+    tickets = torch.zeros(T * H, dtype=torch.int32, device=device)
+    sparse_attn(q, rows, idx, sink, D ** -0.5, out, lse, kv_layout=layout, backend="triton", config=config,
+                tickets=tickets)
+    ref_out, ref_lse = sparse_attn_ref(q.double(), unpack_kv_rows(rows, layout).double(), idx, sink.double(),
+                                       D ** -0.5)
+    assert_close(out, lse, ref_out, ref_lse, dtype, f"seed={seed} T={T} H={H} D={D} rope={rope} K={K} {config}")
+    assert int(tickets.abs().sum()) == 0

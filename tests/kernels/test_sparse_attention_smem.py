@@ -1,0 +1,140 @@
+"""Shared memory of sparse attention on NVIDIA sm_90 (H100/H200), checked on the CPU by compiling.
+
+Every launch `default_config` picks at the project's decode and prefill shapes (D = 512, H = 16/64/128, bf16 rows
+and FP8 KV rows) is compiled for sm_90 with Triton's NVIDIA backend (ptxas from Triton's wheel); the compiler's
+`shared` bytes must be within the card's opt-in limit (227 KiB) and within `smem_bytes`, the model the launch
+table fits its tiles with, and the model must not overstate by more than its stated slack. A few tiles outside the
+table (4 stages, 64-key steps at 64 heads) check the model where the table does not go. Compiling runs in a child
+process with the interpreter off (this suite's conftest turns it on before the kernels are imported). Skipped where
+Triton has no NVIDIA backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DECODE_T = (1, 2, 8, 32, 64, 128, 256)
+SLACK = 4096  # how far the model may overstate the compiler (float rows and V4's FP8 rows; measured ≤ 1.8 KiB)
+
+
+def launches() -> list[tuple[int, int, int, bool, tuple, bool]]:
+    """(T, H, K, fp8, config fields, in the table) of every distinct default launch, then the extra tiles."""
+    from sparsepd.kernels.sparse_attention import SparseAttnConfig, default_config
+    seen, out = set(), []
+    for fp8 in (False, True):
+        for H in (16, 64, 128):
+            for T in DECODE_T + (8192,):
+                for K in (640, 1152):
+                    c = default_config(T, H, K, 512, 132, fp8_rows=fp8)
+                    key = (fp8, c.block_h, c.block_n, c.num_warps, c.num_stages, c.skip_empty, c.num_splits > 1)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((T, H, K, fp8, tuple(vars_of(c)), True))
+    for fp8 in (False, True):
+        for c in (SparseAttnConfig(16, 32, 1, 4, 4), SparseAttnConfig(64, 64, 1, 8, 2, skip_empty=True),
+                  SparseAttnConfig(64, 16, 1, 8, 2, skip_empty=True)):
+            out.append((128, 64, 1152, fp8, tuple(vars_of(c)), False))
+    return out
+
+
+def vars_of(config) -> list:
+    return [getattr(config, f.name) for f in dataclasses.fields(config)]
+
+
+def compile_shared(T: int, H: int, K: int, fp8: bool, fields: tuple, in_table: bool = True) -> int:
+    """The `shared` bytes of `_sparse_attn_fwd` compiled for sm_90 at this launch (as the launcher specialises it)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    from sparsepd.kernels import device
+    from sparsepd.kernels import sparse_attention as sa
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((args, kwargs))
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    layout = KVRowLayout(512, 64, torch.bfloat16) if fp8 else None
+    kv = meta(1 << 20, layout.row_bytes, dtype=torch.uint8) if fp8 else meta(1 << 19, 512)
+    kernel = sa._sparse_attn_fwd
+    with mock.patch.object(sa, "_sparse_attn_fwd", Recorder()), mock.patch.object(sa, "_merge_splits", Recorder()), \
+            mock.patch.object(device, "triton_interpreting", lambda: True):
+        sa.sparse_attn(meta(T, H, 512), kv, meta(T, K, dtype=torch.int32), meta(H, dtype=torch.float32), 0.04,
+                       kv_layout=layout, backend="triton", config=sa.SparseAttnConfig(*fields))
+    args, kwargs = calls[0]
+    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return int(compiled.metadata.shared)
+
+
+def main(argv: list[str]) -> int:
+    """Child process: `OUT.json`: compile every launch, write [(launch, shared bytes)]."""
+    import warnings
+    from concurrent.futures import ProcessPoolExecutor
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    todo = launches()
+    import multiprocessing
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("fork")) as pool:
+        shared = list(pool.map(compile_shared, *zip(*todo, strict=True)))
+    Path(argv[0]).write_text(json.dumps([list(x) + [s] for x, s in zip(todo, shared, strict=True)]))
+    return 0
+
+
+def has_nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not has_nvidia_backend(), reason="the installed Triton has no NVIDIA backend")
+def test_default_launches_fit_sm90_shared_memory_and_the_model_bounds_them():
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    from sparsepd.kernels.sparse_attention import SM90_SMEM_BYTES, SparseAttnConfig, smem_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "shared.json"
+        proc = subprocess.run([sys.executable, __file__, str(out)], env=dict(os.environ, TRITON_INTERPRET="0"),
+                              cwd=REPO, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = json.loads(out.read_text())
+    layout = KVRowLayout(512, 64, torch.bfloat16)
+    bad = []
+    for T, H, _K, fp8, fields, in_table, shared in rows:
+        config = SparseAttnConfig(*fields)
+        model = smem_bytes(config, 512, 2, layout if fp8 else None)
+        if in_table and shared > SM90_SMEM_BYTES:
+            bad.append(f"{config} fp8={fp8}: {shared} B > the card's {SM90_SMEM_BYTES}")
+        if not shared <= model <= shared + SLACK:
+            bad.append(f"{config} fp8={fp8} T={T} H={H}: compiler {shared} B, model {model} B")
+    assert len(rows) >= 8 and not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
