@@ -68,7 +68,8 @@ class Engine:
         entries = pool_config.prefix_cache_entries
         host_tier = pool_config.prefix_cache_host_bytes if entries else 0
         self.host_memory = HostMemory.for_engine(host_tier, max_retracted_bytes, self.pools.num_bytes())
-        self.prefix_cache = PrefixCache(self.pools, entries, self.host_memory if host_tier else None) if entries else None
+        host = self.host_memory if host_tier else None
+        self.prefix_cache = PrefixCache(self.pools, entries, host) if entries else None
         self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)

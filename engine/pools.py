@@ -243,7 +243,8 @@ class KVPools:
         self.pages = IdAllocator(g.num_pages, "pages")
         self.slots = IdAllocator(g.num_slots, "slots")
         self.snapshots = IdAllocator(g.num_snapshot_slots, "snapshot capture slots", first=g.num_slots)
-        self.snapshot_store = SnapshotStore(cfg, g, self.device, row_shape, row_dtype) if g.num_snapshot_entries else None
+        self.snapshot_store = (SnapshotStore(cfg, g, self.device, row_shape, row_dtype)
+                               if g.num_snapshot_entries else None)
 
     def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         coff = 2 if ratio == 4 else 1

@@ -34,10 +34,10 @@ import torch
 from sparsepd.engine.admission import Admission
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.grammar import token_bitmask
+from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.page_growth import PageGrowth
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.prefix_cache import PrefixCache
-from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.prefix_restore import PrefixRestore
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput

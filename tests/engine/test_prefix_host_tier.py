@@ -216,7 +216,8 @@ def test_a_retraction_evicts_host_tier_entries_and_shares_their_bound(model):
     assert engine.scheduler.retractions >= 1
     assert cache.stats.host_evictions + cache.stats.host_page_evictions > 0
     failed = [r for r, _, _ in runs if r.finish_reason == "error"]
-    assert len(failed) == 1 and "--prefix-cache-host-bytes" in failed[0].error and "over the bound of" in failed[0].error
+    assert len(failed) == 1
+    assert "--prefix-cache-host-bytes" in failed[0].error and "over the bound of" in failed[0].error
     for r, p, sp in runs:
         if r is not failed[0]:
             want = generate(model, p, sp)
