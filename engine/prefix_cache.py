@@ -256,10 +256,12 @@ class PrefixCache:
     # --- memory ----------------------------------------------------------------------------------------
     def make_room(self, num_pages: int, protect: set[Node] | frozenset = frozenset()) -> None:
         """Evict pages least recently used first (to the host tier when it takes them) until num_pages pages are
-        free, or none is left to evict; `protect`: nodes that keep theirs (a path being restored)."""
-        while not self.pools.pages.can_allocate(num_pages):
-            node = next((n for n in self.page_lru.values()
-                         if n not in protect and all(c.page < 0 for c in n.children.values())), None)
+        free, or none is left to evict; `protect`: nodes that keep theirs (a path being restored). A page a request
+        also holds is not evicted (that frees nothing; the request holds its ancestors' pages too)."""
+        pages = self.pools.pages
+        while not pages.can_allocate(num_pages):
+            node = next((n for n in self.page_lru.values() if n not in protect and pages.refs(n.page) == 1
+                         and all(c.page < 0 for c in n.children.values())), None)
             if node is None:
                 return
             self._evict_page(node, protect)
