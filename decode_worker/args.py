@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-retracted-memory", type=int, default=None, metavar="BYTES",
                    help="host memory the states of retracted requests (moved out of the pool for want of a page) may "
                         "take; past it the newest decoding request fails RESOURCE_EXHAUSTED instead of being "
-                        "retracted (default: the size of the KV pool)")
+                        "retracted (default: the size of the KV pool; with a prefix-cache host tier, colocated, "
+                        "retracted states share --prefix-cache-host-bytes, evicting its entries first, and this "
+                        "caps their part, default all of it)")
     p.add_argument("--log-level", default="INFO")
     add_engine_args(p)
     add_group_args(p)

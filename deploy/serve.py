@@ -81,10 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--max-retracted-memory", type=int, default=None, metavar="BYTES",
                    help="host memory each decode (or colocated) worker lets retracted requests' states take; past it "
                         "the newest decoding request fails RESOURCE_EXHAUSTED (default: the worker's, its KV pool's "
-                        "size)")
+                        "size; a colocated worker with --prefix-cache-host-bytes shares that bound instead)")
     w.add_argument("--prefix-cache-host-bytes", type=int, default=None,
-                   help="host memory for prefix-cache snapshots evicted from their slots, per prefill (or colocated) "
-                        "worker (default: the worker's, 0)")
+                   help="host memory for prefix-cache snapshots and pages evicted from the device, per prefill (or "
+                        "colocated) worker; a colocated worker's retracted states share it (default: the worker's, 0)")
     w.add_argument("--disable-prefix-cache", action="store_true",
                    help="prefill every request from its first token (no prefix cache on the prefill or colocated "
                         "workers)")

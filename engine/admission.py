@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from sparsepd.engine.host_memory import HostMemory, state_bytes
 from sparsepd.engine.pools import KVPools, OutOfCapacity
 from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.prefix_restore import PrefixRestore
@@ -18,8 +19,11 @@ from sparsepd.engine.state_io import restore_tensors
 
 
 class Admission:
-    def __init__(self, pools: KVPools, cache: PrefixCache | None, prefix: PrefixRestore | None):
+    def __init__(self, pools: KVPools, cache: PrefixCache | None, prefix: PrefixRestore | None,
+                 host: HostMemory | None = None):
+        """host: where retracted states are counted (engine/host_memory.py)."""
         self.pools, self.cache, self.prefix = pools, cache, prefix
+        self.host = host or HostMemory.unbounded()
 
     def check(self, request: Request, max_seq_len: int) -> None:
         """Raise ValueError if the request is malformed, OutOfCapacity if it could never fit these pools."""
@@ -104,10 +108,15 @@ class Admission:
         self.pools.reset_slot(slot)
         if request.offloaded is not None:  # retracted: its state back from host memory
             restore_tensors(self.pools, request, request.offloaded)
-            request.offloaded = None
+            self.forget_offloaded(request)
             return
         if lookup and self.prefix is not None and self.prefix.cacheable(request):
             self.prefix.start(request, hit)
+
+    def forget_offloaded(self, request: Request) -> None:
+        """A retracted request's host state is no longer needed (restored, or the request aborted while waiting)."""
+        self.host.retracted -= state_bytes(request.offloaded)
+        request.offloaded = None
 
     def release(self, request: Request) -> None:
         """Free a request's slot and pages (a reservation that never ran, or any request)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsepd.engine.grammar import GrammarMatch
+from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
 from sparsepd.engine.prefix_cache import PrefixCache
@@ -57,16 +58,19 @@ class Engine:
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
         max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
-        request fails instead of being retracted (engine/scheduler.py; default: the KV pool's own size).
+        request fails instead of being retracted (engine/page_growth.py; default: the KV pool's own size, or with a
+        prefix-cache host tier all of its bytes, which retracted states share: engine/host_memory.py).
         A prefix cache (engine/prefix_cache.py) when pool_config.prefix_cache_entries > 0."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
         entries = pool_config.prefix_cache_entries
-        self.prefix_cache = PrefixCache(self.pools, entries, pool_config.prefix_cache_host_bytes) if entries else None
-        bound = self.pools.num_bytes() if max_retracted_bytes is None else max_retracted_bytes
-        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, max_retracted_bytes=bound)
+        host_tier = pool_config.prefix_cache_host_bytes if entries else 0
+        self.host_memory = HostMemory.for_engine(host_tier, max_retracted_bytes, self.pools.num_bytes())
+        host = self.host_memory if host_tier else None
+        self.prefix_cache = PrefixCache(self.pools, entries, host) if entries else None
+        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):

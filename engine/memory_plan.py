@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsepd.engine.pools import KVPools, bytes_per_page, bytes_per_slot
+from sparsepd.engine.pools import KVPools, bytes_per_page, bytes_per_slot, bytes_per_snapshot
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weight_memory import describe, gb, weight_bytes
 
@@ -14,13 +14,14 @@ def memory_plan(model: Transformer, pools: KVPools) -> str:
     cfg, g = model.cfg, pools.geometry
     total = pools.num_bytes()
     pages, slots = g.num_pages * bytes_per_page(cfg), g.num_slots * bytes_per_slot(cfg)
-    snapshots = g.num_snapshot_slots * bytes_per_slot(cfg)
+    snapshots = g.num_snapshot_slots * bytes_per_slot(cfg) + g.num_snapshot_entries * bytes_per_snapshot(cfg)
     lines = [
         f"model {cfg.name}: {cfg.n_layers} layers, weight_format {cfg.weight_format}, activations {cfg.dtype}",
         f"  weights {describe(weight_bytes(model))}",
         f"  KV pools {gb(total)}: {g.num_pages} pages × {bytes_per_page(cfg) / 1e6:.2f} MB = {gb(pages)} "
         f"({g.num_pages * g.page_size} tokens), {g.num_slots} slots × {bytes_per_slot(cfg) / 1e6:.2f} MB = "
-        f"{gb(slots)}, {g.num_snapshot_slots} prefix-cache snapshot slots = {gb(snapshots)}, rings and scratch "
+        f"{gb(slots)}, prefix cache {gb(snapshots)} ({g.num_snapshot_entries} snapshots × "
+        f"{bytes_per_snapshot(cfg) / 1e6:.2f} MB, {g.num_snapshot_slots} capture slots), rings and scratch "
         f"{gb(max(total - pages - slots - snapshots, 0))}",
     ]
     if pools.device.type == "cuda":

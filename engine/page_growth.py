@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 
 from sparsepd.engine.admission import Admission
+from sparsepd.engine.host_memory import HostMemory, state_bytes
 from sparsepd.engine.pools import KVPools, OutOfCapacity
 from sparsepd.engine.prefix_cache import PrefixCache
 from sparsepd.engine.request import Request, StepOutput
@@ -18,11 +19,9 @@ log = logging.getLogger("sparsepd.engine")
 
 
 class PageGrowth:
-    def __init__(self, pools: KVPools, cache: PrefixCache | None, admission: Admission,
-                 max_retracted_bytes: int | None = None):
-        """max_retracted_bytes: host memory the states of retracted requests may take (None: unbounded)."""
-        self.pools, self.cache, self.admission = pools, cache, admission
-        self.max_retracted_bytes = max_retracted_bytes
+    def __init__(self, pools: KVPools, cache: PrefixCache | None, admission: Admission, host: HostMemory):
+        """host: the bound retracted states share with the prefix cache's host tier (engine/host_memory.py)."""
+        self.pools, self.cache, self.admission, self.host = pools, cache, admission, host
         self.retractions = 0  # requests moved back to waiting (state to host memory) for want of a page
 
     def ensure_pages(self, request: Request, num_tokens: int) -> None:
@@ -70,21 +69,27 @@ class PageGrowth:
     def retract(self, request: Request, running: list[Request], waiting: deque[Request]) -> list[StepOutput]:
         """Move a decoding request back to the head of the waiting queue: its state copied to host memory, its
         slot and pages freed; admitted again, it gets them back with the state and goes on with its next token
-        (nothing repeated or lost, its random stream where it was). When its state would take the retracted
-        requests' host memory past max_retracted_bytes, it fails instead (finish "error", `overloaded`): the
-        newest decoding request, as the one retracted would be, rather than memory without bound."""
-        num_bytes = state_num_bytes(self.pools, request)
-        held = sum(t.nbytes for r in waiting if r.offloaded is not None for t in r.offloaded.values())
-        if self.max_retracted_bytes is not None and held + num_bytes > self.max_retracted_bytes:
+        (nothing repeated or lost, its random stream where it was). Its state counts against the host memory it
+        shares with the prefix cache's host tier (engine/host_memory.py): the tier's entries go first, least
+        recently used first, to make room; when it still does not fit (or retracted states would pass their own
+        bound) it fails instead (finish "error", `overloaded`): the newest decoding request, as the one retracted
+        would be, rather than memory without bound."""
+        num_bytes, host = state_num_bytes(self.pools, request), self.host
+        fits_own = host.retracted + num_bytes <= host.retracted_limit
+        if fits_own and num_bytes > host.free and self.cache is not None:
+            self.cache.free_host(num_bytes)
+        if not fits_own or num_bytes > host.free:
             request.finish_reason, request.error = "error", (
                 f"request {request.request_id}: no KV page free for position {request.num_computed}, and retracting "
-                f"it ({num_bytes} bytes of state) would take the retracted requests' host memory to "
-                f"{held + num_bytes} bytes, over the bound of {self.max_retracted_bytes} (--max-retracted-memory)")
+                f"it ({num_bytes} bytes of state) would take host memory over the bound of {host.retracted_limit} "
+                f"bytes for retracted states or {host.limit} in all (--max-retracted-memory, "
+                f"--prefix-cache-host-bytes): {host.describe()}")
             log.warning("failed instead of retracted: %s", request.error, extra={"request_id": request.request_id})
             self.admission.release(request)
             running.remove(request)
             return [StepOutput(request.request_id, -1, "error", error=request.error, overloaded=True)]
         _, request.offloaded = export_state(self.pools, request)
+        host.retracted += state_bytes(request.offloaded)
         self.admission.release(request)
         running.remove(request)
         waiting.appendleft(request)

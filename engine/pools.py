@@ -2,8 +2,9 @@
 
 A page holds `page_size` original tokens (the lcm of the compress ratios): per CSA layer `page_size/4`
 compressed KV rows and as many indexer rows, per HCA layer `page_size/ratio` rows. One page table per
-request serves every layer. A slot holds a request's sliding-window rings and compressor rings; the snapshot
-slots after the requests' ones hold the prefix cache's boundary states (engine/prefix_cache.py).
+request serves every layer. A slot holds a request's sliding-window rings and compressor rings; the capture
+slots after the requests' ones receive the prefix cache's boundary states while a forward computes them, and
+the snapshot store keeps them slimmed to what a restore needs (engine/snapshot_store.py, engine/prefix_cache.py).
 
 Per layer, attention reads one unified row buffer `kv[layer]`:
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsepd.engine.snapshot_store import SnapshotStore
 from sparsepd.kernels.kv_rows import KVRowLayout
 from sparsepd.model_config import ModelConfig
 
@@ -44,10 +46,12 @@ class PoolConfig(BaseModel):
     num_pages: int | None = Field(None, ge=1, description="pages; when None, sized from kv_memory_bytes")
     kv_memory_bytes: int | None = Field(None, ge=1, description="budget for pages + slots + scratch")
     gpu_memory_fraction: float = Field(0.5, gt=0.0, le=0.95, description="of free GPU memory, when no budget")
-    prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache boundary snapshots (snapshot slots, a "
-                                                         "slot's bytes each; 0 = no cache; engine/prefix_cache.py)")
-    prefix_cache_host_bytes: int = Field(0, ge=0, description="host memory for prefix-cache snapshots evicted from "
-                                                             "their slots (0 = no host tier)")
+    prefix_cache_entries: int = Field(0, ge=0, description="prefix-cache boundary snapshots kept on the device "
+                                                         "(`bytes_per_snapshot` each, plus a few capture slots; 0 = no "
+                                                         "cache; engine/prefix_cache.py)")
+    prefix_cache_host_bytes: int = Field(0, ge=0, description="host memory for the prefix cache's snapshots and pages "
+                                                             "evicted from the device, shared with retracted requests' "
+                                                             "states (0 = no host tier; engine/host_memory.py)")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class PoolGeometry:
     window: int
     max_batch_tokens: int
     ratios: tuple[int, ...]  # per layer
-    num_snapshot_slots: int = 0  # slots past the requests' ones: the prefix cache's boundary snapshots
+    num_snapshot_slots: int = 0  # slots past the requests' ones: where a forward captures boundary states
+    num_snapshot_entries: int = 0  # the snapshot store's entries (engine/snapshot_store.py)
 
     @property
     def ring_slots(self) -> int:
@@ -116,9 +121,31 @@ def bytes_per_slot(cfg: ModelConfig) -> int:
     return total
 
 
+def bytes_per_snapshot(cfg: ModelConfig) -> int:
+    """Bytes of one boundary snapshot in the prefix cache's store (engine/snapshot_store.py): per layer the SWA ring
+    (with the page equal to the window: the rows of the page before the boundary) and, where the compressor
+    overlaps (CSA), the carried half-block of its rings and the indexer's; an HCA ring carries nothing across a
+    page boundary (its block ends there)."""
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += cfg.window * kv_row_bytes(cfg)
+        if ratio == 4:  # coff 2: the previous block's `ratio` rows of kv and score, 2·head_dim wide; the indexer's too
+            total += 2 * ratio * 2 * cfg.head_dim * 4 + 2 * ratio * 2 * cfg.index_head_dim * 4
+    return total
+
+
+def capture_slots(pool: PoolConfig, page_size: int) -> int:
+    """Capture slots a prefix cache needs: one per boundary one forward crosses (its tokens' pages, plus one for a
+    chunk that starts inside a page), at most one per entry."""
+    if not pool.prefix_cache_entries:
+        return 0
+    return min(pool.prefix_cache_entries, pool.max_batch_tokens // page_size + 1)
+
+
 def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> PoolGeometry:
     """Choose the page count: given, or what the memory budget leaves after slots and scratch."""
-    fixed = (pool.num_slots + pool.prefix_cache_entries) * bytes_per_slot(cfg)
+    captures = capture_slots(pool, cfg.page_size)
+    fixed = (pool.num_slots + captures) * bytes_per_slot(cfg) + pool.prefix_cache_entries * bytes_per_snapshot(cfg)
     fixed += cfg.n_layers * pool.max_batch_tokens * kv_row_bytes(cfg)
     num_pages = pool.num_pages
     if num_pages is None:
@@ -132,7 +159,7 @@ def plan_geometry(cfg: ModelConfig, pool: PoolConfig, device: torch.device) -> P
             raise ValueError(f"a memory budget of {budget} bytes leaves no page: slots and scratch need {fixed}, "
                              f"a page {bytes_per_page(cfg)}")
     return PoolGeometry(pool.num_slots, int(num_pages), cfg.page_size, cfg.window, pool.max_batch_tokens,
-                        cfg.compress_ratios, pool.prefix_cache_entries)
+                        cfg.compress_ratios, captures, pool.prefix_cache_entries)
 
 
 class IdAllocator:
@@ -215,7 +242,9 @@ class KVPools:
         self.index_rings = [self._rings(4, cfg.index_head_dim) if r == 4 else None for r in g.ratios]
         self.pages = IdAllocator(g.num_pages, "pages")
         self.slots = IdAllocator(g.num_slots, "slots")
-        self.snapshots = IdAllocator(g.num_snapshot_slots, "snapshot slots", first=g.num_slots)
+        self.snapshots = IdAllocator(g.num_snapshot_slots, "snapshot capture slots", first=g.num_slots)
+        self.snapshot_store = (SnapshotStore(cfg, g, self.device, row_shape, row_dtype)
+                               if g.num_snapshot_entries else None)
 
     def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         coff = 2 if ratio == 4 else 1
@@ -247,4 +276,6 @@ class KVPools:
     def num_bytes(self) -> int:
         tensors = [*self.kv, *[t for t in self.index_cache if t is not None]]
         tensors += [t for r in (*self.rings, *self.index_rings) if r is not None for t in r]
+        if self.snapshot_store is not None:
+            tensors += list(self.snapshot_store.parts.values())
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -7,8 +7,9 @@ one at or before the end of its known tokens (`cache_at`). A snapshot is taken i
 the boundary, wherever the chunk ends: before the forward, a snapshot slot is taken for each boundary the chunk
 crosses (`plan`) and, when the chunk starts less than a ring's length before the boundary, the request's slot is
 copied into it (the ring rows of positions before the chunk); the forward's ring writes of the positions before
-the boundary also go to that slot (engine/batch.py `capture_rows`); after it is queued, the tree adopts the
-slots (`commit`). No chunk is cut at a boundary and no forward is added.
+the boundary also go to that slot (engine/batch.py `capture_rows`); after it is queued, the tree saves what a
+restore reads from each slot into its snapshot store and frees the slot (`commit`). No chunk is cut at a boundary
+and no forward is added.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class PrefixRestore:
         return request.cached_tokens
 
     def plan(self, scheduled: list[tuple[Request, list[int]]]) -> list[Request]:
-        """Before a forward: a snapshot slot for every boundary a prefill chunk crosses that the tree has no
-        snapshot of (`request.captures`); the requests that take some."""
-        page, taken, keys, capturing = self.page_size, set(), set(), []
+        """Before a forward: a capture slot for every boundary a prefill chunk crosses that the tree has no
+        snapshot of (`request.captures`; deepest first while slots last); the requests that take some."""
+        page, keys, capturing = self.page_size, set(), []
         for request, tokens in scheduled:
             if request.cache_at is None:
                 continue
@@ -85,10 +86,9 @@ class PrefixRestore:
                 key = request.cache_hashes[p // page - 1]
                 if key in keys or self.cache.has_snapshot(key):
                     continue
-                slot = self.cache.take_slot(taken)
+                slot = self.cache.take_slot()
                 if slot is None:
                     break
-                taken.add(slot)
                 keys.add(key)
                 if p - self.carry < start:  # ring rows of positions before the chunk: from the request's slot
                     copy_slot(self.pools, request.slot, slot)
@@ -99,7 +99,7 @@ class PrefixRestore:
         return capturing
 
     def commit(self, capturing: list[Request]) -> None:
-        """After the forward is queued: the tree adopts the snapshots it takes (stream-ordered after it)."""
+        """After the forward is queued: the tree takes the snapshots it captured (copies stream-ordered after it)."""
         for request in capturing:
             for p, slot in request.captures:
                 k = p // self.page_size
@@ -107,7 +107,7 @@ class PrefixRestore:
             request.captures = ()
 
     def cancel(self, capturing: list[Request]) -> None:
-        """The forward failed: its snapshot slots back, unwritten."""
+        """The forward failed: its capture slots back, unwritten."""
         for request in capturing:
             self.pools.snapshots.free([slot for _, slot in request.captures])
             request.captures = ()

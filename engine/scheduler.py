@@ -34,6 +34,7 @@ import torch
 from sparsepd.engine.admission import Admission
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.grammar import token_bitmask
+from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.page_growth import PageGrowth
 from sparsepd.engine.pools import OutOfCapacity
 from sparsepd.engine.prefix_cache import PrefixCache
@@ -61,16 +62,16 @@ class LaunchedForward:
 
 class Scheduler:
     def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False,
-                 cache: PrefixCache | None = None, max_retracted_bytes: int | None = None):
-        """max_retracted_bytes: host memory the states of retracted requests may take (None: unbounded)."""
+                 cache: PrefixCache | None = None, host: HostMemory | None = None):
+        """host: the host memory retracted states share with the prefix cache's host tier (None: unbounded)."""
         self.runner, self.pools, self.cache = runner, runner.pools, cache
         self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
         if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens} exceeds the pools' scratch rows "
                              f"{runner.pools.geometry.max_batch_tokens}")
         self.prefix = PrefixRestore(self.pools, cache) if cache is not None else None
-        self.admission = Admission(self.pools, cache, self.prefix)
-        self.growth = PageGrowth(self.pools, cache, self.admission, max_retracted_bytes)
+        self.admission = Admission(self.pools, cache, self.prefix, host)
+        self.growth = PageGrowth(self.pools, cache, self.admission, self.admission.host)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.overlap = overlap
@@ -92,6 +93,7 @@ class Scheduler:
         for r in list(self.waiting):
             if r.request_id == request_id:
                 self.waiting.remove(r)
+                self.admission.forget_offloaded(r)
                 self._release_forks(r)
                 return True
         for r in self.running:

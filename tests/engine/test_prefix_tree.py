@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.pools import PoolConfig, bytes_per_slot
+from sparsepd.engine.pools import PoolConfig, bytes_per_snapshot
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
 from sparsepd.model.weights import build_model
@@ -73,15 +73,22 @@ def _count_forwards(engine: Engine) -> list[list[int]]:
 
 
 def _check_tree(engine: Engine) -> None:
-    """Every leaf holds a snapshot; the tree holds one reference to each of its nodes' pages; snapshot slots
-    in use are exactly the snapshots'."""
+    """Every leaf holds a snapshot; the tree holds one reference to each of its nodes' device pages, and a node
+    whose page is on the host has only such children; store entries in use are exactly the device snapshots', no
+    capture slot is held between steps, and the host tier's bytes are its items'."""
     cache = engine.prefix_cache
     for node in cache.nodes.values():
         assert node.children or node.restorable
-        assert node.parent.children[node.key] is node and engine.pools.pages.refs(node.page) >= 1
-    assert sorted(n.snapshot for n in cache.lru.values()) == sorted(
-        i for i in range(engine.pools.geometry.num_slots, engine.pools.geometry.ring_slots)
-        if engine.pools.snapshots.refs(i))
+        assert node.parent.children[node.key] is node
+        assert (node.page >= 0) != (node.host_page is not None)
+        if node.page >= 0:
+            assert engine.pools.pages.refs(node.page) >= 1
+        else:
+            assert all(c.page < 0 for c in node.children.values())
+    used = sorted(n.snapshot for n in cache.lru.values())
+    assert used == sorted(set(range(cache.max_entries)) - set(cache.free_entries))
+    assert engine.pools.snapshots.num_used == 0
+    assert cache.host_used == cache.num_host_snapshots * cache.snapshot_bytes + cache.num_host_pages * cache.page_bytes
 
 
 # (shared prefix, A's own tail, B's own tail, the worker's token budget): B's hit is the shared prefix rounded down
@@ -225,7 +232,7 @@ def test_the_host_tier_keeps_evicted_snapshots_and_restores_them(model, cold):
     forward) leaves the last two in slots and the first three on the host; a request sharing 40 tokens restores
     32 from the host and equals its cold run; more boundaries push the host tier's least recently used out, never
     past its bound; page pressure and clear() empty both tiers."""
-    slot_bytes = bytes_per_slot(CFG)
+    slot_bytes = bytes_per_snapshot(CFG)
     warm = _engine(model, entries=2, max_batch_tokens=16, host_bytes=3 * slot_bytes)
     cache = warm.prefix_cache
     a = _ids(90, seed=61)
