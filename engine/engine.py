@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsepd.engine.drafter import Drafter, MTPDrafter
 from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.memory_plan import memory_plan
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
@@ -24,6 +25,7 @@ from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
 from sparsepd.engine.scheduler import Scheduler
+from sparsepd.engine.speculative import SpeculativeScheduler
 from sparsepd.engine.state_io import (
     StateDescriptor,
     TensorSpec,
@@ -33,6 +35,7 @@ from sparsepd.engine.state_io import (
     import_state,
 )
 from sparsepd.grammar import Grammar, Grammars, Vocabulary
+from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 from sparsepd.model_config import ModelConfig
 
@@ -52,12 +55,16 @@ class EngineLoad:
 
 class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
-                 overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None):
+                 overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None,
+                 speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
         max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
         request fails instead of being retracted (engine/scheduler.py; default: the KV pool's own size).
+        speculative_num_steps: k > 0 drafts k tokens per decoding request and verifies them in one forward
+        (engine/speculative.py; steps without overlap), drafted by `drafter` or else by the checkpoint's MTP layer
+        `mtp` (engine/drafter.py).
         A prefix cache (engine/prefix_cache.py) when pool_config.prefix_cache_entries > 0."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
@@ -66,7 +73,16 @@ class Engine:
         entries = pool_config.prefix_cache_entries
         self.prefix_cache = PrefixCache(self.pools, entries, pool_config.prefix_cache_host_bytes) if entries else None
         bound = self.pools.num_bytes() if max_retracted_bytes is None else max_retracted_bytes
-        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, max_retracted_bytes=bound)
+        if speculative_num_steps:
+            if drafter is None and mtp is None:
+                raise ValueError(f"speculative_num_steps={speculative_num_steps} needs the checkpoint's MTP layer "
+                                 "(mtp.0.*) or a drafter")
+            drafter = drafter or MTPDrafter(model, mtp, self.pools.geometry, self.pools.device, self.runner.rope_tables)
+            self.scheduler = SpeculativeScheduler(self.runner, drafter, speculative_num_steps, cache=self.prefix_cache,
+                                                  max_retracted_bytes=bound)
+        else:
+            self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache,
+                                       max_retracted_bytes=bound)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):
