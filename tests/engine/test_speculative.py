@@ -129,18 +129,28 @@ def _step_until(engine, requests, done):
         engine.step()
 
 
-def test_rejected_positions_leave_no_trace_in_the_state(tiny):
+@pytest.mark.parametrize("finish", ["length", "stop"])
+def test_rejected_positions_leave_no_trace_in_the_state(tiny, finish):
     """The exported state (SWA rings, compressor rings, committed compressed and indexer rows of every page it
-    holds) after decoding with half the drafts rejected equals, bit for bit, the one without speculation."""
-    prompts, params = _prompts()[2:5], SamplingParams(max_new_tokens=40, ignore_eos=True)
+    holds) after decoding with drafts rejected equals, bit for bit, the one without speculation: with half the
+    drafts rejected and the request running to its length, and with every draft accepted by the model but the
+    request stopping inside the run (the positions past the stop are taken back)."""
+    prompts = _prompts()[2:6]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    if finish == "stop":
+        _, plain = _run(tiny, prompts, params)
+        params = [SamplingParams(max_new_tokens=40, stop_token_ids=(r.output_ids[9 + i],))
+                  for i, r in enumerate(plain)]
     _, refs = _references(tiny, prompts, params)
 
     def states(k, drafter=None):
         engine = Engine(tiny, _pool(), speculative_num_steps=k, drafter=drafter)
-        requests = [engine.submit(p, params) for p in prompts]
+        requests = [engine.submit(p, q) for p, q in zip(prompts, params if isinstance(params, list)
+                                                            else [params] * len(prompts), strict=True)]
         for r in requests:
             r.keep_on_finish = True
         engine.scheduler.run_to_completion()
+        assert all(r.finish_reason == finish for r in requests)
         out = [export_state(engine.pools, r) for r in requests]
         for r in requests:
             engine.release(r)
@@ -148,7 +158,7 @@ def test_rejected_positions_leave_no_trace_in_the_state(tiny):
         return [(d.position, d.output_ids, t) for d, t in out]
 
     want = states(0)
-    drafter = OracleDrafter(refs, 0.5, tiny.cfg.vocab_size, seed=5)
+    drafter = OracleDrafter(refs, 0.5 if finish == "length" else 1.0, tiny.cfg.vocab_size, seed=5)
     got = states(3, drafter)
     for (p_want, out_want, a), (p_got, out_got, b) in zip(want, got, strict=True):
         assert (p_want, out_want) == (p_got, out_got) and a.keys() == b.keys()
