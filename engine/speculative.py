@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.engine.drafter import Drafter, DraftSpan
 from sparsepd.engine.draw import draw
-from sparsepd.engine.drafter import DraftSpan, Drafter
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import Request, StepOutput
