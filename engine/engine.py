@@ -25,7 +25,7 @@ from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
 from sparsepd.engine.scheduler import Scheduler
-from sparsepd.engine.speculative import SpeculativeScheduler
+from sparsepd.engine.speculative import SpeculativeScheduler, SpeculativeStats
 from sparsepd.engine.state_io import (
     StateDescriptor,
     TensorSpec,
@@ -51,6 +51,7 @@ class EngineLoad:
     running: int  # requests in the running batch
     waiting: int  # requests queued: not admitted yet, or retracted to host memory and waiting for room
     retractions: int  # requests moved back to waiting for want of a page, since start
+    speculative: SpeculativeStats | None = None  # drafted and accepted tokens (speculative decoding on)
 
 
 class Engine:
@@ -212,7 +213,8 @@ class Engine:
         reclaimable = cache.reclaimable_pages() if cache is not None else 0
         return EngineLoad(num_pages=pages.capacity, free_pages=pages.num_free + reclaimable,
                           num_slots=slots.capacity, free_slots=slots.num_free, running=len(self.scheduler.running),
-                          waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions)
+                          waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions,
+                          speculative=getattr(self.scheduler, "stats", None))
 
     def memory_plan(self) -> str:
         """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""
