@@ -195,7 +195,7 @@ class SpeculativeScheduler(Scheduler):
         drawn = draw(logits, table, device, token_bitmask(grammars, logits.shape[1], device))
         failed = {i for i in drawn.failed}
         tokens, logprobs = drawn.to_host().result()
-        first = 0
+        first, last_slots, last_tokens = 0, [], []
         for v in verified:
             request, n = v.request, len(v.rows)
             rows = range(first, first + n)
@@ -214,8 +214,9 @@ class SpeculativeScheduler(Scheduler):
                 accepted += 1
             if v.drafts:
                 self.stats.record(len(v.drafts), accepted)
-            if request.slot is not None:
-                self.runner.remember_tokens([request.slot], torch.tensor([drawn_tokens[accepted]], device=device))
+            if request.slot is not None:  # its next input (the device copy) and penalty history
+                last_slots.append(request.slot)
+                last_tokens.append(drawn_tokens[accepted])
             delivered = 0
             for j in range(accepted + 1):
                 if request.finish_reason is not None:
@@ -226,6 +227,8 @@ class SpeculativeScheduler(Scheduler):
             if v.decoding:
                 request.num_computed = v.start + delivered
             kept[id(request)] = request.num_computed
+        if last_slots:
+            self.runner.remember_tokens(last_slots, to_device(last_tokens, device))
         return kept
 
     # --- draft ---------------------------------------------------------------------------------------

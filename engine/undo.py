@@ -58,6 +58,7 @@ class UndoLog:
     def __init__(self, pools: KVPools, spans: list[Span]):
         self.pools, self.spans = pools, spans
         self._saved: list[_Saved] = []
+        self._indices: dict[tuple, tuple[torch.Tensor, ...]] = {}
         limit = max_span(pools)
         for s in spans:
             if s.last - s.first > limit:
@@ -69,29 +70,38 @@ class UndoLog:
         pools, g = self.pools, self.pools.geometry
         rows = [(i, s.slot, p) for i, s in enumerate(self.spans) for p in range(s.first, s.last)]
         ids, slots, pos = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        index = self._index  # one index tensor per kind of row, shared by the layers of that kind
+        swa = index(("swa",), [slots, [p % g.window for p in pos]])
         for layer, ratio in enumerate(g.ratios):
-            self._add(pools.swa_view(layer), [slots, [p % g.window for p in pos]], ids, pos)
+            self._add(pools.swa_view(layer), swa, ids, pos)
             if not ratio:
                 continue
             size = (2 if ratio == 4 else 1) * ratio
-            ring_index = [slots, [p % size for p in pos]]
+            ring = index(("ring", size), [slots, [p % size for p in pos]])
             for rings in (pools.rings[layer], pools.index_rings[layer]):
                 if rings is not None:
-                    self._add(rings[0], ring_index, ids, pos)
-                    self._add(rings[1], ring_index, ids, pos)
+                    self._add(rings[0], ring, ids, pos)
+                    self._add(rings[1], ring, ids, pos)
             rpp = g.rows_per_page(ratio)
             commits = [(i, p, self.spans[i].pages[(p // ratio) // rpp], (p // ratio) % rpp)
                        for i, p in zip(ids, pos, strict=True) if (p + 1) % ratio == 0]
             if commits:
                 c_ids, c_pos = [c[0] for c in commits], [c[1] for c in commits]
-                index = [[c[2] for c in commits], [c[3] for c in commits]]
-                self._add(pools.compressed_view(layer), index, c_ids, c_pos)
+                rows_index = index(("commit", ratio), [[c[2] for c in commits], [c[3] for c in commits]])
+                self._add(pools.compressed_view(layer), rows_index, c_ids, c_pos)
                 if pools.index_cache[layer] is not None:
-                    self._add(pools.index_cache[layer], index, c_ids, c_pos)
+                    self._add(pools.index_cache[layer], rows_index, c_ids, c_pos)
 
-    def _add(self, target: torch.Tensor, index: list[list[int]], ids: list[int], positions: list[int]) -> None:
-        idx = tuple(torch.tensor(i, dtype=torch.int64, device=target.device) for i in index)
-        self._saved.append(_Saved(target, idx, target[idx].clone(), ids, positions))
+    def _index(self, key: tuple, index: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        if key not in self._indices:
+            both = torch.tensor(index, dtype=torch.int64).reshape(len(index), -1)  # [dims, n]
+            if self.pools.device.type == "cuda":
+                both = both.pin_memory().to(self.pools.device, non_blocking=True)
+            self._indices[key] = tuple(both)
+        return self._indices[key]
+
+    def _add(self, target: torch.Tensor, idx: tuple[torch.Tensor, ...], ids: list[int], positions: list[int]) -> None:
+        self._saved.append(_Saved(target, idx, target[idx], ids, positions))  # (advanced indexing copies)
 
     def restore(self, kept: list[int]) -> int:
         """Write back the rows of every position ≥ kept[i] of span i (the positions it rejected); the rows
