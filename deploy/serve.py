@@ -291,8 +291,8 @@ def worker_commands(args: argparse.Namespace, devices: list[list[str]], router: 
     colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
     retracted = ["--max-retracted-memory", str(args.max_retracted_memory)] if args.max_retracted_memory is not None \
         else []
-    if args.speculative_num_steps is not None:  # drafting happens where tokens are decoded
-        retracted = [*retracted, "--speculative-num-steps", str(args.speculative_num_steps)]
+    if args.speculative_num_steps is not None:  # decode workers draft; prefill workers ship the MTP layer's state
+        common = [*common, "--speculative-num-steps", str(args.speculative_num_steps)]
     workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, *retracted, *devices[i]])
                for i in range(args.decode)]
     return workers + [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), *devices[args.decode + i]])

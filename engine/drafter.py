@@ -37,6 +37,9 @@ from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 
 
+MTP_STATE = "mtp.swa"  # the MTP layer's SWA ring `[window, row]` in a request's shipped state
+
+
 @dataclass(frozen=True)
 class DraftSpan:
     """Positions start … start+len(rows)−1 of `request`, computed for good in this step: `rows` are their rows in
@@ -56,16 +59,18 @@ class Drafter(Protocol):
 
 
 class MTPDrafter:
-    def __init__(self, model: Transformer, mtp: MTPBlock, geometry: PoolGeometry, device: torch.device,
+    def __init__(self, model: Transformer, mtp: MTPBlock, pools: KVPools,
                  rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
-        """geometry: the model's pools' (the MTP pool has their slots, window and scratch rows); rope: the
-        runner's cos/sin tables."""
+        """pools: the model's (the MTP pool has their slots, window and scratch rows, and its ring travels with
+        each request's state there as `mtp.swa`: engine/state_io.py); rope: the runner's cos/sin tables."""
         if mtp.cfg.window != model.cfg.window or mtp.cfg.dim != model.cfg.dim:
             raise ValueError("the MTP layer was built for another model config")
         self.model, self.mtp = model, mtp
-        self.geometry = PoolGeometry(geometry.num_slots, 1, geometry.page_size, geometry.window,
-                                     geometry.max_batch_tokens, (0,))
-        self.pools, self.rope = KVPools(mtp.cfg, self.geometry, device), rope
+        g = pools.geometry
+        self.geometry = PoolGeometry(g.num_slots, 1, g.page_size, g.window, g.max_batch_tokens, (0,),
+                                     g.num_snapshot_slots)
+        self.pools, self.rope = KVPools(mtp.cfg, self.geometry, pools.device), rope
+        pools.extra_slot_state[MTP_STATE] = self.pools.swa_view(0)
 
     @torch.inference_mode()
     def draft(self, spans: list[DraftSpan], hidden: torch.Tensor, k: int) -> dict[Request, list[int]]:

@@ -78,7 +78,7 @@ class Engine:
             if drafter is None and mtp is None:
                 raise ValueError(f"speculative_num_steps={speculative_num_steps} needs the checkpoint's MTP layer "
                                  "(mtp.0.*) or a drafter")
-            drafter = drafter or MTPDrafter(model, mtp, self.pools.geometry, self.pools.device, self.runner.rope_tables)
+            drafter = drafter or MTPDrafter(model, mtp, self.pools, self.runner.rope_tables)
             self.scheduler = SpeculativeScheduler(self.runner, drafter, speculative_num_steps, cache=self.prefix_cache,
                                                   max_retracted_bytes=bound)
         else:

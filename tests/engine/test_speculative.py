@@ -192,3 +192,40 @@ def test_seeded_sampled_rows_are_reproducible_and_equal_without_speculation(trai
     _same(got, want)
     _same(again, got)
     assert engine.scheduler.stats.accepted > 0
+
+
+def test_the_mtp_state_travels_with_the_request(trained):
+    """The MTP layer's ring is part of a request's state: a prefill engine computes it over the prompt and
+    exports it, a decode engine imports it into another slot (equal rows), and the request decodes on there with
+    the same tokens (retraction and forks move a state through the same views: engine/state_io.py)."""
+    model, mtp = trained
+    prompt, params = _text_prompts()[4], SamplingParams(max_new_tokens=20, ignore_eos=True)
+    _, want = _run(model, [prompt], params)
+    prefill = Engine(model, _pool(), speculative_num_steps=2, mtp=mtp)
+    decode = Engine(model, _pool(), speculative_num_steps=2, mtp=mtp)
+    request = prefill.submit(prompt, params)
+    while not request.output_ids:
+        prefill.step()
+    descriptor, tensors = prefill.export_state(request)
+    ring = prefill.pools.extra_slot_state["mtp.swa"]
+    assert tensors["mtp.swa"].shape == (model.cfg.window, *ring.shape[2:]) and tensors["mtp.swa"].dtype == ring.dtype
+    assert torch.equal(tensors["mtp.swa"], prefill.pools.extra_slot_state["mtp.swa"][request.slot])
+    assert float(tensors["mtp.swa"].abs().sum()) > 0
+    prefill.abort(request.request_id)
+    blocker = decode.make_request([1, 2], params)
+    decode.reserve(blocker)  # the request lands in another slot than it had
+    moved = decode.make_request(prompt, params, request_id="moved")
+    decode.reserve(moved)
+    assert moved.slot != request.slot
+    decode.import_state(moved, descriptor, tensors)
+    decode.activate(moved)
+    assert torch.equal(decode.pools.extra_slot_state["mtp.swa"][moved.slot], tensors["mtp.swa"])
+    decode.scheduler.run_to_completion()
+    assert moved.output_ids == want[0].output_ids and decode.scheduler.stats.accepted > 0
+    decode.release(blocker)
+    assert decode.is_idle_and_empty() and prefill.is_idle_and_empty()
+    with pytest.raises(ValueError, match="mtp.swa"):  # an engine without speculation does not take it
+        plain = Engine(model, _pool())
+        target = plain.make_request(prompt, params)
+        plain.reserve(target)
+        plain.import_state(target, descriptor, tensors)

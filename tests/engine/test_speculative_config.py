@@ -26,13 +26,13 @@ def _serve_args(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def test_serve_hands_the_option_to_decode_workers_only():
+def test_serve_hands_the_option_to_every_worker():
+    """Decode workers draft; prefill workers run the MTP layer over the prompt and ship its state."""
     args = _serve_args("--prefill", "1", "--decode", "2", "--speculative-num-steps", "3")
     cmds = dict(worker_commands(args, [["--device", "cpu"]] * 3, "127.0.0.1:1"))
-    for name in ("decode-0", "decode-1"):
+    for name in ("decode-0", "decode-1", "prefill-0"):
         cmd = cmds[name]
         assert cmd[cmd.index("--speculative-num-steps") + 1] == "3"
-    assert "--speculative-num-steps" not in cmds["prefill-0"]
     plain = dict(worker_commands(_serve_args("--prefill", "1"), [["--device", "cpu"]] * 2, "127.0.0.1:1"))
     assert all("--speculative-num-steps" not in c for c in plain.values())
 
