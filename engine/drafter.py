@@ -36,7 +36,6 @@ from sparsepd.engine.undo import Span, UndoLog
 from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 
-
 MTP_STATE = "mtp.swa"  # the MTP layer's SWA ring `[window, row]` in a request's shipped state
 
 
