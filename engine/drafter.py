@@ -16,7 +16,8 @@ the model's; the layer is sliding-window only) and runs, per step:
    rows are saved before and written back after the chain (engine/undo.py).
 
 Drafts are greedy (argmax): verification treats a draft as a point mass, which keeps sampled rows exact
-(engine/speculative.py).
+(engine/speculative.py). The MTP ring of a slot is registered in the model's pools (`extra_slot_state`), so it
+travels with the request's state wherever that goes (export/import, retraction, forks: engine/state_io.py).
 """
 
 from __future__ import annotations
