@@ -132,16 +132,17 @@ class SpeculativeScheduler(Scheduler):
 
     # --- verify --------------------------------------------------------------------------------------
     def _verify(self, scheduled: list[tuple[Request, list[int]]]) -> list[StepOutput]:
-        decode = {id(r) for r in self.running if not r.prefilling}  # (before num_computed moves)
         starts = [r.num_computed for r, _ in scheduled]
-        spans = [Span(r.slot, tuple(r.pages), r.num_computed + 1, r.num_computed + len(t))
-                 for r, t in scheduled if id(r) in decode and len(t) > 1]
-        undo = UndoLog(self.pools, spans)
+        verified = self._sampling(scheduled)  # (before num_computed moves)
+        drafting = [v for v in verified if v.drafts]
+        undo = UndoLog(self.pools, [Span(v.request.slot, tuple(v.request.pages), v.start + 1,
+                                         v.start + 1 + len(v.drafts)) for v in drafting])
         prompt_rows = plan_rows(scheduled)
         capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
         num_rows = sum(len(t) for _, t in scheduled)
-        try:
-            _, hidden = self.runner.forward(scheduled, final_rows=list(range(num_rows)))  # [T, hc, dim]
+        flat = [r for v in verified for r in v.rows]
+        try:  # logits [len(flat), V] fp32 at the rows that draw; the last block's output [T, hc, dim] at every row
+            logits, hidden = self.runner.forward(scheduled, final_rows=list(range(num_rows)), logit_rows=flat or None)
         except BaseException:
             if capturing:
                 self.prefix.cancel(capturing)
@@ -152,43 +153,57 @@ class SpeculativeScheduler(Scheduler):
         if prompt_rows is not None:  # before the tokens, as without speculation
             index = to_device(prompt_rows.rows, hidden.device)
             score_rows(self.runner.model, hidden[index], prompt_rows).to_host().deliver(prompt_rows)
-        verified = self._sampling(scheduled, decode)
-        kept = self._accept(verified, hidden, outputs)
-        undo.restore([kept[id(v.request)] for v in verified if v.drafts])
+        decoding = {id(v.request) for v in verified if v.decoding}
+        for request, tokens in scheduled:  # prefill chunks; a decoding request moves by what it delivers (_accept)
+            if id(request) in decoding:
+                continue
+            request.num_computed += len(tokens)
+            if request.cache_at is not None and request.num_computed >= request.cache_at:
+                request.cache_at = request.cache_hashes = None
+        verified = self._with_forks(verified)
+        kept = self._accept(verified, logits, outputs)
+        undo.restore([kept.get(id(v.request), v.start) for v in drafting])
         self._draft(scheduled, starts, hidden)
         self.running[:] = [r for r in self.running if r.finish_reason is None]
         return outputs
 
-    def _sampling(self, scheduled: list[tuple[Request, list[int]]], decode: set[int]) -> list[_Verified]:
-        """Advance num_computed past prefill chunks; the requests that draw now, with their rows."""
+    def _sampling(self, scheduled: list[tuple[Request, list[int]]]) -> list[_Verified]:
+        """The requests that draw in this forward with their rows in it: every decoding request's k'+1, the
+        last row of a prefill chunk that completes its request's known tokens."""
         verified, row = [], 0
         for request, tokens in scheduled:
-            start, last = request.num_computed, row + len(tokens) - 1
-            if id(request) in decode:
-                verified.append(_Verified(request, start, list(range(row, last + 1)), tokens[1:], True))
-            else:
-                request.num_computed += len(tokens)
-                if request.cache_at is not None and request.num_computed >= request.cache_at:
-                    request.cache_at = request.cache_hashes = None
-                if request.num_computed >= request.num_known:
-                    verified.append(_Verified(request, start, [last], [], False))
+            if not request.prefilling:  # a decoding request: its last token and drafts
+                verified.append(_Verified(request, request.num_computed, list(range(row, row + len(tokens))),
+                                          tokens[1:], True))
+            elif request.num_computed + len(tokens) >= request.num_known:
+                verified.append(_Verified(request, request.num_computed, [row + len(tokens) - 1], [], False))
             row += len(tokens)
-        rows, sampling = [v.rows[-1] for v in verified], [v.request for v in verified]
-        self._fork(rows, sampling)  # forks draw their first token from their source's row
-        verified += [_Verified(f, f.num_computed, [r], [], False) for r, f in zip(rows[len(verified):],
-                                                                                 sampling[len(verified):], strict=True)]
-        return [v for v in verified if v.request.finish_reason is None
-                and (v.request.slot is not None or v.request.stateless)]
+        return verified
 
-    def _accept(self, verified: list[_Verified], hidden: torch.Tensor, outputs: list[StepOutput]) -> dict[int, int]:
+    def _with_forks(self, verified: list[_Verified]) -> list[_Verified]:
+        """`verified` with `rows` as rows of the logits, plus the forks that draw their first token from their
+        source's row; without the requests that ended meanwhile."""
+        out, index = [], 0
+        for v in verified:
+            out.append(_Verified(v.request, v.start, list(range(index, index + len(v.rows))), v.drafts, v.decoding))
+            index += len(v.rows)
+        rows, sampling = [v.rows[-1] for v in out], [v.request for v in out]
+        self._fork(rows, sampling)  # forks draw their first token from their source's row
+        out += [_Verified(f, f.num_computed, [r], [], False)
+                for r, f in zip(rows[len(out):], sampling[len(out):], strict=True)]
+        return [v for v in out
+                if v.request.finish_reason is None and (v.request.slot is not None or v.request.stateless)]
+
+    def _accept(self, verified: list[_Verified], logits: torch.Tensor, outputs: list[StepOutput]) -> dict[int, int]:
         """Draw every row, accept each request's longest matching prefix and deliver it; each decoding request's
         positions that stay computed (start + tokens delivered)."""
         kept: dict[int, int] = {}
         if not verified:
             return kept
-        model, device, eos = self.runner.model, self.pools.device, self.runner.model.cfg.eos_id
+        device, eos = self.pools.device, self.runner.model.cfg.eos_id
         flat = [r for v in verified for r in v.rows]
-        logits = model.logits(hidden[to_device(flat, hidden.device)])  # [rows, V] fp32
+        if flat != list(range(logits.shape[0])):  # forks share their source's row; ended requests are gone
+            logits = logits[to_device(flat, logits.device)]
         table = [(v.request.params, v.request.sampler, len(v.request.output_ids) + j, eos)
                  for v in verified for j in range(len(v.rows))]
         grammars = [v.request.grammar for v in verified for _ in v.rows]
