@@ -4,9 +4,12 @@ the engine config reads it and loads the checkpoint's MTP layer, and bad values 
 from __future__ import annotations
 
 import argparse
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from safetensors import safe_open
 
 from sparsepd.default_model import DEFAULT_CHECKPOINT
@@ -18,6 +21,9 @@ from sparsepd.engine.pools import PoolConfig
 from sparsepd.model.mtp import MTP_PREFIX, random_mtp
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
+from sparsepd.proto import worker_pb2
+from sparsepd.router.sglang_metrics import SglangWorkerCollector
+from sparsepd.router.workers import WorkerPool
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:
@@ -70,3 +76,25 @@ def test_bad_values_are_rejected():
         Engine(model, PoolConfig(num_slots=2, num_pages=8), speculative_num_steps=2)
     with pytest.raises(ValueError, match=r"must lie in \[1, 7\]"):  # k + 1 ≤ the smallest ring (8 on tiny)
         Engine(model, PoolConfig(num_slots=2, num_pages=8), speculative_num_steps=8, mtp=random_mtp(model.cfg, 1))
+
+
+def test_sglang_accept_length_gauge_over_scrapes():
+    """`sglang:spec_accept_length` of a speculating decode worker: (accepted drafts + verifications) / verifications
+    since the previous scrape, held while nothing was verified; no series for a worker that does not speculate."""
+    pool = WorkerPool(["p:1"], ["d:2"], [], page_size=16)
+    for w in pool.all:
+        w.alive = True
+    registry = CollectorRegistry()
+    registry.register(SglangWorkerCollector(SimpleNamespace(pool=pool, queue=deque(), flows={}, by_worker_id={}),
+                                            "m"))
+    decode = next(w for w in pool.all if w.role == "decode")
+
+    def scrape(verifications: int, accepted: int) -> dict:
+        decode.stats = worker_pb2.StatsResponse(num_pages=10, speculative=worker_pb2.SpeculativeStats(
+            num_steps=3, verifications=verifications, drafted=3 * verifications, accepted=accepted))
+        return {s.labels["worker"]: s.value for f in registry.collect() for s in f.samples
+                if s.name == "sglang:spec_accept_length"}
+
+    assert scrape(10, 15) == {"d:2": 2.5}
+    assert scrape(30, 25) == {"d:2": 1.5}  # 10 accepted over 20 verifications since
+    assert scrape(30, 25) == {"d:2": 1.5}  # nothing verified: held
