@@ -39,9 +39,12 @@ async def serve(args: argparse.Namespace) -> int:
     cfg = EngineConfig.model_validate({**cfg.model_dump(), "max_retracted_memory": args.max_retracted_memory})
     if group is not None:
         cfg = group.engine_config(cfg)
+        if cfg.speculative_num_steps:
+            raise ValueError("--speculative-num-steps is not supported in an expert-parallel group (--ep)")
     model = group.build_model(cfg) if group is not None else cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
-                    vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory)
+                    vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory,
+                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model))
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())

@@ -27,7 +27,7 @@ from sparsepd.engine.request import PromptLogprobs, Request, StepOutput
 from sparsepd.engine.sampling import TokenLogprobs
 from sparsepd.engine.state_io import StateDescriptor
 from sparsepd.faults import Faults
-from sparsepd.proto.convert import prefix_cache_stats
+from sparsepd.proto.convert import prefix_cache_stats, speculative_stats
 from sparsepd.sampling_params import SamplingParams
 
 log = logging.getLogger("sparsepd.decode")
@@ -278,6 +278,7 @@ class DecodeWorker:
                         num_slots=load.num_slots, free_slots=load.free_slots,
                         running=load.running + load.waiting, waiting=len(self.reservations),
                         engine_running=load.running, engine_waiting=load.waiting, retractions=load.retractions,
+                        speculative=speculative_stats(load.speculative),
                         counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
 
     def is_empty(self) -> bool:
@@ -294,3 +295,4 @@ def _update(o: StepOutput) -> TokenUpdate:
 
 
 __all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate"]
+

@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--num-pages", type=int, default=None, help="KV pages per worker")
     w.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward")
     w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
+    w.add_argument("--speculative-num-steps", type=int, default=None, metavar="K",
+                   help="decode workers draft K tokens a step with the checkpoint's MTP layer (default: 0, off)")
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
                         "with them (default: the worker's, 256)")
@@ -291,6 +293,8 @@ def worker_commands(args: argparse.Namespace, devices: list[list[str]], router: 
     colocated = ["--colocated", *_cache_flags(args)] if args.colocated else []
     retracted = ["--max-retracted-memory", str(args.max_retracted_memory)] if args.max_retracted_memory is not None \
         else []
+    if args.speculative_num_steps is not None:  # decode workers draft; prefill workers ship the MTP layer's state
+        common = [*common, "--speculative-num-steps", str(args.speculative_num_steps)]
     workers = [(f"{kind}-{i}", ["decode-worker", *common, *colocated, *retracted, *devices[i]])
                for i in range(args.decode)]
     return workers + [(f"prefill-{i}", ["prefill-worker", *common, *_cache_flags(args), *devices[args.decode + i]])

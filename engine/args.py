@@ -31,6 +31,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-max-context", type=int, default=8192,
                    help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
                         "are captured on first use (default: 8192)")
+    g.add_argument("--speculative-num-steps", type=int, default=0, metavar="K",
+                   help="speculative decoding: the checkpoint's MTP layer drafts K tokens per decoding request and one "
+                        "forward verifies them (decode steps without overlap or CUDA graphs); 0 = off (default: 0)")
     add_load_args(p)
 
 

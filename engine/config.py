@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
 from sparsepd.load_options import LoadOptions, load_options_from_args, resolve_model_config
+from sparsepd.model.mtp import MTPBlock, load_mtp, random_mtp
 from sparsepd.model.transformer import Transformer
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import ModelConfig
@@ -33,6 +34,7 @@ class EngineConfig(BaseModel):
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
     graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
     overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
+    speculative_num_steps: int = Field(0, ge=0, le=7, description="drafted tokens per decode step (0: off)")
     max_retracted_memory: int | None = Field(None, ge=0, description="bytes of host memory retracted requests' "
                                              "states may take (decode worker); None: the KV pool's size")
 
@@ -52,6 +54,19 @@ class EngineConfig(BaseModel):
             torch.cuda.set_device(torch.device(self.device))
         return build_model(self.resolve_model_config(), seed=self.seed, checkpoint=self.checkpoint, device=self.device,
                            load_format=self.load.load_format, experts=experts)
+
+    def build_mtp(self, model: Transformer) -> MTPBlock | None:
+        """The MTP layer speculative decoding drafts with (None when off): the checkpoint's `mtp.0.*` tensors, or
+        random weights from seed + 1 for a preset without a checkpoint."""
+        if not self.speculative_num_steps:
+            return None
+        cfg = model.cfg
+        if self.checkpoint is None:
+            return random_mtp(cfg, self.seed + 1).to(model.device)
+        if cfg.weight_format != "plain":
+            raise ValueError(f"--speculative-num-steps reads a plain MTP layer; the model's weight_format is "
+                             f"{cfg.weight_format!r}")
+        return load_mtp(cfg, self.checkpoint).to(model.device)
 
     def vocabulary(self, model_config: ModelConfig) -> Vocabulary:
         """What grammars compile against: the checkpoint's tokenizer.json when it has one (as the router's model
@@ -81,4 +96,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
                         pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context,
-                        overlap=args.overlap, load=load_options_from_args(args))
+                        overlap=args.overlap, load=load_options_from_args(args),
+                        speculative_num_steps=args.speculative_num_steps)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsepd.engine.drafter import Drafter, MTPDrafter
 from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.memory_plan import memory_plan
@@ -25,6 +26,7 @@ from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import Sampler, SamplingParams
 from sparsepd.engine.scheduler import Scheduler
+from sparsepd.engine.speculative import SpeculativeScheduler, SpeculativeStats
 from sparsepd.engine.state_io import (
     StateDescriptor,
     TensorSpec,
@@ -34,6 +36,7 @@ from sparsepd.engine.state_io import (
     import_state,
 )
 from sparsepd.grammar import Grammar, Grammars, Vocabulary
+from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 from sparsepd.model_config import ModelConfig
 
@@ -49,17 +52,22 @@ class EngineLoad:
     running: int  # requests in the running batch
     waiting: int  # requests queued: not admitted yet, or retracted to host memory and waiting for room
     retractions: int  # requests moved back to waiting for want of a page, since start
+    speculative: SpeculativeStats | None = None  # drafted and accepted tokens (speculative decoding on)
 
 
 class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
-                 overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None):
+                 overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None,
+                 speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
         max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
         request fails instead of being retracted (engine/page_growth.py; default: the KV pool's own size, or with a
         prefix-cache host tier all of its bytes, which retracted states share: engine/host_memory.py).
+        speculative_num_steps: k > 0 drafts k tokens per decoding request and verifies them in one forward
+        (engine/speculative.py; steps without overlap), drafted by `drafter` or else by the checkpoint's MTP layer
+        `mtp` (engine/drafter.py).
         A prefix cache (engine/prefix_cache.py) when pool_config.prefix_cache_entries > 0."""
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
@@ -70,7 +78,15 @@ class Engine:
         self.host_memory = HostMemory.for_engine(host_tier, max_retracted_bytes, self.pools.num_bytes())
         host = self.host_memory if host_tier else None
         self.prefix_cache = PrefixCache(self.pools, entries, host) if entries else None
-        self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory)
+        if speculative_num_steps:
+            if drafter is None and mtp is None:
+                raise ValueError(f"speculative_num_steps={speculative_num_steps} needs the checkpoint's MTP layer "
+                                 "(mtp.0.*) or a drafter")
+            drafter = drafter or MTPDrafter(model, mtp, self.pools, self.runner.rope_tables)
+            self.scheduler = SpeculativeScheduler(self.runner, drafter, speculative_num_steps, cache=self.prefix_cache,
+                                                  host=self.host_memory)
+        else:
+            self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):
@@ -200,7 +216,8 @@ class Engine:
         reclaimable = cache.reclaimable_pages() if cache is not None else 0
         return EngineLoad(num_pages=pages.capacity, free_pages=pages.num_free + reclaimable,
                           num_slots=slots.capacity, free_slots=slots.num_free, running=len(self.scheduler.running),
-                          waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions)
+                          waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions,
+                          speculative=getattr(self.scheduler, "stats", None))
 
     def memory_plan(self) -> str:
         """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""

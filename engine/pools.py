@@ -245,6 +245,10 @@ class KVPools:
         self.snapshots = IdAllocator(g.num_snapshot_slots, "snapshot capture slots", first=g.num_slots)
         self.snapshot_store = (SnapshotStore(cfg, g, self.device, row_shape, row_dtype)
                                if g.num_snapshot_entries else None)
+        # Per-slot state of layers outside these pools that travels with a request's (exported, imported,
+        # retracted, forked, snapshotted): name → `[ring_slots, ...]`, e.g. the MTP layer's SWA ring
+        # (engine/drafter.py).
+        self.extra_slot_state: dict[str, torch.Tensor] = {}
 
     def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         coff = 2 if ratio == 4 else 1

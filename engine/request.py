@@ -40,6 +40,7 @@ class Request:
     restored_from: int | None = None  # the key of the prefix-cache node it was restored from
     cache_hashes: list[int] | None = None  # its known tokens' page prefix hashes up to cache_at (sparsepd/prefix_hash)
     captures: tuple[tuple[int, int], ...] = ()  # this forward's boundary snapshots: (boundary, snapshot slot)
+    draft_ids: list[int] = field(default_factory=list)  # speculative decoding: its next drafts (engine/speculative.py)
     offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
 
     @property

@@ -38,15 +38,18 @@ class Runner:
         return self._rope[key]
 
     @torch.inference_mode()
-    def forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None = None):
+    def forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None = None,
+                logit_rows: list[int] | None = None):
         """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward. On the graph
         path the tensor is the graph's output buffer: read it before the next forward. With `final_rows`
-        (flat rows of this forward), eagerly, (logits, the last block's output `[n, hc, dim]` at them)."""
+        (flat rows of this forward), eagerly, (logits, the last block's output `[n, hc, dim]` at them); with
+        `logit_rows` too, the logits are those of these flat rows (speculative verification: engine/speculative.py)."""
         device = torch.device(self.pools.device)
+        extra = {} if logit_rows is None else {"logit_rows": logit_rows}  # (stand-in runners take the first two)
         if device.type == "cuda":  # Triton launches on the calling thread's current device: make it the pools'
             with torch.cuda.device(device):
-                return self._forward(work, final_rows)
-        return self._forward(work, final_rows)
+                return self._forward(work, final_rows, **extra)
+        return self._forward(work, final_rows, **extra)
 
     @torch.inference_mode()
     def capture_graphs(self, max_context: int) -> None:
@@ -60,7 +63,8 @@ class Runner:
         self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
         self.history.record(slots, tokens)
 
-    def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None):
+    def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None,
+                 logit_rows: list[int] | None = None):
         self.history.bind([r for r, _ in work])
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages, r.captures) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
@@ -71,7 +75,8 @@ class Runner:
         self._fill_pending(batch.token_ids, chunks)
         cache = PagedCache(batch, self.pools, self.rope_tables)
         rows = None if final_rows is None else to_device(final_rows, self.pools.device)
-        return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows,
+        logits_at = batch.last_rows if logit_rows is None else to_device(logit_rows, self.pools.device)
+        return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=logits_at,
                                         ids_checked=True, final_rows=rows)
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:

@@ -280,7 +280,6 @@ class Scheduler:
             host.deliver(rows)
         if not step.sampled:
             return []
-        eos = self.runner.model.cfg.eos_id
         outputs = []
         tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
         for i, request in enumerate(step.sampled):
@@ -292,30 +291,33 @@ class Scheduler:
                 outputs.append(StepOutput(request.request_id, -1, "error", error=request.error))
                 self._release(request)
                 continue
-            params, token = request.params, tokens[i]
-            request.sampler.advance()
-            if request.grammar is not None and not request.grammar.accept(token):
-                request.finish_reason = "error"  # a masked token was drawn: a bug, this request's alone
-                request.error = (f"internal error: token {token} was drawn at output position "
-                                 f"{len(request.output_ids)} but the request's grammar does not allow it")
-                outputs.append(StepOutput(request.request_id, token, "error", error=request.error))
-                self._release(request)
-                continue
-            request.output_ids.append(token)
-            lp = logprobs[i] if logprobs is not None else None
-            if lp is not None:
-                request.output_logprobs.append(lp)
-            request.finish_reason = finish_reason(token, len(request.output_ids), params, eos)
-            if request.grammar is not None and request.grammar.terminated:
-                request.finish_reason = "stop"  # the grammar accepted its stop token (even with ignore_eos)
-            prompt = None
-            if params.logprob_start_len is not None and len(request.output_ids) == 1:
-                prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
-            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
-            if request.finish_reason is not None and not request.keep_on_finish:
-                self._release(request)
+            self._emit(request, tokens[i], logprobs[i] if logprobs is not None else None, outputs)
         self.running[:] = [r for r in self.running if r.finish_reason is None]  # in place: page growth holds it
         return outputs
+
+    def _emit(self, request: Request, token: int, lp, outputs: list[StepOutput]) -> None:
+        """Deliver one drawn token of a live request: its grammar, output, log-probabilities, finish and release."""
+        params = request.params
+        request.sampler.advance()
+        if request.grammar is not None and not request.grammar.accept(token):
+            request.finish_reason = "error"  # a masked token was drawn: a bug, this request's alone
+            request.error = (f"internal error: token {token} was drawn at output position "
+                             f"{len(request.output_ids)} but the request's grammar does not allow it")
+            outputs.append(StepOutput(request.request_id, token, "error", error=request.error))
+            self._release(request)
+            return
+        request.output_ids.append(token)
+        if lp is not None:
+            request.output_logprobs.append(lp)
+        request.finish_reason = finish_reason(token, len(request.output_ids), params, self.runner.model.cfg.eos_id)
+        if request.grammar is not None and request.grammar.terminated:
+            request.finish_reason = "stop"  # the grammar accepted its stop token (even with ignore_eos)
+        prompt = None
+        if params.logprob_start_len is not None and len(request.output_ids) == 1:
+            prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
+        outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
+        if request.finish_reason is not None and not request.keep_on_finish:
+            self._release(request)
 
     def _release(self, request: Request) -> None:
         self.admission.release(request)

@@ -68,6 +68,8 @@ def _views(pools: KVPools, slot: int, pages: list[int]) -> dict[str, tuple[torch
             out[f"layers.{i}.index_cache"] = (pools.index_cache[i], page_ids)
             out[f"layers.{i}.indexer.kv"] = (pools.index_rings[i][0], slot)
             out[f"layers.{i}.indexer.score"] = (pools.index_rings[i][1], slot)
+    for name, ring in pools.extra_slot_state.items():
+        out[name] = (ring, slot)
     return out
 
 

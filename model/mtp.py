@@ -23,6 +23,7 @@ from safetensors import safe_open
 from sparsepd.model.attention import AttentionCache
 from sparsepd.model.compressor import RMSNorm
 from sparsepd.model.hyper import hc_head
+from sparsepd.model.init_rules import hc_base, init_rule
 from sparsepd.model.linear import make_linear
 from sparsepd.model.transformer import Block, _hc_params, head_logits
 from sparsepd.model_config import ModelConfig
@@ -92,4 +93,22 @@ def load_mtp(cfg: ModelConfig, directory: str | Path) -> MTPBlock:
                 raise ValueError(f"checkpoint {directory}: tensor {MTP_PREFIX + name!r} is {value.dtype} "
                                  f"{tuple(value.shape)}, expected {p.dtype} {tuple(p.shape)}")
             p.copy_(value)
+    return block.eval()
+
+
+def random_mtp(cfg: ModelConfig, seed: int) -> MTPBlock:
+    """An MTP layer with random weights from `seed` by the same rules as the model's (model/init_rules.py), for
+    presets without a checkpoint: it drafts, but its drafts are seldom accepted."""
+    if cfg.weight_format != "plain":
+        raise ValueError(f"random_mtp fills plain weights; weight_format={cfg.weight_format!r}")
+    block, gen = MTPBlock(cfg), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(block.named_parameters()):
+            kind, value = init_rule(block.cfg, name, tuple(p.shape))
+            if kind == "normal":
+                p.copy_(torch.randn(p.shape, generator=gen) * value)
+            elif kind == "const":
+                p.fill_(value)
+            elif kind == "hc_base":
+                p.copy_(hc_base(p.shape[0], cfg.hc_mult))
     return block.eval()

@@ -36,8 +36,12 @@ async def serve(args: argparse.Namespace) -> int:
     cfg = with_prefix_cache(engine_config_from_args(args), args)
     if group is not None:
         cfg = group.engine_config(cfg)
+        if cfg.speculative_num_steps:
+            raise ValueError("--speculative-num-steps is not supported in an expert-parallel group (--ep)")
     model = group.build_model(cfg) if group is not None else cfg.build_model()
-    engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg))
+    # With speculative decoding the prefill runs the MTP layer over the prompt too: its state ships with the rest.
+    engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg),
+                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model))
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())
     sender = TransferSender(ack_timeout_s=args.transfer_timeout,

@@ -62,6 +62,16 @@ def prompt_logprobs(start: int, positions) -> worker_pb2.PromptLogprobs:
     return msg
 
 
+def speculative_stats(stats) -> worker_pb2.SpeculativeStats:
+    """A worker's speculative decoding counters (engine/speculative.SpeculativeStats, or None: off) as its Stats
+    report them."""
+    if stats is None:
+        return worker_pb2.SpeculativeStats()
+    return worker_pb2.SpeculativeStats(num_steps=stats.num_steps, verifications=stats.verifications,
+                                       drafted=stats.drafted, accepted=stats.accepted,
+                                       accept_lengths=list(stats.accept_lengths))
+
+
 def prefix_cache_stats(cache) -> worker_pb2.PrefixCacheStats:
     """A worker's prefix cache (engine/prefix_cache.PrefixCache, or None) as its Stats report it."""
     if cache is None:

@@ -135,6 +135,12 @@ class _LiveCollector(Collector):
                                        labels=labels)
         retracted = CounterMetricFamily("sparsepd_worker_retractions", "Requests a worker moved back to waiting "
                                         "(state to host memory) for want of a KV page", labels=labels)
+        drafted = CounterMetricFamily("sparsepd_worker_spec_drafted_tokens", "Draft tokens a decode worker "
+                                      "verified (speculative decoding)", labels=labels)
+        accepted = CounterMetricFamily("sparsepd_worker_spec_accepted_tokens", "Draft tokens a decode worker "
+                                       "accepted (speculative decoding)", labels=labels)
+        accept_len = CounterMetricFamily("sparsepd_worker_spec_accept_length", "Verifications that accepted "
+                                         "`length` drafts", labels=[*labels, "length"])
         for w in d.pool.all:
             key, s = [w.address, w.role], w.stats
             pages_used.add_metric(key, s.num_pages - s.free_pages)
@@ -144,6 +150,11 @@ class _LiveCollector(Collector):
             alive.add_metric(key, 1 if w.alive else 0)
             if w.role == "decode":
                 retracted.add_metric(key, s.retractions)
+            if s.speculative.num_steps:
+                drafted.add_metric(key, s.speculative.drafted)
+                accepted.add_metric(key, s.speculative.accepted)
+                for length, n in enumerate(s.speculative.accept_lengths):
+                    accept_len.add_metric([*key, str(length)], n)
             c = s.prefix_cache
             if c.enabled:  # (the worker's own counts: they restart from 0 when it does)
                 hit.add_metric(key, c.hit_tokens)
@@ -160,4 +171,4 @@ class _LiveCollector(Collector):
                 host_bytes.add_metric(key, c.host_num_bytes)
         yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, page_evicted,
                     hits, cache_pages, entries, cache_bytes, host_hit, host_evicted, host_entries, host_bytes,
-                    retracted)
+                    retracted, drafted, accepted, accept_len)

@@ -154,6 +154,18 @@ class SglangWorkerCollector(Collector):
             f.decode_prealloc.add_metric(key, w.held_slots)  # Reserve calls in flight to it
             f.decode_transfer.add_metric(key, s.waiting)  # reserved, waiting for the state (or its local prefill)
             f.retracted.add_metric(key, s.retractions)
+            if s.speculative.num_steps:
+                f.spec_accept_length.add_metric(key, self._accept_length(w))
+
+    def _accept_length(self, w) -> float:
+        """Tokens a verification delivered on average since the previous scrape (its accepted drafts and the one
+        drawn after them: SGLang's accept length), held while nothing was verified."""
+        s = w.stats.speculative
+        verified, accepted = self._delta((w.address, "speculative"), (s.verifications, s.accepted))
+        held = self.held.setdefault(w.address, dict.fromkeys(INTERVAL_GAUGES, 0.0))
+        if verified > 0:
+            held["spec_accept_length"] = 1.0 + accepted / verified
+        return held.get("spec_accept_length", 0.0)
 
     def _rates(self, w) -> dict[str, float]:
         """The worker's interval gauges since the previous scrape, from its Stats counters (they restart at 0 when
@@ -212,6 +224,8 @@ class _Families:
                                     "Bytes over push time of the states pushed since the previous scrape, GB/s")
         self.transfer_latency = gauge("kv_transfer_latency_ms",
                                       "Mean push time of the states pushed since the previous scrape, ms")
+        self.spec_accept_length = gauge("spec_accept_length", "Tokens a speculative verification delivered on "
+                                        "average since the previous scrape (accepted drafts + 1)")
         self.retracted = counter("num_retracted_requests_total", "Requests moved to host memory for want of a page")
         self.transfer_failed = counter("num_transfer_failed_reqs_total", "State pushes that failed (prefill), "
                                        "reservations expired without their state (decode)")
