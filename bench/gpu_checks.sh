@@ -2,8 +2,15 @@
 # GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
 #   bench/gpu_checks.sh STEP...   steps: suite, engine, engine-q (dummy FP8/FP4 weights), flash (V4-Flash
 #   dimensions, dummy quantized weights, FLASH_LAYERS layers), service, quant, quant-tests, attn (sparse attention
-#   on FP8 and bf16 rows), indexer, group (a worker group of one against the plain worker)
+#   on FP8 and bf16 rows, the issue's target shapes; attn-full: every shape), indexer, compressor (HCA decode's
+#   window split), kernel-tests, spec (speculative decoding: oracle drafts on bench, the default model's MTP
+#   drafts), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
+#   service-cost (the service path's CPU per output token on bench), group (a worker group of one against the
+#   plain worker)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
+# Device calls are at most 10 minutes; the steps of one call should add up to ~540 s of limits. A plan that fits
+# three calls: (1) suite; (2) engine engine-q service group; (3) kernel-tests attn indexer compressor quant spec
+# prefix-host (then prefix, service-cost, flash in a fourth when time is left).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -23,8 +30,20 @@ for s in "$@"; do
     engine-q) step engine-q ${ENGINE_S:-240} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
              --num-layers ${FLASH_LAYERS:-36} --batches 1,8,64,256 --context 4096 --steps 5 ;;
-    attn) step attn ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --rows both --json "$out/attn.json" ;;
-    indexer) step indexer ${INDEXER_S:-120} python3 -P bench/bench_indexer.py --out "$out/indexer.md" ;;
+    attn) step attn ${ATTN_S:-90} python3 -P bench/bench_sparse_attention.py --quick --rows both --out "$out" ;;
+    attn-full) step attn-full ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --rows both --json "$out/attn.json" ;;
+    indexer) step indexer ${INDEXER_S:-90} python3 -P bench/bench_indexer.py --quick --out "$out/indexer.md" ;;
+    compressor) step compressor ${COMPRESSOR_S:-60} python3 -P bench/bench_compressor.py --out "$out/compressor.md" ;;
+    kernel-tests) step kernel-tests ${KTESTS_S:-120} scripts/test-gpu -n 8 tests/kernels/test_sparse_attention.py \
+                    tests/kernels/test_kv_rows.py tests/kernels/test_compressor.py tests/kernels/test_fp8_gemm.py \
+                    tests/kernels/test_moe.py ;;
+    spec) step spec ${SPEC_S:-120} sh -c "python3 -P bench/bench_spec.py oracle --json '$out/spec_oracle.json' &&
+            python3 -P bench/bench_spec.py mtp --device cuda --json '$out/spec_mtp.json'" ;;
+    prefix-host) step prefix-host ${PREFIX_S:-90} python3 -P bench/prefix_host_tier.py --preset bench --device cuda \
+                   --json "$out/prefix_host_tier.json" ;;
+    prefix) step prefix ${PREFIX_S:-300} env OUT="$out" bench/prefix_multiturn.sh ;;
+    service-cost) step service-cost ${SERVICE_S:-180} python3 -P bench/bench_service.py \
+                    --serve-args "--preset bench --colocated" --concurrency 32,128 --input-len 128 --output-len 256 ;;
     group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
              --batches 1,64,256 --out "$out" ;;
     quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;
