@@ -1,4 +1,5 @@
-"""The prefix cache's boundary snapshots, slimmed to what a restore at a page boundary p reads (dsv4-spec.md §2-3):
+"""The prefix cache's boundary snapshots, slimmed to what a restore at a page boundary p reads
+(docs/dsv4-spec.md "Attention layer", "Compressor", "Indexer"):
 
 - per layer the SWA ring: the last `window` positions before p (with the page equal to the window, V4's case: the
   rows of the page before p), `[window, row]`;
