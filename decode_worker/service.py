@@ -104,5 +104,7 @@ def _add_event(events, u: TokenUpdate) -> None:
         event.top_logprobs.extend(top_logprobs(x.top_ids, x.top_logprobs) for x in u.logprobs)
         if u.logprobs[0].ids_logprobs:
             event.token_ids_logprobs.extend(id_logprobs(x.ids_logprobs) for x in u.logprobs)
+    if u.spec_draft_tokens:
+        event.spec_draft_tokens, event.spec_accepted_tokens = u.spec_draft_tokens, u.spec_accepted_tokens
     if u.prompt_logprobs is not None:
         event.prompt_logprobs.CopyFrom(prompt_logprobs(u.prompt_logprobs.start, u.prompt_logprobs.positions))

@@ -49,6 +49,8 @@ class TokenUpdate:
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
     prompt_logprobs: PromptLogprobs | None = None  # colocated: with the first token, when the request asked
     error_code: int = 0  # finish "error": the client's status when this request alone is at fault (0 = UNAVAILABLE)
+    spec_draft_tokens: int = 0  # the terminal update: the request's draft tokens verified here, and those accepted
+    spec_accepted_tokens: int = 0
 
 
 class DecodeWorker:
@@ -291,7 +293,8 @@ def _update(o: StepOutput) -> TokenUpdate:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if o.overloaded else grpc.StatusCode.INTERNAL
         return TokenUpdate(o.request_id, (), "error", o.error, error_code=code.value[0])
     return TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
-                       logprobs=(o.logprobs,) if o.logprobs is not None else (), prompt_logprobs=o.prompt_logprobs)
+                       logprobs=(o.logprobs,) if o.logprobs is not None else (), prompt_logprobs=o.prompt_logprobs,
+                       spec_draft_tokens=o.spec_drafted, spec_accepted_tokens=o.spec_accepted)
 
 
 __all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate"]

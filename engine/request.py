@@ -41,6 +41,8 @@ class Request:
     cache_hashes: list[int] | None = None  # its known tokens' page prefix hashes up to cache_at (sparsepd/prefix_hash)
     captures: tuple[tuple[int, int], ...] = ()  # this forward's boundary snapshots: (boundary, snapshot slot)
     draft_ids: list[int] = field(default_factory=list)  # speculative decoding: its next drafts (engine/speculative.py)
+    spec_drafted: int = 0  # speculative decoding: its draft tokens verified so far, and those accepted
+    spec_accepted: int = 0
     offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
 
     @property
@@ -83,3 +85,5 @@ class StepOutput:
     prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them
     error: str = ""  # finish_reason "error": why (the token, -1 or the rejected one, is not part of the output)
     overloaded: bool = False  # finish_reason "error" for want of memory (the worker was full), not the request's fault
+    spec_drafted: int = 0  # the terminal output: the request's draft tokens verified and accepted (speculation)
+    spec_accepted: int = 0

@@ -315,7 +315,11 @@ class Scheduler:
         prompt = None
         if params.logprob_start_len is not None and len(request.output_ids) == 1:
             prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
-        outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
+        if request.finish_reason is not None and request.spec_drafted:
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt,
+                                      spec_drafted=request.spec_drafted, spec_accepted=request.spec_accepted))
+        else:
+            outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt))
         if request.finish_reason is not None and not request.keep_on_finish:
             self._release(request)
 

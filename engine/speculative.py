@@ -229,6 +229,8 @@ class SpeculativeScheduler(Scheduler):
                 accepted += 1
             if v.drafts:
                 self.stats.record(len(v.drafts), accepted)
+                request.spec_drafted += len(v.drafts)
+                request.spec_accepted += accepted
             if request.slot is not None:  # its next input (the device copy) and penalty history
                 last_slots.append(request.slot)
                 last_tokens.append(drawn_tokens[accepted])

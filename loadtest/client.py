@@ -114,3 +114,4 @@ def _take_complete(record: RequestRecord, done: pb.GenerateComplete) -> None:
     record.finish_reason = done.finish_reason
     record.queue_ms, record.prefill_ms, record.transfer_ms = done.queue_ms, done.prefill_ms, done.transfer_ms
     record.server_ttft_ms, record.transfer_bytes = done.ttft_ms, done.transfer_bytes
+    record.spec_draft_tokens, record.spec_accepted_tokens = done.spec_draft_tokens, done.spec_accepted_tokens

@@ -52,6 +52,8 @@ class RequestRecord:
     server_ttft_ms: float | None = None
     transfer_bytes: int | None = None
     cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens the server verified, and accepted
+    spec_accepted_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)  # from GenerateComplete
     conversation: int | None = None  # multi-turn: which conversation, and its turn (1-based)
     turn: int | None = None
@@ -122,6 +124,7 @@ def summarize(records: list[RequestRecord], duration_s: float, not_sent: int = 0
         "tokens_per_chunk": stats([t for r in ok for t in r.chunk_tokens])["mean"],
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
         "goodput": None, "good_requests": None, "router": router_summary(ok),
+        "speculative": speculative_summary(ok),
     }
     if slo_ttft_ms is not None or slo_tpot_ms is not None:
         good = sum(meets_slos(r, slo_ttft_ms, slo_tpot_ms) for r in ok)
@@ -139,6 +142,16 @@ def router_summary(ok: list[RequestRecord]) -> dict:
             "transfer_bytes_mean": float(np.mean(sizes)) if sizes else None,
             "transfer_bytes_total": int(sum(sizes)),
             "transfer_gb_per_s": sum(sizes) / (total_ms / 1e3) / 1e9 if total_ms > 0 else None}
+
+
+def speculative_summary(ok: list[RequestRecord]) -> dict:
+    """Speculative decoding as the completed requests report it (GenerateComplete's spec_draft_tokens and
+    spec_accepted_tokens): draft tokens verified, accepted, and the acceptance rate = Σ accepted ÷ Σ drafted
+    (None when nothing was drafted: speculation off)."""
+    drafted = sum(r.spec_draft_tokens for r in ok)
+    accepted = sum(r.spec_accepted_tokens for r in ok)
+    return {"draft_tokens": drafted, "accepted_tokens": accepted,
+            "accept_rate": accepted / drafted if drafted else None}
 
 
 def cache_summary(ok: list[RequestRecord]) -> dict:

@@ -37,9 +37,10 @@ COLUMNS = [
     ("goodput", 8, lambda c, m: "-" if m["goodput"] is None else f"{m['goodput']:.2f}"),
     ("xfer KB", 8, lambda c, m: _kb(m["router"]["transfer_bytes_mean"])),
     ("xfer ms", 8, lambda c, m: _one_decimal(m["router"]["transfer_ms"]["p50"])),
+    ("accept", 6, lambda c, m: _share(m.get("speculative", {}).get("accept_rate"))),
 ]
 UNITS = "latencies in ms (p50 and p99); goodput in req/s meeting the SLOs; xfer = the router's P→D state " \
-        "transfer per request (mean KB, p50 ms)"
+        "transfer per request (mean KB, p50 ms); accept = speculative decoding's accepted ÷ drafted tokens"
 
 
 def _one_decimal(value: float | None) -> str:

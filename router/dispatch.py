@@ -434,6 +434,8 @@ class Dispatcher:
         else:
             if event.HasField("prompt_logprobs"):  # a colocated worker's, with the first token
                 flow.prompt_logprobs = event.prompt_logprobs
+            if event.spec_draft_tokens:  # on the terminal event
+                flow.spec_draft_tokens, flow.spec_accepted_tokens = event.spec_draft_tokens, event.spec_accepted_tokens
             self._deliver(flow, list(event.token_ids), reason, event_logprobs(event) if flow.spec.logprobs else None,
                           decode_freed=freed)
 

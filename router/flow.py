@@ -74,6 +74,8 @@ class Flow:
     transfer_ms: float = 0.0
     ttft_ms: float = 0.0
     transfer_bytes: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: from the decode worker's terminal event
+    spec_accepted_tokens: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     stream_interval: int = 1  # tokens handed to the stream at a time after the first (`hand_over`)

@@ -153,7 +153,8 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
             output_ids=flow.output_ids, finish_reason=outcome.finish_reason, prompt_tokens=len(flow.spec.input_ids),
             completion_tokens=len(flow.output_ids), cached_tokens=flow.cached_tokens, queue_ms=flow.queue_ms,
             prefill_ms=flow.prefill_ms,
-            transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes)
+            transfer_ms=flow.transfer_ms, ttft_ms=flow.ttft_ms, transfer_bytes=flow.transfer_bytes,
+            spec_draft_tokens=flow.spec_draft_tokens, spec_accepted_tokens=flow.spec_accepted_tokens)
         if flow.spec.logprobs:
             done.output_logprobs.CopyFrom(_output_logprobs(flow, 0, len(flow.output_ids)))
         if flow.spec.logprob_start_len is not None and flow.prompt_logprobs is not None:

@@ -15,12 +15,13 @@ from sparsepd.sampling_params import SamplingParams
 async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, list[int]], sampling: dict,
                        ttl_s: float = 10.0, timeout_s: float = 60.0,
                        resume: dict[str, list[int]] | None = None) -> dict[str, dict]:
-    """Every request to completion; returns request id → {"tokens", "finish", "error", "transfer_bytes"}.
+    """Every request to completion; returns request id → {"tokens", "finish", "error", "transfer_bytes", "spec"
+    (the terminal event's draft tokens verified and accepted)}.
     resume: request id → the tokens it already generated (a moved request; "tokens" are the new ones)."""
     async with grpc.aio.insecure_channel(prefill_addr) as pch, grpc.aio.insecure_channel(decode_addr) as dch:
         p = AuthorizedStub(worker_pb2_grpc.PrefillWorkerStub(pch), token_from_env())
         d = AuthorizedStub(worker_pb2_grpc.DecodeWorkerStub(dch), token_from_env())
-        out = {rid: {"tokens": [], "finish": "", "error": "", "transfer_bytes": 0} for rid in prompts}
+        out = {rid: {"tokens": [], "finish": "", "error": "", "transfer_bytes": 0, "spec": (0, 0)} for rid in prompts}
         stream = d.StreamTokens(worker_pb2.StreamRequest())
         done = asyncio.Event()
         open_ids = set(prompts)
@@ -32,6 +33,7 @@ async def run_requests(prefill_addr: str, decode_addr: str, prompts: dict[str, l
                         out[ev.request_id]["tokens"].extend(ev.token_ids)
                         if ev.finish_reason:
                             out[ev.request_id]["finish"], out[ev.request_id]["error"] = ev.finish_reason, ev.error
+                            out[ev.request_id]["spec"] = (ev.spec_draft_tokens, ev.spec_accepted_tokens)
                             open_ids.discard(ev.request_id)
                 if not open_ids:
                     done.set()

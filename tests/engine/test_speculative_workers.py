@@ -65,3 +65,8 @@ def test_speculative_decode_worker_matches_the_engine_and_reports_acceptance(wor
     assert spec.drafted > 0 and 0 < spec.accepted <= spec.drafted
     assert sum(spec.accept_lengths) == spec.verifications
     assert sum(a * n for a, n in enumerate(spec.accept_lengths)) == spec.accepted
+    # each request's terminal event carries its own counts (GenerateComplete's spec_* fields): they add up to the
+    # worker's, which served these requests alone
+    per_request = [o["spec"] for o in got.values()]
+    assert all(0 <= a <= d for d, a in per_request) and sum(d > 0 for d, _ in per_request) >= 4
+    assert (sum(d for d, _ in per_request), sum(a for _, a in per_request)) == (spec.drafted, spec.accepted)

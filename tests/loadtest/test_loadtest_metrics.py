@@ -122,7 +122,7 @@ def test_single_value_percentiles_and_table_row():
     m = summarize([_ok(0.0, [0.01, 0.03], [1, 1], 0.03, 8, 4096, 0.5)], duration_s=0.5, slo_ttft_ms=100)
     assert m["ttft_ms"] == {"mean": approx(10), "p50": approx(10), "p90": approx(10), "p99": approx(10)}
     row = table_row(None, m).split()
-    assert row[:5] == ["inf", "1", "1", "0", "0"] and row[-3:] == ["2.00", "4", "0.5"]
+    assert row[:5] == ["inf", "1", "1", "0", "0"] and row[-4:] == ["2.00", "4", "0.5", "-"]
 
 
 MODEL = ModelFacts(vocab_size=260, max_context_length=1024, special_ids=frozenset({256, 257}))
@@ -201,3 +201,16 @@ def test_plot_series_take_each_labels_latest_run():
     assert list(out) == ["colocated", "pd"]
     assert [r["config"]["concurrency"] for r in out["pd"]] == [2, 4]
     assert list(series(records, ["colocated"])) == ["colocated"]
+
+
+def test_speculative_acceptance_is_summed_over_completed_requests_and_shown_in_the_row():
+    records = _records()
+    records[0].spec_draft_tokens, records[0].spec_accepted_tokens = 6, 5
+    records[1].spec_draft_tokens, records[1].spec_accepted_tokens = 4, 1
+    records[3].spec_draft_tokens, records[3].spec_accepted_tokens = 100, 0  # a failed request: not counted
+    m = summarize(records, duration_s=4.0)
+    assert m["speculative"] == {"draft_tokens": 10, "accepted_tokens": 6, "accept_rate": approx(0.6)}
+    assert table_row(4, m).split()[-1] == "0.600" and table_header().split()[-1] == "accept"
+    off = summarize(_records(), duration_s=4.0)
+    assert off["speculative"]["accept_rate"] is None and table_row(4, off).split()[-1] == "-"
+    json.dumps(m, allow_nan=False)

@@ -77,3 +77,34 @@ def test_timing_records_and_summary(tmp_path):
     assert s["tpot_mean"] == pytest.approx((81.0 - 50.0) / 3)  # 3 tokens after the first chunk
     assert s["out_tok_s"] == pytest.approx(4 / 0.081) and s["tok_per_chunk"] == pytest.approx(4 / 3)
     assert summarize([]) == {"completed": 0}
+
+
+def test_a_decode_workers_terminal_speculative_counts_reach_generate_complete():
+    """The decode worker's terminal event carries the request's draft tokens verified and accepted; the router
+    puts them in GenerateComplete's spec_draft_tokens / spec_accepted_tokens (SGLang's fields), and a request
+    without speculation reports zeros."""
+    from sparsepd.router.dispatch import Dispatcher
+    from sparsepd.router.service import SchedulerService
+    from sparsepd.router.stage import Stage
+    from sparsepd.router.workers import WorkerPool
+
+    async def scenario():
+        d = Dispatcher(WorkerPool([], []))
+        flows = {}
+        for rid, counts in (("spec", (9, 7)), ("plain", (0, 0))):
+            spec = RequestSpec(rid, [1, 2, 3], worker_pb2.SamplingParams(max_new_tokens=3), 3, stream=True)
+            flow = flows[rid] = Flow(spec)
+            d.flows[flow.request_id] = d.by_worker_id[flow.worker_id] = flow
+            d._deliver(flow, [10], "")  # the prefill's first token
+            flow.stage = Stage.DECODING
+            d._apply_decode_event(flow, worker_pb2.TokenEvent(request_id=flow.worker_id, token_ids=[11]))
+            d._apply_decode_event(flow, worker_pb2.TokenEvent(
+                request_id=flow.worker_id, token_ids=[12], finish_reason="length",
+                spec_draft_tokens=counts[0], spec_accepted_tokens=counts[1]))
+            assert flow.ended and flow.output_ids == [10, 11, 12]
+        got = {rid: SchedulerService._complete(None, f, f.outcome).complete for rid, f in flows.items()}
+        assert (got["spec"].spec_draft_tokens, got["spec"].spec_accepted_tokens) == (9, 7)
+        assert (got["plain"].spec_draft_tokens, got["plain"].spec_accepted_tokens) == (0, 0)
+        assert got["spec"].finish_reason == "length" and list(got["spec"].output_ids) == [10, 11, 12]
+
+    asyncio.run(scenario())
