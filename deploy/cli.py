@@ -196,5 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
+
+
+def error_message(exc: ValueError) -> str:
+    """A refusal as one line: a pydantic ValidationError (a ValueError) by its messages alone, without the
+    input it echoes or its documentation link."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ != "ValidationError" or not callable(errors):
+        return str(exc)
+    parts = []
+    for e in errors():
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

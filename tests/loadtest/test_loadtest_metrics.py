@@ -214,3 +214,13 @@ def test_speculative_acceptance_is_summed_over_completed_requests_and_shown_in_t
     off = summarize(_records(), duration_s=4.0)
     assert off["speculative"]["accept_rate"] is None and table_row(4, off).split()[-1] == "-"
     json.dumps(m, allow_nan=False)
+
+
+def test_the_cli_prints_a_refusal_as_one_line_naming_the_option(capsys):
+    """A refusal from a pydantic model reaches the terminal as its message alone: no echoed input, no link."""
+    from sparsepd.deploy.cli import main
+
+    assert main(["loadtest", "--serve-args=--preset tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "pydantic" not in err and "input_value" not in err
+    assert err == "error: --serve-args is only used with --launch"
