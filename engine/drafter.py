@@ -50,6 +50,9 @@ class DraftSpan:
     rows: list[int]
     next_ids: list[int]
     propose: bool
+    # a prefill chunk's prefix-cache boundary snapshots: (boundary, capture slot), whose rings this layer's
+    # forward writes too (engine/prefix_restore.py)
+    captures: tuple[tuple[int, int], ...] = ()
 
 
 class Drafter(Protocol):
@@ -71,6 +74,8 @@ class MTPDrafter:
                                      g.num_snapshot_slots)
         self.pools, self.rope = KVPools(mtp.cfg, self.geometry, pools.device), rope
         pools.extra_slot_state[MTP_STATE] = self.pools.swa_view(0)
+        if pools.snapshot_store is not None:  # prefix-cache snapshots keep the ring too (a restore drafts as cold)
+            pools.snapshot_store.add_part(MTP_STATE, self.pools.swa_view(0))
 
     @torch.inference_mode()
     def draft(self, spans: list[DraftSpan], hidden: torch.Tensor, k: int) -> dict[Request, list[int]]:
@@ -78,7 +83,7 @@ class MTPDrafter:
         if not spans:
             return {}
         device = self.pools.device
-        chunks = [RequestChunk(s.request.slot, s.start, s.next_ids, []) for s in spans]
+        chunks = [RequestChunk(s.request.slot, s.start, s.next_ids, [], s.captures) for s in spans]
         rows = torch.tensor([r for s in spans for r in s.rows], dtype=torch.int64).to(device)
         y, batch = self._forward(chunks, hidden[rows])
         proposing = [i for i, s in enumerate(spans) if s.propose]

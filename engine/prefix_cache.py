@@ -116,7 +116,7 @@ class PrefixCache:
                              f"{prefill_tokens_per_s}")
         self.pools, self.store, self.max_entries, self.host = pools, store, max_entries, host
         self.page_size = pools.geometry.page_size
-        self.snapshot_bytes, self.page_bytes = bytes_per_snapshot(pools.cfg), bytes_per_page(pools.cfg)
+        self.page_bytes = bytes_per_page(pools.cfg)
         self.copy_bytes_per_s, self.prefill_tokens_per_s = copy_bytes_per_s, prefill_tokens_per_s
         self.free_entries = list(range(max_entries - 1, -1, -1))
         self.root = Node(0, 0, -1, None)
@@ -125,6 +125,11 @@ class PrefixCache:
         self.page_lru: OrderedDict[int, Node] = OrderedDict()  # nodes with a device page, the same order
         self.host_lru: OrderedDict[tuple[str, int], Node] = OrderedDict()  # (SNAPSHOT | PAGE, key): the host tier
         self.stats = CacheStats()
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """One entry's bytes: `bytes_per_snapshot` plus the store's extra parts (the MTP layer's ring)."""
+        return bytes_per_snapshot(self.pools.cfg) + self.store.extra_bytes
 
     # --- lookups -----------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int], limit: int) -> Hit | None:
@@ -211,12 +216,14 @@ class PrefixCache:
         """A capture slot for a boundary the next forward computes (None: all are taken by this forward)."""
         return self.pools.snapshots.allocate(1)[0] if self.pools.snapshots.num_free else None
 
-    def insert(self, hashes: Sequence[int], pages: Sequence[int], slot: int, superseded: int | None = None) -> None:
+    def insert(self, hashes: Sequence[int], pages: Sequence[int], slot: int, superseded: int | None = None
+               ) -> int | None:
         """Make the prefix named by hashes (one per page, root first) a restore point whose state the forward that
         computed the boundary captured into `slot` (from `take_slot`; free again after this): nodes created along
         the path hold the request's pages by reference (and a node whose page is on the host takes the request's
         page instead). `superseded`: the key of the node the request was restored from; when the new snapshot
-        extends it along a path that does not branch there, it goes first when an entry is needed."""
+        extends it along a path that does not branch there, it goes first when an entry is needed. Returns the
+        store entry the snapshot was saved into (None: the prefix was a restore point already)."""
         end = self.nodes.get(hashes[-1])
         entry = None if end is not None and end.restorable else self._take_entry()  # before the walk: may prune
         node = self.root
@@ -237,7 +244,7 @@ class PrefixCache:
             self.pools.snapshots.free([slot])
             if node.snapshot is not None:
                 self.lru.move_to_end(node.key)
-            return
+            return None
         self.store.save(self.pools, entry, slot, len(hashes) * self.page_size)
         self.pools.snapshots.free([slot])
         node.snapshot = entry
@@ -246,6 +253,7 @@ class PrefixCache:
         old = self.nodes.get(superseded) if superseded is not None else None
         if old is not None and old.snapshot is not None and old is not node and len(old.children) == 1:
             self.lru.move_to_end(old.key, last=False)
+        return entry
 
     def _take_entry(self) -> int:
         """A free store entry, else the least recently used snapshot's (moved to the host tier, or gone)."""
@@ -428,9 +436,12 @@ def page_parts(pools: KVPools) -> dict[str, torch.Tensor]:
 
 
 def copy_slot(pools: KVPools, source: int, target: int) -> None:
-    """Copy one slot's state (SWA ring, compressor and indexer rings) into another, on the device."""
+    """Copy one slot's state (SWA ring, compressor and indexer rings, and what `extra_slot_state` keeps per slot:
+    the MTP layer's ring) into another, on the device."""
     for layer, ratio in enumerate(pools.geometry.ratios):
         pools.swa_view(layer)[target] = pools.swa_view(layer)[source]
         for rings in (pools.rings[layer], pools.index_rings[layer]) if ratio else ():
             if rings is not None:
                 rings[0][target], rings[1][target] = rings[0][source], rings[1][source]
+    for ring in pools.extra_slot_state.values():
+        ring[target] = ring[source]

@@ -98,13 +98,20 @@ class PrefixRestore:
                 capturing.append(request)
         return capturing
 
-    def commit(self, capturing: list[Request]) -> None:
-        """After the forward is queued: the tree takes the snapshots it captured (copies stream-ordered after it)."""
+    def commit(self, capturing: list[Request]) -> list[tuple[int, int]]:
+        """After the forward is queued: the tree takes the snapshots it captured (copies stream-ordered after it).
+        Returns (store entry, capture slot) of each snapshot saved: a layer that runs after the model's forward
+        (the MTP layer) writes its part into those slots and saves it then (`SnapshotStore.save_extra`); the
+        slots are free again but not reused before the next step's forward."""
+        saved = []
         for request in capturing:
             for p, slot in request.captures:
                 k = p // self.page_size
-                self.cache.insert(request.cache_hashes[:k], request.pages[:k], slot, request.restored_from)
+                entry = self.cache.insert(request.cache_hashes[:k], request.pages[:k], slot, request.restored_from)
+                if entry is not None:
+                    saved.append((entry, slot))
             request.captures = ()
+        return saved
 
     def cancel(self, capturing: list[Request]) -> None:
         """The forward failed: its capture slots back, unwritten."""

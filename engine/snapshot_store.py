@@ -13,6 +13,10 @@ A forward captures a boundary's whole slot state into a capture slot (engine/bat
 prefix cache saves these pieces into a store entry (`save`, a device copy stream-ordered after the forward) and
 frees the capture slot. `load` writes an entry (or its host-tier copy) into a fresh slot (`KVPools.reset_slot`:
 compressor kv 0 / score −inf where nothing is carried). Bytes per entry: `pools.bytes_per_snapshot`.
+
+Slot state of a layer outside the pools (`KVPools.extra_slot_state`: the MTP layer's SWA ring under speculative
+decoding, engine/drafter.py) is kept whole in every entry once registered (`add_part`); the forward of that layer
+runs after the model's, so its part is saved after it (`save_extra`), from the same capture slot.
 """
 
 from __future__ import annotations
@@ -40,7 +44,21 @@ class SnapshotStore:
                     self.parts[f"layers.{i}.{what}.kv"] = torch.zeros(n, ratio, 2 * d, device=device)
                     self.parts[f"layers.{i}.{what}.score"] = torch.zeros(n, ratio, 2 * d, device=device)
         self._rows: dict[int, torch.Tensor] = {}  # boundary mod 8 → the CSA ring rows of the carried positions
+        self.num_entries = n
+        self.extra: list[str] = []  # names of `pools.extra_slot_state` kept whole in every entry
         self.device = device
+
+    def add_part(self, name: str, ring: torch.Tensor) -> None:
+        """Keep `ring[slot]` (a `KVPools.extra_slot_state` tensor `[ring_slots, ...]`) in every entry from now on."""
+        if name in self.parts:
+            raise ValueError(f"the snapshot store already keeps {name!r}")
+        self.parts[name] = torch.zeros(self.num_entries, *ring.shape[1:], dtype=ring.dtype, device=self.device)
+        self.extra.append(name)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes per entry of the parts `add_part` registered."""
+        return sum(self.parts[name][0].nbytes for name in self.extra)
 
     def carry_rows(self, boundary: int) -> torch.Tensor:
         """Ring rows (position q at row q mod 8: model/state.py) of positions boundary − 4 … boundary − 1."""
@@ -63,6 +81,14 @@ class SnapshotStore:
             for name, pool in self._slot_pieces(pools, i, ratio):
                 self.parts[name][entry] = pool[slot] if name.endswith(".swa") else pool[slot].index_select(0, rows)
 
+    def save_extra(self, pools: KVPools, saved: list[tuple[int, int]]) -> None:
+        """The registered parts of capture slots into their entries ((entry, slot) pairs from the prefix cache's
+        commit), once the layer they belong to has run its forward over the captured positions."""
+        for name in self.extra:
+            ring = pools.extra_slot_state[name]
+            for entry, slot in saved:
+                self.parts[name][entry] = ring[slot]
+
     def load(self, pools: KVPools, source: int | dict[str, torch.Tensor], slot: int, boundary: int) -> None:
         """An entry (or its host copy: name → tensor) into a fresh `slot` at `boundary`."""
         rows = self.carry_rows(boundary)
@@ -74,6 +100,9 @@ class SnapshotStore:
                     pool[slot] = piece
                 else:
                     pool[slot].index_copy_(0, rows, piece)
+        for name in self.extra:
+            pools.extra_slot_state[name][slot] = self.parts[name][source] if isinstance(source, int) else \
+                source[name].to(self.device, non_blocking=True)
 
     def to_host(self, entry: int) -> dict[str, torch.Tensor]:
         """A host copy of an entry (pinned on a GPU; stream-ordered, so the entry may be written again after)."""

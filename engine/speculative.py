@@ -147,8 +147,8 @@ class SpeculativeScheduler(Scheduler):
             if capturing:
                 self.prefix.cancel(capturing)
             raise
-        if capturing:
-            self.prefix.commit(capturing)
+        captures = {id(r): r.captures for r in capturing}  # (commit clears them; the drafter's forward needs them)
+        saved = self.prefix.commit(capturing) if capturing else []
         outputs: list[StepOutput] = []
         if prompt_rows is not None:  # before the tokens, as without speculation
             index = to_device(prompt_rows.rows, hidden.device)
@@ -163,7 +163,9 @@ class SpeculativeScheduler(Scheduler):
         verified = self._with_forks(verified)
         kept = self._accept(verified, logits, outputs)
         undo.restore([kept.get(id(v.request), v.start) for v in drafting])
-        self._draft(scheduled, starts, hidden)
+        self._draft(scheduled, starts, hidden, captures)
+        if saved:  # the MTP layer's ring at each boundary, written into the capture slots by the drafter's forward
+            self.prefix.cache.store.save_extra(self.pools, saved)
         self.running[:] = [r for r in self.running if r.finish_reason is None]
         return outputs
 
@@ -249,9 +251,11 @@ class SpeculativeScheduler(Scheduler):
         return kept
 
     # --- draft ---------------------------------------------------------------------------------------
-    def _draft(self, scheduled: list[tuple[Request, list[int]]], starts: list[int], hidden: torch.Tensor) -> None:
+    def _draft(self, scheduled: list[tuple[Request, list[int]]], starts: list[int], hidden: torch.Tensor,
+               captures: dict[int, tuple[tuple[int, int], ...]] | None = None) -> None:
         """Advance the drafter over the positions now final (a prompt chunk, a verification's delivered part);
-        store the next drafts in each request that decodes next."""
+        store the next drafts in each request that decodes next. captures: request id(…) → the prefix-cache
+        boundary snapshots its chunk took in this step's forward (the drafter's forward writes them too)."""
         spans, row = [], 0
         for (request, tokens), start in zip(scheduled, starts, strict=True):
             first, row = row, row + len(tokens)
@@ -262,7 +266,8 @@ class SpeculativeScheduler(Scheduler):
                     start + count >= len(known):
                 continue
             spans.append(DraftSpan(request, start, list(range(first, first + count)),
-                                   known[start + 1: start + count + 1], propose=not request.prefilling))
+                                   known[start + 1: start + count + 1], propose=not request.prefilling,
+                                   captures=(captures or {}).get(id(request), ())))
         if spans:
             for request, drafts in self.drafter.draft(spans, hidden, self.num_steps).items():
                 request.draft_ids = drafts

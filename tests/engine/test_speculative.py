@@ -229,3 +229,36 @@ def test_the_mtp_state_travels_with_the_request(trained):
         target = plain.make_request(prompt, params)
         plain.reserve(target)
         plain.import_state(target, descriptor, tensors)
+
+
+def test_a_request_restored_from_the_prefix_cache_drafts_as_a_cold_prefill(trained):
+    """The prefix cache's snapshots keep the MTP layer's ring (captured by the drafter's forward in the same
+    capture slots as the model's rings): a request restored at a page boundary holds the same MTP ring after its
+    prefill as a cold prefill of its prompt, so it gets the same drafts and accepts as many."""
+    model, mtp = trained
+    text = (DEFAULT_CHECKPOINT / "heldout_sample.txt").read_bytes()
+    prefix = list(text[:140])  # the default model's page is 128 tokens (its window 64): B restores at 128
+    a, b = prefix + list(text[200:212]), prefix + list(text[300:305])
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+    def prefill(engine, prompt):
+        request = engine.submit(prompt, params)
+        while not request.output_ids:
+            engine.step()
+        return request, engine.export_state(request)[1]
+
+    cached = Engine(model, _pool(prefix_cache_entries=8), speculative_num_steps=2, mtp=mtp)
+    cached.submit(a, params)
+    cached.scheduler.run_to_completion()  # A's prefill (chunks of 40) snapshots the boundary 128
+    restored, state = prefill(cached, b)
+    assert restored.cached_tokens == 128
+    cold_engine = Engine(model, _pool(), speculative_num_steps=2, mtp=mtp)
+    cold, want = prefill(cold_engine, b)
+    assert float(want["mtp.swa"].abs().sum()) > 0
+    assert torch.equal(state["mtp.swa"], want["mtp.swa"])
+    for engine in (cached, cold_engine):
+        engine.scheduler.run_to_completion()
+        assert engine.is_idle_and_empty()
+    assert restored.output_ids == cold.output_ids
+    assert (restored.spec_drafted, restored.spec_accepted) == (cold.spec_drafted, cold.spec_accepted)
+    assert cold.spec_drafted > 0
