@@ -8,8 +8,8 @@
 #   service-cost (the service path's CPU per output token on bench), group (a worker group of one against the
 #   plain worker)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
-# Device calls are at most 10 minutes; the steps of one call should add up to ~540 s of limits. A plan that fits
-# three calls: (1) suite; (2) engine engine-q service group; (3) kernel-tests attn indexer compressor quant spec
+# To keep one invocation under 10 minutes, its steps' limits should add up to ~540 s. A plan in three
+# invocations: (1) suite; (2) engine engine-q service group; (3) kernel-tests attn indexer compressor quant spec
 # prefix-host (then prefix, service-cost, flash in a fourth when time is left).
 set -uo pipefail
 out=${OUT:-gpu-out}
