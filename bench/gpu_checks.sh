@@ -8,9 +8,9 @@
 #   service-cost (the service path's CPU per output token on bench), group (a worker group of one against the
 #   plain worker)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
-# To keep one invocation under 10 minutes, its steps' limits should add up to ~540 s. A plan in three
-# invocations: (1) suite; (2) engine engine-q service group; (3) kernel-tests attn indexer compressor quant spec
-# prefix-host (then prefix, service-cost, flash in a fourth when time is left).
+# To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
+# Invocations in order of priority: (1) suite [300]; (2) engine engine-q [480]; (3) kernel-tests attn indexer
+# compressor quant [530]; (4) spec prefix-host service [450]; (5) group service-cost flash [570]; (6) prefix.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
