@@ -5,8 +5,10 @@ room before any admission fails and never frees a page a request holds; aborts f
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import IdAllocator, OutOfCapacity, PoolConfig
@@ -14,6 +16,10 @@ from sparsepd.engine.sampling import SamplingParams
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 from sparsepd.prefix_hash import longest_match, prefix_hashes
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_cases import ids as _ids  # noqa: E402
+from prefix_cases import same_as_cold as _same  # noqa: E402
 
 CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window
 PAGE = CFG.page_size
@@ -30,22 +36,10 @@ def _engine(model, entries: int, num_pages: int = 96, max_batch_tokens: int = 40
                                     prefix_cache_entries=entries))
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def _run(engine: Engine, prompt: list[int], params: SamplingParams = PARAMS):
     request = engine.submit(prompt, params)
     engine.scheduler.run_to_completion()
     return request
-
-
-def _same(a, b) -> None:
-    assert a.output_ids == b.output_ids
-    for x, y in zip(a.output_logprobs, b.output_logprobs, strict=True):
-        assert x.top_ids == y.top_ids
-        assert x.logprob == pytest.approx(y.logprob, rel=1e-4, abs=1e-5)
-        assert list(x.top_logprobs) == pytest.approx(list(y.top_logprobs), rel=1e-4, abs=1e-5)
 
 
 # first prompt length, second prompt = first[:shared] + new tokens. The first request's last restore point is the

@@ -6,8 +6,10 @@ retracted requests' states count against that bound (the tier's entries go first
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
@@ -17,6 +19,11 @@ from sparsepd.engine.state_io import state_num_bytes
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 from sparsepd.prefix_hash import prefix_hashes
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_cases import ids as _ids  # noqa: E402
+from prefix_cases import run_to_length  # noqa: E402
+from prefix_cases import same_as_cold as _same  # noqa: E402
 
 CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window
 PAGE = CFG.page_size
@@ -35,23 +42,8 @@ def _engine(model, entries: int, num_pages: int, host_bytes: int, max_batch_toke
                   max_retracted_bytes=max_retracted_bytes)
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def _run(engine: Engine, prompt: list[int], params: SamplingParams = PARAMS):
-    request = engine.submit(prompt, params)
-    engine.scheduler.run_to_completion()
-    assert request.finish_reason == "length"
-    return request
-
-
-def _same(a, b) -> None:
-    assert a.output_ids == b.output_ids
-    for x, y in zip(a.output_logprobs, b.output_logprobs, strict=True):
-        assert x.top_ids == y.top_ids
-        assert x.logprob == pytest.approx(y.logprob, rel=1e-4, abs=1e-5)
-        assert list(x.top_logprobs) == pytest.approx(list(y.top_logprobs), rel=1e-4, abs=1e-5)
+    return run_to_length(engine, prompt, params)
 
 
 def _check(engine: Engine) -> None:

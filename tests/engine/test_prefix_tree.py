@@ -7,8 +7,10 @@ the pools come back to full; an aborted prefill leaves only snapshots it complet
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import PoolConfig, bytes_per_snapshot
@@ -16,6 +18,11 @@ from sparsepd.engine.sampling import SamplingParams
 from sparsepd.kernels.device import triton_interpreting
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_cases import ids as _ids  # noqa: E402
+from prefix_cases import run_to_length  # noqa: E402
+from prefix_cases import same_as_cold as _same  # noqa: E402
 
 CFG = get_preset("tiny")  # page 16 tokens = 4 CSA blocks = 1 HCA block = the window
 PAGE = CFG.page_size
@@ -42,23 +49,8 @@ def cold(model):
     return run
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def _run(engine: Engine, prompt: list[int], params: SamplingParams = PARAMS):
-    request = engine.submit(prompt, params)
-    engine.scheduler.run_to_completion()
-    assert request.finish_reason == "length"
-    return request
-
-
-def _same(a, b) -> None:
-    assert a.output_ids == b.output_ids
-    for x, y in zip(a.output_logprobs, b.output_logprobs, strict=True):
-        assert x.top_ids == y.top_ids
-        assert x.logprob == pytest.approx(y.logprob, rel=1e-4, abs=1e-5)
-        assert list(x.top_logprobs) == pytest.approx(list(y.top_logprobs), rel=1e-4, abs=1e-5)
+    return run_to_length(engine, prompt, params)
 
 
 def _count_forwards(engine: Engine) -> list[list[int]]:

@@ -7,6 +7,8 @@ rounding and the tokens where the reference's top two are apart by more than tha
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.sampling import SamplingParams
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_cases_gpu import close_to_cold, ids  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("SPARSEPD_TEST_GPU") != "1" or not torch.cuda.is_available(),
                                 reason="needs a CUDA device and SPARSEPD_TEST_GPU=1")
@@ -35,7 +40,7 @@ def _engine(model, entries: int) -> Engine:
 
 
 def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return ids(n, seed, CFG.vocab_size)
 
 
 def _run(engine: Engine, prompt: list[int]):
@@ -54,23 +59,7 @@ def test_a_hit_on_the_gpu_equals_a_cold_prefill(model, first, extra):
     want = _run(_engine(model, entries=0), b)
     assert got.cached_tokens == first // PAGE * PAGE > 0
     assert warm.is_idle_and_empty()
-    for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
-        assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
-        margin = y.top_logprobs[0] - y.top_logprobs[1]
-        if margin > 0.1:
-            assert got.output_ids[i] == want.output_ids[i], (i, margin)
-        if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
-            break  # different tokens fed from here: nothing left to compare
-
-
-def _close(got, want) -> None:
-    for i, (x, y) in enumerate(zip(got.output_logprobs, want.output_logprobs, strict=True)):
-        assert abs(x.logprob - y.logprob) < 0.05, (i, x, y)
-        margin = y.top_logprobs[0] - y.top_logprobs[1]
-        if margin > 0.1:
-            assert got.output_ids[i] == want.output_ids[i], (i, margin)
-        if got.output_ids[: i + 1] != want.output_ids[: i + 1]:
-            break
+    close_to_cold(got, want)
 
 
 @pytest.mark.parametrize("shared,budget", [(1000, 1024), (1000, 300), (300, 1024), (2100, 700)])
@@ -87,7 +76,7 @@ def test_a_shared_prefix_hits_on_the_gpu_and_equals_a_cold_prefill(model, shared
     want = _run(_engine(model, entries=0), b)
     assert got.cached_tokens == shared // PAGE * PAGE > 0
     assert warm.is_idle_and_empty()
-    _close(got, want)
+    close_to_cold(got, want)
 
 
 def test_a_host_tier_hit_on_the_gpu_equals_a_cold_prefill(model):
@@ -105,7 +94,7 @@ def test_a_host_tier_hit_on_the_gpu_equals_a_cold_prefill(model):
     want = _run(_engine(model, entries=0), b)
     assert got.cached_tokens == 256 and warm.prefix_cache.stats.host_hit_tokens == 256
     assert warm.is_idle_and_empty()
-    _close(got, want)
+    close_to_cold(got, want)
 
 
 def test_a_snapshot_taken_in_one_token_chunks_beside_decoding_requests_runs_eagerly(model):
@@ -127,4 +116,4 @@ def test_a_snapshot_taken_in_one_token_chunks_beside_decoding_requests_runs_eage
     want = _run(_engine(model, entries=0), b)
     assert warm2_got.cached_tokens == PAGE
     assert warm.is_idle_and_empty()
-    _close(warm2_got, want)
+    close_to_cold(warm2_got, want)
