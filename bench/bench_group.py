@@ -185,7 +185,7 @@ def run_rank(args: argparse.Namespace) -> None:
     (out / f"group_bench_rank{group.rank}.json").write_text(json.dumps(result, indent=1))
     if group.rank == 0:
         print_table(result)
-    group.close()
+    group.exit(0)
 
 
 def print_table(result: dict) -> None:

@@ -49,7 +49,7 @@ class StandInRunner(Runner):
         self._logits = torch.zeros(max_batch, vocab)
         self._views: dict[BatchShape, dict] = {}
 
-    def _forward(self, work, final_rows=None):
+    def _forward(self, work, final_rows=None, logit_rows=None):
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
         g = self.pools.geometry

@@ -172,7 +172,7 @@ def run_loadtest(router: str, prompts: Path, conc: int, n: int, warmup: int, out
                  seed: int, out: Path, timeout: float) -> dict:
     results = out.with_suffix(".jsonl")
     results.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "sparsepd", "loadtest", "--router", router, "--dataset", str(prompts),
+    cmd = [sys.executable, "-P", "-m", "sparsepd", "loadtest", "--router", router, "--dataset", str(prompts),
            "--output-len", str(output_len), "--max-concurrency", str(conc), "--num-prompts", str(n),
            "--warmup-requests", str(warmup), "--seed", str(seed), "--stop-token-ids", _ranges(banned),
            "--results", str(results), "--no-progress"]

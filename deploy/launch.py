@@ -42,9 +42,10 @@ class Child:
 
 def start(name: str, args: list[str], timeout_s: float = 120.0, env: dict | None = None,
           echo_stderr: bool = False, on_spawn: Callable[[Child], None] | None = None) -> Child:
-    """Run `python -m sparsepd ARGS`, wait for its `READY {...}` line, return the child with the endpoints
-    (on_spawn gets the child as soon as its process exists, before it is ready)."""
-    proc = subprocess.Popen([sys.executable, "-m", "sparsepd", *args], stdout=subprocess.PIPE,
+    """Run `python -P -m sparsepd ARGS` (-P: a checkout in the working directory must not shadow the installed
+    package), wait for its `READY {...}` line, return the child with the endpoints (on_spawn gets the child as
+    soon as its process exists, before it is ready)."""
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "sparsepd", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
                             start_new_session=True)
     child = Child(name, proc)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -108,9 +109,35 @@ class RankGroup:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(value.item())
 
-    def close(self) -> None:
-        if dist.is_initialized():
+    def close(self, timeout_s: float = 20.0) -> bool:
+        """Leave the group: wait for this rank's GPU work, then tear the group down, waiting at most `timeout_s`
+        (NCCL's teardown after graph-captured collectives can block forever). Whether the teardown finished."""
+        if not dist.is_initialized():
+            return True
+        if self.spec.backend == "nccl":
+            torch.cuda.synchronize()
+        done = threading.Event()
+
+        def destroy() -> None:
             dist.destroy_process_group()
+            done.set()
+
+        threading.Thread(target=destroy, daemon=True).start()
+        if not done.wait(timeout_s):
+            log.warning("rank %d: the group's teardown did not finish in %.0f s; leaving without it", self.rank,
+                        timeout_s)
+            return False
+        return True
+
+    def exit(self, code: int = 0) -> None:
+        """End a process whose work is done and written: leave the group, flush, and exit without running the
+        interpreter's exit-time destructors (NCCL communicators' among them, which can hang after a teardown
+        that did not finish)."""
+        self.close()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
 
 
 def join_group(args) -> RankGroup | None:

@@ -45,11 +45,10 @@ class Runner:
         (flat rows of this forward), eagerly, (logits, the last block's output `[n, hc, dim]` at them); with
         `logit_rows` too, the logits are those of these flat rows (speculative verification: engine/speculative.py)."""
         device = torch.device(self.pools.device)
-        extra = {} if logit_rows is None else {"logit_rows": logit_rows}  # (stand-in runners take the first two)
         if device.type == "cuda":  # Triton launches on the calling thread's current device: make it the pools'
             with torch.cuda.device(device):
-                return self._forward(work, final_rows, **extra)
-        return self._forward(work, final_rows, **extra)
+                return self._forward(work, final_rows, logit_rows)
+        return self._forward(work, final_rows, logit_rows)
 
     @torch.inference_mode()
     def capture_graphs(self, max_context: int) -> None:

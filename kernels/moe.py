@@ -542,9 +542,15 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor, indices: torch.Tensor)
                          f"{out.dtype} {list(out.shape)} on {out.device}")
 
 
+# The PTX unpack is a decode tile's option: at block_m >= 64 Triton 3.6's TritonGPUOptimizeDotOperands pass fails on
+# the unpacked tile feeding the dot for sm_90 (seen on H200; Triton 3.9 compiles it), so wider tiles take dot_scaled.
+PTX_MAX_BLOCK_M = 32
+
+
 def _weight_format(fp4: bool, x: torch.Tensor, config: MoEConfig) -> int:
     """The kernels' W_FMT: 0 plain weights, 1 FP4 by `_fp4_tile`, 2 FP4 through tl.dot_scaled, 3 FP4 by
-    `_fp4_tile_ptx` (config.fp4_unpack; fp32 x takes 1). Compiled for H200 (sm_90), a weight of the decode tiles
+    `_fp4_tile_ptx` (config.fp4_unpack; fp32 x takes 1; tiles wider than PTX_MAX_BLOCK_M rows take 2). Compiled
+    for H200 (sm_90), a weight of the decode tiles
     took ~10 SASS instructions through dot_scaled, ~13 through `_fp4_tile`."""
     if not fp4:
         return 0
@@ -553,7 +559,8 @@ def _weight_format(fp4: bool, x: torch.Tensor, config: MoEConfig) -> int:
     if config.fp4_unpack == "ptx":
         if x.dtype != torch.bfloat16 or torch.version.hip or x.device.type != "cuda":
             raise ValueError(f"fp4_unpack='ptx' takes bf16 x on an NVIDIA GPU, got {x.dtype} on {x.device}")
-        return 3
+        if config.block_m <= PTX_MAX_BLOCK_M:
+            return 3
     return 2
 
 

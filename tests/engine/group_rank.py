@@ -79,7 +79,7 @@ def main() -> None:
                 "ref_tokens": [r.output_ids for r in expected], "ticks": ticks,
                 "idle": engine.is_idle_and_empty(), "forwards": group.ep.forwards,
                 "held": [n for n, _ in model.named_parameters() if ".ffn.experts." in n]}, args.out)
-    group.close()
+    group.exit(0)
 
 
 if __name__ == "__main__":

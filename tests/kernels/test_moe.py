@@ -18,7 +18,9 @@ from sparsepd.kernels.moe import (
     _FP4_CONFIG_TABLE,
     _FP4_DECODE_BLOCK_N,
     FP4_GROUP,
+    PTX_MAX_BLOCK_M,
     MoEConfig,
+    _weight_format,
     build_dispatch,
     build_dispatch_ref,
     default_moe_fp4_config,
@@ -480,6 +482,8 @@ def test_fp4_gpu_bf16(T, preset, E, unpack):
     x = x.to(torch.bfloat16)
     config = default_moe_fp4_config(T * cfg.n_activated_experts, cfg.n_routed_experts, x.dtype)
     config = dataclasses.replace(config, fp4_unpack=unpack)
+    fmt = _weight_format(True, x, config)  # the PTX unpack serves decode tiles only; wider ones take dot_scaled
+    assert fmt == {"dot_scaled": 2, "bits": 1, "ptx": 3 if config.block_m <= PTX_MAX_BLOCK_M else 2}[unpack]
     out = torch.full((T, cfg.n_activated_experts, cfg.dim), float("nan"), device="cuda")
     y = moe_fp4(x, weights, indices, *w, cfg.swiglu_limit, out=out, config=config)
     assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, "(token, slot) rows left unwritten"
