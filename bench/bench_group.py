@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -164,6 +165,8 @@ def check(group: RankGroup, model, cfg: EngineConfig, context: int) -> dict:
 def run_rank(args: argparse.Namespace) -> None:
     spec = GroupSpec(devices=tuple(args.devices.split(",")), ep=args.ep, master_port=args.master_port,
                      local_rank=args.local_rank, timeout_s=600)
+    started = time.monotonic()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     group = RankGroup(spec)
     cfg = EngineConfig(preset=args.preset, device=spec.device, load=load_options_from_args(args))
     cfg = group.engine_config(cfg)
@@ -185,6 +188,8 @@ def run_rank(args: argparse.Namespace) -> None:
     (out / f"group_bench_rank{group.rank}.json").write_text(json.dumps(result, indent=1))
     if group.rank == 0:
         print_table(result)
+    print(f"rank {group.rank}: done in {time.monotonic() - started:.1f} s; leaving the group", file=sys.stderr,
+          flush=True)
     group.exit(0)
 
 
@@ -218,6 +223,7 @@ def launch(args: argparse.Namespace) -> int:
     procs = [subprocess.Popen([sys.executable, "-P", __file__, *sys.argv[1:], "--local-rank", str(i),
                                "--master-port", str(port)]) for i in range(len(devices))]
     codes = [p.wait() for p in procs]
+    print(f"ranks exited with {codes}", file=sys.stderr, flush=True)
     if any(codes):
         print(f"error: rank exit codes {codes}", file=sys.stderr)
         return 1

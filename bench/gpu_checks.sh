@@ -40,6 +40,7 @@ for s in "$@"; do
     spec) step spec ${SPEC_S:-120} sh -c "python3 -P bench/bench_spec.py oracle --json '$out/spec_oracle.json' &&
             python3 -P bench/bench_spec.py mtp --device cuda --json '$out/spec_mtp.json'" ;;
     prefix-host) step prefix-host ${PREFIX_S:-90} python3 -P bench/prefix_host_tier.py --preset bench --device cuda \
+                   --conversations 32 --turns 3 --system-len 1024 --user-len 256 --output-len 16 --batch 8 \
                    --json "$out/prefix_host_tier.json" ;;
     prefix) step prefix ${PREFIX_S:-300} env OUT="$out" bench/prefix_multiturn.sh ;;
     service-cost) step service-cost ${SERVICE_S:-180} python3 -P bench/bench_service.py \

@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
     cfg = get_preset(args.preset)
+    if args.turns < 2 or args.system_len + args.user_len + args.output_len < cfg.page_size:
+        ap.error(f"a hit needs a whole shared page: system + user + output ({args.system_len} + {args.user_len} + "
+                 f"{args.output_len}) must reach {args.preset}'s page of {cfg.page_size} tokens, with 2 turns or more")
     model = build_model(cfg, seed=0, device=args.device)
     sizes = plan(args, cfg)
     print(f"# {args.preset} on {args.device}: {args.conversations} conversations x {args.turns} turns, system "

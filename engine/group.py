@@ -16,6 +16,7 @@ group down (deploy/group.py), so the supervisor can start it again.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import logging
 import os
 import sys
@@ -132,8 +133,12 @@ class RankGroup:
     def exit(self, code: int = 0) -> None:
         """End a process whose work is done and written: leave the group, flush, and exit without running the
         interpreter's exit-time destructors (NCCL communicators' among them, which can hang after a teardown
-        that did not finish)."""
+        that did not finish). Should leaving itself block, the threads' stacks go to stderr after 60 s and the
+        process exits then."""
+        faulthandler.dump_traceback_later(60, exit=True)
+        t0 = time.monotonic()
         self.close()
+        log.info("rank %d left its group in %.1f s", self.rank, time.monotonic() - t0)
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
