@@ -333,16 +333,16 @@ class Fp8GemmConfig:
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
 # must keep enough weight bytes in flight to cover DRAM latency, so a small tile on the token side, 64 weight rows,
 # deep pipelines, and split-K (`choose_split_k`) until the grid holds ~4 programs an SM. Prefill is MMA-bound:
-# 128×128 tiles with 8 warps (acc + the fresh 128-block product: 128 fp32 registers a thread) where the grid
-# fills the GPU, else 64×128 with 4 warps (twice the tiles, 3 programs an SM). The first candidate whose tiles fill
-# the GPU once is taken (the last one otherwise). bench/bench_quant.py --sweep times the alternatives.
+# 64×128 tiles with 4 warps, 3 stages. `bench/bench_quant.py --sweep` on an H200 (2026-12-06) put them first or
+# second on all seven V4-Flash projections at M = 8192, 1.02–1.22× the 128×128 8-warp tiles that were the
+# default (those keep acc + the fresh 128-block product in 128 fp32 registers a thread, two programs an SM at most).
+# The first candidate whose tiles fill the GPU once is taken (the last one otherwise).
 _DECODE_TARGET_PROGRAMS = 4  # programs an SM that split-K aims for at decode
 _CONFIG_TABLE: tuple[tuple[int | None, tuple[Fp8GemmConfig, ...]], ...] = (
     (16, (Fp8GemmConfig(16, 64, num_warps=4, num_stages=4, group_m=1, quant_a=True, swap_ab=True),)),
     (64, (Fp8GemmConfig(64, 64, num_warps=4, num_stages=4, group_m=1),)),
     (512, (Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8),)),
-    (None, (Fp8GemmConfig(128, 128, num_warps=8, num_stages=3, group_m=8),
-            Fp8GemmConfig(64, 128, num_warps=4, num_stages=4, group_m=8))),
+    (None, (Fp8GemmConfig(64, 128, num_warps=4, num_stages=3, group_m=8),)),
 )
 # AMD: the same tiles, fewer stages where the pipelined tiles overflow the LDS (64 KiB on gfx942, 160 KiB on
 # gfx950): stages of each class above (compile-checked by tests/kernels/test_amd_compile.py, not timed).

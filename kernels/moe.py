@@ -455,6 +455,10 @@ def default_moe_fp4_config(num_pairs: int, num_experts: int, dtype: torch.dtype,
     if dtype == torch.float32:
         return MoEConfig(c.block_m, c.block_n, min(c.block_k, 64), c.num_warps, 2)
     block_n = c.block_n
+    if row == 0 and num_sms and arch is None and dtype == torch.bfloat16:
+        # an NVIDIA GPU with bf16 x: the PTX unpack on 32-row N tiles, the best of bench_quant.py's decode sweep at
+        # T = 1, 8 and 64 on an H200 (2026-12-06: 21/32/35% of the byte floor against 17/24/26% through dot_scaled)
+        return MoEConfig(c.block_m, 32, c.block_k, c.num_warps, stages, "ptx")
     if row == 0 and inter and num_sms:
         touched = min(num_experts, num_pairs)
         block_n = next((n for n in _FP4_DECODE_BLOCK_N

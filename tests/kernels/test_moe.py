@@ -429,11 +429,24 @@ def test_fp4_default_table_configs(config, device):
         check_fp4_against_fp64(y, x.half(), weights, indices, w, cfg.swiglu_limit, f"{c}")
 
 
-def test_fp4_decode_tile_narrows_to_fill_the_gpu():
-    one_token = default_moe_fp4_config(6, 256, torch.bfloat16, inter=2048, num_sms=132)
+@pytest.mark.parametrize("dtype, arch", [(torch.float16, None), (torch.bfloat16, "gfx950")])
+def test_fp4_decode_tile_narrows_to_fill_the_gpu(dtype, arch):
+    one_token = default_moe_fp4_config(6, 256, dtype, arch, inter=2048, num_sms=132)
     assert one_token.block_n == 32, "6 experts × 2048/64 = 192 programs leave 132 SMs short"
-    assert default_moe_fp4_config(48, 256, torch.bfloat16, inter=2048, num_sms=132).block_n == 64
-    assert default_moe_fp4_config(6, 256, torch.bfloat16).block_n == _FP4_CONFIG_TABLE[0][1].block_n
+    assert default_moe_fp4_config(48, 256, dtype, arch, inter=2048, num_sms=132).block_n == 64
+    assert default_moe_fp4_config(6, 256, dtype, arch).block_n == _FP4_CONFIG_TABLE[0][1].block_n
+    assert one_token.fp4_unpack == "dot_scaled"
+
+
+def test_fp4_decode_on_nvidia_with_bf16_takes_the_ptx_unpack():
+    """bf16 x on an NVIDIA GPU (SMs known, no AMD arch): the PTX unpack on 32-wide N tiles at every decode size;
+    prefill tiles, AMD, fp16 and the CPU (no SMs) keep dot_scaled."""
+    for pairs in (6, 48, 64 * 6):
+        c = default_moe_fp4_config(pairs, 256, torch.bfloat16, inter=2048, num_sms=132)
+        assert (c.fp4_unpack, c.block_n, c.block_m) == ("ptx", 32, 16)
+    assert default_moe_fp4_config(8192 * 6, 256, torch.bfloat16, inter=2048, num_sms=132).fp4_unpack == "dot_scaled"
+    assert default_moe_fp4_config(6, 256, torch.bfloat16, "gfx942", inter=2048, num_sms=304).fp4_unpack == "dot_scaled"
+    assert default_moe_fp4_config(6, 256, torch.bfloat16).fp4_unpack == "dot_scaled"
 
 
 @pytest.mark.parametrize("limit", [10.0, 0.0])
