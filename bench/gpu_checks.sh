@@ -2,11 +2,12 @@
 # GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
 #   bench/gpu_checks.sh STEP...   steps: suite, engine, engine-q (dummy FP8/FP4 weights), flash (V4-Flash
 #   dimensions, dummy quantized weights, FLASH_LAYERS layers), service, quant, quant-tests, attn (sparse attention
-#   on FP8 and bf16 rows, the issue's target shapes; attn-full: every shape), indexer, compressor (HCA decode's
+#   on FP8 and bf16 rows, the issue's target shapes; attn-full: every shape; attn-sweep: the target shapes' launch
+#   variants, FP8 rows unless ATTN_ROWS says otherwise), indexer, compressor (HCA decode's
 #   window split), kernel-tests, spec (speculative decoding: oracle drafts on bench, the default model's MTP
 #   drafts), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
 #   service-cost (the service path's CPU per output token on bench), group (a worker group of one against the
-#   plain worker)
+#   plain worker), tests (the GPU tests of $TESTS: paths or node ids)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
 # Invocations in order of priority: (1) suite [300]; (2) engine engine-q [480]; (3) kernel-tests attn indexer
@@ -31,6 +32,8 @@ for s in "$@"; do
     flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
              --num-layers ${FLASH_LAYERS:-36} --batches 1,8,64,256 --context 4096 --steps 5 ;;
     attn) step attn ${ATTN_S:-90} python3 -P bench/bench_sparse_attention.py --quick --rows both --out "$out" ;;
+    attn-sweep) step attn-sweep ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --quick --rows ${ATTN_ROWS:-fp8} --sweep \
+                  --budget-s ${ATTN_BUDGET_S:-90} --json "$out/attn_sweep.json" ;;
     attn-full) step attn-full ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --rows both --json "$out/attn.json" ;;
     indexer) step indexer ${INDEXER_S:-90} python3 -P bench/bench_indexer.py --quick --out "$out/indexer.md" ;;
     compressor) step compressor ${COMPRESSOR_S:-60} python3 -P bench/bench_compressor.py --out "$out/compressor.md" ;;
@@ -54,6 +57,7 @@ for s in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
       step engine-old 240 env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_engine_new.py \
         --batches ${OLD_BATCHES:-1,64,128,256} --steps 10 ;;
+    tests) step tests ${TESTS_S:-120} scripts/test-gpu -n 8 ${TESTS:?tests: set TESTS to the test paths} ;;
     quant-tests) step quant-tests ${QTESTS_S:-240} scripts/test-gpu -n 16 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
     *) echo "unknown step $s" >&2 ;;
   esac
