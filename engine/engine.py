@@ -221,6 +221,9 @@ class Engine:
 
     def memory_plan(self) -> str:
         """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""
+        drafter = getattr(self.scheduler, "drafter", None)
+        if isinstance(drafter, MTPDrafter):
+            return memory_plan(self.model, self.pools, drafter.mtp, drafter.pools)
         return memory_plan(self.model, self.pools)
 
     def holds_nothing(self) -> bool:

@@ -10,7 +10,9 @@ from sparsepd.model.transformer import Transformer
 from sparsepd.model.weight_memory import describe, gb, weight_bytes
 
 
-def memory_plan(model: Transformer, pools: KVPools) -> str:
+def memory_plan(model: Transformer, pools: KVPools, mtp: torch.nn.Module | None = None,
+                mtp_pools: KVPools | None = None) -> str:
+    """The plan's lines; with speculative decoding by the MTP layer, its weights and its one-layer pool too."""
     cfg, g = model.cfg, pools.geometry
     total = pools.num_bytes()
     pages, slots = g.num_pages * bytes_per_page(cfg), g.num_slots * bytes_per_slot(cfg)
@@ -24,6 +26,11 @@ def memory_plan(model: Transformer, pools: KVPools) -> str:
         f"{bytes_per_snapshot(cfg) / 1e6:.2f} MB, {g.num_snapshot_slots} capture slots), rings and scratch "
         f"{gb(max(total - pages - slots - snapshots, 0))}",
     ]
+    if mtp is not None:
+        mtp_weights = sum(p.numel() * p.element_size() for p in mtp.parameters())
+        pool = mtp_pools.num_bytes() if mtp_pools is not None else 0
+        lines.append(f"  MTP layer {gb(mtp_weights + pool)}: weights {gb(mtp_weights)} (the embedding and head are "
+                     f"the model's), pool {gb(pool)} (its ring per slot travels with the request)")
     if pools.device.type == "cuda":
         free, capacity = torch.cuda.mem_get_info(pools.device)
         used = torch.cuda.memory_allocated(pools.device)

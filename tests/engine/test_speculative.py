@@ -16,6 +16,7 @@ from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.state_io import export_state
 from sparsepd.load_options import LoadOptions, resolve_model_config
 from sparsepd.model.mtp import load_mtp
+from sparsepd.model.weight_memory import gb
 from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 
@@ -262,3 +263,17 @@ def test_a_request_restored_from_the_prefix_cache_drafts_as_a_cold_prefill(train
     assert restored.output_ids == cold.output_ids
     assert (restored.spec_drafted, restored.spec_accepted) == (cold.spec_drafted, cold.spec_accepted)
     assert cold.spec_drafted > 0
+
+
+def test_the_memory_plan_counts_the_mtp_layer(trained):
+    """With MTP drafts the plan has a line for the MTP layer: its own weights (the embedding and head are the
+    model's) and its one-layer pool, both as allocated."""
+    model, mtp = trained
+    engine = Engine(model, _pool(), speculative_num_steps=2, mtp=mtp)
+    drafter = engine.scheduler.drafter
+    line = next(x for x in engine.memory_plan().splitlines() if "MTP layer" in x)
+    weights = sum(p.numel() * p.element_size() for p in mtp.parameters())
+    assert 0 < weights < sum(p.numel() * p.element_size() for p in model.parameters())
+    assert f"weights {gb(weights)}" in line and f"pool {gb(drafter.pools.num_bytes())}" in line
+    assert drafter.pools.num_bytes() > 0
+    assert "MTP layer" not in Engine(model, _pool()).memory_plan()
