@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import IdAllocator, OutOfCapacity, PoolConfig
@@ -172,3 +173,47 @@ def test_an_entry_a_turn_extends_goes_first(model):
     _run(engine, _ids(30, seed=4))  # a fourth entry: one must go
     b2 = _run(engine, b1 + b_first.output_ids + _ids(3, seed=5))
     assert b2.cached_tokens == 16
+
+
+def _slot_at(pools, slot: int, pages: list[int], boundary: int) -> dict[str, torch.Tensor]:
+    """What a restore at `boundary` reads of a slot and its pages: every SWA ring row, the CSA rings' rows of the
+    positions boundary − 4 … boundary − 1, and the committed compressed and indexer rows of the pages before it."""
+    carried = torch.tensor([(boundary - 4 + j) % 8 for j in range(4)])
+    out = {}
+    for i, ratio in enumerate(pools.geometry.ratios):
+        out[f"{i}.swa"] = pools.swa_view(i)[slot].clone()
+        if ratio:
+            out[f"{i}.kv_compressed"] = pools.compressed_view(i)[pages].clone()
+        if ratio == 4:
+            out[f"{i}.index_cache"] = pools.index_cache[i][pages].clone()
+            for what, rings in (("compressor", pools.rings[i]), ("indexer", pools.index_rings[i])):
+                out[f"{i}.{what}.kv"], out[f"{i}.{what}.score"] = (ring[slot][carried].clone() for ring in rings)
+    return out
+
+
+@pytest.mark.parametrize("budget", [64, 20])
+def test_a_restored_slot_in_bf16_is_the_cold_prefills_state_bit_for_bit(budget):
+    """bf16 activations with FP8 KV rows: B restores the prefix it shares with A at a page boundary whose snapshot
+    A's prefill took inside a chunk (budget 64), or in a chunk that starts within a window of it (budget 20: the
+    rows before the chunk copied into the capture slot); the slot and pages it gets equal, bit for bit, those a
+    cold prefill of B's tokens up to that boundary leaves (the model's arithmetic is batch-invariant on the CPU, so
+    any difference would be the snapshot's: a row from another rounding stage, a position off by one)."""
+    model = build_model(get_preset("tiny", dtype="bfloat16"), seed=0)
+    prefix = _ids(40, seed=40)
+    a, b = prefix + _ids(9, seed=1), prefix + _ids(7, seed=2)
+    warm = Engine(model, PoolConfig(num_slots=4, max_batch_tokens=budget, num_pages=32, prefix_cache_entries=8))
+    _run(warm, a)
+    hit = warm.prefix_cache.match(b, len(b) - 1)
+    assert hit is not None and hit.num_tokens == 32
+    slot = warm.pools.slots.allocate(1)[0]
+    warm.pools.reset_slot(slot)
+    warm.prefix_cache.restore(hit, slot)
+    restored = _slot_at(warm.pools, slot, list(hit.pages), hit.num_tokens)
+
+    cold = Engine(model, PoolConfig(num_slots=4, max_batch_tokens=64, num_pages=32))
+    request = cold.submit(b[: hit.num_tokens], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    cold.step()  # the whole prefix in one chunk; the slot holds the state at its end
+    assert request.num_computed == hit.num_tokens
+    want = _slot_at(cold.pools, request.slot, request.pages[: hit.num_tokens // PAGE], hit.num_tokens)
+    assert restored.keys() == want.keys()
+    assert [name for name in want if not torch.equal(restored[name], want[name])] == []
