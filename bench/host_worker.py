@@ -7,7 +7,8 @@ measures the worker's host cost per output token with no device (bench/bench_ser
 The engine is bench_host's geometry (the `bench` preset's page size, window and layer kinds at `tiny`'s
 dimensions and vocabulary), so the router is told `--preset tiny`. `--device-ms MS` makes each forward also wait
 MS milliseconds with the GIL released (a stand-in for the device time the step's host sync waits for) so the
-loop's timing, the engine lock's hold time and the hand-offs resemble a GPU worker's.
+loop's timing, the engine lock's hold time and the hand-offs resemble a GPU worker's; `--device-spin` spends that
+wait busy, as a CUDA event sync with the default flags does (a GPU worker's CPU time then counts it).
 
     python3 bench/host_worker.py --colocated --no-cluster-auth --num-slots 256 --num-pages 4096 [--device-ms 4]
 """
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import cProfile
 import ctypes
+import hashlib
 import sys
 import threading
 import time
@@ -31,14 +33,22 @@ from sparsepd.engine.engine import Engine
 from sparsepd.model.weights import build_model
 
 
-def standin_engine(device_s: float):
+def spin(seconds: float, block: bytes = bytes(1 << 16)) -> None:
+    """Busy-wait with the GIL released, as a CUDA event sync does with the default flags (hashlib drops the GIL
+    while it hashes a buffer this size)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        hashlib.sha1(block)
+
+
+def standin_engine(device_s: float, wait=time.sleep):
     """An `Engine` factory with decode_worker.main's signature: bench_host's model and stand-in runner."""
 
     class DeviceWait(StandInRunner):
         def _forward(self, work, final_rows=None, logit_rows=None):
             logits = super()._forward(work, final_rows, logit_rows)
             if device_s > 0:
-                time.sleep(device_s)
+                wait(device_s)
             return logits
 
     def make(model, pool_config, **kwargs) -> Engine:
@@ -89,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                         "DIR/main.prof (pstats), written when the worker stops")
     p.add_argument("--device-ms", type=float, default=0.0,
                    help="ms each forward waits with the GIL released, as for the device (default: 0)")
+    p.add_argument("--device-spin", action="store_true",
+                   help="with --device-ms: spin through the wait (a default CUDA event sync) instead of sleeping")
     decode_args.add_arguments(p)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     name_os_threads()
-    decode_main.Engine = standin_engine(args.device_ms / 1e3)
+    decode_main.Engine = standin_engine(args.device_ms / 1e3, spin if args.device_spin else time.sleep)
     if not args.profile:
         return asyncio.run(decode_main.serve(args))
     Path(args.profile).mkdir(parents=True, exist_ok=True)

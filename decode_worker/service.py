@@ -30,6 +30,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode worker is shutting down")
         try:
             params = sampling_from_proto(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.worker.full():  # at once, on this loop: no executor hop, no wait for the step's lock
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free slot on this decode worker")
+        try:
             loop = asyncio.get_running_loop()
             res = await loop.run_in_executor(None, self.worker.reserve, request.request_id, request.prompt_len,
                                              params, request.ttl_s)

@@ -108,6 +108,13 @@ class DecodeWorker:
                                  max_pages=self.engine.pages_for(request.max_len))
             return res
 
+    def full(self) -> bool:
+        """No slot is free now: read without the lock, from the control server's thread, so that a Reserve that
+        cannot fit is refused at once (a router keeps asking while it has requests queued) instead of after waiting
+        up to a step for the lock. A slot freed the next moment is the router's to find: its refusal is stale
+        once the request that held the slot has ended (router/reservations.py)."""
+        return self.engine.free_slots == 0
+
     def release(self, request_id: str) -> bool:
         """Abort a request wherever it is here (reserved or decoding); False if unknown."""
         with self.lock:
