@@ -68,6 +68,9 @@ class Reservations:
         for worker in candidates:
             if flow.ended:
                 return None
+            if worker.known_full():  # it would refuse: not asked (the next end, Release or Stats here retries)
+                last = f"{worker.address}: no free slot"
+                continue
             worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
             self.pool.placement.chose(worker)
             try:
@@ -112,8 +115,11 @@ class Reservations:
     def release(self, flow: Flow, held: Stage, decode_freed: bool = False) -> None:
         """Give back what the flow held in the stage `held` it just left: its reservation (unless its decode worker
         ended the request itself: `decode_freed`) and a prefill in flight."""
-        if held in HOLDS_DECODE and not decode_freed and flow.decode is not None:
-            self.release_decode(flow.decode, flow.worker_id)
+        if held in HOLDS_DECODE and flow.decode is not None:
+            if decode_freed:
+                flow.decode.slot_freed()
+            else:
+                self.release_decode(flow.decode, flow.worker_id)
         if held is Stage.PREFILLING and flow.prefill is not None:
             self._spawn(self._release_on(flow.prefill, flow.worker_id))
 
@@ -134,6 +140,7 @@ class Reservations:
                         exc.details(), extra={"request_id": request_id})
         finally:
             if holds_pages:
+                worker.slot_freed()
                 self.releasing -= 1
                 self.room_freed += 1
                 self.wake.set()  # a request waiting for room may fit now
