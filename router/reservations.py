@@ -40,6 +40,7 @@ class Granted:
 @dataclass(frozen=True)
 class NoRoom:
     last: str  # the last worker's answer
+    unasked: bool = False  # a worker was skipped on our view alone (`reserve`): wait, never fail on that
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,15 @@ class Reservations:
         tokens = flow.prefill_len + 1  # what the state fills and its next token: decode workers grow pages on demand
         need = self.pool.placement.pages_for(tokens)
         candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
+        unasked = False
         for worker in candidates:
             if flow.ended:
                 return None
-            if worker.known_full():  # it would refuse: not asked (the next end, Release or Stats here retries)
-                last = f"{worker.address}: no free slot"
+            if worker.held_slots and worker.known_full():
+                # a Reserve of ours is on its way there and our view says it takes the last slot: this one would be
+                # refused (a batch's flows reserve at once). Not asked: the flow waits (`no_room`) for an end, a
+                # Release or the next poll, and then asks; our view (it may lag the worker) never fails a request.
+                last, unasked = f"{worker.address}: no free slot", True
                 continue
             worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
             self.pool.placement.chose(worker)
@@ -89,19 +94,21 @@ class Reservations:
                 continue
             worker.unhold(need, granted=len(reply.ticket.page_ids))
             return Granted(worker, reply.ticket, request.request_id)
-        return None if flow.ended else NoRoom(last)
+        return None if flow.ended else NoRoom(last, unasked)
 
-    def no_room(self, flow: Flow, last: str, asked_at: int, flows: Iterable[Flow]) -> Outcome | None:
+    def no_room(self, flow: Flow, last: str, asked_at: int, flows: Iterable[Flow],
+                unasked: bool = False) -> Outcome | None:
         """A flow (or group) no decode worker could reserve for, asked when `room_freed` was `asked_at`: None if it
         waits at the queue's head (`blocked` set when nothing has changed since it asked), else the outcome it
-        fails with."""
+        fails with. `unasked`: a worker was skipped on our view alone: it waits (the next poll wakes the batcher at
+        the latest, and it asks then)."""
         if not any(w.alive for w in self.pool.decode):
             why = self.pool.out_of_service("decode")
             if why is not None:
                 return Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=flow.failure_message(why))
             self.blocked = True
             return None
-        if (self.releasing or self.room_freed != asked_at or any(f.reserved for f in flows)
+        if (unasked or self.releasing or self.room_freed != asked_at or any(f.reserved for f in flows)
                 or any(w.held_slots for w in self.pool.decode)):
             self.blocked = self.room_freed == asked_at  # room comes back when a request ends or a Release answers
             return None

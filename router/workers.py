@@ -84,8 +84,8 @@ class WorkerHandle:
         return max(0, self.stats.free_slots - self.held_slots - len(self.confirmed) + len(self.freed))
 
     def known_full(self) -> bool:
-        """Its Stats and what we reserved and ended there since say that no slot is free: a Reserve now would be
-        refused (room comes back with a request that ends, a Release that answers, or the next Stats)."""
+        """Its Stats and what we reserved and ended there since say that no slot is free (room comes back with a
+        request that ends, a Release that answers, or the next Stats)."""
         return self.stats_at > 0 and self.stats.num_slots > 0 and self.free_slots == 0
 
     @property

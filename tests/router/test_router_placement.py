@@ -104,15 +104,16 @@ def test_reservations_answered_and_polled_in_between_stay_balanced():
         assert (w.free_pages, w.free_slots, len(w.confirmed)) == (2048 - pages, 64 - slots, 0)
 
 
-def test_slots_freed_since_the_last_stats_count_and_a_full_worker_is_not_asked():
-    """A worker whose Stats and our reservations since leave no slot is known full, and Reservations.reserve
-    sends it no Reserve (it would refuse); a request of ours ending there frees a slot in the view at once, until
-    a Stats asked after that counts it itself."""
+def test_slots_freed_since_the_last_stats_count_and_a_full_worker_is_not_asked_again():
+    """A worker whose Stats and our reservations since leave no slot is known full. While a Reserve of ours is on
+    its way there, Reservations.reserve sends it no other (it would refuse: a batch's flows reserve at once); with
+    none in flight it is asked all the same (a stale view must not fail a request). A request of ours ending there
+    frees a slot in the view at once, until a Stats asked after that counts it itself."""
     pool = _pool(1, slots=2)
     (w,) = pool.decode
-    for _ in range(2):
-        w.hold(4)
-        w.unhold(4, granted=4)
+    w.hold(4)
+    w.unhold(4, granted=4)
+    w.hold(4)  # the second Reserve is in flight
     assert w.free_slots == 0 and w.known_full()
 
     class Refusing:
@@ -120,13 +121,23 @@ def test_slots_freed_since_the_last_stats_count_and_a_full_worker_is_not_asked()
 
         async def Reserve(self, request, timeout=None):
             Refusing.calls += 1
-            raise AssertionError("a known-full worker was asked")
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "full")
 
     w.stub = Refusing()
     flow = Flow(RequestSpec("r", [1] * 20, worker_pb2.SamplingParams(max_new_tokens=8), 8))
     reservations = Reservations(pool, 30.0, lambda coro: None, asyncio.Event())
     result = asyncio.run(reservations.reserve(flow))
-    assert isinstance(result, NoRoom) and "no free slot" in result.last and Refusing.calls == 0
+    assert isinstance(result, NoRoom) and result.unasked and "no free slot" in result.last and Refusing.calls == 0
+    # skipped on our view alone: the flow waits, even with nothing of ours left to come back
+    assert reservations.no_room(flow, result.last, reservations.room_freed, [], unasked=True) is None
+    w.unhold(4)  # that one was refused: with nothing in flight the worker is asked even though the view says full
+    w.hold(4)
+    w.unhold(4, granted=4)
+    assert w.known_full()
+    result = asyncio.run(reservations.reserve(flow))
+    assert isinstance(result, NoRoom) and not result.unasked and result.last.endswith("full") and Refusing.calls == 1
+    assert reservations.no_room(flow, result.last, reservations.room_freed, []) is not None
 
     asked = time.monotonic()
     w.slot_freed()  # a request ended there after this Stats was asked: counted until the next one
