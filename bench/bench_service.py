@@ -9,15 +9,25 @@ many concurrent streams, with each process's CPU time per output token beside th
 
 Each point: `--concurrency` streams, each sending `--rounds` requests one after another (random prompt ids of
 `--input-len`, exactly `--output-len` tokens: ignore_eos, min = max tokens, greedy) through the public gRPC API
-after one warm-up request per stream. Per point: output tokens/s over first send → last end, TPOT p50 (the load
-test's definition), and the CPU time (user + system, /proc) the router, the worker(s) and this client took
-during the point, in µs per output token: the router's column is the service path's host cost outside the
-engine (the token stream from the worker, stop rules, the public stream's messages); the worker's is its engine
-step and its token messages together.
+after one warm-up request per stream (neither its tokens nor the CPU time it took count). Per point: output
+tokens/s over first send → last end, TPOT p50 (the load test's definition), and the CPU time (user + system,
+/proc) the router, the worker(s) and this client took during the point, in µs per output token: the router's
+column is the service path's host cost outside the engine (the token stream from the worker, stop rules, the
+public stream's messages); the worker's is its engine step and its token messages together (on a GPU, also any
+time its loop thread spins in a device sync), split by thread on stderr (bench/host_worker.py names its threads;
+a launched worker's show as `python`).
 
 `--standin STEP_MS` measures the router alone: a `sparsepd router` (`--router-args`, e.g. `--stream-interval 4`)
 in front of bench/standin_worker.py, which sends a token for every running request each STEP_MS with no engine:
 a token rate no CPU engine reaches, so the router's column is its own cost per token when it is busy.
+`--host-worker` measures the real worker without its model: bench/host_worker.py (`sparsepd decode-worker
+--colocated` with bench/bench_host.py's stand-in forward; `--worker-args`, e.g. `--device-ms 4` for a device-like
+step) behind a `sparsepd router` (`--router-args`). Its worker column is the decode worker's own host cost per
+output token (scheduler, metadata, step loop, token messages, control calls), comparable with bench_host's µs per
+request-step:
+
+    .venv/bin/python bench/bench_service.py --host-worker --concurrency 128 --input-len 128 --output-len 256
+
 `--profile DIR` samples the router and the worker with py-spy during each point (if installed) and prints each
 one's top frames by own time; the raw stacks stay in DIR.
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -35,6 +46,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--standin", type=float, default=None, metavar="STEP_MS",
                    help="the router alone, before a stand-in worker stepping every STEP_MS (no serve, no engine)")
-    p.add_argument("--router-args", default="", help="with --standin: options of the router, e.g. --stream-interval 4")
+    p.add_argument("--router-args", default="",
+                   help="with --standin or --host-worker: options of the router, e.g. --stream-interval 4")
+    p.add_argument("--host-worker", action="store_true",
+                   help="the real colocated worker with a stand-in forward (bench/host_worker.py) behind a router")
+    p.add_argument("--worker-args", default="--num-slots 256 --num-pages 4096 --max-batch-tokens 4096",
+                   help="with --host-worker: its decode-worker options (default: %(default)s)")
     p.add_argument("--profile", default=None, metavar="DIR", help="py-spy the router and worker into DIR")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
     return p.parse_args(argv)
@@ -100,6 +117,24 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS_S
 
 
+def thread_cpu_s(pid: int) -> Counter:
+    """User + system CPU seconds of a process's threads, summed by thread name (/proc/PID/task/*/comm)."""
+    out: Counter = Counter()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name.rstrip("0123456789_") or name] += (int(fields[11]) + int(fields[12])) / TICKS_S
+    return out
+
+
+def start_counters(into: dict, pids: list[int]) -> None:
+    """The CPU counters at a point's start: each process's, the first worker's by thread, this client's."""
+    into.update({pid: cpu_s(pid) for pid in pids}, threads=thread_cpu_s(pids[1]), client=time.process_time())
+
+
 def request(i: int, rng: random.Random, input_len: int, output_len: int) -> pb.GenerateRequest:
     ids = [rng.randrange(32, 127) for _ in range(input_len)]  # printable bytes: no special ids in any vocabulary
     sampling = pb.SamplingParams(temperature=0.0, max_new_tokens=output_len, min_new_tokens=output_len,
@@ -108,12 +143,15 @@ def request(i: int, rng: random.Random, input_len: int, output_len: int) -> pb.G
                               sampling_params=sampling, stream=True)
 
 
-async def run_point(address: str, concurrency: int, rounds: int, args, rng: random.Random) -> tuple[list, float]:
+async def run_point(address: str, concurrency: int, rounds: int, args, rng: random.Random,
+                    warm: Callable[[], None] = lambda: None) -> tuple[list, float]:
+    """One warm-up request per stream, then `warm()` (the CPU counters' start), then the point's requests."""
     async with open_channel(address) as channel:
         stub = pb_grpc.SglangSchedulerStub(channel)
-        warm: list[RequestRecord] = []
-        await asyncio.gather(*(send(stub, request(-1 - i, rng, args.input_len, args.output_len), args.timeout, warm)
-                               for i in range(concurrency)))
+        warmup: list[RequestRecord] = []
+        await asyncio.gather(*(send(stub, request(-1 - i, rng, args.input_len, args.output_len), args.timeout,
+                                    warmup) for i in range(concurrency)))
+        warm()
         records: list[RequestRecord] = []
         counter = iter(range(concurrency * rounds))
 
@@ -147,25 +185,31 @@ def top_functions(stacks: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(frame, c / max(total, 1)) for frame, c in own.most_common(n)]
 
 
-def start_standin(step_ms: float) -> tuple[subprocess.Popen, str]:
-    """bench/standin_worker.py, once it prints its address."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("standin_worker.py")), "--step-ms",
-                             str(step_ms)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    line = proc.stdout.readline()
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"error: the stand-in worker did not start (said {line!r})")
-    return proc, json.loads(line[len("READY "):])["address"]
+def start_standin(script: str, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """A worker script of bench/ (standin_worker.py, host_worker.py), once it prints its control address."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("READY "):
+            ready = json.loads(line[len("READY "):])
+            return proc, ready.get("address") or ready["grpc"]
+    proc.kill()
+    raise SystemExit(f"error: {script} did not start (exit {proc.wait()})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     standin = None
-    if args.standin is not None:
-        standin, address = start_standin(args.standin)
+    if args.standin is not None or args.host_worker:
+        if args.host_worker:
+            standin, address = start_standin("host_worker.py", ["--colocated", "--no-cluster-auth", "--log-level",
+                                                                "WARNING", *shlex.split(args.worker_args)])
+            args.serve_args = f"(router {args.router_args}; host_worker.py {args.worker_args}: stand-in forward)"
+        else:
+            standin, address = start_standin("standin_worker.py", ["--step-ms", str(args.standin)])
+            args.serve_args = f"(router {args.router_args} alone; stand-in worker stepping every {args.standin} ms)"
         launch = ["router", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--colocated", address,
                   "--preset", "tiny", "--no-cluster-auth", *shlex.split(args.router_args)]
-        args.serve_args = f"(router {args.router_args} alone; stand-in worker stepping every {args.standin} ms)"
     else:
         launch = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *shlex.split(args.serve_args)]
     print(f"# launching: sparsepd {shlex.join(launch)}", file=sys.stderr, flush=True)
@@ -192,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                     spy = py_spy(pid, Path(args.profile) / f"{role}_c{conc}.txt")
                     if spy is not None:
                         spies.append((role, spy))
-            before = {pid: cpu_s(pid) for pid in [pids["router"][0], *workers]}
-            client_before = time.process_time()
-            records, _ = asyncio.run(run_point(child.ready["grpc"], conc, args.rounds, args, rng))
-            client_s = time.process_time() - client_before
+            before: dict = {}
+            # the counters start after the warm-up requests: only the point's tokens count
+            warm = functools.partial(start_counters, before, [pids["router"][0], *workers])
+            records, _ = asyncio.run(run_point(child.ready["grpc"], conc, args.rounds, args, rng, warm))
+            client_s = time.process_time() - before.pop("client")
+            threads = thread_cpu_s(workers[0])
+            threads.subtract(before.pop("threads"))
             used = {pid: cpu_s(pid) - t for pid, t in before.items()}
             for _, spy in spies:
                 spy.send_signal(2)  # SIGINT: py-spy writes its file
@@ -209,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                          "tok_s": tokens / span, "tpot_p50_ms": float(np.percentile(tpot, 50)) * 1e3 if tpot else 0,
                          "router_us": used[pids["router"][0]] * per_token,
                          "worker_us": sum(used[p] for p in workers) * per_token, "client_us": client_s * per_token})
+            print(f"# worker {workers[0]} at c={conc}, CPU µs per output token by thread: " + ", ".join(
+                f"{name} {s * per_token:.1f}" for name, s in threads.most_common() if s * per_token >= 0.05),
+                file=sys.stderr)
             for role, _ in spies:
                 path = Path(args.profile) / f"{role}_c{conc}.txt"
                 if path.exists():

@@ -48,7 +48,7 @@ for s in "$@"; do
                    --json "$out/prefix_host_tier.json" ;;
     prefix) step prefix ${PREFIX_S:-300} env OUT="$out" bench/prefix_multiturn.sh ;;
     service-cost) step service-cost ${SERVICE_S:-180} python3 -P bench/bench_service.py \
-                    --serve-args "--preset bench --colocated" --concurrency 32,128 --input-len 128 --output-len 256 ;;
+                    --serve-args "--preset bench --colocated --num-slots 128" --concurrency 32,128 --input-len 128 --output-len 256 ;;
     group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
              --batches 1,64,256 --out "$out" ;;
     quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;

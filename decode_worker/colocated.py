@@ -9,6 +9,8 @@ issued; nothing crosses zmq. `Prefill` answers as soon as the requests are queue
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from sparsepd.decode_worker.service import DecodeService
@@ -37,9 +39,11 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 if other is not None:
                     raise ValueError(f"the ticket names {other!r}; a colocated worker only runs requests it reserved "
                                      "itself")
-                cached = self.worker.start_local(r.request_id, r.ticket.transfer_id, list(r.input_ids),
-                                                 [(f.request_id, f.ticket.transfer_id) for f in r.forks],
-                                                 list(r.output_ids))
+                # off the event loop, as Reserve: start_local waits for the engine lock, which the decode loop holds
+                # for a whole step, and the token streams' messages go out from this loop meanwhile
+                cached = await asyncio.get_running_loop().run_in_executor(
+                    None, self.worker.start_local, r.request_id, r.ticket.transfer_id, list(r.input_ids),
+                    [(f.request_id, f.ticket.transfer_id) for f in r.forks], list(r.output_ids))
             except (ValueError, OutOfCapacity) as exc:
                 results.extend(worker_pb2.PrefillResult(request_id=i, error=str(exc)) for i in ids)
                 continue

@@ -1,6 +1,10 @@
 """The decode worker's state and loop: reservations, shipped states admitted into the running batch,
 continuous-batching decode, one token message per step.
 
+Per step the loop hands its listeners (the token streams, service.py) the engine's `StepOutput`s as they are,
+one list for the whole step and no object of its own per token; the worker's own events (an abort, a state that
+could not be admitted, an expired reservation, a failed request with its status code) are `TokenUpdate`s.
+
 Threads: the gRPC server (asyncio) calls `reserve`/`release`; the transfer receiver's thread calls
 `on_state`; the loop thread owns the engine. Everything that touches the engine goes through `inbox` or
 holds `lock`, so the GPU work happens on the loop thread only and a transfer never blocks a step (only
@@ -53,6 +57,9 @@ class TokenUpdate:
     spec_accepted_tokens: int = 0
 
 
+Update = StepOutput | TokenUpdate  # what listeners get, in step order
+
+
 class DecodeWorker:
     def __init__(self, engine: Engine, max_ttl_s: float = 30.0, faults: Faults | None = None):
         self.engine = engine
@@ -63,7 +70,7 @@ class DecodeWorker:
         self.by_transfer: dict[str, str] = {}  # transfer id → request id
         self.inbox: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
-        self.listeners: list[Callable[[int, list[TokenUpdate]], None]] = []
+        self.listeners: list[Callable[[int, list[Update]], None]] = []
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.cancel_transfer: Callable[..., object] = lambda transfer_id, why="": None
@@ -100,6 +107,13 @@ class DecodeWorker:
             self.expect_transfer(res.transfer_id, request_id, deadline_s=res.expires_at - time.time(),
                                  max_pages=self.engine.pages_for(request.max_len))
             return res
+
+    def full(self) -> bool:
+        """No slot is free now: read without the lock, from the control server's thread, so that a Reserve that
+        cannot fit is refused at once (a router keeps asking while it has requests queued) instead of after waiting
+        up to a step for the lock. A slot freed the next moment is the router's to find: its refusal is stale
+        once the request that held the slot has ended (router/reservations.py)."""
+        return self.engine.free_slots == 0
 
     def release(self, request_id: str) -> bool:
         """Abort a request wherever it is here (reserved or decoding); False if unknown."""
@@ -185,9 +199,13 @@ class DecodeWorker:
                 with self.lock:
                     outputs = self._step()
                 self.step_count += 1
-                updates = [_update(o) for o in outputs]
-                self.counters["tokens_generated"] += sum(o.finish_reason != "error" for o in outputs)
-                self._publish(updates)
+                failed = [i for i, o in enumerate(outputs) if o.finish_reason == "error"]
+                if failed:  # rare: those become updates with the client's status (and are logged)
+                    outputs = list(outputs)
+                    for i in failed:
+                        outputs[i] = _failure(outputs[i])
+                self.counters["tokens_generated"] += len(outputs) - len(failed)
+                self._publish(outputs)
 
     def _step(self) -> list[StepOutput]:
         """One engine step; a step that raises (not one request's fault: those fail alone inside it) fails the
@@ -253,6 +271,8 @@ class DecodeWorker:
             self.counters["transfers_ok"] += 1
 
     def _expire(self) -> None:
+        if not self.reservations:  # (read without the lock: one that appears now is checked next turn)
+            return
         now = time.time()
         with self.lock:
             expired = [r for r in self.reservations.values() if r.expires_at < now]
@@ -267,7 +287,7 @@ class DecodeWorker:
         for res in expired:
             self._publish([TokenUpdate(res.request.request_id, (), "error", "reservation expired: no state arrived")])
 
-    def _publish(self, updates: list[TokenUpdate]) -> None:
+    def _publish(self, updates: list[Update]) -> None:
         if updates:
             for listener in list(self.listeners):
                 listener(self.step_count, updates)
@@ -287,15 +307,12 @@ class DecodeWorker:
         return self.engine.holds_nothing()
 
 
-def _update(o: StepOutput) -> TokenUpdate:
-    if o.finish_reason == "error":  # this request failed alone in the step (its pages are free again)
-        log.error("decode failed: %s", o.error, extra={"request_id": o.request_id})
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if o.overloaded else grpc.StatusCode.INTERNAL
-        return TokenUpdate(o.request_id, (), "error", o.error, error_code=code.value[0])
-    return TokenUpdate(o.request_id, (o.token,), o.finish_reason or "",
-                       logprobs=(o.logprobs,) if o.logprobs is not None else (), prompt_logprobs=o.prompt_logprobs,
-                       spec_draft_tokens=o.spec_drafted, spec_accepted_tokens=o.spec_accepted)
+def _failure(o: StepOutput) -> TokenUpdate:
+    """A request that failed alone in the step (its pages are free again), with the client's status."""
+    log.error("decode failed: %s", o.error, extra={"request_id": o.request_id})
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if o.overloaded else grpc.StatusCode.INTERNAL
+    return TokenUpdate(o.request_id, (), "error", o.error, error_code=code.value[0])
 
 
-__all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate"]
+__all__ = ["DecodeWorker", "OutOfCapacity", "Reservation", "TokenUpdate", "Update"]
 

@@ -200,6 +200,12 @@ class Engine:
         return self.scheduler.has_work
 
     @property
+    def free_slots(self) -> int:
+        """Slots free now: one integer read, which another thread may make without the worker's lock (a hint there:
+        a slot may be freed or taken the next moment)."""
+        return self.pools.slots.num_free
+
+    @property
     def has_running(self) -> bool:
         return bool(self.scheduler.running)
 

@@ -45,7 +45,7 @@ from sparsepd.proto import worker_pb2
 from sparsepd.router.delivery import deliver, event_logprobs, first_token_logprobs
 from sparsepd.router.flow import Flow, Outcome, TokenLogprob, worker_error_status
 from sparsepd.router.params import RequestSpec
-from sparsepd.router.reservations import Granted, Invalid, Reservations
+from sparsepd.router.reservations import Granted, Invalid, NoRoom, Reservations
 from sparsepd.router.stage import Stage
 from sparsepd.router.text import StopStrings
 from sparsepd.router.workers import WorkerHandle, WorkerPool
@@ -277,15 +277,17 @@ class Dispatcher:
         res.releasing += len(held)
         await asyncio.gather(*(res._release_on(worker, worker_id, holds_pages=True) for worker, worker_id in held))
         if not flow.ended:
-            last = next((t for t in results if isinstance(t, str)), "")
-            self._no_room(flow, last, asked_at + len(held))  # its own give-backs do not make the refusal stale
+            refused = [t for t in results if isinstance(t, NoRoom)]
+            last = refused[0].last if refused else ""
+            # its own give-backs do not make the refusal stale
+            self._no_room(flow, last, asked_at + len(held), any(t.unasked for t in refused))
         return None
 
     async def _reserve(self, flow: Flow, only: list[WorkerHandle] | None = None,
-                       on_no_room: bool = True) -> worker_pb2.Ticket | str | None:
+                       on_no_room: bool = True) -> worker_pb2.Ticket | NoRoom | None:
         """A ticket for the flow on a decode worker with room (the flow is then RESERVED); None if it ended. When
-        no worker has room: on_no_room → back to the queue or fail (`_no_room`) and None; else the last worker's
-        answer (a str), the flow still RESERVING."""
+        no worker has room: on_no_room → back to the queue or fail (`_no_room`) and None; else the `NoRoom` (the last
+        worker's answer), the flow still RESERVING."""
         asked_at, attempt = self.reservations.room_freed, flow.attempt
         result = await self.reservations.reserve(flow, only)
         if isinstance(result, Granted):  # (no await since the reply: nothing ran in between)
@@ -300,9 +302,9 @@ class Dispatcher:
         if result is None:
             return None
         if not on_no_room:
-            return result.last
+            return result
         if flow.to(Stage.QUEUED):
-            self._no_room(flow, result.last, asked_at)
+            self._no_room(flow, result.last, asked_at, result.unasked)
         return None
 
     def _requeue(self, flow: Flow) -> None:
@@ -318,10 +320,10 @@ class Dispatcher:
         counted all along, and only a request moved off a lost worker can take it past the cap."""
         return len(self.queue) + sum(f.stage in (Stage.RESERVING, Stage.RESERVED) for f in self.flows.values())
 
-    def _no_room(self, flow: Flow, last: str, asked_at: int) -> None:
+    def _no_room(self, flow: Flow, last: str, asked_at: int, unasked: bool = False) -> None:
         """No decode worker could reserve for the flow (or its group), now QUEUED: wait at the queue's head or
         fail, as router/reservations.py decides."""
-        outcome = self.reservations.no_room(flow, last, asked_at, self.flows.values())
+        outcome = self.reservations.no_room(flow, last, asked_at, self.flows.values(), unasked)
         if outcome is not None:
             self._end(flow, outcome)
         elif flow not in self.queue:  # (a head moved meanwhile is there already)

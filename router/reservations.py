@@ -40,6 +40,7 @@ class Granted:
 @dataclass(frozen=True)
 class NoRoom:
     last: str  # the last worker's answer
+    unasked: bool = False  # a worker was skipped on our view alone (`reserve`): wait, never fail on that
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,16 @@ class Reservations:
         tokens = flow.prefill_len + 1  # what the state fills and its next token: decode workers grow pages on demand
         need = self.pool.placement.pages_for(tokens)
         candidates = [w for w in only if w.alive] if only is not None else self.pool.decode_order(tokens)
+        unasked = False
         for worker in candidates:
             if flow.ended:
                 return None
+            if worker.held_slots and worker.known_full():
+                # a Reserve of ours is on its way there and our view says it takes the last slot: this one would be
+                # refused (a batch's flows reserve at once). Not asked: the flow waits (`no_room`) for an end, a
+                # Release or the next poll, and then asks; our view (it may lag the worker) never fails a request.
+                last, unasked = f"{worker.address}: no free slot", True
+                continue
             worker.hold(need)  # counted at once: the next flow's choice sees it (router/placement.py)
             self.pool.placement.chose(worker)
             try:
@@ -86,19 +94,21 @@ class Reservations:
                 continue
             worker.unhold(need, granted=len(reply.ticket.page_ids))
             return Granted(worker, reply.ticket, request.request_id)
-        return None if flow.ended else NoRoom(last)
+        return None if flow.ended else NoRoom(last, unasked)
 
-    def no_room(self, flow: Flow, last: str, asked_at: int, flows: Iterable[Flow]) -> Outcome | None:
+    def no_room(self, flow: Flow, last: str, asked_at: int, flows: Iterable[Flow],
+                unasked: bool = False) -> Outcome | None:
         """A flow (or group) no decode worker could reserve for, asked when `room_freed` was `asked_at`: None if it
         waits at the queue's head (`blocked` set when nothing has changed since it asked), else the outcome it
-        fails with."""
+        fails with. `unasked`: a worker was skipped on our view alone: it waits (the next poll wakes the batcher at
+        the latest, and it asks then)."""
         if not any(w.alive for w in self.pool.decode):
             why = self.pool.out_of_service("decode")
             if why is not None:
                 return Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=flow.failure_message(why))
             self.blocked = True
             return None
-        if (self.releasing or self.room_freed != asked_at or any(f.reserved for f in flows)
+        if (unasked or self.releasing or self.room_freed != asked_at or any(f.reserved for f in flows)
                 or any(w.held_slots for w in self.pool.decode)):
             self.blocked = self.room_freed == asked_at  # room comes back when a request ends or a Release answers
             return None
@@ -112,8 +122,11 @@ class Reservations:
     def release(self, flow: Flow, held: Stage, decode_freed: bool = False) -> None:
         """Give back what the flow held in the stage `held` it just left: its reservation (unless its decode worker
         ended the request itself: `decode_freed`) and a prefill in flight."""
-        if held in HOLDS_DECODE and not decode_freed and flow.decode is not None:
-            self.release_decode(flow.decode, flow.worker_id)
+        if held in HOLDS_DECODE and flow.decode is not None:
+            if decode_freed:
+                flow.decode.slot_freed()
+            else:
+                self.release_decode(flow.decode, flow.worker_id)
         if held is Stage.PREFILLING and flow.prefill is not None:
             self._spawn(self._release_on(flow.prefill, flow.worker_id))
 
@@ -134,6 +147,7 @@ class Reservations:
                         exc.details(), extra={"request_id": request_id})
         finally:
             if holds_pages:
+                worker.slot_freed()
                 self.releasing -= 1
                 self.room_freed += 1
                 self.wake.set()  # a request waiting for room may fit now

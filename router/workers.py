@@ -55,6 +55,7 @@ class WorkerHandle:
     held_pages: int = 0  # decode: pages and slots of Reserve calls in flight (router/placement.py)
     held_slots: int = 0
     confirmed: deque = field(default_factory=deque)  # (monotonic time, pages) reserved, not in our Stats yet
+    freed: deque = field(default_factory=deque)  # monotonic times a slot of ours came back, not in our Stats yet
     transfer_bytes: int = 0  # prefill: states pushed (as its results report)
     transfer_ms: float = 0.0
     transfers: int = 0
@@ -80,7 +81,12 @@ class WorkerHandle:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.stats.free_slots - self.held_slots - len(self.confirmed))
+        return max(0, self.stats.free_slots - self.held_slots - len(self.confirmed) + len(self.freed))
+
+    def known_full(self) -> bool:
+        """Its Stats and what we reserved and ended there since say that no slot is free (room comes back with a
+        request that ends, a Release that answers, or the next Stats)."""
+        return self.stats_at > 0 and self.stats.num_slots > 0 and self.free_slots == 0
 
     @property
     def num_pages(self) -> int:
@@ -103,12 +109,21 @@ class WorkerHandle:
         if granted is not None:
             self.confirmed.append((time.monotonic(), granted))
 
+    def slot_freed(self) -> None:
+        """A request of ours ended here (the worker ended it, or our Release answered): its slot is free again,
+        counted until a Stats asked for after now comes back. (One the Stats already counted is counted twice
+        until then: a Reserve too many, refused; never one too few.)"""
+        self.freed.append(time.monotonic())
+
     def seen(self, stats: worker_pb2.StatsResponse, asked_at: float) -> None:
-        """A Stats asked for at asked_at: it includes every reservation confirmed before then."""
+        """A Stats asked for at asked_at: it includes every reservation confirmed, and every slot freed, before
+        then."""
         self.stats, self.stats_at = stats, time.monotonic()
         self.cached = frozenset(stats.prefix_cache.hashes)
         while self.confirmed and self.confirmed[0][0] < asked_at:
             self.confirmed.popleft()
+        while self.freed and self.freed[0] < asked_at:
+            self.freed.popleft()
 
     def mark_dead(self, why: str) -> None:
         if self.alive:

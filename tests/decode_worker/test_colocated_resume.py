@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sparsepd.decode_worker.worker import DecodeWorker
+from sparsepd.decode_worker.worker import DecodeWorker, TokenUpdate
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.generate import generate
 from sparsepd.engine.pools import PoolConfig
@@ -29,8 +29,8 @@ def test_colocated_start_local_resumes_after_the_tokens_so_far(params):
     streamed, finished = [], threading.Event()
 
     def listen(step, updates):
-        for u in updates:
-            streamed.extend(u.token_ids)
+        for u in updates:  # the engine's StepOutputs (a TokenUpdate only for the worker's own events)
+            streamed.extend(u.token_ids if isinstance(u, TokenUpdate) else [u.token])
             if u.finish_reason:
                 finished.set()
 

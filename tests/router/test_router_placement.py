@@ -28,6 +28,9 @@ from router_helpers import (  # noqa: E402
 from sparsepd.cluster_token import AuthorizedStub, token_from_env  # noqa: E402
 from sparsepd.deploy.launch import start, stop  # noqa: E402
 from sparsepd.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
+from sparsepd.router.flow import Flow  # noqa: E402
+from sparsepd.router.params import RequestSpec  # noqa: E402
+from sparsepd.router.reservations import NoRoom, Reservations  # noqa: E402
 from sparsepd.router.workers import WorkerPool  # noqa: E402
 
 PAGE = 16
@@ -99,6 +102,49 @@ def test_reservations_answered_and_polled_in_between_stay_balanced():
     for w in pool.decode:
         pages, slots = used[w.address]
         assert (w.free_pages, w.free_slots, len(w.confirmed)) == (2048 - pages, 64 - slots, 0)
+
+
+def test_slots_freed_since_the_last_stats_count_and_a_full_worker_is_not_asked_again():
+    """A worker whose Stats and our reservations since leave no slot is known full. While a Reserve of ours is on
+    its way there, Reservations.reserve sends it no other (it would refuse: a batch's flows reserve at once); with
+    none in flight it is asked all the same (a stale view must not fail a request). A request of ours ending there
+    frees a slot in the view at once, until a Stats asked after that counts it itself."""
+    pool = _pool(1, slots=2)
+    (w,) = pool.decode
+    w.hold(4)
+    w.unhold(4, granted=4)
+    w.hold(4)  # the second Reserve is in flight
+    assert w.free_slots == 0 and w.known_full()
+
+    class Refusing:
+        calls = 0
+
+        async def Reserve(self, request, timeout=None):
+            Refusing.calls += 1
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "full")
+
+    w.stub = Refusing()
+    flow = Flow(RequestSpec("r", [1] * 20, worker_pb2.SamplingParams(max_new_tokens=8), 8))
+    reservations = Reservations(pool, 30.0, lambda coro: None, asyncio.Event())
+    result = asyncio.run(reservations.reserve(flow))
+    assert isinstance(result, NoRoom) and result.unasked and "no free slot" in result.last and Refusing.calls == 0
+    # skipped on our view alone: the flow waits, even with nothing of ours left to come back
+    assert reservations.no_room(flow, result.last, reservations.room_freed, [], unasked=True) is None
+    w.unhold(4)  # that one was refused: with nothing in flight the worker is asked even though the view says full
+    w.hold(4)
+    w.unhold(4, granted=4)
+    assert w.known_full()
+    result = asyncio.run(reservations.reserve(flow))
+    assert isinstance(result, NoRoom) and not result.unasked and result.last.endswith("full") and Refusing.calls == 1
+    assert reservations.no_room(flow, result.last, reservations.room_freed, []) is not None
+
+    asked = time.monotonic()
+    w.slot_freed()  # a request ended there after this Stats was asked: counted until the next one
+    w.seen(worker_pb2.StatsResponse(num_pages=192, free_pages=184, num_slots=2, free_slots=0), asked)
+    assert w.free_slots == 1 and not w.known_full()
+    w.seen(worker_pb2.StatsResponse(num_pages=192, free_pages=188, num_slots=2, free_slots=1), time.monotonic())
+    assert (w.free_slots, len(w.freed), len(w.confirmed)) == (1, 0, 0)
 
 
 def test_the_worker_that_can_hold_the_request_comes_first():
