@@ -97,15 +97,22 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                 self.timing.write(timing)
 
     async def _stream(self, flows: list[Flow], timing: RequestTiming | None = None):
-        """Chunks (stream) and one complete per choice (`index`), in the order the events come; what is already
-        queued goes out as one chunk per choice (the dispatcher hands tokens over a chunk's worth at a time:
-        --stream-interval). `timing` notes when each response is handed to gRPC."""
+        """Chunks (stream) and one complete per choice (`index`), in the order the events come; a choice's first
+        tokens go out as a chunk of their own even when more are already queued behind them (a slow reader still
+        sees the first token alone, as without load); after that, what is already queued goes out as one chunk per
+        choice (the dispatcher hands tokens over a chunk's worth at a time: --stream-interval). `timing` notes when
+        each response is handed to gRPC."""
         events = _Events(flows)
         sent, left = [0] * len(flows), len(flows)
         try:
             while left:
                 new: dict[int, list[int]] = {}  # choice → its tokens in this batch of events
                 for i, kind, payload in await events.take():
+                    if kind == "tokens" and sent[i] == 0 and i not in new:  # a choice's first tokens: a chunk alone
+                        chunk = self._send(flows[i], sent, i, payload, timing)
+                        if chunk is not None:
+                            yield chunk
+                        continue
                     if kind == "tokens":
                         new.setdefault(i, []).extend(payload)
                         continue

@@ -1,6 +1,6 @@
 """Units of the router's streaming path: a flow hands its stream the first token at once and then
-`stream_interval` tokens at a time (the rest before its end), in order; the router's timing lines and their
-summary."""
+`stream_interval` tokens at a time (the rest before its end), in order; the stream sends a choice's first tokens
+as a chunk of their own even when its reader falls behind; the router's timing lines and their summary."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import json
 import pytest
 
 from sparsepd.proto import worker_pb2
-from sparsepd.router.flow import Flow
+from sparsepd.router.flow import Flow, Outcome
 from sparsepd.router.params import RequestSpec
+from sparsepd.router.service import SchedulerService
 from sparsepd.router.timing import RequestTiming, TimingLog, read, summarize
 
 
-def _flow(interval: int) -> Flow:
-    spec = RequestSpec("r", [1, 2, 3], worker_pb2.SamplingParams(max_new_tokens=100), 100, stream=True)
+def _flow(interval: int, index: int = 0) -> Flow:
+    spec = RequestSpec("r", [1, 2, 3], worker_pb2.SamplingParams(max_new_tokens=100), 100, stream=True, index=index)
     return Flow(spec, stream_interval=interval)
 
 
@@ -51,6 +52,30 @@ def test_hand_over_sends_the_first_token_at_once_then_interval_tokens_at_a_time(
     else:
         assert all(len(chunk) >= interval for chunk in sent[1:-1]), sent
         assert len(held_before_end) < interval and sent[-1] == held_before_end != []
+
+
+def test_a_stream_that_falls_behind_still_sends_the_first_token_alone_then_merges_what_waits():
+    """Everything is queued before the stream reads (a reader slower than the worker): the first token is a chunk
+    of its own, the held chunks behind it go out as one, the complete last; for n = 2 each choice the same."""
+    async def scenario(n: int):
+        flows = [_flow(4, index) for index in range(n)]
+        for index, flow in enumerate(flows):
+            for tokens in ([10 + index], [11, 12, 13, 14], [15, 16, 17, 18], [19]):
+                flow.output_ids.extend(tokens)
+                flow.events.put_nowait(("tokens", tokens))
+            flow.events.put_nowait(("end", Outcome("length")))
+        service = object.__new__(SchedulerService)  # _stream needs only the flows
+        return [r async for r in service._stream(flows, RequestTiming("r", arrival_unix_s=0.0, arrival_s=0.0))]
+
+    for n in (1, 2):
+        responses = asyncio.run(scenario(n))
+        for index in range(n):
+            mine = [r for r in responses if (r.chunk.index if r.HasField("chunk") else r.complete.index) == index]
+            chunks = [list(r.chunk.token_ids) for r in mine if r.HasField("chunk")]
+            assert chunks == [[10 + index], list(range(11, 20))], (n, chunks)
+            assert [r.chunk.completion_tokens for r in mine[:-1]] == [1, 10]
+            assert mine[-1].HasField("complete") and list(mine[-1].complete.output_ids) == [10 + index,
+                                                                                             *range(11, 20)]
 
 
 def test_timing_records_and_summary(tmp_path):
