@@ -25,9 +25,11 @@ uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layo
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
 the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
-tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`), so FP8 rows take the
-bf16 rows' launch table; `smem_bytes` models each launch's shared memory from its tiles (checked against the sm_90
-compiler on the CPU) and `fit_shared_memory` keeps the table's choice within the card's opt-in limit.
+tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`; 8-byte cp.async, the
+widest a 584-byte row allows). The dequantized key tile is held in registers, so FP8 rows take the bf16 rows' head
+blocks and splits with 8 warps and shorter key steps (`default_config`: no spills on sm_90); `smem_bytes` models
+each launch's shared memory from its tiles (checked against the sm_90 compiler on the CPU) and
+`fit_shared_memory` keeps the table's choice within the card's opt-in limit.
 
 Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
@@ -104,10 +106,17 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
     16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
     h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
+    NVIDIA FP8 KV rows (`fp8_rows`) keep the head blocks and splits (the same grid) but take 8 warps and 32-key
+    steps on 16-head blocks, 16-key steps on 64-head blocks. Their gather dequantizes the whole
+    [block_n, BLOCK_D] key tile in registers before the dots read it from shared memory (float rows go from the
+    cp.async buffer to the MMA without registers), so the bf16 tiles spilled on sm_90 (ptxas, CPU compile,
+    2026-12-06): h16/n64/w4 255 regs and 2,312 bytes of spill stores (T = 32, H = 64: 412 µs against 47 µs for
+    bf16 rows on an H200), h16/n32/w4 292 bytes (T = 1), h64/n32/w8 112 bytes (T ≥ 64 at 64/128 heads, prefill).
+    h16/n32/w8: 222 regs, h64/n16/w8: 255, neither spills.
     NVIDIA: the table's tiles are then fitted to `smem_limit` (the card's opt-in shared memory a block) by
     `fit_shared_memory`, for float rows (bf16 at V4's D) or FP8 KV rows (V4's layout): fewer stages first, then
-    shorter key steps; at D = 512 every table row fits an H100/H200 (227 KiB) unchanged, FP8 rows included
-    (h16/n64/st3 226 KiB, h64/n32/st3 145 KiB).
+    shorter key steps; at D = 512 every table row fits an H100/H200 (227 KiB) unchanged (FP8 rows: h16/n32/st3
+    120 KiB, h64/n16/st3 128 KiB).
 
     AMD FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
     h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
@@ -127,6 +136,8 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     block_n = 64 if block_h == 16 and num_splits == 1 and programs <= num_sms else 32
     config = SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
                               num_stages=3, skip_empty=block_h == 64)
+    if fp8_rows:  # the dequantized key tile is held in registers: 8 warps, shorter key steps (no spills)
+        config = dataclasses.replace(config, block_n=32 if block_h == 16 else 16, num_warps=8)
     if kv_layout is None and fp8_rows and D > 64:  # rows of the V4 kind: 64-multiple nope dims, bf16 rope
         kv_layout = KVRowLayout(D, D % 64 or 64, torch.bfloat16)
     return fit_shared_memory(config, D, 2, kv_layout, smem_limit)

@@ -271,6 +271,24 @@ def test_default_config_follows_the_measured_table():
             assert default_config(T, H, 1152, 512, 132).block_h >= 16  # tl.dot tiles ≥ 16 rows
 
 
+def test_fp8_rows_keep_the_grid_with_8_warps_and_shorter_key_steps():
+    """FP8 KV rows on NVIDIA: the bf16 rows' head blocks and splits (the same grid), 8 warps, 32-key steps on
+    16-head blocks and 16-key steps on 64-head blocks: the tiles that compile for sm_90 without spills
+    (test_sparse_attention_smem.py compiles them)."""
+    for T in (1, 2, 8, 32, 64, 128, 256, 8192):
+        for H in (16, 64, 128):
+            for K in (640, 1152):
+                bf16 = default_config(T, H, K, 512, 132)
+                fp8 = default_config(T, H, K, 512, 132, fp8_rows=True)
+                ctx = f"T={T} H={H} K={K}: {bf16} / {fp8}"
+                assert (fp8.block_h, fp8.num_splits, fp8.skip_empty) == (bf16.block_h, bf16.num_splits,
+                                                                         bf16.skip_empty), ctx
+                assert (fp8.block_n, fp8.num_warps, fp8.num_stages) == (32 if fp8.block_h == 16 else 16, 8, 3), ctx
+    assert default_config(32, 64, 1152, 512, 132, fp8_rows=True) == SparseAttnConfig(16, 32, 1, 8, 3, False)
+    for arch in ("gfx950", "gfx942"):  # AMD keeps its own compile-checked rows
+        assert default_config(32, 64, 1152, 512, 256, arch, fp8_rows=True).num_warps == 4
+
+
 @pytest.mark.parametrize(
     "change, error",
     [
@@ -362,14 +380,13 @@ def test_fit_shared_memory_drops_stages_then_key_steps():
             for fp8 in (False, True):
                 c = default_config(T, H, 1152, 512, 132, fp8_rows=fp8)
                 assert smem_bytes(c, 512, 2, layout if fp8 else None) <= SM90_SMEM_BYTES
-                assert c == default_config(T, H, 1152, 512, 132, fp8_rows=not fp8)  # the same tiles at D = 512
     # a card with less shared memory (e.g. 100 KiB a block) gets smaller FP8-row tiles, never a failing launch
     c = default_config(32, 64, 1152, 512, 132, fp8_rows=True, smem_limit=100 * 1024)
     assert smem_bytes(c, 512, 2, layout) <= 100 * 1024 and c.block_n < 64
 
 
 # (T, H, head_dim, rope, K, dtype, config): FP8 KV rows through the compact gather (rope ≤ 64, aligned scales) at
-# the tiles the NVIDIA table now gives them (64-key steps, 64-head tiles, splits), and through the wide gather
+# the bf16 rows' tiles (64-key steps, 64-head tiles, splits) and at the NVIDIA table's FP8 tiles, and through the wide gather
 # (rope dims > 64). fp16/fp32 in the interpreter (no bf16 dot there); bf16 at V4's shapes on the GPU.
 FP8_CASES = [
     (3, 16, 512, 64, 150, torch.float16, SparseAttnConfig(16, 64, 1, 4, 3)),
@@ -377,6 +394,10 @@ FP8_CASES = [
     (2, 20, 192, 64, 100, torch.float16, SparseAttnConfig(16, 64, 3, 4, 3, fused_merge=True)),
     (3, 16, 96, 32, 70, torch.float32, SparseAttnConfig(16, 32, 2, 4, 2)),  # rope 32 inside the last chunk
     (2, 16, 256, 128, 40, torch.float16, SparseAttnConfig(16, 16, 1, 4, 2)),  # wide gather: rope 128
+    # the NVIDIA FP8-row tiles of default_config: h16/n32/w8 unsplit, split with the fused merge, h64/n16/w8
+    (3, 64, 512, 64, 150, torch.float16, SparseAttnConfig(16, 32, 1, 8, 3, skip_empty=False)),
+    (1, 40, 512, 64, 200, torch.float32, SparseAttnConfig(16, 32, 6, 8, 3, skip_empty=False, fused_merge=True)),
+    (2, 64, 512, 64, 90, torch.float16, SparseAttnConfig(64, 16, 1, 8, 3, skip_empty=True)),
 ] + ([(T, H, 512, 64, K, torch.bfloat16, None) for T, H, K in ((1, 64, 1152), (32, 64, 1152), (64, 128, 640),
                                                                 (128, 16, 1152), (300, 64, 640))]
      if ON_GPU else [])
