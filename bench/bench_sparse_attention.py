@@ -10,9 +10,9 @@ reference is timed with triton.testing.do_bench (median). Indices: K distinct ra
 a pool of 8× the L2. `--rows fp8|bf16|both` picks the KV row formats (both by default: FP8 KV rows, the
 engine's format, then bf16 rows); a default launch that splits the keys is also timed with `fused_merge` (the
 split merge done by the last program of each head block: one launch instead of two); `--sweep` also times
-launch variants and reports the best; `--json PATH` writes every row. FP8 rows are also timed at the launch they
-had before the compact gather (16-key steps, 2 stages: "FP8 n16/st2"). `--quick` times only the issue's target
-shapes; `--out DIR` writes attn.json and attn.md there.
+launch variants and reports the best; `--json PATH` writes every row. FP8 rows are also timed at the bf16 rows'
+tiles ("FP8 at bf16 tiles": the FP8 table before 2026-12-06, fitted to shared memory), which spilled registers on
+sm_90. `--quick` times only the issue's target shapes; `--out DIR` writes attn.json and attn.md there.
 
     python3 bench/bench_sparse_attention.py [--rows both] [--quick] [--sweep] [--budget-s 300] [--out $OUT/attn]
 """
@@ -36,6 +36,7 @@ from sparsepd.kernels.sparse_attention import (
     SparseAttnConfig,
     _sparse_attn_fwd,
     default_config,
+    fit_shared_memory,
     sparse_attn,
     sparse_attn_ref,
 )
@@ -150,9 +151,11 @@ def time_config(sets, pool, config, layout=None) -> float:
 
 def variants(T, H, K, num_sms):
     """Launch variants for the sweep: head blocking, key block, warps, stages, skip_empty, split count."""
-    shapes = {64: [(32, 8, 3, True), (32, 8, 4, True), (32, 8, 3, False), (64, 8, 2, True), (64, 8, 2, False)],
+    shapes = {64: [(32, 8, 3, True), (32, 8, 4, True), (32, 8, 3, False), (64, 8, 2, True), (64, 8, 2, False),
+                   (16, 8, 3, True), (16, 8, 4, True)],
               32: [(32, 4, 3, False), (32, 8, 3, True)],
-              16: [(32, 4, 3, False), (32, 4, 4, False), (64, 4, 3, False)]}
+              16: [(32, 4, 3, False), (32, 4, 4, False), (64, 4, 3, False), (32, 8, 3, False), (16, 8, 3, False),
+                   (64, 8, 2, False)]}
     out = []
     for bh, combos in shapes.items():
         if bh > max(16, triton.next_power_of_2(H)):
@@ -183,11 +186,12 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
     check(sets, pool, default, ref, layout)
     t_default = time_config(sets, pool, default, layout)
     t_prev = None
-    if layout is not None and (default.block_n, default.num_stages) != (16, 2):
-        # the FP8-row launch before the compact gather: 16-key steps, 2 stages (what shared memory allowed then)
-        prev = dataclasses.replace(default, block_n=16, num_stages=2)
-        check(sets, pool, prev, ref, layout)
-        t_prev = time_config(sets, pool, prev, layout)
+    if layout is not None:
+        # FP8 rows at the bf16 rows' tiles (the FP8 table before 2026-12-06; they spilled registers on sm_90)
+        prev = fit_shared_memory(default_config(T, H, K, D, ctx["sms"]), D, 2, layout, ctx["smem"])
+        if prev != default:
+            check(sets, pool, prev, ref, layout)
+            t_prev = time_config(sets, pool, prev, layout)
     t_fused = None
     if default.num_splits > 1:  # the same launch with the merge in the last program of each head block
         fused = dataclasses.replace(default, fused_merge=True)
@@ -224,8 +228,8 @@ def fmt_cfg(c: SparseAttnConfig) -> str:
 
 def print_table(rows, rate, header=True, file=None):
     if header:
-        print("\n| case | rows | T | H | K | time µs | fused-merge µs | FP8 n16/st2 µs | floor µs (bound) | % of floor "
-              "| TFLOP/s | % of mm rate | ref µs | × ref | config | best variant µs (config) |", file=file)
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | FP8 at bf16 tiles µs | floor µs (bound) "
+              "| % of floor | TFLOP/s | % of mm rate | ref µs | × ref | config | best variant µs (config) |", file=file)
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=file)
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12

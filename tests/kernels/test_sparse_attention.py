@@ -386,8 +386,8 @@ def test_fit_shared_memory_drops_stages_then_key_steps():
 
 
 # (T, H, head_dim, rope, K, dtype, config): FP8 KV rows through the compact gather (rope ≤ 64, aligned scales) at
-# the bf16 rows' tiles (64-key steps, 64-head tiles, splits) and at the NVIDIA table's FP8 tiles, and through the wide gather
-# (rope dims > 64). fp16/fp32 in the interpreter (no bf16 dot there); bf16 at V4's shapes on the GPU.
+# the bf16 rows' tiles (64-key steps, 64-head tiles, splits) and at the NVIDIA table's FP8 tiles, and through the
+# wide gather (rope dims > 64). fp16/fp32 in the interpreter (no bf16 dot there); bf16 at V4's shapes on the GPU.
 FP8_CASES = [
     (3, 16, 512, 64, 150, torch.float16, SparseAttnConfig(16, 64, 1, 4, 3)),
     (2, 64, 512, 64, 90, torch.float16, SparseAttnConfig(64, 32, 1, 8, 3, skip_empty=True)),
