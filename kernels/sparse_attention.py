@@ -25,11 +25,11 @@ uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layo
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
 the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
-tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`; 8-byte cp.async, the
-widest a 584-byte row allows). The dequantized key tile is held in registers, so FP8 rows take the bf16 rows' head
-blocks and splits with 8 warps and shorter key steps (`default_config`: no spills on sm_90); `smem_bytes` models
-each launch's shared memory from its tiles (checked against the sm_90 compiler on the CPU) and
-`fit_shared_memory` keeps the table's choice within the card's opt-in limit.
+tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`; all three pipelined
+by 8-byte cp.async, the widest a 584-byte row allows). The dequantized key tile is held in registers, so FP8 rows
+take the bf16 rows' head blocks and splits with 8 warps and shorter key steps (`default_config`: no spills on
+sm_90); `smem_bytes` models each launch's shared memory from its tiles (checked against the sm_90 compiler on the
+CPU) and `fit_shared_memory` keeps the table's choice within the card's opt-in limit.
 
 Supported: q/kv in bf16, fp16 or fp32 (same dtype), or q with FP8 KV rows; on Triton 16 ≤ D ≤ 512 and K ≤ 131072 (the
 reference takes any); any H (blocks are masked); CUDA-graph capture (no host sync, fixed launch shapes).
@@ -106,17 +106,18 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     gfx942 and other AMD targets: 16-key steps, 2 stages, 32-head blocks once a wave is full (h16 ≤ 262 VGPRs,
     16 KiB; h32 ≤ 265, 32 KiB): with 32-bit buffer addressing (tensors under 2 GiB) h16/n32 spilled 13 SGPRs and
     h64/n16 7, and n64 needs 128 KiB of LDS (gfx942 has 64).
-    NVIDIA FP8 KV rows (`fp8_rows`) keep the head blocks and splits (the same grid) but take 8 warps and 32-key
-    steps on 16-head blocks, 16-key steps on 64-head blocks. Their gather dequantizes the whole
-    [block_n, BLOCK_D] key tile in registers before the dots read it from shared memory (float rows go from the
-    cp.async buffer to the MMA without registers), so the bf16 tiles spilled on sm_90 (ptxas, CPU compile,
-    2026-12-06): h16/n64/w4 255 regs and 2,312 bytes of spill stores (T = 32, H = 64: 412 µs against 47 µs for
-    bf16 rows on an H200), h16/n32/w4 292 bytes (T = 1), h64/n32/w8 112 bytes (T ≥ 64 at 64/128 heads, prefill).
-    h16/n32/w8: 222 regs, h64/n16/w8: 255, neither spills.
+    NVIDIA FP8 KV rows (`fp8_rows`) keep the head blocks and splits (the same grid) but take 8 warps, 32-key
+    steps and 4 stages on 16-head blocks, 16-key steps and 5 stages on 64-head blocks (48-64 keys in flight, as the
+    bf16 tiles' 64). Their gather dequantizes the whole [block_n, BLOCK_D] key tile in registers before the dots
+    read it from shared memory (float rows go from the cp.async buffer to the MMA without registers), so the bf16
+    tiles spilled on sm_90 (ptxas, CPU compile, 2026-12-06): h16/n64/w4 255 regs and 2,312 bytes of spill stores
+    (T = 32, H = 64: 412 µs against 47 µs for bf16 rows on an H200), h16/n32/w4 292 bytes (T = 1), h64/n32/w8 112
+    bytes (T ≥ 64 at 64/128 heads, prefill; 84 with the scale word). h16/n32/w8/st4: 220 regs, h64/n16/w8/st5:
+    255, neither spills. (Untimed as of 2026-12-06: bench_sparse_attention.py times them against the bf16 tiles.)
     NVIDIA: the table's tiles are then fitted to `smem_limit` (the card's opt-in shared memory a block) by
     `fit_shared_memory`, for float rows (bf16 at V4's D) or FP8 KV rows (V4's layout): fewer stages first, then
-    shorter key steps; at D = 512 every table row fits an H100/H200 (227 KiB) unchanged (FP8 rows: h16/n32/st3
-    120 KiB, h64/n16/st3 128 KiB).
+    shorter key steps; at D = 512 every table row fits an H100/H200 (227 KiB) unchanged (FP8 rows: h16/n32/st4
+    141 KiB, h64/n16/st5 128 KiB).
 
     AMD FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
     h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
@@ -137,7 +138,8 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     config = SparseAttnConfig(block_h, block_n, num_splits, num_warps=8 if block_h == 64 else 4,
                               num_stages=3, skip_empty=block_h == 64)
     if fp8_rows:  # the dequantized key tile is held in registers: 8 warps, shorter key steps (no spills)
-        config = dataclasses.replace(config, block_n=32 if block_h == 16 else 16, num_warps=8)
+        config = dataclasses.replace(config, block_n=32 if block_h == 16 else 16, num_warps=8,
+                                     num_stages=4 if block_h == 16 else 5)
     if kv_layout is None and fp8_rows and D > 64:  # rows of the V4 kind: 64-multiple nope dims, bf16 rope
         kv_layout = KVRowLayout(D, D % 64 or 64, torch.bfloat16)
     return fit_shared_memory(config, D, 2, kv_layout, smem_limit)
@@ -227,21 +229,26 @@ def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.const
 def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
                         SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DIM: tl.constexpr):
     """FP8 KV rows as fp32 [BLOCK_N, BLOCK_D] from tiles of the row's own size: codes [N, BLOCK_D] bytes, the
-    scale bytes [N, BLOCK_D/64] (one aligned 8-byte word a row), the rope dims [N, 64]; each pipelined load
-    stage holds 648 bytes a key at V4's geometry instead of 2048 (codes, a scale byte per column and a BLOCK_D
-    rope tile), which let 64-key steps fit an H100's shared memory (`smem_bytes`). Needs rope dims ≤ 64 and
-    8-byte aligned scales (`_compact_rows`). The rope dims fill 64-column chunk NOPE/64, placed by a broadcast
-    over the [N, BLOCK_D/64, 64] view."""
+    scale bytes as one int64 word a row [N, 1] (split into bytes in registers), the rope dims [N, 64]; each
+    pipelined load stage holds 648 bytes a key at V4's geometry instead of 2048 (codes, a scale byte per column and
+    a BLOCK_D rope tile), which let 64-key steps fit an H100's shared memory (`smem_bytes`). The scales are one
+    8-byte load a row so that the pipeliner can move them with cp.async (≥ 4 bytes a thread): as [N, 8] bytes at 8
+    warps (1-2 bytes a thread) they were a plain load inside the loop, a dependent global round trip every key step
+    (sm_90 TTGIR, 2026-12-06). Needs rope dims ≤ 64, 8-byte aligned scales (`_compact_rows`) and an 8-byte aligned
+    `kv` (the wrapper checks). The rope dims fill 64-column chunk NOPE/64, placed by a broadcast over the
+    [N, BLOCK_D/64, 64] view."""
     BLOCK_N: tl.constexpr = r.shape[0]
     BLOCK_D: tl.constexpr = offs_d.shape[0]
     NCH: tl.constexpr = BLOCK_D // 64
     chunk = tl.arange(0, NCH)
     offs_e = tl.arange(0, 64)
     code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=valid[:, None] & (offs_d < NOPE)[None, :], other=0)
-    sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + chunk[None, :], mask=valid[:, None], other=127)
+    word_ptr = kv_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    word = tl.load(word_ptr + r * (ROW_BYTES // 8) + SCALE_OFF // 8, mask=valid[:, None], other=0)  # [N, 1]
     rope = tl.load(rope_ptr + r * ROW_E + ROPE_OFF_E + offs_e[None, :],
                    mask=valid[:, None] & (offs_e < ROPE_DIM)[None, :], other=0.0)
-    sbyte = tl.where((chunk < NOPE // 64)[None, :], sbyte.to(tl.int32), 127)  # the rope chunk and past D: 2^0
+    sbyte = ((word >> (8 * chunk[None, :]).to(tl.int64)) & 0xFF).to(tl.int32)  # [N, NCH]
+    sbyte = tl.where((chunk < NOPE // 64)[None, :], sbyte, 127)  # the rope chunk and past D: 2^0
     code3 = tl.reshape(code.to(tl.int32), [BLOCK_N, NCH, 64])
     vals = _e4m3fn_dequant(code3, sbyte[:, :, None])  # [N, NCH, 64]
     vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(tl.float32)[:, None, :], vals)
@@ -497,6 +504,9 @@ def sparse_attn(
     if pick_backend(backend, q, kv, indices, attn_sink) == "reference":
         return sparse_attn_ref(q, kv, indices, attn_sink, scale, out, lse, kv_layout=kv_layout)
     _check_triton_layout(q, kv, indices, attn_sink, out, lse)
+    if _compact_rows(kv_layout) and kv.data_ptr() % 8:
+        raise ValueError(f"FP8 KV rows must start at an 8-byte aligned address (their scale words are read as int64), "
+                         f"got kv.data_ptr() = {kv.data_ptr():#x}")
     T, H, D = q.shape
     R, K = kv.shape[0], indices.shape[1]
     out = torch.empty_like(q) if out is None else out

@@ -272,9 +272,9 @@ def test_default_config_follows_the_measured_table():
 
 
 def test_fp8_rows_keep_the_grid_with_8_warps_and_shorter_key_steps():
-    """FP8 KV rows on NVIDIA: the bf16 rows' head blocks and splits (the same grid), 8 warps, 32-key steps on
-    16-head blocks and 16-key steps on 64-head blocks: the tiles that compile for sm_90 without spills
-    (test_sparse_attention_smem.py compiles them)."""
+    """FP8 KV rows on NVIDIA: the bf16 rows' head blocks and splits (the same grid), 8 warps, 32-key steps and 4
+    stages on 16-head blocks, 16-key steps and 5 stages on 64-head blocks: the tiles that compile for sm_90 without
+    spills (test_sparse_attention_smem.py compiles them)."""
     for T in (1, 2, 8, 32, 64, 128, 256, 8192):
         for H in (16, 64, 128):
             for K in (640, 1152):
@@ -283,8 +283,9 @@ def test_fp8_rows_keep_the_grid_with_8_warps_and_shorter_key_steps():
                 ctx = f"T={T} H={H} K={K}: {bf16} / {fp8}"
                 assert (fp8.block_h, fp8.num_splits, fp8.skip_empty) == (bf16.block_h, bf16.num_splits,
                                                                          bf16.skip_empty), ctx
-                assert (fp8.block_n, fp8.num_warps, fp8.num_stages) == (32 if fp8.block_h == 16 else 16, 8, 3), ctx
-    assert default_config(32, 64, 1152, 512, 132, fp8_rows=True) == SparseAttnConfig(16, 32, 1, 8, 3, False)
+                want = (32, 8, 4) if fp8.block_h == 16 else (16, 8, 5)
+                assert (fp8.block_n, fp8.num_warps, fp8.num_stages) == want, ctx
+    assert default_config(32, 64, 1152, 512, 132, fp8_rows=True) == SparseAttnConfig(16, 32, 1, 8, 4, False)
     for arch in ("gfx950", "gfx942"):  # AMD keeps its own compile-checked rows
         assert default_config(32, 64, 1152, 512, 256, arch, fp8_rows=True).num_warps == 4
 
@@ -395,9 +396,9 @@ FP8_CASES = [
     (3, 16, 96, 32, 70, torch.float32, SparseAttnConfig(16, 32, 2, 4, 2)),  # rope 32 inside the last chunk
     (2, 16, 256, 128, 40, torch.float16, SparseAttnConfig(16, 16, 1, 4, 2)),  # wide gather: rope 128
     # the NVIDIA FP8-row tiles of default_config: h16/n32/w8 unsplit, split with the fused merge, h64/n16/w8
-    (3, 64, 512, 64, 150, torch.float16, SparseAttnConfig(16, 32, 1, 8, 3, skip_empty=False)),
-    (1, 40, 512, 64, 200, torch.float32, SparseAttnConfig(16, 32, 6, 8, 3, skip_empty=False, fused_merge=True)),
-    (2, 64, 512, 64, 90, torch.float16, SparseAttnConfig(64, 16, 1, 8, 3, skip_empty=True)),
+    (3, 64, 512, 64, 150, torch.float16, SparseAttnConfig(16, 32, 1, 8, 4, skip_empty=False)),
+    (1, 40, 512, 64, 200, torch.float32, SparseAttnConfig(16, 32, 6, 8, 4, skip_empty=False, fused_merge=True)),
+    (2, 64, 512, 64, 90, torch.float16, SparseAttnConfig(64, 16, 1, 8, 5, skip_empty=True)),
 ] + ([(T, H, 512, 64, K, torch.bfloat16, None) for T, H, K in ((1, 64, 1152), (32, 64, 1152), (64, 128, 640),
                                                                 (128, 16, 1152), (300, 64, 640))]
      if ON_GPU else [])
@@ -425,3 +426,21 @@ def test_sparse_attn_over_fp8_rows_at_the_table_tiles(device, case):
                                        D ** -0.5)
     assert_close(out, lse, ref_out, ref_lse, dtype, f"seed={seed} T={T} H={H} D={D} rope={rope} K={K} {config}")
     assert int(tickets.abs().sum()) == 0
+
+
+def test_fp8_rows_must_be_8_byte_aligned(device):
+    """The compact gather reads each row's scale bytes as one int64 word: a misaligned kv is refused, not read."""
+    from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows_ref
+    layout = KVRowLayout(128, 64, torch.float16)
+    q, kv, idx, sink = make_inputs(4100, 2, 16, 128, 20, torch.float16, "cpu")
+    rows = pack_kv_rows_ref(kv, layout)
+    raw = torch.empty(rows.numel() + 1, dtype=torch.uint8)
+    shifted = raw[1:].view(rows.shape)  # the same bytes one byte off an 8-byte boundary
+    shifted.copy_(rows)
+    args = [x.to(device) for x in (q, shifted, idx, sink)]
+    if args[1].data_ptr() % 8 == 0:  # a copy to the device realigns: place it off by one there
+        raw = torch.empty(rows.numel() + 1, dtype=torch.uint8, device=device)
+        args[1] = raw[1:].view(rows.shape)
+        args[1].copy_(rows.to(device))
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        sparse_attn(*args, 128 ** -0.5, kv_layout=layout, backend="triton")
