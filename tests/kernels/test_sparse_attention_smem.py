@@ -1,10 +1,11 @@
-"""Shared memory and register spills of sparse attention on NVIDIA sm_90 (H100/H200), checked on the CPU by compiling.
+"""Shared memory, register spills and pipelined gathers of sparse attention on sm_90, checked on the CPU by compiling.
 
 Every launch `default_config` picks at the project's decode and prefill shapes (D = 512, H = 16/64/128, bf16 rows
 and FP8 KV rows) is compiled for sm_90 with Triton's NVIDIA backend (ptxas from Triton's wheel); the compiler's
 `shared` bytes must be within the card's opt-in limit (227 KiB) and within `smem_bytes`, the model the launch
 table fits its tiles with, and the model must not overstate by more than its stated slack; no FP8-row launch of the
-table may spill registers (ptxas's report). A few tiles outside the
+table may spill registers (ptxas's report), and inside the key loop only indices may be read by plain loads (every
+KV row read a cp.async: the TTGIR). A few tiles outside the
 table (4 stages, 64-key steps at 64 heads) check the model where the table does not go. Compiling runs in a child
 process with the interpreter off (this suite's conftest turns it on before the kernels are imported). Skipped where
 Triton has no NVIDIA backend.
@@ -53,9 +54,11 @@ def vars_of(config) -> list:
     return [getattr(config, f.name) for f in dataclasses.fields(config)]
 
 
-def compile_shared(T: int, H: int, K: int, fp8: bool, fields: tuple, in_table: bool = True) -> tuple[int, int, int]:
-    """(`shared` bytes, registers a thread, spill store bytes) of `_sparse_attn_fwd` compiled for sm_90 at this
-    launch (as the launcher specialises it); the last two from ptxas's report on the PTX with Triton's flags."""
+def compile_shared(T: int, H: int, K: int, fp8: bool, fields: tuple,
+                   in_table: bool = True) -> tuple[int, int, int, list[str]]:
+    """(`shared` bytes, registers a thread, spill store bytes, pointer types of the plain loads in the key loop) of
+    `_sparse_attn_fwd` compiled for sm_90 at this launch (as the launcher specialises it); registers and spills
+    from ptxas's report on the PTX with Triton's flags, the loads from the TTGIR."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -93,7 +96,24 @@ def compile_shared(T: int, H: int, K: int, fp8: bool, fields: tuple, in_table: b
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     regs, spills = ptxas_report(compiled.asm["ptx"])
-    return int(compiled.metadata.shared), regs, spills
+    return int(compiled.metadata.shared), regs, spills, loop_loads(compiled.asm["ttgir"])
+
+
+def loop_loads(ttgir: str) -> list[str]:
+    """The pointer element types of the `tt.load`s (loads the pipeliner left synchronous) in the first `scf.for`
+    of the kernel (the key loop), e.g. ["i32", "i32", "i8"]."""
+    import re
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if "scf.for" in line)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    out = []
+    for line in lines[start + 1:]:
+        if line.strip().startswith("}") and len(line) - len(line.lstrip()) == indent:
+            break
+        m = re.search(r"= tt\.load .*!tt\.ptr<(\w+)>", line)
+        if m:
+            out.append(m.group(1))
+    return out
 
 
 def ptxas_report(ptx: str) -> tuple[int, int]:
@@ -113,7 +133,8 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    """Child process: `OUT.json`: compile every launch, write [(launch, shared bytes, registers, spill bytes)]."""
+    """Child process: `OUT.json`: compile every launch, write [(launch, shared bytes, registers, spill bytes,
+    loop loads)]."""
     import warnings
     from concurrent.futures import ProcessPoolExecutor
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -135,7 +156,8 @@ def has_nvidia_backend() -> bool:
 
 @pytest.fixture(scope="module")
 def compiled_rows() -> list:
-    """[(T, H, K, fp8, config fields, in the table, shared bytes, registers, spill bytes)] of every launch."""
+    """[(T, H, K, fp8, config fields, in the table, shared bytes, registers, spill bytes, loop loads)] of every
+    launch."""
     if not has_nvidia_backend():
         pytest.skip("the installed Triton has no NVIDIA backend")
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +174,7 @@ def test_default_launches_fit_sm90_shared_memory_and_the_model_bounds_them(compi
     rows = compiled_rows
     layout = KVRowLayout(512, 64, torch.bfloat16)
     bad = []
-    for T, H, _K, fp8, fields, in_table, shared, _regs, _spills in rows:
+    for T, H, _K, fp8, fields, in_table, shared, _regs, _spills, _loads in rows:
         config = SparseAttnConfig(*fields)
         model = smem_bytes(config, 512, 2, layout if fp8 else None)
         if in_table and shared > SM90_SMEM_BYTES:
@@ -169,8 +191,20 @@ def test_fp8_row_launches_do_not_spill_on_sm90(compiled_rows):
     from sparsepd.kernels.sparse_attention import SparseAttnConfig
     table = [r for r in compiled_rows if r[3] and r[5]]
     bad = [f"{SparseAttnConfig(*fields)} T={T} H={H} K={K}: {regs} regs, {spills} bytes of spill stores"
-           for T, H, K, _fp8, fields, _in, _shared, regs, spills in table if spills]
+           for T, H, K, _fp8, fields, _in, _shared, regs, spills, _loads in table if spills]
     assert len(table) >= 3 and not bad, "\n".join(bad)
+
+
+def test_every_gather_of_the_table_is_pipelined(compiled_rows):
+    """Inside the key loop the only synchronous loads are of indices (int32, L1 hits after the segment load): every
+    read of a KV row (float rows, FP8 codes, scale words, rope dims) goes through cp.async. The FP8 rows' scale bytes
+    were a plain load (1-2 bytes a thread cannot be a cp.async) at the 64-head and T = 1 tiles, a dependent global
+    round trip every key step."""
+    from sparsepd.kernels.sparse_attention import SparseAttnConfig
+    table = [r for r in compiled_rows if r[5]]
+    bad = [f"{SparseAttnConfig(*fields)} fp8={fp8} T={T} H={H} K={K}: plain loads of {loads}"
+           for T, H, K, fp8, fields, _in, _shared, _regs, _spills, loads in table if set(loads) - {"i32"}]
+    assert len(table) >= 8 and not bad, "\n".join(bad)
 
 
 if __name__ == "__main__":
