@@ -18,7 +18,9 @@ gathers BLOCK_N rows of `kv` per step (cp.async, num_stages deep) and runs an on
 domain with fp32 accumulators; every gathered row serves all heads of the block (MQA). When the
 programs cannot fill the GPU (small decode batches), the keys are split across programs that write
 fp32 partials normalised by their own sum, and a second kernel merges them by LSE and applies the sink
-once. `default_config` is the launch table (measured on H100, bench/RESULTS.md).
+once, or (`fused_merge`) the last program of each head block merges them (atomic ticket; every LSE in one load,
+the partials a few splits a load: `_merge_block`). `default_config` is the launch table (measured on H100,
+bench/RESULTS.md).
 
 KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kernels/kv_rows.py: kv [R, row_bytes]
 uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
@@ -257,29 +259,44 @@ def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, 
 
 @triton.jit
 def _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d, mask_d,
-                 H, num_splits, stride_ot, stride_oh, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2)."""
+                 H, num_splits, stride_ot, stride_oh, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MERGE_U: tl.constexpr):
+    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2). Every
+    split's LSE comes in one [BLOCK_H, 64] load and the partials MERGE_U splits a load ([BLOCK_H, MERGE_U, BLOCK_D]),
+    so the program waits on about splits / MERGE_U + 1 round trips to L2 rather than 2 · splits (a loop over the
+    splits for their maximum, then one for the sums, one split a load: neither is pipelined, sm_90 TTGIR,
+    2026-12-06)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
+    MAX_S: tl.constexpr = 64  # _MAX_SPLITS
     base = (t * H + offs_h) * num_splits  # [BLOCK_H]
-    mx = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for sp in range(num_splits):
-        mx = tl.maximum(mx, tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg"))
+    offs_s = tl.arange(0, MAX_S)
+    lse_all = tl.load(part_lse_ptr + base[:, None] + offs_s[None, :],
+                      mask=mask_h[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                      cache_modifier=".cg")  # [BLOCK_H, MAX_S], log2 domain
+    mx = tl.max(lse_all, 1)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
     top = tl.maximum(mx, sink2)
     top = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.sum(tl.exp2(lse_all - top[:, None]), 1) + tl.exp2(sink2 - top)
+    total = tl.sum(tl.exp2(lse_all - mx_safe[:, None]), 1)
+    offs_u = tl.arange(0, MERGE_U)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    den = tl.exp2(sink2 - top)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    for sp in range(num_splits):
-        lse_s = tl.load(part_lse_ptr + base + sp, mask=mask_h, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp2(lse_s - top)
-        o_s = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :],
-                      other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * o_s
-        den += w
-        total += tl.exp2(lse_s - mx_safe)
+    for sp in range(0, num_splits, MERGE_U):
+        s_u = sp + offs_u  # [U]
+        m_u = mask_h[:, None] & (s_u < num_splits)[None, :]  # [BLOCK_H, U]
+        lse_u = tl.load(part_lse_ptr + base[:, None] + s_u[None, :], mask=m_u, other=float("-inf"),
+                        cache_modifier=".cg")
+        w = tl.exp2(lse_u - top[:, None])  # [BLOCK_H, U]
+        if MERGE_U == 1:
+            o_s = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :],
+                          mask=m_u & mask_d[None, :], other=0.0, cache_modifier=".cg")
+            acc += w * o_s
+        else:
+            o_u = tl.load(part_o_ptr + ((base[:, None] + s_u[None, :]) * D)[:, :, None] + offs_d[None, None, :],
+                          mask=m_u[:, :, None] & mask_d[None, None, :], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(w[:, :, None] * o_u, 1)
     o = tl.where(den[:, None] == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den)[:, None])
     tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_h[:, None] & mask_d[None, :])
@@ -297,7 +314,7 @@ def _sparse_attn_fwd(
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
     FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
     ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    COMPACT: tl.constexpr,
+    COMPACT: tl.constexpr, MERGE_U: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -378,7 +395,7 @@ def _sparse_attn_fwd(
             ticket = ticket_ptr + t * tl.num_programs(1) + hb
             if tl.atomic_add(ticket, 1, sem="acq_rel") == num_splits - 1:
                 _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d,
-                             mask_d, H, num_splits, stride_ot, stride_oh, D, BLOCK_H, BLOCK_D)
+                             mask_d, H, num_splits, stride_ot, stride_oh, D, BLOCK_H, BLOCK_D, MERGE_U)
                 tl.atomic_xchg(ticket, 0)
     else:
         sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
@@ -550,7 +567,7 @@ def sparse_attn(
         IDX_SEG=256 if keys_per_split <= 256 else _MAX_KEYS_PER_SPLIT, SKIP_EMPTY=config.skip_empty,
         IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
         ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16, FUSED_MERGE=fused,
-        COMPACT=_compact_rows(kv_layout),
+        COMPACT=_compact_rows(kv_layout), MERGE_U=_merge_unroll(config, block_d) if fused else 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split and not fused:
@@ -560,6 +577,13 @@ def sparse_attn(
             D=D, BLOCK_DM=block_dm, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out, lse
+
+
+def _merge_unroll(config: SparseAttnConfig, block_d: int) -> int:
+    """Splits a fused merge loads at once: as many as keep its [block_h, U, block_d] fp32 tile at ≤ 64 values a
+    thread (what one split's tile was at h16/w4, which compiled for sm_90 without spills), at most 8."""
+    u = 64 * 32 * config.num_warps // (config.block_h * block_d)
+    return min(8, 1 << max(0, u.bit_length() - 1)) if u >= 1 else 1
 
 
 def _compact_rows(kv_layout: KVRowLayout | None) -> bool:
