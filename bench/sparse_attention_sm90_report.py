@@ -2,9 +2,10 @@
 
 For each target shape of issue 31 (D = 512, K = 1152) it compiles `_sparse_attn_fwd` for sm_90 as
 tests/kernels/test_sparse_attention_smem.py does (Triton's NVIDIA backend, its ptxas with Triton's flags) at the
-launch `default_config` picks for bf16 rows and for FP8 KV rows, and for FP8 rows also at the bf16 rows' tiles
-(the FP8 table before 2026-12-06), and prints one markdown row each: registers a thread, spill store bytes, shared
-bytes, warps and stages, programs (against 132 SMs), and the plain (non-cp.async) loads left in the key loop.
+launch `default_config` picks for bf16 rows and for FP8 KV rows, for FP8 rows also at the bf16 rows' tiles (the
+FP8 table before 2026-12-06), and split launches also with `fused_merge`, and prints one markdown row each:
+registers a thread, spill store bytes, shared bytes, the tile, programs (against 132 SMs), and the plain
+(non-cp.async) row loads left in the key loop.
 
     python3 bench/sparse_attention_sm90_report.py [--out FILE.md]
 """
@@ -12,6 +13,7 @@ bytes, warps and stages, programs (against 132 SMs), and the plain (non-cp.async
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -42,8 +44,12 @@ def rows() -> list[str]:
     out = []
     for T, H in SHAPES:
         bf16 = default_config(T, H, K, D, SMS)
-        cases = [("bf16", False, bf16), ("FP8", True, default_config(T, H, K, D, SMS, fp8_rows=True)),
+        fp8 = default_config(T, H, K, D, SMS, fp8_rows=True)
+        cases = [("bf16", False, bf16), ("FP8", True, fp8),
                  ("FP8 at bf16 tiles", True, fit_shared_memory(bf16, D, 2, layout, SM90_SMEM_BYTES))]
+        if fp8.num_splits > 1:  # the split merge in the last program (one launch)
+            cases += [("bf16 fused merge", False, dataclasses.replace(bf16, fused_merge=True)),
+                      ("FP8 fused merge", True, dataclasses.replace(fp8, fused_merge=True))]
         for name, fp8, c in cases:
             fields = tuple(getattr(c, f) for f in c.__dataclass_fields__)
             shared, regs, spills, loads = smem.compile_shared(T, H, K, fp8, fields)

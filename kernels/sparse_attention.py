@@ -18,8 +18,8 @@ gathers BLOCK_N rows of `kv` per step (cp.async, num_stages deep) and runs an on
 domain with fp32 accumulators; every gathered row serves all heads of the block (MQA). When the
 programs cannot fill the GPU (small decode batches), the keys are split across programs that write
 fp32 partials normalised by their own sum, and a second kernel merges them by LSE and applies the sink
-once, or (`fused_merge`) the last program of each head block merges them (atomic ticket; every LSE in one load,
-the partials a few splits a load: `_merge_block`). `default_config` is the launch table (measured on H100,
+once, or (`fused_merge`) the last program of each head block merges them (atomic ticket; one online pass over
+the splits, a few splits a load: `_merge_block`). `default_config` is the launch table (measured on H100,
 bench/RESULTS.md).
 
 KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kernels/kv_rows.py: kv [R, row_bytes]
@@ -261,47 +261,50 @@ def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, 
 def _merge_block(part_o_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, t, offs_h, mask_h, offs_d, mask_d,
                  H, num_splits, stride_ot, stride_oh, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                  MERGE_U: tl.constexpr):
-    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2). Every
-    split's LSE comes in one [BLOCK_H, 64] load and the partials MERGE_U splits a load ([BLOCK_H, MERGE_U, BLOCK_D]),
-    so the program waits on about splits / MERGE_U + 1 round trips to L2 rather than 2 · splits (a loop over the
-    splits for their maximum, then one for the sums, one split a load: neither is pipelined, sm_90 TTGIR,
-    2026-12-06)."""
+    """`_merge_splits` for one (token, head block), inside the attention kernel (partials read through L2): one
+    pass over the splits with a running maximum (online LSE merge), MERGE_U splits a load ([BLOCK_H, MERGE_U,
+    BLOCK_D]), so the program waits on ⌈splits / MERGE_U⌉ round trips to L2 rather than 2 · splits (a loop over the
+    splits for their maximum, then one for the sums, one split a load: the pipeliner leaves such loops alone,
+    sm_90 TTGIR, 2026-12-06)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
-    MAX_S: tl.constexpr = 64  # _MAX_SPLITS
     base = (t * H + offs_h) * num_splits  # [BLOCK_H]
-    offs_s = tl.arange(0, MAX_S)
-    lse_all = tl.load(part_lse_ptr + base[:, None] + offs_s[None, :],
-                      mask=mask_h[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # [BLOCK_H, MAX_S], log2 domain
-    mx = tl.max(lse_all, 1)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
-    top = tl.maximum(mx, sink2)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    den = tl.sum(tl.exp2(lse_all - top[:, None]), 1) + tl.exp2(sink2 - top)
-    total = tl.sum(tl.exp2(lse_all - mx_safe[:, None]), 1)
     offs_u = tl.arange(0, MERGE_U)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the partials' LSEs (log2 domain)
+    total = tl.zeros([BLOCK_H], tl.float32)  # Σ 2^(lse_s − m)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)  # Σ 2^(lse_s − m) · o_s
     for sp in range(0, num_splits, MERGE_U):
         s_u = sp + offs_u  # [U]
         m_u = mask_h[:, None] & (s_u < num_splits)[None, :]  # [BLOCK_H, U]
         lse_u = tl.load(part_lse_ptr + base[:, None] + s_u[None, :], mask=m_u, other=float("-inf"),
                         cache_modifier=".cg")
-        w = tl.exp2(lse_u - top[:, None])  # [BLOCK_H, U]
         if MERGE_U == 1:
-            o_s = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :],
+            o_u = tl.load(part_o_ptr + (base + sp)[:, None] * D + offs_d[None, :],
                           mask=m_u & mask_d[None, :], other=0.0, cache_modifier=".cg")
-            acc += w * o_s
         else:
             o_u = tl.load(part_o_ptr + ((base[:, None] + s_u[None, :]) * D)[:, :, None] + offs_d[None, None, :],
                           mask=m_u[:, :, None] & mask_d[None, None, :], other=0.0, cache_modifier=".cg")
-            acc += tl.sum(w[:, :, None] * o_u, 1)
-    o = tl.where(den[:, None] == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den)[:, None])
+        m_new = tl.maximum(m, tl.max(lse_u, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)  # 0 while m = −inf
+        w = tl.exp2(lse_u - m_use[:, None])  # [BLOCK_H, U]
+        total = total * alpha + tl.sum(w, 1)
+        if MERGE_U == 1:
+            acc = acc * alpha[:, None] + w * o_u
+        else:
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_u, 1)
+        m = m_new
+    mx_safe = tl.where(m == float("-inf"), 0.0, m)
+    sink2 = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0) * LOG2E
+    top = tl.maximum(m, sink2)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    a = tl.exp2(mx_safe - top)
+    den = total * a + tl.exp2(sink2 - top)
+    o = tl.where(den[:, None] == 0.0, 0.0, acc * (a / tl.where(den == 0.0, 1.0, den))[:, None])
     tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mask_h[:, None] & mask_d[None, :])
     lse2 = mx_safe + tl.log2(tl.where(total == 0.0, 1.0, total))
-    tl.store(lse_ptr + t * H + offs_h, tl.where(mx == float("-inf"), float("-inf"), lse2 * LN2), mask=mask_h)
+    tl.store(lse_ptr + t * H + offs_h, tl.where(m == float("-inf"), float("-inf"), lse2 * LN2), mask=mask_h)
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # one binary for split and unsplit launches
@@ -580,9 +583,9 @@ def sparse_attn(
 
 
 def _merge_unroll(config: SparseAttnConfig, block_d: int) -> int:
-    """Splits a fused merge loads at once: as many as keep its [block_h, U, block_d] fp32 tile at ≤ 64 values a
-    thread (what one split's tile was at h16/w4, which compiled for sm_90 without spills), at most 8."""
-    u = 64 * 32 * config.num_warps // (config.block_h * block_d)
+    """Splits a fused merge loads at once: as many as keep its [block_h, U, block_d] fp32 tile at ≤ 32 values a
+    thread, at most 8 (1 at V4's D = 512 tiles: 2 spilled 48 bytes at h16/w8 on sm_90)."""
+    u = 32 * 32 * config.num_warps // (config.block_h * block_d)
     return min(8, 1 << max(0, u.bit_length() - 1)) if u >= 1 else 1
 
 

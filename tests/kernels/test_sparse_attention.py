@@ -343,7 +343,7 @@ FUSED_CASES = [
     (3, 20, 64, 70, torch.float16, SparseAttnConfig(16, 16, 3, 4, 2, fused_merge=True)),
     (1, 33, 32, 90, torch.float32, SparseAttnConfig(32, 16, 6, 4, 2, fused_merge=True)),  # T = 1, masked heads
     (2, 16, 96, 50, torch.float32, SparseAttnConfig(16, 16, 4, 4, 2, skip_empty=False, fused_merge=True)),
-    # 13 splits merged 8 at a time (_merge_unroll at D = 64): a full group, then a part-masked one
+    # 13 splits merged 4 at a time (_merge_unroll at D = 64): full groups, then a part-masked one
     (2, 16, 64, 400, torch.float32, SparseAttnConfig(16, 16, 13, 4, 2, fused_merge=True)),
 ] + ([(1, 64, 512, 1152, torch.bfloat16, SparseAttnConfig(16, 32, 36, 4, 3, fused_merge=True)),
       (1, 128, 512, 640, torch.bfloat16, SparseAttnConfig(16, 32, 20, 4, 3, fused_merge=True)),
