@@ -161,7 +161,9 @@ def variants(T, H, K, num_sms):
         if bh > max(16, triton.next_power_of_2(H)):
             continue
         programs = T * triton.cdiv(H, bh)
-        splits = [s for s in (1, 2, 4, 8, 16, K // 32) if s == 1 or (programs * s <= 3 * num_sms and s <= K // 32)]
+        # num_sms // programs: one round of programs where a tile holds a whole SM (FP8 rows' 8-warp tiles)
+        splits = [s for s in (1, 2, 4, 8, 16, num_sms // programs, K // 32)
+                  if s == 1 or (1 <= programs * s <= 3 * num_sms and s <= K // 32)]
         out += [SparseAttnConfig(bh, bn, s, w, st, skip) for bn, w, st, skip in combos for s in sorted(set(splits))]
         out += [SparseAttnConfig(bh, bn, s, w, st, skip, fused_merge=True) for bn, w, st, skip in combos
                 for s in sorted(set(splits)) if s > 1]
