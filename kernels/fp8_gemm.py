@@ -29,10 +29,12 @@ Kernels:
    loads, and one launch less); above, `_act_quant_kernel` runs first (M·K reads, once).
    Decode tiles (M ≤ 16) compute (W · x^T)^T (SWAP_AB): 64 weight rows fill the M side of a Hopper FP8 wgmma,
    which reads both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W).
-   Split-K at decode (M ≤ 64) until the grid holds ~4 programs an SM (weight bytes in flight to cover DRAM
-   latency), while the fp32 partials stay under a quarter of the weight bytes: partial tiles in an fp32
-   workspace, the last program to finish a tile (an atomic counter) sums them in split order (deterministic;
-   the split count is a run-time argument, one compiled kernel for all).
+   Split-K for M ≤ 256 (decode and small batches) until the grid holds ~4 programs an SM (weight bytes in flight
+   to cover DRAM latency), while the fp32 partials written stay within half the weight bytes: partial tiles in an
+   fp32 workspace, the last program to finish a tile (an atomic ticket) sums them in split order (deterministic:
+   bit-identical whatever the arrival order; the split count is a run-time argument, one compiled kernel for all)
+   and resets the ticket to 0, so a caller's zeroed ticket buffer (`tickets=`) saves the memset launch a call
+   otherwise makes.
 Launch configs (`default_fp8_config`): per shape class of M (decode ≤ 16, ≤ 64, mid ≤ 512, prefill) a short list
 of candidates, the first whose tiles fill the GPU once taken; per AMD target its stages; the grid depends on shapes
 only (CUDA graphs). bench/bench_quant.py --sweep times the alternatives of each class.
@@ -306,12 +308,16 @@ def _fp8_gemm_kernel(
         tile_ws = ws_ptr + rows[:, None] * stride_wsm + offs_n[None, :]
         tl.store(tile_ws + split.to(tl.int64) * M * stride_wsm, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
+        ticket = counter_ptr + pid_m * tiles_n + pid_n
+        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
         if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(num_splits):
                 total += tl.load(tile_ws + s * M * stride_wsm, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+            # every split has arrived: the ticket goes back to 0, so a zeroed ticket buffer stays zeroed across
+            # launches and a caller's buffer (`tickets=`) replaces the memset launch a call would need
+            tl.atomic_xchg(ticket, 0)
 
 
 # --- launch configuration -----------------------------------------------------------------------
@@ -338,6 +344,14 @@ class Fp8GemmConfig:
 # default (those keep acc + the fresh 128-block product in 128 fp32 registers a thread, two programs an SM at most).
 # The first candidate whose tiles fill the GPU once is taken (the last one otherwise).
 _DECODE_TARGET_PROGRAMS = 4  # programs an SM that split-K aims for at decode
+# Split-K applies up to M = _SPLIT_MAX_M rows while the fp32 partials a launch writes (4·M·N bytes a split, read back
+# once by the last program of each tile, from L2 while they fit there) stay within _PARTIAL_SHARE of the weight
+# bytes. Compiled for sm_90 (bench/quant_sm90_report.py, 2026-12-06) the earlier rule (M ≤ 64, partials written and
+# read ≤ a quarter of the weights: PREVIOUS_SPLIT_RULE) left the 4096-deep projections 16-32 programs at M = 64
+# and 16-128 at M = 256 (no split there) on 132 SMs: a tenth to a quarter of the SMs streaming weights.
+_SPLIT_MAX_M = 256
+_PARTIAL_SHARE = 0.5
+PREVIOUS_SPLIT_RULE = dict(max_m=64, partial_share=0.125)  # the rule before 2026-12-06, for bench_quant.py's sweep
 _CONFIG_TABLE: tuple[tuple[int | None, tuple[Fp8GemmConfig, ...]], ...] = (
     (16, (Fp8GemmConfig(16, 64, num_warps=4, num_stages=4, group_m=1, quant_a=True, swap_ab=True),)),
     (64, (Fp8GemmConfig(64, 64, num_warps=4, num_stages=4, group_m=1),)),
@@ -366,19 +380,26 @@ def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = 
     return dataclasses.replace(c, split_k=choose_split_k(M, N, K, c.block_m, c.block_n, num_sms), num_stages=stages)
 
 
-def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
-    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (decode, M ≤ 64 only),
-    each split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials (written and read back, 8·M·N bytes
-    a split) at most a quarter of the weight bytes."""
-    if M > 64:
+def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int, *,
+                   max_m: int = _SPLIT_MAX_M, partial_share: float = _PARTIAL_SHARE) -> int:
+    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (M ≤ max_m only), each
+    split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials written (4·M·N bytes a split) at most
+    `partial_share` of the weight bytes (N·K)."""
+    if M > max_m:
         return 1
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, BLOCK)
     split = 1
     while (tiles * split < _DECODE_TARGET_PROGRAMS * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS
-           and 2 * split * 8 * M * N <= N * K // 4):
+           and 4 * M * N * (2 * split) <= partial_share * N * K):
         split *= 2
     return split
+
+
+def max_tickets(M: int, N: int, groups: int = 1) -> int:
+    """Ticket counters any split-K launch of [M, K] × [N, K]^T (G groups of N) needs at most: one an output tile,
+    tiles at least 16×16. A caller's zeroed int32 buffer of this size (`tickets=`) stays zeroed after every launch."""
+    return groups * triton.cdiv(M, 16) * triton.cdiv(N, 16)
 
 
 def _check_config(config: Fp8GemmConfig) -> None:
@@ -449,9 +470,11 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, *, backend: Backend = "auto")
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                backend: Backend = "auto", config: Fp8GemmConfig | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · W^T [..., N] in x's dtype, with W [N, K] FP8 (e4m3fn, or e4m3fnuz for MI300) and its 128×128 tile
-    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y."""
+    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y.
+    `tickets` (zeroed int32, ≥ `max_tickets(M, N)` elements, left zeroed): split-K's counters, instead of a zeroed
+    buffer made (one memset launch) each call."""
     _check_linear(x, weight, weight_scale)
     if config is not None:
         _check_config(config)
@@ -474,16 +497,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         return out.zero_()
     if config is None:
         config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
-    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
+    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config, tickets=tickets)
     return out
 
 
 def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
-                       backend: Backend = "auto", config: Fp8GemmConfig | None = None) -> torch.Tensor:
+                       backend: Backend = "auto", config: Fp8GemmConfig | None = None,
+                       tickets: torch.Tensor | None = None) -> torch.Tensor:
     """G independent products in one launch: x [M, G, K] (group g's inputs x[:, g]) with rows g·R … (g+1)·R − 1
     of W [G·R, K] (FP8, 128×128 tile scales; R a multiple of 128, so each group owns whole scale rows) → y [M, G·R]
     in x's dtype, group g in columns g·R …; each group as `fp8_linear` computes it (the grouped output projection
-    of docs/dsv4-spec.md "Attention layer", step 7, in one launch instead of G)."""
+    of docs/dsv4-spec.md "Attention layer", step 7, in one launch instead of G). `tickets` as `fp8_linear`'s,
+    ≥ `max_tickets(M, R, G)` elements."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be [M, G, K], got {list(getattr(x, 'shape', ()))}")
     M, G, K = x.shape
@@ -508,7 +533,7 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
         return out.zero_()
     if config is None:
         config = default_fp8_config(M, G * R, K, _num_sms(x.device), amd_arch(x.device))
-    _launch_gemm(x2, weight, weight_scale, out, config, groups=G)
+    _launch_gemm(x2, weight, weight_scale, out, config, groups=G, tickets=tickets)
     return out
 
 
@@ -524,7 +549,7 @@ def _operands(weight: torch.Tensor) -> int:
 
 
 def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
-                 config: Fp8GemmConfig, groups: int = 1) -> None:
+                 config: Fp8GemmConfig, groups: int = 1, tickets: torch.Tensor | None = None) -> None:
     """out = x2 · W^T, or with groups > 1 the grouped product: x2 [M, G·K] (group g's inputs in columns g·K …),
     weight [G·R, K] (group g's rows g·R …, R a multiple of 128), out [M, G·R] (group g's columns g·R …)."""
     M, K = x2.shape[0], x2.shape[1] // groups
@@ -550,7 +575,14 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     if split > 1:
         ws = torch.empty((split, M, groups * N), dtype=torch.float32, device=x2.device)
-        counters = torch.zeros((groups * tiles,), dtype=torch.int32, device=x2.device)
+        if tickets is None:
+            counters = torch.zeros((groups * tiles,), dtype=torch.int32, device=x2.device)
+        elif (tickets.dtype != torch.int32 or tickets.device != x2.device or tickets.numel() < groups * tiles
+              or not tickets.is_contiguous()):
+            raise ValueError(f"tickets must be a contiguous int32 tensor of ≥ {groups * tiles} elements on "
+                             f"{x2.device}, got {tickets.dtype} {list(tickets.shape)} on {tickets.device}")
+        else:
+            counters = tickets
     else:
         ws = counters = out  # unused
     _fp8_gemm_kernel[(tiles, split, groups)](
