@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import triton
 
 from sparsepd.kernels.fp8_gemm import (
+    PREVIOUS_SPLIT_RULE,
     Fp8GemmConfig,
     choose_split_k,
     config_class,
@@ -51,6 +52,7 @@ from sparsepd.kernels.fp8_gemm import (
     fp8_linear,
     fp8_linear_grouped,
     fp8_linear_ref,
+    max_tickets,
 )
 from sparsepd.kernels.moe import MoEConfig, build_dispatch, default_moe_fp4_config, moe_fp4, moe_fp4_ref
 
@@ -62,7 +64,8 @@ PROJECTIONS = {  # name: (N, K)
 }
 GROUPED = {"wo_a (8 groups, one launch)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS, O_GROUPS)}  # name: (N, K, G)
 PREFILL_M, DECODE_M, MOE_T = (4096, 8192), (1, 8, 32, 64, 256), (1, 8, 64, 256)
-SWEPT_PREFILL_M, SWEPT_DECODE_M, SWEPT_MOE_T = (8192,), (1, 64), (1, 8, 64)
+SWEPT_PREFILL_M, SWEPT_DECODE_M, SWEPT_MOE_T = (8192,), (1, 8, 32, 64, 256), (1, 8, 64)
+SPLIT_COUNTS = (1, 2, 4, 8, 16, 32)  # split-K counts swept on the default tile at each swept decode M
 
 
 def _c(*a, **k) -> Fp8GemmConfig:
@@ -150,14 +153,48 @@ def resolve(config: Fp8GemmConfig, M: int, N: int, K: int, num_sms: int) -> Fp8G
     return dataclasses.replace(config, split_k=choose_split_k(M, N, K, config.block_m, config.block_n, num_sms))
 
 
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One timed launch: a config, and whether the call gets a persistent zeroed ticket buffer (`tickets=`: no
+    memset launch a split-K call) instead of making its counters."""
+
+    config: Fp8GemmConfig
+    tickets: bool = False
+    note: str = ""  # what the variant is, for the report
+
+    def label(self) -> str:
+        return repr(self.config) + (" +tickets" if self.tickets else "") + (f" [{self.note}]" if self.note else "")
+
+
 def fp8_candidates(M: int, N: int, K: int, num_sms: int) -> list[Fp8GemmConfig]:
+    """The default config, then the candidates of its shape class (split_k 0 resolved), each once."""
+    return list(dict.fromkeys(v.config for v in fp8_variants(M, N, K, num_sms, decode=False)))
+
+
+def fp8_variants(M: int, N: int, K: int, num_sms: int, decode: bool = True) -> list[Variant]:
+    """The default first; at decode (M ≤ 256) the default with a ticket buffer, the split count of the rule before
+    2026-12-06 (PREVIOUS_SPLIT_RULE), and every power-of-two split count on the default tile (each split ≥ 1 block
+    of 128, with tickets); then the class candidates (with tickets where they split)."""
     default = default_fp8_config(M, N, K, num_sms)
-    out = [default]
+    out = [Variant(default, note="default")]
+    split_ok = decode and M <= 256
+    if split_ok:
+        if default.split_k > 1:
+            out.append(Variant(default, True, "default"))
+        previous = choose_split_k(M, N, K, default.block_m, default.block_n, num_sms, **PREVIOUS_SPLIT_RULE)
+        out.append(Variant(dataclasses.replace(default, split_k=previous), previous > 1, "previous split rule"))
+        for split in SPLIT_COUNTS:
+            if split <= -(-K // 128):
+                out.append(Variant(dataclasses.replace(default, split_k=split), split > 1))
     for c in FP8_CANDIDATES[config_class(M)]:
         c = resolve(c, M, N, K, num_sms)
-        if c not in out:
-            out.append(c)
-    return out
+        out.append(Variant(c, split_ok and c.split_k > 1))
+    seen, unique = set(), []
+    for v in out:
+        if (v.config, v.tickets) not in seen:
+            seen.add((v.config, v.tickets))
+            unique.append(v)
+    return unique
 
 
 # --- cases ------------------------------------------------------------------------------------------
@@ -188,25 +225,29 @@ def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool, grou
     sets = [fp8_weight(groups * N, K) for _ in range(n_sets(weight_bytes, dev.l2_bytes))]
     x = torch.randn(M, groups, K, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    tickets = torch.zeros(max_tickets(M, N, groups), device="cuda", dtype=torch.int32)  # left zeroed by each call
 
-    def run(w, s, c=None):
+    def run(w, s, c=None, with_tickets=False):
+        t = tickets if with_tickets else None
         if groups > 1:
-            return fp8_linear_grouped(x, w, s, config=c)
-        return fp8_linear(x[:, 0], w, s, config=c, out=out)
+            return fp8_linear_grouped(x, w, s, config=c, tickets=t)
+        return fp8_linear(x[:, 0], w, s, config=c, out=out, tickets=t)
 
     ref = fp8_linear_grouped(x, *sets[0], backend="reference") if groups > 1 else fp8_linear_ref(x[:, 0], *sets[0])
     floor = floor_bytes / dev.copy_bytes_per_s * 1e6
-    configs = (fp8_candidates(M, groups * N, K, dev.num_sms) if sweep
-               else [default_fp8_config(M, groups * N, K, dev.num_sms)])
+    variants = (fp8_variants(M, groups * N, K, dev.num_sms) if sweep
+                else [Variant(default_fp8_config(M, groups * N, K, dev.num_sms), note="default")])
     timings, us = {}, {}
-    for c in configs:
-        err = rel_err(run(*sets[0], c), ref)
-        if err > 1e-2:
-            timings[repr(c)] = f"WRONG (rel err {err:.3g})"
+    for v in variants:
+        label = v.label()
+        out.fill_(float("nan"))  # every element must be written
+        err = rel_err(run(*sets[0], v.config, v.tickets), ref)
+        if not err <= 1e-2 or (tickets.any().item() if v.tickets else False):  # a NaN error is wrong too
+            timings[label] = f"WRONG (rel err {err:.3g}, tickets left {int(tickets.count_nonzero())})"
             continue
-        us[repr(c)] = graph_us([lambda w=w, s=s, c=c: run(w, s, c) for w, s in sets])
-        timings[repr(c)] = floor / us[repr(c)]
-    default = repr(configs[0])
+        us[label] = graph_us([lambda w=w, s=s, v=v: run(w, s, v.config, v.tickets) for w, s in sets])
+        timings[label] = floor / us[label]
+    default = variants[0].label()
     w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
     bf16 = groups * graph_us([lambda w=w: torch.matmul(x[:, 0], w.T, out=out) for w in w16])
     return dict(kind="fp8 decode", name=name, M=M, N=N, K=K, us=us.get(default, float("nan")), floor_us=floor,
@@ -244,12 +285,12 @@ def fp4_decode(T: int, experts: tuple[torch.Tensor, ...], dev: Device, sweep: bo
         ref = moe_fp4_ref(x, weights, torch.searchsorted(touched_ids, indices), *(t[touched_ids] for t in experts),
                           10.0)
         err = rel_err(first, ref)
-        if err > 1e-2:
+        if not err <= 1e-2:
             raise AssertionError(f"moe_fp4 T={T} default {default}: rel err {err:.3g} against moe_fp4_ref")
     timings, us = {}, {}
     for c in configs:
         err = rel_err(moe_fp4(x, *routings[0], *experts, 10.0, config=c), first)
-        if err > 1e-2:
+        if not err <= 1e-2:  # a NaN error is wrong too
             timings[repr(c)] = f"WRONG (rel err {err:.3g})"
             continue
         us[repr(c)] = graph_us([lambda w=w, i=i, c=c: moe_fp4(x, w, i, *experts, 10.0, config=c) for w, i in routings])
@@ -285,6 +326,8 @@ def cases(experts, dev: Device, sweep: bool) -> list[tuple[str, Callable[[], dic
         out += [(f"sweep fp4 decode T={T}", lambda T=T: fp4_decode(T, experts, dev, True)) for T in SWEPT_MOE_T]
         out += [(f"sweep fp8 decode {name} M={M}", lambda a=(name, N, K, M): fp8_decode(*a, dev, True))
                 for M in SWEPT_DECODE_M for name, (N, K) in PROJECTIONS.items()]
+        out += [(f"sweep fp8 decode {name} M={M}", lambda a=(name, N, K, M), G=G: fp8_decode(*a, dev, True, G))
+                for M in SWEPT_DECODE_M for name, (N, K, G) in GROUPED.items()]
         out += [(f"sweep fp8 prefill {name} M={M}", lambda a=(name, N, K, M): fp8_prefill(*a, dev, True))
                 for M in SWEPT_PREFILL_M for name, (N, K) in PROJECTIONS.items()]
     return out
@@ -294,10 +337,13 @@ def cases(experts, dev: Device, sweep: bool) -> list[tuple[str, Callable[[], dic
 def compile_jobs(num_sms: int, sweep: bool) -> list[tuple]:
     """One small call per (kernel specialisation, config) the run will launch: the defaults at every case, and with
     `sweep` the candidates at each swept M (M = 1 is a specialisation of its own) and shape, FP4 at each swept T."""
-    jobs = {("fp8", M, N, K, c) for M in SWEPT_DECODE_M + SWEPT_PREFILL_M for N, K in PROJECTIONS.values()
-            for c in fp8_candidates(M, N, K, num_sms)} if sweep else set()
+    shapes = list(PROJECTIONS.values()) + [(G * N, K) for N, K, G in GROUPED.values()]  # grouped: the same kernel
+    jobs = {("fp8", M, N, K, v.config) for M in SWEPT_DECODE_M for N, K in shapes
+            for v in fp8_variants(M, N, K, num_sms)} if sweep else set()
+    jobs |= {("fp8", M, N, K, c) for M in SWEPT_PREFILL_M for N, K in PROJECTIONS.values()
+             for c in fp8_candidates(M, N, K, num_sms)} if sweep else set()
     jobs |= {("fp8", M, N, K, default_fp8_config(M, N, K, num_sms)) for M in DECODE_M + PREFILL_M
-             for N, K in PROJECTIONS.values()}
+             for N, K in shapes}
     jobs |= {("fp4", T, 0, 0, c) for T in SWEPT_MOE_T for c in MOE_CANDIDATES} if sweep else set()
     jobs |= {("fp4", T, 0, 0, default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16, inter=INTER,
                                                       num_sms=num_sms)) for T in MOE_T}
@@ -368,6 +414,29 @@ def best_lines(sweeps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def list_plan(num_sms: int, sweep: bool) -> str:
+    """What a run would launch, without a GPU: every case in run order, and for each swept FP8 decode case its
+    variants with the programs each grid holds (tiles × splits) on `num_sms` SMs."""
+    lines = [f"cases (run order, --sweep {'on' if sweep else 'off'}):"]
+    lines += [f"  {label}" for label, _ in cases(None, None, sweep)]
+    if sweep:
+        shapes = [(name, N, K, 1) for name, (N, K) in PROJECTIONS.items()]
+        shapes += [(name, N, K, G) for name, (N, K, G) in GROUPED.items()]
+        lines.append(f"FP8 decode variants (programs on {num_sms} SMs):")
+        for M in SWEPT_DECODE_M:
+            for name, N, K, G in shapes:
+                lines.append(f"  {name} M={M} N={G * N} K={K}:")
+                for v in fp8_variants(M, G * N, K, num_sms):
+                    c = v.config
+                    k_blocks = -(-K // 128)
+                    split = -(-k_blocks // -(-k_blocks // min(c.split_k, k_blocks)))  # as fp8_gemm launches it
+                    programs = -(-M // c.block_m) * -(-N // c.block_n) * G * split
+                    lines.append(f"    {programs:5d} programs  {v.label()}")
+        lines.append(f"FP4 decode variants at T = {SWEPT_MOE_T}: {len(MOE_CANDIDATES)} candidates and the default")
+    lines.append(f"compile jobs: {len(compile_jobs(num_sms, sweep))}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_pos", nargs="?", help="JSON file (same as --out)")
@@ -376,7 +445,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=130.0, help="start no case after this many seconds")
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling the run's kernels first (0: compile as they come)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the cases and the swept variants with their grids, without a GPU, and exit")
+    parser.add_argument("--num-sms", type=int, default=132, help="SMs the --list grids assume (H100/H200: 132)")
     args = parser.parse_args()
+    if args.list:
+        print(list_plan(args.num_sms, args.sweep))
+        return
     out_path = args.out or args.out_pos or os.path.join(os.environ.get("OUT", "."), "quant.json")
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
