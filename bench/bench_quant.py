@@ -7,7 +7,9 @@ the shared expert, dims from sparsepd/model_config.py's v4-flash preset: dim 409
   same run; target (issue 28) ≥ 70% of 2 × the bf16 rate;
 - decode, M ∈ {1, 8, 32, 64} (and 256, a mid-size batch): time against the floor of the bytes it must move (FP8
   weights + scales, x, y) at the copy bandwidth measured here; target ≥ 70% of the floor (floor / time). Also the
-  grouped output projection (wo_a's 8 groups in one `fp8_linear_grouped` launch; bf16 column: 8 matmuls).
+  grouped output projection (wo_a's 8 groups in one `fp8_linear_grouped` launch; bf16 column: 8 matmuls), wq_a and
+  wkv stacked into one launch (both read x), and per case one device copy moving the same bytes in the same graph
+  rotation ("copy µs": what one streaming launch of that size costs here, its fixed latency included).
 FP4 experts (`moe_fp4`) at decode, T ∈ {1, 8, 64, 256}, V4-Flash's experts (256 × [2·2048, 4096] and [4096, 2048],
 top-6, random routing with distinct experts a token): time against the floor of the bytes it reads (the packed
 weights and scales of every touched expert once, x, the fp32 per-slot outputs written); target ≥ 60%.
@@ -15,9 +17,12 @@ weights and scales of every touched expert once, x, the fp32 per-slot outputs wr
 Two modes, one GPU run each:
 - default (no flag): every case with the kernels' default launch configs only;
 - --sweep: the same, then per swept case every candidate config of its shape class (the lists below), each checked
-  against the reference before it is timed; prints the best config per case (as Python, to paste into the
-  tables) and its gain over the default. Candidate kernels are compiled first by --jobs worker processes
-  (Triton's disk cache), so a cold machine spends ~20-40 s compiling rather than minutes.
+  against the reference (output NaN-poisoned first) before it is timed; prints the best config per case (as
+  Python, to paste into the tables) and its gain over the default. FP8 decode (M = 1 … 256) also times the default
+  with a persistent ticket buffer (`tickets=`: no memset launch), the split count of the rule before 2026-12-06,
+  and split counts 1 … 32 on the default tile (`fp8_variants`). Candidate kernels are compiled first by --jobs
+  worker processes (Triton's disk cache), so a cold machine spends ~20-40 s compiling rather than minutes.
+- --list: no GPU; prints the cases and every swept FP8 decode variant with the programs its grid holds.
 Cases start only while --budget-s is left (the ceilings and defaults first); the ones skipped are listed.
 
 Timing: decode calls are captured in a CUDA graph that makes one call per rotated input set (distinct weight copies
@@ -26,6 +31,7 @@ calls: how decode runs, weights from DRAM. Prefill uses do_bench's median (it cl
 Ceilings measured in the same run: copy bandwidth (1 GiB device-to-device, read + write), bf16 matmul (8192³).
 
     python3 bench/bench_quant.py --out OUT.json [--sweep] [--budget-s 130] [--jobs 12]
+    python3 bench/bench_quant.py --list [--sweep] [--num-sms 132]
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ PROJECTIONS = {  # name: (N, K)
     "wq_a": (Q_LORA, DIM), "wq_b": (HEADS * HEAD_DIM, Q_LORA), "wkv": (HEAD_DIM, DIM),
     "wo_a (a group)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS), "wo_b": (DIM, O_GROUPS * O_LORA),
     "shared w1+w3": (2 * INTER, DIM), "shared w2": (DIM, INTER),
+    "wq_a+wkv (one launch)": (Q_LORA + HEAD_DIM, DIM),  # both read x: one launch if the model stacked them
 }
 GROUPED = {"wo_a (8 groups, one launch)": (O_LORA, HEADS * HEAD_DIM // O_GROUPS, O_GROUPS)}  # name: (N, K, G)
 PREFILL_M, DECODE_M, MOE_T = (4096, 8192), (1, 8, 32, 64, 256), (1, 8, 64, 256)
@@ -92,6 +99,12 @@ MOE_CANDIDATES = [MoEConfig(16, bn, bk, w, st, unpack)
                   for bn, bk, w, st in ((64, 128, 2, 4), (32, 128, 2, 4), (64, 128, 2, 3), (32, 256, 2, 3),
                                         (32, 64, 2, 6), (64, 128, 4, 4), (32, 128, 1, 4), (64, 256, 4, 3))
                   for unpack in ("dot_scaled", "ptx")] + [MoEConfig(16, 64, 128, 2, 4, "bits")]
+# More programs and more resident warps (2026-12-06, compiled for sm_90: the PTX decode tiles take 168 / 130
+# registers at 2 warps, so an SM holds 6-7 programs, 12-14 warps; at T = 1 the 32-wide tiles give 384 gate/up
+# programs, 2.9 an SM): 16-wide N tiles (twice the programs), a 128-register cap (8 programs an SM), 4 warps
+MOE_CANDIDATES += [MoEConfig(16, 16, 128, 2, 4, "ptx"), MoEConfig(16, 16, 128, 2, 4, "dot_scaled"),
+                   MoEConfig(16, 32, 128, 2, 4, "ptx", max_regs=128), MoEConfig(16, 16, 128, 2, 4, "ptx", max_regs=128),
+                   MoEConfig(16, 32, 128, 4, 4, "ptx"), MoEConfig(16, 16, 256, 2, 3, "ptx")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,14 +257,22 @@ def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool, grou
         err = rel_err(run(*sets[0], v.config, v.tickets), ref)
         if not err <= 1e-2 or (tickets.any().item() if v.tickets else False):  # a NaN error is wrong too
             timings[label] = f"WRONG (rel err {err:.3g}, tickets left {int(tickets.count_nonzero())})"
+            tickets.zero_()  # the next variants start from a zeroed buffer
             continue
         us[label] = graph_us([lambda w=w, s=s, v=v: run(w, s, v.config, v.tickets) for w, s in sets])
         timings[label] = floor / us[label]
     default = variants[0].label()
     w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
     bf16 = groups * graph_us([lambda w=w: torch.matmul(x[:, 0], w.T, out=out) for w in w16])
+    # one device copy moving the same DRAM bytes (half read, half written) in the same graph rotation: what a
+    # single streaming launch of this size costs here, fixed latency included (the reachable share of the floor)
+    half = min(floor_bytes // 2, sets[0][0].numel())  # at most the weight's bytes (M = 256: x and y are large)
+    dst = torch.empty(half, device="cuda", dtype=torch.uint8)
+    copy = graph_us([lambda w=w: dst.copy_(w.view(torch.uint8).view(-1)[:half]) for w, _ in sets])
+    copy *= floor_bytes / (2 * half)  # scaled to the floor's bytes
     return dict(kind="fp8 decode", name=name, M=M, N=N, K=K, us=us.get(default, float("nan")), floor_us=floor,
-                of_floor=floor / us.get(default, float("inf")), bf16_us=bf16, sets=len(sets), config=default,
+                of_floor=floor / us.get(default, float("inf")), bf16_us=bf16, copy_us=copy,
+                of_copy=copy / us.get(default, float("inf")), sets=len(sets), config=default,
                 **({"sweep": timings, "metric": "of floor"} if sweep else {}))
 
 
@@ -385,14 +406,15 @@ def precompile(jobs: list[tuple], workers: int) -> int:
 # --- report -------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     lines = ["| kind | projection | M/T | N | K | µs | TFLOP/s | bf16 µs | bf16 TFLOP/s | of 2×bf16 | floor µs | "
-             "of floor | launch config |", "|" + "---|" * 13]
+             "of floor | copy µs | copy ÷ µs | launch config |", "|" + "---|" * 15]
     for r in rows:
         cell = {key: format(r[key], fmt) if key in r else "" for key, fmt in
                 (("tflops", ".0f"), ("bf16_us", ".1f"), ("bf16_tflops", ".0f"), ("of_2x_bf16", ".0%"),
-                 ("floor_us", ".1f"), ("of_floor", ".0%"))}
+                 ("floor_us", ".1f"), ("of_floor", ".0%"), ("copy_us", ".1f"), ("of_copy", ".0%"))}
         lines.append(f"| {r['kind']} | {r['name']} | {r.get('M', r.get('T'))} | {r.get('N', '')} | {r.get('K', '')} "
                      f"| {r['us']:.1f} | {cell['tflops']} | {cell['bf16_us']} | {cell['bf16_tflops']} | "
-                     f"{cell['of_2x_bf16']} | {cell['floor_us']} | {cell['of_floor']} | {r.get('config', '')} |")
+                     f"{cell['of_2x_bf16']} | {cell['floor_us']} | {cell['of_floor']} | {cell['copy_us']} | "
+                     f"{cell['of_copy']} | {r.get('config', '')} |")
     return "\n".join(lines)
 
 

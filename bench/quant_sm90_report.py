@@ -8,7 +8,7 @@ ptxas) for sm_90. Printed per launch: the grid and programs an SM; registers, sp
 weight bytes a program reads; SASS figures (wgmma, async copies into shared memory, TMA loads, global loads).
 No GPU is needed; the times are for `bench_quant.py` on one.
 
-    python3 -P bench/quant_sm90_report.py [--variants] [--out FILE.md]
+    python3 -P bench/quant_sm90_report.py [--variants] [--only TEXT] [--out FILE.md]
 
 --variants also compiles the candidate configs bench_quant.py --sweep times at decode.
 """
@@ -121,7 +121,7 @@ def trace(variants: bool) -> list[Launch]:
 
 
 def _constexprs(launch: Launch) -> dict:
-    return {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    return {k: v for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
 
 
 def _compile(launch: Launch):
@@ -192,7 +192,7 @@ def weight_bytes_per_program(launch: Launch) -> int:
 
 
 def report(launches: list[Launch]) -> str:
-    lines = ["| case | kernel | constexprs | warps/stages | grid | programs/SM | regs | spill B | shared KiB | "
+    lines = ["| case | kernel | constexprs | warps/stages | grid | programs/SM | regs | local/stack B | shared KiB | "
              "blocks/SM | waves | weight KiB/program | SASS | HGMMA | LDGSTS | LDG | ATOM |",
              "|" + "---|" * 17]
     cache: dict[str, dict] = {}
@@ -218,7 +218,8 @@ def report(launches: list[Launch]) -> str:
         waves = programs / max(1, bps * NUM_SMS)
         lines.append(
             f"| {launch.case} | {launch.kernel.__name__} | {cx} | {ws} | {'×'.join(map(str, launch.grid))} | "
-            f"{programs / NUM_SMS:.2f} | {r['regs']} | {r['local']} | {r['shared'] / 1024:.1f} | {bps} | "
+            f"{programs / NUM_SMS:.2f} | {r['regs']} | {max(r['local'], r['stack'])} | {r['shared'] / 1024:.1f} | "
+            f"{bps} | "
             f"{waves:.2f} | {weight_bytes_per_program(launch) / 1024:.0f} | {r['sass']} | {r['hgmma']} | "
             f"{r['ldgsts']} | {r['ldg']} | {r['atom']} |")
     return "\n".join(lines)
@@ -228,10 +229,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", action="store_true", help="also the decode candidates of --sweep")
     parser.add_argument("--out", help="write the markdown table here too")
+    parser.add_argument("--only", help="only the cases whose name contains this text (e.g. 'fp4', 'M=64')")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         raise SystemExit("run with TRITON_INTERPRET unset: the kernels must be JITFunctions to compile")
-    text = report(trace(args.variants))
+    text = report([launch for launch in trace(args.variants) if args.only is None or args.only in launch.case])
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
