@@ -30,7 +30,7 @@ or routings, enough to move ≥ 2× the L2), the median replay (triton.testing.d
 calls: how decode runs, weights from DRAM. Prefill uses do_bench's median (it clears the L2 before each call).
 Ceilings measured in the same run: copy bandwidth (1 GiB device-to-device, read + write), bf16 matmul (8192³).
 
-    python3 bench/bench_quant.py --out OUT.json [--sweep] [--budget-s 130] [--jobs 12]
+    python3 bench/bench_quant.py --out OUT.json [--sweep] [--only TEXT] [--budget-s 130] [--jobs 12]
     python3 bench/bench_quant.py --list [--sweep] [--num-sms 132]
 """
 
@@ -355,19 +355,27 @@ def cases(experts, dev: Device, sweep: bool) -> list[tuple[str, Callable[[], dic
 
 
 # --- compiling the candidates in parallel -----------------------------------------------------------
-def compile_jobs(num_sms: int, sweep: bool) -> list[tuple]:
+def compile_jobs(num_sms: int, sweep: bool, only: str | None = None) -> list[tuple]:
     """One small call per (kernel specialisation, config) the run will launch: the defaults at every case, and with
-    `sweep` the candidates at each swept M (M = 1 is a specialisation of its own) and shape, FP4 at each swept T."""
+    `sweep` the candidates at each swept M (M = 1 is a specialisation of its own) and shape, FP4 at each swept T;
+    with `only`, those of the kinds (fp8 decode, fp8 prefill, fp4) of the selected cases."""
+    labels = [label for label, _ in cases(None, None, sweep) if only is None or only in label]
+    wanted = lambda kind: any(kind in label for label in labels)  # noqa: E731
     shapes = list(PROJECTIONS.values()) + [(G * N, K) for N, K, G in GROUPED.values()]  # grouped: the same kernel
-    jobs = {("fp8", M, N, K, v.config) for M in SWEPT_DECODE_M for N, K in shapes
-            for v in fp8_variants(M, N, K, num_sms)} if sweep else set()
-    jobs |= {("fp8", M, N, K, c) for M in SWEPT_PREFILL_M for N, K in PROJECTIONS.values()
-             for c in fp8_candidates(M, N, K, num_sms)} if sweep else set()
-    jobs |= {("fp8", M, N, K, default_fp8_config(M, N, K, num_sms)) for M in DECODE_M + PREFILL_M
-             for N, K in shapes}
-    jobs |= {("fp4", T, 0, 0, c) for T in SWEPT_MOE_T for c in MOE_CANDIDATES} if sweep else set()
-    jobs |= {("fp4", T, 0, 0, default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16, inter=INTER,
-                                                      num_sms=num_sms)) for T in MOE_T}
+    jobs = set()
+    if wanted("fp8 decode"):
+        jobs |= {("fp8", M, N, K, default_fp8_config(M, N, K, num_sms)) for M in DECODE_M for N, K in shapes}
+        jobs |= {("fp8", M, N, K, v.config) for M in SWEPT_DECODE_M for N, K in shapes
+                 for v in fp8_variants(M, N, K, num_sms)} if sweep else set()
+    if wanted("fp8 prefill"):
+        jobs |= {("fp8", M, N, K, default_fp8_config(M, N, K, num_sms)) for M in PREFILL_M
+                 for N, K in PROJECTIONS.values()}
+        jobs |= {("fp8", M, N, K, c) for M in SWEPT_PREFILL_M for N, K in PROJECTIONS.values()
+                 for c in fp8_candidates(M, N, K, num_sms)} if sweep else set()
+    if wanted("fp4"):
+        jobs |= {("fp4", T, 0, 0, default_moe_fp4_config(T * TOP_K, EXPERTS, torch.bfloat16, inter=INTER,
+                                                          num_sms=num_sms)) for T in MOE_T}
+        jobs |= {("fp4", T, 0, 0, c) for T in SWEPT_MOE_T for c in MOE_CANDIDATES} if sweep else set()
     return sorted(jobs, key=repr)
 
 
@@ -436,11 +444,11 @@ def best_lines(sweeps: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def list_plan(num_sms: int, sweep: bool) -> str:
+def list_plan(num_sms: int, sweep: bool, only: str | None = None) -> str:
     """What a run would launch, without a GPU: every case in run order, and for each swept FP8 decode case its
     variants with the programs each grid holds (tiles × splits) on `num_sms` SMs."""
     lines = [f"cases (run order, --sweep {'on' if sweep else 'off'}):"]
-    lines += [f"  {label}" for label, _ in cases(None, None, sweep)]
+    lines += [f"  {label}" for label, _ in cases(None, None, sweep) if only is None or only in label]
     if sweep:
         shapes = [(name, N, K, 1) for name, (N, K) in PROJECTIONS.items()]
         shapes += [(name, N, K, G) for name, (N, K, G) in GROUPED.items()]
@@ -455,7 +463,7 @@ def list_plan(num_sms: int, sweep: bool) -> str:
                     programs = -(-M // c.block_m) * -(-N // c.block_n) * G * split
                     lines.append(f"    {programs:5d} programs  {v.label()}")
         lines.append(f"FP4 decode variants at T = {SWEPT_MOE_T}: {len(MOE_CANDIDATES)} candidates and the default")
-    lines.append(f"compile jobs: {len(compile_jobs(num_sms, sweep))}")
+    lines.append(f"compile jobs: {len(compile_jobs(num_sms, sweep, only))}")
     return "\n".join(lines)
 
 
@@ -467,12 +475,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=130.0, help="start no case after this many seconds")
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling the run's kernels first (0: compile as they come)")
+    parser.add_argument("--only", help="run only the cases whose label contains this text (e.g. 'fp8 decode', "
+                                       "'fp4', 'M=64'); --list shows the labels")
     parser.add_argument("--list", action="store_true",
                         help="print the cases and the swept variants with their grids, without a GPU, and exit")
     parser.add_argument("--num-sms", type=int, default=132, help="SMs the --list grids assume (H100/H200: 132)")
     args = parser.parse_args()
     if args.list:
-        print(list_plan(args.num_sms, args.sweep))
+        print(list_plan(args.num_sms, args.sweep, args.only))
         return
     out_path = args.out or args.out_pos or os.path.join(os.environ.get("OUT", "."), "quant.json")
     t0 = time.time()
@@ -484,7 +494,7 @@ def main() -> None:
     print(head, flush=True)
     compile_failures = 0
     if args.jobs > 0:
-        jobs = compile_jobs(dev.num_sms, args.sweep)
+        jobs = compile_jobs(dev.num_sms, args.sweep, args.only)
         compile_failures = precompile(jobs, args.jobs)
         print(f"compiled {len(jobs)} launches in {time.time() - t0:.0f} s ({compile_failures} failed)",
               flush=True)
@@ -492,6 +502,8 @@ def main() -> None:
     with torch.inference_mode():
         experts = fp4_experts()
         for label, thunk in cases(experts, dev, args.sweep):
+            if args.only is not None and args.only not in label:
+                continue
             if time.time() - t0 > args.budget_s:
                 skipped.append(label)
                 continue

@@ -338,7 +338,8 @@ class Fp8GemmConfig:
 
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
 # must keep enough weight bytes in flight to cover DRAM latency, so a small tile on the token side, 64 weight rows,
-# deep pipelines, and split-K (`choose_split_k`) until the grid holds ~4 programs an SM. Prefill is MMA-bound:
+# deep pipelines, and split-K (`choose_split_k`, up to M = 256) until the grid holds ~4 programs an SM. Prefill is
+# MMA-bound:
 # 64×128 tiles with 4 warps, 3 stages. `bench/bench_quant.py --sweep` on an H200 (2026-12-06) put them first or
 # second on all seven V4-Flash projections at M = 8192, 1.02–1.22× the 128×128 8-warp tiles that were the
 # default (those keep acc + the fresh 128-block product in 128 fp32 registers a thread, two programs an SM at most).
