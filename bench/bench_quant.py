@@ -19,8 +19,9 @@ Two modes, one GPU run each:
 - --sweep: the same, then per swept case every candidate config of its shape class (the lists below), each checked
   against the reference (output NaN-poisoned first) before it is timed; prints the best config per case (as
   Python, to paste into the tables) and its gain over the default. FP8 decode (M = 1 … 256) also times the default
-  with a persistent ticket buffer (`tickets=`: no memset launch), the split count of the rule before 2026-12-06,
-  and split counts 1 … 32 on the default tile (`fp8_variants`). Candidate kernels are compiled first by --jobs
+  with a persistent ticket buffer (`tickets=`: no memset launch), with programmatic dependent launch as well
+  (`pdl=True`), the split count of the rule before 2026-12-06, and split counts 1 … 32 on the default tile
+  (`fp8_variants`). Candidate kernels are compiled first by --jobs
   worker processes (Triton's disk cache), so a cold machine spends ~20-40 s compiling rather than minutes.
 - --list: no GPU; prints the cases and every swept FP8 decode variant with the programs its grid holds.
 Cases start only while --budget-s is left (the ceilings and defaults first); the ones skipped are listed.
@@ -194,6 +195,9 @@ def fp8_variants(M: int, N: int, K: int, num_sms: int, decode: bool = True) -> l
     if split_ok:
         if default.split_k > 1:
             out.append(Variant(default, True, "default"))
+        # programmatic dependent launch: each call launched while the one before drains (with tickets: no memset
+        # node between the calls, which would break the overlap)
+        out.append(Variant(dataclasses.replace(default, pdl=True), default.split_k > 1, "default, PDL"))
         previous = choose_split_k(M, N, K, default.block_m, default.block_n, num_sms, **PREVIOUS_SPLIT_RULE)
         out.append(Variant(dataclasses.replace(default, split_k=previous), previous > 1, "previous split rule"))
         for split in SPLIT_COUNTS:
@@ -254,12 +258,18 @@ def fp8_decode(name: str, N: int, K: int, M: int, dev: Device, sweep: bool, grou
     for v in variants:
         label = v.label()
         out.fill_(float("nan"))  # every element must be written
-        err = rel_err(run(*sets[0], v.config, v.tickets), ref)
-        if not err <= 1e-2 or (tickets.any().item() if v.tickets else False):  # a NaN error is wrong too
-            timings[label] = f"WRONG (rel err {err:.3g}, tickets left {int(tickets.count_nonzero())})"
-            tickets.zero_()  # the next variants start from a zeroed buffer
+        try:
+            err = rel_err(run(*sets[0], v.config, v.tickets), ref)
+            if not err <= 1e-2 or (tickets.any().item() if v.tickets else False):  # a NaN error is wrong too
+                timings[label] = f"WRONG (rel err {err:.3g}, tickets left {int(tickets.count_nonzero())})"
+                tickets.zero_()  # the next variants start from a zeroed buffer
+                continue
+            us[label] = graph_us([lambda w=w, s=s, v=v: run(w, s, v.config, v.tickets) for w, s in sets])
+        except RuntimeError as e:  # e.g. a driver that cannot capture programmatic dependent launches
+            timings[label] = f"FAILED ({type(e).__name__}: {str(e)[:200]})"
+            torch.cuda.synchronize()
+            tickets.zero_()
             continue
-        us[label] = graph_us([lambda w=w, s=s, v=v: run(w, s, v.config, v.tickets) for w, s in sets])
         timings[label] = floor / us[label]
     default = variants[0].label()
     w16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, len(sets) // 2))]
@@ -440,7 +450,7 @@ def best_lines(sweeps: list[dict]) -> str:
         unit = "TFLOP/s" if r["metric"] == "TFLOP/s" else "of floor"
         fmt = (lambda v: f"{v:.0f}") if unit == "TFLOP/s" else (lambda v: f"{v:.0%}")
         lines.append(f"BEST {r['kind']} {r['name']} {size}: {fmt(value)} {unit} (default {fmt(default)}, "
-                     f"×{value / default:.2f}) with {best}" + (f"; WRONG: {wrong}" if wrong else ""))
+                     f"×{value / default:.2f}) with {best}" + (f"; wrong or failed: {wrong}" if wrong else ""))
     return "\n".join(lines)
 
 

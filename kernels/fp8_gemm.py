@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend, triton_interpreting
 from sparsepd.kernels.indexer import _encode_e4m3
@@ -221,8 +222,10 @@ def _fp8_gemm_kernel(
     stride_ag, stride_asg, stride_wg, stride_wsg, stride_cg, stride_wsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
     QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, OPERANDS: tl.constexpr,
-    ENCODE: tl.constexpr,
+    ENCODE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (NVIDIA sm_90+): the next launch may start while this one drains
+        gdc_launch_dependents()
     # grouped order: GROUP_M row tiles share each weight column tile while it sits in L2
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -262,8 +265,10 @@ def _fp8_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the scales of step kb + 1 are loaded during step kb: the pipeliner overlaps only the tiles' loads, and a
     # scale load waited on in its own step costs a DRAM latency every step
-    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
     sw_next = tl.load(ws_row + kb_begin)
+    if PDL:  # launched before the previous kernel finished: the weights are constant, x and the buffers are not
+        gdc_wait()
+    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
     for kb in range(kb_begin, kb_end):
         sw = sw_next
         kb_next = tl.minimum(kb + 1, kb_end - 1)
@@ -334,6 +339,11 @@ class Fp8GemmConfig:
     quant_a: bool = False  # quantize x inside the K loop instead of a first pass
     swap_ab: bool = False  # compute (W · x^T)^T: the weight tile on the MMA's M side (decode)
     max_regs: int = 0  # NVIDIA: cap registers a thread (Triton's maxnreg; 0 none), e.g. 128 for two 8-warp programs
+    # NVIDIA sm_90+: programmatic dependent launch: the GEMM is launched while the kernel before it drains, runs its
+    # setup and its first weight-scale load, and waits (griddepcontrol.wait) before reading x or writing anything.
+    # Hides a launch's latency at decode, where it is most of the time (bench/RESULTS.md, 2026-12-06). Off on AMD
+    # and in the interpreter. A memset between two launches (no ticket buffer) breaks the overlap.
+    pdl: bool = False
 
 
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
@@ -428,6 +438,13 @@ def _fp8_dot_supported(device: torch.device) -> bool:
     if torch.version.hip:
         return torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx942", "gfx950"))
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90+, compiled (not the interpreter)."""
+    if device.type != "cuda" or torch.version.hip or triton_interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -569,6 +586,7 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
             a = a.view(weight.dtype)
         stride_am, stride_as = groups * a.stride(0), groups * a_scale.stride(0)
         stride_ag, stride_asg = a.stride(0), a_scale.stride(0)
+    pdl = config.pdl and _pdl_supported(x2.device)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
@@ -593,7 +611,8 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         stride_ag, stride_asg, N * weight.stride(0), N // BLOCK * weight_scale.stride(0), N, groups * N,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT=split > 1,
         QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
-        ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),
+        ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device), PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.max_regs} if config.max_regs and not torch.version.hip else {}),
+        **({"launch_pdl": True} if pdl else {}),
     )

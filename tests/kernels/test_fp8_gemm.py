@@ -18,6 +18,7 @@ On CPU the kernels run in the Triton interpreter (its dot takes FP8 operands); w
 tests run bf16 activations at V4-Flash's projection shapes.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -397,14 +398,31 @@ def test_gpu_cuda_graph_replay_equals_eager(M, N, K):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, want), f"M={M} N={N} K={K}: replay differs from eager"
-    # a persistent ticket buffer instead of the per-call memset: left zeroed by every replay
+    # a persistent ticket buffer instead of the per-call memset, left zeroed by every replay; then the same with
+    # programmatic dependent launch, three calls a graph (each launched while the one before drains)
     tickets = torch.zeros(fp8_gemm.max_tickets(M, N), dtype=torch.int32, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fp8_linear(static_x, weight, scale, tickets=tickets)
-    for x, want in zip(inputs * 2, eager * 2, strict=True):
-        static_x.copy_(x)
-        static_out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, want) and not tickets.any(), f"M={M} N={N} K={K}: tickets replay"
+    pdl = dataclasses.replace(default_fp8_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count),
+                              pdl=True)
+    for config, calls in ((None, 1), (pdl, 3)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [fp8_linear(static_x, weight, scale, tickets=tickets, config=config) for _ in range(calls)]
+        for x, want in zip(inputs * 2, eager * 2, strict=True):
+            static_x.copy_(x)
+            for out in outs:
+                out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(out, want) for out in outs) and not tickets.any(), (
+                f"M={M} N={N} K={K} {config}: tickets replay")
+
+
+def test_pdl_config_is_the_same_function(device):
+    """pdl=True runs without grid dependency control where there is none (the interpreter, AMD): same bits."""
+    M, N, K = 5, 130, 640
+    x = make_x(11, (M, K), torch.float32, device)
+    weight, scale = make_weight(11, N, K, device=device)
+    config = Fp8GemmConfig(16, 64, split_k=3, quant_a=True, swap_ab=True)
+    want = fp8_linear(x, weight, scale, backend="triton", config=config)
+    got = fp8_linear(x, weight, scale, backend="triton", config=dataclasses.replace(config, pdl=True))
+    assert torch.equal(got, want)
