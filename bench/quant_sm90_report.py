@@ -62,6 +62,7 @@ def _h200(sink: Callable[[object, tuple, tuple, dict], None]) -> Iterator[None]:
         patch(device, "triton_interpreting", lambda: True)  # backend="triton" accepts meta tensors
         patch(fp8_gemm, "_num_sms", lambda dev: NUM_SMS)
         patch(fp8_gemm, "_fp8_dot_supported", lambda dev: True)
+        patch(fp8_gemm, "_pdl_supported", lambda dev: True)
         patch(moe, "_num_sms", lambda dev: NUM_SMS)
         real_format = moe._weight_format  # "ptx" checks for a CUDA device: meta tensors stand in for one
         patch(moe, "_weight_format", lambda fp4, x, c: 3 if fp4 and c.fp4_unpack == "ptx" and c.block_m <= 32
@@ -96,8 +97,8 @@ def trace(variants: bool) -> list[Launch]:
     with _h200(sink):
         for name, (N, K) in bq.PROJECTIONS.items():
             for M in bq.DECODE_M:
-                configs = bq.fp8_candidates(M, N, K, NUM_SMS) if variants else [
-                    fp8_gemm.default_fp8_config(M, N, K, NUM_SMS)]
+                configs = list(dict.fromkeys(v.config for v in bq.fp8_variants(M, N, K, NUM_SMS))) if variants \
+                    else [fp8_gemm.default_fp8_config(M, N, K, NUM_SMS)]
                 for i, config in enumerate(configs):
                     case = f"fp8 {name} M={M}" + ("" if i == 0 else f" cand{i}")
                     fp8_gemm.fp8_linear(_meta(M, K), _meta(N, K, dtype=fp8), _meta(-(-N // 128), -(-K // 128),
