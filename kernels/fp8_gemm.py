@@ -58,10 +58,23 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend, triton_interpreting
 from sparsepd.kernels.indexer import _encode_e4m3
+
+try:  # grid dependency control (Triton ≥ 3.3): programmatic dependent launch, `Fp8GemmConfig.pdl`
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # an older Triton: pdl configs run without it (never traced: PDL stays False)
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 BLOCK = 128  # the weight tile and the activation block along K
 FP8_MAX = 448.0  # largest finite e4m3fn value (e4m3fnuz: 240)
@@ -442,7 +455,7 @@ def _fp8_dot_supported(device: torch.device) -> bool:
 
 def _pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90+, compiled (not the interpreter)."""
-    if device.type != "cuda" or torch.version.hip or triton_interpreting():
+    if device.type != "cuda" or torch.version.hip or triton_interpreting() or not _HAS_GDC:
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
