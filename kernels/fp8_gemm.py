@@ -29,10 +29,12 @@ Kernels:
    loads, and one launch less); above, `_act_quant_kernel` runs first (M·K reads, once).
    Decode tiles (M ≤ 16) compute (W · x^T)^T (SWAP_AB): 64 weight rows fill the M side of a Hopper FP8 wgmma,
    which reads both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W).
-   Split-K at decode (M ≤ 64) until the grid holds ~4 programs an SM (weight bytes in flight to cover DRAM
-   latency), while the fp32 partials stay under a quarter of the weight bytes: partial tiles in an fp32
-   workspace, the last program to finish a tile (an atomic counter) sums them in split order (deterministic;
-   the split count is a run-time argument, one compiled kernel for all).
+   Split-K for M ≤ 256 (decode and small batches) until the grid holds ~4 programs an SM (weight bytes in flight
+   to cover DRAM latency), while the fp32 partials written stay within half the weight bytes: partial tiles in an
+   fp32 workspace, the last program to finish a tile (an atomic ticket) sums them in split order (deterministic:
+   bit-identical whatever the arrival order; the split count is a run-time argument, one compiled kernel for all)
+   and resets the ticket to 0, so a caller's zeroed ticket buffer (`tickets=`) saves the memset launch a call
+   otherwise makes.
 Launch configs (`default_fp8_config`): per shape class of M (decode ≤ 16, ≤ 64, mid ≤ 512, prefill) a short list
 of candidates, the first whose tiles fill the GPU once taken; per AMD target its stages; the grid depends on shapes
 only (CUDA graphs). bench/bench_quant.py --sweep times the alternatives of each class.
@@ -59,6 +61,20 @@ import triton.language as tl
 
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend, triton_interpreting
 from sparsepd.kernels.indexer import _encode_e4m3
+
+try:  # grid dependency control (Triton ≥ 3.3): programmatic dependent launch, `Fp8GemmConfig.pdl`
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # an older Triton: pdl configs run without it (never traced: PDL stays False)
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 BLOCK = 128  # the weight tile and the activation block along K
 FP8_MAX = 448.0  # largest finite e4m3fn value (e4m3fnuz: 240)
@@ -219,8 +235,10 @@ def _fp8_gemm_kernel(
     stride_ag, stride_asg, stride_wg, stride_wsg, stride_cg, stride_wsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
     QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FNUZ: tl.constexpr, OPERANDS: tl.constexpr,
-    ENCODE: tl.constexpr,
+    ENCODE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (NVIDIA sm_90+): the next launch may start while this one drains
+        gdc_launch_dependents()
     # grouped order: GROUP_M row tiles share each weight column tile while it sits in L2
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -260,8 +278,10 @@ def _fp8_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the scales of step kb + 1 are loaded during step kb: the pipeliner overlaps only the tiles' loads, and a
     # scale load waited on in its own step costs a DRAM latency every step
-    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
     sw_next = tl.load(ws_row + kb_begin)
+    if PDL:  # launched before the previous kernel finished: the weights are constant, x and the buffers are not
+        gdc_wait()
+    sa_next = tl.load(a_scale_ptr + rows * stride_as + kb_begin, mask=m_ok, other=1.0)  # every split has a block
     for kb in range(kb_begin, kb_end):
         sw = sw_next
         kb_next = tl.minimum(kb + 1, kb_end - 1)
@@ -306,12 +326,16 @@ def _fp8_gemm_kernel(
         tile_ws = ws_ptr + rows[:, None] * stride_wsm + offs_n[None, :]
         tl.store(tile_ws + split.to(tl.int64) * M * stride_wsm, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(counter_ptr + pid_m * tiles_n + pid_n, 1, sem="acq_rel")
+        ticket = counter_ptr + pid_m * tiles_n + pid_n
+        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
         if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(num_splits):
                 total += tl.load(tile_ws + s * M * stride_wsm, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+            # every split has arrived: the ticket goes back to 0, so a zeroed ticket buffer stays zeroed across
+            # launches and a caller's buffer (`tickets=`) replaces the memset launch a call would need
+            tl.atomic_xchg(ticket, 0)
 
 
 # --- launch configuration -----------------------------------------------------------------------
@@ -328,16 +352,30 @@ class Fp8GemmConfig:
     quant_a: bool = False  # quantize x inside the K loop instead of a first pass
     swap_ab: bool = False  # compute (W · x^T)^T: the weight tile on the MMA's M side (decode)
     max_regs: int = 0  # NVIDIA: cap registers a thread (Triton's maxnreg; 0 none), e.g. 128 for two 8-warp programs
+    # NVIDIA sm_90+: programmatic dependent launch: the GEMM is launched while the kernel before it drains, runs its
+    # setup and its first weight-scale load, and waits (griddepcontrol.wait) before reading x or writing anything.
+    # Hides a launch's latency at decode, where it is most of the time (bench/RESULTS.md, 2026-12-06). Off on AMD
+    # and in the interpreter. A memset between two launches (no ticket buffer) breaks the overlap.
+    pdl: bool = False
 
 
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
 # must keep enough weight bytes in flight to cover DRAM latency, so a small tile on the token side, 64 weight rows,
-# deep pipelines, and split-K (`choose_split_k`) until the grid holds ~4 programs an SM. Prefill is MMA-bound:
+# deep pipelines, and split-K (`choose_split_k`, up to M = 256) until the grid holds ~4 programs an SM. Prefill is
+# MMA-bound:
 # 64×128 tiles with 4 warps, 3 stages. `bench/bench_quant.py --sweep` on an H200 (2026-12-06) put them first or
 # second on all seven V4-Flash projections at M = 8192, 1.02–1.22× the 128×128 8-warp tiles that were the
 # default (those keep acc + the fresh 128-block product in 128 fp32 registers a thread, two programs an SM at most).
 # The first candidate whose tiles fill the GPU once is taken (the last one otherwise).
 _DECODE_TARGET_PROGRAMS = 4  # programs an SM that split-K aims for at decode
+# Split-K applies up to M = _SPLIT_MAX_M rows while the fp32 partials a launch writes (4·M·N bytes a split, read back
+# once by the last program of each tile, from L2 while they fit there) stay within _PARTIAL_SHARE of the weight
+# bytes. Compiled for sm_90 (bench/quant_sm90_report.py, 2026-12-06) the earlier rule (M ≤ 64, partials written and
+# read ≤ a quarter of the weights: PREVIOUS_SPLIT_RULE) left the 4096-deep projections 16-32 programs at M = 64
+# and 16-128 at M = 256 (no split there) on 132 SMs: a tenth to a quarter of the SMs streaming weights.
+_SPLIT_MAX_M = 256
+_PARTIAL_SHARE = 0.5
+PREVIOUS_SPLIT_RULE = dict(max_m=64, partial_share=0.125)  # the rule before 2026-12-06, for bench_quant.py's sweep
 _CONFIG_TABLE: tuple[tuple[int | None, tuple[Fp8GemmConfig, ...]], ...] = (
     (16, (Fp8GemmConfig(16, 64, num_warps=4, num_stages=4, group_m=1, quant_a=True, swap_ab=True),)),
     (64, (Fp8GemmConfig(64, 64, num_warps=4, num_stages=4, group_m=1),)),
@@ -366,19 +404,26 @@ def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = 
     return dataclasses.replace(c, split_k=choose_split_k(M, N, K, c.block_m, c.block_n, num_sms), num_stages=stages)
 
 
-def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int) -> int:
-    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (decode, M ≤ 64 only),
-    each split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials (written and read back, 8·M·N bytes
-    a split) at most a quarter of the weight bytes."""
-    if M > 64:
+def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int, *,
+                   max_m: int = _SPLIT_MAX_M, partial_share: float = _PARTIAL_SHARE) -> int:
+    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (M ≤ max_m only), each
+    split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials written (4·M·N bytes a split) at most
+    `partial_share` of the weight bytes (N·K)."""
+    if M > max_m:
         return 1
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, BLOCK)
     split = 1
     while (tiles * split < _DECODE_TARGET_PROGRAMS * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS
-           and 2 * split * 8 * M * N <= N * K // 4):
+           and 4 * M * N * (2 * split) <= partial_share * N * K):
         split *= 2
     return split
+
+
+def max_tickets(M: int, N: int, groups: int = 1) -> int:
+    """Ticket counters any split-K launch of [M, K] × [N, K]^T (G groups of N) needs at most: one an output tile,
+    tiles at least 16×16. A caller's zeroed int32 buffer of this size (`tickets=`) stays zeroed after every launch."""
+    return groups * triton.cdiv(M, 16) * triton.cdiv(N, 16)
 
 
 def _check_config(config: Fp8GemmConfig) -> None:
@@ -406,6 +451,13 @@ def _fp8_dot_supported(device: torch.device) -> bool:
     if torch.version.hip:
         return torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx942", "gfx950"))
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol): NVIDIA sm_90+, compiled (not the interpreter)."""
+    if device.type != "cuda" or torch.version.hip or triton_interpreting() or not _HAS_GDC:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -449,9 +501,11 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, *, backend: Backend = "auto")
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                backend: Backend = "auto", config: Fp8GemmConfig | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · W^T [..., N] in x's dtype, with W [N, K] FP8 (e4m3fn, or e4m3fnuz for MI300) and its 128×128 tile
-    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y."""
+    scales (module docstring); no host sync. `out` (contiguous [..., N] in x's dtype), if given, receives y.
+    `tickets` (zeroed int32, ≥ `max_tickets(M, N)` elements, left zeroed): split-K's counters, instead of a zeroed
+    buffer made (one memset launch) each call."""
     _check_linear(x, weight, weight_scale)
     if config is not None:
         _check_config(config)
@@ -474,16 +528,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         return out.zero_()
     if config is None:
         config = default_fp8_config(M, N, K, _num_sms(x.device), amd_arch(x.device))
-    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config)
+    _launch_gemm(x2, weight, weight_scale, out.view(M, N), config, tickets=tickets)
     return out
 
 
 def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
-                       backend: Backend = "auto", config: Fp8GemmConfig | None = None) -> torch.Tensor:
+                       backend: Backend = "auto", config: Fp8GemmConfig | None = None,
+                       tickets: torch.Tensor | None = None) -> torch.Tensor:
     """G independent products in one launch: x [M, G, K] (group g's inputs x[:, g]) with rows g·R … (g+1)·R − 1
     of W [G·R, K] (FP8, 128×128 tile scales; R a multiple of 128, so each group owns whole scale rows) → y [M, G·R]
     in x's dtype, group g in columns g·R …; each group as `fp8_linear` computes it (the grouped output projection
-    of docs/dsv4-spec.md "Attention layer", step 7, in one launch instead of G)."""
+    of docs/dsv4-spec.md "Attention layer", step 7, in one launch instead of G). `tickets` as `fp8_linear`'s,
+    ≥ `max_tickets(M, R, G)` elements."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be [M, G, K], got {list(getattr(x, 'shape', ()))}")
     M, G, K = x.shape
@@ -508,7 +564,7 @@ def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
         return out.zero_()
     if config is None:
         config = default_fp8_config(M, G * R, K, _num_sms(x.device), amd_arch(x.device))
-    _launch_gemm(x2, weight, weight_scale, out, config, groups=G)
+    _launch_gemm(x2, weight, weight_scale, out, config, groups=G, tickets=tickets)
     return out
 
 
@@ -524,7 +580,7 @@ def _operands(weight: torch.Tensor) -> int:
 
 
 def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor,
-                 config: Fp8GemmConfig, groups: int = 1) -> None:
+                 config: Fp8GemmConfig, groups: int = 1, tickets: torch.Tensor | None = None) -> None:
     """out = x2 · W^T, or with groups > 1 the grouped product: x2 [M, G·K] (group g's inputs in columns g·K …),
     weight [G·R, K] (group g's rows g·R …, R a multiple of 128), out [M, G·R] (group g's columns g·R …)."""
     M, K = x2.shape[0], x2.shape[1] // groups
@@ -543,6 +599,7 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
             a = a.view(weight.dtype)
         stride_am, stride_as = groups * a.stride(0), groups * a_scale.stride(0)
         stride_ag, stride_asg = a.stride(0), a_scale.stride(0)
+    pdl = config.pdl and _pdl_supported(x2.device)
     k_blocks = triton.cdiv(K, BLOCK)
     split = min(config.split_k, k_blocks)
     blocks_per_split = triton.cdiv(k_blocks, split)
@@ -550,7 +607,14 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     if split > 1:
         ws = torch.empty((split, M, groups * N), dtype=torch.float32, device=x2.device)
-        counters = torch.zeros((groups * tiles,), dtype=torch.int32, device=x2.device)
+        if tickets is None:
+            counters = torch.zeros((groups * tiles,), dtype=torch.int32, device=x2.device)
+        elif (tickets.dtype != torch.int32 or tickets.device != x2.device or tickets.numel() < groups * tiles
+              or not tickets.is_contiguous()):
+            raise ValueError(f"tickets must be a contiguous int32 tensor of ≥ {groups * tiles} elements on "
+                             f"{x2.device}, got {tickets.dtype} {list(tickets.shape)} on {tickets.device}")
+        else:
+            counters = tickets
     else:
         ws = counters = out  # unused
     _fp8_gemm_kernel[(tiles, split, groups)](
@@ -560,7 +624,8 @@ def _launch_gemm(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         stride_ag, stride_asg, N * weight.stride(0), N // BLOCK * weight_scale.stride(0), N, groups * N,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m, SPLIT=split > 1,
         QUANT_A=config.quant_a, SWAP_AB=config.swap_ab, FNUZ=fnuz, OPERANDS=operands,
-        ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device),
+        ENCODE=_encode_mode(torch.float8_e4m3fnuz if fnuz else torch.float8_e4m3fn, x2.device), PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.max_regs} if config.max_regs and not torch.version.hip else {}),
+        **({"launch_pdl": True} if pdl else {}),
     )

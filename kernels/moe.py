@@ -393,6 +393,10 @@ class MoEConfig:
     # FP4 weights: "dot_scaled" (tl.dot_scaled, 16-bit x), "bits" (the kernels' own portable bit ops, any x) or
     # "ptx" (bf16 x on NVIDIA: `_E2M1_BF16_PTX`); fp32 x always takes "bits"
     fp4_unpack: str = "dot_scaled"
+    # NVIDIA: cap registers a thread (Triton's maxnreg; 0 none). The FP4 decode tiles take 130-168 registers at 2
+    # warps (sm_90), so an SM holds 6-7 programs, 12-14 warps, for a loop that issues ~5-6 instructions a weight
+    # value: a cap of 128 lets it hold 8 (bench/bench_quant.py --sweep times it)
+    max_regs: int = 0
 
 
 # (max average rows per touched expert, config), picked from 8-14 candidates timed with CUDA graphs on H200, bf16,
@@ -478,6 +482,8 @@ def _check_config(config: MoEConfig) -> None:
             raise ValueError(f"config.{name} must be a power of two >= 16, got {v}")
     if config.fp4_unpack not in ("dot_scaled", "bits", "ptx"):
         raise ValueError(f"config.fp4_unpack must be 'dot_scaled', 'bits' or 'ptx', got {config.fp4_unpack!r}")
+    if config.max_regs and not 24 <= config.max_regs <= 255:
+        raise ValueError(f"config.max_regs must be 0 or in [24, 255], got {config.max_regs}")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -597,7 +603,8 @@ def _launch_experts(x, weights, indices, w13, w2, inter: int, swiglu_limit: floa
     s13, s2 = (s13, s2) if fp4 else (w13, w2)  # unread without FP4
     scale_strides = lambda s: (s.stride(0), s.stride(1)) if fp4 else (0, 0)  # noqa: E731
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRECISION=precision,
-                 W_FMT=_weight_format(fp4, x, config), num_warps=config.num_warps, num_stages=config.num_stages)
+                 W_FMT=_weight_format(fp4, x, config), num_warps=config.num_warps, num_stages=config.num_stages,
+                 **({"maxnreg": config.max_regs} if config.max_regs and not torch.version.hip else {}))
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, config.block_n))](
         x, w13, s13, plan.sorted_pairs, plan.block_expert, weights.reshape(-1).contiguous(), h,
         dim, inter, k, x.stride(0), w13.stride(0), w13.stride(1), *scale_strides(s13), h.stride(0), limit,

@@ -18,6 +18,7 @@ On CPU the kernels run in the Triton interpreter (its dot takes FP8 operands); w
 tests run bf16 activations at V4-Flash's projection shapes.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -260,15 +261,67 @@ def test_nan_input_reaches_only_its_row(config, device):
 def test_config_table_covers_decode_and_prefill():
     assert default_fp8_config(1, 512, 4096, 132).split_k > 1, "a 512-wide decode GEMM needs split-K to fill 132 SMs"
     assert default_fp8_config(1, 32768, 1024, 132).split_k <= 2, "512 weight tiles nearly fill the GPU"
-    assert default_fp8_config(64, 4096, 4096, 132).split_k <= 2, "partials stay under a quarter of the weights"
     prefill = default_fp8_config(8192, 4096, 4096, 132)  # the H200 sweep's best prefill tile (kernels/fp8_gemm.py)
     assert (prefill.block_m, prefill.block_n, prefill.num_warps, prefill.split_k) == (64, 128, 4, 1)
     assert default_fp8_config(4096, 512, 4096, 132).block_m == 64
     for M in (1, 16, 17, 64, 256, 4096):
         c = default_fp8_config(M, 4096, 4096, 132)
-        assert c.quant_a == (M <= 16) and c.block_n <= BLOCK and (c.split_k == 1 or M <= 64)
+        assert c.quant_a == (M <= 16) and c.block_n <= BLOCK and (c.split_k == 1 or M <= 256)
+
+
+@pytest.mark.parametrize("M", [1, 8, 32, 64, 256])
+@pytest.mark.parametrize("N, K", [(1024, 4096), (512, 4096), (32768, 1024), (4096, 8192), (4096, 2048)])
+def test_split_k_fills_the_gpu_within_the_partial_budget(M, N, K):
+    """V4-Flash's decode projections on 132 SMs: split-K grows the grid toward 4 programs an SM, never past the
+    budget (fp32 partials written ≤ half the weight bytes, ≥ 2 blocks of 128 a split), and never stops short of it
+    while doubling would stay within both and the grid holds fewer than 4 programs an SM."""
+    c = default_fp8_config(M, N, K, 132)
+    split, k_blocks = c.split_k, -(-K // BLOCK)
+    tiles = -(-M // c.block_m) * -(-N // c.block_n)
+    assert split >= 1 and split & (split - 1) == 0
+    assert 4 * M * N * split <= N * K / 2 or split == 1, f"M={M} N={N} K={K}: partials past half the weights: {c}"
+    assert k_blocks // split >= 2 or split == 1, c
+    could_double = (tiles * split < 4 * 132 and k_blocks // (2 * split) >= 2 and 4 * M * N * 2 * split <= N * K / 2)
+    assert not could_double, f"M={M} N={N} K={K}: {tiles * split} programs, split {split} could double: {c}"
+    if (M, N, K) in ((64, 1024, 4096), (32, 512, 4096)):  # 16 and 8 weight tiles: the earlier rule left ≤ 32 programs
+        assert tiles * split >= 128, c
         for arch in ("gfx942", "gfx950"):
             assert default_fp8_config(M, 4096, 4096, 304, arch).num_stages <= 3
+
+
+@pytest.mark.parametrize("M, N, K, config", [(1, 200, 640, CONFIGS[1]), (40, 129, 640, CONFIGS[2])])
+def test_tickets_buffer_is_left_zeroed(M, N, K, config, device):
+    """Split-K with a caller's ticket buffer (no memset launch): each last program resets its tile's ticket, so two
+    calls on fresh inputs and NaN-poisoned outputs both write every element within the bound, the buffer is zero
+    after each, and the result is bit-identical to a call that makes its own zeroed counters."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    weight, scale = make_weight(M + N, N, K, device=device)
+    tickets = torch.zeros(fp8_gemm.max_tickets(M, N) + 3, dtype=torch.int32, device=device)
+    for seed in (M, M + 1):
+        x = make_x(seed, (M, K), dtype, device)
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+        y = fp8_linear(x, weight, scale, backend="triton", config=config, out=out, tickets=tickets)
+        check_arithmetic(y.cpu(), x.cpu(), weight.cpu(), scale.cpu(), f"seed={seed} M={M} N={N} K={K} {config}")
+        assert (tickets == 0).all(), f"tickets left {tickets.nonzero().flatten().tolist()} non-zero"
+        assert torch.equal(y, fp8_linear(x, weight, scale, backend="triton", config=config))
+    with pytest.raises(ValueError, match="tickets must be"):
+        fp8_linear(x, weight, scale, backend="triton", config=config, tickets=tickets[:1])
+
+
+def test_grouped_tickets_buffer(device):
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    M, G, R, K = 3, 2, 128, 384
+    x = make_x(5, (M, G, K), dtype, device)
+    weight, scale = make_weight(5, G * R, K, device=device)
+    tickets = torch.zeros(fp8_gemm.max_tickets(M, R, G), dtype=torch.int32, device=device)
+    config = Fp8GemmConfig(16, 64, split_k=3, quant_a=True, swap_ab=True)
+    y = fp8_linear_grouped(x, weight, scale, backend="triton", config=config, tickets=tickets)
+    assert (tickets == 0).all()
+    assert torch.equal(y, fp8_linear_grouped(x, weight, scale, backend="triton", config=config))
+    for g in range(G):
+        rows = slice(g * R, (g + 1) * R)
+        check_arithmetic(y[:, rows].cpu(), x[:, g].cpu(), weight[rows].cpu(),
+                         scale[g * R // BLOCK:(g + 1) * R // BLOCK].cpu(), f"group {g} with tickets")
 
 
 def test_empty_shapes(device):
@@ -325,7 +378,7 @@ def test_gpu_v4_flash_shapes_bf16(M, N, K):
 
 
 @needs_gpu
-@pytest.mark.parametrize("M, N, K", [(1, 512, 4096), (8, 1024, 4096), (256, 4096, 8192)])
+@pytest.mark.parametrize("M, N, K", [(1, 512, 4096), (8, 1024, 4096), (64, 1024, 4096), (256, 4096, 8192)])
 def test_gpu_cuda_graph_replay_equals_eager(M, N, K):
     """Split-K's ordered reduction and the counters zeroed each call: replays are bit-identical to eager runs."""
     weight, scale = make_weight(M, N, K, device="cuda")
@@ -345,3 +398,31 @@ def test_gpu_cuda_graph_replay_equals_eager(M, N, K):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, want), f"M={M} N={N} K={K}: replay differs from eager"
+    # a persistent ticket buffer instead of the per-call memset, left zeroed by every replay; then the same with
+    # programmatic dependent launch, three calls a graph (each launched while the one before drains)
+    tickets = torch.zeros(fp8_gemm.max_tickets(M, N), dtype=torch.int32, device="cuda")
+    pdl = dataclasses.replace(default_fp8_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count),
+                              pdl=True)
+    for config, calls in ((None, 1), (pdl, 3)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [fp8_linear(static_x, weight, scale, tickets=tickets, config=config) for _ in range(calls)]
+        for x, want in zip(inputs * 2, eager * 2, strict=True):
+            static_x.copy_(x)
+            for out in outs:
+                out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(out, want) for out in outs) and not tickets.any(), (
+                f"M={M} N={N} K={K} {config}: tickets replay")
+
+
+def test_pdl_config_is_the_same_function(device):
+    """pdl=True runs without grid dependency control where there is none (the interpreter, AMD): same bits."""
+    M, N, K = 5, 130, 640
+    x = make_x(11, (M, K), torch.float32, device)
+    weight, scale = make_weight(11, N, K, device=device)
+    config = Fp8GemmConfig(16, 64, split_k=3, quant_a=True, swap_ab=True)
+    want = fp8_linear(x, weight, scale, backend="triton", config=config)
+    got = fp8_linear(x, weight, scale, backend="triton", config=dataclasses.replace(config, pdl=True))
+    assert torch.equal(got, want)

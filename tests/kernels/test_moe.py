@@ -429,6 +429,25 @@ def test_fp4_default_table_configs(config, device):
         check_fp4_against_fp64(y, x.half(), weights, indices, w, cfg.swiglu_limit, f"{c}")
 
 
+@pytest.mark.parametrize("config", [MoEConfig(16, 16, 128, 2, 4), MoEConfig(16, 32, 128, 2, 4, max_regs=128),
+                                    MoEConfig(16, 16, 256, 2, 3, max_regs=128)])
+def test_fp4_decode_sweep_candidates(config, device):
+    """The decode candidates bench_quant.py --sweep adds (16-wide N tiles, a register cap) at small shapes: fresh
+    inputs, a NaN-poisoned per-slot output fully written, within the fp64 bound, through both unpackings the
+    interpreter runs (fp16 x: tl.dot_scaled; fp32 x: the kernels' bits)."""
+    cfg = get_preset("tiny")
+    T = 5
+    for dtype, unpack in ((torch.float16, "dot_scaled"), (torch.float32, "bits")):
+        seed = 300 + config.block_n + config.block_k + config.max_regs
+        x, weights, indices = make_routing(seed, T, cfg, "topk", device)
+        w = make_fp4_weights(seed, FP4_SMALL["E"], cfg.dim, FP4_SMALL["inter"], device)
+        c = dataclasses.replace(config, fp4_unpack=unpack)
+        out = torch.full((T, indices.shape[1], cfg.dim), float("nan"), device=device)
+        y = moe_fp4(x.to(dtype), weights, indices, *w, cfg.swiglu_limit, out=out, backend="triton", config=c)
+        assert (~torch.isfinite(out)).any(-1).nonzero().numel() == 0, f"{c}: (token, slot) rows left unwritten"
+        check_fp4_against_fp64(y, x.to(dtype), weights, indices, w, cfg.swiglu_limit, f"seed={seed} {c}")
+
+
 @pytest.mark.parametrize("dtype, arch", [(torch.float16, None), (torch.bfloat16, "gfx950")])
 def test_fp4_decode_tile_narrows_to_fill_the_gpu(dtype, arch):
     one_token = default_moe_fp4_config(6, 256, dtype, arch, inter=2048, num_sms=132)
@@ -479,6 +498,8 @@ def test_fp4_bad_inputs_are_refused():
         moe_fp4(x, wts, idx, w13.float(), s13, w2, s2, 10.0)
     with pytest.raises(ValueError, match="block_k >= 32"):
         moe_fp4(x, wts, idx, w13, s13, w2, s2, 10.0, backend="triton", config=MoEConfig(16, 32, 16))
+    with pytest.raises(ValueError, match="max_regs"):
+        moe_fp4(x, wts, idx, w13, s13, w2, s2, 10.0, backend="triton", config=MoEConfig(16, 32, 32, max_regs=16))
 
 
 @needs_gpu

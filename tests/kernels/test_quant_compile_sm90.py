@@ -7,6 +7,7 @@ the wrappers on meta tensors, records each launch, and compiles it for sm_90; th
 compiled, within the shared-memory limit, and that the MMA paths are the intended ones (wgmma for FP8 prefill).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,6 +63,7 @@ def _trace_and_compile() -> list[dict]:
         patch(device, "triton_interpreting", lambda: True)  # backend="triton" accepts meta tensors
         patch(fp8_gemm, "_num_sms", lambda dev: 132)
         patch(fp8_gemm, "_fp8_dot_supported", lambda dev: True)
+        patch(fp8_gemm, "_pdl_supported", lambda dev: True)
         patch(moe, "_num_sms", lambda dev: 132)
         real_format = moe._weight_format  # "ptx" checks for a CUDA device: meta tensors stand in for one
         patch(moe, "_weight_format", lambda fp4, x, c: 3 if fp4 and c.fp4_unpack == "ptx" else real_format(fp4, x, c))
@@ -75,6 +77,10 @@ def _trace_and_compile() -> list[dict]:
                                     backend="triton")
         fp8_gemm.fp8_linear_grouped(meta(1, 8, 4096), meta(8192, 4096, dtype=torch.float8_e4m3fn),
                                     meta(64, 32, dtype=f32), backend="triton")
+        for M in (1, 64):  # programmatic dependent launch on the decode tiles (bench_quant.py's variant)
+            config = fp8_gemm.default_fp8_config(M, 1024, 4096, 132)
+            fp8_gemm.fp8_linear(meta(M, 4096), meta(1024, 4096, dtype=torch.float8_e4m3fn), meta(8, 32, dtype=f32),
+                                backend="triton", config=dataclasses.replace(config, pdl=True))
         for T in (1, 8192):
             for unpack in ("dot_scaled", "ptx", "bits"):
                 config = moe.default_moe_fp4_config(T * 6, 256, torch.bfloat16, inter=2048, num_sms=132)
@@ -104,7 +110,8 @@ def _trace_and_compile() -> list[dict]:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                       options=options.__dict__)
             ptx = compiled.asm["ptx"]
-            row.update(shared=int(compiled.metadata.shared), wgmma="wgmma" in ptx, error=None)
+            row.update(shared=int(compiled.metadata.shared), wgmma="wgmma" in ptx, error=None,
+                       gdc="griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx)
         except Exception as e:  # reported by the test with the launch that failed
             row.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
         rows.append(row)
@@ -131,6 +138,14 @@ def test_every_launch_compiles_for_sm90(rows):
     assert {"_fp8_gemm_kernel", "_act_quant_kernel", "_gate_up_kernel", "_down_kernel"} <= kernels
     assert any("OPERANDS=2" in r["config"] for r in rows), "the fnuz-on-NVIDIA path was not compiled"
     assert any("W_FMT=3" in r["config"] for r in rows), "the PTX unpacking was not compiled"
+
+
+def test_fp8_pdl_launches_wait_on_the_grid_dependency(rows):
+    """PDL=True launches carry griddepcontrol (launch_dependents, wait) in their PTX; the others none."""
+    gemm = [r for r in rows if r["kernel"] == "_fp8_gemm_kernel"]
+    pdl = [r for r in gemm if "PDL=True" in r["config"]]
+    assert pdl and all(r.get("gdc") for r in pdl), [r["config"] for r in pdl]
+    assert not any(r.get("gdc") for r in gemm if "PDL=False" in r["config"])
 
 
 def test_fp8_prefill_and_decode_use_wgmma(rows):
