@@ -11,10 +11,12 @@ ids and k routing weights:
     combine: y[t] = Σ_p back[p·n + pos[p, t]] over the ranks in order ((b_0 + b_1) + b_2 …), an unsent rank's term
              +0.0; fp32 [n, dim]. With W = 1, y[t] is the row itself (bit for bit).
 
-`pack_ep_rows` is one launch, grid (token blocks, W): program (b, p) counts the tokens sent to p before its block and
-in all (a scan of the n·k ids, which stay in L2: 12 KB at n = 256, k = 6), places its tokens by a cumsum within the
-block, copies their rows and writes the padding rows of its own index range (row j of block p is padding iff
-j ≥ c_p), and pos. Every byte of send is written once, so nothing is zero-filled first. `combine_ep_rows` is one
+`pack_ep_rows` is one launch, grid (blocks of rows, W): program (b, p) owns rows j ∈ [b·BLOCK_T, (b+1)·BLOCK_T) of
+block p and pos[p, j] of the same tokens. One pass over the n·k ids (they stay in L2: 12 KB at n = 256, k = 6) gives
+each sent token's row by a running cumsum, so the program finds the token of each of its rows (none: padding) and
+the count before its tokens; it then writes its rows as one contiguous run (a gather of x rows). Every byte of send
+is written once, so nothing is zero-filled first. (Placing the tokens from the source side instead, stores to
+scattered rows plus the padding rows, spilled 24-45 SGPRs on gfx942/gfx950.) `combine_ep_rows` is one
 launch, grid (token blocks, dim blocks). Both are sync-free with shapes that depend on (n, W, k, dim) only, so a
 CUDA graph captures them. `ep_row_fields` views a received buffer as the expert kernels' inputs (x, int32 ids,
 weights) without copies. The torch references (`pack_ep_rows_ref`, `combine_ep_rows_ref`: ~30 and W + 4 small ops)
@@ -34,7 +36,6 @@ import triton.language as tl
 from sparsepd.kernels.device import Backend, pick_backend
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SCAN = 256  # tokens per step of the pack kernel's count
 
 
 def ep_row_bytes(dim: int, dtype: torch.dtype, k: int) -> int:
@@ -83,52 +84,50 @@ def _pack_kernel(
     n, k, per_rank, x_words, row_words, stride_xt, stride_wt, stride_wk, stride_it, stride_ik,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, SCAN: tl.constexpr,
 ):
-    b = tl.program_id(0)
     p = tl.program_id(1)
     lo = p * per_rank
-    first = b * BLOCK_T
+    first = tl.program_id(0) * BLOCK_T
+    j = first + tl.arange(0, BLOCK_T)  # this program's tokens (for pos) and rows of block p (for send)
+    j_ok = j < n
     offs_k = tl.arange(0, K_PAD)
     k_ok = offs_k < k
-    # tokens sent to p before this block (`before`) and in all (`total`: rows from `total` on are padding)
-    before = tl.zeros((), tl.int32)
-    total = tl.zeros((), tl.int32)
+    # one pass over the ids: the token whose row is j (`src`, -1: padding), the tokens sent before `first`
+    src = tl.full((BLOCK_T,), -1, tl.int32)
+    sent_before = tl.zeros((), tl.int32)
+    seen = tl.zeros((), tl.int32)  # tokens sent to p before the chunk
     for c in range(0, n, SCAN):
         t = c + tl.arange(0, SCAN)
         ids = tl.load(idx_ptr + t[:, None].to(tl.int64) * stride_it + offs_k[None, :] * stride_ik,
                       mask=(t < n)[:, None] & k_ok[None, :], other=-1)
         sent = tl.max(((ids >= lo) & (ids < lo + per_rank)).to(tl.int32), axis=1)  # [SCAN]
-        before += tl.sum(tl.where(t < first, sent, 0), axis=0)
-        total += tl.sum(sent, axis=0)
-    t = first + tl.arange(0, BLOCK_T)
-    t_ok = t < n
-    t64 = t.to(tl.int64)
-    tk_ok = t_ok[:, None] & k_ok[None, :]
-    ids = tl.load(idx_ptr + t64[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=tk_ok, other=-1)
-    on_p = (ids >= lo) & (ids < lo + per_rank)  # [BLOCK_T, K_PAD]
-    sent = tl.max(on_p.to(tl.int32), axis=1)  # [BLOCK_T]
-    row = before + tl.cumsum(sent, axis=0) - 1  # this token's row in block p, where sent
-    is_sent = (sent > 0) & t_ok
-    tl.store(pos_ptr + p * n + t, tl.where(is_sent, row, -1), mask=t_ok)
-    is_pad = (t >= total) & t_ok  # row t of block p is padding
-    dest = (p * n + row).to(tl.int64) * row_words  # [BLOCK_T] first word of the token's row
-    pad = (p * n + t).to(tl.int64) * row_words  # [BLOCK_T] first word of row t of block p
+        row = seen + tl.cumsum(sent, axis=0) - 1  # [SCAN]: the token's row where sent
+        match = (row[None, :] == j[:, None]) & (sent[None, :] > 0)  # [BLOCK_T, SCAN]
+        src = tl.maximum(src, tl.max(tl.where(match, t[None, :], -1), axis=1))
+        sent_before += tl.sum(tl.where(t < first, sent, 0), axis=0)
+        seen += tl.sum(sent, axis=0)
+    # pos of this program's tokens
+    j64 = j.to(tl.int64)
+    ids = tl.load(idx_ptr + j64[:, None] * stride_it + offs_k[None, :] * stride_ik,
+                  mask=j_ok[:, None] & k_ok[None, :], other=-1)
+    sent = tl.max(((ids >= lo) & (ids < lo + per_rank)).to(tl.int32), axis=1)  # [BLOCK_T]
+    tl.store(pos_ptr + p * n + j, tl.where(sent > 0, sent_before + tl.cumsum(sent, axis=0) - 1, -1), mask=j_ok)
+    # rows j of block p: a contiguous run of send, from token src (zeros and ids -1 where padding)
+    has = src >= 0
+    src64 = tl.where(has, src, 0).to(tl.int64)
+    dest = (p * n + j).to(tl.int64) * row_words  # [BLOCK_T] first word of row j
     for d0 in range(0, x_words, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < x_words
-        words = tl.load(x_ptr + t64[:, None] * stride_xt + offs_d[None, :], mask=is_sent[:, None] & d_ok[None, :])
-        tl.store(send_ptr + dest[:, None] + offs_d[None, :], words, mask=is_sent[:, None] & d_ok[None, :])
-        tl.store(send_ptr + pad[:, None] + offs_d[None, :], tl.zeros((BLOCK_T, BLOCK_D), tl.int32),
-                 mask=is_pad[:, None] & d_ok[None, :])
-    local = tl.where(on_p, ids - lo, -1).to(tl.int32)
-    w = tl.load(w_ptr + t64[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=tk_ok, other=0.0)
-    w_bits = w.to(tl.int32, bitcast=True)
-    sent_k = is_sent[:, None] & k_ok[None, :]
-    tl.store(send_ptr + dest[:, None] + x_words + offs_k[None, :], local, mask=sent_k)
-    tl.store(send_ptr + dest[:, None] + x_words + k + offs_k[None, :], w_bits, mask=sent_k)
-    pad_k = is_pad[:, None] & k_ok[None, :]
-    tl.store(send_ptr + pad[:, None] + x_words + offs_k[None, :], tl.full((BLOCK_T, K_PAD), -1, tl.int32), mask=pad_k)
-    tl.store(send_ptr + pad[:, None] + x_words + k + offs_k[None, :], tl.zeros((BLOCK_T, K_PAD), tl.int32),
-             mask=pad_k)
+        words = tl.load(x_ptr + src64[:, None] * stride_xt + offs_d[None, :], mask=has[:, None] & d_ok[None, :],
+                        other=0)
+        tl.store(send_ptr + dest[:, None] + offs_d[None, :], words, mask=j_ok[:, None] & d_ok[None, :])
+    src_k = has[:, None] & k_ok[None, :]
+    ids = tl.load(idx_ptr + src64[:, None] * stride_it + offs_k[None, :] * stride_ik, mask=src_k, other=-1)
+    local = tl.where((ids >= lo) & (ids < lo + per_rank), ids - lo, -1).to(tl.int32)
+    w = tl.load(w_ptr + src64[:, None] * stride_wt + offs_k[None, :] * stride_wk, mask=src_k, other=0.0)
+    row_k = j_ok[:, None] & k_ok[None, :]
+    tl.store(send_ptr + dest[:, None] + x_words + offs_k[None, :], local, mask=row_k)
+    tl.store(send_ptr + dest[:, None] + x_words + k + offs_k[None, :], w.to(tl.int32, bitcast=True), mask=row_k)
 
 
 @triton.jit
@@ -149,11 +148,12 @@ def _combine_kernel(back_ptr, pos_ptr, out_ptr, n, dim, world_size, stride_b, st
 
 
 # --- public API ---------------------------------------------------------------------------------
-def _pack_tiles(n: int, x_words: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): 16 tokens a program for decode-sized n, 64 beyond (fewer programs repeat the
-    count); tiles of 4096 words."""
+def _pack_tiles(n: int, x_words: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, SCAN, num_warps): 16 rows a program for decode-sized n, 64 beyond (fewer programs repeat
+    the count); tiles of 4096 words, [BLOCK_T, SCAN] matches of 4096; 8 warps (at 4, 10 SGPRs spilled on gfx942 and
+    gfx950 for n = 2 … 8)."""
     block_t = 16 if n <= 1024 else 64
-    return block_t, min(4096 // block_t, triton.next_power_of_2(x_words)), 4
+    return block_t, min(4096 // block_t, triton.next_power_of_2(x_words)), 4096 // block_t, 8
 
 
 def pack_ep_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, world_size: int, per_rank: int,
@@ -172,12 +172,12 @@ def pack_ep_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
     pos = _empty((world_size, n), torch.int32, x.device)
     if n == 0:
         return send, pos
-    block_t, block_d, num_warps = _pack_tiles(n, words.shape[1])
+    block_t, block_d, scan, num_warps = _pack_tiles(n, words.shape[1])
     _pack_kernel[(triton.cdiv(n, block_t), world_size)](
         words, weights, indices, send.view(torch.int32), pos,
         n, k, per_rank, words.shape[1], row_words, words.stride(0), weights.stride(0), weights.stride(1),
         indices.stride(0), indices.stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d, K_PAD=max(2, triton.next_power_of_2(k)), SCAN=SCAN, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_D=block_d, K_PAD=max(2, triton.next_power_of_2(k)), SCAN=scan, num_warps=num_warps,
     )
     return send, pos
 
