@@ -6,7 +6,9 @@ ids and k routing weights:
     send [W·n, row_bytes] uint8: W blocks of n rows; block p holds, in token order, the tokens with at least one
          expert on p (rows 0 … c_p − 1), then padding (rows c_p … n − 1).
     row  = x_t's bytes (dim · x.element_size()) | the k ids local to p, id − p·per_rank, or −1 for a slot another
-           rank serves (int32) | the k routing weights (fp32); a padding row is zeros with ids −1.
+           rank serves (int32) | the k routing weights (fp32) | zeros to a multiple of 64 bytes; a padding row is
+           zeros with ids −1. (The 64 bytes keep every field's row stride a multiple of 16 elements, which Triton's
+           launcher specializes on: the expert kernels' loads of x from the received rows stay vectorized.)
     pos  [W, n] int32: the row of token t in block p, −1 when t sends nothing to p.
     combine: y[t] = Σ_p back[p·n + pos[p, t]] over the ranks in order ((b_0 + b_1) + b_2 …), an unsent rank's term
              +0.0; fp32 [n, dim]. With W = 1, y[t] is the row itself (bit for bit).
@@ -38,9 +40,12 @@ from sparsepd.kernels.device import Backend, pick_backend
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+ROW_ALIGN = 64  # bytes
+
+
 def ep_row_bytes(dim: int, dtype: torch.dtype, k: int) -> int:
-    """Bytes of one exchanged row: x, k int32 ids, k fp32 weights."""
-    return dim * dtype.itemsize + 8 * k
+    """Bytes of one exchanged row: x, k int32 ids, k fp32 weights, zeros to a multiple of ROW_ALIGN."""
+    return -(-(dim * dtype.itemsize + 8 * k) // ROW_ALIGN) * ROW_ALIGN
 
 
 def ep_row_fields(rows: torch.Tensor, dim: int, dtype: torch.dtype, k: int
@@ -51,7 +56,7 @@ def ep_row_fields(rows: torch.Tensor, dim: int, dtype: torch.dtype, k: int
     if rows.dim() != 2 or rows.dtype != torch.uint8 or rows.shape[1] != ep_row_bytes(dim, dtype, k):
         raise ValueError(f"rows must be uint8 [R, {ep_row_bytes(dim, dtype, k)}], got {rows.dtype} {list(rows.shape)}")
     return (rows[:, :x_bytes].view(dtype), rows[:, x_bytes:x_bytes + 4 * k].view(torch.int32),
-            rows[:, x_bytes + 4 * k:].view(torch.float32))
+            rows[:, x_bytes + 4 * k:x_bytes + 8 * k].view(torch.float32))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -82,7 +87,7 @@ def _check_pack(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
 def _pack_kernel(
     x_ptr, w_ptr, idx_ptr, send_ptr, pos_ptr,  # x and send as int32 words; weights fp32; pos int32 [W, n]
     n, k, per_rank, x_words, row_words, stride_xt, stride_wt, stride_wk, stride_it, stride_ik,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, SCAN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, SCAN: tl.constexpr, TAIL: tl.constexpr,
 ):
     p = tl.program_id(1)
     lo = p * per_rank
@@ -128,6 +133,9 @@ def _pack_kernel(
     row_k = j_ok[:, None] & k_ok[None, :]
     tl.store(send_ptr + dest[:, None] + x_words + offs_k[None, :], local, mask=row_k)
     tl.store(send_ptr + dest[:, None] + x_words + k + offs_k[None, :], w.to(tl.int32, bitcast=True), mask=row_k)
+    offs_tail = x_words + 2 * k + tl.arange(0, TAIL)  # the row's zeros up to ROW_ALIGN
+    tl.store(send_ptr + dest[:, None] + offs_tail[None, :], tl.zeros((BLOCK_T, TAIL), tl.int32),
+             mask=j_ok[:, None] & (offs_tail < row_words)[None, :])
 
 
 @triton.jit
@@ -177,7 +185,8 @@ def pack_ep_rows(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
         words, weights, indices, send.view(torch.int32), pos,
         n, k, per_rank, words.shape[1], row_words, words.stride(0), weights.stride(0), weights.stride(1),
         indices.stride(0), indices.stride(1),
-        BLOCK_T=block_t, BLOCK_D=block_d, K_PAD=max(2, triton.next_power_of_2(k)), SCAN=scan, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_D=block_d, K_PAD=max(2, triton.next_power_of_2(k)), SCAN=scan, TAIL=ROW_ALIGN // 4,
+        num_warps=num_warps,
     )
     return send, pos
 
@@ -201,7 +210,7 @@ def pack_ep_rows_ref(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     rows = torch.cat([x.contiguous().view(torch.uint8).repeat(W, 1),
                       local_ids.reshape(W * n, k).view(torch.uint8),
                       weights.float().repeat(W, 1).view(torch.uint8)], 1)  # [W·n, bytes]
-    send.index_copy_(0, row, rows)
+    send[:, :rows.shape[1]].index_copy_(0, row, rows)
     return send[:-1], pos.t().to(torch.int32).contiguous()
 
 

@@ -66,8 +66,9 @@ def activations(seed: int, n: int, dim: int, dtype, device) -> torch.Tensor:
 
 
 def test_row_bytes():
-    assert ep_row_bytes(4096, torch.bfloat16, 6) == 8192 + 48
-    assert ep_row_bytes(64, torch.float32, 2) == 256 + 16
+    assert ep_row_bytes(4096, torch.bfloat16, 6) == 8192 + 48 + 16  # to a multiple of 64
+    assert ep_row_bytes(64, torch.float32, 2) == 256 + 16 + 48
+    assert ep_row_bytes(7168, torch.bfloat16, 6) == 14336 + 48 + 16
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -93,6 +94,9 @@ def test_reference_layout_by_hand(world, dim, dtype, experts, k):
         pad = send[p * n + len(sent):(p + 1) * n]
         assert (fids[p * n + len(sent):(p + 1) * n] == -1).all(), p
         assert (pad[:, :dim * dtype.itemsize] == 0).all() and (pad[:, dim * dtype.itemsize + 4 * k:] == 0).all(), p
+    assert (send[:, dim * dtype.itemsize + 8 * k:] == 0).all()  # every row's tail
+    for field in (fx, fids, fw):
+        assert field.stride(0) % 16 == 0 and field.stride(1) == 1
 
 
 def test_tokens_to_none_of_a_rank():
