@@ -3,14 +3,17 @@ process per device, and how much of a step the experts' all-to-all takes; with N
 group of one on the same GPU (the group's code path costs nothing measurable); with --check, the group's logits
 and greedy tokens against the whole model on one device.
 
-    python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain [--batches 1,64,256] [--out DIR]
+    python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain [--exchange auto,reference]
+        [--batches 1,64,256] [--out DIR]
     python3 -P bench/bench_group.py --devices cuda:0,cuda:1 --ep 2 --check [--batches 1,64,256] [--out DIR]
         [--context 4096] [--steps 20] [--preset bench] [--load-format auto|dummy] [--dtype ...] [--num-layers N]
 
 A batch is the group's: B requests dealt round-robin over the ranks (at batch 1 the other ranks run empty steps).
 Per batch: the step's wall time (every rank steps in lockstep, synchronized at the end), decode tokens/s of the
 group, the all-to-all share (the GPU time of the NCCL kernels over the step's, from the profiler, rank 0) and rank
-0's weight floor (the weight bytes its step reads over the measured copy bandwidth: `floor_ms`). Rank
+0's weight floor (the weight bytes its step reads over the measured copy bandwidth: `floor_ms`). `--exchange`: the
+backends of the experts' row exchange to time, one row each (kernels/ep_rows.py: "auto" is its Triton kernels on a
+GPU, "reference" its torch ops; "triton" on the CPU runs the kernels in the interpreter, TRITON_INTERPRET=1). Rank
 0 prints a markdown table and writes group_bench.json under --out. The same script runs on the CPU over gloo
 (`--devices cpu --ep 1`, small --context) to check it; the timings there mean nothing.
 """
@@ -177,8 +180,12 @@ def run_rank(args: argparse.Namespace) -> None:
         if plain is not None:
             rows.append({"mode": "plain", **decode_point(None, plain, spec.device, b, args.context, args.steps,
                                                            cfg.cuda_graph)})
-        rows.append({"mode": f"group of {spec.ep}", **decode_point(group, model, spec.device, b, args.context,
-                                                                   args.steps, cfg.cuda_graph)})
+        for exchange in args.exchange.split(","):
+            group.ep.backend = exchange
+            mode = f"group of {spec.ep}" + ("" if exchange == "auto" else f", {exchange} exchange")
+            rows.append({"mode": mode, **decode_point(group, model, spec.device, b, args.context, args.steps,
+                                                      cfg.cuda_graph)})
+        group.ep.backend = "auto"
     result = dict(device=torch.cuda.get_device_name() if spec.backend == "nccl" else "cpu", preset=args.preset,
                   ep=spec.ep, context=args.context, cuda_graph=cfg.cuda_graph and spec.backend == "nccl", rows=rows)
     if args.check:
@@ -246,6 +253,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--compare-plain", action="store_true", help="with --ep 1: the plain engine beside the group")
+    ap.add_argument("--exchange", default="auto", help="the row exchange's backends to time, comma-separated: auto "
+                    "(Triton on a GPU), reference (torch ops), triton")
     ap.add_argument("--check", action="store_true", help="logits and greedy tokens against the whole model")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the JSON goes (default: $OUT or .)")
     ap.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)
