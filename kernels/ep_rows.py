@@ -21,7 +21,8 @@ is written once, so nothing is zero-filled first. (Placing the tokens from the s
 scattered rows plus the padding rows, spilled 24-45 SGPRs on gfx942/gfx950.) `combine_ep_rows` is one
 launch, grid (token blocks, dim blocks). Both are sync-free with shapes that depend on (n, W, k, dim) only, so a
 CUDA graph captures them. `ep_row_fields` views a received buffer as the expert kernels' inputs (x, int32 ids,
-weights) without copies. The torch references (`pack_ep_rows_ref`, `combine_ep_rows_ref`: ~30 and W + 4 small ops)
+weights) without copies. The torch references (`pack_ep_rows_ref`, `combine_ep_rows_ref`: ~30 and W + 4 small ops;
+bench/ep_op_count.py counts them)
 give the same bytes and the same sums; they are the CPU path.
 
 Supported: x bf16 / fp16 / fp32 with dim · element_size a multiple of 4 and unit last stride (its rows are copied as

@@ -17,7 +17,7 @@ pair up; a rank without tokens takes part with n_r = 0, `idle_forward`):
    rank — so nothing waits on the device: the counts travel inside the buffers (a padding row is all -1 ids and
    computes nothing), and the token counts n_q are exchanged once per forward on the host (`begin_forward`).
    The buffer is built by one Triton launch on GPU tensors (kernels/ep_rows.py; its torch reference, ~30 small
-   ops, on the CPU or with backend="reference").
+   ops, on the CPU or with backend="reference": bench/ep_op_count.py counts a layer's).
 2. each rank runs its held experts over the Σ_q n_q rows it received (`MoE.routed`, ids outside its range add
    nothing), fp32 [Σ n_q, dim], reading x, the ids and the weights as views of the received rows.
 3. combine: the rows go back the way they came (all_to_all_single with the splits swapped); token t sums the rows
