@@ -3,14 +3,18 @@ process per device, and how much of a step the experts' all-to-all takes; with N
 group of one on the same GPU (the group's code path costs nothing measurable); with --check, the group's logits
 and greedy tokens against the whole model on one device.
 
-    python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain [--batches 1,64,256] [--out DIR]
+    python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain [--exchange auto,reference]
+        [--batches 1,64,256] [--out DIR]
     python3 -P bench/bench_group.py --devices cuda:0,cuda:1 --ep 2 --check [--batches 1,64,256] [--out DIR]
         [--context 4096] [--steps 20] [--preset bench] [--load-format auto|dummy] [--dtype ...] [--num-layers N]
 
 A batch is the group's: B requests dealt round-robin over the ranks (at batch 1 the other ranks run empty steps).
 Per batch: the step's wall time (every rank steps in lockstep, synchronized at the end), decode tokens/s of the
 group, the all-to-all share (the GPU time of the NCCL kernels over the step's, from the profiler, rank 0) and rank
-0's weight floor (the weight bytes its step reads over the measured copy bandwidth: `floor_ms`). Rank
+0's weight floor (the weight bytes its step reads over the measured copy bandwidth: `floor_ms`), and the device
+operations a step (kernels, copies and fills the profiler saw, rank 0). `--exchange`: the
+backends of the experts' row exchange to time, one row each (kernels/ep_rows.py: "auto" is its Triton kernels on a
+GPU, "reference" its torch ops; "triton" on the CPU runs the kernels in the interpreter, TRITON_INTERPRET=1). Rank
 0 prints a markdown table and writes group_bench.json under --out. The same script runs on the CPU over gloo
 (`--devices cpu --ep 1`, small --context) to check it; the timings there mean nothing.
 """
@@ -81,13 +85,14 @@ def decode_point(group: RankGroup | None, model, device: str, batch: int, contex
         sync(device)
         runs.append((time.perf_counter() - t) / steps)
     step_ms = statistics.median(runs) * 1e3
-    share_a2a = all_to_all_share(step, device)
+    share_a2a, device_ops = device_profile(step, device)
     for r in reqs:
         engine.abort(r.request_id)
     while group is not None and group.any(engine.scheduler.has_work):
         step()
     return dict(batch=batch, rank_batch=len(share), step_ms=step_ms, tok_s=batch / step_ms * 1e3,
-                all_to_all_share=share_a2a, floor_ms=floor_ms(model, batch, copy_bandwidth(device)))
+                all_to_all_share=share_a2a, device_ops=device_ops,
+                floor_ms=floor_ms(model, batch, copy_bandwidth(device)))
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -124,10 +129,11 @@ def floor_ms(model, batch: int, bandwidth: float | None) -> float | None:
     return total / bandwidth * 1e3
 
 
-def all_to_all_share(step, device: str, steps: int = 5) -> float | None:
-    """GPU time of the NCCL kernels over all GPU kernel time of `steps` steps (None on the CPU)."""
+def device_profile(step, device: str, steps: int = 5) -> tuple[float | None, float | None]:
+    """Over `steps` steps, from the profiler: the GPU time of the NCCL kernels over all GPU kernel time, and the
+    device operations (kernels, copies, fills) a step (None, None on the CPU)."""
     if not device.startswith("cuda"):
-        return None
+        return None, None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -138,7 +144,8 @@ def all_to_all_share(step, device: str, steps: int = 5) -> float | None:
         total += t
         if "nccl" in e.key.lower():
             nccl += t
-    return nccl / total if total else None
+    ops = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return (nccl / total if total else None), ops / steps
 
 
 def check(group: RankGroup, model, cfg: EngineConfig, context: int) -> dict:
@@ -177,8 +184,12 @@ def run_rank(args: argparse.Namespace) -> None:
         if plain is not None:
             rows.append({"mode": "plain", **decode_point(None, plain, spec.device, b, args.context, args.steps,
                                                            cfg.cuda_graph)})
-        rows.append({"mode": f"group of {spec.ep}", **decode_point(group, model, spec.device, b, args.context,
-                                                                   args.steps, cfg.cuda_graph)})
+        for exchange in args.exchange.split(","):
+            group.ep.backend = exchange
+            mode = f"group of {spec.ep}" + ("" if exchange == "auto" else f", {exchange} exchange")
+            rows.append({"mode": mode, **decode_point(group, model, spec.device, b, args.context, args.steps,
+                                                      cfg.cuda_graph)})
+        group.ep.backend = "auto"
     result = dict(device=torch.cuda.get_device_name() if spec.backend == "nccl" else "cpu", preset=args.preset,
                   ep=spec.ep, context=args.context, cuda_graph=cfg.cuda_graph and spec.backend == "nccl", rows=rows)
     if args.check:
@@ -196,13 +207,15 @@ def run_rank(args: argparse.Namespace) -> None:
 def print_table(result: dict) -> None:
     print(f"# {result['preset']} on {result['device']}, group of {result['ep']}, {result['context']}-token contexts, "
           f"CUDA graphs {'on' if result['cuda_graph'] else 'off'}\n")
-    print("| mode | batch (rank 0's) | step ms | decode tokens/s | all-to-all share | weight floor ms (rank 0) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | batch (rank 0's) | step ms | decode tokens/s | all-to-all share | device ops / step "
+          "| weight floor ms (rank 0) |")
+    print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         share = "—" if r["all_to_all_share"] is None else f"{r['all_to_all_share']:.0%}"
         floor = "—" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
+        ops = "—" if r["device_ops"] is None else f"{r['device_ops']:.0f}"
         print(f"| {r['mode']} | {r['batch']} ({r['rank_batch']}) | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {share} "
-              f"| {floor} |")
+              f"| {ops} | {floor} |")
     if "check" in result:
         c = result["check"]
         print(f"\ncheck (rank 0): max |Δ logit| / max |logit| {c['max_rel_logit_diff']:.2e}, argmax agreement "
@@ -246,6 +259,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--compare-plain", action="store_true", help="with --ep 1: the plain engine beside the group")
+    ap.add_argument("--exchange", default="auto", help="the row exchange's backends to time, comma-separated: auto "
+                    "(Triton on a GPU), reference (torch ops), triton")
     ap.add_argument("--check", action="store_true", help="logits and greedy tokens against the whole model")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the JSON goes (default: $OUT or .)")
     ap.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)

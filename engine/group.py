@@ -29,6 +29,7 @@ import torch.distributed as dist
 from sparsepd.engine.config import EngineConfig
 from sparsepd.engine.request import StepOutput
 from sparsepd.group_args import GroupSpec, group_spec_from_args
+from sparsepd.kernels.device import Backend
 from sparsepd.model.expert_parallel import ExpertLayout, ExpertParallel, attach, idle_forward
 from sparsepd.model.transformer import Transformer
 
@@ -75,11 +76,12 @@ class RankGroup:
         several ranks exchanges token counts on the host: model/expert_parallel.py)."""
         return cfg.model_copy(update=dict(device=self.spec.device, cuda_graph=cfg.cuda_graph and self.spec.ep == 1))
 
-    def build_model(self, cfg: EngineConfig) -> Transformer:
+    def build_model(self, cfg: EngineConfig, exchange: Backend = "auto") -> Transformer:
         """This rank's model: the replicated weights and its share of the routed experts (only those read from a
-        checkpoint; `--load-format dummy` makes only those)."""
+        checkpoint; `--load-format dummy` makes only those). `exchange`: the backend of the experts' row exchange
+        (kernels/ep_rows.py; "reference" runs its torch ops on a GPU too)."""
         layout = ExpertLayout(self.spec.rank, self.spec.ep, cfg.resolve_model_config().n_routed_experts)
-        self.ep = ExpertParallel(layout, dist.group.WORLD, self.host_group)
+        self.ep = ExpertParallel(layout, dist.group.WORLD, self.host_group, backend=exchange)
         self.model = attach(cfg.build_model(experts=layout.held), self.ep)
         return self.model
 

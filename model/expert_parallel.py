@@ -16,16 +16,19 @@ pair up; a rank without tokens takes part with n_r = 0, `idle_forward`):
    split sizes are therefore known on every host without looking at the routing — rank q sends n_q rows to each
    rank — so nothing waits on the device: the counts travel inside the buffers (a padding row is all -1 ids and
    computes nothing), and the token counts n_q are exchanged once per forward on the host (`begin_forward`).
+   The buffer is built by one Triton launch on GPU tensors (kernels/ep_rows.py; its torch reference, ~30 small
+   ops, on the CPU or with backend="reference": bench/ep_op_count.py counts a layer's).
 2. each rank runs its held experts over the Σ_q n_q rows it received (`MoE.routed`, ids outside its range add
-   nothing), fp32 [Σ n_q, dim].
+   nothing), fp32 [Σ n_q, dim], reading x, the ids and the weights as views of the received rows.
 3. combine: the rows go back the way they came (all_to_all_single with the splits swapped); token t sums the rows
-   of the ranks it was sent to, in rank order.
+   of the ranks it was sent to, in rank order (one Triton launch on GPU tensors).
 
 Cost of the padding: each rank sends W·n_r rows where the tokens need Σ_t |ranks of t| ≤ n_r·min(k, W); with
 k ≥ W (6 of 256 experts over 2-8 ranks) nearly every token goes to every rank and the padding is small.
-Numerics: with W = 1 the result is bit for bit the plain MoE's (the same rows in the same order); with W > 1 the
-fp32 sum of a token's expert outputs is grouped by rank ((h_a + h_b) + (h_c + h_d) instead of ((h_a + h_b) + h_c)
-+ h_d), a rounding difference of a few fp32 ulps of the sum.
+Numerics: with W = 1 the result is bit for bit the plain MoE's (the same rows in the same order, the combine returns
+each row as is); with W > 1 the fp32 sum of a token's expert outputs is grouped by rank ((h_a + h_b) + (h_c + h_d)
+instead of ((h_a + h_b) + h_c) + h_d), a rounding difference of a few fp32 ulps of the sum; the Triton and torch
+paths give the same bits (the same additions in the same order).
 Known limits: the per-forward host exchange of n_r makes a forward with W > 1 uncapturable in a CUDA graph as it
 stands (the workers turn graphs off for W > 1); the combine travels in fp32.
 """
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparsepd.kernels.device import Backend
+from sparsepd.kernels.ep_rows import combine_ep_rows, ep_row_fields, pack_ep_rows
 from sparsepd.model.transformer import Transformer
 
 
@@ -69,8 +74,9 @@ class ExpertParallel:
     host (gloo) group that carries each forward's token counts. `forwards` counts the forwards this rank took
     part in (the engine's lockstep: engine/group.py)."""
 
-    def __init__(self, layout: ExpertLayout, device_group, host_group):
+    def __init__(self, layout: ExpertLayout, device_group, host_group, backend: Backend = "auto"):
         self.layout, self.device_group, self.host_group = layout, device_group, host_group
+        self.backend = backend  # the exchange's packing and combine (kernels/ep_rows.py): Triton on GPU tensors
         self.tokens: list[int] = [0] * layout.world_size  # this forward's token count on each rank
         self.forwards = 0
 
@@ -88,33 +94,15 @@ class ExpertParallel:
 
     def routed(self, moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ of each token's routed experts, fp32 `[n, dim]`, wherever they are held (module docstring)."""
-        W, per, n = self.layout.world_size, self.layout.per_rank, x.shape[0]
-        k = indices.shape[1]
-        rank_of = indices // per  # [n, k]
-        to_rank = torch.zeros(n, W, dtype=torch.bool, device=x.device).scatter_(1, rank_of, True)  # [n, W]
-        # row of token t in block p of the send buffer; W·n (one past the end) for tokens not sent to p
-        row = torch.cumsum(to_rank.to(torch.int64), 0) - 1 + torch.arange(W, device=x.device) * n
-        row = torch.where(to_rank, row, W * n).t().reshape(-1)  # [W·n], block-major
-        # one row of bytes per (token, rank): x | its k expert ids local to that rank (int32, -1: not there) | weights
-        x_bytes, dim = x.shape[1] * x.element_size(), x.shape[1]
-        send = torch.zeros(W * n + 1, x_bytes + 8 * k, dtype=torch.uint8, device=x.device)  # last row: not sent
-        send[:, x_bytes:x_bytes + 4 * k] = 255  # int32 -1 on padding rows: they compute nothing
-        ranks = torch.arange(W, device=x.device)[:, None, None]  # [W, 1, 1]
-        local_ids = torch.where(rank_of[None] == ranks, indices[None] - ranks * per, -1).to(torch.int32)  # [W,n,k]
-        rows = torch.cat([x.contiguous().view(torch.uint8).repeat(W, 1),
-                          local_ids.reshape(W * n, k).view(torch.uint8),
-                          weights.float().repeat(W, 1).view(torch.uint8)], 1)  # [W·n, bytes]
-        send.index_copy_(0, row, rows)
-        recv = self._dispatch(send[:-1])  # [R, bytes]
-        recv_x = recv[:, :x_bytes].contiguous().view(x.dtype)  # [R, dim]
-        ids = recv[:, x_bytes:x_bytes + 4 * k].contiguous().view(torch.int32).to(torch.int64)  # [R, k]
-        recv_w = recv[:, x_bytes + 4 * k:].contiguous().view(torch.float32)  # [R, k]
+        W, k = self.layout.world_size, indices.shape[1]
+        send, pos = pack_ep_rows(x, weights.float(), indices, W, self.layout.per_rank, backend=self.backend)
+        recv = self._dispatch(send)  # [R, row bytes]
+        recv_x, ids, recv_w = ep_row_fields(recv, x.shape[1], x.dtype, k)  # views: [R, dim], [R, k] int32, [R, k]
         # the GPU kernels leave the slots of ids outside this rank's range unwritten: zeros there (none with W = 1)
-        out = torch.zeros(ids.shape[0], k, dim, dtype=torch.float32, device=x.device) if x.is_cuda and W > 1 else None
+        out = torch.zeros(ids.shape[0], k, x.shape[1], dtype=torch.float32, device=x.device) \
+            if x.is_cuda and W > 1 else None
         y_held = moe.routed(recv_x, recv_w, ids, out=out)  # [R, dim] fp32
-        back = self._combine(y_held, n)  # [W·n, dim]
-        back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # the row of "not sent": zeros
-        return back[row.reshape(W, n).t()].sum(1)  # [n, dim], summed in rank order
+        return combine_ep_rows(self._combine(y_held, x.shape[0]), pos, backend=self.backend)  # [n, dim]
 
     def _dispatch(self, send: torch.Tensor) -> torch.Tensor:
         """Block p of `send` (n_r rows) to rank p; from every rank q its n_q rows for this one, in rank order."""

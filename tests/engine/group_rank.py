@@ -40,13 +40,15 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--cuda", action="store_true", help="rank r on cuda:r over NCCL (the engine with CUDA graphs)")
+    p.add_argument("--exchange", default="auto", help="the row exchange's backend (kernels/ep_rows.py): auto, "
+                   "reference, or triton (the Triton kernels, in the interpreter on the CPU)")
     args = p.parse_args()
     torch.manual_seed(0)
     devices = tuple(f"cuda:{r}" for r in range(args.world)) if args.cuda else ("cpu",) * args.world
     spec = GroupSpec(devices=devices, ep=args.world, master_port=args.port, local_rank=args.rank, timeout_s=600)
     group = RankGroup(spec)
     cfg = group.engine_config(EngineConfig(preset="tiny", seed=3, pools=POOLS))
-    model, reference = group.build_model(cfg), cfg.build_model()
+    model, reference = group.build_model(cfg, exchange=args.exchange), cfg.build_model()
     requests = prompts_for(args.rank, args.world)
 
     # logits: one request's prefill then three decode steps per rank (a rank without requests runs empty ones)

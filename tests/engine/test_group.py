@@ -51,6 +51,13 @@ def test_group_matches_single_process(world, tmp_path):
     check_group(run_group(world, tmp_path), world)
 
 
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
+def test_group_with_the_fused_exchange(world, tmp_path):
+    """The row exchange through its Triton kernels (kernels/ep_rows.py, the GPU path) in the interpreter: the same
+    assertions (the rest of the model on its CPU path)."""
+    check_group(run_group(world, tmp_path, "--exchange", "triton"), world)
+
+
 def check_group(results: list[dict], world: int) -> None:
     for rank, res in enumerate(results):
         per = 8 // world

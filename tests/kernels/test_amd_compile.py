@@ -40,7 +40,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rope_norm",
+KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rope_norm",
                   "sampling", "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -267,6 +267,19 @@ def _trace_quantized(target: AmdTarget, cfg, T: int, B: int) -> None:
             backend="triton")
 
 
+EP_WORLD = 8  # ranks of an expert-parallel group: a node
+
+
+def _trace_expert_exchange(target: AmdTarget, cfg, T: int, B: int) -> None:
+    """An expert-parallel MoE layer's row packing and combine (kernels/ep_rows.py) for a group of a node."""
+    from sparsepd.kernels.ep_rows import combine_ep_rows, pack_ep_rows
+    E, k = cfg.n_routed_experts, cfg.n_activated_experts
+    pack_ep_rows(_meta(T, cfg.dim, dtype=getattr(torch, cfg.dtype)), _meta(T, k, dtype=torch.float32),
+                 _meta(T, k, dtype=torch.int64), EP_WORLD, E // EP_WORLD, backend="triton")
+    combine_ep_rows(_meta(EP_WORLD * T, cfg.dim, dtype=torch.float32), _meta(EP_WORLD, T, dtype=torch.int32),
+                    backend="triton")
+
+
 def trace_launches(target: AmdTarget) -> list[Launch]:
     """Every kernel launch the wrappers make on `target` at the project's shapes, in call order."""
     from sparsepd.model_config import PRESETS as MODEL_PRESETS
@@ -282,6 +295,7 @@ def trace_launches(target: AmdTarget) -> list[Launch]:
                         trace(target, cfg, T, B, pool_bytes)
                 _trace_layers(target, cfg, T, B)
                 _trace_quantized(target, cfg, T, B)
+                _trace_expert_exchange(target, cfg, T, B)
     return launches
 
 
