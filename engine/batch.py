@@ -7,10 +7,13 @@ unified per-layer buffer (engine/pools.py), each compress ratio's plans and visi
 HCA rows, and where the SWA rings are written. No layer does host work or syncs.
 
 The fields are first built on the host (`host_fields`, a name → CPU tensor table). An eager forward moves
-them to the device as they are; a CUDA-graph decode step builds them padded to a fixed `BatchShape` (the
-graph's batch bucket and page-table width) and copies them into the graph's static buffers at once
-(engine/graphs.py). Padding is inert: padded tokens see no keys (window rows −1, nothing visible), their
-plan rows are −1 (kernels skip them), so they write nothing that a real request reads.
+them to the device as they are; a CUDA-graph step builds them padded to a fixed `BatchShape` (the graph's
+batch bucket, tokens per request and page-table width) and copies them into the graph's static buffers at
+once (engine/graphs.py, engine/spec_graphs.py). The real tokens are packed first, exactly as in the eager
+layout (request after request, however many each brings, up to the shape's tokens per request), and padding
+fills the tail: tokens up to batch × tokens per request, requests up to batch. Padding is inert: padded tokens
+see no keys (window rows −1, nothing visible), their plan rows are −1 (kernels skip them), so they write
+nothing that a real request reads.
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ class RequestChunk:
 
 @dataclass(frozen=True)
 class BatchShape:
-    """The fixed shape of a padded decode batch (one CUDA graph): tokens = requests = `batch`."""
+    """The fixed shape of a padded batch (one CUDA graph): `batch` requests of at most `tokens_per_request`
+    tokens each, packed into `tokens` = batch × tokens_per_request rows (1 for a decode step, k + 1 for a
+    speculative verification: engine/spec_graphs.py)."""
 
     batch: int
     pages: int  # page-table width
+    tokens_per_request: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.tokens_per_request
 
 
 @dataclass
@@ -87,10 +97,12 @@ def check_chunks(chunks: list[RequestChunk], geometry: PoolGeometry, vocab_size:
 
 def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
                 shape: BatchShape | None = None) -> dict[str, torch.Tensor]:
-    """Every field of a forward as CPU tensors; padded to `shape` when given (decode chunks only)."""
+    """Every field of a forward as CPU tensors; padded to `shape` when given (chunks of 1 … tokens_per_request
+    tokens each)."""
     n = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64)
-    if shape is not None and (len(chunks) > shape.batch or bool((n != 1).any())):
-        raise ValueError(f"a {shape} batch holds at most {shape.batch} one-token chunks")
+    if shape is not None and (len(chunks) > shape.batch or bool(((n < 1) | (n > shape.tokens_per_request)).any())):
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} chunks of 1 … {shape.tokens_per_request} "
+                         "tokens")
     starts = torch.tensor([c.start for c in chunks], dtype=torch.int64)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), n.cumsum(0)])
     num_tokens = int(cu[-1])
@@ -111,7 +123,7 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
     window_rows = torch.where(keys >= starts[seq][:, None], scratch_rows, ring_rows)
     window_rows = torch.where(keys >= 0, window_rows, -1)
 
-    capacity = None if shape is None else shape.batch
+    capacity = None if shape is None else shape.tokens  # plan rows: at most one commit and one ring row a token
     captures = [(b, p, s) for b, c in enumerate(chunks) for p, s in c.captures]
     if captures and shape is not None:
         raise ValueError("boundary snapshots are taken in eager forwards only")
@@ -137,7 +149,7 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
             pages = page_table[seq][:, torch.clamp(entries // rpp, max=page_table.shape[1] - 1)].to(torch.int64)
             rows = geometry.compressed_base + pages * rpp + entries % rpp
             f[f"r{ratio}.hca_rows"] = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32)
-    return f if shape is None else _pad(f, len(chunks), shape)
+    return f if shape is None else _pad(f, len(chunks), num_tokens, shape)
 
 
 def capture_rows(rows: torch.Tensor, captures: list[tuple[int, int, int]], starts: torch.Tensor, cu: torch.Tensor,
@@ -218,9 +230,13 @@ def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray, row
     cu_out[B + 1:] = n
 
 
-def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, torch.Tensor]:
-    """Pad per-token and per-request fields from `real` to shape.batch rows with inert values."""
-    extra = shape.batch - real
+_PER_REQUEST = {"slots", "page_table"}
+
+
+def _pad(f: dict[str, torch.Tensor], requests: int, tokens: int, shape: BatchShape) -> dict[str, torch.Tensor]:
+    """Pad per-request fields from `requests` to shape.batch rows and per-token fields from `tokens` to
+    shape.tokens rows, with inert values."""
+    extra = shape.batch - requests
     fill = {"window_rows": -1, "hca_rows": -1, "visible": 0}
     out = {}
     for name, t in f.items():
@@ -228,11 +244,12 @@ def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, 
         if key.endswith("_cu"):
             out[name] = torch.cat([t, t[-1:].expand(extra)])  # padded requests own no plan rows
         elif key.endswith("_rows") and key != "window_rows" and key != "hca_rows" and key != "last_rows":
-            out[name] = t  # plans already have shape.batch rows (−1 past the real ones)
-        elif key == "last_rows":
-            out[name] = torch.arange(shape.batch, dtype=torch.int64)
+            out[name] = t  # plans already have shape.tokens rows (−1 past the real ones)
+        elif key == "last_rows":  # a padded request's "last row" is a padded token of its own
+            out[name] = torch.cat([t, tokens + torch.arange(extra, dtype=torch.int64)])
         else:
-            pad = t.new_full((extra, *t.shape[1:]), fill.get(key, 0))
+            rows = (shape.batch if key in _PER_REQUEST else shape.tokens) - t.shape[0]
+            pad = t.new_full((rows, *t.shape[1:]), fill.get(key, 0))
             out[name] = torch.cat([t, pad])
     return out
 
