@@ -218,6 +218,66 @@ def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
             out[p + "hca_rows"][B:] = -1
 
 
+def packed_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape: BatchShape,
+                       out: dict[str, np.ndarray]) -> None:
+    """`host_fields(chunks, geometry, shape)` for chunks of 1 … shape.tokens_per_request tokens, no snapshots, and
+    tokens_per_request ≤ every ring (the window and each compressor's state size: a speculative step's k + 1, which
+    engine/undo.py `max_span` bounds, so every token of a chunk is in its write plans), written in place into `out`
+    with a few numpy operations, as `decode_fields_into` does for one token each (tests/engine/test_spec_graphs.py
+    checks both builders agree)."""
+    B, Bp, win, P, q = len(chunks), shape.batch, geometry.window, shape.pages, shape.tokens_per_request
+    counts = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=B)
+    if B > Bp or (B and (counts.min() < 1 or counts.max() > q)):
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} chunks of 1 … {q} tokens")
+    sizes = [win] + [(2 if r == 4 else 1) * r for r in geometry.ratios if r]
+    if q > min(sizes):
+        raise ValueError(f"{q} tokens per request exceed the smallest ring ({min(sizes)})")
+    T = int(counts.sum())
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=B)
+    slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=B)
+    cu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    seq = np.repeat(np.arange(B), counts)
+    t = np.arange(T)
+    pos = starts[seq] + t - cu[seq]
+    for name in ("token_ids", "positions", "seq_ids"):
+        out[name][T:] = 0
+    out["token_ids"][:T] = [x for c in chunks for x in c.token_ids]
+    out["positions"][:T] = pos
+    out["seq_ids"][:T] = seq
+    out["slots"][:B], out["slots"][B:] = slots, 0
+    out["last_rows"][:B], out["last_rows"][B:] = cu[1:] - 1, T + np.arange(Bp - B)
+    table = out["page_table"]
+    table[:] = 0
+    for b, c in enumerate(chunks):
+        if len(c.page_table) > P:
+            raise ValueError(f"request with {len(c.page_table)} pages does not fit a {P}-page batch")
+        table[b, : len(c.page_table)] = c.page_table
+    keys = pos[:, None] - (win - 1) + np.arange(win)  # [T, win]
+    first = starts[seq][:, None]
+    rows = np.where(keys >= first, cu[seq][:, None] + keys - first, geometry.ring_base + slots[seq][:, None] * win
+                    + keys % win)
+    out["window_rows"][:T] = np.where(keys >= 0, rows, -1)
+    out["window_rows"][T:] = -1
+    _plan_rows(out["swa_rows"], out["swa_cu"], seq, np.stack([t, seq, pos, pos % win], 1), B, Bp)
+    for ratio in sorted({r for r in geometry.ratios if r}):
+        p, size = f"r{ratio}.", (2 if ratio == 4 else 1) * ratio
+        visible = (pos + 1) // ratio
+        out[p + "visible"][:T], out[p + "visible"][T:] = visible, 0
+        commits = np.flatnonzero((pos + 1) % ratio == 0)
+        cpos, cseq = pos[commits], seq[commits]
+        window_len = np.maximum(np.minimum(starts[cseq], cpos + 1) - np.maximum(cpos - size + 1, 0), 0)
+        _plan_rows(out[p + "commit_rows"], out[p + "commit_cu"], cseq,
+                   np.stack([commits, cseq, cpos, window_len], 1), B, Bp)
+        _plan_rows(out[p + "write_rows"], out[p + "write_cu"], seq, np.stack([t, seq, pos, pos % size], 1), B, Bp)
+        if ratio != 4:
+            rpp = geometry.rows_per_page(ratio)
+            entries = np.arange(P * rpp)
+            hca = geometry.compressed_base + table[seq][:, entries // rpp].astype(np.int64) * rpp + entries % rpp
+            out[p + "hca_rows"][:T] = np.where(entries[None, :] < visible[:, None], hca, -1)
+            out[p + "hca_rows"][T:] = -1
+
+
 def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray, rows: np.ndarray, B: int,
                Bp: int) -> None:
     """A plan of `rows` (one per owner request, owners ascending), −1 past them; cu over B requests, padded."""
