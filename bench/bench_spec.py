@@ -8,12 +8,14 @@ those of k = 0 (they must).
 `oracle` (GPU; any preset): an oracle drafter that drafts each request's true continuation (from a k = 0 run of the
 same prompts) with every draft token kept with probability `accept` (0, 0.5, 0.8, 1.0), at batches 1, 8, 64: the
 decode step time and tokens/s per request against the engine without speculation (both its default path, CUDA
-graphs with overlap, and its eager synchronous path, which is the one speculation runs on): the mechanism's cost
-(accept 0) and its ceiling (accept 1).
+graphs with overlap, and its eager synchronous path): the mechanism's cost (accept 0) and its ceiling (accept 1),
+with the speculative steps' CUDA graphs (engine/spec_graphs.py) off and on (`--graphs`; on the CPU "on" runs the
+same fixed-shape steps eagerly, a smoke run of that path).
 
     python3 -P bench/bench_spec.py mtp [--steps 0,1,2,3] [--prompts 4] [--new-tokens 128] [--repeats 2] [--device cpu]
+        [--graphs]
     python3 -P bench/bench_spec.py oracle [--preset bench] [--accept 0,0.5,0.8,1.0] [--batches 1,8,64] [--k 3]
-        [--context 1024] [--new-tokens 64] [--device cuda] [--load-format auto|dummy] [--json PATH]
+        [--graphs off,on] [--context 1024] [--new-tokens 64] [--device cuda] [--load-format auto|dummy] [--json PATH]
 
 Prints markdown tables; `--json PATH` also writes the figures.
 """
@@ -78,7 +80,10 @@ def mtp_mode(args: argparse.Namespace) -> list[dict]:
     for p in prompts:  # single-stream: a fresh engine per prompt, one request in it; the k values interleaved and
         for _ in range(args.repeats):  # repeated (the fastest kept) so that a shared machine's load hits all alike
             for k in steps:
-                engine = Engine(model, pool, speculative_num_steps=k, mtp=mtp if k else None)
+                engine = Engine(model, pool, speculative_num_steps=k, mtp=mtp if k else None,
+                                cuda_graph=args.graphs, graph_capture=args.device.startswith("cuda"))
+                if args.graphs and args.device.startswith("cuda"):
+                    engine.capture_graphs(args.prompt_len + args.new_tokens + 16)
                 run = decode_run(engine, [p], params, args.device)
                 if len(runs[k]) > prompts.index(p):
                     if run["seconds"] < runs[k][-1]["seconds"]:
@@ -127,8 +132,9 @@ def oracle_mode(args: argparse.Namespace) -> list[dict]:
         pool = PoolConfig(num_slots=batch, max_batch_tokens=max(2048, batch * (args.k + 1)), num_pages=pages)
 
         def engine(k: int, drafter=None, graphs: bool = False, pool: PoolConfig = pool) -> Engine:
-            e = Engine(model, pool, cuda_graph=graphs and on_gpu, overlap=graphs, speculative_num_steps=k,
-                       drafter=drafter)
+            # (on the CPU, k > 0 with graphs runs the graphs' fixed-shape steps eagerly: graph_capture off)
+            e = Engine(model, pool, cuda_graph=graphs and (on_gpu or k > 0), overlap=graphs, speculative_num_steps=k,
+                       drafter=drafter, graph_capture=on_gpu)
             if graphs and on_gpu:
                 e.capture_graphs(args.context + args.new_tokens + 16)
             return e
@@ -137,12 +143,14 @@ def oracle_mode(args: argparse.Namespace) -> list[dict]:
         refs = {f"req-{i}": out for i, out in enumerate(base["outputs"])}
         runs = [("k=0 default", None, base), ("k=0 eager", None, decode_run(engine(0), prompts, params, args.device))]
         for accept in [float(x) for x in args.accept.split(",")]:
-            drafter = OracleDrafter(refs, accept, cfg.vocab_size, seed=batch)
-            run = decode_run(engine(args.k, drafter), prompts, params, args.device)
-            if run["outputs"] != base["outputs"]:
-                print(f"| {batch} | k={args.k} | {accept} | tokens differ from k=0 (numerics of a {args.k + 1}-row "
-                      "verification) |")
-            runs.append((f"k={args.k}", accept, run))
+            for graphs in [g.strip() == "on" for g in args.graphs.split(",")]:
+                drafter = OracleDrafter(refs, accept, cfg.vocab_size, seed=batch)
+                label = f"k={args.k} {'graphs' if graphs else 'eager'}"
+                run = decode_run(engine(args.k, drafter, graphs), prompts, params, args.device)
+                if run["outputs"] != base["outputs"]:
+                    print(f"| {batch} | {label} | {accept} | tokens differ from k=0 (numerics of a {args.k + 1}-row "
+                          "verification) |")
+                runs.append((label, accept, run))
         for label, accept, run in runs:
             acc = f"{run['accepted'] / run['drafted']:.1%}" if run["drafted"] else "–"
             print(f"| {batch} | {label} | {'–' if accept is None else accept} | {acc} | {run['tokens_per_step']:.2f} | "
@@ -163,12 +171,15 @@ def main() -> None:
     m.add_argument("--new-tokens", type=int, default=128)
     m.add_argument("--repeats", type=int, default=2, help="runs per prompt and k, the fastest kept")
     m.add_argument("--device", default="cpu")
+    m.add_argument("--graphs", action="store_true",
+                   help="CUDA graphs (k = 0: decode graphs; k > 0: engine/spec_graphs.py)")
     m.add_argument("--json", default=None)
     o = sub.add_parser("oracle", help="oracle drafts of a set acceptance on a preset")
     o.add_argument("--preset", default="bench")
     o.add_argument("--accept", default="0,0.5,0.8,1.0")
     o.add_argument("--batches", default="1,8,64")
     o.add_argument("--k", type=int, default=3)
+    o.add_argument("--graphs", default="off,on", help="speculative steps without and with CUDA graphs")
     o.add_argument("--context", type=int, default=1024)
     o.add_argument("--new-tokens", type=int, default=64)
     o.add_argument("--device", default="cuda")

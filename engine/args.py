@@ -33,7 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "are captured on first use (default: 8192)")
     g.add_argument("--speculative-num-steps", type=int, default=0, metavar="K",
                    help="speculative decoding: the checkpoint's MTP layer drafts K tokens per decoding request and one "
-                        "forward verifies them (decode steps without overlap or CUDA graphs); 0 = off (default: 0)")
+                        "forward verifies them (decode steps without overlap; CUDA graphs unless --no-cuda-graph); "
+                        "0 = off (default: 0)")
     add_load_args(p)
 
 

@@ -7,10 +7,13 @@ unified per-layer buffer (engine/pools.py), each compress ratio's plans and visi
 HCA rows, and where the SWA rings are written. No layer does host work or syncs.
 
 The fields are first built on the host (`host_fields`, a name → CPU tensor table). An eager forward moves
-them to the device as they are; a CUDA-graph decode step builds them padded to a fixed `BatchShape` (the
-graph's batch bucket and page-table width) and copies them into the graph's static buffers at once
-(engine/graphs.py). Padding is inert: padded tokens see no keys (window rows −1, nothing visible), their
-plan rows are −1 (kernels skip them), so they write nothing that a real request reads.
+them to the device as they are; a CUDA-graph step builds them padded to a fixed `BatchShape` (the graph's
+batch bucket, tokens per request and page-table width) and copies them into the graph's static buffers at
+once (engine/graphs.py, engine/spec_graphs.py). The real tokens are packed first, exactly as in the eager
+layout (request after request, however many each brings, up to the shape's tokens per request), and padding
+fills the tail: tokens up to batch × tokens per request, requests up to batch. Padding is inert: padded tokens
+see no keys (window rows −1, nothing visible), their plan rows are −1 (kernels skip them), so they write
+nothing that a real request reads.
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ class RequestChunk:
 
 @dataclass(frozen=True)
 class BatchShape:
-    """The fixed shape of a padded decode batch (one CUDA graph): tokens = requests = `batch`."""
+    """The fixed shape of a padded batch (one CUDA graph): `batch` requests of at most `tokens_per_request`
+    tokens each, packed into `tokens` = batch × tokens_per_request rows (1 for a decode step, k + 1 for a
+    speculative verification: engine/spec_graphs.py)."""
 
     batch: int
     pages: int  # page-table width
+    tokens_per_request: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.tokens_per_request
 
 
 @dataclass
@@ -87,10 +97,12 @@ def check_chunks(chunks: list[RequestChunk], geometry: PoolGeometry, vocab_size:
 
 def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
                 shape: BatchShape | None = None) -> dict[str, torch.Tensor]:
-    """Every field of a forward as CPU tensors; padded to `shape` when given (decode chunks only)."""
+    """Every field of a forward as CPU tensors; padded to `shape` when given (chunks of 1 … tokens_per_request
+    tokens each)."""
     n = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64)
-    if shape is not None and (len(chunks) > shape.batch or bool((n != 1).any())):
-        raise ValueError(f"a {shape} batch holds at most {shape.batch} one-token chunks")
+    if shape is not None and (len(chunks) > shape.batch or bool(((n < 1) | (n > shape.tokens_per_request)).any())):
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} chunks of 1 … {shape.tokens_per_request} "
+                         "tokens")
     starts = torch.tensor([c.start for c in chunks], dtype=torch.int64)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), n.cumsum(0)])
     num_tokens = int(cu[-1])
@@ -111,7 +123,7 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
     window_rows = torch.where(keys >= starts[seq][:, None], scratch_rows, ring_rows)
     window_rows = torch.where(keys >= 0, window_rows, -1)
 
-    capacity = None if shape is None else shape.batch
+    capacity = None if shape is None else shape.tokens  # plan rows: at most one commit and one ring row a token
     captures = [(b, p, s) for b, c in enumerate(chunks) for p, s in c.captures]
     if captures and shape is not None:
         raise ValueError("boundary snapshots are taken in eager forwards only")
@@ -137,7 +149,7 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
             pages = page_table[seq][:, torch.clamp(entries // rpp, max=page_table.shape[1] - 1)].to(torch.int64)
             rows = geometry.compressed_base + pages * rpp + entries % rpp
             f[f"r{ratio}.hca_rows"] = torch.where(entries[None, :] < visible[:, None], rows, -1).to(torch.int32)
-    return f if shape is None else _pad(f, len(chunks), shape)
+    return f if shape is None else _pad(f, len(chunks), num_tokens, shape)
 
 
 def capture_rows(rows: torch.Tensor, captures: list[tuple[int, int, int]], starts: torch.Tensor, cu: torch.Tensor,
@@ -206,6 +218,66 @@ def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
             out[p + "hca_rows"][B:] = -1
 
 
+def packed_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape: BatchShape,
+                       out: dict[str, np.ndarray]) -> None:
+    """`host_fields(chunks, geometry, shape)` for chunks of 1 … shape.tokens_per_request tokens, no snapshots, and
+    tokens_per_request ≤ every ring (the window and each compressor's state size: a speculative step's k + 1, which
+    engine/undo.py `max_span` bounds, so every token of a chunk is in its write plans), written in place into `out`
+    with a few numpy operations, as `decode_fields_into` does for one token each (tests/engine/test_spec_graphs.py
+    checks both builders agree)."""
+    B, Bp, win, P, q = len(chunks), shape.batch, geometry.window, shape.pages, shape.tokens_per_request
+    counts = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=B)
+    if B > Bp or (B and (counts.min() < 1 or counts.max() > q)):
+        raise ValueError(f"a {shape} batch holds at most {shape.batch} chunks of 1 … {q} tokens")
+    sizes = [win] + [(2 if r == 4 else 1) * r for r in geometry.ratios if r]
+    if q > min(sizes):
+        raise ValueError(f"{q} tokens per request exceed the smallest ring ({min(sizes)})")
+    T = int(counts.sum())
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=B)
+    slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=B)
+    cu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    seq = np.repeat(np.arange(B), counts)
+    t = np.arange(T)
+    pos = starts[seq] + t - cu[seq]
+    for name in ("token_ids", "positions", "seq_ids"):
+        out[name][T:] = 0
+    out["token_ids"][:T] = [x for c in chunks for x in c.token_ids]
+    out["positions"][:T] = pos
+    out["seq_ids"][:T] = seq
+    out["slots"][:B], out["slots"][B:] = slots, 0
+    out["last_rows"][:B], out["last_rows"][B:] = cu[1:] - 1, T + np.arange(Bp - B)
+    table = out["page_table"]
+    table[:] = 0
+    for b, c in enumerate(chunks):
+        if len(c.page_table) > P:
+            raise ValueError(f"request with {len(c.page_table)} pages does not fit a {P}-page batch")
+        table[b, : len(c.page_table)] = c.page_table
+    keys = pos[:, None] - (win - 1) + np.arange(win)  # [T, win]
+    first = starts[seq][:, None]
+    rows = np.where(keys >= first, cu[seq][:, None] + keys - first, geometry.ring_base + slots[seq][:, None] * win
+                    + keys % win)
+    out["window_rows"][:T] = np.where(keys >= 0, rows, -1)
+    out["window_rows"][T:] = -1
+    _plan_rows(out["swa_rows"], out["swa_cu"], seq, np.stack([t, seq, pos, pos % win], 1), B, Bp)
+    for ratio in sorted({r for r in geometry.ratios if r}):
+        p, size = f"r{ratio}.", (2 if ratio == 4 else 1) * ratio
+        visible = (pos + 1) // ratio
+        out[p + "visible"][:T], out[p + "visible"][T:] = visible, 0
+        commits = np.flatnonzero((pos + 1) % ratio == 0)
+        cpos, cseq = pos[commits], seq[commits]
+        window_len = np.maximum(np.minimum(starts[cseq], cpos + 1) - np.maximum(cpos - size + 1, 0), 0)
+        _plan_rows(out[p + "commit_rows"], out[p + "commit_cu"], cseq,
+                   np.stack([commits, cseq, cpos, window_len], 1), B, Bp)
+        _plan_rows(out[p + "write_rows"], out[p + "write_cu"], seq, np.stack([t, seq, pos, pos % size], 1), B, Bp)
+        if ratio != 4:
+            rpp = geometry.rows_per_page(ratio)
+            entries = np.arange(P * rpp)
+            hca = geometry.compressed_base + table[seq][:, entries // rpp].astype(np.int64) * rpp + entries % rpp
+            out[p + "hca_rows"][:T] = np.where(entries[None, :] < visible[:, None], hca, -1)
+            out[p + "hca_rows"][T:] = -1
+
+
 def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray, rows: np.ndarray, B: int,
                Bp: int) -> None:
     """A plan of `rows` (one per owner request, owners ascending), −1 past them; cu over B requests, padded."""
@@ -218,9 +290,13 @@ def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray, row
     cu_out[B + 1:] = n
 
 
-def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, torch.Tensor]:
-    """Pad per-token and per-request fields from `real` to shape.batch rows with inert values."""
-    extra = shape.batch - real
+_PER_REQUEST = {"slots", "page_table"}
+
+
+def _pad(f: dict[str, torch.Tensor], requests: int, tokens: int, shape: BatchShape) -> dict[str, torch.Tensor]:
+    """Pad per-request fields from `requests` to shape.batch rows and per-token fields from `tokens` to
+    shape.tokens rows, with inert values."""
+    extra = shape.batch - requests
     fill = {"window_rows": -1, "hca_rows": -1, "visible": 0}
     out = {}
     for name, t in f.items():
@@ -228,11 +304,12 @@ def _pad(f: dict[str, torch.Tensor], real: int, shape: BatchShape) -> dict[str, 
         if key.endswith("_cu"):
             out[name] = torch.cat([t, t[-1:].expand(extra)])  # padded requests own no plan rows
         elif key.endswith("_rows") and key != "window_rows" and key != "hca_rows" and key != "last_rows":
-            out[name] = t  # plans already have shape.batch rows (−1 past the real ones)
-        elif key == "last_rows":
-            out[name] = torch.arange(shape.batch, dtype=torch.int64)
+            out[name] = t  # plans already have shape.tokens rows (−1 past the real ones)
+        elif key == "last_rows":  # a padded request's "last row" is a padded token of its own
+            out[name] = torch.cat([t, tokens + torch.arange(extra, dtype=torch.int64)])
         else:
-            pad = t.new_full((extra, *t.shape[1:]), fill.get(key, 0))
+            rows = (shape.batch if key in _PER_REQUEST else shape.tokens) - t.shape[0]
+            pad = t.new_full((rows, *t.shape[1:]), fill.get(key, 0))
             out[name] = torch.cat([t, pad])
     return out
 

@@ -15,6 +15,11 @@ the model's; the layer is sliding-window only) and runs, per step:
    positions are not final (the next step's extend recomputes them from the model's streams), so their ring
    rows are saved before and written back after the chain (engine/undo.py).
 
+With graphs (`graphs=True`: engine/spec_graphs.py `DraftGraphs`), an extend whose spans have 1 … k + 1 rows each
+(the accepted positions of decoding requests) and every chained draft replay fixed-shape steps, the chained
+drafts passed from one replay to the next on the device and read once at the end; an extend with a prefill chunk
+or a boundary snapshot runs eagerly.
+
 Drafts are greedy (argmax): verification treats a draft as a point mass, which keeps sampled rows exact
 (engine/speculative.py). The MTP ring of a slot is registered in the model's pools (`extra_slot_state`), so it
 travels with the request's state wherever that goes (export/import, retraction, forks: engine/state_io.py).
@@ -33,6 +38,7 @@ from sparsepd.engine.batch import RequestChunk, build_batch
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 from sparsepd.engine.request import Request
+from sparsepd.engine.spec_graphs import DraftGraphs
 from sparsepd.engine.undo import Span, UndoLog
 from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
@@ -63,9 +69,11 @@ class Drafter(Protocol):
 
 class MTPDrafter:
     def __init__(self, model: Transformer, mtp: MTPBlock, pools: KVPools,
-                 rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+                 rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], graphs: bool = False,
+                 capture: bool = True):
         """pools: the model's (the MTP pool has their slots, window and scratch rows, and its ring travels with
-        each request's state there as `mtp.swa`: engine/state_io.py); rope: the runner's cos/sin tables."""
+        each request's state there as `mtp.swa`: engine/state_io.py); rope: the runner's cos/sin tables;
+        graphs: fixed-shape forwards where they fit, captured as CUDA graphs (capture) or run eagerly."""
         if mtp.cfg.window != model.cfg.window or mtp.cfg.dim != model.cfg.dim:
             raise ValueError("the MTP layer was built for another model config")
         self.model, self.mtp = model, mtp
@@ -76,6 +84,14 @@ class MTPDrafter:
         pools.extra_slot_state[MTP_STATE] = self.pools.swa_view(0)
         if pools.snapshot_store is not None:  # prefix-cache snapshots keep the ring too (a restore drafts as cold)
             pools.snapshot_store.add_part(MTP_STATE, self.pools.swa_view(0))
+        self.graphs = DraftGraphs(model, mtp, self.pools, self.geometry, rope, capture) if graphs else None
+
+    @torch.inference_mode()
+    def capture_graphs(self, num_steps: int) -> None:
+        """Capture the draft graphs now (at start), if graphs are on and captured."""
+        if self.graphs is not None and self.graphs.steps.capture:
+            with torch.cuda.device(self.pools.device):
+                self.graphs.capture_all(num_steps)
 
     @torch.inference_mode()
     def draft(self, spans: list[DraftSpan], hidden: torch.Tensor, k: int) -> dict[Request, list[int]]:
@@ -85,29 +101,62 @@ class MTPDrafter:
         device = self.pools.device
         chunks = [RequestChunk(s.request.slot, s.start, s.next_ids, [], s.captures) for s in spans]
         rows = torch.tensor([r for s in spans for r in s.rows], dtype=torch.int64).to(device)
-        y, batch = self._forward(chunks, hidden[rows])
         proposing = [i for i, s in enumerate(spans) if s.propose]
+        shape = self.graphs.shape_for(chunks, k + 1) if self.graphs is not None else None
+        if shape is not None:
+            h, tokens = self._replay(shape, chunks, hidden[rows])
+        else:
+            y, batch = self._forward(chunks, hidden[rows])
+            h, tokens = y[batch.last_rows], None
         drafts: dict[Request, list[int]] = {spans[i].request: [] for i in proposing}
         if not proposing or k == 0:
             return drafts
-        last = batch.last_rows[torch.tensor(proposing, dtype=torch.int64).to(device)]
-        h, tokens = y[last], self._argmax(y[last])
+        chosen = torch.tensor(proposing, dtype=torch.int64).to(device)
+        h = h[chosen]
+        tokens = self._argmax(h) if tokens is None else tokens[chosen]
         positions = [spans[i].start + len(spans[i].rows) for i in proposing]  # the chain's first position
         slots = [spans[i].request.slot for i in proposing]
         undo = UndoLog(self.pools, [Span(s, (), p, p + k - 1) for s, p in zip(slots, positions, strict=True)
                                     if k > 1])
-        host = tokens.tolist()
+        chained = self._chain(slots, positions, h, tokens, k)  # [k, n] on the host
         for j, i in enumerate(proposing):
-            drafts[spans[i].request].append(host[j])
-        for step in range(1, k):
-            chunks = [RequestChunk(s, p + step - 1, [t], []) for s, p, t in zip(slots, positions, host, strict=True)]
-            y, _ = self._forward(chunks, h)
-            h, tokens = y, self._argmax(y)
-            host = tokens.tolist()
-            for j, i in enumerate(proposing):
-                drafts[spans[i].request].append(host[j])
+            drafts[spans[i].request] = [step[j] for step in chained]
         undo.restore(positions if k > 1 else [])
         return drafts
+
+    def _chain(self, slots: list[int], positions: list[int], h: torch.Tensor, tokens: torch.Tensor,
+               k: int) -> list[list[int]]:
+        """Drafts 2 … k from draft 1 (`tokens` [n], the MTP output h [n, hc, dim] before it): each step's row
+        takes the previous step's output stream and draft, one position further. Every draft, step by step."""
+        shape = None
+        if self.graphs is not None:
+            shape = self.graphs.shape_for([RequestChunk(s, p, [0], []) for s, p in zip(slots, positions,
+                                                                                      strict=True)], 1)
+        if shape is None:  # eagerly: each step's drafts read on the host, the next step's chunks carry them
+            out = [tokens.tolist()]
+            for step in range(1, k):
+                chunks = [RequestChunk(s, p + step - 1, [t], [])
+                          for s, p, t in zip(slots, positions, out[-1], strict=True)]
+                h, _ = self._forward(chunks, h)
+                out.append(self._argmax(h).tolist())
+            return out
+        steps = [tokens.clone()]  # (the graphs' outputs are overwritten by the next replay)
+        for step in range(1, k):
+            chunks = [RequestChunk(s, p + step - 1, [0], []) for s, p in zip(slots, positions, strict=True)]
+            h, tokens = self._replay(shape, chunks, h, tokens)
+            steps.append(tokens[: len(slots)].clone())
+        return torch.stack(steps).tolist()
+
+    def _replay(self, shape, chunks: list[RequestChunk], h: torch.Tensor, token_ids: torch.Tensor | None = None):
+        """The fixed-shape step of `shape` over `chunks` with streams h `[n, hc, dim]` (and, when given, the
+        input tokens `[len(chunks)]` from the device): (output stream, argmax draft) at each chunk's last row."""
+        step = self.graphs.steps.step(shape)
+        self.graphs.steps.fill(step, chunks)
+        step.inputs["h"][: h.shape[0]].copy_(h)
+        if token_ids is not None:
+            step.batch.token_ids[: len(chunks)].copy_(token_ids[: len(chunks)])
+        last, tokens = step.run()
+        return last[: len(chunks)], tokens[: len(chunks)]
 
     def _forward(self, chunks: list[RequestChunk], h: torch.Tensor):
         """The MTP block over `chunks` (token ids: each row's next token) with the streams h `[n, hc, dim]`."""

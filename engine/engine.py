@@ -58,8 +58,12 @@ class EngineLoad:
 class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
                  overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None,
-                 speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None):
-        """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py).
+                 speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None,
+                 graph_capture: bool = True):
+        """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py), and with
+        speculative decoding for its verification and MTP drafts (engine/spec_graphs.py). graph_capture=False
+        runs speculative decoding's fixed-shape steps eagerly instead of capturing them, on any device (the CPU
+        tests of the graph path).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
         max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
@@ -72,7 +76,13 @@ class Engine:
         pool_config = pool_config or PoolConfig(num_pages=256)
         self.model = model
         self.pools = KVPools(model.cfg, plan_geometry(model.cfg, pool_config, model.device), model.device)
-        self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and self.pools.device.type == "cuda")
+        on_cuda = self.pools.device.type == "cuda"
+        static = bool(speculative_num_steps) and cuda_graph and (on_cuda or not graph_capture)
+        capture = graph_capture and on_cuda
+        # (a speculative step always verifies: the one-token decode graphs would never replay)
+        self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and on_cuda and not speculative_num_steps)
+        if static:
+            self.runner.use_verify_graphs(speculative_num_steps, capture)
         entries = pool_config.prefix_cache_entries
         host_tier = pool_config.prefix_cache_host_bytes if entries else 0
         self.host_memory = HostMemory.for_engine(host_tier, max_retracted_bytes, self.pools.num_bytes())
@@ -82,7 +92,8 @@ class Engine:
             if drafter is None and mtp is None:
                 raise ValueError(f"speculative_num_steps={speculative_num_steps} needs the checkpoint's MTP layer "
                                  "(mtp.0.*) or a drafter")
-            drafter = drafter or MTPDrafter(model, mtp, self.pools, self.runner.rope_tables)
+            drafter = drafter or MTPDrafter(model, mtp, self.pools, self.runner.rope_tables, graphs=static,
+                                            capture=capture)
             self.scheduler = SpeculativeScheduler(self.runner, drafter, speculative_num_steps, cache=self.prefix_cache,
                                                   host=self.host_memory)
         else:
@@ -95,8 +106,12 @@ class Engine:
         self.grammars = Grammars(vocabulary)
 
     def capture_graphs(self, max_context: int) -> None:
-        """Capture the decode graphs for contexts up to max_context tokens now (no-op without graphs)."""
+        """Capture the decode graphs (or speculative decoding's verification and draft graphs) for contexts up to
+        max_context tokens now (no-op without graphs)."""
         self.runner.capture_graphs(max_context)
+        drafter = getattr(self.scheduler, "drafter", None)
+        if isinstance(drafter, MTPDrafter):
+            drafter.capture_graphs(self.scheduler.num_steps)
         self._ids = itertools.count()
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

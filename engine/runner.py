@@ -4,6 +4,8 @@ when asked, the last block's output at chosen rows: prompt log-probabilities, en
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from sparsepd.engine.batch import RequestChunk, build_batch, check_chunks
@@ -12,6 +14,7 @@ from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.penalties import SlotHistory
 from sparsepd.engine.pools import KVPools
 from sparsepd.engine.request import PENDING, Request
+from sparsepd.engine.spec_graphs import VerifyGraphs
 from sparsepd.model.numerics import rope_cos_sin
 from sparsepd.model.transformer import Transformer
 
@@ -23,6 +26,7 @@ class Runner:
         self.model, self.pools = model, pools
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(freqs) → cos, sin tables
         self.graphs = DecodeGraphs(model, pools, self.rope_tables) if cuda_graph else None
+        self.verify_graphs: VerifyGraphs | None = None  # speculative decoding's (`use_verify_graphs`)
         # Each slot's last sampled token on the device: a PENDING input token is read from here, so a step
         # can be launched before the host has read the previous step's tokens (engine/draw.py).
         self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
@@ -42,13 +46,21 @@ class Runner:
                 logit_rows: list[int] | None = None):
         """Logits `[len(work), vocab]` fp32: row b after request b's tokens of this forward. On the graph
         path the tensor is the graph's output buffer: read it before the next forward. With `final_rows`
-        (flat rows of this forward), eagerly, (logits, the last block's output `[n, hc, dim]` at them); with
-        `logit_rows` too, the logits are those of these flat rows (speculative verification: engine/speculative.py)."""
+        (flat rows of this forward), (logits, the last block's output `[n, hc, dim]` at them); with `logit_rows`
+        too, the logits are those of these flat rows (speculative verification: engine/speculative.py), from a
+        verification graph when `use_verify_graphs` was called and every chunk fits one (engine/spec_graphs.py),
+        else eagerly."""
         device = torch.device(self.pools.device)
         if device.type == "cuda":  # Triton launches on the calling thread's current device: make it the pools'
             with torch.cuda.device(device):
                 return self._forward(work, final_rows, logit_rows)
         return self._forward(work, final_rows, logit_rows)
+
+    def use_verify_graphs(self, num_steps: int, capture: bool = True) -> None:
+        """Run forwards with `final_rows` (speculative verification) whose chunks all have 1 … num_steps + 1
+        tokens from fixed-shape steps (engine/spec_graphs.py): replayed CUDA graphs, or with capture=False the
+        same static-shape step run eagerly (any device)."""
+        self.verify_graphs = VerifyGraphs(self.model, self.pools, self.rope_tables, num_steps, capture)
 
     @torch.inference_mode()
     def capture_graphs(self, max_context: int) -> None:
@@ -56,6 +68,9 @@ class Runner:
         if self.graphs is not None:
             with torch.cuda.device(self.pools.device):
                 self.graphs.capture_all(max_context)
+        if self.verify_graphs is not None and self.verify_graphs.steps.capture:
+            with torch.cuda.device(self.pools.device):
+                self.verify_graphs.capture_all(max_context)
 
     def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
@@ -70,6 +85,15 @@ class Runner:
         shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:
             return self.graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
+        if final_rows is not None and self.verify_graphs is not None:
+            shape = self.verify_graphs.shape_for(chunks)
+            if shape is not None:
+                logits, hidden = self.verify_graphs.run(chunks, shape,
+                                                        lambda token_ids: self._fill_pending(token_ids, chunks))
+                if logit_rows is None:  # each request's last row
+                    logit_rows = list(itertools.accumulate(len(c.token_ids) for c in chunks))
+                    logit_rows = [r - 1 for r in logit_rows]
+                return self._rows(logits, logit_rows), self._rows(hidden, final_rows)
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
         self._fill_pending(batch.token_ids, chunks)
         cache = PagedCache(batch, self.pools, self.rope_tables)
@@ -77,6 +101,12 @@ class Runner:
         logits_at = batch.last_rows if logit_rows is None else to_device(logit_rows, self.pools.device)
         return self.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=logits_at,
                                         ids_checked=True, final_rows=rows)
+
+    def _rows(self, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """t's rows `rows` (a view when they are the first len(rows))."""
+        if rows == list(range(len(rows))):
+            return t[: len(rows)]
+        return t[to_device(rows, self.pools.device)]
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
         """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""
