@@ -42,7 +42,7 @@ for s in "$@"; do
                     tests/kernels/test_kv_rows.py tests/kernels/test_compressor.py tests/kernels/test_fp8_gemm.py \
                     tests/kernels/test_moe.py ;;
     spec) step spec ${SPEC_S:-120} sh -c "python3 -P bench/bench_spec.py oracle --json '$out/spec_oracle.json' &&
-            python3 -P bench/bench_spec.py mtp --device cuda --json '$out/spec_mtp.json'" ;;
+            python3 -P bench/bench_spec.py mtp --device cuda ${SPEC_MTP_GRAPHS---graphs} --json '$out/spec_mtp.json'" ;;
     prefix-host) step prefix-host ${PREFIX_S:-90} python3 -P bench/prefix_host_tier.py --preset bench --device cuda \
                    --conversations 32 --turns 3 --system-len 1024 --user-len 256 --output-len 16 --batch 8 \
                    --json "$out/prefix_host_tier.json" ;;
@@ -50,8 +50,9 @@ for s in "$@"; do
     service-cost) step service-cost ${SERVICE_S:-180} python3 -P bench/bench_service.py \
                     --serve-args "--preset bench --colocated --num-slots 128" --concurrency 32,128 --input-len 128 --output-len 256 ;;
     group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
-             --batches 1,64,256 --out "$out" ;;
-    quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} ;;
+             --batches 1,64,256 --exchange ${GROUP_EXCHANGE:-auto,reference} --out "$out" ;;
+    quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} \
+             ${QUANT_ONLY:+--only "$QUANT_ONLY"} ;;
     service) step service 240 env PYTHONSAFEPATH=1 OUT="$out" LOG="$out/service_sweep.log" CONFIGS=colocated SWEEP=128 \
                INPUT_LEN=128 OUTPUT_LEN=512 MAX_SECONDS=20 DRAIN_SECONDS=40 NUM_PROMPTS=256 bench/loadtest_sweep.sh ;;
     engine-old)  # the same benchmark against the engine of .old/ (a `git archive` of an earlier commit), same card
