@@ -51,8 +51,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference loop (one request, no pools) instead of the paged engine")
+    from sparsepd.engine.args import GPU_WAIT_HELP, GPU_WAITS
     from sparsepd.load_flags import add_load_args
 
+    p.add_argument("--gpu-wait", choices=GPU_WAITS, default="spin",
+                   help=f"--local through the engine (not --reference): {GPU_WAIT_HELP} (default: %(default)s)")
     add_load_args(p)
     p.set_defaults(run=_run_generate)
 
@@ -94,7 +97,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.reference:
         result = generate(model, prompt_ids, params, prefill_chunk=args.prefill_chunk)
     else:
-        result = generate_with_engine(model, prompt_ids, params, args.prefill_chunk)
+        result = generate_with_engine(model, prompt_ids, params, args.prefill_chunk, gpu_wait=args.gpu_wait)
     print(f"prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
     print(f"prompt ids: {prompt_ids}")
     print(f"output: {tokenizer.decode(result.output_ids)!r}")

@@ -38,6 +38,7 @@ from sparsepd.default_model import PRESET_HELP, choose_model
 from sparsepd.deploy.group import ready_ranks
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
 from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
+from sparsepd.engine.args import GPU_WAIT_HELP, GPU_WAITS
 from sparsepd.load_flags import add_load_args
 from sparsepd.process import print_ready, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2 as pb
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--kv-memory", type=int, default=None, help="bytes for pages, slots and scratch per worker")
     w.add_argument("--speculative-num-steps", type=int, default=None, metavar="K",
                    help="decode workers draft K tokens a step with the checkpoint's MTP layer (default: 0, off)")
+    w.add_argument("--gpu-wait", choices=GPU_WAITS, default=None,
+                   help=GPU_WAIT_HELP + "; every worker (default: the workers', spin)")
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
                         "with them (default: the worker's, 256)")
@@ -355,7 +358,7 @@ def _worker_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--no-cluster-auth")
     for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),
                         ("--num-pages", args.num_pages), ("--max-batch-tokens", args.max_batch_tokens),
-                        ("--kv-memory", args.kv_memory), *_tls_flags(args)):
+                        ("--kv-memory", args.kv_memory), ("--gpu-wait", args.gpu_wait), *_tls_flags(args)):
         if value is not None:
             flags += [flag, str(value)]
     return flags

@@ -7,8 +7,17 @@ deploy layer's subcommand table); engine/config.py turns the parsed flags into a
 from __future__ import annotations
 
 import argparse
+from typing import Literal, get_args
 
 from sparsepd.load_flags import add_load_args
+
+# How the host waits for a step's tokens on a CUDA device (engine/draw.py `host_event`).
+GpuWait = Literal["spin", "block"]
+GPU_WAITS: tuple[str, ...] = get_args(GpuWait)
+GPU_WAIT_HELP = ("how the engine's loop waits for each step's sampled tokens on a CUDA device: spin (CUDA's default "
+                 "event: the waiting thread polls, about one core busy whatever the token rate) or block (a "
+                 "blocking-sync event: the thread sleeps until the copy is done; less CPU, a wake-up latency to "
+                 "measure against TPOT); no effect on the CPU, which has no CUDA events")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +37,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run decode steps eagerly instead of replaying CUDA graphs (debugging; GPU only)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="read each step's tokens before launching the next (no host/device overlap; debugging)")
+    g.add_argument("--gpu-wait", choices=GPU_WAITS, default="spin", help=GPU_WAIT_HELP + " (default: %(default)s)")
     g.add_argument("--graph-max-context", type=int, default=8192,
                    help="decode graphs captured at start cover contexts up to this many tokens; longer ones "
                         "are captured on first use (default: 8192)")

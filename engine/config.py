@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsepd.engine.args import GpuWait
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.grammar import Vocabulary
 from sparsepd.load_options import LoadOptions, load_options_from_args, resolve_model_config
@@ -34,6 +35,9 @@ class EngineConfig(BaseModel):
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
     graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
     overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
+    gpu_wait: GpuWait = Field("spin", description="how the host waits for a step's tokens on a CUDA device: spin "
+                              "(CUDA's default event, busy-polling) or block (a blocking-sync event: the thread "
+                              "sleeps); engine/draw.py `host_event`")
     speculative_num_steps: int = Field(0, ge=0, le=7, description="drafted tokens per decode step (0: off)")
     max_retracted_memory: int | None = Field(None, ge=0, description="bytes of host memory retracted requests' "
                                              "states may take (decode worker); None: the KV pool's size")
@@ -96,5 +100,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
                         pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context,
-                        overlap=args.overlap, load=load_options_from_args(args),
+                        overlap=args.overlap, gpu_wait=args.gpu_wait, load=load_options_from_args(args),
                         speculative_num_steps=args.speculative_num_steps)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.engine.args import GpuWait
 from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import Sampler, SamplingParams, TokenLogprobs, sampling_tensors
 from sparsepd.kernels.sampling import SampleOutput, sample_batch
@@ -55,7 +56,7 @@ class Drawn:
     num_ids: list[int] | None = None  # each row's len(token_ids_logprob)
     failed: dict[int, str] = field(default_factory=dict)  # row → why it could not be drawn (its token is 0)
 
-    def to_host(self) -> HostDraw:
+    def to_host(self, gpu_wait: GpuWait = "spin") -> HostDraw:
         cuda = self.tokens.is_cuda
         tokens = torch.empty(self.tokens.shape, dtype=torch.int64, pin_memory=cuda)
         tokens.copy_(self.tokens, non_blocking=True)
@@ -69,12 +70,19 @@ class Drawn:
             ids.copy_(self.top_ids, non_blocking=True)
         event = None
         if cuda:
-            event = torch.cuda.Event()
+            event = host_event(gpu_wait)
             event.record()
         host = HostDraw(tokens, floats, ids, event)
         if floats is not None:
             host = _PerRowLogprobs(host, self.wants_logprobs, self.top_n, self.num_ids or [0] * len(self.top_n))
         return host
+
+
+def host_event(gpu_wait: GpuWait) -> torch.cuda.Event:
+    """The event the host waits on for a step's copy. "spin": CUDA's default flags, whose synchronize() polls (the
+    waiting thread keeps about one core busy: bench/RESULTS.md, the decode worker's host cost); "block": the
+    blocking-sync flag, the thread sleeps until the event completes (less CPU, a wake-up latency)."""
+    return torch.cuda.Event(blocking=gpu_wait == "block")
 
 
 class _PerRowLogprobs(HostDraw):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsepd.engine.args import GpuWait
 from sparsepd.engine.drafter import Drafter, MTPDrafter
 from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.host_memory import HostMemory
@@ -59,12 +60,14 @@ class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
                  overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None,
                  speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None,
-                 graph_capture: bool = True):
+                 graph_capture: bool = True, gpu_wait: GpuWait = "spin"):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py), and with
         speculative decoding for its verification and MTP drafts (engine/spec_graphs.py). graph_capture=False
         runs speculative decoding's fixed-shape steps eagerly instead of capturing them, on any device (the CPU
         tests of the graph path).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
+        gpu_wait: how the host waits for each step's tokens on a CUDA device: "spin" (CUDA's default event) or
+        "block" (a blocking-sync event: the thread sleeps); engine/draw.py `host_event`.
         vocabulary: what grammars compile against (default: the byte vocabulary of the model's config).
         max_retracted_bytes: host memory the states of retracted requests may take before the newest decoding
         request fails instead of being retracted (engine/page_growth.py; default: the KV pool's own size, or with a
@@ -95,9 +98,10 @@ class Engine:
             drafter = drafter or MTPDrafter(model, mtp, self.pools, self.runner.rope_tables, graphs=static,
                                             capture=capture)
             self.scheduler = SpeculativeScheduler(self.runner, drafter, speculative_num_steps, cache=self.prefix_cache,
-                                                  host=self.host_memory)
+                                                  host=self.host_memory, gpu_wait=gpu_wait)
         else:
-            self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory)
+            self.scheduler = Scheduler(self.runner, overlap=overlap, cache=self.prefix_cache, host=self.host_memory,
+                                       gpu_wait=gpu_wait)
         self._ids = itertools.count()
         vocabulary = vocabulary or byte_vocabulary(model)
         if (vocabulary.vocab_size, vocabulary.eos_id) != (model.cfg.vocab_size, model.cfg.eos_id):

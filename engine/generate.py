@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsepd.engine.args import GpuWait
 from sparsepd.engine.grammar import GrammarMatch, token_bitmask
 from sparsepd.engine.prompt_logprobs import prompt_logprobs_ref
 from sparsepd.engine.request import PromptLogprobs
@@ -107,15 +108,16 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
 
 
 def generate_with_engine(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                         max_batch_tokens: int | None = None) -> Generation:
-    """The same through the engine (pools, scheduler, chunked prefill of max_batch_tokens per step)."""
+                         max_batch_tokens: int | None = None, gpu_wait: GpuWait = "spin") -> Generation:
+    """The same through the engine (pools, scheduler, chunked prefill of max_batch_tokens per step); gpu_wait: how
+    the host waits for each step's tokens on a CUDA device (engine/draw.py `host_event`)."""
     from sparsepd.engine.engine import Engine
     from sparsepd.engine.pools import PoolConfig
     from sparsepd.engine.state_io import shipped_bytes
 
     budget = max_batch_tokens or len(prompt_ids)
     pages = -(-(len(prompt_ids) + params.max_new_tokens) // model.cfg.page_size)
-    engine = Engine(model, PoolConfig(num_slots=1, max_batch_tokens=budget, num_pages=pages))
+    engine = Engine(model, PoolConfig(num_slots=1, max_batch_tokens=budget, num_pages=pages), gpu_wait=gpu_wait)
     request = engine.submit(prompt_ids, params)
     t0 = time.perf_counter()
     while not request.output_ids:

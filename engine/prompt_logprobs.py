@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsepd.engine.args import GpuWait
+from sparsepd.engine.draw import host_event
 from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import TokenLogprobs, token_logprobs
 from sparsepd.kernels.topk import topk_visible
@@ -68,7 +70,7 @@ class ScoredRows:
     top_logprobs: torch.Tensor  # [n, N] fp32
     ids_logprobs: torch.Tensor  # [n, K] fp32 (pads: junk)
 
-    def to_host(self) -> HostScores:
+    def to_host(self, gpu_wait: GpuWait = "spin") -> HostScores:
         """Start one asynchronous copy into (pinned, on CUDA) host memory."""
         cuda = self.logprobs.is_cuda
         floats = torch.cat([self.logprobs[:, None], self.top_logprobs, self.ids_logprobs], dim=1)  # [n, 1+N+K]
@@ -78,7 +80,7 @@ class ScoredRows:
         host_ids.copy_(self.top_ids, non_blocking=True)
         event = None
         if cuda:
-            event = torch.cuda.Event()
+            event = host_event(gpu_wait)
             event.record()
         return HostScores(host_floats, host_ids, event)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsepd.engine.admission import Admission
+from sparsepd.engine.args import GpuWait
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.host_memory import HostMemory
@@ -62,8 +63,9 @@ class LaunchedForward:
 
 class Scheduler:
     def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False,
-                 cache: PrefixCache | None = None, host: HostMemory | None = None):
-        """host: the host memory retracted states share with the prefix cache's host tier (None: unbounded)."""
+                 cache: PrefixCache | None = None, host: HostMemory | None = None, gpu_wait: GpuWait = "spin"):
+        """host: the host memory retracted states share with the prefix cache's host tier (None: unbounded).
+        gpu_wait: how the host waits for a step's tokens on a CUDA device (engine/draw.py `host_event`)."""
         self.runner, self.pools, self.cache = runner, runner.pools, cache
         self.max_batch_tokens = max_batch_tokens or runner.pools.geometry.max_batch_tokens
         if self.max_batch_tokens > runner.pools.geometry.max_batch_tokens:
@@ -74,7 +76,7 @@ class Scheduler:
         self.growth = PageGrowth(self.pools, cache, self.admission, self.admission.host)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.overlap = overlap
+        self.overlap, self.gpu_wait = overlap, gpu_wait
         self._in_flight: InFlightStep | None = None  # launched, not yet read (overlap only)
 
     @property
@@ -209,7 +211,7 @@ class Scheduler:
                 logits = self.runner.forward(scheduled)
             else:
                 logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
-                prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host())
+                prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host(self.gpu_wait))
         except BaseException:
             if capturing:
                 self.prefix.cancel(capturing)
@@ -272,7 +274,7 @@ class Scheduler:
         self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
         for r in sampling:
             r.num_pending += 1
-        return InFlightStep(forward.scheduled, sampling, drawn.to_host(), forward.prompt)
+        return InFlightStep(forward.scheduled, sampling, drawn.to_host(self.gpu_wait), forward.prompt)
 
     def _postprocess(self, step: InFlightStep) -> list[StepOutput]:
         if step.prompt is not None:  # before the tokens: a final chunk's values precede its first token

@@ -152,7 +152,7 @@ class SpeculativeScheduler(Scheduler):
         outputs: list[StepOutput] = []
         if prompt_rows is not None:  # before the tokens, as without speculation
             index = to_device(prompt_rows.rows, hidden.device)
-            score_rows(self.runner.model, hidden[index], prompt_rows).to_host().deliver(prompt_rows)
+            score_rows(self.runner.model, hidden[index], prompt_rows).to_host(self.gpu_wait).deliver(prompt_rows)
         decoding = {id(v.request) for v in verified if v.decoding}
         for request, tokens in scheduled:  # prefill chunks; a decoding request moves by what it delivers (_accept)
             if id(request) in decoding:
@@ -211,7 +211,7 @@ class SpeculativeScheduler(Scheduler):
         grammars = [v.request.grammar for v in verified for _ in v.rows]
         drawn = draw(logits, table, device, token_bitmask(grammars, logits.shape[1], device))
         failed = {i for i in drawn.failed}
-        tokens, logprobs = drawn.to_host().result()
+        tokens, logprobs = drawn.to_host(self.gpu_wait).result()
         first, last_slots, last_tokens = 0, [], []
         for v in verified:
             request, n = v.request, len(v.rows)
