@@ -51,7 +51,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference loop (one request, no pools) instead of the paged engine")
-    from sparsepd.engine.args import GPU_WAIT_HELP, GPU_WAITS
+    from sparsepd.gpu_wait import GPU_WAIT_HELP, GPU_WAITS
     from sparsepd.load_flags import add_load_args
 
     p.add_argument("--gpu-wait", choices=GPU_WAITS, default="spin",

@@ -38,7 +38,7 @@ from sparsepd.default_model import PRESET_HELP, choose_model
 from sparsepd.deploy.group import ready_ranks
 from sparsepd.deploy.launch import Child, LaunchError, start, stop
 from sparsepd.deploy.supervisor import GaveUp, RestartPolicy, Supervisor
-from sparsepd.engine.args import GPU_WAIT_HELP, GPU_WAITS
+from sparsepd.gpu_wait import GPU_WAIT_HELP, GPU_WAITS
 from sparsepd.load_flags import add_load_args
 from sparsepd.process import print_ready, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2 as pb

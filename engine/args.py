@@ -7,17 +7,9 @@ deploy layer's subcommand table); engine/config.py turns the parsed flags into a
 from __future__ import annotations
 
 import argparse
-from typing import Literal, get_args
 
+from sparsepd.gpu_wait import GPU_WAIT_HELP, GPU_WAITS
 from sparsepd.load_flags import add_load_args
-
-# How the host waits for a step's tokens on a CUDA device (engine/draw.py `host_event`).
-GpuWait = Literal["spin", "block"]
-GPU_WAITS: tuple[str, ...] = get_args(GpuWait)
-GPU_WAIT_HELP = ("how the engine's loop waits for each step's sampled tokens on a CUDA device: spin (CUDA's default "
-                 "event: the waiting thread polls, about one core busy whatever the token rate) or block (a "
-                 "blocking-sync event: the thread sleeps until the copy is done; less CPU, a wake-up latency to "
-                 "measure against TPOT); no effect on the CPU, which has no CUDA events")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.pools import PoolConfig
+from sparsepd.gpu_wait import GpuWait
 from sparsepd.grammar import Vocabulary
 from sparsepd.load_options import LoadOptions, load_options_from_args, resolve_model_config
 from sparsepd.model.mtp import MTPBlock, load_mtp, random_mtp

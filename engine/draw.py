@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import Sampler, SamplingParams, TokenLogprobs, sampling_tensors
+from sparsepd.gpu_wait import GpuWait
 from sparsepd.kernels.sampling import SampleOutput, sample_batch
 
 log = logging.getLogger("sparsepd.engine")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.drafter import Drafter, MTPDrafter
 from sparsepd.engine.grammar import GrammarMatch
 from sparsepd.engine.host_memory import HostMemory
@@ -36,6 +35,7 @@ from sparsepd.engine.state_io import (
     fork_descriptor,
     import_state,
 )
+from sparsepd.gpu_wait import GpuWait
 from sparsepd.grammar import Grammar, Grammars, Vocabulary
 from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.grammar import GrammarMatch, token_bitmask
 from sparsepd.engine.prompt_logprobs import prompt_logprobs_ref
 from sparsepd.engine.request import PromptLogprobs
@@ -24,6 +23,7 @@ from sparsepd.engine.sampling import (
     penalize,
     token_logprobs,
 )
+from sparsepd.gpu_wait import GpuWait
 from sparsepd.grammar import Grammars, Vocabulary
 from sparsepd.model.transformer import Transformer
 

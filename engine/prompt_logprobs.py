@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.draw import host_event
 from sparsepd.engine.request import PromptLogprobs, Request
 from sparsepd.engine.sampling import TokenLogprobs, token_logprobs
+from sparsepd.gpu_wait import GpuWait
 from sparsepd.kernels.topk import topk_visible
 from sparsepd.model.transformer import Transformer
 

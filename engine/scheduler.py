@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from sparsepd.engine.admission import Admission
-from sparsepd.engine.args import GpuWait
 from sparsepd.engine.draw import InFlightStep, draw
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.host_memory import HostMemory
@@ -45,6 +44,7 @@ from sparsepd.engine.request import PENDING, PromptLogprobs, Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.sampling import finish_reason
 from sparsepd.engine.state_io import copy_state
+from sparsepd.gpu_wait import GpuWait
 
 
 @dataclass
