@@ -123,7 +123,8 @@ def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,
     win = geometry.window
     offsets = torch.arange(-(win - 1), 1, dtype=torch.int32)  # [win]
     keys = positions.to(torch.int32)[:, None] + offsets  # [T, win]
-    scratch_rows = torch.arange(num_tokens, dtype=torch.int32)[:, None] + offsets  # this forward's: cu_b + key − start_b
+    # this forward's rows: cu_b + key − start_b = the token's row + offset
+    scratch_rows = torch.arange(num_tokens, dtype=torch.int32)[:, None] + offsets
     ring_rows = (geometry.ring_base + slots.to(torch.int32)[seq] * win)[:, None] + keys.remainder(win)
     window_rows = torch.where(keys < starts.to(torch.int32)[seq][:, None], ring_rows, scratch_rows)
     window_rows.masked_fill_(keys < 0, -1)
