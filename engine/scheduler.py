@@ -228,7 +228,7 @@ class Scheduler:
         if not sampling:
             return LaunchedForward(scheduled, None, [], prompt)
         self._fork(rows, sampling)
-        if len(rows) != logits.shape[0] or rows[-1] != len(rows) - 1:  # (rows ascend: not rows 0 … n−1)
+        if rows != list(range(logits.shape[0])):
             logits = logits[to_device(rows, logits.device)]
         return LaunchedForward(scheduled, logits, sampling, prompt)
 
