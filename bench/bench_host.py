@@ -16,6 +16,12 @@ calls, counted with `sys.setprofile` over a few steps: a measure of work that do
 machine's load; tests/engine/test_host_cost.py asserts its growth).
 
     python3 -P bench/bench_host.py [--batches 1,32,128,256,512] [--context 4096] [--steps 50] [--json PATH]
+
+With --prefill: host µs (and calls) per prompt token of chunked prefill steps, `--requests` prompts of each of
+`--prompts` lengths, `--chunk` tokens a step (the eager `build_batch` path with the prefix cache's boundary
+snapshots), no decode steps:
+
+    python3 -P bench/bench_host.py --prefill [--prompts 2048,8192] [--requests 4] [--chunk 2048]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 
 from sparsepd.engine.batch import BatchShape, RequestChunk, build_batch, check_chunks, decode_fields_into, host_fields
 from sparsepd.engine.engine import Engine
-from sparsepd.engine.graphs import page_width_for
+from sparsepd.engine.graphs import decode_shape
 from sparsepd.engine.pools import PoolConfig
 from sparsepd.engine.runner import Runner
 from sparsepd.engine.sampling import SamplingParams
@@ -48,14 +54,14 @@ class StandInRunner(Runner):
         vocab = model.cfg.vocab_size
         self._logits = torch.zeros(max_batch, vocab)
         self._views: dict[BatchShape, dict] = {}
+        self._buckets = tuple(2 ** i for i in range(_bucket(max_batch).bit_length()))
 
     def _forward(self, work, final_rows=None, logit_rows=None):
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
         g = self.pools.geometry
-        if all(len(c.token_ids) == 1 for c in chunks):  # what the graph path writes before a replay
-            shape = BatchShape(_bucket(len(chunks)),
-                               page_width_for(max(len(c.page_table) for c in chunks), g.num_pages))
+        shape = decode_shape(chunks, self._buckets, g.num_pages)  # as engine/graphs.py's DecodeGraphs.shape_for
+        if shape is not None:  # what the graph path writes before a replay
             views = self._views.get(shape)
             if views is None:
                 views = self._views[shape] = {k: v.numpy().copy() for k, v in host_fields([], g, shape).items()}
@@ -96,14 +102,16 @@ class HostFigures:
 PREFILL_TOKENS = 16384  # a step's prefill budget: the prompts go through in few steps
 
 
-def make_engine(batch: int, context: int, steps: int, overlap: bool = True, cache_entries: int = 8) -> Engine:
-    """An engine whose pools hold `batch` requests of `context` + `steps` tokens (and a few spare pages)."""
+def make_engine(batch: int, context: int, steps: int, overlap: bool = True, cache_entries: int = 8,
+                batch_tokens: int | None = None) -> Engine:
+    """An engine whose pools hold `batch` requests of `context` + `steps` tokens (and a few spare pages); a step
+    computes at most `batch_tokens` tokens (default PREFILL_TOKENS + batch)."""
     cfg = host_config()
     model = build_model(cfg, seed=0, device="cpu")
     page = cfg.page_size
     pages_each = -(-(context + page + steps) // page) + 1
-    pool = PoolConfig(num_slots=batch, max_batch_tokens=PREFILL_TOKENS + batch, num_pages=batch * pages_each + 16,
-                      prefix_cache_entries=cache_entries)
+    pool = PoolConfig(num_slots=batch, max_batch_tokens=batch_tokens or PREFILL_TOKENS + batch,
+                      num_pages=batch * pages_each + 16, prefix_cache_entries=cache_entries)
     engine = Engine(model, pool, overlap=overlap)
     engine.runner = StandInRunner(model, engine.pools, PREFILL_TOKENS + batch)
     engine.scheduler.runner = engine.runner
@@ -167,14 +175,73 @@ def measure(batch: int, context: int, steps: int, count_steps: int = 3) -> HostF
     return HostFigures(batch, step_us, step_us / batch, calls / (count_steps * batch), engine.scheduler.retractions)
 
 
+@dataclass
+class PrefillFigures:
+    prompt: int  # tokens per prompt
+    requests: int
+    chunk: int  # a step's token budget
+    steps: int  # steps until every request decodes
+    token_us: float  # median host µs per prompt token (the steps' time ÷ the prompt tokens)
+    calls_per_token: float  # Python calls per prompt token (sys.setprofile)
+
+
+def measure_prefill(prompt: int, requests: int = 4, chunk: int = 2048, repeats: int = 3) -> PrefillFigures:
+    """Chunked prefill: `requests` prompts of `prompt` tokens (distinct: no prefix-cache hit, but the cache
+    snapshots their page boundaries) submitted at once and stepped until every one decodes, `chunk` tokens a
+    step; timed `repeats` times on fresh engines, then counted once."""
+    def run(counted: bool) -> tuple[float, int, int]:
+        engine = make_engine(requests, prompt, 8, batch_tokens=chunk)
+        vocab = engine.model.cfg.vocab_size
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
+        g = torch.Generator().manual_seed(prompt)
+        for _ in range(requests):
+            engine.submit(torch.randint(0, vocab - 8, (prompt,), generator=g).tolist(), params)
+        sched, elapsed, steps, calls = engine.scheduler, 0.0, 0, 0
+        while sched.waiting or any(r.prefilling for r in sched.running):
+            if counted:
+                calls += count_calls(engine.step)
+            else:
+                t0 = time.perf_counter()
+                engine.step()
+                elapsed += time.perf_counter() - t0
+            steps += 1
+        return elapsed, steps, calls
+
+    times = [run(False)[0] for _ in range(repeats)]
+    _, steps, calls = run(True)
+    tokens = prompt * requests
+    return PrefillFigures(prompt, requests, chunk, steps, statistics.median(times) * 1e6 / tokens, calls / tokens)
+
+
+def main_prefill(args) -> int:
+    rows = []
+    print("| prompt tokens | requests | chunk | steps | host µs / prompt token | calls / prompt token |")
+    print("|---|---|---|---|---|---|")
+    for prompt in (int(x) for x in args.prompts.split(",")):
+        f = measure_prefill(prompt, args.requests, args.chunk)
+        rows.append(f)
+        print(f"| {f.prompt} | {f.requests} | {f.chunk} | {f.steps} | {f.token_us:.2f} | {f.calls_per_token:.2f} |",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([f.__dict__ for f in rows], fh, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,32,128,256,512")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=50, help="timed decode steps per batch (median reported)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--prefill", action="store_true", help="measure chunked prefill instead (host µs per prompt token)")
+    ap.add_argument("--prompts", default="2048,8192", help="--prefill: prompt lengths")
+    ap.add_argument("--requests", type=int, default=4, help="--prefill: prompts submitted at once")
+    ap.add_argument("--chunk", type=int, default=2048, help="--prefill: a step's token budget")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.prefill:
+        return main_prefill(args)
     rows = []
     print("| batch | host µs / step | µs / request-step | calls / request-step | retractions |")
     print("|---|---|---|---|---|")

@@ -52,6 +52,8 @@ class Admission:
 
     def admit_waiting(self, waiting: deque[Request], running: list[Request]) -> None:
         """Admit waiting requests, oldest first, while their slots and pages (and the headroom) fit."""
+        if not waiting:  # (the headroom count walks the running set: not when nothing waits)
+            return
         headroom = self.headroom(running)  # counted once: an admitted request adds to it only when it resumes decoding
         while waiting:
             request = waiting[0]

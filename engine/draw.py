@@ -118,13 +118,20 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
     plain = token_bitmask is None and not any(wants) and all(
         p.greedy and not p.banned(n, eos) and not p.penalized for p, _, n, eos in rows)
     if plain:  # the common greedy case: one argmax kernel
-        return Drawn(logits.argmax(-1), None, None, None, wants, top_n)
+        return plain_draw(logits)
     num_ids = [len(p.token_ids_logprob) for p, *_ in rows]
     try:
         out = _sample(logits, rows, device, max(top_n), token_bitmask)
     except Exception:  # noqa: BLE001 - find the rows that fail; the others must not fail with them
         return _draw_row_by_row(logits, rows, device, token_bitmask, wants, top_n, num_ids)
     return Drawn(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, wants, top_n, out.ids_logprobs, num_ids)
+
+
+def plain_draw(logits: torch.Tensor) -> Drawn:
+    """`draw` of rows that are all greedy with nothing banned, no penalty, bias, grammar or log-probabilities:
+    one argmax kernel (the scheduler knows this from each request's `plain_from` without building the rows)."""
+    rows = logits.shape[0]
+    return Drawn(logits.argmax(-1), None, None, None, [False] * rows, [0] * rows)
 
 
 def _sample(logits: torch.Tensor, rows: list, device: torch.device, top_n: int,

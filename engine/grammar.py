@@ -75,7 +75,7 @@ def token_bitmask(matches: Sequence[GrammarMatch | None], vocab_size: int,
                   device: torch.device | str) -> torch.Tensor | None:
     """The step's `[B, ⌈V/32⌉]` int32 mask on `device` for rows with a grammar (others, and terminated
     matchers whose request is ending, all ones); None when no row has one."""
-    if all(m is None for m in matches):
+    if matches.count(None) == len(matches):  # (one call, not a generator resumed per row)
         return None
     device = torch.device(device)
     host = torch.full((len(matches), bitmask_words(vocab_size)), -1, dtype=torch.int32,

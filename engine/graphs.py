@@ -40,6 +40,23 @@ def buckets_for(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> t
     return kept if kept and kept[-1] == max_batch else kept + (max_batch,)
 
 
+def decode_shape(chunks: list[RequestChunk], buckets: tuple[int, ...], max_pages: int) -> BatchShape | None:
+    """The graph shape of a step of one-token chunks (the smallest bucket that holds them, the page width of the
+    longest page table), or None when it must run eagerly: another chunk length, more chunks than the largest
+    bucket or pages than max_pages, or a boundary snapshot (engine/prefix_restore.py: it writes rows a graph does
+    not hold). Lengths are taken with map over lists: a few calls a step, not a few a request."""
+    if not chunks or len(chunks) > buckets[-1]:
+        return None
+    lengths = list(map(len, [c.token_ids for c in chunks]))
+    if max(lengths) != 1 or min(lengths) != 1 or any([c.captures for c in chunks]):
+        return None
+    pages = max(map(len, [c.page_table for c in chunks]))
+    if pages > max_pages:
+        return None
+    batch = next(b for b in buckets if b >= len(chunks))
+    return BatchShape(batch, page_width_for(pages, max_pages))
+
+
 def page_width_for(pages: int, max_pages: int) -> int:
     """The power of two ≥ pages (at least MIN_PAGE_WIDTH), capped at max_pages."""
     width = MIN_PAGE_WIDTH
@@ -124,14 +141,7 @@ class DecodeGraphs:
 
     def shape_for(self, chunks: list[RequestChunk]) -> BatchShape | None:
         """The graph shape for this step, or None when it must run eagerly."""
-        # (a boundary snapshot, engine/prefix_restore.py, writes rows a graph does not hold: eager)
-        if not chunks or len(chunks) > self.buckets[-1] or any(len(c.token_ids) != 1 or c.captures for c in chunks):
-            return None
-        pages = max(len(c.page_table) for c in chunks)
-        if pages > self.max_pages:
-            return None
-        batch = next(b for b in self.buckets if b >= len(chunks))
-        return BatchShape(batch, page_width_for(pages, self.max_pages))
+        return decode_shape(chunks, self.buckets, self.max_pages)
 
     def run(self, chunks: list[RequestChunk], shape: BatchShape,
             before_replay: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:

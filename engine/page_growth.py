@@ -39,7 +39,10 @@ class PageGrowth:
         their pages), then retract the newest decoding requests (`retract`) until the page is there; a request
         alone in a full pool fails (finish "error"). Returns the outputs read early."""
         read_early: list[StepOutput] = []
+        page = self.pools.geometry.page_size
         for r in list(running):  # oldest first
+            if len(r.pages) * page > r.num_computed:  # its next token's page is there (most steps): nothing to do
+                continue
             # A request retracted or failed in this loop has no slot any more, one finished by reading the step in
             # flight has its finish reason: no membership test on `running` (O(batch) each, O(batch²) a step).
             while r.finish_reason is None and not r.prefilling and r.slot is not None \

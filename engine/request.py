@@ -44,6 +44,7 @@ class Request:
     spec_drafted: int = 0  # speculative decoding: its draft tokens verified so far, and those accepted
     spec_accepted: int = 0
     offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
+    plain_from: int | None = None  # `plain_draw_from()`, once the scheduler has asked
 
     @property
     def max_len(self) -> int:
@@ -58,12 +59,26 @@ class Request:
     def prefilling(self) -> bool:
         """More known tokens to compute than the one a decode step feeds: the prompt, or a resumed request's
         prompt + output (engine.Engine.make_request's output_ids)."""
-        return self.num_computed < len(self.prompt_ids) or self.num_computed + 1 < self.num_known
+        # (num_known inlined: this runs for every request in every step)
+        n, prompt = self.num_computed, len(self.prompt_ids)
+        return n < prompt or n + 1 < prompt + len(self.output_ids)
 
     def next_tokens(self, budget: int) -> list[int]:
         """The next uncomputed tokens (a prefill chunk of at most `budget`, or the last sampled token)."""
-        known = self.prompt_ids + self.output_ids
-        return known[self.num_computed: min(self.num_known, self.num_computed + budget)]
+        start, prompt = self.num_computed, len(self.prompt_ids)
+        end = min(prompt + len(self.output_ids), start + budget)
+        if end <= prompt:  # a chunk of the prompt: no copy of the whole prompt + output
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    def plain_draw_from(self) -> int:
+        """The first output position from which this request's draw is a plain argmax (greedy, no penalty, bias,
+        grammar or log-probabilities, nothing banned: engine/draw.py's fast path); −1 when never. Its params and
+        grammar do not change, so the scheduler keeps the answer (`plain_from`)."""
+        p = self.params
+        if self.grammar is not None or not p.greedy or p.penalized or p.wants_logprobs:
+            return -1
+        return p.min_new_tokens if (p.stop_token_ids or not p.ignore_eos) else 0
 
 
 @dataclass(frozen=True)

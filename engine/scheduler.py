@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsepd.engine.admission import Admission
-from sparsepd.engine.draw import InFlightStep, draw
+from sparsepd.engine.draw import InFlightStep, draw, plain_draw
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.host_memory import HostMemory
 from sparsepd.engine.page_growth import PageGrowth
@@ -58,7 +58,7 @@ class LaunchedForward:
 
     @property
     def has_grammar(self) -> bool:
-        return any(r.grammar is not None for r in self.sampled)
+        return any([r.grammar is not None for r in self.sampled])  # (a list: no generator resumed per row)
 
 
 class Scheduler:
@@ -180,21 +180,20 @@ class Scheduler:
         prefill chunks (oldest first) with the rest of the budget. A request whose next token is its last
         (max_new_tokens, counting the one in flight) is not scheduled: it finishes when that one is read."""
         budget = self.max_batch_tokens
-        out = []
-        for r in self.running:
-            if budget == 0:
+        out, prefilling, pending = [], [], [PENDING]
+        for r in self.running:  # one pass: `prefilling` asked once a request
+            if r.prefilling:
+                prefilling.append(r)
+            elif budget and r.finish_reason is None and len(r.output_ids) + r.num_pending < r.params.max_new_tokens:
+                # (the one-token list is shared: nothing downstream mutates a step's token lists)
+                out.append((r, pending if r.num_pending else r.next_tokens(1)))
+                budget -= 1
+        for r in prefilling:
+            if budget <= 0:
                 break
-            if r.prefilling or r.finish_reason is not None:
-                continue
-            if len(r.output_ids) + r.num_pending >= r.params.max_new_tokens:
-                continue
-            out.append((r, [PENDING] if r.num_pending else r.next_tokens(1)))
-            budget -= 1
-        for r in self.running:
-            if r.prefilling and budget > 0:
-                tokens = r.next_tokens(budget)  # (the prefix cache's snapshots need no cut: prefix_restore.py)
-                out.append((r, tokens))
-                budget -= len(tokens)
+            tokens = r.next_tokens(budget)  # (the prefix cache's snapshots need no cut: prefix_restore.py)
+            out.append((r, tokens))
+            budget -= len(tokens)
         return out
 
     def _launch(self, scheduled: list[tuple[Request, list[int]]]) -> InFlightStep:
@@ -219,13 +218,15 @@ class Scheduler:
         if capturing:
             self.prefix.commit(capturing)
         rows, sampling = [], []
-        for i, (request, tokens) in enumerate(scheduled):
-            request.num_computed += len(tokens)
-            if request.cache_at is not None and request.num_computed >= request.cache_at:
+        i = 0
+        for request, tokens in scheduled:
+            n = request.num_computed = request.num_computed + len(tokens)
+            if request.cache_at is not None and n >= request.cache_at:
                 request.cache_at = request.cache_hashes = None  # its last boundary is snapshotted
-            if request.num_computed >= request.num_known + request.num_pending:
+            if n >= len(request.prompt_ids) + len(request.output_ids) + request.num_pending:  # all known computed
                 rows.append(i)
                 sampling.append(request)
+            i += 1
         if not sampling:
             return LaunchedForward(scheduled, None, [], prompt)
         self._fork(rows, sampling)
@@ -264,14 +265,21 @@ class Scheduler:
         if len(live) < logits.shape[0]:
             logits = logits[to_device(live, logits.device)]
         eos, device = self.runner.model.cfg.eos_id, self.runner.pools.device
-        table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
-        mask = token_bitmask([r.grammar for r in sampling], logits.shape[1], device)
-        drawn = draw(logits, table, device, mask)
-        for row, why in drawn.failed.items():  # fails that request alone, in _postprocess
-            sampling[row].error = f"request {sampling[row].request_id}: {why}"
-        kept = [i for i, r in enumerate(sampling) if r.slot is not None]  # stateless forks have no slot
-        tokens = drawn.tokens if len(kept) == len(sampling) else drawn.tokens[to_device(kept, logits.device)]
-        self.runner.remember_tokens([sampling[i].slot for i in kept], tokens)
+        if _all_plain(sampling):
+            drawn = plain_draw(logits)
+        else:
+            table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
+            mask = token_bitmask([r.grammar for r in sampling], logits.shape[1], device)
+            drawn = draw(logits, table, device, mask)
+            for row, why in drawn.failed.items():  # fails that request alone, in _postprocess
+                sampling[row].error = f"request {sampling[row].request_id}: {why}"
+        slots = [r.slot for r in sampling]
+        if None in slots:  # stateless forks have no slot
+            kept = [i for i, s in enumerate(slots) if s is not None]
+            slots, tokens = [slots[i] for i in kept], drawn.tokens[to_device(kept, logits.device)]
+        else:
+            tokens = drawn.tokens
+        self.runner.remember_tokens(slots, tokens)
         for r in sampling:
             r.num_pending += 1
         return InFlightStep(forward.scheduled, sampling, drawn.to_host(self.gpu_wait), forward.prompt)
@@ -284,6 +292,7 @@ class Scheduler:
             return []
         outputs = []
         tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
+        eos = self.runner.model.cfg.eos_id
         for i, request in enumerate(step.sampled):
             request.num_pending -= 1
             if request.finish_reason is not None or (request.slot is None and not request.stateless):
@@ -293,14 +302,15 @@ class Scheduler:
                 outputs.append(StepOutput(request.request_id, -1, "error", error=request.error))
                 self._release(request)
                 continue
-            self._emit(request, tokens[i], logprobs[i] if logprobs is not None else None, outputs)
+            self._emit(request, tokens[i], logprobs[i] if logprobs is not None else None, outputs, eos)
         self.running[:] = [r for r in self.running if r.finish_reason is None]  # in place: page growth holds it
         return outputs
 
-    def _emit(self, request: Request, token: int, lp, outputs: list[StepOutput]) -> None:
-        """Deliver one drawn token of a live request: its grammar, output, log-probabilities, finish and release."""
+    def _emit(self, request: Request, token: int, lp, outputs: list[StepOutput], eos: int | None = None) -> None:
+        """Deliver one drawn token of a live request: its grammar, output, log-probabilities, finish and release
+        (eos: the model's, looked up once a step by the caller)."""
         params = request.params
-        request.sampler.advance()
+        request.sampler.num_drawn += 1  # (Sampler.advance, inlined: a call per request-step)
         if request.grammar is not None and not request.grammar.accept(token):
             request.finish_reason = "error"  # a masked token was drawn: a bug, this request's alone
             request.error = (f"internal error: token {token} was drawn at output position "
@@ -308,14 +318,16 @@ class Scheduler:
             outputs.append(StepOutput(request.request_id, token, "error", error=request.error))
             self._release(request)
             return
-        request.output_ids.append(token)
+        output_ids = request.output_ids
+        output_ids.append(token)
+        n = len(output_ids)
         if lp is not None:
             request.output_logprobs.append(lp)
-        request.finish_reason = finish_reason(token, len(request.output_ids), params, self.runner.model.cfg.eos_id)
+        request.finish_reason = finish_reason(token, n, params, self.runner.model.cfg.eos_id if eos is None else eos)
         if request.grammar is not None and request.grammar.terminated:
             request.finish_reason = "stop"  # the grammar accepted its stop token (even with ignore_eos)
         prompt = None
-        if params.logprob_start_len is not None and len(request.output_ids) == 1:
+        if n == 1 and params.logprob_start_len is not None:
             prompt = PromptLogprobs(params.logprob_start_len, tuple(request.prompt_logprobs))
         if request.finish_reason is not None and request.spec_drafted:
             outputs.append(StepOutput(request.request_id, token, request.finish_reason, lp, prompt,
@@ -332,3 +344,14 @@ class Scheduler:
         while self.has_work:
             if not self.step() and not self.running and self.waiting:
                 raise OutOfCapacity("waiting requests cannot be admitted into empty pools")
+
+
+def _all_plain(requests: list[Request]) -> bool:
+    """Whether every request's draw this step is a plain argmax (`Request.plain_draw_from`, asked once a request)."""
+    for r in requests:
+        start = r.plain_from
+        if start is None:
+            start = r.plain_from = r.plain_draw_from()
+        if start and (start < 0 or len(r.output_ids) + r.num_pending < start):
+            return False
+    return True
