@@ -38,12 +38,13 @@ SERVE_COMMON=${SERVE_COMMON:-"--preset bench --max-batch-tokens 4096 --num-slots
 HOST_ENTRIES=${HOST_ENTRIES:-160}            # ~ a quarter of the run's ~650 boundary snapshots (64 conversations)
 HOST_BYTES=${HOST_BYTES:-4000000000}         # pinned host memory for the host tier
 PORT=${PORT:-30500}
+export PYTHONSAFEPATH=1  # the checkout's sparsepd/ folder would shadow the installed namespace
 METRICS_PORT=${METRICS_PORT:-30590}
 CONFIGS=${CONFIGS:-"cache nocache host"}
 RESULTS=${RESULTS:-$OUT/prefix_multiturn.jsonl}
 LOG=${LOG:-$OUT/prefix_multiturn.log}
 
-if ! "$PYTHON" -c "import sparsepd.loadtest, sparsepd.router" 2>/dev/null; then
+if ! "$PYTHON" -P -c "import sparsepd.loadtest, sparsepd.router" 2>/dev/null; then
   echo "error: $PYTHON cannot import sparsepd.loadtest; install the checkout first: $PYTHON -m pip install -e . --no-deps" >&2
   exit 2
 fi
@@ -77,7 +78,7 @@ for rate in $RATES; do
     echo "=== $label: sparsepd serve $serve ($(date -u +%FT%TZ))" | tee -a "$LOG"
     start=$SECONDS
     # shellcheck disable=SC2086
-    "$PYTHON" -m sparsepd serve $serve >"$OUT/serve-$label.log" 2>&1 &
+    "$PYTHON" -P -m sparsepd serve $serve >"$OUT/serve-$label.log" 2>&1 &
     serve_pid=$!
     until grep -q '^READY' "$OUT/serve-$label.log"; do
       if ! kill -0 "$serve_pid" 2>/dev/null || [ $((SECONDS - start)) -gt 600 ]; then
@@ -85,7 +86,7 @@ for rate in $RATES; do
       fi
       sleep 2
     done
-    if ! "$PYTHON" -m sparsepd loadtest --router "127.0.0.1:$PORT" --label "$label" \
+    if ! "$PYTHON" -P -m sparsepd loadtest --router "127.0.0.1:$PORT" --label "$label" \
         --workload multi-turn --conversations "$CONVERSATIONS" --turns "$TURNS" --system-len "$SYSTEM_LEN" \
         --user-len "$USER_LEN" --output-len "$OUTPUT_LEN" --request-rate "$rate" --max-seconds "$MAX_SECONDS" \
         --seed "$SEED" --results "$RESULTS" --no-progress 2>&1 | tee -a "$LOG"; then
@@ -93,7 +94,7 @@ for rate in $RATES; do
       status=1
     fi
     sleep 3  # one more Stats poll of the workers by the router
-    "$PYTHON" - "$METRICS_PORT" >"$OUT/prefix_metrics_$label.txt" <<'PY' || true
+    "$PYTHON" -P - "$METRICS_PORT" >"$OUT/prefix_metrics_$label.txt" <<'PY' || true
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
 print("\n".join(line for line in text.splitlines() if line.startswith("sparsepd_prefix_cache")))

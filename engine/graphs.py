@@ -14,9 +14,11 @@ eagerly, as does everything when graphs are off (`--no-cuda-graph`).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +119,22 @@ class StaticFields:
             self._events[i] = event
 
 
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool) -> Iterator[None]:
+    """Capture into `graph` with Python's cyclic garbage collector held off: a collection that runs mid-capture and
+    frees an older engine's CUDA graph (an unreferenced cycle) destroys a graph while the stream captures, which
+    invalidates the capture ("operation not permitted when stream is capturing"). torch.cuda.graph collects once
+    before it starts; nothing is collected until the capture ends."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
 @dataclass
 class DecodeGraph:
     shape: BatchShape
@@ -187,7 +205,7 @@ class DecodeGraphs:
             forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with capturing(graph, self._pool):
             logits = forward()
         torch.cuda.synchronize()
         self._graphs[shape] = captured = DecodeGraph(shape, static, graph, logits)

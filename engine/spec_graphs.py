@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsepd.engine.batch import BatchShape, ForwardBatch, RequestChunk, assemble, host_fields, packed_fields_into
-from sparsepd.engine.graphs import DEFAULT_BUCKETS, StaticFields, buckets_for, page_width_for
+from sparsepd.engine.graphs import DEFAULT_BUCKETS, StaticFields, buckets_for, capturing, page_width_for
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 
@@ -112,7 +112,7 @@ class StaticSteps:
                 self.body(batch, step.inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with capturing(graph, self._pool):
                 step.outputs = self.body(batch, step.inputs)
             torch.cuda.synchronize()
             step.graph = graph

@@ -122,3 +122,34 @@ def agree_up_to_a_near_tie(got: list[int], ref, margin: float = 0.1) -> None:
             return
         assert got[i] == ref.output_ids[i], f"token {i}: {got[i]} != {ref.output_ids[i]} (margin " \
             f"{lp.top_logprobs[0] - lp.top_logprobs[1]:.3f})"
+
+
+def test_a_garbage_collection_during_capture_leaves_the_capture_intact():
+    """An older engine's captured graphs left in an unreferenced cycle: a collection that ran mid-capture would
+    destroy one of them while the stream captures and invalidate the capture (bench_spec's fresh engine per prompt
+    did this). With the collector eager (threshold 1) the new engine still captures, and its tokens equal eager."""
+    import gc
+
+    cfg = resolve_model_config("tiny", str(DEFAULT_CHECKPOINT), LoadOptions())
+    model = build_model(cfg, checkpoint=str(DEFAULT_CHECKPOINT), device="cuda")
+    mtp = load_mtp(cfg, DEFAULT_CHECKPOINT).to("cuda")
+    prompts = _prompts([9, 40], seed=5)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    pool = PoolConfig(num_slots=2, max_batch_tokens=64, num_pages=32)
+    want = _generate(Engine(model, pool, cuda_graph=False, speculative_num_steps=2, mtp=mtp), prompts, params)
+    saved = gc.get_threshold()
+    for _ in range(3):
+        old = Engine(model, pool, cuda_graph=True, speculative_num_steps=2, mtp=mtp)
+        old.capture_graphs(64)
+        old.cycle = old  # garbage only a collection frees
+        del old
+    gc.set_threshold(1, 1, 1)
+    try:
+        engine = Engine(model, pool, cuda_graph=True, speculative_num_steps=2, mtp=mtp)
+        engine.capture_graphs(64)
+        got = _generate(engine, prompts, params)
+    finally:
+        gc.set_threshold(*saved)
+    assert got == want
+    assert engine.scheduler.drafter.graphs.steps.num_graphs > 0 and engine.runner.verify_graphs.steps.num_graphs > 0
+    assert gc.isenabled()
