@@ -29,8 +29,8 @@ Kernels:
    loads, and one launch less); above, `_act_quant_kernel` runs first (M·K reads, once).
    Decode tiles (M ≤ 16) compute (W · x^T)^T (SWAP_AB): 64 weight rows fill the M side of a Hopper FP8 wgmma,
    which reads both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W).
-   Split-K for M ≤ 256 (decode and small batches) until the grid holds ~4 programs an SM (weight bytes in flight
-   to cover DRAM latency), while the fp32 partials written stay within half the weight bytes: partial tiles in an
+   Split-K for M ≤ 256 (decode and small batches) until the grid holds ~2 programs an SM (weight bytes in flight
+   to cover DRAM latency), while the fp32 partials written stay within a quarter of the weight bytes: partial tiles in an
    fp32 workspace, the last program to finish a tile (an atomic ticket) sums them in split order (deterministic:
    bit-identical whatever the arrival order; the split count is a run-time argument, one compiled kernel for all)
    and resets the ticket to 0, so a caller's zeroed ticket buffer (`tickets=`) saves the memset launch a call
@@ -361,20 +361,22 @@ class Fp8GemmConfig:
 
 # Shape classes, (largest M, candidates in order of preference). Decode (M ≤ 64) is weight-bound: the programs
 # must keep enough weight bytes in flight to cover DRAM latency, so a small tile on the token side, 64 weight rows,
-# deep pipelines, and split-K (`choose_split_k`, up to M = 256) until the grid holds ~4 programs an SM. Prefill is
+# deep pipelines, and split-K (`choose_split_k`, up to M = 256) until the grid holds ~2 programs an SM. Prefill is
 # MMA-bound:
 # 64×128 tiles with 4 warps, 3 stages. `bench/bench_quant.py --sweep` on an H200 (2026-12-06) put them first or
 # second on all seven V4-Flash projections at M = 8192, 1.02–1.22× the 128×128 8-warp tiles that were the
 # default (those keep acc + the fresh 128-block product in 128 fp32 registers a thread, two programs an SM at most).
 # The first candidate whose tiles fill the GPU once is taken (the last one otherwise).
-_DECODE_TARGET_PROGRAMS = 4  # programs an SM that split-K aims for at decode
+_DECODE_TARGET_PROGRAMS = 2  # programs an SM that split-K fills up to at decode (never past)
 # Split-K applies up to M = _SPLIT_MAX_M rows while the fp32 partials a launch writes (4·M·N bytes a split, read back
 # once by the last program of each tile, from L2 while they fit there) stay within _PARTIAL_SHARE of the weight
-# bytes. Compiled for sm_90 (bench/quant_sm90_report.py, 2026-12-06) the earlier rule (M ≤ 64, partials written and
-# read ≤ a quarter of the weights: PREVIOUS_SPLIT_RULE) left the 4096-deep projections 16-32 programs at M = 64
-# and 16-128 at M = 256 (no split there) on 132 SMs: a tenth to a quarter of the SMs streaming weights.
+# bytes. Timed on an H100 (bench_quant.py --sweep, 2026-12-06, every split of each V4-Flash decode shape at
+# M = 1-256): the rule of that morning (up to 4 programs an SM, overshooting to 8; partials ≤ half the weights)
+# reached 0.82 of the best config per shape (geometric mean; 0.28 vs 0.48 of the floor for wo_b at M = 64), this one
+# (≤ 2 an SM, ≤ a quarter) 0.92. Before both, M ≤ 64 only (PREVIOUS_SPLIT_RULE) had left the 4096-deep projections
+# 16-32 programs at M = 64.
 _SPLIT_MAX_M = 256
-_PARTIAL_SHARE = 0.5
+_PARTIAL_SHARE = 0.25
 PREVIOUS_SPLIT_RULE = dict(max_m=64, partial_share=0.125)  # the rule before 2026-12-06, for bench_quant.py's sweep
 _CONFIG_TABLE: tuple[tuple[int | None, tuple[Fp8GemmConfig, ...]], ...] = (
     (16, (Fp8GemmConfig(16, 64, num_warps=4, num_stages=4, group_m=1, quant_a=True, swap_ab=True),)),
@@ -406,7 +408,7 @@ def default_fp8_config(M: int, N: int, K: int, num_sms: int, arch: str | None = 
 
 def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: int, *,
                    max_m: int = _SPLIT_MAX_M, partial_share: float = _PARTIAL_SHARE) -> int:
-    """Powers of two while the grid holds fewer than _DECODE_TARGET_PROGRAMS programs an SM (M ≤ max_m only), each
+    """Powers of two while the doubled grid holds at most _DECODE_TARGET_PROGRAMS programs an SM (M ≤ max_m only), each
     split keeping ≥ _MIN_SPLIT_BLOCKS blocks of K, and the fp32 partials written (4·M·N bytes a split) at most
     `partial_share` of the weight bytes (N·K)."""
     if M > max_m:
@@ -414,7 +416,7 @@ def choose_split_k(M: int, N: int, K: int, block_m: int, block_n: int, num_sms: 
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, BLOCK)
     split = 1
-    while (tiles * split < _DECODE_TARGET_PROGRAMS * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS
+    while (tiles * 2 * split <= _DECODE_TARGET_PROGRAMS * num_sms and k_blocks // (2 * split) >= _MIN_SPLIT_BLOCKS
            and 4 * M * N * (2 * split) <= partial_share * N * K):
         split *= 2
     return split

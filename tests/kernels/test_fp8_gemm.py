@@ -272,19 +272,21 @@ def test_config_table_covers_decode_and_prefill():
 @pytest.mark.parametrize("M", [1, 8, 32, 64, 256])
 @pytest.mark.parametrize("N, K", [(1024, 4096), (512, 4096), (32768, 1024), (4096, 8192), (4096, 2048)])
 def test_split_k_fills_the_gpu_within_the_partial_budget(M, N, K):
-    """V4-Flash's decode projections on 132 SMs: split-K grows the grid toward 4 programs an SM, never past the
-    budget (fp32 partials written ≤ half the weight bytes, ≥ 2 blocks of 128 a split), and never stops short of it
-    while doubling would stay within both and the grid holds fewer than 4 programs an SM."""
+    """V4-Flash's decode projections on 132 SMs: split-K grows the grid toward 2 programs an SM and never past it,
+    never past the budget (fp32 partials written ≤ a quarter of the weight bytes, ≥ 2 blocks of 128 a split), and
+    never stops short while doubling would stay within all three (the rule bench_quant.py --sweep timed best on an
+    H100: 0.92 of the best split per shape against 0.82 for 4-8 programs an SM and half the weights)."""
     c = default_fp8_config(M, N, K, 132)
     split, k_blocks = c.split_k, -(-K // BLOCK)
     tiles = -(-M // c.block_m) * -(-N // c.block_n)
     assert split >= 1 and split & (split - 1) == 0
-    assert 4 * M * N * split <= N * K / 2 or split == 1, f"M={M} N={N} K={K}: partials past half the weights: {c}"
+    assert 4 * M * N * split <= N * K / 4 or split == 1, f"M={M} N={N} K={K}: partials past a quarter of the weights: {c}"
     assert k_blocks // split >= 2 or split == 1, c
-    could_double = (tiles * split < 4 * 132 and k_blocks // (2 * split) >= 2 and 4 * M * N * 2 * split <= N * K / 2)
+    assert tiles * split <= 2 * 132 or split == 1, f"M={M} N={N} K={K}: {tiles * split} programs past 2 an SM: {c}"
+    could_double = (tiles * 2 * split <= 2 * 132 and k_blocks // (2 * split) >= 2 and 4 * M * N * 2 * split <= N * K / 4)
     assert not could_double, f"M={M} N={N} K={K}: {tiles * split} programs, split {split} could double: {c}"
-    if (M, N, K) in ((64, 1024, 4096), (32, 512, 4096)):  # 16 and 8 weight tiles: the earlier rule left ≤ 32 programs
-        assert tiles * split >= 128, c
+    if (M, N, K) in ((64, 4096, 8192), (32, 4096, 8192)):  # the timed best split of wo_b at M = 32 and 64
+        assert split == 4, c
         for arch in ("gfx942", "gfx950"):
             assert default_fp8_config(M, 4096, 4096, 304, arch).num_stages <= 3
 
