@@ -86,22 +86,37 @@ def test_bench_quantized_logits_within_the_bound_and_greedy_agrees_on_wide_margi
 
 def test_quantized_graph_step_equals_eager_on_gpu(bench_models):
     """One decode step, same state, eager vs the captured graph (no host sync in the FP8/FP4 path, or capture
-    fails): bf16 to 2e-2 relative, greedy equal where the margin exceeds twice the row's difference."""
+    fails), each also against a whole prefill of the same tokens. The two steps differ in shape (the graph pads the
+    3 rows to its bucket), so in bf16 GEMM tiles, and on this dummy model a one-ulp bf16 difference can move an FP8
+    rounding (activations, KV rows) and the logits by a jump. Measured on an H200 (2026-12-06): graph vs eager 0.017
+    with bf16 KV rows and 0.038 with FP8 rows; each path 0.02-0.04 from the whole prefill (one row 0.06, in both
+    paths alike). A capture that loses, repeats or reorders work differs by O(1). Bounds: both paths within
+    NOISE = 0.1 of the whole prefill and of each other; greedy equal where the margin exceeds twice the row's
+    difference."""
     quantized, _ = bench_models
-    logits = {}
+    noise = 0.1
+    logits, tokens = {}, {}
     for cuda_graph in (False, True):
         engine = Engine(quantized, PoolConfig(num_slots=8, max_batch_tokens=512, num_pages=32), cuda_graph=cuda_graph)
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         reqs = [engine.submit(_ids(n, seed=n, vocab=256).tolist(), params) for n in (5, 130, 300)]
         while any(r.prefilling or not r.output_ids for r in reqs):
             engine.step()
+        tokens[cuda_graph] = [r.prompt_ids + r.output_ids for r in reqs]
         logits[cuda_graph] = engine.runner.forward([(r, r.next_tokens(1)) for r in reqs]).clone()
         if cuda_graph:
             assert engine.runner.graphs.num_graphs == 1
-    graph, eager = logits[True], logits[False]
-    assert torch.isfinite(graph).all()
-    rel = float((graph - eager).norm() / eager.norm())
-    assert rel < 2e-2, rel
+    assert tokens[True] == tokens[False]
+    whole = torch.stack([quantized.prefill(torch.tensor(t, device="cuda"))[0][-1] for t in tokens[False]]).float()
+    graph, eager = logits[True].float(), logits[False].float()
+    assert torch.isfinite(graph).all() and torch.isfinite(eager).all()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+    print(f"graph vs eager {rel(graph, eager):.4f}, eager vs whole {rel(eager, whole):.4f}, "
+          f"graph vs whole {rel(graph, whole):.4f}")
+    assert rel(eager, whole) < noise and rel(graph, whole) < noise
+    assert rel(graph, eager) < noise
     diff = (graph - eager).abs().amax(-1)
     top2 = eager.topk(2, dim=-1).values
     clear = top2[:, 0] - top2[:, 1] > 2 * diff
