@@ -31,8 +31,12 @@ for s in "$@"; do
     suite) step suite ${SUITE_S:-200} env SPARSEPD_TEST_LOG="$out/tests" scripts/test-gpu -n 16 --tb=short ;;
     engine) step engine ${ENGINE_S:-150} python3 -P bench/bench_engine.py --batches ${ENGINE_BATCHES:-1,8,32,64,128,256} --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
     engine-q) step engine-q ${ENGINEQ_S:-120} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
-    flash) step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
-             --num-layers ${FLASH_LAYERS:-36} --batches 1,8,64,256 --context 4096 --steps 5 ;;
+    flash)  # as many layers as fit: ~3.7 GB a V4-Flash layer (FP4 experts), ~14 GB for the rest (36 on an H200's
+            # 150 GB, 19 on an H100's 85 GB; 36 ran out of memory on an H100); FLASH_LAYERS overrides
+      gb=$(( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1) * 1048576 / 1000000000 ))
+      layers=${FLASH_LAYERS:-$(( (gb - 14) * 10 / 37 > 43 ? 43 : (gb - 14) * 10 / 37 ))}
+      step flash ${FLASH_S:-240} python3 -P bench/bench_engine.py --preset v4-flash --load-format dummy \
+             --num-layers "$layers" --batches 1,8,64,256 --context 4096 --steps 5 ;;
     attn) step attn ${ATTN_S:-90} python3 -P bench/bench_sparse_attention.py --quick --rows both --out "$out" ;;
     attn-sweep) step attn-sweep ${ATTN_S:-120} python3 -P bench/bench_sparse_attention.py --quick --rows ${ATTN_ROWS:-fp8} --sweep \
                   --budget-s ${ATTN_BUDGET_S:-90} --json "$out/attn_sweep.json" ;;
