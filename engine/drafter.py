@@ -39,7 +39,7 @@ from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 from sparsepd.engine.request import Request
 from sparsepd.engine.spec_graphs import DraftGraphs
-from sparsepd.engine.undo import Span, UndoLog
+from sparsepd.engine.undo import Span, UndoLog, undo_targets
 from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 
@@ -85,6 +85,7 @@ class MTPDrafter:
         if pools.snapshot_store is not None:  # prefix-cache snapshots keep the ring too (a restore drafts as cold)
             pools.snapshot_store.add_part(MTP_STATE, self.pools.swa_view(0))
         self.graphs = DraftGraphs(model, mtp, self.pools, self.geometry, rope, capture) if graphs else None
+        self._undo_targets = undo_targets(self.pools)
 
     @torch.inference_mode()
     def capture_graphs(self, num_steps: int) -> None:
@@ -117,7 +118,7 @@ class MTPDrafter:
         positions = [spans[i].start + len(spans[i].rows) for i in proposing]  # the chain's first position
         slots = [spans[i].request.slot for i in proposing]
         undo = UndoLog(self.pools, [Span(s, (), p, p + k - 1) for s, p in zip(slots, positions, strict=True)
-                                    if k > 1])
+                                    if k > 1], self._undo_targets)
         chained = self._chain(slots, positions, h, tokens, k)  # [k, n] on the host
         for j, i in enumerate(proposing):
             drafts[spans[i].request] = [step[j] for step in chained]

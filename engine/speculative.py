@@ -40,7 +40,7 @@ from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.scheduler import Scheduler
-from sparsepd.engine.undo import Span, UndoLog, max_span
+from sparsepd.engine.undo import Span, UndoLog, max_span, undo_targets
 
 
 @dataclass
@@ -93,6 +93,7 @@ class SpeculativeScheduler(Scheduler):
                              f"fit its smallest ring), got {num_steps}")
         self.drafter, self.num_steps = drafter, num_steps
         self.stats = SpeculativeStats(num_steps)
+        self._undo_targets = undo_targets(runner.pools)
 
     def step(self) -> list[StepOutput]:
         self.admission.admit_waiting(self.waiting, self.running)
@@ -136,7 +137,7 @@ class SpeculativeScheduler(Scheduler):
         verified = self._sampling(scheduled)  # (before num_computed moves)
         drafting = [v for v in verified if v.drafts]
         undo = UndoLog(self.pools, [Span(v.request.slot, tuple(v.request.pages), v.start + 1,
-                                         v.start + 1 + len(v.drafts)) for v in drafting])
+                                         v.start + 1 + len(v.drafts)) for v in drafting], self._undo_targets)
         prompt_rows = plan_rows(scheduled)
         capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
         num_rows = sum(len(t) for _, t in scheduled)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsepd.engine.pools import KVPools
@@ -43,79 +44,126 @@ def max_span(pools: KVPools) -> int:
     return min(sizes)
 
 
+def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, tuple]]:
+    """Every pool tensor a forward writes per position (module doc), with the kind of row index it takes: ("swa",),
+    ("ring", state size) or ("commit", ratio). Built once per pools: the views are the same at every step."""
+    g, out = pools.geometry, []
+    for layer, ratio in enumerate(g.ratios):
+        out.append((pools.swa_view(layer), ("swa",)))
+        if not ratio:
+            continue
+        ring = ("ring", (2 if ratio == 4 else 1) * ratio)
+        for rings in (pools.rings[layer], pools.index_rings[layer]):
+            if rings is not None:
+                out += [(rings[0], ring), (rings[1], ring)]
+        out.append((pools.compressed_view(layer), ("commit", ratio)))
+        if pools.index_cache[layer] is not None:
+            out.append((pools.index_cache[layer], ("commit", ratio)))
+    return out
+
+
+@dataclass
+class _Kind:
+    """The rows of one kind of index: which of the log's rows (None: all of them) and their index on the host."""
+
+    rows: np.ndarray | None
+    index: np.ndarray  # [dims, n] int64
+
+
 @dataclass
 class _Saved:
     target: torch.Tensor  # the pool tensor (or view) the rows live in
+    kind: tuple
     index: tuple[torch.Tensor, ...]  # advanced index of the rows, one tensor per leading dim
     values: torch.Tensor  # the rows as they were
-    span_ids: list[int]  # the span of each row
-    positions: list[int]  # the position of each row
 
 
 class UndoLog:
-    """Rows saved before a forward; `restore` writes back those of the positions a span did not keep."""
+    """Rows saved before a forward; `restore` writes back those of the positions a span did not keep.
 
-    def __init__(self, pools: KVPools, spans: list[Span]):
+    The rows' indices go to the device in one copy, and a restore's selection in one more (none when a span keeps
+    all or none of its positions): a step's host work is on the critical path of speculative decoding."""
+
+    def __init__(self, pools: KVPools, spans: list[Span], targets: list[tuple[torch.Tensor, tuple]] | None = None):
+        """targets: `undo_targets(pools)`, when the caller keeps them."""
         self.pools, self.spans = pools, spans
         self._saved: list[_Saved] = []
-        self._indices: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._kinds: dict[tuple, _Kind] = {}
         limit = max_span(pools)
         for s in spans:
             if s.last - s.first > limit:
                 raise ValueError(f"a span of {s.last - s.first} positions exceeds the smallest ring ({limit})")
         if spans:
-            self._save()
+            self._save(undo_targets(pools) if targets is None else targets)
 
-    def _save(self) -> None:
-        pools, g = self.pools, self.pools.geometry
-        rows = [(i, s.slot, p) for i, s in enumerate(self.spans) for p in range(s.first, s.last)]
-        ids, slots, pos = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-        index = self._index  # one index tensor per kind of row, shared by the layers of that kind
-        swa = index(("swa",), [slots, [p % g.window for p in pos]])
-        for layer, ratio in enumerate(g.ratios):
-            self._add(pools.swa_view(layer), swa, ids, pos)
-            if not ratio:
+    def _save(self, targets: list[tuple[torch.Tensor, tuple]]) -> None:
+        g, spans = self.pools.geometry, self.spans
+        lengths = np.array([s.last - s.first for s in spans], dtype=np.int64)
+        ids = np.repeat(np.arange(len(spans)), lengths)  # the span of each row
+        offsets = np.cumsum(lengths) - lengths
+        firsts = np.array([s.first for s in spans], dtype=np.int64)
+        pos = firsts[ids] + np.arange(ids.shape[0]) - offsets[ids]  # the position of each row
+        slots = np.array([s.slot for s in spans], dtype=np.int64)[ids]
+        self._ids, self._pos = ids, pos
+        kinds = self._kinds
+        for _, kind in targets:
+            if kind in kinds:
                 continue
-            size = (2 if ratio == 4 else 1) * ratio
-            ring = index(("ring", size), [slots, [p % size for p in pos]])
-            for rings in (pools.rings[layer], pools.index_rings[layer]):
-                if rings is not None:
-                    self._add(rings[0], ring, ids, pos)
-                    self._add(rings[1], ring, ids, pos)
-            rpp = g.rows_per_page(ratio)
-            commits = [(i, p, self.spans[i].pages[(p // ratio) // rpp], (p // ratio) % rpp)
-                       for i, p in zip(ids, pos, strict=True) if (p + 1) % ratio == 0]
-            if commits:
-                c_ids, c_pos = [c[0] for c in commits], [c[1] for c in commits]
-                rows_index = index(("commit", ratio), [[c[2] for c in commits], [c[3] for c in commits]])
-                self._add(pools.compressed_view(layer), rows_index, c_ids, c_pos)
-                if pools.index_cache[layer] is not None:
-                    self._add(pools.index_cache[layer], rows_index, c_ids, c_pos)
+            if kind[0] == "swa":
+                kinds[kind] = _Kind(None, np.stack([slots, pos % g.window]))
+            elif kind[0] == "ring":
+                kinds[kind] = _Kind(None, np.stack([slots, pos % kind[1]]))
+            else:
+                ratio = kind[1]
+                rows = ((pos + 1) % ratio == 0).nonzero()[0]
+                if rows.shape[0]:
+                    rpp = g.rows_per_page(ratio)
+                    entries = pos[rows] // ratio
+                    pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(),
+                                                                   strict=True)]
+                    kinds[kind] = _Kind(rows, np.stack([np.array(pages, dtype=np.int64), entries % rpp]))
+        index = self._to_device({k: v.index for k, v in kinds.items()})
+        for target, kind in targets:
+            if kind in index:
+                idx = index[kind]
+                self._saved.append(_Saved(target, kind, idx, target[idx]))  # (advanced indexing copies)
 
-    def _index(self, key: tuple, index: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        if key not in self._indices:
-            both = torch.tensor(index, dtype=torch.int64).reshape(len(index), -1)  # [dims, n]
-            if self.pools.device.type == "cuda":
-                both = both.pin_memory().to(self.pools.device, non_blocking=True)
-            self._indices[key] = tuple(both)
-        return self._indices[key]
-
-    def _add(self, target: torch.Tensor, idx: tuple[torch.Tensor, ...], ids: list[int], positions: list[int]) -> None:
-        self._saved.append(_Saved(target, idx, target[idx], ids, positions))  # (advanced indexing copies)
+    def _to_device(self, arrays: dict[tuple, np.ndarray]) -> dict[tuple, tuple[torch.Tensor, ...]]:
+        """Each `[dims, n]` host index as one device tensor per dim, all through one copy."""
+        if not arrays:
+            return {}
+        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays.values()]))
+        if self.pools.device.type == "cuda":
+            flat = flat.pin_memory().to(self.pools.device, non_blocking=True)
+        out, at = {}, 0
+        for key, a in arrays.items():
+            out[key] = tuple(flat[at: at + a.size].view(a.shape))
+            at += a.size
+        return out
 
     def restore(self, kept: list[int]) -> int:
         """Write back the rows of every position ≥ kept[i] of span i (the positions it rejected); the rows
         written back."""
+        if not self._saved:
+            return 0
+        rejected = self._pos >= np.asarray(kept, dtype=np.int64)[self._ids]
+        if not rejected.any():
+            return 0
+        if rejected.all():
+            for saved in self._saved:
+                saved.target[saved.index] = saved.values
+            return sum(saved.values.shape[0] for saved in self._saved)
+        chosen = {}  # kind → (selected rows of its saved values, their index): [1 + dims, n]
+        for key, kind in self._kinds.items():
+            mine = rejected if kind.rows is None else rejected[kind.rows]
+            sel = mine.nonzero()[0]
+            if sel.shape[0]:
+                chosen[key] = np.concatenate([sel[None], kind.index[:, sel]])
+        on_device = self._to_device(chosen)
         restored = 0
         for saved in self._saved:
-            rejected = [j for j, (i, p) in enumerate(zip(saved.span_ids, saved.positions, strict=True))
-                        if p >= kept[i]]
-            if not rejected:
-                continue
-            if len(rejected) == len(saved.positions):
-                saved.target[saved.index] = saved.values
-            else:
-                sel = torch.tensor(rejected, dtype=torch.int64, device=saved.values.device)
-                saved.target[tuple(t[sel] for t in saved.index)] = saved.values[sel]
-            restored += len(rejected)
+            if saved.kind in on_device:
+                sel, *index = on_device[saved.kind]
+                saved.target.index_put_(tuple(index), saved.values[sel])
+                restored += sel.shape[0]
         return restored
