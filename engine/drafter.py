@@ -38,6 +38,7 @@ from sparsepd.engine.batch import RequestChunk, build_batch
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 from sparsepd.engine.request import Request
+from sparsepd.engine.runner import to_device
 from sparsepd.engine.spec_graphs import DraftGraphs
 from sparsepd.engine.undo import Span, UndoLog, undo_targets
 from sparsepd.model.mtp import MTPBlock
@@ -101,8 +102,10 @@ class MTPDrafter:
             return {}
         device = self.pools.device
         chunks = [RequestChunk(s.request.slot, s.start, s.next_ids, [], s.captures) for s in spans]
-        rows = torch.tensor([r for s in spans for r in s.rows], dtype=torch.int64).to(device)
+        flat = [r for s in spans for r in s.rows]
         proposing = [i for i, s in enumerate(spans) if s.propose]
+        index = to_device(flat + proposing, device)  # the spans' rows and the proposing spans: one copy, no sync
+        rows = index[: len(flat)]
         shape = self.graphs.shape_for(chunks, k + 1) if self.graphs is not None else None
         if shape is not None:
             h, tokens = self._replay(shape, chunks, hidden[rows])
@@ -112,7 +115,7 @@ class MTPDrafter:
         drafts: dict[Request, list[int]] = {spans[i].request: [] for i in proposing}
         if not proposing or k == 0:
             return drafts
-        chosen = torch.tensor(proposing, dtype=torch.int64).to(device)
+        chosen = index[len(flat):]
         h = h[chosen]
         tokens = self._argmax(h) if tokens is None else tokens[chosen]
         positions = [spans[i].start + len(spans[i].rows) for i in proposing]  # the chain's first position

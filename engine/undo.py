@@ -20,6 +20,7 @@ value the accepted positions left there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ class Span:
     """Positions first … last−1 of the request in `slot` with `pages` that a forward may have to take back."""
 
     slot: int
-    pages: tuple[int, ...]
+    pages: Sequence[int]  # (read while the log saves: a request's own list will do)
     first: int
     last: int
 
@@ -45,50 +46,61 @@ def max_span(pools: KVPools) -> int:
 
 
 def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, tuple]]:
-    """Every pool tensor a forward writes per position (module doc), with the kind of row index it takes: ("swa",),
-    ("ring", state size) or ("commit", ratio). Built once per pools: the views are the same at every step."""
+    """Every pool tensor a forward writes per position (module doc) as a flat view of its rows `[n0 × n1, …]`, with
+    the kind of row index it takes: ("swa", window), ("ring", state size) or ("commit", rows per page), the kind's
+    second number being n1 (a row (i0, i1) is row i0 · n1 + i1 of the view). Built once per pools: the views are
+    the same at every step."""
     g, out = pools.geometry, []
+
+    def add(t: torch.Tensor, kind: tuple) -> None:
+        assert t.shape[1] == kind[1], (t.shape, kind)
+        out.append((t.view(-1, *t.shape[2:]), kind))  # (a view: the restore writes through it)
+
     for layer, ratio in enumerate(g.ratios):
-        out.append((pools.swa_view(layer), ("swa",)))
+        add(pools.swa_view(layer), ("swa", g.window))
         if not ratio:
             continue
         ring = ("ring", (2 if ratio == 4 else 1) * ratio)
         for rings in (pools.rings[layer], pools.index_rings[layer]):
             if rings is not None:
-                out += [(rings[0], ring), (rings[1], ring)]
-        out.append((pools.compressed_view(layer), ("commit", ratio)))
+                add(rings[0], ring)
+                add(rings[1], ring)
+        commit = ("commit", g.rows_per_page(ratio), ratio)
+        add(pools.compressed_view(layer), commit)
         if pools.index_cache[layer] is not None:
-            out.append((pools.index_cache[layer], ("commit", ratio)))
+            add(pools.index_cache[layer], commit)
     return out
 
 
 @dataclass
 class _Kind:
-    """The rows of one kind of index: which of the log's rows (None: all of them) and their index on the host."""
+    """The rows of one kind of index: which of the log's rows (None: all of them) and their flat index."""
 
     rows: np.ndarray | None
-    index: np.ndarray  # [dims, n] int64
+    index: np.ndarray  # [n] int64
 
 
 @dataclass
 class _Saved:
-    target: torch.Tensor  # the pool tensor (or view) the rows live in
+    target: torch.Tensor  # the flat view `[rows, …]` of the pool tensor the rows live in
     kind: tuple
-    index: tuple[torch.Tensor, ...]  # advanced index of the rows, one tensor per leading dim
     values: torch.Tensor  # the rows as they were
 
 
 class UndoLog:
     """Rows saved before a forward; `restore` writes back those of the positions a span did not keep.
 
-    The rows' indices go to the device in one copy, and a restore's selection in one more (none when a span keeps
-    all or none of its positions): a step's host work is on the critical path of speculative decoding."""
+    A row is saved with one `index_select` and written back with one `index_copy_` per pool tensor, over flat
+    views (cheaper to launch than advanced indexing), their indices sent to the device in one copy, and a
+    restore's selection in one more (none when every span keeps all or none of its positions): a speculative
+    step's host work is on its critical path."""
 
     def __init__(self, pools: KVPools, spans: list[Span], targets: list[tuple[torch.Tensor, tuple]] | None = None):
         """targets: `undo_targets(pools)`, when the caller keeps them."""
         self.pools, self.spans = pools, spans
         self._saved: list[_Saved] = []
         self._kinds: dict[tuple, _Kind] = {}
+        self._index: dict[tuple, torch.Tensor] = {}
         limit = max_span(pools)
         for s in spans:
             if s.last - s.first > limit:
@@ -97,7 +109,7 @@ class UndoLog:
             self._save(undo_targets(pools) if targets is None else targets)
 
     def _save(self, targets: list[tuple[torch.Tensor, tuple]]) -> None:
-        g, spans = self.pools.geometry, self.spans
+        spans = self.spans
         lengths = np.array([s.last - s.first for s in spans], dtype=np.int64)
         ids = np.repeat(np.arange(len(spans)), lengths)  # the span of each row
         offsets = np.cumsum(lengths) - lengths
@@ -109,37 +121,28 @@ class UndoLog:
         for _, kind in targets:
             if kind in kinds:
                 continue
-            if kind[0] == "swa":
-                kinds[kind] = _Kind(None, np.stack([slots, pos % g.window]))
-            elif kind[0] == "ring":
-                kinds[kind] = _Kind(None, np.stack([slots, pos % kind[1]]))
-            else:
-                ratio = kind[1]
-                rows = ((pos + 1) % ratio == 0).nonzero()[0]
-                if rows.shape[0]:
-                    rpp = g.rows_per_page(ratio)
-                    entries = pos[rows] // ratio
-                    pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(),
-                                                                   strict=True)]
-                    kinds[kind] = _Kind(rows, np.stack([np.array(pages, dtype=np.int64), entries % rpp]))
-        index = self._to_device({k: v.index for k, v in kinds.items()})
+            if kind[0] != "commit":  # ring row (slot, p % size)
+                kinds[kind] = _Kind(None, slots * kind[1] + pos % kind[1])
+                continue
+            rpp, ratio = kind[1], kind[2]  # the committed row of entry p // ratio in its page
+            rows = ((pos + 1) % ratio == 0).nonzero()[0]
+            if rows.shape[0]:
+                entries = pos[rows] // ratio
+                pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(), strict=True)]
+                kinds[kind] = _Kind(rows, np.array(pages, dtype=np.int64) * rpp + entries % rpp)
+        self._index = index = self._to_device({key: kind.index for key, kind in kinds.items()})
         for target, kind in targets:
             if kind in index:
-                idx = index[kind]
-                self._saved.append(_Saved(target, kind, idx, target[idx]))  # (advanced indexing copies)
+                self._saved.append(_Saved(target, kind, target.index_select(0, index[kind])))
 
-    def _to_device(self, arrays: dict[tuple, np.ndarray]) -> dict[tuple, tuple[torch.Tensor, ...]]:
-        """Each `[dims, n]` host index as one device tensor per dim, all through one copy."""
+    def _to_device(self, arrays: dict[tuple, np.ndarray]) -> dict[tuple, torch.Tensor]:
+        """Each host index array on the device, all through one copy."""
         if not arrays:
             return {}
-        flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays.values()]))
+        flat = torch.from_numpy(np.concatenate(list(arrays.values())))
         if self.pools.device.type == "cuda":
             flat = flat.pin_memory().to(self.pools.device, non_blocking=True)
-        out, at = {}, 0
-        for key, a in arrays.items():
-            out[key] = tuple(flat[at: at + a.size].view(a.shape))
-            at += a.size
-        return out
+        return dict(zip(arrays, flat.split([a.shape[0] for a in arrays.values()]), strict=True))
 
     def restore(self, kept: list[int]) -> int:
         """Write back the rows of every position ≥ kept[i] of span i (the positions it rejected); the rows
@@ -151,19 +154,20 @@ class UndoLog:
             return 0
         if rejected.all():
             for saved in self._saved:
-                saved.target[saved.index] = saved.values
+                saved.target.index_copy_(0, self._index[saved.kind], saved.values)
             return sum(saved.values.shape[0] for saved in self._saved)
-        chosen = {}  # kind → (selected rows of its saved values, their index): [1 + dims, n]
+        chosen = {}  # kind → the selected rows of its saved values, then their flat index: [2n]
         for key, kind in self._kinds.items():
             mine = rejected if kind.rows is None else rejected[kind.rows]
             sel = mine.nonzero()[0]
             if sel.shape[0]:
-                chosen[key] = np.concatenate([sel[None], kind.index[:, sel]])
+                chosen[key] = np.concatenate([sel, kind.index[sel]])
         on_device = self._to_device(chosen)
         restored = 0
         for saved in self._saved:
-            if saved.kind in on_device:
-                sel, *index = on_device[saved.kind]
-                saved.target.index_put_(tuple(index), saved.values[sel])
-                restored += sel.shape[0]
+            both = on_device.get(saved.kind)
+            if both is not None:
+                n = both.shape[0] // 2
+                saved.target.index_copy_(0, both[n:], saved.values.index_select(0, both[:n]))
+                restored += n
         return restored
