@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsepd.engine.batch import BatchShape, RequestChunk, build_batch, check_chunks, decode_fields_into, host_fields
 from sparsepd.engine.drafter import OracleDrafter
@@ -253,6 +254,19 @@ def start_spec(engine: Engine, batch: int, context: int, max_new: int) -> None:
         engine.step()
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operators a step dispatches (on a GPU each is a kernel launch or a view, host work either
+    way), except while `paused` (the stand-in verification: on a GPU one graph replay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
 class SpecFigures:
     batch: int
@@ -263,12 +277,25 @@ class SpecFigures:
     token_us: float  # step_us / tokens delivered by the step
     calls_per_step: float  # Python calls per step (sys.setprofile)
     calls_per_token: float  # … per token delivered
+    ops_per_step: float  # torch operators per step outside the verification forward (`OpCounter`)
 
 
 def measure_spec(batch: int, k: int, accept: float, context: int = 1024, steps: int = 30,
                  count_steps: int = 3) -> SpecFigures:
-    total = steps + count_steps + 4
+    # the first requests decode while the later ones prefill: room for those tokens too
+    total = batch * (context + engine_page(context)) // PREFILL_TOKENS + steps + 2 * count_steps + 8
     engine = make_spec_engine(batch, context, total, k, accept)
+    counter, steps_of = OpCounter(), engine.runner.verify_graphs.steps
+    body = steps_of.body
+
+    def stand_in(batch, inputs):  # (the fixed-shape steps are built with this body: on a GPU, a replay)
+        counter.paused = True
+        try:
+            return body(batch, inputs)
+        finally:
+            counter.paused = False
+
+    steps_of.body = stand_in
     start_spec(engine, batch, context, max_new=total * (k + 1))
     for _ in range(2):  # warm-up: the first verifications (their fixed-shape steps built)
         engine.step()
@@ -284,6 +311,9 @@ def measure_spec(batch: int, k: int, accept: float, context: int = 1024, steps: 
         times.append(time.perf_counter() - t0)
     tokens = (delivered() - first) / steps
     calls = count_calls(lambda: [engine.step() for _ in range(count_steps)]) / count_steps
+    with counter:
+        for _ in range(count_steps):
+            engine.step()
     if len(engine.scheduler.running) != batch:
         raise RuntimeError(f"{len(engine.scheduler.running)} of {batch} requests still running after the timed steps")
     refs = engine.scheduler.drafter.references
@@ -292,20 +322,23 @@ def measure_spec(batch: int, k: int, accept: float, context: int = 1024, steps: 
     if engine.runner.verify_graphs.steps.runs < steps:
         raise RuntimeError("the verifications did not take the fixed-shape path")
     step_us = statistics.median(times) * 1e6
-    return SpecFigures(batch, k, accept, tokens / batch, step_us, step_us / tokens, calls, calls / tokens)
+    return SpecFigures(batch, k, accept, tokens / batch, step_us, step_us / tokens, calls, calls / tokens,
+                       counter.ops / count_steps)
 
 
 def main_spec(args) -> int:
     rows = []
     print(f"k = {args.spec}, context {args.context}")
-    print("| batch | accept | tokens / request-step | host µs / step | µs / token | calls / step | calls / token |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | accept | tokens / request-step | host µs / step | µs / token | calls / step | calls / token | "
+          "torch ops / step |")
+    print("|---|---|---|---|---|---|---|---|")
     for accept in (float(x) for x in args.accept.split(",")):
         for b in (int(x) for x in args.batches.split(",")):
             f = measure_spec(b, args.spec, accept, args.context, args.steps)
             rows.append(f)
-            print(f"| {f.batch} | {f.accept} | {f.tokens_per_request_step:.2f} | {f.step_us:,.0f} | {f.token_us:,.1f} | "
-                  f"{f.calls_per_step:,.0f} | {f.calls_per_token:,.1f} |", flush=True)
+            print(f"| {f.batch} | {f.accept} | {f.tokens_per_request_step:.2f} | {f.step_us:,.0f} | "
+                  f"{f.token_us:,.1f} | {f.calls_per_step:,.0f} | {f.calls_per_token:,.1f} | {f.ops_per_step:,.0f} |",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([f.__dict__ for f in rows], fh, indent=1)

@@ -80,13 +80,6 @@ class _Kind:
     index: np.ndarray  # [n] int64
 
 
-@dataclass
-class _Saved:
-    target: torch.Tensor  # the flat view `[rows, …]` of the pool tensor the rows live in
-    kind: tuple
-    values: torch.Tensor  # the rows as they were
-
-
 class UndoLog:
     """Rows saved before a forward; `restore` writes back those of the positions a span did not keep.
 
@@ -98,7 +91,7 @@ class UndoLog:
     def __init__(self, pools: KVPools, spans: list[Span], targets: list[tuple[torch.Tensor, tuple]] | None = None):
         """targets: `undo_targets(pools)`, when the caller keeps them."""
         self.pools, self.spans = pools, spans
-        self._saved: list[_Saved] = []
+        self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []  # (flat target view, kind, rows as they were)
         self._kinds: dict[tuple, _Kind] = {}
         self._index: dict[tuple, torch.Tensor] = {}
         limit = max_span(pools)
@@ -130,19 +123,20 @@ class UndoLog:
                 entries = pos[rows] // ratio
                 pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(), strict=True)]
                 kinds[kind] = _Kind(rows, np.array(pages, dtype=np.int64) * rpp + entries % rpp)
-        self._index = index = self._to_device({key: kind.index for key, kind in kinds.items()})
+        keys = list(kinds)
+        self._index = index = dict(zip(keys, self._to_device([kinds[key].index for key in keys]), strict=True))
         for target, kind in targets:
             if kind in index:
-                self._saved.append(_Saved(target, kind, target.index_select(0, index[kind])))
+                self._saved.append((target, kind, target.index_select(0, index[kind])))
 
-    def _to_device(self, arrays: dict[tuple, np.ndarray]) -> dict[tuple, torch.Tensor]:
-        """Each host index array on the device, all through one copy."""
+    def _to_device(self, arrays: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Host int64 arrays on the device, all through one copy."""
         if not arrays:
-            return {}
-        flat = torch.from_numpy(np.concatenate(list(arrays.values())))
+            return ()
+        flat = torch.from_numpy(np.concatenate(arrays))
         if self.pools.device.type == "cuda":
             flat = flat.pin_memory().to(self.pools.device, non_blocking=True)
-        return dict(zip(arrays, flat.split([a.shape[0] for a in arrays.values()]), strict=True))
+        return flat.split([a.shape[0] for a in arrays])
 
     def restore(self, kept: list[int]) -> int:
         """Write back the rows of every position ≥ kept[i] of span i (the positions it rejected); the rows
@@ -153,21 +147,22 @@ class UndoLog:
         if not rejected.any():
             return 0
         if rejected.all():
-            for saved in self._saved:
-                saved.target.index_copy_(0, self._index[saved.kind], saved.values)
-            return sum(saved.values.shape[0] for saved in self._saved)
-        chosen = {}  # kind → the selected rows of its saved values, then their flat index: [2n]
+            for target, kind, values in self._saved:
+                target.index_copy_(0, self._index[kind], values)
+            return sum(values.shape[0] for _, _, values in self._saved)
+        keys, arrays = [], []  # per kind: the selected rows of its saved values, and their flat index
         for key, kind in self._kinds.items():
             mine = rejected if kind.rows is None else rejected[kind.rows]
             sel = mine.nonzero()[0]
             if sel.shape[0]:
-                chosen[key] = np.concatenate([sel, kind.index[sel]])
-        on_device = self._to_device(chosen)
+                keys.append(key)
+                arrays += [sel, kind.index[sel]]
+        parts = self._to_device(arrays)
+        chosen = {key: (parts[2 * i], parts[2 * i + 1]) for i, key in enumerate(keys)}
         restored = 0
-        for saved in self._saved:
-            both = on_device.get(saved.kind)
-            if both is not None:
-                n = both.shape[0] // 2
-                saved.target.index_copy_(0, both[n:], saved.values.index_select(0, both[:n]))
-                restored += n
+        for target, kind, values in self._saved:
+            if kind in chosen:
+                sel, index = chosen[kind]
+                target.index_copy_(0, index, values.index_select(0, sel))
+                restored += sel.shape[0]
         return restored
