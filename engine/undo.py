@@ -45,27 +45,46 @@ def max_span(pools: KVPools) -> int:
     return min(sizes)
 
 
-def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, tuple]]:
-    """Every pool tensor a forward writes per position (module doc) as a flat view of its rows `[n0 × n1, …]`, with
-    the kind of row index it takes: ("swa", window), ("ring", state size) or ("commit", rows per page), the kind's
-    second number being n1 (a row (i0, i1) is row i0 · n1 + i1 of the view). Built once per pools: the views are
-    the same at every step."""
+@dataclass(frozen=True)
+class RowKind:
+    """How a pool tensor's rows are indexed: row (i0, i1) of a `[n0, n1, …]` tensor is row i0 · n1 + i1 of its flat
+    view; `copies` > 1: the flat view holds that many such tensors `stride` rows apart (a compressor's kv and score
+    rings, one allocation: engine/pools.py), moved in one operation."""
+
+    name: str  # "swa": (slot, p % window); "ring": (slot, p % state size); "commit": (page, entry p // ratio in it)
+    n1: int
+    ratio: int = 0  # "commit": the compress ratio
+    copies: int = 1
+    stride: int = 0
+
+
+def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, RowKind]]:
+    """Every pool tensor a forward writes per position (module doc) as a flat view of its rows, with its `RowKind`.
+    Built once per pools: the views are the same at every step."""
     g, out = pools.geometry, []
 
-    def add(t: torch.Tensor, kind: tuple) -> None:
-        assert t.shape[1] == kind[1], (t.shape, kind)
+    def add(t: torch.Tensor, kind: RowKind) -> None:
+        assert t.shape[1] == kind.n1, (t.shape, kind)
         out.append((t.view(-1, *t.shape[2:]), kind))  # (a view: the restore writes through it)
 
     for layer, ratio in enumerate(g.ratios):
-        add(pools.swa_view(layer), ("swa", g.window))
+        add(pools.swa_view(layer), RowKind("swa", g.window))
         if not ratio:
             continue
-        ring = ("ring", (2 if ratio == 4 else 1) * ratio)
+        size = (2 if ratio == 4 else 1) * ratio
         for rings in (pools.rings[layer], pools.index_rings[layer]):
-            if rings is not None:
-                add(rings[0], ring)
-                add(rings[1], ring)
-        commit = ("commit", g.rows_per_page(ratio), ratio)
+            if rings is None:
+                continue
+            both = rings[0]._base  # (the views' one allocation `[2, slots, size, …]`, where the pools made one)
+            if both is not None and both.shape[0] == 2 and both[0].data_ptr() == rings[0].data_ptr() and \
+                    both[1].data_ptr() == rings[1].data_ptr() and both.is_contiguous():
+                stride = both.shape[1] * both.shape[2]
+                assert both.shape[2] == size, (both.shape, size)
+                out.append((both.view(-1, *both.shape[3:]), RowKind("ring", size, copies=2, stride=stride)))
+            else:
+                add(rings[0], RowKind("ring", size))
+                add(rings[1], RowKind("ring", size))
+        commit = RowKind("commit", g.rows_per_page(ratio), ratio)
         add(pools.compressed_view(layer), commit)
         if pools.index_cache[layer] is not None:
             add(pools.index_cache[layer], commit)
@@ -74,10 +93,12 @@ def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, tuple]]:
 
 @dataclass
 class _Kind:
-    """The rows of one kind of index: which of the log's rows (None: all of them) and their flat index."""
+    """The rows of one kind of index: which of the log's rows (None: all of them), their flat index (each copy's
+    in turn) and how many there are of one copy."""
 
     rows: np.ndarray | None
-    index: np.ndarray  # [n] int64
+    index: np.ndarray  # [copies · n] int64
+    n: int
 
 
 class UndoLog:
@@ -88,12 +109,12 @@ class UndoLog:
     restore's selection in one more (none when every span keeps all or none of its positions): a speculative
     step's host work is on its critical path."""
 
-    def __init__(self, pools: KVPools, spans: list[Span], targets: list[tuple[torch.Tensor, tuple]] | None = None):
+    def __init__(self, pools: KVPools, spans: list[Span], targets: list[tuple[torch.Tensor, RowKind]] | None = None):
         """targets: `undo_targets(pools)`, when the caller keeps them."""
         self.pools, self.spans = pools, spans
-        self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []  # (flat target view, kind, rows as they were)
-        self._kinds: dict[tuple, _Kind] = {}
-        self._index: dict[tuple, torch.Tensor] = {}
+        self._saved: list[tuple[torch.Tensor, RowKind, torch.Tensor]] = []  # (flat view, kind, the rows as they were)
+        self._kinds: dict[RowKind, _Kind] = {}
+        self._index: dict[RowKind, torch.Tensor] = {}
         limit = max_span(pools)
         for s in spans:
             if s.last - s.first > limit:
@@ -101,7 +122,7 @@ class UndoLog:
         if spans:
             self._save(undo_targets(pools) if targets is None else targets)
 
-    def _save(self, targets: list[tuple[torch.Tensor, tuple]]) -> None:
+    def _save(self, targets: list[tuple[torch.Tensor, RowKind]]) -> None:
         spans = self.spans
         lengths = np.array([s.last - s.first for s in spans], dtype=np.int64)
         ids = np.repeat(np.arange(len(spans)), lengths)  # the span of each row
@@ -114,15 +135,20 @@ class UndoLog:
         for _, kind in targets:
             if kind in kinds:
                 continue
-            if kind[0] != "commit":  # ring row (slot, p % size)
-                kinds[kind] = _Kind(None, slots * kind[1] + pos % kind[1])
-                continue
-            rpp, ratio = kind[1], kind[2]  # the committed row of entry p // ratio in its page
-            rows = ((pos + 1) % ratio == 0).nonzero()[0]
-            if rows.shape[0]:
-                entries = pos[rows] // ratio
+            rows = None
+            if kind.name != "commit":  # ring row (slot, p % size)
+                index = slots * kind.n1 + pos % kind.n1
+            else:  # the committed row of entry p // ratio in its page
+                rows = ((pos + 1) % kind.ratio == 0).nonzero()[0]
+                if not rows.shape[0]:
+                    continue
+                rpp, entries = kind.n1, pos[rows] // kind.ratio
                 pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(), strict=True)]
-                kinds[kind] = _Kind(rows, np.array(pages, dtype=np.int64) * rpp + entries % rpp)
+                index = np.array(pages, dtype=np.int64) * rpp + entries % rpp
+            n = index.shape[0]
+            if kind.copies > 1:
+                index = np.concatenate([index + c * kind.stride for c in range(kind.copies)])
+            kinds[kind] = _Kind(rows, index, n)
         keys = list(kinds)
         self._index = index = dict(zip(keys, self._to_device([kinds[key].index for key in keys]), strict=True))
         for target, kind in targets:
@@ -155,6 +181,8 @@ class UndoLog:
             mine = rejected if kind.rows is None else rejected[kind.rows]
             sel = mine.nonzero()[0]
             if sel.shape[0]:
+                if key.copies > 1:
+                    sel = np.concatenate([sel + c * kind.n for c in range(key.copies)])
                 keys.append(key)
                 arrays += [sel, kind.index[sel]]
         parts = self._to_device(arrays)
