@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,8 +46,7 @@ def max_span(pools: KVPools) -> int:
     return min(sizes)
 
 
-@dataclass(frozen=True)
-class RowKind:
+class RowKind(NamedTuple):  # (a tuple: hashed without a Python call, a dict key at every step)
     """How a pool tensor's rows are indexed: row (i0, i1) of a `[n0, n1, …]` tensor is row i0 · n1 + i1 of its flat
     view; `copies` > 1: the flat view holds that many such tensors `stride` rows apart (a compressor's kv and score
     rings, one allocation: engine/pools.py), moved in one operation."""

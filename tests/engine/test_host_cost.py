@@ -61,3 +61,20 @@ def test_calls_per_prompt_token_of_chunked_prefill(bench_host):
     assert f.steps >= 4  # 2048 prompt tokens at 512 a step
     assert f.calls_per_token <= 1.1 * RECORDED_PREFILL, (
         f"{f.calls_per_token:.2f} calls per prompt token of chunked prefill, recorded {RECORDED_PREFILL}")
+
+
+# Python calls per speculative step (k = 3, context 200; oracle drafts kept with probability `accept`) at batch 1 and 8:
+# the scheduler's verification, acceptance, undo log and draft bookkeeping around the stand-in forward
+# (bench/bench_host.py --spec). Before the speculative host-cost pass of 2026-12-06: PLACEHOLDER.
+RECORDED_SPEC = {}
+
+
+@pytest.mark.parametrize("accept", [0.0, 0.8])
+def test_calls_per_speculative_step(bench_host, accept):
+    for batch in (1, 8):
+        f = bench_host.measure_spec(batch, k=3, accept=accept, context=200, steps=3)
+        assert f.tokens_per_request_step >= 1.0
+        recorded = RECORDED_SPEC[batch, accept]
+        assert f.calls_per_step <= 1.1 * recorded, (
+            f"{f.calls_per_step:.0f} calls per speculative step at batch {batch}, accept {accept}, recorded "
+            f"{recorded}: more host work in a speculative step")
