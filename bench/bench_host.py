@@ -22,6 +22,16 @@ With --prefill: host µs (and calls) per prompt token of chunked prefill steps, 
 snapshots), no decode steps:
 
     python3 -P bench/bench_host.py --prefill [--prompts 2048,8192] [--requests 4] [--chunk 2048]
+
+With --spec K: host µs and calls per speculative step (engine/speculative.py) and per delivered token, K drafts a
+request from the oracle drafter (engine/drafter.py `OracleDrafter`) kept with probability `--accept`. The stand-in
+model's next token is a function of the row's token and position, and the oracle's references follow it, so a kept
+draft is accepted. The verification runs the fixed-shape step of engine/spec_graphs.py (its metadata writer, the
+pending tokens, the logit and stream rows), the undo log saves and restores the rejected positions' rows in the
+real pools, and acceptance, delivery and drafting run as in serving; the default context is the GPU benchmark's
+1024 (bench/bench_spec.py):
+
+    python3 -P bench/bench_host.py --spec 3 [--accept 0,0.8] [--batches 1,8,64] [--context 1024]
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsepd.engine.batch import BatchShape, RequestChunk, build_batch, check_chunks, decode_fields_into, host_fields
+from sparsepd.engine.drafter import OracleDrafter
 from sparsepd.engine.engine import Engine
 from sparsepd.engine.graphs import decode_shape
 from sparsepd.engine.pools import PoolConfig
@@ -175,6 +187,164 @@ def measure(batch: int, context: int, steps: int, count_steps: int = 3) -> HostF
     return HostFigures(batch, step_us, step_us / batch, calls / (count_steps * batch), engine.scheduler.retractions)
 
 
+class StandInModel:
+    """The model's `forward_batch` without its arithmetic: row t's logits are one-hot at
+    `next_token(token_ids[t], positions[t])` and its last-block stream is zeros. Everything else a step does (the
+    runner, the verification's fixed-shape step, the undo log over the real pools) runs as it does in serving."""
+
+    def __init__(self, cfg: ModelConfig, max_rows: int):
+        self.cfg, self.device = cfg, torch.device("cpu")
+        self._logits = torch.zeros(max_rows, cfg.vocab_size)  # [T, V]
+        self._hidden = torch.zeros(max_rows, cfg.hc_mult, cfg.dim)  # [T, hc, dim]
+
+    def forward_batch(self, token_ids, positions, cache, logit_rows=None, ids_checked=False, final_rows=None):
+        rows = token_ids.shape[0]
+        logits = self._logits[:rows]
+        logits.zero_()
+        logits.scatter_(1, next_token(token_ids, positions, self.cfg.vocab_size)[:, None], 1.0)
+        if logit_rows is not None:
+            logits = logits[logit_rows]
+        return logits if final_rows is None else (logits, self._hidden[:rows][final_rows])
+
+
+def next_token(token, position, vocab_size: int):
+    """The stand-in model's greedy token after `token` at `position` (ints or tensors), never a special token."""
+    return (token * 31 + position * 7 + 1) % (vocab_size - 8)
+
+
+def references(prompt: list[int], num_tokens: int, vocab_size: int) -> list[int]:
+    """The stand-in model's greedy continuation of `prompt` (what the oracle drafts)."""
+    out, token = [], prompt[-1]
+    for position in range(len(prompt) - 1, len(prompt) - 1 + num_tokens):
+        token = next_token(token, position, vocab_size)
+        out.append(token)
+    return out
+
+
+def make_spec_engine(batch: int, context: int, steps: int, k: int, accept: float) -> Engine:
+    """A speculative engine (k drafts, the verification's fixed-shape steps run eagerly, as on the CPU with graphs)
+    over the stand-in model, its pools sized as `make_engine`'s for `steps` × (k + 1) tokens a request; an oracle
+    drafter whose references `start_spec` fills."""
+    cfg = host_config()
+    model = build_model(cfg, seed=0, device="cpu")
+    page = cfg.page_size
+    pages_each = -(-(context + page + steps * (k + 1)) // page) + 1
+    pool = PoolConfig(num_slots=batch, max_batch_tokens=PREFILL_TOKENS + batch * (k + 1),
+                      num_pages=batch * pages_each + 16, prefix_cache_entries=8)
+    drafter = OracleDrafter({}, accept, cfg.vocab_size, seed=batch)
+    engine = Engine(model, pool, cuda_graph=True, graph_capture=False, speculative_num_steps=k, drafter=drafter)
+    engine.runner = Runner(StandInModel(cfg, pool.max_batch_tokens), engine.pools)
+    engine.runner.use_verify_graphs(k, capture=False)
+    engine.scheduler.runner = engine.runner
+    return engine
+
+
+def start_spec(engine: Engine, batch: int, context: int, max_new: int) -> None:
+    """`start_decoding` for a speculative engine: the oracle's references are the stand-in model's continuations."""
+    vocab = engine.model.cfg.vocab_size
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, temperature=0.0)
+    g = torch.Generator().manual_seed(batch)
+    refs = engine.scheduler.drafter.references
+    for i in range(batch):
+        n = context + (i * 37) % engine.model.cfg.page_size
+        prompt = torch.randint(0, vocab - 8, (n,), generator=g).tolist()
+        refs[engine.submit(prompt, params).request_id] = references(prompt, max_new, vocab)
+    sched = engine.scheduler
+    while sched.waiting or any(r.prefilling for r in sched.running):
+        engine.step()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch operators a step dispatches (on a GPU each is a kernel launch or a view, host work either
+    way), except while `paused` (the stand-in verification: on a GPU one graph replay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not self.paused
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class SpecFigures:
+    batch: int
+    k: int
+    accept: float
+    tokens_per_request_step: float  # tokens delivered per request per step (1 … k + 1)
+    step_us: float  # median host µs of a speculative step
+    token_us: float  # step_us / tokens delivered by the step
+    calls_per_step: float  # Python calls per step (sys.setprofile)
+    calls_per_token: float  # … per token delivered
+    ops_per_step: float  # torch operators per step outside the verification forward (`OpCounter`)
+
+
+def measure_spec(batch: int, k: int, accept: float, context: int = 1024, steps: int = 30,
+                 count_steps: int = 3) -> SpecFigures:
+    # the first requests decode while the later ones prefill: room for those tokens too
+    total = batch * (context + engine_page(context)) // PREFILL_TOKENS + steps + 2 * count_steps + 8
+    engine = make_spec_engine(batch, context, total, k, accept)
+    counter, steps_of = OpCounter(), engine.runner.verify_graphs.steps
+    body = steps_of.body
+
+    def stand_in(batch, inputs):  # (the fixed-shape steps are built with this body: on a GPU, a replay)
+        counter.paused = True
+        try:
+            return body(batch, inputs)
+        finally:
+            counter.paused = False
+
+    steps_of.body = stand_in
+    start_spec(engine, batch, context, max_new=total * (k + 1))
+    for _ in range(2):  # warm-up: the first verifications (their fixed-shape steps built)
+        engine.step()
+    requests = list(engine.scheduler.running)
+
+    def delivered() -> int:
+        return sum(len(r.output_ids) for r in requests)
+
+    times, first = [], delivered()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    tokens = (delivered() - first) / steps
+    calls = count_calls(lambda: [engine.step() for _ in range(count_steps)]) / count_steps
+    with counter:
+        for _ in range(count_steps):
+            engine.step()
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError(f"{len(engine.scheduler.running)} of {batch} requests still running after the timed steps")
+    refs = engine.scheduler.drafter.references
+    if any(r.output_ids != refs[r.request_id][: len(r.output_ids)] for r in requests):
+        raise RuntimeError("the speculative steps delivered other tokens than the stand-in model's greedy ones")
+    if engine.runner.verify_graphs.steps.runs < steps:
+        raise RuntimeError("the verifications did not take the fixed-shape path")
+    step_us = statistics.median(times) * 1e6
+    return SpecFigures(batch, k, accept, tokens / batch, step_us, step_us / tokens, calls, calls / tokens,
+                       counter.ops / count_steps)
+
+
+def main_spec(args) -> int:
+    rows = []
+    print(f"k = {args.spec}, context {args.context}")
+    print("| batch | accept | tokens / request-step | host µs / step | µs / token | calls / step | calls / token | "
+          "torch ops / step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for accept in (float(x) for x in args.accept.split(",")):
+        for b in (int(x) for x in args.batches.split(",")):
+            f = measure_spec(b, args.spec, accept, args.context, args.steps)
+            rows.append(f)
+            print(f"| {f.batch} | {f.accept} | {f.tokens_per_request_step:.2f} | {f.step_us:,.0f} | "
+                  f"{f.token_us:,.1f} | {f.calls_per_step:,.0f} | {f.calls_per_token:,.1f} | {f.ops_per_step:,.0f} |",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([f.__dict__ for f in rows], fh, indent=1)
+    return 0
+
+
 @dataclass
 class PrefillFigures:
     prompt: int  # tokens per prompt
@@ -230,18 +400,27 @@ def main_prefill(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,32,128,256,512")
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=50, help="timed decode steps per batch (median reported)")
+    ap.add_argument("--batches", default=None, help="default 1,32,128,256,512 (with --spec: 1,8,64)")
+    ap.add_argument("--context", type=int, default=None, help="default 4096 (with --spec: 1024)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per batch (median reported; default 50, "
+                    "with --spec 30)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     ap.add_argument("--prefill", action="store_true", help="measure chunked prefill instead (host µs per prompt token)")
     ap.add_argument("--prompts", default="2048,8192", help="--prefill: prompt lengths")
     ap.add_argument("--requests", type=int, default=4, help="--prefill: prompts submitted at once")
     ap.add_argument("--chunk", type=int, default=2048, help="--prefill: a step's token budget")
+    ap.add_argument("--spec", type=int, default=0, help="measure speculative steps with this many drafts a request")
+    ap.add_argument("--accept", default="0,0.8", help="--spec: the oracle drafts' acceptance probabilities")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.prefill:
         return main_prefill(args)
+    if args.spec:
+        args.batches, args.context = args.batches or "1,8,64", args.context or 1024
+        args.steps = args.steps or 30
+        return main_spec(args)
+    args.batches, args.context = args.batches or "1,32,128,256,512", args.context or 4096
+    args.steps = args.steps or 50
     rows = []
     print("| batch | host µs / step | µs / request-step | calls / request-step | retractions |")
     print("|---|---|---|---|---|")

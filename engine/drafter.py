@@ -38,8 +38,9 @@ from sparsepd.engine.batch import RequestChunk, build_batch
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 from sparsepd.engine.request import Request
+from sparsepd.engine.runner import to_device
 from sparsepd.engine.spec_graphs import DraftGraphs
-from sparsepd.engine.undo import Span, UndoLog
+from sparsepd.engine.undo import Span, UndoLog, undo_targets
 from sparsepd.model.mtp import MTPBlock
 from sparsepd.model.transformer import Transformer
 
@@ -85,6 +86,7 @@ class MTPDrafter:
         if pools.snapshot_store is not None:  # prefix-cache snapshots keep the ring too (a restore drafts as cold)
             pools.snapshot_store.add_part(MTP_STATE, self.pools.swa_view(0))
         self.graphs = DraftGraphs(model, mtp, self.pools, self.geometry, rope, capture) if graphs else None
+        self._undo_targets = undo_targets(self.pools)
 
     @torch.inference_mode()
     def capture_graphs(self, num_steps: int) -> None:
@@ -100,8 +102,10 @@ class MTPDrafter:
             return {}
         device = self.pools.device
         chunks = [RequestChunk(s.request.slot, s.start, s.next_ids, [], s.captures) for s in spans]
-        rows = torch.tensor([r for s in spans for r in s.rows], dtype=torch.int64).to(device)
+        flat = [r for s in spans for r in s.rows]
         proposing = [i for i, s in enumerate(spans) if s.propose]
+        index = to_device(flat + proposing, device)  # the spans' rows and the proposing spans: one copy, no sync
+        rows = index[: len(flat)]
         shape = self.graphs.shape_for(chunks, k + 1) if self.graphs is not None else None
         if shape is not None:
             h, tokens = self._replay(shape, chunks, hidden[rows])
@@ -111,13 +115,13 @@ class MTPDrafter:
         drafts: dict[Request, list[int]] = {spans[i].request: [] for i in proposing}
         if not proposing or k == 0:
             return drafts
-        chosen = torch.tensor(proposing, dtype=torch.int64).to(device)
+        chosen = index[len(flat):]
         h = h[chosen]
         tokens = self._argmax(h) if tokens is None else tokens[chosen]
         positions = [spans[i].start + len(spans[i].rows) for i in proposing]  # the chain's first position
         slots = [spans[i].request.slot for i in proposing]
         undo = UndoLog(self.pools, [Span(s, (), p, p + k - 1) for s, p in zip(slots, positions, strict=True)
-                                    if k > 1])
+                                    if k > 1], self._undo_targets)
         chained = self._chain(slots, positions, h, tokens, k)  # [k, n] on the host
         for j, i in enumerate(proposing):
             drafts[spans[i].request] = [step[j] for step in chained]

@@ -253,8 +253,12 @@ class KVPools:
     def _rings(self, ratio: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         coff = 2 if ratio == 4 else 1
         shape = (self.geometry.ring_slots, coff * ratio, coff * d)
-        return (torch.zeros(shape, dtype=torch.float32, device=self.device),
-                torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device))
+        # (kv and score in one allocation: speculative decoding's undo log moves a row of both in one operation,
+        # engine/undo.py)
+        both = torch.empty((2, *shape), dtype=torch.float32, device=self.device)
+        both[0].zero_()
+        both[1].fill_(float("-inf"))
+        return both[0], both[1]
 
     def compressed_view(self, layer_id: int) -> torch.Tensor:
         """The compressed rows of a CSA/HCA layer as pages `[num_pages, rows_per_page, row width]`."""

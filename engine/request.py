@@ -69,7 +69,9 @@ class Request:
         end = min(prompt + len(self.output_ids), start + budget)
         if end <= prompt:  # a chunk of the prompt: no copy of the whole prompt + output
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= prompt:  # the last output token (a decode step): no copy either
+            return self.output_ids[start - prompt: end - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt]
 
     def plain_draw_from(self) -> int:
         """The first output position from which this request's draw is a plain argmax (greedy, no penalty, bias,

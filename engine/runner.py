@@ -77,6 +77,12 @@ class Runner:
         self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
         self.history.record(slots, tokens)
 
+    def remember_host_tokens(self, slots: list[int], tokens: list[int]) -> None:
+        """`remember_tokens` of tokens known on the host: slots and tokens go to the device in one copy."""
+        index = to_device([slots, tokens], self.pools.device)  # [2, n]
+        self.slot_tokens.index_copy_(0, index[0], index[1])
+        self.history.record(slots, index[1])
+
     def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None,
                  logit_rows: list[int] | None = None):
         self.history.bind([r for r, _ in work])
@@ -110,6 +116,8 @@ class Runner:
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
         """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""
+        if min(map(min, [c.token_ids for c in chunks if c.token_ids]), default=0) != PENDING:
+            return  # (no PENDING token: one pass in C, not two comprehensions a chunk; ids are checked ≥ −1)
         rows, slots, row = [], [], 0
         for c in chunks:
             rows += [row + j for j, t in enumerate(c.token_ids) if t == PENDING]

@@ -265,7 +265,7 @@ class Scheduler:
         if len(live) < logits.shape[0]:
             logits = logits[to_device(live, logits.device)]
         eos, device = self.runner.model.cfg.eos_id, self.runner.pools.device
-        if _all_plain(sampling):
+        if all_plain(sampling):
             drawn = plain_draw(logits)
         else:
             table = [(r.params, r.sampler, len(r.output_ids) + r.num_pending, eos) for r in sampling]
@@ -346,7 +346,7 @@ class Scheduler:
                 raise OutOfCapacity("waiting requests cannot be admitted into empty pools")
 
 
-def _all_plain(requests: list[Request]) -> bool:
+def all_plain(requests: list[Request]) -> bool:
     """Whether every request's draw this step is a plain argmax (`Request.plain_draw_from`, asked once a request)."""
     for r in requests:
         start = r.plain_from

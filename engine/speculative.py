@@ -29,18 +29,19 @@ tokens with or without speculation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from sparsepd.engine.drafter import Drafter, DraftSpan
-from sparsepd.engine.draw import draw
+from sparsepd.engine.draw import draw, plain_draw
 from sparsepd.engine.grammar import token_bitmask
 from sparsepd.engine.prompt_logprobs import plan_rows, score_rows
 from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
-from sparsepd.engine.scheduler import Scheduler
-from sparsepd.engine.undo import Span, UndoLog, max_span
+from sparsepd.engine.scheduler import Scheduler, all_plain
+from sparsepd.engine.undo import Span, UndoLog, max_span, undo_targets
 
 
 @dataclass
@@ -73,7 +74,7 @@ class _Verified:
 
     request: Request
     start: int  # its num_computed before the step
-    rows: list[int]  # its rows in the forward (k'+1 for a decoding request, its last row otherwise)
+    rows: Sequence[int]  # its rows in the forward (k'+1 for a decoding request, its last row otherwise)
     drafts: list[int]
     decoding: bool
 
@@ -93,6 +94,7 @@ class SpeculativeScheduler(Scheduler):
                              f"fit its smallest ring), got {num_steps}")
         self.drafter, self.num_steps = drafter, num_steps
         self.stats = SpeculativeStats(num_steps)
+        self._undo_targets = undo_targets(runner.pools)
 
     def step(self) -> list[StepOutput]:
         self.admission.admit_waiting(self.waiting, self.running)
@@ -102,24 +104,27 @@ class SpeculativeScheduler(Scheduler):
 
     # --- schedule ----------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, list[int]]]:
-        budget, decoding = self.max_batch_tokens, []
-        for r in self.running:
-            if budget == 0:
-                break
-            if r.prefilling or r.finish_reason is not None or len(r.output_ids) >= r.params.max_new_tokens:
-                continue
-            decoding.append((r, r.next_tokens(1)))
-            budget -= 1
+        budget, decoding, prefilling = self.max_batch_tokens, [], []
+        for r in self.running:  # one pass: `prefilling` asked once a request
+            if r.prefilling:
+                prefilling.append(r)
+            elif budget and r.finish_reason is None and len(r.output_ids) < r.params.max_new_tokens:
+                decoding.append(r)
+                budget -= 1
         out = []
-        for r, tokens in decoding:  # drafts from what the one-token-each pass left
-            drafts = self._drafts_for(r, budget)
-            budget -= len(drafts)
-            out.append((r, tokens + drafts))
-        for r in self.running:
-            if r.prefilling and budget > 0:
-                tokens = r.next_tokens(budget)
-                out.append((r, tokens))
-                budget -= len(tokens)
+        for r in decoding:  # drafts from what the one-token-each pass left
+            tokens = r.next_tokens(1)
+            if r.draft_ids:
+                drafts = self._drafts_for(r, budget)
+                budget -= len(drafts)
+                tokens = tokens + drafts
+            out.append((r, tokens))
+        for r in prefilling:
+            if budget <= 0:
+                break
+            tokens = r.next_tokens(budget)
+            out.append((r, tokens))
+            budget -= len(tokens)
         return out
 
     def _drafts_for(self, r: Request, room: int) -> list[int]:
@@ -135,8 +140,8 @@ class SpeculativeScheduler(Scheduler):
         starts = [r.num_computed for r, _ in scheduled]
         verified = self._sampling(scheduled)  # (before num_computed moves)
         drafting = [v for v in verified if v.drafts]
-        undo = UndoLog(self.pools, [Span(v.request.slot, tuple(v.request.pages), v.start + 1,
-                                         v.start + 1 + len(v.drafts)) for v in drafting])
+        undo = UndoLog(self.pools, [Span(v.request.slot, v.request.pages, v.start + 1,
+                                         v.start + 1 + len(v.drafts)) for v in drafting], self._undo_targets)
         prompt_rows = plan_rows(scheduled)
         capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
         num_rows = sum(len(t) for _, t in scheduled)
@@ -185,10 +190,11 @@ class SpeculativeScheduler(Scheduler):
     def _with_forks(self, verified: list[_Verified]) -> list[_Verified]:
         """`verified` with `rows` as rows of the logits, plus the forks that draw their first token from their
         source's row; without the requests that ended meanwhile."""
-        out, index = [], 0
-        for v in verified:
-            out.append(_Verified(v.request, v.start, list(range(index, index + len(v.rows))), v.drafts, v.decoding))
-            index += len(v.rows)
+        out, index = list(verified), 0
+        for v in out:  # (in place: the forward's rows are not needed after it)
+            n = len(v.rows)
+            v.rows = range(index, index + n)
+            index += n
         rows, sampling = [v.rows[-1] for v in out], [v.request for v in out]
         self._fork(rows, sampling)  # forks draw their first token from their source's row
         out += [_Verified(f, f.num_computed, [r], [], False)
@@ -206,18 +212,21 @@ class SpeculativeScheduler(Scheduler):
         flat = [r for v in verified for r in v.rows]
         if flat != list(range(logits.shape[0])):  # forks share their source's row; ended requests are gone
             logits = logits[to_device(flat, logits.device)]
-        table = [(v.request.params, v.request.sampler, len(v.request.output_ids) + j, eos)
-                 for v in verified for j in range(len(v.rows))]
-        grammars = [v.request.grammar for v in verified for _ in v.rows]
-        drawn = draw(logits, table, device, token_bitmask(grammars, logits.shape[1], device))
-        failed = {i for i in drawn.failed}
+        if all_plain([v.request for v in verified]):  # (row j of a request is its token n + j ≥ n: plain too)
+            drawn = plain_draw(logits)
+        else:
+            table = [(v.request.params, v.request.sampler, len(v.request.output_ids) + j, eos)
+                     for v in verified for j in range(len(v.rows))]
+            grammars = [v.request.grammar for v in verified for _ in v.rows]
+            drawn = draw(logits, table, device, token_bitmask(grammars, logits.shape[1], device))
+        failed = drawn.failed
         tokens, logprobs = drawn.to_host(self.gpu_wait).result()
         first, last_slots, last_tokens = 0, [], []
         for v in verified:
             request, n = v.request, len(v.rows)
             rows = range(first, first + n)
             first += n
-            bad = [i for i in rows if i in failed]
+            bad = [i for i in rows if i in failed] if failed else None
             if bad:
                 request.error = f"request {request.request_id}: {drawn.failed[bad[0]]}"
                 request.finish_reason = "error"
@@ -225,7 +234,7 @@ class SpeculativeScheduler(Scheduler):
                 self._release(request)
                 kept[id(request)] = v.start
                 continue
-            drawn_tokens = [tokens[i] for i in rows]
+            drawn_tokens = tokens[first - n: first]
             accepted = 0
             while accepted < len(v.drafts) and v.drafts[accepted] == drawn_tokens[accepted]:
                 accepted += 1
@@ -247,7 +256,7 @@ class SpeculativeScheduler(Scheduler):
                 request.num_computed = v.start + delivered
             kept[id(request)] = request.num_computed
         if last_slots:
-            self.runner.remember_tokens(last_slots, to_device(last_tokens, device))
+            self.runner.remember_host_tokens(last_slots, last_tokens)
         return kept
 
     # --- draft ---------------------------------------------------------------------------------------
@@ -261,12 +270,16 @@ class SpeculativeScheduler(Scheduler):
             first, row = row, row + len(tokens)
             request.draft_ids = []
             count = request.num_computed - start
-            known = request.prompt_ids + request.output_ids
-            if request.finish_reason is not None or not speculates(request) or count <= 0 or \
-                    start + count >= len(known):
+            prompt = len(request.prompt_ids)
+            if request.finish_reason is not None or count <= 0 or start + count >= prompt + len(request.output_ids) \
+                    or not speculates(request):
                 continue
-            spans.append(DraftSpan(request, start, list(range(first, first + count)),
-                                   known[start + 1: start + count + 1], propose=not request.prefilling,
+            if start + 1 >= prompt:  # the tokens after each position, without a copy of prompt + output
+                next_ids = request.output_ids[start + 1 - prompt: start + count + 1 - prompt]
+            else:
+                next_ids = (request.prompt_ids + request.output_ids)[start + 1: start + count + 1]
+            spans.append(DraftSpan(request, start, list(range(first, first + count)), next_ids,
+                                   propose=not request.prefilling,
                                    captures=(captures or {}).get(id(request), ())))
         if spans:
             for request, drafts in self.drafter.draft(spans, hidden, self.num_steps).items():

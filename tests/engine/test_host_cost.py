@@ -4,7 +4,8 @@ builder), not timed. A membership test on the running list (O(batch) per request
 batch 128 that is ~64 extra calls per request-step against ~65 in all, so the ratio below would be ~1.8.
 
 The recorded counts are the figures of the code that set them (bench/RESULTS.md, "Engine speed II"): a change that
-adds per-request work to the step fails here at more than 1.1× them."""
+adds per-request work to the step fails here at more than 1.1× them; so does one that adds work to a speculative
+step (verification, acceptance, undo log, drafts)."""
 
 import importlib.util
 import sys
@@ -61,3 +62,21 @@ def test_calls_per_prompt_token_of_chunked_prefill(bench_host):
     assert f.steps >= 4  # 2048 prompt tokens at 512 a step
     assert f.calls_per_token <= 1.1 * RECORDED_PREFILL, (
         f"{f.calls_per_token:.2f} calls per prompt token of chunked prefill, recorded {RECORDED_PREFILL}")
+
+
+# Python calls per speculative step (k = 3, context 200, oracle drafts kept with probability `accept`) at batch 1 and 8:
+# the scheduler's verification, acceptance, undo log and draft bookkeeping around the stand-in forward
+# (bench/bench_host.py --spec; bench/RESULTS.md, "Speculative steps' host work"). Before that pass: 531 and 1401 at
+# accept 0, 575 and 1527 at 0.8.
+RECORDED_SPEC = {(1, 0.0): 366, (8, 0.0): 949, (1, 0.8): 388, (8, 0.8): 1057}
+
+
+@pytest.mark.parametrize("accept", [0.0, 0.8])
+def test_calls_per_speculative_step(bench_host, accept):
+    for batch in (1, 8):
+        f = bench_host.measure_spec(batch, k=3, accept=accept, context=200, steps=3)
+        assert (f.tokens_per_request_step == 1.0) if accept == 0.0 else (f.tokens_per_request_step > 2.0)
+        recorded = RECORDED_SPEC[batch, accept]
+        assert f.calls_per_step <= 1.1 * recorded, (
+            f"{f.calls_per_step:.0f} calls per speculative step at batch {batch}, accept {accept}, recorded "
+            f"{recorded}: more host work in a speculative step")
