@@ -18,6 +18,7 @@ nothing that a real request reads.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,6 +188,10 @@ def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
     # (lists, then one array each: a generator would be resumed once a request)
     pos = np.array([c.start for c in chunks], dtype=np.int64).reshape(B)
     slots = np.array([c.slot for c in chunks], dtype=np.int64).reshape(B)
+    tables = [c.page_table for c in chunks]
+    lengths = np.array(list(map(len, tables)), dtype=np.int64).reshape(B)
+    if B and lengths.max() > P:
+        raise ValueError(f"request with {lengths.max()} pages does not fit a {P}-page batch")
     for name in ("token_ids", "positions", "seq_ids", "slots", "page_table"):
         out[name][B:] = 0
     out["token_ids"][:B] = [c.token_ids[0] for c in chunks]
@@ -194,20 +199,23 @@ def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
     out["seq_ids"][:B] = np.arange(B)
     out["slots"][:B] = slots
     out["last_rows"][:] = np.arange(Bp)
+    # every page table at once: one masked write of the concatenated tables (row-major, as the mask is read),
+    # not a numpy write per request (0.3 µs each, 128 a step)
     table = out["page_table"]
     table[:B] = 0
-    b = 0
-    for c in chunks:
-        pages = c.page_table
-        n = len(pages)
-        if n > P:
-            raise ValueError(f"request with {n} pages does not fit a {P}-page batch")
-        table[b, :n] = pages
-        b += 1
-    keys = pos[:, None] - (win - 1) + np.arange(win)  # [B, win]; only the last key is this step's token
-    rows = geometry.ring_base + slots[:, None] * win + keys % win
-    rows[:, -1] = np.arange(B)  # scratch row b
-    out["window_rows"][:B] = np.where(keys >= 0, rows, -1)
+    table[:B][np.arange(P) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32,
+                                                              count=int(lengths.sum()))
+    # window rows [B, win]: key j is pos − (win − 1) + j, in ring row (pos + 1 + j) mod win (take's "wrap" mode
+    # does the modulo), the last key is this step's token (scratch row b), keys before position 0 are −1: in
+    # int32 and in place, 3× faster than in int64 temporaries (73 µs at 128 requests, window 128, this CPU)
+    rows = out["window_rows"][:B]
+    start = (pos + 1) % win
+    np.take(np.arange(win, dtype=np.int32), start[:, None] + np.arange(win), out=rows, mode="wrap")
+    rows += (geometry.ring_base + slots * win).astype(np.int32)[:, None]
+    rows[:, -1] = np.arange(B)
+    young = (pos < win - 1).nonzero()[0]  # requests whose window starts before position 0
+    if young.shape[0]:
+        rows[young] = np.where(np.arange(win) >= (win - 1 - pos[young])[:, None], rows[young], -1)
     out["window_rows"][B:] = -1
     arange = np.arange(B)
     _plan_rows(out["swa_rows"], out["swa_cu"], None, (arange, arange, pos, pos % win), B, Bp)
