@@ -45,6 +45,11 @@ class Request:
     spec_accepted: int = 0
     offloaded: dict | None = None  # retracted: its state's tensors in host memory until it is admitted again
     plain_from: int | None = None  # `plain_draw_from()`, once the scheduler has asked
+    # params.uses_history, kept: the penalties' `SlotHistory.bind` reads it for every request in every forward
+    uses_history: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.uses_history = self.params.uses_history
 
     @property
     def max_len(self) -> int:

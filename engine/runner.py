@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from sparsepd.engine.batch import RequestChunk, build_batch, check_chunks
@@ -109,20 +110,22 @@ class Runner:
         return t[to_device(rows, self.pools.device)]
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
-        """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""
-        rows, slots, row = [], [], 0
-        for c in chunks:
-            rows += [row + j for j, t in enumerate(c.token_ids) if t == PENDING]
-            slots += [c.slot for t in c.token_ids if t == PENDING]
-            row += len(c.token_ids)
-        if rows:
-            index = to_device([rows, slots], self.pools.device)  # [2, n]
+        """Replace PENDING input tokens by their slots' last sampled tokens, on the device. The rows are found with a
+        few numpy operations over the step's concatenated token ids: no Python loop over the requests or tokens (a
+        decode step's every token is PENDING under overlap; a prefill chunk brings thousands)."""
+        ids = [c.token_ids for c in chunks]
+        lengths = list(map(len, ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths))
+        rows = (flat == PENDING).nonzero()[0]
+        if rows.shape[0]:
+            slots = np.array([c.slot for c in chunks], dtype=np.int64).repeat(lengths)[rows]
+            index = to_device(np.array((rows, slots)), self.pools.device)  # [2, n]
             token_ids.index_copy_(0, index[0], self.slot_tokens[index[1]])
 
 
-def to_device(values: list, device: torch.device) -> torch.Tensor:
-    """Small host ints to the device without a sync (from pinned memory on CUDA)."""
-    t = torch.tensor(values, dtype=torch.int64)
+def to_device(values: list | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Small host ints (a list, or an int64 array) to the device without a sync (from pinned memory on CUDA)."""
+    t = torch.as_tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
