@@ -28,7 +28,9 @@ from sparsepd.engine.pools import PoolGeometry
 from sparsepd.kernels.compress_plan import CompressPlan, RowPlan, build_compress_plan, build_write_plan
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made for every request of every forward, and a frozen __init__ sets each field through
+# object.__setattr__ (5 calls a request). Nothing changes one once made.
+@dataclass(slots=True)
 class RequestChunk:
     """One request's part of a forward."""
 

@@ -94,7 +94,9 @@ class PromptLogprobs:
     positions: tuple[TokenLogprobs, ...]
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made for every token, and a frozen __init__ sets each field through object.__setattr__ (1.0 vs
+# 0.2 µs a token on a 2-core CPU). Nothing changes one once the scheduler has made it.
+@dataclass(slots=True)
 class StepOutput:
     """One new token of one request (the terminal one carries its finish reason)."""
 

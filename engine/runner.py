@@ -33,6 +33,10 @@ class Runner:
         self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
         # Each slot's token counts for the penalties, kept beside slot_tokens (engine/penalties.py).
         self.history = SlotHistory(pools.geometry.num_slots, model.cfg.vocab_size, pools.device)
+        # The last forward's slots, when a replayed graph holds them on the device (its static fields): a step whose
+        # sampled slots are these (every decode step but one where a request ended meanwhile) remembers its tokens
+        # through them, with no host index copied (`remember_tokens`).
+        self._graph_slots: tuple[list[int], torch.Tensor] | None = None
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -75,7 +79,9 @@ class Runner:
 
     def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
-        self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
+        known = self._graph_slots
+        index = known[1] if known is not None and known[0] == slots else to_device(slots, self.pools.device)
+        self.slot_tokens.index_copy_(0, index, tokens)
         self.history.record(slots, tokens)
 
     def _forward(self, work: list[tuple[Request, list[int]]], final_rows: list[int] | None,
@@ -83,9 +89,10 @@ class Runner:
         self.history.bind([r for r, _ in work])
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages, r.captures) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
+        self._graph_slots = None
         shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:
-            return self.graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
+            return self.graphs.run(chunks, shape, lambda fields: self._fill_from_fields(fields, chunks))
         if final_rows is not None and self.verify_graphs is not None:
             shape = self.verify_graphs.shape_for(chunks)
             if shape is not None:
@@ -108,6 +115,14 @@ class Runner:
         if rows == list(range(len(rows))):
             return t[: len(rows)]
         return t[to_device(rows, self.pools.device)]
+
+    def _fill_from_fields(self, fields: dict[str, torch.Tensor], chunks: list[RequestChunk]) -> None:
+        """A decode graph's input tokens: each PENDING one becomes its slot's last sampled token, read through the
+        slots the graph's static fields already hold on the device (one token a request, padding's token 0 is not
+        PENDING): no host index and no pinned copy a step. Keeps those slots for this step's `remember_tokens`."""
+        token_ids, slots = fields["token_ids"], fields["slots"]
+        torch.where(token_ids == PENDING, self.slot_tokens[slots], token_ids, out=token_ids)
+        self._graph_slots = ([c.slot for c in chunks], slots[: len(chunks)])
 
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
         """Replace PENDING input tokens by their slots' last sampled tokens, on the device. The rows are found with a
