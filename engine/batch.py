@@ -215,7 +215,7 @@ def decode_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
     table[:B] = _page_table(chunks, P)  # (not a numpy write per request: 0.3 µs each, 128 a step)
     # window rows [B, win]: key j is pos − (win − 1) + j, in ring row (pos + 1 + j) mod win (take's "wrap" mode
     # does the modulo), the last key is this step's token (scratch row b), keys before position 0 are −1: in
-    # int32 and in place, 3× faster than in int64 temporaries (73 µs at 128 requests, window 128, this CPU)
+    # int32 and in place, not in [B, win] int64 temporaries (bench/RESULTS.md, the decode worker's per-step host work)
     rows = out["window_rows"][:B]
     start = (pos + 1) % win
     np.take(np.arange(win, dtype=np.int32), start[:, None] + np.arange(win), out=rows, mode="wrap")
