@@ -113,10 +113,10 @@ class StaticFields:
             self._events[i].synchronize()
         write(self._numpy[i])
         self.device_buffer.copy_(self._host[i], non_blocking=True)
-        if self.device_buffer.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self._events[i] = event
+        if self.device_buffer.is_cuda:  # each buffer's event is made once and recorded again at each of its copies
+            if self._events[i] is None:
+                self._events[i] = torch.cuda.Event()
+            self._events[i].record()
 
 
 
@@ -162,16 +162,18 @@ class DecodeGraphs:
         return decode_shape(chunks, self.buckets, self.max_pages)
 
     def run(self, chunks: list[RequestChunk], shape: BatchShape,
-            before_replay: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+            before_replay: Callable[[dict[str, torch.Tensor]], None] | None = None) -> torch.Tensor:
         """Logits `[len(chunks), vocab]` (a view of the graph's output, valid until its next replay).
-        `before_replay(token_ids)` may rewrite the loaded input tokens on the device first."""
+        `before_replay(fields)` may rewrite the loaded input tokens (`fields["token_ids"]`) on the device first, from
+        the other loaded fields (the device views of `StaticFields`: valid until the next step's load, which the
+        stream orders after whatever reads them now)."""
         graph = self._graphs.get(shape)
         if graph is None:
             log.info("capturing the decode graph for %s on first use", shape)
             graph = self.capture(shape)
         graph.static.fill(lambda views: decode_fields_into(chunks, self.pools.geometry, shape, views))
         if before_replay is not None:
-            before_replay(graph.static.fields["token_ids"])
+            before_replay(graph.static.fields)
         graph.graph.replay()
         return graph.logits[: len(chunks)]
 

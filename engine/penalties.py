@@ -31,8 +31,10 @@ class SlotHistory:
     def bind(self, requests: Sequence) -> None:
         """Before a forward: give every request that uses a penalty its slot's rows (rebuilt when the slot
         held another request); stop counting for slots now run by requests without one."""
+        if not self.active and not any([r.uses_history for r in requests]):  # the common step: no penalty
+            return
         for r in requests:
-            if not r.params.uses_history:
+            if not r.uses_history:
                 if r.slot in self.active:
                     self.active.discard(r.slot)
                     self.owner[r.slot] = None
@@ -46,6 +48,8 @@ class SlotHistory:
 
     def record(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Count each slot's newly sampled token (device `[len(slots)]` int64) where the slot is counted."""
+        if not self.active:
+            return
         rows = [i for i, s in enumerate(slots) if s in self.active]
         if not rows:
             return

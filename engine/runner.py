@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from sparsepd.engine.batch import RequestChunk, build_batch, check_chunks
@@ -32,6 +33,10 @@ class Runner:
         self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
         # Each slot's token counts for the penalties, kept beside slot_tokens (engine/penalties.py).
         self.history = SlotHistory(pools.geometry.num_slots, model.cfg.vocab_size, pools.device)
+        # The last forward's slots, when a replayed graph holds them on the device (its static fields): a step whose
+        # sampled slots are these (every decode step but one where a request ended meanwhile) remembers its tokens
+        # through them, with no host index copied (`remember_tokens`).
+        self._graph_slots: tuple[list[int], torch.Tensor] | None = None
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -74,7 +79,9 @@ class Runner:
 
     def remember_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         """Keep each slot's newly sampled token (device `[len(slots)]` int64) for its next PENDING input."""
-        self.slot_tokens.index_copy_(0, to_device(slots, self.pools.device), tokens)
+        known = self._graph_slots
+        index = known[1] if known is not None and known[0] == slots else to_device(slots, self.pools.device)
+        self.slot_tokens.index_copy_(0, index, tokens)
         self.history.record(slots, tokens)
 
     def remember_host_tokens(self, slots: list[int], tokens: list[int]) -> None:
@@ -88,9 +95,10 @@ class Runner:
         self.history.bind([r for r, _ in work])
         chunks = [RequestChunk(r.slot, r.num_computed, tokens, r.pages, r.captures) for r, tokens in work]
         check_chunks(chunks, self.pools.geometry, self.model.cfg.vocab_size)
+        self._graph_slots = None
         shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:
-            return self.graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
+            return self.graphs.run(chunks, shape, lambda fields: self._fill_from_fields(fields, chunks))
         if final_rows is not None and self.verify_graphs is not None:
             shape = self.verify_graphs.shape_for(chunks)
             if shape is not None:
@@ -114,23 +122,33 @@ class Runner:
             return t[: len(rows)]
         return t[to_device(rows, self.pools.device)]
 
+    def _fill_from_fields(self, fields: dict[str, torch.Tensor], chunks: list[RequestChunk]) -> None:
+        """A decode graph's input tokens: each PENDING one becomes its slot's last sampled token, read through the
+        slots the graph's static fields already hold on the device (one token a request, padding's token 0 is not
+        PENDING): no host index and no pinned copy a step. Keeps those slots for this step's `remember_tokens`."""
+        token_ids, slots = fields["token_ids"], fields["slots"]
+        torch.where(token_ids == PENDING, self.slot_tokens[slots], token_ids, out=token_ids)
+        self._graph_slots = ([c.slot for c in chunks], slots[: len(chunks)])
+
     def _fill_pending(self, token_ids: torch.Tensor, chunks: list[RequestChunk]) -> None:
-        """Replace PENDING input tokens by their slots' last sampled tokens, on the device."""
-        if min(map(min, [c.token_ids for c in chunks if c.token_ids]), default=0) != PENDING:
-            return  # (no PENDING token: one pass in C, not two comprehensions a chunk; ids are checked ≥ −1)
-        rows, slots, row = [], [], 0
-        for c in chunks:
-            rows += [row + j for j, t in enumerate(c.token_ids) if t == PENDING]
-            slots += [c.slot for t in c.token_ids if t == PENDING]
-            row += len(c.token_ids)
-        if rows:
-            index = to_device([rows, slots], self.pools.device)  # [2, n]
+        """Replace PENDING input tokens by their slots' last sampled tokens, on the device. The rows are found with a
+        few numpy operations over the step's concatenated token ids: no Python loop over the requests or tokens (a
+        decode step's every token is PENDING under overlap; a prefill chunk brings thousands)."""
+        ids = [c.token_ids for c in chunks]
+        if min(map(min, [t for t in ids if t]), default=0) != PENDING:
+            return  # no PENDING token (one pass in C; ids are checked ≥ −1)
+        lengths = list(map(len, ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths))
+        rows = (flat == PENDING).nonzero()[0]
+        if rows.shape[0]:
+            slots = np.array([c.slot for c in chunks], dtype=np.int64).repeat(lengths)[rows]
+            index = to_device(np.array((rows, slots)), self.pools.device)  # [2, n]
             token_ids.index_copy_(0, index[0], self.slot_tokens[index[1]])
 
 
-def to_device(values: list, device: torch.device) -> torch.Tensor:
-    """Small host ints to the device without a sync (from pinned memory on CUDA)."""
-    t = torch.tensor(values, dtype=torch.int64)
+def to_device(values: list | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Small host ints (a list, or an int64 array) to the device without a sync (from pinned memory on CUDA)."""
+    t = torch.as_tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

@@ -65,20 +65,24 @@ class CompressPlan:
     write: RowPlan  # [ragged_id, batch_id, position, ring_row] per position saved into the state ring
 
 
-def _as_host_ints(name: str, x: IntsLike) -> torch.Tensor:
-    t = x.detach().to("cpu") if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.int64)
-    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+def _as_host_ints(name: str, x: IntsLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D sequence of integers, got {x.dtype} of shape {tuple(x.shape)}")
+        return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
+    t = torch.tensor(list(x), dtype=torch.int64)
+    if t.dim() != 1:
         raise ValueError(f"{name} must be a 1-D sequence of integers, got {t.dtype} of shape {tuple(t.shape)}")
-    return t.to(torch.int64)
+    return t.numpy()
 
 
-def _check_inputs(starts: IntsLike, num_new: IntsLike) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_inputs(starts: IntsLike, num_new: IntsLike) -> tuple[np.ndarray, np.ndarray]:
     s, n = _as_host_ints("starts", starts), _as_host_ints("num_new", num_new)
     if s.shape != n.shape:
-        raise ValueError(f"starts and num_new must have one entry a request, got {s.numel()} and {n.numel()}")
-    if bool((s < 0).any()) or bool((n < 0).any()):
+        raise ValueError(f"starts and num_new must have one entry a request, got {s.size} and {n.size}")
+    if s.size and (s.min() < 0 or n.min() < 0):
         raise ValueError(f"starts and num_new must be ≥ 0, got starts={s.tolist()} num_new={n.tolist()}")
-    if s.numel() and int((s + n).max()) >= 2**31:
+    if s.size and int((s + n).max()) >= 2**31:
         raise ValueError("positions must fit in int32")
     return s, n
 
@@ -89,25 +93,30 @@ def _check_ratio(ratio: int, overlap: bool) -> int:
     return (2 if overlap else 1) * ratio
 
 
-def _finish(rows: torch.Tensor, counts: torch.Tensor, capacity: int | None, device, what: str) -> RowPlan:
-    """Pad `rows` [R, 4] to `capacity` with −1 rows and move the plan to `device`."""
-    num_rows = rows.shape[0]
-    if capacity is not None:
-        if capacity < num_rows:
-            raise ValueError(f"{what} needs {num_rows} rows, more than capacity={capacity}")
-        rows = torch.cat([rows, rows.new_full((capacity - num_rows, FIELDS), -1)])
-    cu_host = torch.zeros(counts.numel() + 1, dtype=torch.int32)
-    cu_host[1:] = counts.cumsum(0)
+def _finish(columns: tuple[np.ndarray, ...], counts: np.ndarray, capacity: int | None, device, what: str) -> RowPlan:
+    """The plan of rows whose FIELDS columns are `columns`, padded to `capacity` with −1 rows, on `device`."""
+    num_rows = columns[0].shape[0]
+    if capacity is not None and capacity < num_rows:
+        raise ValueError(f"{what} needs {num_rows} rows, more than capacity={capacity}")
+    rows = np.full((num_rows if capacity is None else capacity, FIELDS), -1, dtype=np.int32)
+    for j, column in enumerate(columns):
+        rows[:num_rows, j] = column
+    cu_host = np.zeros(counts.shape[0] + 1, dtype=np.int32)
+    counts.cumsum(out=cu_host[1:])
     device = torch.device("cpu") if device is None else torch.device(device)
-    return RowPlan(rows.to(torch.int32).to(device), cu_host.to(device), cu_host, num_rows)
+    cu = torch.from_numpy(cu_host)
+    return RowPlan(torch.from_numpy(rows).to(device), cu.to(device), cu, num_rows)
 
 
-def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(request of each row, index of the row within its request) for per-request row counts."""
-    # numpy's repeat: torch.repeat_interleave on CPU tensors took ~12 ms a call on a busy 2-core host
-    b = torch.from_numpy(np.repeat(np.arange(counts.numel()), counts.numpy()))
-    first = torch.cumsum(counts, 0) - counts
-    return b, torch.arange(int(counts.sum())) - first[b]
+    b = np.arange(counts.shape[0]).repeat(counts)
+    first = counts.cumsum() - counts
+    return b, np.arange(b.shape[0]) - first[b]
+
+
+# The builders work in numpy on the host: a plan is ~20 small array operations, each a few µs as a torch CPU op
+# against ~1 µs in numpy (five plans an eager forward; bench/RESULTS.md, "The decode worker's per-step host work").
 
 
 def build_write_plan(starts: IntsLike, num_new: IntsLike, size: int, *, device=None,
@@ -116,13 +125,15 @@ def build_write_plan(starts: IntsLike, num_new: IntsLike, size: int, *, device=N
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     s, n = _check_inputs(starts, num_new)
-    counts = n.clamp(max=size)
+    return _write_plan(s, n, size, device, capacity)
+
+
+def _write_plan(s: np.ndarray, n: np.ndarray, size: int, device, capacity: int | None) -> RowPlan:
+    counts = np.minimum(n, size)
     b, i = _segments(counts)
-    first_row = torch.cumsum(n, 0) - counts  # ragged row of each request's first saved position
-    offset = n[b] - counts[b] + i  # offset of the row within the request's new tokens
-    pos = s[b] + offset
-    rows = torch.stack([first_row[b] + i, b, pos, pos % size], dim=1)
-    return _finish(rows, counts, capacity, device, "write plan")
+    first_row = n.cumsum() - counts  # ragged row of each request's first saved position
+    pos = s[b] + (n - counts)[b] + i  # (n − counts + i: the row's offset within the request's new tokens)
+    return _finish((first_row[b] + i, b, pos, pos % size), counts, capacity, device, "write plan")
 
 
 def build_compress_plan(starts: IntsLike, num_new: IntsLike, ratio: int, overlap: bool, *, device=None,
@@ -130,16 +141,15 @@ def build_compress_plan(starts: IntsLike, num_new: IntsLike, ratio: int, overlap
     """The compress plan and the state-ring write plan of one forward (module docstring)."""
     window = _check_ratio(ratio, overlap)
     s, n = _check_inputs(starts, num_new)
-    counts = torch.div(s + n, ratio, rounding_mode="floor") - torch.div(s, ratio, rounding_mode="floor")
+    counts = (s + n) // ratio - s // ratio
     b, i = _segments(counts)
-    first_entry = torch.div(s + ratio, ratio, rounding_mode="floor") - 1  # first entry committed by request b
+    first_entry = (s + ratio) // ratio - 1  # first entry committed by request b
     pos = (first_entry[b] + i) * ratio + ratio - 1
-    ragged = (torch.cumsum(n, 0) - n)[b] + pos - s[b]
-    lo = (pos - window + 1).clamp(min=0)
-    window_len = (torch.minimum(s[b], pos + 1) - lo).clamp(min=0)
-    rows = torch.stack([ragged, b, pos, window_len], dim=1)
-    commit = _finish(rows, counts, capacity, device, "compress plan")
-    write = build_write_plan(s, n, window, device=device, capacity=write_capacity)
+    ragged = (n.cumsum() - n)[b] + pos - s[b]
+    lo = np.maximum(pos - window + 1, 0)
+    window_len = np.maximum(np.minimum(s[b], pos + 1) - lo, 0)
+    commit = _finish((ragged, b, pos, window_len), counts, capacity, device, "compress plan")
+    write = _write_plan(s, n, window, device, write_capacity)
     return CompressPlan(ratio, overlap, window, commit, write)
 
 
@@ -156,7 +166,7 @@ def build_write_plan_ref(starts: IntsLike, num_new: IntsLike, size: int, *, devi
         rows += mine
         counts.append(len(mine))
         r += count
-    return _finish(torch.tensor(rows, dtype=torch.int64).reshape(-1, FIELDS), torch.tensor(counts, dtype=torch.int64),
+    return _finish(tuple(np.array(rows, dtype=np.int64).reshape(-1, FIELDS).T), np.array(counts, dtype=np.int64),
                    capacity, device, "write plan")
 
 
@@ -174,7 +184,7 @@ def build_compress_plan_ref(starts: IntsLike, num_new: IntsLike, ratio: int, ove
                 rows.append([r + k, b, p, from_ring])
         counts.append(len(rows) - before)
         r += count
-    commit = _finish(torch.tensor(rows, dtype=torch.int64).reshape(-1, FIELDS),
-                     torch.tensor(counts, dtype=torch.int64), capacity, device, "compress plan")
+    commit = _finish(tuple(np.array(rows, dtype=np.int64).reshape(-1, FIELDS).T), np.array(counts, dtype=np.int64),
+                     capacity, device, "compress plan")
     write = build_write_plan_ref(s, n, window, device=device, capacity=write_capacity)
     return CompressPlan(ratio, overlap, window, commit, write)

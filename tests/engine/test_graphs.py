@@ -150,9 +150,10 @@ def test_eager_batch_checks_token_ids_on_the_host():
 
 
 # --- on the GPU ---------------------------------------------------------------------------------------
-def _run_mixed(model, cuda_graph: bool) -> tuple[list[list[int]], Engine]:
+def _run_mixed(model, cuda_graph: bool, overlap: bool = False) -> tuple[list[list[int]], Engine]:
     """Requests joining and leaving: a few start, more arrive while they decode, lengths differ."""
-    engine = Engine(model, PoolConfig(num_slots=16, max_batch_tokens=256, num_pages=128), cuda_graph=cuda_graph)
+    engine = Engine(model, PoolConfig(num_slots=16, max_batch_tokens=256, num_pages=128), cuda_graph=cuda_graph,
+                    overlap=overlap)
     prompts = _prompts([5, 17, 33, 64, 70, 3, 120, 9, 40, 16], seed=11)
     first = [engine.submit(p, SamplingParams(max_new_tokens=8 + 3 * i, ignore_eos=True))
              for i, p in enumerate(prompts[:4])]
@@ -172,6 +173,18 @@ def test_graph_decode_tokens_equal_eager_on_gpu():
     model = build_model(get_preset("tiny", quantize_kv=False, index_topk=256), seed=0, device="cuda")
     eager, _ = _run_mixed(model, cuda_graph=False)
     graph, engine = _run_mixed(model, cuda_graph=True)
+    assert engine.runner.graphs.num_graphs >= 3
+    assert graph == eager
+
+
+@gpu_only
+def test_graph_decode_with_overlap_tokens_equal_eager_on_gpu():
+    """With overlap every decode input is PENDING: a replayed graph reads it from its slot on the device (the static
+    fields' slots, engine/runner.py `_fill_from_fields`) and remembers its tokens through them; the tokens are the
+    eager ones."""
+    model = build_model(get_preset("tiny", quantize_kv=False, index_topk=256), seed=0, device="cuda")
+    eager, _ = _run_mixed(model, cuda_graph=False)
+    graph, engine = _run_mixed(model, cuda_graph=True, overlap=True)
     assert engine.runner.graphs.num_graphs >= 3
     assert graph == eager
 

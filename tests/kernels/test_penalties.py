@@ -39,8 +39,8 @@ def _reference(logits: torch.Tensor, rows) -> torch.Tensor:
 def _bound(rows, V: int, num_slots: int):
     """A SlotHistory with row b's request bound to slot num_slots - 1 - b; its samplers, its requests."""
     history = SlotHistory(num_slots, V, "cpu")
-    requests = [SimpleNamespace(params=p, sampler=Sampler(p, V), prompt_ids=prompt, output_ids=output,
-                                slot=num_slots - 1 - b) for b, (p, prompt, output) in enumerate(rows)]
+    requests = [SimpleNamespace(params=p, uses_history=p.uses_history, sampler=Sampler(p, V), prompt_ids=prompt,
+                                output_ids=output, slot=num_slots - 1 - b) for b, (p, prompt, output) in enumerate(rows)]
     history.bind(requests)
     return history, requests
 
@@ -77,12 +77,12 @@ def test_recorded_tokens_update_the_counts_like_the_history():
     assert torch.equal(history.counts[active], fresh.counts[active])
     assert torch.equal(history.prompt_mask[active], fresh.prompt_mask[active])
     # slot reuse: another request with a penalty gets its own history, one without stops the counting
-    newcomer = SimpleNamespace(params=SamplingParams(frequency_penalty=1.0), sampler=Sampler(SamplingParams(), V),
-                               prompt_ids=[1], output_ids=[4, 4], slot=active[0])
+    newcomer = SimpleNamespace(params=SamplingParams(frequency_penalty=1.0), uses_history=True,
+                               sampler=Sampler(SamplingParams(), V), prompt_ids=[1], output_ids=[4, 4], slot=active[0])
     history.bind([newcomer])
     assert history.counts[active[0]].tolist() == [2 if i == 4 else 0 for i in range(V)]
-    history.bind([SimpleNamespace(params=SamplingParams(), sampler=None, prompt_ids=[1], output_ids=[],
-                                  slot=active[1])])
+    history.bind([SimpleNamespace(params=SamplingParams(), uses_history=False, sampler=None, prompt_ids=[1],
+                                  output_ids=[], slot=active[1])])
     assert active[1] not in history.active
 
 
