@@ -11,9 +11,10 @@
 #   call), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
-# Invocations in order of priority (the suite took 110 s on an H200 on 2026-12-06): (1) suite engine engine-q
-# [470]; (2) kernel-tests attn-sweep indexer compressor quant [530]; (3) spec prefix-host service-cost group [480];
-# (4) flash prefix service. Give the machine back (or call again within 30 s) after the last: idle time counts.
+# Invocations in order of priority (the suite took 110 s on an H200 and 167 s on an H100 on 2026-12-06): (1) suite
+# engine engine-q [470]; (2) kernel-tests attn-sweep indexer compressor quant [530]; (3) spec prefix-host service-cost
+# group [480]; (4) flash prefix (PREFIX_S=400: three configurations took 220 s on an H200) service. Give the machine
+# back (or call again within 30 s) after the last: idle time counts. A start that fails costs 1.5-3.5 minutes.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"

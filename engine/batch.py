@@ -96,8 +96,11 @@ def check_chunks(chunks: list[RequestChunk], geometry: PoolGeometry, vocab_size:
         raise ValueError(f"{num_tokens} tokens exceed max_batch_tokens={geometry.max_batch_tokens}")
     # −1 is PENDING (engine/request.py): a token the runner takes from the device
     lo, hi = min(map(min, ids), default=0), max(map(max, ids), default=0)
-    if lo < -1 or hi >= vocab_size:
-        raise ValueError(f"token ids must lie in the vocabulary [0, {vocab_size}), got min {lo} max {hi}")
+    if lo < -1 or hi >= vocab_size:  # (the error path only: name the first offending token and its request)
+        slot, index, token = next((c.slot, j, t) for c in chunks for j, t in enumerate(c.token_ids)
+                                  if t < -1 or t >= vocab_size)
+        raise ValueError(f"token ids must lie in the vocabulary [0, {vocab_size}): token {token} at position "
+                         f"{index} of the chunk in slot {slot} (the step's ids range over {lo} … {hi})")
 
 
 def host_fields(chunks: list[RequestChunk], geometry: PoolGeometry,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparsepd.engine import runner as runner_module
-from sparsepd.engine.batch import BatchShape, RequestChunk, decode_fields_into, host_fields
+from sparsepd.engine.batch import BatchShape, RequestChunk, check_chunks, decode_fields_into, host_fields
 from sparsepd.engine.penalties import SlotHistory
 from sparsepd.engine.pools import PoolConfig, plan_geometry
 from sparsepd.engine.request import PENDING
@@ -140,3 +140,17 @@ def test_a_step_without_penalties_costs_the_history_no_call_per_request():
         calls[batch] = _count_calls(lambda: (history.bind(requests), history.record(slots, tokens)))  # noqa: B023
         assert runner.history.counts is None and not runner.history.active
     assert calls[256] == calls[8], calls
+
+
+def test_an_out_of_vocabulary_token_is_named_with_its_request():
+    """check_chunks refuses a step with a token outside the vocabulary before any forward, naming the token, its
+    position in the chunk and the chunk's slot (not only the step's range)."""
+    cfg = get_preset("tiny")
+    geometry = plan_geometry(cfg, PoolConfig(num_slots=4, max_batch_tokens=64, num_pages=8), torch.device("cpu"))
+    good = RequestChunk(0, 0, [1, 2, 3], [0])
+    bad = RequestChunk(2, 5, [4, cfg.vocab_size + 7, 5], [1])
+    check_chunks([good, RequestChunk(1, 3, [PENDING], [2])], geometry, cfg.vocab_size)  # PENDING is allowed
+    with pytest.raises(ValueError, match=rf"token {cfg.vocab_size + 7} at position 1 of the chunk in slot 2"):
+        check_chunks([good, bad], geometry, cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"token -5 at position 0 of the chunk in slot 0"):
+        check_chunks([RequestChunk(0, 0, [-5], [0])], geometry, cfg.vocab_size)
