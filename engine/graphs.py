@@ -119,7 +119,6 @@ class StaticFields:
             self._events[i].record()
 
 
-
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool) -> Iterator[None]:
     """Capture into `graph` with Python's cyclic garbage collector held off: a collection that runs mid-capture and
@@ -134,6 +133,7 @@ def capturing(graph: torch.cuda.CUDAGraph, pool) -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
 
 @dataclass
 class DecodeGraph:

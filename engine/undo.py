@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sparsepd.engine.pools import KVPools
+from sparsepd.engine.runner import to_device
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,7 @@ class UndoLog:
         """Host int64 arrays on the device, all through one copy."""
         if not arrays:
             return ()
-        flat = torch.from_numpy(np.concatenate(arrays))
-        if self.pools.device.type == "cuda":
-            flat = flat.pin_memory().to(self.pools.device, non_blocking=True)
+        flat = to_device(np.concatenate(arrays), self.pools.device)
         return flat.split([a.shape[0] for a in arrays])
 
     def restore(self, kept: list[int]) -> int:

@@ -30,8 +30,8 @@ Kernels:
    Decode tiles (M ≤ 16) compute (W · x^T)^T (SWAP_AB): 64 weight rows fill the M side of a Hopper FP8 wgmma,
    which reads both operands from shared memory (with 16 rows on the M side Triton takes mma.sync and widens W).
    Split-K for M ≤ 256 (decode and small batches) until the grid holds ~2 programs an SM (weight bytes in flight
-   to cover DRAM latency), while the fp32 partials written stay within a quarter of the weight bytes: partial tiles in an
-   fp32 workspace, the last program to finish a tile (an atomic ticket) sums them in split order (deterministic:
+   to cover DRAM latency), while the fp32 partials written stay within a quarter of the weight bytes: partial tiles
+   in an fp32 workspace, the last program to finish a tile (an atomic ticket) sums them in split order (deterministic:
    bit-identical whatever the arrival order; the split count is a run-time argument, one compiled kernel for all)
    and resets the ticket to 0, so a caller's zeroed ticket buffer (`tickets=`) saves the memset launch a call
    otherwise makes.

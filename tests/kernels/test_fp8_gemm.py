@@ -280,10 +280,12 @@ def test_split_k_fills_the_gpu_within_the_partial_budget(M, N, K):
     split, k_blocks = c.split_k, -(-K // BLOCK)
     tiles = -(-M // c.block_m) * -(-N // c.block_n)
     assert split >= 1 and split & (split - 1) == 0
-    assert 4 * M * N * split <= N * K / 4 or split == 1, f"M={M} N={N} K={K}: partials past a quarter of the weights: {c}"
+    assert 4 * M * N * split <= N * K / 4 or split == 1, \
+        f"M={M} N={N} K={K}: partials past a quarter of the weights: {c}"
     assert k_blocks // split >= 2 or split == 1, c
     assert tiles * split <= 2 * 132 or split == 1, f"M={M} N={N} K={K}: {tiles * split} programs past 2 an SM: {c}"
-    could_double = (tiles * 2 * split <= 2 * 132 and k_blocks // (2 * split) >= 2 and 4 * M * N * 2 * split <= N * K / 4)
+    could_double = (tiles * 2 * split <= 2 * 132 and k_blocks // (2 * split) >= 2
+                    and 4 * M * N * 2 * split <= N * K / 4)
     assert not could_double, f"M={M} N={N} K={K}: {tiles * split} programs, split {split} could double: {c}"
     if (M, N, K) in ((64, 4096, 8192), (32, 4096, 8192)):  # the timed best split of wo_b at M = 32 and 64
         assert split == 4, c

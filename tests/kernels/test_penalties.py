@@ -40,7 +40,8 @@ def _bound(rows, V: int, num_slots: int):
     """A SlotHistory with row b's request bound to slot num_slots - 1 - b; its samplers, its requests."""
     history = SlotHistory(num_slots, V, "cpu")
     requests = [SimpleNamespace(params=p, uses_history=p.uses_history, sampler=Sampler(p, V), prompt_ids=prompt,
-                                output_ids=output, slot=num_slots - 1 - b) for b, (p, prompt, output) in enumerate(rows)]
+                                output_ids=output, slot=num_slots - 1 - b)
+                for b, (p, prompt, output) in enumerate(rows)]
     history.bind(requests)
     return history, requests
 
