@@ -73,15 +73,20 @@ def main() -> None:
     print(f"# {args.preset}, batch {args.batch} decoding at context {args.context}, graphs + overlap")
     print(f"decode-only step: median {statistics.median(plain):.2f} ms (min {min(plain):.2f})")
     for n in counts:
-        mixed, after = [], []
-        for _ in range(args.repeats):
-            for _ in range(n):
-                engine.submit(ids(gen, args.prompt, cfg.vocab_size), short)
-            mixed.append(timed(engine))
-            after.append(timed(engine))  # the prompts' requests finish at their first token
-            timed(engine)
-        print(f"step with {n} prompt(s) of {args.prompt}: median {statistics.median(mixed):.2f} ms "
-              f"(min {min(mixed):.2f}); the step after: {statistics.median(after):.2f} ms")
+        for split in (True, False):
+            engine.runner.split_mixed = split
+            mixed, after = [], []
+            for _ in range(args.repeats):
+                for _ in range(n):
+                    engine.submit(ids(gen, args.prompt, cfg.vocab_size), short)
+                mixed.append(timed(engine))
+                after.append(timed(engine))  # the prompts' requests finish at their first token
+                timed(engine)
+            how = "decode tokens replayed, prompts eager" if split else "the whole step eager"
+            print(f"step with {n} prompt(s) of {args.prompt} ({how}): median {statistics.median(mixed):.2f} ms "
+                  f"(min {min(mixed):.2f}); the step after: {statistics.median(after):.2f} ms")
+    engine.runner.split_mixed = True
+    print(f"# forwards by path: {engine.runner.forwards}")
     if args.profile:
         n = counts[-1]
         for _ in range(n):

@@ -37,6 +37,11 @@ class Runner:
         # sampled slots are these (every decode step but one where a request ended meanwhile) remembers its tokens
         # through them, with no host index copied (`remember_tokens`).
         self._graph_slots: tuple[list[int], torch.Tensor] | None = None
+        # A step of decode tokens and prompt chunks runs its decode tokens through their graph and the chunks
+        # eagerly (`_split_mixed`); False runs such a step eagerly as a whole (bench/profile_mixed.py compares).
+        self.split_mixed = True
+        # Forwards run, by path: "graph" (a replay), "split" (a replay beside an eager forward), "eager".
+        self.forwards = {"graph": 0, "split": 0, "eager": 0}
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -98,16 +103,52 @@ class Runner:
         self._graph_slots = None
         shape = self.graphs.shape_for(chunks) if self.graphs is not None and final_rows is None else None
         if shape is not None:
+            self.forwards["graph"] += 1
             return self.graphs.run(chunks, shape, lambda fields: self._fill_from_fields(fields, chunks))
+        if self.graphs is not None and self.split_mixed and final_rows is None and logit_rows is None:
+            split = self._split_mixed(chunks)
+            if split is not None:
+                return split
         if final_rows is not None and self.verify_graphs is not None:
             shape = self.verify_graphs.shape_for(chunks)
             if shape is not None:
+                self.forwards["graph"] += 1
                 logits, hidden = self.verify_graphs.run(chunks, shape,
                                                         lambda token_ids: self._fill_pending(token_ids, chunks))
                 if logit_rows is None:  # each request's last row
                     logit_rows = list(itertools.accumulate(len(c.token_ids) for c in chunks))
                     logit_rows = [r - 1 for r in logit_rows]
                 return self._rows(logits, logit_rows), self._rows(hidden, final_rows)
+        self.forwards["eager"] += 1
+        return self._eager(chunks, final_rows, logit_rows)
+
+    def _split_mixed(self, chunks: list[RequestChunk]) -> torch.Tensor | None:
+        """A step of decode tokens and prompt chunks (a colocated worker's prefill joining the running batch) as two
+        forwards: the decode tokens through their CUDA graph, the prompt chunks eagerly, rather than the whole batch
+        eagerly. The requests are independent (own slots, pages and state), so the split changes no value; it keeps
+        the decode rows' cost at a graph replay's. Logits `[len(chunks), vocab]` in the chunks' order; None when the
+        decode tokens have no graph (then the whole step runs eagerly)."""
+        single = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and not c.captures]
+        if not single or len(single) == len(chunks):
+            return None
+        decode = [chunks[i] for i in single]
+        shape = self.graphs.shape_for(decode)
+        if shape is None:
+            return None
+        rest = [c for c in chunks if len(c.token_ids) != 1 or c.captures]
+        self.forwards["split"] += 1
+        decoded = self.graphs.run(decode, shape, lambda fields: self._fill_from_fields(fields, decode))
+        eager = self._eager(rest, None, None)
+        if single == list(range(len(single))):  # the scheduler's order: decode tokens first, then prompt chunks
+            return torch.cat([decoded, eager])
+        logits = torch.empty(len(chunks), decoded.shape[1], dtype=decoded.dtype, device=decoded.device)
+        taken = set(single)
+        others = [i for i in range(len(chunks)) if i not in taken]
+        logits[to_device(single, logits.device)] = decoded
+        logits[to_device(others, logits.device)] = eager
+        return logits
+
+    def _eager(self, chunks: list[RequestChunk], final_rows: list[int] | None, logit_rows: list[int] | None):
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)
         self._fill_pending(batch.token_ids, chunks)
         cache = PagedCache(batch, self.pools, self.rope_tables)

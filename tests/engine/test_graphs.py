@@ -174,6 +174,7 @@ def test_graph_decode_tokens_equal_eager_on_gpu():
     eager, _ = _run_mixed(model, cuda_graph=False)
     graph, engine = _run_mixed(model, cuda_graph=True)
     assert engine.runner.graphs.num_graphs >= 3
+    assert engine.runner.forwards["split"] > 0  # prompts that joined decoding requests: replay + eager chunks
     assert graph == eager
 
 
