@@ -279,6 +279,8 @@ def _router_args(args: argparse.Namespace) -> list[str]:
             out += [flag, str(value)]
     if args.no_cluster_auth:
         out.append("--no-cluster-auth")
+    if args.batch_wait_idle:
+        out.append("--batch-wait-idle")
     return out
 
 

@@ -1,8 +1,9 @@
 """Dispatch: from an admitted request to tokens on its stream, through one prefill and one decode worker.
 
     admit (bounded queue) → pick P (the one whose prefix cache holds the head's prompt, else fewest queued
-    tokens) → batch (token budget, short wait; requests another P's cache holds wait for that P's batch)
-    → per request pick D (room, then least loaded, router/placement.py) and Reserve there
+    tokens) → batch (token budget; a short wait for more only while P has a batch in flight; requests another
+    P's cache holds wait for that P's batch) → per request pick D (room, then least loaded, router/placement.py)
+    and Reserve there
     → Prefill(batch with tickets) on P
     → first token from P → the rest from D's token stream → end → release what is still held
 
@@ -65,13 +66,16 @@ class Dispatcher:
     def __init__(self, pool: WorkerPool, tokenizer=None, metrics=None, max_queue: int = 256,
                  batch_tokens: int = 2048, batch_wait_s: float = 0.005, reserve_ttl_s: float = 60.0,
                  prefill_timeout_s: float = 300.0, batches_per_prefill: int = 2, max_migrations: int = 3,
-                 stream_interval: int = 1):
-        """stream_interval: tokens a flow hands its stream at a time after the first (router/delivery.py)."""
+                 stream_interval: int = 1, batch_wait_idle: bool = False):
+        """stream_interval: tokens a flow hands its stream at a time after the first (router/delivery.py).
+        batch_wait_idle: wait batch_wait_s for more requests also when the prefill worker has no batch in flight
+        (by default an idle worker gets the queue at once)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be ≥ 1, got {stream_interval}")
         self.pool, self.tokenizer, self.metrics = pool, tokenizer, metrics
         self.stream_interval = stream_interval
         self.max_queue, self.batch_tokens, self.batch_wait_s = max_queue, batch_tokens, batch_wait_s
+        self.batch_wait_idle = batch_wait_idle
         self.prefill_timeout_s = prefill_timeout_s
         self.batches_per_prefill, self.max_migrations = batches_per_prefill, max_migrations
         self.flows: dict[str, Flow] = {}
@@ -184,7 +188,10 @@ class Dispatcher:
             preferred = self._cached_prefill(self.queue[0])
             if preferred is not None and preferred.inflight < self.batches_per_prefill:
                 prefill = preferred
-            batch = await self._form_batch(lambda f, chosen=prefill: self._cached_prefill(f) in (None, chosen))
+            # an idle worker gets the queue at once: waiting for company only pays while it is busy with a batch
+            # (5 ms of every request's TTFT at low load otherwise, bench/RESULTS.md 2026-12-07)
+            wait_s = self.batch_wait_s if prefill.inflight or self.batch_wait_idle else 0.0
+            batch = await self._form_batch(lambda f, chosen=prefill: self._cached_prefill(f) in (None, chosen), wait_s)
             if batch:
                 self.pool.placement.chose(prefill)
                 prefill.inflight += 1
@@ -208,11 +215,11 @@ class Dispatcher:
         if pages > 0:
             prefill.cached = prefill.cached | set(flow.prefix_hashes[:pages])
 
-    async def _form_batch(self, accept: Callable[[Flow], bool]) -> list[Flow]:
-        """Take the queued flows `accept` takes (in order, up to the token budget), waiting at most batch_wait_s
-        for more to arrive; the head is always taken (it chose the worker)."""
+    async def _form_batch(self, accept: Callable[[Flow], bool], wait_s: float) -> list[Flow]:
+        """Take the queued flows `accept` takes (in order, up to the token budget), waiting at most wait_s for more
+        to arrive; the head is always taken (it chose the worker)."""
         batch, tokens = [], 0
-        deadline = time.monotonic() + self.batch_wait_s
+        deadline = time.monotonic() + wait_s
         while True:
             for flow in list(self.queue):
                 if batch and tokens + flow.prefill_len > self.batch_tokens:

@@ -92,7 +92,11 @@ def add_dispatch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, default=2048,
                    help="prompt tokens per prefill batch (default: %(default)s)")
     g.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests (default: %(default)s)")
+                   help="how long a batch waits for more requests while its prefill worker is busy with another batch "
+                        "(an idle worker gets the queue at once) (default: %(default)s)")
+    g.add_argument("--batch-wait-idle", action="store_true",
+                   help="wait --batch-wait-ms for more requests also when the prefill worker is idle: fuller batches "
+                        "at low load, at the cost of that wait in every request's time to first token")
     g.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens a request may ask for (default: the context length)")
     g.add_argument("--max-migrations", type=int, default=3,
@@ -139,7 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(pool, card.load_tokenizer(), metrics, max_queue=args.max_queue,
                             batch_tokens=args.batch_tokens, batch_wait_s=args.batch_wait_ms / 1e3,
                             reserve_ttl_s=args.reserve_ttl, max_migrations=args.max_migrations,
-                            stream_interval=args.stream_interval)
+                            stream_interval=args.stream_interval, batch_wait_idle=args.batch_wait_idle)
     metrics.watch(dispatcher)
     await pool.start()
     deadline = time.monotonic() + args.worker_timeout

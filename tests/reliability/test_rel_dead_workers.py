@@ -145,10 +145,11 @@ def test_each_choice_of_n_moves_on_its_own(fleet):
 def test_prefill_worker_crashing_with_a_batch_in_flight(fleet, point):
     crashing, healthy = fleet[f"crash_{point}"], fleet["prefill"]
     decode = next(c for c in fleet.children if c.name.startswith("decode_") and c.alive())
-    # The crashing worker is listed first: with nothing queued the router picks it. A long batch wait puts
-    # the three requests in one batch.
+    # The crashing worker is listed first: with nothing queued the router picks it. A long batch wait, also at
+    # an idle worker, puts the three requests in one batch.
     name = f"router_{point}"
-    router = fleet.routers(**{name: ([crashing, healthy], [decode], ["--batch-wait-ms", "300"])})[name]
+    wait = ["--batch-wait-ms", "300", "--batch-wait-idle"]
+    router = fleet.routers(**{name: ([crashing, healthy], [decode], wait)})[name]
     prompts = [[256, *f"crash {point} {i}".encode()] for i in range(3)]
     later_prompt = [256, *b"after the crash"]
 

@@ -78,10 +78,12 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
         self.gate.set()
         self.fail: grpc.StatusCode | None = None
         self.asked: list[str] = []
+        self.batches: list[list[str]] = []  # the request ids of each Prefill call, in arrival order
         self.released: list[str] = []
 
     async def Prefill(self, batch, context):
         self.asked += [r.request_id for r in batch.requests]
+        self.batches.append([r.request_id for r in batch.requests])
         await self.gate.wait()
         if self.fail is not None:
             code, self.fail = self.fail, None
@@ -104,6 +106,9 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
 class Rig:
     """The scripted workers, a worker pool and a started dispatcher; `finished` are the ids a decode event ended."""
 
+    def __init__(self, batch_wait_s: float = 0.0):
+        self.batch_wait_s = batch_wait_s
+
     async def __aenter__(self) -> Rig:
         self.prefill, self.decode = ScriptedPrefill(), ScriptedDecode()
         self.servers, addresses = [], []
@@ -115,7 +120,7 @@ class Rig:
             await server.start()
             self.servers.append(server)
         self.pool = WorkerPool([addresses[0]], [addresses[1]], poll_s=0.05)
-        self.d = Dispatcher(self.pool, batch_wait_s=0.0, max_migrations=3)
+        self.d = Dispatcher(self.pool, batch_wait_s=self.batch_wait_s, max_migrations=3)
         self.finished: set[str] = set()
         await self.pool.start()
         self.d.start()
@@ -365,3 +370,39 @@ def test_a_late_answer_for_an_ended_flow_changes_nothing(caplog):
     with caplog.at_level(logging.ERROR, logger="sparsepd.router"):
         asyncio.run(scenario())
     assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+
+
+def test_an_idle_prefill_worker_gets_a_request_without_the_batch_wait():
+    """The batch wait is for company while the prefill worker is busy: a request that finds it idle goes out at
+    once (with a wait of a minute, it reaches the worker within the test's 10 s or the test fails), and ends."""
+    async def scenario() -> None:
+        async with Rig(batch_wait_s=60.0) as rig:
+            flow = rig.submit("alone")
+            await until(lambda: rig.prefill.batches == [["alone"]], "the lone request's Prefill is out")
+            assert flow.stage is DEC
+            rig.finish(flow, [1])
+            await settle(rig)
+            assert [o.finish_reason for o in end_events(flow)] == ["length"]
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_prefill_worker_gets_the_requests_of_the_batch_wait_in_one_batch():
+    """While a batch is in flight on the prefill worker, the next one waits for company: two requests that come
+    one after the other go out together once the wait is over, the first alone before them."""
+    async def scenario() -> None:
+        async with Rig(batch_wait_s=0.5) as rig:
+            first = await reach(rig, "first", PRE)  # held by the worker: it is busy now
+            second = rig.submit("second")
+            await until(lambda: second.stage is RING, "the second request is taken into a batch")
+            third = rig.submit("third")
+            await until(lambda: len(rig.prefill.batches) == 2, "the second batch's Prefill is out")
+            assert rig.prefill.batches == [["first"], ["second", "third"]]
+            rig.prefill.gate.set()
+            for flow in (first, second, third):
+                await until(lambda f=flow: f.stage is DEC, f"{flow.request_id} is decoding")
+                rig.finish(flow, [1])
+            await settle(rig)
+            assert all(len(end_events(f)) == 1 for f in (first, second, third))
+
+    asyncio.run(scenario())
