@@ -159,6 +159,18 @@ def _e4m3fn_dequant(code, scale_byte):
 
 
 @triton.jit
+def _e4m3fn_cvt(code, scale_byte, DTYPE: tl.constexpr):
+    """`_e4m3fn_dequant` by the FP8 conversion, cast to DTYPE: the code (uint8) seen as float8e4nv and converted
+    (sm_90: one cvt.rn.f16x2.e4m3x2 for two codes, then f16 → f32), times 2^(scale_byte − 127) in fp32 (exact),
+    then cast (two values a cvt for bf16). fp32 rather than bf16 arithmetic: bf16 from f16 is a cvt.bf16.f16 per
+    value on sm_90, fp16 may not hold the scale, and the interpreter's bf16 multiply is not real. A scale byte of 0
+    gives 0 here, 2^−127 there: the model's scales are ≥ 2^−22. Codes 0x7F/0xFF (NaN) never occur in FP8 KV rows
+    (the pack clamps to ±448)."""
+    f8 = code.to(tl.float8e4nv, bitcast=True)
+    return (f8.to(tl.float32) * (scale_byte << 23).to(tl.float32, bitcast=True)).to(DTYPE)
+
+
+@triton.jit
 def _store_fp8_row(out_ptr, rope_ptr, dst, ok, y, c,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                    NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
