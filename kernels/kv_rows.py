@@ -18,7 +18,8 @@ The scale of a block is 2^ceil(log2(max(amax, 1e-4) / 448)), the model's roundin
 model already rounded stores the same numbers (a block whose rounded amax fell to the next binade may take
 half the scale: its codes are then twice the values, still exact), and `unpack(pack(x)) == x` bit for bit.
 e4m3fn codes are decoded by integer arithmetic in registers (kernels/sparse_attention.py), the same on NVIDIA,
-AMD (whose MI300 native FP8 is e4m3fnuz) and the interpreter.
+AMD (whose MI300 native FP8 is e4m3fnuz) and the interpreter, or (a launch variant: `_e4m3fn_cvt`) by the FP8
+conversion as float8e4nv.
 
 API (`backend` as in kernels/device.py):
     KVRowLayout(head_dim, rope_dim, rope_dtype)           the layout; .row_bytes, .nope_dim, offsets

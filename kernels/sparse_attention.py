@@ -26,7 +26,12 @@ KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kerne
 uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
-the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
+the dequantized rows. `SparseAttnConfig.dequant` picks how: "bits" (that, the default), "cvt" (the codes converted
+as float8e4nv, sm_90's cvt.rn.f16x2.e4m3x2, then times the scale in fp32: fewer instructions a value), or
+"cvt_chunks" (converted, unscaled, and the scales applied outside the tile: S = Σ_c (q_c · codes_cᵀ) · scale_c and
+PV_c = (P · scale_c) · codes_c over the 64-column chunks c, batched dots; exact in bf16/fp32, not in fp16). All three
+compute the same function within the dots' rounding (tests/kernels/test_sparse_attention.py). The reference
+dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
 tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`; all three pipelined
 by 8-byte cp.async, the widest a 584-byte row allows). The dequantized key tile is held in registers, so FP8 rows
 take the bf16 rows' head blocks and splits with 8 warps and shorter key steps (`default_config`: no spills on
@@ -131,6 +136,16 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     AMD FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
     h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
     16-head blocks, and one stage on gfx942 (h32/n16/st1: ≤ 245 VGPRs, ≤ 84 SGPRs, 32 KiB).
+
+    FP8 rows' dequantization (`SparseAttnConfig.dequant`) stays "bits" on every target until a device run of
+    `bench/bench_sparse_attention.py --quick --rows fp8` shows another faster: its "FP8 cvt" and "FP8 cvt_chunks"
+    columns time the table's tile with each, and the default changes per NVIDIA row (head block) only where one is
+    faster at every shape that row serves (T = 1, T ≥ 32 decode, prefill), beyond the spread of two timings of the
+    same launch. Compiled for sm_90 on the CPU (2026-12-07): "cvt" 219 regs at h16/n32/w8/st4 and 254 at
+    h64/n16/w8/st5, no spills ("bits": 220, 255); "cvt_chunks" 172 regs at h16 but 324 bytes of spills at h64 (its
+    batched dots take mma.sync, not wgmma). AMD: both compile for gfx950 and gfx942 at the table's FP8 tiles
+    (gfx942 has no OCP e4m3 conversion instruction: Triton converts it in software there); "cvt_chunks" spills
+    2-8 SGPRs on gfx950. AMD keeps "bits" (untimed).
     """
     big_h = 64 if arch is None or arch == "gfx950" else 32
     block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(big_h, triton.next_power_of_2(H))
