@@ -12,9 +12,14 @@ engine's format, then bf16 rows); a default launch that splits the keys is also 
 split merge done by the last program of each head block: one launch instead of two); `--sweep` also times
 launch variants and reports the best; `--json PATH` writes every row. FP8 rows are also timed at the bf16 rows'
 tiles ("FP8 at bf16 tiles": the FP8 table before 2026-12-06, fitted to shared memory), which spilled registers on
-sm_90. `--quick` times only the issue's target shapes; `--out DIR` writes attn.json and attn.md there.
+sm_90. FP8 rows are also timed at the default tile with each other dequantization of SparseAttnConfig.dequant
+("FP8 cvt": the codes converted as float8e4nv, the scale applied to the tile; "FP8 cvt_chunks": the scales kept out
+of the tile by chunked dots; the default "bits" decodes the code bits with integer ops), and `--sweep` times every
+variant tile with each of the three. `--quick` times only the issue's target shapes; `--out DIR` writes attn.json
+and attn.md there.
 
     python3 bench/bench_sparse_attention.py [--rows both] [--quick] [--sweep] [--budget-s 300] [--out $OUT/attn]
+    python3 bench/bench_sparse_attention.py --quick --rows fp8 --sweep --budget-s 400 --out $OUT/attn   # dequant
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import triton.language as tl
 
 from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows
 from sparsepd.kernels.sparse_attention import (
+    DEQUANT_MODES,
     SparseAttnConfig,
     _sparse_attn_fwd,
     default_config,
@@ -149,8 +155,9 @@ def time_config(sets, pool, config, layout=None) -> float:
     return graph_ms_per_call(calls) * 1e3
 
 
-def variants(T, H, K, num_sms):
-    """Launch variants for the sweep: head blocking, key block, warps, stages, skip_empty, split count."""
+def variants(T, H, K, num_sms, dequants=("bits",)):
+    """Launch variants for the sweep: head blocking, key block, warps, stages, skip_empty, split count, and for FP8
+    KV rows each of `dequants` (SparseAttnConfig.dequant) at every tile, one after another."""
     shapes = {64: [(32, 8, 3, True), (32, 8, 4, True), (32, 8, 3, False), (64, 8, 2, True), (64, 8, 2, False),
                    (16, 8, 3, True), (16, 8, 4, True)],
               32: [(32, 4, 3, False), (32, 8, 3, True)],
@@ -164,9 +171,10 @@ def variants(T, H, K, num_sms):
         # num_sms // programs: one round of programs where a tile holds a whole SM (FP8 rows' 8-warp tiles)
         splits = [s for s in (1, 2, 4, 8, 16, num_sms // programs, K // 32)
                   if s == 1 or (1 <= programs * s <= 3 * num_sms and s <= K // 32)]
-        out += [SparseAttnConfig(bh, bn, s, w, st, skip) for bn, w, st, skip in combos for s in sorted(set(splits))]
-        out += [SparseAttnConfig(bh, bn, s, w, st, skip, fused_merge=True) for bn, w, st, skip in combos
-                for s in sorted(set(splits)) if s > 1]
+        out += [SparseAttnConfig(bh, bn, s, w, st, skip, dequant=dq) for bn, w, st, skip in combos
+                for s in sorted(set(splits)) for dq in dequants]
+        out += [SparseAttnConfig(bh, bn, s, w, st, skip, fused_merge=True, dequant=dq) for bn, w, st, skip in combos
+                for s in sorted(set(splits)) if s > 1 for dq in dequants]
     return out
 
 
@@ -199,15 +207,23 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
         fused = dataclasses.replace(default, fused_merge=True)
         check(sets, pool, fused, ref, layout)
         t_fused = time_config(sets, pool, fused, layout)
+    t_dequant = {}
+    if layout is not None:  # the default tile with each other FP8 dequantization (SparseAttnConfig.dequant)
+        for mode in DEQUANT_MODES:
+            if mode != default.dequant:
+                other = dataclasses.replace(default, dequant=mode)
+                check(sets, pool, other, ref, layout)
+                t_dequant[mode] = time_config(sets, pool, other, layout)
     best, t_best = default, t_default
     if ctx["sweep"]:
-        for config in variants(T, H, K, ctx["sms"]):
+        dequants = ctx["dequants"] if layout is not None else ("bits",)
+        for config in variants(T, H, K, ctx["sms"], dequants):
             if time.monotonic() > ctx["deadline"]:
                 break
             try:
                 check(sets, pool, config, ref, layout)
                 t = time_config(sets, pool, config, layout)
-            except (triton.runtime.errors.OutOfResources, AssertionError) as err:
+            except (triton.runtime.errors.OutOfResources, AssertionError, ValueError) as err:
                 print(f"  skip {config}: {str(err)[:120]}")
                 continue
             print(f"  {kind} T={T} H={H} K={K} {fmt_cfg(config)}: {t:.2f} us", flush=True)
@@ -215,7 +231,7 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
                 best, t_best = config, t
     fl, bound = floor_us(T, H, K, ctx["bw"], ctx["rate"], layout)
     row = dict(kind=kind, rows="fp8" if layout else "bf16", T=T, H=H, K=K, t=t_default, t_fused=t_fused, t_prev=t_prev,
-               floor=fl, bound=bound, ref=t_ref, best=t_best,
+               t_dequant=t_dequant, floor=fl, bound=bound, ref=t_ref, best=t_best,
                best_cfg=best, default_cfg=default)
     print_table([row], ctx["rate"], header=not ctx["printed"])
     ctx["printed"] = True
@@ -225,19 +241,24 @@ def run_case(kind, T, H, K, pool, ctx, shared_keys=1, layout=None):
 def fmt_cfg(c: SparseAttnConfig) -> str:
     skip = "/skip" if c.skip_empty else ""
     fused = "/fused" if c.fused_merge else ""
-    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}{fused}"
+    dequant = "" if c.dequant == "bits" else f"/{c.dequant}"
+    return f"h{c.block_h}/n{c.block_n}/s{c.num_splits}/w{c.num_warps}/st{c.num_stages}{skip}{fused}{dequant}"
 
 
 def print_table(rows, rate, header=True, file=None):
     if header:
-        print("\n| case | rows | T | H | K | time µs | fused-merge µs | FP8 at bf16 tiles µs | floor µs (bound) "
-              "| % of floor | TFLOP/s | % of mm rate | ref µs | × ref | config | best variant µs (config) |", file=file)
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=file)
+        print("\n| case | rows | T | H | K | time µs | fused-merge µs | FP8 at bf16 tiles µs | FP8 cvt µs "
+              "| FP8 cvt_chunks µs "
+              "| floor µs (bound) | % of floor | TFLOP/s | % of mm rate | ref µs | × ref | config "
+              "| best variant µs (config) |", file=file)
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=file)
     for r in rows:
         tflops = 4 * r["T"] * r["H"] * r["K"] * D / (r["t"] * 1e-6) / 1e12
         fused = "—" if r["t_fused"] is None else f"{r['t_fused']:.2f}"
         prev = "—" if r.get("t_prev") is None else f"{r['t_prev']:.2f}"
-        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} | {prev} "
+        dq = " | ".join("—" if r["t_dequant"].get(m) is None else f"{r['t_dequant'][m]:.2f}"
+                        for m in ("cvt", "cvt_chunks"))
+        print(f"| {r['kind']} | {r['rows']} | {r['T']} | {r['H']} | {r['K']} | {r['t']:.2f} | {fused} | {prev} | {dq} "
               f"| {r['floor']:.2f} ({r['bound']}) | {100 * r['floor'] / r['t']:.0f}% | {tflops:.0f} "
               f"| {100 * tflops * 1e12 / rate:.0f}% "
               f"| {r['ref']:.0f} | {r['ref'] / r['t']:.0f}× | {fmt_cfg(r['default_cfg'])} "
@@ -254,7 +275,7 @@ def print_resources():
                 consts = {}
                 for k, v in getattr(kernel.src, "constants", {}).items():
                     name = names[k[0]] if isinstance(k, tuple) else str(k)
-                    if name in ("BLOCK_H", "BLOCK_N", "SPLIT", "D"):
+                    if name in ("BLOCK_H", "BLOCK_N", "SPLIT", "D", "FP8_ROWS", "DEQUANT"):
                         consts[name] = v
                 meta = kernel.metadata
                 print(f"  {consts} warps={meta.num_warps} stages={meta.num_stages}: regs={kernel.n_regs} "
@@ -283,7 +304,13 @@ def main() -> None:
     parser.add_argument("--json", help="write every row here (JSON)")
     parser.add_argument("--quick", action="store_true", help="only the issue's target shapes (about 40 s)")
     parser.add_argument("--out", help="write attn.json and attn.md (the table) into this folder")
+    parser.add_argument("--dequant", default=",".join(DEQUANT_MODES),
+                        help="FP8 dequantizations the sweep times at every tile (comma-separated, of "
+                             f"{', '.join(DEQUANT_MODES)})")
     args = parser.parse_args()
+    dequants = tuple(args.dequant.split(","))
+    if not dequants or set(dequants) - set(DEQUANT_MODES):
+        parser.error(f"--dequant takes a comma-separated list of {DEQUANT_MODES}, got {args.dequant!r}")
     if args.profile:
         profile(*args.profile, [SparseAttnConfig(64, 32, 1, 8, 3, True), SparseAttnConfig(64, 32, 1, 8, 3, False)])
         return
@@ -299,7 +326,7 @@ def main() -> None:
     print(f"pool {pool.shape[0]} rows ({pool.numel() * 2 >> 20} MiB bf16, {pool.shape[0] * layout.row_bytes >> 20} "
           f"MiB FP8); one-row launch floor {launch_floor_us(pool):.2f} µs per call in a graph")
     ctx = dict(l2=props.L2_cache_size, sms=props.multi_processor_count, bw=bw, rate=rate, sweep=args.sweep,
-               smem=props.shared_memory_per_block_optin,
+               smem=props.shared_memory_per_block_optin, dequants=dequants,
                deadline=time.monotonic() + args.budget_s, printed=False)
     rows = []
     for name in chosen:

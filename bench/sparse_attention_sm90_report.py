@@ -3,7 +3,8 @@
 For each target shape of issue 31 (D = 512, K = 1152) it compiles `_sparse_attn_fwd` for sm_90 as
 tests/kernels/test_sparse_attention_smem.py does (Triton's NVIDIA backend, its ptxas with Triton's flags) at the
 launch `default_config` picks for bf16 rows and for FP8 KV rows, for FP8 rows also at the bf16 rows' tiles (the
-FP8 table before 2026-12-06), and split launches also with `fused_merge`, and prints one markdown row each:
+FP8 table before 2026-12-06) and with the other dequantizations (`SparseAttnConfig.dequant`: cvt, cvt_chunks), and
+split launches also with `fused_merge`, and prints one markdown row each:
 registers a thread, spill store bytes, shared bytes, the tile, programs (against 132 SMs), and the plain
 (non-cp.async) row loads left in the key loop.
 
@@ -47,6 +48,7 @@ def rows() -> list[str]:
         fp8 = default_config(T, H, K, D, SMS, fp8_rows=True)
         cases = [("bf16", False, bf16), ("FP8", True, fp8),
                  ("FP8 at bf16 tiles", True, fit_shared_memory(bf16, D, 2, layout, SM90_SMEM_BYTES))]
+        cases += [(f"FP8 {mode}", True, dataclasses.replace(fp8, dequant=mode)) for mode in ("cvt", "cvt_chunks")]
         if fp8.num_splits > 1:  # the split merge in the last program (one launch)
             cases += [("bf16 fused merge", False, dataclasses.replace(bf16, fused_merge=True)),
                       ("FP8 fused merge", True, dataclasses.replace(fp8, fused_merge=True))]

@@ -18,7 +18,8 @@ The scale of a block is 2^ceil(log2(max(amax, 1e-4) / 448)), the model's roundin
 model already rounded stores the same numbers (a block whose rounded amax fell to the next binade may take
 half the scale: its codes are then twice the values, still exact), and `unpack(pack(x)) == x` bit for bit.
 e4m3fn codes are decoded by integer arithmetic in registers (kernels/sparse_attention.py), the same on NVIDIA,
-AMD (whose MI300 native FP8 is e4m3fnuz) and the interpreter.
+AMD (whose MI300 native FP8 is e4m3fnuz) and the interpreter, or (a launch variant: `_e4m3fn_cvt`) by the FP8
+conversion as float8e4nv.
 
 API (`backend` as in kernels/device.py):
     KVRowLayout(head_dim, rope_dim, rope_dtype)           the layout; .row_bytes, .nope_dim, offsets
@@ -156,6 +157,18 @@ def _e4m3fn_dequant(code, scale_byte):
     times 2^−8, so the scale carries 2^8 (exponent field scale_byte + 8)."""
     h = (((code & 0x80) << 8) | ((code & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
     return h.to(tl.float32) * ((scale_byte + 8) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3fn_cvt(code, scale_byte, DTYPE: tl.constexpr):
+    """`_e4m3fn_dequant` by the FP8 conversion, cast to DTYPE: the code (uint8) seen as float8e4nv and converted
+    (sm_90: one cvt.rn.f16x2.e4m3x2 for two codes, then f16 → f32), times 2^(scale_byte − 127) in fp32 (exact),
+    then cast (two values a cvt for bf16). fp32 rather than bf16 arithmetic: bf16 from f16 is a cvt.bf16.f16 per
+    value on sm_90, fp16 may not hold the scale, and the interpreter's bf16 multiply is not real. A scale byte of 0
+    gives 0 here, 2^−127 there: the model's scales are ≥ 2^−22. Codes 0x7F/0xFF (NaN) never occur in FP8 KV rows
+    (the pack clamps to ±448)."""
+    f8 = code.to(tl.float8e4nv, bitcast=True)
+    return (f8.to(tl.float32) * (scale_byte << 23).to(tl.float32, bitcast=True)).to(DTYPE)
 
 
 @triton.jit

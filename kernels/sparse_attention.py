@@ -26,7 +26,12 @@ KV rows: float rows `kv` [R, D] in q's dtype, or FP8 KV rows (`kv_layout`, kerne
 uint8, e4m3fn nope codes with a power-of-two scale per 64, rope dims in the layout's dtype) dequantized in
 registers as they are gathered (the code bits placed in an fp16, times 2^8·scale: exact, integer ops only, the
 same on NVIDIA, AMD and the interpreter), then cast to q's dtype for the dots: the result is the attention over
-the dequantized rows. The reference dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
+the dequantized rows. `SparseAttnConfig.dequant` picks how: "bits" (that, the default), "cvt" (the codes converted
+as float8e4nv, sm_90's cvt.rn.f16x2.e4m3x2, then times the scale in fp32: fewer instructions a value), or
+"cvt_chunks" (converted, unscaled, and the scales applied outside the tile: S = Σ_c (q_c · codes_cᵀ) · scale_c and
+PV_c = (P · scale_c) · codes_c over the 64-column chunks c, batched dots; exact in bf16/fp32, not in fp16). All three
+compute the same function within the dots' rounding (tests/kernels/test_sparse_attention.py). The reference
+dequantizes the gathered rows with `unpack_kv_rows`. V4's rows are gathered as
 tiles of their own size (codes, one 8-byte scale word, 64 rope dims: `_gather_fp8_compact`; all three pipelined
 by 8-byte cp.async, the widest a 584-byte row allows). The dequantized key tile is held in registers, so FP8 rows
 take the bf16 rows' head blocks and splits with 8 warps and shorter key steps (`default_config`: no spills on
@@ -58,7 +63,7 @@ import triton.language as tl
 
 from sparsepd.kernels.attn_merge import check_out, lse_dtype, merge_attn, merge_attn_ref
 from sparsepd.kernels.device import Backend, amd_arch, pick_backend
-from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_dequant, check_rows, unpack_kv_rows
+from sparsepd.kernels.kv_rows import KVRowLayout, _e4m3fn_cvt, _e4m3fn_dequant, check_rows, unpack_kv_rows
 
 __all__ = ["SM90_SMEM_BYTES", "SparseAttnConfig", "default_config", "fit_shared_memory", "merge_attn", "merge_attn_ref",
            "smem_bytes", "sparse_attn", "sparse_attn_ref"]
@@ -70,6 +75,7 @@ _MAX_TRITON_D = 512
 _MAX_KEYS_PER_SPLIT = 2048  # a split's indices are loaded at once: 2 index blocks, 256 and 2048
 _MAX_SPLITS = 64
 SM90_SMEM_BYTES = 232448  # H100/H200: shared memory a block may opt into (227 KiB)
+DEQUANT_MODES = ("bits", "cvt", "cvt_chunks")  # SparseAttnConfig.dequant; the kernel's DEQUANT is the index
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,12 @@ class SparseAttnConfig:
     num_stages: int
     skip_empty: bool = True  # branch over all-padding key blocks (also changes the S tile's warp layout)
     fused_merge: bool = False  # split launches: the last program of a head block merges (no second launch)
+    # FP8 KV rows' dequantization (ignored for float rows): "bits" builds the values from the code bits with integer
+    # ops (every target, the default); "cvt" converts the codes as float8e4nv (Hopper's and gfx950's hardware
+    # conversion) and multiplies by the scale; "cvt_chunks" converts them too but keeps the scales out of the key
+    # tile: S = Σ_chunk (q_chunk · codes_chunk) · scale and PV = Σ_chunk (P · scale_chunk) · codes_chunk (batched
+    # dots over the 64-column chunks; compact rows, q in bf16 or fp32). `DEQUANT_MODES`.
+    dequant: str = "bits"
 
 
 def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | None = None,
@@ -124,6 +136,16 @@ def default_config(T: int, H: int, K: int, D: int, num_sms: int, arch: str | Non
     AMD FP8 KV rows (`fp8_rows`: the dequantization's addresses and integer work) spilled 11-23 SGPRs at gfx950's
     h16/n32/st3 and 2-19 at gfx942's h32/n16/st2 and h16/n16/st2: they take 16-key steps and 2 stages on gfx950's
     16-head blocks, and one stage on gfx942 (h32/n16/st1: ≤ 245 VGPRs, ≤ 84 SGPRs, 32 KiB).
+
+    FP8 rows' dequantization (`SparseAttnConfig.dequant`) stays "bits" on every target until a device run of
+    `bench/bench_sparse_attention.py --quick --rows fp8` shows another faster: its "FP8 cvt" and "FP8 cvt_chunks"
+    columns time the table's tile with each, and the default changes per NVIDIA row (head block) only where one is
+    faster at every shape that row serves (T = 1, T ≥ 32 decode, prefill), beyond the spread of two timings of the
+    same launch. Compiled for sm_90 on the CPU (2026-12-07): "cvt" 219 regs at h16/n32/w8/st4 and 254 at
+    h64/n16/w8/st5, no spills ("bits": 220, 255); "cvt_chunks" 172 regs at h16 but 324 bytes of spills at h64 (its
+    batched dots take mma.sync, not wgmma). AMD: both compile for gfx950 and gfx942 at the table's FP8 tiles
+    (gfx942 has no OCP e4m3 conversion instruction: Triton converts it in software there); "cvt_chunks" spills
+    2-8 SGPRs on gfx950. AMD keeps "bits" (untimed).
     """
     big_h = 64 if arch is None or arch == "gfx950" else 32
     block_h = 16 if H <= 16 or T * triton.cdiv(H, 16) <= num_sms else min(big_h, triton.next_power_of_2(H))
@@ -202,25 +224,28 @@ def _block_softmax(s, m_i, m_use, dtype: tl.constexpr):
 def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.constexpr,
                  FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
                  ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, COMPACT: tl.constexpr,
-                 ROPE_DIM: tl.constexpr):
+                 ROPE_DIM: tl.constexpr, DEQUANT: tl.constexpr):
     """Rows idx [BLOCK_N] of the KV buffer as [BLOCK_N, BLOCK_D] DTYPE (0 where invalid): float rows as they are,
-    FP8 KV rows (kernels/kv_rows.py) dequantized in registers; the row stride is a constexpr there, so the
-    compiler sees 8-byte aligned rows. The rope dims are read through kv_ptr cast to ROPE_DT in the kernel (a
-    second pointer argument cost AMD 11-23 spilled SGPRs)."""
+    FP8 KV rows (kernels/kv_rows.py) dequantized in registers (DEQUANT 0: from the code bits, 1: by the FP8
+    conversion); the row stride is a constexpr there, so the compiler sees 8-byte aligned rows. The rope dims are
+    read through kv_ptr cast to ROPE_DT in the kernel (a second pointer argument cost AMD 11-23 spilled SGPRs)."""
     r = idx.to(tl.int64)[:, None]
     if FP8_ROWS:
         rope_ptr = kv_ptr.to(tl.pointer_type(ROPE_DT), bitcast=True)
         if COMPACT:
             rows = _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
-                                       ROPE_OFF_E, ROPE_DIM)
+                                       ROPE_OFF_E, ROPE_DIM, DEQUANT, DTYPE)
         else:
             nope = offs_d < NOPE
             m = valid[:, None] & nope[None, :]
-            code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0).to(tl.int32)
+            code = tl.load(kv_ptr + r * ROW_BYTES + offs_d[None, :], mask=m, other=0)
             sbyte = tl.load(kv_ptr + r * ROW_BYTES + SCALE_OFF + offs_d[None, :] // 64, mask=m, other=0).to(tl.int32)
             rope = tl.load(rope_ptr + r * ROW_E + (ROPE_OFF_E - NOPE) + offs_d[None, :],
                            mask=valid[:, None] & (mask_d & ~nope)[None, :], other=0.0)
-            rows = tl.where(nope[None, :], _e4m3fn_dequant(code, sbyte), rope.to(tl.float32))
+            if DEQUANT == 0:
+                rows = tl.where(nope[None, :], _e4m3fn_dequant(code.to(tl.int32), sbyte), rope.to(tl.float32))
+            else:
+                rows = tl.where(nope[None, :], _e4m3fn_cvt(code, sbyte, DTYPE), rope.to(DTYPE))
         rows = rows.to(DTYPE)
     else:
         rows = tl.load(kv_ptr + r * stride_kvr + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
@@ -228,17 +253,10 @@ def _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE: tl.const
 
 
 @triton.jit
-def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
-                        SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DIM: tl.constexpr):
-    """FP8 KV rows as fp32 [BLOCK_N, BLOCK_D] from tiles of the row's own size: codes [N, BLOCK_D] bytes, the
-    scale bytes as one int64 word a row [N, 1] (split into bytes in registers), the rope dims [N, 64]; each
-    pipelined load stage holds 648 bytes a key at V4's geometry instead of 2048 (codes, a scale byte per column and
-    a BLOCK_D rope tile), which let 64-key steps fit an H100's shared memory (`smem_bytes`). The scales are one
-    8-byte load a row so that the pipeliner can move them with cp.async (≥ 4 bytes a thread): as [N, 8] bytes at 8
-    warps (1-2 bytes a thread) they were a plain load inside the loop, a dependent global round trip every key step
-    (sm_90 TTGIR, 2026-12-06). Needs rope dims ≤ 64, 8-byte aligned scales (`_compact_rows`) and an 8-byte aligned
-    `kv` (the wrapper checks). The rope dims fill 64-column chunk NOPE/64, placed by a broadcast over the
-    [N, BLOCK_D/64, 64] view."""
+def _load_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                      SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """The tiles of `_gather_fp8_compact`: codes [N, BLOCK_D/64, 64] uint8 (0 past the nope dims), scale bytes
+    [N, BLOCK_D/64] int32 (127, a scale of 1, for the rope chunk and past D), rope dims [N, 64] ROPE_DT."""
     BLOCK_N: tl.constexpr = r.shape[0]
     BLOCK_D: tl.constexpr = offs_d.shape[0]
     NCH: tl.constexpr = BLOCK_D // 64
@@ -251,10 +269,55 @@ def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, 
                    mask=valid[:, None] & (offs_e < ROPE_DIM)[None, :], other=0.0)
     sbyte = ((word >> (8 * chunk[None, :]).to(tl.int64)) & 0xFF).to(tl.int32)  # [N, NCH]
     sbyte = tl.where((chunk < NOPE // 64)[None, :], sbyte, 127)  # the rope chunk and past D: 2^0
-    code3 = tl.reshape(code.to(tl.int32), [BLOCK_N, NCH, 64])
-    vals = _e4m3fn_dequant(code3, sbyte[:, :, None])  # [N, NCH, 64]
-    vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(tl.float32)[:, None, :], vals)
-    return tl.reshape(vals, [BLOCK_N, BLOCK_D])
+    return tl.reshape(code, [BLOCK_N, NCH, 64]), sbyte, rope
+
+
+@triton.jit
+def _gather_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr,
+                        SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DIM: tl.constexpr,
+                        DEQUANT: tl.constexpr, DTYPE: tl.constexpr):
+    """FP8 KV rows as DTYPE [BLOCK_N, BLOCK_D] from tiles of the row's own size: codes [N, BLOCK_D] bytes, the
+    scale bytes as one int64 word a row [N, 1] (split into bytes in registers), the rope dims [N, 64]; each
+    pipelined load stage holds 648 bytes a key at V4's geometry instead of 2048 (codes, a scale byte per column and
+    a BLOCK_D rope tile), which let 64-key steps fit an H100's shared memory (`smem_bytes`). The scales are one
+    8-byte load a row so that the pipeliner can move them with cp.async (≥ 4 bytes a thread): as [N, 8] bytes at 8
+    warps (1-2 bytes a thread) they were a plain load inside the loop, a dependent global round trip every key step
+    (sm_90 TTGIR, 2026-12-06). Needs rope dims ≤ 64, 8-byte aligned scales (`_compact_rows`) and an 8-byte aligned
+    `kv` (the wrapper checks). The rope dims fill 64-column chunk NOPE/64, placed by a broadcast over the
+    [N, BLOCK_D/64, 64] view. DEQUANT 0 decodes the codes from their bits, 1 by the FP8 conversion."""
+    BLOCK_N: tl.constexpr = r.shape[0]
+    BLOCK_D: tl.constexpr = offs_d.shape[0]
+    NCH: tl.constexpr = BLOCK_D // 64
+    chunk = tl.arange(0, NCH)
+    code3, sbyte, rope = _load_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
+                                           ROPE_OFF_E, ROPE_DIM)
+    if DEQUANT == 0:
+        vals = _e4m3fn_dequant(code3.to(tl.int32), sbyte[:, :, None])  # [N, NCH, 64]
+        vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(tl.float32)[:, None, :], vals)
+    else:
+        vals = _e4m3fn_cvt(code3, sbyte[:, :, None], DTYPE)
+        vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(DTYPE)[:, None, :], vals)
+    return tl.reshape(vals, [BLOCK_N, BLOCK_D]).to(DTYPE)
+
+
+@triton.jit
+def _gather_fp8_chunks(kv_ptr, idx, valid, offs_d, DTYPE: tl.constexpr, NOPE: tl.constexpr,
+                       ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr, ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr,
+                       ROPE_DT: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """Compact FP8 KV rows for the chunked dots (DEQUANT 2): the e4m3 values unscaled, [BLOCK_D/64, BLOCK_N, 64]
+    DTYPE by the FP8 conversion (exact in bf16, fp16 and fp32), the rope dims in chunk NOPE/64, and the scales
+    [BLOCK_D/64, BLOCK_N] fp32 (1 for the rope chunk): row n's value in column 64·c + e is vals[c, n, e] · scl[c, n]."""
+    BLOCK_D: tl.constexpr = offs_d.shape[0]
+    NCH: tl.constexpr = BLOCK_D // 64
+    chunk = tl.arange(0, NCH)
+    r = idx.to(tl.int64)[:, None]
+    rope_ptr = kv_ptr.to(tl.pointer_type(ROPE_DT), bitcast=True)
+    code3, sbyte, rope = _load_fp8_compact(kv_ptr, rope_ptr, r, valid, offs_d, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
+                                           ROPE_OFF_E, ROPE_DIM)
+    vals = code3.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(DTYPE)  # f16x2 → f32 → DTYPE (see _e4m3fn_cvt)
+    vals = tl.where((chunk == NOPE // 64)[None, :, None], rope.to(DTYPE)[:, None, :], vals)
+    scl = (sbyte << 23).to(tl.float32, bitcast=True)
+    return tl.permute(vals, (1, 0, 2)), tl.permute(scl, (1, 0))
 
 
 @triton.jit
@@ -317,7 +380,7 @@ def _sparse_attn_fwd(
     IDX_SEG: tl.constexpr, SKIP_EMPTY: tl.constexpr, IEEE_DOT: tl.constexpr,
     FP8_ROWS: tl.constexpr, NOPE: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_OFF: tl.constexpr,
     ROW_E: tl.constexpr, ROPE_OFF_E: tl.constexpr, ROPE_DT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    COMPACT: tl.constexpr, MERGE_U: tl.constexpr,
+    COMPACT: tl.constexpr, MERGE_U: tl.constexpr, DEQUANT: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -346,18 +409,34 @@ def _sparse_attn_fwd(
     k_stop = tl.max(tl.where((idx_seg >= 0) & (idx_seg < R), offs_seg + 1, k_begin), 0)
     offs_n = k_begin + tl.arange(0, BLOCK_N)
     idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
+    CHUNKS: tl.constexpr = FP8_ROWS and DEQUANT == 2
+    DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    if CHUNKS:
+        # the scales stay out of the key tile: batched dots over the 64-column chunks (_gather_fp8_chunks)
+        NCH: tl.constexpr = BLOCK_D // 64
+        q3 = tl.permute(tl.reshape(q, [BLOCK_H, NCH, 64]), (1, 0, 2))  # [NCH, BLOCK_H, 64]
+        acc3 = tl.zeros([NCH, BLOCK_H, 64], tl.float32)
     for start in range(k_begin, k_stop, BLOCK_N):
         idx = idx_next
         offs_n = start + BLOCK_N + tl.arange(0, BLOCK_N)
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < k_stop, other=-1)
         valid = (idx >= 0) & (idx < R)
-        rows = _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, q_ptr.dtype.element_ty,
-                            FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT, COMPACT,
-                            D - NOPE)  # [BLOCK_N, BLOCK_D]
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(rows), input_precision="ieee")
+        if CHUNKS:
+            vals3, scl = _gather_fp8_chunks(kv_ptr, idx, valid, offs_d, DTYPE, NOPE, ROW_BYTES, SCALE_OFF, ROW_E,
+                                            ROPE_OFF_E, ROPE_DT, D - NOPE)  # [NCH, BLOCK_N, 64], [NCH, BLOCK_N]
+            if IEEE_DOT:
+                s3 = tl.dot(q3, tl.permute(vals3, (0, 2, 1)), input_precision="ieee")
+            else:
+                s3 = tl.dot(q3, tl.permute(vals3, (0, 2, 1)))  # [NCH, BLOCK_H, BLOCK_N]
+            s = tl.sum(s3 * scl[:, None, :], 0)
         else:
-            s = tl.dot(q, tl.trans(rows))
+            rows = _gather_rows(kv_ptr, idx, valid, offs_d, mask_d, stride_kvr, DTYPE,
+                                FP8_ROWS, NOPE, ROW_BYTES, SCALE_OFF, ROW_E, ROPE_OFF_E, ROPE_DT, COMPACT,
+                                D - NOPE, DEQUANT)  # [BLOCK_N, BLOCK_D]
+            if IEEE_DOT:
+                s = tl.dot(q, tl.trans(rows), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(rows))
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # [BLOCK_H, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -366,20 +445,31 @@ def _sparse_attn_fwd(
             # also hides from Triton that S feeds the second dot, so S is laid over both warpgroups
             # ([4, 2] warps) instead of being computed twice ([8, 1]: 64 rows cannot fill 2 × 64).
             if tl.max(valid.to(tl.int32), 0) > 0:
-                alpha, p, l_blk = _block_softmax(s, m_i, m_use, rows.dtype)
+                alpha, p, l_blk = _block_softmax(s, m_i, m_use, DTYPE)
             else:
                 alpha = tl.full([BLOCK_H], 1.0, tl.float32)
-                p = tl.zeros([BLOCK_H, BLOCK_N], rows.dtype)
+                p = tl.zeros([BLOCK_H, BLOCK_N], DTYPE)
                 l_blk = tl.zeros([BLOCK_H], tl.float32)
         else:
-            alpha, p, l_blk = _block_softmax(s, m_i, m_use, rows.dtype)
+            alpha, p, l_blk = _block_softmax(s, m_i, m_use, DTYPE)
         l_i = l_i * alpha + l_blk
         m_i = m_new
-        if IEEE_DOT:
-            pv = tl.dot(p, rows, input_precision="ieee")
+        if CHUNKS:
+            # P's columns times each chunk's scales: exact (powers of two; bf16 and fp32 hold their range)
+            p3 = (p[None, :, :].to(tl.float32) * scl[:, None, :]).to(DTYPE)  # [NCH, BLOCK_H, BLOCK_N]
+            if IEEE_DOT:
+                pv3 = tl.dot(p3, vals3, input_precision="ieee")
+            else:
+                pv3 = tl.dot(p3, vals3)  # [NCH, BLOCK_H, 64]
+            acc3 = acc3 * alpha[None, :, None] + pv3
         else:
-            pv = tl.dot(p, rows)
-        acc = acc * alpha[:, None] + pv
+            if IEEE_DOT:
+                pv = tl.dot(p, rows, input_precision="ieee")
+            else:
+                pv = tl.dot(p, rows)
+            acc = acc * alpha[:, None] + pv
+    if CHUNKS:
+        acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), [BLOCK_H, BLOCK_D])
 
     empty = l_i == 0.0  # l ≥ 1 as soon as one key is valid
     l_safe = tl.where(empty, 1.0, l_i)
@@ -539,6 +629,11 @@ def sparse_attn(
                                 fp8_rows=kv_layout is not None, kv_layout=kv_layout,
                                 smem_limit=getattr(props, "shared_memory_per_block_optin", SM90_SMEM_BYTES))
     _check_config(config)
+    if kv_layout is not None and config.dequant == "cvt_chunks":
+        if not _compact_rows(kv_layout):
+            raise ValueError(f"dequant='cvt_chunks' needs compact FP8 KV rows (rope dims ≤ 64), got {kv_layout}")
+        if q.dtype == torch.float16:
+            raise ValueError("dequant='cvt_chunks' needs q in bf16 or fp32 (P times the scales can leave fp16's range)")
     # A split's index segment is loaded at once (≤ 2048 keys); at most 64 splits to merge.
     num_splits = min(max(config.num_splits, triton.cdiv(K, _MAX_KEYS_PER_SPLIT)), _MAX_SPLITS)
     keys_per_split = triton.cdiv(triton.cdiv(max(K, 1), num_splits), config.block_n) * config.block_n
@@ -571,6 +666,7 @@ def sparse_attn(
         IEEE_DOT=q.dtype == torch.float32, FP8_ROWS=kv_layout is not None, **rows_args,
         ROPE_DT=_TL_DTYPES[kv_layout.rope_dtype] if kv_layout else tl.bfloat16, FUSED_MERGE=fused,
         COMPACT=_compact_rows(kv_layout), MERGE_U=_merge_unroll(config, block_d) if fused else 1,
+        DEQUANT=DEQUANT_MODES.index(config.dequant) if kv_layout else 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split and not fused:
@@ -602,6 +698,8 @@ def _check_config(config: SparseAttnConfig) -> None:
             raise ValueError(f"config.{name} must be a power of two in [16, 256] (tl.dot tiles), got {v}")
     if config.num_splits < 1 or config.num_warps < 1 or config.num_stages < 1:
         raise ValueError(f"config.num_splits, num_warps and num_stages must be >= 1, got {config}")
+    if config.dequant not in DEQUANT_MODES:
+        raise ValueError(f"config.dequant must be one of {DEQUANT_MODES}, got {config.dequant!r}")
 
 
 def sparse_attn_ref(

@@ -8,8 +8,17 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows, pack_kv_rows_ref, unpack_kv_rows
+from sparsepd.kernels.kv_rows import (
+    KVRowLayout,
+    _e4m3fn_cvt,
+    _e4m3fn_dequant,
+    pack_kv_rows,
+    pack_kv_rows_ref,
+    unpack_kv_rows,
+)
 from sparsepd.kernels.sparse_attention import SparseAttnConfig, sparse_attn, sparse_attn_ref
 from sparsepd.model.numerics import fp8_round_trip
 
@@ -147,3 +156,35 @@ def test_sparse_attn_rejects_rows_of_another_layout():
         sparse_attn(q, torch.zeros(8, 192, dtype=torch.uint8), idx, sink, 0.1, kv_layout=layout)
     with pytest.raises(ValueError, match="head_dim 64"):
         sparse_attn(torch.zeros(1, 16, 64), torch.zeros(8, 200, dtype=torch.uint8), idx, sink, 0.1, kv_layout=layout)
+
+
+@triton.jit
+def _decode_both(code_ptr, sbyte_ptr, cvt_ptr, bits_ptr, N: tl.constexpr, DTYPE: tl.constexpr):
+    offs = tl.arange(0, N)
+    code = tl.load(code_ptr + offs)
+    sbyte = tl.load(sbyte_ptr + offs)
+    tl.store(cvt_ptr + offs, _e4m3fn_cvt(code, sbyte, DTYPE))
+    tl.store(bits_ptr + offs, _e4m3fn_dequant(code.to(tl.int32), sbyte).to(DTYPE))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_e4m3fn_cvt_equals_the_bit_decode(dtype, device):
+    """The FP8-conversion decode (`_e4m3fn_cvt`, sparse attention's dequant="cvt") gives every e4m3fn code (NaN codes
+    aside) times every scale the model can store exactly as the integer decode and torch do, in each dot dtype."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    # ue8m0 bytes of the scales the pack writes (2^−22 … 2^15 here) and 1 (the rope chunk's 127); fp16 only where
+    # every product is an fp16 number
+    sbytes = [105, 112, 119, 127, 134, 142] if dtype != torch.float16 else [112, 119, 127, 130]
+    code = codes.repeat(len(sbytes))
+    sbyte = torch.tensor(sbytes, dtype=torch.int32).repeat_interleave(len(codes))
+    n = code.numel()
+    pad = triton.next_power_of_2(n) - n
+    code = torch.cat([code, torch.zeros(pad, dtype=torch.uint8)])
+    sbyte = torch.cat([sbyte, torch.full((pad,), 127, dtype=torch.int32)])
+    cvt = torch.full(code.shape, float("nan"), dtype=dtype, device=device)
+    bits = torch.full(code.shape, float("nan"), dtype=dtype, device=device)
+    _decode_both[(1,)](code.to(device), sbyte.to(device), cvt, bits, N=code.numel(), DTYPE={
+        torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype])
+    want = (code.view(torch.float8_e4m3fn).double() * torch.exp2(sbyte.double() - 127)).to(dtype)
+    assert same_bits(cvt.cpu(), want), f"{int((cvt.cpu() != want).sum())} values differ"
+    assert same_bits(bits.cpu(), want)

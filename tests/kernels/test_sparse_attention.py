@@ -4,6 +4,7 @@ On CPU the kernels run in the Triton interpreter at small shapes with fp16/fp32 
 has no bf16 dot); with SPARSEPD_TEST_GPU=1 the same tests also run bf16 at the model's real shapes.
 """
 
+import dataclasses
 import math
 import os
 
@@ -408,10 +409,14 @@ FP8_CASES = [
 
 @pytest.mark.parametrize("case", range(len(FP8_CASES)))
 def test_sparse_attn_over_fp8_rows_at_the_table_tiles(device, case):
+    check_fp8_rows(device, 3000 + case, *FP8_CASES[case])
+
+
+def check_fp8_rows(device, seed, T, H, D, rope, K, dtype, config):
+    """sparse_attn over FP8 KV rows (fresh rows over 5 binades, poisoned outputs) against the fp64 reference on the
+    dequantized rows."""
     from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows_ref, unpack_kv_rows
     from sparsepd.kernels.sparse_attention import _compact_rows
-    T, H, D, rope, K, dtype, config = FP8_CASES[case]
-    seed = 3000 + case
     layout = KVRowLayout(D, rope, dtype)
     assert _compact_rows(layout) == (rope <= 64)
     q, kv, idx, sink = make_inputs(seed, T, H, D, K, dtype, "cpu")
@@ -446,3 +451,41 @@ def test_fp8_rows_must_be_8_byte_aligned(device):
         args[1].copy_(rows.to(device))
     with pytest.raises(ValueError, match="8-byte aligned"):
         sparse_attn(*args, 128 ** -0.5, kv_layout=layout, backend="triton")
+
+
+# (T, H, head_dim, rope, K, dtype, config): the FP8 dequantization variants (SparseAttnConfig.dequant) at the FP8
+# tiles: "cvt" (the FP8 conversion, the scale applied to the tile) on the compact and the wide gather, "cvt_chunks"
+# (the scales out of the key tile: chunked dots) on compact rows, including a rope chunk of 32 dims and a BLOCK_D
+# past D. The interpreter converts float8e4nv codes as the hardware does (NaN codes aside, which rows never hold).
+DEQUANT_CASES = [
+    (3, 16, 512, 64, 150, torch.float16, SparseAttnConfig(16, 32, 1, 8, 4, skip_empty=False, dequant="cvt")),
+    (1, 40, 512, 64, 200, torch.float32, SparseAttnConfig(16, 32, 6, 8, 4, False, True, dequant="cvt")),
+    (2, 16, 256, 128, 40, torch.float16, SparseAttnConfig(16, 16, 1, 4, 2, dequant="cvt")),  # wide gather
+    (3, 16, 512, 64, 150, torch.float32, SparseAttnConfig(16, 32, 1, 8, 4, skip_empty=False, dequant="cvt_chunks")),
+    (2, 64, 512, 64, 90, torch.float32, SparseAttnConfig(64, 16, 1, 8, 5, skip_empty=True, dequant="cvt_chunks")),
+    (2, 20, 192, 64, 100, torch.float32, SparseAttnConfig(16, 64, 3, 4, 3, fused_merge=True, dequant="cvt_chunks")),
+    (3, 16, 96, 32, 70, torch.float32, SparseAttnConfig(16, 32, 2, 4, 2, dequant="cvt_chunks")),
+] + ([(T, H, 512, 64, K, torch.bfloat16, dataclasses.replace(default_config(T, H, K, 512, 132, fp8_rows=True),
+                                                              dequant=mode))
+      for mode in ("cvt", "cvt_chunks") for T, H, K in ((1, 64, 1152), (32, 64, 1152), (64, 128, 640),
+                                                        (128, 16, 1152), (300, 64, 640))]
+     if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case", range(len(DEQUANT_CASES)))
+def test_sparse_attn_fp8_dequant_variants(device, case):
+    check_fp8_rows(device, 3100 + case, *DEQUANT_CASES[case])
+
+
+def test_fp8_dequant_variant_checks(device):
+    from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows_ref
+    q, kv, idx, sink = make_inputs(3200, 1, 16, 256, 8, torch.float16, "cpu")
+    for layout, dtype, error in ((KVRowLayout(256, 128, torch.float16), torch.float16, "compact FP8 KV rows"),
+                                 (KVRowLayout(256, 64, torch.float16), torch.float16, "bf16 or fp32")):
+        rows = pack_kv_rows_ref(kv.to(dtype), layout)
+        with pytest.raises(ValueError, match=error):
+            sparse_attn(q.to(device), rows.to(device), idx.to(device), sink.to(device), 0.1, kv_layout=layout,
+                        backend="triton", config=SparseAttnConfig(16, 16, 1, 4, 2, dequant="cvt_chunks"))
+    with pytest.raises(ValueError, match="config.dequant must be one of"):
+        sparse_attn(q.to(device), kv.to(device), idx.to(device), sink.to(device), 0.1, backend="triton",
+                    config=SparseAttnConfig(16, 16, 1, 4, 2, dequant="fast"))
