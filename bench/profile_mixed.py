@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """What a step that carries a colocated prompt costs beside a decode-only step (`bench` preset, CUDA graphs on, as a
-colocated worker runs them): `--batch` requests decode at `--context`, and every `--every` steps a new prompt of
-`--prompt` tokens arrives (`--prompts` at once). Prints the wall time of each kind of step (synchronized before and
-after), the prompt-only step (no request decoding), and with `--profile` the Python functions (cProfile) and torch
-ops (by self CPU time) of the mixed steps, and the kernel launches a mixed step makes.
+colocated worker runs them): `--batch` requests decode at `--context` and prompts of `--prompt` tokens arrive
+(`--prompts` at once). Prints the wall time (synchronized before and after) of such a step run three ways (decode
+tokens and prompt chunks replayed: engine/prefill_graphs.py; decode replayed and the chunks eager; the whole step
+eager) and of the prompts alone (nothing decoding), and with `--profile` the Python functions (cProfile) and torch
+ops (by self CPU time) of a step whose prompts run eagerly, and the kernels it launches.
 
     python3 -P bench/profile_mixed.py --batch 128 --context 1024 --prompt 128 --prompts 1,4 --profile
 """
@@ -60,8 +61,10 @@ def main() -> None:
     extra = args.repeats * max(counts) * 2 + 8
     per = -(-(args.context + 1100) // cfg.page_size)
     engine = Engine(model, PoolConfig(num_slots=args.batch + extra, max_batch_tokens=8192,
-                                      num_pages=(args.batch + extra) * per), cuda_graph=True, overlap=True)
+                                      num_pages=(args.batch + extra) * per), cuda_graph=True, overlap=True,
+                    prefill_graph=True)
     engine.capture_graphs(args.context + 1100)
+    prefill_graphs = engine.runner.prefill_graphs
     decode = SamplingParams(max_new_tokens=min(1000, cfg.max_seq_len - args.context), ignore_eos=True)
     short = SamplingParams(max_new_tokens=1, ignore_eos=True)  # a prompt that ends at its first token
     reqs = [engine.submit(ids(gen, args.context, cfg.vocab_size), decode) for _ in range(args.batch)]
@@ -72,20 +75,25 @@ def main() -> None:
     plain = [timed(engine) for _ in range(10)]
     print(f"# {args.preset}, batch {args.batch} decoding at context {args.context}, graphs + overlap")
     print(f"decode-only step: median {statistics.median(plain):.2f} ms (min {min(plain):.2f})")
+    ways = ((True, True, "decode tokens and prompts replayed"), (True, False, "decode tokens replayed, prompts eager"),
+            (False, False, "the whole step eager"))
     for n in counts:
-        for split in (True, False):
+        for split, replay_prompts, how in ways:
             engine.runner.split_mixed = split
+            engine.runner.prefill_graphs = prefill_graphs if replay_prompts else None
             mixed, after = [], []
-            for _ in range(args.repeats):
+            for i in range(args.repeats + 1):  # the first captures the prompt shape's graph: not counted
                 for _ in range(n):
                     engine.submit(ids(gen, args.prompt, cfg.vocab_size), short)
-                mixed.append(timed(engine))
-                after.append(timed(engine))  # the prompts' requests finish at their first token
+                t = timed(engine)
+                t_after = timed(engine)  # the prompts' requests finish at their first token
                 timed(engine)
-            how = "decode tokens replayed, prompts eager" if split else "the whole step eager"
+                if i:
+                    mixed.append(t)
+                    after.append(t_after)
             print(f"step with {n} prompt(s) of {args.prompt} ({how}): median {statistics.median(mixed):.2f} ms "
                   f"(min {min(mixed):.2f}); the step after: {statistics.median(after):.2f} ms")
-    engine.runner.split_mixed = True
+    engine.runner.split_mixed, engine.runner.prefill_graphs = True, None  # profile the eager prompt forward
     print(f"# forwards by path: {engine.runner.forwards}")
     if args.profile:
         n = counts[-1]
@@ -115,14 +123,19 @@ def main() -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=30))
     for r in reqs:
         engine.abort(r.request_id)
-    # the prompt alone: nothing decoding
-    alone = []
-    for _ in range(args.repeats):
-        for _ in range(counts[-1]):
-            engine.submit(ids(gen, args.prompt, cfg.vocab_size), short)
-        alone.append(timed(engine))
-        timed(engine)
-    print(f"step with only {counts[-1]} prompt(s) of {args.prompt}: median {statistics.median(alone):.2f} ms")
+    # the prompts alone: nothing decoding
+    for replay in (True, False):
+        engine.runner.prefill_graphs = prefill_graphs if replay else None
+        alone = []
+        for i in range(args.repeats + 1):
+            for _ in range(counts[-1]):
+                engine.submit(ids(gen, args.prompt, cfg.vocab_size), short)
+            t = timed(engine)
+            timed(engine)
+            if i:
+                alone.append(t)
+        print(f"step with only {counts[-1]} prompt(s) of {args.prompt} ({'replayed' if replay else 'eager'}): "
+              f"median {statistics.median(alone):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ async def serve(args: argparse.Namespace) -> int:
     model = group.build_model(cfg) if group is not None else cfg.build_model()
     engine = Engine(model, cfg.pools, cuda_graph=cfg.cuda_graph, overlap=cfg.overlap,
                     vocabulary=cfg.vocabulary(model.cfg), max_retracted_bytes=cfg.max_retracted_memory,
-                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model), gpu_wait=cfg.gpu_wait)
+                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model), gpu_wait=cfg.gpu_wait,
+                    prefill_graph=cfg.prefill_cuda_graph)
     engine.capture_graphs(cfg.graph_max_context)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())

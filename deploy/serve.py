@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode workers draft K tokens a step with the checkpoint's MTP layer (default: 0, off)")
     w.add_argument("--gpu-wait", choices=GPU_WAITS, default=None,
                    help=GPU_WAIT_HELP + "; every worker (default: the workers', spin)")
+    w.add_argument("--prefill-cuda-graph", action="store_true",
+                   help="every worker replays CUDA graphs for forwards of a few prompt chunks (see a worker's --help)")
     w.add_argument("--prefix-cache-entries", type=int, default=None,
                    help="prompts whose state each prefill (or colocated) worker keeps for requests that start "
                         "with them (default: the worker's, 256)")
@@ -358,6 +360,8 @@ def _worker_flags(args: argparse.Namespace) -> list[str]:
              *_load_flags(args)]
     if args.no_cluster_auth:
         flags.append("--no-cluster-auth")
+    if args.prefill_cuda_graph:
+        flags.append("--prefill-cuda-graph")
     for flag, value in (("--checkpoint", args.checkpoint), ("--seed", args.seed), ("--num-slots", args.num_slots),
                         ("--num-pages", args.num_pages), ("--max-batch-tokens", args.max_batch_tokens),
                         ("--kv-memory", args.kv_memory), ("--gpu-wait", args.gpu_wait), *_tls_flags(args)):

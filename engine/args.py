@@ -27,6 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="of free GPU memory when neither --num-pages nor --kv-memory is given (default: 0.5)")
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (debugging; GPU only)")
+    g.add_argument("--prefill-cuda-graph", action="store_true",
+                   help="forwards of a few prompt chunks (up to 8 chunks of ≤ 512 tokens, 1024 rows; no prefix-cache "
+                        "boundary snapshot) replay CUDA graphs captured on first use instead of launching every "
+                        "layer's kernels from Python: short prompts beside a running batch, cached prompts' last "
+                        "tokens (GPU only; off by default until measured to help)")
     g.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="read each step's tokens before launching the next (no host/device overlap; debugging)")
     g.add_argument("--gpu-wait", choices=GPU_WAITS, default="spin", help=GPU_WAIT_HELP + " (default: %(default)s)")

@@ -33,6 +33,8 @@ class EngineConfig(BaseModel):
     device: str = "cpu"
     pools: PoolConfig = PoolConfig(num_slots=32, max_batch_tokens=512, num_pages=512)
     cuda_graph: bool = Field(True, description="decode steps replay CUDA graphs (on a CUDA device)")
+    prefill_cuda_graph: bool = Field(False, description="forwards of a few prompt chunks replay CUDA graphs too "
+                                     "(engine/prefill_graphs.py)")
     graph_max_context: int = Field(8192, ge=1, description="graphs captured at start cover contexts up to this")
     overlap: bool = Field(True, description="launch step N+1 before reading step N's tokens (decode worker)")
     gpu_wait: GpuWait = Field("spin", description="how the host waits for a step's tokens on a CUDA device: spin "
@@ -100,5 +102,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                        kv_memory_bytes=args.kv_memory, gpu_memory_fraction=args.gpu_memory_fraction)
     return EngineConfig(preset=args.preset, checkpoint=args.checkpoint, seed=args.seed, device=args.device,
                         pools=pools, cuda_graph=args.cuda_graph, graph_max_context=args.graph_max_context,
+                        prefill_cuda_graph=args.prefill_cuda_graph,
                         overlap=args.overlap, gpu_wait=args.gpu_wait, load=load_options_from_args(args),
                         speculative_num_steps=args.speculative_num_steps)

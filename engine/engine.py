@@ -60,11 +60,13 @@ class Engine:
     def __init__(self, model: Transformer, pool_config: PoolConfig | None = None, cuda_graph: bool = False,
                  overlap: bool = False, vocabulary: Vocabulary | None = None, max_retracted_bytes: int | None = None,
                  speculative_num_steps: int = 0, mtp: MTPBlock | None = None, drafter: Drafter | None = None,
-                 graph_capture: bool = True, gpu_wait: GpuWait = "spin"):
+                 graph_capture: bool = True, gpu_wait: GpuWait = "spin", prefill_graph: bool = False):
         """cuda_graph: replay captured CUDA graphs for decode steps (a CUDA device only; engine/graphs.py), and with
         speculative decoding for its verification and MTP drafts (engine/spec_graphs.py). graph_capture=False
         runs speculative decoding's fixed-shape steps eagerly instead of capturing them, on any device (the CPU
         tests of the graph path).
+        prefill_graph: forwards of a few prompt chunks (alone, or beside a decode step's replay) replay CUDA graphs
+        too (engine/prefill_graphs.py; with graph_capture=False the same fixed-shape steps run eagerly, any device).
         overlap: launch each step before reading the previous step's tokens (engine/scheduler.py).
         gpu_wait: how the host waits for each step's tokens on a CUDA device: "spin" (CUDA's default event) or
         "block" (a blocking-sync event: the thread sleeps); engine/draw.py `host_event`.
@@ -86,6 +88,8 @@ class Engine:
         self.runner = Runner(model, self.pools, cuda_graph=cuda_graph and on_cuda and not speculative_num_steps)
         if static:
             self.runner.use_verify_graphs(speculative_num_steps, capture)
+        if prefill_graph and (on_cuda or not graph_capture):
+            self.runner.use_prefill_graphs(capture)
         entries = pool_config.prefix_cache_entries
         host_tier = pool_config.prefix_cache_host_bytes if entries else 0
         self.host_memory = HostMemory.for_engine(host_tier, max_retracted_bytes, self.pools.num_bytes())

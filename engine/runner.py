@@ -14,6 +14,7 @@ from sparsepd.engine.graphs import DecodeGraphs
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.penalties import SlotHistory
 from sparsepd.engine.pools import KVPools
+from sparsepd.engine.prefill_graphs import PrefillGraphs
 from sparsepd.engine.request import PENDING, Request
 from sparsepd.engine.spec_graphs import VerifyGraphs
 from sparsepd.model.numerics import rope_cos_sin
@@ -28,6 +29,7 @@ class Runner:
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(freqs) → cos, sin tables
         self.graphs = DecodeGraphs(model, pools, self.rope_tables) if cuda_graph else None
         self.verify_graphs: VerifyGraphs | None = None  # speculative decoding's (`use_verify_graphs`)
+        self.prefill_graphs: PrefillGraphs | None = None  # prompt chunks' (`use_prefill_graphs`)
         # Each slot's last sampled token on the device: a PENDING input token is read from here, so a step
         # can be launched before the host has read the previous step's tokens (engine/draw.py).
         self.slot_tokens = torch.zeros(pools.geometry.num_slots, dtype=torch.int64, device=pools.device)
@@ -40,8 +42,9 @@ class Runner:
         # A step of decode tokens and prompt chunks runs its decode tokens through their graph and the chunks
         # eagerly (`_split_mixed`); False runs such a step eagerly as a whole (bench/profile_mixed.py compares).
         self.split_mixed = True
-        # Forwards run, by path: "graph" (a replay), "split" (a replay beside an eager forward), "eager".
-        self.forwards = {"graph": 0, "split": 0, "eager": 0}
+        # Forwards run, by path: "graph" (a decode or verification replay), "prefill_graph" (prompt chunks replayed),
+        # "split" (a decode replay beside the step's prompt chunks, replayed or eager), "eager".
+        self.forwards = {"graph": 0, "prefill_graph": 0, "split": 0, "eager": 0}
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[max_seq_len, rope_dim/2]` fp32 on the device for these frequencies, built once."""
@@ -71,6 +74,12 @@ class Runner:
         tokens from fixed-shape steps (engine/spec_graphs.py): replayed CUDA graphs, or with capture=False the
         same static-shape step run eagerly (any device)."""
         self.verify_graphs = VerifyGraphs(self.model, self.pools, self.rope_tables, num_steps, capture)
+
+    def use_prefill_graphs(self, capture: bool = True) -> None:
+        """Run forwards of a few prompt chunks (no decode tokens, or beside a decode replay) from fixed-shape steps
+        (engine/prefill_graphs.py): replayed CUDA graphs, or with capture=False the same static-shape step run eagerly
+        (any device)."""
+        self.prefill_graphs = PrefillGraphs(self.model, self.pools, self.rope_tables, capture)
 
     @torch.inference_mode()
     def capture_graphs(self, max_context: int) -> None:
@@ -109,6 +118,11 @@ class Runner:
             split = self._split_mixed(chunks)
             if split is not None:
                 return split
+        if self.prefill_graphs is not None and final_rows is None and logit_rows is None:
+            logits = self._prefill_graph(chunks)
+            if logits is not None:
+                self.forwards["prefill_graph"] += 1
+                return logits
         if final_rows is not None and self.verify_graphs is not None:
             shape = self.verify_graphs.shape_for(chunks)
             if shape is not None:
@@ -138,7 +152,9 @@ class Runner:
         rest = [c for c in chunks if len(c.token_ids) != 1 or c.captures]
         self.forwards["split"] += 1
         decoded = self.graphs.run(decode, shape, lambda fields: self._fill_from_fields(fields, decode))
-        eager = self._eager(rest, None, None)
+        eager = self._prefill_graph(rest) if self.prefill_graphs is not None else None
+        if eager is None:
+            eager = self._eager(rest, None, None)
         if single == list(range(len(single))):  # the scheduler's order: decode tokens first, then prompt chunks
             return torch.cat([decoded, eager])
         logits = torch.empty(len(chunks), decoded.shape[1], dtype=decoded.dtype, device=decoded.device)
@@ -147,6 +163,13 @@ class Runner:
         logits[to_device(single, logits.device)] = decoded
         logits[to_device(others, logits.device)] = eager
         return logits
+
+    def _prefill_graph(self, chunks: list[RequestChunk]) -> torch.Tensor | None:
+        """The chunks' logits from a prompt-chunk replay, or None when no prefill graph holds them."""
+        shape = self.prefill_graphs.shape_for(chunks)
+        if shape is None:
+            return None
+        return self.prefill_graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
 
     def _eager(self, chunks: list[RequestChunk], final_rows: list[int] | None, logit_rows: list[int] | None):
         batch = build_batch(chunks, self.pools.geometry, self.pools.device)

@@ -41,7 +41,8 @@ async def serve(args: argparse.Namespace) -> int:
     model = group.build_model(cfg) if group is not None else cfg.build_model()
     # With speculative decoding the prefill runs the MTP layer over the prompt too: its state ships with the rest.
     engine = Engine(model, cfg.pools, vocabulary=cfg.vocabulary(model.cfg),
-                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model), gpu_wait=cfg.gpu_wait)
+                    speculative_num_steps=cfg.speculative_num_steps, mtp=cfg.build_mtp(model), gpu_wait=cfg.gpu_wait,
+                    prefill_graph=cfg.prefill_cuda_graph)
     fingerprint = deployment_fingerprint(cfg.preset, cfg.checkpoint, cfg.seed, **cfg.load.model_dump())
     log.info("%s", engine.memory_plan())
     sender = TransferSender(ack_timeout_s=args.transfer_timeout,
