@@ -7,8 +7,8 @@
 #   window split), kernel-tests, spec (speculative decoding: oracle drafts on bench, the default model's MTP
 #   drafts), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
 #   service-cost (the service path's CPU per output token on bench; the workers wait for a step's tokens with
-#   --gpu-wait $GPU_WAIT, spin unless set; service-cost-block: the same with block, its own log, to time both in one
-#   call), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
+#   --gpu-wait $GPU_WAIT, spin unless set, and $SERVE_EXTRA, e.g. --prefill-cuda-graph; service-cost-block: the same
+#   with block, its own log, to time both in one call; service-cost-pg: with --prefill-cuda-graph, its own log), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
 # Invocations in order of priority (the suite took 110 s on an H200 and 167 s on an H100 on 2026-12-06): (1) suite
@@ -53,10 +53,12 @@ for s in "$@"; do
                    --conversations 32 --turns 3 --system-len 1024 --user-len 256 --output-len 16 --batch 8 \
                    --json "$out/prefix_host_tier.json" ;;
     prefix) step prefix ${PREFIX_S:-300} env OUT="$out" bench/prefix_multiturn.sh ;;
-    service-cost|service-cost-block)  # the worker's CPU per token with the host spinning or sleeping on a step's tokens
+    service-cost|service-cost-block|service-cost-pg)  # the worker's CPU per token with the host spinning or sleeping
+      # on a step's tokens; -pg: prompt chunks replayed from CUDA graphs (--prefill-cuda-graph)
       wait=${GPU_WAIT:-spin}; [ "$s" = service-cost-block ] && wait=block
+      extra=${SERVE_EXTRA:-}; [ "$s" = service-cost-pg ] && extra="$extra --prefill-cuda-graph"
       step "$s" ${SERVICE_S:-180} python3 -P bench/bench_service.py \
-        --serve-args "--preset bench --colocated --num-slots 128 --gpu-wait $wait" --concurrency 32,128 --input-len 128 \
+        --serve-args "--preset bench --colocated --num-slots 128 --gpu-wait $wait $extra" --concurrency 32,128 --input-len 128 \
         --output-len 256 ;;
     group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
              --batches 1,64,256 --exchange ${GROUP_EXCHANGE:-auto,reference} --out "$out" ;;
