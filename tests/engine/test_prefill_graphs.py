@@ -118,3 +118,43 @@ def test_prefill_graph_replay_tokens_equal_eager_on_gpu(overlap):
     assert engines[1].runner.prefill_graphs.steps.num_graphs >= 2
     assert forwards["prefill_graph"] > 0 and forwards["split"] > 0, forwards
     assert outs[1] == outs[0]
+
+
+class EagerDecodeGraphs:
+    """A stand-in for engine/graphs.py `DecodeGraphs` on the CPU: the same choice of steps (`decode_shape`) and the
+    same `run` contract (the loaded fields handed to `before_replay`, logits of the chunks' rows), computed by an
+    eager forward of just those chunks. Lets the CPU test the runner's split of a mixed step."""
+
+    def __init__(self, runner):
+        self.runner, self.runs = runner, 0
+
+    def shape_for(self, chunks):
+        from sparsepd.engine.graphs import decode_shape
+        return decode_shape(chunks, (1, 2, 4, 8), 64)
+
+    def run(self, chunks, shape, before_replay=None):
+        from sparsepd.engine.batch import build_batch
+        from sparsepd.engine.paged_cache import PagedCache
+        runner = self.runner
+        batch = build_batch(chunks, runner.pools.geometry, runner.pools.device)
+        if before_replay is not None:
+            before_replay({"token_ids": batch.token_ids, "slots": batch.slots})
+        self.runs += 1
+        cache = PagedCache(batch, runner.pools, runner.rope_tables)
+        return runner.model.forward_batch(batch.token_ids, batch.positions, cache, logit_rows=batch.last_rows,
+                                          ids_checked=True)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("prefill_graph", [False, True])
+def test_split_mixed_step_tokens_equal_eager(tiny, overlap, prefill_graph):
+    """A step of decode tokens and prompt chunks runs as two forwards (decode tokens through their graph, the chunks
+    eagerly or from a prefill graph: engine/runner.py `_split_mixed`); the tokens are the one-forward engine's."""
+    prompts = _prompts(5)
+    eager = _run(_engine(tiny, False, overlap), prompts)
+    engine = _engine(tiny, prefill_graph, overlap)
+    engine.runner.graphs = EagerDecodeGraphs(engine.runner)
+    assert _run(engine, prompts) == eager
+    forwards = engine.runner.forwards
+    assert forwards["split"] >= 3 and forwards["graph"] > 0, forwards
+    assert engine.runner.graphs.runs == forwards["split"] + forwards["graph"]
