@@ -1,4 +1,5 @@
-"""The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop."""
+"""The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop (one
+engine thread), await its pushes' acknowledgements on the event loop, answer."""
 
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
         self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
-        outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
+        # the engine's thread prefills and pushes; the acknowledgements are awaited here, so that thread takes the
+        # next batch meanwhile (prefill_worker/worker.py)
+        shipped = await loop.run_in_executor(self.executor, self.worker.prefill_batch, jobs)
+        outcomes = await asyncio.wrap_future(shipped)
         ran = {o.request_id: o for o in outcomes}
         return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
 

@@ -4,6 +4,13 @@ ticket, then report per request.
 
 A request's pages are freed as soon as its state is copied to host memory (pinned on a GPU); the host
 copy lives until the decode worker acknowledges (or the push fails), so the pool never waits on the network.
+
+Threads: `prefill_batch` runs on the engine's thread (the service's one executor thread) and holds the engine
+only while it prefills, exports and pushes; it returns a future of the batch's outcomes without waiting for the
+acknowledgements, so the next batch's forward starts as soon as this one's is done. Each push's outcome is
+filled in by a callback when its future settles (on the sender's thread: the ack, a rejection, a timeout, the
+sender closing), and the batch's future resolves after the last one: its answer still comes only once every
+state is acknowledged or failed, with the same outcome per request.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 
@@ -61,6 +69,16 @@ class PrefillOutcome:
     error_code: int = 0  # not ok: the status for the client when this request alone is at fault (0 = UNAVAILABLE)
 
 
+@dataclass
+class ShippedBatch:
+    """A prefilled batch whose pushes are in flight: its outcomes, complete when `done` resolves."""
+
+    members: list[str]  # request ids, the order of the answer
+    outcomes: dict[str, PrefillOutcome]
+    unsettled: int  # pushes not yet acknowledged or failed (under the worker's ids_lock)
+    done: Future = field(default_factory=Future)  # → list[PrefillOutcome], in members' order
+
+
 class PrefillWorker:
     def __init__(self, engine: Engine, sender: TransferSender, fingerprint: str, transfer_timeout_s: float = 10.0,
                  faults: Faults | None = None):
@@ -93,21 +111,41 @@ class PrefillWorker:
             self.open.update(m.request_id for j in jobs for m in j.members)
 
     def run_batch(self, jobs: list[PrefillJob]) -> list[PrefillOutcome]:
-        """Prefill every job, push each state, return one outcome per job and fork (in order)."""
+        """Prefill every job, push each state, return one outcome per job and fork (in order) once every push is
+        acknowledged or failed."""
+        return self.prefill_batch(jobs).result()
+
+    def prefill_batch(self, jobs: list[PrefillJob]) -> Future:
+        """Prefill every job and push each state; returns at once, without waiting for the acknowledgements, a
+        future of one outcome per job and fork (in order) that resolves when every push is acknowledged or
+        failed (module docstring)."""
         self.open_batch(jobs)
-        members = [m for j in jobs for m in j.members]
+        members = [m.request_id for j in jobs for m in j.members]
         try:
             with self.lock:
-                outcomes = {m.request_id: PrefillOutcome(m.request_id, ok=False) for m in members}
+                outcomes = {rid: PrefillOutcome(rid, ok=False) for rid in members}
                 requests = self._submit(jobs, outcomes)
                 pending = self._prefill(requests, outcomes)
-            self._await_transfers(pending, outcomes)
-        finally:  # a Release that comes later finds nothing: no id outlives its batch (ids may be reused)
-            ids = {m.request_id for m in members}
-            with self.ids_lock:
-                self.open -= ids
-                self.cancelled -= ids
-        return [outcomes[m.request_id] for m in members]
+        except BaseException:
+            self._close_batch(members)
+            raise
+        batch = ShippedBatch(members, outcomes, len(pending))
+        batch.done.set_running_or_notify_cancel()  # (an awaiting caller that is cancelled cannot cancel it)
+        if not pending:
+            self._close_batch(members, batch)
+        for rid, future, t0 in pending:  # (a future settled already calls back at once, here)
+            future.add_done_callback(partial(self._settled, batch, rid, t0))
+        return batch.done
+
+    def _close_batch(self, members: list[str], batch: ShippedBatch | None = None) -> None:
+        """Forget a batch's request ids (a Release that comes later finds nothing: no id outlives its batch, and ids
+        may be reused); resolve its future."""
+        ids = set(members)
+        with self.ids_lock:
+            self.open -= ids
+            self.cancelled -= ids
+        if batch is not None:
+            batch.done.set_result([batch.outcomes[rid] for rid in members])
 
     def release(self, request_id: str) -> bool:
         """Abort a request of a batch here before its state leaves (at the next step boundary, or once its
@@ -225,23 +263,30 @@ class PrefillWorker:
             self.engine.release(request)  # it finished at its first token but was kept for its forks
         return pending
 
-    def _await_transfers(self, pending, outcomes) -> None:
-        for rid, future, t0 in pending:
-            out = outcomes[rid]
-            try:
-                ack = future.result()  # the sender settles every future within its ack timeout
-            except Exception as exc:  # noqa: BLE001 - any failure of the push fails this request only
+    def _settled(self, batch: ShippedBatch, rid: str, t0: float, future: Future) -> None:
+        """A push's future settled (the sender settles every one within its ack timeout, or when it closes): the
+        request's outcome; the batch's future after its last push. On the sender's thread: short, and it never
+        raises (the batch must complete)."""
+        out = batch.outcomes[rid]
+        try:
+            exc = future.exception()
+            if exc is not None:  # any failure of the push fails this request only
                 out.error = f"state transfer failed: {exc}"
                 self.counters["transfers_failed"] += 1
-                continue
-            finally:
-                with self.ids_lock:
-                    self.transfers_in_flight -= 1
-            out.transfer_ms = (time.perf_counter() - t0) * 1e3
-            if ack.ok:
-                out.ok = True
+            elif future.result().ok:
+                out.ok, out.transfer_ms = True, (time.perf_counter() - t0) * 1e3
                 self.counters["transfers_ok"] += 1
                 self.counters["transfer_bytes"] += out.transfer_bytes
             else:
-                out.error = f"decode worker rejected the state: {ack.reason}"
+                out.error = f"decode worker rejected the state: {future.result().reason}"
+                out.transfer_ms = (time.perf_counter() - t0) * 1e3
                 self.counters["transfers_failed"] += 1
+        except BaseException as exc:  # noqa: BLE001 - a future cancelled by its caller: this request fails alone
+            out.ok, out.error = False, f"state transfer failed: {type(exc).__name__}: {exc}"
+        finally:
+            with self.ids_lock:
+                self.transfers_in_flight -= 1
+                batch.unsettled -= 1
+                last = batch.unsettled == 0
+            if last:
+                self._close_batch(batch.members, batch)
