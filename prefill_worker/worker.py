@@ -87,7 +87,7 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.lock = threading.Lock()  # one batch on the engine at a time
         self.counters: Counter[str] = Counter()
-        self.ids_lock = threading.Lock()
+        self.ids_lock = threading.Lock()  # the ids below, the transfers in flight and the counters
         self.open: set[str] = set()  # request ids of the batches received and not yet answered
         self.cancelled: set[str] = set()  # those of them the router released
         self.transfers_in_flight = 0  # states pushed and not yet acknowledged (under ids_lock)
@@ -272,19 +272,19 @@ class PrefillWorker:
             exc = future.exception()
             if exc is not None:  # any failure of the push fails this request only
                 out.error = f"state transfer failed: {exc}"
-                self.counters["transfers_failed"] += 1
-            elif future.result().ok:
-                out.ok, out.transfer_ms = True, (time.perf_counter() - t0) * 1e3
-                self.counters["transfers_ok"] += 1
-                self.counters["transfer_bytes"] += out.transfer_bytes
             else:
-                out.error = f"decode worker rejected the state: {future.result().reason}"
-                out.transfer_ms = (time.perf_counter() - t0) * 1e3
-                self.counters["transfers_failed"] += 1
+                ack = future.result()
+                out.ok, out.transfer_ms = ack.ok, (time.perf_counter() - t0) * 1e3
+                out.error = "" if ack.ok else f"decode worker rejected the state: {ack.reason}"
         except BaseException as exc:  # noqa: BLE001 - a future cancelled by its caller: this request fails alone
             out.ok, out.error = False, f"state transfer failed: {type(exc).__name__}: {exc}"
         finally:
-            with self.ids_lock:
+            with self.ids_lock:  # (callbacks of several batches may run at once: the sender's thread and this one)
+                if out.ok:
+                    self.counters["transfers_ok"] += 1
+                    self.counters["transfer_bytes"] += out.transfer_bytes
+                else:
+                    self.counters["transfers_failed"] += 1
                 self.transfers_in_flight -= 1
                 batch.unsettled -= 1
                 last = batch.unsettled == 0
