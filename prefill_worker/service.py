@@ -45,11 +45,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                                            error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
         if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
-        self.worker.open_batch(jobs)
+        batch = self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
         # the engine's thread prefills and pushes; the acknowledgements are awaited here, so that thread takes the
         # next batch meanwhile (prefill_worker/worker.py)
-        shipped = await loop.run_in_executor(self.executor, self.worker.prefill_batch, jobs)
+        shipped = await loop.run_in_executor(self.executor, self.worker.prefill_batch, jobs, batch)
         outcomes = await asyncio.wrap_future(shipped)
         ran = {o.request_id: o for o in outcomes}
         return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])

@@ -70,12 +70,15 @@ class PrefillOutcome:
 
 
 @dataclass
-class ShippedBatch:
-    """A prefilled batch whose pushes are in flight: its outcomes, complete when `done` resolves."""
+class Batch:
+    """A batch from its arrival until its answer: its request ids, those of them the router released (a Release
+    applies to the batches open when it comes, not to a later batch that reuses the id), its outcomes, and its
+    pushes not yet acknowledged or failed; `done` resolves with the outcomes."""
 
     members: list[str]  # request ids, the order of the answer
-    outcomes: dict[str, PrefillOutcome]
-    unsettled: int  # pushes not yet acknowledged or failed (under the worker's ids_lock)
+    cancelled: set[str] = field(default_factory=set)  # (under the worker's ids_lock, as `unsettled`)
+    outcomes: dict[str, PrefillOutcome] = field(default_factory=dict)
+    unsettled: int = 0
     done: Future = field(default_factory=Future)  # → list[PrefillOutcome], in members' order
 
 
@@ -87,9 +90,8 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.lock = threading.Lock()  # one batch on the engine at a time
         self.counters: Counter[str] = Counter()
-        self.ids_lock = threading.Lock()  # the ids below, the transfers in flight and the counters
-        self.open: set[str] = set()  # request ids of the batches received and not yet answered
-        self.cancelled: set[str] = set()  # those of them the router released
+        self.ids_lock = threading.Lock()  # the open batches' ids, the transfers in flight and the counters
+        self.batches: list[Batch] = []  # the batches received and not yet answered
         self.transfers_in_flight = 0  # states pushed and not yet acknowledged (under ids_lock)
         self.group = None  # a rank of a worker group (engine/group.py): its steps are lockstep ticks, `tick_idle`
 
@@ -105,56 +107,57 @@ class PrefillWorker:
                 if not self.group.busy:
                     stop.wait(0.01)
 
-    def open_batch(self, jobs: list[PrefillJob]) -> None:
-        """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
+    def open_batch(self, jobs: list[PrefillJob]) -> Batch:
+        """Note a batch when it arrives: a Release may come while it waits for the engine."""
+        batch = Batch([m.request_id for j in jobs for m in j.members])
+        batch.done.set_running_or_notify_cancel()  # (an awaiting caller that is cancelled cannot cancel it)
         with self.ids_lock:
-            self.open.update(m.request_id for j in jobs for m in j.members)
+            self.batches.append(batch)
+        return batch
 
     def run_batch(self, jobs: list[PrefillJob]) -> list[PrefillOutcome]:
         """Prefill every job, push each state, return one outcome per job and fork (in order) once every push is
         acknowledged or failed."""
         return self.prefill_batch(jobs).result()
 
-    def prefill_batch(self, jobs: list[PrefillJob]) -> Future:
+    def prefill_batch(self, jobs: list[PrefillJob], batch: Batch | None = None) -> Future:
         """Prefill every job and push each state; returns at once, without waiting for the acknowledgements, a
         future of one outcome per job and fork (in order) that resolves when every push is acknowledged or
-        failed (module docstring)."""
-        self.open_batch(jobs)
-        members = [m.request_id for j in jobs for m in j.members]
+        failed (module docstring). batch: the jobs' `open_batch`, when it was opened on their arrival."""
+        batch = batch or self.open_batch(jobs)
         try:
             with self.lock:
-                outcomes = {rid: PrefillOutcome(rid, ok=False) for rid in members}
-                requests = self._submit(jobs, outcomes)
-                pending = self._prefill(requests, outcomes)
+                batch.outcomes = {rid: PrefillOutcome(rid, ok=False) for rid in batch.members}
+                requests = self._submit(jobs, batch.outcomes)
+                pending = self._prefill(requests, batch)
         except BaseException:
-            self._close_batch(members)
+            self._close_batch(batch, answer=False)
             raise
-        batch = ShippedBatch(members, outcomes, len(pending))
-        batch.done.set_running_or_notify_cancel()  # (an awaiting caller that is cancelled cannot cancel it)
+        with self.ids_lock:
+            batch.unsettled = len(pending)
         if not pending:
-            self._close_batch(members, batch)
+            self._close_batch(batch)
         for rid, future, t0 in pending:  # (a future settled already calls back at once, here)
             future.add_done_callback(partial(self._settled, batch, rid, t0))
         return batch.done
 
-    def _close_batch(self, members: list[str], batch: ShippedBatch | None = None) -> None:
-        """Forget a batch's request ids (a Release that comes later finds nothing: no id outlives its batch, and ids
-        may be reused); resolve its future."""
-        ids = set(members)
+    def _close_batch(self, batch: Batch, answer: bool = True) -> None:
+        """Forget a batch (a Release that comes later finds nothing of it: ids may be reused); resolve its future."""
         with self.ids_lock:
-            self.open -= ids
-            self.cancelled -= ids
-        if batch is not None:
-            batch.done.set_result([batch.outcomes[rid] for rid in members])
+            self.batches.remove(batch)
+        if answer:
+            batch.done.set_result([batch.outcomes[rid] for rid in batch.members])
 
     def release(self, request_id: str) -> bool:
         """Abort a request of a batch here before its state leaves (at the next step boundary, or once its
         step is done); False when no batch here holds it."""
+        found = False
         with self.ids_lock:
-            if request_id not in self.open:
-                return False
-            self.cancelled.add(request_id)
-            return True
+            for batch in self.batches:
+                if request_id in batch.members:
+                    batch.cancelled.add(request_id)
+                    found = True
+        return found
 
     def _submit(self, jobs: list[PrefillJob],
                 outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
@@ -181,13 +184,13 @@ class PrefillWorker:
             requests[job.request_id] = (request, job, list(zip(forks, job.forks, strict=True)))
         return requests
 
-    def _prefill(self, requests, outcomes) -> list[tuple[str, Future, float]]:
+    def _prefill(self, requests, batch: Batch) -> list[tuple[str, Future, float]]:
         """Step until every request has its first token; export and push each as soon as it has (a request's
         forks: the same exported state, each with its own first token, to its own ticket)."""
-        started, pending = time.perf_counter(), []
+        started, pending, outcomes = time.perf_counter(), [], batch.outcomes
         waiting = dict(requests)
         while waiting:
-            for rid in [r for r in waiting if r in self.cancelled]:
+            for rid in [r for r in waiting if r in batch.cancelled]:
                 self.engine.abort(rid)
                 for _, job in self._members(waiting.pop(rid)):
                     outcomes[job.request_id].error = "aborted"
@@ -196,7 +199,7 @@ class PrefillWorker:
             self.faults.hit("prefill.step")
             if self.group is not None:  # a group's rank: a lockstep tick; a failure is fatal (engine/group.py)
                 self.group.step(self.engine)
-                self._collect(waiting, outcomes, started, pending)
+                self._collect(waiting, batch, started, pending)
                 continue
             try:
                 self.engine.step()
@@ -208,10 +211,10 @@ class PrefillWorker:
                         outcomes[job.request_id].error = f"the prefill step failed: {type(exc).__name__}: {exc}"
                         outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
                 break
-            self._collect(waiting, outcomes, started, pending)
+            self._collect(waiting, batch, started, pending)
         return pending
 
-    def _collect(self, waiting, outcomes, started: float, pending: list) -> None:
+    def _collect(self, waiting, batch: Batch, started: float, pending: list) -> None:
         """Ship the requests of `waiting` that have their first token now (removed from it, their pushes added to
         `pending`)."""
         for rid, entry in list(waiting.items()):
@@ -219,19 +222,19 @@ class PrefillWorker:
             if len(request.output_ids) <= len(entry[1].output_ids) and request.finish_reason is None:
                 continue
             del waiting[rid]
-            pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
+            pending += self._ship(entry, batch, (time.perf_counter() - started) * 1e3)
 
     @staticmethod
     def _members(entry) -> list[tuple[Request, PrefillJob]]:
         request, job, forks = entry
         return [(request, job), *forks]
 
-    def _ship(self, entry, outcomes, prefill_ms: float) -> list[tuple[str, Future, float]]:
+    def _ship(self, entry, batch: Batch, prefill_ms: float) -> list[tuple[str, Future, float]]:
         """Report each member's first token; push the state of those that go on (exported once)."""
         request, pending, exported = entry[0], [], None
         for member, job in self._members(entry):
-            out = outcomes[job.request_id]
-            if job.request_id in self.cancelled:  # released during the step: its reservation is gone, ship nothing
+            out = batch.outcomes[job.request_id]
+            if job.request_id in batch.cancelled:  # released during the step: its reservation is gone, ship nothing
                 out.error = "aborted"
                 continue
             if "error" in (member.finish_reason, request.finish_reason):  # failed alone at its first token
@@ -263,7 +266,7 @@ class PrefillWorker:
             self.engine.release(request)  # it finished at its first token but was kept for its forks
         return pending
 
-    def _settled(self, batch: ShippedBatch, rid: str, t0: float, future: Future) -> None:
+    def _settled(self, batch: Batch, rid: str, t0: float, future: Future) -> None:
         """A push's future settled (the sender settles every one within its ack timeout, or when it closes): the
         request's outcome; the batch's future after its last push. On the sender's thread: short, and it never
         raises (the batch must complete)."""
@@ -289,4 +292,4 @@ class PrefillWorker:
                 batch.unsettled -= 1
                 last = batch.unsettled == 0
             if last:
-                self._close_batch(batch.members, batch)
+                self._close_batch(batch)

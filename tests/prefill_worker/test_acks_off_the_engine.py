@@ -100,7 +100,7 @@ def test_the_next_batch_prefills_while_the_previous_batch_waits_for_its_acks(tin
     assert not r1["a2"].ok and r1["a2"].error == "state transfer failed: no ack within 10s"
     b1 = got2.results[0]
     assert not b1.ok and b1.error == "decode worker rejected the state: no such ticket"
-    assert worker.transfers_in_flight == 0 and not worker.open and not worker.cancelled
+    assert worker.transfers_in_flight == 0 and not worker.batches
     assert dict(worker.counters) == {"transfers_ok": 1, "transfers_failed": 2,
                                      "transfer_bytes": r1["a1"].transfer_bytes}
     assert engine.holds_nothing()
@@ -115,7 +115,7 @@ def test_a_call_cancelled_while_its_acks_are_held_still_settles_them(tiny):
         call.cancel()  # the router gave up on the call (its deadline, a lost connection)
         with pytest.raises(asyncio.CancelledError):
             await call
-        assert worker.transfers_in_flight == 1 and worker.open == {"c1"}
+        assert worker.transfers_in_flight == 1 and [b.members for b in worker.batches] == [["c1"]]
         c1[2].set_result(Ack(transfer_id=c1[1], ok=True))  # the ack comes after all
 
     try:
@@ -123,7 +123,7 @@ def test_a_call_cancelled_while_its_acks_are_held_still_settles_them(tiny):
     finally:
         sender.fail_the_rest()
         service.executor.shutdown(wait=True)
-    assert worker.transfers_in_flight == 0 and not worker.open
+    assert worker.transfers_in_flight == 0 and not worker.batches
     assert worker.counters["transfers_ok"] == 1 and engine.holds_nothing()
 
 
@@ -142,4 +142,32 @@ def test_run_batch_answers_once_every_push_is_settled(tiny):
     assert worker.run_batch([]) == []
     assert [(o.request_id, o.ok, o.error) for o in outcomes] == [
         ("d1", True, ""), ("d2", False, "decode worker rejected the state: bad")]
-    assert worker.transfers_in_flight == 0 and not worker.open and engine.holds_nothing()
+    assert worker.transfers_in_flight == 0 and not worker.batches and engine.holds_nothing()
+
+
+def test_a_release_applies_to_the_open_batch_not_to_a_later_one_with_the_same_id(tiny):
+    """The router ends a request while its push is in flight (it releases it here) and reuses its id for a new
+    request at once: the new batch runs while the old one waits for its ack, and the old Release is not its."""
+    service, worker, sender, engine = _service(tiny)
+
+    async def scenario():
+        first = asyncio.create_task(service.Prefill(_batch("same"), None))
+        old = await sender.next_push()
+        assert (await service.Release(worker_pb2.ReleaseRequest(request_id="same"), None)).found
+        second = asyncio.create_task(service.Prefill(_batch("same"), None))
+        new = await sender.next_push()  # prefilled and pushed: not aborted by the earlier Release
+        assert [b.members for b in worker.batches] == [["same"], ["same"]] and not worker.batches[1].cancelled
+        new[2].set_result(Ack(transfer_id=new[1], ok=True))
+        got2 = await asyncio.wait_for(second, BOUND_S)
+        old[2].set_result(Ack.reject(old[1], "the reservation is gone"))
+        return await asyncio.wait_for(first, BOUND_S), got2
+
+    try:
+        got1, got2 = asyncio.run(scenario())
+    finally:
+        sender.fail_the_rest()
+        service.executor.shutdown(wait=True)
+    assert [(r.ok, r.error) for r in got1.results] == [(False, "decode worker rejected the state: the reservation "
+                                                                "is gone")]
+    assert [(r.ok, r.error) for r in got2.results] == [(True, "")]
+    assert worker.transfers_in_flight == 0 and not worker.batches and engine.holds_nothing()
