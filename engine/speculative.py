@@ -172,10 +172,11 @@ class SpeculativeScheduler(Scheduler):
         verified = self._with_forks(verified)
         kept = self._accept(verified, logits, outputs)
         undo.restore([kept.get(id(v.request), v.start) for v in drafting])
+        # before the drafts, which run with the caller's lock let go of (engine/scheduler.py): the list is whole then
+        self.running[:] = [r for r in self.running if r.finish_reason is None]
         self._draft(scheduled, starts, hidden, captures)
         if saved:  # the MTP layer's ring at each boundary, written into the capture slots by the drafter's forward
             self.prefix.cache.store.save_extra(self.pools, saved)
-        self.running[:] = [r for r in self.running if r.finish_reason is None]
         return outputs
 
     def _sampling(self, scheduled: list[tuple[Request, list[int]]]) -> list[_Verified]:
