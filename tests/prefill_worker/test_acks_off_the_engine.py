@@ -8,76 +8,26 @@ No timing: the acks are futures the test settles; a bound is reached only when t
 from __future__ import annotations
 
 import asyncio
-import queue
-from concurrent.futures import Future
+import sys
+from pathlib import Path
 
 import pytest
 
-from sparsepd.engine.engine import Engine
-from sparsepd.engine.pools import PoolConfig
-from sparsepd.model.weights import build_model
-from sparsepd.model_config import get_preset
-from sparsepd.prefill_worker.service import PrefillService
-from sparsepd.prefill_worker.worker import PrefillWorker
-from sparsepd.proto import worker_pb2
-from sparsepd.proto.transfer import Ack, TransferTimeout
+sys.path.insert(0, str(Path(__file__).parent))
+from held_sender import BOUND_S, make_batch, make_service  # noqa: E402
 
-BOUND_S = 60  # reached only when a batch waits for a held ack (it would wait forever)
-FINGERPRINT = "0123abcd"
-
-
-class HeldSender:
-    """A TransferSender whose acks the test gives: each push is (request id, transfer id, its future), in order."""
-
-    def __init__(self):
-        self.pushed: queue.Queue = queue.Queue()
-        self.futures: list[Future] = []
-
-    def send(self, endpoint, header, tensors) -> Future:
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
-        self.futures.append(future)
-        self.pushed.put((header.request_id, header.transfer_id, future))
-        return future
-
-    def fail_the_rest(self) -> None:
-        """Settle what the test left held (a failing test: so that no thread waits on them for ever)."""
-        for future in self.futures:
-            if not future.done():
-                future.set_exception(TransferTimeout("the test ended"))
-
-    async def next_push(self):
-        return await asyncio.to_thread(self.pushed.get, True, BOUND_S)  # queue.Empty: no push came
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_model(get_preset("tiny"), seed=0)
-
-
-def _batch(*rids: str) -> worker_pb2.PrefillBatch:
-    sampling = worker_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True)
-    return worker_pb2.PrefillBatch(requests=[
-        worker_pb2.PrefillRequest(request_id=rid, input_ids=[256, *range(30 + 3 * i, 60 + 3 * i)], sampling=sampling,
-                                  ticket=worker_pb2.Ticket(transfer_id=f"t-{rid}", endpoint="tcp://127.0.0.1:9",
-                                                           fingerprint=FINGERPRINT))
-        for i, rid in enumerate(rids)])
-
-
-def _service(tiny) -> tuple[PrefillService, PrefillWorker, HeldSender, Engine]:
-    engine = Engine(tiny, PoolConfig(num_slots=4, max_batch_tokens=64, num_pages=32))
-    sender = HeldSender()
-    worker = PrefillWorker(engine, sender, FINGERPRINT)
-    return PrefillService(worker), worker, sender, engine
+from sparsepd.prefill_worker.service import _job  # noqa: E402
+from sparsepd.proto import worker_pb2  # noqa: E402
+from sparsepd.proto.transfer import Ack, TransferTimeout  # noqa: E402
 
 
 def test_the_next_batch_prefills_while_the_previous_batch_waits_for_its_acks(tiny):
-    service, worker, sender, engine = _service(tiny)
+    service, worker, sender, engine = make_service(tiny)
 
     async def scenario():
-        first = asyncio.create_task(service.Prefill(_batch("a1", "a2"), None))
+        first = asyncio.create_task(service.Prefill(make_batch("a1", "a2"), None))
         a1, a2 = await sender.next_push(), await sender.next_push()  # batch 1 prefilled and pushed; acks held
-        second = asyncio.create_task(service.Prefill(_batch("b1"), None))
+        second = asyncio.create_task(service.Prefill(make_batch("b1"), None))
         b1 = await sender.next_push()  # batch 2 prefilled and pushed while batch 1's acks are held
         assert not first.done() and worker.transfers_in_flight == 3
         assert (await service.Release(worker_pb2.ReleaseRequest(request_id="a1"), None)).found  # still its batch's
@@ -107,10 +57,10 @@ def test_the_next_batch_prefills_while_the_previous_batch_waits_for_its_acks(tin
 
 
 def test_a_call_cancelled_while_its_acks_are_held_still_settles_them(tiny):
-    service, worker, sender, engine = _service(tiny)
+    service, worker, sender, engine = make_service(tiny)
 
     async def scenario():
-        call = asyncio.create_task(service.Prefill(_batch("c1"), None))
+        call = asyncio.create_task(service.Prefill(make_batch("c1"), None))
         c1 = await sender.next_push()
         call.cancel()  # the router gave up on the call (its deadline, a lost connection)
         with pytest.raises(asyncio.CancelledError):
@@ -129,10 +79,8 @@ def test_a_call_cancelled_while_its_acks_are_held_still_settles_them(tiny):
 
 def test_run_batch_answers_once_every_push_is_settled(tiny):
     """The synchronous form (a caller on its own thread): the same outcomes, after the acks."""
-    _, worker, sender, engine = _service(tiny)
-    from sparsepd.prefill_worker.service import _job
-
-    jobs = [_job(r, list(r.input_ids), r.request_id) for r in _batch("d1", "d2").requests]
+    _, worker, sender, engine = make_service(tiny)
+    jobs = [_job(r, list(r.input_ids), r.request_id) for r in make_batch("d1", "d2").requests]
     done = worker.prefill_batch(jobs)  # (returns before the acks: it would wait for ever otherwise)
     pushes = [sender.pushed.get(timeout=BOUND_S) for _ in jobs]
     assert not done.done()
@@ -148,13 +96,13 @@ def test_run_batch_answers_once_every_push_is_settled(tiny):
 def test_a_release_applies_to_the_open_batch_not_to_a_later_one_with_the_same_id(tiny):
     """The router ends a request while its push is in flight (it releases it here) and reuses its id for a new
     request at once: the new batch runs while the old one waits for its ack, and the old Release is not its."""
-    service, worker, sender, engine = _service(tiny)
+    service, worker, sender, engine = make_service(tiny)
 
     async def scenario():
-        first = asyncio.create_task(service.Prefill(_batch("same"), None))
+        first = asyncio.create_task(service.Prefill(make_batch("same"), None))
         old = await sender.next_push()
         assert (await service.Release(worker_pb2.ReleaseRequest(request_id="same"), None)).found
-        second = asyncio.create_task(service.Prefill(_batch("same"), None))
+        second = asyncio.create_task(service.Prefill(make_batch("same"), None))
         new = await sender.next_push()  # prefilled and pushed: not aborted by the earlier Release
         assert [b.members for b in worker.batches] == [["same"], ["same"]] and not worker.batches[1].cancelled
         new[2].set_result(Ack(transfer_id=new[1], ok=True))
