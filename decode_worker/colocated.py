@@ -39,8 +39,8 @@ class ColocatedPrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 if other is not None:
                     raise ValueError(f"the ticket names {other!r}; a colocated worker only runs requests it reserved "
                                      "itself")
-                # off the event loop, as Reserve: start_local waits for the engine lock, which the decode loop holds
-                # for a whole step, and the token streams' messages go out from this loop meanwhile
+                # off the event loop, as Reserve: start_local waits for the engine lock (held through a step's
+                # bookkeeping) and copies the cached prefix, and the token streams' messages go out from this loop
                 cached = await asyncio.get_running_loop().run_in_executor(
                     None, self.worker.start_local, r.request_id, r.ticket.transfer_id, list(r.input_ids),
                     [(f.request_id, f.ticket.transfer_id) for f in r.forks], list(r.output_ids))

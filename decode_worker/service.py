@@ -81,8 +81,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.HealthResponse(serving=self.serving, role=self.role, fingerprint=self.fingerprint)
 
     async def Stats(self, request, context):
-        # off the event loop: stats() waits for the step in progress (the engine lock), and token streams wait
-        # for nothing
+        # off the event loop: stats() waits for the engine lock (the bookkeeping of a step in progress), and token
+        # streams wait for nothing
         s = await asyncio.get_running_loop().run_in_executor(None, self.worker.stats)
         c = s["counters"]
         return worker_pb2.StatsResponse(

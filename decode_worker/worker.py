@@ -6,9 +6,14 @@ one list for the whole step and no object of its own per token; the worker's own
 could not be admitted, an expired reservation, a failed request with its status code) are `TokenUpdate`s.
 
 Threads: the gRPC server (asyncio) calls `reserve`/`release`; the transfer receiver's thread calls
-`on_state`; the loop thread owns the engine. Everything that touches the engine goes through `inbox` or
-holds `lock`, so the GPU work happens on the loop thread only and a transfer never blocks a step (only
-the pool copy of an arrived state runs on the loop, between steps).
+`on_state`; the loop thread runs the engine's steps. Everything that touches the engine goes through `inbox` or
+holds `lock`: what changes a running request (an abort, an arrived state's pool copy and admission) is queued to
+the loop and done between steps, and a transfer never blocks a step. The loop holds `lock` over each step but
+the engine lets go of it while the forward runs and while the host waits for the step's tokens (`Engine.step`):
+a Reserve, a Release of a reservation or a Stats call waits for the step's bookkeeping, not for the device. The
+engine changes its lists, allocators and prefix cache only with the lock held and never leaves them half-changed
+across a release (engine/scheduler.py), so a reservation sees whole pools; what the forward touches (the running
+requests, their pages and slots) no other thread touches.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class DecodeWorker:
 
         The reservation waits for its state ttl_s seconds (0 = unset), at most this worker's own TTL: the
         worker decides how long its pages may sit idle, whatever a router asks. A grammar is compiled here,
-        before the engine lock (the decode loop holds it for each step); a bad one raises ValueError."""
+        before the engine lock (compiling takes long: no step should wait for it); a bad one raises ValueError."""
         if params.grammar is not None:
             self.engine.compile_grammar(params.grammar)  # cached: make_request below finds it
         with self.lock:
@@ -109,9 +114,9 @@ class DecodeWorker:
             return res
 
     def full(self) -> bool:
-        """No slot is free now: read without the lock, from the control server's thread, so that a Reserve that
-        cannot fit is refused at once (a router keeps asking while it has requests queued) instead of after waiting
-        up to a step for the lock. A slot freed the next moment is the router's to find: its refusal is stale
+        """No slot is free now: read without the lock, from the control server's event loop, so that a Reserve that
+        cannot fit is refused at once (a router keeps asking while it has requests queued), with no executor hop and
+        no wait for a step's bookkeeping. A slot freed the next moment is the router's to find: its refusal is stale
         once the request that held the slot has ended (router/reservations.py)."""
         return self.engine.free_slots == 0
 
@@ -211,9 +216,9 @@ class DecodeWorker:
         """One engine step; a step that raises (not one request's fault: those fail alone inside it) fails the
         requests running here and the loop goes on."""
         if self.group is not None:  # a group's rank: its step, or an empty one; a failure is fatal (engine/group.py)
-            return self.group.step(self.engine)
+            return self.group.step(self.engine, self.lock)
         try:
-            return self.engine.step()
+            return self.engine.step(self.lock)  # (let go of while the device computes: module docstring)
         except Exception as exc:  # noqa: BLE001 - the loop thread must outlive a failed step
             running = [r.request_id for r in self._admitted()]
             log.exception("a decode step failed; failing the %d requests running here", len(running))

@@ -11,6 +11,7 @@ comes later, `import_state`s it into them (or, colocated, `restore_prefix` and p
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -155,8 +156,12 @@ class Engine:
         self.scheduler.add(request)
         return request
 
-    def step(self) -> list[StepOutput]:
-        return self.scheduler.step()
+    def step(self, lock: threading.Lock | None = None) -> list[StepOutput]:
+        """One step of every running request. lock: one the caller holds over the step and takes for every other
+        call into this engine (the decode worker's): let go of while the forward runs and while the host waits for
+        the step's tokens, so those calls need not wait for the device; the scheduler's lists, the allocators and
+        the prefix cache are changed only while it is held (engine/scheduler.py)."""
+        return self.scheduler.step(lock)
 
     def abort(self, request_id: str) -> bool:
         """End a request wherever it is and free what it holds; False if unknown or already finished."""

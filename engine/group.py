@@ -90,12 +90,13 @@ class RankGroup:
         """Whether some rank had tokens in the last tick (the others should tick again soon)."""
         return self.ep is not None and any(self.ep.tokens)
 
-    def step(self, engine) -> list[StepOutput]:
+    def step(self, engine, lock=None) -> list[StepOutput]:
         """One lockstep tick: the engine's step when it has work (its forward is this rank's part), else, or when
-        the step ran no forward, an empty forward. Fatal on any failure (module docstring)."""
+        the step ran no forward, an empty forward. Fatal on any failure (module docstring). lock: the caller's,
+        held over the tick (`Engine.step`)."""
         try:
             before = self.ep.forwards
-            outputs = engine.step() if engine.scheduler.has_work else []
+            outputs = engine.step(lock) if engine.scheduler.has_work else []
             if self.ep.forwards == before:  # no forward of its own (or a replayed graph, which has W = 1)
                 idle_forward(self.model)
             return outputs

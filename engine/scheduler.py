@@ -22,10 +22,20 @@ grammar needs token N accepted by its matcher before step N+1's mask can be buil
 when the step samples such a request the order becomes: launch forward N+1 → read and postprocess step N →
 build the masks → draw N+1 and start its copy. The forward still hides the host work of step N; only the
 draw waits. Without a grammar in the step nothing changes (no extra sync).
+
+`step(lock)`: a caller that holds `lock` over the step (the decode worker's engine lock, which its control threads
+take to reserve and release) has it let go of where the step only computes (`Released`): while the forward runs
+and while the host waits for the step's tokens. Everything the lock guards — the waiting and running lists, the
+slot and page allocators, the prefix cache's tree and store — is changed only with the lock held, and never left
+half-changed across a release: admission, page growth and the schedule are done before the forward, the
+snapshots it captured are committed and its requests' counts moved after it. What the forward and the wait touch
+belongs to the step alone: the scheduled requests (which another thread never touches: aborts reach the worker's
+loop thread) and their pages and slots, the scratch rows, the runner's buffers and graphs.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -61,6 +71,24 @@ class LaunchedForward:
         return any([r.grammar is not None for r in self.sampled])  # (a list: no generator resumed per row)
 
 
+class Released:
+    """`with released:` lets go of `lock` (held by this thread) for the block and takes it back after, also when the
+    block raises; nothing when `lock` is None. One object per scheduler, its lock set per step: two calls a use."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock: threading.Lock | None = None
+
+    def __enter__(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.acquire()
+
+
 class Scheduler:
     def __init__(self, runner: Runner, max_batch_tokens: int | None = None, overlap: bool = False,
                  cache: PrefixCache | None = None, host: HostMemory | None = None, gpu_wait: GpuWait = "spin"):
@@ -78,6 +106,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.overlap, self.gpu_wait = overlap, gpu_wait
         self._in_flight: InFlightStep | None = None  # launched, not yet read (overlap only)
+        self.released = Released()  # the caller's lock let go of while the device computes (module docstring)
 
     @property
     def retractions(self) -> int:
@@ -123,10 +152,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # --- schedule, run, postprocess ---------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
+    def step(self, lock: threading.Lock | None = None) -> list[StepOutput]:
         """One step. With overlap, this step's forward and sampling are launched before the previous step's
         results are read (they are usually ready by then), so the host work of a step hides behind the GPU;
-        the outputs returned are the previous step's."""
+        the outputs returned are the previous step's. lock: held by the caller, let go of during the forward and
+        the wait for the tokens (module docstring)."""
+        self.released.lock = lock
         self.admission.admit_waiting(self.waiting, self.running)
         read_early = self.growth.grow(self.running, self.waiting, self._read_in_flight)  # to make room (overlap)
         scheduled = self._schedule()
@@ -206,11 +237,12 @@ class Scheduler:
         prompt_rows, prompt = plan_rows(scheduled), None
         capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
         try:
-            if prompt_rows is None:
-                logits = self.runner.forward(scheduled)
-            else:
-                logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
-                prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host(self.gpu_wait))
+            with self.released:  # the scheduled requests' rows only: the caller's lock is free meanwhile
+                if prompt_rows is None:
+                    logits = self.runner.forward(scheduled)
+                else:
+                    logits, hidden = self.runner.forward(scheduled, final_rows=prompt_rows.rows)
+                    prompt = (prompt_rows, score_rows(self.runner.model, hidden, prompt_rows).to_host(self.gpu_wait))
         except BaseException:
             if capturing:
                 self.prefix.cancel(capturing)
@@ -291,7 +323,8 @@ class Scheduler:
         if not step.sampled:
             return []
         outputs = []
-        tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
+        with self.released:
+            tokens, logprobs = step.host.result()  # waits for this step's copy (one sync a step)
         eos = self.runner.model.cfg.eos_id
         for i, request in enumerate(step.sampled):
             request.num_pending -= 1

@@ -29,6 +29,7 @@ tokens with or without speculation.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -96,7 +97,8 @@ class SpeculativeScheduler(Scheduler):
         self.stats = SpeculativeStats(num_steps)
         self._undo_targets = undo_targets(runner.pools)
 
-    def step(self) -> list[StepOutput]:
+    def step(self, lock: threading.Lock | None = None) -> list[StepOutput]:
+        self.released.lock = lock  # let go of during the verification, the wait for its tokens and the drafts
         self.admission.admit_waiting(self.waiting, self.running)
         read_early = self.growth.grow(self.running, self.waiting, self._read_in_flight)
         scheduled = self._schedule()
@@ -147,7 +149,9 @@ class SpeculativeScheduler(Scheduler):
         num_rows = sum(len(t) for _, t in scheduled)
         flat = [r for v in verified for r in v.rows]
         try:  # logits [len(flat), V] fp32 at the rows that draw; the last block's output [T, hc, dim] at every row
-            logits, hidden = self.runner.forward(scheduled, final_rows=list(range(num_rows)), logit_rows=flat or None)
+            with self.released:
+                logits, hidden = self.runner.forward(scheduled, final_rows=list(range(num_rows)),
+                                                     logit_rows=flat or None)
         except BaseException:
             if capturing:
                 self.prefix.cancel(capturing)
@@ -168,10 +172,11 @@ class SpeculativeScheduler(Scheduler):
         verified = self._with_forks(verified)
         kept = self._accept(verified, logits, outputs)
         undo.restore([kept.get(id(v.request), v.start) for v in drafting])
+        # before the drafts, which run with the caller's lock let go of (engine/scheduler.py): the list is whole then
+        self.running[:] = [r for r in self.running if r.finish_reason is None]
         self._draft(scheduled, starts, hidden, captures)
         if saved:  # the MTP layer's ring at each boundary, written into the capture slots by the drafter's forward
             self.prefix.cache.store.save_extra(self.pools, saved)
-        self.running[:] = [r for r in self.running if r.finish_reason is None]
         return outputs
 
     def _sampling(self, scheduled: list[tuple[Request, list[int]]]) -> list[_Verified]:
@@ -220,7 +225,8 @@ class SpeculativeScheduler(Scheduler):
             grammars = [v.request.grammar for v in verified for _ in v.rows]
             drawn = draw(logits, table, device, token_bitmask(grammars, logits.shape[1], device))
         failed = drawn.failed
-        tokens, logprobs = drawn.to_host(self.gpu_wait).result()
+        with self.released:
+            tokens, logprobs = drawn.to_host(self.gpu_wait).result()
         first, last_slots, last_tokens = 0, [], []
         for v in verified:
             request, n = v.request, len(v.rows)
@@ -282,5 +288,7 @@ class SpeculativeScheduler(Scheduler):
                                    propose=not request.prefilling,
                                    captures=(captures or {}).get(id(request), ())))
         if spans:
-            for request, drafts in self.drafter.draft(spans, hidden, self.num_steps).items():
+            with self.released:  # the drafter's own pools and the spans' requests
+                drafted = self.drafter.draft(spans, hidden, self.num_steps)
+            for request, drafts in drafted.items():
                 request.draft_ids = drafts

@@ -74,6 +74,10 @@ async def serve(args: argparse.Namespace) -> int:
     service.serving = False
     await server.stop(grace=args.drain_timeout)
     service.executor.shutdown(wait=True)
+    # pushes still unacknowledged (their Prefill calls cut by the grace): every one settles within its ack timeout
+    deadline = asyncio.get_running_loop().time() + args.transfer_timeout + 1
+    while worker.transfers_in_flight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
     ticking.set()
     sender.close()
     return 0

@@ -1,4 +1,5 @@
-"""The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop."""
+"""The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop (one
+engine thread), await its pushes' acknowledgements on the event loop, answer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import grpc
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_from_proto, top_logprobs
+from sparsepd.proto.transfer import MAX_ID_CHARS, request_id_ok, transfer_id_ok
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -44,9 +46,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                                            error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
         if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
-        self.worker.open_batch(jobs)
+        batch = self.worker.open_batch(jobs)
         loop = asyncio.get_running_loop()
-        outcomes = await loop.run_in_executor(self.executor, self.worker.run_batch, jobs)
+        # the engine's thread prefills and pushes; the acknowledgements are awaited here, so that thread takes the
+        # next batch meanwhile (prefill_worker/worker.py)
+        shipped = await loop.run_in_executor(self.executor, self.worker.prefill_batch, jobs, batch)
+        outcomes = await asyncio.wrap_future(shipped)
         ran = {o.request_id: o for o in outcomes}
         return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
 
@@ -78,8 +83,14 @@ def _check_ticket(r, where: str) -> None:
 
 def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = (),
          output_ids: tuple[int, ...] = ()) -> PrefillJob:
-    """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its sampling or output_ids are
+    """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its ids, sampling or output_ids are
     refused)."""
+    if not request_id_ok(r.request_id):  # the transfer header carries it: refused here, not when its state leaves
+        raise ValueError(f"{where}: request_id of {len(r.request_id)} characters: expected 1 to {MAX_ID_CHARS} "
+                         "printable characters")
+    if not transfer_id_ok(r.ticket.transfer_id):
+        raise ValueError(f"{where}: ticket.transfer_id {r.ticket.transfer_id[:64]!r}: expected 1 to {MAX_ID_CHARS} "
+                         "characters of A-Z a-z 0-9 _ . : -")
     try:
         params = sampling_from_proto(r.sampling)
     except ValueError as exc:

@@ -4,6 +4,13 @@ ticket, then report per request.
 
 A request's pages are freed as soon as its state is copied to host memory (pinned on a GPU); the host
 copy lives until the decode worker acknowledges (or the push fails), so the pool never waits on the network.
+
+Threads: `prefill_batch` runs on the engine's thread (the service's one executor thread) and holds the engine
+only while it prefills, exports and pushes; it returns a future of the batch's outcomes without waiting for the
+acknowledgements, so the next batch's forward starts as soon as this one's is done. Each push's outcome is
+filled in by a callback when its future settles (on the sender's thread: the ack, a rejection, a timeout, the
+sender closing), and the batch's future resolves after the last one: its answer still comes only once every
+state is acknowledged or failed, with the same outcome per request.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 
@@ -61,6 +69,19 @@ class PrefillOutcome:
     error_code: int = 0  # not ok: the status for the client when this request alone is at fault (0 = UNAVAILABLE)
 
 
+@dataclass
+class Batch:
+    """A batch from its arrival until its answer: its request ids, those of them the router released (a Release
+    applies to the batches open when it comes, not to a later batch that reuses the id), its outcomes, and its
+    pushes not yet acknowledged or failed; `done` resolves with the outcomes."""
+
+    members: list[str]  # request ids, the order of the answer
+    cancelled: set[str] = field(default_factory=set)  # (under the worker's ids_lock, as `unsettled`)
+    outcomes: dict[str, PrefillOutcome] = field(default_factory=dict)
+    unsettled: int = 0
+    done: Future = field(default_factory=Future)  # → list[PrefillOutcome], in members' order
+
+
 class PrefillWorker:
     def __init__(self, engine: Engine, sender: TransferSender, fingerprint: str, transfer_timeout_s: float = 10.0,
                  faults: Faults | None = None):
@@ -69,9 +90,8 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.lock = threading.Lock()  # one batch on the engine at a time
         self.counters: Counter[str] = Counter()
-        self.ids_lock = threading.Lock()
-        self.open: set[str] = set()  # request ids of the batches received and not yet answered
-        self.cancelled: set[str] = set()  # those of them the router released
+        self.ids_lock = threading.Lock()  # the open batches' ids, the transfers in flight and the counters
+        self.batches: list[Batch] = []  # the batches received and not yet answered
         self.transfers_in_flight = 0  # states pushed and not yet acknowledged (under ids_lock)
         self.group = None  # a rank of a worker group (engine/group.py): its steps are lockstep ticks, `tick_idle`
 
@@ -87,36 +107,57 @@ class PrefillWorker:
                 if not self.group.busy:
                     stop.wait(0.01)
 
-    def open_batch(self, jobs: list[PrefillJob]) -> None:
-        """Note a batch's request ids when it arrives: a Release may come while it waits for the engine."""
+    def open_batch(self, jobs: list[PrefillJob]) -> Batch:
+        """Note a batch when it arrives: a Release may come while it waits for the engine."""
+        batch = Batch([m.request_id for j in jobs for m in j.members])
+        batch.done.set_running_or_notify_cancel()  # (an awaiting caller that is cancelled cannot cancel it)
         with self.ids_lock:
-            self.open.update(m.request_id for j in jobs for m in j.members)
+            self.batches.append(batch)
+        return batch
 
     def run_batch(self, jobs: list[PrefillJob]) -> list[PrefillOutcome]:
-        """Prefill every job, push each state, return one outcome per job and fork (in order)."""
-        self.open_batch(jobs)
-        members = [m for j in jobs for m in j.members]
+        """Prefill every job, push each state, return one outcome per job and fork (in order) once every push is
+        acknowledged or failed."""
+        return self.prefill_batch(jobs).result()
+
+    def prefill_batch(self, jobs: list[PrefillJob], batch: Batch | None = None) -> Future:
+        """Prefill every job and push each state; returns at once, without waiting for the acknowledgements, a
+        future of one outcome per job and fork (in order) that resolves when every push is acknowledged or
+        failed (module docstring). batch: the jobs' `open_batch`, when it was opened on their arrival."""
+        batch = batch or self.open_batch(jobs)
         try:
             with self.lock:
-                outcomes = {m.request_id: PrefillOutcome(m.request_id, ok=False) for m in members}
-                requests = self._submit(jobs, outcomes)
-                pending = self._prefill(requests, outcomes)
-            self._await_transfers(pending, outcomes)
-        finally:  # a Release that comes later finds nothing: no id outlives its batch (ids may be reused)
-            ids = {m.request_id for m in members}
-            with self.ids_lock:
-                self.open -= ids
-                self.cancelled -= ids
-        return [outcomes[m.request_id] for m in members]
+                batch.outcomes = {rid: PrefillOutcome(rid, ok=False) for rid in batch.members}
+                requests = self._submit(jobs, batch.outcomes)
+                pending = self._prefill(requests, batch)
+        except BaseException:
+            self._close_batch(batch, answer=False)
+            raise
+        with self.ids_lock:
+            batch.unsettled = len(pending)
+        if not pending:
+            self._close_batch(batch)
+        for rid, future, t0 in pending:  # (a future settled already calls back at once, here)
+            future.add_done_callback(partial(self._settled, batch, rid, t0))
+        return batch.done
+
+    def _close_batch(self, batch: Batch, answer: bool = True) -> None:
+        """Forget a batch (a Release that comes later finds nothing of it: ids may be reused); resolve its future."""
+        with self.ids_lock:
+            self.batches.remove(batch)
+        if answer:
+            batch.done.set_result([batch.outcomes[rid] for rid in batch.members])
 
     def release(self, request_id: str) -> bool:
         """Abort a request of a batch here before its state leaves (at the next step boundary, or once its
         step is done); False when no batch here holds it."""
+        found = False
         with self.ids_lock:
-            if request_id not in self.open:
-                return False
-            self.cancelled.add(request_id)
-            return True
+            for batch in self.batches:
+                if request_id in batch.members:
+                    batch.cancelled.add(request_id)
+                    found = True
+        return found
 
     def _submit(self, jobs: list[PrefillJob],
                 outcomes: dict[str, PrefillOutcome]) -> dict[str, tuple[Request, PrefillJob]]:
@@ -143,13 +184,13 @@ class PrefillWorker:
             requests[job.request_id] = (request, job, list(zip(forks, job.forks, strict=True)))
         return requests
 
-    def _prefill(self, requests, outcomes) -> list[tuple[str, Future, float]]:
+    def _prefill(self, requests, batch: Batch) -> list[tuple[str, Future, float]]:
         """Step until every request has its first token; export and push each as soon as it has (a request's
         forks: the same exported state, each with its own first token, to its own ticket)."""
-        started, pending = time.perf_counter(), []
+        started, pending, outcomes = time.perf_counter(), [], batch.outcomes
         waiting = dict(requests)
         while waiting:
-            for rid in [r for r in waiting if r in self.cancelled]:
+            for rid in [r for r in waiting if r in batch.cancelled]:
                 self.engine.abort(rid)
                 for _, job in self._members(waiting.pop(rid)):
                     outcomes[job.request_id].error = "aborted"
@@ -158,7 +199,7 @@ class PrefillWorker:
             self.faults.hit("prefill.step")
             if self.group is not None:  # a group's rank: a lockstep tick; a failure is fatal (engine/group.py)
                 self.group.step(self.engine)
-                self._collect(waiting, outcomes, started, pending)
+                self._collect(waiting, batch, started, pending)
                 continue
             try:
                 self.engine.step()
@@ -170,10 +211,10 @@ class PrefillWorker:
                         outcomes[job.request_id].error = f"the prefill step failed: {type(exc).__name__}: {exc}"
                         outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
                 break
-            self._collect(waiting, outcomes, started, pending)
+            self._collect(waiting, batch, started, pending)
         return pending
 
-    def _collect(self, waiting, outcomes, started: float, pending: list) -> None:
+    def _collect(self, waiting, batch: Batch, started: float, pending: list) -> None:
         """Ship the requests of `waiting` that have their first token now (removed from it, their pushes added to
         `pending`)."""
         for rid, entry in list(waiting.items()):
@@ -181,19 +222,19 @@ class PrefillWorker:
             if len(request.output_ids) <= len(entry[1].output_ids) and request.finish_reason is None:
                 continue
             del waiting[rid]
-            pending += self._ship(entry, outcomes, (time.perf_counter() - started) * 1e3)
+            pending += self._ship(entry, batch, (time.perf_counter() - started) * 1e3)
 
     @staticmethod
     def _members(entry) -> list[tuple[Request, PrefillJob]]:
         request, job, forks = entry
         return [(request, job), *forks]
 
-    def _ship(self, entry, outcomes, prefill_ms: float) -> list[tuple[str, Future, float]]:
+    def _ship(self, entry, batch: Batch, prefill_ms: float) -> list[tuple[str, Future, float]]:
         """Report each member's first token; push the state of those that go on (exported once)."""
         request, pending, exported = entry[0], [], None
         for member, job in self._members(entry):
-            out = outcomes[job.request_id]
-            if job.request_id in self.cancelled:  # released during the step: its reservation is gone, ship nothing
+            out = batch.outcomes[job.request_id]
+            if job.request_id in batch.cancelled:  # released during the step: its reservation is gone, ship nothing
                 out.error = "aborted"
                 continue
             if "error" in (member.finish_reason, request.finish_reason):  # failed alone at its first token
@@ -225,23 +266,30 @@ class PrefillWorker:
             self.engine.release(request)  # it finished at its first token but was kept for its forks
         return pending
 
-    def _await_transfers(self, pending, outcomes) -> None:
-        for rid, future, t0 in pending:
-            out = outcomes[rid]
-            try:
-                ack = future.result()  # the sender settles every future within its ack timeout
-            except Exception as exc:  # noqa: BLE001 - any failure of the push fails this request only
+    def _settled(self, batch: Batch, rid: str, t0: float, future: Future) -> None:
+        """A push's future settled (the sender settles every one within its ack timeout, or when it closes): the
+        request's outcome; the batch's future after its last push. On the sender's thread: short, and it never
+        raises (the batch must complete)."""
+        out = batch.outcomes[rid]
+        try:
+            exc = future.exception()
+            if exc is not None:  # any failure of the push fails this request only
                 out.error = f"state transfer failed: {exc}"
-                self.counters["transfers_failed"] += 1
-                continue
-            finally:
-                with self.ids_lock:
-                    self.transfers_in_flight -= 1
-            out.transfer_ms = (time.perf_counter() - t0) * 1e3
-            if ack.ok:
-                out.ok = True
-                self.counters["transfers_ok"] += 1
-                self.counters["transfer_bytes"] += out.transfer_bytes
             else:
-                out.error = f"decode worker rejected the state: {ack.reason}"
-                self.counters["transfers_failed"] += 1
+                ack = future.result()
+                out.ok, out.transfer_ms = ack.ok, (time.perf_counter() - t0) * 1e3
+                out.error = "" if ack.ok else f"decode worker rejected the state: {ack.reason}"
+        except BaseException as exc:  # noqa: BLE001 - a future cancelled by its caller: this request fails alone
+            out.ok, out.error = False, f"state transfer failed: {type(exc).__name__}: {exc}"
+        finally:
+            with self.ids_lock:  # (callbacks of several batches may run at once: the sender's thread and this one)
+                if out.ok:
+                    self.counters["transfers_ok"] += 1
+                    self.counters["transfer_bytes"] += out.transfer_bytes
+                else:
+                    self.counters["transfers_failed"] += 1
+                self.transfers_in_flight -= 1
+                batch.unsettled -= 1
+                last = batch.unsettled == 0
+            if last:
+                self._close_batch(batch)

@@ -26,7 +26,7 @@ class StepEngine:
         self.outputs = [StepOutput(f"r{i}", 32 + i, None) for i in range(batch)]
         self.steps, self.stop, self.taken = steps, stop, 0
 
-    def step(self) -> list[StepOutput]:
+    def step(self, lock=None) -> list[StepOutput]:
         self.taken += 1
         if self.taken == self.steps:
             self.stop.set()
