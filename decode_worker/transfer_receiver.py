@@ -51,6 +51,8 @@ from sparsepd.proto.transfer import (
     DTYPE_BYTES,
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
+    REQUEST_ID_RULE,
+    TRANSFER_ID_RULE,
     Ack,
     FaultPlan,
     TensorHeader,
@@ -130,9 +132,9 @@ class TransferReceiver:
         the receiver's `expected`. max_pages: the most pages the reservation holds.
         """
         if not transfer_id_ok(transfer_id):
-            raise ValueError(f"transfer_id {transfer_id!r}: expected 1-256 characters of [A-Za-z0-9_.:-]")
+            raise ValueError(f"transfer_id {transfer_id!r}: expected {TRANSFER_ID_RULE}")
         if not request_id_ok(request_id):
-            raise ValueError(f"request_id {request_id!r}: expected 1-256 printable characters")
+            raise ValueError(f"request_id {request_id!r}: expected {REQUEST_ID_RULE}")
         if specs is None:
             if self.expected is None:
                 raise ValueError("expect() needs specs when the receiver was built without `expected`")

@@ -11,7 +11,7 @@ import grpc
 from sparsepd.prefill_worker.worker import PrefillJob, PrefillOutcome, PrefillWorker
 from sparsepd.proto import worker_pb2, worker_pb2_grpc
 from sparsepd.proto.convert import id_logprobs, prefix_cache_stats, prompt_logprobs, sampling_from_proto, top_logprobs
-from sparsepd.proto.transfer import MAX_ID_CHARS, request_id_ok, transfer_id_ok
+from sparsepd.proto.transfer import REQUEST_ID_RULE, TRANSFER_ID_RULE, request_id_ok, transfer_id_ok
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -86,11 +86,9 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
     """A checked PrefillRequest or PrefillFork as a job (raises ValueError when its ids, sampling or output_ids are
     refused)."""
     if not request_id_ok(r.request_id):  # the transfer header carries it: refused here, not when its state leaves
-        raise ValueError(f"{where}: request_id of {len(r.request_id)} characters: expected 1 to {MAX_ID_CHARS} "
-                         "printable characters")
+        raise ValueError(f"{where}: request_id of {len(r.request_id)} characters: expected {REQUEST_ID_RULE}")
     if not transfer_id_ok(r.ticket.transfer_id):
-        raise ValueError(f"{where}: ticket.transfer_id {r.ticket.transfer_id[:64]!r}: expected 1 to {MAX_ID_CHARS} "
-                         "characters of A-Z a-z 0-9 _ . : -")
+        raise ValueError(f"{where}: ticket.transfer_id {r.ticket.transfer_id[:64]!r}: expected {TRANSFER_ID_RULE}")
     try:
         params = sampling_from_proto(r.sampling)
     except ValueError as exc:

@@ -85,8 +85,18 @@ TAG_BYTES = 32  # HMAC-SHA256
 _TAG_DOMAIN = b"sparsepd transfer header v3\0"
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
-_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,256}")
+_ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_ID_CHARS}}}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
+# The rules for the two ids a header carries (the checks: request_id_ok, transfer_id_ok), in the words every refusal
+# names them by: the router (public request ids, at admission), the prefill worker (a batch's requests and tickets),
+# the decode worker (its tickets) and the header's own validation.
+REQUEST_ID_RULE = f"1 to {MAX_ID_CHARS} printable characters"
+TRANSFER_ID_RULE = f"1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 _ . : -"
+
+
+def _whole(pattern: re.Pattern) -> str:
+    """`pattern` for pydantic's Field(pattern=…), which searches: anchored, so the whole value must match."""
+    return f"^(?:{pattern.pattern})$"
 
 
 class TransferError(RuntimeError):
@@ -116,7 +126,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 class TensorHeader(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=_NAME.pattern)
+    name: str = Field(pattern=_whole(_NAME))
     dtype: Literal[tuple(DTYPE_BYTES)]  # type: ignore[valid-type]
     shape: tuple[int, ...] = Field(max_length=MAX_DIMS)
     nbytes: int = Field(ge=0, le=MAX_STATE_BYTES)
@@ -139,9 +149,9 @@ class TransferHeader(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: int = PROTOCOL_VERSION
-    transfer_id: str = Field(pattern=_ID.pattern)
+    transfer_id: str = Field(pattern=_whole(_ID))
     request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    fingerprint: str = Field(pattern=_FINGERPRINT.pattern)
+    fingerprint: str = Field(pattern=_whole(_FINGERPRINT))
     position: int = Field(ge=0, le=MAX_POSITION, description="tokens whose KV the state holds")
     num_pages: int = Field(ge=0, le=MAX_POSITION)
     output_ids: tuple[int, ...] = Field(max_length=MAX_OUTPUT_IDS, description="tokens sampled so far")
@@ -155,7 +165,7 @@ class TransferHeader(BaseModel):
         if self.version != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {self.version} is not supported; this side speaks {PROTOCOL_VERSION}")
         if not request_id_ok(self.request_id):
-            raise ValueError(f"request_id {self.request_id!r} has control characters")
+            raise ValueError(f"request_id {self.request_id!r}: expected {REQUEST_ID_RULE}")
         if any(not 0 <= t < MAX_TOKEN_ID for t in self.output_ids):
             raise ValueError(f"output_ids {list(self.output_ids)} hold a token outside [0, 2**31)")
         names = [t.name for t in self.tensors]
@@ -330,10 +340,12 @@ def peek_transfer_id(data: bytes | memoryview) -> str:
 
 
 def request_id_ok(value: str) -> bool:
+    """A request id a header can carry: REQUEST_ID_RULE."""
     return 0 < len(value) <= MAX_ID_CHARS and value.isprintable()
 
 
 def transfer_id_ok(value: str) -> bool:
+    """A transfer id a header can carry: TRANSFER_ID_RULE."""
     return bool(_ID.fullmatch(value))
 
 
@@ -538,7 +550,7 @@ def _str(value: object, label: str, pattern: re.Pattern | None, allow_empty: boo
     ok = type(value) is str and ((allow_empty and value == "") or bool(
         pattern.fullmatch(value) if pattern is not None else request_id_ok(value)))
     if not ok:
-        want = f"matching {pattern.pattern}" if pattern is not None else f"of 1 to {MAX_ID_CHARS} printable characters"
+        want = f"matching {pattern.pattern}" if pattern is not None else f"of {REQUEST_ID_RULE}"
         raise TransferError(f"{label}: expected a string {want}, got {_describe(value)}")
     return value  # type: ignore[return-value]
 

@@ -43,6 +43,7 @@ import grpc
 
 from sparsepd.prefix_hash import prefix_hashes
 from sparsepd.proto import worker_pb2
+from sparsepd.proto.transfer import REQUEST_ID_RULE, request_id_ok
 from sparsepd.router.delivery import deliver, event_logprobs, first_token_logprobs
 from sparsepd.router.flow import Flow, Outcome, TokenLogprob, worker_error_status
 from sparsepd.router.params import RequestSpec
@@ -92,9 +93,10 @@ class Dispatcher:
 
     def submit_group(self, spec: RequestSpec) -> list[Flow]:
         """Admit a request: one flow, or one per choice when n > 1 (queued as one, prefilled once)."""
+        specs = spec.choices()
+        self._check_request_id(specs)
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
-        specs = spec.choices()
         taken = [s.request_id for s in specs if s.request_id in self.flows or s.request_id in self.by_worker_id]
         if taken:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {taken[0]!r} is already in flight")
@@ -116,6 +118,19 @@ class Dispatcher:
         if self.metrics:
             self.metrics.admitted(len(spec.input_ids))
         return flows
+
+    def _check_request_id(self, specs: list[RequestSpec]) -> None:
+        """Refuse (INVALID_ARGUMENT) a request id the P→D transfer header cannot carry, before anything is reserved:
+        the longest id its flows may have on the workers (the last choice's `<id>#<i>`, moved `max_migrations`
+        times: `@<n>`, Flow.worker_id) must pass the header's own check (proto/transfer.py `request_id_ok`)."""
+        longest = specs[-1].request_id + (f"@{self.max_migrations}" if self.max_migrations else "")
+        if request_id_ok(longest):
+            return
+        rid, suffix = specs[0].request_id, longest[len(specs[0].request_id):]
+        added = f" including the suffix {suffix!r} the workers may know it by (choices, moves)" if suffix else ""
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request_id {rid[:64]!r}{'…' if len(rid) > 64 else ''} of {len(rid)} characters: the "
+                      f"prefill→decode transfer carries ids of {REQUEST_ID_RULE}{added}")
 
     def abort(self, request_id: str) -> bool:
         flow = self.flows.get(request_id)

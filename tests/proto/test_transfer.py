@@ -198,6 +198,25 @@ def test_peek_transfer_id():
     assert tp.peek_transfer_id(b"\xc1") == ""
 
 
+@pytest.mark.parametrize("field,value", [
+    ("transfer_id", "a b"), ("transfer_id", "ok\n"), ("transfer_id", "t" * (tp.MAX_ID_CHARS + 1)),
+    ("fingerprint", FP + " "), ("fingerprint", "0" * 65)])
+def test_the_sender_refuses_an_id_the_receiver_would(field, value):
+    """The header's patterns hold for the whole value when the sender builds it, as when the receiver decodes it
+    (pydantic's Field(pattern=…) searches: "a b" held the pattern "a")."""
+    ids = {"transfer_id": "tid-1", "request_id": "req 1", "fingerprint": FP, field: value}
+    with pytest.raises(ValueError, match=field):
+        TransferHeader.from_descriptor(_descriptor(), **ids)
+    with pytest.raises(TransferError, match=field):
+        TransferHeader.decode(msgpack.packb(_raw(**{field: value})))
+
+
+def test_a_tensor_name_is_matched_whole():
+    d = _descriptor().model_copy(update={"tensors": (TensorSpec(name="layers.0/swa", dtype="uint8", shape=(2,)),)})
+    with pytest.raises(ValueError, match="name"):
+        TransferHeader.from_descriptor(d, transfer_id="t", request_id="r", fingerprint=FP)
+
+
 def test_from_descriptor_refuses_an_unknown_dtype():
     d = _descriptor().model_copy(update={"tensors": (TensorSpec(name="x", dtype="complex64", shape=(2,)),)})
     with pytest.raises(ValueError, match="dtype 'complex64' cannot be shipped"):

@@ -31,6 +31,7 @@ from sparsepd.model.weights import build_model  # noqa: E402
 from sparsepd.model_config import get_preset  # noqa: E402
 from sparsepd.proto import sglang_scheduler_pb2 as pb  # noqa: E402
 from sparsepd.proto import smg_common_pb2  # noqa: E402
+from sparsepd.proto.transfer import MAX_ID_CHARS, REQUEST_ID_RULE  # noqa: E402
 
 # Mixed lengths around the tiny preset's page (16), window (16) and HCA ratio (16) boundaries.
 LENGTHS = [1, 3, 4, 5, 15, 16, 17, 31, 33, 47, 64, 65, 80, 97, 100, 120]
@@ -149,6 +150,47 @@ def test_bad_requests_are_invalid_argument_naming_the_field(deployment, name, re
     err = run(main())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
     assert needle in err.details(), (name, err.details())
+
+
+def _router_counts(metrics_url: str) -> tuple[float, float]:
+    """(requests admitted, requests that ended INVALID_ARGUMENT) from the router's metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    admitted = sum(s.value for s in families["sparsepd_router_admitted_requests"].samples if s.name.endswith("_total"))
+    invalid = sum(s.value for s in families["sparsepd_router_requests"].samples
+                  if s.name.endswith("_total") and s.labels.get("outcome") == "invalid_argument")
+    return admitted, invalid
+
+
+BAD_IDS = [
+    ("over the limit", "x" * 300, {}),
+    ("a control character", "tab\there", {}),
+    ("the limit, with no room for a move's suffix", "y" * MAX_ID_CHARS, {}),
+    ("room for a move but not for the last choice's suffix", "z" * (MAX_ID_CHARS - 3), {"sampling_params__n": 12}),
+]
+
+
+@pytest.mark.parametrize("name,request_id,changes", BAD_IDS, ids=[b[0] for b in BAD_IDS])
+def test_an_id_the_transfer_cannot_carry_is_refused_at_admission(deployment, name, request_id, changes):
+    """Refused by the router before anything is reserved (not admitted: no decode reservation, no prefill, no
+    ended request), naming the rule; the same deployment then serves a request at once."""
+    before = _router_counts(deployment["metrics"])
+
+    async def main():
+        async with channel(deployment["router"]) as ch:
+            stub = stub_of(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, _bad(request_id, **changes))
+            loads = await wait_all_free(stub, timeout=1.0)
+            _, done = await collect(stub, generate_request([256, *b"after"], 3, request_id="y" * (MAX_ID_CHARS - 2)))
+            return err.value, loads, done
+
+    err, loads, done = run(main())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err)
+    assert REQUEST_ID_RULE in err.details() and "request_id" in err.details(), err.details()
+    assert _router_counts(deployment["metrics"]) == (before[0] + 1, before[1])  # only the good request admitted
+    assert done.finish_reason == "length" and len(done.output_ids) == 3
+    assert all(x.free_slots == x.num_slots for x in loads.loads)
 
 
 def test_other_rpcs_of_the_service_are_unimplemented(deployment):
