@@ -59,6 +59,12 @@ def decode_shape(chunks: list[RequestChunk], buckets: tuple[int, ...], max_pages
     return BatchShape(batch, page_width_for(pages, max_pages))
 
 
+def max_page_width(model: Transformer, pools: KVPools) -> int:
+    """The widest page table a graph may need: a context of max_seq_len tokens, within the pool's pages."""
+    g = pools.geometry
+    return min(g.num_pages, -(-model.cfg.max_seq_len // g.page_size))
+
+
 def page_width_for(pages: int, max_pages: int) -> int:
     """The power of two ≥ pages (at least MIN_PAGE_WIDTH), capped at max_pages."""
     width = MIN_PAGE_WIDTH
@@ -152,7 +158,7 @@ class DecodeGraphs:
         g = pools.geometry
         self.model, self.pools, self.rope = model, pools, rope
         self.buckets = buckets_for(min(g.num_slots, g.max_batch_tokens), buckets)
-        self.max_pages = min(g.num_pages, -(-model.cfg.max_seq_len // g.page_size))
+        self.max_pages = max_page_width(model, pools)
         self._graphs: dict[BatchShape, DecodeGraph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.capture_s = 0.0

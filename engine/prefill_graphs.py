@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from sparsepd.engine.batch import BatchShape, ForwardBatch, RequestChunk
-from sparsepd.engine.graphs import buckets_for, page_width_for
+from sparsepd.engine.graphs import buckets_for, max_page_width, page_width_for
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools
 from sparsepd.engine.spec_graphs import StaticSteps
@@ -46,7 +46,7 @@ class PrefillGraphs:
         self.max_rows = min(max_rows, g.max_batch_tokens)
         self.tokens = tuple(q for q in sorted(tokens) if q <= self.max_rows)
         self.buckets = buckets_for(min(g.num_slots, PREFILL_BUCKETS[-1]), PREFILL_BUCKETS)
-        self.max_pages = min(g.num_pages, -(-model.cfg.max_seq_len // g.page_size))
+        self.max_pages = max_page_width(model, pools)
         self._out: torch.Tensor | None = None  # logits [largest bucket, vocab], shared by every shape
         self.steps = StaticSteps("prefill", g, pools.device, self._body, lambda shape: {}, capture)
 

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsepd.engine.batch import BatchShape, ForwardBatch, RequestChunk, assemble, host_fields, packed_fields_into
-from sparsepd.engine.graphs import DEFAULT_BUCKETS, StaticFields, buckets_for, capturing, page_width_for
+from sparsepd.engine.graphs import (
+    DEFAULT_BUCKETS,
+    StaticFields,
+    buckets_for,
+    capturing,
+    max_page_width,
+    page_width_for,
+)
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
 
@@ -135,7 +142,7 @@ class VerifyGraphs:
         self.model, self.pools, self.rope = model, pools, rope
         self.tokens_per_request = num_steps + 1
         self.buckets = buckets_for(max(min(g.num_slots, g.max_batch_tokens // self.tokens_per_request), 1), buckets)
-        self.max_pages = min(g.num_pages, -(-model.cfg.max_seq_len // g.page_size))
+        self.max_pages = max_page_width(model, pools)
         self._out: tuple[torch.Tensor, torch.Tensor] | None = None  # logits [T, V], hidden [T, hc, dim]
         self.steps = StaticSteps("verify", g, pools.device, self._body, self._inputs, capture)
 
