@@ -28,7 +28,9 @@ pool's worker_wait_s (a supervised worker restarts) before failing UNAVAILABLE.
 
 n > 1: a request's choices are a group of flows queued as one. Each choice reserves its own decode slot (all
 or none), the prefill worker prefills once and ships one state per choice (`PrefillFork`), and the choices
-then stream on their own; an abort or a failure of one ends the group.
+then stream on their own; an abort or a failure of one ends the group. The request's own id names the group
+(`requests`) until its last choice ends: an Abort or a client cancel after one choice has finished ends the
+others still running, and the id stays taken until then.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class Dispatcher:
         self.batch_wait_idle = batch_wait_idle
         self.prefill_timeout_s = prefill_timeout_s
         self.batches_per_prefill, self.max_migrations = batches_per_prefill, max_migrations
-        self.flows: dict[str, Flow] = {}
+        self.flows: dict[str, Flow] = {}  # by each choice's request id (`<id>#<i>` for i > 0)
+        self.requests: dict[str, list[Flow]] = {}  # by the request's own id: all its choices, until the last ends
         self.by_worker_id: dict[str, Flow] = {}  # the id each flow's current attempt has on the workers
         self.queue: deque[Flow] = deque()
         self.wake = asyncio.Event()  # queue changed, a flow ended, or a worker freed up
@@ -97,7 +100,8 @@ class Dispatcher:
         self._check_request_id(specs)
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the router is shutting down")
-        taken = [s.request_id for s in specs if s.request_id in self.flows or s.request_id in self.by_worker_id]
+        taken = [s.request_id for s in specs
+                 if s.request_id in self.flows or s.request_id in self.by_worker_id or s.request_id in self.requests]
         if taken:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id {taken[0]!r} is already in flight")
         for role in ("prefill", "decode"):
@@ -113,6 +117,7 @@ class Dispatcher:
         for flow in flows:
             flow.group = flows if len(flows) > 1 else None
             self.flows[flow.request_id] = self.by_worker_id[flow.worker_id] = flow
+        self.requests[spec.request_id] = flows
         self.queue.append(flows[0])
         self.wake.set()
         if self.metrics:
@@ -133,17 +138,21 @@ class Dispatcher:
                       f"prefill→decode transfer carries ids of {REQUEST_ID_RULE}{added}")
 
     def abort(self, request_id: str) -> bool:
-        flow = self.flows.get(request_id)
+        """Abort the request (every choice still running) by its own id, or by one choice's `<id>#<i>`."""
+        group = self.requests.get(request_id)
+        flow = self.flows.get(request_id) if group is None else next((f for f in group if not f.ended), None)
         if flow is None:
             return False
-        self._end(flow, Outcome("abort"))
+        self._end(flow, Outcome("abort"))  # (and the rest of its group)
         return True
 
     def cancel(self, flow: Flow) -> None:
-        """The client went away (cancelled, deadline, disconnect)."""
-        if not flow.ended:
-            log.info("cancelled by the client", extra={"request_id": flow.request_id})
-            self._end(flow, Outcome("abort", code=grpc.StatusCode.CANCELLED, message="cancelled by the client"))
+        """The client of the flow's request went away (cancelled, deadline, disconnect): every choice still running
+        ends, whichever ended before."""
+        live = next((f for f in flow.members if not f.ended), None)
+        if live is not None:
+            log.info("cancelled by the client", extra={"request_id": live.request_id})
+            self._end(live, Outcome("abort", code=grpc.StatusCode.CANCELLED, message="cancelled by the client"))
 
     def abort_all(self, message: str) -> None:
         for flow in list(self.flows.values()):
@@ -483,6 +492,9 @@ class Dispatcher:
         self.reservations.ended()
         self.flows.pop(flow.request_id, None)
         self.by_worker_id.pop(flow.worker_id, None)
+        rid = flow.members[0].request_id
+        if flow in self.requests.get(rid, ()) and all(f.ended for f in flow.members):  # its last choice
+            del self.requests[rid]
         if flow in self.queue:  # (not remove-and-catch: deque.remove's miss formats repr(flow), which is slow)
             self.queue.remove(flow)
         flow.hand_over_held()  # tokens held for a fuller chunk go out before the end

@@ -71,7 +71,7 @@ class SchedulerService(pb_grpc.SglangSchedulerServicer):
                 flows = self.dispatcher.submit_group(spec)
             except Refused as exc:
                 await context.abort(exc.code, exc.message)
-            flow = flows[0]  # cancelling it cancels every choice (the dispatcher ends a group together)
+            flow = flows[0]  # cancelling it cancels every choice still running (the dispatcher ends a group together)
             try:
                 async for response in self._stream(flows, timing):
                     yield response
