@@ -3,7 +3,7 @@
 - one choice stops (a stop token only it samples) while the others run to max_new_tokens, streamed and not;
 - the Abort RPC and a client cancel, before any choice ended and after one did: every choice still running
   ends at once (Abort: a complete with finish_reason "abort" each; cancel: the router counts each cancelled),
-  whichever choice ended first;
+  whichever choice ended first; until then the request's id is in flight (a new request with it is refused);
 - a choice's decode worker refusing its reservation, and a choice's state refused in the P→D transfer: the
   request fails once with the worker's reason, nothing streamed before;
 - request ids at the longest the transfer carries with the choice and move suffixes (`<id>#<i>@<k>`), moved
@@ -167,6 +167,9 @@ def test_abort_or_cancel_ends_every_running_choice(fleet, how, one_ended, stream
             stub = stub_of(ch)
             call = stub.Generate(_request(rid, LONG, stream, stop=one_ended), timeout=60)
             responses = await _read_until(call, until=until)
+            same_id = stub.Generate(_request(rid, SHORT, stream=False, n=1), timeout=60)
+            assert await _read_until_error(same_id) == []
+            taken = await same_id.code(), await same_id.details()
             reply = None
             if how == "abort":
                 reply = await stub.Abort(pb.AbortRequest(request_id=rid))
@@ -175,9 +178,10 @@ def test_abort_or_cancel_ends_every_running_choice(fleet, how, one_ended, stream
                 call.cancel()
             status = await call.code()
             await wait_all_free(stub, timeout=3)  # long before a choice still running could reach LONG tokens
-            return responses, reply, status
+            return responses, reply, status, taken
 
-    responses, reply, status = run(main())
+    responses, reply, status, taken = run(main())
+    assert taken == (grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")  # choices still run
     ended = Counter({"stop": 1}) if one_ended else Counter()
     running = N - one_ended
     if how == "abort":
