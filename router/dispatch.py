@@ -519,6 +519,12 @@ class Dispatcher:
             self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=(
                 f"{why}; not moved again: it was moved {flow.attempt} times already (--max-migrations)")))
             return
+        taken = self.by_worker_id.get(flow.next_worker_id)
+        if taken is not None and taken is not flow:  # a client's own id is the one the next attempt would have
+            self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=(
+                f"{why}; not moved: the id its next attempt would have on the workers, "
+                f"{taken.worker_id!r}, is another request's in flight")))
+            return
         held = flow.stage
         if held is not Stage.QUEUED and not flow.to(Stage.QUEUED):
             return

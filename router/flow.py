@@ -120,7 +120,15 @@ class Flow:
     def worker_id(self) -> str:
         """The id the workers know this attempt by: the request id, then `<id>@<attempt>` once moved (a lost
         worker that comes back, or a late answer of the old attempt, can never be taken for the new one)."""
-        return self.request_id if self.attempt == 0 else f"{self.request_id}@{self.attempt}"
+        return self._worker_id(self.attempt)
+
+    @property
+    def next_worker_id(self) -> str:
+        """The id the workers would know the next attempt by, once moved."""
+        return self._worker_id(self.attempt + 1)
+
+    def _worker_id(self, attempt: int) -> str:
+        return self.request_id if attempt == 0 else f"{self.request_id}@{attempt}"
 
     @property
     def prefill_len(self) -> int:

@@ -74,3 +74,15 @@ def test_work_waits_for_a_lost_role_only_worker_wait_s():
     assert pool.out_of_service("decode") is None
     time.sleep(0.35)
     assert pool.out_of_service("decode").startswith("no decode worker is alive for 0 s")
+
+
+def test_a_flow_whose_moved_id_is_another_requests_fails_unavailable_and_leaves_that_request_alone():
+    d, metrics = _dispatcher()
+    first, second = _admit(d, _spec("x", n=2))
+    (other,) = _admit(d, _spec("x#1@1"))  # a client's own id, equal to the one choice 1 would have once moved
+    d._migrate(second, "decode", "decode worker D went away")
+    assert second.ended and second.outcome.code == grpc.StatusCode.UNAVAILABLE
+    assert "'x#1@1', is another request's in flight" in second.outcome.message, second.outcome.message
+    assert d.by_worker_id["x#1@1"] is other and not other.ended  # its tokens still reach it
+    assert first.ended  # a failed choice ends its request
+    assert metrics.registry.get_sample_value("sparsepd_router_migrations_total", {"cause": "decode"}) is None
