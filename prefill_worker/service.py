@@ -1,5 +1,6 @@
 """The prefill worker's control server (grpc.aio): validate, convert, run the batch off the event loop (one
-engine thread), await its pushes' acknowledgements on the event loop, answer."""
+engine thread), await its pushes' acknowledgements on the event loop, answer: Prefill once for the whole batch,
+PrefillStream each request's first token as soon as its state is pushed and each result as soon as it is known."""
 
 from __future__ import annotations
 
@@ -21,6 +22,46 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.serving = True
 
     async def Prefill(self, request, context):
+        jobs, refused, ids = await self._checked(request, context)
+        batch = self.worker.open_batch(jobs)
+        outcomes = await self._run(jobs, batch)
+        ran = {o.request_id: o for o in outcomes}
+        return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
+
+    async def PrefillStream(self, request, context):
+        """Prefill's batch, each result as soon as it is known (worker.proto): the refused ones first, then each
+        pushed request's first token (transfer_pending) and its final result as its push settles, then the rest."""
+        jobs, refused, ids = await self._checked(request, context)
+        if refused:
+            yield worker_pb2.PrefillResponse(results=[_result(o) for o in refused.values()])
+        loop, heard = asyncio.get_running_loop(), asyncio.Queue()
+
+        def listener(outcome: PrefillOutcome, pending: bool) -> None:  # on the engine's or the sender's thread
+            loop.call_soon_threadsafe(heard.put_nowait, (outcome, pending))
+
+        batch = self.worker.open_batch(jobs, listener)
+        run = asyncio.ensure_future(self._run(jobs, batch))  # (completes the batch even if this call is cancelled)
+        run.add_done_callback(lambda t: t.cancelled() or t.exception())  # (its failure is raised below, if heard)
+        final = set(refused)
+        while not (run.done() and heard.empty()):
+            got = asyncio.ensure_future(heard.get())
+            await asyncio.wait((got, run), return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                got.cancel()
+                continue
+            outcome, pending = got.result()
+            result = _result(outcome, pending)
+            if not pending:  # a pushed request's final result: its first token and prompt went with the pending one
+                final.add(outcome.request_id)
+                result.ClearField("prompt_logprobs")
+            yield worker_pb2.PrefillResponse(results=[result])
+        rest = [_result(o) for o in run.result() if o.request_id not in final]  # (raises what the batch raised)
+        if rest:
+            yield worker_pb2.PrefillResponse(results=rest)
+
+    async def _checked(self, request, context):
+        """The batch's jobs, the requests refused alone (their outcomes by id) and every member's id in order;
+        aborts the call when the batch itself is malformed."""
         if not self.serving:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker is shutting down")
         jobs, refused, ids = [], {}, []
@@ -46,14 +87,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                                            error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
         if len(set(ids)) != len(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "duplicate request ids in one batch")
-        batch = self.worker.open_batch(jobs)
+        return jobs, refused, ids
+
+    async def _run(self, jobs, batch) -> list[PrefillOutcome]:
+        """The engine's thread prefills and pushes; the acknowledgements are awaited here, so that thread takes the
+        next batch meanwhile (prefill_worker/worker.py)."""
         loop = asyncio.get_running_loop()
-        # the engine's thread prefills and pushes; the acknowledgements are awaited here, so that thread takes the
-        # next batch meanwhile (prefill_worker/worker.py)
         shipped = await loop.run_in_executor(self.executor, self.worker.prefill_batch, jobs, batch)
-        outcomes = await asyncio.wrap_future(shipped)
-        ran = {o.request_id: o for o in outcomes}
-        return worker_pb2.PrefillResponse(results=[_result(refused.get(rid) or ran[rid]) for rid in ids])
+        return await asyncio.wrap_future(shipped)
 
     async def Release(self, request, context):
         return worker_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
@@ -100,8 +141,10 @@ def _job(r, input_ids: list[int], where: str, forks: tuple[PrefillJob, ...] = ()
                       forks, output_ids)
 
 
-def _result(o: PrefillOutcome) -> worker_pb2.PrefillResult:
-    result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok, error=o.error, first_token=o.first_token,
+def _result(o: PrefillOutcome, pending: bool = False) -> worker_pb2.PrefillResult:
+    """The outcome as a result; `pending`: the first token of a request whose state is still travelling (ok)."""
+    result = worker_pb2.PrefillResult(request_id=o.request_id, ok=o.ok or pending, error=o.error,
+                                      first_token=o.first_token, transfer_pending=pending,
                                       finish_reason=o.finish_reason, transfer_bytes=o.transfer_bytes,
                                       prefill_ms=o.prefill_ms, transfer_ms=o.transfer_ms,
                                       cached_tokens=o.cached_tokens,

@@ -11,6 +11,10 @@ acknowledgements, so the next batch's forward starts as soon as this one's is do
 filled in by a callback when its future settles (on the sender's thread: the ack, a rejection, a timeout, the
 sender closing), and the batch's future resolves after the last one: its answer still comes only once every
 state is acknowledged or failed, with the same outcome per request.
+
+A batch's `listener` (the service's PrefillStream) hears of each request sooner: its first token as soon as its
+state is pushed (`pending` = True; on the engine's thread), and the final outcome of each pushed request when its
+push settles (on the sender's thread); both with a copy of the outcome as it is then.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import grpc
@@ -80,6 +85,17 @@ class Batch:
     outcomes: dict[str, PrefillOutcome] = field(default_factory=dict)
     unsettled: int = 0
     done: Future = field(default_factory=Future)  # → list[PrefillOutcome], in members' order
+    listener: Callable[[PrefillOutcome, bool], None] | None = None  # (a copy of an outcome, pending): module doc
+
+    def tell(self, outcome: PrefillOutcome, pending: bool) -> None:
+        """Pass a copy of `outcome` to the listener; never raises (it runs inside the engine's and the sender's
+        bookkeeping)."""
+        if self.listener is None:
+            return
+        try:
+            self.listener(replace(outcome), pending)
+        except Exception:  # noqa: BLE001 - a listener gone (its call's loop closed): the batch completes without it
+            log.exception("a prefill batch's listener failed", extra={"request_id": outcome.request_id})
 
 
 class PrefillWorker:
@@ -107,9 +123,11 @@ class PrefillWorker:
                 if not self.group.busy:
                     stop.wait(0.01)
 
-    def open_batch(self, jobs: list[PrefillJob]) -> Batch:
-        """Note a batch when it arrives: a Release may come while it waits for the engine."""
-        batch = Batch([m.request_id for j in jobs for m in j.members])
+    def open_batch(self, jobs: list[PrefillJob],
+                   listener: Callable[[PrefillOutcome, bool], None] | None = None) -> Batch:
+        """Note a batch when it arrives: a Release may come while it waits for the engine. listener: hears of each
+        pushed request's first token and of its push's outcome as they come (module doc)."""
+        batch = Batch([m.request_id for j in jobs for m in j.members], listener=listener)
         batch.done.set_running_or_notify_cancel()  # (an awaiting caller that is cancelled cannot cancel it)
         with self.ids_lock:
             self.batches.append(batch)
@@ -262,6 +280,7 @@ class PrefillWorker:
             pending.append((job.request_id, self.sender.send(job.endpoint, header, tensors), time.perf_counter()))
             with self.ids_lock:
                 self.transfers_in_flight += 1
+            batch.tell(out, pending=True)  # its first token, while the state travels
         if not self.engine.abort(request.request_id):  # pages free now; the host copy travels
             self.engine.release(request)  # it finished at its first token but was kept for its forks
         return pending
@@ -282,6 +301,7 @@ class PrefillWorker:
         except BaseException as exc:  # noqa: BLE001 - a future cancelled by its caller: this request fails alone
             out.ok, out.error = False, f"state transfer failed: {type(exc).__name__}: {exc}"
         finally:
+            batch.tell(out, pending=False)
             with self.ids_lock:  # (callbacks of several batches may run at once: the sender's thread and this one)
                 if out.ok:
                     self.counters["transfers_ok"] += 1

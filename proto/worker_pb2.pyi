@@ -253,7 +253,7 @@ class PrefillBatch(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[PrefillRequest, _Mapping]]] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("request_id", "ok", "error", "first_token", "finish_reason", "transfer_bytes", "prefill_ms", "transfer_ms", "first_logprob", "first_top_logprobs", "first_token_in_stream", "prompt_logprobs", "first_token_ids_logprobs", "cached_tokens", "error_code")
+    __slots__ = ("request_id", "ok", "error", "first_token", "finish_reason", "transfer_bytes", "prefill_ms", "transfer_ms", "first_logprob", "first_top_logprobs", "first_token_in_stream", "prompt_logprobs", "first_token_ids_logprobs", "cached_tokens", "transfer_pending", "error_code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,7 @@ class PrefillResult(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_IDS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_PENDING_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     ok: bool
@@ -283,8 +284,9 @@ class PrefillResult(_message.Message):
     prompt_logprobs: PromptLogprobs
     first_token_ids_logprobs: TopLogprobs
     cached_tokens: int
+    transfer_pending: bool
     error_code: int
-    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., first_token_in_stream: _Optional[bool] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., first_token_ids_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., error_code: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., first_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., first_token_in_stream: _Optional[bool] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., first_token_ids_logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., transfer_pending: _Optional[bool] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("results",)

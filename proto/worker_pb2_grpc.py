@@ -39,6 +39,11 @@ class PrefillWorkerStub:
                 request_serializer=sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.SerializeToString,
                 response_deserializer=sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/sparsepd.worker.PrefillWorker/PrefillStream',
+                request_serializer=sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.SerializeToString,
+                response_deserializer=sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/sparsepd.worker.PrefillWorker/Release',
                 request_serializer=sparsepd_dot_proto_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -61,6 +66,15 @@ class PrefillWorkerServicer:
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillStream(self, request, context):
+        """The same batch, each result as soon as it is known: a request whose state is pushed first gets a result with
+        transfer_pending (its first token, nothing of the transfer), then its final result when the push settles;
+        every other request's final result comes when known. Every request of the batch gets exactly one final result.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,6 +102,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
+                    request_deserializer=sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.FromString,
+                    response_serializer=sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
                     request_deserializer=sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.FromString,
                     response_serializer=sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
@@ -132,6 +151,33 @@ class PrefillWorker:
             request,
             target,
             '/sparsepd.worker.PrefillWorker/Prefill',
+            sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.SerializeToString,
+            sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sparsepd.worker.PrefillWorker/PrefillStream',
             sparsepd_dot_proto_dot_worker__pb2.PrefillBatch.SerializeToString,
             sparsepd_dot_proto_dot_worker__pb2.PrefillResponse.FromString,
             options,

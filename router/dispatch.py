@@ -4,8 +4,9 @@
     tokens) → batch (token budget; a short wait for more only while P has a batch in flight; requests another
     P's cache holds wait for that P's batch) → per request pick D (room, then least loaded, router/placement.py)
     and Reserve there
-    → Prefill(batch with tickets) on P
-    → first token from P → the rest from D's token stream → end → release what is still held
+    → PrefillStream(batch with tickets) on P (Prefill where P lacks it)
+    → first token from P as soon as drawn → P's final result once D acknowledged the state → the rest from D's
+    token stream → end → release what is still held
 
 A flow's stage is one enum (router/stage.py: queued → reserving → reserved → prefilling → decoding → ended),
 changed only through `Flow.to`, which refuses and logs a change its table does not allow. What a flow holds
@@ -371,26 +372,65 @@ class Dispatcher:
             flow.to(Stage.PREFILLING)
             flow.queue_ms = (now - flow.admitted_at) * 1e3
         batch = worker_pb2.PrefillBatch(requests=[_prefill_request(f, tickets) for f, tickets in sent])
+        answered: set[str] = set()  # the worker ids whose final result came
         try:
-            response = await prefill.stub.Prefill(batch, timeout=self.prefill_timeout_s)
+            async for response in self._prefill_call(prefill, batch):
+                for result in response.results:
+                    flow = sent_ids.get(result.request_id)
+                    if flow is None or flow.worker_id != result.request_id:  # a moved flow's old attempt
+                        continue
+                    if result.transfer_pending:
+                        self._on_first_token(flow, result)
+                    elif result.request_id not in answered:
+                        answered.add(result.request_id)
+                        self._on_prefill_result(prefill, flow, result)
         except grpc.aio.AioRpcError as exc:
             lost = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             if lost:
                 prefill.mark_dead(f"Prefill: {exc.code().name}: {exc.details()}")
             why = f"prefill worker {prefill.address} failed: {exc.details()}"
             for worker_id, flow in sent_ids.items():
-                if flow.worker_id != worker_id or flow.ended:  # moved meanwhile (its decode worker was lost), or ended
-                    continue
+                if flow.worker_id != worker_id or flow.ended or worker_id in answered:  # moved meanwhile (its decode
+                    continue  # worker was lost), ended, or its result came before the call failed
                 flow.to(Stage.RESERVED)  # the call answered: no prefill in flight to release
                 if lost:
                     self._migrate(flow, "prefill", why)
                 else:
                     self._end(flow, Outcome("abort", code=grpc.StatusCode.UNAVAILABLE, message=why))
             return
-        for result in response.results:
-            flow = sent_ids.get(result.request_id)
-            if flow is not None and flow.worker_id == result.request_id:  # not a moved flow's old attempt
-                self._on_prefill_result(prefill, flow, result)
+        for worker_id, flow in sent_ids.items():  # a worker that left a request without a result
+            if flow.worker_id == worker_id and worker_id not in answered and not flow.ended:
+                flow.to(Stage.RESERVED)
+                self._end(flow, Outcome("abort", code=grpc.StatusCode.INTERNAL, message=(
+                    f"prefill worker {prefill.address} sent no result for the request")))
+
+    async def _prefill_call(self, prefill: WorkerHandle, batch: worker_pb2.PrefillBatch):
+        """The batch's answers as they come: PrefillStream's messages, or Prefill's one answer from a worker without
+        it (a colocated worker sends its first tokens on its token stream; an older worker says UNIMPLEMENTED)."""
+        if prefill.prefill_stream and prefill.kind != "colocated":
+            call = prefill.stub.PrefillStream(batch, timeout=self.prefill_timeout_s)
+            try:
+                async for response in call:
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+            prefill.prefill_stream = False  # (UNIMPLEMENTED comes before any answer: nothing was run)
+        yield await prefill.stub.Prefill(batch, timeout=self.prefill_timeout_s)
+
+    def _on_first_token(self, flow: Flow, r: worker_pb2.PrefillResult) -> None:
+        """A first token the prefill worker drew while the request's state still travels: delivered now (its final
+        result follows; a failed transfer then ends or moves the flow after this token, as after any token)."""
+        if flow.ended or flow.stage is not Stage.PREFILLING or flow.first_early or r.first_token_in_stream:
+            return
+        flow.first_early = True
+        if not flow.output_ids:  # (a moved request's usage stays its first prefill's)
+            flow.cached_tokens = r.cached_tokens
+        if r.HasField("prompt_logprobs"):
+            flow.prompt_logprobs = r.prompt_logprobs
+        logprobs = first_token_logprobs(r) if flow.spec.logprobs else None
+        self._deliver(flow, [r.first_token], r.finish_reason, logprobs)
 
     def _on_prefill_result(self, prefill: WorkerHandle, flow: Flow, r: worker_pb2.PrefillResult) -> None:
         if flow.ended:
@@ -404,8 +444,9 @@ class Dispatcher:
                 self._end(flow, Outcome("abort", code=worker_error_status(r.error_code), message=why))
             return
         flow.prefill_ms, flow.transfer_ms, flow.transfer_bytes = r.prefill_ms, r.transfer_ms, r.transfer_bytes
-        if not flow.output_ids:  # (a moved request's usage stays its first prefill's)
-            flow.cached_tokens = r.cached_tokens
+        early, flow.first_early = flow.first_early, False
+        if (len(flow.output_ids) == 1) if early else not flow.output_ids:  # (a moved request's usage stays its
+            flow.cached_tokens = r.cached_tokens  # first prefill's: the one that drew its first token)
             self._note_cached(prefill, flow)
         if r.transfer_bytes:
             prefill.transfers += 1
@@ -416,7 +457,7 @@ class Dispatcher:
         flow.to(Stage.DECODING)
         if r.HasField("prompt_logprobs"):
             flow.prompt_logprobs = r.prompt_logprobs
-        if not r.first_token_in_stream:  # a colocated worker sends its first token on the token stream
+        if not r.first_token_in_stream and not early:  # a colocated worker sends its first token on the token stream
             logprobs = first_token_logprobs(r) if flow.spec.logprobs else None
             self._deliver(flow, [r.first_token], r.finish_reason, logprobs)
         for event in flow.early:

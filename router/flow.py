@@ -82,6 +82,7 @@ class Flow:
     held: list[int] = field(default_factory=list)  # taken, not handed to the stream yet (stream_interval > 1)
     group: list[Flow] | None = None  # n > 1: every choice's flow (this one included), prefilled once together
     attempt: int = 0  # times it was moved to other workers after one was lost (dispatch's _migrate)
+    first_early: bool = False  # this attempt's first token came before its prefill's result (PrefillStream)
     lost: str = ""  # why it was last moved
 
     def to(self, stage: Stage) -> bool:
@@ -147,6 +148,7 @@ class Flow:
         self.attempt, self.lost = self.attempt + 1, why
         self.prefill = self.decode = None
         self.early.clear()
+        self.first_early = False
 
     @property
     def request_id(self) -> str:

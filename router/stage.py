@@ -10,9 +10,11 @@
 - RESERVING: taken into a prefill batch; Reserve calls go out to decode workers.
 - RESERVED: holds pages and a slot on `flow.decode`; no Prefill call carries it (not sent yet, or it failed).
 - PREFILLING: in a Prefill call: the prefill worker computes it and ships its state to the decode worker
-  (the router sees one call for both, so the transfer is no stage of its own). Decode events that arrive
+  (the router sees one call for both, so the transfer is no stage of its own). Its first token may be delivered
+  in this stage (PrefillStream's pending result, before the state is acknowledged). Decode events that arrive
   now wait in `flow.early`.
-- DECODING: the first token is known; the rest come on the decode worker's token stream.
+- DECODING: the prefill worker's final result came (the state is on the decode worker); the rest of the tokens
+  come on the decode worker's token stream.
 - ENDED: exactly one outcome; whatever it held was released on leaving the stage it held it in.
 
 What a flow holds follows from its stage: a reservation in RESERVED, PREFILLING and DECODING (`HOLDS_DECODE`),

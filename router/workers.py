@@ -64,6 +64,7 @@ class WorkerHandle:
     dead_since: float | None = None  # monotonic time of its last death (None while alive)
     removed: bool = False  # forgotten: no longer in the pool
     streaming: bool = False  # decode: the router's token stream from it is open (dispatch sets it)
+    prefill_stream: bool = True  # prefill: it answers PrefillStream (False once it said UNIMPLEMENTED: Prefill)
     slow_polls: int = 0  # polls in a row that timed out
 
     def __post_init__(self) -> None:

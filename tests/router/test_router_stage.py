@@ -106,11 +106,11 @@ class ScriptedPrefill(worker_pb2_grpc.PrefillWorkerServicer):
 class Rig:
     """The scripted workers, a worker pool and a started dispatcher; `finished` are the ids a decode event ended."""
 
-    def __init__(self, batch_wait_s: float = 0.0):
-        self.batch_wait_s = batch_wait_s
+    def __init__(self, batch_wait_s: float = 0.0, prefill: type[ScriptedPrefill] | None = None):
+        self.batch_wait_s, self.prefill_cls = batch_wait_s, prefill or ScriptedPrefill
 
     async def __aenter__(self) -> Rig:
-        self.prefill, self.decode = ScriptedPrefill(), ScriptedDecode()
+        self.prefill, self.decode = self.prefill_cls(), ScriptedDecode()
         self.servers, addresses = [], []
         for servicer, add in ((self.prefill, worker_pb2_grpc.add_PrefillWorkerServicer_to_server),
                               (self.decode, worker_pb2_grpc.add_DecodeWorkerServicer_to_server)):
