@@ -4,7 +4,8 @@ On a machine without a GPU the Triton kernels run in the interpreter, which Trit
 kernel is decorated: the variable must be set before any kernel module is imported.
 
 Every process a test starts inherits one cluster token (a random one per session, unless the environment
-already has one), as a deployment's processes do: authentication is on throughout the suite.
+already has one), as a deployment's processes do: authentication is on throughout the suite. They run with one
+torch thread each (OMP_NUM_THREADS=1, unless the environment sets it).
 """
 
 import contextlib
@@ -19,6 +20,12 @@ os.environ.setdefault("SPARSEPD_CLUSTER_TOKEN", f"test-{secrets.token_urlsafe(24
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The processes a test starts (workers, routers, group ranks) compute beside each other and beside the test: on a
+# small machine one torch thread each is much faster than every process spinning up one per core (router tests on
+# 2 cores: 84 s → 62 s; a group of 4 ranks: 28 s → 14 s). Set after torch is imported, so the test process keeps its
+# own default, which it uses alone.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
