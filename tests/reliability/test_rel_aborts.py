@@ -155,6 +155,8 @@ def test_abort_at_every_phase(fleet, method, phase):
         assert completes[0].finish_reason == "abort" and list(completes[0].output_ids) == streamed
     if phase == "decoding":
         assert 3 <= len(streamed) < max_new and streamed == reference(prompt, len(streamed))
+    elif phase == "transfer":  # the first token goes out as soon as it is drawn, before the state's acknowledgement
+        assert streamed in ([], reference(prompt, 1)), streamed
     elif phase != "finished":
         assert streamed == []
     assert all(f[0] == "length" for f in filled), filled

@@ -251,7 +251,8 @@ async def _read_until_error(call) -> list[pb.GenerateResponse]:
 
 def test_a_choice_whose_state_is_refused_fails_the_request(fleet):
     """The prefill worker truncates the first state it ships (one of the group's): the decode worker refuses it, the
-    request fails with that reason and nothing streamed; every page on both workers comes back, and the next
+    request fails with that reason after at most each choice's first token (sent as soon as the prefill worker drew
+    it, before the states' acknowledgements), and no complete; every page on both workers comes back, and the next
     request through the same workers gets its choices' tokens."""
     router = fleet["r_truncate"]
     before = router_outcomes(router)
@@ -268,7 +269,9 @@ def test_a_choice_whose_state_is_refused_fails_the_request(fleet):
             return responses, await call.code(), await call.details(), again
 
     responses, code, details, again = run(main())
-    assert responses == [] and code == grpc.StatusCode.UNAVAILABLE, (responses, code, details)
+    assert code == grpc.StatusCode.UNAVAILABLE and all(r.HasField("chunk") for r in responses), (responses, code)
+    firsts = [(r.chunk.index, list(r.chunk.token_ids)) for r in responses]
+    assert len({i for i, _ in firsts}) == len(firsts) and all(t == _want(i, 1) for i, t in firsts), firsts
     assert "truncated" in details, details
     _, done = _by_choice(again, "after-truncated", stream=True)
     assert list(done[0].output_ids) == _want(0, SHORT)[:STOP_AT + 1]
