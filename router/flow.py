@@ -110,7 +110,8 @@ class Flow:
 
     @property
     def first_known(self) -> bool:
-        """The first token has been delivered: DECODING."""
+        """The prefill's result came: DECODING. (A first token PrefillStream sent ahead of that result is delivered
+        while the flow is still PREFILLING: see `first_early`.)"""
         return self.stage is Stage.DECODING
 
     @first_known.setter
