@@ -5,9 +5,9 @@ The worker command with `--devices` becomes this launcher: it starts one process
 command with `--local-rank I` (and the group's meeting port, and the control and transfer ports moved up by I
 when they are fixed) — waits for every rank's ready line, prints one of its own (rank 0's endpoints, and every
 rank's under "ranks"), and then watches: when one rank exits the launcher stops the others at once (SIGTERM,
-then SIGKILL after a few seconds: a broken group cannot drain) and exits non-zero, naming it, so that its
-supervisor (`sparsepd serve`) starts the group again. SIGTERM/SIGINT are passed to every rank (each drains as a
-worker does) and the launcher exits 0 when they all did. A rank whose launcher disappears exits too
+then SIGKILL after a few seconds: a broken group cannot drain) and exits non-zero, naming it in its last line,
+so that its supervisor (`sparsepd serve`) starts the group again. SIGTERM/SIGINT are passed to every rank (each
+drains as a worker does) and the launcher exits 0 when they all did. A rank whose launcher disappears exits too
 (engine/group.py watches its parent), so nothing is left behind.
 """
 
@@ -25,6 +25,7 @@ from sparsepd.group_args import GroupSpec, group_spec_from_args
 from sparsepd.process import print_ready
 
 BROKEN_STOP_S = 3.0  # a rank's siblings get this long after SIGTERM once the group is broken
+STDERR_DRAIN_S = 2.0  # how long a dead rank's last lines may take to come through its pipe
 
 
 def wants_launcher(args: argparse.Namespace) -> bool:
@@ -101,10 +102,13 @@ def _watch(ranks: list[Child], stopping: threading.Event) -> int:
     while not stopping.wait(0.2):
         dead = next((c for c in ranks if not c.alive()), None)
         if dead is not None:
-            tail = "\n".join(list(dead.log_tail)[-10:])
-            print(f"error: {dead.name} (pid {dead.pid}) exited with code {dead.proc.returncode}; stopping the group"
-                  f"\n{tail}", file=sys.stderr, flush=True)
+            # its last words first (echoed as they come), then why the group stops: the launcher's last line,
+            # the one a supervisor shows at the end of the lines it quotes
+            dead.stderr_closed.wait(STDERR_DRAIN_S)
+            why = f"{dead.name} (pid {dead.pid}) exited with code {dead.proc.returncode}"
+            print(f"error: {why}; stopping the group", file=sys.stderr, flush=True)
             _stop_all([c for c in ranks if c is not dead], BROKEN_STOP_S)
+            print(f"error: the group stopped: {why}", file=sys.stderr, flush=True)
             return 1
     codes = _stop_all(ranks, 60.0)
     return 0 if all(code == 0 for code in codes) else 1

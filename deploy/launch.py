@@ -31,6 +31,7 @@ class Child:
     proc: subprocess.Popen
     ready: dict = field(default_factory=dict)
     log_tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    stderr_closed: threading.Event = field(default_factory=threading.Event)  # its stderr is read to the end
 
     @property
     def pid(self) -> int:
@@ -57,6 +58,7 @@ def start(name: str, args: list[str], timeout_s: float = 120.0, env: dict | None
             child.log_tail.append(line.rstrip())
             if echo_stderr:
                 print(f"[{name}] {line}", end="", file=sys.stderr)
+        child.stderr_closed.set()
 
     threading.Thread(target=pump_stderr, daemon=True).start()
     deadline = time.monotonic() + timeout_s
