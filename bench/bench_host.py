@@ -28,8 +28,9 @@ request from the oracle drafter (engine/drafter.py `OracleDrafter`) kept with pr
 model's next token is a function of the row's token and position, and the oracle's references follow it, so a kept
 draft is accepted. The verification runs the fixed-shape step of engine/spec_graphs.py (its metadata writer, the
 pending tokens, the logit and stream rows), the undo log saves and restores the rejected positions' rows in the
-real pools, and acceptance, delivery and drafting run as in serving; the default context is the GPU benchmark's
-1024 (bench/bench_spec.py):
+real pools (engine/undo_graphs.py: its fixed-shape bodies run eagerly here and, as one graph replay each on a GPU,
+count neither their Python calls nor their torch ops), and acceptance, delivery and drafting run as in serving; the
+default context is the GPU benchmark's 1024 (bench/bench_spec.py):
 
     python3 -P bench/bench_host.py --spec 3 [--accept 0,0.8] [--batches 1,8,64] [--context 1024]
 """
@@ -296,6 +297,18 @@ def measure_spec(batch: int, k: int, accept: float, context: int = 1024, steps: 
             counter.paused = False
 
     steps_of.body = stand_in
+    undo, run_undo = engine.scheduler._undo_graphs, engine.scheduler._undo_graphs._run
+
+    def replay(step, which):  # the undo log's fixed-shape bodies: on a GPU one graph replay each, counted as one
+        hook, counter.paused = sys.getprofile(), True
+        sys.setprofile(None)
+        try:
+            run_undo(step, which)
+        finally:
+            sys.setprofile(hook)
+            counter.paused = False
+
+    undo._run = replay
     start_spec(engine, batch, context, max_new=total * (k + 1))
     for _ in range(2):  # warm-up: the first verifications (their fixed-shape steps built)
         engine.step()

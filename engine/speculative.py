@@ -43,6 +43,7 @@ from sparsepd.engine.request import Request, StepOutput
 from sparsepd.engine.runner import Runner, to_device
 from sparsepd.engine.scheduler import Scheduler, all_plain
 from sparsepd.engine.undo import Span, UndoLog, max_span, undo_targets
+from sparsepd.engine.undo_graphs import UndoGraphs
 
 
 @dataclass
@@ -96,6 +97,9 @@ class SpeculativeScheduler(Scheduler):
         self.drafter, self.num_steps = drafter, num_steps
         self.stats = SpeculativeStats(num_steps)
         self._undo_targets = undo_targets(runner.pools)
+        verify = runner.verify_graphs  # with the verification graphs, the undo log's own (engine/undo_graphs.py)
+        self._undo_graphs = UndoGraphs(runner.pools, self._undo_targets, num_steps, verify.buckets,
+                                       verify.steps.capture) if verify is not None else None
 
     def step(self, lock: threading.Lock | None = None) -> list[StepOutput]:
         self.released.lock = lock  # let go of during the verification, the wait for its tokens and the drafts
@@ -142,8 +146,9 @@ class SpeculativeScheduler(Scheduler):
         starts = [r.num_computed for r, _ in scheduled]
         verified = self._sampling(scheduled)  # (before num_computed moves)
         drafting = [v for v in verified if v.drafts]
-        undo = UndoLog(self.pools, [Span(v.request.slot, v.request.pages, v.start + 1,
-                                         v.start + 1 + len(v.drafts)) for v in drafting], self._undo_targets)
+        spans = [Span(v.request.slot, v.request.pages, v.start + 1, v.start + 1 + len(v.drafts)) for v in drafting]
+        undo = (self._undo_graphs.log(spans) if self._undo_graphs is not None else None) or \
+            UndoLog(self.pools, spans, self._undo_targets)
         prompt_rows = plan_rows(scheduled)
         capturing = self.prefix.plan(scheduled) if self.prefix is not None else []
         num_rows = sum(len(t) for _, t in scheduled)

@@ -92,6 +92,30 @@ def undo_targets(pools: KVPools) -> list[tuple[torch.Tensor, RowKind]]:
     return out
 
 
+def span_rows(spans: list[Span], targets: list[tuple[torch.Tensor, RowKind]]
+              ) -> tuple[np.ndarray, np.ndarray, dict[RowKind, tuple[np.ndarray | None, np.ndarray]]]:
+    """The spans' positions as rows: (the span of each position, the position, and per kind of the targets (rows:
+    which positions have a row of that kind, None: all; the flat index of each such row in one copy))."""
+    lengths = np.array([s.last - s.first for s in spans], dtype=np.int64)
+    ids = np.repeat(np.arange(len(spans)), lengths)  # the span of each row
+    offsets = np.cumsum(lengths) - lengths
+    firsts = np.array([s.first for s in spans], dtype=np.int64)
+    pos = firsts[ids] + np.arange(ids.shape[0]) - offsets[ids]  # the position of each row
+    slots = np.array([s.slot for s in spans], dtype=np.int64)[ids]
+    found: dict[RowKind, tuple[np.ndarray | None, np.ndarray]] = {}
+    for _, kind in targets:
+        if kind in found:
+            continue
+        if kind.name != "commit":  # ring row (slot, p % size)
+            found[kind] = (None, slots * kind.n1 + pos % kind.n1)
+            continue
+        rows = ((pos + 1) % kind.ratio == 0).nonzero()[0]  # the committed row of entry p // ratio in its page
+        rpp, entries = kind.n1, pos[rows] // kind.ratio
+        pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(), strict=True)]
+        found[kind] = (rows, np.array(pages, dtype=np.int64) * rpp + entries % rpp)
+    return ids, pos, found
+
+
 @dataclass
 class _Kind:
     """The rows of one kind of index: which of the log's rows (None: all of them), their flat index (each copy's
@@ -124,28 +148,11 @@ class UndoLog:
             self._save(undo_targets(pools) if targets is None else targets)
 
     def _save(self, targets: list[tuple[torch.Tensor, RowKind]]) -> None:
-        spans = self.spans
-        lengths = np.array([s.last - s.first for s in spans], dtype=np.int64)
-        ids = np.repeat(np.arange(len(spans)), lengths)  # the span of each row
-        offsets = np.cumsum(lengths) - lengths
-        firsts = np.array([s.first for s in spans], dtype=np.int64)
-        pos = firsts[ids] + np.arange(ids.shape[0]) - offsets[ids]  # the position of each row
-        slots = np.array([s.slot for s in spans], dtype=np.int64)[ids]
-        self._ids, self._pos = ids, pos
+        self._ids, self._pos, found = span_rows(self.spans, targets)
         kinds = self._kinds
-        for _, kind in targets:
-            if kind in kinds:
+        for kind, (rows, index) in found.items():
+            if not index.shape[0]:
                 continue
-            rows = None
-            if kind.name != "commit":  # ring row (slot, p % size)
-                index = slots * kind.n1 + pos % kind.n1
-            else:  # the committed row of entry p // ratio in its page
-                rows = ((pos + 1) % kind.ratio == 0).nonzero()[0]
-                if not rows.shape[0]:
-                    continue
-                rpp, entries = kind.n1, pos[rows] // kind.ratio
-                pages = [spans[i].pages[e] for i, e in zip(ids[rows].tolist(), (entries // rpp).tolist(), strict=True)]
-                index = np.array(pages, dtype=np.int64) * rpp + entries % rpp
             n = index.shape[0]
             if kind.copies > 1:
                 index = np.concatenate([index + c * kind.stride for c in range(kind.copies)])
