@@ -91,7 +91,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             engine_running=s["engine_running"], engine_waiting=s["engine_waiting"],
             transfers_ok=c.get("transfers_ok", 0), transfers_failed=c.get("reservations_expired", 0),
             rejected=s["rejected"], endpoint=self.endpoint, tokens_generated=c.get("tokens_generated", 0),
-            retractions=s["retractions"], prefix_cache=s["prefix_cache"], speculative=s["speculative"])
+            retractions=s["retractions"], prefix_cache=s["prefix_cache"], speculative=s["speculative"],
+            forwards=s["forwards"])
 
 
 def _add_event(events, u: Update) -> None:

@@ -305,7 +305,7 @@ class DecodeWorker:
                         num_slots=load.num_slots, free_slots=load.free_slots,
                         running=load.running + load.waiting, waiting=len(self.reservations),
                         engine_running=load.running, engine_waiting=load.waiting, retractions=load.retractions,
-                        speculative=speculative_stats(load.speculative),
+                        speculative=speculative_stats(load.speculative), forwards=load.forwards,
                         counters=dict(self.counters), rejected={**dict(self.rejected), **self.transfer_stats()})
 
     def is_empty(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,7 @@ class EngineLoad:
     waiting: int  # requests queued: not admitted yet, or retracted to host memory and waiting for room
     retractions: int  # requests moved back to waiting for want of a page, since start
     speculative: SpeculativeStats | None = None  # drafted and accepted tokens (speculative decoding on)
+    forwards: dict[str, int] = field(default_factory=dict)  # forwards since start by path (engine/runner.py)
 
 
 class Engine:
@@ -251,7 +252,7 @@ class Engine:
         return EngineLoad(num_pages=pages.capacity, free_pages=pages.num_free + reclaimable,
                           num_slots=slots.capacity, free_slots=slots.num_free, running=len(self.scheduler.running),
                           waiting=len(self.scheduler.waiting), retractions=self.scheduler.retractions,
-                          speculative=getattr(self.scheduler, "stats", None))
+                          speculative=getattr(self.scheduler, "stats", None), forwards=dict(self.runner.forwards))
 
     def memory_plan(self) -> str:
         """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""

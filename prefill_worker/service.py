@@ -111,7 +111,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             engine_running=load.running, engine_waiting=load.waiting,
             transfers_in_flight=self.worker.transfers_in_flight,
             transfers_ok=c["transfers_ok"], transfers_failed=c["transfers_failed"],
-            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(engine.prefix_cache))
+            transfer_bytes=c["transfer_bytes"], prefix_cache=prefix_cache_stats(engine.prefix_cache),
+            forwards=load.forwards)
 
 
 def _check_ticket(r, where: str) -> None:

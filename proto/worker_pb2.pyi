@@ -110,8 +110,15 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache", "retractions", "engine_running", "engine_waiting", "transfers_in_flight", "speculative")
+    __slots__ = ("role", "num_pages", "free_pages", "num_slots", "free_slots", "running", "waiting", "transfers_ok", "transfers_failed", "rejected", "transfer_bytes", "transfer_seconds", "endpoint", "tokens_generated", "prefix_cache", "retractions", "engine_running", "engine_waiting", "transfers_in_flight", "speculative", "forwards")
     class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ForwardsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +145,7 @@ class StatsResponse(_message.Message):
     ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_pages: int
     free_pages: int
@@ -158,7 +166,8 @@ class StatsResponse(_message.Message):
     engine_waiting: int
     transfers_in_flight: int
     speculative: SpeculativeStats
-    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ...) -> None: ...
+    forwards: _containers.ScalarMap[str, int]
+    def __init__(self, role: _Optional[str] = ..., num_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., num_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., transfers_ok: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., rejected: _Optional[_Mapping[str, int]] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., endpoint: _Optional[str] = ..., tokens_generated: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., retractions: _Optional[int] = ..., engine_running: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., transfers_in_flight: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., forwards: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SpeculativeStats(_message.Message):
     __slots__ = ("num_steps", "verifications", "drafted", "accepted", "accept_lengths")

@@ -141,8 +141,13 @@ class _LiveCollector(Collector):
                                        "accepted (speculative decoding)", labels=labels)
         accept_len = CounterMetricFamily("sparsepd_worker_spec_accept_length", "Verifications that accepted "
                                          "`length` drafts", labels=[*labels, "length"])
+        forwards = CounterMetricFamily("sparsepd_worker_forwards", "Engine forwards a worker ran, by path: graph "
+                                       "(replayed from a CUDA graph), prefill_graph, split (a decode replay beside "
+                                       "eager prompt chunks), eager", labels=[*labels, "path"])
         for w in d.pool.all:
             key, s = [w.address, w.role], w.stats
+            for path, n in sorted(s.forwards.items()):
+                forwards.add_metric([*key, path], n)
             pages_used.add_metric(key, s.num_pages - s.free_pages)
             pages_free.add_metric(key, s.free_pages)
             running.add_metric(key, s.running)
@@ -171,4 +176,4 @@ class _LiveCollector(Collector):
                 host_bytes.add_metric(key, c.host_num_bytes)
         yield from (queue, inflight, pages_used, pages_free, running, waiting, alive, hit, miss, evicted, page_evicted,
                     hits, cache_pages, entries, cache_bytes, host_hit, host_evicted, host_entries, host_bytes,
-                    retracted, drafted, accepted, accept_len)
+                    retracted, drafted, accepted, accept_len, forwards)

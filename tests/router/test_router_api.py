@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import sys
+import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -451,3 +452,16 @@ def test_metrics_endpoint_parses(deployment):
                for s in families["sparsepd_router_time_to_first_token_seconds"].samples)
     assert {s.labels["role"] for s in families["sparsepd_worker_pages_in_use"].samples} == {"prefill", "decode"}
     assert "sparsepd_router_queue_length" in families and "sparsepd_router_transfer_bytes" in families
+    # each worker's engine forwards by path (eager on the CPU), as of the router's next poll of its Stats
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(deployment["metrics"], timeout=5) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        forwards = {(x.labels["role"], x.labels["path"]): x.value for x in families["sparsepd_worker_forwards"].samples
+                    if x.name.endswith("_total")}
+        if forwards.get(("prefill", "eager"), 0) >= 1 and forwards.get(("decode", "eager"), 0) >= 2:
+            break
+        assert time.monotonic() < deadline, forwards
+        time.sleep(0.2)
+    assert {path for _, path in forwards} == {"graph", "prefill_graph", "split", "eager"}, forwards
+    assert all(v == 0 for (_, path), v in forwards.items() if path != "eager"), forwards
