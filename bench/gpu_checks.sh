@@ -5,7 +5,7 @@
 #   on FP8 and bf16 rows, the issue's target shapes; attn-full: every shape; attn-sweep: the target shapes' launch
 #   variants, FP8 rows unless ATTN_ROWS says otherwise), indexer, compressor (HCA decode's
 #   window split), kernel-tests, spec (speculative decoding: oracle drafts on bench, the default model's MTP
-#   drafts), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
+#   drafts; spec-old: oracle drafts at batch 1 against .old/, as engine-old), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
 #   service-cost (the service path's CPU per output token on bench; the workers wait for a step's tokens with
 #   --gpu-wait $GPU_WAIT, spin unless set, and $SERVE_EXTRA, e.g. --prefill-cuda-graph; service-cost-block: the same
 #   with block, its own log, to time both in one call; service-cost-pg: with --prefill-cuda-graph, its own log), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
@@ -70,6 +70,13 @@ for s in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
       step engine-old 240 env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_engine_new.py \
         --batches ${OLD_BATCHES:-1,64,128,256} --steps 10 ;;
+    spec-old)  # the oracle speculative benchmark at batch 1 here and against .old/ (`git archive` of an earlier
+               # commit), same card, back to back
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site_old ./.old >/dev/null 2>&1
+      step spec-new ${SPEC_S:-90} python3 -P bench/bench_spec.py oracle --accept 0,0.8,1.0 --graphs on --batches 1 \
+        --json "$out/spec_new.json"
+      step spec-old ${SPEC_S:-90} env PYTHONPATH="/tmp/site_old:$PYTHONPATH" python3 -P .old/bench/bench_spec.py oracle \
+        --accept 0,0.8,1.0 --graphs on --batches 1 --json "$out/spec_old.json" ;;
     tests) step tests ${TESTS_S:-120} scripts/test-gpu -n 8 ${TESTS:?tests: set TESTS to the test paths} ;;
     quant-tests) step quant-tests ${QTESTS_S:-240} scripts/test-gpu -n 16 tests/kernels/test_fp8_gemm.py tests/kernels/test_moe.py tests/kernels/test_rope_norm.py tests/gpu ;;
     *) echo "unknown step $s" >&2 ;;
