@@ -143,12 +143,14 @@ class PrefillWorker:
         future of one outcome per job and fork (in order) that resolves when every push is acknowledged or
         failed (module docstring). batch: the jobs' `open_batch`, when it was opened on their arrival."""
         batch = batch or self.open_batch(jobs)
+        requests, pending = {}, []
         try:
             with self.lock:
                 batch.outcomes = {rid: PrefillOutcome(rid, ok=False) for rid in batch.members}
                 requests = self._submit(jobs, batch.outcomes)
-                pending = self._prefill(requests, batch)
-        except BaseException:
+                self._prefill(requests, batch, pending)
+        except BaseException:  # a bug, not an input: the batch fails, nothing of it stays
+            self._forget(requests, pending)
             self._close_batch(batch, answer=False)
             raise
         with self.ids_lock:
@@ -158,6 +160,27 @@ class PrefillWorker:
         for rid, future, t0 in pending:  # (a future settled already calls back at once, here)
             future.add_done_callback(partial(self._settled, batch, rid, t0))
         return batch.done
+
+    def _forget(self, requests, pending: list[tuple[str, Future, float]]) -> None:
+        """After a failure escaped a batch: its requests leave the engine (pages and slots free) and the pushes that
+        left before it stay counted in flight until they settle."""
+        with self.lock:
+            for entry in requests.values():
+                request = entry[0]
+                if not self.engine.abort(request.request_id) and (request.slot is not None or request.pages):
+                    self.engine.release(request)  # finished and kept for its forks
+        for _, future, _ in pending:
+            future.add_done_callback(self._push_forgotten)
+
+    def _push_forgotten(self, future: Future) -> None:
+        """A push of a failed batch settled (on the sender's thread; never raises)."""
+        try:
+            ok = future.exception() is None and future.result().ok
+        except BaseException:  # noqa: BLE001 - cancelled
+            ok = False
+        with self.ids_lock:
+            self.transfers_in_flight -= 1
+            self.counters["transfers_ok" if ok else "transfers_failed"] += 1
 
     def _close_batch(self, batch: Batch, answer: bool = True) -> None:
         """Forget a batch (a Release that comes later finds nothing of it: ids may be reused); resolve its future."""
@@ -202,10 +225,11 @@ class PrefillWorker:
             requests[job.request_id] = (request, job, list(zip(forks, job.forks, strict=True)))
         return requests
 
-    def _prefill(self, requests, batch: Batch) -> list[tuple[str, Future, float]]:
+    def _prefill(self, requests, batch: Batch, pending: list[tuple[str, Future, float]]) -> None:
         """Step until every request has its first token; export and push each as soon as it has (a request's
-        forks: the same exported state, each with its own first token, to its own ticket)."""
-        started, pending, outcomes = time.perf_counter(), [], batch.outcomes
+        forks: the same exported state, each with its own first token, to its own ticket); `pending` gets each
+        push as it leaves."""
+        started, outcomes = time.perf_counter(), batch.outcomes
         waiting = dict(requests)
         while waiting:
             for rid in [r for r in waiting if r in batch.cancelled]:
@@ -230,7 +254,6 @@ class PrefillWorker:
                         outcomes[job.request_id].error_code = grpc.StatusCode.INTERNAL.value[0]
                 break
             self._collect(waiting, batch, started, pending)
-        return pending
 
     def _collect(self, waiting, batch: Batch, started: float, pending: list) -> None:
         """Ship the requests of `waiting` that have their first token now (removed from it, their pushes added to
