@@ -15,6 +15,10 @@ carries the same value and the order of duplicate writes does not matter); a kin
 position completes a block) points at its row 0 with the flag off, which writes row 0's current value back. The
 result is `UndoLog`'s (tests/engine/test_undo_graphs.py compares the pools after both). With `capture=False` the
 same static bodies run eagerly, on any device.
+
+Memory: the saved rows and a scratch of as many, per pool tensor, at the largest bucket, shared by every bucket
+(one step runs at a time) and allocated at the first speculative step; the bodies allocate nothing. Only buckets
+up to `MAX_SPANS` spans are served; a step with more spans uses `UndoLog`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from sparsepd.engine.pools import KVPools
 from sparsepd.engine.undo import RowKind, Span, span_rows
 
 log = logging.getLogger(__name__)
+
+# Steps of more spans use `UndoLog`: its launches matter less beside a larger verification, and the buffers here
+# (two per pool tensor, k rows a span: ~130 MB at 64 spans, k = 3 and V4-Flash's 43 layers) stay allocated.
+MAX_SPANS = 64
 
 
 def kind_capacity(kind: RowKind, spans: int, span_len: int) -> int:
@@ -51,23 +59,27 @@ class _UndoStep:
         self.flags = StaticFields({f"k{i}": torch.zeros(cap * k.copies, dtype=torch.bool)
                                    for i, (k, cap) in enumerate(zip(self.kinds, self.caps, strict=True))}, device)
         position = {k: i for i, k in enumerate(self.kinds)}
-        self.work = []  # (flat target, its index, its flags shaped to broadcast over a row, saved rows)
-        for target, kind in owner.targets:
+        # (flat target, its index, its flags shaped to broadcast over a row, its saved rows, a scratch of as many):
+        # the rows are views of the buffers every bucket shares (`UndoGraphs.scratch`), one step runs at a time
+        self.work = []
+        for (target, kind), (saved, current) in zip(owner.targets, owner.scratch(), strict=True):
             i = position[kind]
             index = self.index.fields[f"k{i}"]
             flags = self.flags.fields[f"k{i}"].view(-1, *([1] * (target.dim() - 1)))
-            saved = target.new_zeros(index.shape[0], *target.shape[1:])
-            self.work.append((target, index, flags, saved))
+            rows = index.shape[0]
+            self.work.append((target, index, flags, saved[:rows], current[:rows]))
         self.save_graph: torch.cuda.CUDAGraph | None = None
         self.restore_graph: torch.cuda.CUDAGraph | None = None
 
     def save_body(self) -> None:
-        for target, index, _, saved in self.work:
+        for target, index, _, saved, _ in self.work:
             torch.index_select(target, 0, index, out=saved)
 
-    def restore_body(self) -> None:
-        for target, index, flags, saved in self.work:
-            target.index_copy_(0, index, torch.where(flags, saved, target.index_select(0, index)))
+    def restore_body(self) -> None:  # (no allocation: a graph of it holds no memory of its own)
+        for target, index, flags, saved, current in self.work:
+            torch.index_select(target, 0, index, out=current)
+            torch.where(flags, saved, current, out=current)
+            target.index_copy_(0, index, current)
 
 
 class StaticUndoLog:
@@ -103,16 +115,35 @@ class UndoGraphs:
     as CUDA graphs on first use, or with capture=False run eagerly from the same static buffers (module doc)."""
 
     def __init__(self, pools: KVPools, targets: list[tuple[torch.Tensor, RowKind]], span_len: int,
-                 buckets: tuple[int, ...], capture: bool):
+                 buckets: tuple[int, ...], capture: bool, max_spans: int = MAX_SPANS):
         if capture and pools.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the pools are on {pools.device}")
-        self.pools, self.targets, self.span_len, self.buckets, self.capture = pools, targets, span_len, buckets, capture
+        self.pools, self.targets, self.span_len, self.capture = pools, targets, span_len, capture
+        self.buckets = tuple(b for b in buckets if b <= max_spans) or buckets[:1]
+        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.kinds: list[RowKind] = list(dict.fromkeys(kind for _, kind in targets))
         self.tensors_of = {k: sum(1 for _, kind in targets if kind == k) for k in self.kinds}
         self._copy_offsets = {k: np.arange(k.copies, dtype=np.int64)[:, None] * k.stride for k in self.kinds}
         self._steps: dict[int, _UndoStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.runs = 0  # saves run (replays, or eager runs without capture)
+
+    def scratch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per target, the saved rows and a scratch of as many at the largest bucket (made on first use): every
+        bucket's step uses their first rows."""
+        if self._scratch is None:
+            most = self.buckets[-1]
+            self._scratch = []
+            for target, kind in self.targets:
+                rows = kind_capacity(kind, most, self.span_len) * kind.copies
+                self._scratch.append((target.new_zeros(rows, *target.shape[1:]),
+                                      target.new_zeros(rows, *target.shape[1:])))
+        return self._scratch
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Device bytes of the shared buffers (0 before the first step)."""
+        return sum(a.numel() * a.element_size() * 2 for a, _ in self._scratch or [])
 
     def log(self, spans: list[Span]) -> StaticUndoLog | None:
         """Save the spans' rows (one copy, one replay); None when they do not fit a bucket (`UndoLog` then)."""
@@ -162,7 +193,8 @@ class UndoGraphs:
             with capturing(step.restore_graph, self._pool):
                 step.restore_body()
             torch.cuda.synchronize()
-            log.info("captured the undo graphs of %d spans in %.3f s", bucket, time.perf_counter() - t0)
+            log.info("captured the undo graphs of %d spans in %.3f s (%.1f MiB of buffers for every bucket)", bucket,
+                     time.perf_counter() - t0, self.scratch_bytes / 2**20)
         self._steps[bucket] = step
         return step
 

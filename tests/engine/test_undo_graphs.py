@@ -14,7 +14,7 @@ import torch
 
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
 from sparsepd.engine.undo import Span, UndoLog, undo_targets
-from sparsepd.engine.undo_graphs import UndoGraphs
+from sparsepd.engine.undo_graphs import UndoGraphs, kind_capacity
 from sparsepd.model_config import get_preset
 
 GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1" and torch.cuda.is_available()
@@ -109,6 +109,12 @@ def test_spans_past_a_bucket_or_longer_than_k_are_left_to_the_undo_log():
     assert graphs.log([Span(0, [0, 1], 0, K + 1)]) is None
     assert graphs.log([Span(i, [i], 0, 1) for i in range(9)]) is None
     assert graphs.log([Span(i, [i], 0, 1) for i in range(8)]) is not None
+    capped = UndoGraphs(pools, undo_targets(pools), K, BUCKETS, capture=False, max_spans=4)
+    assert capped.buckets == (1, 2, 4) and capped.log([Span(i, [i], 0, 1) for i in range(5)]) is None
+    assert capped.log([Span(i, [i], 0, 1) for i in range(3)]) is not None
+    rows = [a.shape[0] for a, _ in capped.scratch()]  # the largest bucket's rows, shared by the smaller ones
+    assert rows == [kind_capacity(kind, 4, K) * kind.copies for _, kind in undo_targets(pools)]
+    assert capped.scratch_bytes > 0
 
 
 def test_rows_of_a_block_end_are_restored_in_their_page():
