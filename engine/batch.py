@@ -288,7 +288,7 @@ def packed_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
                     + keys % win)
     out["window_rows"][:T] = np.where(keys >= 0, rows, -1)
     out["window_rows"][T:] = -1
-    _plan_rows(out["swa_rows"], out["swa_cu"], seq, (t, seq, pos, pos % win), B, Bp)
+    _plan_rows(out["swa_rows"], out["swa_cu"], seq, (t, seq, pos, pos % win), B, Bp, cu=cu)
     for ratio in sorted({r for r in geometry.ratios if r}):
         p, size = f"r{ratio}.", (2 if ratio == 4 else 1) * ratio
         visible = (pos + 1) // ratio
@@ -298,7 +298,7 @@ def packed_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
         window_len = np.maximum(np.minimum(starts[cseq], cpos + 1) - np.maximum(cpos - size + 1, 0), 0)
         _plan_rows(out[p + "commit_rows"], out[p + "commit_cu"], cseq,
                    (commits, cseq, cpos, window_len), B, Bp)
-        _plan_rows(out[p + "write_rows"], out[p + "write_cu"], seq, (t, seq, pos, pos % size), B, Bp)
+        _plan_rows(out[p + "write_rows"], out[p + "write_cu"], seq, (t, seq, pos, pos % size), B, Bp, cu=cu)
         if ratio != 4:
             rpp = geometry.rows_per_page(ratio)
             entries = np.arange(P * rpp)
@@ -308,17 +308,19 @@ def packed_fields_into(chunks: list[RequestChunk], geometry: PoolGeometry, shape
 
 
 def _plan_rows(rows_out: np.ndarray, cu_out: np.ndarray, owners: np.ndarray | None,
-               columns: tuple[np.ndarray, ...], B: int, Bp: int) -> None:
+               columns: tuple[np.ndarray, ...], B: int, Bp: int, cu: np.ndarray | None = None) -> None:
     """A plan of rows whose columns are `columns` (a row per owner request, owners ascending; None: one row per
-    request, in order), −1 past them; cu over B requests, padded. Written column by column and with ndarray
-    methods: numpy's module functions (stack, cumsum, flatnonzero) go through Python wrappers, each a dozen
-    calls, five plans a step."""
+    request, in order), −1 past them; cu over B requests, padded (`cu`: the owners' cu [B + 1] when the caller has
+    it, e.g. a row per token). Written column by column and with ndarray methods: numpy's module functions (stack,
+    cumsum, flatnonzero) go through Python wrappers, each a dozen calls, five plans a step."""
     n = columns[0].shape[0]
     for j, column in enumerate(columns):
         rows_out[:n, j] = column
     rows_out[n:] = -1
     if owners is None:
         cu_out[: B + 1] = np.arange(B + 1)
+    elif cu is not None:
+        cu_out[: B + 1] = cu
     else:
         cu_out[0] = 0
         np.bincount(owners, minlength=B).cumsum(out=cu_out[1: B + 1])
