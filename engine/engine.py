@@ -257,9 +257,11 @@ class Engine:
     def memory_plan(self) -> str:
         """Where the device memory goes: weights, pages, slots, scratch (engine/memory_plan.py)."""
         drafter = getattr(self.scheduler, "drafter", None)
+        undo = getattr(self.scheduler, "_undo_graphs", None)
+        undo_bytes = undo.planned_bytes() if undo is not None else 0
         if isinstance(drafter, MTPDrafter):
-            return memory_plan(self.model, self.pools, drafter.mtp, drafter.pools)
-        return memory_plan(self.model, self.pools)
+            return memory_plan(self.model, self.pools, drafter.mtp, drafter.pools, undo_bytes)
+        return memory_plan(self.model, self.pools, undo_bytes=undo_bytes)
 
     def holds_nothing(self) -> bool:
         """No page and no slot is held, by a request or by the prefix cache."""

@@ -11,8 +11,9 @@ from sparsepd.model.weight_memory import describe, gb, weight_bytes
 
 
 def memory_plan(model: Transformer, pools: KVPools, mtp: torch.nn.Module | None = None,
-                mtp_pools: KVPools | None = None) -> str:
-    """The plan's lines; with speculative decoding by the MTP layer, its weights and its one-layer pool too."""
+                mtp_pools: KVPools | None = None, undo_bytes: int = 0) -> str:
+    """The plan's lines; with speculative decoding by the MTP layer, its weights and its one-layer pool too, and
+    the undo log's buffers (`undo_bytes`, engine/undo_graphs.py: allocated at the first speculative step)."""
     cfg, g = model.cfg, pools.geometry
     total = pools.num_bytes()
     pages, slots = g.num_pages * bytes_per_page(cfg), g.num_slots * bytes_per_slot(cfg)
@@ -31,6 +32,8 @@ def memory_plan(model: Transformer, pools: KVPools, mtp: torch.nn.Module | None 
         pool = mtp_pools.num_bytes() if mtp_pools is not None else 0
         lines.append(f"  MTP layer {gb(mtp_weights + pool)}: weights {gb(mtp_weights)} (the embedding and head are "
                      f"the model's), pool {gb(pool)} (its ring per slot travels with the request)")
+    if undo_bytes:
+        lines.append(f"  speculative undo buffers {gb(undo_bytes)} (made at the first verification)")
     if pools.device.type == "cuda":
         free, capacity = torch.cuda.mem_get_info(pools.device)
         used = torch.cuda.memory_allocated(pools.device)

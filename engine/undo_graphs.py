@@ -140,6 +140,12 @@ class UndoGraphs:
                                       target.new_zeros(rows, *target.shape[1:])))
         return self._scratch
 
+    def planned_bytes(self) -> int:
+        """Device bytes the shared buffers take once made (`scratch`)."""
+        most = self.buckets[-1]
+        return sum(2 * kind_capacity(kind, most, self.span_len) * kind.copies * target[0].numel()
+                   * target.element_size() for target, kind in self.targets)
+
     @property
     def scratch_bytes(self) -> int:
         """Device bytes of the shared buffers (0 before the first step)."""

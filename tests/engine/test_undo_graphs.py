@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from sparsepd.engine.drafter import OracleDrafter
+from sparsepd.engine.engine import Engine
 from sparsepd.engine.pools import KVPools, PoolConfig, plan_geometry
+from sparsepd.engine.sampling import SamplingParams
 from sparsepd.engine.undo import Span, UndoLog, undo_targets
 from sparsepd.engine.undo_graphs import UndoGraphs, kind_capacity
+from sparsepd.model.weight_memory import gb
+from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 
 GPU = os.environ.get("SPARSEPD_TEST_GPU") == "1" and torch.cuda.is_available()
@@ -114,7 +119,7 @@ def test_spans_past_a_bucket_or_longer_than_k_are_left_to_the_undo_log():
     assert capped.log([Span(i, [i], 0, 1) for i in range(3)]) is not None
     rows = [a.shape[0] for a, _ in capped.scratch()]  # the largest bucket's rows, shared by the smaller ones
     assert rows == [kind_capacity(kind, 4, K) * kind.copies for _, kind in undo_targets(pools)]
-    assert capped.scratch_bytes > 0
+    assert capped.scratch_bytes == capped.planned_bytes() > 0
 
 
 def test_rows_of_a_block_end_are_restored_in_their_page():
@@ -159,3 +164,20 @@ def test_padding_flags_follow_the_first_row():
     flags = step.flags.fields[f"k{ring}"].numpy()
     assert flags.tolist() == [False, True, False, False, False, False]
     assert np.count_nonzero(flags) == 1
+
+
+def test_the_memory_plan_counts_the_undo_buffers_the_first_verification_makes():
+    model = build_model(get_preset("tiny"), seed=0)
+    prompt = list(range(1, 20))
+    refs = {"r": [r.output_ids for r in Engine(model, PoolConfig(num_slots=4, max_batch_tokens=64, num_pages=32))
+                  .generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))][0]}
+    engine = Engine(model, PoolConfig(num_slots=4, max_batch_tokens=64, num_pages=32), cuda_graph=True,
+                    graph_capture=False, speculative_num_steps=K, drafter=OracleDrafter(refs, 1.0, 256))
+    undo = engine.scheduler._undo_graphs
+    line = next(x for x in engine.memory_plan().splitlines() if "speculative undo buffers" in x)
+    assert undo.scratch_bytes == 0 and gb(undo.planned_bytes()) in line
+    engine.submit(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), request_id="r")
+    engine.scheduler.run_to_completion()
+    assert undo.runs > 0 and undo.scratch_bytes == undo.planned_bytes()
+    assert "speculative undo buffers" not in Engine(model, PoolConfig(num_slots=4, max_batch_tokens=64,
+                                                                     num_pages=32)).memory_plan()
