@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from sparsepd.engine.pools import KVPools
 from sparsepd.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 MIN_PAGE_WIDTH = 8
@@ -141,6 +143,22 @@ def capturing(graph: torch.cuda.CUDAGraph, pool) -> Iterator[None]:
             gc.enable()
 
 
+def warmed_capture(body: Callable[[], T], pool, warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Run `body` `warmups` times on a side stream (its kernels compiled, lazily built tables filled), then capture
+    one more run into a new graph in `pool`: the graph and what the captured run returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with capturing(graph, pool):
+        out = body()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 @dataclass
 class DecodeGraph:
     shape: BatchShape
@@ -206,16 +224,7 @@ class DecodeGraphs:
         def forward() -> torch.Tensor:
             return self.model.forward_batch(batch.token_ids, batch.positions, cache, ids_checked=True)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: compile the kernels, fill the lazily built tables
-            forward()
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with capturing(graph, self._pool):
-            logits = forward()
-        torch.cuda.synchronize()
+        graph, logits = warmed_capture(forward, self._pool)
         self._graphs[shape] = captured = DecodeGraph(shape, static, graph, logits)
         self.capture_s += time.perf_counter() - t0
         log.debug("captured the decode graph %s in %.2f s", shape, time.perf_counter() - t0)

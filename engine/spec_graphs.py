@@ -36,9 +36,9 @@ from sparsepd.engine.graphs import (
     DEFAULT_BUCKETS,
     StaticFields,
     buckets_for,
-    capturing,
     max_page_width,
     page_width_for,
+    warmed_capture,
 )
 from sparsepd.engine.paged_cache import PagedCache
 from sparsepd.engine.pools import KVPools, PoolGeometry
@@ -112,17 +112,7 @@ class StaticSteps:
         batch = assemble(static.fields, self.geometry, [])
         step = StaticStep(shape, static, batch, self.inputs(shape), self.body)
         if self.capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up: compile the kernels, fill the lazily built tables
-                self.body(batch, step.inputs)
-                self.body(batch, step.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with capturing(graph, self._pool):
-                step.outputs = self.body(batch, step.inputs)
-            torch.cuda.synchronize()
-            step.graph = graph
+            step.graph, step.outputs = warmed_capture(lambda: self.body(batch, step.inputs), self._pool)
             self.capture_s += time.perf_counter() - t0
             log.debug("captured the %s graph %s in %.2f s", self.name, shape, time.perf_counter() - t0)
         self._steps[shape] = step

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from sparsepd.engine.graphs import StaticFields, capturing
+from sparsepd.engine.graphs import StaticFields, warmed_capture
 from sparsepd.engine.pools import KVPools
 from sparsepd.engine.undo import RowKind, Span, span_rows
 
@@ -187,18 +187,8 @@ class UndoGraphs:
         t0 = time.perf_counter()
         step = _UndoStep(self, bucket)  # indices 0, flags off: the bodies read row 0 and write it back unchanged
         if self.capture:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up
-                step.save_body()
-                step.restore_body()
-            torch.cuda.current_stream().wait_stream(side)
-            step.save_graph, step.restore_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with capturing(step.save_graph, self._pool):
-                step.save_body()
-            with capturing(step.restore_graph, self._pool):
-                step.restore_body()
-            torch.cuda.synchronize()
+            step.save_graph, _ = warmed_capture(step.save_body, self._pool, warmups=1)
+            step.restore_graph, _ = warmed_capture(step.restore_body, self._pool, warmups=1)
             log.info("captured the undo graphs of %d spans in %.3f s (%.1f MiB of buffers for every bucket)", bucket,
                      time.perf_counter() - t0, self.scratch_bytes / 2**20)
         self._steps[bucket] = step
