@@ -42,8 +42,9 @@ class Runner:
         # A step of decode tokens and prompt chunks runs its decode tokens through their graph and the chunks
         # eagerly (`_split_mixed`); False runs such a step eagerly as a whole (bench/profile_mixed.py compares).
         self.split_mixed = True
-        # Forwards run, by path: "graph" (a decode or verification replay), "prefill_graph" (prompt chunks replayed),
-        # "split" (a decode replay beside the step's prompt chunks, replayed or eager), "eager".
+        # Forwards run, by path: "graph" (a decode or verification replay), "prefill_graph" (prompt chunks replayed,
+        # alone or in a split step), "split" (a decode replay beside the step's prompt chunks, replayed or eager),
+        # "eager".
         self.forwards = {"graph": 0, "prefill_graph": 0, "split": 0, "eager": 0}
 
     def rope_tables(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +122,6 @@ class Runner:
         if self.prefill_graphs is not None and final_rows is None and logit_rows is None:
             logits = self._prefill_graph(chunks)
             if logits is not None:
-                self.forwards["prefill_graph"] += 1
                 return logits
         if final_rows is not None and self.verify_graphs is not None:
             shape = self.verify_graphs.shape_for(chunks)
@@ -169,6 +169,7 @@ class Runner:
         shape = self.prefill_graphs.shape_for(chunks)
         if shape is None:
             return None
+        self.forwards["prefill_graph"] += 1
         return self.prefill_graphs.run(chunks, shape, lambda token_ids: self._fill_pending(token_ids, chunks))
 
     def _eager(self, chunks: list[RequestChunk], final_rows: list[int] | None, logit_rows: list[int] | None):

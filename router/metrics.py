@@ -142,8 +142,8 @@ class _LiveCollector(Collector):
         accept_len = CounterMetricFamily("sparsepd_worker_spec_accept_length", "Verifications that accepted "
                                          "`length` drafts", labels=[*labels, "length"])
         forwards = CounterMetricFamily("sparsepd_worker_forwards", "Engine forwards a worker ran, by path: graph "
-                                       "(replayed from a CUDA graph), prefill_graph, split (a decode replay beside "
-                                       "eager prompt chunks), eager", labels=[*labels, "path"])
+                                       "(replayed from a CUDA graph), prefill_graph (prompt chunks replayed), split "
+                                       "(a decode replay beside prompt chunks), eager", labels=[*labels, "path"])
         for w in d.pool.all:
             key, s = [w.address, w.role], w.stats
             for path, n in sorted(s.forwards.items()):

@@ -158,3 +158,5 @@ def test_split_mixed_step_tokens_equal_eager(tiny, overlap, prefill_graph):
     forwards = engine.runner.forwards
     assert forwards["split"] >= 3 and forwards["graph"] > 0, forwards
     assert engine.runner.graphs.runs == forwards["split"] + forwards["graph"]
+    if prefill_graph:  # the chunks beside a decode replay replayed too, and counted as prompt-chunk replays
+        assert forwards["prefill_graph"] == engine.runner.prefill_graphs.steps.runs > 0, forwards
