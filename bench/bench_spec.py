@@ -142,6 +142,9 @@ def oracle_mode(args: argparse.Namespace) -> list[dict]:
         base = decode_run(engine(0, graphs=True), prompts, params, args.device)
         refs = {f"req-{i}": out for i, out in enumerate(base["outputs"])}
         runs = [("k=0 default", None, base), ("k=0 eager", None, decode_run(engine(0), prompts, params, args.device))]
+        if args.k and on_gpu:  # untimed: the verification's kernels at this batch compiled before the first timed run
+            decode_run(engine(args.k, OracleDrafter(refs, 1.0, cfg.vocab_size, seed=batch), True), prompts, params,
+                       args.device)
         for accept in [float(x) for x in args.accept.split(",")]:
             for graphs in [g.strip() == "on" for g in args.graphs.split(",")]:
                 drafter = OracleDrafter(refs, accept, cfg.vocab_size, seed=batch)
