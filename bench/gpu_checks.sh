@@ -11,10 +11,10 @@
 #   with block, its own log, to time both in one call; service-cost-pg: with --prefill-cuda-graph, its own log), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
-# Invocations in order of priority (the suite took 110 s on an H200 and 167 s on an H100 on 2026-12-06): (1) suite
-# engine engine-q [470]; (2) kernel-tests attn-sweep indexer compressor quant [530]; (3) spec prefix-host service-cost
-# group [480]; (4) flash prefix (PREFIX_S=400: three configurations took 220 s on an H200) service. Give the machine
-# back (or call again within 30 s) after the last: idle time counts. A start that fails costs 1.5-3.5 minutes.
+# Invocations in order of priority (the suite took 110 s on an H200 on 2026-12-06 and 236 s on an H100 on
+# 2026-12-07): (1) suite engine [440]; (2) spec service-cost-pg prefix (CONFIGS="cache nocache" RATES=8) [560];
+# (3) kernel-tests attn-sweep indexer compressor quant [530]; (4) engine-q prefix-host group [360]; (5) flash
+# service. A failed test's traceback is in the suite's tests-failures.txt.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -29,7 +29,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 for s in "$@"; do
   case $s in
-    suite) step suite ${SUITE_S:-200} env SPARSEPD_TEST_LOG="$out/tests" scripts/test-gpu -n 16 --tb=short ;;
+    suite) step suite ${SUITE_S:-290} env SPARSEPD_TEST_LOG="$out/tests" scripts/test-gpu -n 16 --tb=short ;;
     engine) step engine ${ENGINE_S:-150} python3 -P bench/bench_engine.py --batches ${ENGINE_BATCHES:-1,8,32,64,128,256} --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
     engine-q) step engine-q ${ENGINEQ_S:-120} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash)  # as many layers as fit: ~3.7 GB a V4-Flash layer (FP4 experts), ~14 GB for the rest (36 on an H200's
@@ -82,10 +82,12 @@ for s in "$@"; do
     *) echo "unknown step $s" >&2 ;;
   esac
 done
-if compgen -G "$out/tests.*" >/dev/null; then  # the suite's per-test logs, merged: slowest tests, every failure
-  ls "$out"/tests.* | grep -v failures | xargs cat | sort -rn >"$out/tests-by-seconds.txt"
+per_test=$(ls "$out"/tests.* 2>/dev/null | grep -v -e '\.failures$' -e '\.log$')  # not the tests step's own log
+if [ -n "$per_test" ]; then  # the suite's per-test logs, merged: slowest tests, every failure
+  echo "$per_test" | xargs cat | sort -rn >"$out/tests-by-seconds.txt"
   cat "$out"/tests.*.failures >"$out/tests-failures.txt" 2>/dev/null
-  rm -f "$out"/tests.*
+  echo "$per_test" | xargs rm -f
+  rm -f "$out"/tests.*.failures
   echo "--- the suite's 25 slowest tests"; head -n 25 "$out/tests-by-seconds.txt"
   echo "--- failures"; grep '^=====' "$out/tests-failures.txt" || echo none
 fi
