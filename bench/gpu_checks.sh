@@ -12,9 +12,9 @@
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
 # Invocations in order of priority (the suite took 110 s on an H200 on 2026-12-06 and 236 s on an H100 on
-# 2026-12-07): (1) suite engine [440]; (2) spec service-cost-pg prefix (CONFIGS="cache nocache" RATES=8) [560];
-# (3) kernel-tests attn-sweep indexer compressor quant [530]; (4) engine-q prefix-host group [360]; (5) flash
-# service. A failed test's traceback is in the suite's tests-failures.txt.
+# 2026-12-07): (1) suite engine [440]; (2) spec service-cost-pg [420]; (3) prefix (CONFIGS="cache nocache" RATES=8)
+# service-cost [480]; (4) kernel-tests attn-sweep indexer compressor quant [530]; (5) engine-q prefix-host group
+# [360]; (6) flash service. A failed test's traceback is in the suite's tests-failures.txt.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -47,7 +47,7 @@ for s in "$@"; do
     kernel-tests) step kernel-tests ${KTESTS_S:-120} scripts/test-gpu -n 8 tests/kernels/test_sparse_attention.py \
                     tests/kernels/test_kv_rows.py tests/kernels/test_compressor.py tests/kernels/test_fp8_gemm.py \
                     tests/kernels/test_moe.py ;;
-    spec) step spec ${SPEC_S:-120} sh -c "python3 -P bench/bench_spec.py oracle --json '$out/spec_oracle.json' &&
+    spec) step spec ${SPEC_S:-240} sh -c "python3 -P bench/bench_spec.py oracle --graphs on --json '$out/spec_oracle.json' &&
             python3 -P bench/bench_spec.py mtp --device cuda ${SPEC_MTP_GRAPHS---graphs} --json '$out/spec_mtp.json'" ;;
     prefix-host) step prefix-host ${PREFIX_S:-90} python3 -P bench/prefix_host_tier.py --preset bench --device cuda \
                    --conversations 32 --turns 3 --system-len 1024 --user-len 256 --output-len 16 --batch 8 \
