@@ -174,9 +174,12 @@ def smem_bytes(config: SparseAttnConfig, D: int, q_bytes: int, kv_layout: KVRowL
     larger of the loop's buffers and the epilogue's fp32 [block_h, BLOCK_D] layout change, plus 2.5 KiB of
     reductions and alignment. The loop holds num_stages − 1 gathered key blocks (cp.async), q, and the dots'
     operand copies: 16-head tiles (mma.sync) read float rows from the gathered blocks but dequantized FP8 rows
-    from two copies (one a dot); 64-head tiles (wgmma, block_h ≥ 64) one copy of the rows and two of P.
-    Equal to the compiler's figure, or at most ~64 KiB above it for the wide FP8 gather, at every tile the
-    tests compile for sm_90 on the CPU (tests/kernels/test_sparse_attention.py)."""
+    from two copies (one a dot); 64-head tiles (wgmma, block_h ≥ 64) one copy of the rows and two of P. The
+    "cvt_chunks" dequantization keeps two copies of the converted codes at every tile and no epilogue layout
+    change (its accumulator is built from 64-column dots). Equal to the compiler's figure, or at most ~64 KiB
+    above it for the wide FP8 gather, at every tile the tests compile for sm_90 on the CPU
+    (tests/kernels/test_sparse_attention_smem.py; "cvt_chunks" at 16, 32 and 64 heads, bf16 and fp32 q: within
+    2.5 KiB above, bench/RESULTS.md 2026-12-07)."""
     bd = max(16, triton.next_power_of_2(D))
     n, bh = config.block_n, config.block_h
     if kv_layout is None:
@@ -186,12 +189,15 @@ def smem_bytes(config: SparseAttnConfig, D: int, q_bytes: int, kv_layout: KVRowL
     else:
         key_bytes = bd + bd + bd * kv_layout.rope_bytes  # codes, a scale byte per column, a BLOCK_D rope tile
     wgmma = bh >= 64
-    if wgmma:
+    chunks = kv_layout is not None and config.dequant == "cvt_chunks"
+    if chunks:
+        operands = 2 * n * bd * q_bytes
+    elif wgmma:
         operands = n * bd * q_bytes + 2 * bh * n * q_bytes
     else:
         operands = 0 if kv_layout is None else 2 * n * bd * q_bytes
     loop = (config.num_stages - 1) * n * key_bytes + bh * bd * q_bytes + operands
-    return max(loop, bh * bd * 4 if wgmma else 0) + 2560
+    return max(loop, bh * bd * 4 if wgmma and not chunks else 0) + 2560
 
 
 def fit_shared_memory(config: SparseAttnConfig, D: int, q_bytes: int, kv_layout: KVRowLayout | None,

@@ -479,6 +479,20 @@ def test_sparse_attn_fp8_dequant_variants(device, case):
     check_fp8_rows(device, 3100 + case, *DEQUANT_CASES[case])
 
 
+def test_cvt_chunks_cases_fit_sm90_shared_memory():
+    """The "cvt_chunks" cases launch on an H100/H200: `smem_bytes` (within 2.5 KiB above the compiler for that
+    variant at 16, 32 and 64 heads, bf16 and fp32 q; tests/kernels/test_sparse_attention_smem.py) is within the
+    card's 227 KiB. Two fp32 cases at 4 and 5 stages did not launch there (238,336 and 246,784 bytes)."""
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    from sparsepd.kernels.sparse_attention import SM90_SMEM_BYTES, smem_bytes
+    chunked = [c for c in DEQUANT_CASES if c[6].dequant == "cvt_chunks"]
+    assert len(chunked) >= 4
+    for _T, _H, D, rope, _K, dtype, config in chunked:
+        assert smem_bytes(config, D, dtype.itemsize, KVRowLayout(D, rope, dtype)) <= SM90_SMEM_BYTES, (config, dtype)
+    too_deep = dataclasses.replace(DEQUANT_CASES[4][6], num_stages=5)  # the launch that failed on an H100
+    assert smem_bytes(too_deep, 512, 4, KVRowLayout(512, 64, torch.float32)) > SM90_SMEM_BYTES
+
+
 def test_fp8_dequant_variant_checks(device):
     from sparsepd.kernels.kv_rows import KVRowLayout, pack_kv_rows_ref
     q, kv, idx, sink = make_inputs(3200, 1, 16, 256, 8, torch.float16, "cpu")

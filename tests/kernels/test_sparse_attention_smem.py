@@ -223,14 +223,21 @@ def test_every_gather_of_the_table_is_pipelined(compiled_rows):
 
 def test_fp8_dequant_variants_compile_for_sm90_with_pipelined_gathers():
     """The dequantization variants the benchmark times (SparseAttnConfig.dequant) compile for sm_90 at the table's FP8
-    tiles, every row read still a cp.async; "cvt" spills nothing at either tile, "cvt_chunks" nothing at 16-head
-    tiles (its batched dots spill at 64 heads: 324 bytes on 2026-12-07, a launch the sweep may still time)."""
-    from sparsepd.kernels.sparse_attention import SparseAttnConfig
+    tiles, every row read still a cp.async, and `smem_bytes` bounds their shared memory from above (it understated
+    "cvt_chunks" at 64 heads by 23-57 KiB before it counted that variant's two copies of the converted codes: an
+    fp32 test tile asked 246,784 bytes and did not launch on an H100); "cvt" spills nothing at either tile,
+    "cvt_chunks" nothing at 16-head tiles (its batched dots spill at 64 heads: 324 bytes on 2026-12-07, a launch
+    the sweep may still time)."""
+    from sparsepd.kernels.kv_rows import KVRowLayout
+    from sparsepd.kernels.sparse_attention import SparseAttnConfig, smem_bytes
     rows = compile_in_child("--dequant")
     assert len(rows) == 4
     bad = []
     for T, _H, _K, _fp8, fields, _in, shared, regs, spills, loads in rows:
         config = SparseAttnConfig(*fields)
+        model = smem_bytes(config, 512, 2, KVRowLayout(512, 64, torch.bfloat16))
+        if not shared <= model <= shared + SLACK:
+            bad.append(f"{config} T={T}: compiler {shared} B, model {model} B")
         if set(loads) - {"i32"}:
             bad.append(f"{config} T={T}: plain loads of {loads}")
         if spills and (config.dequant == "cvt" or config.block_h == 16):
