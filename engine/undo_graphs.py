@@ -132,19 +132,18 @@ class UndoGraphs:
         """Per target, the saved rows and a scratch of as many at the largest bucket (made on first use): every
         bucket's step uses their first rows."""
         if self._scratch is None:
-            most = self.buckets[-1]
-            self._scratch = []
-            for target, kind in self.targets:
-                rows = kind_capacity(kind, most, self.span_len) * kind.copies
-                self._scratch.append((target.new_zeros(rows, *target.shape[1:]),
-                                      target.new_zeros(rows, *target.shape[1:])))
+            self._scratch = [(target.new_zeros(rows, *target.shape[1:]), target.new_zeros(rows, *target.shape[1:]))
+                             for (target, _), rows in zip(self.targets, self._scratch_rows(), strict=True)]
         return self._scratch
+
+    def _scratch_rows(self) -> list[int]:
+        """Per target, the rows its saved and scratch buffers hold: the largest bucket's (one copy each)."""
+        return [kind_capacity(kind, self.buckets[-1], self.span_len) * kind.copies for _, kind in self.targets]
 
     def planned_bytes(self) -> int:
         """Device bytes the shared buffers take once made (`scratch`)."""
-        most = self.buckets[-1]
-        return sum(2 * kind_capacity(kind, most, self.span_len) * kind.copies * target[0].numel()
-                   * target.element_size() for target, kind in self.targets)
+        return sum(2 * rows * target[0].numel() * target.element_size()
+                   for (target, _), rows in zip(self.targets, self._scratch_rows(), strict=True))
 
     @property
     def scratch_bytes(self) -> int:
