@@ -8,24 +8,21 @@ with no spill stores or loads and no stack frame (a spilled register would go to
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
+sys.path.insert(0, str(Path(__file__).parent))
+from sm90_compile import (  # noqa: E402
+    compile_in_child,
+    error_text,
+    meta,
+    needs_nvidia_backend,
+    ptxas_figures,
+    record_launches,
+    specialise,
+)
 
 
 def _trace_and_compile() -> list[dict]:
@@ -34,33 +31,14 @@ def _trace_and_compile() -> list[dict]:
     from unittest import mock
 
     import torch
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     from sparsepd.kernels import device, ep_rows
     from sparsepd.model_config import PRESETS
 
     launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    def meta(*shape, dtype=torch.bfloat16):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(device, "triton_interpreting", lambda: True))  # meta tensors accepted
-        for name, value in list(vars(ep_rows).items()):
-            if isinstance(value, JITFunction):
-                stack.enter_context(mock.patch.object(ep_rows, name, Recorder(value)))
+        record_launches(stack, ep_rows, launches)
         for preset in ("bench", "v4-flash", "v4-pro"):
             cfg = PRESETS[preset]
             E, k, dim = cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim
@@ -72,52 +50,30 @@ def _trace_and_compile() -> list[dict]:
                     ep_rows.combine_ep_rows(meta(world * n, dim, dtype=torch.float32),
                                             meta(world, n, dtype=torch.int32), backend="triton")
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
-    ptxas = get_ptxas(90).path
     rows, seen = [], set()
     for kernel, args, kwargs in launches:
-        kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
-            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        key = (kernel.__name__, repr(sorted(constexprs.items())), repr(sorted(attrs.items())), options.num_warps)
+        launch = specialise(kernel, args, kwargs)
+        key = (kernel.__name__, repr(sorted(launch.constexprs.items())), repr(sorted(launch.attrs.items())),
+               launch.options.num_warps)
         if key in seen:
             continue
         seen.add(key)
-        config = " ".join(f"{kernel.params[p[0]].name}={v}" for p, v in sorted(constexprs.items())
-                          if kernel.params[p[0]].is_constexpr) + f" w{options.num_warps}"
-        row = dict(kernel=kernel.__name__, config=config, error=None)
+        row = dict(kernel=kernel.__name__, config=launch.constexpr_text() + f" w{launch.options.num_warps}",
+                   error=None)
         try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = Path(tmp) / "k.ptx"
-                src.write_text(compiled.asm["ptx"])
-                log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.o")],
-                                     capture_output=True, text=True, check=True).stderr
-            figures = {name: int(m.group(1)) if (m := re.search(pattern, log)) else None for name, pattern in (
-                ("registers", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
-                ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads"))}
-            row.update(figures)
+            row.update(ptxas_figures(launch.compile().asm["ptx"]))
         except Exception as e:  # reported by the test with the launch that failed
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            row["error"] = error_text(e)
         rows.append(row)
     return rows
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, f"sm_90 compile check failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_child(__file__, "--child")
 
 
-pytestmark = pytest.mark.skipif(not has_cuda_backend(), reason="the installed Triton has no NVIDIA backend")
+pytestmark = needs_nvidia_backend
 
 
 def test_every_launch_compiles_for_sm90_without_spills(rows):

@@ -9,23 +9,22 @@ compiled, within the shared-memory limit, and that the MMA paths are the intende
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from sm90_compile import (  # noqa: E402
+    compile_in_child,
+    error_text,
+    meta,
+    needs_nvidia_backend,
+    record_launches,
+    specialise,
+)
+
 SHARED_LIMIT = 227 * 1024
-
-
-def has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
 
 
 def _trace_and_compile() -> list[dict]:
@@ -34,28 +33,11 @@ def _trace_and_compile() -> list[dict]:
     from unittest import mock
 
     import torch
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     from sparsepd.kernels import device, fp8_gemm, moe
     from sparsepd.kernels.moe import MoEConfig
 
     launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    def meta(*shape, dtype=torch.bfloat16):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
     f32, u8 = torch.float32, torch.uint8
     with contextlib.ExitStack() as stack:
         def patch(obj, name, value):
@@ -68,9 +50,7 @@ def _trace_and_compile() -> list[dict]:
         real_format = moe._weight_format  # "ptx" checks for a CUDA device: meta tensors stand in for one
         patch(moe, "_weight_format", lambda fp4, x, c: 3 if fp4 and c.fp4_unpack == "ptx" else real_format(fp4, x, c))
         for module in (fp8_gemm, moe):
-            for name, value in list(vars(module).items()):
-                if isinstance(value, JITFunction) and value.__module__ == module.__name__:
-                    patch(module, name, Recorder(value))
+            record_launches(stack, module, launches)
         for M in (1, 64, 256, 4096):
             for fp8 in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
                 fp8_gemm.fp8_linear(meta(M, 4096), meta(1024, 4096, dtype=fp8), meta(8, 32, dtype=f32),
@@ -90,44 +70,31 @@ def _trace_and_compile() -> list[dict]:
                             backend="triton", config=MoEConfig(config.block_m, config.block_n, config.block_k,
                                                                config.num_warps, config.num_stages, unpack))
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
     rows, seen = [], set()
     for kernel, args, kwargs in launches:
-        kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
-            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-        config = " ".join(f"{kernel.params[p[0]].name}={v}" for p, v in sorted(constexprs.items())
-                          if kernel.params[p[0]].is_constexpr) + f" w{options.num_warps} s{options.num_stages}"
+        launch = specialise(kernel, args, kwargs)
+        config = launch.constexpr_text() + f" w{launch.options.num_warps} s{launch.options.num_stages}"
         if (kernel.__name__, config) in seen:
             continue
         seen.add((kernel.__name__, config))
         row = dict(kernel=kernel.__name__, config=config)
         try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = launch.compile()
             ptx = compiled.asm["ptx"]
             row.update(shared=int(compiled.metadata.shared), wgmma="wgmma" in ptx, error=None,
                        gdc="griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx)
         except Exception as e:  # reported by the test with the launch that failed
-            row.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+            row.update(error=error_text(e))
         rows.append(row)
     return rows
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, f"sm_90 compile check failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_child(__file__, "--child")
 
 
-pytestmark = pytest.mark.skipif(not has_cuda_backend(), reason="the installed Triton has no NVIDIA backend")
+pytestmark = needs_nvidia_backend
 
 
 def test_every_launch_compiles_for_sm90(rows):

@@ -16,16 +16,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from sm90_compile import (  # noqa: E402
+    Recorder,
+    compile_in_child,
+    meta,
+    needs_nvidia_backend,
+    ptxas_figures,
+    specialise,
+)
+
 DECODE_T = (1, 2, 8, 32, 64, 128, 256)
 SLACK = 4096  # how far the model may overstate the compiler (float rows and V4's FP8 rows; measured ≤ 1.8 KiB)
 
@@ -59,42 +66,19 @@ def compile_shared(T: int, H: int, K: int, fp8: bool, fields: tuple,
     """(`shared` bytes, registers a thread, spill store bytes, pointer types of the plain loads in the key loop) of
     `_sparse_attn_fwd` compiled for sm_90 at this launch (as the launcher specialises it); registers and spills
     from ptxas's report on the PTX with Triton's flags, the loads from the TTGIR."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import create_function_from_signature
-
     from sparsepd.kernels import device
     from sparsepd.kernels import sparse_attention as sa
     from sparsepd.kernels.kv_rows import KVRowLayout
     calls = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((args, kwargs))
-
-    def meta(*shape, dtype=torch.bfloat16):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
     layout = KVRowLayout(512, 64, torch.bfloat16) if fp8 else None
     kv = meta(1 << 20, layout.row_bytes, dtype=torch.uint8) if fp8 else meta(1 << 19, 512)
-    kernel = sa._sparse_attn_fwd
-    with mock.patch.object(sa, "_sparse_attn_fwd", Recorder()), mock.patch.object(sa, "_merge_splits", Recorder()), \
+    with mock.patch.object(sa, "_sparse_attn_fwd", Recorder(sa._sparse_attn_fwd, calls)), \
+            mock.patch.object(sa, "_merge_splits", Recorder(sa._merge_splits, calls)), \
             mock.patch.object(device, "triton_interpreting", lambda: True):
         sa.sparse_attn(meta(T, H, 512), kv, meta(T, K, dtype=torch.int32), meta(H, dtype=torch.float32), 0.04,
                        kv_layout=layout, backend="triton", config=sa.SparseAttnConfig(*fields))
-    args, kwargs = calls[0]
-    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    kernel, args, kwargs = calls[0]
+    compiled = specialise(kernel, args, kwargs).compile()
     regs, spills = ptxas_report(compiled.asm["ptx"])
     return int(compiled.metadata.shared), regs, spills, loop_loads(compiled.asm["ttgir"])
 
@@ -119,17 +103,10 @@ def loop_loads(ttgir: str) -> list[str]:
 def ptxas_report(ptx: str) -> tuple[int, int]:
     """(registers, spill store bytes) from `ptxas -v` run as Triton runs it for sm_90a (a compiled kernel's n_regs
     and n_spills need a device)."""
-    import re
-
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        log = subprocess.run([get_ptxas(90).path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
-                              str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
-    text = log.stdout + log.stderr
-    return (int(re.search(r"Used (\d+) registers", text).group(1)),
-            int(re.search(r"(\d+) bytes spill stores", text).group(1)))
+    figures = ptxas_figures(ptx, ("-lineinfo", "-v", "--regAllocOptLevel=2"))
+    regs, spills = figures["registers"], figures["spill_stores"]
+    assert regs is not None and spills is not None, f"ptxas -v reported no registers or spill stores: {figures}"
+    return regs, spills
 
 
 def dequant_launches() -> list[tuple[int, int, int, bool, tuple, bool]]:
@@ -142,43 +119,27 @@ def dequant_launches() -> list[tuple[int, int, int, bool, tuple, bool]]:
 
 
 def main(argv: list[str]) -> int:
-    """Child process: `OUT.json [--dequant]`: compile every launch (or the dequantization variants), write
-    [(launch, shared bytes, registers, spill bytes, loop loads)]."""
+    """Child process: `[--dequant]`: compile every launch (or the dequantization variants), print
+    [(launch, shared bytes, registers, spill bytes, loop loads)] as JSON."""
     import warnings
     from concurrent.futures import ProcessPoolExecutor
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-    todo = dequant_launches() if "--dequant" in argv[1:] else launches()
+    todo = dequant_launches() if "--dequant" in argv else launches()
     import multiprocessing
     with ProcessPoolExecutor(len(os.sched_getaffinity(0)), mp_context=multiprocessing.get_context("fork")) as pool:
         shared = list(pool.map(compile_shared, *zip(*todo, strict=True)))
-    Path(argv[0]).write_text(json.dumps([list(x) + list(s) for x, s in zip(todo, shared, strict=True)]))
+    print(json.dumps([list(x) + list(s) for x, s in zip(todo, shared, strict=True)]))
     return 0
 
 
-def has_nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
-def compile_in_child(*flags: str) -> list:
-    if not has_nvidia_backend():
-        pytest.skip("the installed Triton has no NVIDIA backend")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "shared.json"
-        proc = subprocess.run([sys.executable, __file__, str(out), *flags], env=dict(os.environ, TRITON_INTERPRET="0"),
-                              cwd=REPO, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(out.read_text())
+pytestmark = needs_nvidia_backend
 
 
 @pytest.fixture(scope="module")
 def compiled_rows() -> list:
     """[(T, H, K, fp8, config fields, in the table, shared bytes, registers, spill bytes, loop loads)] of every
     launch."""
-    return compile_in_child()
+    return compile_in_child(__file__)
 
 
 def test_default_launches_fit_sm90_shared_memory_and_the_model_bounds_them(compiled_rows):
@@ -230,7 +191,7 @@ def test_fp8_dequant_variants_compile_for_sm90_with_pipelined_gathers():
     the sweep may still time)."""
     from sparsepd.kernels.kv_rows import KVRowLayout
     from sparsepd.kernels.sparse_attention import SparseAttnConfig, smem_bytes
-    rows = compile_in_child("--dequant")
+    rows = compile_in_child(__file__, "--dequant")
     assert len(rows) == 4
     bad = []
     for T, _H, _K, _fp8, fields, _in, shared, regs, spills, loads in rows:
