@@ -19,6 +19,7 @@ from sparsepd.kernels.compress_plan import build_compress_plan
 from sparsepd.kernels.compressor import compress_indexer, compress_main
 from sparsepd.kernels.indexer import ROW_BYTES as INDEX_ROW_BYTES
 from sparsepd.kernels.indexer import dequantize_rows_fp8, indexer_cache_write, quantize_rows_fp8
+from sparsepd.kernels.rms_norm import rms_norm as rms_norm_rows
 from sparsepd.kernels.state_update import compressor_state_write
 from sparsepd.model.numerics import (
     apply_rope,
@@ -26,7 +27,6 @@ from sparsepd.model.numerics import (
     fp8_round_trip,
     hadamard_rotate,
     linear,
-    rms_norm,
     rope_cos_sin,
     softmax,
 )
@@ -36,13 +36,16 @@ Output = Literal["main", "indexer"]
 
 
 class RMSNorm(nn.Module):
+    """model/numerics.py's rms_norm with a learned weight: one launch on a GPU (kernels/rms_norm.py), the
+    PyTorch composition on the CPU."""
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm_rows(x, self.weight, self.eps)
 
 
 class Compressor(nn.Module):

@@ -40,8 +40,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rope_norm",
-                  "sampling", "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
+KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rms_norm",
+                  "rope_norm", "sampling", "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_T = 8192
@@ -223,9 +223,12 @@ def _trace_compressor(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -
 def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
     from sparsepd.kernels.hyper import hc_head_fused, hc_post_fused, hc_pre_fused
     from sparsepd.kernels.moe import moe
+    from sparsepd.kernels.rms_norm import rms_norm
     from sparsepd.kernels.rope_norm import rms_rope
     from sparsepd.kernels.sampling import exponentials
     f32, act = torch.float32, getattr(torch, cfg.dtype)
+    for width in (cfg.dim, cfg.q_lora_rank, cfg.head_dim):  # the block norms, the query latent's, the compressors'
+        rms_norm(_meta(T, width, dtype=act), _meta(width, dtype=act), cfg.norm_eps, backend="triton")
     dim, hc, H, D = cfg.dim, cfg.hc_mult, cfg.n_heads, cfg.head_dim
     E, k, inter = cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim
     moe(_meta(T, dim, dtype=act), _meta(T, k, dtype=f32), _meta(T, k, dtype=torch.int64),
