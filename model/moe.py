@@ -23,8 +23,9 @@ from torch import nn
 
 from sparsepd.kernels.device import pick_backend
 from sparsepd.kernels.moe import dequant_fp4, moe, moe_fp4
+from sparsepd.kernels.swiglu import silu_mul
 from sparsepd.model.linear import make_linear
-from sparsepd.model.numerics import linear, silu, softplus
+from sparsepd.model.numerics import linear, softplus
 from sparsepd.model_config import FP4_BLOCK, ModelConfig
 
 
@@ -42,15 +43,9 @@ class Expert(nn.Module):
 
 def swiglu(x: torch.Tensor, w1, w3, w2, limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """w2 · (weights · silu(min(w1·x, limit)) · clamp(w3·x, ±limit)), the products in fp32, h in x's dtype;
-    w1, w3, w2 are layers (callables)."""
-    gate = w1(x).float()
-    up = w3(x).float()
-    if limit > 0:
-        up = up.clamp(-limit, limit)
-        gate = gate.clamp(max=limit)
-    h = silu(gate) * up
-    if weights is not None:
-        h = weights * h
+    w1, w3, w2 are layers (callables). Between the GEMMs `silu_mul`: one launch on GPU tensors, on the CPU its
+    reference (model/numerics.py's silu: float64 rounded once)."""
+    h = silu_mul(w1(x), w3(x), limit, weights)
     return w2(h.to(x.dtype))
 
 

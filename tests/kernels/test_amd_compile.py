@@ -41,7 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rms_norm",
-                  "rope_norm", "sampling", "sparse_attention", "state_update", "topk")  # every kernels/*.py with @triton.jit code
+                  "rope_norm", "sampling", "sparse_attention", "state_update", "swiglu",
+                  "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_T = 8192
@@ -226,6 +227,7 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
     from sparsepd.kernels.rms_norm import rms_norm
     from sparsepd.kernels.rope_norm import rms_rope
     from sparsepd.kernels.sampling import exponentials
+    from sparsepd.kernels.swiglu import silu_mul
     f32, act = torch.float32, getattr(torch, cfg.dtype)
     for width in (cfg.dim, cfg.q_lora_rank, cfg.head_dim):  # the block norms, the query latent's, the compressors'
         rms_norm(_meta(T, width, dtype=act), _meta(width, dtype=act), cfg.norm_eps, backend="triton")
@@ -233,6 +235,8 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
     E, k, inter = cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim
     moe(_meta(T, dim, dtype=act), _meta(T, k, dtype=f32), _meta(T, k, dtype=torch.int64),
         _meta(E, 2 * inter, dim, dtype=act), _meta(E, dim, inter, dtype=act), cfg.swiglu_limit, backend="triton")
+    shared = _meta(T, inter * cfg.n_shared_experts, dtype=act)  # the shared expert's gate and up
+    silu_mul(shared, shared, cfg.swiglu_limit, backend="triton")
     x, mix = _meta(T, hc, dim, dtype=act), (2 + hc) * hc
     hc_pre_fused(x, _meta(mix, hc * dim, dtype=f32), _meta(3, dtype=f32), _meta(mix, dtype=f32),
                  cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps, backend="triton")
