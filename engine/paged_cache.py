@@ -19,6 +19,7 @@ import torch
 from sparsepd.engine.batch import ForwardBatch, RatioMeta
 from sparsepd.engine.pools import KVPools
 from sparsepd.kernels.compressor import compress_indexer, compress_main
+from sparsepd.kernels.entry_rows import entry_rows
 from sparsepd.kernels.indexer import indexer_topk, quantize_rows_fp8
 from sparsepd.kernels.kv_rows import pack_kv_rows
 from sparsepd.kernels.sparse_attention import sparse_attn
@@ -78,7 +79,4 @@ class PagedCache:
         top = indexer_topk(q8, q_scale, indexer.head_weights(x), cache,
                            batch.page_table, batch.seq_ids, meta.visible, indexer.topk,
                            order="position")  # [T, k] entry positions; attention needs the set only
-        rpp = meta.rows_per_page
-        pages = batch.page_table[batch.seq_ids.long()].gather(1, torch.clamp(top, min=0).long() // rpp)
-        rows = pools.geometry.compressed_base + pages.long() * rpp + torch.clamp(top, min=0).long() % rpp
-        return torch.where(top >= 0, rows, -1).to(torch.int32)
+        return entry_rows(top, batch.page_table, batch.seq_ids, meta.rows_per_page, pools.geometry.compressed_base)

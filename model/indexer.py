@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsepd.kernels.rope_norm import rms_rope
 from sparsepd.model.compressor import Compressor, quantize_index_rows
 from sparsepd.model.linear import Linear, make_linear
-from sparsepd.model.numerics import apply_rope, hadamard_rotate
+from sparsepd.model.numerics import hadamard_rotate
 from sparsepd.model_config import ModelConfig
 
 
@@ -31,7 +32,8 @@ class Indexer(nn.Module):
     def rotated_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries `[n, Hi, 128]` fp32 after RoPE and the Hadamard rotation, before quantization."""
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))  # [n, Hi, 128]
-        return hadamard_rotate(apply_rope(q, cos, sin).float())
+        # RoPE alone (no norm): model/numerics.py's apply_rope, one launch on a GPU (kernels/rope_norm.py)
+        return hadamard_rotate(rms_rope(q, cos, sin, weight=None, eps=None).float())
 
     def project_q(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Queries after the indexer's quantization round trip `[n, Hi, 128]` fp32."""

@@ -150,6 +150,7 @@ def test_reference_is_the_models_composition():
                            apply_rope(rms_norm(q, None, EPS), cos, sin))
         assert torch.equal(rms_rope_ref(q, cos, sin, weight=None, eps=None, inverse=True),
                            apply_rope(q, cos, sin, inverse=True))
+        assert torch.equal(rms_rope_ref(q, cos, sin, weight=None, eps=None), apply_rope(q, cos, sin))
 
 
 def test_auto_on_cpu_is_the_reference():
