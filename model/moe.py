@@ -23,9 +23,10 @@ from torch import nn
 
 from sparsepd.kernels.device import pick_backend
 from sparsepd.kernels.moe import dequant_fp4, moe, moe_fp4
+from sparsepd.kernels.routing import route
 from sparsepd.kernels.swiglu import silu_mul
 from sparsepd.model.linear import make_linear
-from sparsepd.model.numerics import linear, softplus
+from sparsepd.model.numerics import linear
 from sparsepd.model_config import FP4_BLOCK, ModelConfig
 
 
@@ -119,16 +120,11 @@ class Gate(nn.Module):
             self.tid2eid = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights `[n, k]` fp32 and expert ids `[n, k]` for x `[n, dim]`."""
-        scores = softplus(linear(x.float(), self.weight.float())).sqrt()
-        if self.hash:
-            indices = self.tid2eid[token_ids]
-        else:
-            biased = scores + self.bias
-            indices = torch.sort(biased, dim=-1, descending=True, stable=True).indices[:, : self.topk]
-        weights = scores.gather(1, indices)
-        weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
-        return weights, indices
+        """Routing weights `[n, k]` fp32 and expert ids `[n, k]` for x `[n, dim]`: after the linear, `route` (one
+        launch on GPU tensors; on the CPU its reference, model/numerics.py's softplus: float64 rounded once)."""
+        logits = linear(x.float(), self.weight.float())  # [n, E] fp32
+        indices = self.tid2eid[token_ids] if self.hash else None
+        return route(logits, self.bias, self.topk, self.route_scale, indices)
 
 
 class MoE(nn.Module):

@@ -41,7 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rms_norm",
-                  "rope_norm", "sampling", "sparse_attention", "state_update", "swiglu",
+                  "rope_norm", "routing", "sampling", "sparse_attention", "state_update", "swiglu",
                   "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -226,6 +226,7 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
     from sparsepd.kernels.moe import moe
     from sparsepd.kernels.rms_norm import rms_norm
     from sparsepd.kernels.rope_norm import rms_rope
+    from sparsepd.kernels.routing import route
     from sparsepd.kernels.sampling import exponentials
     from sparsepd.kernels.swiglu import silu_mul
     f32, act = torch.float32, getattr(torch, cfg.dtype)
@@ -233,6 +234,9 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
         rms_norm(_meta(T, width, dtype=act), _meta(width, dtype=act), cfg.norm_eps, backend="triton")
     dim, hc, H, D = cfg.dim, cfg.hc_mult, cfg.n_heads, cfg.head_dim
     E, k, inter = cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim
+    logits = _meta(T, E, dtype=f32)  # the gate's linear
+    route(logits, _meta(E, dtype=f32), k, cfg.route_scale, backend="triton")  # a top-k layer
+    route(logits, None, k, cfg.route_scale, _meta(T, k, dtype=torch.int64), backend="triton")  # a hash layer
     moe(_meta(T, dim, dtype=act), _meta(T, k, dtype=f32), _meta(T, k, dtype=torch.int64),
         _meta(E, 2 * inter, dim, dtype=act), _meta(E, dim, inter, dtype=act), cfg.swiglu_limit, backend="triton")
     shared = _meta(T, inter * cfg.n_shared_experts, dtype=act)  # the shared expert's gate and up
