@@ -40,8 +40,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe", "rms_norm",
-                  "rope_norm", "routing", "sampling", "sparse_attention", "state_update", "swiglu",
+KERNEL_MODULES = ("attn_merge", "compressor", "entry_rows", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe",
+                  "rms_norm", "rope_norm", "routing", "sampling", "sparse_attention", "state_update", "swiglu",
                   "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -166,6 +166,7 @@ def _trace_attention(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) ->
 
 
 def _trace_indexer(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -> None:
+    from sparsepd.kernels.entry_rows import entry_rows
     from sparsepd.kernels.indexer import ROW_BYTES, indexer_cache_write, indexer_topk, quantize_rows_fp8
     from sparsepd.kernels.topk import topk_visible
     f32, i32 = torch.float32, torch.int32
@@ -177,6 +178,8 @@ def _trace_indexer(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -> N
     visible = _meta(T, dtype=i32)
     indexer_topk(q8, q_scale, _meta(T, Hi, dtype=f32), cache, page_table, _meta(T, dtype=i32), visible,
                  cfg.index_topk, order="position", backend="triton")  # the engine's order
+    entry_rows(_meta(T, cfg.index_topk, dtype=torch.int64), page_table, _meta(T, dtype=i32), rows_per_page, 0,
+               backend="triton")  # the selected entries' rows in the paged cache
     topk_visible(_meta(T, E, dtype=f32), visible, cfg.index_topk, backend="triton")  # order="score"
 
 
