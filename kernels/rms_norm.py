@@ -10,7 +10,7 @@ weight, square, mean, add, rsqrt, two products, the copy back to x's dtype); a d
 
 API (`backend` as in kernels/device.py):
     rms_norm(x, weight, eps, *, out=None, backend="auto") -> Tensor
-    rms_norm_ref(x, weight, eps, *, out=None): model/numerics.py's rms_norm (plain PyTorch).
+    rms_norm_ref(x, weight, eps, *, out=None): model/numerics.py's rms_norm, the same PyTorch operations.
 x [..., D] bf16/fp16/fp32 with a contiguous last dim (the leading dims may be strided: a view is fine, it is read
 as rows of stride x.stride(-2)); weight [D] (any float dtype, read as fp32) or None; out None or like x.
 
@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from sparsepd.kernels.device import Backend, pick_backend
-from sparsepd.model.numerics import rms_norm as _numerics_rms_norm
 
 MAX_DIM = 16384
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -103,6 +102,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: t
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """rms_norm in plain PyTorch: model/numerics.py's rms_norm."""
-    y = _numerics_rms_norm(x, weight, eps)
+    """rms_norm in plain PyTorch: model/numerics.py's rms_norm, the same operations in the same order (kernels do
+    not import the model; tests/kernels/test_rms_norm.py checks the two agree bit for bit)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    y = y.to(x.dtype)
     return y if out is None else out.copy_(y)
