@@ -278,7 +278,7 @@ def test_decode_worker_streams_one_message_per_step_with_every_requests_tokens(d
     full = [events for _, events in steps if len(events) == 4]
     assert full, [len(events) for _, events in steps]  # the 4 requests decoded together: one message per step
     assert all(sorted(r for r, _, _ in events) == sorted(ids) and all(len(t) == 1 for _, t, _ in events)
-               for events in full)
+               for events in full), steps
 
 
 def _first_index(tokens: list[int], text_ids: list[int]) -> int:
