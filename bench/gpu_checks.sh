@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one device call, each step's log under $OUT (default ./gpu-out), a summary last.
-#   bench/gpu_checks.sh STEP...   steps: suite, engine, engine-q (dummy FP8/FP4 weights), flash (V4-Flash
+#   bench/gpu_checks.sh STEP...   steps: suite, engine, trace (where a decode step's time goes: host phases, GPU gaps,
+#   a chrome trace per batch), engine-q (dummy FP8/FP4 weights), flash (V4-Flash
 #   dimensions, dummy quantized weights, FLASH_LAYERS layers), service, quant, quant-tests, attn (sparse attention
 #   on FP8 and bf16 rows, the issue's target shapes; attn-full: every shape; attn-sweep: the target shapes' launch
 #   variants, FP8 rows unless ATTN_ROWS says otherwise), indexer, compressor (HCA decode's
@@ -31,6 +32,7 @@ for s in "$@"; do
   case $s in
     suite) step suite ${SUITE_S:-290} env SPARSEPD_TEST_LOG="$out/tests" scripts/test-gpu -n 16 --tb=short ;;
     engine) step engine ${ENGINE_S:-150} python3 -P bench/bench_engine.py --batches ${ENGINE_BATCHES:-1,8,32,64,128,256} --steps 10 --profile-prefill 15 --profile-batch ${PROFILE_BATCH:-256} ;;
+    trace) step trace ${TRACE_S:-90} python3 -P bench/step_trace.py --batches ${TRACE_BATCHES:-64,128,256} --out "$out" ;;
     engine-q) step engine-q ${ENGINEQ_S:-120} python3 -P bench/bench_engine.py --load-format dummy --batches 1,8,32,64,128,256 --steps 10 ;;
     flash)  # as many layers as fit: ~3.7 GB a V4-Flash layer (FP4 experts), ~14 GB for the rest (36 on an H200's
             # 150 GB, 19 on an H100's 85 GB; 36 ran out of memory on an H100); FLASH_LAYERS overrides
