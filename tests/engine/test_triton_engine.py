@@ -1,11 +1,11 @@
 """The Triton kernels inside the engine, on the CPU: with SPARSEPD_FORCE_TRITON=1 under TRITON_INTERPRET=1,
 every kernel wrapper's "auto" picks Triton for CPU tensors (kernels/device.py), so the `tiny` engine runs its
-forward (compressors, indexer, top-k, sparse attention, state writes, hyper-connections, MoE with its gate
-and shared expert) and its draw through the kernels in the interpreter, as it does on a GPU. Its tokens
-(greedy, and seeded: the random stream's kernel) must equal those of the same engine on the PyTorch
-references, and every kernel module the engine calls must have resolved to Triton. (A greedy draw is an argmax
-in PyTorch on both; the kernels of rope_norm and attn_merge are reached through those above, not through a
-wrapper of their own.)"""
+forward (norms, compressors, indexer, top-k, the selected entries' rows, sparse attention, state writes,
+hyper-connections, MoE with its gate and shared expert) and its draw through the kernels in the interpreter, as
+it does on a GPU. Its tokens (greedy, and seeded: the random stream's kernel) must equal those of the same engine
+on the PyTorch references, and every kernel module the engine calls must have resolved to Triton. (A greedy draw
+is an argmax in PyTorch on both; the kernels of rope_norm and attn_merge are reached through those above, not
+through a wrapper of their own.)"""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from sparsepd.model.weights import build_model
 from sparsepd.model_config import get_preset
 
 # The kernel modules a tiny engine's prefill, decode and draw call through a wrapper (kv_rows: its KV rows are FP8).
-ENGINE_KERNELS = {"compressor", "hyper", "indexer", "kv_rows", "moe", "routing", "sampling", "sparse_attention",
-                  "state_update", "swiglu", "topk"}
+ENGINE_KERNELS = {"compressor", "entry_rows", "hyper", "indexer", "kv_rows", "moe", "rms_norm", "routing", "sampling",
+                  "sparse_attention", "state_update", "swiglu", "topk"}
 
 
 def _record_backends(monkeypatch) -> Counter:
