@@ -135,3 +135,31 @@ def ptxas_figures(ptx: str, flags: tuple[str, ...] = ("-v",)) -> dict[str, int |
 def error_text(e: Exception) -> str:
     """A failed compile in one line, for the test's report of the launch that failed."""
     return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
+
+def ptxas_rows(launches: list) -> list[dict]:
+    """One row per distinct recorded launch (kernel, constexprs, attributes, warps): kernel, config, error (None when
+    it compiled) and `ptxas_figures` of its PTX."""
+    rows, seen = [], set()
+    for kernel, args, kwargs in launches:
+        launch = specialise(kernel, args, kwargs)
+        key = (kernel.__name__, repr(sorted(launch.constexprs.items())), repr(sorted(launch.attrs.items())),
+               launch.options.num_warps)
+        if key in seen:
+            continue
+        seen.add(key)
+        row = dict(kernel=kernel.__name__, config=launch.constexpr_text() + f" w{launch.options.num_warps}",
+                   error=None)
+        try:
+            row.update(ptxas_figures(launch.compile().asm["ptx"]))
+        except Exception as e:  # reported by the test with the launch that failed
+            row["error"] = error_text(e)
+        rows.append(row)
+    return rows
+
+
+def spilling(rows: list[dict]) -> list[str]:
+    """The `ptxas_rows` that failed to compile, or have a stack frame or spills (or no such figure): one line each."""
+    return [f"{r['kernel']} [{r['config']}]: {r['error'] or r}" for r in rows
+            if r["error"] or None in (r["stack"], r["spill_stores"], r["spill_loads"])
+            or r["stack"] or r["spill_stores"] or r["spill_loads"]]

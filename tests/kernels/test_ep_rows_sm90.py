@@ -14,15 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sm90_compile import (  # noqa: E402
-    compile_in_child,
-    error_text,
-    meta,
-    needs_nvidia_backend,
-    ptxas_figures,
-    record_launches,
-    specialise,
-)
+from sm90_compile import compile_in_child, meta, needs_nvidia_backend, ptxas_rows, record_launches, spilling  # noqa: E402
 
 
 def _trace_and_compile() -> list[dict]:
@@ -50,22 +42,7 @@ def _trace_and_compile() -> list[dict]:
                     ep_rows.combine_ep_rows(meta(world * n, dim, dtype=torch.float32),
                                             meta(world, n, dtype=torch.int32), backend="triton")
 
-    rows, seen = [], set()
-    for kernel, args, kwargs in launches:
-        launch = specialise(kernel, args, kwargs)
-        key = (kernel.__name__, repr(sorted(launch.constexprs.items())), repr(sorted(launch.attrs.items())),
-               launch.options.num_warps)
-        if key in seen:
-            continue
-        seen.add(key)
-        row = dict(kernel=kernel.__name__, config=launch.constexpr_text() + f" w{launch.options.num_warps}",
-                   error=None)
-        try:
-            row.update(ptxas_figures(launch.compile().asm["ptx"]))
-        except Exception as e:  # reported by the test with the launch that failed
-            row["error"] = error_text(e)
-        rows.append(row)
-    return rows
+    return ptxas_rows(launches)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +55,7 @@ pytestmark = needs_nvidia_backend
 
 def test_every_launch_compiles_for_sm90_without_spills(rows):
     assert {r["kernel"] for r in rows} == {"_pack_kernel", "_combine_kernel"}
-    bad = [f"{r['kernel']} [{r['config']}]: {r['error'] or r}" for r in rows
-           if r["error"] or None in (r["stack"], r["spill_stores"], r["spill_loads"])
-           or r["stack"] or r["spill_stores"] or r["spill_loads"]]
+    bad = spilling(rows)
     assert not bad, f"{len(bad)} of {len(rows)} launches do not fit sm_90:\n" + "\n".join(bad)
 
 
