@@ -187,7 +187,9 @@ def decode_point(model, batch: int, context: int, steps: int, cuda_graph: bool, 
         torch.cuda.synchronize()
         runs.append((time.perf_counter() - t) / steps)
     step_ms = statistics.median(runs) * 1e3
-    gpu_ms = gpu_forward_ms(engine, [(r, [0]) for r in reqs])  # token values do not change the time
+    # each request's own next input (its last token): the routed experts, and so the bytes the MoE reads, follow
+    # the tokens (one token for all would route the whole batch to the same few experts: a GPU time too small)
+    gpu_ms = gpu_forward_ms(engine, [(r, [r.output_ids[-1]]) for r in reqs])
     launches = launches_per_step(engine)
     top = top_kernels(lambda: [engine.step() for _ in range(3)], profile_top, per=3) if profile_top else []
     waits = host_waits(lambda: [engine.step() for _ in range(3)], per=3) if profile_top else []

@@ -2,9 +2,10 @@
 
 1. the host's phases of `engine.step()` (the scheduler's schedule, forward, draw and postprocess, the wait for the
    tokens, the static fields' fill, the graph launch), timed with perf_counter wrappers over 30 steps, no profiler;
-2. six steps under torch's profiler (CPU and CUDA), written as a gzipped chrome trace (`--out`), and from it the GPU's
-   busy and idle time a step, the largest gaps between GPU operations (what ran next) and the GPU operations by
-   total time: the kernels outside the graph and the graph's own.
+2. six steps under torch's profiler (CPU and CUDA; after two it sees unrecorded: its start-up stalls them),
+   written as a gzipped chrome trace (`--out`), and from it the GPU's busy and idle time a step, the largest gaps
+   between GPU operations (what ran next) and the GPU operations by total time: the kernels outside the graph and
+   the graph's own.
 
     python3 -P bench/step_trace.py [--batches 64,128,256] [--context 4096] [--out DIR] [--device cuda]
 
@@ -23,7 +24,7 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from sparsepd.engine import draw as draw_mod
 from sparsepd.engine import graphs as graphs_mod
@@ -111,12 +112,17 @@ def one_batch(model, cfg, b: int, args, acc: dict[str, float]) -> None:
     for key, seconds in sorted(acc.items(), key=lambda kv: -kv[1]):
         print(f"  {key:32s} {seconds / steps * 1e3:8.3f} ms a step")
     if cuda:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(6):
-                engine.step()
-            sync()
+        # the profiler's own start-up stalls the first steps it sees (~1 ms of GPU gaps at batch 128): two steps
+        # under it unrecorded, then six recorded
         path = os.path.join(args.out, f"trace_b{b}.json")
-        prof.export_chrome_trace(path)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     schedule=schedule(wait=1, warmup=1, active=6),
+                     on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
+            for i in range(8):
+                engine.step()
+                if i == 7:
+                    sync()
+                prof.step()
         with open(path) as f:
             trace = json.load(f)
         os.remove(path)

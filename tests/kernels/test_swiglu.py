@@ -34,14 +34,21 @@ def make_case(seed: int, n: int, inter: int, dtype: torch.dtype, weighted: bool,
     return to(gate.to(dtype)), to(up.to(dtype)), to(weights)
 
 
-def assert_matches_ref(got: torch.Tensor, gate, up, limit, weights, ctx: str) -> None:
-    """got equals silu_mul_ref bit for bit (NaN where the reference has NaN), but for at most 1 value in 10^5,
-    which may be one step of the output's format off.
+def assert_matches_ref(got: torch.Tensor, gate, up, limit, weights, ctx: str, gpu: bool = False) -> None:
+    """got against silu_mul_ref on the CPU (silu in float64 rounded once to fp32, then the fp32 products), NaN
+    where the reference has NaN.
 
-    Both evaluate the same fp32 expression in the same order with one rounding at the end; the exception is silu
-    itself: on the CPU both take it in float64 (the kernel through numpy's exp, the reference through torch's) and
-    round it to fp32, and two float64 results an ulp apart can straddle an fp32 rounding boundary (~2^-29 a value).
-    On the GPU (libdevice expf, IEEE division, as torch's CUDA kernel) test_gpu_bitwise_equal has no exception."""
+    From the interpreter (gpu False): bit for bit, but for at most 1 value in 10^5, which may be one step of the
+    output's format off. Both evaluate the same fp32 expression in the same order with one rounding at the end;
+    the exception is silu itself: both take it in float64 (the kernel through numpy's exp, the reference through
+    torch's) and round it to fp32, and two float64 results an ulp apart can straddle an fp32 rounding boundary.
+
+    From the GPU (gpu True): the kernel's silu is fp32 libdevice expf (≤ 2 ulp: ≤ 2·eps relative) and an IEEE
+    division, then one or two fp32 products: ≤ 3.5·eps relative from exact; the reference's ≤ 1.5·eps. An fp32
+    output is within 5·eps·|want|; a bf16/fp16 output is the same fp32 value rounded once, so within one step of
+    its format, and off by that step only where the fp32 values straddle a rounding boundary (~2^-8 of values for
+    fp16, less for bf16: at most 1% here). Bit-for-bit equality with torch's own CUDA silu in bf16, the model's
+    format, is test_gpu_bitwise_equal's."""
     want = silu_mul_ref(gate, up, limit, weights).float()
     got = got.float()
     assert torch.equal(got.isnan(), want.isnan()), (
@@ -50,8 +57,11 @@ def assert_matches_ref(got: torch.Tensor, gate, up, limit, weights, ctx: str) ->
     differ = got != want
     _, e = torch.frexp(want.abs())
     step = torch.ldexp(torch.full_like(want, torch.finfo(gate.dtype).eps), e - 1)  # one step of gate's dtype at |want|
-    far = (got - want).abs() > step
-    assert not far.any() and int(differ.sum()) <= want.numel() // 100_000, (
+    if gpu and gate.dtype == torch.float32:
+        far, cap = (got - want).abs() > 5 * torch.finfo(torch.float32).eps * want.abs(), want.numel()
+    else:
+        far, cap = (got - want).abs() > step, want.numel() // (100 if gpu else 100_000)
+    assert not far.any() and int(differ.sum()) <= cap, (
         f"{ctx}: {int(differ.sum())} values differ ({int(far.sum())} by more than a step), at "
         f"{differ.nonzero()[:8].tolist()}: got {got[differ][:4].tolist()} want {want[differ][:4].tolist()}")
 
@@ -67,7 +77,8 @@ def test_triton_matches_reference(n, inter, dtype, limit, weighted, device):
     got = silu_mul(gate, up, limit, weights, out=out, backend="triton")
     assert got is out
     assert_matches_ref(got.cpu(), gate.cpu(), up.cpu(), limit, None if weights is None else weights.cpu(),
-                       f"seed={seed} n={n} inter={inter} {dtype} limit={limit} weighted={weighted}")
+                       f"seed={seed} n={n} inter={inter} {dtype} limit={limit} weighted={weighted}",
+                       gpu=got.is_cuda)
 
 
 def test_strided_rows(device):
@@ -79,7 +90,7 @@ def test_strided_rows(device):
     base = torch.full((n, inter + 8), float("nan"), dtype=torch.bfloat16, device=device)
     got = silu_mul(fused[:, :inter], fused[:, inter:], LIMIT, weights, out=base[:, 4:4 + inter], backend="triton")
     assert int(base.isnan().sum()) == n * 8 + int(got.isnan().sum())
-    assert_matches_ref(got.cpu(), gate.cpu(), up.cpu(), LIMIT, weights.cpu(), "strided rows")
+    assert_matches_ref(got.cpu(), gate.cpu(), up.cpu(), LIMIT, weights.cpu(), "strided rows", gpu=got.is_cuda)
     assert silu_mul(gate[:0], up[:0], LIMIT, backend="triton").shape == (0, inter)
 
 
