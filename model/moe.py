@@ -105,6 +105,16 @@ class Fp4Experts(nn.ModuleList):
         return self
 
 
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x · weightᵀ in fp32 `[n, E]`. bf16 x and weight on a GPU: one bf16 GEMM accumulating and writing fp32
+    (torch.mm's out_dtype: the products of bf16 values are exact in fp32, so this is the fp32 GEMM of the widened
+    operands up to the order of the sums) instead of widening both and an fp32 GEMM without tensor cores (three
+    launches, one reading and writing the whole weight); elsewhere that fp32 GEMM (model/numerics.py's linear)."""
+    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).reshape(*x.shape[:-1], -1)
+    return linear(x.float(), weight.float())
+
+
 class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype):
         super().__init__()
@@ -122,7 +132,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights `[n, k]` fp32 and expert ids `[n, k]` for x `[n, dim]`: after the linear, `route` (one
         launch on GPU tensors; on the CPU its reference, model/numerics.py's softplus: float64 rounded once)."""
-        logits = linear(x.float(), self.weight.float())  # [n, E] fp32
+        logits = gate_logits(x, self.weight)  # [n, E] fp32
         indices = self.tid2eid[token_ids] if self.hash else None
         return route(logits, self.bias, self.topk, self.route_scale, indices)
 
@@ -153,7 +163,7 @@ class MoE(nn.Module):
             y = self.ep.routed(self, x, weights, indices)
         else:
             y = self.routed(x, weights, indices)
-        y += self.shared_experts(x).float()
+        y += self.shared_experts(x)  # y fp32: the bf16 output is widened inside the add (one launch, not two)
         return y.to(x.dtype)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
