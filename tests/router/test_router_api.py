@@ -257,7 +257,9 @@ def test_decode_worker_streams_one_message_per_step_with_every_requests_tokens(d
             stream = decode.StreamTokens(worker_pb2.StreamRequest())
             await asyncio.sleep(0.5)  # subscribed before the requests start
             stub = stub_of(rch)
-            replies = asyncio.gather(*(collect(stub, generate_request(p, 12, stream=True, request_id=rid))
+            # 40 tokens each: long enough that the four decode together even when their prefills arrive spread
+            # out on a loaded machine (at 12, a request could end before the last one started: no full step)
+            replies = asyncio.gather(*(collect(stub, generate_request(p, 40, stream=True, request_id=rid))
                                        for rid, p in ids.items()))
             steps, ended = [], set()
             while ended != set(ids):
