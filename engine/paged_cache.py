@@ -31,18 +31,14 @@ from sparsepd.model.compressor import Compressor
 class PagedCache:
     def __init__(self, batch: ForwardBatch, pools: KVPools, rope: Callable[[torch.Tensor], tuple]):
         self.batch, self.pools, self.rope = batch, pools, rope
-        self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[n, rope_dim/2]` at this forward's positions: rows of the runner's tables (`rope`, built once
-        from the same expression), gathered once a forward per frequency set (a compressed and a plain one) and
-        shared by the layers; equal to model/numerics.py's rope_cos_sin(positions, freqs) bit for bit (six
-        launches a layer there, two a forward here)."""
-        hit = self._cos_sin.get(id(freqs))
-        if hit is None or hit[0] is not positions:
-            cos, sin = self.rope(freqs)
-            hit = self._cos_sin[id(freqs)] = (positions, cos[positions], sin[positions])
-        return hit[1], hit[2]
+        """cos, sin `[n, rope_dim/2]` at these positions: rows of the runner's tables (`rope`, built once from the
+        same expression), equal to model/numerics.py's rope_cos_sin(positions, freqs) bit for bit; two gathers a
+        layer where that takes six launches. Nothing is kept between calls: a captured graph's forward must
+        gather at replay time (the cache object outlives the warm-up runs before the capture)."""
+        cos, sin = self.rope(freqs)
+        return cos[positions], sin[positions]
 
     def attend(self, attn: Attention, layer_id: int, x: torch.Tensor, qr: torch.Tensor, q: torch.Tensor,
                kv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache, layer_id: int) -> torch.Tensor:
         """Attention output `[n, dim]` for x `[n, dim]` at `positions`; `cache` owns the keys (see AttentionCache).
-        A cache with a `cos_sin(positions, freqs)` method supplies the RoPE angles (the engine's: shared by the
-        layers of a forward); else they are computed here."""
+        A cache with a `cos_sin(positions, freqs)` method supplies the RoPE angles (the engine's: a gather from its
+        precomputed tables); else they are computed here."""
         cached = getattr(cache, "cos_sin", None)
         cos, sin = cached(positions, self.freqs) if cached is not None else rope_cos_sin(positions, self.freqs)
         qr, q = self.project_q(x, cos, sin)
