@@ -132,6 +132,10 @@ def thread_cpu_s(pid: int) -> Counter:
 
 def start_counters(into: dict, pids: list[int]) -> None:
     """The CPU counters at a point's start: each process's, the first worker's by thread, this client's."""
+    gone = [pid for pid in pids if not Path(f"/proc/{pid}").exists()]
+    if gone:
+        raise SystemExit(f"bench_service: process(es) {gone} of the service exited during the warm-up requests "
+                         f"(the serve's own log says why); no point measured")
     into.update({pid: cpu_s(pid) for pid in pids}, threads=thread_cpu_s(pids[1]), client=time.process_time())
 
 
@@ -151,6 +155,10 @@ async def run_point(address: str, concurrency: int, rounds: int, args, rng: rand
         warmup: list[RequestRecord] = []
         await asyncio.gather(*(send(stub, request(-1 - i, rng, args.input_len, args.output_len), args.timeout,
                                     warmup) for i in range(concurrency)))
+        failed = Counter(f"{r.status}: {r.error[:120]}" for r in warmup if r.status != OK)
+        if failed:
+            print(f"# {sum(failed.values())} of {len(warmup)} warm-up requests failed: {dict(failed)}",
+                  file=sys.stderr, flush=True)
         warm()
         records: list[RequestRecord] = []
         counter = iter(range(concurrency * rounds))
