@@ -109,8 +109,9 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x · weightᵀ in fp32 `[n, E]`. bf16 x and weight on a GPU: one bf16 GEMM accumulating and writing fp32
     (torch.mm's out_dtype: the products of bf16 values are exact in fp32, so this is the fp32 GEMM of the widened
     operands up to the order of the sums) instead of widening both and an fp32 GEMM without tensor cores (three
-    launches, one reading and writing the whole weight); elsewhere that fp32 GEMM (model/numerics.py's linear)."""
-    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+    launches, one reading and writing the whole weight); elsewhere, ROCm included (its out_dtype GEMM is not
+    measured here), that fp32 GEMM (model/numerics.py's linear)."""
+    if x.is_cuda and not torch.version.hip and x.dtype == weight.dtype == torch.bfloat16:
         return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).reshape(*x.shape[:-1], -1)
     return linear(x.float(), weight.float())
 
