@@ -35,8 +35,9 @@ class PagedCache:
     def cos_sin(self, positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin `[n, rope_dim/2]` at these positions: rows of the runner's tables (`rope`, built once from the
         same expression), equal to model/numerics.py's rope_cos_sin(positions, freqs) bit for bit; two gathers a
-        layer where that takes six launches. Nothing is kept between calls: a captured graph's forward must
-        gather at replay time (the cache object outlives the warm-up runs before the capture)."""
+        layer where that takes six launches (compressed layers: model/attention.py). Nothing is kept between
+        calls: a captured graph's forward must gather at replay time (the cache object outlives the warm-up runs
+        before the capture)."""
         cos, sin = self.rope(freqs)
         return cos[positions], sin[positions]
 

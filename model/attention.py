@@ -66,9 +66,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache, layer_id: int) -> torch.Tensor:
         """Attention output `[n, dim]` for x `[n, dim]` at `positions`; `cache` owns the keys (see AttentionCache).
-        A cache with a `cos_sin(positions, freqs)` method supplies the RoPE angles (the engine's: a gather from its
-        precomputed tables); else they are computed here."""
-        cached = getattr(cache, "cos_sin", None)
+        In a compressed layer a cache with a `cos_sin(positions, freqs)` method supplies the RoPE angles (the
+        engine's: rows of the cos/sin tables its compressor reads anyway); else they are computed here (a plain
+        layer's table would be 256 MB more at V4's 1M positions, for 2 layers of 43)."""
+        cached = getattr(cache, "cos_sin", None) if self.ratio else None
         cos, sin = cached(positions, self.freqs) if cached is not None else rope_cos_sin(positions, self.freqs)
         qr, q = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)
