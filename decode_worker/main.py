@@ -21,7 +21,7 @@ from sparsepd.engine.engine import Engine
 from sparsepd.engine.group import join_group
 from sparsepd.faults import Faults
 from sparsepd.fingerprint import deployment_fingerprint
-from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.process import freeze_startup_heap, print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
 from sparsepd.registration import start_registration
 from sparsepd.tls import add_port, tls_from_args
@@ -76,6 +76,7 @@ async def serve(args: argparse.Namespace) -> int:
     load = engine.load()
     address, registration = start_registration(args, port, log, role, fingerprint, load.num_pages,
                                                load.num_slots, endpoint, token=token, tls=tls)
+    freeze_startup_heap(log)
     print_ready(role, grpc=address, zmq=endpoint, fingerprint=fingerprint,
                 pages=load.num_pages, slots=load.num_slots)
     await stop.wait()

@@ -19,7 +19,7 @@ from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.prefill_worker.service import PrefillService
 from sparsepd.prefill_worker.transfer_sender import TransferSender
 from sparsepd.prefill_worker.worker import PrefillWorker
-from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.process import freeze_startup_heap, print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import worker_pb2_grpc
 from sparsepd.registration import start_registration
 from sparsepd.tls import add_port, tls_from_args
@@ -63,6 +63,7 @@ async def serve(args: argparse.Namespace) -> int:
     address, registration = start_registration(args, port, log, "prefill", fingerprint,
                                                load.num_pages, load.num_slots,
                                                token=token, tls=tls)
+    freeze_startup_heap(log)
     print_ready("prefill", grpc=address, fingerprint=fingerprint,
                 pages=load.num_pages, slots=load.num_slots)
     await stop.wait()

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from sparsepd.cluster_token import add_token_args, server_interceptors, token_from_args
 from sparsepd.fingerprint import deployment_fingerprint
 from sparsepd.load_flags import add_load_args
-from sparsepd.process import print_ready, setup_logging, stop_on_signals
+from sparsepd.process import freeze_startup_heap, print_ready, setup_logging, stop_on_signals
 from sparsepd.proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, worker_pb2_grpc
 from sparsepd.router.dispatch import Dispatcher
 from sparsepd.router.malformed import MalformedRequestInterceptor
@@ -178,6 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
                  "tls": tls.serves_tls}
     if metrics_port is not None:
         endpoints["metrics"] = f"http://{args.metrics_host}:{metrics_port}/metrics"
+    freeze_startup_heap(log)
     print_ready("router", **endpoints)
     await stop.wait()
     health_task.cancel()
