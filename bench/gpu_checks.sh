@@ -7,7 +7,7 @@
 #   variants, FP8 rows unless ATTN_ROWS says otherwise), indexer, compressor (HCA decode's
 #   window split), kernel-tests, spec (speculative decoding: oracle drafts on bench, the default model's MTP
 #   drafts; spec-old: oracle drafts at batch 1 against .old/, as engine-old), prefix (the radix cache's multi-turn load test; prefix-host: the host tier in one engine),
-#   service-cost (the service path's CPU per output token on bench; the workers wait for a step's tokens with
+#   service-cost (the service path's CPU per output token on bench, 128 in / $SERVICE_OUT (512) out at $SERVICE_CONC (32,128) streams; the workers wait for a step's tokens with
 #   --gpu-wait $GPU_WAIT, spin unless set, and $SERVE_EXTRA, e.g. --prefill-cuda-graph; service-cost-block: the same
 #   with block, its own log, to time both in one call; service-cost-pg: with --prefill-cuda-graph, its own log), group (a worker group of one against the plain worker), tests (the GPU tests of $TESTS: paths or node ids)
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
@@ -60,8 +60,8 @@ for s in "$@"; do
       wait=${GPU_WAIT:-spin}; [ "$s" = service-cost-block ] && wait=block
       extra=${SERVE_EXTRA:-}; [ "$s" = service-cost-pg ] && extra="$extra --prefill-cuda-graph"
       step "$s" ${SERVICE_S:-180} python3 -P bench/bench_service.py \
-        --serve-args "--preset bench --colocated --num-slots 128 --gpu-wait $wait $extra" --concurrency 32,128 --input-len 128 \
-        --output-len 256 ;;
+        --serve-args "--preset bench --colocated --num-slots 128 --gpu-wait $wait $extra" --concurrency ${SERVICE_CONC:-32,128} --input-len 128 \
+        --output-len ${SERVICE_OUT:-512} ;;
     group) step group ${GROUP_S:-150} python3 -P bench/bench_group.py --devices cuda:0 --ep 1 --compare-plain \
              --batches 1,64,256 --exchange ${GROUP_EXCHANGE:-auto,reference} --out "$out" ;;
     quant) step quant ${QUANT_S:-170} python3 -P bench/bench_quant.py "$out/quant.json" --sweep --budget-s ${QUANT_BUDGET_S:-110} \
