@@ -1,7 +1,7 @@
 """Drawing a step's tokens on the device and reading them on the host once.
 
 `draw` samples every row of a step's logits in one batch on the logits' device (kernels/sampling.py;
-a plain argmax when every row is greedy with nothing banned, no penalty, bias or grammar and no
+a plain argmax (kernels/argmax.py) when every row is greedy with nothing banned, no penalty, bias or grammar and no
 log-probabilities wanted; penalties read each row's token history from its slot, engine/penalties.py;
 grammar rows are masked by the step's token bitmask, engine/grammar.py); should the batch raise, it draws
 row by row so that a row that fails fails its own request only (`Drawn.failed`), and
@@ -21,6 +21,7 @@ import torch
 from sparsepd.engine.penalties import penalty_tensors
 from sparsepd.engine.sampling import Sampler, SamplingParams, TokenLogprobs, sampling_tensors
 from sparsepd.gpu_wait import GpuWait
+from sparsepd.kernels.argmax import argmax_rows
 from sparsepd.kernels.sampling import SampleOutput, sample_batch
 
 log = logging.getLogger("sparsepd.engine")
@@ -129,9 +130,10 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
 
 def plain_draw(logits: torch.Tensor) -> Drawn:
     """`draw` of rows that are all greedy with nothing banned, no penalty, bias, grammar or log-probabilities:
-    one argmax kernel (the scheduler knows this from each request's `plain_from` without building the rows)."""
+    each row's argmax (kernels/argmax.py: split across the row on a GPU, torch.argmax's index; the scheduler knows
+    this from each request's `plain_from` without building the rows)."""
     rows = logits.shape[0]
-    return Drawn(logits.argmax(-1), None, None, None, [False] * rows, [0] * rows)
+    return Drawn(argmax_rows(logits), None, None, None, [False] * rows, [0] * rows)
 
 
 def _sample(logits: torch.Tensor, rows: list, device: torch.device, top_n: int,

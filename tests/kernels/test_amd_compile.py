@@ -40,7 +40,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("attn_merge", "compressor", "entry_rows", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe",
+KERNEL_MODULES = ("argmax", "attn_merge", "compressor", "entry_rows", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe",
                   "rms_norm", "rope_norm", "routing", "sampling", "sparse_attention", "state_update", "swiglu",
                   "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
@@ -225,6 +225,7 @@ def _trace_compressor(target: AmdTarget, cfg, T: int, B: int, pool_bytes: int) -
 
 
 def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
+    from sparsepd.kernels.argmax import argmax_rows
     from sparsepd.kernels.hyper import hc_head_fused, hc_post_fused, hc_pre_fused
     from sparsepd.kernels.moe import moe
     from sparsepd.kernels.rms_norm import rms_norm
@@ -260,6 +261,7 @@ def _trace_layers(target: AmdTarget, cfg, T: int, B: int) -> None:
     if T == B:
         seeds = _meta(B, dtype=torch.int64)
         exponentials(seeds, seeds, cfg.vocab_size, backend="triton")
+        argmax_rows(_meta(B, cfg.vocab_size, dtype=f32), backend="triton")  # the greedy draw
 
 
 def _trace_quantized(target: AmdTarget, cfg, T: int, B: int) -> None:

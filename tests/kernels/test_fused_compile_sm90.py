@@ -1,7 +1,7 @@
 """The decode step's fused elementwise kernels compile for Hopper (sm_90) without spills, on the CPU.
 
 kernels/rms_norm.py, kernels/entry_rows.py, kernels/swiglu.py and kernels/routing.py replace PyTorch launch chains
-of the decode step. A child process (the interpreter off) calls their wrappers on meta tensors at the `bench`,
+of the decode step; kernels/argmax.py is its greedy draw. A child process (the interpreter off) calls their wrappers on meta tensors at the `bench`,
 `v4-flash` and `v4-pro` shapes (n = 1 … 256 tokens and a prefill chunk of 8192), records each launch, specialises it
 as Triton's launcher would on an H100/H200 and compiles it with Triton's NVIDIA backend; ptxas -v (Triton's own)
 reports each kernel's registers, stack frame and spills. Every launch must compile with no spills and no stack frame.
@@ -16,23 +16,24 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from sm90_compile import compile_in_child, meta, needs_nvidia_backend, ptxas_rows, record_launches, spilling  # noqa: E402
 
-KERNELS = {"_rms_norm_kernel", "_entry_rows_kernel", "_silu_mul_kernel", "_route_kernel"}
+KERNELS = {"_rms_norm_kernel", "_entry_rows_kernel", "_silu_mul_kernel", "_route_kernel", "_chunk_max_kernel",
+           "_merge_kernel"}
 
 
 def _trace_and_compile() -> list[dict]:
-    """Child process: every distinct launch of the four wrappers at the presets' shapes, compiled."""
+    """Child process: every distinct launch of the five wrappers at the presets' shapes, compiled."""
     import contextlib
     from unittest import mock
 
     import torch
 
-    from sparsepd.kernels import entry_rows, rms_norm, routing, swiglu
+    from sparsepd.kernels import argmax, entry_rows, rms_norm, routing, swiglu
     from sparsepd.model_config import PRESETS
 
     launches = []
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     with contextlib.ExitStack() as stack:
-        for module in (rms_norm, entry_rows, routing, swiglu):  # meta tensors go to Triton (recorded, not run)
+        for module in (rms_norm, entry_rows, routing, swiglu, argmax):  # meta tensors go to Triton (recorded, not run)
             stack.enter_context(mock.patch.object(module, "pick_backend", lambda backend, *t: "triton"))
             record_launches(stack, module, launches)
         for preset in ("bench", "v4-flash", "v4-pro"):
@@ -48,6 +49,8 @@ def _trace_and_compile() -> list[dict]:
                 swiglu.silu_mul(meta(n, inter, dtype=act), meta(n, inter, dtype=act), cfg.swiglu_limit)
                 routing.route(meta(n, E, dtype=f32), meta(E, dtype=f32), k, cfg.route_scale)
                 routing.route(meta(n, E, dtype=f32), None, k, cfg.route_scale, meta(n, k, dtype=i64))
+                if n <= 256:
+                    argmax.argmax_rows(meta(n, cfg.vocab_size, dtype=f32))  # the greedy draw
 
     return ptxas_rows(launches)
 
