@@ -130,10 +130,12 @@ def draw(logits: torch.Tensor, rows: list[tuple[SamplingParams, Sampler, int, in
 
 def plain_draw(logits: torch.Tensor) -> Drawn:
     """`draw` of rows that are all greedy with nothing banned, no penalty, bias, grammar or log-probabilities:
-    each row's argmax (kernels/argmax.py: split across the row on a GPU, torch.argmax's index; the scheduler knows
-    this from each request's `plain_from` without building the rows)."""
+    each row's argmax (on a GPU kernels/argmax.py, split across the row; torch.argmax's index, which the CPU calls
+    directly: no checks on the host's path; the scheduler knows this from each request's `plain_from` without
+    building the rows)."""
     rows = logits.shape[0]
-    return Drawn(argmax_rows(logits), None, None, None, [False] * rows, [0] * rows)
+    tokens = argmax_rows(logits) if logits.is_cuda else logits.argmax(-1)
+    return Drawn(tokens, None, None, None, [False] * rows, [0] * rows)
 
 
 def _sample(logits: torch.Tensor, rows: list, device: torch.device, top_n: int,
