@@ -13,9 +13,11 @@
 # Run from the repository root after installing the package (the wheels' prefix in the README's GPU section).
 # To keep one invocation under 10 minutes, its steps' limits (the defaults below) should add up to ≤ ~560 s.
 # Invocations in order of priority (the suite took 110 s on an H200 on 2026-12-06 and 236 s on an H100 on
-# 2026-12-07): (1) suite engine trace [530]; (2) spec service-cost-pg [420]; (3) prefix (CONFIGS="cache nocache" RATES=8)
-# service-cost [480]; (4) kernel-tests attn-sweep indexer compressor quant [530]; (5) engine-q prefix-host group
-# [360]; (6) flash service. A failed test's traceback is in the suite's tests-failures.txt.
+# 2026-12-07): (1) SUITE_S=265 ENGINE_S=120 SERVICE_S=140 SERVICE_CONC=128 ... suite engine service-cost-pg [525];
+# (2) TRACE_BATCHES=128,256 ... trace prefix (CONFIGS="cache nocache" RATES=8, PREFIX_S=270), then service-cost-pg
+# again with SERVE_EXTRA="--stream-interval 4" and its own OUT [~500]; (3) spec service-cost [480]; (4) kernel-tests
+# attn-sweep indexer compressor quant [530]; (5) engine-q prefix-host group [360]; (6) flash service. A failed
+# test's traceback is in the suite's tests-failures.txt.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"

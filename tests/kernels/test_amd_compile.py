@@ -40,9 +40,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_MODULES = ("argmax", "attn_merge", "compressor", "entry_rows", "ep_rows", "fp8_gemm", "hyper", "indexer", "kv_rows", "moe",
-                  "rms_norm", "rope_norm", "routing", "sampling", "sparse_attention", "state_update", "swiglu",
-                  "topk")  # every kernels/*.py with @triton.jit code
+KERNEL_MODULES = ("argmax", "attn_merge", "compressor", "entry_rows", "ep_rows", "fp8_gemm", "hyper", "indexer",
+                  "kv_rows", "moe", "rms_norm", "rope_norm", "routing", "sampling", "sparse_attention", "state_update",
+                  "swiglu", "topk")  # every kernels/*.py with @triton.jit code
 PRESETS = ("bench", "v4-flash", "v4-pro")
 DECODE_T = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_T = 8192

@@ -1,10 +1,11 @@
 """The decode step's fused elementwise kernels compile for Hopper (sm_90) without spills, on the CPU.
 
 kernels/rms_norm.py, kernels/entry_rows.py, kernels/swiglu.py and kernels/routing.py replace PyTorch launch chains
-of the decode step; kernels/argmax.py is its greedy draw. A child process (the interpreter off) calls their wrappers on meta tensors at the `bench`,
-`v4-flash` and `v4-pro` shapes (n = 1 … 256 tokens and a prefill chunk of 8192), records each launch, specialises it
-as Triton's launcher would on an H100/H200 and compiles it with Triton's NVIDIA backend; ptxas -v (Triton's own)
-reports each kernel's registers, stack frame and spills. Every launch must compile with no spills and no stack frame.
+of the decode step; kernels/argmax.py is its greedy draw. A child process (the interpreter off) calls their wrappers
+on meta tensors at the `bench`, `v4-flash` and `v4-pro` shapes (n = 1 … 256 tokens and a prefill chunk of 8192; the
+draw at n ≤ 256), records each launch, specialises it as Triton's launcher would on an H100/H200 and compiles it with
+Triton's NVIDIA backend; ptxas -v (Triton's own) reports each kernel's registers, stack frame and spills. Every
+launch must compile with no spills and no stack frame.
 """
 
 import json
